@@ -1,0 +1,93 @@
+"""Which backend runs a call: availability per device, ``auto`` resolution and install hints.
+
+| backend     | runs on                                    | implementation                       |
+|-------------|--------------------------------------------|--------------------------------------|
+| ``triton``  | CUDA (CPU under ``TRITON_INTERPRET=1``)    | fused Triton kernels (not built yet) |
+| ``cuda``    | CUDA                                       | C++/CUDA kernels in ``csrc/cuda/``   |
+| ``cpu``     | CPU                                        | C++ kernels in ``csrc/cpu/``         |
+| ``reference`` | anywhere                                 | plain PyTorch (:mod:`.reference`)    |
+
+``auto`` (the default; the environment variable ``CONDCONV_BACKEND`` overrides it) picks, on
+CUDA: triton, else cuda, else reference; on CPU: cpu, else reference. An explicitly named
+backend that cannot run raises with the reason and how to get it.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+NAMES = ("triton", "cuda", "cpu", "reference")
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+_REBUILD = "pip install -e . --no-build-isolation"
+
+_native_error: Optional[str] = None
+try:
+    from . import _C  # noqa: F401  (loads the library that registers torch.ops.condconv.native_*)
+except ImportError as exc:  # the package still works with the reference backend
+    _native_error = f"the C++ extension condconv_kernels._C did not load ({exc})"
+
+
+def _has_native_kernel(dispatch_key: str) -> bool:
+    if _native_error is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("condconv::native_forward",
+                                                          dispatch_key)
+
+
+def why_unavailable(name: str, device_type: str) -> Optional[str]:
+    """None when backend ``name`` can run on ``device_type`` now, else the reason and the fix."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device_type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors only, got a {device_type} tensor"
+        if _native_error is not None:
+            return f"{_native_error}; build it with `{_REBUILD}`"
+        if not _has_native_kernel("CPU"):
+            return f"condconv_kernels._C has no CPU kernels; rebuild with `{_REBUILD}`"
+        return None
+    if name == "cuda":
+        if device_type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors only, got a {device_type} tensor"
+        if _native_error is not None:
+            return f"{_native_error}; build it with `{_REBUILD}`"
+        if not _has_native_kernel("CUDA"):
+            return ("condconv_kernels._C was built without CUDA kernels: rebuild with "
+                    f"`{_REBUILD}` where torch has CUDA and CUDA_HOME is set, without "
+                    "CONDCONV_SKIP_CUDA=1")
+        return None
+    if name == "triton":
+        return "the triton backend is not part of this build yet"
+    raise ValueError(f"condconv2d: argument 'backend' must be 'auto' or one of {NAMES}, "
+                     f"got {name!r}")
+
+
+def available_backends(device="cpu") -> List[str]:
+    """The backends that can run on ``device`` (a torch.device or string) now, fastest first."""
+    device_type = torch.device(device).type
+    return [n for n in NAMES if why_unavailable(n, device_type) is None]
+
+
+def resolve(backend: str, device_type: str) -> str:
+    """The concrete backend for a call on ``device_type``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"condconv2d: argument 'backend' must be a string, "
+                        f"got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("CONDCONV_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+            if why_unavailable(name, device_type) is None:
+                return name
+        return "reference"
+    reason = why_unavailable(backend, device_type)
+    if reason is not None:
+        raise RuntimeError(f"condconv2d: backend {backend!r} is not available: {reason}")
+    return backend
+
+
+def native_status() -> Tuple[bool, Optional[str]]:
+    """(loaded, error) for the C++ extension."""
+    return _native_error is None, _native_error

@@ -1,0 +1,235 @@
+"""The registered ``condconv`` operators and the public :func:`condconv2d`.
+
+Operators (``torch.ops.condconv``):
+
+- ``condconv2d(x, routing, weight, bias?, stride[2], padding[4], dilation[2], groups, backend)``:
+  the differentiable op; ``backend`` is a concrete backend name (never ``auto``).
+- ``condconv2d_backward(grad_out, x, routing, weight, bias?, stride, padding, dilation, groups,
+  backend, output_mask[4]) -> (grad_x, grad_routing, grad_weight, grad_bias)``: the handwritten
+  backward; gradients not asked for come back as empty tensors.
+- ``native_forward`` / ``native_backward``: the C++ kernels (csrc/), bound per dispatch key.
+
+Each op has a fake implementation (output strides follow x's memory format), the forward op a
+handwritten autograd formula, an autocast rule and a FLOP formula.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from . import _args, backends, reference
+
+__all__ = ["condconv2d"]
+
+_lib = torch.library.Library("condconv", "FRAGMENT")
+
+
+def _native_forward(x, routing, weight, bias, stride, padding, dilation, groups):
+    return torch.ops.condconv.native_forward(x, routing, weight, bias, stride, padding,
+                                             dilation, groups)
+
+
+def _native_backward(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
+                     output_mask):
+    grads = torch.ops.condconv.native_backward(grad_out, x, routing, weight, bias, stride,
+                                               padding, dilation, groups, output_mask)
+    return tuple(g if m else None for g, m in zip(grads, output_mask))
+
+
+_FORWARD = {"reference": reference.forward, "cpu": _native_forward, "cuda": _native_forward}
+_BACKWARD = {"reference": reference.backward, "cpu": _native_backward, "cuda": _native_backward}
+
+
+def _empty_output(x, weight, stride, padding, dilation):
+    shape = _args.out_shape(x.shape, weight.shape, stride, padding, dilation)
+    return x.new_empty(shape, memory_format=_args.suggest_memory_format(x))
+
+
+@torch.library.custom_op("condconv::condconv2d", mutates_args=())
+def _condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor],
+                stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                backend: str) -> Tensor:
+    if x.shape[0] == 0:
+        return _empty_output(x, weight, stride, padding, dilation)
+    out = _FORWARD[backend](x, routing, weight, bias, stride, padding, dilation, groups)
+    return out.contiguous(memory_format=_args.suggest_memory_format(x))
+
+
+@_condconv2d.register_fake
+def _condconv2d_fake(x, routing, weight, bias, stride, padding, dilation, groups, backend):
+    return _empty_output(x, weight, stride, padding, dilation)
+
+
+def _grad_like(grad: Optional[Tensor], like: Optional[Tensor], wanted: bool, x: Tensor,
+               memory_format=torch.contiguous_format) -> Tensor:
+    """A gradient in its final layout; an empty tensor where it was not asked for."""
+    if not wanted:
+        return x.new_empty((0,))
+    if grad is None:  # empty batch
+        return torch.zeros_like(like, memory_format=memory_format)
+    return grad.contiguous(memory_format=memory_format)
+
+
+@torch.library.custom_op("condconv::condconv2d_backward", mutates_args=())
+def _condconv2d_backward(grad_out: Tensor, x: Tensor, routing: Tensor, weight: Tensor,
+                         bias: Optional[Tensor], stride: List[int], padding: List[int],
+                         dilation: List[int], groups: int, backend: str,
+                         output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if output_mask[3] and bias is None:
+        raise ValueError("condconv2d_backward: argument 'output_mask' asks for grad_bias but "
+                         "'bias' is None")
+    if x.shape[0] == 0:
+        grads = (None, None, None, None)
+    else:
+        grads = _BACKWARD[backend](grad_out, x, routing, weight, bias, stride, padding,
+                                   dilation, groups, output_mask)
+    x_format = _args.suggest_memory_format(x)
+    return (_grad_like(grads[0], x, output_mask[0], x, x_format),
+            _grad_like(grads[1], routing, output_mask[1], x),
+            _grad_like(grads[2], weight, output_mask[2], x),
+            _grad_like(grads[3], bias, output_mask[3], x))
+
+
+@_condconv2d_backward.register_fake
+def _condconv2d_backward_fake(grad_out, x, routing, weight, bias, stride, padding, dilation,
+                              groups, backend, output_mask):
+    def fake(like, wanted, memory_format=torch.contiguous_format):
+        if not wanted:
+            return x.new_empty((0,))
+        return like.new_empty(like.shape, memory_format=memory_format)
+    return (fake(x, output_mask[0], _args.suggest_memory_format(x)), fake(routing, output_mask[1]),
+            fake(weight, output_mask[2]), fake(bias, output_mask[3]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, routing, weight, bias, stride, padding, dilation, groups, backend = inputs
+    ctx.save_for_backward(x, routing, weight, bias)
+    ctx.conv_args = (stride, padding, dilation, groups, backend)
+
+
+def _backward(ctx, grad_out):
+    x, routing, weight, bias = ctx.saved_tensors
+    stride, padding, dilation, groups, backend = ctx.conv_args
+    mask = [bool(m) for m in ctx.needs_input_grad[:4]]
+    mask[3] = mask[3] and bias is not None
+    grads = torch.ops.condconv.condconv2d_backward(grad_out, x, routing, weight, bias, stride,
+                                                   padding, dilation, groups, backend, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
+
+
+_condconv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+if backends.native_status()[0]:
+    @torch.library.register_fake("condconv::native_forward")
+    def _native_forward_fake(x, routing, weight, bias, stride, padding, dilation, groups):
+        return _empty_output(x, weight, stride, padding, dilation)
+
+    @torch.library.register_fake("condconv::native_backward")
+    def _native_backward_fake(grad_out, x, routing, weight, bias, stride, padding, dilation,
+                              groups, output_mask):
+        return _condconv2d_backward_fake(grad_out, x, routing, weight, bias, stride, padding,
+                                         dilation, groups, "cpu", output_mask)
+
+
+def _autocast_kernel(device_type: str):
+    """Autocast rule: x, weight and bias run in the autocast dtype; routing stays float32 so
+    the expert mix is computed (and accumulated) in float32. float64 inputs are left alone."""
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def cast(t, dtype):
+        if t is None or t.device.type != device_type or t.dtype == torch.float64:
+            return t
+        return t.to(dtype)
+
+    def kernel(_keyset, x, routing, weight, bias, stride, padding, dilation, groups, backend):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            if x.dtype == torch.float64:
+                return torch.ops.condconv.condconv2d(x, routing, weight, bias, stride, padding,
+                                                     dilation, groups, backend)
+            return torch.ops.condconv.condconv2d(cast(x, dtype), cast(routing, torch.float32),
+                                                 cast(weight, dtype), cast(bias, dtype), stride,
+                                                 padding, dilation, groups, backend)
+    return kernel
+
+
+for _device_type in ("cpu", "cuda"):
+    _lib.impl("condconv2d", _autocast_kernel(_device_type),
+              "Autocast" + torch._C._dispatch_key_for_device(_device_type), with_keyset=True)
+
+
+def _conv_madds(x_shape, weight_shape, out_shape) -> int:
+    return math.prod(out_shape) * math.prod(weight_shape[2:])
+
+
+def _mix_madds(routing_shape, weight_shape) -> int:
+    return routing_shape[0] * routing_shape[1] * math.prod(weight_shape[1:])
+
+
+@register_flop_formula(torch.ops.condconv.condconv2d)
+def _condconv2d_flops(x_shape, routing_shape, weight_shape, bias_shape, stride, padding,
+                      dilation, groups, backend, *, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add: the convolution plus the B*E*|W| expert mix."""
+    return 2 * (_conv_madds(x_shape, weight_shape, out_shape)
+                + _mix_madds(routing_shape, weight_shape))
+
+
+@register_flop_formula(torch.ops.condconv.condconv2d_backward)
+def _condconv2d_backward_flops(grad_out_shape, x_shape, routing_shape, weight_shape, bias_shape,
+                               stride, padding, dilation, groups, backend, output_mask, *,
+                               out_shape=None, **kwargs) -> int:
+    """grad_x: a transposed convolution with the re-mixed kernel; grad_routing / grad_weight:
+    the per-example kernel gradient, then E dot products / E axpys of |W| per example."""
+    conv = _conv_madds(x_shape, weight_shape, grad_out_shape)
+    mix = _mix_madds(routing_shape, weight_shape)
+    madds = 0
+    if output_mask[0]:
+        madds += conv + mix
+    if output_mask[1] or output_mask[2]:
+        madds += conv + mix * (int(output_mask[1]) + int(output_mask[2]))
+    return 2 * madds
+
+
+def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+               stride=1, padding: _args.Padding = 0, dilation=1, groups: int = 1, *,
+               backend: str = "auto") -> Tensor:
+    """Conditionally parameterised convolution (CondConv, Yang et al. 2019).
+
+    For each example b, with kernel ``W_b = sum_e routing[b, e] * weight[e]`` (and likewise the
+    bias), ``out[b] = conv2d(x[b], W_b, bias_b, stride, padding, dilation, groups)``. The
+    backends mix the experts inside the convolution; the B mixed kernels are never stored.
+
+    Args:
+        x: (B, Cin, H, W), float32/float64/float16/bfloat16, any strides (contiguous,
+            channels_last, sliced).
+        routing: (B, E) routing weights, already activated (EfficientNet uses a sigmoid);
+            x's dtype or float32.
+        weight: (E, Cout, Cin/groups, kh, kw) expert kernels, x's dtype.
+        bias: (E, Cout) expert biases or None.
+        stride, dilation: int or (h, w).
+        padding: int, (ph, pw), (top, bottom, left, right), ``"same"`` (TensorFlow's SAME,
+            asymmetric when needed) or ``"valid"``.
+        groups: as in ``torch.nn.functional.conv2d``; ``groups=Cin`` is depthwise.
+        backend: ``"auto"`` (default), ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        (B, Cout, Ho, Wo) in x's dtype and memory format.
+
+    Differentiable in x, routing, weight and bias (handwritten backward).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"condconv2d: argument 'x' must be a Tensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
+        _args.check_inputs(x, routing, weight, bias, (1, 1), (0, 0, 0, 0), (1, 1), groups)
+    stride_hw = _args.pair(stride, "stride", 1)
+    dilation_hw = _args.pair(dilation, "dilation", 1)
+    pad = _args.resolve_padding(padding, x.shape[-2:], weight.shape[-2:], stride_hw, dilation_hw)
+    _args.check_inputs(x, routing, weight, bias, stride_hw, pad, dilation_hw, groups)
+    name = backends.resolve(backend, x.device.type)
+    return torch.ops.condconv.condconv2d(x, routing, weight, bias, list(stride_hw), list(pad),
+                                         list(dilation_hw), groups, name)

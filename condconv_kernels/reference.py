@@ -1,0 +1,132 @@
+"""CondConv in plain PyTorch: the ground truth every backend is tested against and the unfused
+baseline every benchmark measures against.
+
+Three forms that compute the same thing::
+
+    W_b = sum_e routing[b, e] * weight[e]          bias_b = sum_e routing[b, e] * bias[e]
+    out[b] = conv2d(pad(x[b]), W_b, bias_b, stride, dilation, groups)
+
+- :func:`condconv2d_loop`: one ``F.conv2d`` per example (the TF reference, literally).
+- :func:`condconv2d_grouped`: timm's trick: the B mixed kernels stacked into one grouped
+  convolution over a (1, B*Cin, H, W) view. This is the *unfused baseline*: it materialises the
+  B x Cout x Cin/g x kh x kw mixed kernels.
+- :func:`condconv2d_unfold`: unfold + batched matmul; no data-dependent group count, so it
+  exports to ONNX with a dynamic batch.
+
+All take ``padding`` as (top, bottom, left, right) and ``stride``/``dilation`` as pairs (see
+:func:`condconv_kernels.condconv2d` for the normalising public entry point). Shapes::
+
+    x (B, Cin, H, W), routing (B, E), weight (E, Cout, Cin/groups, kh, kw), bias (E, Cout)
+    -> (B, Cout, Ho, Wo)
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._args import suggest_memory_format
+
+__all__ = ["mix", "condconv2d_loop", "condconv2d_grouped", "condconv2d_unfold",
+           "forward", "backward"]
+
+
+def mix(routing: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Per-example expert mix: (B, E) x (E, *shape) -> (B, *shape), in params' dtype."""
+    E = params.shape[0]
+    mixed = torch.matmul(routing.to(params.dtype), params.reshape(E, -1))
+    return mixed.reshape((routing.shape[0],) + tuple(params.shape[1:]))
+
+
+def _pad(x: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
+    top, bottom, left, right = padding
+    if top == bottom == left == right == 0:
+        return x
+    return F.pad(x, (left, right, top, bottom))
+
+
+def condconv2d_loop(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0),
+                    dilation=(1, 1), groups=1) -> torch.Tensor:
+    """One ``F.conv2d`` per example with its mixed kernel (the TF reference)."""
+    kernels = mix(routing, weight)
+    biases = mix(routing, bias) if bias is not None else None
+    xp = _pad(x, padding)
+    outs = [F.conv2d(xp[b:b + 1], kernels[b], None if biases is None else biases[b],
+                     tuple(stride), 0, tuple(dilation), groups) for b in range(x.shape[0])]
+    return torch.cat(outs, 0)
+
+
+def condconv2d_grouped(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0),
+                       dilation=(1, 1), groups=1) -> torch.Tensor:
+    """timm's grouped-convolution form: the unfused baseline."""
+    B, cin, H, W = x.shape
+    E, cout = weight.shape[:2]
+    kernels = mix(routing, weight).reshape((B * cout,) + tuple(weight.shape[2:]))
+    biases = mix(routing, bias).reshape(B * cout) if bias is not None else None
+    xp = _pad(x, padding).reshape(1, B * cin, H + padding[0] + padding[1],
+                                  W + padding[2] + padding[3])
+    out = F.conv2d(xp, kernels, biases, tuple(stride), 0, tuple(dilation), groups * B)
+    return out.reshape(B, cout, out.shape[-2], out.shape[-1])
+
+
+def condconv2d_unfold(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0),
+                      dilation=(1, 1), groups=1) -> torch.Tensor:
+    """unfold (im2col) + batched matmul with the mixed kernels; dynamic-batch friendly."""
+    B, cin, H, W = x.shape
+    E, cout, cin_g, kh, kw = weight.shape
+    xp = _pad(x, padding)
+    ho = (xp.shape[-2] - (kh - 1) * dilation[0] - 1) // stride[0] + 1
+    wo = (xp.shape[-1] - (kw - 1) * dilation[1] - 1) // stride[1] + 1
+    cols = F.unfold(xp, (kh, kw), dilation=tuple(dilation), stride=tuple(stride))
+    cols = cols.reshape(B, groups, cin_g * kh * kw, ho * wo)
+    kernels = mix(routing, weight).reshape(B, groups, cout // groups, cin_g * kh * kw)
+    out = torch.matmul(kernels, cols).reshape(B, cout, ho, wo)
+    if bias is not None:
+        out = out + mix(routing, bias).reshape(B, cout, 1, 1)
+    return out
+
+
+def forward(x, routing, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """The reference backend's forward: the grouped form, in x's memory format."""
+    out = condconv2d_grouped(x, routing, weight, bias, stride, padding, dilation, groups)
+    return out.contiguous(memory_format=suggest_memory_format(x))
+
+
+def backward(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
+             output_mask: Sequence[bool]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The reference backend's backward: the gradients of the grouped form, computed the way
+    autograd computes them for the unfused baseline (one grouped ``convolution_backward`` over
+    the B materialised kernels, then the chain rule through the mix). Returns
+    (grad_x, grad_routing, grad_weight, grad_bias), None where ``output_mask`` is False."""
+    B, cin, H, W = x.shape
+    E, cout = weight.shape[:2]
+    need_x, need_r, need_w, need_b = output_mask
+    kernels = mix(routing, weight).reshape((B * cout,) + tuple(weight.shape[2:]))
+    xp = _pad(x, padding)
+    gout = grad_out.reshape(1, B * cout, grad_out.shape[-2], grad_out.shape[-1])
+    grad_xp, grad_kernels, _ = torch.ops.aten.convolution_backward(
+        gout, xp.reshape(1, B * cin, xp.shape[-2], xp.shape[-1]), kernels, None, list(stride),
+        [0, 0], list(dilation), False, [0, 0], groups * B, [need_x, need_r or need_w, False])
+    grad_x = grad_routing = grad_weight = grad_bias = None
+    if need_x:
+        top, _, left, _ = padding
+        grad_x = grad_xp.reshape(B, cin, xp.shape[-2], xp.shape[-1])[:, :, top:top + H,
+                                                                     left:left + W]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    r = routing.to(acc)
+    if need_r or need_w:
+        G = grad_kernels.reshape(B, -1).to(acc)
+        if need_r:
+            grad_routing = G @ weight.reshape(E, -1).to(acc).t()
+        if need_w:
+            grad_weight = (r.t() @ G).reshape(weight.shape).to(weight.dtype)
+    if bias is not None and (need_r or need_b):
+        gsum = grad_out.to(acc).sum((2, 3))
+        if need_b:
+            grad_bias = (r.t() @ gsum).to(bias.dtype)
+        if need_r:
+            grad_routing = grad_routing + gsum @ bias.to(acc).t()
+    if grad_routing is not None:
+        grad_routing = grad_routing.to(routing.dtype)
+    return grad_x, grad_routing, grad_weight, grad_bias

@@ -1,0 +1,73 @@
+// condconv_kernels: conditionally parameterised convolution (CondConv).
+//
+//   W_b = sum_e routing[b, e] * weight[e]      bias_b = sum_e routing[b, e] * bias[e]
+//   out[b] = conv2d(x[b], W_b, bias_b, stride, padding, dilation, groups)
+//
+// The expert mix is done per example into scratch memory that belongs to one thread at a
+// time; the B x |W| tensor of mixed kernels is never allocated.
+//
+// Operators (namespace `condconv`, defined in ops.cpp, kernels bound per dispatch key):
+//   native_forward(x, routing, weight, bias?, stride[2], padding[4], dilation[2], groups)
+//   native_backward(grad_out, x, routing, weight, bias?, stride[2], padding[4],
+//                   dilation[2], groups, output_mask[4]) -> (grad_x, grad_routing,
+//                                                            grad_weight, grad_bias)
+// padding is (top, bottom, left, right). Gradients not asked for by output_mask come back as
+// empty tensors.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+
+namespace condconv {
+
+// Sizes of one call, checked once at the boundary (check_inputs) and trusted by the kernels.
+struct Geometry {
+  int64_t batch, in_channels, height, width;
+  int64_t experts, out_channels, kernel_h, kernel_w, groups;
+  int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, dilation_h, dilation_w;
+  int64_t out_h, out_w;
+
+  int64_t in_per_group() const { return in_channels / groups; }
+  int64_t out_per_group() const { return out_channels / groups; }
+  // Reduction length of one group's GEMM: Cin/g * kh * kw.
+  int64_t k() const { return in_per_group() * kernel_h * kernel_w; }
+  // Elements of one expert kernel: Cout * Cin/g * kh * kw.
+  int64_t kernel_numel() const { return out_channels * k(); }
+  int64_t out_pixels() const { return out_h * out_w; }
+  bool depthwise() const { return in_per_group() == 1; }
+};
+
+// Validates every argument (rank, shape, dtype, device, geometry) and returns the sizes.
+// Throws c10::ValueError / c10::TypeError (ValueError / TypeError in Python) naming the
+// argument and what was expected.
+Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// The operators, callable from C++ (they go through the dispatcher).
+at::Tensor condconv2d(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 4> output_mask);
+
+namespace cpu {
+
+// Kernels: inputs already checked; out is allocated with its final shape and memory format.
+void forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+             const c10::optional<at::Tensor>& bias, const Geometry& g, at::Tensor& out);
+
+// Fills grad_x, grad_routing, grad_weight, grad_bias where output_mask says so (the others are
+// left untouched). Requires batch >= 1.
+void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
+              const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const Geometry& g,
+              std::array<bool, 4> output_mask, at::Tensor& grad_x, at::Tensor& grad_routing,
+              at::Tensor& grad_weight, at::Tensor& grad_bias);
+
+}  // namespace cpu
+}  // namespace condconv

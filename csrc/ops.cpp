@@ -1,0 +1,214 @@
+// Operator schemas, every input check, and the CPU binding. The kernels behind it trust their
+// inputs: all validation lives here, once.
+#include "condconv.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+namespace condconv {
+namespace {
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
+  s << (sizes.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_list(at::IntArrayRef values, size_t length, int64_t minimum, const char* name) {
+  TORCH_CHECK_VALUE(values.size() == length, "condconv2d: argument '", name, "' must have ",
+                    length, " values, got ", values.size());
+  for (int64_t v : values) {
+    TORCH_CHECK_VALUE(v >= minimum, "condconv2d: argument '", name, "' must be >= ", minimum,
+                      ", got ", shape_str(values));
+  }
+}
+
+}  // namespace
+
+Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "condconv2d: argument 'x' must be 4-D (B, Cin, H, W), got ",
+                    x.dim(), "-D with shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(routing.dim() == 2,
+                    "condconv2d: argument 'routing' must be 2-D (B, E), got shape ",
+                    shape_str(routing.sizes()));
+  TORCH_CHECK_VALUE(weight.dim() == 5,
+                    "condconv2d: argument 'weight' must be 5-D (E, Cout, Cin/groups, kh, kw), "
+                    "got shape ",
+                    shape_str(weight.sizes()));
+  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()),
+                   "condconv2d: argument 'x' must be float32, float64, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "condconv2d: argument 'weight' must ",
+                   "have x's dtype ", x.scalar_type(), ", got ", weight.scalar_type());
+  TORCH_CHECK_TYPE(routing.scalar_type() == x.scalar_type() || routing.scalar_type() == at::kFloat,
+                   "condconv2d: argument 'routing' must have x's dtype ", x.scalar_type(),
+                   " or float32, got ", routing.scalar_type());
+  TORCH_CHECK_VALUE(routing.device() == x.device() && weight.device() == x.device(),
+                    "condconv2d: arguments 'routing' and 'weight' must be on x's device ",
+                    x.device(), ", got ", routing.device(), " and ", weight.device());
+  TORCH_CHECK_VALUE(groups >= 1, "condconv2d: argument 'groups' must be >= 1, got ", groups);
+  check_list(stride, 2, 1, "stride");
+  check_list(padding, 4, 0, "padding");
+  check_list(dilation, 2, 1, "dilation");
+
+  Geometry g{};
+  g.batch = x.size(0);
+  g.in_channels = x.size(1);
+  g.height = x.size(2);
+  g.width = x.size(3);
+  g.experts = weight.size(0);
+  g.out_channels = weight.size(1);
+  g.kernel_h = weight.size(3);
+  g.kernel_w = weight.size(4);
+  g.groups = groups;
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_top = padding[0];
+  g.pad_bottom = padding[1];
+  g.pad_left = padding[2];
+  g.pad_right = padding[3];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+
+  TORCH_CHECK_VALUE(g.experts >= 1 && g.out_channels >= 1 && weight.size(2) >= 1 &&
+                        g.kernel_h >= 1 && g.kernel_w >= 1,
+                    "condconv2d: argument 'weight' must have non-zero sizes, got ",
+                    shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(routing.size(0) == g.batch && routing.size(1) == g.experts,
+                    "condconv2d: argument 'routing' must have shape (B, E) = (", g.batch, ", ",
+                    g.experts, ") from x's batch and weight's experts, got ",
+                    shape_str(routing.sizes()));
+  TORCH_CHECK_VALUE(g.in_channels % groups == 0 && g.out_channels % groups == 0,
+                    "condconv2d: argument 'groups' = ", groups,
+                    " must divide x's channels (", g.in_channels, ") and weight's Cout (",
+                    g.out_channels, ")");
+  TORCH_CHECK_VALUE(weight.size(2) * groups == g.in_channels,
+                    "condconv2d: argument 'weight' must have Cin/groups = ",
+                    g.in_channels / groups, " in dim 2 for x with ", g.in_channels,
+                    " channels and groups=", groups, ", got shape ", shape_str(weight.sizes()));
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK_VALUE(b.dim() == 2 && b.size(0) == g.experts && b.size(1) == g.out_channels,
+                      "condconv2d: argument 'bias' must have shape (E, Cout) = (", g.experts,
+                      ", ", g.out_channels, "), got ", shape_str(b.sizes()));
+    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "condconv2d: argument 'bias' must ",
+                     "have x's dtype ", x.scalar_type(), ", got ", b.scalar_type());
+    TORCH_CHECK_VALUE(b.device() == x.device(), "condconv2d: argument 'bias' must be on x's ",
+                      "device ", x.device(), ", got ", b.device());
+  }
+  const int64_t span_h = (g.kernel_h - 1) * g.dilation_h + 1;
+  const int64_t span_w = (g.kernel_w - 1) * g.dilation_w + 1;
+  const int64_t padded_h = g.height + g.pad_top + g.pad_bottom;
+  const int64_t padded_w = g.width + g.pad_left + g.pad_right;
+  TORCH_CHECK_VALUE(span_h <= padded_h && span_w <= padded_w,
+                    "condconv2d: argument 'weight' has a dilated kernel of ", span_h, "x", span_w,
+                    ", larger than the padded input of ", padded_h, "x", padded_w);
+  g.out_h = (padded_h - span_h) / g.stride_h + 1;
+  g.out_w = (padded_w - span_w) / g.stride_w + 1;
+  return g;
+}
+
+namespace {
+
+at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                             x.options().memory_format(x.suggest_memory_format()));
+  if (out.numel() > 0) cpu::forward(x, routing, weight, bias, g, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 4> output_mask) {
+  const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape),
+                    "condconv2d_backward: argument 'grad_out' must have the output shape ",
+                    shape_str(out_shape), ", got ", shape_str(grad_out.sizes()));
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(),
+                   "condconv2d_backward: argument 'grad_out' must have x's dtype ",
+                   x.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(),
+                    "condconv2d_backward: argument 'grad_out' must be on x's device ", x.device(),
+                    ", got ", grad_out.device());
+  TORCH_CHECK_VALUE(bias.has_value() || !output_mask[3],
+                    "condconv2d_backward: argument 'output_mask' asks for grad_bias but "
+                    "'bias' is None");
+
+  const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  at::Tensor grad_x = output_mask[0]
+                          ? at::empty(x.sizes(), x.options().memory_format(
+                                                     x.suggest_memory_format()))
+                          : none(x);
+  at::Tensor grad_routing = output_mask[1] ? at::empty(routing.sizes(), routing.options())
+                                           : none(routing);
+  at::Tensor grad_weight = output_mask[2] ? at::empty(weight.sizes(), weight.options())
+                                          : none(weight);
+  at::Tensor grad_bias = output_mask[3]
+                             ? at::empty({g.experts, g.out_channels}, weight.options())
+                             : none(weight);
+  if (g.batch > 0) {
+    cpu::backward(grad_out, x, routing, weight, bias, g, output_mask, grad_x, grad_routing,
+                  grad_weight, grad_bias);
+  } else {
+    // An empty batch contributes nothing to the parameter gradients.
+    if (output_mask[2]) grad_weight.zero_();
+    if (output_mask[3]) grad_bias.zero_();
+  }
+  return {grad_x, grad_routing, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+at::Tensor condconv2d(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("condconv::native_forward", "")
+                       .typed<decltype(forward_cpu)>();
+  return op.call(x, routing, weight, bias, stride, padding, dilation, groups);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 4> output_mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("condconv::native_backward", "")
+                       .typed<decltype(backward_cpu)>();
+  return op.call(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
+                 output_mask);
+}
+
+TORCH_LIBRARY(condconv, m) {
+  m.def(
+      "native_forward(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[4] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "native_backward(Tensor grad_out, Tensor x, Tensor routing, Tensor weight, Tensor? bias, "
+      "int[2] stride, int[4] padding, int[2] dilation, int groups, bool[4] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(condconv, CPU, m) {
+  m.impl("native_forward", &forward_cpu);
+  m.impl("native_backward", &backward_cpu);
+}
+
+}  // namespace condconv

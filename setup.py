@@ -1,0 +1,54 @@
+"""Builds condconv_kernels._C from csrc/ with torch.utils.cpp_extension.
+
+Environment:
+  CONDCONV_SKIP_CUDA=1   build the CPU extension only, even when torch has CUDA.
+  TORCH_CUDA_ARCH_LIST   CUDA architectures to compile for (e.g. "9.0" for H100/H200).
+  MAX_JOBS               parallel compile jobs (honoured by torch.utils.cpp_extension).
+
+The CUDA sources in csrc/cuda/ are added only when torch was built with CUDA and CUDA_HOME is
+set; otherwise a CppExtension with OpenMP is built. Without the extension at all the package
+still imports and runs its reference (and triton) backends.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-std=c++17"]
+    link_flags = []
+    if sys.platform != "darwin":
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    cuda_sources = sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
+    with_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.environ.get("CONDCONV_SKIP_CUDA", "0") != "1"
+        and bool(cuda_sources)
+    )
+    if with_cuda:
+        return CUDAExtension(
+            "condconv_kernels._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DCONDCONV_WITH_CUDA"],
+                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=link_flags,
+        )
+    return CppExtension("condconv_kernels._C", cpp_sources,
+                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
