@@ -29,11 +29,17 @@ except ImportError as exc:  # the package still works with the reference backend
     _native_error = f"the C++ extension condconv_kernels._C did not load ({exc})"
 
 
+# Which devices the loaded extension has kernels for, read once (the registrations happen when
+# _C loads), so that resolving a backend is plain Python that torch.compile traces through.
+_NATIVE_KERNELS = {
+    key: _native_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "condconv::native_forward", key)
+    for key in ("CPU", "CUDA")
+}
+
+
 def _has_native_kernel(dispatch_key: str) -> bool:
-    if _native_error is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("condconv::native_forward",
-                                                          dispatch_key)
+    return _NATIVE_KERNELS[dispatch_key]
 
 
 def why_unavailable(name: str, device_type: str) -> Optional[str]:

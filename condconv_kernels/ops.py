@@ -46,7 +46,8 @@ _BACKWARD = {"reference": reference.backward, "cpu": _native_backward, "cuda": _
 
 def _empty_output(x, weight, stride, padding, dilation):
     shape = _args.out_shape(x.shape, weight.shape, stride, padding, dilation)
-    return x.new_empty(shape, memory_format=_args.suggest_memory_format(x))
+    return torch.empty(shape, dtype=x.dtype, device=x.device,
+                       memory_format=_args.suggest_memory_format(x))
 
 
 @torch.library.custom_op("condconv::condconv2d", mutates_args=())
@@ -100,7 +101,7 @@ def _condconv2d_backward_fake(grad_out, x, routing, weight, bias, stride, paddin
     def fake(like, wanted, memory_format=torch.contiguous_format):
         if not wanted:
             return x.new_empty((0,))
-        return like.new_empty(like.shape, memory_format=memory_format)
+        return torch.empty_like(like, memory_format=memory_format)
     return (fake(x, output_mask[0], _args.suggest_memory_format(x)), fake(routing, output_mask[1]),
             fake(weight, output_mask[2]), fake(bias, output_mask[3]))
 

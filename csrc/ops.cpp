@@ -124,6 +124,8 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& routing, const at:
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
+  // The kernels are the derivative formulas themselves: nothing below records autograd history.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                              x.options().memory_format(x.suggest_memory_format()));
   if (out.numel() > 0) cpu::forward(x, routing, weight, bias, g, out);
@@ -136,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 4> output_mask) {
   const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape),
                     "condconv2d_backward: argument 'grad_out' must have the output shape ",

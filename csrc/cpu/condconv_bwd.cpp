@@ -106,6 +106,8 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t c1 = std::min(g.batch, c0 + chunk);
     at::parallel_for(c0, c1, 1, [&](int64_t b0, int64_t b1) {
+      // Dispatch state is thread-local: worker threads need the guard of their own.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       const bool dense = !g.depthwise();
       at::Tensor wmix = need_dx ? at::empty({g.out_channels, K}, acc_opts) : at::Tensor();
       at::Tensor col = (dense && need_kernel_grad) ? at::empty({K, L}, acc_opts) : at::Tensor();

@@ -77,6 +77,8 @@ void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Ten
                               g.pad_right == 0 && (g.height == 1 || xs.h == g.width * xs.w);
 
   at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+    // Dispatch state is thread-local: worker threads need the guard of their own.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor wmix = at::empty({g.out_channels, K}, acc_opts);
     at::Tensor y = at::empty({cout_g, L}, acc_opts);
     at::Tensor col = (g.depthwise() || direct_operand) ? at::Tensor() : at::empty({K, L}, acc_opts);

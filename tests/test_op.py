@@ -1,0 +1,122 @@
+"""Every available backend against the float64 ground truth: forward and all four gradients,
+over the configuration matrix, three input layouts and the supported dtypes. Outputs and
+scratch are poisoned with NaN before the kernels run."""
+import pytest
+import torch
+
+import condconv_kernels as cc
+from condconv_kernels import _args
+from conftest import (CASES, CASES_BY_NAME, LAYOUTS, assert_close, ground_truth, make_inputs,
+                      poisoned_outputs, run_op)
+
+GRAD_NAMES = ["grad_x", "grad_routing", "grad_weight", "grad_bias"]
+
+
+def _check(case, backend, dtype, layout, routing_dtype=None, factor=3.0):
+    inputs = make_inputs(case, dtype, layout, seed=hash((case.name, layout)) % 1000,
+                         routing_dtype=routing_dtype)
+    truth, _ = ground_truth(case, inputs)
+    grad_out = torch.randn(truth.shape, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    with poisoned_outputs():
+        out, grads = run_op(case, inputs, backend, grad_out)
+    truth, truth_grads = ground_truth(case, inputs, grad_out)
+    same, same_grads = (None, [None] * 4)
+    if dtype != torch.float64:  # PyTorch's own computation in this precision
+        same, same_grads = ground_truth(case, inputs, grad_out, dtype=dtype)
+    assert out.dtype == dtype
+    assert_close(out, truth, same, "out", factor)
+    names = [n for n, t in zip(GRAD_NAMES, inputs) if t is not None]
+    for name, g, t, s, inp in zip(names, grads, truth_grads, same_grads, inputs):
+        assert g.dtype == inp.dtype and g.shape == inp.shape, name
+        assert_close(g, t, s, name, factor)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_float64(case, layout, backend):
+    _check(case, backend, torch.float64, layout)
+
+
+@pytest.mark.parametrize("case", CASES[::2], ids=str)
+def test_float32(case, backend):
+    _check(case, backend, torch.float32, "contiguous")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["k3_s2_asym", "g2_k1", "dw5_s2_same_e8", "k1_s2_e8"])
+def test_low_precision(case, dtype, backend):
+    _check(CASES_BY_NAME[case], backend, dtype, "channels_last", factor=4.0)
+
+
+@pytest.mark.parametrize("case", ["k3", "dw3"])
+def test_low_precision_with_float32_routing(case, backend):
+    _check(CASES_BY_NAME[case], backend, torch.bfloat16, "contiguous",
+           routing_dtype=torch.float32, factor=4.0)
+
+
+@pytest.mark.parametrize("case", ["k3", "dw3", "g2_k1"])
+def test_empty_batch(case, backend):
+    c = CASES_BY_NAME[case]
+    x, routing, weight, bias = make_inputs(c, torch.float32)
+    x, routing = x[:0], routing[:0]
+    leaves = [t.clone().requires_grad_(True) for t in (x, routing, weight, bias) if t is not None]
+    out = cc.condconv2d(*leaves, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                        groups=c.groups, backend=backend)
+    pad = _args.resolve_padding(c.padding, x.shape[-2:], c.kernel, c.stride, c.dilation)
+    assert out.shape == _args.out_shape(x.shape, weight.shape, c.stride, pad, c.dilation)
+    assert out.shape[0] == 0
+    out.sum().backward()
+    for t in leaves:
+        assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+def test_partial_gradients(backend):
+    """Only the inputs that require grad get one, and they match the full computation."""
+    case = CASES_BY_NAME["k3_s2_asym"]
+    x, routing, weight, bias = make_inputs(case, torch.float64, seed=5)
+    truth, _ = ground_truth(case, (x, routing, weight, bias))
+    grad_out = torch.randn_like(truth)
+    _, truth_grads = ground_truth(case, (x, routing, weight, bias), grad_out)
+    for i in range(4):
+        leaves = [t.clone().requires_grad_(j == i) for j, t in enumerate((x, routing, weight, bias))]
+        out = cc.condconv2d(*leaves, stride=case.stride, padding=case.padding,
+                            groups=case.groups, backend=backend)
+        (g,) = torch.autograd.grad(out, [leaves[i]], grad_out)
+        assert_close(g, truth_grads[i], None, GRAD_NAMES[i])
+
+
+def test_available_backends_and_auto():
+    names = cc.available_backends("cpu")
+    assert "reference" in names
+    assert names == [n for n in ("triton", "cuda", "cpu", "reference") if n in names]
+    case = CASES[0]
+    inputs = make_inputs(case, torch.float32)
+    out_auto, _ = run_op(case, inputs, "auto")
+    out_named, _ = run_op(case, inputs, names[0])
+    assert torch.equal(out_auto, out_named)
+
+
+def test_env_backend_override(monkeypatch):
+    case = CASES[0]
+    inputs = make_inputs(case, torch.float64)
+    monkeypatch.setenv("CONDCONV_BACKEND", "reference")
+    out, _ = run_op(case, inputs, "auto")
+    truth, _ = ground_truth(case, inputs)
+    assert_close(out, truth, None, "out")
+    monkeypatch.setenv("CONDCONV_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend"):
+        run_op(case, inputs, "auto")
+
+
+def test_unavailable_backend_raises_with_hint():
+    case = CASES[0]
+    inputs = make_inputs(case, torch.float32)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        run_op(case, inputs, "cuda")
+    with pytest.raises(RuntimeError, match="triton"):
+        run_op(case, inputs, "triton")
