@@ -42,7 +42,7 @@ BAD = [
     ("padding float", lambda: cc.condconv2d(x, r, w, padding=1.5), TypeError, "'padding'"),
     ("kernel larger than input", lambda: cc.condconv2d(x[:, :, :2, :2], r, w), ValueError,
      "'weight'"),
-    ("x not a tensor", lambda: cc.condconv2d(x.numpy(), r, w), TypeError, "'x'"),
+    ("x not a tensor", lambda: cc.condconv2d(x.tolist(), r, w), TypeError, "'x'"),
     ("unknown backend", lambda: cc.condconv2d(x, r, w, backend="fast"), ValueError, "'backend'"),
     ("layer groups", lambda: ccnn.CondConv2d(4, 6, groups=4), ValueError, "'groups'"),
     ("layer experts", lambda: ccnn.CondConv2d(4, 6, num_experts=0), ValueError, "'num_experts'"),

@@ -1,0 +1,66 @@
+"""The CondConv layers of EfficientNet-CondConv at their real shapes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Tuple
+
+from .._args import same_padding
+
+# EfficientNet-B0's last three stages, the ones with experts in tf_efficientnet_cc_b0_*:
+# (repeats, kernel, stride, expand ratio, output channels).
+_B0_CONDCONV_STAGES = [(3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+_B0_STAGE5_INPUT = 80       # channels into the first CondConv stage
+_B0_STAGE5_REDUCTION = 16   # its input resolution is image_size / 16
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """One CondConv layer: x (B, cin, height, width), weight (E, cout, cin/groups, k, k)."""
+    name: str
+    cin: int
+    cout: int
+    height: int
+    width: int
+    kernel: int
+    stride: int
+    groups: int
+    experts: int
+    padding: Tuple[int, int, int, int]   # TF "same": (top, bottom, left, right)
+
+    @property
+    def out_hw(self) -> Tuple[int, int]:
+        return ((self.height + self.padding[0] + self.padding[1] - self.kernel) // self.stride + 1,
+                (self.width + self.padding[2] + self.padding[3] - self.kernel) // self.stride + 1)
+
+    def madds(self, batch: int) -> int:
+        """Convolution multiply-adds for a batch (without the expert mix)."""
+        ho, wo = self.out_hw
+        return batch * self.cout * ho * wo * (self.cin // self.groups) * self.kernel ** 2
+
+    def describe(self) -> str:
+        kind = "dw" if self.groups > 1 else "pw" if self.kernel == 1 else "conv"
+        return (f"{kind} {self.kernel}x{self.kernel}/s{self.stride} {self.cin}->{self.cout} "
+                f"@{self.height}x{self.width}")
+
+
+def efficientnet_cc_b0_layers(num_experts: int = 8, image_size: int = 224) -> List[LayerShape]:
+    """The 24 CondConv layers of tf_efficientnet_cc_b0_{4e,8e} (stages 5-7: expand 1x1,
+    depthwise kxk, project 1x1 in each of 8 blocks), in network order."""
+    size = -(-image_size // _B0_STAGE5_REDUCTION)
+    cin = _B0_STAGE5_INPUT
+    layers = []
+    for stage, (repeats, k, stride, expand, cout) in enumerate(_B0_CONDCONV_STAGES, start=5):
+        for block in range(repeats):
+            s = stride if block == 0 else 1
+            mid = cin * expand
+            tag = f"s{stage}.b{block}"
+            layers.append(LayerShape(f"{tag}.expand", cin, mid, size, size, 1, 1, 1,
+                                     num_experts, (0, 0, 0, 0)))
+            pad = same_padding(size, k, s, 1) * 2
+            dw = LayerShape(f"{tag}.dw", mid, mid, size, size, k, s, mid, num_experts, pad)
+            layers.append(dw)
+            size = dw.out_hw[0]
+            layers.append(LayerShape(f"{tag}.project", mid, cout, size, size, 1, 1, 1,
+                                     num_experts, (0, 0, 0, 0)))
+            cin = cout
+    return layers

@@ -1,0 +1,69 @@
+"""Timing harness: warm-up, then repeated runs summarised by median and quantiles.
+
+CPU: ``torch.utils.benchmark.Timer.blocked_autorange``; CUDA: CUDA events around each run."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+from typing import Callable, Dict
+
+import torch
+import torch.utils.benchmark as tbench
+
+
+@dataclasses.dataclass
+class Measurement:
+    median_ms: float
+    q10_ms: float
+    q90_ms: float
+    runs: int
+
+
+def _quantile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def time_callable(fn: Callable[[], object], device: str = "cpu", min_run_time: float = 0.3,
+                  warmup: int = 2) -> Measurement:
+    """Times ``fn()``; per-run times in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        total = 0.0
+        while total < min_run_time * 1e3 or len(times) < 10:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+            total += times[-1]
+    else:
+        m = tbench.Timer(stmt="fn()", globals={"fn": fn},
+                         num_threads=torch.get_num_threads()).blocked_autorange(
+                             min_run_time=min_run_time)
+        times = [t * 1e3 for t in m.times]
+    return Measurement(statistics.median(times), _quantile(times, 0.1), _quantile(times, 0.9),
+                       len(times))
+
+
+def machine_info() -> Dict[str, str]:
+    """What a benchmark number depends on: machine, threads, versions, commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    info = {"machine": platform.processor() or platform.machine(),
+            "cpu_threads": str(torch.get_num_threads()), "torch": torch.__version__,
+            "python": platform.python_version(), "commit": commit or "unknown"}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
