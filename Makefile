@@ -1,0 +1,55 @@
+# The README's two commands. Each sets everything up on a fresh machine first:
+#   make test      build, then the Python tests (pytest) and the C++ test (ctest)
+#   make profile   build, then the per-layer latency table (the main job)
+#
+# Where python3 already imports torch (a machine with torch preinstalled, possibly offline),
+# that interpreter is used as it is and nothing is downloaded. Otherwise a virtual environment
+# (.venv, --system-site-packages) is made and gets torch==2.13.0 only if torch is missing.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+SYSTEM_TORCH := $(shell python3 -c "import torch" >/dev/null 2>&1 && echo yes)
+ifeq ($(SYSTEM_TORCH),yes)
+PYTHON ?= python3
+PIP_INSTALL := $(PYTHON) -m pip install --no-build-isolation --no-deps
+else
+PYTHON ?= .venv/bin/python
+PIP_INSTALL := $(PYTHON) -m pip install --no-build-isolation
+endif
+BUILD := build
+STAMP := $(BUILD)/.installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
+PROFILE_ARGS ?= --batch 8
+
+.PHONY: setup test test-python test-cpp profile clean
+
+setup: $(STAMP)
+
+.venv/bin/python:
+	python3 -m venv --system-site-packages .venv
+
+$(STAMP): $(SOURCES) | $(if $(filter yes,$(SYSTEM_TORCH)),,.venv/bin/python)
+	@mkdir -p $(BUILD)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -c "import setuptools, wheel" 2>/dev/null || $(PYTHON) -m pip install setuptools wheel
+	$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install pytest
+	$(PYTHON) -c "import tqdm" 2>/dev/null || $(PYTHON) -m pip install tqdm || true
+	$(PIP_INSTALL) -e . || $(PYTHON) setup.py build_ext --inplace
+	@touch $@
+
+test: test-python test-cpp
+
+test-python: $(STAMP)
+	$(PYTHON) -m pytest tests -q
+
+test-cpp: $(STAMP)
+	@if ! command -v cmake >/dev/null; then echo "cmake not found: C++ test not run"; exit 1; fi
+	cmake -S . -B $(BUILD)/cmake -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build $(BUILD)/cmake -j 2
+	ctest --test-dir $(BUILD)/cmake --output-on-failure
+
+profile: $(STAMP)
+	$(PYTHON) bench/bench_layers.py $(PROFILE_ARGS)
+
+clean:
+	rm -rf $(BUILD) condconv_kernels/_C*.so *.egg-info
