@@ -33,7 +33,6 @@ $(STAMP): $(SOURCES) | $(if $(filter yes,$(SYSTEM_TORCH)),,.venv/bin/python)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -c "import setuptools, wheel" 2>/dev/null || $(PYTHON) -m pip install setuptools wheel
 	$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install pytest
-	$(PYTHON) -c "import tqdm" 2>/dev/null || $(PYTHON) -m pip install tqdm || true
 	$(PIP_INSTALL) -e . || $(PYTHON) setup.py build_ext --inplace
 	@touch $@
 
