@@ -28,6 +28,8 @@ def sources(pattern):
 def extension():
     cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-std=c++17"]
+    if os.environ.get("CONDCONV_PORTABLE", "0") != "1":
+        cxx_flags.append("-march=native")
     link_flags = []
     if sys.platform != "darwin":
         cxx_flags.append("-fopenmp")

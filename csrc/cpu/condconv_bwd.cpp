@@ -1,63 +1,205 @@
 // CPU backward. With G_b the per-example kernel gradient (what conv2d's grad_weight would be for
 // example b alone):
-//   grad_x[b]          = conv_transpose(grad_out[b], W_b)   (W_b mixed again into scratch)
+//   grad_x[b]          = conv_transpose(grad_out[b], W_b)
 //   grad_routing[b, e] = <G_b, W[e]> + <sum_hw grad_out[b], bias[e]>
 //   grad_weight[e]     = sum_b routing[b, e] G_b
 //   grad_bias[e]       = sum_b routing[b, e] sum_hw grad_out[b]
-// The batch is walked in chunks of as many examples as there are threads: each thread writes
-// its examples' G_b into a (chunk x |W|) buffer, then one GEMM adds routing^T G into
-// grad_weight in a fixed order. Memory stays O(E |W| + threads |W|) and the result does not
-// depend on scheduling (deterministic).
+// Every result is written by one task, or reduced in a fixed order, so the result does not
+// depend on scheduling (deterministic):
+// - dense: chunks of examples (batch_chunk); per (example, group) task G_b and grad_x[b]; per
+//   chunk two GEMMs fold G into grad_weight and grad_routing (see dense_backward);
+// - depthwise: a task owns an input channel (and its output channels) over the whole batch and
+//   writes its own partial of grad_routing, summed in channel order at the end.
+// Memory beyond the outputs: the chunk's mixed kernels and G (O(threads |W|), bounded), per-task
+// scratch, and (Cin x B x E) partials for depthwise.
 #include "kernel_utils.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 namespace condconv {
 namespace cpu {
 namespace {
 
-// One example of a depthwise convolution (Cin/g == 1). wmix/dx may be null (no grad_x), G may
-// be null (no kernel gradient). dx is contiguous (Cin, H, W).
-template <typename scalar_t, typename acc_t>
-void depthwise_backward_one(const scalar_t* x, const Strides& xs, const scalar_t* gout,
-                            const Strides& gs, const acc_t* wmix, acc_t* G, acc_t* dx,
-                            const Geometry& g) {
-  const int64_t taps = g.kernel_h * g.kernel_w;
+template <typename acc_t>
+struct Grads {
+  acc_t* routing_parts;  // (tasks, B, E) partials of grad_routing, or null
+  acc_t* weight;         // (E, |W|) accumulation-dtype grad_weight, or null
+};
+
+// Dense convolutions, a chunk of examples at a time (batch_chunk): per (example, group) task,
+// G_b (GEMM of grad_out with the im2col columns) into the chunk's G buffer and grad_x (GEMM of
+// the mixed kernel's transpose with grad_out, then col2im); per chunk, grad_weight +=
+// routing[chunk]^T @ G and grad_routing[chunk] = G @ W^T (two GEMMs, in chunk order).
+template <typename scalar_t>
+void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                    const Operands<scalar_t>& ops, const Geometry& g, at::Tensor* grad_x,
+                    at::Tensor* grad_routing, at::Tensor* grad_weight) {
+  using acc_t = typename Operands<scalar_t>::acc_t;
+  const int64_t N = g.kernel_numel(), K = g.k(), L = g.out_pixels();
+  const int64_t cin_g = g.in_per_group(), cout_g = g.out_per_group();
   const int64_t plane = g.height * g.width;
-  for (int64_t co = 0; co < g.out_channels; ++co) {
-    const int64_t ci = co / g.out_per_group();
-    for (int64_t i = 0; i < g.kernel_h; ++i) {
-      const int64_t off_h = i * g.dilation_h - g.pad_top;
-      for (int64_t j = 0; j < g.kernel_w; ++j) {
-        const int64_t off_w = j * g.dilation_w - g.pad_left;
-        int64_t lo, hi;
-        valid_range(off_w, g.stride_w, g.width, g.out_w, lo, hi);
-        const acc_t tap = wmix ? wmix[co * taps + i * g.kernel_w + j] : acc_t(0);
-        const int64_t xstep = g.stride_w * xs.w;
-        acc_t sum = 0;
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const int64_t ih = oh * g.stride_h + off_h;
-          if (ih < 0 || ih >= g.height) continue;
-          const scalar_t* gr = gout + co * gs.c + oh * gs.h;
-          if (G) {
-            const scalar_t* xr = x + ci * xs.c + ih * xs.h + off_w * xs.w;
-            for (int64_t ow = lo; ow < hi; ++ow) {
-              sum += static_cast<acc_t>(gr[ow * gs.w]) * static_cast<acc_t>(xr[ow * xstep]);
-            }
+  const bool need_kernel_grad = grad_routing || grad_weight;
+  const Strides xs(x);
+  const Strides dxs = grad_x ? Strides(*grad_x) : xs;
+  const bool direct = reads_x_directly<scalar_t>(g, xs);
+  const int64_t chunk = batch_chunk(g, sizeof(acc_t));
+  at::Tensor wmix = grad_x ? at::empty({chunk, g.out_channels, K}, ops.acc_opts) : at::Tensor();
+  at::Tensor G = need_kernel_grad ? at::empty({chunk, g.out_channels, K}, ops.acc_opts)
+                                  : at::Tensor();
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  scalar_t* dx_ptr = grad_x ? grad_x->mutable_data_ptr<scalar_t>() : nullptr;
+
+  for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - c0);
+    const at::Tensor r = ops.routing.narrow(0, c0, n);
+    if (grad_x) {
+      at::Tensor mixed = wmix.narrow(0, 0, n).view({n, N});
+      at::mm_out(mixed, r, ops.weight);
+    }
+    at::parallel_for(0, n * g.groups, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      at::Tensor col = (need_kernel_grad && !direct) ? at::empty({K, L}, ops.acc_opts)
+                                                      : at::Tensor();
+      at::Tensor dcol = grad_x ? at::empty({K, L}, ops.acc_opts) : at::Tensor();
+      std::vector<acc_t> dx(grad_x ? cin_g * plane : 0);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = c0 + t / g.groups, gi = t % g.groups;
+        const at::Tensor gmat = grad_out.select(0, b).narrow(0, gi * cout_g, cout_g)
+                                    .reshape({cout_g, L}).to(ops.acc_opts.dtype());
+        if (need_kernel_grad) {
+          at::Tensor operand;
+          if (direct) {
+            operand = x.as_strided({K, L}, {xs.c, xs.w},
+                                   x.storage_offset() + b * xs.n + gi * cin_g * xs.c);
+          } else {
+            im2col<scalar_t, acc_t>(x_ptr + b * xs.n + gi * cin_g * xs.c, xs, g, cin_g,
+                                    col.mutable_data_ptr<acc_t>());
+            operand = col;
           }
-          if (dx) {
-            acc_t* dr = dx + ci * plane + ih * g.width + off_w;
-            for (int64_t ow = lo; ow < hi; ++ow) {
-              dr[ow * g.stride_w] += tap * static_cast<acc_t>(gr[ow * gs.w]);
-            }
-          }
+          at::Tensor Gb = G.select(0, b - c0).narrow(0, gi * cout_g, cout_g);
+          at::mm_out(Gb, gmat, operand.t());
         }
-        if (G) G[co * taps + i * g.kernel_w + j] = sum;
+        if (grad_x) {
+          at::mm_out(dcol, wmix.select(0, b - c0).narrow(0, gi * cout_g, cout_g).t(), gmat);
+          std::fill(dx.begin(), dx.end(), acc_t(0));
+          col2im_add<acc_t>(dcol.const_data_ptr<acc_t>(), g, cin_g, dx.data());
+          store_plane<scalar_t, acc_t>(dx.data(), nullptr, cin_g, g.height, g.width,
+                                       dx_ptr + b * dxs.n + gi * cin_g * dxs.c, dxs.c, dxs.h,
+                                       dxs.w);
+        }
+      }
+    });
+    if (need_kernel_grad) {
+      const at::Tensor Gn = G.narrow(0, 0, n).view({n, N});
+      if (grad_weight) grad_weight->addmm_(r.t(), Gn);
+      if (grad_routing) {
+        at::Tensor dst = grad_routing->narrow(0, c0, n);
+        at::mm_out(dst, Gn, ops.weight.t());
       }
     }
   }
+}
+
+// A task owns input channel ci and its out_per_group output channels, over the whole batch.
+template <typename scalar_t>
+void depthwise_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                        const Operands<scalar_t>& ops, const Geometry& g, at::Tensor* grad_x,
+                        Grads<typename Operands<scalar_t>::acc_t> out) {
+  using acc_t = typename Operands<scalar_t>::acc_t;
+  const int64_t N = g.kernel_numel(), E = g.experts;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t wp = g.width + g.pad_left + g.pad_right;
+  const int64_t hp = g.height + g.pad_top + g.pad_bottom;
+  const int64_t mult = g.out_per_group();
+  const bool need_kernel_grad = out.routing_parts || out.weight;
+  const Strides xs(x), gs(grad_out);
+  const Strides dxs = grad_x ? Strides(*grad_x) : xs;
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* dx_ptr = grad_x ? grad_x->mutable_data_ptr<scalar_t>() : nullptr;
+  const acc_t* r_ptr = ops.routing.template const_data_ptr<acc_t>();
+  const acc_t* w_ptr = ops.weight.template const_data_ptr<acc_t>();
+
+  at::parallel_for(0, g.in_channels, 1, [&](int64_t t0, int64_t t1) {
+    // grad_out is copied with the padded plane's row pitch (zeros between rows), so with stride 1
+    // each tap is one contiguous dot product / multiply-add over Ho x Wp values.
+    std::vector<acc_t> plane(hp * wp), dplane(hp * wp), go(g.out_h * wp, acc_t(0)), w(taps),
+        G(taps);
+    const bool unit = g.stride_h == 1 && g.stride_w == 1;
+    const int64_t span = (g.out_h - 1) * wp + g.out_w;
+    for (int64_t ci = t0; ci < t1; ++ci) {
+      for (int64_t b = 0; b < g.batch; ++b) {
+        if (need_kernel_grad) {
+          padded_plane<scalar_t, acc_t>(x_ptr + b * xs.n + ci * xs.c, xs.h, xs.w, g, plane.data());
+        }
+        if (grad_x) std::fill(dplane.begin(), dplane.end(), acc_t(0));
+        for (int64_t m = 0; m < mult; ++m) {
+          const int64_t co = ci * mult + m;
+          const scalar_t* gp = g_ptr + b * gs.n + co * gs.c;
+          for (int64_t oh = 0; oh < g.out_h; ++oh) {
+            for (int64_t ow = 0; ow < g.out_w; ++ow) {
+              go[oh * wp + ow] = static_cast<acc_t>(gp[oh * gs.h + ow * gs.w]);
+            }
+          }
+          if (grad_x) mix_experts<acc_t>(w_ptr + co * taps, N, r_ptr + b * E, E, taps, w.data());
+          for (int64_t i = 0; i < g.kernel_h; ++i) {
+            for (int64_t j = 0; j < g.kernel_w; ++j) {
+              const int64_t base = i * g.dilation_h * wp + j * g.dilation_w;
+              const acc_t tap = grad_x ? w[i * g.kernel_w + j] : acc_t(0);
+              acc_t sum = 0;
+              if (unit) {
+                if (need_kernel_grad) {
+                  const acc_t* src = plane.data() + base;
+                  for (int64_t q = 0; q < span; ++q) sum += go[q] * src[q];
+                }
+                if (grad_x) {
+                  acc_t* dst = dplane.data() + base;
+                  for (int64_t q = 0; q < span; ++q) dst[q] += tap * go[q];
+                }
+              } else {
+                for (int64_t oh = 0; oh < g.out_h; ++oh) {
+                  const int64_t row = base + oh * g.stride_h * wp;
+                  const acc_t* gr = go.data() + oh * wp;
+                  if (need_kernel_grad) {
+                    const acc_t* src = plane.data() + row;
+                    for (int64_t ow = 0; ow < g.out_w; ++ow) sum += gr[ow] * src[ow * g.stride_w];
+                  }
+                  if (grad_x) {
+                    acc_t* dst = dplane.data() + row;
+                    for (int64_t ow = 0; ow < g.out_w; ++ow) dst[ow * g.stride_w] += tap * gr[ow];
+                  }
+                }
+              }
+              G[i * g.kernel_w + j] = sum;
+            }
+          }
+          if (!need_kernel_grad) continue;
+          for (int64_t e = 0; e < E; ++e) {
+            const acc_t* we = w_ptr + e * N + co * taps;
+            if (out.routing_parts) {
+              acc_t dot = 0;
+              for (int64_t k = 0; k < taps; ++k) dot += G[k] * we[k];
+              out.routing_parts[(ci * g.batch + b) * E + e] += dot;
+            }
+            if (out.weight) {
+              acc_t* gw = out.weight + e * N + co * taps;
+              const acc_t re = r_ptr[b * E + e];
+              for (int64_t k = 0; k < taps; ++k) gw[k] += re * G[k];
+            }
+          }
+        }
+        if (grad_x) {
+          scalar_t* dst = dx_ptr + b * dxs.n + ci * dxs.c;
+          for (int64_t h = 0; h < g.height; ++h) {
+            const acc_t* src = dplane.data() + (h + g.pad_top) * wp + g.pad_left;
+            for (int64_t w_ = 0; w_ < g.width; ++w_) {
+              dst[h * dxs.h + w_ * dxs.w] = static_cast<scalar_t>(src[w_]);
+            }
+          }
+        }
+      }
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -65,102 +207,46 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     const Geometry& g, std::array<bool, 4> mask, at::Tensor& grad_x,
                     at::Tensor& grad_routing, at::Tensor& grad_weight, at::Tensor& grad_bias) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const auto acc_opts = x.options().dtype(acc_type);
+  using acc_t = typename Operands<scalar_t>::acc_t;
+  const auto acc_type = Operands<scalar_t>::acc_type;
   const bool need_dx = mask[0], need_dr = mask[1], need_dw = mask[2], need_db = mask[3];
-  const bool need_kernel_grad = need_dr || need_dw;
-  const int64_t N = g.kernel_numel();
-  const int64_t K = g.k();
-  const int64_t L = g.out_pixels();
-  const int64_t cin_g = g.in_per_group();
-  const int64_t cout_g = g.out_per_group();
-
-  const at::Tensor r = routing.to(acc_type).contiguous();
-  const at::Tensor w = weight.to(acc_type).contiguous().view({g.experts, N});
+  const Operands<scalar_t> ops(x, routing, weight, g);
 
   // The bias terms only need grad_out summed over pixels: (B, Cout).
   at::Tensor gsum;
   if (bias.has_value() && (need_dr || need_db)) gsum = grad_out.sum({2, 3}, false, acc_type);
-  if (need_db) grad_bias.copy_(at::mm(r.t(), gsum));
-  at::Tensor gr_acc;
-  if (need_dr) {
-    gr_acc = bias.has_value() ? at::mm(gsum, bias->to(acc_type).t()).contiguous()
-                              : at::zeros({g.batch, g.experts}, acc_opts);
-  }
-  at::Tensor gw_acc = need_dw ? at::zeros({g.experts, N}, acc_opts) : at::Tensor();
+  if (need_db) grad_bias.copy_(at::mm(ops.routing.t(), gsum));
 
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(g.batch, at::get_num_threads()));
-  at::Tensor kgrad = need_kernel_grad ? at::empty({chunk, N}, acc_opts) : at::Tensor();
-
-  const Strides xs(x), gs(grad_out);
-  const Strides dxs = need_dx ? Strides(grad_x) : xs;
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-  const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
-  scalar_t* dx_ptr = need_dx ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-  const acc_t* r_ptr = r.const_data_ptr<acc_t>();
-  const acc_t* w_ptr = w.const_data_ptr<acc_t>();
-  acc_t* gr_ptr = need_dr ? gr_acc.mutable_data_ptr<acc_t>() : nullptr;
-  acc_t* kg_ptr = need_kernel_grad ? kgrad.mutable_data_ptr<acc_t>() : nullptr;
-
-  for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
-    const int64_t c1 = std::min(g.batch, c0 + chunk);
-    at::parallel_for(c0, c1, 1, [&](int64_t b0, int64_t b1) {
-      // Dispatch state is thread-local: worker threads need the guard of their own.
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const bool dense = !g.depthwise();
-      at::Tensor wmix = need_dx ? at::empty({g.out_channels, K}, acc_opts) : at::Tensor();
-      at::Tensor col = (dense && need_kernel_grad) ? at::empty({K, L}, acc_opts) : at::Tensor();
-      at::Tensor colg = (dense && need_dx) ? at::empty({K, L}, acc_opts) : at::Tensor();
-      at::Tensor dx = need_dx ? at::empty({g.in_channels * g.height * g.width}, acc_opts)
-                              : at::Tensor();
-      acc_t* wmix_ptr = need_dx ? wmix.mutable_data_ptr<acc_t>() : nullptr;
-      acc_t* dx_acc = need_dx ? dx.mutable_data_ptr<acc_t>() : nullptr;
-      for (int64_t b = b0; b < b1; ++b) {
-        acc_t* G = need_kernel_grad ? kg_ptr + (b - c0) * N : nullptr;
-        if (need_dx) {
-          mix_experts<acc_t>(w_ptr, r_ptr + b * g.experts, g.experts, N, wmix_ptr);
-          dx.zero_();
-        }
-        if (!dense) {
-          depthwise_backward_one<scalar_t, acc_t>(x_ptr + b * xs.n, xs, g_ptr + b * gs.n, gs,
-                                                  wmix_ptr, G, dx_acc, g);
-        } else {
-          for (int64_t gi = 0; gi < g.groups; ++gi) {
-            const at::Tensor gmat =
-                as_matrix(grad_out.select(0, b).narrow(0, gi * cout_g, cout_g), cout_g, L, acc_type);
-            if (need_kernel_grad) {
-              im2col<scalar_t, acc_t>(x_ptr + b * xs.n + gi * cin_g * xs.c, xs, g,
-                                      col.mutable_data_ptr<acc_t>());
-              at::Tensor G_group =
-                  kgrad.select(0, b - c0).narrow(0, gi * cout_g * K, cout_g * K).view({cout_g, K});
-              at::mm_out(G_group, gmat, col.t());
-            }
-            if (need_dx) {
-              at::mm_out(colg, wmix.narrow(0, gi * cout_g, cout_g).t(), gmat);
-              col2im_add<acc_t>(colg.const_data_ptr<acc_t>(), g,
-                                dx_acc + gi * cin_g * g.height * g.width);
-            }
-          }
-        }
-        if (need_dx) {
-          store_plane<scalar_t, acc_t>(dx_acc, nullptr, g.in_channels, g.height, g.width,
-                                       dx_ptr + b * dxs.n, dxs.c, dxs.h, dxs.w);
-        }
-        if (need_dr) {
-          for (int64_t e = 0; e < g.experts; ++e) {
-            const acc_t* we = w_ptr + e * N;
-            acc_t dot = 0;
-            for (int64_t i = 0; i < N; ++i) dot += G[i] * we[i];
-            gr_ptr[b * g.experts + e] += dot;
-          }
-        }
+  at::Tensor gw = need_dw ? at::zeros({g.experts, g.kernel_numel()}, ops.acc_opts)
+                          : at::Tensor();
+  at::Tensor gr;
+  if (g.depthwise()) {
+    // Each input channel's task writes its own (B, E) partial of grad_routing.
+    at::Tensor parts = need_dr ? at::zeros({g.in_channels, g.batch, g.experts}, ops.acc_opts)
+                               : at::Tensor();
+    Grads<acc_t> grads{need_dr ? parts.mutable_data_ptr<acc_t>() : nullptr,
+                       need_dw ? gw.mutable_data_ptr<acc_t>() : nullptr};
+    depthwise_backward<scalar_t>(grad_out, x, ops, g, need_dx ? &grad_x : nullptr, grads);
+    if (need_dr) {
+      // Summed in channel order (not a parallel reduction): deterministic.
+      gr = at::zeros({g.batch, g.experts}, ops.acc_opts);
+      acc_t* gr_ptr = gr.mutable_data_ptr<acc_t>();
+      const acc_t* parts_ptr = parts.const_data_ptr<acc_t>();
+      const int64_t be = g.batch * g.experts;
+      for (int64_t c = 0; c < g.in_channels; ++c) {
+        for (int64_t i = 0; i < be; ++i) gr_ptr[i] += parts_ptr[c * be + i];
       }
-    });
-    if (need_dw) gw_acc.addmm_(r.narrow(0, c0, c1 - c0).t(), kgrad.narrow(0, 0, c1 - c0));
+    }
+  } else {
+    if (need_dr) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
+    dense_backward<scalar_t>(grad_out, x, ops, g, need_dx ? &grad_x : nullptr,
+                             need_dr ? &gr : nullptr, need_dw ? &gw : nullptr);
   }
-  if (need_dw) grad_weight.copy_(gw_acc.view(weight.sizes()));
-  if (need_dr) grad_routing.copy_(gr_acc);
+  if (need_dw) grad_weight.copy_(gw.view(weight.sizes()));
+  if (need_dr) {
+    if (bias.has_value()) gr.add_(at::mm(gsum, bias->to(acc_type).t()));
+    grad_routing.copy_(gr);
+  }
 }
 
 }  // namespace

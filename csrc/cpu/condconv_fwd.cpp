@@ -1,113 +1,204 @@
-// CPU forward: one example per task. Each task mixes its kernel W_b into thread-private scratch
-// (E * |W| multiply-adds), then convolves: im2col + GEMM per group for dense convolutions (the
-// im2col is skipped for 1x1 / stride 1 / unpadded inputs whose channels are a plain matrix),
-// a direct loop with the mixed taps for depthwise ones.
+// CPU forward.
+//
+// Dense (Cin/groups > 1): the batch is walked in chunks (batch_chunk). The chunk's kernels are
+// mixed with one GEMM, routing[chunk] @ W, into scratch that is reused chunk after chunk; then
+// each (example, group) multiplies its mixed kernel with the example's im2col columns (or x
+// itself for 1x1 convolutions) and stores the result plus the mixed bias.
+//
+// Depthwise (Cin/groups == 1): direct convolution with each example's mixed taps, over a
+// zero-padded copy of the input plane (NCHW or any strides), or channel-vectorised over
+// channels_last inputs.
 #include "kernel_utils.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 namespace condconv {
 namespace cpu {
 namespace {
 
-template <typename scalar_t, typename acc_t>
-void depthwise_forward_one(const scalar_t* x, const Strides& xs, const acc_t* wmix,
-                           const acc_t* bias_mix, const Geometry& g, acc_t* y, scalar_t* out,
-                           const Strides& os) {
-  const int64_t L = g.out_pixels();
+template <typename scalar_t>
+void dense_forward(const at::Tensor& x, const Operands<scalar_t>& ops, const at::Tensor& bias_mix,
+                   const Geometry& g, at::Tensor& out) {
+  using acc_t = typename Operands<scalar_t>::acc_t;
+  const int64_t K = g.k(), L = g.out_pixels();
+  const int64_t cin_g = g.in_per_group(), cout_g = g.out_per_group();
+  const Strides xs(x), os(out);
+  const bool direct = reads_x_directly<scalar_t>(g, xs);
+  // Output blocks a GEMM can write directly: accumulation dtype, (h, w) one run of strides, and
+  // either channel or pixel stride 1.
+  const bool write_out = std::is_same<scalar_t, acc_t>::value &&
+                         (g.out_h == 1 || os.h == g.out_w * os.w) && (os.w == 1 || os.c == 1);
+  const int64_t chunk = batch_chunk(g, sizeof(acc_t));
+  at::Tensor wmix = at::empty({chunk, g.out_channels, K}, ops.acc_opts);
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  const acc_t* bm_ptr = bias_mix.defined() ? bias_mix.const_data_ptr<acc_t>() : nullptr;
+
+  for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - c0);
+    at::Tensor mixed = wmix.narrow(0, 0, n).view({n, g.kernel_numel()});
+    at::mm_out(mixed, ops.routing.narrow(0, c0, n), ops.weight);
+    // One (example, group) per task; a single task runs inline and its GEMM uses every thread.
+    at::parallel_for(0, n * g.groups, 1, [&](int64_t t0, int64_t t1) {
+      // Dispatch state is thread-local: worker threads need the guard of their own.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      at::Tensor col = direct ? at::Tensor() : at::empty({K, L}, ops.acc_opts);
+      at::Tensor y = at::empty({cout_g, L}, ops.acc_opts);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = c0 + t / g.groups, gi = t % g.groups;
+        at::Tensor operand;
+        if (direct) {
+          operand = x.as_strided({K, L}, {xs.c, xs.w},
+                                 x.storage_offset() + b * xs.n + gi * cin_g * xs.c);
+        } else {
+          im2col<scalar_t, acc_t>(x_ptr + b * xs.n + gi * cin_g * xs.c, xs, g, cin_g,
+                                  col.mutable_data_ptr<acc_t>());
+          operand = col;
+        }
+        const at::Tensor kernel = wmix.select(0, b - c0).narrow(0, gi * cout_g, cout_g);
+        if (write_out) {
+          // The GEMM writes the output block in place (NCHW: row-major; channels_last: its
+          // transpose), the mixed bias folded in as the addmm input.
+          at::Tensor dst = out.as_strided({cout_g, L}, {os.c, os.w},
+                                          out.storage_offset() + b * os.n + gi * cout_g * os.c);
+          if (bias_mix.defined()) {
+            at::addmm_out(dst, bias_mix.select(0, b).narrow(0, gi * cout_g, cout_g).unsqueeze(1),
+                          kernel, operand);
+          } else {
+            at::mm_out(dst, kernel, operand);
+          }
+          continue;
+        }
+        at::mm_out(y, kernel, operand);
+        store_plane<scalar_t, acc_t>(
+            y.const_data_ptr<acc_t>(), bm_ptr ? bm_ptr + b * g.out_channels + gi * cout_g : nullptr,
+            cout_g, g.out_h, g.out_w, out_ptr + b * os.n + gi * cout_g * os.c, os.c, os.h, os.w);
+      }
+    });
+  }
+}
+
+// One (example, output channel) per task over a zero-padded copy of the input plane. The output
+// is accumulated with the padded plane's row pitch, so with stride 1 each tap is one contiguous
+// multiply-add over Ho x Wp values (the Wp - Wo columns between rows are computed and dropped).
+template <typename scalar_t>
+void depthwise_forward_planar(const at::Tensor& x, const Operands<scalar_t>& ops,
+                              const at::Tensor& bias_mix, const Geometry& g, at::Tensor& out) {
+  using acc_t = typename Operands<scalar_t>::acc_t;
+  const int64_t N = g.kernel_numel();
   const int64_t taps = g.kernel_h * g.kernel_w;
-  for (int64_t co = 0; co < g.out_channels; ++co) {
-    const scalar_t* xc = x + (co / g.out_per_group()) * xs.c;
-    const acc_t* w = wmix + co * taps;
-    std::fill(y, y + L, acc_t(0));
-    for (int64_t i = 0; i < g.kernel_h; ++i) {
-      const int64_t off_h = i * g.dilation_h - g.pad_top;
-      for (int64_t j = 0; j < g.kernel_w; ++j) {
-        const int64_t off_w = j * g.dilation_w - g.pad_left;
-        const acc_t tap = w[i * g.kernel_w + j];
-        int64_t lo, hi;
-        valid_range(off_w, g.stride_w, g.width, g.out_w, lo, hi);
-        const int64_t step = g.stride_w * xs.w;
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const int64_t ih = oh * g.stride_h + off_h;
-          if (ih < 0 || ih >= g.height) continue;
-          const scalar_t* xr = xc + ih * xs.h + off_w * xs.w;
-          acc_t* yr = y + oh * g.out_w;
-          for (int64_t ow = lo; ow < hi; ++ow) yr[ow] += tap * static_cast<acc_t>(xr[ow * step]);
+  const int64_t wp = g.width + g.pad_left + g.pad_right;
+  const int64_t hp = g.height + g.pad_top + g.pad_bottom;
+  const int64_t span = (g.out_h - 1) * wp + g.out_w;  // pitched output extent
+  const Strides xs(x), os(out);
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  const acc_t* r_ptr = ops.routing.template const_data_ptr<acc_t>();
+  const acc_t* w_ptr = ops.weight.template const_data_ptr<acc_t>();
+  const acc_t* bm_ptr = bias_mix.defined() ? bias_mix.const_data_ptr<acc_t>() : nullptr;
+
+  at::parallel_for(0, g.batch * g.out_channels, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> plane(hp * wp), y(g.out_h * wp), w(taps);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / g.out_channels, co = t % g.out_channels;
+      const int64_t ci = co / g.out_per_group();
+      mix_experts<acc_t>(w_ptr + co * taps, N, r_ptr + b * g.experts, g.experts, taps, w.data());
+      padded_plane<scalar_t, acc_t>(x_ptr + b * xs.n + ci * xs.c, xs.h, xs.w, g, plane.data());
+      std::fill(y.begin(), y.end(), acc_t(0));
+      for (int64_t i = 0; i < g.kernel_h; ++i) {
+        for (int64_t j = 0; j < g.kernel_w; ++j) {
+          const acc_t tap = w[i * g.kernel_w + j];
+          const acc_t* src = plane.data() + i * g.dilation_h * wp + j * g.dilation_w;
+          if (g.stride_h == 1 && g.stride_w == 1) {
+            acc_t* yp = y.data();
+            for (int64_t q = 0; q < span; ++q) yp[q] += tap * src[q];
+          } else {
+            for (int64_t oh = 0; oh < g.out_h; ++oh) {
+              acc_t* yr = y.data() + oh * wp;
+              const acc_t* sr = src + oh * g.stride_h * wp;
+              for (int64_t ow = 0; ow < g.out_w; ++ow) yr[ow] += tap * sr[ow * g.stride_w];
+            }
+          }
+        }
+      }
+      const acc_t add = bm_ptr ? bm_ptr[b * g.out_channels + co] : acc_t(0);
+      scalar_t* dst = out_ptr + b * os.n + co * os.c;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          dst[oh * os.h + ow * os.w] = static_cast<scalar_t>(y[oh * wp + ow] + add);
         }
       }
     }
-    store_plane<scalar_t, acc_t>(y, bias_mix ? bias_mix + co : nullptr, 1, g.out_h, g.out_w,
-                                 out + co * os.c, os.c, os.h, os.w);
-  }
+  });
+}
+
+// channels_last, one output channel per input channel: one (example, block of channels) per
+// task, the inner loop running over contiguous channels.
+template <typename scalar_t>
+void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_t>& ops,
+                                     const at::Tensor& bias_mix, const Geometry& g,
+                                     at::Tensor& out) {
+  using acc_t = typename Operands<scalar_t>::acc_t;
+  constexpr int64_t kBlock = 64;
+  const int64_t N = g.kernel_numel();
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t blocks = ceil_div(g.out_channels, kBlock);
+  const Strides xs(x), os(out);
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  const acc_t* r_ptr = ops.routing.template const_data_ptr<acc_t>();
+  const acc_t* w_ptr = ops.weight.template const_data_ptr<acc_t>();
+  const acc_t* bm_ptr = bias_mix.defined() ? bias_mix.const_data_ptr<acc_t>() : nullptr;
+
+  at::parallel_for(0, g.batch * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> w(taps * kBlock), mixed(taps), acc(kBlock);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks, c0 = (t % blocks) * kBlock;
+      const int64_t n = std::min(kBlock, g.out_channels - c0);
+      // Mixed taps, transposed to (tap, channel) so the inner loop is contiguous.
+      for (int64_t c = 0; c < n; ++c) {
+        mix_experts<acc_t>(w_ptr + (c0 + c) * taps, N, r_ptr + b * g.experts, g.experts, taps,
+                           mixed.data());
+        for (int64_t k = 0; k < taps; ++k) w[k * kBlock + c] = mixed[k];
+      }
+      const scalar_t* xb = x_ptr + b * xs.n + c0;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          for (int64_t c = 0; c < n; ++c) acc[c] = bm_ptr ? bm_ptr[b * g.out_channels + c0 + c] : 0;
+          for (int64_t i = 0; i < g.kernel_h; ++i) {
+            const int64_t ih = oh * g.stride_h + i * g.dilation_h - g.pad_top;
+            if (ih < 0 || ih >= g.height) continue;
+            for (int64_t j = 0; j < g.kernel_w; ++j) {
+              const int64_t iw = ow * g.stride_w + j * g.dilation_w - g.pad_left;
+              if (iw < 0 || iw >= g.width) continue;
+              const scalar_t* xp = xb + ih * xs.h + iw * xs.w;
+              const acc_t* wk = w.data() + (i * g.kernel_w + j) * kBlock;
+              for (int64_t c = 0; c < n; ++c) acc[c] += wk[c] * static_cast<acc_t>(xp[c]);
+            }
+          }
+          scalar_t* op = out_ptr + b * os.n + oh * os.h + ow * os.w + c0;
+          for (int64_t c = 0; c < n; ++c) op[c] = static_cast<scalar_t>(acc[c]);
+        }
+      }
+    }
+  });
 }
 
 template <typename scalar_t>
 void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias, const Geometry& g, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const auto acc_opts = x.options().dtype(acc_type);
-  const int64_t N = g.kernel_numel();
-  const int64_t K = g.k();
-  const int64_t L = g.out_pixels();
-  const int64_t cin_g = g.in_per_group();
-  const int64_t cout_g = g.out_per_group();
-
-  const at::Tensor r = routing.to(acc_type).contiguous();
-  const at::Tensor w = weight.to(acc_type).contiguous().view({g.experts, N});
+  const Operands<scalar_t> ops(x, routing, weight, g);
   // Mixed biases are B x Cout: small, so computed for the whole batch at once.
   const at::Tensor bias_mix =
-      bias.has_value() ? at::mm(r, bias->to(acc_type)).contiguous() : at::Tensor();
-
-  const Strides xs(x), os(out);
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-  const acc_t* r_ptr = r.const_data_ptr<acc_t>();
-  const acc_t* w_ptr = w.const_data_ptr<acc_t>();
-  const acc_t* bm_ptr = bias_mix.defined() ? bias_mix.const_data_ptr<acc_t>() : nullptr;
-
-  // A 1x1, stride-1, unpadded convolution reads its input block as the GEMM operand directly
-  // when the (h, w) plane is one run of equal strides (contiguous or channels_last).
-  const bool direct_operand = std::is_same<scalar_t, acc_t>::value && g.kernel_h == 1 &&
-                              g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 &&
-                              g.pad_top == 0 && g.pad_bottom == 0 && g.pad_left == 0 &&
-                              g.pad_right == 0 && (g.height == 1 || xs.h == g.width * xs.w);
-
-  at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
-    // Dispatch state is thread-local: worker threads need the guard of their own.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor wmix = at::empty({g.out_channels, K}, acc_opts);
-    at::Tensor y = at::empty({cout_g, L}, acc_opts);
-    at::Tensor col = (g.depthwise() || direct_operand) ? at::Tensor() : at::empty({K, L}, acc_opts);
-    acc_t* wmix_ptr = wmix.mutable_data_ptr<acc_t>();
-    acc_t* y_ptr = y.mutable_data_ptr<acc_t>();
-    for (int64_t b = b0; b < b1; ++b) {
-      mix_experts<acc_t>(w_ptr, r_ptr + b * g.experts, g.experts, N, wmix_ptr);
-      const scalar_t* xb = x_ptr + b * xs.n;
-      scalar_t* ob = out_ptr + b * os.n;
-      const acc_t* bmb = bm_ptr ? bm_ptr + b * g.out_channels : nullptr;
-      if (g.depthwise()) {
-        depthwise_forward_one<scalar_t, acc_t>(xb, xs, wmix_ptr, bmb, g, y_ptr, ob, os);
-        continue;
-      }
-      for (int64_t gi = 0; gi < g.groups; ++gi) {
-        at::Tensor operand;
-        if (direct_operand) {
-          operand = x.as_strided({cin_g, L}, {xs.c, xs.w},
-                                 x.storage_offset() + b * xs.n + gi * cin_g * xs.c);
-        } else {
-          im2col<scalar_t, acc_t>(xb + gi * cin_g * xs.c, xs, g, col.mutable_data_ptr<acc_t>());
-          operand = col;
-        }
-        at::mm_out(y, wmix.narrow(0, gi * cout_g, cout_g), operand);
-        store_plane<scalar_t, acc_t>(y_ptr, bmb ? bmb + gi * cout_g : nullptr, cout_g, g.out_h,
-                                     g.out_w, ob + gi * cout_g * os.c, os.c, os.h, os.w);
-      }
-    }
-  });
+      bias.has_value() ? at::mm(ops.routing, bias->to(Operands<scalar_t>::acc_type)).contiguous()
+                       : at::Tensor();
+  if (!g.depthwise()) {
+    dense_forward<scalar_t>(x, ops, bias_mix, g, out);
+  } else if (g.out_per_group() == 1 && x.stride(1) == 1 && out.stride(1) == 1) {
+    depthwise_forward_channels_last<scalar_t>(x, ops, bias_mix, g, out);
+  } else {
+    depthwise_forward_planar<scalar_t>(x, ops, bias_mix, g, out);
+  }
 }
 
 }  // namespace

@@ -1,8 +1,12 @@
-// Building blocks shared by the CPU forward and backward kernels: the expert mix into scratch,
-// im2col / col2im reading and writing through arbitrary strides, and strided stores.
+// Building blocks shared by the CPU forward and backward kernels: work partitioning, the expert
+// mix into scratch, im2col / col2im reading and writing through arbitrary strides, padded planes
+// for the depthwise kernels, and strided stores.
 #pragma once
 
 #include "../condconv.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 
@@ -12,8 +16,22 @@ namespace cpu {
 // A 4-D tensor's element strides; (n, c, h, w).
 struct Strides {
   int64_t n, c, h, w;
-  explicit Strides(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+  explicit Strides(const at::Tensor& t)
+      : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
 };
+
+// Mixed kernels (or per-example kernel gradients) are materialised for a chunk of examples at a
+// time: as many as there are threads, or more while they fit this budget. Memory stays
+// O(E |W| + threads |W|) and the mix is one GEMM per chunk: routing[chunk] (n x E) @ W (E x |W|).
+constexpr int64_t kChunkBytes = 16 * 1024 * 1024;
+
+inline int64_t batch_chunk(const Geometry& g, int64_t elem_size) {
+  const int64_t fit = kChunkBytes / std::max<int64_t>(1, g.kernel_numel() * elem_size);
+  const int64_t n = std::max<int64_t>(at::get_num_threads(), fit);
+  return std::max<int64_t>(1, std::min(g.batch, n));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Output positions o in [lo, hi) with 0 <= o * stride + offset < size.
 inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out_size,
@@ -24,10 +42,25 @@ inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t ou
   lo = std::min(lo, hi);
 }
 
-// out[i] = sum_e r[e] * w[e * n + i]: one example's mixed kernel, blocked so that the block of
-// out being accumulated stays in L1 while the E expert rows stream past.
+// Calls fn(i, j, off_h, off_w, lo, hi) for every kernel tap (i, j): the input offsets of the
+// tap relative to output (0, 0) and the range [lo, hi) of output columns that read inside x.
+template <typename Fn>
+inline void for_each_tap(const Geometry& g, Fn&& fn) {
+  for (int64_t i = 0; i < g.kernel_h; ++i) {
+    const int64_t off_h = i * g.dilation_h - g.pad_top;
+    for (int64_t j = 0; j < g.kernel_w; ++j) {
+      const int64_t off_w = j * g.dilation_w - g.pad_left;
+      int64_t lo, hi;
+      valid_range(off_w, g.stride_w, g.width, g.out_w, lo, hi);
+      fn(i, j, off_h, off_w, lo, hi);
+    }
+  }
+}
+
+// out[i] = sum_e r[e] * w[e * expert_stride + i] for i < n: a few mixed depthwise taps.
 template <typename acc_t>
-void mix_experts(const acc_t* w, const acc_t* r, int64_t experts, int64_t n, acc_t* out) {
+void mix_experts(const acc_t* w, int64_t expert_stride, const acc_t* r, int64_t experts,
+                 int64_t n, acc_t* out) {
   constexpr int64_t kBlock = 1024;
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t i1 = std::min(n, i0 + kBlock);
@@ -35,70 +68,77 @@ void mix_experts(const acc_t* w, const acc_t* r, int64_t experts, int64_t n, acc
     for (int64_t i = i0; i < i1; ++i) out[i] = r0 * w[i];
     for (int64_t e = 1; e < experts; ++e) {
       const acc_t re = r[e];
-      const acc_t* we = w + e * n;
+      const acc_t* we = w + e * expert_stride;
       for (int64_t i = i0; i < i1; ++i) out[i] += re * we[i];
     }
   }
 }
 
-// col[k, l] for one group of one example, k = (c, i, j) over (Cin/g, kh, kw) and
-// l = (oh, ow): the input patch values (zero in the padding). x points at channel 0 of the group.
+// col[k, l] for `channels` input channels of one example, k = (c, i, j) over (channels, kh, kw)
+// and l = (oh, ow): the input patch values (zero in the padding). x points at the first channel.
 template <typename scalar_t, typename acc_t>
-void im2col(const scalar_t* x, const Strides& s, const Geometry& g, acc_t* col) {
+void im2col(const scalar_t* x, const Strides& s, const Geometry& g, int64_t channels, acc_t* col) {
   const int64_t L = g.out_pixels();
-  for (int64_t c = 0; c < g.in_per_group(); ++c) {
-    for (int64_t i = 0; i < g.kernel_h; ++i) {
-      const int64_t off_h = i * g.dilation_h - g.pad_top;
-      for (int64_t j = 0; j < g.kernel_w; ++j) {
-        const int64_t off_w = j * g.dilation_w - g.pad_left;
-        int64_t lo, hi;
-        valid_range(off_w, g.stride_w, g.width, g.out_w, lo, hi);
-        acc_t* row = col + ((c * g.kernel_h + i) * g.kernel_w + j) * L;
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          acc_t* r = row + oh * g.out_w;
-          const int64_t ih = oh * g.stride_h + off_h;
-          if (ih < 0 || ih >= g.height) {
-            std::fill(r, r + g.out_w, acc_t(0));
-            continue;
-          }
-          std::fill(r, r + lo, acc_t(0));
-          std::fill(r + hi, r + g.out_w, acc_t(0));
-          const scalar_t* xr = x + c * s.c + ih * s.h + off_w * s.w;
-          const int64_t step = g.stride_w * s.w;
-          for (int64_t ow = lo; ow < hi; ++ow) r[ow] = static_cast<acc_t>(xr[ow * step]);
+  const int64_t step = g.stride_w * s.w;
+  for (int64_t c = 0; c < channels; ++c) {
+    for_each_tap(g, [&](int64_t i, int64_t j, int64_t off_h, int64_t off_w, int64_t lo,
+                        int64_t hi) {
+      acc_t* row = col + ((c * g.kernel_h + i) * g.kernel_w + j) * L;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        acc_t* r = row + oh * g.out_w;
+        const int64_t ih = oh * g.stride_h + off_h;
+        if (ih < 0 || ih >= g.height) {
+          std::fill(r, r + g.out_w, acc_t(0));
+          continue;
         }
+        std::fill(r, r + lo, acc_t(0));
+        std::fill(r + hi, r + g.out_w, acc_t(0));
+        const scalar_t* xr = x + c * s.c + ih * s.h + off_w * s.w;
+        for (int64_t ow = lo; ow < hi; ++ow) r[ow] = static_cast<acc_t>(xr[ow * step]);
       }
-    }
+    });
   }
 }
 
-// The adjoint of im2col: adds col[k, l] into the input-shaped buffer dx (contiguous
-// (Cin/g, H, W) for this group).
+// The adjoint of im2col: adds col[k, l] into dx, a contiguous (channels, H, W) buffer.
 template <typename acc_t>
-void col2im_add(const acc_t* col, const Geometry& g, acc_t* dx) {
+void col2im_add(const acc_t* col, const Geometry& g, int64_t channels, acc_t* dx) {
   const int64_t L = g.out_pixels();
   const int64_t plane = g.height * g.width;
-  for (int64_t c = 0; c < g.in_per_group(); ++c) {
-    for (int64_t i = 0; i < g.kernel_h; ++i) {
-      const int64_t off_h = i * g.dilation_h - g.pad_top;
-      for (int64_t j = 0; j < g.kernel_w; ++j) {
-        const int64_t off_w = j * g.dilation_w - g.pad_left;
-        int64_t lo, hi;
-        valid_range(off_w, g.stride_w, g.width, g.out_w, lo, hi);
-        const acc_t* row = col + ((c * g.kernel_h + i) * g.kernel_w + j) * L;
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const int64_t ih = oh * g.stride_h + off_h;
-          if (ih < 0 || ih >= g.height) continue;
-          const acc_t* r = row + oh * g.out_w;
-          acc_t* d = dx + c * plane + ih * g.width + off_w;
-          for (int64_t ow = lo; ow < hi; ++ow) d[ow * g.stride_w] += r[ow];
-        }
+  for (int64_t c = 0; c < channels; ++c) {
+    for_each_tap(g, [&](int64_t i, int64_t j, int64_t off_h, int64_t off_w, int64_t lo,
+                        int64_t hi) {
+      const acc_t* row = col + ((c * g.kernel_h + i) * g.kernel_w + j) * L;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        const int64_t ih = oh * g.stride_h + off_h;
+        if (ih < 0 || ih >= g.height) continue;
+        const acc_t* r = row + oh * g.out_w;
+        acc_t* d = dx + c * plane + ih * g.width + off_w;
+        for (int64_t ow = lo; ow < hi; ++ow) d[ow * g.stride_w] += r[ow];
       }
-    }
+    });
   }
 }
 
-// dst[c, p] (strided, p = (h, w) over a rows x (h_size x w_size) block) = src[c, p] + add[c].
+// The padded input plane of one channel, (Hp, Wp) = (H + pad_top + pad_bottom, W + pad_left +
+// pad_right), contiguous, zero in the padding: the depthwise kernels then index without bounds
+// checks.
+template <typename scalar_t, typename acc_t>
+void padded_plane(const scalar_t* x, int64_t sh, int64_t sw, const Geometry& g, acc_t* plane) {
+  const int64_t wp = g.width + g.pad_left + g.pad_right;
+  const int64_t hp = g.height + g.pad_top + g.pad_bottom;
+  std::fill(plane, plane + g.pad_top * wp, acc_t(0));
+  for (int64_t h = 0; h < g.height; ++h) {
+    acc_t* row = plane + (h + g.pad_top) * wp;
+    std::fill(row, row + g.pad_left, acc_t(0));
+    const scalar_t* xr = x + h * sh;
+    for (int64_t w = 0; w < g.width; ++w) row[g.pad_left + w] = static_cast<acc_t>(xr[w * sw]);
+    std::fill(row + g.pad_left + g.width, row + wp, acc_t(0));
+  }
+  std::fill(plane + (g.pad_top + g.height) * wp, plane + hp * wp, acc_t(0));
+}
+
+// dst[c, h, w] (strided) = src[c, h, w] (contiguous) + add[c] (add may be null).
 template <typename scalar_t, typename acc_t>
 void store_plane(const acc_t* src, const acc_t* add, int64_t channels, int64_t h_size,
                  int64_t w_size, scalar_t* dst, int64_t sc, int64_t sh, int64_t sw) {
@@ -112,11 +152,29 @@ void store_plane(const acc_t* src, const acc_t* add, int64_t channels, int64_t h
   }
 }
 
-// A (rows x cols) matrix view of one example's group, in the accumulation dtype: a view when
-// the dtype already matches and the strides allow it, a converted copy otherwise.
-inline at::Tensor as_matrix(const at::Tensor& block, int64_t rows, int64_t cols,
-                            at::ScalarType acc) {
-  return block.reshape({rows, cols}).to(acc);
+// Values of one call in the accumulation dtype, shared by the forward and backward kernels.
+template <typename scalar_t>
+struct Operands {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  at::TensorOptions acc_opts;
+  at::Tensor routing;  // (B, E), contiguous, accumulation dtype
+  at::Tensor weight;   // (E, |W|), contiguous, accumulation dtype
+
+  Operands(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const Geometry& g)
+      : acc_opts(x.options().dtype(acc_type)),
+        routing(r.to(acc_type).contiguous()),
+        weight(w.to(acc_type).contiguous().view({g.experts, g.kernel_numel()})) {}
+};
+
+// A 1x1, stride-1, unpadded convolution whose (h, w) plane is one run of equal strides
+// (contiguous or channels_last) reads x as the GEMM operand directly, without im2col.
+template <typename scalar_t>
+bool reads_x_directly(const Geometry& g, const Strides& xs) {
+  return std::is_same<scalar_t, at::opmath_type<scalar_t>>::value && g.kernel_h == 1 &&
+         g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
+         g.pad_bottom == 0 && g.pad_left == 0 && g.pad_right == 0 &&
+         (g.height == 1 || xs.h == g.width * xs.w);
 }
 
 }  // namespace cpu
