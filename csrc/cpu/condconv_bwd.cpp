@@ -43,9 +43,11 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
   const Strides dxs = grad_x ? Strides(*grad_x) : xs;
   const bool direct = reads_x_directly<scalar_t>(g, xs);
   const int64_t chunk = batch_chunk(g, sizeof(acc_t));
-  at::Tensor wmix = grad_x ? at::empty({chunk, g.out_channels, K}, ops.acc_opts) : at::Tensor();
-  at::Tensor G = need_kernel_grad ? at::empty({chunk, g.out_channels, K}, ops.acc_opts)
-                                  : at::Tensor();
+  at::Tensor wmix = grad_x ? workspace(Slot::kMixed, {chunk, g.out_channels, K}, ops.acc_opts)
+                           : at::Tensor();
+  at::Tensor G = need_kernel_grad
+                     ? workspace(Slot::kKernelGrad, {chunk, g.out_channels, K}, ops.acc_opts)
+                     : at::Tensor();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   scalar_t* dx_ptr = grad_x ? grad_x->mutable_data_ptr<scalar_t>() : nullptr;
 
@@ -217,8 +219,13 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   if (bias.has_value() && (need_dr || need_db)) gsum = grad_out.sum({2, 3}, false, acc_type);
   if (need_db) grad_bias.copy_(at::mm(ops.routing.t(), gsum));
 
-  at::Tensor gw = need_dw ? at::zeros({g.experts, g.kernel_numel()}, ops.acc_opts)
-                          : at::Tensor();
+  // Accumulate straight into grad_weight when it has the accumulation dtype.
+  const bool gw_in_place = need_dw && grad_weight.scalar_type() == acc_type;
+  at::Tensor gw;
+  if (need_dw) {
+    gw = gw_in_place ? grad_weight.view({g.experts, g.kernel_numel()}).zero_()
+                     : at::zeros({g.experts, g.kernel_numel()}, ops.acc_opts);
+  }
   at::Tensor gr;
   if (g.depthwise()) {
     // Each input channel's task writes its own (B, E) partial of grad_routing.
@@ -242,7 +249,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     dense_backward<scalar_t>(grad_out, x, ops, g, need_dx ? &grad_x : nullptr,
                              need_dr ? &gr : nullptr, need_dw ? &gw : nullptr);
   }
-  if (need_dw) grad_weight.copy_(gw.view(weight.sizes()));
+  if (need_dw && !gw_in_place) grad_weight.copy_(gw.view(weight.sizes()));
   if (need_dr) {
     if (bias.has_value()) gr.add_(at::mm(gsum, bias->to(acc_type).t()));
     grad_routing.copy_(gr);

@@ -29,7 +29,7 @@ void dense_forward(const at::Tensor& x, const Operands<scalar_t>& ops, const at:
   const bool write_out = std::is_same<scalar_t, acc_t>::value &&
                          (g.out_h == 1 || os.h == g.out_w * os.w) && (os.w == 1 || os.c == 1);
   const int64_t chunk = batch_chunk(g, sizeof(acc_t));
-  at::Tensor wmix = at::empty({chunk, g.out_channels, K}, ops.acc_opts);
+  at::Tensor wmix = workspace(Slot::kMixed, {chunk, g.out_channels, K}, ops.acc_opts);
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
   const acc_t* bm_ptr = bias_mix.defined() ? bias_mix.const_data_ptr<acc_t>() : nullptr;

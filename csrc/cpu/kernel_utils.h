@@ -7,8 +7,10 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
+#include <array>
 
 namespace condconv {
 namespace cpu {
@@ -32,6 +34,21 @@ inline int64_t batch_chunk(const Geometry& g, int64_t elem_size) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The chunk buffers are kept by the calling thread between calls (bounded by kChunkBytes, or
+// threads x |W| for larger kernels): freshly allocated, a buffer of that size would be mapped
+// and page-faulted in on every call.
+enum class Slot { kMixed = 0, kKernelGrad = 1 };
+
+inline at::Tensor workspace(Slot slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  static thread_local std::array<at::Tensor, 2> buffers;
+  at::Tensor& buf = buffers[static_cast<int>(slot)];
+  const int64_t n = c10::multiply_integers(sizes);
+  if (!buf.defined() || buf.numel() < n || buf.scalar_type() != opts.dtype().toScalarType()) {
+    buf = at::empty({n}, opts);
+  }
+  return buf.narrow(0, 0, n).view(sizes);
+}
 
 // Output positions o in [lo, hi) with 0 <= o * stride + offset < size.
 inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out_size,
