@@ -1,6 +1,8 @@
 # The README's two commands. Each sets everything up on a fresh machine first:
 #   make test      build, then the Python tests (pytest) and the C++ test (ctest)
-#   make profile   build, then the per-layer latency table (the main job)
+#   make profile   build, then condconv-profile on tf_efficientnet_cc_b0_8e (the main job):
+#                  parameters, multiply-adds, whole-model and per-layer latency, fused vs
+#                  unfused vs static; tables printed, files and plots in profile-results/
 #
 # Where python3 already imports torch (a machine with torch preinstalled, possibly offline),
 # that interpreter is used as it is and nothing is downloaded. Otherwise a virtual environment
@@ -19,7 +21,7 @@ endif
 BUILD := build
 STAMP := $(BUILD)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
-PROFILE_ARGS ?= --batch 8
+PROFILE_ARGS ?= --model tf_efficientnet_cc_b0_8e --layers --out profile-results
 
 .PHONY: setup test test-python test-cpp profile clean
 
@@ -48,7 +50,7 @@ test-cpp: $(STAMP)
 	ctest --test-dir $(BUILD)/cmake --output-on-failure
 
 profile: $(STAMP)
-	$(PYTHON) bench/bench_layers.py $(PROFILE_ARGS)
+	$(PYTHON) -m condconv_kernels.profile.cli $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(BUILD) condconv_kernels/_C*.so *.egg-info

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -154,15 +155,17 @@ class EfficientNet(nn.Module):
 
 def create_model(name: str, pretrained_path: Optional[str] = None, num_classes: int = 1000,
                  drop_rate: Optional[float] = None, drop_path_rate: float = 0.0,
-                 backend: str = "auto", **kwargs) -> EfficientNet:
+                 backend: str = "auto", condconv: bool = True, **kwargs) -> EfficientNet:
     """A model by name (``list_models()``), optionally loading a checkpoint (a timm ``.pth`` or
     ``.safetensors`` state dict loads unchanged). ``model.pretrained_cfg`` holds its input size,
-    crop fraction, interpolation and mean/std."""
+    crop fraction, interpolation and mean/std. ``condconv=False`` builds the same architecture
+    with static convolutions in place of the CondConv layers (the baseline of a CondConv model)."""
     if name not in MODELS:
         raise ValueError(f"create_model: unknown model name {name!r}; known models: "
                          f"{', '.join(list_models())}")
     spec = MODELS[name]
-    model = EfficientNet(spec.stages, spec.width, spec.depth, num_classes,
+    stages = spec.stages if condconv else tuple(re.sub(r"_cc\d+", "", s) for s in spec.stages)
+    model = EfficientNet(stages, spec.width, spec.depth, num_classes,
                          drop_rate=spec.drop_rate if drop_rate is None else drop_rate,
                          drop_path_rate=drop_path_rate, tf_same=spec.tf,
                          bn_eps=1e-3 if spec.tf else 1e-5,

@@ -1,0 +1,51 @@
+"""Whole-model latency: an EfficientNet-CondConv on each fused backend against the same model on
+the reference backend (unfused baseline) and the same architecture without experts (static).
+
+    python bench/bench_model.py [--model tf_efficientnet_cc_b0_8e] [--batch 1,8] [--device cpu]
+                                [--dtype float32] [--backward] [--out bench/results/NAME.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from condconv_kernels.profile import machine_info, time_callable
+from condconv_kernels.profile.latency import model_variants
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tf_efficientnet_cc_b0_8e")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--backward", action="store_true", help="time a training step's fwd + bwd")
+    p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    mode = "forward+backward" if args.backward else "forward"
+    lines = [f"{args.model}, {args.dtype}, {mode}, median ms", "",
+             "| batch | variant | ms | / unfused | / static |", "|---|---|---|---|---|"]
+    for batch in [int(b) for b in args.batch.split(",")]:
+        fns = model_variants(args.model, batch, args.device, getattr(torch, args.dtype),
+                             args.backward)
+        t = {name: time_callable(fn, args.device, args.min_run_time).median_ms
+             for name, fn in fns.items()}
+        for name, ms in t.items():
+            lines.append(f"| {batch} | {name} | {ms:.2f} | {ms / t['unfused']:.2f} | "
+                         f"{ms / t['static']:.2f} |")
+    lines += ["", "machine: " + ", ".join(f"{k} {v}" for k, v in machine_info().items())]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(f"Command: `python bench/bench_model.py {' '.join(argv or sys.argv[1:])}`"
+                    f"\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Latency of CondConv, fused against the unfused baseline and the static convolution, per layer
+(at each CondConv layer's real shape) and for whole models.
+
+Variants, measured in one run so that their ratios are meaningful:
+
+- ``fused:<backend>``: the condconv op on that backend (every available one but reference);
+- ``unfused``: the reference backend, timm's grouped-convolution form;
+- ``static``: the same shape as one plain ``F.conv2d`` (per layer), or the same model built
+  without experts (whole model).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import backends
+from ..nn import CondConv2d
+from .layers import LayerShape
+from .timing import Measurement, time_callable
+
+__all__ = ["VariantResult", "model_layer_shapes", "layer_variants", "model_variants",
+           "measure", "fused_backends"]
+
+
+@dataclasses.dataclass
+class VariantResult:
+    variant: str
+    time: Measurement
+    peak_memory_mb: Optional[float]   # CUDA only (None on CPU)
+    cuda_graph_ms: Optional[float] = None
+
+
+def fused_backends(device: str) -> List[str]:
+    return [b for b in backends.available_backends(device) if b != "reference"]
+
+
+def model_layer_shapes(model: nn.Module, input_size) -> List[LayerShape]:
+    """The CondConv layers of a model at the shapes a batch-1 forward pass gives them."""
+    size = (input_size,) * 2 if isinstance(input_size, int) else tuple(input_size)[-2:]
+    shapes: List[LayerShape] = []
+    hooks = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            x = inputs[0]
+            pad = module.padding
+            if pad == "same":
+                from .._args import same_padding
+                pad4 = (same_padding(x.shape[-2], module.kernel_size[0], module.stride[0],
+                                     module.dilation[0]) +
+                        same_padding(x.shape[-1], module.kernel_size[1], module.stride[1],
+                                     module.dilation[1]))
+            else:
+                p = (pad, pad) if isinstance(pad, int) else tuple(pad)
+                pad4 = (p[0], p[0], p[1], p[1])
+            shapes.append(LayerShape(name, module.in_channels, module.out_channels, x.shape[-2],
+                                     x.shape[-1], module.kernel_size[0], module.stride[0],
+                                     module.groups, module.num_experts, pad4))
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, CondConv2d):
+            hooks.append(m.register_forward_hook(hook(name)))
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, 3) + size, dtype=param.dtype, device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _step(fn: Callable[[], torch.Tensor], backward: bool) -> Callable[[], None]:
+    def run():
+        out = fn()
+        if backward:
+            out.float().sum().backward()
+    return run
+
+
+def layer_variants(layer: LayerShape, batch: int, device: str, dtype: torch.dtype,
+                   backward: bool, channels_last: bool = False) -> Dict[str, Callable[[], None]]:
+    """variant name -> callable running one forward (and backward) of the layer."""
+    from .. import condconv2d
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, layer.cin, layer.height, layer.width, generator=g)
+    routing = torch.rand(batch, layer.experts, generator=g)
+    weight = torch.randn(layer.experts, layer.cout, layer.cin // layer.groups, layer.kernel,
+                         layer.kernel, generator=g) * 0.05
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x, weight = (t.to(device, dtype).requires_grad_(backward) for t in (x, weight))
+    routing = routing.to(device, torch.float32 if dtype != torch.float64 else dtype)
+    routing.requires_grad_(backward)
+    static_w = weight[0].detach().clone().requires_grad_(backward)
+    pad = layer.padding
+
+    def static():
+        xp = F.pad(x, (pad[2], pad[3], pad[0], pad[1])) if any(pad) else x
+        return F.conv2d(xp, static_w, None, layer.stride, 0, 1, layer.groups)
+
+    def op(name):
+        return lambda: condconv2d(x, routing, weight, None, layer.stride, pad, 1, layer.groups,
+                                  backend=name)
+    variants = {"static": _step(static, backward), "unfused": _step(op("reference"), backward)}
+    for name in fused_backends(device):
+        variants[f"fused:{name}"] = _step(op(name), backward)
+    return variants
+
+
+def _set_backend(model: nn.Module, name: str) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, CondConv2d):
+            m.backend = name
+    return model
+
+
+def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backward: bool,
+                   input_size: Optional[int] = None) -> Dict[str, Callable[[], None]]:
+    """variant name -> callable running the whole model (training mode with backward, else
+    eval); ``static`` is the same architecture without experts."""
+    from ..models import create_model
+    fused = create_model(name).to(device, dtype)
+    static = create_model(name, condconv=False).to(device, dtype)
+    size = input_size or fused.pretrained_cfg["input_size"][-1]
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    variants = {}
+    for model, label, backend in ([(static, "static", None), (fused, "unfused", "reference")] +
+                                  [(fused, f"fused:{b}", b) for b in fused_backends(device)]):
+        if backend is not None:
+            _set_backend(model, backend)
+        model.train(backward)
+
+        def fn(model=model, backend=backend):
+            if backend is not None:
+                _set_backend(model, backend)
+            if backward:
+                model.zero_grad(set_to_none=True)
+                return model(x)
+            with torch.no_grad():
+                return model(x)
+        variants[label] = _step(fn, backward)
+    return variants
+
+
+def measure(fn: Callable[[], None], device: str, min_run_time: float,
+            cuda_graph: bool = False) -> VariantResult:
+    """Times fn (median, quantiles); on CUDA also its peak memory and, with ``cuda_graph``,
+    the replay time of fn captured in a CUDA graph."""
+    peak = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    m = time_callable(fn, device, min_run_time)
+    graph_ms = None
+    if device == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        if cuda_graph:
+            graph_ms = _cuda_graph_ms(fn, min_run_time)
+    return VariantResult("", m, peak, graph_ms)
+
+
+def _cuda_graph_ms(fn: Callable[[], None], min_run_time: float) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_callable(graph.replay, "cuda", min_run_time).median_ms
