@@ -11,7 +11,9 @@ from condconv_kernels.models import (BlockArgs, EfficientNet, create_model, deco
                                      encode_block_string, list_models, load_checkpoint)
 from condconv_kernels.models import scaling
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "timm")
+# The timm reference fixture lives beside the checkout (../shared); CONDCONV_FIXTURES overrides.
+FIXTURE = os.environ.get("CONDCONV_FIXTURES", os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "fixtures", "timm"))
 NAME = "tf_efficientnet_cc_b0_4e"
 
 # timm's parameter counts.
