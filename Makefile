@@ -34,7 +34,7 @@ $(STAMP): $(SOURCES) | $(if $(filter yes,$(SYSTEM_TORCH)),,.venv/bin/python)
 	@mkdir -p $(BUILD)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -c "import setuptools, wheel" 2>/dev/null || $(PYTHON) -m pip install setuptools wheel
-	$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install pytest
+	$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PYTHON) -m pip install pytest hypothesis
 	$(PIP_INSTALL) -e . || $(PYTHON) setup.py build_ext --inplace
 	@touch $@
 

@@ -18,6 +18,7 @@ from .blocks import (BatchNormAct2d, BlockArgs, Conv2dPadded, build_blocks,
                      decode_block_string, round_channels)
 
 __all__ = ["EfficientNet", "ModelSpec", "create_model", "list_models", "load_checkpoint",
+           "save_checkpoint",
            "B0_STAGES", "B0_CONDCONV_STAGES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -232,3 +233,28 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
             for k, v in state.items() if k in own}
     model.load_state_dict(cast, strict=strict)
     return model
+
+
+def save_checkpoint(model: nn.Module, path: str) -> str:
+    """Writes ``model.state_dict()`` to ``path`` atomically: into a temporary file in the same
+    folder, then renamed over ``path``, so an interrupted save never leaves a truncated file.
+    ``.safetensors`` paths are written with safetensors, others with ``torch.save``."""
+    import tempfile
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save_file
+            save_file(state, tmp)
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

@@ -1,0 +1,87 @@
+"""Determinism, 64-bit offsets, NaN routing, atomic checkpoints."""
+import os
+
+import pytest
+import torch
+
+import condconv_kernels as cc
+from condconv_kernels.models import create_model, load_checkpoint, save_checkpoint
+from conftest import CASES_BY_NAME, assert_close, ground_truth, make_inputs, run_op
+
+
+@pytest.mark.parametrize("case", ["k3_s2_asym", "dw5_s2_same_e8", "g2_s2_e8_b1", "k1_s2_e8"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_is_bitwise_deterministic(case, deterministic, backend):
+    c = CASES_BY_NAME[case]
+    c = type(c)(**{**c.__dict__, "B": 9})  # more examples than threads: chunks and partials
+    inputs = make_inputs(c, torch.float32, seed=3)
+    grad_out = torch.randn(run_op(c, inputs, backend)[0].shape)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        runs = [run_op(c, inputs, backend, grad_out) for _ in range(10)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    out0, grads0 = runs[0]
+    for out, grads in runs[1:]:
+        assert torch.equal(out, out0)
+        for g, g0 in zip(grads, grads0):
+            assert torch.equal(g, g0)
+
+
+@pytest.mark.parametrize("case", ["k3_s2_asym", "dw3", "k1"])
+def test_strides_beyond_32_bits(case, backend):
+    """x is a view whose batch stride is 2**31 elements: every offset past example 0 needs 64-bit
+    arithmetic. The storage is virtual memory: only the touched pages are ever backed."""
+    c = CASES_BY_NAME[case]
+    c = type(c)(**{**c.__dict__, "B": 2})  # 2**31 + a few elements of address space
+    x, routing, weight, bias = make_inputs(c, torch.float32, seed=4)
+    B, C, H, W = x.shape
+    big = torch.empty(2 ** 31 * (B - 1) + C * H * W, dtype=torch.float32)
+    view = big.as_strided(x.shape, (2 ** 31, H * W, W, 1))
+    view.copy_(x)
+    truth, _ = ground_truth(c, (x, routing, weight, bias))
+    grad_out = torch.randn(truth.shape, dtype=torch.float32)
+    out, grads = run_op(c, (view, routing, weight, bias), backend, grad_out)
+    ref_out, ref_grads = run_op(c, (x.contiguous(), routing, weight, bias), backend, grad_out)
+    assert torch.equal(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+    assert_close(out, truth, None, "out", atol=1e-4)
+    del big, view
+
+
+def test_nan_routing_stays_in_its_example(backend):
+    """Documented behaviour: NaN/Inf routing weights are not checked (that would synchronise the
+    GPU); they propagate to that example's output only."""
+    c = CASES_BY_NAME["k3"]
+    x, routing, weight, bias = make_inputs(c, torch.float32, seed=5)
+    routing = routing.clone()
+    routing[1, 0] = float("nan")
+    out = cc.condconv2d(x, routing, weight, bias, padding=1, backend=backend)
+    assert torch.isnan(out[1]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    model = create_model("tf_efficientnet_b0", num_classes=10)
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint(model, str(path))
+    original = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, str(path))
+    assert path.read_bytes() == original  # the old checkpoint survives
+    assert os.listdir(tmp_path) == ["ckpt.pth"]  # no temporary file left behind
+    monkeypatch.undo()
+    other = create_model("tf_efficientnet_b0", num_classes=10)
+    load_checkpoint(other, str(path))
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+    st = save_checkpoint(model, str(tmp_path / "ckpt.safetensors"))
+    load_checkpoint(other, st)
