@@ -38,6 +38,12 @@ $(STAMP): $(SOURCES) | $(if $(filter yes,$(SYSTEM_TORCH)),,.venv/bin/python)
 	$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install pytest
 	$(PYTHON) -c "import hypothesis" 2>/dev/null || $(PYTHON) -m pip install hypothesis \
 		|| echo "hypothesis could not be installed: the property-based tests will be skipped"
+	$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install triton==3.6.0 \
+		|| echo "triton could not be installed: the triton backend will not be tested"
+	@# Triton 3.6's interpreter (the triton backend on CPU tensors, for tests) needs numpy < 2.3.
+	$(PYTHON) -c "import numpy as n, sys; sys.exit(tuple(map(int, n.__version__.split('.')[:2])) >= (2, 3))" \
+		2>/dev/null || $(PYTHON) -m pip install "numpy<2.3" \
+		|| echo "numpy<2.3 could not be installed: Triton's interpreter may fail"
 	$(PIP_INSTALL) -e . || $(PYTHON) setup.py build_ext --inplace
 	@touch $@
 

@@ -2,7 +2,7 @@
 
 | backend     | runs on                                    | implementation                       |
 |-------------|--------------------------------------------|--------------------------------------|
-| ``triton``  | CUDA (CPU under ``TRITON_INTERPRET=1``)    | fused Triton kernels (not built yet) |
+| ``triton``  | CUDA (CPU under ``TRITON_INTERPRET=1``)    | fused Triton kernels (``triton/``)   |
 | ``cuda``    | CUDA                                       | C++/CUDA kernels in ``csrc/cuda/``   |
 | ``cpu``     | CPU                                        | C++ kernels in ``csrc/cpu/``         |
 | ``reference`` | anywhere                                 | plain PyTorch (:mod:`.reference`)    |
@@ -13,6 +13,7 @@ backend that cannot run raises with the reason and how to get it.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import List, Optional, Tuple
 
@@ -36,6 +37,9 @@ _NATIVE_KERNELS = {
         "condconv::native_forward", key)
     for key in ("CPU", "CUDA")
 }
+
+
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
 def _has_native_kernel(dispatch_key: str) -> bool:
@@ -65,7 +69,15 @@ def why_unavailable(name: str, device_type: str) -> Optional[str]:
                     "CONDCONV_SKIP_CUDA=1")
         return None
     if name == "triton":
-        return "the triton backend is not part of this build yet"
+        if not _TRITON_FOUND:
+            return "triton is not installed (`pip install triton`)"
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return (f"backend 'triton' runs on CUDA tensors (on CPU tensors only under "
+                f"TRITON_INTERPRET=1, the interpreter used for testing), got a {device_type} "
+                "tensor")
     raise ValueError(f"condconv2d: argument 'backend' must be 'auto' or one of {NAMES}, "
                      f"got {name!r}")
 

@@ -40,8 +40,20 @@ def _native_backward(grad_out, x, routing, weight, bias, stride, padding, dilati
     return tuple(g if m else None for g, m in zip(grads, output_mask))
 
 
-_FORWARD = {"reference": reference.forward, "cpu": _native_forward, "cuda": _native_forward}
-_BACKWARD = {"reference": reference.backward, "cpu": _native_backward, "cuda": _native_backward}
+def _triton_forward(*args):
+    from . import triton as triton_backend  # imported on first use: triton is optional
+    return triton_backend.forward(*args)
+
+
+def _triton_backward(*args):
+    from . import triton as triton_backend
+    return triton_backend.backward(*args)
+
+
+_FORWARD = {"reference": reference.forward, "cpu": _native_forward, "cuda": _native_forward,
+            "triton": _triton_forward}
+_BACKWARD = {"reference": reference.backward, "cpu": _native_backward, "cuda": _native_backward,
+             "triton": _triton_backward}
 
 
 def _empty_output(x, weight, stride, padding, dilation):

@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import pytest
 import torch
 
+# Without a GPU the triton backend runs in Triton's interpreter (set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import condconv_kernels as cc
 from condconv_kernels import _args, reference
 
-CPU_BACKENDS = cc.available_backends("cpu")
+# Backends run by the generic CPU tests: the compiled ones. A backend that runs in Triton's
+# interpreter (triton on CPU tensors) is ~1000x slower and has its curated test_triton.py.
+INTERPRETED = {"triton"} if os.environ.get("TRITON_INTERPRET") == "1" else set()
+CPU_BACKENDS = [b for b in cc.available_backends("cpu") if b not in INTERPRETED]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,3 +169,19 @@ def assert_close(ours: torch.Tensor, truth: torch.Tensor, same_precision: Option
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     return request.param
+
+
+def matrix(cases, layouts=("contiguous",), backends=None):
+    """(backend, case, layout) parameters: the full product for compiled backends; for a
+    backend running in an interpreter each case once, the layouts taken in turn."""
+    out = []
+    for b in backends or CPU_BACKENDS:
+        for i, case in enumerate(cases):
+            chosen = [layouts[i % len(layouts)]] if b in INTERPRETED else layouts
+            out += [pytest.param(b, case, layout, id=f"{b}-{case}-{layout}") for layout in chosen]
+    return out
+
+
+def low_precision_dtypes(backend):
+    """bfloat16 tl.dot is wrong in Triton's interpreter: bfloat16 is tested on the GPU there."""
+    return [torch.float16] if backend in INTERPRETED else [torch.bfloat16, torch.float16]

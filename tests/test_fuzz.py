@@ -1,8 +1,9 @@
 """Property-based tests: random valid configurations, every available CPU backend against the
 float64 ground truth (the per-example loop with PyTorch's autograd), forward and all gradients.
 
-CONDCONV_FUZZ_EXAMPLES sets the number of examples per backend (default 300; `make test` runs
-the default), CONDCONV_FUZZ_SEED the seed (printed, so a failure reproduces with it).
+CONDCONV_FUZZ_EXAMPLES sets the number of examples per compiled backend (default 300; 50 for a
+backend running in Triton's interpreter, CONDCONV_FUZZ_INTERPRETED_EXAMPLES), CONDCONV_FUZZ_SEED
+the seed (printed, so a failure reproduces with it).
 """
 import os
 import random
@@ -14,9 +15,11 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import CPU_BACKENDS, Case, assert_close, ground_truth, make_inputs, run_op  # noqa: E402
+from conftest import (CPU_BACKENDS, INTERPRETED, Case, assert_close, ground_truth,  # noqa: E402
+                      make_inputs, run_op)
 
 EXAMPLES = int(os.environ.get("CONDCONV_FUZZ_EXAMPLES", "300"))
+INTERPRETED_EXAMPLES = int(os.environ.get("CONDCONV_FUZZ_INTERPRETED_EXAMPLES", "50"))
 SEED = int(os.environ.get("CONDCONV_FUZZ_SEED", random.randrange(2 ** 32)))
 print(f"condconv fuzz: seed {SEED} (CONDCONV_FUZZ_SEED={SEED} reproduces), {EXAMPLES} examples")
 
@@ -49,7 +52,8 @@ def cases(draw):
 
 def _fuzz(backend):
     @seed(SEED)
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    @settings(max_examples=INTERPRETED_EXAMPLES if backend in INTERPRETED else EXAMPLES,
+              deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     @given(case=cases(), dtype=st.sampled_from([torch.float64, torch.float32]),
            layout=st.sampled_from(["contiguous", "channels_last", "sliced"]),

@@ -6,8 +6,8 @@ import torch
 
 import condconv_kernels as cc
 from condconv_kernels import _args
-from conftest import (CASES, CASES_BY_NAME, LAYOUTS, assert_close, ground_truth, make_inputs,
-                      poisoned_outputs, run_op)
+from conftest import (CASES, CASES_BY_NAME, CPU_BACKENDS, LAYOUTS, assert_close, ground_truth,
+                      low_precision_dtypes, make_inputs, matrix, poisoned_outputs, run_op)
 
 GRAD_NAMES = ["grad_x", "grad_routing", "grad_weight", "grad_bias"]
 
@@ -36,26 +36,27 @@ def _check(case, backend, dtype, layout, routing_dtype=None, factor=3.0):
         assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend,case,layout", matrix(CASES, LAYOUTS))
 def test_float64(case, layout, backend):
     _check(case, backend, torch.float64, layout)
 
 
-@pytest.mark.parametrize("case", CASES[::2], ids=str)
-def test_float32(case, backend):
-    _check(case, backend, torch.float32, "contiguous")
+@pytest.mark.parametrize("backend,case,layout", matrix(CASES[::2], LAYOUTS[::-1]))
+def test_float32(case, layout, backend):
+    _check(case, backend, torch.float32, layout)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["k3_s2_asym", "g2_k1", "dw5_s2_same_e8", "k1_s2_e8"])
-def test_low_precision(case, dtype, backend):
-    _check(CASES_BY_NAME[case], backend, dtype, "channels_last", factor=4.0)
+@pytest.mark.parametrize("backend,case,layout", matrix(
+    [CASES_BY_NAME[n] for n in ("k3_s2_asym", "g2_k1", "dw3_s2_b1_e1_nobias", "k1_s2_e8")],
+    ("channels_last", "contiguous")))
+def test_low_precision(case, layout, backend):
+    for dtype in low_precision_dtypes(backend):
+        _check(case, backend, dtype, layout, factor=4.0)
 
 
 @pytest.mark.parametrize("case", ["k3", "dw3"])
 def test_low_precision_with_float32_routing(case, backend):
-    _check(CASES_BY_NAME[case], backend, torch.bfloat16, "contiguous",
+    _check(CASES_BY_NAME[case], backend, low_precision_dtypes(backend)[0], "contiguous",
            routing_dtype=torch.float32, factor=4.0)
 
 
@@ -94,10 +95,14 @@ def test_available_backends_and_auto():
     names = cc.available_backends("cpu")
     assert "reference" in names
     assert names == [n for n in ("triton", "cuda", "cpu", "reference") if n in names]
+    # auto on CPU: the C++ kernels, else the reference (never the triton interpreter)
+    from condconv_kernels import backends
+    expected = "cpu" if "cpu" in names else "reference"
+    assert backends.resolve("auto", "cpu") == expected
     case = CASES[0]
     inputs = make_inputs(case, torch.float32)
     out_auto, _ = run_op(case, inputs, "auto")
-    out_named, _ = run_op(case, inputs, names[0])
+    out_named, _ = run_op(case, inputs, expected)
     assert torch.equal(out_auto, out_named)
 
 
@@ -113,10 +118,11 @@ def test_env_backend_override(monkeypatch):
         run_op(case, inputs, "auto")
 
 
-def test_unavailable_backend_raises_with_hint():
+def test_unavailable_backend_raises_with_hint(monkeypatch):
     case = CASES[0]
     inputs = make_inputs(case, torch.float32)
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
         run_op(case, inputs, "cuda")
-    with pytest.raises(RuntimeError, match="triton"):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton on CPU tensors needs the interpreter
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
         run_op(case, inputs, "triton")

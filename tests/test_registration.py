@@ -6,12 +6,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import condconv_kernels as cc
 from condconv_kernels import nn as ccnn
-from conftest import CASES_BY_NAME, assert_close, conv_args, ground_truth, make_inputs
+from conftest import (CASES_BY_NAME, CPU_BACKENDS, INTERPRETED, assert_close, conv_args,
+                      ground_truth, low_precision_dtypes, make_inputs)
 
-GRADCHECK_CASES = ["k3_s2_asym", "g2_s2_e8_b1", "dw5_s2_same_e8", "k1_s2_e8", "k5_d2_s2_asym"]
+GRADCHECK_CASES = ["k3_s2_asym", "dw3_s2_b1_e1_nobias", "g2_s2_e8_b1", "k1_s2_e8",
+                   "k5_d2_s2_asym"]
 
 
-@pytest.mark.parametrize("case", GRADCHECK_CASES)
+# The interpreted backend gets the first two cases (dense and depthwise).
+@pytest.mark.parametrize("backend,case", [
+    pytest.param(b, c, id=f"{b}-{c}") for b in CPU_BACKENDS
+    for c in (GRADCHECK_CASES[:2] if b in INTERPRETED else GRADCHECK_CASES)])
 def test_gradcheck_float64(case, backend):
     c = CASES_BY_NAME[case]
     inputs = [t.requires_grad_(True) for t in make_inputs(c, torch.float64, "sliced", seed=7)
@@ -94,14 +99,16 @@ def test_flop_formula(case, backend):
     assert counter.get_total_flops() == static.get_total_flops() + 2 * mix
 
 
-def test_autocast_cpu_bfloat16(backend):
+def test_autocast_cpu(backend):
+    """x and weights run in the autocast dtype (bfloat16; float16 where the backend is
+    interpreted), routing stays float32."""
+    dtype = low_precision_dtypes(backend)[0]
     case = CASES_BY_NAME["k3_s2_asym"]
     x, routing, weight, bias = make_inputs(case, torch.float32, seed=11)
     truth, _ = ground_truth(case, (x, routing, weight, bias))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = cc.condconv2d(x, routing, weight, bias, case.stride, case.padding,
                             backend=backend)
-    assert out.dtype == torch.bfloat16
-    same, _ = ground_truth(case, [t.to(torch.bfloat16) for t in (x, routing, weight, bias)],
-                           dtype=torch.bfloat16)
-    assert_close(out, truth, same, "autocast bf16", factor=4.0)
+    assert out.dtype == dtype
+    same, _ = ground_truth(case, [t.to(dtype) for t in (x, routing, weight, bias)], dtype=dtype)
+    assert_close(out, truth, same, f"autocast {dtype}", factor=4.0)

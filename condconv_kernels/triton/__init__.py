@@ -1,0 +1,158 @@
+"""The ``triton`` backend: fused expert-mix + convolution kernels, forward and backward.
+
+Host launchers: allocate, pick the kernel (dense implicit GEMM or depthwise direct), launch.
+Inputs are read through their strides (contiguous, channels_last or sliced: no copies of x or
+grad_out); outputs follow x's memory format. float32 ``tl.dot`` uses TF32 on the GPU when
+``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for convolutions), IEEE float32
+otherwise and always under the interpreter; float16/bfloat16 multiply in their precision with
+float32 accumulation; float64 accumulates in float64. The expert mix is always float32 (float64).
+
+On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (for tests).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _args
+from ._config import INTERPRET, bucket, fixed_blocks
+from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
+from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
+
+__all__ = ["forward", "backward"]
+
+_MIN_BLOCK = 16  # the smallest tile of any configuration: bounds the number of partials
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    tf32 = dtype == torch.float32 and not INTERPRET and torch.backends.cudnn.allow_tf32
+    return "tf32" if tf32 else "ieee"
+
+
+def _geometry(stride, padding, dilation):
+    return (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+
+
+def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
+            bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+            dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """(B, Cin, H, W) x (B, E) x (E, Cout, Cin/g, kh, kw) [+ (E, Cout)] -> (B, Cout, Ho, Wo)."""
+    B, cin, H, W = x.shape
+    E, cout, cin_g, kh, kw = weight.shape
+    _, _, ho, wo = _args.out_shape(x.shape, weight.shape, stride, padding, dilation)
+    out = torch.empty((B, cout, ho, wo), dtype=x.dtype, device=x.device,
+                      memory_format=_args.suggest_memory_format(x))
+    w = weight.contiguous()
+    b = bias.contiguous() if bias is not None else w
+    geometry = _geometry(stride, padding, dilation)
+    if cin_g == 1:
+        blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
+        grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_P"]),  # noqa: E731
+                             triton.cdiv(cout, meta["BLOCK_C"]), B)
+        dw_fwd_kernel[grid](
+            x, routing, w, b, out, E, cout, cout // cin, H, W, ho, wo, *x.stride(),
+            *routing.stride(), *out.stride(), *geometry, bucket(ho * wo),
+            KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=_acc(x.dtype), **blocks)
+        return out
+    cout_g = cout // groups
+    blocks = fixed_blocks(("BLOCK_CO", "BLOCK_P", "BLOCK_K"))
+    grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_P"]),  # noqa: E731
+                         triton.cdiv(cout_g, meta["BLOCK_CO"]), B * groups)
+    dense_fwd_kernel[grid](
+        x, routing, w, b, out, E, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
+        *routing.stride(), *out.stride(), *geometry, bucket(cin_g * kh * kw), bucket(ho * wo),
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=_acc(x.dtype),
+        PRECISION=_precision(x.dtype), **blocks)
+    return out
+
+
+def _splits(B: int) -> int:
+    """Batch slices of the kernel-gradient programs (each owns its slice of partial sums)."""
+    return 1 if INTERPRET else max(1, min(B, 8))
+
+
+def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
+             weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+             padding: Sequence[int], dilation: Sequence[int], groups: int,
+             output_mask: Sequence[bool]) -> Tuple[Optional[torch.Tensor], ...]:
+    """(grad_x, grad_routing, grad_weight, grad_bias), None where output_mask is False."""
+    need_x, need_r, need_w, need_b = output_mask
+    B, cin, H, W = x.shape
+    E, cout, cin_g, kh, kw = weight.shape
+    ho, wo = grad_out.shape[-2:]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = weight.contiguous()
+    geometry = _geometry(stride, padding, dilation)
+    depthwise = cin_g == 1
+    grad_x = grad_routing = grad_weight = grad_bias = None
+
+    if need_x:
+        grad_x = torch.empty_like(x, memory_format=_args.suggest_memory_format(x))
+        if depthwise:
+            blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
+            grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]),  # noqa: E731
+                                 triton.cdiv(cin, meta["BLOCK_C"]), B)
+            dw_bwd_x_kernel[grid](
+                grad_out, routing, w, grad_x, E, cin, cout // cin, H, W, ho, wo,
+                *grad_out.stride(), *routing.stride(), *grad_x.stride(), *geometry,
+                bucket(H * W), KH=kh, KW=kw, ACC=_acc(x.dtype), **blocks)
+        else:
+            cout_g = cout // groups
+            blocks = fixed_blocks(("BLOCK_CI", "BLOCK_Q", "BLOCK_K"))
+            grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_Q"]),  # noqa: E731
+                                 triton.cdiv(cin_g, meta["BLOCK_CI"]), B * groups)
+            dense_bwd_x_kernel[grid](
+                grad_out, routing, w, grad_x, E, cin_g, cout_g, groups, H, W, ho, wo,
+                *grad_out.stride(), *routing.stride(), *grad_x.stride(), *geometry,
+                bucket(cout_g * kh * kw), bucket(H * W), KH=kh, KW=kw, ACC=_acc(x.dtype),
+                PRECISION=_precision(x.dtype), **blocks)
+
+    if need_r or need_w:
+        S = _splits(B)
+        per_split = triton.cdiv(B, S)
+        N = w[0].numel()
+        gw = torch.zeros((S, E, N), dtype=acc, device=x.device) if need_w else w
+        if depthwise:
+            tiles = triton.cdiv(cout, _MIN_BLOCK)
+            part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)
+            blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
+            grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_C"]), S)  # noqa: E731
+            dw_bwd_w_kernel[grid](
+                x, grad_out, routing, w, gw, part, B, E, cout, cout // cin, H, W, ho, wo,
+                per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,
+                bucket(ho * wo), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
+                ACC=_acc(x.dtype), **blocks)
+        else:
+            cout_g, K = cout // groups, cin_g * kh * kw
+            tiles = groups * triton.cdiv(cout_g, _MIN_BLOCK) * triton.cdiv(K, _MIN_BLOCK)
+            part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)
+            blocks = fixed_blocks(("BLOCK_CO", "BLOCK_K", "BLOCK_P"))
+            grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),  # noqa: E731
+                                 triton.cdiv(cout_g, meta["BLOCK_CO"]), groups * S)
+            dense_bwd_w_kernel[grid](
+                x, grad_out, routing, w, gw, part, B, E, cin_g, cout_g, groups, H, W, ho, wo,
+                per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,
+                bucket(K), bucket(ho * wo), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
+                ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **blocks)
+        if need_w:
+            grad_weight = gw.sum(0).view(weight.shape).to(weight.dtype)
+        if need_r:
+            grad_routing = part.sum(0)
+
+    if bias is not None and (need_r or need_b):
+        gsum = grad_out.sum((2, 3), dtype=acc)
+        r = routing.to(acc)
+        if need_b:
+            grad_bias = (r.t() @ gsum).to(bias.dtype)
+        if need_r:
+            grad_routing = grad_routing + gsum @ bias.to(acc).t()
+    if grad_routing is not None:
+        grad_routing = grad_routing.to(routing.dtype)
+    return grad_x, grad_routing, grad_weight, grad_bias

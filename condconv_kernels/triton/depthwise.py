@@ -1,0 +1,141 @@
+"""Depthwise CondConv (Cin/groups == 1, any channel multiplier) in Triton: direct convolution
+with each example's mixed kh x kw taps held in registers.
+
+Forward: a program owns (BLOCK_C output channels x BLOCK_P output pixels) of one example; per
+tap it mixes the BLOCK_C taps from the E experts and accumulates tap * x over the pixels.
+Backward: grad_x likewise over input pixels (taps from the output pixels they feed); the kernel
+gradient by a program that owns a block of output channels over a slice of the batch: per example
+and tap, G_b = sum over pixels of grad_out * x, added as routing[b, e] * G_b into its own slice of
+every expert's gradient, and <G_b, W[e]> into its own partial of grad_routing (deterministic).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._config import autotune
+
+
+@autotune(key=["C_OUT", "KEY_L"], shapes=("BLOCK_C", "BLOCK_P"))
+@triton.jit
+def dw_fwd_kernel(
+    x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr,
+    E, C_OUT, MULT, H, W, HO, WO,
+    s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KEY_L,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    i_p, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C_OUT
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_p = o_p < HO * WO
+    o_oh, o_ow = o_p // WO, o_p % WO
+    p_x0 = x_ptr + i_b.to(tl.int64) * s_xb + (o_c // MULT)[:, None].to(tl.int64) * s_xc
+    p_r = r_ptr + i_b.to(tl.int64) * s_rb
+    b_acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
+    for t in tl.static_range(KH * KW):
+        b_tap = tl.zeros((BLOCK_C,), dtype=ACC)
+        for e in range(E):
+            b_r = tl.load(p_r + e * s_re).to(ACC)
+            b_tap += b_r * tl.load(w_ptr + (e * C_OUT + o_c) * (KH * KW) + t, mask=m_c,
+                                   other=0.0).to(ACC)
+        o_ih = o_oh * STRIDE_H - PAD_T + (t // KW) * DIL_H
+        o_iw = o_ow * STRIDE_W - PAD_L + (t % KW) * DIL_W
+        m_x = m_c[:, None] & (m_p & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W))[None, :]
+        p_x = p_x0 + (o_ih.to(tl.int64) * s_xh + o_iw.to(tl.int64) * s_xw)[None, :]
+        b_acc += b_tap[:, None] * tl.load(p_x, mask=m_x, other=0.0).to(ACC)
+    if HAS_BIAS:
+        b_bias = tl.zeros((BLOCK_C,), dtype=ACC)
+        for e in range(E):
+            b_r = tl.load(p_r + e * s_re).to(ACC)
+            b_bias += b_r * tl.load(bias_ptr + e * C_OUT + o_c, mask=m_c, other=0.0).to(ACC)
+        b_acc += b_bias[:, None]
+    p_o = (out_ptr + i_b.to(tl.int64) * s_ob + o_c[:, None].to(tl.int64) * s_oc
+           + (o_oh.to(tl.int64) * s_oh + o_ow.to(tl.int64) * s_ow)[None, :])
+    tl.store(p_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_c[:, None] & m_p[None, :])
+
+
+@autotune(key=["C_IN", "KEY_L"], shapes=("BLOCK_C", "BLOCK_P"))
+@triton.jit
+def dw_bwd_x_kernel(
+    g_ptr, r_ptr, w_ptr, dx_ptr,
+    E, C_IN, MULT, H, W, HO, WO,
+    s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KEY_L,
+    KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    i_q, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_ci = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_ci < C_IN
+    o_q = i_q * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_q = o_q < H * W
+    o_ih, o_iw = o_q // W, o_q % W
+    p_r = r_ptr + i_b.to(tl.int64) * s_rb
+    b_acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
+    for m in range(MULT):
+        o_co = o_ci * MULT + m
+        p_g0 = g_ptr + i_b.to(tl.int64) * s_gb + o_co[:, None].to(tl.int64) * s_gc
+        for t in tl.static_range(KH * KW):
+            b_tap = tl.zeros((BLOCK_C,), dtype=ACC)
+            for e in range(E):
+                b_r = tl.load(p_r + e * s_re).to(ACC)
+                b_tap += b_r * tl.load(w_ptr + (e * C_IN * MULT + o_co) * (KH * KW) + t,
+                                       mask=m_c, other=0.0).to(ACC)
+            o_nh = o_ih + PAD_T - (t // KW) * DIL_H
+            o_nw = o_iw + PAD_L - (t % KW) * DIL_W
+            o_oh, o_ow = o_nh // STRIDE_H, o_nw // STRIDE_W
+            m_g = (m_q & (o_nh >= 0) & (o_nw >= 0) & (o_nh % STRIDE_H == 0)
+                   & (o_nw % STRIDE_W == 0) & (o_oh < HO) & (o_ow < WO))
+            p_g = p_g0 + (o_oh.to(tl.int64) * s_gh + o_ow.to(tl.int64) * s_gw)[None, :]
+            b_g = tl.load(p_g, mask=m_c[:, None] & m_g[None, :], other=0.0).to(ACC)
+            b_acc += b_tap[:, None] * b_g
+    p_d = (dx_ptr + i_b.to(tl.int64) * s_db + o_ci[:, None].to(tl.int64) * s_dc
+           + (o_ih.to(tl.int64) * s_dh + o_iw.to(tl.int64) * s_dw)[None, :])
+    tl.store(p_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_c[:, None] & m_q[None, :])
+
+
+@autotune(key=["C_OUT", "KEY_L"], shapes=("BLOCK_C", "BLOCK_P"))
+@triton.jit
+def dw_bwd_w_kernel(
+    x_ptr, g_ptr, r_ptr, w_ptr, gw_ptr, part_ptr,
+    B, E, C_OUT, MULT, H, W, HO, WO, B_PER_SPLIT,
+    s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_rb, s_re,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KEY_L,
+    KH: tl.constexpr, KW: tl.constexpr, NEED_W: tl.constexpr, NEED_R: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    i_c, i_s = tl.program_id(0), tl.program_id(1)
+    N = C_OUT * KH * KW
+    L = HO * WO
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C_OUT
+    for b in range(i_s * B_PER_SPLIT, tl.minimum(B, (i_s + 1) * B_PER_SPLIT)):
+        p_x0 = x_ptr + tl.cast(b, tl.int64) * s_xb + (o_c // MULT)[:, None].to(tl.int64) * s_xc
+        p_g0 = g_ptr + tl.cast(b, tl.int64) * s_gb + o_c[:, None].to(tl.int64) * s_gc
+        p_part = part_ptr + (i_c.to(tl.int64) * B + b) * E
+        for t in tl.static_range(KH * KW):
+            b_G = tl.zeros((BLOCK_C,), dtype=ACC)
+            for p0 in range(0, L, BLOCK_P):
+                o_p = p0 + tl.arange(0, BLOCK_P)
+                m_p = o_p < L
+                o_oh, o_ow = o_p // WO, o_p % WO
+                o_ih = o_oh * STRIDE_H - PAD_T + (t // KW) * DIL_H
+                o_iw = o_ow * STRIDE_W - PAD_L + (t % KW) * DIL_W
+                m_x = m_p & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
+                b_x = tl.load(p_x0 + (o_ih.to(tl.int64) * s_xh + o_iw.to(tl.int64) * s_xw)[None, :],
+                              mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
+                b_g = tl.load(p_g0 + (o_oh.to(tl.int64) * s_gh + o_ow.to(tl.int64) * s_gw)[None, :],
+                              mask=m_c[:, None] & m_p[None, :], other=0.0).to(ACC)
+                b_G += tl.sum(b_x * b_g, axis=1)
+            for e in range(E):
+                o_w = (e * C_OUT + o_c).to(tl.int64) * (KH * KW) + t
+                if NEED_R:
+                    b_we = tl.load(w_ptr + o_w, mask=m_c, other=0.0).to(ACC)
+                    tl.store(p_part + e, tl.load(p_part + e) + tl.sum(b_G * b_we))
+                if NEED_W:
+                    b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + e * s_re).to(ACC)
+                    p_gw = gw_ptr + (i_s * E).to(tl.int64) * N + o_w
+                    tl.store(p_gw, tl.load(p_gw, mask=m_c, other=0.0) + b_r * b_G, mask=m_c)

@@ -1,0 +1,78 @@
+"""The triton backend on CPU tensors, in Triton's interpreter (TRITON_INTERPRET=1): a curated
+part of the CPU test matrix (the interpreter is ~1000x slower than compiled code). Every
+tl.dot dimension is >= 16, so these kernels also compile for the GPU, where test_gpu.py runs
+the whole matrix in float32, float16 and bfloat16."""
+import pytest
+import torch
+
+import condconv_kernels as cc
+from conftest import CASES_BY_NAME, INTERPRETED, LAYOUTS, make_inputs, run_op
+import test_op
+import test_registration
+
+pytestmark = pytest.mark.skipif("triton" not in INTERPRETED,
+                                reason="triton is not installed or runs compiled (GPU)")
+
+MATRIX = ["k3", "k1", "k1_s2_e8", "k5_same", "k3_s2_asym", "k3_d2_e1", "g2_s2_e8_b1", "g2_k1",
+          "dw3", "dw_mult2_d2_asym", "dw3_s2_b1_e1_nobias", "k1x3_rect", "k3_valid_b1_e8",
+          "k5_d2_s2_asym"]
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_float64(name):
+    layout = LAYOUTS[MATRIX.index(name) % len(LAYOUTS)]
+    test_op._check(CASES_BY_NAME[name], "triton", torch.float64, layout)
+
+
+@pytest.mark.parametrize("name", ["k3_s2_asym", "g2_k1", "dw3", "k1"])
+def test_float32(name):
+    test_op._check(CASES_BY_NAME[name], "triton", torch.float32, "channels_last")
+
+
+@pytest.mark.parametrize("name", ["k3_s2_asym", "dw3_s2_b1_e1_nobias"])
+def test_float16(name):
+    test_op._check(CASES_BY_NAME[name], "triton", torch.float16, "contiguous", factor=4.0)
+
+
+def test_float16_with_float32_routing():
+    test_op._check(CASES_BY_NAME["k1"], "triton", torch.float16, "sliced",
+                   routing_dtype=torch.float32, factor=4.0)
+
+
+@pytest.mark.parametrize("name", ["k3_s2_asym", "dw3_s2_b1_e1_nobias"])
+def test_gradcheck(name):
+    test_registration.test_gradcheck_float64(name, "triton")
+
+
+def test_opcheck():
+    test_registration.test_opcheck("g2_k1", "sliced", "triton")
+
+
+def test_empty_batch_and_partial_gradients():
+    test_op.test_empty_batch("k3", "triton")
+    test_op.test_partial_gradients("triton")
+
+
+def test_backward_is_deterministic():
+    c = CASES_BY_NAME["k3_s2_asym"]
+    inputs = make_inputs(c, torch.float32, seed=3)
+    grad_out = torch.randn(run_op(c, inputs, "triton")[0].shape)
+    first = run_op(c, inputs, "triton", grad_out)
+    for _ in range(3):
+        out, grads = run_op(c, inputs, "triton", grad_out)
+        assert torch.equal(out, first[0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, first[1]))
+
+
+def test_fuzz():
+    import test_fuzz
+    test_fuzz._fuzz("triton")
+
+
+def test_auto_does_not_pick_the_interpreter():
+    assert cc.available_backends("cpu")[0] == "triton"
+    case = CASES_BY_NAME["k1"]
+    x, routing, weight, bias = make_inputs(case, torch.float32)
+    # auto on CPU picks the compiled C++ kernels (or the reference), never the interpreter
+    from condconv_kernels import backends
+    assert backends.resolve("auto", "cpu") in ("cpu", "reference")
