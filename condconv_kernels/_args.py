@@ -76,9 +76,13 @@ def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after:
     return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
 
 
-def check_inputs(x, routing, weight, bias, stride, padding, dilation, groups) -> None:
+def check_inputs(x, routing, weight, bias, stride, padding, dilation, groups,
+                 autocast: bool = False) -> None:
     """Validates types, ranks, shapes, dtypes and devices; ``stride``/``dilation`` are pairs and
-    ``padding`` a resolved 4-tuple. Raises TypeError/ValueError naming the argument."""
+    ``padding`` a resolved 4-tuple. Raises TypeError/ValueError naming the argument.
+
+    With ``autocast`` (autocast enabled for x's device) the floating dtypes may differ: the op's
+    autocast rule casts them before any kernel runs."""
     for name, t in (("x", x), ("routing", routing), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"condconv2d: argument '{name}' must be a Tensor, "
@@ -98,10 +102,16 @@ def check_inputs(x, routing, weight, bias, stride, padding, dilation, groups) ->
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"condconv2d: argument 'x' must be float32, float64, float16 or "
                         f"bfloat16, got {x.dtype}")
-    if weight.dtype != x.dtype:
+    mixed_ok = autocast and x.dtype != torch.float64
+    if mixed_ok:
+        for name, t in (("routing", routing), ("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"condconv2d: argument '{name}' must be a floating tensor "
+                                f"(float32, float64, float16 or bfloat16), got {t.dtype}")
+    elif weight.dtype != x.dtype:
         raise TypeError(f"condconv2d: argument 'weight' must have x's dtype {x.dtype}, "
                         f"got {weight.dtype}")
-    if routing.dtype not in (x.dtype, torch.float32):
+    elif routing.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"condconv2d: argument 'routing' must have x's dtype {x.dtype} or "
                         f"float32, got {routing.dtype}")
     for name, t in (("routing", routing), ("weight", weight), ("bias", bias)):
@@ -133,7 +143,7 @@ def check_inputs(x, routing, weight, bias, stride, padding, dilation, groups) ->
         if tuple(bias.shape) != (E, cout):
             raise ValueError(f"condconv2d: argument 'bias' must have shape (E, Cout) = "
                              f"({E}, {cout}), got {_shape(bias)}")
-        if bias.dtype != x.dtype:
+        if bias.dtype != x.dtype and not mixed_ok:
             raise TypeError(f"condconv2d: argument 'bias' must have x's dtype {x.dtype}, "
                             f"got {bias.dtype}")
     span_h = (kh - 1) * dilation[0] + 1

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _args
+from . import _args, reference
 from .ops import condconv2d
 
 __all__ = ["CondConv2d", "CondConvRouting", "layer_padding"]
@@ -58,6 +58,11 @@ class CondConv2d(nn.Module):
         num_experts: E, the number of expert kernels.
         backend: passed to :func:`condconv_kernels.condconv2d` (``"auto"`` by default).
 
+    Attribute ``decompose`` (default False): when True the layer computes with standard
+    PyTorch ops only (unfold + batched matmul, :func:`condconv_kernels.reference.condconv2d_unfold`)
+    instead of the ``condconv`` op; :func:`condconv_kernels.export.decomposed` sets it for ONNX
+    export, where custom ops have no translation.
+
     Parameters (timm layout): ``weight`` (E, Cout * Cin/groups * kh * kw) in OIHW order,
     ``bias`` (E, Cout).
 
@@ -86,6 +91,7 @@ class CondConv2d(nn.Module):
         self.groups = groups
         self.num_experts = num_experts
         self.backend = backend
+        self.decompose = False
         self.padding = layer_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.weight_shape = (out_channels, in_channels // groups) + self.kernel_size
         factory = {"device": device, "dtype": dtype}
@@ -115,8 +121,20 @@ class CondConv2d(nn.Module):
         return self.weight.view((self.num_experts,) + self.weight_shape)
 
     def forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        if self.decompose:
+            return self._forward_decomposed(x, routing_weights)
         return condconv2d(x, routing_weights, self.expert_weight(), self.bias, self.stride,
                           self.padding, self.dilation, self.groups, backend=self.backend)
+
+    def _forward_decomposed(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        weight = self.expert_weight()
+        pad = _args.resolve_padding(self.padding, x.shape[-2:], weight.shape[-2:], self.stride,
+                                    self.dilation)
+        _args.check_inputs(x, routing_weights, weight, self.bias, self.stride, pad,
+                           self.dilation, self.groups,
+                           autocast=torch.is_autocast_enabled(x.device.type))
+        return reference.condconv2d_unfold(x, routing_weights, weight, self.bias, self.stride,
+                                           pad, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -242,7 +242,8 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
     stride_hw = _args.pair(stride, "stride", 1)
     dilation_hw = _args.pair(dilation, "dilation", 1)
     pad = _args.resolve_padding(padding, x.shape[-2:], weight.shape[-2:], stride_hw, dilation_hw)
-    _args.check_inputs(x, routing, weight, bias, stride_hw, pad, dilation_hw, groups)
+    _args.check_inputs(x, routing, weight, bias, stride_hw, pad, dilation_hw, groups,
+                       autocast=torch.is_autocast_enabled(x.device.type))
     name = backends.resolve(backend, x.device.type)
     return torch.ops.condconv.condconv2d(x, routing, weight, bias, list(stride_hw), list(pad),
                                          list(dilation_hw), groups, name)
