@@ -38,6 +38,11 @@ $(STAMP): $(SOURCES) | $(if $(filter yes,$(SYSTEM_TORCH)),,.venv/bin/python)
 	$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install pytest
 	$(PYTHON) -c "import hypothesis" 2>/dev/null || $(PYTHON) -m pip install hypothesis \
 		|| echo "hypothesis could not be installed: the property-based tests will be skipped"
+	$(PYTHON) -c "import onnx, onnxscript, onnxruntime" 2>/dev/null \
+		|| $(PYTHON) -m pip install onnx onnxscript onnxruntime \
+		|| echo "onnx/onnxscript/onnxruntime could not be installed: the ONNX tests will be skipped"
+	$(PYTHON) -c "import sklearn" 2>/dev/null || $(PYTHON) -m pip install scikit-learn \
+		|| echo "scikit-learn could not be installed: the digits training test will be skipped"
 	$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install triton==3.6.0 \
 		|| echo "triton could not be installed: the triton backend will not be tested"
 	@# Triton 3.6's interpreter (the triton backend on CPU tensors, for tests) needs numpy < 2.3.
