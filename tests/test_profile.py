@@ -9,6 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from condconv_kernels.models import create_model
 from condconv_kernels.profile import count_madds, count_params, flop_counter_part, madds_breakdown
 from condconv_kernels.profile.cli import main as profile_main
+from condconv_kernels.profile.latency import cpu_peak_memory_mb, layer_variants
+from condconv_kernels.profile.layers import efficientnet_cc_b0_layers
+
+from conftest import CPU_BACKENDS
 
 # (model, input size, published multiply-adds, tolerance): the CondConv paper's table and the
 # EfficientNet paper's B1-B3.
@@ -69,6 +73,7 @@ def test_cli_smoke(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "multiply-adds" in printed and "fused:cpu / unfused" in printed
+    assert "peak memory" in printed
     result = json.loads((out / "results.json").read_text())
     assert result["params"] == 13_314_116 and result["static_params"] == 5_288_548
     assert {r["variant"] for r in result["model_latency"]} >= {"static", "unfused", "fused:cpu"}
@@ -77,6 +82,7 @@ def test_cli_smoke(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(result["model_latency"]) + len(result["layer_latency"])
     assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert all(float(r["peak_memory_mb"]) >= 0 for r in rows)
     for png in ("latency_vs_batch_forward.png", "layers_b2_forward_backward.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -88,3 +94,31 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         profile_main(["--batch", "0,x"])
     assert "--batch" in capsys.readouterr().err
+
+
+def test_cpu_peak_memory_of_a_known_sequence():
+    mib = 2 ** 18  # float32 elements in 1 MiB
+
+    def sequence():
+        a = torch.empty(4 * mib)            # 4 MiB
+        b = torch.ones(8 * mib)             # 12 MiB live
+        del a                               # 8
+        c = torch.empty(3 * mib)            # 11
+        d = b[: 2 * mib] * 2                # 13 MiB: the peak
+        del c, d
+        return b.sum()
+
+    assert cpu_peak_memory_mb(sequence) == pytest.approx(13, abs=0.05)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+def test_fused_backward_peak_memory_below_unfused(backend):
+    """The 1152->320 projection at 7x7: the unfused baseline materialises the B mixed kernels
+    (and their gradient), the fused op does not."""
+    layer = [s for s in efficientnet_cc_b0_layers() if s.name == "s7.b0.project"][0]
+    variants = layer_variants(layer, 8, "cpu", torch.float32, backward=True)
+    fused = cpu_peak_memory_mb(variants[f"fused:{backend}"])
+    unfused = cpu_peak_memory_mb(variants["unfused"])
+    kernels_mb = 8 * layer.cout * layer.cin * 4 / 2 ** 20
+    assert unfused > kernels_mb
+    assert fused < unfused - kernels_mb

@@ -122,15 +122,18 @@ def format_tables(result: Dict[str, object]) -> str:
              f"| ratio | {result['params'] / result['static_params']:.2f} | "
              f"{result['madds'] / result['static_madds']:.3f} |", ""]
 
-    def table(rows, key_cols, title):
-        out = [title, "", "| " + " | ".join(key_cols + [f"{v} ms" for v in variants] +
+    def table(rows, key_cols, title, field="median_ms", unit="ms"):
+        rows = [r for r in rows if r.get(field) is not None]
+        if not rows:
+            return []
+        out = [title, "", "| " + " | ".join(key_cols + [f"{v} {unit}" for v in variants] +
                                            [f"{f} / unfused" for f in fused] +
                                            [f"{f} / static" for f in fused]) + " |",
                "|" + "---|" * (len(key_cols) + len(variants) + 2 * len(fused))]
         groups: Dict[tuple, Dict[str, float]] = {}
         for r in rows:
             key = tuple(r[k] for k in key_cols)
-            groups.setdefault(key, {})[r["variant"]] = r["median_ms"]
+            groups.setdefault(key, {})[r["variant"]] = r[field]
         ratios = {f: ([], []) for f in fused}
         for key, t in groups.items():
             cells = [str(k) for k in key] + [f"{t.get(v, float('nan')):.3f}" for v in variants]
@@ -155,6 +158,14 @@ def format_tables(result: Dict[str, object]) -> str:
     if result["layer_latency"]:
         lines += table(result["layer_latency"], ["mode", "batch", "layer", "shape"],
                        "CondConv layers at their real shapes, median latency")
+    where = ("PyTorch's CPU allocator as the profiler sees it; the cpu backend's reused "
+             "per-thread scratch (at most 2 x 16 MB per thread, allocated once) is not included"
+             if result["device"] == "cpu" else "CUDA caching allocator, above the inputs")
+    lines += table(result["model_latency"], ["mode", "batch"],
+                   f"Whole model, peak memory of one call ({where})", "peak_memory_mb", "MB")
+    if result["layer_latency"]:
+        lines += table(result["layer_latency"], ["mode", "batch", "layer", "shape"],
+                       "CondConv layers, peak memory of one call", "peak_memory_mb", "MB")
     return "\n".join(lines)
 
 

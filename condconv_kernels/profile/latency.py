@@ -23,14 +23,14 @@ from .layers import LayerShape
 from .timing import Measurement, time_callable
 
 __all__ = ["VariantResult", "model_layer_shapes", "layer_variants", "model_variants",
-           "measure", "fused_backends"]
+           "measure", "fused_backends", "cpu_peak_memory_mb"]
 
 
 @dataclasses.dataclass
 class VariantResult:
     variant: str
     time: Measurement
-    peak_memory_mb: Optional[float]   # CUDA only (None on CPU)
+    peak_memory_mb: Optional[float]   # see measure()
     cuda_graph_ms: Optional[float] = None
 
 
@@ -151,10 +151,37 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
     return variants
 
 
+def cpu_peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak, in MiB, of the bytes allocated through PyTorch's CPU allocator during one call of
+    ``fn``, above what was allocated before it (after one warm-up call, so caches and reused
+    scratch are not counted). Read from the profiler's memory records: each op's own allocations
+    are placed at its start and its own frees at its end, then the running total's maximum is
+    taken. Memory allocated outside PyTorch's allocator (e.g. inside oneDNN or BLAS) is not
+    seen."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = []
+    for event in prof.events():
+        used = event.self_cpu_memory_usage
+        if used > 0:
+            deltas.append((event.time_range.start, used))
+        elif used < 0:
+            deltas.append((event.time_range.end, used))
+    deltas.sort(key=lambda d: d[0])
+    total = peak = 0
+    for _, used in deltas:
+        total += used
+        peak = max(peak, total)
+    return peak / 2 ** 20
+
+
 def measure(fn: Callable[[], None], device: str, min_run_time: float,
             cuda_graph: bool = False) -> VariantResult:
-    """Times fn (median, quantiles); on CUDA also its peak memory and, with ``cuda_graph``,
-    the replay time of fn captured in a CUDA graph."""
+    """Times fn (median, quantiles) and its peak memory (CUDA: the caching allocator's peak
+    above what was allocated before; CPU: :func:`cpu_peak_memory_mb`); with ``cuda_graph``
+    also the replay time of fn captured in a CUDA graph."""
     peak = None
     if device == "cuda":
         torch.cuda.synchronize()
@@ -166,6 +193,8 @@ def measure(fn: Callable[[], None], device: str, min_run_time: float,
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
         if cuda_graph:
             graph_ms = _cuda_graph_ms(fn, min_run_time)
+    else:
+        peak = cpu_peak_memory_mb(fn)
     return VariantResult("", m, peak, graph_ms)
 
 
