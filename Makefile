@@ -64,7 +64,9 @@ test-cpp: $(STAMP)
 	ctest --test-dir $(BUILD)/cmake --output-on-failure
 
 profile: $(STAMP)
-	$(PYTHON) -m condconv_kernels.profile.cli $(PROFILE_ARGS)
+	@# Fixed malloc thresholds: no variant pays page faults another does not (see profile/timing.py).
+	GLIBC_TUNABLES=$${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296} \
+		$(PYTHON) -m condconv_kernels.profile.cli $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(BUILD) condconv_kernels/_C*.so *.egg-info

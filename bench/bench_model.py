@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from condconv_kernels.profile.timing import reexec_with_stable_malloc
 from condconv_kernels.profile import machine_info, time_callable
 from condconv_kernels.profile.latency import model_variants
 
@@ -48,4 +49,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    reexec_with_stable_malloc()
     main()

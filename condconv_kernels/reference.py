@@ -46,6 +46,16 @@ def _pad(x: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
     return F.pad(x, (left, right, top, bottom))
 
 
+def _split_padding(x: torch.Tensor, padding: Sequence[int]):
+    """(x, conv padding): symmetric padding goes to the convolution itself (as timm's layer
+    passes its static padding to F.conv2d); asymmetric padding is applied to x first (as timm's
+    conv2d_same does)."""
+    top, bottom, left, right = padding
+    if top == bottom and left == right:
+        return x, (top, left)
+    return _pad(x, padding), (0, 0)
+
+
 def condconv2d_loop(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0),
                     dilation=(1, 1), groups=1) -> torch.Tensor:
     """One ``F.conv2d`` per example with its mixed kernel (the TF reference)."""
@@ -64,9 +74,9 @@ def condconv2d_grouped(x, routing, weight, bias=None, stride=(1, 1), padding=(0,
     E, cout = weight.shape[:2]
     kernels = mix(routing, weight).reshape((B * cout,) + tuple(weight.shape[2:]))
     biases = mix(routing, bias).reshape(B * cout) if bias is not None else None
-    xp = _pad(x, padding).reshape(1, B * cin, H + padding[0] + padding[1],
-                                  W + padding[2] + padding[3])
-    out = F.conv2d(xp, kernels, biases, tuple(stride), 0, tuple(dilation), groups * B)
+    xp, conv_pad = _split_padding(x, padding)
+    xp = xp.reshape(1, B * cin, xp.shape[-2], xp.shape[-1])
+    out = F.conv2d(xp, kernels, biases, tuple(stride), conv_pad, tuple(dilation), groups * B)
     return out.reshape(B, cout, out.shape[-2], out.shape[-1])
 
 
@@ -103,16 +113,18 @@ def backward(grad_out, x, routing, weight, bias, stride, padding, dilation, grou
     E, cout = weight.shape[:2]
     need_x, need_r, need_w, need_b = output_mask
     kernels = mix(routing, weight).reshape((B * cout,) + tuple(weight.shape[2:]))
-    xp = _pad(x, padding)
+    xp, conv_pad = _split_padding(x, padding)
     gout = grad_out.reshape(1, B * cout, grad_out.shape[-2], grad_out.shape[-1])
     grad_xp, grad_kernels, _ = torch.ops.aten.convolution_backward(
         gout, xp.reshape(1, B * cin, xp.shape[-2], xp.shape[-1]), kernels, None, list(stride),
-        [0, 0], list(dilation), False, [0, 0], groups * B, [need_x, need_r or need_w, False])
+        list(conv_pad), list(dilation), False, [0, 0], groups * B,
+        [need_x, need_r or need_w, False])
     grad_x = grad_routing = grad_weight = grad_bias = None
     if need_x:
-        top, _, left, _ = padding
-        grad_x = grad_xp.reshape(B, cin, xp.shape[-2], xp.shape[-1])[:, :, top:top + H,
-                                                                     left:left + W]
+        grad_x = grad_xp.reshape(B, cin, xp.shape[-2], xp.shape[-1])
+        if xp is not x:  # asymmetric padding was applied to x: drop its gradient
+            top, _, left, _ = padding
+            grad_x = grad_x[:, :, top:top + H, left:left + W]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     r = routing.to(acc)
     if need_r or need_w:

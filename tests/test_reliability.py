@@ -53,9 +53,11 @@ def test_strides_beyond_32_bits(case, backend):
     grad_out = torch.randn(truth.shape, dtype=torch.float32)
     out, grads = run_op(c, (view, routing, weight, bias), backend, grad_out)
     ref_out, ref_grads = run_op(c, (x.contiguous(), routing, weight, bias), backend, grad_out)
-    assert torch.equal(out, ref_out)
+    # The contiguous copy may take another path (float32 NCHW depthwise: the grouped
+    # convolution), so the comparison is to float32 rounding, not bitwise.
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
-        assert torch.equal(g, r)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
     assert_close(out, truth, None, "out", atol=1e-4)
     del big, view
 

@@ -103,8 +103,12 @@ def layer_variants(layer: LayerShape, batch: int, device: str, dtype: torch.dtyp
     static_w = weight[0].detach().clone().requires_grad_(backward)
     pad = layer.padding
 
-    def static():
-        xp = F.pad(x, (pad[2], pad[3], pad[0], pad[1])) if any(pad) else x
+    symmetric = pad[0] == pad[1] and pad[2] == pad[3]
+
+    def static():  # as nn.Conv2d / timm's Conv2dSame: F.pad only for asymmetric padding
+        if symmetric:
+            return F.conv2d(x, static_w, None, layer.stride, (pad[0], pad[2]), 1, layer.groups)
+        xp = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
         return F.conv2d(xp, static_w, None, layer.stride, 0, 1, layer.groups)
 
     def op(name):

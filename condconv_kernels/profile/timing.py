@@ -14,6 +14,29 @@ import torch
 import torch.utils.benchmark as tbench
 
 
+# glibc's malloc returns large freed blocks to the OS (munmap, heap trimming) under thresholds
+# that move with the allocation history, so whether a given call of a benchmarked function pays
+# page faults for its outputs depends on what ran before it. Fixed thresholds make every
+# variant run from warm pools, as with jemalloc/tcmalloc or in a steady training loop.
+STABLE_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+
+
+def reexec_with_stable_malloc() -> None:
+    """Re-runs the current script with :data:`STABLE_MALLOC` in GLIBC_TUNABLES (read by glibc
+    at process start only), unless it is already set or CONDCONV_MALLOC_AS_IS=1. For the
+    benchmark scripts' ``__main__``; never call it from library code."""
+    import sys
+    if "GLIBC_TUNABLES" in os.environ or os.environ.get("CONDCONV_MALLOC_AS_IS") == "1":
+        return
+    if platform.system() != "Linux":
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=STABLE_MALLOC)
+    print(f"re-running with GLIBC_TUNABLES={STABLE_MALLOC} (CONDCONV_MALLOC_AS_IS=1 to skip)",
+          file=sys.stderr)
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 @dataclasses.dataclass
 class Measurement:
     median_ms: float

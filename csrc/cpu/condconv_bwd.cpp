@@ -8,10 +8,13 @@
 // depend on scheduling (deterministic):
 // - dense: chunks of examples (batch_chunk); per (example, group) task G_b and grad_x[b]; per
 //   chunk two GEMMs fold G into grad_weight and grad_routing (see dense_backward);
-// - depthwise: a task owns an input channel (and its output channels) over the whole batch and
+// - depthwise, float32 NCHW: one grouped convolution_backward (depthwise_grouped.h), then
+//   grad_weight = r^T G and grad_routing = G W^T as two GEMMs;
+// - other depthwise: a task owns an input channel (and its output channels) over the whole batch and
 //   writes its own partial of grad_routing, summed in channel order at the end.
 // Memory beyond the outputs: the chunk's mixed kernels and G (O(threads |W|), bounded), per-task
 // scratch, and (Cin x B x E) partials for depthwise.
+#include "depthwise_grouped.h"
 #include "kernel_utils.h"
 
 #include <ATen/Dispatch.h>
@@ -227,7 +230,12 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                      : at::zeros({g.experts, g.kernel_numel()}, ops.acc_opts);
   }
   at::Tensor gr;
-  if (g.depthwise()) {
+  if (grouped_depthwise_applies(x, g)) {
+    const at::Tensor G = grouped_depthwise_backward(
+        grad_out, x, ops.routing, ops.weight, g, need_dx ? &grad_x : nullptr, need_dr || need_dw);
+    if (need_dw) at::mm_out(gw, ops.routing.t(), G);
+    if (need_dr) gr = at::mm(G, ops.weight.t());
+  } else if (g.depthwise()) {
     // Each input channel's task writes its own (B, E) partial of grad_routing.
     at::Tensor parts = need_dr ? at::zeros({g.in_channels, g.batch, g.experts}, ops.acc_opts)
                                : at::Tensor();

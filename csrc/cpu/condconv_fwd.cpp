@@ -5,9 +5,11 @@
 // each (example, group) multiplies its mixed kernel with the example's im2col columns (or x
 // itself for 1x1 convolutions) and stores the result plus the mixed bias.
 //
-// Depthwise (Cin/groups == 1): direct convolution with each example's mixed taps, over a
+// Depthwise (Cin/groups == 1): float32 NCHW inputs go to the grouped convolution of
+// depthwise_grouped.h; otherwise a direct convolution with each example's mixed taps, over a
 // zero-padded copy of the input plane (NCHW or any strides), or channel-vectorised over
 // channels_last inputs.
+#include "depthwise_grouped.h"
 #include "kernel_utils.h"
 
 #include <ATen/Dispatch.h>
@@ -194,6 +196,8 @@ void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Ten
                        : at::Tensor();
   if (!g.depthwise()) {
     dense_forward<scalar_t>(x, ops, bias_mix, g, out);
+  } else if (grouped_depthwise_applies(x, g)) {
+    out = grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
   } else if (g.out_per_group() == 1 && x.stride(1) == 1 && out.stride(1) == 1) {
     depthwise_forward_channels_last<scalar_t>(x, ops, bias_mix, g, out);
   } else {
