@@ -126,3 +126,27 @@ def test_unavailable_backend_raises_with_hint(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton on CPU tensors needs the interpreter
     with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
         run_op(case, inputs, "triton")
+
+
+NATIVE = [b for b in CPU_BACKENDS if b in ("cpu", "cuda")]
+
+
+@pytest.mark.parametrize("backend,case,layout", matrix(CASES, LAYOUTS, NATIVE) if NATIVE else [])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eager_inference_path(case, layout, backend, dtype):
+    """Without autograd, tracing or modes, the public function calls the C++ op directly
+    (skipping the custom-op layer): same results as the differentiable op, bitwise."""
+    inputs = make_inputs(case, dtype, layout, seed=7)
+    x, routing, weight, bias = inputs
+    args = (x, routing, weight, bias, case.stride, case.padding, case.dilation, case.groups)
+    with torch.no_grad(), poisoned_outputs(), torch.profiler.profile() as prof:
+        fast = cc.condconv2d(*args, backend=backend)
+    names = {e.name for e in prof.events()}
+    assert "condconv::native_forward" in names and "condconv::condconv2d" not in names
+    slow, _ = run_op(case, inputs, backend)
+    assert slow.grad_fn is not None
+    assert torch.equal(fast, slow.detach())
+    assert fast.is_contiguous(memory_format=_args.suggest_memory_format(x))
+    truth, _ = ground_truth(case, inputs)
+    assert_close(fast, truth, ground_truth(case, inputs, dtype=dtype)[0] if dtype != torch.float64
+                 else None, "out")
