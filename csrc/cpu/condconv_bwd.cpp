@@ -45,6 +45,10 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
   const Strides xs(x);
   const Strides dxs = grad_x ? Strides(*grad_x) : xs;
   const bool direct = reads_x_directly<scalar_t>(g, xs);
+  // 1x1: grad_x[b] = W_b^T grad_out[b] is written by the GEMM in place when grad_x's (h, w) is
+  // one run of strides with channel or pixel stride 1 (as the forward's output).
+  const bool write_dx = grad_x && direct && (g.height == 1 || dxs.h == g.width * dxs.w) &&
+                        (dxs.w == 1 || dxs.c == 1);
   const int64_t chunk = batch_chunk(g, sizeof(acc_t));
   at::Tensor wmix = grad_x ? workspace(Slot::kMixed, {chunk, g.out_channels, K}, ops.acc_opts)
                            : at::Tensor();
@@ -65,8 +69,8 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::Tensor col = (need_kernel_grad && !direct) ? at::empty({K, L}, ops.acc_opts)
                                                       : at::Tensor();
-      at::Tensor dcol = grad_x ? at::empty({K, L}, ops.acc_opts) : at::Tensor();
-      std::vector<acc_t> dx(grad_x ? cin_g * plane : 0);
+      at::Tensor dcol = grad_x && !write_dx ? at::empty({K, L}, ops.acc_opts) : at::Tensor();
+      std::vector<acc_t> dx(grad_x && !write_dx ? cin_g * plane : 0);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = c0 + t / g.groups, gi = t % g.groups;
         const at::Tensor gmat = grad_out.select(0, b).narrow(0, gi * cout_g, cout_g)
@@ -84,7 +88,11 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
           at::Tensor Gb = G.select(0, b - c0).narrow(0, gi * cout_g, cout_g);
           at::mm_out(Gb, gmat, operand.t());
         }
-        if (grad_x) {
+        if (write_dx) {
+          at::Tensor dst = grad_x->as_strided(
+              {cin_g, L}, {dxs.c, dxs.w}, grad_x->storage_offset() + b * dxs.n + gi * cin_g * dxs.c);
+          at::mm_out(dst, wmix.select(0, b - c0).narrow(0, gi * cout_g, cout_g).t(), gmat);
+        } else if (grad_x) {
           at::mm_out(dcol, wmix.select(0, b - c0).narrow(0, gi * cout_g, cout_g).t(), gmat);
           std::fill(dx.begin(), dx.end(), acc_t(0));
           col2im_add<acc_t>(dcol.const_data_ptr<acc_t>(), g, cin_g, dx.data());
@@ -96,10 +104,13 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
     });
     if (need_kernel_grad) {
       const at::Tensor Gn = G.narrow(0, 0, n).view({n, N});
-      if (grad_weight) grad_weight->addmm_(r.t(), Gn);
+      if (grad_weight && c0 == 0) {
+        at::mm_out(*grad_weight, r.t(), Gn);  // the first chunk initialises grad_weight
+      } else if (grad_weight) {
+        grad_weight->addmm_(r.t(), Gn);
+      }
       if (grad_routing) {
-        at::Tensor dst = grad_routing->narrow(0, c0, n);
-        at::mm_out(dst, Gn, ops.weight.t());
+        grad_routing->narrow(0, c0, n).copy_(rows_dot(Gn, ops.weight));
       }
     }
   }
@@ -224,17 +235,20 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
 
   // Accumulate straight into grad_weight when it has the accumulation dtype.
   const bool gw_in_place = need_dw && grad_weight.scalar_type() == acc_type;
+  const bool grouped = grouped_depthwise_applies(x, g);
   at::Tensor gw;
   if (need_dw) {
-    gw = gw_in_place ? grad_weight.view({g.experts, g.kernel_numel()}).zero_()
-                     : at::zeros({g.experts, g.kernel_numel()}, ops.acc_opts);
+    // The direct depthwise kernels accumulate into gw; the other paths overwrite it.
+    gw = gw_in_place ? grad_weight.view({g.experts, g.kernel_numel()})
+                     : at::empty({g.experts, g.kernel_numel()}, ops.acc_opts);
+    if (g.depthwise() && !grouped) gw.zero_();
   }
   at::Tensor gr;
-  if (grouped_depthwise_applies(x, g)) {
+  if (grouped) {
     const at::Tensor G = grouped_depthwise_backward(
         grad_out, x, ops.routing, ops.weight, g, need_dx ? &grad_x : nullptr, need_dr || need_dw);
     if (need_dw) at::mm_out(gw, ops.routing.t(), G);
-    if (need_dr) gr = at::mm(G, ops.weight.t());
+    if (need_dr) gr = rows_dot(G, ops.weight);
   } else if (g.depthwise()) {
     // Each input channel's task writes its own (B, E) partial of grad_routing.
     at::Tensor parts = need_dr ? at::zeros({g.in_channels, g.batch, g.experts}, ops.acc_opts)

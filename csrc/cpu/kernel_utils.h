@@ -50,6 +50,21 @@ inline at::Tensor workspace(Slot slot, at::IntArrayRef sizes, const at::TensorOp
   return buf.narrow(0, 0, n).view(sizes);
 }
 
+// A (n, N) @ B (E, N)^T for small n, E and long N (grad_routing = G W^T): a plain GEMM of that
+// shape runs its long reduction on one thread, so N is cut into blocks that run as a batched
+// GEMM, and the (blocks, n, E) partials are summed (a fixed order: deterministic).
+inline at::Tensor rows_dot(const at::Tensor& a, const at::Tensor& b) {
+  constexpr int64_t kBlock = 4096;
+  const int64_t n = a.size(0), e = b.size(0), N = a.size(1);
+  const int64_t blocks = N / kBlock, head = blocks * kBlock;
+  if (blocks < 2) return at::mm(a, b.t());
+  at::Tensor out = at::bmm(a.narrow(1, 0, head).view({n, blocks, kBlock}).transpose(0, 1),
+                           b.narrow(1, 0, head).view({e, blocks, kBlock}).permute({1, 2, 0}))
+                       .sum(0);
+  if (head < N) out.add_(at::mm(a.narrow(1, head, N - head), b.narrow(1, head, N - head).t()));
+  return out;
+}
+
 // Output positions o in [lo, hi) with 0 <= o * stride + offset < size.
 inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out_size,
                         int64_t& lo, int64_t& hi) {
