@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import condconv_kernels as cc
+from condconv_kernels import reference
 from conftest import CASES, CASES_BY_NAME, LAYOUTS, assert_close, ground_truth, make_inputs
 
 CUDA = torch.cuda.is_available()
@@ -48,3 +49,50 @@ def test_cuda_batch_256(name, backend):
     case = CASES_BY_NAME[name]
     case = type(case)(**{**case.__dict__, "B": 256})
     _check(case, backend, torch.float16, "channels_last", factor=4.0)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("kernel,groups", [(1, 1), (3, 8)], ids=["pw", "dw3"])
+def test_cuda_more_than_2_31_elements(kernel, groups, backend):
+    """x has 8 * 16400 * 16400 > 2**31 float16 elements (about 4.3 GB); the last 64 x 64 pixels
+    of the output and of grad_x, whose offsets need 64-bit arithmetic, are compared with the
+    reference on a crop (with its halo), and grad_routing with an independent reduction."""
+    torch.manual_seed(0)
+    side, cin, pad, crop = 16400, 8, kernel // 2, 64
+    x = torch.randn(1, cin, side, side, device="cuda", dtype=torch.float16)
+    assert x.numel() > 2 ** 31
+    routing = torch.rand(1, 4, device="cuda", dtype=torch.float32, requires_grad=True)
+    weight = (torch.randn(4, cin, cin // groups, kernel, kernel, device="cuda") * 0.3).half()
+    x.requires_grad_(True)
+    out = cc.condconv2d(x, routing, weight, None, 1, pad, 1, groups, backend=backend)
+    grad_out = torch.randn_like(out)
+    grad_x, grad_r = torch.autograd.grad(out, [x, routing], grad_out)
+
+    lo = side - crop - pad  # the crop with its halo; the image's own padding on the far side
+    xc = x.detach()[:, :, lo:, lo:].float()
+    want = reference.condconv2d_loop(xc, routing.detach(), weight.float(), None, (1, 1),
+                                     (0, pad, 0, pad), (1, 1), groups)
+    got = out[:, :, side - crop:, side - crop:].float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(grad_x[:, :, -crop:, -crop:]).all()
+    # grad_x on the far corner: the transposed convolution of grad_out there.
+    xc_leaf = xc.clone().requires_grad_(True)
+    ref = reference.condconv2d_loop(xc_leaf, routing.detach(), weight.float(), None, (1, 1),
+                                    (0, pad, 0, pad), (1, 1), groups)
+    (ref_gx,) = torch.autograd.grad(ref, [xc_leaf], grad_out[:, :, side - crop:, side - crop:]
+                                    .float())
+    torch.testing.assert_close(grad_x[:, :, -crop + pad:, -crop + pad:].float(),
+                               ref_gx[:, :, 2 * pad:, 2 * pad:], rtol=2e-2, atol=5e-2)
+    # grad_routing[e] = <G, W_e> = sum over pixels of grad_out * (W_e conv x): per expert, in
+    # float32 over row bands (an independent computation, not the kernel's).
+    want_r = torch.zeros(4, device="cuda")
+    for e in range(4):
+        for h0 in range(0, side, 2048):
+            h1 = min(side, h0 + 2048)
+            band = x.detach()[:, :, max(0, h0 - pad):min(side, h1 + pad)].float()
+            top, bottom = pad - (h0 - max(0, h0 - pad)), pad - (min(side, h1 + pad) - h1)
+            y = torch.nn.functional.conv2d(
+                torch.nn.functional.pad(band, (pad, pad, top, bottom)), weight[e].float(),
+                groups=groups)
+            want_r[e] += (y * grad_out[:, :, h0:h1].float()).sum()
+    torch.testing.assert_close(grad_r[0], want_r, rtol=2e-2, atol=1.0)
