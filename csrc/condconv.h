@@ -58,9 +58,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
 
 namespace cpu {
 
-// Kernels: inputs already checked; out is allocated with its final shape and memory format.
-void forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
-             const c10::optional<at::Tensor>& bias, const Geometry& g, at::Tensor& out);
+// Kernels: inputs already checked, batch and output non-empty. Returns the output
+// (B, Cout, Ho, Wo) in x's memory format.
+at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                   const c10::optional<at::Tensor>& bias, const Geometry& g);
 
 // Fills grad_x, grad_routing, grad_weight, grad_bias where output_mask says so (the others are
 // left untouched). Requires batch >= 1.

@@ -126,10 +126,11 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& routing, const at:
   const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
   // The kernels are the derivative formulas themselves: nothing below records autograd history.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
-                             x.options().memory_format(x.suggest_memory_format()));
-  if (out.numel() > 0) cpu::forward(x, routing, weight, bias, g, out);
-  return out;
+  if (g.batch == 0 || g.out_channels * g.out_h * g.out_w == 0) {
+    return at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                     x.options().memory_format(x.suggest_memory_format()));
+  }
+  return cpu::forward(x, routing, weight, bias, g);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(

@@ -45,7 +45,7 @@ void dense_forward(const at::Tensor& x, const Operands<scalar_t>& ops, const at:
       // Dispatch state is thread-local: worker threads need the guard of their own.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::Tensor col = direct ? at::Tensor() : at::empty({K, L}, ops.acc_opts);
-      at::Tensor y = at::empty({cout_g, L}, ops.acc_opts);
+      at::Tensor y = write_out ? at::Tensor() : at::empty({cout_g, L}, ops.acc_opts);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = c0 + t / g.groups, gi = t % g.groups;
         at::Tensor operand;
@@ -187,30 +187,35 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
 }
 
 template <typename scalar_t>
-void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
-                   const c10::optional<at::Tensor>& bias, const Geometry& g, at::Tensor& out) {
+at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, const Geometry& g) {
   const Operands<scalar_t> ops(x, routing, weight, g);
   // Mixed biases are B x Cout: small, so computed for the whole batch at once.
   const at::Tensor bias_mix =
       bias.has_value() ? at::mm(ops.routing, bias->to(Operands<scalar_t>::acc_type)).contiguous()
                        : at::Tensor();
+  if (g.depthwise() && grouped_depthwise_applies(x, g)) {
+    return grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
+  }
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                             x.options().memory_format(x.suggest_memory_format()));
   if (!g.depthwise()) {
     dense_forward<scalar_t>(x, ops, bias_mix, g, out);
-  } else if (grouped_depthwise_applies(x, g)) {
-    out = grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
   } else if (g.out_per_group() == 1 && x.stride(1) == 1 && out.stride(1) == 1) {
     depthwise_forward_channels_last<scalar_t>(x, ops, bias_mix, g, out);
   } else {
     depthwise_forward_planar<scalar_t>(x, ops, bias_mix, g, out);
   }
+  return out;
 }
 
 }  // namespace
 
-void forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
-             const c10::optional<at::Tensor>& bias, const Geometry& g, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "condconv2d_cpu",
-                                  [&] { forward_typed<scalar_t>(x, routing, weight, bias, g, out); });
+at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                   const c10::optional<at::Tensor>& bias, const Geometry& g) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "condconv2d_cpu",
+      [&] { return forward_typed<scalar_t>(x, routing, weight, bias, g); });
 }
 
 }  // namespace cpu
