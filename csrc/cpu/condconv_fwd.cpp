@@ -194,7 +194,7 @@ at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const a
   const at::Tensor bias_mix =
       bias.has_value() ? at::mm(ops.routing, bias->to(Operands<scalar_t>::acc_type)).contiguous()
                        : at::Tensor();
-  if (g.depthwise() && grouped_depthwise_applies(x, g)) {
+  if (grouped_depthwise_forward_applies(x, g)) {
     return grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
   }
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
