@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from condconv_kernels.profile.timing import reexec_with_stable_malloc
-from condconv_kernels.profile import machine_info, time_callable
+from condconv_kernels.profile import machine_info
+from condconv_kernels.profile.timing import reexec_with_stable_malloc, time_interleaved
 from condconv_kernels.profile.latency import model_variants
 
 
@@ -33,8 +33,8 @@ def main(argv=None):
     for batch in [int(b) for b in args.batch.split(",")]:
         fns = model_variants(args.model, batch, args.device, getattr(torch, args.dtype),
                              args.backward)
-        t = {name: time_callable(fn, args.device, args.min_run_time).median_ms
-             for name, fn in fns.items()}
+        t = {name: m.median_ms for name, m in
+             time_interleaved(fns, args.device, args.min_run_time).items()}
         for name, ms in t.items():
             lines.append(f"| {batch} | {name} | {ms:.2f} | {ms / t['unfused']:.2f} | "
                          f"{ms / t['static']:.2f} |")

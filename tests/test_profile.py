@@ -122,3 +122,13 @@ def test_fused_backward_peak_memory_below_unfused(backend):
     kernels_mb = 8 * layer.cout * layer.cin * 4 / 2 ** 20
     assert unfused > kernels_mb
     assert fused < unfused - kernels_mb
+
+
+def test_time_interleaved_orders_variants():
+    import time
+    from condconv_kernels.profile.timing import time_interleaved
+    result = time_interleaved({"idle": lambda: None, "sleep": lambda: time.sleep(0.002)},
+                              "cpu", min_run_time=0.06, rounds=3)
+    assert set(result) == {"idle", "sleep"}
+    assert result["sleep"].median_ms >= 2.0 > result["idle"].median_ms
+    assert all(m.runs > 0 for m in result.values())

@@ -23,7 +23,7 @@ import torch
 
 from .latency import fused_backends, layer_variants, measure, model_layer_shapes, model_variants
 from .madds import count_params, madds_breakdown, summarize
-from .timing import machine_info
+from .timing import machine_info, time_interleaved
 
 __all__ = ["main", "run"]
 
@@ -79,10 +79,11 @@ def run(model_name: str, batches: Sequence[int], device: str = "cpu", dtype: str
         for batch in batches:
             for mode in modes:
                 bwd = mode != "forward"
-                for variant, fn in model_variants(model_name, batch, device, torch_dtype, bwd,
-                                                  size).items():
+                fns = model_variants(model_name, batch, device, torch_dtype, bwd, size)
+                times = time_interleaved(fns, device, min_run_time)
+                for variant, fn in fns.items():
                     r = measure(fn, device, min_run_time, cuda_graph=use_graph and batch == 1
-                                and not bwd)
+                                and not bwd, timed=times[variant])
                     result["model_latency"].append(_row(variant, batch, mode, r))
                     bar.update()
                 for shape in shapes:

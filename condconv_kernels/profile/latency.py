@@ -182,16 +182,17 @@ def cpu_peak_memory_mb(fn: Callable[[], object]) -> float:
 
 
 def measure(fn: Callable[[], None], device: str, min_run_time: float,
-            cuda_graph: bool = False) -> VariantResult:
+            cuda_graph: bool = False, timed: Optional[Measurement] = None) -> VariantResult:
     """Times fn (median, quantiles) and its peak memory (CUDA: the caching allocator's peak
     above what was allocated before; CPU: :func:`cpu_peak_memory_mb`); with ``cuda_graph``
-    also the replay time of fn captured in a CUDA graph."""
+    also the replay time of fn captured in a CUDA graph. ``timed``: a timing already taken
+    (e.g. by :func:`~condconv_kernels.profile.timing.time_interleaved`), kept as is."""
     peak = None
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    m = time_callable(fn, device, min_run_time)
+    m = timed if timed is not None else time_callable(fn, device, min_run_time)
     graph_ms = None
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20

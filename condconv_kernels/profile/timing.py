@@ -76,6 +76,21 @@ def time_callable(fn: Callable[[], object], device: str = "cpu", min_run_time: f
                        len(times))
 
 
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu",
+                     min_run_time: float = 0.3, rounds: int = 3) -> Dict[str, Measurement]:
+    """Times several variants in ``rounds`` alternating rounds (each round every variant for
+    ``min_run_time / rounds`` seconds) and keeps, per variant, the round with the median time:
+    slow drifts of a shared machine then hit every variant alike instead of the one that ran
+    during them."""
+    rounds = max(1, rounds)
+    per_round: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per_round[name].append(time_callable(fn, device, min_run_time / rounds))
+    return {name: sorted(ms, key=lambda m: m.median_ms)[len(ms) // 2]
+            for name, ms in per_round.items()}
+
+
 def machine_info() -> Dict[str, str]:
     """What a benchmark number depends on: machine, threads, versions, commit."""
     try:
