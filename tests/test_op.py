@@ -47,7 +47,8 @@ def test_float32(case, layout, backend):
 
 
 @pytest.mark.parametrize("backend,case,layout", matrix(
-    [CASES_BY_NAME[n] for n in ("k3_s2_asym", "g2_k1", "dw3_s2_b1_e1_nobias", "k1_s2_e8")],
+    [CASES_BY_NAME[n] for n in ("k3_s2_asym", "g2_k1", "dw3_s2_b1_e1_nobias", "k1_s2_e8", "k1",
+                                "dw5_s2_same_e8")],
     ("channels_last", "contiguous")))
 def test_low_precision(case, layout, backend):
     for dtype in low_precision_dtypes(backend):

@@ -14,6 +14,8 @@
 
 #include <ATen/Dispatch.h>
 
+#include <vector>
+
 namespace condconv {
 namespace cpu {
 namespace {
@@ -186,19 +188,105 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
   });
 }
 
+// bfloat16 1x1 convolutions (one group, stride 1, no padding, (h, w) one run of strides in x
+// and out): the kernels are mixed straight from the bfloat16 experts into bfloat16 scratch,
+// accumulating in float32 (the generic route would first convert all E experts to float32: twice
+// the bytes, read twice), then each example runs one bfloat16 GEMM (float32 accumulation) that
+// writes its output block in place.
+bool bf16_pointwise_applies(const at::Tensor& x, const at::Tensor& out, const Geometry& g) {
+  if (x.scalar_type() != at::kBFloat16 || g.groups != 1 || g.kernel_h != 1 || g.kernel_w != 1 ||
+      g.stride_h != 1 || g.stride_w != 1 || g.pad_top || g.pad_bottom || g.pad_left ||
+      g.pad_right) {
+    return false;
+  }
+  const Strides xs(x), os(out);
+  return (g.height == 1 || xs.h == g.width * xs.w) && (g.out_h == 1 || os.h == g.out_w * os.w) &&
+         (os.w == 1 || os.c == 1);
+}
+
+// mixed[b, k] = sum_e routing[b, e] weight[e, k] for b in [0, n): float32 accumulation over
+// blocks of k (parallel), bfloat16 in and out.
+void mix_bf16(const at::BFloat16* w, const float* r, int64_t n, int64_t experts, int64_t N,
+              at::BFloat16* mixed) {
+  constexpr int64_t kBlock = 512;
+  at::parallel_for(0, ceil_div(N, kBlock), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(n * kBlock), wf(kBlock);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k0 = t * kBlock, len = std::min(kBlock, N - k0);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t e = 0; e < experts; ++e) {
+        const at::BFloat16* we = w + e * N + k0;
+        for (int64_t i = 0; i < len; ++i) wf[i] = static_cast<float>(we[i]);
+        for (int64_t b = 0; b < n; ++b) {
+          const float rb = r[b * experts + e];
+          float* ab = acc.data() + b * kBlock;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) ab[i] += rb * wf[i];
+        }
+      }
+      for (int64_t b = 0; b < n; ++b) {
+        at::BFloat16* dst = mixed + b * N + k0;
+        const float* ab = acc.data() + b * kBlock;
+        for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<at::BFloat16>(ab[i]);
+      }
+    }
+  });
+}
+
+void bf16_pointwise_forward(const at::Tensor& x, const at::Tensor& routing,
+                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            const Geometry& g, at::Tensor& out) {
+  const int64_t K = g.k(), L = g.out_pixels(), N = g.kernel_numel();
+  const Strides xs(x), os(out);
+  const at::Tensor r = routing.to(at::kFloat).contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor bias_mix =
+      bias.has_value() ? at::mm(r, bias->to(at::kFloat)).to(at::kBFloat16) : at::Tensor();
+  const int64_t chunk = batch_chunk(g, sizeof(at::BFloat16));
+  at::Tensor wmix = workspace(Slot::kMixed, {chunk, N}, x.options());
+  for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - c0);
+    mix_bf16(w.const_data_ptr<at::BFloat16>(), r.const_data_ptr<float>() + c0 * g.experts, n,
+             g.experts, N, wmix.mutable_data_ptr<at::BFloat16>());
+    at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = c0 + t;
+        const at::Tensor operand = x.as_strided({K, L}, {xs.c, xs.w}, x.storage_offset() + b * xs.n);
+        const at::Tensor kernel = wmix.select(0, t).view({g.out_channels, K});
+        at::Tensor dst = out.as_strided({g.out_channels, L}, {os.c, os.w},
+                                        out.storage_offset() + b * os.n);
+        if (bias_mix.defined()) {
+          at::addmm_out(dst, bias_mix.select(0, b).unsqueeze(1), kernel, operand);
+        } else {
+          at::mm_out(dst, kernel, operand);
+        }
+      }
+    });
+  }
+}
+
 template <typename scalar_t>
 at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const Geometry& g) {
+  at::Tensor out;
+  if (!grouped_depthwise_forward_applies(x, g)) {
+    out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                    x.options().memory_format(x.suggest_memory_format()));
+    if (bf16_pointwise_applies(x, out, g)) {
+      bf16_pointwise_forward(x, routing, weight.view({g.experts, g.kernel_numel()}), bias, g,
+                             out);
+      return out;
+    }
+  }
   const Operands<scalar_t> ops(x, routing, weight, g);
   // Mixed biases are B x Cout: small, so computed for the whole batch at once.
   const at::Tensor bias_mix =
       bias.has_value() ? at::mm(ops.routing, bias->to(Operands<scalar_t>::acc_type)).contiguous()
                        : at::Tensor();
-  if (grouped_depthwise_forward_applies(x, g)) {
+  if (!out.defined()) {
     return grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
   }
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
-                             x.options().memory_format(x.suggest_memory_format()));
   if (!g.depthwise()) {
     dense_forward<scalar_t>(x, ops, bias_mix, g, out);
   } else if (g.out_per_group() == 1 && x.stride(1) == 1 && out.stride(1) == 1) {

@@ -29,11 +29,12 @@ inline bool grouped_depthwise_applies(const at::Tensor& x, const Geometry& g) {
 }
 
 // The forward's: also bfloat16 (mixed in float32, taps rounded to bfloat16, accumulated in
-// float32 by oneDNN) and channels_last inputs (one convolution per example, see below).
+// float32 by oneDNN). channels_last inputs stay on the direct kernel: (B, H, W, C) memory has no
+// (1, B*C, H, W) view, and one convolution per example would copy every output slice (measured
+// no faster than the direct kernel).
 inline bool grouped_depthwise_forward_applies(const at::Tensor& x, const Geometry& g) {
   const bool dtype_ok = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
-  const bool layout_ok = x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  return g.depthwise() && dtype_ok && layout_ok && at::hasMKLDNN() && g.batch > 0;
+  return g.depthwise() && dtype_ok && x.is_contiguous() && at::hasMKLDNN() && g.batch > 0;
 }
 
 // The (1, B*C, H', W') view of x and the convolution's symmetric padding. Asymmetric padding
@@ -54,7 +55,7 @@ inline at::Tensor grouped_taps(const at::Tensor& routing, const at::Tensor& weig
   return at::mm(routing, weight).view({g.batch * g.out_channels, 1, g.kernel_h, g.kernel_w});
 }
 
-// Forward: returns (B, Cout, Ho, Wo) in x's memory format. routing, weight and bias_mix
+// Forward: returns (B, Cout, Ho, Wo), NCHW as x. routing, weight and bias_mix
 // ((B, Cout) or undefined) are float32; taps and bias are cast to x's dtype.
 inline at::Tensor grouped_depthwise_forward(const at::Tensor& x, const at::Tensor& routing,
                                             const at::Tensor& weight, const at::Tensor& bias_mix,
@@ -62,32 +63,11 @@ inline at::Tensor grouped_depthwise_forward(const at::Tensor& x, const at::Tenso
   const at::Tensor taps = grouped_taps(routing, weight, g).to(x.scalar_type());
   const at::Tensor bias =
       bias_mix.defined() ? bias_mix.reshape({-1}).to(x.scalar_type()) : at::Tensor();
-  if (x.is_contiguous()) {
-    auto [xv, pad] = grouped_input(x, g);
-    at::Tensor y = at::convolution(xv, taps, bias, {g.stride_h, g.stride_w}, {pad[0], pad[1]},
-                                   {g.dilation_h, g.dilation_w}, false, {0, 0},
-                                   g.batch * g.in_channels);
-    return y.view({g.batch, g.out_channels, g.out_h, g.out_w});
-  }
-  // channels_last: (B, H, W, C) memory has no (1, B*C, H, W) view, so each example runs as its
-  // own depthwise convolution (oneDNN's channels_last kernel) with its taps, into its slice.
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
-                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const bool symmetric = g.pad_top == g.pad_bottom && g.pad_left == g.pad_right;
-  for (int64_t b = 0; b < g.batch; ++b) {
-    at::Tensor xb = x.narrow(0, b, 1);
-    if (!symmetric) {
-      xb = at::constant_pad_nd(xb, {g.pad_left, g.pad_right, g.pad_top, g.pad_bottom}, 0)
-               .contiguous(at::MemoryFormat::ChannelsLast);
-    }
-    const int64_t ph = symmetric ? g.pad_top : 0, pw = symmetric ? g.pad_left : 0;
-    out.narrow(0, b, 1).copy_(at::convolution(
-        xb, taps.narrow(0, b * g.out_channels, g.out_channels),
-        bias.defined() ? bias.narrow(0, b * g.out_channels, g.out_channels) : at::Tensor(),
-        {g.stride_h, g.stride_w}, {ph, pw}, {g.dilation_h, g.dilation_w}, false, {0, 0},
-        g.in_channels));
-  }
-  return out;
+  auto [xv, pad] = grouped_input(x, g);
+  at::Tensor y = at::convolution(xv, taps, bias, {g.stride_h, g.stride_w}, {pad[0], pad[1]},
+                                 {g.dilation_h, g.dilation_w}, false, {0, 0},
+                                 g.batch * g.in_channels);
+  return y.view({g.batch, g.out_channels, g.out_h, g.out_w});
 }
 
 // sum_q a[q] b[q]. The simd reduction lets the compiler vectorise it (on its own it may not
