@@ -266,6 +266,10 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
         for (int64_t i = 0; i < be; ++i) gr_ptr[i] += parts_ptr[c * be + i];
       }
     }
+  } else if (grouped_dense_applies(x, g) && x.scalar_type() == at::kFloat) {
+    if (need_dr) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
+    grouped_dense_backward(grad_out, x, ops.routing, ops.weight, g, need_dx ? &grad_x : nullptr,
+                           need_dw ? &gw : nullptr, need_dr ? &gr : nullptr);
   } else {
     if (need_dr) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
     dense_backward<scalar_t>(grad_out, x, ops, g, need_dx ? &grad_x : nullptr,

@@ -307,8 +307,11 @@ void bf16_pointwise_forward(const at::Tensor& x, const at::Tensor& routing,
 template <typename scalar_t>
 at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const Geometry& g) {
+  // Paths that return ATen's convolution output allocate nothing else for the output.
+  const bool grouped_dw = grouped_depthwise_forward_applies(x, g);
+  const bool grouped_dense = grouped_dense_applies(x, g);
   at::Tensor out;
-  if (!grouped_depthwise_forward_applies(x, g)) {
+  if (!grouped_dw && !grouped_dense) {
     out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                     x.options().memory_format(x.suggest_memory_format()));
     if (bf16_pointwise_applies(x, out, g)) {
@@ -322,9 +325,8 @@ at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const a
   const at::Tensor bias_mix =
       bias.has_value() ? at::mm(ops.routing, bias->to(Operands<scalar_t>::acc_type)).contiguous()
                        : at::Tensor();
-  if (!out.defined()) {
-    return grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
-  }
+  if (grouped_dw) return grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
+  if (grouped_dense) return grouped_dense_forward(x, ops.routing, ops.weight, bias_mix, g);
   if (!g.depthwise()) {
     dense_forward<scalar_t>(x, ops, bias_mix, g, out);
   } else if (g.out_per_group() == 1 && x.stride(1) == 1 && out.stride(1) == 1) {

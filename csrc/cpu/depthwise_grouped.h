@@ -49,6 +49,98 @@ inline std::tuple<at::Tensor, std::array<int64_t, 2>> grouped_input(const at::Te
           {0, 0}};
 }
 
+// Dense k x k (not the 1x1 GEMM path), float32/bfloat16, x NCHW-contiguous: chunks of examples
+// run as one grouped convolution each over the (1, n*Cin, H, W) view, their kernels mixed into
+// reused scratch (at most batch_chunk examples: bounded memory). ATen's direct convolution
+// beats im2col + GEMM per example here (measured 1.2-1.8x on 3x3 layers).
+inline bool grouped_dense_applies(const at::Tensor& x, const Geometry& g) {
+  const bool pointwise = g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 &&
+                         g.stride_w == 1 && !g.pad_top && !g.pad_bottom && !g.pad_left &&
+                         !g.pad_right;
+  const bool dtype_ok = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  return !g.depthwise() && !pointwise && dtype_ok && x.is_contiguous() && at::hasMKLDNN() &&
+         g.batch > 0;
+}
+
+inline at::Tensor grouped_dense_forward(const at::Tensor& x, const at::Tensor& routing,
+                                        const at::Tensor& weight, const at::Tensor& bias_mix,
+                                        const Geometry& g) {
+  const int64_t chunk = batch_chunk(g, sizeof(float));
+  at::Tensor wmix = workspace(Slot::kMixed, {chunk, g.kernel_numel()}, weight.options());
+  const bool symmetric = g.pad_top == g.pad_bottom && g.pad_left == g.pad_right;
+  at::Tensor out;
+  for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - c0);
+    at::Tensor mixed = wmix.narrow(0, 0, n);
+    at::mm_out(mixed, routing.narrow(0, c0, n), weight);
+    at::Tensor xv = x.narrow(0, c0, n).view({1, n * g.in_channels, g.height, g.width});
+    if (!symmetric) {
+      xv = at::constant_pad_nd(xv, {g.pad_left, g.pad_right, g.pad_top, g.pad_bottom}, 0);
+    }
+    const at::Tensor kernels =
+        mixed.view({n * g.out_channels, g.in_per_group(), g.kernel_h, g.kernel_w})
+            .to(x.scalar_type());
+    const at::Tensor bias = bias_mix.defined()
+                                ? bias_mix.narrow(0, c0, n).reshape({-1}).to(x.scalar_type())
+                                : at::Tensor();
+    at::Tensor y = at::convolution(
+        xv, kernels, bias, {g.stride_h, g.stride_w},
+        {symmetric ? g.pad_top : 0, symmetric ? g.pad_left : 0}, {g.dilation_h, g.dilation_w},
+        false, {0, 0}, n * g.groups).view({n, g.out_channels, g.out_h, g.out_w});
+    if (n == g.batch) return y;  // one chunk: the convolution's output is the output
+    if (!out.defined()) {
+      out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+    }
+    out.narrow(0, c0, n).copy_(y);
+  }
+  return out;
+}
+
+// Backward of grouped_dense_forward (float32 only): per chunk one convolution_backward gives
+// grad_x and the kernel gradients G (n x |W|), folded at once into grad_weight (first chunk
+// overwrites, later ones add, in chunk order) and grad_routing = G W^T. routing, weight, gw
+// (E, |W|) and gr (B, E) are float32; gw / gr / grad_x may be null.
+inline void grouped_dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                   const at::Tensor& routing, const at::Tensor& weight,
+                                   const Geometry& g, at::Tensor* grad_x, at::Tensor* gw,
+                                   at::Tensor* gr) {
+  const int64_t chunk = batch_chunk(g, sizeof(float));
+  at::Tensor wmix = workspace(Slot::kMixed, {chunk, g.kernel_numel()}, weight.options());
+  const bool symmetric = g.pad_top == g.pad_bottom && g.pad_left == g.pad_right;
+  for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - c0);
+    at::Tensor mixed = wmix.narrow(0, 0, n);
+    at::mm_out(mixed, routing.narrow(0, c0, n), weight);
+    at::Tensor xv = x.narrow(0, c0, n).view({1, n * g.in_channels, g.height, g.width});
+    if (!symmetric) {
+      xv = at::constant_pad_nd(xv, {g.pad_left, g.pad_right, g.pad_top, g.pad_bottom}, 0);
+    }
+    const at::Tensor go = grad_out.narrow(0, c0, n).contiguous().view(
+        {1, n * g.out_channels, g.out_h, g.out_w});
+    auto [gx, gk, gb] = at::convolution_backward(
+        go, xv, mixed.view({n * g.out_channels, g.in_per_group(), g.kernel_h, g.kernel_w}),
+        c10::nullopt, {g.stride_h, g.stride_w},
+        {symmetric ? g.pad_top : 0, symmetric ? g.pad_left : 0}, {g.dilation_h, g.dilation_w},
+        false, {0, 0}, n * g.groups, {grad_x != nullptr, gw || gr, false});
+    if (grad_x != nullptr) {
+      at::Tensor full = gx.view({n, g.in_channels, xv.size(2), xv.size(3)});
+      if (!symmetric) {
+        full = full.narrow(2, g.pad_top, g.height).narrow(3, g.pad_left, g.width);
+      }
+      grad_x->narrow(0, c0, n).copy_(full);
+    }
+    if (gw || gr) {
+      const at::Tensor G = gk.view({n, g.kernel_numel()});
+      if (gw && c0 == 0) {
+        at::mm_out(*gw, routing.narrow(0, 0, n).t(), G);
+      } else if (gw) {
+        gw->addmm_(routing.narrow(0, c0, n).t(), G);
+      }
+      if (gr) gr->narrow(0, c0, n).copy_(rows_dot(G, weight));
+    }
+  }
+}
+
 // (B*Cout, 1, kh, kw) mixed taps: routing (B, E) @ weight (E, |W|), both float32.
 inline at::Tensor grouped_taps(const at::Tensor& routing, const at::Tensor& weight,
                                const Geometry& g) {
