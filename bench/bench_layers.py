@@ -21,6 +21,7 @@ import torch
 from condconv_kernels.profile.timing import reexec_with_stable_malloc
 from condconv_kernels.profile import efficientnet_cc_b0_layers, machine_info, time_callable
 from condconv_kernels.profile.latency import layer_variants
+from condconv_kernels.profile.layers import resnet_condconv_layers
 
 try:
     from tqdm import tqdm
@@ -38,6 +39,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--shapes", default="efficientnet", choices=["efficientnet", "resnet"],
+                   help="the 24 layers of tf_efficientnet_cc_b0 (default), or dense 3x3 layers "
+                        "at ResNet-18 shapes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--backward", action="store_true", help="time forward + backward")
@@ -46,7 +50,8 @@ def main(argv=None):
     p.add_argument("--out", help="write the table (markdown) and every number (JSON beside it)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    layers = efficientnet_cc_b0_layers(args.experts)
+    layers = (efficientnet_cc_b0_layers(args.experts) if args.shapes == "efficientnet"
+              else resnet_condconv_layers(args.experts))
     variants = [layer_variants(layer, args.batch, args.device, dtype, args.backward,
                                channels_last=args.channels_last) for layer in layers]
     # One untimed pass over everything first: the allocator then serves every size from its
@@ -63,7 +68,9 @@ def main(argv=None):
     fused = [n for n in rows[0][1] if n.startswith("fused:")]
     mode = "forward+backward" if args.backward else "forward"
     layout = "channels_last" if args.channels_last else "contiguous"
-    lines = [f"tf_efficientnet_cc_b0_{args.experts}e CondConv layers, batch {args.batch}, "
+    title = (f"tf_efficientnet_cc_b0_{args.experts}e CondConv layers" if args.shapes ==
+             "efficientnet" else f"dense 3x3 CondConv layers (ResNet-18 shapes, E={args.experts})")
+    lines = [f"{title}, batch {args.batch}, "
              f"{args.dtype}, {layout}, {mode}, median ms", "",
              "| layer | shape | static | unfused | " +
              " | ".join(f"{n} | {n} speedup vs unfused | {n} / static" for n in fused) + " |",

@@ -64,3 +64,13 @@ def efficientnet_cc_b0_layers(num_experts: int = 8, image_size: int = 224) -> Li
                                      num_experts, (0, 0, 0, 0)))
             cin = cout
     return layers
+
+
+def resnet_condconv_layers(num_experts: int = 4) -> List[LayerShape]:
+    """Dense 3x3 CondConv layers at the shapes of a ResNet-18/34 at 224 (one per stage, and the
+    stride-2 entries of stages 3-5): the kxk dense path, which EfficientNet does not use."""
+    shapes = [("r2.conv", 64, 64, 56, 1), ("r3.down", 64, 128, 56, 2), ("r3.conv", 128, 128, 28, 1),
+              ("r4.down", 128, 256, 28, 2), ("r4.conv", 256, 256, 14, 1),
+              ("r5.down", 256, 512, 14, 2), ("r5.conv", 512, 512, 7, 1)]
+    return [LayerShape(name, cin, cout, size, size, 3, stride, 1, num_experts, (1, 1, 1, 1))
+            for name, cin, cout, size, stride in shapes]
