@@ -136,17 +136,19 @@ void depthwise_forward_planar(const at::Tensor& x, const Operands<scalar_t>& ops
   });
 }
 
-// One full block of kBlock channels of one example, channels_last: per output pixel, the kBlock
-// accumulators (a compile-time count, so kept in vector registers) take every tap inside the
-// image. xb, bias and out point at the block's first channel.
-template <typename scalar_t, typename acc_t, int64_t kBlock>
+// One block of channels of one example, channels_last: per output pixel, the accumulators take
+// every tap inside the image. With kFull the count is the compile-time kMax, so the accumulators
+// stay in vector registers; otherwise it is n. xb, bias and out point at the block's first
+// channel; w is (taps, kMax).
+template <typename scalar_t, typename acc_t, int64_t kMax, bool kFull>
 void depthwise_channels_last_block(const scalar_t* xb, const Strides& xs, const Geometry& g,
                                    const acc_t* w, const acc_t* bias, scalar_t* out,
-                                   const Strides& os) {
+                                   const Strides& os, int64_t n) {
+  const int64_t count = kFull ? kMax : n;
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      acc_t acc[kBlock];
-      for (int64_t c = 0; c < kBlock; ++c) acc[c] = bias ? bias[c] : acc_t(0);
+      acc_t acc[kMax];
+      for (int64_t c = 0; c < count; ++c) acc[c] = bias ? bias[c] : acc_t(0);
       for (int64_t i = 0; i < g.kernel_h; ++i) {
         const int64_t ih = oh * g.stride_h + i * g.dilation_h - g.pad_top;
         if (ih < 0 || ih >= g.height) continue;
@@ -154,13 +156,13 @@ void depthwise_channels_last_block(const scalar_t* xb, const Strides& xs, const 
           const int64_t iw = ow * g.stride_w + j * g.dilation_w - g.pad_left;
           if (iw < 0 || iw >= g.width) continue;
           const scalar_t* xp = xb + ih * xs.h + iw * xs.w;
-          const acc_t* wk = w + (i * g.kernel_w + j) * kBlock;
+          const acc_t* wk = w + (i * g.kernel_w + j) * kMax;
 #pragma omp simd
-          for (int64_t c = 0; c < kBlock; ++c) acc[c] += wk[c] * static_cast<acc_t>(xp[c]);
+          for (int64_t c = 0; c < count; ++c) acc[c] += wk[c] * static_cast<acc_t>(xp[c]);
         }
       }
       scalar_t* op = out + oh * os.h + ow * os.w;
-      for (int64_t c = 0; c < kBlock; ++c) op[c] = static_cast<scalar_t>(acc[c]);
+      for (int64_t c = 0; c < count; ++c) op[c] = static_cast<scalar_t>(acc[c]);
     }
   }
 }
@@ -185,7 +187,6 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
 
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> w(taps * kBlock), mixed(taps * kBlock);
-    acc_t acc[kBlock];  // partial blocks; full blocks use depthwise_channels_last_block
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / blocks, c0 = (t % blocks) * kBlock;
       const int64_t n = std::min(kBlock, g.out_channels - c0);
@@ -197,30 +198,14 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
         for (int64_t k = 0; k < taps; ++k) w[k * kBlock + c] = mixed[c * taps + k];
       }
       const scalar_t* xb = x_ptr + b * xs.n + c0;
-      if (n == kBlock) {  // full block: fixed trip counts, the accumulators stay in registers
-        depthwise_channels_last_block<scalar_t, acc_t, kBlock>(
-            xb, xs, g, w.data(), bm_ptr ? bm_ptr + b * g.out_channels + c0 : nullptr,
-            out_ptr + b * os.n + c0, os);
-        continue;
-      }
-      for (int64_t oh = 0; oh < g.out_h; ++oh) {
-        for (int64_t ow = 0; ow < g.out_w; ++ow) {
-          for (int64_t c = 0; c < n; ++c) acc[c] = bm_ptr ? bm_ptr[b * g.out_channels + c0 + c] : 0;
-          for (int64_t i = 0; i < g.kernel_h; ++i) {
-            const int64_t ih = oh * g.stride_h + i * g.dilation_h - g.pad_top;
-            if (ih < 0 || ih >= g.height) continue;
-            for (int64_t j = 0; j < g.kernel_w; ++j) {
-              const int64_t iw = ow * g.stride_w + j * g.dilation_w - g.pad_left;
-              if (iw < 0 || iw >= g.width) continue;
-              const scalar_t* xp = xb + ih * xs.h + iw * xs.w;
-              const acc_t* wk = w.data() + (i * g.kernel_w + j) * kBlock;
-#pragma omp simd
-              for (int64_t c = 0; c < n; ++c) acc[c] += wk[c] * static_cast<acc_t>(xp[c]);
-            }
-          }
-          scalar_t* op = out_ptr + b * os.n + oh * os.h + ow * os.w + c0;
-          for (int64_t c = 0; c < n; ++c) op[c] = static_cast<scalar_t>(acc[c]);
-        }
+      const acc_t* bias = bm_ptr ? bm_ptr + b * g.out_channels + c0 : nullptr;
+      scalar_t* ob = out_ptr + b * os.n + c0;
+      if (n == kBlock) {
+        depthwise_channels_last_block<scalar_t, acc_t, kBlock, true>(xb, xs, g, w.data(), bias,
+                                                                    ob, os, n);
+      } else {
+        depthwise_channels_last_block<scalar_t, acc_t, kBlock, false>(xb, xs, g, w.data(), bias,
+                                                                     ob, os, n);
       }
     }
   });

@@ -37,16 +37,26 @@ inline bool grouped_depthwise_forward_applies(const at::Tensor& x, const Geometr
   return g.depthwise() && dtype_ok && x.is_contiguous() && at::hasMKLDNN() && g.batch > 0;
 }
 
-// The (1, B*C, H', W') view of x and the convolution's symmetric padding. Asymmetric padding
-// (TensorFlow SAME with an odd total) is applied to x explicitly, as timm's conv2d_same does.
+// The (1, n*C, H', W') view of examples [c0, c0 + n) of x and the convolution's symmetric
+// padding. Asymmetric padding (TensorFlow SAME with an odd total) is applied to x explicitly, as
+// timm's conv2d_same does.
 inline std::tuple<at::Tensor, std::array<int64_t, 2>> grouped_input(const at::Tensor& x,
+                                                                    int64_t c0, int64_t n,
                                                                     const Geometry& g) {
-  at::Tensor xv = x.view({1, g.batch * g.in_channels, g.height, g.width});
+  at::Tensor xv = x.narrow(0, c0, n).view({1, n * g.in_channels, g.height, g.width});
   if (g.pad_top == g.pad_bottom && g.pad_left == g.pad_right) {
     return {xv, {g.pad_top, g.pad_left}};
   }
   return {at::constant_pad_nd(xv, {g.pad_left, g.pad_right, g.pad_top, g.pad_bottom}, 0),
           {0, 0}};
+}
+
+// The gradient of x[c0 : c0 + n] from the gradient of its grouped_input view.
+inline at::Tensor grouped_input_grad(const at::Tensor& gx, const at::Tensor& xv, int64_t n,
+                                     const Geometry& g) {
+  at::Tensor full = gx.view({n, g.in_channels, xv.size(2), xv.size(3)});
+  if (xv.size(2) == g.height && xv.size(3) == g.width) return full;
+  return full.narrow(2, g.pad_top, g.height).narrow(3, g.pad_left, g.width);
 }
 
 // Dense k x k (not the 1x1 GEMM path), float32/bfloat16, x NCHW-contiguous: chunks of examples
@@ -67,26 +77,22 @@ inline at::Tensor grouped_dense_forward(const at::Tensor& x, const at::Tensor& r
                                         const Geometry& g) {
   const int64_t chunk = batch_chunk(g, sizeof(float));
   at::Tensor wmix = workspace(Slot::kMixed, {chunk, g.kernel_numel()}, weight.options());
-  const bool symmetric = g.pad_top == g.pad_bottom && g.pad_left == g.pad_right;
   at::Tensor out;
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - c0);
     at::Tensor mixed = wmix.narrow(0, 0, n);
     at::mm_out(mixed, routing.narrow(0, c0, n), weight);
-    at::Tensor xv = x.narrow(0, c0, n).view({1, n * g.in_channels, g.height, g.width});
-    if (!symmetric) {
-      xv = at::constant_pad_nd(xv, {g.pad_left, g.pad_right, g.pad_top, g.pad_bottom}, 0);
-    }
+    auto [xv, pad] = grouped_input(x, c0, n, g);
     const at::Tensor kernels =
         mixed.view({n * g.out_channels, g.in_per_group(), g.kernel_h, g.kernel_w})
             .to(x.scalar_type());
     const at::Tensor bias = bias_mix.defined()
                                 ? bias_mix.narrow(0, c0, n).reshape({-1}).to(x.scalar_type())
                                 : at::Tensor();
-    at::Tensor y = at::convolution(
-        xv, kernels, bias, {g.stride_h, g.stride_w},
-        {symmetric ? g.pad_top : 0, symmetric ? g.pad_left : 0}, {g.dilation_h, g.dilation_w},
-        false, {0, 0}, n * g.groups).view({n, g.out_channels, g.out_h, g.out_w});
+    at::Tensor y = at::convolution(xv, kernels, bias, {g.stride_h, g.stride_w},
+                                   {pad[0], pad[1]}, {g.dilation_h, g.dilation_w}, false, {0, 0},
+                                   n * g.groups)
+                       .view({n, g.out_channels, g.out_h, g.out_w});
     if (n == g.batch) return y;  // one chunk: the convolution's output is the output
     if (!out.defined()) {
       out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
@@ -106,29 +112,18 @@ inline void grouped_dense_backward(const at::Tensor& grad_out, const at::Tensor&
                                    at::Tensor* gr) {
   const int64_t chunk = batch_chunk(g, sizeof(float));
   at::Tensor wmix = workspace(Slot::kMixed, {chunk, g.kernel_numel()}, weight.options());
-  const bool symmetric = g.pad_top == g.pad_bottom && g.pad_left == g.pad_right;
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - c0);
     at::Tensor mixed = wmix.narrow(0, 0, n);
     at::mm_out(mixed, routing.narrow(0, c0, n), weight);
-    at::Tensor xv = x.narrow(0, c0, n).view({1, n * g.in_channels, g.height, g.width});
-    if (!symmetric) {
-      xv = at::constant_pad_nd(xv, {g.pad_left, g.pad_right, g.pad_top, g.pad_bottom}, 0);
-    }
+    auto [xv, pad] = grouped_input(x, c0, n, g);
     const at::Tensor go = grad_out.narrow(0, c0, n).contiguous().view(
         {1, n * g.out_channels, g.out_h, g.out_w});
     auto [gx, gk, gb] = at::convolution_backward(
         go, xv, mixed.view({n * g.out_channels, g.in_per_group(), g.kernel_h, g.kernel_w}),
-        c10::nullopt, {g.stride_h, g.stride_w},
-        {symmetric ? g.pad_top : 0, symmetric ? g.pad_left : 0}, {g.dilation_h, g.dilation_w},
+        c10::nullopt, {g.stride_h, g.stride_w}, {pad[0], pad[1]}, {g.dilation_h, g.dilation_w},
         false, {0, 0}, n * g.groups, {grad_x != nullptr, gw || gr, false});
-    if (grad_x != nullptr) {
-      at::Tensor full = gx.view({n, g.in_channels, xv.size(2), xv.size(3)});
-      if (!symmetric) {
-        full = full.narrow(2, g.pad_top, g.height).narrow(3, g.pad_left, g.width);
-      }
-      grad_x->narrow(0, c0, n).copy_(full);
-    }
+    if (grad_x != nullptr) grad_x->narrow(0, c0, n).copy_(grouped_input_grad(gx, xv, n, g));
     if (gw || gr) {
       const at::Tensor G = gk.view({n, g.kernel_numel()});
       if (gw && c0 == 0) {
@@ -155,7 +150,7 @@ inline at::Tensor grouped_depthwise_forward(const at::Tensor& x, const at::Tenso
   const at::Tensor taps = grouped_taps(routing, weight, g).to(x.scalar_type());
   const at::Tensor bias =
       bias_mix.defined() ? bias_mix.reshape({-1}).to(x.scalar_type()) : at::Tensor();
-  auto [xv, pad] = grouped_input(x, g);
+  auto [xv, pad] = grouped_input(x, 0, g.batch, g);
   at::Tensor y = at::convolution(xv, taps, bias, {g.stride_h, g.stride_w}, {pad[0], pad[1]},
                                  {g.dilation_h, g.dilation_w}, false, {0, 0},
                                  g.batch * g.in_channels);
@@ -237,7 +232,7 @@ inline at::Tensor grouped_depthwise_backward(const at::Tensor& grad_out, const a
   const at::Tensor go_nchw = grad_out.contiguous();
   at::Tensor G = need_g && !aten_g ? depthwise_kernel_grad(go_nchw, x, g) : at::Tensor();
   if (grad_x == nullptr && !aten_g) return G;
-  auto [xv, pad] = grouped_input(x, g);
+  auto [xv, pad] = grouped_input(x, 0, g.batch, g);
   const at::Tensor go = go_nchw.view({1, g.batch * g.out_channels, g.out_h, g.out_w});
   auto [gx, gk, gb] = at::convolution_backward(
       go, xv, grouped_taps(routing, weight, g), c10::nullopt, {g.stride_h, g.stride_w},
@@ -245,12 +240,11 @@ inline at::Tensor grouped_depthwise_backward(const at::Tensor& grad_out, const a
       {grad_x != nullptr, aten_g, false});
   if (aten_g) G = gk.view({g.batch, g.kernel_numel()});
   if (grad_x != nullptr) {
-    const bool padded = xv.size(2) != g.height || xv.size(3) != g.width;
-    at::Tensor full = gx.view({g.batch, g.in_channels, xv.size(2), xv.size(3)});
-    if (padded) {  // drop the gradient of the explicit padding
-      grad_x->copy_(full.narrow(2, g.pad_top, g.height).narrow(3, g.pad_left, g.width));
+    const at::Tensor full = grouped_input_grad(gx, xv, g.batch, g);
+    if (full.is_contiguous()) {
+      *grad_x = full;  // NCHW-contiguous, as x: taken as it is
     } else {
-      *grad_x = full;  // already NCHW-contiguous, as x
+      grad_x->copy_(full);  // the explicit padding's gradient dropped
     }
   }
   return G;
