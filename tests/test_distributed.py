@@ -1,6 +1,7 @@
 """DistributedDataParallel over 2 CPU processes (gloo): a few training steps of a small CondConv
 network give the same parameters as one process on the same global batch."""
 import os
+import sys
 
 import pytest
 import torch
@@ -61,8 +62,16 @@ def _worker(rank, init_file, data, out_path):
         _train(ddp, data, slice(rank * per_rank, (rank + 1) * per_rank))
         if rank == 0:
             torch.save(model.state_dict(), out_path)
+        # Both ranks finish every collective (and rank 0 its save) before either tears down.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Gloo's worker threads can abort the interpreter's own finalisation at random (a
+    # teardown race inside torch.distributed, seen once in CI as SIGABRT after all work was
+    # done). Everything this rank had to do is done and flushed, so leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
