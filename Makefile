@@ -49,7 +49,12 @@ $(STAMP): $(SOURCES) | $(if $(filter yes,$(SYSTEM_TORCH)),,.venv/bin/python)
 	$(PYTHON) -c "import numpy as n, sys; sys.exit(tuple(map(int, n.__version__.split('.')[:2])) >= (2, 3))" \
 		2>/dev/null || $(PYTHON) -m pip install "numpy<2.3" \
 		|| echo "numpy<2.3 could not be installed: Triton's interpreter may fail"
-	$(PIP_INSTALL) -e . || $(PYTHON) setup.py build_ext --inplace
+	@# Where the CUDA kernels fail to build, the CPU kernels are still built so that everything
+	@# else can be tested; tests/test_gpu.py then fails on the missing cuda backend.
+	$(PIP_INSTALL) -e . \
+		|| (echo "*** the CUDA build failed: building the CPU kernels only (CONDCONV_SKIP_CUDA=1) ***" \
+			&& CONDCONV_SKIP_CUDA=1 $(PIP_INSTALL) -e .) \
+		|| $(PYTHON) setup.py build_ext --inplace
 	@touch $@
 
 test: test-python test-cpp

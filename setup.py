@@ -46,7 +46,8 @@ def extension():
             "condconv_kernels._C",
             cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DCONDCONV_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+                                "nvcc": ["-O3", "-std=c++17", "-lineinfo",
+                                         "--expt-relaxed-constexpr"]},
             extra_link_args=link_flags,
         )
     return CppExtension("condconv_kernels._C", cpp_sources,

@@ -71,4 +71,18 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
               at::Tensor& grad_weight, at::Tensor& grad_bias);
 
 }  // namespace cpu
+
+// The same contract on CUDA tensors (csrc/cuda/, built when torch has CUDA): the kernels run on
+// the current stream of x's device.
+namespace cuda {
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                   const c10::optional<at::Tensor>& bias, const Geometry& g);
+
+void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
+              const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const Geometry& g,
+              std::array<bool, 4> output_mask, at::Tensor& grad_x, at::Tensor& grad_routing,
+              at::Tensor& grad_weight, at::Tensor& grad_bias);
+
+}  // namespace cuda
 }  // namespace condconv

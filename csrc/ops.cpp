@@ -1,5 +1,5 @@
-// Operator schemas, every input check, and the CPU binding. The kernels behind it trust their
-// inputs: all validation lives here, once.
+// Operator schemas, every input check, and the CPU and CUDA bindings. The kernels behind it trust
+// their inputs: all validation lives here, once.
 #include "condconv.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -120,9 +120,18 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::
 
 namespace {
 
-at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
-                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+using ForwardKernel = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const c10::optional<at::Tensor>&, const Geometry&);
+using BackwardKernel = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const c10::optional<at::Tensor>&,
+                                const Geometry&, std::array<bool, 4>, at::Tensor&, at::Tensor&,
+                                at::Tensor&, at::Tensor&);
+
+// native_forward for one device's kernels: checks, the empty cases, then the kernel.
+template <ForwardKernel kernel>
+at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
   // The kernels are the derivative formulas themselves: nothing below records autograd history.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -130,10 +139,12 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& routing, const at:
     return at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                      x.options().memory_format(x.suggest_memory_format()));
   }
-  return cpu::forward(x, routing, weight, bias, g);
+  return kernel(x, routing, weight, bias, g);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+// native_backward for one device's kernels: checks, the outputs, the empty batch, the kernel.
+template <BackwardKernel kernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -167,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                              ? at::empty({g.experts, g.out_channels}, weight.options())
                              : none(weight);
   if (g.batch > 0) {
-    cpu::backward(grad_out, x, routing, weight, bias, g, output_mask, grad_x, grad_routing,
-                  grad_weight, grad_bias);
+    kernel(grad_out, x, routing, weight, bias, g, output_mask, grad_x, grad_routing,
+           grad_weight, grad_bias);
   } else {
     // An empty batch contributes nothing to the parameter gradients.
     if (output_mask[2]) grad_weight.zero_();
@@ -184,7 +195,7 @@ at::Tensor condconv2d(const at::Tensor& x, const at::Tensor& routing, const at::
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("condconv::native_forward", "")
-                       .typed<decltype(forward_cpu)>();
+                       .typed<decltype(forward_impl<cpu::forward>)>();
   return op.call(x, routing, weight, bias, stride, padding, dilation, groups);
 }
 
@@ -195,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
     std::array<bool, 4> output_mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("condconv::native_backward", "")
-                       .typed<decltype(backward_cpu)>();
+                       .typed<decltype(backward_impl<cpu::backward>)>();
   return op.call(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
                  output_mask);
 }
@@ -211,8 +222,15 @@ TORCH_LIBRARY(condconv, m) {
 }
 
 TORCH_LIBRARY_IMPL(condconv, CPU, m) {
-  m.impl("native_forward", &forward_cpu);
-  m.impl("native_backward", &backward_cpu);
+  m.impl("native_forward", &forward_impl<cpu::forward>);
+  m.impl("native_backward", &backward_impl<cpu::backward>);
 }
+
+#ifdef CONDCONV_WITH_CUDA
+TORCH_LIBRARY_IMPL(condconv, CUDA, m) {
+  m.impl("native_forward", &forward_impl<cuda::forward>);
+  m.impl("native_backward", &backward_impl<cuda::backward>);
+}
+#endif
 
 }  // namespace condconv

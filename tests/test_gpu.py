@@ -6,7 +6,8 @@ import torch
 
 import condconv_kernels as cc
 from condconv_kernels import reference
-from conftest import CASES, CASES_BY_NAME, LAYOUTS, assert_close, ground_truth, make_inputs
+from conftest import (CASES, CASES_BY_NAME, LAYOUTS, assert_close, ground_truth, make_inputs,
+                      run_op)
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -96,3 +97,81 @@ def test_cuda_more_than_2_31_elements(kernel, groups, backend):
                 groups=groups)
             want_r[e] += (y * grad_out[:, :, h0:h1].float()).sum()
     torch.testing.assert_close(grad_r[0], want_r, rtol=2e-2, atol=1.0)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("name", ["k1_s2_e8", "dw3_s2_b1_e1_nobias", "k3_s2_asym", "g2_s2_e8_b1"])
+def test_cuda_backward_is_bitwise_deterministic(name, backend, monkeypatch):
+    """Ten forward + backward runs give bitwise-identical results, in deterministic mode too
+    (cuBLAS needs CUBLAS_WORKSPACE_CONFIG there, as for any PyTorch op that uses it)."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    case = CASES_BY_NAME[name]
+    case = type(case)(**{**case.__dict__, "B": 9})
+    inputs = [t.cuda() if t is not None else None
+              for t in make_inputs(case, torch.float32, seed=3)]
+    grad_out = torch.randn(run_op(case, inputs, backend)[0].shape, device="cuda")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [run_op(case, inputs, backend, grad_out) for _ in range(10)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    out0, grads0 = runs[0]
+    for out, grads in runs[1:]:
+        assert torch.equal(out, out0)
+        for g, g0 in zip(grads, grads0):
+            assert torch.equal(g, g0)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("name", ["k3_s2_asym", "dw5_s2_same_e8"])
+def test_cuda_graph_replay_matches_eager(name, backend):
+    """Forward + backward captured in a CUDA graph (on a side stream, as torch.cuda.graph does)
+    and replayed on new inputs gives eager's results: the kernels run on the current stream and
+    make no host synchronisation."""
+    case = CASES_BY_NAME[name]
+    static = [t.cuda().requires_grad_(True) if t is not None else None
+              for t in make_inputs(case, torch.float32, seed=5)]
+    leaves = [t for t in static if t is not None]
+
+    def step():
+        out = cc.condconv2d(*static, stride=case.stride, padding=case.padding,
+                            dilation=case.dilation, groups=case.groups, backend=backend)
+        return out, torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture (autotuning, lazy initialisation)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out, graph_grads = step()
+
+    fresh = [t.cuda() if t is not None else None for t in make_inputs(case, torch.float32, seed=6)]
+    with torch.no_grad():
+        for s, f in zip(static, fresh):
+            if s is not None:
+                s.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager_out, eager_grads = run_op(case, fresh, backend,
+                                    torch.ones(graph_out.shape, device="cuda"))
+    torch.testing.assert_close(graph_out, eager_out, rtol=0, atol=0)
+    for g, e in zip(graph_grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_cuda_backend_was_built():
+    """Where torch has CUDA, the extension must carry the CUDA kernels, unless the build was
+    told to skip them (CONDCONV_SKIP_CUDA=1): `make test` falls back to a CPU-only build when
+    the CUDA build fails, and this is where that shows."""
+    import os
+    if os.environ.get("CONDCONV_SKIP_CUDA", "0") == "1":
+        pytest.skip("CONDCONV_SKIP_CUDA=1: the CUDA kernels were not asked for")
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    from condconv_kernels import backends
+    if CUDA_HOME is None:
+        pytest.skip("no CUDA toolkit (CUDA_HOME) on this machine: the CUDA kernels cannot be built")
+    assert "cuda" in CUDA_BACKENDS, backends.why_unavailable("cuda", "cuda")
