@@ -11,7 +11,7 @@ Variants, measured in one run so that their ratios are meaningful:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,11 +78,22 @@ def model_layer_shapes(model: nn.Module, input_size) -> List[LayerShape]:
     return shapes
 
 
-def _step(fn: Callable[[], torch.Tensor], backward: bool) -> Callable[[], None]:
+def _step(fn: Callable[[], torch.Tensor], backward: bool,
+          leaves: Sequence[torch.Tensor] = ()) -> Callable[[], None]:
+    """One call of ``fn``, and with ``backward`` one backward pass from a fixed dense random
+    gradient in the output's layout (``out.sum().backward()`` would hand the backward a
+    stride-0 gradient, which no training step sees). The leaves' gradients are reset first, as
+    ``optimizer.zero_grad()`` does, so no variant pays for accumulating into old gradients."""
+    grad: List[torch.Tensor] = []
+
     def run():
         out = fn()
         if backward:
-            out.float().sum().backward()
+            for t in leaves:
+                t.grad = None
+            if not grad:
+                grad.append(torch.randn_like(out))
+            out.backward(grad[0])
     return run
 
 
@@ -114,9 +125,11 @@ def layer_variants(layer: LayerShape, batch: int, device: str, dtype: torch.dtyp
     def op(name):
         return lambda: condconv2d(x, routing, weight, None, layer.stride, pad, 1, layer.groups,
                                   backend=name)
-    variants = {"static": _step(static, backward), "unfused": _step(op("reference"), backward)}
+    leaves = (x, routing, weight, static_w)
+    variants = {"static": _step(static, backward, leaves),
+                "unfused": _step(op("reference"), backward, leaves)}
     for name in fused_backends(device):
-        variants[f"fused:{name}"] = _step(op(name), backward)
+        variants[f"fused:{name}"] = _step(op(name), backward, leaves)
     return variants
 
 

@@ -58,6 +58,11 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   scalar_t* dx_ptr = grad_x ? grad_x->mutable_data_ptr<scalar_t>() : nullptr;
 
+  // Ungrouped 1x1 with NCHW grad_out (and grad_x): the chunk's GEMMs are batched GEMMs, whose
+  // threads share each example, as in the forward.
+  const Strides gs(grad_out);
+  const bool batched = direct && g.groups == 1 && gs.w == 1 && gs.c == L &&
+                       (!grad_x || (write_dx && dxs.w == 1 && dxs.c == L));
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - c0);
     const at::Tensor r = ops.routing.narrow(0, c0, n);
@@ -65,43 +70,60 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
       at::Tensor mixed = wmix.narrow(0, 0, n).view({n, N});
       at::mm_out(mixed, r, ops.weight);
     }
-    at::parallel_for(0, n * g.groups, 1, [&](int64_t t0, int64_t t1) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      at::Tensor col = (need_kernel_grad && !direct) ? at::empty({K, L}, ops.acc_opts)
-                                                      : at::Tensor();
-      at::Tensor dcol = grad_x && !write_dx ? at::empty({K, L}, ops.acc_opts) : at::Tensor();
-      std::vector<acc_t> dx(grad_x && !write_dx ? cin_g * plane : 0);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = c0 + t / g.groups, gi = t % g.groups;
-        const at::Tensor gmat = grad_out.select(0, b).narrow(0, gi * cout_g, cout_g)
-                                    .reshape({cout_g, L}).to(ops.acc_opts.dtype());
-        if (need_kernel_grad) {
-          at::Tensor operand;
-          if (direct) {
-            operand = x.as_strided({K, L}, {xs.c, xs.w},
-                                   x.storage_offset() + b * xs.n + gi * cin_g * xs.c);
-          } else {
-            im2col<scalar_t, acc_t>(x_ptr + b * xs.n + gi * cin_g * xs.c, xs, g, cin_g,
-                                    col.mutable_data_ptr<acc_t>());
-            operand = col;
-          }
-          at::Tensor Gb = G.select(0, b - c0).narrow(0, gi * cout_g, cout_g);
-          at::mm_out(Gb, gmat, operand.t());
-        }
-        if (write_dx) {
-          at::Tensor dst = grad_x->as_strided(
-              {cin_g, L}, {dxs.c, dxs.w}, grad_x->storage_offset() + b * dxs.n + gi * cin_g * dxs.c);
-          at::mm_out(dst, wmix.select(0, b - c0).narrow(0, gi * cout_g, cout_g).t(), gmat);
-        } else if (grad_x) {
-          at::mm_out(dcol, wmix.select(0, b - c0).narrow(0, gi * cout_g, cout_g).t(), gmat);
-          std::fill(dx.begin(), dx.end(), acc_t(0));
-          col2im_add<acc_t>(dcol.const_data_ptr<acc_t>(), g, cin_g, dx.data());
-          store_plane<scalar_t, acc_t>(dx.data(), nullptr, cin_g, g.height, g.width,
-                                       dx_ptr + b * dxs.n + gi * cin_g * dxs.c, dxs.c, dxs.h,
-                                       dxs.w);
-        }
+    if (batched) {
+      const at::Tensor go = grad_out.as_strided({n, g.out_channels, L}, {gs.n, gs.c, 1},
+                                                grad_out.storage_offset() + c0 * gs.n);
+      if (need_kernel_grad) {
+        const at::Tensor xt = x.as_strided({n, L, K}, {xs.n, xs.w, xs.c},
+                                           x.storage_offset() + c0 * xs.n);
+        at::Tensor Gn = G.narrow(0, 0, n);
+        at::bmm_out(Gn, go, xt);
       }
-    });
+      if (grad_x) {
+        at::Tensor dst = grad_x->as_strided({n, K, L}, {dxs.n, dxs.c, 1},
+                                            grad_x->storage_offset() + c0 * dxs.n);
+        at::bmm_out(dst, wmix.narrow(0, 0, n).transpose(1, 2), go);
+      }
+    } else {
+      at::parallel_for(0, n * g.groups, 1, [&](int64_t t0, int64_t t1) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        at::Tensor col = (need_kernel_grad && !direct) ? at::empty({K, L}, ops.acc_opts)
+                                                        : at::Tensor();
+        at::Tensor dcol = grad_x && !write_dx ? at::empty({K, L}, ops.acc_opts) : at::Tensor();
+        std::vector<acc_t> dx(grad_x && !write_dx ? cin_g * plane : 0);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = c0 + t / g.groups, gi = t % g.groups;
+          const at::Tensor gmat = grad_out.select(0, b).narrow(0, gi * cout_g, cout_g)
+                                      .reshape({cout_g, L}).to(ops.acc_opts.dtype());
+          if (need_kernel_grad) {
+            at::Tensor operand;
+            if (direct) {
+              operand = x.as_strided({K, L}, {xs.c, xs.w},
+                                     x.storage_offset() + b * xs.n + gi * cin_g * xs.c);
+            } else {
+              im2col<scalar_t, acc_t>(x_ptr + b * xs.n + gi * cin_g * xs.c, xs, g, cin_g,
+                                      col.mutable_data_ptr<acc_t>());
+              operand = col;
+            }
+            at::Tensor Gb = G.select(0, b - c0).narrow(0, gi * cout_g, cout_g);
+            at::mm_out(Gb, gmat, operand.t());
+          }
+          if (write_dx) {
+            at::Tensor dst = grad_x->as_strided(
+                {cin_g, L}, {dxs.c, dxs.w},
+                grad_x->storage_offset() + b * dxs.n + gi * cin_g * dxs.c);
+            at::mm_out(dst, wmix.select(0, b - c0).narrow(0, gi * cout_g, cout_g).t(), gmat);
+          } else if (grad_x) {
+            at::mm_out(dcol, wmix.select(0, b - c0).narrow(0, gi * cout_g, cout_g).t(), gmat);
+            std::fill(dx.begin(), dx.end(), acc_t(0));
+            col2im_add<acc_t>(dcol.const_data_ptr<acc_t>(), g, cin_g, dx.data());
+            store_plane<scalar_t, acc_t>(dx.data(), nullptr, cin_g, g.height, g.width,
+                                         dx_ptr + b * dxs.n + gi * cin_g * dxs.c, dxs.c, dxs.h,
+                                         dxs.w);
+          }
+        }
+      });
+    }
     if (need_kernel_grad) {
       const at::Tensor Gn = G.narrow(0, 0, n).view({n, N});
       if (grad_weight && c0 == 0) {
