@@ -118,6 +118,23 @@ def run_op(case: Case, inputs, backend: str, grad_out: Optional[torch.Tensor] = 
     return out, list(grads)
 
 
+def assert_repeatable(case: Case, inputs, backend: str, grad_out: torch.Tensor,
+                      deterministic: bool, runs: int = 10):
+    """``runs`` forward + backward passes under ``torch.use_deterministic_algorithms(
+    deterministic)`` give bitwise-identical outputs and gradients."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        results = [run_op(case, inputs, backend, grad_out) for _ in range(runs)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    out0, grads0 = results[0]
+    for out, grads in results[1:]:
+        assert torch.equal(out, out0)
+        for g, g0 in zip(grads, grads0):
+            assert torch.equal(g, g0)
+
+
 def ground_truth(case: Case, inputs, grad_out: Optional[torch.Tensor] = None,
                  form=reference.condconv2d_loop, dtype=torch.float64):
     """The per-example loop in ``dtype`` with PyTorch's autograd: an independent computation."""

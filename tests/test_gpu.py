@@ -6,8 +6,8 @@ import torch
 
 import condconv_kernels as cc
 from condconv_kernels import reference
-from conftest import (CASES, CASES_BY_NAME, LAYOUTS, assert_close, ground_truth, make_inputs,
-                      run_op)
+from conftest import (CASES, CASES_BY_NAME, LAYOUTS, assert_close, assert_repeatable, ground_truth,
+                      make_inputs, run_op)
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -110,17 +110,7 @@ def test_cuda_backward_is_bitwise_deterministic(name, backend, monkeypatch):
     inputs = [t.cuda() if t is not None else None
               for t in make_inputs(case, torch.float32, seed=3)]
     grad_out = torch.randn(run_op(case, inputs, backend)[0].shape, device="cuda")
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [run_op(case, inputs, backend, grad_out) for _ in range(10)]
-    finally:
-        torch.use_deterministic_algorithms(was)
-    out0, grads0 = runs[0]
-    for out, grads in runs[1:]:
-        assert torch.equal(out, out0)
-        for g, g0 in zip(grads, grads0):
-            assert torch.equal(g, g0)
+    assert_repeatable(case, inputs, backend, grad_out, deterministic=True)
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)

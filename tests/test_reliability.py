@@ -6,8 +6,8 @@ import torch
 
 import condconv_kernels as cc
 from condconv_kernels.models import create_model, load_checkpoint, save_checkpoint
-from conftest import (CASES_BY_NAME, CPU_BACKENDS, INTERPRETED, assert_close, ground_truth,
-                      make_inputs, run_op)
+from conftest import (CASES_BY_NAME, CPU_BACKENDS, INTERPRETED, assert_close, assert_repeatable,
+                      ground_truth, make_inputs, run_op)
 
 DETERMINISM = [CASES_BY_NAME[n] for n in ("k1_s2_e8", "dw3_s2_b1_e1_nobias", "k3_s2_asym",
                                           "g2_s2_e8_b1")]
@@ -22,17 +22,7 @@ def test_backward_is_bitwise_deterministic(case, deterministic, backend):
     c = type(case)(**{**case.__dict__, "B": 9})  # more examples than threads: chunks, partials
     inputs = make_inputs(c, torch.float32, seed=3)
     grad_out = torch.randn(run_op(c, inputs, backend)[0].shape)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        runs = [run_op(c, inputs, backend, grad_out) for _ in range(10)]
-    finally:
-        torch.use_deterministic_algorithms(was)
-    out0, grads0 = runs[0]
-    for out, grads in runs[1:]:
-        assert torch.equal(out, out0)
-        for g, g0 in zip(grads, grads0):
-            assert torch.equal(g, g0)
+    assert_repeatable(c, inputs, backend, grad_out, deterministic)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b not in INTERPRETED])

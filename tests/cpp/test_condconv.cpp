@@ -4,6 +4,8 @@
 
 #include <condconv.h>
 
+#include "checks.h"
+
 #include <cstdio>
 #include <string>
 
@@ -33,16 +35,6 @@ torch::Tensor per_example(const torch::Tensor& x, const torch::Tensor& routing,
   return torch::cat(outs, 0);
 }
 
-bool close(const torch::Tensor& a, const torch::Tensor& b, const std::string& what,
-           const Config& c) {
-  const double err = (a - b).abs().max().item<double>();
-  const double scale = std::max(1.0, b.abs().max().item<double>());
-  const bool ok = err <= 1e-10 * scale && a.sizes() == b.sizes();
-  std::printf("%-8s %-12s max err %.3e %s\n", c.name.c_str(), what.c_str(), err,
-              ok ? "ok" : "FAIL");
-  return ok;
-}
-
 bool run(const Config& c) {
   torch::manual_seed(0);
   auto opts = torch::TensorOptions().dtype(torch::kFloat64);
@@ -63,7 +55,7 @@ bool run(const Config& c) {
     leaves.push_back(*bias_leaf);
   }
   auto expected = per_example(leaves[0], leaves[1], leaves[2], bias_leaf, c);
-  bool ok = close(out, expected.detach(), "forward", c);
+  bool ok = close(out, expected.detach(), c.name, "forward");
   ok = ok && (!c.channels_last || out.is_contiguous(at::MemoryFormat::ChannelsLast));
 
   auto grad_out = torch::randn_like(expected);
@@ -71,10 +63,10 @@ bool run(const Config& c) {
   auto grads = condconv::condconv2d_backward(grad_out, x, routing, weight, bias, c.stride,
                                              c.padding, c.dilation, c.groups,
                                              {true, true, true, c.bias});
-  ok = close(std::get<0>(grads), expected_grads[0], "grad_x", c) && ok;
-  ok = close(std::get<1>(grads), expected_grads[1], "grad_routing", c) && ok;
-  ok = close(std::get<2>(grads), expected_grads[2], "grad_weight", c) && ok;
-  if (c.bias) ok = close(std::get<3>(grads), expected_grads[3], "grad_bias", c) && ok;
+  ok = close(std::get<0>(grads), expected_grads[0], c.name, "grad_x") && ok;
+  ok = close(std::get<1>(grads), expected_grads[1], c.name, "grad_routing") && ok;
+  ok = close(std::get<2>(grads), expected_grads[2], c.name, "grad_weight") && ok;
+  if (c.bias) ok = close(std::get<3>(grads), expected_grads[3], c.name, "grad_bias") && ok;
   return ok;
 }
 

@@ -7,6 +7,8 @@
 #include <torch/torch.h>
 
 #include <condconv.h>
+
+#include "checks.h"
 #include <cuda/views.cuh>
 
 #include <cstdio>
@@ -47,16 +49,6 @@ torch::Tensor layout(torch::Tensor t, const std::string& how) {
     return view;
   }
   return t;
-}
-
-bool close(const torch::Tensor& a, const torch::Tensor& b, const std::string& what,
-           const Config& c) {
-  const double err = (a - b).abs().max().item<double>();
-  const double scale = std::max(1.0, b.abs().max().item<double>());
-  const bool ok = err <= 1e-10 * scale && a.sizes() == b.sizes();
-  std::printf("%-12s %-14s max err %.3e %s\n", c.name.c_str(), what.c_str(), err,
-              ok ? "ok" : "FAIL");
-  return ok;
 }
 
 bool run(const Config& c) {
@@ -157,9 +149,9 @@ bool run(const Config& c) {
       }
     }
   }
-  bool ok = close(out, expected.detach(), "forward", c);
-  ok = close(dx, expected_dx, "grad_x", c) && ok;
-  ok = close(G.view(expected_G.sizes()), expected_G, "kernel grads", c) && ok;
+  bool ok = close(out, expected.detach(), c.name, "forward");
+  ok = close(dx, expected_dx, c.name, "grad_x") && ok;
+  ok = close(G.view(expected_G.sizes()), expected_G, c.name, "kernel grads") && ok;
   return ok;
 }
 
