@@ -211,7 +211,9 @@ struct Operands {
   at::Tensor routing, weight;
   at::TensorOptions acc_opts;
   Operands(const at::Tensor& r, const at::Tensor& w)
-      : routing(r.to(kAcc).contiguous()), weight(w.contiguous()), acc_opts(r.options().dtype(kAcc)) {}
+      : routing(r.to(kAcc).contiguous()),
+        weight(w.contiguous()),
+        acc_opts(r.options().dtype(kAcc)) {}
   const acc_t* routing_ptr() const { return routing.template const_data_ptr<acc_t>(); }
   const scalar_t* weight_ptr() const { return weight.template const_data_ptr<scalar_t>(); }
 };
