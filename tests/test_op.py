@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import condconv_kernels as cc
-from condconv_kernels import _args
+from condconv_kernels import _args, reference
 from conftest import (CASES, CASES_BY_NAME, CPU_BACKENDS, LAYOUTS, assert_close, ground_truth,
                       low_precision_dtypes, make_inputs, matrix, poisoned_outputs, run_op)
 
@@ -151,3 +151,36 @@ def test_eager_inference_path(case, layout, backend, dtype):
     truth, _ = ground_truth(case, inputs)
     assert_close(fast, truth, ground_truth(case, inputs, dtype=dtype)[0] if dtype != torch.float64
                  else None, "out")
+
+
+@pytest.mark.skipif("cpu" not in cc.available_backends("cpu"), reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("cin,cout,kernel,groups", [(1152, 1024, 1, 1), (384, 384, 3, 1),
+                                                    (384, 768, 3, 2)], ids=["pw", "k3", "k3_g2"])
+def test_cpu_batch_in_several_chunks(cin, cout, kernel, groups, dtype):
+    """Kernels large enough that the CPU backend mixes (and folds gradients for) a few examples
+    at a time: every chunk after the first adds to grad_weight and writes its own rows of
+    grad_routing. Compared with the float64 per-example loop."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)  # the chunk is max(threads, what fits 16 MB): 2 examples here
+    try:
+        g = torch.Generator().manual_seed(7)
+        B, E = 5, 2
+        x = torch.randn(B, cin, 5, 6, generator=g, dtype=dtype)
+        routing = torch.rand(B, E, generator=g, dtype=dtype)
+        weight = torch.randn(E, cout, cin // groups, kernel, kernel, generator=g,
+                             dtype=dtype) / (cin * kernel)
+        bias = torch.randn(E, cout, generator=g, dtype=dtype)
+        leaves = [t.requires_grad_() for t in (x, routing, weight, bias)]
+        out = cc.condconv2d(*leaves, 1, kernel // 2, 1, groups, backend="cpu")
+        grad_out = torch.randn(out.shape, generator=g, dtype=dtype)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        ref = reference.condconv2d_loop(*ref_leaves, (1, 1), (kernel // 2,) * 4, (1, 1), groups)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    finally:
+        torch.set_num_threads(was)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for name, got, want in zip(("x", "routing", "weight", "bias"), grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, n=name: f"{n}: {m}")

@@ -124,16 +124,10 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
         }
       });
     }
-    if (need_kernel_grad) {
-      const at::Tensor Gn = G.narrow(0, 0, n).view({n, N});
-      if (grad_weight && c0 == 0) {
-        at::mm_out(*grad_weight, r.t(), Gn);  // the first chunk initialises grad_weight
-      } else if (grad_weight) {
-        grad_weight->addmm_(r.t(), Gn);
-      }
-      if (grad_routing) {
-        grad_routing->narrow(0, c0, n).copy_(rows_dot(Gn, ops.weight));
-      }
+    if (need_kernel_grad) {  // the first chunk initialises grad_weight, the others add to it
+      at::Tensor gr_chunk = grad_routing ? grad_routing->narrow(0, c0, n) : at::Tensor();
+      fold_kernel_grads(G.narrow(0, 0, n).view({n, N}), r, ops.weight, grad_weight,
+                        c0 > 0, grad_routing ? &gr_chunk : nullptr);
     }
   }
 }
@@ -269,8 +263,9 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   if (grouped) {
     const at::Tensor G = grouped_depthwise_backward(
         grad_out, x, ops.routing, ops.weight, g, need_dx ? &grad_x : nullptr, need_dr || need_dw);
-    if (need_dw) at::mm_out(gw, ops.routing.t(), G);
-    if (need_dr) gr = rows_dot(G, ops.weight);
+    if (need_dr) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
+    fold_kernel_grads(G, ops.routing, ops.weight, need_dw ? &gw : nullptr, false,
+                      need_dr ? &gr : nullptr);
   } else if (g.depthwise()) {
     // Each input channel's task writes its own (B, E) partial of grad_routing.
     at::Tensor parts = need_dr ? at::zeros({g.in_channels, g.batch, g.experts}, ops.acc_opts)

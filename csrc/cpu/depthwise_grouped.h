@@ -125,13 +125,9 @@ inline void grouped_dense_backward(const at::Tensor& grad_out, const at::Tensor&
         false, {0, 0}, n * g.groups, {grad_x != nullptr, gw || gr, false});
     if (grad_x != nullptr) grad_x->narrow(0, c0, n).copy_(grouped_input_grad(gx, xv, n, g));
     if (gw || gr) {
-      const at::Tensor G = gk.view({n, g.kernel_numel()});
-      if (gw && c0 == 0) {
-        at::mm_out(*gw, routing.narrow(0, 0, n).t(), G);
-      } else if (gw) {
-        gw->addmm_(routing.narrow(0, c0, n).t(), G);
-      }
-      if (gr) gr->narrow(0, c0, n).copy_(rows_dot(G, weight));
+      at::Tensor gr_chunk = gr ? gr->narrow(0, c0, n) : at::Tensor();
+      fold_kernel_grads(gk.view({n, g.kernel_numel()}), routing.narrow(0, c0, n), weight,
+                        gw, c0 > 0, gr ? &gr_chunk : nullptr);
     }
   }
 }
@@ -155,15 +151,6 @@ inline at::Tensor grouped_depthwise_forward(const at::Tensor& x, const at::Tenso
                                  {g.dilation_h, g.dilation_w}, false, {0, 0},
                                  g.batch * g.in_channels);
   return y.view({g.batch, g.out_channels, g.out_h, g.out_w});
-}
-
-// sum_q a[q] b[q]. The simd reduction lets the compiler vectorise it (on its own it may not
-// reorder a float sum); the order is fixed at compile time, so results are deterministic.
-inline float dot(const float* a, const float* b, int64_t n) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t q = 0; q < n; ++q) sum += a[q] * b[q];
-  return sum;
 }
 
 // G[b, co, i, j] = sum_{oh, ow} grad_out[b, co, oh, ow] x_pad[b, ci, oh*sh + i*dh, ow*sw + j*dw]

@@ -50,6 +50,16 @@ inline at::Tensor workspace(Slot slot, at::IntArrayRef sizes, const at::TensorOp
   return buf.narrow(0, 0, n).view(sizes);
 }
 
+// sum_q a[q] b[q]. The simd reduction lets the compiler vectorise it (on its own it may not
+// reorder a floating-point sum); the order is fixed at compile time, so results are deterministic.
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t q = 0; q < n; ++q) sum += a[q] * b[q];
+  return sum;
+}
+
 // A (n, N) @ B (E, N)^T for small n, E and long N (grad_routing = G W^T): a plain GEMM of that
 // shape runs its long reduction on one thread, so N is cut into blocks that run as a batched
 // GEMM, and the (blocks, n, E) partials are summed (a fixed order: deterministic).
@@ -63,6 +73,21 @@ inline at::Tensor rows_dot(const at::Tensor& a, const at::Tensor& b) {
                        .sum(0);
   if (head < N) out.add_(at::mm(a.narrow(1, head, N - head), b.narrow(1, head, N - head).t()));
   return out;
+}
+
+// The per-example kernel gradients G (n, N) of a chunk of examples folded into the parameter
+// gradients: grad_weight (E, N) = r^T G, or += for the chunks after the first (accumulate), and
+// grad_routing (n, E) = G W^T with W the experts (E, N). Either output may be null. (One fused
+// pass over G, axpy rows for grad_weight and 4-wide dots for grad_routing, measured 0.95 ms
+// against these GEMMs' 0.66 ms on a 192x1152 kernel at batch 8.)
+inline void fold_kernel_grads(const at::Tensor& G, const at::Tensor& routing, const at::Tensor& W,
+                              at::Tensor* grad_weight, bool accumulate, at::Tensor* grad_routing) {
+  if (grad_weight && accumulate) {
+    grad_weight->addmm_(routing.t(), G);
+  } else if (grad_weight) {
+    at::mm_out(*grad_weight, routing.t(), G);
+  }
+  if (grad_routing) grad_routing->copy_(rows_dot(G, W));
 }
 
 // Output positions o in [lo, hi) with 0 <= o * stride + offset < size.
