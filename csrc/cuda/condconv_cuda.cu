@@ -10,7 +10,8 @@
 // Depthwise (Cin/g == 1): a block owns one (example, channel) plane and mixes its taps into shared
 // memory once; threads stride over the pixels. The kernel gradient reduces each tap over the plane
 // (warp shuffles, then shared memory), in slices of the plane whose partials are summed after.
-// No atomics: every result is the same from run to run.
+// Index arithmetic is int32_t where every offset of the call fits (views.cuh: fits_int32), else
+// int64_t. No atomics: every result is the same from run to run.
 #include "../condconv.h"
 #include "views.cuh"
 
@@ -39,31 +40,34 @@ __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + 
 
 template <class View, typename acc_t>
 __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(View v) {
+  using index_t = typename View::index;
   __shared__ acc_t As[kTileK][kTileM + 1];
   __shared__ acc_t Bs[kTileK][kTileN + 1];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int64_t M = v.m(), N = v.n(), K = v.k();
-  const int64_t tiles_n = ceil_div(N, kTileN);
-  const int64_t m0 = (blockIdx.x / tiles_n) * kTileM, n0 = (blockIdx.x % tiles_n) * kTileN;
-  for (int64_t z = blockIdx.z; z < v.batches(); z += gridDim.z) {
+  const index_t M = v.m(), N = v.n(), K = v.k();
+  const index_t tiles_n = (N + kTileN - 1) / kTileN;
+  const index_t m0 = index_t(blockIdx.x / tiles_n) * kTileM;
+  const index_t n0 = index_t(blockIdx.x % tiles_n) * kTileN;
+  for (int64_t zz = blockIdx.z; zz < v.batches(); zz += gridDim.z) {
+    const index_t z = static_cast<index_t>(zz);
     acc_t acc[4][4];
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[r][c] = acc_t(0);
     }
-    for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+    for (index_t k0 = 0; k0 < K; k0 += kTileK) {
       // Consecutive threads take consecutive addresses of the operand in global memory.
       for (int i = tid; i < kTileK * kTileM; i += kThreads) {
         const int kk = View::kAContiguousInK ? i % kTileK : i / kTileM;
         const int mm = View::kAContiguousInK ? i / kTileK : i % kTileM;
-        const int64_t m = m0 + mm, k = k0 + kk;
+        const index_t m = m0 + mm, k = k0 + kk;
         As[kk][mm] = (m < M && k < K) ? v.lhs(z, m, k) : acc_t(0);
       }
       for (int i = tid; i < kTileK * kTileN; i += kThreads) {
         const int kk = View::kBContiguousInK ? i % kTileK : i / kTileN;
         const int nn = View::kBContiguousInK ? i / kTileK : i % kTileN;
-        const int64_t n = n0 + nn, k = k0 + kk;
+        const index_t n = n0 + nn, k = k0 + kk;
         Bs[kk][nn] = (n < N && k < K) ? v.rhs(z, k, n) : acc_t(0);
       }
       __syncthreads();
@@ -86,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(View v) {
     for (int r = 0; r < 4; ++r) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int64_t m = m0 + ty + 16 * r, n = n0 + tx + 16 * c;
+        const index_t m = m0 + ty + 16 * r, n = n0 + tx + 16 * c;
         if (m < M && n < N) v.store(z, m, n, acc[r][c]);
       }
     }
@@ -100,38 +104,39 @@ void launch_gemm(const View& v, cudaStream_t stream) {
   TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(),
               "condconv2d (cuda): too many output tiles for one launch: ", tiles);
   const dim3 grid(static_cast<unsigned>(tiles), 1,
-                  static_cast<unsigned>(std::min(v.batches(), kMaxGridYZ)));
+                  static_cast<unsigned>(std::min<int64_t>(v.batches(), kMaxGridYZ)));
   implicit_gemm_kernel<View, acc_t><<<grid, kThreads, 0, stream>>>(v);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------------------------------------
-// Depthwise.
+// Depthwise. Loop counters over pixels are 64-bit (they step past the end); the index
+// arithmetic is index_t.
 
 // Mixed taps of output channels co0 .. co0 + count - 1 of example b into shared memory.
-template <typename scalar_t, typename acc_t>
-__device__ void mix_taps(const scalar_t* weight, const acc_t* routing, const Shape& s, int64_t b,
-                         int64_t co0, int64_t count, acc_t* taps) {
-  const int64_t T = s.taps();
-  for (int64_t i = threadIdx.x; i < count * T; i += blockDim.x) {
-    taps[i] = mixed_weight(weight, routing, s, b, co0 + i / T, i % T);
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ void mix_taps(const scalar_t* weight, const acc_t* routing, const Shape<index_t>& s,
+                         index_t b, index_t co0, index_t count, acc_t* taps) {
+  const index_t T = s.taps();
+  for (index_t i = threadIdx.x; i < count * T; i += blockDim.x) {
+    taps[i] = mixed_weight(weight, routing, s, b, index_t(co0 + i / T), index_t(i % T));
   }
   __syncthreads();
 }
 
 // blockIdx.x = b * Cout + co; threads stride over the output plane from blockIdx.y.
-template <typename scalar_t, typename acc_t>
-__global__ void depthwise_forward_kernel(Shape s, const scalar_t* x, const scalar_t* weight,
-                                         const acc_t* routing, const acc_t* bias,
-                                         scalar_t* out) {
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void depthwise_forward_kernel(Shape<index_t> s, const scalar_t* x,
+                                         const scalar_t* weight, const acc_t* routing,
+                                         const acc_t* bias, scalar_t* out) {
   extern __shared__ __align__(sizeof(double)) unsigned char smem[];
   acc_t* taps = reinterpret_cast<acc_t*>(smem);
-  const int64_t bc = blockIdx.x, b = bc / s.out_channels, co = bc % s.out_channels;
-  mix_taps(weight, routing, s, b, co, 1, taps);
+  const index_t bc = blockIdx.x, b = bc / s.out_channels, co = bc % s.out_channels;
+  mix_taps(weight, routing, s, b, co, index_t(1), taps);
   const acc_t shift = bias ? bias[bc] : acc_t(0);
-  for (int64_t p = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; p < s.out_pixels();
-       p += int64_t(gridDim.y) * blockDim.x) {
-    const int64_t oh = p / s.out_w, ow = p % s.out_w;
+  for (int64_t pp = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; pp < s.out_pixels();
+       pp += int64_t(gridDim.y) * blockDim.x) {
+    const index_t p = static_cast<index_t>(pp), oh = p / s.out_w, ow = p % s.out_w;
     out[b * s.out_stride[0] + co * s.out_stride[1] + oh * s.out_stride[2] +
         ow * s.out_stride[3]] =
         static_cast<scalar_t>(depthwise_output(x, s, taps, b, co, oh, ow) + shift);
@@ -139,18 +144,18 @@ __global__ void depthwise_forward_kernel(Shape s, const scalar_t* x, const scala
 }
 
 // blockIdx.x = b * Cin + c; threads stride over the input plane from blockIdx.y.
-template <typename scalar_t, typename acc_t>
-__global__ void depthwise_grad_input_kernel(Shape s, const scalar_t* grad_out,
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void depthwise_grad_input_kernel(Shape<index_t> s, const scalar_t* grad_out,
                                             const scalar_t* weight, const acc_t* routing,
                                             scalar_t* grad_x) {
   extern __shared__ __align__(sizeof(double)) unsigned char smem[];
   acc_t* taps = reinterpret_cast<acc_t*>(smem);
-  const int64_t bc = blockIdx.x, b = bc / s.in_channels, c = bc % s.in_channels;
-  const int64_t mult = s.out_per_group();
-  mix_taps(weight, routing, s, b, c * mult, mult, taps);
-  for (int64_t p = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; p < s.in_pixels();
-       p += int64_t(gridDim.y) * blockDim.x) {
-    const int64_t ih = p / s.width, iw = p % s.width;
+  const index_t bc = blockIdx.x, b = bc / s.in_channels, c = bc % s.in_channels;
+  const index_t mult = s.out_per_group();
+  mix_taps(weight, routing, s, b, index_t(c * mult), mult, taps);
+  for (int64_t pp = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; pp < s.in_pixels();
+       pp += int64_t(gridDim.y) * blockDim.x) {
+    const index_t p = static_cast<index_t>(pp), ih = p / s.width, iw = p % s.width;
     grad_x[b * s.dx_stride[0] + c * s.dx_stride[1] + ih * s.dx_stride[2] + iw * s.dx_stride[3]] =
         static_cast<scalar_t>(depthwise_grad_input(grad_out, s, taps, b, c, ih, iw));
   }
@@ -173,21 +178,22 @@ __device__ acc_t block_sum(acc_t v, acc_t* scratch) {
 
 // G[slice, b, co, t] = sum over the slice's pixels p of grad_out[b, co, p] x[b, c, p read by t];
 // blockIdx.x = b * Cout + co, blockIdx.y = the slice of the output plane.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    depthwise_kernel_grad_kernel(Shape s, const scalar_t* grad_out, const scalar_t* x,
+    depthwise_kernel_grad_kernel(Shape<index_t> s, const scalar_t* grad_out, const scalar_t* x,
                                  int64_t slice_pixels, acc_t* G) {
   __shared__ acc_t scratch[32];
-  const int64_t bc = blockIdx.x, b = bc / s.out_channels, co = bc % s.out_channels;
+  const index_t bc = blockIdx.x, b = bc / s.out_channels, co = bc % s.out_channels;
   const int64_t begin = int64_t(blockIdx.y) * slice_pixels;
   const int64_t end =
       begin + slice_pixels < s.out_pixels() ? begin + slice_pixels : s.out_pixels();
-  const int64_t T = s.taps();
+  const index_t T = s.taps();
   acc_t* dst = G + (int64_t(blockIdx.y) * gridDim.x + bc) * T;
-  for (int64_t t = 0; t < T; ++t) {
+  for (index_t t = 0; t < T; ++t) {
     acc_t sum = 0;
     for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
-      sum += depthwise_kernel_grad_term<scalar_t, acc_t>(grad_out, x, s, b, co, t, p);
+      sum += depthwise_kernel_grad_term<scalar_t, acc_t>(grad_out, x, s, b, co, t,
+                                                         static_cast<index_t>(p));
     }
     sum = block_sum(sum, scratch);
     if (threadIdx.x == 0) dst[t] = sum;
@@ -218,7 +224,7 @@ struct Operands {
   const scalar_t* weight_ptr() const { return weight.template const_data_ptr<scalar_t>(); }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, typename index_t>
 void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias, const Geometry& g, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -227,49 +233,54 @@ void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Ten
   at::Tensor mixed_bias;
   if (bias.has_value()) mixed_bias = at::mm(ops.routing, bias->to(ops.kAcc));
   const acc_t* bias_ptr = bias.has_value() ? mixed_bias.const_data_ptr<acc_t>() : nullptr;
-  const Shape s = make_shape(g, x, out, nullptr);
+  const Shape<index_t> s = make_shape<index_t>(g, x, out, nullptr);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   if (g.depthwise()) {
-    const dim3 grid(static_cast<unsigned>(g.batch * g.out_channels), pixel_blocks(g.out_pixels()));
-    depthwise_forward_kernel<scalar_t, acc_t><<<grid, kThreads, s.taps() * sizeof(acc_t), stream>>>(
-        s, x_ptr, ops.weight_ptr(), ops.routing_ptr(), bias_ptr, out.mutable_data_ptr<scalar_t>());
+    const dim3 grid(static_cast<unsigned>(g.batch * g.out_channels),
+                    pixel_blocks(g.out_pixels()));
+    depthwise_forward_kernel<scalar_t, acc_t, index_t>
+        <<<grid, kThreads, s.taps() * sizeof(acc_t), stream>>>(
+            s, x_ptr, ops.weight_ptr(), ops.routing_ptr(), bias_ptr,
+            out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const ForwardView<scalar_t, acc_t> view{s, x_ptr, ops.weight_ptr(), ops.routing_ptr(), bias_ptr,
-                                          out.mutable_data_ptr<scalar_t>()};
+  const ForwardView<scalar_t, acc_t, index_t> view{s, x_ptr, ops.weight_ptr(), ops.routing_ptr(),
+                                                   bias_ptr, out.mutable_data_ptr<scalar_t>()};
   launch_gemm<acc_t>(view, stream);
 }
 
 // G (B, |W|) or a chunk of it, in the accumulation dtype, folded into grad_weight and
 // grad_routing by the caller.
-template <typename scalar_t>
-at::Tensor depthwise_kernel_grad(const at::Tensor& grad_out, const at::Tensor& x, const Shape& s,
-                                 const at::TensorOptions& acc_opts, cudaStream_t stream) {
+template <typename scalar_t, typename index_t>
+at::Tensor depthwise_kernel_grad(const at::Tensor& grad_out, const at::Tensor& x,
+                                 const Shape<index_t>& s, const at::TensorOptions& acc_opts,
+                                 cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t planes = s.batch * s.out_channels;
+  const int64_t planes = int64_t(s.batch) * s.out_channels;
   // Enough (plane, slice) blocks to fill the device, slices of at least 2048 pixels.
   const int64_t slices = std::max<int64_t>(
       1, std::min({ceil_div(4096, planes), ceil_div(s.out_pixels(), 2048), kMaxGridYZ}));
   const int64_t slice_pixels = std::max<int64_t>(1, ceil_div(s.out_pixels(), slices));
-  at::Tensor G = at::empty({slices, s.batch, s.out_channels * s.taps()}, acc_opts);
+  at::Tensor G = at::empty({slices, int64_t(s.batch), int64_t(s.out_channels) * s.taps()},
+                           acc_opts);
   const dim3 grid(static_cast<unsigned>(planes), static_cast<unsigned>(slices));
-  depthwise_kernel_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+  depthwise_kernel_grad_kernel<scalar_t, acc_t, index_t><<<grid, kThreads, 0, stream>>>(
       s, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), slice_pixels,
       G.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return slices == 1 ? G.select(0, 0) : G.sum(0);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename index_t>
 void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     const Geometry& g, std::array<bool, 4> mask, at::Tensor& grad_x,
                     at::Tensor& grad_routing, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const Operands<scalar_t> ops(routing, weight);
-  const Shape s = make_shape(g, x, grad_out, mask[0] ? &grad_x : nullptr);
+  const Shape<index_t> s = make_shape<index_t>(g, x, grad_out, mask[0] ? &grad_x : nullptr);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -281,12 +292,12 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
       const dim3 grid(static_cast<unsigned>(g.batch * g.in_channels),
                       pixel_blocks(g.height * g.width));
       const size_t smem = g.out_per_group() * s.taps() * sizeof(acc_t);
-      depthwise_grad_input_kernel<scalar_t, acc_t><<<grid, kThreads, smem, stream>>>(
+      depthwise_grad_input_kernel<scalar_t, acc_t, index_t><<<grid, kThreads, smem, stream>>>(
           s, go_ptr, ops.weight_ptr(), ops.routing_ptr(), dx_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      const GradInputView<scalar_t, acc_t> view{s, go_ptr, ops.weight_ptr(), ops.routing_ptr(),
-                                                dx_ptr};
+      const GradInputView<scalar_t, acc_t, index_t> view{s, go_ptr, ops.weight_ptr(),
+                                                         ops.routing_ptr(), dx_ptr};
       launch_gemm<acc_t>(view, stream);
     }
   }
@@ -301,15 +312,17 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
       if (mask[1]) gr.narrow(0, first, count).copy_(at::mm(G, experts.t()));
     };
     if (g.depthwise()) {
-      fold(depthwise_kernel_grad<scalar_t>(grad_out, x, s, ops.acc_opts, stream), 0, g.batch);
+      fold(depthwise_kernel_grad<scalar_t, index_t>(grad_out, x, s, ops.acc_opts, stream), 0,
+           g.batch);
     } else {
       const int64_t chunk = std::max<int64_t>(
           1, std::min<int64_t>(g.batch, kKernelGradBytes / (N * int64_t(sizeof(acc_t)))));
       at::Tensor G = at::empty({chunk, N}, ops.acc_opts);
       for (int64_t first = 0; first < g.batch; first += chunk) {
         const int64_t count = std::min(chunk, g.batch - first);
-        const KernelGradView<scalar_t, acc_t> view{s, first, count, go_ptr, x_ptr,
-                                                   G.mutable_data_ptr<acc_t>()};
+        const KernelGradView<scalar_t, acc_t, index_t> view{
+            s, static_cast<index_t>(first), static_cast<index_t>(count), go_ptr, x_ptr,
+            G.mutable_data_ptr<acc_t>()};
         launch_gemm<acc_t>(view, stream);
         fold(G.narrow(0, 0, count), first, count);
       }
@@ -332,10 +345,15 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Ten
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                              x.options().memory_format(x.suggest_memory_format()));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "condconv2d_forward_cuda", [&] {
-                                    forward_typed<scalar_t>(x, routing, weight, bias, g, out);
-                                  });
+  const bool narrow = fits_int32({&x, &out, &weight});
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "condconv2d_forward_cuda", [&] {
+        if (narrow) {
+          forward_typed<scalar_t, int32_t>(x, routing, weight, bias, g, out);
+        } else {
+          forward_typed<scalar_t, int64_t>(x, routing, weight, bias, g, out);
+        }
+      });
   return out;
 }
 
@@ -344,10 +362,17 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
               std::array<bool, 4> output_mask, at::Tensor& grad_x, at::Tensor& grad_routing,
               at::Tensor& grad_weight, at::Tensor& grad_bias) {
   const c10::cuda::CUDAGuard guard(x.device());
+  const bool narrow =
+      fits_int32({&x, &grad_out, &weight, output_mask[0] ? &grad_x : nullptr});
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "condconv2d_backward_cuda", [&] {
-        backward_typed<scalar_t>(grad_out, x, routing, weight, bias, g, output_mask, grad_x,
-                                 grad_routing, grad_weight, grad_bias);
+        if (narrow) {
+          backward_typed<scalar_t, int32_t>(grad_out, x, routing, weight, bias, g, output_mask,
+                                            grad_x, grad_routing, grad_weight, grad_bias);
+        } else {
+          backward_typed<scalar_t, int64_t>(grad_out, x, routing, weight, bias, g, output_mask,
+                                            grad_x, grad_routing, grad_weight, grad_bias);
+        }
       });
 }
 

@@ -21,6 +21,8 @@
 #include "../condconv.h"
 
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 
 #ifdef __CUDACC__
 #define CONDCONV_HD __host__ __device__ __forceinline__
@@ -31,84 +33,100 @@
 namespace condconv {
 namespace cuda {
 
-// The sizes and strides of one call, copied by value into every kernel.
+// The sizes and strides of one call, copied by value into every kernel. index_t is int32_t
+// where every offset of the call fits (faster index arithmetic on the GPU), else int64_t.
+template <typename index_t>
 struct Shape {
-  int64_t batch, in_channels, height, width;
-  int64_t experts, out_channels, kernel_h, kernel_w, groups;
-  int64_t stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w;
-  int64_t out_h, out_w;
-  int64_t x_stride[4];     // x (n, c, h, w), in elements
-  int64_t out_stride[4];   // out / grad_out (n, c, h, w)
-  int64_t dx_stride[4];    // grad_x (n, c, h, w)
+  index_t batch, in_channels, height, width;
+  index_t experts, out_channels, kernel_h, kernel_w, groups;
+  index_t stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w;
+  index_t out_h, out_w;
+  index_t x_stride[4];     // x (n, c, h, w), in elements
+  index_t out_stride[4];   // out / grad_out (n, c, h, w)
+  index_t dx_stride[4];    // grad_x (n, c, h, w)
 
-  CONDCONV_HD int64_t taps() const { return kernel_h * kernel_w; }
-  CONDCONV_HD int64_t in_per_group() const { return in_channels / groups; }
-  CONDCONV_HD int64_t out_per_group() const { return out_channels / groups; }
+  CONDCONV_HD index_t taps() const { return kernel_h * kernel_w; }
+  CONDCONV_HD index_t in_per_group() const { return in_channels / groups; }
+  CONDCONV_HD index_t out_per_group() const { return out_channels / groups; }
   // Elements of one output channel's kernel: Cin/g * kh * kw (weight is contiguous).
-  CONDCONV_HD int64_t kernel_row() const { return in_per_group() * taps(); }
-  CONDCONV_HD int64_t out_pixels() const { return out_h * out_w; }
-  CONDCONV_HD int64_t in_pixels() const { return height * width; }
+  CONDCONV_HD index_t kernel_row() const { return in_per_group() * taps(); }
+  CONDCONV_HD index_t out_pixels() const { return out_h * out_w; }
+  CONDCONV_HD index_t in_pixels() const { return height * width; }
 };
 
 // The Shape of a call: checked sizes from g, strides from the tensors (grad_x may be null).
-inline Shape make_shape(const Geometry& g, const at::Tensor& x, const at::Tensor& out,
-                         const at::Tensor* grad_x) {
-  Shape s{};
-  s.batch = g.batch;
-  s.in_channels = g.in_channels;
-  s.height = g.height;
-  s.width = g.width;
-  s.experts = g.experts;
-  s.out_channels = g.out_channels;
-  s.kernel_h = g.kernel_h;
-  s.kernel_w = g.kernel_w;
-  s.groups = g.groups;
-  s.stride_h = g.stride_h;
-  s.stride_w = g.stride_w;
-  s.pad_top = g.pad_top;
-  s.pad_left = g.pad_left;
-  s.dilation_h = g.dilation_h;
-  s.dilation_w = g.dilation_w;
-  s.out_h = g.out_h;
-  s.out_w = g.out_w;
+template <typename index_t>
+Shape<index_t> make_shape(const Geometry& g, const at::Tensor& x, const at::Tensor& out,
+                          const at::Tensor* grad_x) {
+  Shape<index_t> s{};
+  s.batch = static_cast<index_t>(g.batch);
+  s.in_channels = static_cast<index_t>(g.in_channels);
+  s.height = static_cast<index_t>(g.height);
+  s.width = static_cast<index_t>(g.width);
+  s.experts = static_cast<index_t>(g.experts);
+  s.out_channels = static_cast<index_t>(g.out_channels);
+  s.kernel_h = static_cast<index_t>(g.kernel_h);
+  s.kernel_w = static_cast<index_t>(g.kernel_w);
+  s.groups = static_cast<index_t>(g.groups);
+  s.stride_h = static_cast<index_t>(g.stride_h);
+  s.stride_w = static_cast<index_t>(g.stride_w);
+  s.pad_top = static_cast<index_t>(g.pad_top);
+  s.pad_left = static_cast<index_t>(g.pad_left);
+  s.dilation_h = static_cast<index_t>(g.dilation_h);
+  s.dilation_w = static_cast<index_t>(g.dilation_w);
+  s.out_h = static_cast<index_t>(g.out_h);
+  s.out_w = static_cast<index_t>(g.out_w);
   for (int d = 0; d < 4; ++d) {
-    s.x_stride[d] = x.stride(d);
-    s.out_stride[d] = out.stride(d);
-    s.dx_stride[d] = grad_x ? grad_x->stride(d) : 0;
+    s.x_stride[d] = static_cast<index_t>(x.stride(d));
+    s.out_stride[d] = static_cast<index_t>(out.stride(d));
+    s.dx_stride[d] = grad_x ? static_cast<index_t>(grad_x->stride(d)) : 0;
   }
   return s;
 }
 
+// Whether every offset a kernel computes for these tensors fits int32_t: the largest element
+// offset of each (sum of (size - 1) * stride) and its element count below 2^31.
+inline bool fits_int32(std::initializer_list<const at::Tensor*> tensors) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  for (const at::Tensor* t : tensors) {
+    if (t == nullptr || !t->defined()) continue;
+    int64_t last = 0;
+    for (int64_t d = 0; d < t->dim(); ++d) last += (t->size(d) - 1) * t->stride(d);
+    if (t->numel() >= kMax || last >= kMax) return false;
+  }
+  return true;
+}
+
 // W_b[co, k] for example b: the experts weight[e, co, k] (contiguous, (E, Cout, row)) mixed by
 // routing[b, :] (contiguous (B, E), accumulation dtype).
-template <typename scalar_t, typename acc_t>
-CONDCONV_HD acc_t mixed_weight(const scalar_t* weight, const acc_t* routing, const Shape& s,
-                               int64_t b, int64_t co, int64_t k) {
-  const int64_t expert_numel = s.out_channels * s.kernel_row();
+template <typename scalar_t, typename acc_t, typename index_t>
+CONDCONV_HD acc_t mixed_weight(const scalar_t* weight, const acc_t* routing, const Shape<index_t>& s,
+                               index_t b, index_t co, index_t k) {
+  const index_t expert_numel = s.out_channels * s.kernel_row();
   const scalar_t* w = weight + co * s.kernel_row() + k;
   const acc_t* r = routing + b * s.experts;
   acc_t sum = 0;
-  for (int64_t e = 0; e < s.experts; ++e) sum += r[e] * static_cast<acc_t>(w[e * expert_numel]);
+  for (index_t e = 0; e < s.experts; ++e) sum += r[e] * static_cast<acc_t>(w[e * expert_numel]);
   return sum;
 }
 
 // x[b, c, ih, iw] with zeros outside the image.
-template <typename scalar_t, typename acc_t>
-CONDCONV_HD acc_t load_x(const scalar_t* x, const Shape& s, int64_t b, int64_t c, int64_t ih,
-                         int64_t iw) {
+template <typename scalar_t, typename acc_t, typename index_t>
+CONDCONV_HD acc_t load_x(const scalar_t* x, const Shape<index_t>& s, index_t b, index_t c, index_t ih,
+                         index_t iw) {
   if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) return acc_t(0);
   return static_cast<acc_t>(x[b * s.x_stride[0] + c * s.x_stride[1] + ih * s.x_stride[2] +
                               iw * s.x_stride[3]]);
 }
 
 // im2col(x_b)[k, p] for group gi: k = (ci, i, j) in the group, p = (oh, ow).
-template <typename scalar_t, typename acc_t>
-CONDCONV_HD acc_t im2col(const scalar_t* x, const Shape& s, int64_t b, int64_t gi, int64_t k,
-                         int64_t p) {
-  const int64_t taps = s.taps();
-  const int64_t ci = k / taps, t = k - ci * taps;
-  const int64_t i = t / s.kernel_w, j = t - i * s.kernel_w;
-  const int64_t oh = p / s.out_w, ow = p - oh * s.out_w;
+template <typename scalar_t, typename acc_t, typename index_t>
+CONDCONV_HD acc_t im2col(const scalar_t* x, const Shape<index_t>& s, index_t b, index_t gi, index_t k,
+                         index_t p) {
+  const index_t taps = s.taps();
+  const index_t ci = k / taps, t = k - ci * taps;
+  const index_t i = t / s.kernel_w, j = t - i * s.kernel_w;
+  const index_t oh = p / s.out_w, ow = p - oh * s.out_w;
   return load_x<scalar_t, acc_t>(x, s, b, gi * s.in_per_group() + ci,
                                  oh * s.stride_h - s.pad_top + i * s.dilation_h,
                                  ow * s.stride_w - s.pad_left + j * s.dilation_w);
@@ -116,45 +134,46 @@ CONDCONV_HD acc_t im2col(const scalar_t* x, const Shape& s, int64_t b, int64_t g
 
 // grad_out[b, co, oh, ow] that reaches input pixel (ih, iw) through tap (i, j), or 0 when no
 // output pixel does (stride skips it or it falls outside the output).
-template <typename scalar_t, typename acc_t>
-CONDCONV_HD acc_t grad_through_tap(const scalar_t* grad_out, const Shape& s, int64_t b,
-                                   int64_t co, int64_t ih, int64_t iw, int64_t i, int64_t j) {
-  const int64_t h = ih + s.pad_top - i * s.dilation_h;
-  const int64_t w = iw + s.pad_left - j * s.dilation_w;
+template <typename scalar_t, typename acc_t, typename index_t>
+CONDCONV_HD acc_t grad_through_tap(const scalar_t* grad_out, const Shape<index_t>& s, index_t b,
+                                   index_t co, index_t ih, index_t iw, index_t i, index_t j) {
+  const index_t h = ih + s.pad_top - i * s.dilation_h;
+  const index_t w = iw + s.pad_left - j * s.dilation_w;
   if (h < 0 || w < 0 || h % s.stride_h != 0 || w % s.stride_w != 0) return acc_t(0);
-  const int64_t oh = h / s.stride_h, ow = w / s.stride_w;
+  const index_t oh = h / s.stride_h, ow = w / s.stride_w;
   if (oh >= s.out_h || ow >= s.out_w) return acc_t(0);
   return static_cast<acc_t>(grad_out[b * s.out_stride[0] + co * s.out_stride[1] +
                                      oh * s.out_stride[2] + ow * s.out_stride[3]]);
 }
 
 // out[b, co, oh, ow] = sum_k W_b[co, k] im2col(x_b)[k, p] + bias_b[co];  z = b * groups + gi.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 struct ForwardView {
   static constexpr bool kAContiguousInK = true;   // lhs(z, m, k) is contiguous in k (weight rows)
   static constexpr bool kBContiguousInK = false;  // rhs(z, k, n) is contiguous in n (pixels)
-  Shape s;
+  using index = index_t;
+  Shape<index_t> s;
   const scalar_t* x;
   const scalar_t* weight;
   const acc_t* routing;
   const acc_t* bias;  // mixed bias (B, Cout), or null
   scalar_t* out;
 
-  CONDCONV_HD int64_t batches() const { return s.batch * s.groups; }
-  CONDCONV_HD int64_t m() const { return s.out_per_group(); }
-  CONDCONV_HD int64_t n() const { return s.out_pixels(); }
-  CONDCONV_HD int64_t k() const { return s.kernel_row(); }
-  CONDCONV_HD acc_t lhs(int64_t z, int64_t m, int64_t k) const {
-    const int64_t b = z / s.groups, gi = z - b * s.groups;
+  CONDCONV_HD index_t batches() const { return s.batch * s.groups; }
+  CONDCONV_HD index_t m() const { return s.out_per_group(); }
+  CONDCONV_HD index_t n() const { return s.out_pixels(); }
+  CONDCONV_HD index_t k() const { return s.kernel_row(); }
+  CONDCONV_HD acc_t lhs(index_t z, index_t m, index_t k) const {
+    const index_t b = z / s.groups, gi = z - b * s.groups;
     return mixed_weight(weight, routing, s, b, gi * s.out_per_group() + m, k);
   }
-  CONDCONV_HD acc_t rhs(int64_t z, int64_t k, int64_t n) const {
-    const int64_t b = z / s.groups;
+  CONDCONV_HD acc_t rhs(index_t z, index_t k, index_t n) const {
+    const index_t b = z / s.groups;
     return im2col<scalar_t, acc_t>(x, s, b, z - b * s.groups, k, n);
   }
-  CONDCONV_HD void store(int64_t z, int64_t m, int64_t n, acc_t value) const {
-    const int64_t b = z / s.groups, co = (z - b * s.groups) * s.out_per_group() + m;
-    const int64_t oh = n / s.out_w, ow = n - oh * s.out_w;
+  CONDCONV_HD void store(index_t z, index_t m, index_t n, acc_t value) const {
+    const index_t b = z / s.groups, co = (z - b * s.groups) * s.out_per_group() + m;
+    const index_t oh = n / s.out_w, ow = n - oh * s.out_w;
     if (bias) value += bias[b * s.out_channels + co];
     out[b * s.out_stride[0] + co * s.out_stride[1] + oh * s.out_stride[2] +
         ow * s.out_stride[3]] = static_cast<scalar_t>(value);
@@ -163,36 +182,37 @@ struct ForwardView {
 
 // grad_x[b, ci, ih, iw] = sum_{co, i, j} W_b[co, ci, i, j] grad_out[b, co, oh, ow] over the
 // output pixels (oh, ow) that read (ih, iw) through tap (i, j);  z = b * groups + gi.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 struct GradInputView {
   static constexpr bool kAContiguousInK = false;  // lhs(z, m, k): k = (co, tap), m = ci
   static constexpr bool kBContiguousInK = false;
-  Shape s;
+  using index = index_t;
+  Shape<index_t> s;
   const scalar_t* grad_out;
   const scalar_t* weight;
   const acc_t* routing;
   scalar_t* grad_x;
 
-  CONDCONV_HD int64_t batches() const { return s.batch * s.groups; }
-  CONDCONV_HD int64_t m() const { return s.in_per_group(); }
-  CONDCONV_HD int64_t n() const { return s.in_pixels(); }
-  CONDCONV_HD int64_t k() const { return s.out_per_group() * s.taps(); }
-  CONDCONV_HD acc_t lhs(int64_t z, int64_t m, int64_t k) const {
-    const int64_t b = z / s.groups, gi = z - b * s.groups;
-    const int64_t co = k / s.taps(), t = k - co * s.taps();
+  CONDCONV_HD index_t batches() const { return s.batch * s.groups; }
+  CONDCONV_HD index_t m() const { return s.in_per_group(); }
+  CONDCONV_HD index_t n() const { return s.in_pixels(); }
+  CONDCONV_HD index_t k() const { return s.out_per_group() * s.taps(); }
+  CONDCONV_HD acc_t lhs(index_t z, index_t m, index_t k) const {
+    const index_t b = z / s.groups, gi = z - b * s.groups;
+    const index_t co = k / s.taps(), t = k - co * s.taps();
     return mixed_weight(weight, routing, s, b, gi * s.out_per_group() + co, m * s.taps() + t);
   }
-  CONDCONV_HD acc_t rhs(int64_t z, int64_t k, int64_t n) const {
-    const int64_t b = z / s.groups, gi = z - b * s.groups;
-    const int64_t co = k / s.taps(), t = k - co * s.taps();
-    const int64_t i = t / s.kernel_w, j = t - i * s.kernel_w;
-    const int64_t ih = n / s.width, iw = n - ih * s.width;
+  CONDCONV_HD acc_t rhs(index_t z, index_t k, index_t n) const {
+    const index_t b = z / s.groups, gi = z - b * s.groups;
+    const index_t co = k / s.taps(), t = k - co * s.taps();
+    const index_t i = t / s.kernel_w, j = t - i * s.kernel_w;
+    const index_t ih = n / s.width, iw = n - ih * s.width;
     return grad_through_tap<scalar_t, acc_t>(grad_out, s, b, gi * s.out_per_group() + co, ih,
                                              iw, i, j);
   }
-  CONDCONV_HD void store(int64_t z, int64_t m, int64_t n, acc_t value) const {
-    const int64_t b = z / s.groups, ci = (z - b * s.groups) * s.in_per_group() + m;
-    const int64_t ih = n / s.width, iw = n - ih * s.width;
+  CONDCONV_HD void store(index_t z, index_t m, index_t n, acc_t value) const {
+    const index_t b = z / s.groups, ci = (z - b * s.groups) * s.in_per_group() + m;
+    const index_t ih = n / s.width, iw = n - ih * s.width;
     grad_x[b * s.dx_stride[0] + ci * s.dx_stride[1] + ih * s.dx_stride[2] +
            iw * s.dx_stride[3]] = static_cast<scalar_t>(value);
   }
@@ -200,32 +220,33 @@ struct GradInputView {
 
 // G_b[co, k] = sum_p grad_out[b, co, p] im2col(x_b)[k, p], for the examples first .. first +
 // count - 1 of a chunk; z = (b - first) * groups + gi; G is (count, Cout, Cin/g*kh*kw).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 struct KernelGradView {
   static constexpr bool kAContiguousInK = true;  // lhs(z, m, p): grad_out rows, contiguous in p
   static constexpr bool kBContiguousInK = true;  // rhs(z, p, n): im2col rows, contiguous in p
-  Shape s;
-  int64_t first, count;
+  using index = index_t;
+  Shape<index_t> s;
+  index_t first, count;
   const scalar_t* grad_out;
   const scalar_t* x;
   acc_t* G;
 
-  CONDCONV_HD int64_t batches() const { return count * s.groups; }
-  CONDCONV_HD int64_t m() const { return s.out_per_group(); }
-  CONDCONV_HD int64_t n() const { return s.kernel_row(); }
-  CONDCONV_HD int64_t k() const { return s.out_pixels(); }
-  CONDCONV_HD acc_t lhs(int64_t z, int64_t m, int64_t p) const {
-    const int64_t b = first + z / s.groups, gi = z % s.groups;
-    const int64_t co = gi * s.out_per_group() + m;
-    const int64_t oh = p / s.out_w, ow = p - oh * s.out_w;
+  CONDCONV_HD index_t batches() const { return count * s.groups; }
+  CONDCONV_HD index_t m() const { return s.out_per_group(); }
+  CONDCONV_HD index_t n() const { return s.kernel_row(); }
+  CONDCONV_HD index_t k() const { return s.out_pixels(); }
+  CONDCONV_HD acc_t lhs(index_t z, index_t m, index_t p) const {
+    const index_t b = first + z / s.groups, gi = z % s.groups;
+    const index_t co = gi * s.out_per_group() + m;
+    const index_t oh = p / s.out_w, ow = p - oh * s.out_w;
     return static_cast<acc_t>(grad_out[b * s.out_stride[0] + co * s.out_stride[1] +
                                        oh * s.out_stride[2] + ow * s.out_stride[3]]);
   }
-  CONDCONV_HD acc_t rhs(int64_t z, int64_t p, int64_t n) const {
+  CONDCONV_HD acc_t rhs(index_t z, index_t p, index_t n) const {
     return im2col<scalar_t, acc_t>(x, s, first + z / s.groups, z % s.groups, n, p);
   }
-  CONDCONV_HD void store(int64_t z, int64_t m, int64_t n, acc_t value) const {
-    const int64_t local = z / s.groups, co = (z % s.groups) * s.out_per_group() + m;
+  CONDCONV_HD void store(index_t z, index_t m, index_t n, acc_t value) const {
+    const index_t local = z / s.groups, co = (z % s.groups) * s.out_per_group() + m;
     G[(local * s.out_channels + co) * s.kernel_row() + n] = value;
   }
 };
@@ -234,13 +255,13 @@ struct KernelGradView {
 // co = c * multiplier + m for m = 0.., each kh*kw long.
 
 // out[b, co, oh, ow] without bias.
-template <typename scalar_t, typename acc_t>
-CONDCONV_HD acc_t depthwise_output(const scalar_t* x, const Shape& s, const acc_t* taps,
-                                   int64_t b, int64_t co, int64_t oh, int64_t ow) {
-  const int64_t c = co / s.out_per_group();
+template <typename scalar_t, typename acc_t, typename index_t>
+CONDCONV_HD acc_t depthwise_output(const scalar_t* x, const Shape<index_t>& s, const acc_t* taps,
+                                   index_t b, index_t co, index_t oh, index_t ow) {
+  const index_t c = co / s.out_per_group();
   acc_t sum = 0;
-  for (int64_t i = 0; i < s.kernel_h; ++i) {
-    for (int64_t j = 0; j < s.kernel_w; ++j) {
+  for (index_t i = 0; i < s.kernel_h; ++i) {
+    for (index_t j = 0; j < s.kernel_w; ++j) {
       sum += taps[i * s.kernel_w + j] *
              load_x<scalar_t, acc_t>(x, s, b, c, oh * s.stride_h - s.pad_top + i * s.dilation_h,
                                      ow * s.stride_w - s.pad_left + j * s.dilation_w);
@@ -250,15 +271,15 @@ CONDCONV_HD acc_t depthwise_output(const scalar_t* x, const Shape& s, const acc_
 }
 
 // grad_x[b, c, ih, iw] from the multiplier output channels of input channel c.
-template <typename scalar_t, typename acc_t>
-CONDCONV_HD acc_t depthwise_grad_input(const scalar_t* grad_out, const Shape& s,
-                                       const acc_t* taps, int64_t b, int64_t c, int64_t ih,
-                                       int64_t iw) {
-  const int64_t mult = s.out_per_group();
+template <typename scalar_t, typename acc_t, typename index_t>
+CONDCONV_HD acc_t depthwise_grad_input(const scalar_t* grad_out, const Shape<index_t>& s,
+                                       const acc_t* taps, index_t b, index_t c, index_t ih,
+                                       index_t iw) {
+  const index_t mult = s.out_per_group();
   acc_t sum = 0;
-  for (int64_t m = 0; m < mult; ++m) {
-    for (int64_t i = 0; i < s.kernel_h; ++i) {
-      for (int64_t j = 0; j < s.kernel_w; ++j) {
+  for (index_t m = 0; m < mult; ++m) {
+    for (index_t i = 0; i < s.kernel_h; ++i) {
+      for (index_t j = 0; j < s.kernel_w; ++j) {
         sum += taps[(m * s.kernel_h + i) * s.kernel_w + j] *
                grad_through_tap<scalar_t, acc_t>(grad_out, s, b, c * mult + m, ih, iw, i, j);
       }
@@ -268,12 +289,12 @@ CONDCONV_HD acc_t depthwise_grad_input(const scalar_t* grad_out, const Shape& s,
 }
 
 // One term of G_b[co, tap]: grad_out[b, co, p] times the input pixel tap t reads for p.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 CONDCONV_HD acc_t depthwise_kernel_grad_term(const scalar_t* grad_out, const scalar_t* x,
-                                             const Shape& s, int64_t b, int64_t co, int64_t t,
-                                             int64_t p) {
-  const int64_t oh = p / s.out_w, ow = p - oh * s.out_w;
-  const int64_t i = t / s.kernel_w, j = t - i * s.kernel_w;
+                                             const Shape<index_t>& s, index_t b, index_t co, index_t t,
+                                             index_t p) {
+  const index_t oh = p / s.out_w, ow = p - oh * s.out_w;
+  const index_t i = t / s.kernel_w, j = t - i * s.kernel_w;
   const acc_t g = static_cast<acc_t>(grad_out[b * s.out_stride[0] + co * s.out_stride[1] +
                                               oh * s.out_stride[2] + ow * s.out_stride[3]]);
   return g * load_x<scalar_t, acc_t>(x, s, b, co / s.out_per_group(),

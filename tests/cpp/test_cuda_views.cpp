@@ -29,11 +29,12 @@ struct Config {
 // C[z] = A[z] B[z] through the view, as a triple loop.
 template <class View>
 void run_gemm(const View& v) {
-  for (int64_t z = 0; z < v.batches(); ++z) {
-    for (int64_t m = 0; m < v.m(); ++m) {
-      for (int64_t n = 0; n < v.n(); ++n) {
+  using I = typename View::index;
+  for (I z = 0; z < v.batches(); ++z) {
+    for (I m = 0; m < v.m(); ++m) {
+      for (I n = 0; n < v.n(); ++n) {
         double acc = 0;
-        for (int64_t k = 0; k < v.k(); ++k) acc += v.lhs(z, m, k) * v.rhs(z, k, n);
+        for (I k = 0; k < v.k(); ++k) acc += v.lhs(z, m, k) * v.rhs(z, k, n);
         v.store(z, m, n, acc);
       }
     }
@@ -51,6 +52,8 @@ torch::Tensor layout(torch::Tensor t, const std::string& how) {
   return t;
 }
 
+// I: the views' index type (int32_t where offsets fit, as on the GPU, or int64_t).
+template <typename I>
 bool run(const Config& c) {
   torch::manual_seed(0);
   const auto opts = torch::TensorOptions().dtype(torch::kFloat64);
@@ -88,8 +91,9 @@ bool run(const Config& c) {
 
   auto out = layout(torch::empty_like(expected), c.layout);
   auto dx = layout(torch::empty_like(x), c.layout);
-  const Shape s = condconv::cuda::make_shape(g, x, out, &dx);
-  Shape sg = condconv::cuda::make_shape(g, x, grad_out, &dx);  // grad_out's strides
+  const Shape<I> s = condconv::cuda::make_shape<I>(g, x, out, &dx);
+  const Shape<I> sg = condconv::cuda::make_shape<I>(g, x, grad_out, &dx);  // grad_out's strides
+  const std::string name = c.name + (sizeof(I) == 4 ? "/i32" : "/i64");
   const auto r = routing.contiguous();
   const auto w = weight.contiguous();
   const auto mixed_bias = at::mm(r, bias);
@@ -100,17 +104,17 @@ bool run(const Config& c) {
   auto G = torch::empty({c.batch, c.cout, c.cin / c.groups * c.kernel * c.kernel}, opts);
 
   if (!g.depthwise()) {
-    run_gemm(condconv::cuda::ForwardView<double, double>{
+    run_gemm(condconv::cuda::ForwardView<double, double, I>{
         s, x_ptr, w_ptr, r_ptr, c.bias ? mixed_bias.const_data_ptr<double>() : nullptr,
         out.mutable_data_ptr<double>()});
-    run_gemm(condconv::cuda::GradInputView<double, double>{sg, go_ptr, w_ptr, r_ptr,
+    run_gemm(condconv::cuda::GradInputView<double, double, I>{sg, go_ptr, w_ptr, r_ptr,
                                                            dx.mutable_data_ptr<double>()});
     // Two chunks, to cover the chunk offset.
     const int64_t half = c.batch / 2;
-    run_gemm(condconv::cuda::KernelGradView<double, double>{sg, 0, half, go_ptr, x_ptr,
+    run_gemm(condconv::cuda::KernelGradView<double, double, I>{sg, I(0), I(half), go_ptr, x_ptr,
                                                             G.mutable_data_ptr<double>()});
-    run_gemm(condconv::cuda::KernelGradView<double, double>{
-        sg, half, c.batch - half, go_ptr, x_ptr, G[half].mutable_data_ptr<double>()});
+    run_gemm(condconv::cuda::KernelGradView<double, double, I>{
+        sg, I(half), I(c.batch - half), go_ptr, x_ptr, G[half].mutable_data_ptr<double>()});
   } else {
     const int64_t taps = g.kernel_h * g.kernel_w, mult = g.out_per_group();
     std::vector<double> mixed(g.out_channels * taps);
@@ -119,22 +123,22 @@ bool run(const Config& c) {
     auto G_a = G.accessor<double, 3>();
     for (int64_t b = 0; b < g.batch; ++b) {
       for (int64_t i = 0; i < g.out_channels * taps; ++i) {
-        mixed[i] = condconv::cuda::mixed_weight(w_ptr, r_ptr, s, b, i / taps, i % taps);
+        mixed[i] = condconv::cuda::mixed_weight(w_ptr, r_ptr, s, I(b), I(i / taps), I(i % taps));
       }
       for (int64_t co = 0; co < g.out_channels; ++co) {
         for (int64_t oh = 0; oh < g.out_h; ++oh) {
           for (int64_t ow = 0; ow < g.out_w; ++ow) {
             out_a[b][co][oh][ow] =
-                condconv::cuda::depthwise_output(x_ptr, s, mixed.data() + co * taps, b, co, oh,
-                                                 ow) +
+                condconv::cuda::depthwise_output(x_ptr, s, mixed.data() + co * taps, I(b), I(co),
+                                                 I(oh), I(ow)) +
                 (c.bias ? mixed_bias[b][co].item<double>() : 0.0);
           }
         }
         for (int64_t t = 0; t < taps; ++t) {
           double sum = 0;
           for (int64_t p = 0; p < g.out_h * g.out_w; ++p) {
-            sum += condconv::cuda::depthwise_kernel_grad_term<double, double>(go_ptr, x_ptr, sg,
-                                                                              b, co, t, p);
+            sum += condconv::cuda::depthwise_kernel_grad_term<double, double>(
+                go_ptr, x_ptr, sg, I(b), I(co), I(t), I(p));
           }
           G_a[b][co][t] = sum;
         }
@@ -143,15 +147,15 @@ bool run(const Config& c) {
         for (int64_t ih = 0; ih < g.height; ++ih) {
           for (int64_t iw = 0; iw < g.width; ++iw) {
             dx_a[b][ci][ih][iw] = condconv::cuda::depthwise_grad_input(
-                go_ptr, sg, mixed.data() + ci * mult * taps, b, ci, ih, iw);
+                go_ptr, sg, mixed.data() + ci * mult * taps, I(b), I(ci), I(ih), I(iw));
           }
         }
       }
     }
   }
-  bool ok = close(out, expected.detach(), c.name, "forward");
-  ok = close(dx, expected_dx, c.name, "grad_x") && ok;
-  ok = close(G.view(expected_G.sizes()), expected_G, c.name, "kernel grads") && ok;
+  bool ok = close(out, expected.detach(), name, "forward");
+  ok = close(dx, expected_dx, name, "grad_x") && ok;
+  ok = close(G.view(expected_G.sizes()), expected_G, name, "kernel grads") && ok;
   return ok;
 }
 
@@ -167,7 +171,10 @@ int main() {
       {"dw-sliced", 2, 3, 3, 6, 7, 3, 2, 3, {1, 1}, {1, 1, 0, 2}, {1, 1}, true, "sliced"},
   };
   bool ok = true;
-  for (const auto& c : configs) ok = run(c) && ok;
+  for (const auto& c : configs) {
+    ok = run<int32_t>(c) && ok;
+    ok = run<int64_t>(c) && ok;
+  }
   std::printf("%s\n", ok ? "PASSED" : "FAILED");
   return ok ? 0 : 1;
 }
