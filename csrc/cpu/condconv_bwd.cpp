@@ -55,7 +55,6 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
   at::Tensor G = need_kernel_grad
                      ? workspace(Slot::kKernelGrad, {chunk, g.out_channels, K}, ops.acc_opts)
                      : at::Tensor();
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   scalar_t* dx_ptr = grad_x ? grad_x->mutable_data_ptr<scalar_t>() : nullptr;
 
   // Ungrouped 1x1 with NCHW grad_out (and grad_x): the chunk's GEMMs are batched GEMMs, whose
@@ -96,15 +95,7 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
           const at::Tensor gmat = grad_out.select(0, b).narrow(0, gi * cout_g, cout_g)
                                       .reshape({cout_g, L}).to(ops.acc_opts.dtype());
           if (need_kernel_grad) {
-            at::Tensor operand;
-            if (direct) {
-              operand = x.as_strided({K, L}, {xs.c, xs.w},
-                                     x.storage_offset() + b * xs.n + gi * cin_g * xs.c);
-            } else {
-              im2col<scalar_t, acc_t>(x_ptr + b * xs.n + gi * cin_g * xs.c, xs, g, cin_g,
-                                      col.mutable_data_ptr<acc_t>());
-              operand = col;
-            }
+            const at::Tensor operand = gemm_operand<scalar_t, acc_t>(x, xs, g, direct, b, gi, col);
             at::Tensor Gb = G.select(0, b - c0).narrow(0, gi * cout_g, cout_g);
             at::mm_out(Gb, gmat, operand.t());
           }

@@ -25,7 +25,7 @@ void dense_forward(const at::Tensor& x, const Operands<scalar_t>& ops, const at:
                    const Geometry& g, at::Tensor& out) {
   using acc_t = typename Operands<scalar_t>::acc_t;
   const int64_t K = g.k(), L = g.out_pixels();
-  const int64_t cin_g = g.in_per_group(), cout_g = g.out_per_group();
+  const int64_t cout_g = g.out_per_group();
   const Strides xs(x), os(out);
   const bool direct = reads_x_directly<scalar_t>(g, xs);
   // Output blocks a GEMM can write directly: accumulation dtype, (h, w) one run of strides, and
@@ -34,7 +34,6 @@ void dense_forward(const at::Tensor& x, const Operands<scalar_t>& ops, const at:
                          (g.out_h == 1 || os.h == g.out_w * os.w) && (os.w == 1 || os.c == 1);
   const int64_t chunk = batch_chunk(g, sizeof(acc_t));
   at::Tensor wmix = workspace(Slot::kMixed, {chunk, g.out_channels, K}, ops.acc_opts);
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
   const acc_t* bm_ptr = bias_mix.defined() ? bias_mix.const_data_ptr<acc_t>() : nullptr;
 
@@ -68,15 +67,7 @@ void dense_forward(const at::Tensor& x, const Operands<scalar_t>& ops, const at:
       at::Tensor y = write_out ? at::Tensor() : at::empty({cout_g, L}, ops.acc_opts);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = c0 + t / g.groups, gi = t % g.groups;
-        at::Tensor operand;
-        if (direct) {
-          operand = x.as_strided({K, L}, {xs.c, xs.w},
-                                 x.storage_offset() + b * xs.n + gi * cin_g * xs.c);
-        } else {
-          im2col<scalar_t, acc_t>(x_ptr + b * xs.n + gi * cin_g * xs.c, xs, g, cin_g,
-                                  col.mutable_data_ptr<acc_t>());
-          operand = col;
-        }
+        const at::Tensor operand = gemm_operand<scalar_t, acc_t>(x, xs, g, direct, b, gi, col);
         const at::Tensor kernel = wmix.select(0, b - c0).narrow(0, gi * cout_g, cout_g);
         if (write_out) {
           // The GEMM writes the output block in place (NCHW: row-major; channels_last: its

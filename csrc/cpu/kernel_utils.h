@@ -234,5 +234,20 @@ bool reads_x_directly(const Geometry& g, const Strides& xs) {
          (g.height == 1 || xs.h == g.width * xs.w);
 }
 
+// The (Cin/g * kh * kw, Ho * Wo) GEMM operand of example b, group gi: a view of x where it
+// reads_x_directly, else x's im2col written into col (a (K, L) scratch of the caller's).
+template <typename scalar_t, typename acc_t>
+at::Tensor gemm_operand(const at::Tensor& x, const Strides& xs, const Geometry& g, bool direct,
+                        int64_t b, int64_t gi, at::Tensor& col) {
+  const int64_t cin_g = g.in_per_group();
+  if (direct) {
+    return x.as_strided({g.k(), g.out_pixels()}, {xs.c, xs.w},
+                        x.storage_offset() + b * xs.n + gi * cin_g * xs.c);
+  }
+  im2col<scalar_t, acc_t>(x.const_data_ptr<scalar_t>() + b * xs.n + gi * cin_g * xs.c, xs, g,
+                          cin_g, col.mutable_data_ptr<acc_t>());
+  return col;
+}
+
 }  // namespace cpu
 }  // namespace condconv
