@@ -57,11 +57,14 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
                      : at::Tensor();
   scalar_t* dx_ptr = grad_x ? grad_x->mutable_data_ptr<scalar_t>() : nullptr;
 
-  // Ungrouped 1x1 with NCHW grad_out (and grad_x): the chunk's GEMMs are batched GEMMs, whose
-  // threads share each example, as in the forward.
+  // Ungrouped 1x1, grad_out and grad_x NCHW or channels_last: the chunk's GEMMs are batched
+  // GEMMs, whose threads share each example, as in the forward.
   const Strides gs(grad_out);
-  const bool batched = direct && g.groups == 1 && gs.w == 1 && gs.c == L &&
-                       (!grad_x || (write_dx && dxs.w == 1 && dxs.c == L));
+  const auto rows_or_cols = [&](const Strides& t, int64_t channels) {
+    return t.n == channels * L && ((t.w == 1 && t.c == L) || (t.c == 1 && t.w == channels));
+  };
+  const bool batched = direct && g.groups == 1 && rows_or_cols(gs, g.out_channels) &&
+                       (!grad_x || (write_dx && rows_or_cols(dxs, K)));
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - c0);
     const at::Tensor r = ops.routing.narrow(0, c0, n);
@@ -70,18 +73,17 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
       at::mm_out(mixed, r, ops.weight);
     }
     if (batched) {
-      const at::Tensor go = grad_out.as_strided({n, g.out_channels, L}, {gs.n, gs.c, 1},
+      const at::Tensor go = grad_out.as_strided({n, g.out_channels, L}, {gs.n, gs.c, gs.w},
                                                 grad_out.storage_offset() + c0 * gs.n);
       if (need_kernel_grad) {
         const at::Tensor xt = x.as_strided({n, L, K}, {xs.n, xs.w, xs.c},
                                            x.storage_offset() + c0 * xs.n);
-        at::Tensor Gn = G.narrow(0, 0, n);
-        at::bmm_out(Gn, go, xt);
+        batched_gemm_into(G.narrow(0, 0, n), go, xt, at::Tensor());
       }
       if (grad_x) {
-        at::Tensor dst = grad_x->as_strided({n, K, L}, {dxs.n, dxs.c, 1},
-                                            grad_x->storage_offset() + c0 * dxs.n);
-        at::bmm_out(dst, wmix.narrow(0, 0, n).transpose(1, 2), go);
+        batched_gemm_into(grad_x->as_strided({n, K, L}, {dxs.n, dxs.c, dxs.w},
+                                             grad_x->storage_offset() + c0 * dxs.n),
+                          wmix.narrow(0, 0, n).transpose(1, 2), go, at::Tensor());
       }
     } else {
       at::parallel_for(0, n * g.groups, 1, [&](int64_t t0, int64_t t1) {

@@ -39,26 +39,21 @@ void dense_forward(const at::Tensor& x, const Operands<scalar_t>& ops, const at:
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
   const acc_t* bm_ptr = bias_mix.defined() ? bias_mix.const_data_ptr<acc_t>() : nullptr;
 
-  // Ungrouped, x read in place, NCHW output: the chunk's GEMMs are one batched GEMM, whose
-  // threads share each example (faster than an example per thread: 7x7 1x1 layers at batch 8
-  // spent 0.88 ms in per-thread GEMMs against 0.69 ms batched).
-  const bool batched = direct && write_out && g.groups == 1 && os.w == 1 && os.c == L;
+  // Ungrouped with x read in place: the chunk's GEMMs are one batched GEMM (NCHW or
+  // channels_last output), whose threads share each example (faster than an example per thread:
+  // 7x7 1x1 layers at batch 8 spent 0.88 ms in per-thread GEMMs against 0.69 ms batched).
+  const bool batched = direct && write_out && g.groups == 1;
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - c0);
     at::Tensor mixed = wmix.narrow(0, 0, n).view({n, g.kernel_numel()});
     at::mm_out(mixed, ops.routing.narrow(0, c0, n), ops.weight);
-    if (batched) {
-      const at::Tensor operand =
-          x.as_strided({n, K, L}, {xs.n, xs.c, xs.w}, x.storage_offset() + c0 * xs.n);
-      at::Tensor dst = out.as_strided({n, g.out_channels, L}, {os.n, os.c, 1},
-                                      out.storage_offset() + c0 * os.n);
-      const at::Tensor kernels = wmix.narrow(0, 0, n);
-      if (bias_mix.defined()) {
-        dst.copy_(bias_mix.narrow(0, c0, n).unsqueeze(2).expand({n, g.out_channels, L}));
-        dst.baddbmm_(kernels, operand);
-      } else {
-        at::bmm_out(dst, kernels, operand);
-      }
+    if (batched &&
+        batched_gemm_into(
+            out.as_strided({n, g.out_channels, L}, {os.n, os.c, os.w},
+                           out.storage_offset() + c0 * os.n),
+            wmix.narrow(0, 0, n),
+            x.as_strided({n, K, L}, {xs.n, xs.c, xs.w}, x.storage_offset() + c0 * xs.n),
+            bias_mix.defined() ? bias_mix.narrow(0, c0, n) : at::Tensor())) {
       continue;
     }
     // One (example, group) per task; a single task runs inline and its GEMM uses every thread.
@@ -226,7 +221,7 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
 // and out): the kernels are mixed straight from the bfloat16 experts into bfloat16 scratch,
 // accumulating in float32 (the generic route would first convert all E experts to float32: twice
 // the bytes, read twice), then bfloat16 GEMMs (float32 accumulation) write the output in place:
-// one batched GEMM per chunk for NCHW output, else one GEMM per example.
+// one batched GEMM per chunk for NCHW or channels_last output, else one GEMM per example.
 bool bf16_pointwise_applies(const at::Tensor& x, const at::Tensor& out, const Geometry& g) {
   if (x.scalar_type() != at::kBFloat16 || g.groups != 1 || g.kernel_h != 1 || g.kernel_w != 1 ||
       g.stride_h != 1 || g.stride_w != 1 || g.pad_top || g.pad_bottom || g.pad_left ||
@@ -317,20 +312,14 @@ void bf16_pointwise_forward(const at::Tensor& x, const at::Tensor& routing,
     const int64_t n = std::min(chunk, g.batch - c0);
     mix_bf16(w.const_data_ptr<at::BFloat16>(), r.const_data_ptr<float>() + c0 * g.experts, n,
              g.experts, N, wmix.mutable_data_ptr<at::BFloat16>());
-    if (os.w == 1 && os.c == L) {
-      // NCHW output: one batched GEMM (oneDNN's bfloat16 batched GEMM measured 0.15 ms where
-      // eight per-example GEMMs of 192x1152 @ 1152x49 took 0.49 ms).
-      const at::Tensor operand =
-          x.as_strided({n, K, L}, {xs.n, xs.c, xs.w}, x.storage_offset() + c0 * xs.n);
-      const at::Tensor kernels = wmix.narrow(0, 0, n).view({n, g.out_channels, K});
-      at::Tensor dst = out.as_strided({n, g.out_channels, L}, {os.n, os.c, 1},
-                                      out.storage_offset() + c0 * os.n);
-      if (bias_mix.defined()) {
-        dst.copy_(bias_mix.narrow(0, c0, n).unsqueeze(2).expand({n, g.out_channels, L}));
-        dst.baddbmm_(kernels, operand);
-      } else {
-        at::bmm_out(dst, kernels, operand);
-      }
+    // One batched GEMM (oneDNN's bfloat16 batched GEMM measured 0.15 ms where eight
+    // per-example GEMMs of 192x1152 @ 1152x49 took 0.49 ms).
+    if (batched_gemm_into(
+            out.as_strided({n, g.out_channels, L}, {os.n, os.c, os.w},
+                           out.storage_offset() + c0 * os.n),
+            wmix.narrow(0, 0, n).view({n, g.out_channels, K}),
+            x.as_strided({n, K, L}, {xs.n, xs.c, xs.w}, x.storage_offset() + c0 * xs.n),
+            bias_mix.defined() ? bias_mix.narrow(0, c0, n) : at::Tensor())) {
       continue;
     }
     at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {

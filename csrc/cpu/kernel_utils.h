@@ -234,6 +234,34 @@ bool reads_x_directly(const Geometry& g, const Strides& xs) {
          (g.height == 1 || xs.h == g.width * xs.w);
 }
 
+// A batch of 1x1 GEMMs written in place: dst[i] = a[i] @ b[i], plus each row's shift[i] (a
+// (n, M) tensor, or undefined) broadcast along the row. dst is a strided (n, M, N) view of an
+// activation (NCHW: N contiguous; channels_last: M contiguous); for channels_last the transposed
+// product dst^T = b^T a^T is computed, so the batched GEMM always writes contiguous rows.
+// Returns false, doing nothing, where dst is neither.
+inline bool batched_gemm_into(at::Tensor dst, at::Tensor a, at::Tensor b,
+                              const at::Tensor& shift) {
+  const int64_t n = dst.size(0), M = dst.size(1), N = dst.size(2);
+  const bool rows = dst.stride(2) == 1 && dst.stride(1) == N && dst.stride(0) == M * N;
+  const bool cols = dst.stride(1) == 1 && dst.stride(2) == M && dst.stride(0) == M * N;
+  if (!rows && !cols) return false;
+  at::Tensor bias = shift.defined() ? shift.unsqueeze(2).expand({n, M, N}) : at::Tensor();
+  if (cols) {
+    std::swap(a, b);
+    a = a.transpose(1, 2);
+    b = b.transpose(1, 2);
+    dst = dst.transpose(1, 2);
+    if (bias.defined()) bias = bias.transpose(1, 2);
+  }
+  if (bias.defined()) {
+    dst.copy_(bias);
+    dst.baddbmm_(a, b);
+  } else {
+    at::bmm_out(dst, a, b);
+  }
+  return true;
+}
+
 // The (Cin/g * kh * kw, Ho * Wo) GEMM operand of example b, group gi: a view of x where it
 // reads_x_directly, else x's im2col written into col (a (K, L) scratch of the caller's).
 template <typename scalar_t, typename acc_t>
