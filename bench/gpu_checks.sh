@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Everything the GPU machine is needed for, in one call: build the extension with its CUDA
+# Everything that needs a CUDA machine, in one command: build the extension with its CUDA
 # kernels, run the GPU tests, a compute-sanitizer memcheck of the cuda backend, and the per-layer
 # benchmarks on CUDA. Logs and tables go to $OUT (default gpu-results/); a summary line per step
 # is printed last.
 #
-#   bash bench/gpu_session.sh                  # build tests sanitize bench
-#   bash bench/gpu_session.sh build bench      # some steps only (build is needed once per machine)
+#   bash bench/gpu_checks.sh                # build tests sanitize bench
+#   bash bench/gpu_checks.sh build bench    # some steps only (build is needed once per machine)
 #
 # Environment: PYTHON (default python3, the interpreter that holds torch there),
 # TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), MAX_JOBS (default 16), BATCHES (default "32 256").
