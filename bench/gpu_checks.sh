@@ -8,7 +8,8 @@
 #   bash bench/gpu_checks.sh build bench    # some steps only (build is needed once per machine)
 #
 # Environment: PYTHON (default python3, the interpreter that holds torch there),
-# TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), MAX_JOBS (default 16), BATCHES (default "32 256").
+# TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), MAX_JOBS (default 16), BATCHES (default "32 256"),
+# STEP_TIMEOUT (default 480 s: a step that hangs is stopped and its log kept).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -24,7 +25,7 @@ step() {
   shift
   start=$(date +%s)
   echo "== $name: $*"
-  "$@" >"$OUT/$name.log" 2>&1
+  timeout "${STEP_TIMEOUT:-480}" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   SUMMARY+=("$name: rc=$rc, $(($(date +%s) - start)) s, $(tail -n 1 "$OUT/$name.log")")
   return $rc
