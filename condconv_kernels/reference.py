@@ -133,12 +133,26 @@ def backward(grad_out, x, routing, weight, bias, stride, padding, dilation, grou
             grad_routing = G @ weight.reshape(E, -1).to(acc).t()
         if need_w:
             grad_weight = (r.t() @ G).reshape(weight.shape).to(weight.dtype)
-    if bias is not None and (need_r or need_b):
-        gsum = grad_out.to(acc).sum((2, 3))
+    grad_routing, grad_bias = finish_bias_grads(grad_out, routing, bias, grad_routing, need_b, acc)
+    return grad_x, grad_routing, grad_weight, grad_bias
+
+
+def finish_bias_grads(grad_out: torch.Tensor, routing: torch.Tensor,
+                      bias: Optional[torch.Tensor], grad_routing: Optional[torch.Tensor],
+                      need_b: bool, acc: torch.dtype):
+    """The bias's share of the backward, shared by the backends written in Python.
+
+    With gsum = grad_out summed over (H, W), (B, Cout) in ``acc``: grad_bias = routing^T gsum
+    (if ``need_b``), and gsum bias^T is added to ``grad_routing`` (the kernels' <G_b, W_e> part, in
+    ``acc``, or None when not wanted), which is returned in routing's dtype.
+    """
+    grad_bias = None
+    if bias is not None and (grad_routing is not None or need_b):
+        gsum = grad_out.sum((2, 3), dtype=acc)
         if need_b:
-            grad_bias = (r.t() @ gsum).to(bias.dtype)
-        if need_r:
+            grad_bias = (routing.to(acc).t() @ gsum).to(bias.dtype)
+        if grad_routing is not None:
             grad_routing = grad_routing + gsum @ bias.to(acc).t()
     if grad_routing is not None:
         grad_routing = grad_routing.to(routing.dtype)
-    return grad_x, grad_routing, grad_weight, grad_bias
+    return grad_routing, grad_bias

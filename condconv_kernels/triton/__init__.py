@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _args
+from .. import _args, reference
 from ._config import INTERPRET, bucket, fixed_blocks
 from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
@@ -146,13 +146,6 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         if need_r:
             grad_routing = part.sum(0)
 
-    if bias is not None and (need_r or need_b):
-        gsum = grad_out.sum((2, 3), dtype=acc)
-        r = routing.to(acc)
-        if need_b:
-            grad_bias = (r.t() @ gsum).to(bias.dtype)
-        if need_r:
-            grad_routing = grad_routing + gsum @ bias.to(acc).t()
-    if grad_routing is not None:
-        grad_routing = grad_routing.to(routing.dtype)
+    grad_routing, grad_bias = reference.finish_bias_grads(grad_out, routing, bias, grad_routing,
+                                                          need_b, acc)
     return grad_x, grad_routing, grad_weight, grad_bias
