@@ -200,6 +200,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// gridDim.x for one block per (example, channel) plane; CUDA allows 2^31 - 1.
+unsigned plane_blocks(int64_t planes) {
+  TORCH_CHECK(planes <= std::numeric_limits<int32_t>::max(),
+              "condconv2d (cuda): batch x channels = ", planes,
+              " is more planes than one launch can cover (2^31 - 1)");
+  return static_cast<unsigned>(planes);
+}
+
 unsigned pixel_blocks(int64_t pixels) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(pixels, kThreads),
                                                              kMaxGridYZ)));
@@ -237,7 +245,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Ten
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   if (g.depthwise()) {
-    const dim3 grid(static_cast<unsigned>(g.batch * g.out_channels),
+    const dim3 grid(plane_blocks(g.batch * g.out_channels),
                     pixel_blocks(g.out_pixels()));
     depthwise_forward_kernel<scalar_t, acc_t, index_t>
         <<<grid, kThreads, s.taps() * sizeof(acc_t), stream>>>(
@@ -265,7 +273,7 @@ at::Tensor depthwise_kernel_grad(const at::Tensor& grad_out, const at::Tensor& x
   const int64_t slice_pixels = std::max<int64_t>(1, ceil_div(s.out_pixels(), slices));
   at::Tensor G = at::empty({slices, int64_t(s.batch), int64_t(s.out_channels) * s.taps()},
                            acc_opts);
-  const dim3 grid(static_cast<unsigned>(planes), static_cast<unsigned>(slices));
+  const dim3 grid(plane_blocks(planes), static_cast<unsigned>(slices));
   depthwise_kernel_grad_kernel<scalar_t, acc_t, index_t><<<grid, kThreads, 0, stream>>>(
       s, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), slice_pixels,
       G.mutable_data_ptr<acc_t>());
@@ -289,7 +297,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   if (mask[0]) {
     scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
     if (g.depthwise()) {
-      const dim3 grid(static_cast<unsigned>(g.batch * g.in_channels),
+      const dim3 grid(plane_blocks(g.batch * g.in_channels),
                       pixel_blocks(g.height * g.width));
       const size_t smem = g.out_per_group() * s.taps() * sizeof(acc_t);
       depthwise_grad_input_kernel<scalar_t, acc_t, index_t><<<grid, kThreads, smem, stream>>>(
