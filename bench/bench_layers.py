@@ -3,14 +3,19 @@
 the 24 CondConv layers of tf_efficientnet_cc_b0_8e at their real shapes.
 
     python bench/bench_layers.py [--batch 8] [--experts 8] [--device cpu] [--dtype float32]
-                                 [--backward] [--channels-last] [--out bench/results/NAME.md]
+                                 [--backward] [--channels-last] [--roofline]
+                                 [--out bench/results/NAME.md]
 
 Prints a markdown table: median milliseconds per variant and, per fused backend, the speedup
 over the baseline and the ratio to the static conv, all measured in this one run; geomean last.
+With --roofline, the device's ceilings (a large matrix product, a large copy) are measured in the
+same run, and each fused backend also gets its achieved TFLOP/s and GB/s and the fraction of
+the roofline floor, max(operations / rate, bytes / bandwidth), that its time reaches.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +27,7 @@ from condconv_kernels.profile.timing import reexec_with_stable_malloc
 from condconv_kernels.profile import efficientnet_cc_b0_layers, machine_info, time_callable
 from condconv_kernels.profile.latency import layer_variants
 from condconv_kernels.profile.layers import resnet_condconv_layers
+from condconv_kernels.profile.roofline import measure_ceilings
 
 try:
     from tqdm import tqdm
@@ -46,6 +52,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--channels-last", action="store_true", help="channels_last inputs")
+    p.add_argument("--roofline", action="store_true",
+                   help="measure the device's ceilings and add achieved rates per fused backend")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
     p.add_argument("--out", help="write the table (markdown) and every number (JSON beside it)")
     args = p.parse_args(argv)
@@ -66,6 +74,15 @@ def main(argv=None):
                              for name, fn in fns.items()}))
 
     fused = [n for n in rows[0][1] if n.startswith("fused:")]
+    ceilings = measure_ceilings(args.device, dtype) if args.roofline else None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    work = {layer.name: layer.work(args.batch, itemsize, args.backward) for layer in layers}
+
+    def roofline_cells(layer, ms):
+        flops, nbytes = work[layer.name]
+        return [f"{flops / ms * 1e-9:.2f}", f"{nbytes / ms * 1e-6:.1f}",
+                f"{100 * ceilings.floor_ms(flops, nbytes) / ms:.0f}%"]
+
     mode = "forward+backward" if args.backward else "forward"
     layout = "channels_last" if args.channels_last else "contiguous"
     title = (f"tf_efficientnet_cc_b0_{args.experts}e CondConv layers" if args.shapes ==
@@ -73,12 +90,16 @@ def main(argv=None):
     lines = [f"{title}, batch {args.batch}, "
              f"{args.dtype}, {layout}, {mode}, median ms", "",
              "| layer | shape | static | unfused | " +
-             " | ".join(f"{n} | {n} speedup vs unfused | {n} / static" for n in fused) + " |",
-             "|" + "---|" * (4 + 3 * len(fused))]
+             " | ".join(f"{n} | {n} speedup vs unfused | {n} / static" +
+                        (f" | {n} TFLOP/s | {n} GB/s | {n} % of roofline" if ceilings else "")
+                        for n in fused) + " |",
+             "|" + "---|" * (4 + (6 if ceilings else 3) * len(fused))]
     for layer, t in rows:
         cells = [layer.name, layer.describe(), f"{t['static']:.3f}", f"{t['unfused']:.3f}"]
         for n in fused:
             cells += [f"{t[n]:.3f}", f"{t['unfused'] / t[n]:.2f}x", f"{t[n] / t['static']:.2f}"]
+            if ceilings:
+                cells += roofline_cells(layer, t[n])
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["geomean", "", f"{geomean([t['static'] for _, t in rows]):.3f}",
              f"{geomean([t['unfused'] for _, t in rows]):.3f}"]
@@ -86,9 +107,14 @@ def main(argv=None):
         cells += [f"{geomean([t[n] for _, t in rows]):.3f}",
                   f"{geomean([t['unfused'] / t[n] for _, t in rows]):.2f}x",
                   f"{geomean([t[n] / t['static'] for _, t in rows]):.2f}"]
+        if ceilings:
+            reached = geomean([ceilings.floor_ms(*work[l.name]) / t[n] for l, t in rows])
+            cells += ["", "", f"{100 * reached:.0f}%"]
     lines.append("| " + " | ".join(cells) + " |")
     info = machine_info()
     lines += ["", "machine: " + ", ".join(f"{k} {v}" for k, v in info.items())]
+    if ceilings:
+        lines.append(ceilings.describe())
     table = "\n".join(lines)
     print(table)
     if args.out:
@@ -98,8 +124,11 @@ def main(argv=None):
             f.write(f"Command: `{command}`\n\n{table}\n")
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump({"machine": info, "batch": args.batch, "dtype": args.dtype, "mode": mode,
-                       "layout": layout, "layers": [{"name": l.name, "shape": l.describe(),
-                                                     "ms": t} for l, t in rows]}, f, indent=1)
+                       "layout": layout,
+                       "ceilings": dataclasses.asdict(ceilings) if ceilings else None,
+                       "layers": [{"name": l.name, "shape": l.describe(), "ms": t,
+                                   "flops": work[l.name][0], "bytes": work[l.name][1]}
+                                  for l, t in rows]}, f, indent=1)
 
 
 if __name__ == "__main__":

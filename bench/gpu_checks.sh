@@ -67,8 +67,10 @@ print("memcheck run finished")'
 bench() {
   local b
   for b in $BATCHES; do
-    step "bench-b$b" "$PY" bench/bench_layers.py --device cuda --batch "$b" \
+    step "bench-b$b" "$PY" bench/bench_layers.py --device cuda --batch "$b" --roofline \
       --out "$OUT/cuda-layers-b$b.md"
+    step "bench-b$b-bf16" "$PY" bench/bench_layers.py --device cuda --batch "$b" --roofline \
+      --dtype bfloat16 --out "$OUT/cuda-layers-b$b-bfloat16.md"
     step "bench-b$b-fwdbwd" "$PY" bench/bench_layers.py --device cuda --batch "$b" --backward \
       --out "$OUT/cuda-layers-b$b-fwdbwd.md"
   done

@@ -7,7 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from condconv_kernels.models import create_model
-from condconv_kernels.profile import count_madds, count_params, flop_counter_part, madds_breakdown
+from condconv_kernels.profile import (count_madds, count_params, flop_counter_part, madds_breakdown,
+                                      time_callable)
 from condconv_kernels.profile.cli import main as profile_main
 from condconv_kernels.profile.latency import cpu_peak_memory_mb, layer_variants
 from condconv_kernels.profile.layers import efficientnet_cc_b0_layers
@@ -132,3 +133,28 @@ def test_time_interleaved_orders_variants():
     assert set(result) == {"idle", "sleep"}
     assert result["sleep"].median_ms >= 2.0 > result["idle"].median_ms
     assert all(m.runs > 0 for m in result.values())
+
+
+def test_layer_work_counts_operations_and_bytes():
+    """FLOPs and fewest bytes of one layer, against a count written out by hand for
+    s6.b0.dw: depthwise 5x5, stride 2, 672 channels, 14x14 -> 7x7, 8 experts, batch 3, bf16."""
+    layer = next(l for l in efficientnet_cc_b0_layers(8) if l.name == "s6.b0.dw")
+    B, C, E = 3, 672, 8
+    conv = B * C * 7 * 7 * 25            # one multiply-add per output pixel and tap
+    mix = B * E * C * 25                 # each example's kernel: E multiply-adds per element
+    x, out, experts = B * C * 14 * 14, B * C * 7 * 7, E * C * 25
+    assert layer.work(B, 2) == (2 * (conv + mix), 2 * (x + experts + out) + B * E * 4)
+    assert layer.work(B, 2, backward=True) == (2 * (3 * conv + 4 * mix),
+                                               4 * (x + experts + out) + 2 * B * E * 4)
+
+
+def test_measured_ceilings_bound_a_matrix_product():
+    """The ceilings are positive, and the floor of a product no larger than the one measured is
+    not above that product's own measured time (the floor is a lower bound)."""
+    from condconv_kernels.profile.roofline import measure_ceilings
+    c = measure_ceilings("cpu", torch.float32, matmul_size=256, copy_mib=8, min_run_time=0.05)
+    assert c.flops_per_s > 0 and c.bytes_per_s > 0
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    ms = time_callable(lambda: a @ b, "cpu", 0.05).median_ms
+    assert c.floor_ms(2 * 256 ** 3, 3 * 256 * 256 * 4) <= ms * 1.5
+    assert "TFLOP/s" in c.describe()

@@ -37,6 +37,27 @@ class LayerShape:
         ho, wo = self.out_hw
         return batch * self.cout * ho * wo * (self.cin // self.groups) * self.kernel ** 2
 
+    def work(self, batch: int, itemsize: int, backward: bool = False) -> Tuple[int, int]:
+        """(floating-point operations, fewest bytes moved) of one fused call on a batch.
+
+        Operations: 2 per multiply-add of the convolution, plus the expert mix, B * E * |W|
+        multiply-adds (the op's FLOP formula). The backward adds grad_x's and the kernel
+        gradient's convolutions and three more passes of mix size: the backward's mix and the
+        folds into grad_weight and grad_routing. Bytes: each input read once and each output
+        written once, in ``itemsize`` bytes per element (routing in float32): x, the experts,
+        the output; and for the backward also grad_out, grad_x and grad_weight.
+        """
+        ho, wo = self.out_hw
+        kernel_numel = self.cout * (self.cin // self.groups) * self.kernel ** 2
+        conv, mix = self.madds(batch), batch * self.experts * kernel_numel
+        x, out = batch * self.cin * self.height * self.width, batch * self.cout * ho * wo
+        experts = self.experts * kernel_numel
+        routing_bytes = batch * self.experts * 4
+        if not backward:
+            return 2 * (conv + mix), (x + experts + out) * itemsize + routing_bytes
+        return (2 * (3 * conv + 4 * mix),
+                (2 * (x + experts + out)) * itemsize + 2 * routing_bytes)
+
     def describe(self) -> str:
         kind = "dw" if self.groups > 1 else "pw" if self.kernel == 1 else "conv"
         return (f"{kind} {self.kernel}x{self.kernel}/s{self.stride} {self.cin}->{self.cout} "
