@@ -2,7 +2,8 @@
 the reference backend (unfused baseline) and the same architecture without experts (static).
 
     python bench/bench_model.py [--model tf_efficientnet_cc_b0_8e] [--batch 1,8] [--device cpu]
-                                [--dtype float32] [--backward] [--out bench/results/NAME.md]
+                                [--dtype float32] [--amp bfloat16] [--channels-last]
+                                [--backward] [--out bench/results/NAME.md]
 """
 from __future__ import annotations
 
@@ -23,16 +24,22 @@ def main(argv=None):
     p.add_argument("--batch", default="1,8")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--amp", choices=["float16", "bfloat16"],
+                   help="run under torch.autocast with this dtype (parameters stay --dtype)")
+    p.add_argument("--channels-last", action="store_true", help="model and input channels_last")
     p.add_argument("--backward", action="store_true", help="time a training step's fwd + bwd")
     p.add_argument("--min-run-time", type=float, default=1.0)
     p.add_argument("--out")
     args = p.parse_args(argv)
     mode = "forward+backward" if args.backward else "forward"
-    lines = [f"{args.model}, {args.dtype}, {mode}, median ms", "",
+    precision = args.dtype + (f", autocast {args.amp}" if args.amp else "")
+    layout = ", channels_last" if args.channels_last else ""
+    lines = [f"{args.model}, {precision}{layout}, {mode}, median ms", "",
              "| batch | variant | ms | / unfused | / static |", "|---|---|---|---|---|"]
     for batch in [int(b) for b in args.batch.split(",")]:
         fns = model_variants(args.model, batch, args.device, getattr(torch, args.dtype),
-                             args.backward)
+                             args.backward, amp=getattr(torch, args.amp) if args.amp else None,
+                             channels_last=args.channels_last)
         t = {name: m.median_ms for name, m in
              time_interleaved(fns, args.device, args.min_run_time).items()}
         for name, ms in t.items():

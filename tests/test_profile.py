@@ -158,3 +158,27 @@ def test_measured_ceilings_bound_a_matrix_product():
     ms = time_callable(lambda: a @ b, "cpu", 0.05).median_ms
     assert c.floor_ms(2 * 256 ** 3, 3 * 256 * 256 * 4) <= ms * 1.5
     assert "TFLOP/s" in c.describe()
+
+
+def test_model_variants_under_autocast_and_channels_last():
+    """The whole-model variants with --amp and --channels-last: each runs, and the fused one
+    sends bfloat16 channels_last activations to every CondConv layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from condconv_kernels.profile.latency import model_variants
+    fns = model_variants("tf_efficientnet_cc_b0_4e", 2, "cpu", torch.float32, False,
+                         input_size=64, amp=torch.bfloat16, channels_last=True)
+    assert set(fns) >= {"static", "unfused", "fused:cpu"}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "condconv" in str(func):
+                x = args[0]
+                seen.append((x.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+            return func(*args, **(kwargs or {}))
+    for fn in fns.values():
+        fn()
+    with Record():
+        fns["fused:cpu"]()
+    assert len(seen) == 24 and all(s == (torch.bfloat16, True) for s in seen), seen[:3]

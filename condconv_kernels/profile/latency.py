@@ -141,14 +141,26 @@ def _set_backend(model: nn.Module, name: str) -> nn.Module:
 
 
 def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backward: bool,
-                   input_size: Optional[int] = None) -> Dict[str, Callable[[], None]]:
+                   input_size: Optional[int] = None, amp: Optional[torch.dtype] = None,
+                   channels_last: bool = False) -> Dict[str, Callable[[], None]]:
     """variant name -> callable running the whole model (training mode with backward, else
-    eval); ``static`` is the same architecture without experts."""
+    eval); ``static`` is the same architecture without experts. ``amp``: run under
+    ``torch.autocast`` with that dtype (parameters stay ``dtype``); ``channels_last``: model and
+    input in channels_last."""
     from ..models import create_model
-    fused = create_model(name).to(device, dtype)
-    static = create_model(name, condconv=False).to(device, dtype)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    fused = create_model(name).to(device, dtype, memory_format=memory_format)
+    static = create_model(name, condconv=False).to(device, dtype, memory_format=memory_format)
     size = input_size or fused.pretrained_cfg["input_size"][-1]
-    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(
+        memory_format=memory_format)
+    device_type = torch.device(device).type
+
+    def run(model):
+        if amp is None:
+            return model(x)
+        with torch.autocast(device_type, dtype=amp):
+            return model(x)
     variants = {}
     for model, label, backend in ([(static, "static", None), (fused, "unfused", "reference")] +
                                   [(fused, f"fused:{b}", b) for b in fused_backends(device)]):
@@ -161,9 +173,9 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
                 _set_backend(model, backend)
             if backward:
                 model.zero_grad(set_to_none=True)
-                return model(x)
+                return run(model)
             with torch.no_grad():
-                return model(x)
+                return run(model)
         variants[label] = _step(fn, backward)
     return variants
 
