@@ -66,6 +66,10 @@ print("memcheck run finished")'
 
 bench() {
   local b
+  step model-amp "$PY" bench/bench_model.py --device cuda --batch 1,256 --amp bfloat16 \
+    --channels-last --out "$OUT/cuda-model-amp.md"
+  step model-amp-train "$PY" bench/bench_model.py --device cuda --batch 256 --amp bfloat16 \
+    --channels-last --backward --out "$OUT/cuda-model-amp-train.md"
   for b in $BATCHES; do
     step "bench-b$b" "$PY" bench/bench_layers.py --device cuda --batch "$b" --roofline \
       --out "$OUT/cuda-layers-b$b.md"
@@ -88,5 +92,8 @@ echo
 printf '%s\n' "${SUMMARY[@]}"
 for f in "$OUT"/cuda-layers-*.md; do
   [ -f "$f" ] && echo "$f: $(grep geomean "$f")"
+done
+for f in "$OUT"/cuda-model-*.md; do
+  [ -f "$f" ] && grep "^| [0-9]" "$f" | sed "s|^|$(basename "$f"): |"
 done
 exit 0
