@@ -54,6 +54,13 @@ struct Shape {
   CONDCONV_HD index_t in_pixels() const { return height * width; }
 };
 
+// a / d, skipping the division (a subroutine on the GPU) when d is 1: groups for ungrouped
+// layers, taps and kernel width for 1x1 ones. d is the same across a launch, so the branch is too.
+template <typename index_t>
+CONDCONV_HD index_t quot(index_t a, index_t d) {
+  return d == 1 ? a : a / d;
+}
+
 // The Shape of a call: checked sizes from g, strides from the tensors (grad_x may be null).
 template <typename index_t>
 Shape<index_t> make_shape(const Geometry& g, const at::Tensor& x, const at::Tensor& out,
@@ -100,8 +107,8 @@ inline bool fits_int32(std::initializer_list<const at::Tensor*> tensors) {
 // W_b[co, k] for example b: the experts weight[e, co, k] (contiguous, (E, Cout, row)) mixed by
 // routing[b, :] (contiguous (B, E), accumulation dtype).
 template <typename scalar_t, typename acc_t, typename index_t>
-CONDCONV_HD acc_t mixed_weight(const scalar_t* weight, const acc_t* routing, const Shape<index_t>& s,
-                               index_t b, index_t co, index_t k) {
+CONDCONV_HD acc_t mixed_weight(const scalar_t* weight, const acc_t* routing,
+                               const Shape<index_t>& s, index_t b, index_t co, index_t k) {
   const index_t expert_numel = s.out_channels * s.kernel_row();
   const scalar_t* w = weight + co * s.kernel_row() + k;
   const acc_t* r = routing + b * s.experts;
@@ -112,8 +119,8 @@ CONDCONV_HD acc_t mixed_weight(const scalar_t* weight, const acc_t* routing, con
 
 // x[b, c, ih, iw] with zeros outside the image.
 template <typename scalar_t, typename acc_t, typename index_t>
-CONDCONV_HD acc_t load_x(const scalar_t* x, const Shape<index_t>& s, index_t b, index_t c, index_t ih,
-                         index_t iw) {
+CONDCONV_HD acc_t load_x(const scalar_t* x, const Shape<index_t>& s, index_t b, index_t c,
+                         index_t ih, index_t iw) {
   if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) return acc_t(0);
   return static_cast<acc_t>(x[b * s.x_stride[0] + c * s.x_stride[1] + ih * s.x_stride[2] +
                               iw * s.x_stride[3]]);
@@ -121,11 +128,11 @@ CONDCONV_HD acc_t load_x(const scalar_t* x, const Shape<index_t>& s, index_t b, 
 
 // im2col(x_b)[k, p] for group gi: k = (ci, i, j) in the group, p = (oh, ow).
 template <typename scalar_t, typename acc_t, typename index_t>
-CONDCONV_HD acc_t im2col(const scalar_t* x, const Shape<index_t>& s, index_t b, index_t gi, index_t k,
-                         index_t p) {
+CONDCONV_HD acc_t im2col(const scalar_t* x, const Shape<index_t>& s, index_t b, index_t gi,
+                         index_t k, index_t p) {
   const index_t taps = s.taps();
-  const index_t ci = k / taps, t = k - ci * taps;
-  const index_t i = t / s.kernel_w, j = t - i * s.kernel_w;
+  const index_t ci = quot(k, taps), t = k - ci * taps;
+  const index_t i = quot(t, s.kernel_w), j = t - i * s.kernel_w;
   const index_t oh = p / s.out_w, ow = p - oh * s.out_w;
   return load_x<scalar_t, acc_t>(x, s, b, gi * s.in_per_group() + ci,
                                  oh * s.stride_h - s.pad_top + i * s.dilation_h,
@@ -139,9 +146,11 @@ CONDCONV_HD acc_t grad_through_tap(const scalar_t* grad_out, const Shape<index_t
                                    index_t co, index_t ih, index_t iw, index_t i, index_t j) {
   const index_t h = ih + s.pad_top - i * s.dilation_h;
   const index_t w = iw + s.pad_left - j * s.dilation_w;
-  if (h < 0 || w < 0 || h % s.stride_h != 0 || w % s.stride_w != 0) return acc_t(0);
-  const index_t oh = h / s.stride_h, ow = w / s.stride_w;
-  if (oh >= s.out_h || ow >= s.out_w) return acc_t(0);
+  if (h < 0 || w < 0) return acc_t(0);
+  const index_t oh = quot(h, s.stride_h), ow = quot(w, s.stride_w);
+  if (oh * s.stride_h != h || ow * s.stride_w != w || oh >= s.out_h || ow >= s.out_w) {
+    return acc_t(0);  // the stride skips this pixel, or it lies outside the output
+  }
   return static_cast<acc_t>(grad_out[b * s.out_stride[0] + co * s.out_stride[1] +
                                      oh * s.out_stride[2] + ow * s.out_stride[3]]);
 }
@@ -164,15 +173,15 @@ struct ForwardView {
   CONDCONV_HD index_t n() const { return s.out_pixels(); }
   CONDCONV_HD index_t k() const { return s.kernel_row(); }
   CONDCONV_HD acc_t lhs(index_t z, index_t m, index_t k) const {
-    const index_t b = z / s.groups, gi = z - b * s.groups;
+    const index_t b = quot(z, s.groups), gi = z - b * s.groups;
     return mixed_weight(weight, routing, s, b, gi * s.out_per_group() + m, k);
   }
   CONDCONV_HD acc_t rhs(index_t z, index_t k, index_t n) const {
-    const index_t b = z / s.groups;
+    const index_t b = quot(z, s.groups);
     return im2col<scalar_t, acc_t>(x, s, b, z - b * s.groups, k, n);
   }
   CONDCONV_HD void store(index_t z, index_t m, index_t n, acc_t value) const {
-    const index_t b = z / s.groups, co = (z - b * s.groups) * s.out_per_group() + m;
+    const index_t b = quot(z, s.groups), co = (z - b * s.groups) * s.out_per_group() + m;
     const index_t oh = n / s.out_w, ow = n - oh * s.out_w;
     if (bias) value += bias[b * s.out_channels + co];
     out[b * s.out_stride[0] + co * s.out_stride[1] + oh * s.out_stride[2] +
@@ -198,20 +207,20 @@ struct GradInputView {
   CONDCONV_HD index_t n() const { return s.in_pixels(); }
   CONDCONV_HD index_t k() const { return s.out_per_group() * s.taps(); }
   CONDCONV_HD acc_t lhs(index_t z, index_t m, index_t k) const {
-    const index_t b = z / s.groups, gi = z - b * s.groups;
-    const index_t co = k / s.taps(), t = k - co * s.taps();
+    const index_t b = quot(z, s.groups), gi = z - b * s.groups;
+    const index_t co = quot(k, s.taps()), t = k - co * s.taps();
     return mixed_weight(weight, routing, s, b, gi * s.out_per_group() + co, m * s.taps() + t);
   }
   CONDCONV_HD acc_t rhs(index_t z, index_t k, index_t n) const {
-    const index_t b = z / s.groups, gi = z - b * s.groups;
-    const index_t co = k / s.taps(), t = k - co * s.taps();
-    const index_t i = t / s.kernel_w, j = t - i * s.kernel_w;
+    const index_t b = quot(z, s.groups), gi = z - b * s.groups;
+    const index_t co = quot(k, s.taps()), t = k - co * s.taps();
+    const index_t i = quot(t, s.kernel_w), j = t - i * s.kernel_w;
     const index_t ih = n / s.width, iw = n - ih * s.width;
     return grad_through_tap<scalar_t, acc_t>(grad_out, s, b, gi * s.out_per_group() + co, ih,
                                              iw, i, j);
   }
   CONDCONV_HD void store(index_t z, index_t m, index_t n, acc_t value) const {
-    const index_t b = z / s.groups, ci = (z - b * s.groups) * s.in_per_group() + m;
+    const index_t b = quot(z, s.groups), ci = (z - b * s.groups) * s.in_per_group() + m;
     const index_t ih = n / s.width, iw = n - ih * s.width;
     grad_x[b * s.dx_stride[0] + ci * s.dx_stride[1] + ih * s.dx_stride[2] +
            iw * s.dx_stride[3]] = static_cast<scalar_t>(value);
@@ -236,17 +245,18 @@ struct KernelGradView {
   CONDCONV_HD index_t n() const { return s.kernel_row(); }
   CONDCONV_HD index_t k() const { return s.out_pixels(); }
   CONDCONV_HD acc_t lhs(index_t z, index_t m, index_t p) const {
-    const index_t b = first + z / s.groups, gi = z % s.groups;
+    const index_t local = quot(z, s.groups), b = first + local, gi = z - local * s.groups;
     const index_t co = gi * s.out_per_group() + m;
     const index_t oh = p / s.out_w, ow = p - oh * s.out_w;
     return static_cast<acc_t>(grad_out[b * s.out_stride[0] + co * s.out_stride[1] +
                                        oh * s.out_stride[2] + ow * s.out_stride[3]]);
   }
   CONDCONV_HD acc_t rhs(index_t z, index_t p, index_t n) const {
-    return im2col<scalar_t, acc_t>(x, s, first + z / s.groups, z % s.groups, n, p);
+    const index_t local = quot(z, s.groups);
+    return im2col<scalar_t, acc_t>(x, s, first + local, z - local * s.groups, n, p);
   }
   CONDCONV_HD void store(index_t z, index_t m, index_t n, acc_t value) const {
-    const index_t local = z / s.groups, co = (z % s.groups) * s.out_per_group() + m;
+    const index_t local = quot(z, s.groups), co = (z - local * s.groups) * s.out_per_group() + m;
     G[(local * s.out_channels + co) * s.kernel_row() + n] = value;
   }
 };
@@ -258,7 +268,7 @@ struct KernelGradView {
 template <typename scalar_t, typename acc_t, typename index_t>
 CONDCONV_HD acc_t depthwise_output(const scalar_t* x, const Shape<index_t>& s, const acc_t* taps,
                                    index_t b, index_t co, index_t oh, index_t ow) {
-  const index_t c = co / s.out_per_group();
+  const index_t c = quot(co, s.out_per_group());
   acc_t sum = 0;
   for (index_t i = 0; i < s.kernel_h; ++i) {
     for (index_t j = 0; j < s.kernel_w; ++j) {
@@ -291,13 +301,13 @@ CONDCONV_HD acc_t depthwise_grad_input(const scalar_t* grad_out, const Shape<ind
 // One term of G_b[co, tap]: grad_out[b, co, p] times the input pixel tap t reads for p.
 template <typename scalar_t, typename acc_t, typename index_t>
 CONDCONV_HD acc_t depthwise_kernel_grad_term(const scalar_t* grad_out, const scalar_t* x,
-                                             const Shape<index_t>& s, index_t b, index_t co, index_t t,
-                                             index_t p) {
+                                             const Shape<index_t>& s, index_t b, index_t co,
+                                             index_t t, index_t p) {
   const index_t oh = p / s.out_w, ow = p - oh * s.out_w;
-  const index_t i = t / s.kernel_w, j = t - i * s.kernel_w;
+  const index_t i = quot(t, s.kernel_w), j = t - i * s.kernel_w;
   const acc_t g = static_cast<acc_t>(grad_out[b * s.out_stride[0] + co * s.out_stride[1] +
                                               oh * s.out_stride[2] + ow * s.out_stride[3]]);
-  return g * load_x<scalar_t, acc_t>(x, s, b, co / s.out_per_group(),
+  return g * load_x<scalar_t, acc_t>(x, s, b, quot(co, s.out_per_group()),
                                      oh * s.stride_h - s.pad_top + i * s.dilation_h,
                                      ow * s.stride_w - s.pad_left + j * s.dilation_w);
 }
