@@ -56,33 +56,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 4> output_mask);
 
-namespace cpu {
+// The kernels of one device. forward: inputs already checked, batch and output non-empty;
+// returns the output (B, Cout, Ho, Wo) in x's memory format. backward: fills grad_x,
+// grad_routing, grad_weight, grad_bias where output_mask says so (the others are left untouched);
+// requires batch >= 1.
+using ForwardKernel = at::Tensor(const at::Tensor& x, const at::Tensor& routing,
+                                 const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                 const Geometry& g);
+using BackwardKernel = void(const at::Tensor& grad_out, const at::Tensor& x,
+                            const at::Tensor& routing, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const Geometry& g,
+                            std::array<bool, 4> output_mask, at::Tensor& grad_x,
+                            at::Tensor& grad_routing, at::Tensor& grad_weight,
+                            at::Tensor& grad_bias);
 
-// Kernels: inputs already checked, batch and output non-empty. Returns the output
-// (B, Cout, Ho, Wo) in x's memory format.
-at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
-                   const c10::optional<at::Tensor>& bias, const Geometry& g);
-
-// Fills grad_x, grad_routing, grad_weight, grad_bias where output_mask says so (the others are
-// left untouched). Requires batch >= 1.
-void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
-              const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const Geometry& g,
-              std::array<bool, 4> output_mask, at::Tensor& grad_x, at::Tensor& grad_routing,
-              at::Tensor& grad_weight, at::Tensor& grad_bias);
-
+namespace cpu {  // csrc/cpu/
+ForwardKernel forward;
+BackwardKernel backward;
 }  // namespace cpu
 
-// The same contract on CUDA tensors (csrc/cuda/, built when torch has CUDA): the kernels run on
-// the current stream of x's device.
+// csrc/cuda/, built when torch has CUDA: the kernels run on the current stream of x's device.
 namespace cuda {
-
-at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
-                   const c10::optional<at::Tensor>& bias, const Geometry& g);
-
-void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
-              const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const Geometry& g,
-              std::array<bool, 4> output_mask, at::Tensor& grad_x, at::Tensor& grad_routing,
-              at::Tensor& grad_weight, at::Tensor& grad_bias);
-
+ForwardKernel forward;
+BackwardKernel backward;
 }  // namespace cuda
 }  // namespace condconv

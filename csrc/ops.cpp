@@ -120,15 +120,8 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::
 
 namespace {
 
-using ForwardKernel = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const c10::optional<at::Tensor>&, const Geometry&);
-using BackwardKernel = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const c10::optional<at::Tensor>&,
-                                const Geometry&, std::array<bool, 4>, at::Tensor&, at::Tensor&,
-                                at::Tensor&, at::Tensor&);
-
 // native_forward for one device's kernels: checks, the empty cases, then the kernel.
-template <ForwardKernel kernel>
+template <ForwardKernel* kernel>
 at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                         const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -143,7 +136,7 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& routing, const at
 }
 
 // native_backward for one device's kernels: checks, the outputs, the empty batch, the kernel.
-template <BackwardKernel kernel>
+template <BackwardKernel* kernel>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
