@@ -2,13 +2,13 @@
 // view is evaluated as a plain triple loop, and the depthwise per-pixel sums pixel by pixel, then
 // compared with an independent computation (one at::conv2d per example with the kernel mixed by
 // hand, and libtorch's autograd through it for grad_x and the per-example kernel gradients).
-// What this cannot check is the device side: tiling, shared memory, launches. That is
-// tests/test_gpu.py's job on a CUDA machine.
+// The kernels themselves (tiling, shared memory, launches) run in test_cuda_kernels.cpp.
 #include <torch/torch.h>
 
 #include <condconv.h>
 
 #include "checks.h"
+#include "cuda_cases.h"
 #include <cuda/views.cuh>
 
 #include <cstdio>
@@ -17,14 +17,8 @@
 namespace {
 
 using condconv::cuda::Shape;
-
-struct Config {
-  std::string name;
-  int64_t batch, cin, cout, height, width, kernel, experts, groups;
-  std::vector<int64_t> stride, padding, dilation;  // padding: top, bottom, left, right
-  bool bias;
-  std::string layout;  // "contiguous", "channels_last" or "sliced"
-};
+using cuda_cases::Config;
+using cuda_cases::layout;
 
 // C[z] = A[z] B[z] through the view, as a triple loop.
 template <class View>
@@ -41,62 +35,22 @@ void run_gemm(const View& v) {
   }
 }
 
-torch::Tensor layout(torch::Tensor t, const std::string& how) {
-  if (how == "channels_last") return t.contiguous(at::MemoryFormat::ChannelsLast);
-  if (how == "sliced") {  // every other column of a wider tensor: a non-unit innermost stride
-    auto wide = torch::zeros({t.size(0), t.size(1), t.size(2), 2 * t.size(3)}, t.options());
-    auto view = wide.slice(3, 0, 2 * t.size(3), 2);
-    view.copy_(t);
-    return view;
-  }
-  return t;
-}
-
 // I: the views' index type (int32_t where offsets fit, as on the GPU, or int64_t).
 template <typename I>
 bool run(const Config& c) {
-  torch::manual_seed(0);
-  const auto opts = torch::TensorOptions().dtype(torch::kFloat64);
-  const auto x = layout(torch::randn({c.batch, c.cin, c.height, c.width}, opts), c.layout);
-  const auto routing = torch::rand({c.batch, c.experts}, opts);
-  const auto weight =
-      torch::randn({c.experts, c.cout, c.cin / c.groups, c.kernel, c.kernel}, opts);
-  const auto bias = torch::randn({c.experts, c.cout}, opts);
-  const condconv::Geometry g =
-      condconv::check_inputs(x, routing, weight, c10::optional<at::Tensor>(bias), c.stride,
-                             c.padding, c.dilation, c.groups);
-
-  // The independent computation: per example, conv2d with the mixed kernel as a leaf.
-  const auto xp = torch::constant_pad_nd(
-      x, {c.padding[2], c.padding[3], c.padding[0], c.padding[1]}, 0.0);
-  const auto x_leaf = xp.clone().requires_grad_();
-  std::vector<torch::Tensor> kernels, outs;
-  for (int64_t b = 0; b < c.batch; ++b) {
-    kernels.push_back((routing[b].view({-1, 1, 1, 1, 1}) * weight).sum(0).requires_grad_());
-    const auto bias_b = c.bias ? c10::optional<at::Tensor>((routing[b].view({-1, 1}) * bias).sum(0))
-                               : c10::nullopt;
-    const std::vector<int64_t> no_padding{0, 0};
-    outs.push_back(at::conv2d(x_leaf.narrow(0, b, 1), kernels.back(), bias_b,
-                              at::IntArrayRef(c.stride), at::IntArrayRef(no_padding),
-                              at::IntArrayRef(c.dilation), c.groups));
-  }
-  const auto expected = torch::cat(outs, 0);
-  const auto grad_out = layout(torch::randn_like(expected), c.layout);
-  std::vector<torch::Tensor> leaves{x_leaf};
-  leaves.insert(leaves.end(), kernels.begin(), kernels.end());
-  const auto grads = torch::autograd::grad({expected}, leaves, {grad_out});
-  const auto expected_dx =
-      grads[0].narrow(2, c.padding[0], c.height).narrow(3, c.padding[2], c.width);
-  const auto expected_G = torch::stack(std::vector<torch::Tensor>(grads.begin() + 1, grads.end()));
-
-  auto out = layout(torch::empty_like(expected), c.layout);
+  const auto k = cuda_cases::make_case(c, torch::kFloat64);
+  const auto& g = k.geometry;
+  const auto& x = k.x;
+  const auto& grad_out = k.grad_out;
+  const auto opts = x.options();
+  auto out = layout(torch::empty_like(k.out), c.layout);
   auto dx = layout(torch::empty_like(x), c.layout);
   const Shape<I> s = condconv::cuda::make_shape<I>(g, x, out, &dx);
   const Shape<I> sg = condconv::cuda::make_shape<I>(g, x, grad_out, &dx);  // grad_out's strides
   const std::string name = c.name + (sizeof(I) == 4 ? "/i32" : "/i64");
-  const auto r = routing.contiguous();
-  const auto w = weight.contiguous();
-  const auto mixed_bias = at::mm(r, bias);
+  const auto r = k.routing.contiguous();
+  const auto w = k.weight.contiguous();
+  const auto mixed_bias = at::mm(r, k.bias);
   const double* x_ptr = x.const_data_ptr<double>();
   const double* w_ptr = w.const_data_ptr<double>();
   const double* r_ptr = r.const_data_ptr<double>();
@@ -153,25 +107,17 @@ bool run(const Config& c) {
       }
     }
   }
-  bool ok = close(out, expected.detach(), name, "forward");
-  ok = close(dx, expected_dx, name, "grad_x") && ok;
-  ok = close(G.view(expected_G.sizes()), expected_G, name, "kernel grads") && ok;
+  bool ok = close(out, k.out, name, "forward");
+  ok = close(dx, k.grad_x, name, "grad_x") && ok;
+  ok = close(G, k.kernel_grads, name, "kernel grads") && ok;
   return ok;
 }
 
 }  // namespace
 
 int main() {
-  const std::vector<Config> configs{
-      {"dense", 3, 4, 6, 9, 11, 3, 4, 2, {2, 1}, {1, 0, 2, 1}, {1, 2}, true, "contiguous"},
-      {"dense-cl", 2, 6, 9, 8, 7, 3, 3, 3, {1, 2}, {0, 2, 1, 1}, {2, 1}, false, "channels_last"},
-      {"pointwise", 2, 8, 16, 7, 5, 1, 8, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true, "sliced"},
-      {"depthwise", 3, 6, 6, 13, 12, 5, 3, 6, {2, 2}, {2, 2, 1, 2}, {1, 1}, true, "contiguous"},
-      {"dw-mult2", 2, 4, 8, 9, 9, 3, 2, 4, {1, 2}, {2, 2, 2, 2}, {2, 2}, false, "channels_last"},
-      {"dw-sliced", 2, 3, 3, 6, 7, 3, 2, 3, {1, 1}, {1, 1, 0, 2}, {1, 1}, true, "sliced"},
-  };
   bool ok = true;
-  for (const auto& c : configs) {
+  for (const auto& c : cuda_cases::configs()) {
     ok = run<int32_t>(c) && ok;
     ok = run<int64_t>(c) && ok;
   }

@@ -1,0 +1,336 @@
+// Device code of the condconv CUDA backend, forward and backward side by side, and the launch
+// geometry of each kernel. The host launchers are in condconv_cuda.cu; the index arithmetic is in
+// views.cuh. Nothing here needs the CUDA runtime beyond the kernel language, so
+// tests/cpp/test_cuda_kernels.cpp runs these same kernels on the CPU under an emulation of the
+// execution model (tests/cpp/cuda_emulation.h).
+//
+// Dense convolutions (Cin/g > 1): one tiled implicit-GEMM kernel, instantiated with the forward,
+// grad_x and kernel-gradient views. A block computes a 64 x 64 tile of C for one (example, group),
+// staging K-slices of A and B in shared memory; the forward and grad_x views mix the E expert
+// tiles of A as they stage them.
+//   - implicit_gemm_kernel: CUDA cores, acc_t operands (float32, or float64 for float64).
+//   - tensor_core_gemm_kernel: warp MMA (nvcuda::wmma) on float16/bfloat16 operands, or TF32
+//     for float32 where PyTorch allows TF32 in convolutions; float32 accumulation.
+// Depthwise (Cin/g == 1): a block owns one (example, channel) plane and mixes its taps into shared
+// memory once; threads stride over the pixels. The kernel gradient reduces each tap over the plane
+// (warp shuffles, then shared memory), in slices of the plane whose partials are summed after.
+// No atomics: every result is the same from run to run.
+#pragma once
+
+#include "views.cuh"
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+// Dynamic shared memory of a kernel, as a byte array aligned for double.
+#ifndef CONDCONV_DYNAMIC_SHARED
+#define CONDCONV_DYNAMIC_SHARED(name) \
+  extern __shared__ __align__(sizeof(double)) unsigned char name[]
+#endif
+
+namespace condconv {
+namespace cuda {
+
+constexpr int kTileM = 64, kTileN = 64, kTileK = 16;
+constexpr int kThreads = 256;           // 16 x 16 threads, 4 x 4 outputs each
+constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// Dense: C[z] = A[z] B[z] through a View (views.cuh). Blocks: x = the output tile, z = the
+// (example, group) batches, striding when there are more than gridDim.z.
+
+// Staging of one K-slice: consecutive threads take consecutive addresses of the operand in
+// global memory. T is the shared tile's element type, convert maps acc_t to it.
+template <class View, int TileK, int Threads, typename T, int LdA, int LdB, class Convert>
+__device__ __forceinline__ void stage_tiles(const View& v, typename View::index z,
+                                            typename View::index m0, typename View::index n0,
+                                            typename View::index k0, T* As, T* Bs,
+                                            Convert convert) {
+  using index_t = typename View::index;
+  using acc_t = decltype(v.lhs(z, m0, k0));
+  const index_t M = v.m(), N = v.n(), K = v.k();
+  // As is (TileK x kTileM) with row length LdA when A is stored k-major, Bs (TileK x kTileN).
+  for (int i = threadIdx.x; i < TileK * kTileM; i += Threads) {
+    const int kk = View::kAContiguousInK ? i % TileK : i / kTileM;
+    const int mm = View::kAContiguousInK ? i / TileK : i % kTileM;
+    const index_t m = m0 + mm, k = k0 + kk;
+    As[mm * LdA + kk] = convert((m < M && k < K) ? v.lhs(z, m, k) : acc_t(0));
+  }
+  for (int i = threadIdx.x; i < TileK * kTileN; i += Threads) {
+    const int kk = View::kBContiguousInK ? i % TileK : i / kTileN;
+    const int nn = View::kBContiguousInK ? i / TileK : i % kTileN;
+    const index_t n = n0 + nn, k = k0 + kk;
+    Bs[kk * LdB + nn] = convert((n < N && k < K) ? v.rhs(z, k, n) : acc_t(0));
+  }
+}
+
+template <class View, typename acc_t>
+__global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(View v) {
+  using index_t = typename View::index;
+  constexpr int kLdA = kTileK + 1;  // As[m][k]: the +1 spreads a column over the banks
+  constexpr int kLdB = kTileN + 1;
+  __shared__ acc_t As[kTileM * kLdA];
+  __shared__ acc_t Bs[kTileK * kLdB];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const index_t M = v.m(), N = v.n(), K = v.k();
+  const index_t tiles_n = (N + kTileN - 1) / kTileN;
+  const index_t m0 = index_t(blockIdx.x / tiles_n) * kTileM;
+  const index_t n0 = index_t(blockIdx.x % tiles_n) * kTileN;
+  const auto keep = [](acc_t value) { return value; };
+  for (int64_t zz = blockIdx.z; zz < v.batches(); zz += gridDim.z) {
+    const index_t z = static_cast<index_t>(zz);
+    acc_t acc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][c] = acc_t(0);
+    }
+    for (index_t k0 = 0; k0 < K; k0 += kTileK) {
+      stage_tiles<View, kTileK, kThreads, acc_t, kLdA, kLdB>(v, z, m0, n0, k0, As, Bs, keep);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kTileK; ++kk) {
+        acc_t a[4], b[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = As[(ty + 16 * r) * kLdA + kk];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) b[c] = Bs[kk * kLdB + tx + 16 * c];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[r][c] += a[r] * b[c];
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const index_t m = m0 + ty + 16 * r, n = n0 + tx + 16 * c;
+        if (m < M && n < N) v.store(z, m, n, acc[r][c]);
+      }
+    }
+  }
+}
+
+// Tensor cores. The operand type and MMA shape for scalar_t: float16 and bfloat16 as they are
+// (16x16x16), float32 rounded to TF32 as it is staged (16x16x8). Mixing and accumulation stay
+// in float32; the mixed kernel is rounded to the operand type, as cuDNN rounds its kernels.
+template <typename scalar_t>
+struct TensorCoreOperand;
+
+template <>
+struct TensorCoreOperand<at::Half> {
+  using type = __half;
+  using mma = __half;
+  static constexpr int kK = 16;
+  __device__ static type from(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct TensorCoreOperand<at::BFloat16> {
+  using type = __nv_bfloat16;
+  using mma = __nv_bfloat16;
+  static constexpr int kK = 16;
+  __device__ static type from(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <>
+struct TensorCoreOperand<float> {
+  using type = float;
+  using mma = nvcuda::wmma::precision::tf32;
+  static constexpr int kK = 8;
+  __device__ static type from(float v) { return nvcuda::wmma::__float_to_tf32(v); }
+};
+
+// The same 64 x 64 tiles as implicit_gemm_kernel, with K-slices of two MMA steps. Warp w owns
+// rows 16 (w % 4) .. +15 and two 16-column fragments from 32 (w / 4); the accumulators go
+// through shared memory to the view's store (which scatters to NCHW / channels_last / G).
+// Shared rows are padded by 16 bytes (bank spread), which keeps every fragment pointer 32-byte
+// aligned and every leading dimension a multiple of 16 bytes, as wmma requires.
+template <class View, class Op>
+__global__ void __launch_bounds__(kThreads) tensor_core_gemm_kernel(View v) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using index_t = typename View::index;
+  using T = typename Op::type;
+  constexpr int kMmaK = Op::kK, kSliceK = 2 * Op::kK;
+  constexpr int kPad = 16 / int(sizeof(T));
+  constexpr int kLdA = kSliceK + kPad, kLdB = kTileN + kPad, kLdC = kTileN + 4;
+  __shared__ __align__(32) T As[kTileM * kLdA];
+  __shared__ __align__(32) T Bs[kSliceK * kLdB];
+  __shared__ __align__(32) float Cs[kTileM * kLdC];
+  const int warp = threadIdx.x / 32, wm = 16 * (warp % 4), wn = 32 * (warp / 4);
+  const index_t M = v.m(), N = v.n(), K = v.k();
+  const index_t tiles_n = (N + kTileN - 1) / kTileN;
+  const index_t m0 = index_t(blockIdx.x / tiles_n) * kTileM;
+  const index_t n0 = index_t(blockIdx.x % tiles_n) * kTileN;
+  const auto convert = [](float value) { return Op::from(value); };
+  for (int64_t zz = blockIdx.z; zz < v.batches(); zz += gridDim.z) {
+    const index_t z = static_cast<index_t>(zz);
+    wmma::fragment<wmma::accumulator, 16, 16, kMmaK, float> acc[2];
+    wmma::fill_fragment(acc[0], 0.0f);
+    wmma::fill_fragment(acc[1], 0.0f);
+    for (index_t k0 = 0; k0 < K; k0 += kSliceK) {
+      stage_tiles<View, kSliceK, kThreads, T, kLdA, kLdB>(v, z, m0, n0, k0, As, Bs, convert);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kSliceK; kk += kMmaK) {
+        wmma::fragment<wmma::matrix_a, 16, 16, kMmaK, typename Op::mma, wmma::row_major> a;
+        wmma::load_matrix_sync(a, As + wm * kLdA + kk, kLdA);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          wmma::fragment<wmma::matrix_b, 16, 16, kMmaK, typename Op::mma, wmma::row_major> b;
+          wmma::load_matrix_sync(b, Bs + kk * kLdB + wn + 16 * j, kLdB);
+          wmma::mma_sync(acc[j], a, b, acc[j]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, acc[j], kLdC, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTileM * kTileN; i += kThreads) {
+      const int mm = i / kTileN, nn = i % kTileN;
+      const index_t m = m0 + mm, n = n0 + nn;
+      if (m < M && n < N) v.store(z, m, n, Cs[mm * kLdC + nn]);
+    }
+    __syncthreads();  // Cs is free for the next batch
+  }
+#endif
+}
+
+// The grid of either dense kernel: one block per output tile, batches on z.
+template <class View>
+dim3 gemm_grid(const View& v) {
+  const int64_t tiles = ceil_div(v.m(), kTileM) * ceil_div(v.n(), kTileN);
+  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(),
+              "condconv2d (cuda): too many output tiles for one launch: ", tiles);
+  return dim3(static_cast<unsigned>(tiles), 1,
+              static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(v.batches(),
+                                                                          kMaxGridYZ))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise. Loop counters over pixels are 64-bit (they step past the end); the index
+// arithmetic is index_t.
+
+// Mixed taps of output channels co0 .. co0 + count - 1 of example b into shared memory.
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ void mix_taps(const scalar_t* weight, const acc_t* routing, const Shape<index_t>& s,
+                         index_t b, index_t co0, index_t count, acc_t* taps) {
+  const index_t T = s.taps();
+  for (index_t i = threadIdx.x; i < count * T; i += blockDim.x) {
+    taps[i] = mixed_weight(weight, routing, s, b, index_t(co0 + i / T), index_t(i % T));
+  }
+  __syncthreads();
+}
+
+// blockIdx.x = b * Cout + co; threads stride over the output plane from blockIdx.y.
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void depthwise_forward_kernel(Shape<index_t> s, const scalar_t* x,
+                                         const scalar_t* weight, const acc_t* routing,
+                                         const acc_t* bias, scalar_t* out) {
+  CONDCONV_DYNAMIC_SHARED(smem);
+  acc_t* taps = reinterpret_cast<acc_t*>(smem);
+  const index_t bc = blockIdx.x, b = bc / s.out_channels, co = bc % s.out_channels;
+  mix_taps(weight, routing, s, b, co, index_t(1), taps);
+  const acc_t shift = bias ? bias[bc] : acc_t(0);
+  for (int64_t pp = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; pp < s.out_pixels();
+       pp += int64_t(gridDim.y) * blockDim.x) {
+    const index_t p = static_cast<index_t>(pp), oh = p / s.out_w, ow = p % s.out_w;
+    out[b * s.out_stride[0] + co * s.out_stride[1] + oh * s.out_stride[2] +
+        ow * s.out_stride[3]] =
+        static_cast<scalar_t>(depthwise_output(x, s, taps, b, co, oh, ow) + shift);
+  }
+}
+
+// blockIdx.x = b * Cin + c; threads stride over the input plane from blockIdx.y.
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void depthwise_grad_input_kernel(Shape<index_t> s, const scalar_t* grad_out,
+                                            const scalar_t* weight, const acc_t* routing,
+                                            scalar_t* grad_x) {
+  CONDCONV_DYNAMIC_SHARED(smem);
+  acc_t* taps = reinterpret_cast<acc_t*>(smem);
+  const index_t bc = blockIdx.x, b = bc / s.in_channels, c = bc % s.in_channels;
+  const index_t mult = s.out_per_group();
+  mix_taps(weight, routing, s, b, index_t(c * mult), mult, taps);
+  for (int64_t pp = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; pp < s.in_pixels();
+       pp += int64_t(gridDim.y) * blockDim.x) {
+    const index_t p = static_cast<index_t>(pp), ih = p / s.width, iw = p % s.width;
+    grad_x[b * s.dx_stride[0] + c * s.dx_stride[1] + ih * s.dx_stride[2] + iw * s.dx_stride[3]] =
+        static_cast<scalar_t>(depthwise_grad_input(grad_out, s, taps, b, c, ih, iw));
+  }
+}
+
+// Sum over the block; the result is valid in thread 0. scratch holds 32 values.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* scratch) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < int(blockDim.x / 32) ? scratch[lane] : acc_t(0);
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
+  __syncthreads();  // scratch is free for the next call
+  return v;
+}
+
+// G[slice, b, co, t] = sum over the slice's pixels p of grad_out[b, co, p] x[b, c, p read by t];
+// blockIdx.x = b * Cout + co, blockIdx.y = the slice of the output plane.
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    depthwise_kernel_grad_kernel(Shape<index_t> s, const scalar_t* grad_out, const scalar_t* x,
+                                 int64_t slice_pixels, acc_t* G) {
+  __shared__ acc_t scratch[32];
+  const index_t bc = blockIdx.x, b = bc / s.out_channels, co = bc % s.out_channels;
+  const int64_t begin = int64_t(blockIdx.y) * slice_pixels;
+  const int64_t end =
+      begin + slice_pixels < s.out_pixels() ? begin + slice_pixels : s.out_pixels();
+  const index_t T = s.taps();
+  acc_t* dst = G + (int64_t(blockIdx.y) * gridDim.x + bc) * T;
+  for (index_t t = 0; t < T; ++t) {
+    acc_t sum = 0;
+    for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+      sum += depthwise_kernel_grad_term<scalar_t, acc_t>(grad_out, x, s, b, co, t,
+                                                         static_cast<index_t>(p));
+    }
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) dst[t] = sum;
+  }
+}
+
+// Grid of the per-plane depthwise kernels: x = the (example, channel) planes (CUDA allows
+// 2^31 - 1), y = blocks of pixels.
+inline dim3 plane_grid(int64_t planes, int64_t pixels) {
+  TORCH_CHECK(planes <= std::numeric_limits<int32_t>::max(),
+              "condconv2d (cuda): batch x channels = ", planes,
+              " is more planes than one launch can cover (2^31 - 1)");
+  return dim3(static_cast<unsigned>(planes),
+              static_cast<unsigned>(std::max<int64_t>(
+                  1, std::min(ceil_div(pixels, kThreads), kMaxGridYZ))));
+}
+
+// Slices of the output plane for depthwise_kernel_grad_kernel: enough (plane, slice) blocks to
+// fill the device, slices of at least 2048 pixels.
+inline int64_t kernel_grad_slices(int64_t planes, int64_t pixels) {
+  return std::max<int64_t>(
+      1, std::min({ceil_div(4096, planes), ceil_div(pixels, 2048), kMaxGridYZ}));
+}
+
+}  // namespace cuda
+}  // namespace condconv

@@ -1,0 +1,132 @@
+// The CUDA kernels themselves (csrc/cuda/kernels.cuh: tiling, shared memory, barriers, warp
+// shuffles, tensor-core fragments, launch grids) run on the CPU under an emulation of the CUDA
+// execution model (cuda_emulation.h), against the float64 results of cuda_cases.h. Every output
+// starts as NaN, so an element no block writes fails. Covered: every dense view on CUDA cores
+// (float64 with both index types, float32, float16) and on tensor cores (TF32, float16,
+// bfloat16), and the three depthwise kernels in every dtype.
+// What the emulation cannot show is speed, races between barriers, or the host launchers'
+// streams and allocations: tests/test_gpu.py and compute-sanitizer on a GPU check those.
+#include "cuda_emulation.h"  // first: the CUDA language for the host compiler
+
+#include <torch/torch.h>
+
+#include <ATen/OpMathType.h>
+
+#include "checks.h"
+#include "cuda_cases.h"
+#include <cuda/kernels.cuh>
+
+#include <cstdio>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+namespace {
+
+namespace cc = condconv::cuda;
+using cuda_cases::Config;
+using cuda_cases::layout;
+
+enum class Path { kCudaCores, kTensorCores };
+
+// One dense pass, launched as the host launcher does (condconv_cuda.cu: launch_gemm).
+template <typename scalar_t, class View>
+void gemm(const View& v, Path path) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (v.m() == 0 || v.n() == 0 || v.batches() == 0) return;
+  const dim3 grid = cc::gemm_grid(v), block(cc::kThreads);
+  if constexpr (!std::is_same<scalar_t, double>::value) {
+    if (path == Path::kTensorCores) {
+      emu::launch(cc::tensor_core_gemm_kernel<View, cc::TensorCoreOperand<scalar_t>>, grid,
+                  block, 0, v);
+      return;
+    }
+  }
+  emu::launch(cc::implicit_gemm_kernel<View, acc_t>, grid, block, 0, v);
+}
+
+// An empty tensor like t in the configuration's layout, filled with NaN.
+torch::Tensor poisoned(const torch::Tensor& t, at::ScalarType dtype, const std::string& how) {
+  return layout(torch::empty(t.sizes(), t.options().dtype(dtype)), how)
+      .fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+template <typename scalar_t, typename I>
+bool run(const Config& c, Path path, double tol) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  constexpr at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const auto k = cuda_cases::make_case(c, dtype, 1);
+  const auto& g = k.geometry;
+  auto out = poisoned(k.out, dtype, c.layout);
+  auto dx = poisoned(k.x, dtype, c.layout);
+  const auto s = cc::make_shape<I>(g, k.x, out, &dx);
+  const auto sg = cc::make_shape<I>(g, k.x, k.grad_out, &dx);  // grad_out's strides
+  const auto routing = k.routing.contiguous();
+  const auto weight = k.weight.contiguous();
+  const auto mixed_bias = at::mm(routing, k.bias.to(acc));
+  const scalar_t* x = k.x.const_data_ptr<scalar_t>();
+  const scalar_t* w = weight.const_data_ptr<scalar_t>();
+  const acc_t* r = routing.const_data_ptr<acc_t>();
+  const acc_t* bias = c.bias ? mixed_bias.const_data_ptr<acc_t>() : nullptr;
+  const scalar_t* go = k.grad_out.const_data_ptr<scalar_t>();
+  at::Tensor G = torch::full(k.kernel_grads.sizes(), std::numeric_limits<double>::quiet_NaN(),
+                             k.x.options().dtype(acc));
+  const dim3 block(cc::kThreads);
+
+  if (!g.depthwise()) {
+    gemm<scalar_t>(cc::ForwardView<scalar_t, acc_t, I>{s, x, w, r, bias,
+                                                       out.mutable_data_ptr<scalar_t>()},
+                   path);
+    gemm<scalar_t>(cc::GradInputView<scalar_t, acc_t, I>{sg, go, w, r,
+                                                         dx.mutable_data_ptr<scalar_t>()},
+                   path);
+    // Two chunks, to cover the chunk offset.
+    const int64_t half = c.batch / 2;
+    gemm<scalar_t>(cc::KernelGradView<scalar_t, acc_t, I>{sg, I(0), I(half), go, x,
+                                                          G.mutable_data_ptr<acc_t>()},
+                   path);
+    gemm<scalar_t>(cc::KernelGradView<scalar_t, acc_t, I>{sg, I(half), I(c.batch - half), go, x,
+                                                          G[half].mutable_data_ptr<acc_t>()},
+                   path);
+  } else {
+    const int64_t taps = g.kernel_h * g.kernel_w, mult = g.out_per_group();
+    emu::launch(cc::depthwise_forward_kernel<scalar_t, acc_t, I>,
+                cc::plane_grid(g.batch * g.out_channels, g.out_pixels()), block,
+                taps * sizeof(acc_t), s, x, w, r, bias, out.mutable_data_ptr<scalar_t>());
+    emu::launch(cc::depthwise_grad_input_kernel<scalar_t, acc_t, I>,
+                cc::plane_grid(g.batch * g.in_channels, g.height * g.width), block,
+                mult * taps * sizeof(acc_t), sg, go, w, r, dx.mutable_data_ptr<scalar_t>());
+    // Two slices of the plane, summed after, as the launcher does for large planes.
+    const int64_t slices = 2, slice_pixels = cc::ceil_div(g.out_pixels(), slices);
+    at::Tensor partial = torch::full({slices, g.batch, g.out_channels * taps},
+                                     std::numeric_limits<double>::quiet_NaN(), G.options());
+    emu::launch(cc::depthwise_kernel_grad_kernel<scalar_t, acc_t, I>,
+                dim3(unsigned(g.batch * g.out_channels), unsigned(slices)), block, 0, sg, go, x,
+                slice_pixels, partial.mutable_data_ptr<acc_t>());
+    G.copy_(partial.sum(0).view(G.sizes()));
+  }
+  const std::string name = c.name + "/" + c10::toString(dtype) + (sizeof(I) == 4 ? "/i32" : "/i64") +
+                           (path == Path::kTensorCores && !g.depthwise() ? "/tc" : "");
+  bool ok = close(out, k.out, name, "forward", tol);
+  ok = close(dx, k.grad_x, name, "grad_x", tol) && ok;
+  ok = close(G, k.kernel_grads, name, "kernel grads", tol) && ok;
+  return ok;
+}
+
+}  // namespace
+
+int main() {
+  bool ok = true;
+  for (const auto& c : cuda_cases::configs()) {
+    ok = run<double, int32_t>(c, Path::kCudaCores, 1e-10) && ok;
+    ok = run<double, int64_t>(c, Path::kCudaCores, 1e-10) && ok;
+    ok = run<float, int32_t>(c, Path::kCudaCores, 1e-5) && ok;
+    if (c.cin / c.groups > 1) ok = run<float, int32_t>(c, Path::kTensorCores, 5e-3) && ok;  // TF32
+    ok = run<at::Half, int64_t>(c, Path::kCudaCores, 5e-3) && ok;
+    ok = run<at::Half, int32_t>(c, Path::kTensorCores, 5e-3) && ok;
+    ok = run<at::BFloat16, int32_t>(c, Path::kTensorCores, 3e-2) && ok;
+  }
+  std::printf("%s\n", ok ? "PASSED" : "FAILED");
+  return ok ? 0 : 1;
+}
