@@ -13,27 +13,62 @@
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <type_traits>
+
+// The little of the CUDA runtime this file uses: launches, the current stream, the device guard
+// and the compute capability. tests/cpp/test_cuda_backend.cpp compiles this file for the CPU
+// with CONDCONV_EMULATE_CUDA and supplies its own (cuda_emulation.h), so that the whole backend
+// runs there on CPU tensors.
+#ifndef CONDCONV_EMULATE_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 namespace condconv {
 namespace cuda {
 namespace {
 
-constexpr int64_t kKernelGradBytes = int64_t(256) << 20;
+using DeviceGuard = c10::cuda::CUDAGuard;
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+int compute_capability_major() {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+}
+
+// kernel<<<grid, kThreads, shared_bytes, stream>>>(args...), then the launch check.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, size_t shared_bytes, cudaStream_t stream,
+            const Args&... args) {
+  kernel<<<grid, kThreads, shared_bytes, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace condconv
+#endif
+
+namespace condconv {
+namespace cuda {
+namespace {
+
+// The bound on one chunk of per-example kernel gradients (the host test sets it small).
+#ifndef CONDCONV_KERNEL_GRAD_BYTES
+#define CONDCONV_KERNEL_GRAD_BYTES (int64_t(256) << 20)
+#endif
+constexpr int64_t kKernelGradBytes = CONDCONV_KERNEL_GRAD_BYTES;
 
 // Whether the dense passes of scalar_t run on tensor cores: float16/bfloat16 always, float32
 // when TF32 is allowed for convolutions (torch.backends.cudnn.allow_tf32), on sm_80 and newer.
 template <typename scalar_t>
 bool use_tensor_cores() {
-  int device = 0, major = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major < 8) return false;
+  if (compute_capability_major() < 8) return false;
   if (std::is_same<scalar_t, at::Half>::value || std::is_same<scalar_t, at::BFloat16>::value) {
     return true;
   }
@@ -44,16 +79,13 @@ template <typename scalar_t, typename acc_t, class View>
 void launch_gemm(const View& v, cudaStream_t stream) {
   if (v.m() == 0 || v.n() == 0 || v.batches() == 0) return;
   const dim3 grid = gemm_grid(v);
-  if constexpr (std::is_same<scalar_t, double>::value) {
-    implicit_gemm_kernel<View, acc_t><<<grid, kThreads, 0, stream>>>(v);
-  } else {
+  if constexpr (!std::is_same<scalar_t, double>::value) {
     if (use_tensor_cores<scalar_t>()) {
-      tensor_core_gemm_kernel<View, TensorCoreOperand<scalar_t>><<<grid, kThreads, 0, stream>>>(v);
-    } else {
-      implicit_gemm_kernel<View, acc_t><<<grid, kThreads, 0, stream>>>(v);
+      launch(tensor_core_gemm_kernel<View, TensorCoreOperand<scalar_t>>, grid, 0, stream, v);
+      return;
     }
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(implicit_gemm_kernel<View, acc_t>, grid, 0, stream, v);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -85,15 +117,13 @@ void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Ten
   if (bias.has_value()) mixed_bias = at::mm(ops.routing, bias->to(ops.kAcc));
   const acc_t* bias_ptr = bias.has_value() ? mixed_bias.const_data_ptr<acc_t>() : nullptr;
   const Shape<index_t> s = make_shape<index_t>(g, x, out, nullptr);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   if (g.depthwise()) {
-    const dim3 grid = plane_grid(g.batch * g.out_channels, g.out_pixels());
-    depthwise_forward_kernel<scalar_t, acc_t, index_t>
-        <<<grid, kThreads, s.taps() * sizeof(acc_t), stream>>>(
-            s, x_ptr, ops.weight_ptr(), ops.routing_ptr(), bias_ptr,
-            out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(depthwise_forward_kernel<scalar_t, acc_t, index_t>,
+           plane_grid(g.batch * g.out_channels, g.out_pixels()), s.taps() * sizeof(acc_t), stream,
+           s, x_ptr, ops.weight_ptr(), ops.routing_ptr(), bias_ptr,
+           out.mutable_data_ptr<scalar_t>());
     return;
   }
   const ForwardView<scalar_t, acc_t, index_t> view{s, x_ptr, ops.weight_ptr(), ops.routing_ptr(),
@@ -113,11 +143,10 @@ at::Tensor depthwise_kernel_grad(const at::Tensor& grad_out, const at::Tensor& x
   const int64_t slice_pixels = std::max<int64_t>(1, ceil_div(s.out_pixels(), slices));
   at::Tensor G = at::empty({slices, int64_t(s.batch), int64_t(s.out_channels) * s.taps()},
                            acc_opts);
-  const dim3 grid(plane_grid(planes, 1).x, static_cast<unsigned>(slices));
-  depthwise_kernel_grad_kernel<scalar_t, acc_t, index_t><<<grid, kThreads, 0, stream>>>(
-      s, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), slice_pixels,
-      G.mutable_data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(depthwise_kernel_grad_kernel<scalar_t, acc_t, index_t>,
+         dim3(plane_grid(planes, 1).x, static_cast<unsigned>(slices)), 0, stream, s,
+         grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), slice_pixels,
+         G.mutable_data_ptr<acc_t>());
   return slices == 1 ? G.select(0, 0) : G.sum(0);
 }
 
@@ -129,7 +158,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   using acc_t = at::opmath_type<scalar_t>;
   const Operands<scalar_t> ops(routing, weight);
   const Shape<index_t> s = make_shape<index_t>(g, x, grad_out, mask[0] ? &grad_x : nullptr);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const int64_t N = g.kernel_numel();
@@ -137,11 +166,10 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   if (mask[0]) {
     scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
     if (g.depthwise()) {
-      const dim3 grid = plane_grid(g.batch * g.in_channels, g.height * g.width);
-      const size_t smem = g.out_per_group() * s.taps() * sizeof(acc_t);
-      depthwise_grad_input_kernel<scalar_t, acc_t, index_t><<<grid, kThreads, smem, stream>>>(
-          s, go_ptr, ops.weight_ptr(), ops.routing_ptr(), dx_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(depthwise_grad_input_kernel<scalar_t, acc_t, index_t>,
+             plane_grid(g.batch * g.in_channels, g.height * g.width),
+             g.out_per_group() * s.taps() * sizeof(acc_t), stream, s, go_ptr, ops.weight_ptr(),
+             ops.routing_ptr(), dx_ptr);
     } else {
       const GradInputView<scalar_t, acc_t, index_t> view{s, go_ptr, ops.weight_ptr(),
                                                          ops.routing_ptr(), dx_ptr};
@@ -189,7 +217,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias, const Geometry& g) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                              x.options().memory_format(x.suggest_memory_format()));
   const bool narrow = fits_int32({&x, &out, &weight});
@@ -208,7 +236,7 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
               const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const Geometry& g,
               std::array<bool, 4> output_mask, at::Tensor& grad_x, at::Tensor& grad_routing,
               at::Tensor& grad_weight, at::Tensor& grad_bias) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const bool narrow =
       fits_int32({&x, &grad_out, &weight, output_mask[0] ? &grad_x : nullptr});
   AT_DISPATCH_FLOATING_TYPES_AND2(

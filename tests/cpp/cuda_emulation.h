@@ -45,6 +45,8 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+using cudaStream_t = struct EmulatedStream*;  // one stream: launches run to completion in order
+
 // One OS thread runs every CUDA thread as a fiber, so these are plain globals, set by the
 // scheduler before it resumes a fiber.
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;

@@ -1,0 +1,112 @@
+// The whole CUDA backend (csrc/cuda/condconv_cuda.cu: operand preparation, dtype and index-type
+// dispatch, the choice of tensor cores, launches, the chunked kernel gradient folded into
+// grad_weight and grad_routing, bias gradients, output masks) run on CPU tensors: the file is
+// compiled here for the CPU, its launches going to the emulation of cuda_emulation.h. Checked
+// against the float64 results of cuda_cases.h, from which grad_weight, grad_routing and
+// grad_bias are formed independently.
+#include "cuda_emulation.h"  // first: the CUDA language for the host compiler
+#include <cuda/kernels.cuh>
+
+#include <c10/core/Device.h>
+
+// The runtime pieces condconv_cuda.cu takes from CUDA, on the CPU.
+namespace condconv {
+namespace cuda {
+namespace {
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+int compute_capability_major() { return 9; }  // as the H100 / H200
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, size_t shared_bytes, cudaStream_t,
+            const Args&... args) {
+  emu::launch(kernel, grid, dim3(kThreads), shared_bytes, args...);
+}
+}  // namespace
+}  // namespace cuda
+}  // namespace condconv
+
+#define CONDCONV_EMULATE_CUDA
+#define CONDCONV_KERNEL_GRAD_BYTES 1024  // several chunks of examples in the dense backward
+#include <cuda/condconv_cuda.cu>
+
+#include <torch/torch.h>
+
+#include "checks.h"
+#include "cuda_cases.h"
+
+#include <array>
+#include <cstdio>
+#include <string>
+
+namespace {
+
+using cuda_cases::Config;
+
+template <typename scalar_t>
+bool run(const Config& c, bool tf32, double tol, std::array<bool, 4> mask) {
+  constexpr at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  at::globalContext().setAllowTF32CuDNN(tf32);
+  const auto k = cuda_cases::make_case(c, dtype, 2);
+  const auto& g = k.geometry;
+  const c10::optional<at::Tensor> bias =
+      c.bias ? c10::optional<at::Tensor>(k.bias) : c10::nullopt;
+  const auto f64 = torch::kFloat64;
+
+  const at::Tensor out = condconv::cuda::forward(k.x, k.routing, k.weight, bias, g);
+  const auto empty = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  at::Tensor grad_x = mask[0] ? at::empty(k.x.sizes(), k.x.options().memory_format(
+                                                           k.x.suggest_memory_format()))
+                              : empty(k.x);
+  at::Tensor grad_routing = mask[1] ? at::empty(k.routing.sizes(), k.routing.options())
+                                    : empty(k.routing);
+  at::Tensor grad_weight = mask[2] ? at::empty(k.weight.sizes(), k.weight.options())
+                                   : empty(k.weight);
+  at::Tensor grad_bias = mask[3] ? at::empty({g.experts, g.out_channels}, k.weight.options())
+                                 : empty(k.weight);
+  condconv::cuda::backward(k.grad_out, k.x, k.routing, k.weight, bias, g, mask, grad_x,
+                           grad_routing, grad_weight, grad_bias);
+
+  // The parameter gradients from the per-example kernel gradients G_b, in float64.
+  const auto G = k.kernel_grads.reshape({c.batch, -1});
+  const auto r = k.routing.to(f64), W = k.weight.to(f64).reshape({c.experts, -1});
+  const auto gsum = k.grad_out.to(f64).sum({2, 3});
+  auto want_routing = at::mm(G, W.t());
+  if (c.bias) want_routing = want_routing + at::mm(gsum, k.bias.to(f64).t());
+
+  const std::string name = c.name + "/" + c10::toString(dtype) +
+                           (dtype == torch::kFloat && tf32 ? "/tf32" : "") +
+                           (mask == std::array<bool, 4>{true, true, true, c.bias} ? "" : "/mask");
+  bool ok = close(out, k.out, name, "forward", tol);
+  if (!out.is_contiguous(k.x.suggest_memory_format())) {
+    std::printf("%-22s output layout differs from x's: FAIL\n", name.c_str());
+    ok = false;
+  }
+  if (mask[0]) ok = close(grad_x, k.grad_x, name, "grad_x", tol) && ok;
+  if (mask[1]) ok = close(grad_routing, want_routing, name, "grad_routing", tol) && ok;
+  if (mask[2]) {
+    ok = close(grad_weight, at::mm(r.t(), G).view(k.weight.sizes()), name, "grad_weight", tol) &&
+         ok;
+  }
+  if (mask[3]) ok = close(grad_bias, at::mm(r.t(), gsum), name, "grad_bias", tol) && ok;
+  return ok;
+}
+
+}  // namespace
+
+int main() {
+  bool ok = true;
+  for (const auto& c : cuda_cases::configs()) {
+    const std::array<bool, 4> all{true, true, true, c.bias};
+    ok = run<double>(c, false, 1e-10, all) && ok;
+    ok = run<float>(c, false, 1e-5, all) && ok;
+    ok = run<float>(c, true, 5e-3, all) && ok;
+    ok = run<float>(c, false, 1e-5, {false, true, false, false}) && ok;
+    ok = run<float>(c, false, 1e-5, {true, false, true, false}) && ok;
+    ok = run<at::Half>(c, true, 5e-3, all) && ok;
+    ok = run<at::BFloat16>(c, true, 3e-2, all) && ok;
+  }
+  std::printf("%s\n", ok ? "PASSED" : "FAILED");
+  return ok ? 0 : 1;
+}
