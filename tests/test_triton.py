@@ -76,3 +76,52 @@ def test_auto_does_not_pick_the_interpreter():
     # auto on CPU picks the compiled C++ kernels (or the reference), never the interpreter
     from condconv_kernels import backends
     assert backends.resolve("auto", "cpu") in ("cpu", "reference")
+
+
+def test_autotune_switch(monkeypatch):
+    """On the GPU the kernels autotune over the whole table; with CONDCONV_TRITON_AUTOTUNE=0 they
+    launch its first configuration, tiles and launch options both."""
+    import triton
+    from condconv_kernels.triton import _config
+
+    @triton.jit
+    def kernel(x_ptr, BLOCK_CO: triton.language.constexpr, BLOCK_P: triton.language.constexpr,
+               BLOCK_K: triton.language.constexpr):
+        pass
+
+    shapes = ("BLOCK_CO", "BLOCK_P", "BLOCK_K")
+    monkeypatch.setattr(_config, "INTERPRET", False)
+    monkeypatch.setattr(_config, "AUTOTUNE", True)
+    tuned = _config.autotune(["COUT_G"], shapes)(kernel)
+    assert [(c.kwargs, c.num_warps, c.num_stages) for c in tuned.configs] == [
+        (dict(zip(shapes, row[:3])), row[3], row[4]) for row in _config._GPU_CONFIGS]
+    assert _config.fixed_blocks(shapes) == {}
+
+    monkeypatch.setattr(_config, "AUTOTUNE", False)
+    assert _config.autotune(["COUT_G"], shapes)(kernel) is kernel
+    first = _config._GPU_DW_CONFIGS[0]
+    assert _config.fixed_blocks(("BLOCK_C", "BLOCK_P")) == {
+        "BLOCK_C": first[0], "BLOCK_P": first[1], "num_warps": first[2], "num_stages": first[3]}
+
+
+def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
+    """The kernel-gradient kernels add into gw and write only as many rows of part as their tile
+    size gives: the autotuner must zero both before each trial and before the real launch, or
+    the trials' sums leak into the first gradient of every new shape. The other kernels only
+    store, so they need no reset."""
+    import importlib
+    from condconv_kernels.triton import _config, dense, depthwise
+    monkeypatch.setattr(_config, "INTERPRET", False)
+    monkeypatch.setattr(_config, "AUTOTUNE", True)
+    try:
+        importlib.reload(dense)
+        importlib.reload(depthwise)
+        for kernel in (dense.dense_bwd_w_kernel, depthwise.dw_bwd_w_kernel):
+            assert sorted(kernel.reset_to_zero) == ["gw_ptr", "part_ptr"]
+        for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel, depthwise.dw_fwd_kernel,
+                       depthwise.dw_bwd_x_kernel):
+            assert kernel.reset_to_zero == []
+    finally:
+        monkeypatch.undo()
+        importlib.reload(dense)
+        importlib.reload(depthwise)

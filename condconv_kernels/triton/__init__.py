@@ -118,7 +118,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         S = _splits(B)
         per_split = triton.cdiv(B, S)
         N = w[0].numel()
-        gw = torch.zeros((S, E, N), dtype=acc, device=x.device) if need_w else w
+        # Zeroed accumulators; a stand-in when unused (never the weights: the autotuner zeroes
+        # this argument).
+        gw = torch.zeros((S, E, N) if need_w else (1,), dtype=acc, device=x.device)
         if depthwise:
             tiles = triton.cdiv(cout, _MIN_BLOCK)
             part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)

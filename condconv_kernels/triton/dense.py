@@ -132,7 +132,8 @@ def dense_bwd_x_kernel(
     tl.store(p_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_ci[:, None] & m_q[None, :])
 
 
-@autotune(key=["COUT_G", "KEY_K", "KEY_L"], shapes=("BLOCK_CO", "BLOCK_K", "BLOCK_P"))
+@autotune(key=["COUT_G", "KEY_K", "KEY_L"], shapes=("BLOCK_CO", "BLOCK_K", "BLOCK_P"),
+          reset_to_zero=("gw_ptr", "part_ptr"))
 @triton.jit
 def dense_bwd_w_kernel(
     x_ptr, g_ptr, r_ptr, w_ptr, gw_ptr, part_ptr,

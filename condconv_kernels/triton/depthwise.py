@@ -97,7 +97,8 @@ def dw_bwd_x_kernel(
     tl.store(p_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_c[:, None] & m_q[None, :])
 
 
-@autotune(key=["C_OUT", "KEY_L"], shapes=("BLOCK_C", "BLOCK_P"))
+@autotune(key=["C_OUT", "KEY_L"], shapes=("BLOCK_C", "BLOCK_P"),
+          reset_to_zero=("gw_ptr", "part_ptr"))
 @triton.jit
 def dw_bwd_w_kernel(
     x_ptr, g_ptr, r_ptr, w_ptr, gw_ptr, part_ptr,
