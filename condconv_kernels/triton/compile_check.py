@@ -1,0 +1,126 @@
+"""The Triton kernels compiled ahead of time for a GPU architecture, on any machine (Triton's
+compiler and its ptxas need no GPU): ``python -m condconv_kernels.triton.compile_check``.
+
+Catches what the interpreter cannot: code that does not lower to the GPU (types, layouts,
+tensor-core dots) and tiles whose shared memory exceeds what a block may use. Every kernel is
+compiled in every dtype with the configuration ``CONDCONV_TRITON_AUTOTUNE=0`` launches (the first
+of its table), and in float32 and bfloat16 with each other configuration of its table (with
+``--quick``, the largest only). Prints one line
+per variant (shared memory, tensor-core instructions) and exits 1 if any
+variant fails or does not fit.
+
+Run it in a process without ``TRITON_INTERPRET=1``: the interpreter patches the compiler's
+builder once a kernel has been interpreted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import _config, dense, depthwise
+
+# kernel, its tile names (as the launcher passes them), its pointers in the accumulation dtype.
+KERNELS = {
+    "dense_fwd": (dense.dense_fwd_kernel, ("BLOCK_CO", "BLOCK_P", "BLOCK_K"), ()),
+    "dense_bwd_x": (dense.dense_bwd_x_kernel, ("BLOCK_CI", "BLOCK_Q", "BLOCK_K"), ()),
+    "dense_bwd_w": (dense.dense_bwd_w_kernel, ("BLOCK_CO", "BLOCK_K", "BLOCK_P"),
+                    ("gw_ptr", "part_ptr")),
+    "dw_fwd": (depthwise.dw_fwd_kernel, ("BLOCK_C", "BLOCK_P"), ()),
+    "dw_bwd_x": (depthwise.dw_bwd_x_kernel, ("BLOCK_C", "BLOCK_P"), ()),
+    "dw_bwd_w": (depthwise.dw_bwd_w_kernel, ("BLOCK_C", "BLOCK_P"), ("gw_ptr", "part_ptr")),
+}
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+         torch.float64: "fp64"}
+SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024}  # the most a block may use, by architecture
+
+
+def _jit(kernel) -> triton.JITFunction:
+    while hasattr(kernel, "fn"):  # under the autotuner or the interpreter
+        kernel = kernel.fn
+    return triton.JITFunction(kernel)
+
+
+def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
+    """Compiles one kernel for ``sm_<arch>`` with ``config`` = (tile sizes, warps, stages)."""
+    kernel, _, acc_pointers = KERNELS[name]
+    fn = _jit(kernel)
+    blocks, warps, stages = config
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    constexprs = dict(blocks, KH=3, KW=3, HAS_BIAS=True, NEED_W=True, NEED_R=True,
+                      ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+                      PRECISION="tf32" if dtype == torch.float32 else "ieee")
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg == "r_ptr" or arg in acc_pointers:
+            signature[arg] = f"*{acc}"
+        elif arg.endswith("_ptr"):
+            signature[arg] = f"*{TYPES[dtype]}"
+        else:
+            signature[arg] = "i32"
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()
+                                   if k in fn.arg_names})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def _size(config):
+    blocks, _, stages = config
+    product = 1
+    for value in blocks.values():
+        product *= value
+    return product, stages
+
+
+def variants(quick: bool = False):
+    """(kernel, dtype, config, whether it is the configuration launched without autotuning);
+    ``quick``: of the other configurations only the largest tiles (most stages on a tie)."""
+    for name, (_, shapes, _) in KERNELS.items():
+        table = _config._table(shapes)
+        for dtype in TYPES:
+            yield name, dtype, table[0], True
+        rest = [max(table[1:], key=_size)] if quick else table[1:]
+        for dtype in (torch.float32, torch.bfloat16):
+            for config in rest:
+                yield name, dtype, config, False
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_BYTES),
+                        help="compute capability x 10 (default 90: H100 / H200)")
+    parser.add_argument("--quick", action="store_true",
+                        help="of the autotuned configurations, only the largest")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
+    failures = 0
+    for name, dtype, (blocks, warps, stages), first in variants(args.quick):
+        label = (f"{name:12s} {TYPES[dtype]} {'x'.join(map(str, blocks.values())):10s} "
+                 f"w{warps} s{stages}{' (untuned)' if first else ''}")
+        try:
+            compiled = compile_variant(name, dtype, (blocks, warps, stages), args.arch)
+        except Exception as error:  # noqa: BLE001 -- every failure is reported, then counted
+            print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[-1]}")
+            failures += 1
+            continue
+        meta, ptx = compiled.metadata, compiled.asm["ptx"]
+        fits = meta.shared <= SHARED_BYTES[args.arch]
+        failures += not fits
+        print(f"{label}: {meta.shared} B shared{'' if fits else ' (TOO MUCH)'}, "
+              f"{ptx.count('mma.sync') + ptx.count('wgmma.mma_async')} mma instructions")
+    print("all variants compiled and fit" if failures == 0 else f"{failures} variants failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
