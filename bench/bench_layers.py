@@ -3,7 +3,7 @@
 the 24 CondConv layers of tf_efficientnet_cc_b0_8e at their real shapes.
 
     python bench/bench_layers.py [--batch 8] [--experts 8] [--device cpu] [--dtype float32]
-                                 [--backward] [--channels-last] [--roofline]
+                                 [--backward] [--channels-last] [--roofline] [--first N]
                                  [--out bench/results/NAME.md]
 
 Prints a markdown table: median milliseconds per variant and, per fused backend, the speedup
@@ -54,12 +54,13 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true", help="channels_last inputs")
     p.add_argument("--roofline", action="store_true",
                    help="measure the device's ceilings and add achieved rates per fused backend")
+    p.add_argument("--first", type=int, help="only the first N layers (quick checks)")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
     p.add_argument("--out", help="write the table (markdown) and every number (JSON beside it)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     layers = (efficientnet_cc_b0_layers(args.experts) if args.shapes == "efficientnet"
-              else resnet_condconv_layers(args.experts))
+              else resnet_condconv_layers(args.experts))[:args.first]
     variants = [layer_variants(layer, args.batch, args.device, dtype, args.backward,
                                channels_last=args.channels_last) for layer in layers]
     # One untimed pass over everything first: the allocator then serves every size from its

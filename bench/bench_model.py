@@ -3,7 +3,13 @@ the reference backend (unfused baseline) and the same architecture without exper
 
     python bench/bench_model.py [--model tf_efficientnet_cc_b0_8e] [--batch 1,8] [--device cpu]
                                 [--dtype float32] [--amp bfloat16] [--channels-last]
-                                [--backward] [--out bench/results/NAME.md]
+                                [--backward] [--input-size N] [--timm NAME,NAME]
+                                [--out bench/results/NAME.md]
+
+Prints median milliseconds per batch, images per second, and the ratios to the unfused model
+and to the static one, all measured in this run (variants interleaved). ``--timm`` adds timm's
+own models (e.g. tf_efficientnet_cc_b0_8e, tf_efficientnet_b0) as variants, where timm is
+installed (skipped with a note otherwise).
 """
 from __future__ import annotations
 
@@ -28,24 +34,37 @@ def main(argv=None):
                    help="run under torch.autocast with this dtype (parameters stay --dtype)")
     p.add_argument("--channels-last", action="store_true", help="model and input channels_last")
     p.add_argument("--backward", action="store_true", help="time a training step's fwd + bwd")
+    p.add_argument("--input-size", type=int, help="image side (default: the model's)")
+    p.add_argument("--timm", default="", help="comma-separated timm model names to add")
     p.add_argument("--min-run-time", type=float, default=1.0)
     p.add_argument("--out")
     args = p.parse_args(argv)
     mode = "forward+backward" if args.backward else "forward"
     precision = args.dtype + (f", autocast {args.amp}" if args.amp else "")
     layout = ", channels_last" if args.channels_last else ""
+    timm_models = [t for t in args.timm.split(",") if t]
+    notes = []
+    if timm_models:
+        try:
+            import timm  # noqa: F401
+        except ImportError as exc:
+            notes.append(f"timm variants {timm_models} skipped: timm does not import ({exc})")
+            timm_models = []
     lines = [f"{args.model}, {precision}{layout}, {mode}, median ms", "",
-             "| batch | variant | ms | / unfused | / static |", "|---|---|---|---|---|"]
+             "| batch | variant | ms | images/s | / unfused | / static |",
+             "|---|---|---|---|---|---|"]
     for batch in [int(b) for b in args.batch.split(",")]:
         fns = model_variants(args.model, batch, args.device, getattr(torch, args.dtype),
                              args.backward, amp=getattr(torch, args.amp) if args.amp else None,
-                             channels_last=args.channels_last)
+                             channels_last=args.channels_last, input_size=args.input_size,
+                             timm_models=timm_models)
         t = {name: m.median_ms for name, m in
              time_interleaved(fns, args.device, args.min_run_time).items()}
         for name, ms in t.items():
-            lines.append(f"| {batch} | {name} | {ms:.2f} | {ms / t['unfused']:.2f} | "
-                         f"{ms / t['static']:.2f} |")
-    lines += ["", "machine: " + ", ".join(f"{k} {v}" for k, v in machine_info().items())]
+            lines.append(f"| {batch} | {name} | {ms:.2f} | {batch / ms * 1e3:.0f} | "
+                         f"{ms / t['unfused']:.2f} | {ms / t['static']:.2f} |")
+    lines += [""] + notes + ["machine: " + ", ".join(f"{k} {v}" for k, v in
+                                                     machine_info().items())]
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -1,106 +1,318 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA machine, in one command: build the extension with its CUDA
-# kernels, run the GPU tests, a compute-sanitizer memcheck of the cuda backend, and the per-layer
-# benchmarks on CUDA. Logs and tables go to $OUT (default gpu-results/); a summary line per step
-# is printed last.
+# Every GPU check of the project, in two calls sized for a 15-minute GPU lease:
 #
-#   bash bench/gpu_checks.sh                # build tests sanitize bench
-#   bash bench/gpu_checks.sh build bench    # some steps only (build is needed once per machine)
+#   bash bench/gpu_checks.sh first    # at most 8.5 min: give it a 560 s limit
+#   bash bench/gpu_checks.sh second   # at most 4 min: give it a 300 s limit
 #
-# Environment: PYTHON (default python3, the interpreter that holds torch there),
-# TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), MAX_JOBS (default 16), BATCHES (default "32 256"),
-# STEP_TIMEOUT (default 480 s: a step that hangs is stopped and its log kept), WORKERS (pytest
-# processes for the GPU test matrix, default 8; needs pytest-xdist).
+# first:  versions, nvidia-smi, Triton's cache key; the CUDA extension builds in the background
+#         (one translation unit per dtype, MAX_JOBS=16) and Triton's cache is filled with every
+#         configuration the benchmarks will tune (bench/warm_triton.py), while the triton
+#         backend's correctness subset runs (tests/test_gpu.py, autotuning off); the cuda
+#         backend's subset; the headline benchmark (the 24 CondConv layers of
+#         tf_efficientnet_cc_b0_8e, batch 256, bfloat16, channels_last, forward: triton, cuda,
+#         unfused, static, roofline columns); whole-model inference throughput at batch 256 (ours
+#         fused, unfused and static, timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0);
+#         then kit.tgz: the built extension, Triton's compiled kernels and autotune results.
+# second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
+#         and the build and compiled kernels are reused (without it, or with other sources, it
+#         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput;
+#         the >2^31-element tests one at a time; compute-sanitizer memcheck of the cuda backend.
+#
+# Output in $OUT (default gpu-results/), at most 8 files: summary.md (each step's status, time
+# and cap, and the tables, appended as each step ends, printed last), log.txt (all output),
+# results.tgz (the benchmarks' tables and JSON) and, from the first call, kit.tgz. Commit each
+# call's summary as bench/results/gpu-<card>-first.md / -second.md (its first lines name the card).
+#
+# Each step has a hard cap and each call a deadline (FIRST_DEADLINE=510, SECOND_DEADLINE=240 s):
+# a step that would run past the deadline is cut short or skipped, so a call always ends in
+# time with everything done so far in $OUT. A failed step never stops the script, which exits 0.
+# GPU_CHECKS_DRY_RUN=1 walks every step on the CPU with small stand-ins (make test runs it).
+# Environment: PYTHON (python3), OUT, GPU_KIT_DIR (.gpu-kit), WORKERS (pytest processes, 6),
+# TRITON_CACHE_DIR (/tmp/condconv-triton-cache: fixed, since Triton's cache records absolute
+# paths), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-results}
+ROOT=$(pwd)
+MODE=${1:-}
+case $MODE in
+  first | second) ;;
+  *) echo "usage: bash bench/gpu_checks.sh first|second (see the top of this file)" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
-BATCHES=${BATCHES:-32 256}
-WORKERS=${WORKERS:-8}
+DRY=${GPU_CHECKS_DRY_RUN:-0}
+WORKERS=${WORKERS:-6}
+mkdir -p "${OUT:=gpu-results}" "${GPU_KIT_DIR:=.gpu-kit}"
+OUT=$(cd "$OUT" && pwd)
+KIT=$(cd "$GPU_KIT_DIR" && pwd)
+WORK=$KIT/work
+rm -rf "$WORK"
+mkdir -p "$WORK/results" "$WORK/build"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/condconv-triton-cache}
+export TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-mkdir -p "$OUT"
-SUMMARY=()
+mkdir -p "$TRITON_CACHE_DIR"
+START=$(date +%s)
+if [ "$MODE" = first ]; then LIMIT=${FIRST_DEADLINE:-510}; else LIMIT=${SECOND_DEADLINE:-240}; fi
+DEADLINE=$((START + LIMIT))
+RESERVE=${RESERVE:-25}  # seconds kept for packing the results after the last step
+LOG=$OUT/log.txt
+SUMMARY=$OUT/summary.md
+: >"$LOG"
 
-# step NAME COMMAND...: runs COMMAND with its output in $OUT/NAME.log; records rc, time, last line.
+now() { date +%s; }
+
+# record NAME STATUS SECONDS CAP [FILE]: one line in the summary, then FILE's last lines (or
+# all of a table file), the moment a step ends.
+record() {
+  local name=$1 status=$2 secs=$3 cap=$4 file=${5:-}
+  {
+    echo "### $name: $status, $secs s (cap $cap s)"
+    # The output's last lines, unless a table from it follows (table).
+    if [ -n "$file" ] && [ -s "$file" ] && ! { [ "$status" = ok ] && grep -q '^|' "$file"; }; then
+      echo '```'
+      grep -v '^\s*$' "$file" | tail -n "${TAIL_LINES:-4}"
+      echo '```'
+    fi
+    echo
+  } >>"$SUMMARY"
+}
+
+# step NAME CAP COMMAND...: runs COMMAND (a program or a function of this file) under a hard cap,
+# shortened to the deadline, its output into the log as it runs (background steps: at their
+# end); records the status when it ends. Returns COMMAND's status.
 step() {
-  local name=$1 start rc
-  shift
-  start=$(date +%s)
-  echo "== $name: $*"
-  timeout "${STEP_TIMEOUT:-480}" "$@" >"$OUT/$name.log" 2>&1
-  rc=$?
-  SUMMARY+=("$name: rc=$rc, $(($(date +%s) - start)) s, $(tail -n 1 "$OUT/$name.log")")
-  return $rc
-}
-
-build() {
-  nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-  "$PY" -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" \
-    >"$OUT/versions.txt" 2>&1
-  step build "$PY" -m pip install --no-build-isolation --no-deps -v -e . ||
-    step build-cpu-only env CONDCONV_SKIP_CUDA=1 "$PY" -m pip install --no-build-isolation \
-      --no-deps -e .
-  step backends "$PY" -c "import condconv_kernels as cc; print(cc.available_backends('cuda'))"
-}
-
-tests() {
-  # The matrix compiles a Triton variant per shape, dtype and stride pattern: one configuration
-  # each (autotuning off) and WORKERS processes compiling side by side keep that to minutes.
-  # The batch-256 cases then run again autotuned, as the benchmarks do.
-  step test-gpu env CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_gpu.py -q -rs \
-    -n "$WORKERS" -p no:cacheprovider
-  step test-gpu-autotuned "$PY" -m pytest tests/test_gpu.py -q -rs -k "batch_256 or graph"
-  step test-timm "$PY" -m pytest tests/test_integration.py -q -rs -k timm
-}
-
-sanitize() {
-  # Forward and backward of the cuda backend on a dense, a pointwise, a grouped and a depthwise
-  # layer, under memcheck (out-of-bounds and misaligned accesses, launch errors).
-  step sanitize compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -c '
-import torch, condconv_kernels as cc
-torch.manual_seed(0)
-for cin, cout, k, s, groups, dtype in [(8, 16, 3, 2, 1, torch.float32), (16, 24, 1, 1, 1, torch.float16),
-                                       (8, 8, 3, 1, 2, torch.bfloat16), (16, 16, 5, 2, 16, torch.float32)]:
-    x = torch.randn(3, cin, 11, 13, device="cuda", dtype=dtype, requires_grad=True)
-    r = torch.rand(3, 4, device="cuda", requires_grad=True)
-    w = torch.randn(4, cout, cin // groups, k, k, device="cuda", dtype=dtype, requires_grad=True)
-    b = torch.randn(4, cout, device="cuda", dtype=dtype, requires_grad=True)
-    y = cc.condconv2d(x, r, w, b, s, "same", 1, groups, backend="cuda")
-    torch.autograd.grad(y, [x, r, w, b], torch.randn_like(y))
-torch.cuda.synchronize()
-print("memcheck run finished")'
-}
-
-bench() {
-  local b
-  step model-amp "$PY" bench/bench_model.py --device cuda --batch 1,256 --amp bfloat16 \
-    --channels-last --out "$OUT/cuda-model-amp.md"
-  step model-amp-train "$PY" bench/bench_model.py --device cuda --batch 256 --amp bfloat16 \
-    --channels-last --backward --out "$OUT/cuda-model-amp-train.md"
-  for b in $BATCHES; do
-    step "bench-b$b" "$PY" bench/bench_layers.py --device cuda --batch "$b" --roofline \
-      --out "$OUT/cuda-layers-b$b.md"
-    step "bench-b$b-bf16" "$PY" bench/bench_layers.py --device cuda --batch "$b" --roofline \
-      --dtype bfloat16 --out "$OUT/cuda-layers-b$b-bfloat16.md"
-    step "bench-b$b-fwdbwd" "$PY" bench/bench_layers.py --device cuda --batch "$b" --backward \
-      --out "$OUT/cuda-layers-b$b-fwdbwd.md"
-  done
-}
-
-STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(build tests sanitize bench)
-for s in "${STEPS[@]}"; do
-  case $s in
-    build | tests | sanitize | bench) $s ;;
-    *) echo "unknown step '$s' (build, tests, sanitize, bench)" >&2; exit 2 ;;
+  local name=$1 cap=$2 left t0 rc status sink=$LOG
+  shift 2
+  left=$((DEADLINE - RESERVE - $(now)))
+  if ((left < 5)); then
+    record "$name" "skipped (deadline)" 0 "$cap"
+    return 1
+  fi
+  ((cap > left)) && cap=$left
+  [ "${IN_BACKGROUND:-0}" = 1 ] && sink=/dev/null
+  t0=$(now)
+  echo "== $name (cap $cap s): $*"
+  [ "$sink" = "$LOG" ] && printf '\n===== %s (cap %s s): %s\n' "$name" "$cap" "$*" >>"$LOG"
+  if declare -F "$1" >/dev/null; then
+    timeout -k 10 "$cap" bash -c '"$@"' "$name" "$@" 2>&1 | tee "$WORK/$name.out" >>"$sink"
+  else
+    timeout -k 10 "$cap" "$@" 2>&1 | tee "$WORK/$name.out" >>"$sink"
+  fi
+  rc=${PIPESTATUS[0]}
+  if [ "$sink" != "$LOG" ]; then
+    { printf '\n===== %s (background, cap %s s): %s\n' "$name" "$cap" "$*"
+      cat "$WORK/$name.out"; } >>"$LOG"
+  fi
+  case $rc in
+    0) status=ok ;;
+    124 | 137) status="TIMED OUT" ;;
+    *) status="FAILED (rc $rc)" ;;
   esac
-done
+  record "$name" "$status" $(($(now) - t0)) "$cap" "$WORK/$name.out"
+  return "$rc"
+}
+
+# background NAME CAP COMMAND...: a step in the background; join NAME waits for it until the
+# deadline, then stops it.
+declare -A BG_PID
+background() {
+  local name=$1
+  (IN_BACKGROUND=1 step "$@" >/dev/null 2>&1) &
+  BG_PID[$name]=$!
+  echo "== $name: started in the background"
+}
+join() {
+  local name=$1 pid=${BG_PID[$1]}
+  while kill -0 "$pid" 2>/dev/null && (($(now) < DEADLINE - RESERVE)); do sleep 1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    pkill -TERM -P "$pid" 2>/dev/null
+    sleep 2
+    pkill -KILL -P "$pid" 2>/dev/null
+  fi
+  wait "$pid" 2>/dev/null
+}
+
+# table FILE: a benchmark's table into the summary and results.tgz.
+table() {
+  [ -s "$1" ] || return 0
+  { sed -n '/^|/,$p' "$1"; echo; } >>"$SUMMARY"
+  tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
+}
+
+pytest_cmd() {  # pytest with WORKERS processes where pytest-xdist is there (not in the dry run)
+  if [ "$DRY" != 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    echo "$PY -m pytest -q -rfE -p no:cacheprovider -n $WORKERS"
+  else
+    echo "$PY -m pytest -q -rfE -p no:cacheprovider"
+  fi
+}
+
+stamp() {  # what the built extension depends on
+  { cat setup.py csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/* 2>/dev/null
+    "$PY" -c "import torch; print(torch.__version__)"; echo "$TORCH_CUDA_ARCH_LIST"; } |
+    sha256sum | cut -c1-16
+}
+
+versions() {
+  "$PY" - <<'EOF'
+import hashlib, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+try:
+    import triton
+    from triton.runtime.cache import triton_key
+    print("triton", triton.__version__, "| triton_key sha256",
+          hashlib.sha256(triton_key().encode()).hexdigest()[:16])
+except Exception as exc:  # noqa: BLE001
+    print("triton:", exc)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"gpu {p.name} | sm_{p.major}{p.minor} | {p.multi_processor_count} SMs | "
+          f"{p.total_memory / 2**30:.0f} GiB | L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+else:
+    print("gpu: none")
+EOF
+  nvidia-smi 2>&1 | head -n 20 || true
+  nvcc --version 2>&1 | tail -n 2 || true
+}
+
+build_extension() {  # into $WORK/build, never into the package while tests import it
+  if [ "$DRY" = 1 ]; then  # stand-in: the extension this tree already has
+    mkdir -p "$WORK/build/lib/condconv_kernels"
+    cp condconv_kernels/_C*.so "$WORK/build/lib/condconv_kernels/" && echo "dry run: copied"
+    return
+  fi
+  # Portable CPU code: the second call may run on another machine of the kind.
+  CONDCONV_PORTABLE=1 "$PY" setup.py build_ext --build-lib "$WORK/build/lib" \
+    --build-temp "$WORK/build/tmp"
+}
+
+install_extension() {  # the built _C into the package, atomically; then what it can run
+  local so
+  so=$(ls "$WORK"/build/lib/condconv_kernels/_C*.so 2>/dev/null | head -n 1)
+  if [ -z "$so" ]; then echo "no built extension"; return 1; fi
+  if [ "$DRY" != 1 ]; then
+    cp "$so" "condconv_kernels/.$(basename "$so").tmp" &&
+      mv "condconv_kernels/.$(basename "$so").tmp" "condconv_kernels/$(basename "$so")"
+  fi
+  stamp >"$WORK/build/stamp"
+  "$PY" -c "import condconv_kernels as cc; print('cuda backends:', cc.available_backends('cuda'))"
+}
+
+export ROOT PY DRY WORK KIT OUT
+export -f stamp versions build_extension install_extension
+
+# The GPU (or, dry run, CPU) arguments of each step.
+if [ "$DRY" = 1 ]; then
+  DEV=(--device cpu)
+  TEST_ENV=(env CONDCONV_GPU_TEST_DEVICE=cpu)
+  TRITON_TESTS=(-k "k1_s2_e8 or g2_s2_e8_b1")
+  CUDA_TESTS=(-k "k3_s2_asym and (matrix or float64)")
+  WARM=(--device cpu --backend cpu --batch 2 --first 2 --jobs 2 --dtype float32 --channels-last)
+  LAYERS=(--batch 2 --first 2 --min-run-time 0.02)
+  MODEL=(--batch 2 --input-size 64 --min-run-time 0.05 --timm tf_efficientnet_b0)
+  SANITIZE=()
+  MEMCHECK=(--device cpu --backend cpu)
+else
+  DEV=(--device cuda)
+  TEST_ENV=(env)
+  TRITON_TESTS=(-k "not was_built")
+  CUDA_TESTS=()
+  WARM=(--batch 256 --dtype bfloat16 --channels-last --backward --jobs 14)
+  LAYERS=(--batch 256 --min-run-time 0.1)
+  MODEL=(--batch 256 --min-run-time 0.5 --timm tf_efficientnet_cc_b0_8e,tf_efficientnet_b0)
+  SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  SANITIZE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck
+            --report-api-errors no --error-exitcode 1)
+  MEMCHECK=(--backend cuda)
+fi
+BENCH=(--dtype bfloat16 --channels-last)
+CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu (dry run)')" 2>/dev/null)
+SLUG=$(echo "$CARD" | grep -oi 'h[0-9]\{3\}' | head -n 1 | tr 'A-Z' 'a-z')
+{
+  echo "# GPU checks, $MODE call: ${CARD:-unknown card}"
+  echo
+  echo "Commit as bench/results/gpu-${SLUG:-<card>}-$MODE.md. $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), deadline $LIMIT s."
+  echo
+} >"$SUMMARY"
+
+if [ "$MODE" = first ]; then
+  step versions 20 versions
+  background build 300 nice -n 5 bash -c build_extension
+  background warm-triton 300 nice -n 15 "$PY" bench/warm_triton.py "${WARM[@]}"
+  # The tests compile into a cache of their own: the kit carries the benchmarks' kernels only.
+  step triton-tests 170 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
+    CONDCONV_GPU_BACKENDS=triton,cpu CONDCONV_TRITON_AUTOTUNE=0 \
+    $(pytest_cmd) tests/test_gpu.py -m "not huge" "${TRITON_TESTS[@]}"
+  join build
+  step install 30 install_extension
+  step cuda-tests 100 "${TEST_ENV[@]}" CONDCONV_GPU_BACKENDS=cuda,cpu \
+    $(pytest_cmd) tests/test_gpu.py -m "not huge" "${CUDA_TESTS[@]}"
+  join warm-triton
+  step layers-fwd 110 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
+    --roofline --out "$WORK/results/layers-b256-bf16-cl-fwd.md"
+  table "$WORK/results/layers-b256-bf16-cl-fwd.md"
+  step model-fwd 90 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
+    --channels-last --out "$WORK/results/model-b256-amp-cl-fwd.md"
+  table "$WORK/results/model-b256-amp-cl-fwd.md"
+  RESERVE=0
+  pack() {
+    local staged=$WORK/kit
+    rm -rf "$staged" && mkdir -p "$staged/triton-cache"
+    cp "$WORK"/build/lib/condconv_kernels/_C*.so "$WORK/build/stamp" "$staged/" 2>/dev/null &&
+      strip --strip-debug "$staged"/_C*.so
+    # The compiled kernels, their launchers and the autotune results; not the IR.
+    (cd "$TRITON_CACHE_DIR" && find . -type f \( -name '*.json' -o -name '*.cubin' \
+      -o -name '*.so' \) -print0 | tar cf - --null -T - | tar xf - -C "$staged/triton-cache")
+    tar czf "$OUT/kit.tgz" -C "$staged" .
+    echo "kit.tgz: $(du -k "$OUT/kit.tgz" | cut -f1) KiB, $(find "$staged" -type f | wc -l) files"
+    if (($(du -k "$OUT/kit.tgz" | cut -f1) > 15 * 1024)); then  # over what comes back: no .so
+      rm -f "$staged"/_C*.so && tar czf "$OUT/kit.tgz" -C "$staged" . &&
+        echo "too large with the extension: kit.tgz without it, $(du -k "$OUT/kit.tgz" | cut -f1) KiB"
+    fi
+  }
+  export -f pack
+  step pack 25 pack
+else
+  restore() {  # the first call's kit: Triton's cache always, the extension if its sources match
+    local staged=$WORK/kit
+    if [ ! -s "$KIT/kit.tgz" ]; then
+      echo "no kit at $KIT/kit.tgz: building"
+      touch "$WORK/need-build"
+      return 0
+    fi
+    mkdir -p "$staged" && tar xzf "$KIT/kit.tgz" -C "$staged" || return 1
+    cp -a "$staged/triton-cache/." "$TRITON_CACHE_DIR/"
+    echo "Triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files"
+    if [ "$(cat "$staged/stamp" 2>/dev/null)" != "$(stamp)" ] ||
+      ! ls "$staged"/_C*.so >/dev/null 2>&1; then
+      echo "the kit's extension was built from other sources (or is missing): building"
+      touch "$WORK/need-build"
+      return 0
+    fi
+    mkdir -p "$WORK/build/lib/condconv_kernels"
+    cp "$staged"/_C*.so "$WORK/build/lib/condconv_kernels/"
+    echo "extension reused from the kit"
+  }
+  export -f restore
+  step versions 15 versions
+  step restore 30 restore || touch "$WORK/need-build"
+  [ -e "$WORK/need-build" ] && step build 150 build_extension
+  step install 30 install_extension
+  # The benchmarks first: they need the kit's cache while it is fresh, and the deadline cuts
+  # the last steps first.
+  step layers-fwdbwd 80 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
+    --backward --out "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
+  table "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
+  step model-train 50 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
+    --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train.md"
+  table "$WORK/results/model-b256-amp-cl-train.md"
+  step huge-tests 60 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
+    CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu.py \
+    -m huge
+  step memcheck 60 "${SANITIZE[@]}" "$PY" bench/memcheck_cases.py "${MEMCHECK[@]}"
+fi
+
+echo "Total: $(($(now) - START)) s of a $LIMIT s deadline." >>"$SUMMARY"
 echo
-printf '%s\n' "${SUMMARY[@]}"
-for f in "$OUT"/cuda-layers-*.md; do
-  [ -f "$f" ] && echo "$f: $(grep geomean "$f")"
-done
-for f in "$OUT"/cuda-model-*.md; do
-  [ -f "$f" ] && grep "^| [0-9]" "$f" | sed "s|^|$(basename "$f"): |"
-done
+cat "$SUMMARY"
 exit 0

@@ -1,7 +1,17 @@
 // The Python extension module condconv_kernels._C. Importing it loads the shared library, whose
-// static initialisers register the `condconv` operators (ops.cpp); there is nothing else to bind.
-#include <torch/extension.h>
+// static initialisers register the `condconv` operators (ops.cpp); there is nothing else to bind,
+// so the module is made with Python's C API alone (no pybind11 or torch/extension.h to compile).
+#include <Python.h>
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "condconv_kernels native operators (registered under torch.ops.condconv)";
+#define CONDCONV_CONCAT2(a, b) a##b
+#define CONDCONV_CONCAT(a, b) CONDCONV_CONCAT2(a, b)
+#define CONDCONV_STR2(a) #a
+#define CONDCONV_STR(a) CONDCONV_STR2(a)
+
+static struct PyModuleDef condconv_module = {
+    PyModuleDef_HEAD_INIT, CONDCONV_STR(TORCH_EXTENSION_NAME),
+    "condconv_kernels native operators (registered under torch.ops.condconv)", -1, nullptr};
+
+PyMODINIT_FUNC CONDCONV_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  return PyModule_Create(&condconv_module);
 }

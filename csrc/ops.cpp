@@ -2,6 +2,7 @@
 // their inputs: all validation lives here, once.
 #include "condconv.h"
 
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 

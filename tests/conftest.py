@@ -12,6 +12,9 @@ import torch
 # Without a GPU the triton backend runs in Triton's interpreter (set before triton is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Deterministic mode (poisoned_outputs, the determinism tests) needs this for cuBLAS, read before
+# the first cuBLAS handle is made.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import condconv_kernels as cc
 from condconv_kernels import _args, reference

@@ -1,24 +1,88 @@
-"""Every CUDA backend against the float64 ground truth (computed on the CPU): forward and all
-gradients, float32 / float16 / bfloat16, contiguous / channels_last / sliced, batch up to 256.
-Runs where CUDA is available (skipped on CPU-only machines)."""
+"""Every CUDA backend against the float64 ground truth (computed on the CPU): forward and all four
+gradients; float32 exact (TF32 off: IEEE float32 in the triton backend, the CUDA-core path in the
+cuda backend), float16, bfloat16 and float64; contiguous, channels_last and sliced inputs; batch
+up to 256; determinism; CUDA-graph replay; and one check of the TF32 path with a tolerance derived
+from TF32's 10-bit mantissa. Outputs are poisoned with NaN before the kernels run, so an element
+a kernel forgets to write fails. Skipped on machines without CUDA.
+
+Selection, by environment variable:
+
+- ``CONDCONV_GPU_BACKENDS=triton`` (comma-separated): the backends to test; default every
+  available one but the reference.
+- ``CONDCONV_GPU_MATRIX=full``: every case x layout x dtype. The default takes each case once
+  per dtype with the layouts in turn (every case meets every layout, every dtype every layout):
+  a third of the Triton compiles.
+- ``CONDCONV_GPU_TEST_DEVICE=cpu``: run this file on the CPU with the ``cpu`` backend standing in
+  for the GPU ones (the GPU kit's dry run uses it to check the tests themselves).
+
+The >2^31-element tests (about 20 GB of GPU memory each) are marked ``huge``: run them alone and
+one at a time (``pytest -m huge -p no:xdist``); ``-m "not huge"`` leaves them out.
+"""
+import contextlib
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import condconv_kernels as cc
 from condconv_kernels import reference
-from conftest import (CASES, CASES_BY_NAME, LAYOUTS, assert_close, assert_repeatable, ground_truth,
-                      make_inputs, run_op)
+from conftest import (CASES, CASES_BY_NAME, LAYOUTS, assert_close, assert_repeatable, conv_args,
+                      ground_truth, make_inputs, poisoned_outputs, run_op)
 
-CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-CUDA_BACKENDS = cc.available_backends("cuda") if CUDA else []
+DEVICE = os.environ.get("CONDCONV_GPU_TEST_DEVICE", "cuda")
+ON_GPU = DEVICE == "cuda"
+pytestmark = pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(),
+                                reason="needs a CUDA device")
+
+
+def _backends():
+    if ON_GPU and not torch.cuda.is_available():
+        return []
+    chosen = os.environ.get("CONDCONV_GPU_BACKENDS")
+    found = [b for b in cc.available_backends(DEVICE) if b != "reference"]
+    if not ON_GPU:
+        found = [b for b in found if b == "cpu"]  # the compiled stand-in, not the interpreter
+    return [b for b in found if not chosen or b in chosen.split(",")]
+
+
+GPU_BACKENDS = _backends()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _matrix():
+    """(case, dtype, layout): the full product, or each case once per dtype, layouts in turn."""
+    if os.environ.get("CONDCONV_GPU_MATRIX") == "full":
+        return [(c, d, lay) for c in CASES for d in DTYPES for lay in LAYOUTS]
+    return [(c, d, LAYOUTS[(i + j) % len(LAYOUTS)])
+            for i, c in enumerate(CASES) for j, d in enumerate(DTYPES)]
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 on or off for convolutions and matrix products (cuDNN, cuBLAS and both backends,
+    which follow torch.backends.cudnn.allow_tf32)."""
+    was = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = was
+
+
+def _to_device(tensors):
+    return [t.to(DEVICE) if t is not None else None for t in tensors]
 
 
 def _run(case, inputs, backend, grad_out):
-    leaves = [t.detach().cuda().requires_grad_(True) if t is not None else None for t in inputs]
-    out = cc.condconv2d(*leaves, stride=case.stride, padding=case.padding,
-                        dilation=case.dilation, groups=case.groups, backend=backend)
-    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out.cuda())
+    """Forward and the four gradients on the device, every output poisoned with NaN first."""
+    leaves = [t.detach().to(DEVICE).requires_grad_(True) if t is not None else None
+              for t in inputs]
+    with poisoned_outputs():
+        out = cc.condconv2d(*leaves, stride=case.stride, padding=case.padding,
+                            dilation=case.dilation, groups=case.groups, backend=backend)
+        grads = torch.autograd.grad(out, [t for t in leaves if t is not None],
+                                    grad_out.to(DEVICE))
     return out.cpu(), [g.cpu() for g in grads]
 
 
@@ -28,33 +92,98 @@ def _check(case, backend, dtype, layout, factor):
     grad_out = torch.randn(truth.shape, dtype=torch.float64).to(dtype)
     out, grads = _run(case, inputs, backend, grad_out)
     truth, truth_grads = ground_truth(case, inputs, grad_out)
-    # PyTorch's own computation in this precision, on the GPU (cuDNN, TF32 as configured).
-    same, same_grads = ground_truth(case, [t.cuda() if t is not None else None for t in inputs],
-                                    grad_out.cuda(), dtype=dtype)
+    # PyTorch's own computation in this precision, on the device (cuDNN, TF32 as configured).
+    same, same_grads = ground_truth(case, _to_device(inputs), grad_out.to(DEVICE), dtype=dtype)
     assert_close(out, truth, same.cpu(), f"{backend} out", factor)
     for g, t, s in zip(grads, truth_grads, same_grads):
         assert_close(g, t, s.cpu(), f"{backend} grad", factor)
 
 
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_cuda_matrix(case, layout, dtype, backend):
-    _check(case, backend, dtype, layout, factor=3.0 if dtype == torch.float32 else 4.0)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case,dtype,layout", _matrix(),
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_gpu_matrix(case, dtype, layout, backend):
+    """float32 with TF32 off, so that it is held to IEEE float32 (PyTorch's own float32 result on
+    the device is the yardstick); float16/bfloat16 within 4x PyTorch's own error."""
+    with tf32(False):
+        _check(case, backend, dtype, layout, factor=3.0 if dtype == torch.float32 else 4.0)
 
 
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", ["k3_s2_asym", "g2_s2_e8_b1", "dw5_s2_same_e8"])
+def test_gpu_float64(name, backend):
+    case = CASES_BY_NAME[name]
+    _check(case, backend, torch.float64, "channels_last", factor=3.0)
+
+
+def _tf32_scales(case, inputs, grad_out):
+    """sqrt(sum_k t_k^2) per element of out, grad_x and grad_weight, where t_k are the products
+    the element sums (float64): out sums x * W_b, grad_x sums grad_out * W_b, grad_weight[e]
+    sums routing[b, e] * x * grad_out. Each product is off by at most about 2^-10 of itself
+    once its operands are rounded to TF32, and the roundings are independent, so an element's
+    error is about 2^-10 * sqrt(sum_k t_k^2): 2^-10 * sqrt(K) times the products' size."""
+    x, routing, weight, _ = [t.detach().double() if t is not None else None for t in inputs]
+    stride, pad, dilation, groups = conv_args(case, x)
+    go2 = grad_out.double() ** 2
+
+    def conv(u, v):
+        return F.conv2d(F.pad(u, (pad[2], pad[3], pad[0], pad[1])), v, None, stride, 0,
+                        dilation, groups)
+    outs, gxs, kernel_sq = [], [], []
+    for b in range(x.shape[0]):
+        wb2 = torch.einsum("e,e...->...", routing[b], weight) ** 2
+        u = x[b:b + 1].clone().requires_grad_(True)
+        v = wb2.clone().requires_grad_(True)
+        outs.append(conv(x[b:b + 1] ** 2, wb2))
+        (gx,) = torch.autograd.grad(conv(u, wb2), [u], go2[b:b + 1])
+        (gk,) = torch.autograd.grad(conv(x[b:b + 1] ** 2, v), [v], go2[b:b + 1])
+        gxs.append(gx)
+        kernel_sq.append(gk)
+    gw = torch.einsum("be,b...->e...", routing ** 2, torch.stack(kernel_sq))
+    return [torch.cat(outs).sqrt(), torch.cat(gxs).sqrt(), gw.sqrt()]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", ["k3_s2_asym", "k5_same", "g2_s2_e8_b1"])
+def test_gpu_tf32(name, backend):
+    """TF32 on (PyTorch's default for convolutions): out, grad_x and grad_weight within
+    6 * 2^-10 * sqrt(2 sum_k t_k^2) of the float64 truth, element by element (see
+    _tf32_scales), plus float32 rounding. A wrong index or a lost term is off by the size of
+    the result, about sqrt(sum_k t_k^2): over a hundred times this bound."""
+    case = CASES_BY_NAME[name]
+    inputs = make_inputs(case, torch.float32, "contiguous", seed=7)
+    truth, _ = ground_truth(case, inputs)
+    grad_out = torch.randn(truth.shape, dtype=torch.float64).float()
+    with tf32(True):
+        out, grads = _run(case, inputs, backend, grad_out)
+    truth, truth_grads = ground_truth(case, inputs, grad_out)
+    grad_x, grad_weight = grads[0], grads[2]
+    for name_, ours, want, scale in zip(["out", "grad_x", "grad_weight"],
+                                        [out, grad_x, grad_weight],
+                                        [truth, truth_grads[0], truth_grads[2]],
+                                        _tf32_scales(case, inputs, grad_out)):
+        eps32 = torch.finfo(torch.float32).eps
+        bound = 6 * 2.0 ** -10 * (2 * scale ** 2).sqrt() + 64 * eps32 * want.abs().max()
+        err = (ours.double() - want).abs()
+        worst = (err / bound).max().item()
+        print(f"{backend} {name_}: max err / bound {worst:.3f}")
+        assert torch.isfinite(ours).all(), f"{name_}: non-finite values"
+        assert worst <= 1.0, f"{backend} {name_}: error {worst:.2f}x the TF32 bound"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("name", ["k1", "dw5_s2_same_e8", "k3_s2_asym"])
-def test_cuda_batch_256(name, backend):
+def test_gpu_batch_256(name, backend):
     case = CASES_BY_NAME[name]
     case = type(case)(**{**case.__dict__, "B": 256})
     _check(case, backend, torch.float16, "channels_last", factor=4.0)
 
 
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.huge
+@pytest.mark.skipif(not ON_GPU, reason="about 20 GB: GPU only")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("kernel,groups", [(1, 1), (3, 8)], ids=["pw", "dw3"])
-def test_cuda_more_than_2_31_elements(kernel, groups, backend):
+def test_gpu_more_than_2_31_elements(kernel, groups, backend):
     """x has 8 * 16400 * 16400 > 2**31 float16 elements (about 4.3 GB); the last 64 x 64 pixels
     of the output and of grad_x, whose offsets need 64-bit arithmetic, are compared with the
     reference on a crop (with its halo), and grad_routing with an independent reduction."""
@@ -92,30 +221,28 @@ def test_cuda_more_than_2_31_elements(kernel, groups, backend):
             h1 = min(side, h0 + 2048)
             band = x.detach()[:, :, max(0, h0 - pad):min(side, h1 + pad)].float()
             top, bottom = pad - (h0 - max(0, h0 - pad)), pad - (min(side, h1 + pad) - h1)
-            y = torch.nn.functional.conv2d(
-                torch.nn.functional.pad(band, (pad, pad, top, bottom)), weight[e].float(),
-                groups=groups)
+            y = F.conv2d(F.pad(band, (pad, pad, top, bottom)), weight[e].float(), groups=groups)
             want_r[e] += (y * grad_out[:, :, h0:h1].float()).sum()
     torch.testing.assert_close(grad_r[0], want_r, rtol=2e-2, atol=1.0)
 
 
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("name", ["k1_s2_e8", "dw3_s2_b1_e1_nobias", "k3_s2_asym", "g2_s2_e8_b1"])
-def test_cuda_backward_is_bitwise_deterministic(name, backend, monkeypatch):
+def test_gpu_backward_is_bitwise_deterministic(name, backend, monkeypatch):
     """Ten forward + backward runs give bitwise-identical results, in deterministic mode too
     (cuBLAS needs CUBLAS_WORKSPACE_CONFIG there, as for any PyTorch op that uses it)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     case = CASES_BY_NAME[name]
     case = type(case)(**{**case.__dict__, "B": 9})
-    inputs = [t.cuda() if t is not None else None
-              for t in make_inputs(case, torch.float32, seed=3)]
-    grad_out = torch.randn(run_op(case, inputs, backend)[0].shape, device="cuda")
+    inputs = _to_device(make_inputs(case, torch.float32, seed=3))
+    grad_out = torch.randn(run_op(case, inputs, backend)[0].shape, device=DEVICE)
     assert_repeatable(case, inputs, backend, grad_out, deterministic=True)
 
 
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("name", ["k3_s2_asym", "dw5_s2_same_e8"])
-def test_cuda_graph_replay_matches_eager(name, backend):
+def test_gpu_graph_replay_matches_eager(name, backend):
     """Forward + backward captured in a CUDA graph (on a side stream, as torch.cuda.graph does)
     and replayed on new inputs gives eager's results: the kernels run on the current stream and
     make no host synchronisation."""
@@ -154,11 +281,11 @@ def test_cuda_graph_replay_matches_eager(name, backend):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the CUDA build")
 def test_cuda_backend_was_built():
     """Where torch has CUDA, the extension must carry the CUDA kernels, unless the build was
     told to skip them (CONDCONV_SKIP_CUDA=1): `make test` falls back to a CPU-only build when
     the CUDA build fails, and this is where that shows."""
-    import os
     if os.environ.get("CONDCONV_SKIP_CUDA", "0") == "1":
         pytest.skip("CONDCONV_SKIP_CUDA=1: the CUDA kernels were not asked for")
     from torch.utils.cpp_extension import CUDA_HOME
@@ -166,4 +293,4 @@ def test_cuda_backend_was_built():
     from condconv_kernels import backends
     if CUDA_HOME is None:
         pytest.skip("no CUDA toolkit (CUDA_HOME) on this machine: the CUDA kernels cannot be built")
-    assert "cuda" in CUDA_BACKENDS, backends.why_unavailable("cuda", "cuda")
+    assert "cuda" in cc.available_backends("cuda"), backends.why_unavailable("cuda", "cuda")

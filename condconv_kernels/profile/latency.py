@@ -11,6 +11,7 @@ Variants, measured in one run so that their ratios are meaningful:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -97,39 +98,58 @@ def _step(fn: Callable[[], torch.Tensor], backward: bool,
     return run
 
 
+def _input_sets(device: str, bytes_per_set: int) -> int:
+    """How many input sets a CUDA benchmark rotates through so that a call never finds its
+    inputs in L2 (twice the L2 size in all, at most 8 sets); 1 elsewhere."""
+    if torch.device(device).type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 0)
+    return max(1, min(8, -(-2 * l2 // max(1, bytes_per_set))))
+
+
 def layer_variants(layer: LayerShape, batch: int, device: str, dtype: torch.dtype,
                    backward: bool, channels_last: bool = False) -> Dict[str, Callable[[], None]]:
-    """variant name -> callable running one forward (and backward) of the layer."""
+    """variant name -> callable running one forward (and backward) of the layer. On CUDA each
+    callable rotates through enough input sets that its inputs are not in L2 (see
+    :func:`_input_sets`), the same sets for every variant."""
     from .. import condconv2d
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, layer.cin, layer.height, layer.width, generator=g)
-    routing = torch.rand(batch, layer.experts, generator=g)
-    weight = torch.randn(layer.experts, layer.cout, layer.cin // layer.groups, layer.kernel,
-                         layer.kernel, generator=g) * 0.05
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x, weight = (t.to(device, dtype).requires_grad_(backward) for t in (x, weight))
-    routing = routing.to(device, torch.float32 if dtype != torch.float64 else dtype)
-    routing.requires_grad_(backward)
-    static_w = weight[0].detach().clone().requires_grad_(backward)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    set_bytes = layer.work(batch, itemsize, backward)[1]
+    sets = []
+    for _ in range(_input_sets(device, set_bytes)):
+        x = torch.randn(batch, layer.cin, layer.height, layer.width, generator=g)
+        routing = torch.rand(batch, layer.experts, generator=g)
+        weight = torch.randn(layer.experts, layer.cout, layer.cin // layer.groups, layer.kernel,
+                             layer.kernel, generator=g) * 0.05
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x, weight = (t.to(device, dtype).requires_grad_(backward) for t in (x, weight))
+        routing = routing.to(device, torch.float32 if dtype != torch.float64 else dtype)
+        routing.requires_grad_(backward)
+        static_w = weight[0].detach().clone().requires_grad_(backward)
+        sets.append((x, routing, weight, static_w))
     pad = layer.padding
-
     symmetric = pad[0] == pad[1] and pad[2] == pad[3]
 
-    def static():  # as nn.Conv2d / timm's Conv2dSame: F.pad only for asymmetric padding
-        if symmetric:
+    def rotating(body):
+        turn = itertools.cycle(sets)
+        return lambda: body(*next(turn))
+
+    def static(x, routing, weight, static_w):  # as nn.Conv2d / timm's Conv2dSame: F.pad only
+        if symmetric:                           # for asymmetric padding
             return F.conv2d(x, static_w, None, layer.stride, (pad[0], pad[2]), 1, layer.groups)
         xp = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
         return F.conv2d(xp, static_w, None, layer.stride, 0, 1, layer.groups)
 
     def op(name):
-        return lambda: condconv2d(x, routing, weight, None, layer.stride, pad, 1, layer.groups,
-                                  backend=name)
-    leaves = (x, routing, weight, static_w)
-    variants = {"static": _step(static, backward, leaves),
-                "unfused": _step(op("reference"), backward, leaves)}
+        return lambda x, routing, weight, static_w: condconv2d(
+            x, routing, weight, None, layer.stride, pad, 1, layer.groups, backend=name)
+    leaves = [t for s in sets for t in s]
+    variants = {"static": _step(rotating(static), backward, leaves),
+                "unfused": _step(rotating(op("reference")), backward, leaves)}
     for name in fused_backends(device):
-        variants[f"fused:{name}"] = _step(op(name), backward, leaves)
+        variants[f"fused:{name}"] = _step(rotating(op(name)), backward, leaves)
     return variants
 
 
@@ -142,11 +162,13 @@ def _set_backend(model: nn.Module, name: str) -> nn.Module:
 
 def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backward: bool,
                    input_size: Optional[int] = None, amp: Optional[torch.dtype] = None,
-                   channels_last: bool = False) -> Dict[str, Callable[[], None]]:
+                   channels_last: bool = False,
+                   timm_models: Sequence[str] = ()) -> Dict[str, Callable[[], None]]:
     """variant name -> callable running the whole model (training mode with backward, else
     eval); ``static`` is the same architecture without experts. ``amp``: run under
     ``torch.autocast`` with that dtype (parameters stay ``dtype``); ``channels_last``: model and
-    input in channels_last."""
+    input in channels_last; ``timm_models``: timm's own models of these names as further
+    variants ``timm:<name>`` (randomly initialised, same input), where timm is installed."""
     from ..models import create_model
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     fused = create_model(name).to(device, dtype, memory_format=memory_format)
@@ -162,8 +184,14 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
         with torch.autocast(device_type, dtype=amp):
             return model(x)
     variants = {}
-    for model, label, backend in ([(static, "static", None), (fused, "unfused", "reference")] +
-                                  [(fused, f"fused:{b}", b) for b in fused_backends(device)]):
+    models = ([(static, "static", None), (fused, "unfused", "reference")] +
+              [(fused, f"fused:{b}", b) for b in fused_backends(device)])
+    if timm_models:
+        import timm
+        models += [(timm.create_model(t, pretrained=False).to(device, dtype,
+                                                              memory_format=memory_format),
+                    f"timm:{t}", None) for t in timm_models]
+    for model, label, backend in models:
         if backend is not None:
             _set_backend(model, backend)
         model.train(backward)

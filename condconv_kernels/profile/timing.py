@@ -1,6 +1,7 @@
 """Timing harness: warm-up, then repeated runs summarised by median and quantiles.
 
-CPU: ``torch.utils.benchmark.Timer.blocked_autorange``; CUDA: CUDA events around each run."""
+CPU: ``torch.utils.benchmark.Timer.blocked_autorange``; CUDA: CUDA events around runs of many
+back-to-back calls."""
 from __future__ import annotations
 
 import dataclasses
@@ -52,21 +53,18 @@ def _quantile(values, q):
 
 def time_callable(fn: Callable[[], object], device: str = "cpu", min_run_time: float = 0.3,
                   warmup: int = 2) -> Measurement:
-    """Times ``fn()``; per-run times in milliseconds."""
+    """Times ``fn()``; per-run times in milliseconds.
+
+    CUDA: each sample is a pair of CUDA events around as many back-to-back calls as fill about
+    ``CUDA_SAMPLE_MS`` (no synchronisation between calls, so launch latency overlaps the
+    previous call's work as in a training loop), divided by the number of calls; samples are
+    taken until ``min_run_time`` has passed (at least 5). Repeated calls on the same inputs
+    measure a warm L2 cache where the inputs fit in it: rotate among input sets (as
+    :func:`~condconv_kernels.profile.latency.layer_variants` does) to measure memory."""
     for _ in range(warmup):
         fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        total = 0.0
-        while total < min_run_time * 1e3 or len(times) < 10:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-            total += times[-1]
+    if device == "cuda" or str(device).startswith("cuda"):
+        times = _cuda_samples(fn, min_run_time)
     else:
         m = tbench.Timer(stmt="fn()", globals={"fn": fn},
                          num_threads=torch.get_num_threads()).blocked_autorange(
@@ -74,6 +72,30 @@ def time_callable(fn: Callable[[], object], device: str = "cpu", min_run_time: f
         times = [t * 1e3 for t in m.times]
     return Measurement(statistics.median(times), _quantile(times, 0.1), _quantile(times, 0.9),
                        len(times))
+
+
+CUDA_SAMPLE_MS = 5.0
+
+
+def _cuda_samples(fn: Callable[[], object], min_run_time: float):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    calls = max(1, min(1000, int(CUDA_SAMPLE_MS / max(start.elapsed_time(end), 1e-3))))
+    times, total = [], 0.0
+    while total < min_run_time * 1e3 or len(times) < 5:
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        times.append(ms / calls)
+        total += ms
+    return times
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu",

@@ -4,6 +4,10 @@ fixed configuration under TRITON_INTERPRET=1 (the interpreter cannot autotune).
 ``CONDCONV_TRITON_AUTOTUNE=0`` launches the first GPU configuration of each table instead of
 autotuning: every new shape then compiles one variant instead of six, which is what a test run
 over many shapes wants (the tiles are masked, so any configuration computes the same result).
+``CONDCONV_TRITON_CONFIG=i`` launches the i-th configuration of each table (modulo its length)
+without autotuning. Each compiles exactly the binary the autotuner would compile for that
+configuration, so processes run with i = 0, 1, ... side by side fill Triton's cache before an
+autotuned run, which then only times the configurations (``bench/warm_triton.py``).
 """
 from __future__ import annotations
 
@@ -13,17 +17,82 @@ from typing import Dict, Sequence
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-AUTOTUNE = os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0"
 
-# (block a, block b, block c, warps, stages) for kernels whose three tile sizes are named in
-# `shapes`: a and b are the output tile, c the reduction block.
-_GPU_CONFIGS = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                (128, 128, 32, 8, 3), (32, 64, 64, 4, 4), (64, 32, 64, 4, 4)]
+
+def _forced_config():
+    value = os.environ.get("CONDCONV_TRITON_CONFIG", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError("CONDCONV_TRITON_CONFIG must be a configuration index (0, 1, ...), "
+                         f"got {value!r}")
+    return int(value)
+
+
+FORCED_CONFIG = _forced_config()
+AUTOTUNE = os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0" and FORCED_CONFIG is None
+
+# The tile names of the dense forward and grad_x kernels: examples per program, the output tile
+# (channels x pixels) and the reduction block.
+DENSE_TILES = ("BLOCK_B", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+# (examples, channels, pixels, reduction, warps, stages). Registers per program hold the
+# accumulators (BLOCK_B x BLOCK_M x BLOCK_N, float32) and the mixed tiles (BLOCK_B x BLOCK_M x
+# BLOCK_K); BLOCK_M is 64 or 128 so that Hopper's wgmma takes the mixed tile from registers.
+# BLOCK_B (1, 2 or 4) = 1 serves small batches (configurations with more examples than the
+# batch's bucket are pruned); at batch 256 more examples per program divide the reads of the
+# expert tiles, more channels per program the reads of x (condconv_kernels.triton.report).
+_GPU_DENSE_CONFIGS = [(2, 64, 64, 32, 4, 3), (1, 64, 64, 32, 4, 3), (1, 128, 64, 32, 8, 3),
+                      (4, 64, 64, 32, 8, 3), (2, 128, 64, 32, 8, 3), (4, 64, 64, 16, 8, 4),
+                      (2, 64, 128, 32, 8, 3)]
+# (block a, block b, block c, warps, stages) for the dense kernel gradient, whose tile of W
+# (a output channels x b reduction elements, over c pixels at a time) holds every expert's
+# gradient in registers: E x a x b float32, at most 16K with 8 experts.
+_GPU_CONFIGS = [(64, 32, 64, 8, 3), (32, 64, 64, 8, 3), (32, 32, 64, 4, 3),
+                (64, 16, 64, 4, 3), (64, 32, 32, 8, 4), (16, 64, 64, 4, 3)]
 # (block a, block b, warps, stages) for the depthwise kernels: channels x pixels tiles.
 _GPU_DW_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (16, 128, 4, 2), (32, 128, 8, 2),
                    (64, 32, 4, 2)]
+# The most configurations of any table (bench/warm_triton.py runs that many workers).
+MAX_CONFIGS = max(map(len, (_GPU_DENSE_CONFIGS, _GPU_CONFIGS, _GPU_DW_CONFIGS)))
 # Under the interpreter: small tiles keep the numpy work per program small.
 INTERPRET_BLOCK = 16
+INTERPRET_EXAMPLES = 2
+
+
+SHARED_LIMIT = 227 * 1024  # the most shared memory a block may use on sm_90
+
+
+def dense_shared_bytes(blocks: Dict[str, int], stages: int, experts: int, itemsize: int) -> int:
+    """Upper estimate of a dense forward / grad_x configuration's shared memory when its K loop
+    is pipelined: per stage the E expert tiles and the BLOCK_B input tiles."""
+    per_stage = (experts * blocks["BLOCK_M"] * blocks["BLOCK_K"]
+                 + blocks["BLOCK_B"] * blocks["BLOCK_K"] * blocks["BLOCK_N"])
+    return stages * per_stage * itemsize
+
+
+def fitting_stages(blocks: Dict[str, int], stages: int, experts: int, itemsize: int) -> int:
+    """The most pipeline stages, at most ``stages``, whose tiles fit in shared memory (1 if
+    none does: the tiles are then loaded without pipelining)."""
+    while stages > 1 and dense_shared_bytes(blocks, stages, experts, itemsize) > SHARED_LIMIT:
+        stages -= 1
+    return stages
+
+
+def _prune_examples(configs, named_args, **kwargs):
+    """Drops the configurations whose block of examples exceeds the batch's bucket (B_KEY) and
+    lowers the pipeline stages of the others until their tiles fit in shared memory."""
+    limit = named_args.get("B_KEY", 1 << 30)
+    experts = kwargs.get("E", 8)
+    x = named_args.get("x_ptr", named_args.get("g_ptr"))
+    itemsize = x.element_size() if hasattr(x, "element_size") else 4
+    fewest = min(c.kwargs["BLOCK_B"] for c in configs)
+    kept = []
+    for c in configs:
+        if c.kwargs["BLOCK_B"] <= max(limit, fewest):
+            stages = fitting_stages(c.kwargs, c.num_stages, experts, itemsize)
+            kept.append(c if stages == c.num_stages else
+                        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=stages))
+    return kept
 
 
 def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[str] = ()):
@@ -32,31 +101,41 @@ def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[
 
     ``reset_to_zero`` names the outputs a kernel adds into (or fills only in part, as the
     partial sums whose row count depends on the tile size): the tuner zeroes them before every
-    trial and before the real launch, which otherwise would see the trials' sums."""
+    trial and before the real launch, which otherwise would see the trials' sums. Tuning
+    results are cached on disk with the compiled kernels (Triton's ``cache_results``), so other
+    processes reuse them."""
     def wrap(kernel):
         if INTERPRET or not AUTOTUNE:
             return kernel
         configs = [triton.Config(blocks, num_warps=warps, num_stages=stages)
                    for blocks, warps, stages in _table(shapes)]
-        return triton.autotune(configs=configs, key=list(key),
-                               reset_to_zero=list(reset_to_zero) or None)(kernel)
+        prune = {"early_config_prune": _prune_examples} if "BLOCK_B" in shapes else None
+        return triton.autotune(configs=configs, key=list(key), prune_configs_by=prune,
+                               reset_to_zero=list(reset_to_zero) or None,
+                               cache_results=True)(kernel)
     return wrap
 
 
 def _table(shapes: Sequence[str]):
     """The GPU configurations of a kernel as (tile sizes by name, warps, stages)."""
     n = len(shapes)
-    table = _GPU_CONFIGS if n == 3 else _GPU_DW_CONFIGS
+    table = {4: _GPU_DENSE_CONFIGS, 3: _GPU_CONFIGS, 2: _GPU_DW_CONFIGS}[n]
     return [(dict(zip(shapes, c[:n])), c[n], c[n + 1]) for c in table]
 
 
-def fixed_blocks(shapes: Sequence[str]) -> Dict[str, int]:
-    """The launch options the launcher passes itself: the interpreter's tiles, the first GPU
-    configuration when autotuning is off, none when autotuned."""
+def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4) -> Dict[str, int]:
+    """The launch options the launcher passes itself: the interpreter's tiles, the first (or
+    the forced) GPU configuration when autotuning is off (the dense kernels' pipeline stages
+    lowered until their tiles of ``experts`` experts in ``itemsize``-byte elements fit), none
+    when autotuned."""
     if INTERPRET:
-        return {name: INTERPRET_BLOCK for name in shapes}
+        return {name: INTERPRET_EXAMPLES if name == "BLOCK_B" else INTERPRET_BLOCK
+                for name in shapes}
     if not AUTOTUNE:
-        blocks, warps, stages = _table(shapes)[0]
+        table = _table(shapes)
+        blocks, warps, stages = table[(FORCED_CONFIG or 0) % len(table)]
+        if "BLOCK_B" in blocks:
+            stages = fitting_stages(blocks, stages, experts, itemsize)
         return {**blocks, "num_warps": warps, "num_stages": stages}
     return {}
 

@@ -5,6 +5,7 @@
 
 #include "../condconv.h"
 
+#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>

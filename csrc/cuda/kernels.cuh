@@ -1,5 +1,5 @@
 // Device code of the condconv CUDA backend, forward and backward side by side, and the launch
-// geometry of each kernel. The host launchers are in condconv_cuda.cu; the index arithmetic is in
+// geometry of each kernel. The host launchers are in typed.cuh; the index arithmetic is in
 // views.cuh. Nothing here needs the CUDA runtime beyond the kernel language, so
 // tests/cpp/test_cuda_kernels.cpp runs these same kernels on the CPU under an emulation of the
 // execution model (tests/cpp/cuda_emulation.h).

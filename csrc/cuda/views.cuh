@@ -10,7 +10,7 @@
 //   kernel grad G_b  Cout/g       Cin/g*kh*kw    Ho*Wo              grad_out_b           im2col(x_b)^T
 //
 // A View supplies lhs(z, m, k) = A, rhs(z, k, n) = B and store(z, m, n, value); the kernel
-// (condconv_cuda.cu) stages K-slices of A and B in shared memory. The forward and grad_x views
+// (kernels.cuh) stages K-slices of A and B in shared memory. The forward and grad_x views
 // mix the experts as they load a tile of A: W_b[co, k] = sum_e routing[b, e] * weight[e, co, k],
 // so the B x |W| mixed kernels never exist in memory. Offsets are 64-bit throughout.
 //

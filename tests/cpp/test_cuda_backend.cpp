@@ -1,7 +1,7 @@
-// The whole CUDA backend (csrc/cuda/condconv_cuda.cu: operand preparation, dtype and index-type
-// dispatch, the choice of tensor cores, launches, the chunked kernel gradient folded into
-// grad_weight and grad_routing, bias gradients, output masks) run on CPU tensors: the file is
-// compiled here for the CPU, its launches going to the emulation of cuda_emulation.h. Checked
+// The whole CUDA backend (csrc/cuda/typed.cuh and condconv_cuda.cu: operand preparation, dtype
+// and index-type dispatch, the choice of tensor cores, launches, the chunked kernel gradient
+// folded into grad_weight and grad_routing, bias gradients, output masks) run on CPU tensors:
+// the host side is compiled here for the CPU, its launches going to the emulation of cuda_emulation.h. Checked
 // against the float64 results of cuda_cases.h, from which grad_weight, grad_routing and
 // grad_bias are formed independently.
 #include "cuda_emulation.h"  // first: the CUDA language for the host compiler
@@ -9,7 +9,7 @@
 
 #include <c10/core/Device.h>
 
-// The runtime pieces condconv_cuda.cu takes from CUDA, on the CPU.
+// The runtime pieces the host side takes from CUDA (runtime.cuh), on the CPU.
 namespace condconv {
 namespace cuda {
 namespace {
@@ -29,6 +29,7 @@ void launch(void (*kernel)(Params...), dim3 grid, size_t shared_bytes, cudaStrea
 
 #define CONDCONV_EMULATE_CUDA
 #define CONDCONV_KERNEL_GRAD_BYTES 1024  // several chunks of examples in the dense backward
+#include <cuda/typed.cuh>
 #include <cuda/condconv_cuda.cu>
 
 #include <torch/torch.h>

@@ -29,7 +29,7 @@ using cuda_cases::layout;
 
 enum class Path { kCudaCores, kTensorCores };
 
-// One dense pass, launched as the host launcher does (condconv_cuda.cu: launch_gemm).
+// One dense pass, launched as the host launcher does (typed.cuh: launch_gemm).
 template <typename scalar_t, class View>
 void gemm(const View& v, Path path) {
   using acc_t = at::opmath_type<scalar_t>;

@@ -1,0 +1,48 @@
+"""Forward and backward of one backend on a dense, a pointwise, a grouped and a depthwise layer
+(float32, float16, bfloat16; an odd-sized image, stride 2, "same" padding), small enough to run
+under compute-sanitizer:
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
+        python bench/memcheck_cases.py [--backend cuda]
+
+PyTorch's caching allocator hands out pieces of large segments, inside which an out-of-bounds
+access is invisible to memcheck: PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own
+allocation. ``--device cpu --backend cpu`` runs the same calls on the CPU (the GPU kit's dry run).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import condconv_kernels as cc
+
+LAYERS = [  # (cin, cout, kernel, stride, groups, dtype)
+    (8, 16, 3, 2, 1, torch.float32), (16, 24, 1, 1, 1, torch.float16),
+    (8, 8, 3, 1, 2, torch.bfloat16), (16, 16, 5, 2, 16, torch.float32),
+]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", default="cuda")
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    for cin, cout, k, s, groups, dtype in LAYERS:
+        x = torch.randn(3, cin, 11, 13, device=args.device, dtype=dtype, requires_grad=True)
+        r = torch.rand(3, 4, device=args.device, requires_grad=True)
+        w = torch.randn(4, cout, cin // groups, k, k, device=args.device, dtype=dtype,
+                        requires_grad=True)
+        b = torch.randn(4, cout, device=args.device, dtype=dtype, requires_grad=True)
+        y = cc.condconv2d(x, r, w, b, s, "same", 1, groups, backend=args.backend)
+        grads = torch.autograd.grad(y, [x, r, w, b], torch.randn_like(y))
+        assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    print(f"memcheck cases finished: {len(LAYERS)} layers, forward and backward, "
+          f"backend {args.backend}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+// The half launchers of the CUDA backend (typed.cuh), compiled on their own.
+#include "typed.cuh"
+
+namespace condconv {
+namespace cuda {
+CONDCONV_INSTANTIATE(at::Half)
+}  // namespace cuda
+}  // namespace condconv

@@ -1,0 +1,227 @@
+// Host launchers of the condconv CUDA backend for one dtype and index type: allocation, grids
+// and launches on the current stream, with a launch check after every kernel. Each dtype is
+// instantiated in a translation unit of its own (instantiate_<dtype>.cu, CONDCONV_INSTANTIATE),
+// so that a parallel build compiles them side by side; condconv_cuda.cu dispatches to them.
+//
+// The dense passes are implicit GEMMs (tensor cores for float16/bfloat16, and for float32 where
+// PyTorch allows TF32 in convolutions; CUDA cores otherwise). grad_weight = routing^T G and
+// grad_routing = G W^T, G = the per-example kernel gradients, are two GEMMs per chunk of
+// examples, the chunk bounded so G stays within kKernelGradBytes. Index arithmetic is int32_t
+// where every offset of the call fits (views.cuh: fits_int32), else int64_t.
+#pragma once
+
+#include "../condconv.h"
+#include "kernels.cuh"
+#include "runtime.cuh"
+
+#include <ATen/Context.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace condconv {
+namespace cuda {
+
+// The smallest architecture this file is compiled for (nvcc's __CUDA_ARCH_LIST__, e.g. 900 for
+// TORCH_CUDA_ARCH_LIST=9.0); 0 where unknown (the host emulation).
+constexpr int min_cuda_arch() {
+#ifdef __CUDA_ARCH_LIST__
+  constexpr int archs[] = {__CUDA_ARCH_LIST__};
+  int low = archs[0];
+  for (int a : archs) low = a < low ? a : low;
+  return low;
+#else
+  return 0;
+#endif
+}
+// Whether every GPU this build can run on has tensor cores (sm_80 and newer).
+constexpr bool kTensorCoresEverywhere = min_cuda_arch() >= 800;
+
+// The bound on one chunk of per-example kernel gradients (the host test sets it small).
+#ifndef CONDCONV_KERNEL_GRAD_BYTES
+#define CONDCONV_KERNEL_GRAD_BYTES (int64_t(256) << 20)
+#endif
+constexpr int64_t kKernelGradBytes = CONDCONV_KERNEL_GRAD_BYTES;
+
+// Whether the dense passes of scalar_t run on tensor cores: float16/bfloat16 always, float32
+// when TF32 is allowed for convolutions (torch.backends.cudnn.allow_tf32), on sm_80 and newer.
+template <typename scalar_t>
+bool use_tensor_cores() {
+  if (kTensorCoresEverywhere) return !std::is_same<scalar_t, double>::value &&
+                                     (!std::is_same<scalar_t, float>::value ||
+                                      at::globalContext().allowTF32CuDNN());
+  if (compute_capability_major() < 8) return false;
+  if (std::is_same<scalar_t, at::Half>::value || std::is_same<scalar_t, at::BFloat16>::value) {
+    return true;
+  }
+  return std::is_same<scalar_t, float>::value && at::globalContext().allowTF32CuDNN();
+}
+
+template <typename scalar_t, typename acc_t, class View>
+void launch_gemm(const View& v, cudaStream_t stream) {
+  if (v.m() == 0 || v.n() == 0 || v.batches() == 0) return;
+  const dim3 grid = gemm_grid(v);
+  if constexpr (!std::is_same<scalar_t, double>::value) {
+    if (use_tensor_cores<scalar_t>()) {
+      launch(tensor_core_gemm_kernel<View, TensorCoreOperand<scalar_t>>, grid, 0, stream, v);
+      return;
+    }
+  }
+  // Every GPU this build runs on has tensor cores: float16/bfloat16 never take the CUDA-core
+  // kernel, which is then not compiled for them.
+  if constexpr (!kTensorCoresEverywhere || std::is_same<scalar_t, float>::value ||
+                std::is_same<scalar_t, double>::value) {
+    launch(implicit_gemm_kernel<View, acc_t>, grid, 0, stream, v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+// The per-call operands in the kernels' layouts: routing in the accumulation dtype and the
+// experts contiguous, as (E, Cout, Cin/g * kh * kw).
+template <typename scalar_t>
+struct Operands {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor routing, weight;
+  at::TensorOptions acc_opts;
+  Operands(const at::Tensor& r, const at::Tensor& w)
+      : routing(r.to(kAcc).contiguous()),
+        weight(w.contiguous()),
+        acc_opts(r.options().dtype(kAcc)) {}
+  const acc_t* routing_ptr() const { return routing.template const_data_ptr<acc_t>(); }
+  const scalar_t* weight_ptr() const { return weight.template const_data_ptr<scalar_t>(); }
+};
+
+// G (B, |W|) or a chunk of it, in the accumulation dtype, folded into grad_weight and
+// grad_routing by the caller.
+template <typename scalar_t, typename index_t>
+at::Tensor depthwise_kernel_grad(const at::Tensor& grad_out, const at::Tensor& x,
+                                 const Shape<index_t>& s, const at::TensorOptions& acc_opts,
+                                 cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t planes = int64_t(s.batch) * s.out_channels;
+  const int64_t slices = kernel_grad_slices(planes, s.out_pixels());
+  const int64_t slice_pixels = std::max<int64_t>(1, ceil_div(s.out_pixels(), slices));
+  at::Tensor G = at::empty({slices, int64_t(s.batch), int64_t(s.out_channels) * s.taps()},
+                           acc_opts);
+  launch(depthwise_kernel_grad_kernel<scalar_t, acc_t, index_t>,
+         dim3(plane_grid(planes, 1).x, static_cast<unsigned>(slices)), 0, stream, s,
+         grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), slice_pixels,
+         G.mutable_data_ptr<acc_t>());
+  return slices == 1 ? G.select(0, 0) : G.sum(0);
+}
+
+template <typename scalar_t, typename index_t>
+void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                   const c10::optional<at::Tensor>& bias, const Geometry& g, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Operands<scalar_t> ops(routing, weight);
+  // The mixed bias is (B, Cout): tiny next to the kernels, so it is mixed up front.
+  at::Tensor mixed_bias;
+  if (bias.has_value()) mixed_bias = at::mm(ops.routing, bias->to(ops.kAcc));
+  const acc_t* bias_ptr = bias.has_value() ? mixed_bias.const_data_ptr<acc_t>() : nullptr;
+  const Shape<index_t> s = make_shape<index_t>(g, x, out, nullptr);
+  const cudaStream_t stream = current_stream();
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  if (g.depthwise()) {
+    launch(depthwise_forward_kernel<scalar_t, acc_t, index_t>,
+           plane_grid(g.batch * g.out_channels, g.out_pixels()), s.taps() * sizeof(acc_t), stream,
+           s, x_ptr, ops.weight_ptr(), ops.routing_ptr(), bias_ptr,
+           out.mutable_data_ptr<scalar_t>());
+    return;
+  }
+  const ForwardView<scalar_t, acc_t, index_t> view{s, x_ptr, ops.weight_ptr(), ops.routing_ptr(),
+                                                   bias_ptr, out.mutable_data_ptr<scalar_t>()};
+  launch_gemm<scalar_t, acc_t>(view, stream);
+}
+
+template <typename scalar_t, typename index_t>
+void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
+                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                    const Geometry& g, std::array<bool, 4> mask, at::Tensor& grad_x,
+                    at::Tensor& grad_routing, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Operands<scalar_t> ops(routing, weight);
+  const Shape<index_t> s = make_shape<index_t>(g, x, grad_out, mask[0] ? &grad_x : nullptr);
+  const cudaStream_t stream = current_stream();
+  const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const int64_t N = g.kernel_numel();
+
+  if (mask[0]) {
+    scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
+    if (g.depthwise()) {
+      launch(depthwise_grad_input_kernel<scalar_t, acc_t, index_t>,
+             plane_grid(g.batch * g.in_channels, g.height * g.width),
+             g.out_per_group() * s.taps() * sizeof(acc_t), stream, s, go_ptr, ops.weight_ptr(),
+             ops.routing_ptr(), dx_ptr);
+    } else {
+      const GradInputView<scalar_t, acc_t, index_t> view{s, go_ptr, ops.weight_ptr(),
+                                                         ops.routing_ptr(), dx_ptr};
+      launch_gemm<scalar_t, acc_t>(view, stream);
+    }
+  }
+
+  at::Tensor gw, gr;
+  if (mask[1] || mask[2]) {
+    const at::Tensor experts = ops.weight.view({g.experts, N}).to(ops.kAcc);
+    if (mask[1]) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
+    const auto fold = [&](const at::Tensor& G, int64_t first, int64_t count) {
+      const at::Tensor r = ops.routing.narrow(0, first, count);
+      if (mask[2]) gw = first == 0 ? at::mm(r.t(), G) : gw.addmm_(r.t(), G);
+      if (mask[1]) gr.narrow(0, first, count).copy_(at::mm(G, experts.t()));
+    };
+    if (g.depthwise()) {
+      fold(depthwise_kernel_grad<scalar_t, index_t>(grad_out, x, s, ops.acc_opts, stream), 0,
+           g.batch);
+    } else {
+      const int64_t chunk = std::max<int64_t>(
+          1, std::min<int64_t>(g.batch, kKernelGradBytes / (N * int64_t(sizeof(acc_t)))));
+      at::Tensor G = at::empty({chunk, N}, ops.acc_opts);
+      for (int64_t first = 0; first < g.batch; first += chunk) {
+        const int64_t count = std::min(chunk, g.batch - first);
+        const KernelGradView<scalar_t, acc_t, index_t> view{
+            s, static_cast<index_t>(first), static_cast<index_t>(count), go_ptr, x_ptr,
+            G.mutable_data_ptr<acc_t>()};
+        launch_gemm<scalar_t, acc_t>(view, stream);
+        fold(G.narrow(0, 0, count), first, count);
+      }
+    }
+  }
+
+  if (bias.has_value() && (mask[1] || mask[3])) {
+    const at::Tensor gsum = at::sum(grad_out, at::IntArrayRef{2, 3}, false, ops.kAcc);
+    if (mask[3]) grad_bias.copy_(at::mm(ops.routing.t(), gsum));
+    if (mask[1]) gr.add_(at::mm(gsum, bias->to(ops.kAcc).t()));
+  }
+  if (mask[2]) grad_weight.copy_(gw.view(weight.sizes()));
+  if (mask[1]) grad_routing.copy_(gr);
+}
+
+// Explicit instantiations of both launchers of one dtype, for both index types.
+#define CONDCONV_INSTANTIATE(scalar_t)                                                            \
+  template void forward_typed<scalar_t, int32_t>(const at::Tensor&, const at::Tensor&,            \
+                                                 const at::Tensor&,                               \
+                                                 const c10::optional<at::Tensor>&,                \
+                                                 const Geometry&, at::Tensor&);                   \
+  template void forward_typed<scalar_t, int64_t>(const at::Tensor&, const at::Tensor&,            \
+                                                 const at::Tensor&,                               \
+                                                 const c10::optional<at::Tensor>&,                \
+                                                 const Geometry&, at::Tensor&);                   \
+  template void backward_typed<scalar_t, int32_t>(                                                \
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,                 \
+      const c10::optional<at::Tensor>&, const Geometry&, std::array<bool, 4>, at::Tensor&,        \
+      at::Tensor&, at::Tensor&, at::Tensor&);                                                     \
+  template void backward_typed<scalar_t, int64_t>(                                                \
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,                 \
+      const c10::optional<at::Tensor>&, const Geometry&, std::array<bool, 4>, at::Tensor&,        \
+      at::Tensor&, at::Tensor&, at::Tensor&);
+
+}  // namespace cuda
+}  // namespace condconv

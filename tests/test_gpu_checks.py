@@ -1,0 +1,123 @@
+"""bench/gpu_checks.sh, the GPU kit, walked on the CPU (GPU_CHECKS_DRY_RUN=1: every step with a
+small CPU stand-in): both calls exit 0, every step is in the summary with its status, time and
+cap, the summary is written as steps end (a run killed half-way keeps the finished steps) and
+printed last, at most 8 files land in OUT, and the second call reuses the first call's kit."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_checks.sh"
+FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests",
+         "layers-fwd", "model-fwd", "pack"]
+BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
+SECOND = ["versions", "restore", "install", "layers-fwdbwd", "model-train", "huge-tests",
+          "memcheck"]
+STEP_LINE = re.compile(r"^### ([\w-]+): (.+?), (\d+) s \(cap (\d+) s\)$", re.M)
+MAX_FILES = 8  # what comes back from a GPU machine's output folder
+
+pytestmark = pytest.mark.skipif(not list((ROOT / "condconv_kernels").glob("_C*.so")),
+                                reason="the dry run stands the built extension in for the build")
+
+
+def _env(tmp_path, out):
+    return dict(os.environ, GPU_CHECKS_DRY_RUN="1", PYTHON=sys.executable, OUT=str(out),
+                GPU_KIT_DIR=str(tmp_path / "kit"), TRITON_CACHE_DIR=str(tmp_path / "cache"))
+
+
+def _run(tmp_path, mode, out):
+    return subprocess.run(["bash", str(SCRIPT), mode], env=_env(tmp_path, out), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _steps(summary: str):
+    return {m.group(1): (m.group(2), int(m.group(3)), int(m.group(4)))
+            for m in STEP_LINE.finditer(summary)}
+
+
+def _files(out: Path):
+    return [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_both_calls_walk_every_step(tmp_path):
+    out1 = tmp_path / "out1"
+    run = _run(tmp_path, "first", out1)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (out1 / "summary.md").read_text()
+    steps = _steps(summary)
+    assert set(steps) == set(FIRST), summary
+    assert [s for s in steps if s not in BACKGROUND] == [s for s in FIRST if s not in BACKGROUND]
+    for name, (status, secs, cap) in steps.items():
+        assert status == "ok", f"{name}: {status}\n{summary}"
+        assert 0 <= secs <= cap
+    assert "| layer | shape | static | unfused |" in summary  # the headline table
+    assert "| batch | variant | ms | images/s |" in summary
+    assert run.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
+    assert len(_files(out1)) <= MAX_FILES
+    assert {p.name for p in _files(out1)} == {"summary.md", "log.txt", "results.tgz", "kit.tgz"}
+    log = (out1 / "log.txt").read_text()
+    for name in FIRST:
+        assert f"===== {name} (" in log, name
+
+    # The second call with the first's kit put back where the script looks for it.
+    (tmp_path / "kit").mkdir(exist_ok=True)
+    (tmp_path / "kit" / "kit.tgz").write_bytes((out1 / "kit.tgz").read_bytes())
+    out2 = tmp_path / "out2"
+    run = _run(tmp_path, "second", out2)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (out2 / "summary.md").read_text()
+    steps = _steps(summary)
+    assert list(steps) == SECOND, summary
+    assert all(status == "ok" for status, _, _ in steps.values()), summary
+    assert "extension reused from the kit" in summary
+    assert run.stdout.rstrip().endswith(summary.rstrip())
+    assert len(_files(out2)) <= MAX_FILES
+
+
+def test_second_call_without_a_kit_builds(tmp_path):
+    """No kit: the restore step says so and the build step runs instead."""
+    out = tmp_path / "out"
+    env = dict(_env(tmp_path, out), SECOND_DEADLINE="60")
+    run = subprocess.run(["bash", str(SCRIPT), "second"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0
+    steps = _steps((out / "summary.md").read_text())
+    assert steps["restore"][0] == "ok" and steps["build"][0] == "ok", steps
+    assert list(steps)[:3] == ["versions", "restore", "build"]
+    assert "no kit at" in (out / "log.txt").read_text()
+
+
+def test_summary_survives_a_kill_half_way(tmp_path):
+    """The run killed (SIGKILL, the whole process group) once three steps have ended: the
+    summary holds those steps, the log their output."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["bash", str(SCRIPT), "first"], env=_env(tmp_path, out), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    summary = out / "summary.md"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if summary.exists() and len(_steps(summary.read_text())) >= 3:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    steps = _steps(summary.read_text())
+    assert len(steps) >= 3 and "versions" in steps, summary.read_text()
+    assert "pack" not in steps  # killed before the end
+    assert "===== versions (" in (out / "log.txt").read_text()
+
+
+def test_usage_error_names_the_calls():
+    run = subprocess.run(["bash", str(SCRIPT), "both"], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "first|second" in run.stderr
