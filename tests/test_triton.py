@@ -104,6 +104,73 @@ def test_autotune_switch(monkeypatch):
         "BLOCK_C": first[0], "BLOCK_P": first[1], "num_warps": first[2], "num_stages": first[3]}
 
 
+def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
+    """The dense forward / grad_x tables: blocks of examples larger than the batch's bucket are
+    pruned (batch 1 keeps single-example programs), and pipeline stages are lowered until the
+    tiles fit in shared memory, for the tuner and for the fixed launch alike (float64 tiles
+    are four times bfloat16's)."""
+    import triton
+    from condconv_kernels.triton import _config
+    table = [triton.Config(b, num_warps=w, num_stages=s)
+             for b, w, s in _config._table(_config.DENSE_TILES)]
+    bf16, f64 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float64)
+    one = _config._prune_examples(table, {"B_KEY": 1, "x_ptr": bf16}, E=8)
+    assert one and {c.kwargs["BLOCK_B"] for c in one} == {1}
+    two = _config._prune_examples(table, {"B_KEY": 2, "g_ptr": bf16}, E=8)
+    assert {c.kwargs["BLOCK_B"] for c in two} == {1, 2}
+    assert len(_config._prune_examples(table, {"B_KEY": 256, "x_ptr": bf16}, E=8)) == len(table)
+    for c in _config._prune_examples(table, {"B_KEY": 256, "x_ptr": f64}, E=8):
+        fits = _config.dense_shared_bytes(c.kwargs, c.num_stages, 8, 8) <= _config.SHARED_LIMIT
+        assert fits or c.num_stages == 1
+    assert any(c.num_stages < o.num_stages for c, o in
+               zip(_config._prune_examples(table, {"B_KEY": 256, "x_ptr": f64}, E=8), table))
+    monkeypatch.setattr(_config, "INTERPRET", False)
+    monkeypatch.setattr(_config, "AUTOTUNE", False)
+    first = _config._table(_config.DENSE_TILES)[0]
+    assert _config.fixed_blocks(_config.DENSE_TILES, 8, 2)["num_stages"] == first[2]
+    staged = _config.fixed_blocks(_config.DENSE_TILES, 8, 8)
+    assert staged["num_stages"] < first[2]
+    assert _config.dense_shared_bytes(staged, staged["num_stages"], 8, 8) <= \
+        _config.SHARED_LIMIT or staged["num_stages"] == 1
+
+
+def test_forced_configuration(monkeypatch):
+    """CONDCONV_TRITON_CONFIG=i launches the i-th configuration of each table (modulo its
+    length) without autotuning, as bench/warm_triton.py needs; other values are refused."""
+    import importlib
+    from condconv_kernels.triton import _config
+    try:
+        monkeypatch.setenv("CONDCONV_TRITON_CONFIG", "3")
+        importlib.reload(_config)
+        assert not _config.AUTOTUNE and _config.FORCED_CONFIG == 3
+        monkeypatch.setattr(_config, "INTERPRET", False)
+        dw = _config._table(("BLOCK_C", "BLOCK_P"))[3]
+        assert _config.fixed_blocks(("BLOCK_C", "BLOCK_P")) == {
+            **dw[0], "num_warps": dw[1], "num_stages": dw[2]}
+        monkeypatch.setenv("CONDCONV_TRITON_CONFIG", "9")
+        importlib.reload(_config)
+        monkeypatch.setattr(_config, "INTERPRET", False)
+        dense = _config._table(_config.DENSE_TILES)
+        assert _config.fixed_blocks(_config.DENSE_TILES, 8, 2)["BLOCK_M"] == \
+            dense[9 % len(dense)][0]["BLOCK_M"]
+        monkeypatch.setenv("CONDCONV_TRITON_CONFIG", "first")
+        with pytest.raises(ValueError, match="CONDCONV_TRITON_CONFIG"):
+            importlib.reload(_config)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_config)
+
+
+def test_a_block_of_examples_past_the_batch(monkeypatch):
+    """Batches that do not fill the last block of examples (5 = 2 + 2 + 1 under the
+    interpreter's blocks of 2), on the 1x1 fast path and the general one, forward and all
+    gradients."""
+    for name, layout in [("k1", "channels_last"), ("k3_s2_asym", "contiguous")]:
+        case = CASES_BY_NAME[name]
+        case = type(case)(**{**case.__dict__, "B": 5})
+        test_op._check(case, "triton", torch.float64, layout)
+
+
 def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
     """The kernel-gradient kernels add into gw and write only as many rows of part as their tile
     size gives: the autotuner must zero both before each trial and before the real launch, or

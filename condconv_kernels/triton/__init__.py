@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import _args, reference
-from ._config import INTERPRET, bucket, fixed_blocks
+from ._config import DENSE_TILES, INTERPRET, bucket, fixed_blocks
 from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
 
@@ -34,6 +34,14 @@ def _acc(dtype: torch.dtype):
 def _precision(dtype: torch.dtype) -> str:
     tf32 = dtype == torch.float32 and not INTERPRET and torch.backends.cudnn.allow_tf32
     return "tf32" if tf32 else "ieee"
+
+
+def _pointwise(kh, kw, stride, padding, t: torch.Tensor) -> bool:
+    """Whether a dense pass reads ``t`` (x, or grad_out for grad_x) as a (channels x pixels)
+    matrix: a 1x1 kernel at stride 1 without padding, over a tensor whose rows of pixels follow
+    one another at one stride (contiguous or channels_last, not a spatial slice)."""
+    return (kh == kw == 1 and tuple(stride) == (1, 1) and not any(padding)
+            and t.stride(2) == t.shape[3] * t.stride(3))
 
 
 def _geometry(stride, padding, dilation):
@@ -62,13 +70,15 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=_acc(x.dtype), **blocks)
         return out
     cout_g = cout // groups
-    blocks = fixed_blocks(("BLOCK_CO", "BLOCK_P", "BLOCK_K"))
-    grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_P"]),  # noqa: E731
-                         triton.cdiv(cout_g, meta["BLOCK_CO"]), B * groups)
+    blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
+    grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_N"]),  # noqa: E731
+                         triton.cdiv(cout_g, meta["BLOCK_M"]),
+                         triton.cdiv(B, meta["BLOCK_B"]) * groups)
     dense_fwd_kernel[grid](
-        x, routing, w, b, out, E, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
-        *routing.stride(), *out.stride(), *geometry, bucket(cin_g * kh * kw), bucket(ho * wo),
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=_acc(x.dtype),
+        x, routing, w, b, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
+        *routing.stride(), *out.stride(), *geometry, bucket(B), bucket(cin_g * kh * kw),
+        bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None,
+        POINTWISE=_pointwise(kh, kw, stride, padding, x), ACC=_acc(x.dtype),
         PRECISION=_precision(x.dtype), **blocks)
     return out
 
@@ -105,13 +115,15 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 bucket(H * W), KH=kh, KW=kw, ACC=_acc(x.dtype), **blocks)
         else:
             cout_g = cout // groups
-            blocks = fixed_blocks(("BLOCK_CI", "BLOCK_Q", "BLOCK_K"))
-            grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_Q"]),  # noqa: E731
-                                 triton.cdiv(cin_g, meta["BLOCK_CI"]), B * groups)
+            blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
+            grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_N"]),  # noqa: E731
+                                 triton.cdiv(cin_g, meta["BLOCK_M"]),
+                                 triton.cdiv(B, meta["BLOCK_B"]) * groups)
             dense_bwd_x_kernel[grid](
-                grad_out, routing, w, grad_x, E, cin_g, cout_g, groups, H, W, ho, wo,
+                grad_out, routing, w, grad_x, B, cin_g, cout_g, groups, H, W, ho, wo,
                 *grad_out.stride(), *routing.stride(), *grad_x.stride(), *geometry,
-                bucket(cout_g * kh * kw), bucket(H * W), KH=kh, KW=kw, ACC=_acc(x.dtype),
+                bucket(B), bucket(cout_g * kh * kw), bucket(H * W), E=E, KH=kh, KW=kw,
+                POINTWISE=_pointwise(kh, kw, stride, padding, grad_out), ACC=_acc(x.dtype),
                 PRECISION=_precision(x.dtype), **blocks)
 
     if need_r or need_w:
@@ -139,10 +151,11 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),  # noqa: E731
                                  triton.cdiv(cout_g, meta["BLOCK_CO"]), groups * S)
             dense_bwd_w_kernel[grid](
-                x, grad_out, routing, w, gw, part, B, E, cin_g, cout_g, groups, H, W, ho, wo,
+                x, grad_out, routing, w, gw, part, B, cin_g, cout_g, groups, H, W, ho, wo,
                 per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,
-                bucket(K), bucket(ho * wo), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
-                ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **blocks)
+                bucket(B), bucket(K), bucket(ho * wo), E=E, E_POW2=triton.next_power_of_2(E),
+                KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r, ACC=_acc(x.dtype),
+                PRECISION=_precision(x.dtype), **blocks)
         if need_w:
             grad_weight = gw.sum(0).view(weight.shape).to(weight.dtype)
         if need_r:

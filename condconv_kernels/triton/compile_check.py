@@ -28,8 +28,8 @@ from . import _config, dense, depthwise
 
 # kernel, its tile names (as the launcher passes them), its pointers in the accumulation dtype.
 KERNELS = {
-    "dense_fwd": (dense.dense_fwd_kernel, ("BLOCK_CO", "BLOCK_P", "BLOCK_K"), ()),
-    "dense_bwd_x": (dense.dense_bwd_x_kernel, ("BLOCK_CI", "BLOCK_Q", "BLOCK_K"), ()),
+    "dense_fwd": (dense.dense_fwd_kernel, _config.DENSE_TILES, ()),
+    "dense_bwd_x": (dense.dense_bwd_x_kernel, _config.DENSE_TILES, ()),
     "dense_bwd_w": (dense.dense_bwd_w_kernel, ("BLOCK_CO", "BLOCK_K", "BLOCK_P"),
                     ("gw_ptr", "part_ptr")),
     "dw_fwd": (depthwise.dw_fwd_kernel, ("BLOCK_C", "BLOCK_P"), ()),
@@ -53,9 +53,12 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     fn = _jit(kernel)
     blocks, warps, stages = config
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    constexprs = dict(blocks, KH=3, KW=3, HAS_BIAS=True, NEED_W=True, NEED_R=True,
+    constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True, POINTWISE=False,
+                      NEED_W=True, NEED_R=True,
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                       PRECISION="tf32" if dtype == torch.float32 else "ieee")
+    declared = {p.name for p in fn.params if p.is_constexpr}
+    constexprs = {k: v for k, v in constexprs.items() if k in declared}
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -83,15 +86,25 @@ def _size(config):
 
 def variants(quick: bool = False):
     """(kernel, dtype, config, whether it is the configuration launched without autotuning);
-    ``quick``: of the other configurations only the largest tiles (most stages on a tie)."""
+    ``quick``: of the other configurations only the largest tiles (most stages on a tie). The
+    dense forward / grad_x configurations get the pipeline stages their launch would get for
+    that dtype with 8 experts (_config.fitting_stages)."""
     for name, (_, shapes, _) in KERNELS.items():
         table = _config._table(shapes)
         for dtype in TYPES:
-            yield name, dtype, table[0], True
+            yield name, dtype, _staged(table[0], dtype), True
         rest = [max(table[1:], key=_size)] if quick else table[1:]
         for dtype in (torch.float32, torch.bfloat16):
             for config in rest:
-                yield name, dtype, config, False
+                yield name, dtype, _staged(config, dtype), False
+
+
+def _staged(config, dtype):
+    blocks, warps, stages = config
+    if "BLOCK_B" in blocks:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        stages = _config.fitting_stages(blocks, stages, 8, itemsize)
+    return blocks, warps, stages
 
 
 def main(argv=None) -> int:

@@ -1,18 +1,23 @@
 """Dense CondConv (Cin/groups > 1) in Triton: the expert mix fused into an implicit GEMM.
 
-Forward: a program owns a (BLOCK_CO output channels x BLOCK_P output pixels) tile of one
-(example, group). For each K = Cin/g*kh*kw block it loads the E expert tiles of W, mixes them
-with routing[b, :] in registers (float32, float64 for float64), gathers the input patches
-(im2col on the fly, padding by masks, x read through its strides) and feeds both to tl.dot.
-The mixed kernel never goes to memory.
+Forward: a program owns a (BLOCK_M output channels x BLOCK_N output pixels) tile of one group
+for a block of BLOCK_B = 1, 2 or 4 examples. For each K = Cin/g*kh*kw block it loads each of the
+E expert tiles of W once (E is a compile-time constant: the K loop has no inner runtime loop and
+pipelines), mixes them for every example of the block in registers (float32, float64 for
+float64), and runs one 2-D tl.dot per example: the mixed tile is the A operand, straight from
+registers (on Hopper, wgmma takes A from registers), the example's input patches the B operand
+(im2col on the fly, padding by masks, x read through its strides; 1x1 layers read x's matrix
+directly). The expert tiles are read once per block of examples instead of once per example;
+the mixed kernels never go to memory. BLOCK_B = 1 is the small-batch path.
 
 Backward:
 - grad_x: the transposed convolution, the same way: mixed W^T tiles times gathered grad_out;
 - kernel gradient: a program owns a (BLOCK_CO x BLOCK_K) tile of W for a slice of the batch
   and, example by example, computes that tile of G_b = grad_out_b @ cols_b^T, adds
-  routing[b, e] * G_b into its (exclusively owned) tile of every expert's gradient, and writes
-  <G_b, W[e]> over the tile as a partial of grad_routing[b, e]. Nothing is shared between
-  programs; the partials are summed afterwards in a fixed order (deterministic).
+  routing[b, e] * G_b into the tile of every expert's gradient, which it holds in registers
+  until it writes them once, and writes <G_b, W[e]> over the tile (the E expert tiles loaded
+  once) as a partial of grad_routing[b, e]. Nothing is shared between programs; the batch
+  slices' gradients and the partials are summed afterwards in a fixed order (deterministic).
 
 All dot dimensions are >= 16, so what runs in the interpreter compiles for the GPU.
 """
@@ -21,131 +26,229 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._config import autotune
+from ._config import DENSE_TILES, autotune
 
 
-@autotune(key=["COUT_G", "KEY_K", "KEY_L"], shapes=("BLOCK_CO", "BLOCK_P", "BLOCK_K"))
+@triton.jit
+def _route(r_ptr, b, s_rb, s_re, e: tl.constexpr, ACC: tl.constexpr):
+    """routing[b, e] as a scalar in the accumulation dtype."""
+    return tl.load(r_ptr + b.to(tl.int64) * s_rb + e * s_re).to(ACC)
+
+
+@triton.jit
+def _mix4(r_ptr, w_ptr, p_w, m_w, b0, b1, b2, b3, s_rb, s_re, N,
+          E: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr):
+    """The mixed tiles W_b = sum_e routing[b, e] W[e] of up to four examples (BLOCK_B of
+    them; the others come back as zeros and are never used), where W[e] + p_w - w_ptr addresses
+    the tile in expert e (experts N elements apart). Each expert tile is loaded once for all of
+    them, E is unrolled: the loop over K around this has no inner runtime loop."""
+    w = tl.load(p_w, mask=m_w, other=0.0).to(ACC)
+    m0 = _route(r_ptr, b0, s_rb, s_re, 0, ACC) * w
+    m1 = tl.zeros_like(m0)
+    m2 = tl.zeros_like(m0)
+    m3 = tl.zeros_like(m0)
+    if BLOCK_B > 1:
+        m1 = _route(r_ptr, b1, s_rb, s_re, 0, ACC) * w
+    if BLOCK_B > 2:
+        m2 = _route(r_ptr, b2, s_rb, s_re, 0, ACC) * w
+        m3 = _route(r_ptr, b3, s_rb, s_re, 0, ACC) * w
+    for e in tl.static_range(1, E):
+        w = tl.load(p_w + e * N, mask=m_w, other=0.0).to(ACC)
+        m0 += _route(r_ptr, b0, s_rb, s_re, e, ACC) * w
+        if BLOCK_B > 1:
+            m1 += _route(r_ptr, b1, s_rb, s_re, e, ACC) * w
+        if BLOCK_B > 2:
+            m2 += _route(r_ptr, b2, s_rb, s_re, e, ACC) * w
+            m3 += _route(r_ptr, b3, s_rb, s_re, e, ACC) * w
+    return m0, m1, m2, m3
+
+
+@triton.jit
+def _examples(i_bb, B, BLOCK_B: tl.constexpr):
+    """The examples of block i_bb, clamped to the batch (a block past its end recomputes the
+    last example and does not store it)."""
+    b0 = i_bb * BLOCK_B
+    return (b0, tl.minimum(b0 + 1, B - 1), tl.minimum(b0 + 2, B - 1),
+            tl.minimum(b0 + 3, B - 1))
+
+
+@triton.jit
+def _store_tile(o_ptr, b, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc):
+    if b < B:
+        p = (o_ptr + b.to(tl.int64) * s_b + o_m[:, None].to(tl.int64) * s_m
+             + o_n[None, :].to(tl.int64) * s_n)
+        tl.store(p, acc.to(o_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L"], shapes=DENSE_TILES)
 @triton.jit
 def dense_fwd_kernel(
     x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr,
-    E, CIN_G, COUT_G, GROUPS, H, W, HO, WO,
+    B, CIN_G, COUT_G, GROUPS, H, W, HO, WO,
     s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow,
-    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KEY_K, KEY_L,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
+    E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    POINTWISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i_p, i_co, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_g = i_bg // GROUPS, i_bg % GROUPS
+    """out[b, co, p] for BLOCK_B (1, 2 or 4) examples x BLOCK_M output channels x BLOCK_N output
+    pixels of one group. Per K block: each expert tile loaded once and mixed for every example
+    of the block (_mix4), then one 2-D dot per example with the mixed tile as the A operand (in
+    registers) and the example's input patches as B. POINTWISE (1x1, stride 1, no padding, H
+    and W mergeable in x): the patches are x's (channels x pixels) matrix itself."""
+    tl.static_assert(BLOCK_B <= 4, "a program serves at most 4 examples")
+    i_n, i_m, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
+    b0, b1, b2, b3 = _examples(i_bb, B, BLOCK_B)
     K = CIN_G * KH * KW
     N = COUT_G * GROUPS * K
-    o_co = i_g * COUT_G + i_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    m_co = i_co * BLOCK_CO + tl.arange(0, BLOCK_CO) < COUT_G
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < COUT_G
+    o_co = i_g * COUT_G + o_m
+    o_p = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_p = o_p < HO * WO
     o_oh, o_ow = o_p // WO, o_p % WO
-    p_x0 = x_ptr + i_b.to(tl.int64) * s_xb + (i_g * CIN_G).to(tl.int64) * s_xc
-    p_r = r_ptr + i_b.to(tl.int64) * s_rb
+    x_g = x_ptr + (i_g * CIN_G).to(tl.int64) * s_xc
 
-    b_acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=ACC)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
-        o_ci, o_t = o_k // (KH * KW), o_k % (KH * KW)
-        # The mixed kernel tile, in registers.
-        p_w = w_ptr + o_co[:, None].to(tl.int64) * K + o_k[None, :]
-        m_w = m_co[:, None] & m_k[None, :]
-        b_w = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
-        for e in range(E):
-            b_r = tl.load(p_r + e * s_re).to(ACC)
-            b_w += b_r * tl.load(p_w + e * N, mask=m_w, other=0.0).to(ACC)
-        # The input patches (im2col on the fly; the padding is the mask).
-        o_ih = o_oh[None, :] * STRIDE_H - PAD_T + (o_t // KW)[:, None] * DIL_H
-        o_iw = o_ow[None, :] * STRIDE_W - PAD_L + (o_t % KW)[:, None] * DIL_W
-        m_x = (m_k[:, None] & m_p[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0)
-               & (o_iw < W))
-        p_x = (p_x0 + o_ci[:, None].to(tl.int64) * s_xc + o_ih.to(tl.int64) * s_xh
-               + o_iw.to(tl.int64) * s_xw)
-        b_x = tl.load(p_x, mask=m_x, other=0.0)
-        b_acc += tl.dot(b_w.to(b_x.dtype), b_x, input_precision=PRECISION, out_dtype=ACC)
+        w0, w1, w2, w3 = _mix4(r_ptr, w_ptr, w_ptr + o_co[:, None].to(tl.int64) * K + o_k[None, :],
+                               m_m[:, None] & m_k[None, :], b0, b1, b2, b3, s_rb, s_re, N, E,
+                               BLOCK_B, ACC)
+        if POINTWISE:  # x[b, ci, p]: the pixels are one strided dimension
+            off = o_k[:, None].to(tl.int64) * s_xc + o_p[None, :].to(tl.int64) * s_xw
+            m_x = m_k[:, None] & m_p[None, :]
+        else:  # im2col on the fly; the padding is the mask
+            o_ci, o_t = o_k // (KH * KW), o_k % (KH * KW)
+            o_ih = o_oh[None, :] * STRIDE_H - PAD_T + (o_t // KW)[:, None] * DIL_H
+            o_iw = o_ow[None, :] * STRIDE_W - PAD_L + (o_t % KW)[:, None] * DIL_W
+            off = (o_ci[:, None].to(tl.int64) * s_xc + o_ih.to(tl.int64) * s_xh
+                   + o_iw.to(tl.int64) * s_xw)
+            m_x = (m_k[:, None] & m_p[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0)
+                   & (o_iw < W))
+        x0 = tl.load(x_g + b0.to(tl.int64) * s_xb + off, mask=m_x, other=0.0)
+        acc0 += tl.dot(w0.to(x0.dtype), x0, input_precision=PRECISION, out_dtype=ACC)
+        if BLOCK_B > 1:
+            x1 = tl.load(x_g + b1.to(tl.int64) * s_xb + off, mask=m_x, other=0.0)
+            acc1 += tl.dot(w1.to(x1.dtype), x1, input_precision=PRECISION, out_dtype=ACC)
+        if BLOCK_B > 2:
+            x2 = tl.load(x_g + b2.to(tl.int64) * s_xb + off, mask=m_x, other=0.0)
+            acc2 += tl.dot(w2.to(x2.dtype), x2, input_precision=PRECISION, out_dtype=ACC)
+            x3 = tl.load(x_g + b3.to(tl.int64) * s_xb + off, mask=m_x, other=0.0)
+            acc3 += tl.dot(w3.to(x3.dtype), x3, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
-        b_bias = tl.zeros((BLOCK_CO,), dtype=ACC)
-        for e in range(E):
-            b_r = tl.load(p_r + e * s_re).to(ACC)
-            b_bias += b_r * tl.load(bias_ptr + e * COUT_G * GROUPS + o_co, mask=m_co,
-                                    other=0.0).to(ACC)
-        b_acc += b_bias[:, None]
-    p_o = (out_ptr + i_b.to(tl.int64) * s_ob + o_co[:, None].to(tl.int64) * s_oc
-           + o_oh[None, :].to(tl.int64) * s_oh + o_ow[None, :].to(tl.int64) * s_ow)
-    tl.store(p_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_co[:, None] & m_p[None, :])
+        c0, c1, c2, c3 = _mix4(r_ptr, bias_ptr, bias_ptr + o_co, m_m, b0, b1, b2, b3, s_rb, s_re,
+                               COUT_G * GROUPS, E, BLOCK_B, ACC)
+        acc0 += c0[:, None]
+        acc1 += c1[:, None]
+        acc2 += c2[:, None]
+        acc3 += c3[:, None]
+    # The output's pixels are one strided dimension (it is allocated contiguous or
+    # channels_last).
+    o_g = out_ptr + (i_g * COUT_G).to(tl.int64) * s_oc
+    _store_tile(o_g, b0, B, s_ob, o_m, m_m, o_p, m_p, s_oc, s_ow, acc0)
+    if BLOCK_B > 1:
+        _store_tile(o_g, b0 + 1, B, s_ob, o_m, m_m, o_p, m_p, s_oc, s_ow, acc1)
+    if BLOCK_B > 2:
+        _store_tile(o_g, b0 + 2, B, s_ob, o_m, m_m, o_p, m_p, s_oc, s_ow, acc2)
+        _store_tile(o_g, b0 + 3, B, s_ob, o_m, m_m, o_p, m_p, s_oc, s_ow, acc3)
 
 
-@autotune(key=["CIN_G", "KEY_K", "KEY_L"], shapes=("BLOCK_CI", "BLOCK_Q", "BLOCK_K"))
+@autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L"], shapes=DENSE_TILES)
 @triton.jit
 def dense_bwd_x_kernel(
     g_ptr, r_ptr, w_ptr, dx_ptr,
-    E, CIN_G, COUT_G, GROUPS, H, W, HO, WO,
+    B, CIN_G, COUT_G, GROUPS, H, W, HO, WO,
     s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw,
-    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KEY_K, KEY_L,
-    KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_CI: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
+    E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, POINTWISE: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x[b, ci, ih, iw] = sum_{co, i, j} W_b[co, ci, i, j] grad_out[b, co, oh, ow] over
-    the (oh, ow) with ih = oh * stride - pad + i * dilation (likewise w)."""
-    i_q, i_ci, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_g = i_bg // GROUPS, i_bg % GROUPS
+    the (oh, ow) with ih = oh * stride - pad + i * dilation (likewise w), for BLOCK_B examples x
+    BLOCK_M input channels x BLOCK_N input pixels, the mixed W^T tiles made as in the forward.
+    POINTWISE: grad_out's (channels x pixels) matrix itself."""
+    tl.static_assert(BLOCK_B <= 4, "a program serves at most 4 examples")
+    i_n, i_m, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
+    b0, b1, b2, b3 = _examples(i_bb, B, BLOCK_B)
     K2 = COUT_G * KH * KW
     N = COUT_G * GROUPS * CIN_G * KH * KW
-    o_ci = i_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    m_ci = o_ci < CIN_G
-    o_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < CIN_G
+    o_q = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_q = o_q < H * W
     o_ih, o_iw = o_q // W, o_q % W
-    p_g0 = g_ptr + i_b.to(tl.int64) * s_gb + (i_g * COUT_G).to(tl.int64) * s_gc
-    p_r = r_ptr + i_b.to(tl.int64) * s_rb
+    g_g = g_ptr + (i_g * COUT_G).to(tl.int64) * s_gc
 
-    b_acc = tl.zeros((BLOCK_CI, BLOCK_Q), dtype=ACC)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K2, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K2
         o_co, o_t = o_k // (KH * KW), o_k % (KH * KW)
         # Mixed W^T tile: (ci, (co, t)) of W[e, g * COUT_G + co, ci, t].
-        p_w = (w_ptr + ((i_g * COUT_G + o_co[None, :]).to(tl.int64) * CIN_G + o_ci[:, None])
+        p_w = (w_ptr + ((i_g * COUT_G + o_co[None, :]).to(tl.int64) * CIN_G + o_m[:, None])
                * (KH * KW) + o_t[None, :])
-        m_w = m_ci[:, None] & m_k[None, :]
-        b_w = tl.zeros((BLOCK_CI, BLOCK_K), dtype=ACC)
-        for e in range(E):
-            b_r = tl.load(p_r + e * s_re).to(ACC)
-            b_w += b_r * tl.load(p_w + e * N, mask=m_w, other=0.0).to(ACC)
-        # grad_out at the output pixel each (input pixel, tap) came from, if any.
-        o_nh = o_ih[None, :] + PAD_T - (o_t // KW)[:, None] * DIL_H
-        o_nw = o_iw[None, :] + PAD_L - (o_t % KW)[:, None] * DIL_W
-        o_oh, o_ow = o_nh // STRIDE_H, o_nw // STRIDE_W
-        m_g = (m_k[:, None] & m_q[None, :] & (o_nh >= 0) & (o_nw >= 0)
-               & (o_nh % STRIDE_H == 0) & (o_nw % STRIDE_W == 0) & (o_oh < HO) & (o_ow < WO))
-        p_g = (p_g0 + o_co[:, None].to(tl.int64) * s_gc + o_oh.to(tl.int64) * s_gh
-               + o_ow.to(tl.int64) * s_gw)
-        b_g = tl.load(p_g, mask=m_g, other=0.0)
-        b_acc += tl.dot(b_w.to(b_g.dtype), b_g, input_precision=PRECISION, out_dtype=ACC)
-    p_d = (dx_ptr + i_b.to(tl.int64) * s_db + (i_g * CIN_G + o_ci)[:, None].to(tl.int64) * s_dc
-           + o_ih[None, :].to(tl.int64) * s_dh + o_iw[None, :].to(tl.int64) * s_dw)
-    tl.store(p_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_ci[:, None] & m_q[None, :])
+        w0, w1, w2, w3 = _mix4(r_ptr, w_ptr, p_w, m_m[:, None] & m_k[None, :], b0, b1, b2, b3,
+                               s_rb, s_re, N, E, BLOCK_B, ACC)
+        if POINTWISE:
+            off = o_k[:, None].to(tl.int64) * s_gc + o_q[None, :].to(tl.int64) * s_gw
+            m_g = m_k[:, None] & m_q[None, :]
+        else:  # grad_out at the output pixel each (input pixel, tap) came from, if any
+            o_nh = o_ih[None, :] + PAD_T - (o_t // KW)[:, None] * DIL_H
+            o_nw = o_iw[None, :] + PAD_L - (o_t % KW)[:, None] * DIL_W
+            o_oh, o_ow = o_nh // STRIDE_H, o_nw // STRIDE_W
+            m_g = (m_k[:, None] & m_q[None, :] & (o_nh >= 0) & (o_nw >= 0)
+                   & (o_nh % STRIDE_H == 0) & (o_nw % STRIDE_W == 0) & (o_oh < HO)
+                   & (o_ow < WO))
+            off = (o_co[:, None].to(tl.int64) * s_gc + o_oh.to(tl.int64) * s_gh
+                   + o_ow.to(tl.int64) * s_gw)
+        g0 = tl.load(g_g + b0.to(tl.int64) * s_gb + off, mask=m_g, other=0.0)
+        acc0 += tl.dot(w0.to(g0.dtype), g0, input_precision=PRECISION, out_dtype=ACC)
+        if BLOCK_B > 1:
+            g1 = tl.load(g_g + b1.to(tl.int64) * s_gb + off, mask=m_g, other=0.0)
+            acc1 += tl.dot(w1.to(g1.dtype), g1, input_precision=PRECISION, out_dtype=ACC)
+        if BLOCK_B > 2:
+            g2 = tl.load(g_g + b2.to(tl.int64) * s_gb + off, mask=m_g, other=0.0)
+            acc2 += tl.dot(w2.to(g2.dtype), g2, input_precision=PRECISION, out_dtype=ACC)
+            g3 = tl.load(g_g + b3.to(tl.int64) * s_gb + off, mask=m_g, other=0.0)
+            acc3 += tl.dot(w3.to(g3.dtype), g3, input_precision=PRECISION, out_dtype=ACC)
+    # grad_x is allocated in x's memory format: its pixels are one strided dimension.
+    d_g = dx_ptr + (i_g * CIN_G).to(tl.int64) * s_dc
+    _store_tile(d_g, b0, B, s_db, o_m, m_m, o_q, m_q, s_dc, s_dw, acc0)
+    if BLOCK_B > 1:
+        _store_tile(d_g, b0 + 1, B, s_db, o_m, m_m, o_q, m_q, s_dc, s_dw, acc1)
+    if BLOCK_B > 2:
+        _store_tile(d_g, b0 + 2, B, s_db, o_m, m_m, o_q, m_q, s_dc, s_dw, acc2)
+        _store_tile(d_g, b0 + 3, B, s_db, o_m, m_m, o_q, m_q, s_dc, s_dw, acc3)
 
 
-@autotune(key=["COUT_G", "KEY_K", "KEY_L"], shapes=("BLOCK_CO", "BLOCK_K", "BLOCK_P"),
+@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L"], shapes=("BLOCK_CO", "BLOCK_K", "BLOCK_P"),
           reset_to_zero=("gw_ptr", "part_ptr"))
 @triton.jit
 def dense_bwd_w_kernel(
     x_ptr, g_ptr, r_ptr, w_ptr, gw_ptr, part_ptr,
-    B, E, CIN_G, COUT_G, GROUPS, H, W, HO, WO, B_PER_SPLIT,
+    B, CIN_G, COUT_G, GROUPS, H, W, HO, WO, B_PER_SPLIT,
     s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_rb, s_re,
-    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KEY_K, KEY_L,
-    KH: tl.constexpr, KW: tl.constexpr, NEED_W: tl.constexpr, NEED_R: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
+    E: tl.constexpr, E_POW2: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    NEED_W: tl.constexpr, NEED_R: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """gw[split, e, tile] += routing[b, e] G_b[tile] and part[tile, b, e] = <G_b, W[e]>[tile]
-    for the examples b of this program's batch split."""
+    """gw[split, e, tile] = sum over the split's examples b of routing[b, e] G_b[tile], and
+    part[tile, b, e] = <G_b, W[e]>[tile]. G_b's tile is one dot over the pixels; the E
+    experts' gradients of the tile stay in registers (E_POW2 x BLOCK_CO x BLOCK_K, float32)
+    across the examples and are written once at the end, and the E expert tiles for
+    grad_routing are loaded once: no per-example read-modify-write of global memory."""
     i_k, i_co, i_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_co, n_k = tl.num_programs(1), tl.num_programs(0)
     i_g, i_s = i_gs % GROUPS, i_gs // GROUPS
@@ -157,9 +260,15 @@ def dense_bwd_w_kernel(
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_k = o_k < K
     o_ci, o_t = o_k // (KH * KW), o_k % (KH * KW)
-    m_tile = m_co[:, None] & m_k[None, :]
-    o_tile = o_co[:, None].to(tl.int64) * K + o_k[None, :]
+    o_e = tl.arange(0, E_POW2)
+    m_e = o_e < E
+    m_tile = m_e[:, None, None] & (m_co[:, None] & m_k[None, :])[None, :, :]
+    o_tile = (o_e[:, None, None].to(tl.int64) * N
+              + (o_co[:, None].to(tl.int64) * K + o_k[None, :])[None, :, :])
     tile = (i_g * n_co + i_co) * n_k + i_k
+    if NEED_R:  # every expert's tile of W, in its own dtype, loaded once
+        b_w = tl.load(w_ptr + o_tile, mask=m_tile, other=0.0)
+    b_gw = tl.zeros((E_POW2, BLOCK_CO, BLOCK_K), dtype=ACC)
 
     for b in range(i_s * B_PER_SPLIT, tl.minimum(B, (i_s + 1) * B_PER_SPLIT)):
         p_x0 = x_ptr + tl.cast(b, tl.int64) * s_xb + (i_g * CIN_G).to(tl.int64) * s_xc
@@ -180,11 +289,12 @@ def dense_bwd_w_kernel(
                    + o_iw.to(tl.int64) * s_xw)
             b_x = tl.load(p_x, mask=m_x, other=0.0)
             b_G += tl.dot(b_g, b_x, input_precision=PRECISION, out_dtype=ACC)
-        for e in range(E):
-            if NEED_R:
-                b_we = tl.load(w_ptr + e * N + o_tile, mask=m_tile, other=0.0).to(ACC)
-                tl.store(part_ptr + (tile.to(tl.int64) * B + b) * E + e, tl.sum(b_G * b_we))
-            if NEED_W:
-                b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + e * s_re).to(ACC)
-                p_gw = gw_ptr + (i_s * E + e).to(tl.int64) * N + o_tile
-                tl.store(p_gw, tl.load(p_gw, mask=m_tile, other=0.0) + b_r * b_G, mask=m_tile)
+        p_r = r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re
+        if NEED_R:
+            b_part = tl.sum(tl.sum(b_w.to(ACC) * b_G[None, :, :], axis=2), axis=1)
+            tl.store(part_ptr + (tile.to(tl.int64) * B + b) * E + o_e, b_part, mask=m_e)
+        if NEED_W:
+            b_r = tl.load(p_r, mask=m_e, other=0.0).to(ACC)
+            b_gw += b_r[:, None, None] * b_G[None, :, :]
+    if NEED_W:
+        tl.store(gw_ptr + (i_s * E).to(tl.int64) * N + o_tile, b_gw, mask=m_tile)

@@ -1,0 +1,386 @@
+"""A static performance report of the triton backend, made without a GPU:
+
+    python -m condconv_kernels.triton.report [--arch 90] [--batch 256] [--dtype bfloat16]
+                                             [--layout channels_last] [--json FILE] [--all]
+                                             [--before EARLIER.json]
+
+For each of the 24 CondConv layers of tf_efficientnet_cc_b0_8e, every kernel the layer runs
+(forward, grad_x, kernel gradient) is launched on meta tensors with its launch recorded (the
+exact arguments, so the exact specialization: dtypes, strides equal to 1, divisibility by 16),
+then compiled for ``sm_<arch>`` at each configuration of its table. Per layer and kernel the
+report prints the configuration the model below predicts fastest (``--all``: every one): grid,
+tile sizes and examples per program, registers and spilled bytes (ptxas), shared memory,
+whether tensor-core instructions (wgmma, or mma.sync) and asynchronous copies (cp.async, or the
+bulk tensor copies of TMA) appear in the code, and the model:
+
+- HBM bytes: the fewest the kernel must move (each input read once, each output written once);
+- L2 -> SM bytes: what its programs load, tile by tile (expert tiles, x or grad_out tiles,
+  partial sums), with tiles padded to their block sizes (a depthwise program's input tile and
+  halo once: its tap-by-tap reloads are counted as L1 hits);
+- tensor-core FLOPs (its dots, padded to the tiles) and CUDA-core FLOPs (the expert mix and
+  the depthwise arithmetic);
+- modeled time: the largest of HBM bytes / 3.0 TB/s, L2 bytes / 6 TB/s, tensor-core FLOPs /
+  800 TFLOP/s (wgmma; half of it for mma.sync), CUDA-core FLOPs / 60 TFLOP/s, each divided by
+  the fraction of the 132 SMs the grid can fill, times 2 where registers spill;
+- floor: the layer's own floor for that pass, max(FLOPs / 800 TFLOP/s, HBM bytes / 3.0 TB/s).
+
+Run it in a process without ``TRITON_INTERPRET=1`` (like compile_check). The ceilings are the
+H100's datasheet-level figures the project plans with; the GPU kit measures the real ones.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import _config
+
+HBM, L2, TC, CC, SMS = 3.0e12, 6.0e12, 800e12, 60e12, 132
+KERNEL_NAMES = ("dense_fwd_kernel", "dense_bwd_x_kernel", "dense_bwd_w_kernel",
+                "dw_fwd_kernel", "dw_bwd_x_kernel", "dw_bwd_w_kernel")
+
+
+@dataclasses.dataclass
+class Launch:
+    """One recorded launch: the kernel, its arguments, and its grid function."""
+    name: str
+    kernel: object
+    args: tuple
+    kwargs: dict
+    grid: object
+
+
+def _base(kernel):
+    while hasattr(kernel, "fn") and not isinstance(kernel, triton.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def record_launches(fn) -> List[Launch]:
+    """Runs ``fn()`` with every kernel of the triton backend replaced by a recorder."""
+    import condconv_kernels.triton as backend
+    launches: List[Launch] = []
+    saved = {name: getattr(backend, name) for name in KERNEL_NAMES}
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append(Launch(self.name, self.kernel, args, kwargs, grid))
+            return run
+    try:
+        for name, kernel in saved.items():
+            setattr(backend, name, Recorder(name, kernel))
+        fn()
+    finally:
+        for name, kernel in saved.items():
+            setattr(backend, name, kernel)
+    return launches
+
+
+def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool) -> List[Launch]:
+    """The launches of one forward and one backward (all four gradients) of a layer, on meta
+    tensors laid out as a benchmark's (x in ``dtype``, routing in float32)."""
+    import condconv_kernels.triton as backend
+    x = torch.empty(batch, layer.cin, layer.height, layer.width, device="meta", dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    routing = torch.empty(batch, layer.experts, device="meta", dtype=torch.float32)
+    weight = torch.empty(layer.experts, layer.cout, layer.cin // layer.groups, layer.kernel,
+                         layer.kernel, device="meta", dtype=dtype)
+    stride, pad = (layer.stride, layer.stride), layer.padding
+
+    def run():
+        out = backend.forward(x, routing, weight, None, stride, pad, (1, 1), layer.groups)
+        backend.backward(torch.empty_like(out), x, routing, weight, None, stride, pad, (1, 1),
+                         layer.groups, (True, True, True, False))
+    return record_launches(run)
+
+
+def configurations(launch: Launch):
+    """(tile sizes, warps, stages) of every configuration the launch may run."""
+    kernel = launch.kernel
+    if hasattr(kernel, "configs"):  # autotuned: the table, as the tuner's pruning leaves it
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            named = dict(zip(_base(kernel).arg_names, launch.args))
+            configs = kernel.early_config_prune(configs, named, **launch.kwargs)
+        return [({k: v for k, v in c.kwargs.items()}, c.num_warps, c.num_stages)
+                for c in configs]
+    blocks = {k: v for k, v in launch.kwargs.items() if k.startswith("BLOCK_")}
+    return [(blocks, launch.kwargs.get("num_warps", 4), launch.kwargs.get("num_stages", 3))]
+
+
+def compile_launch(launch: Launch, config, arch: int = 90):
+    """Compiles the launch's exact specialization at a configuration, as the JIT would."""
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    fn = _base(launch.kernel)
+    blocks, warps, stages = config
+    kwargs = {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")}
+    kwargs.update(blocks, num_warps=warps, num_stages=stages)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                          specialization, options)
+    source = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(source, target=target, options=options.__dict__), bound
+
+
+def ptxas_usage(ptx: str, arch: int) -> Dict[str, int]:
+    """Registers, stack frame and spill stores of a PTX module, from ptxas -v."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    target = re.search(r"\.target\s+(\S+)", ptx)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([ptxas, f"-arch={target.group(1) if target else f'sm_{arch}'}",
+                                 "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                                capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", result.stderr)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", result.stderr)
+    return {"registers": int(regs.group(1)) if regs else -1,
+            "stack_bytes": int(spill.group(1)) if spill else -1,
+            "spill_bytes": int(spill.group(2)) if spill else -1}
+
+
+def _grid(launch: Launch, blocks) -> int:
+    grid = launch.grid
+    if callable(grid):
+        grid = grid(dict(blocks))
+    return math.prod(grid)
+
+
+def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: int):
+    """(HBM bytes, L2 -> SM bytes, tensor-core FLOPs, CUDA-core FLOPs, floor FLOPs) of one
+    launch at one configuration; see the module's docstring."""
+    B, E, k = batch, layer.experts, layer.kernel
+    cin, cout, g = layer.cin, layer.cout, layer.groups
+    H, W = layer.height, layer.width
+    ho, wo = layer.out_hw
+    P, Q = ho * wo, H * W
+    kernel_numel = cout * (cin // g) * k * k
+    x_bytes, out_bytes = B * cin * Q * itemsize, B * cout * P * itemsize
+    experts_bytes = E * kernel_numel * itemsize
+    conv_flops = 2 * B * cout * P * (cin // g) * k * k
+    mix_flops = 2 * B * E * kernel_numel
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    name = launch.name
+    if name in ("dense_fwd_kernel", "dense_bwd_x_kernel"):
+        # (examples, rows, pixels, reduction); the kernels of before examples blocks had one
+        # example per program and named the tiles by what they held.
+        bb = blocks.get("BLOCK_B", 1)
+        bm = blocks.get("BLOCK_M", blocks.get("BLOCK_CO", blocks.get("BLOCK_CI")))
+        bn = blocks.get("BLOCK_N", blocks.get("BLOCK_P", blocks.get("BLOCK_Q")))
+        bk = blocks["BLOCK_K"]
+        fwd = name == "dense_fwd_kernel"
+        red = (cin // g) * k * k if fwd else (cout // g) * k * k
+        steps = cdiv(red, bk)
+        l2 = programs * steps * (E * bm * bk + bb * bk * bn) * itemsize
+        l2 += programs * bb * bm * bn * itemsize  # the stores
+        tc = programs * steps * bb * 2 * bm * bn * bk
+        cc = programs * steps * bb * 2 * E * bm * bk
+        hbm = (x_bytes + out_bytes if fwd else out_bytes + x_bytes) + experts_bytes
+        return hbm, l2, tc, cc, conv_flops + mix_flops
+    if name == "dense_bwd_w_kernel":
+        bco, bk, bp = blocks["BLOCK_CO"], blocks["BLOCK_K"], blocks["BLOCK_P"]
+        names = _base(launch.kernel).arg_names
+        per_program = launch.args[names.index("B_PER_SPLIT")]  # examples per program
+        examples = programs * per_program
+        l2 = (examples * cdiv(P, bp) * (bco * bp + bp * bk) * itemsize  # grad_out, x tiles
+              + programs * E * bco * bk * (itemsize + 4))  # W's tiles in, gradients out once
+        if "E_POW2" not in launch.kwargs:  # the kernel before: W, gw read and written,
+            l2 += examples * E * bco * bk * (itemsize + 8)  # per example
+        tc = examples * cdiv(P, bp) * 2 * bco * bk * bp
+        cc = examples * 4 * E * bco * bk  # routing x G into the gradients, <G, W[e]>
+        hbm = x_bytes + out_bytes + experts_bytes + E * kernel_numel * 4
+        return hbm, l2, tc, cc, conv_flops + 2 * mix_flops
+    # Depthwise: direct arithmetic on CUDA cores. A program's input tile with its halo is
+    # counted once from L2 (its reloads, tap after tap, are L1 hits), each tap's E expert
+    # values once per program.
+    bc, bp = blocks["BLOCK_C"], blocks["BLOCK_P"]
+    taps, s = k * k, layer.stride
+
+    def halo(pixels, out_w, in_w, in_h):  # input pixels under `pixels` output pixels
+        rows = cdiv(pixels, out_w) + 1
+        return min(in_h, rows * s + k - 1) * in_w
+    if name == "dw_fwd_kernel":
+        l2 = programs * (bc * halo(bp, wo, W, H) + taps * E * bc + bc * bp) * itemsize
+        cc = programs * taps * (2 * bc * bp + 2 * E * bc)
+        return x_bytes + out_bytes + experts_bytes, l2, 0, cc, conv_flops + mix_flops
+    if name == "dw_bwd_x_kernel":
+        mult = cout // cin
+        l2 = programs * (mult * (bc * halo(bp, W, wo, ho) + taps * E * bc) + bc * bp) * itemsize
+        cc = programs * mult * taps * (2 * bc * bp + 2 * E * bc)
+        return x_bytes + out_bytes + experts_bytes, l2, 0, cc, conv_flops + mix_flops
+    # dw_bwd_w_kernel: a program per channel tile and batch split, every example and tap
+    l2 = B * cdiv(cout, bc) * (cdiv(P, bp) * bc * (bp + halo(bp, wo, W, H)) * itemsize
+                               + taps * E * bc * (itemsize + 8))
+    cc = B * cdiv(cout, bc) * taps * (cdiv(P, bp) * 2 * bc * bp + 4 * E * bc)
+    hbm = x_bytes + out_bytes + experts_bytes + E * kernel_numel * 4
+    return hbm, l2, 0, cc, conv_flops + 2 * mix_flops
+
+
+def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool) -> float:
+    fill = min(1.0, programs / SMS)
+    tc_rate = TC if tensor_core == "wgmma" else TC / 2 if tensor_core == "mma" else CC
+    t = max(hbm / HBM, l2 / L2 / fill, tc / tc_rate / fill, cc / CC / fill)
+    return 1e6 * t * (2.0 if spills else 1.0)
+
+
+def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
+           arch: int = 90, every_config: bool = False, layers=None, progress=None):
+    """One record per (layer, kernel) (per configuration with ``every_config``)."""
+    from ..profile import efficientnet_cc_b0_layers
+    layers = layers if layers is not None else efficientnet_cc_b0_layers(8)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    records, compiled_cache = [], {}
+    for layer in layers:
+        for launch in layer_launches(layer, batch, dtype, channels_last):
+            options = []
+            for config in configurations(launch):
+                key = (launch.name, repr(launch.args), repr(sorted(launch.kwargs.items())),
+                       repr(config))
+                if key not in compiled_cache:
+                    try:
+                        compiled, _ = compile_launch(launch, config, arch)
+                        ptx = compiled.asm["ptx"]
+                        compiled_cache[key] = dict(
+                            ptxas_usage(ptx, arch), shared_bytes=compiled.metadata.shared,
+                            tensor_core=("wgmma" if "wgmma.mma_async" in ptx else
+                                         "mma" if "mma.sync" in ptx else "none"),
+                            async_copy=("tma" if "cp.async.bulk.tensor" in ptx else
+                                        "cp.async" if "cp.async" in ptx else "none"))
+                    except Exception as exc:  # noqa: BLE001 -- reported in the record
+                        compiled_cache[key] = {"error": f"{type(exc).__name__}: "
+                                                        f"{str(exc).splitlines()[-1][:200]}"}
+                info = compiled_cache[key]
+                blocks = config[0]
+                programs = _grid(launch, blocks)
+                hbm, l2, tc, cc, floor_flops = model(layer, batch, itemsize, launch, blocks,
+                                                     programs)
+                record = dict(layer=layer.name, shape=layer.describe(),
+                              kernel=launch.name.replace("_kernel", ""),
+                              config="x".join(str(v) for v in blocks.values()) +
+                              f" w{config[1]} s{config[2]}",
+                              examples_per_program=blocks.get("BLOCK_B", 1), grid=programs,
+                              hbm_bytes=hbm, l2_bytes=l2, tc_flops=tc, cc_flops=cc,
+                              floor_us=1e6 * max(floor_flops / TC, hbm / HBM), **info)
+                if "error" in info:
+                    record["modeled_us"] = float("inf")
+                else:
+                    record["modeled_us"] = modeled_us(
+                        hbm, l2, tc, cc, programs, info["tensor_core"],
+                        info["spill_bytes"] > 0 or
+                        info["shared_bytes"] > _config.SHARED_LIMIT)
+                options.append(record)
+            if every_config:
+                records += options
+            else:
+                records.append(min(options, key=lambda r: r["modeled_us"]))
+        if progress:
+            progress(layer.name)
+    return records
+
+
+def format_table(records) -> str:
+    head = ("| layer | shape | kernel | config | B/prog | grid | regs | spill B | shared KiB | "
+            "tensor core | async | HBM MB | L2 MB | L2/HBM | floor us | modeled us | /floor |")
+    lines = [head, "|" + "---|" * 17]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['layer']} | {r['shape']} | {r['kernel']} | {r['config']} | "
+                         f"{r['error']} |" + " |" * 12)
+            continue
+        lines.append(
+            f"| {r['layer']} | {r['shape']} | {r['kernel']} | {r['config']} | "
+            f"{r['examples_per_program']} | {r['grid']} | {r['registers']} | "
+            f"{r['spill_bytes']} | {r['shared_bytes'] / 1024:.0f} | {r['tensor_core']} | "
+            f"{r['async_copy']} | {r['hbm_bytes'] / 1e6:.1f} | {r['l2_bytes'] / 1e6:.1f} | "
+            f"{r['l2_bytes'] / r['hbm_bytes']:.1f} | {r['floor_us']:.1f} | "
+            f"{r['modeled_us']:.1f} | {r['modeled_us'] / r['floor_us']:.2f} |")
+    return "\n".join(lines)
+
+
+def summary(records) -> str:
+    ok = [r for r in records if "error" not in r]
+    lines = []
+    for kernel in sorted({r["kernel"] for r in ok}):
+        rs = [r for r in ok if r["kernel"] == kernel]
+        geo = math.exp(sum(math.log(r["modeled_us"] / r["floor_us"]) for r in rs) / len(rs))
+        lines.append(f"- {kernel}: {len(rs)} layers, modeled {sum(r['modeled_us'] for r in rs):.0f}"
+                     f" us against a floor of {sum(r['floor_us'] for r in rs):.0f} us "
+                     f"(geomean {geo:.2f}x the floor); spills in "
+                     f"{sum(r['spill_bytes'] > 0 for r in rs)}, L2 > 4x HBM in "
+                     f"{sum(r['l2_bytes'] > 4 * r['hbm_bytes'] for r in rs)}")
+    return "\n".join(lines)
+
+
+def compare(before, after) -> str:
+    """Per layer and kernel: modeled microseconds before and after, and the floor."""
+    old = {(r["layer"], r["kernel"]): r for r in before}
+    lines = ["| layer | shape | kernel | floor us | before us | after us | before / floor | "
+             "after / floor | after L2/HBM | after spill B |", "|" + "---|" * 10]
+    for r in after:
+        b = old.get((r["layer"], r["kernel"]))
+        if b is None or "error" in r or "error" in b:
+            continue
+        lines.append(f"| {r['layer']} | {r['shape']} | {r['kernel']} | {r['floor_us']:.1f} | "
+                     f"{b['modeled_us']:.1f} | {r['modeled_us']:.1f} | "
+                     f"{b['modeled_us'] / b['floor_us']:.2f} | "
+                     f"{r['modeled_us'] / r['floor_us']:.2f} | "
+                     f"{r['l2_bytes'] / r['hbm_bytes']:.1f} | {r['spill_bytes']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--layout", default="channels_last", choices=["channels_last", "contiguous"])
+    p.add_argument("--all", action="store_true", help="every configuration, not the best")
+    p.add_argument("--first", type=int, help="only the first N layers")
+    p.add_argument("--json", help="write the records here")
+    p.add_argument("--before", help="a JSON of an earlier report: print the two side by side")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
+    from ..profile import efficientnet_cc_b0_layers
+    layers = efficientnet_cc_b0_layers(8)[:args.first]
+    records = report(args.batch, getattr(torch, args.dtype), args.layout == "channels_last",
+                     args.arch, args.all, layers,
+                     progress=lambda name: print(f"compiled {name}", file=sys.stderr))
+    print(f"triton backend, tf_efficientnet_cc_b0_8e layers, batch {args.batch}, {args.dtype}, "
+          f"{args.layout}, sm_{args.arch} (static model, no GPU)\n")
+    print(format_table(records))
+    print()
+    print(summary(records))
+    if args.before:
+        with open(args.before) as f:
+            print("\n" + compare(json.load(f), records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
