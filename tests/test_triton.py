@@ -108,7 +108,8 @@ def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     """The dense forward / grad_x tables: blocks of examples larger than the batch's bucket are
     pruned (batch 1 keeps single-example programs), and pipeline stages are lowered until the
     tiles fit in shared memory, for the tuner and for the fixed launch alike (float64 tiles
-    are four times bfloat16's)."""
+    are four times bfloat16's); the kernel gradient keeps the tiles whose experts fit in
+    registers."""
     import triton
     from condconv_kernels.triton import _config
     table = [triton.Config(b, num_warps=w, num_stages=s)
@@ -124,8 +125,22 @@ def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
         assert fits or c.num_stages == 1
     assert any(c.num_stages < o.num_stages for c, o in
                zip(_config._prune_examples(table, {"B_KEY": 256, "x_ptr": f64}, E=8), table))
+    # The kernel gradient: every expert's tile of gradients and of W must fit in registers.
+    import triton.language as tl
+    kgrad = [triton.Config(b, num_warps=w, num_stages=s)
+             for b, w, s in _config._table(_config.KGRAD_TILES)]
+    f32 = torch.empty(1, dtype=torch.float32)
+    kept32 = _config._prune_kernel_grad(kgrad, {"x_ptr": f32}, E_POW2=8, ACC=tl.float32)
+    assert kept32 and all(_config.kgrad_bytes(c.kwargs, 8, 4, 4) <= _config.KGRAD_REGISTER_BYTES
+                          for c in kept32)
+    assert len(_config._prune_kernel_grad(kgrad, {"x_ptr": bf16}, E_POW2=8,
+                                          ACC=tl.float32)) > len(kept32)
     monkeypatch.setattr(_config, "INTERPRET", False)
     monkeypatch.setattr(_config, "AUTOTUNE", False)
+    fixed = _config.fixed_blocks(_config.KGRAD_TILES, 8, 8, 8)
+    assert _config.kgrad_bytes(fixed, 8, 8, 8) <= _config.KGRAD_REGISTER_BYTES
+    assert _config.fixed_blocks(_config.KGRAD_TILES, 8, 2, 4)["BLOCK_CO"] == \
+        _config._table(_config.KGRAD_TILES)[0][0]["BLOCK_CO"]
     first = _config._table(_config.DENSE_TILES)[0]
     assert _config.fixed_blocks(_config.DENSE_TILES, 8, 2)["num_stages"] == first[2]
     staged = _config.fixed_blocks(_config.DENSE_TILES, 8, 8)

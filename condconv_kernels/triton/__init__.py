@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import _args, reference
-from ._config import DENSE_TILES, INTERPRET, bucket, fixed_blocks
+from ._config import DENSE_TILES, INTERPRET, KGRAD_TILES, bucket, fixed_blocks
 from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
 
@@ -44,6 +44,12 @@ def _pointwise(kh, kw, stride, padding, t: torch.Tensor) -> bool:
             and t.stride(2) == t.shape[3] * t.stride(3))
 
 
+def _wide(*tensors: torch.Tensor) -> bool:
+    """Whether an offset within one example of these tensors may not fit in 32 bits."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31
+               for t in tensors)
+
+
 def _geometry(stride, padding, dilation):
     return (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
 
@@ -65,9 +71,10 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_P"]),  # noqa: E731
                              triton.cdiv(cout, meta["BLOCK_C"]), B)
         dw_fwd_kernel[grid](
-            x, routing, w, b, out, E, cout, cout // cin, H, W, ho, wo, *x.stride(),
-            *routing.stride(), *out.stride(), *geometry, bucket(ho * wo),
-            KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=_acc(x.dtype), **blocks)
+            x, routing, w, b, out, cout, cout // cin, H, W, ho, wo, *x.stride(),
+            *routing.stride(), *out.stride(), *geometry, bucket(B), bucket(ho * wo), E=E,
+            KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out), ACC=_acc(x.dtype),
+            **blocks)
         return out
     cout_g = cout // groups
     blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
@@ -83,9 +90,12 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     return out
 
 
-def _splits(B: int) -> int:
-    """Batch slices of the kernel-gradient programs (each owns its slice of partial sums)."""
-    return 1 if INTERPRET else max(1, min(B, 8))
+def _splits(B: int, depthwise: bool) -> int:
+    """Batch slices of the kernel-gradient programs (each owns its slice of partial sums). The
+    depthwise kernel has one program per channel tile and slice, so it takes more slices (480
+    channels in tiles of 32 x 16 slices = 240 programs for 132 SMs); its per-slice gradients
+    are small (E x C x kh x kw)."""
+    return 1 if INTERPRET else max(1, min(B, 16 if depthwise else 8))
 
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
@@ -110,9 +120,10 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]),  # noqa: E731
                                  triton.cdiv(cin, meta["BLOCK_C"]), B)
             dw_bwd_x_kernel[grid](
-                grad_out, routing, w, grad_x, E, cin, cout // cin, H, W, ho, wo,
+                grad_out, routing, w, grad_x, cin, cout // cin, H, W, ho, wo,
                 *grad_out.stride(), *routing.stride(), *grad_x.stride(), *geometry,
-                bucket(H * W), KH=kh, KW=kw, ACC=_acc(x.dtype), **blocks)
+                bucket(B), bucket(H * W), E=E, KH=kh, KW=kw, WIDE=_wide(grad_out, grad_x),
+                ACC=_acc(x.dtype), **blocks)
         else:
             cout_g = cout // groups
             blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
@@ -127,7 +138,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 PRECISION=_precision(x.dtype), **blocks)
 
     if need_r or need_w:
-        S = _splits(B)
+        S = _splits(B, depthwise)
         per_split = triton.cdiv(B, S)
         N = w[0].numel()
         # Zeroed accumulators; a stand-in when unused (never the weights: the autotuner zeroes
@@ -147,7 +158,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             cout_g, K = cout // groups, cin_g * kh * kw
             tiles = groups * triton.cdiv(cout_g, _MIN_BLOCK) * triton.cdiv(K, _MIN_BLOCK)
             part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)
-            blocks = fixed_blocks(("BLOCK_CO", "BLOCK_K", "BLOCK_P"))
+            blocks = fixed_blocks(KGRAD_TILES, E, x.element_size(), gw.element_size())
             grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),  # noqa: E731
                                  triton.cdiv(cout_g, meta["BLOCK_CO"]), groups * S)
             dense_bwd_w_kernel[grid](

@@ -15,6 +15,7 @@ import os
 from typing import Dict, Sequence
 
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -48,7 +49,11 @@ _GPU_DENSE_CONFIGS = [(2, 64, 64, 32, 4, 3), (1, 64, 64, 32, 4, 3), (1, 128, 64,
 # (a output channels x b reduction elements, over c pixels at a time) holds every expert's
 # gradient in registers: E x a x b float32, at most 16K with 8 experts.
 _GPU_CONFIGS = [(64, 32, 64, 8, 3), (32, 64, 64, 8, 3), (32, 32, 64, 4, 3),
-                (64, 16, 64, 4, 3), (64, 32, 32, 8, 4), (16, 64, 64, 4, 3)]
+                (64, 16, 64, 4, 3), (64, 32, 32, 8, 4), (16, 64, 64, 4, 3), (16, 32, 64, 4, 3)]
+KGRAD_TILES = ("BLOCK_CO", "BLOCK_K", "BLOCK_P")
+# The kernel gradient's registers for its tile of every expert: the gradients (float32, or
+# float64) and W's tiles (input dtype); past this, ptxas spills.
+KGRAD_REGISTER_BYTES = 96 * 1024
 # (block a, block b, warps, stages) for the depthwise kernels: channels x pixels tiles.
 _GPU_DW_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (16, 128, 4, 2), (32, 128, 8, 2),
                    (64, 32, 4, 2)]
@@ -95,6 +100,28 @@ def _prune_examples(configs, named_args, **kwargs):
     return kept
 
 
+def kgrad_bytes(blocks: Dict[str, int], experts_pow2: int, acc_bytes: int, itemsize: int) -> int:
+    """Register bytes of the kernel gradient's per-expert tiles (KGRAD_REGISTER_BYTES)."""
+    return experts_pow2 * blocks["BLOCK_CO"] * blocks["BLOCK_K"] * (acc_bytes + itemsize)
+
+
+def _kgrad_fit(configs, experts_pow2: int, acc_bytes: int, itemsize: int):
+    """The configurations whose expert tiles fit in registers; the smallest if none does."""
+    def size(c):
+        return kgrad_bytes(c[0], experts_pow2, acc_bytes, itemsize)
+    kept = [c for c in configs if size(c) <= KGRAD_REGISTER_BYTES]
+    return kept or [min(configs, key=size)]
+
+
+def _prune_kernel_grad(configs, named_args, **kwargs):
+    """Drops the kernel-gradient configurations whose expert tiles would spill (_kgrad_fit)."""
+    x = named_args.get("x_ptr")
+    itemsize = x.element_size() if hasattr(x, "element_size") else 4
+    acc_bytes = 8 if kwargs.get("ACC") == tl.float64 else 4
+    as_tuples = [(c.kwargs, c) for c in configs]
+    return [c for _, c in _kgrad_fit(as_tuples, kwargs.get("E_POW2", 8), acc_bytes, itemsize)]
+
+
 def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[str] = ()):
     """Wraps a kernel in triton.autotune over tile sizes named ``shapes`` (GPU), or leaves it
     alone (interpreter, or autotuning off: the launcher passes :func:`fixed_blocks`).
@@ -109,7 +136,9 @@ def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[
             return kernel
         configs = [triton.Config(blocks, num_warps=warps, num_stages=stages)
                    for blocks, warps, stages in _table(shapes)]
-        prune = {"early_config_prune": _prune_examples} if "BLOCK_B" in shapes else None
+        prune = ({"early_config_prune": _prune_examples} if "BLOCK_B" in shapes else
+                 {"early_config_prune": _prune_kernel_grad} if tuple(shapes) == KGRAD_TILES
+                 else None)
         return triton.autotune(configs=configs, key=list(key), prune_configs_by=prune,
                                reset_to_zero=list(reset_to_zero) or None,
                                cache_results=True)(kernel)
@@ -123,19 +152,26 @@ def _table(shapes: Sequence[str]):
     return [(dict(zip(shapes, c[:n])), c[n], c[n + 1]) for c in table]
 
 
-def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4) -> Dict[str, int]:
+def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
+                 acc_bytes: int = 4) -> Dict[str, int]:
     """The launch options the launcher passes itself: the interpreter's tiles, the first (or
-    the forced) GPU configuration when autotuning is off (the dense kernels' pipeline stages
-    lowered until their tiles of ``experts`` experts in ``itemsize``-byte elements fit), none
-    when autotuned."""
+    the forced) GPU configuration when autotuning is off, none when autotuned. Without
+    autotuning the dense forward / grad_x get their pipeline stages lowered until their tiles
+    of ``experts`` experts in ``itemsize``-byte elements fit in shared memory, and the kernel
+    gradient the first configuration from there on whose expert tiles fit in registers."""
     if INTERPRET:
         return {name: INTERPRET_EXAMPLES if name == "BLOCK_B" else INTERPRET_BLOCK
                 for name in shapes}
     if not AUTOTUNE:
         table = _table(shapes)
-        blocks, warps, stages = table[(FORCED_CONFIG or 0) % len(table)]
+        first = (FORCED_CONFIG or 0) % len(table)
+        blocks, warps, stages = table[first]
         if "BLOCK_B" in blocks:
             stages = fitting_stages(blocks, stages, experts, itemsize)
+        elif tuple(shapes) == KGRAD_TILES:
+            pow2 = 1 << max(0, experts - 1).bit_length()
+            blocks, warps, stages = _kgrad_fit(table[first:] + table[:first], pow2, acc_bytes,
+                                               itemsize)[0]
         return {**blocks, "num_warps": warps, "num_stages": stages}
     return {}
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._config import DENSE_TILES, autotune
+from ._config import DENSE_TILES, KGRAD_TILES, autotune
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def _store_tile(o_ptr, b, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc):
         tl.store(p, acc.to(o_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L"], shapes=DENSE_TILES)
+@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=DENSE_TILES)
 @triton.jit
 def dense_fwd_kernel(
     x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr,
@@ -159,7 +159,7 @@ def dense_fwd_kernel(
         _store_tile(o_g, b0 + 3, B, s_ob, o_m, m_m, o_p, m_p, s_oc, s_ow, acc3)
 
 
-@autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L"], shapes=DENSE_TILES)
+@autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=DENSE_TILES)
 @triton.jit
 def dense_bwd_x_kernel(
     g_ptr, r_ptr, w_ptr, dx_ptr,
@@ -232,7 +232,7 @@ def dense_bwd_x_kernel(
         _store_tile(d_g, b0 + 3, B, s_db, o_m, m_m, o_q, m_q, s_dc, s_dw, acc3)
 
 
-@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L"], shapes=("BLOCK_CO", "BLOCK_K", "BLOCK_P"),
+@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=KGRAD_TILES,
           reset_to_zero=("gw_ptr", "part_ptr"))
 @triton.jit
 def dense_bwd_w_kernel(

@@ -2,7 +2,9 @@
 with each example's mixed kh x kw taps held in registers.
 
 Forward: a program owns (BLOCK_C output channels x BLOCK_P output pixels) of one example; per
-tap it mixes the BLOCK_C taps from the E experts and accumulates tap * x over the pixels.
+tap it mixes the BLOCK_C taps from the E experts (E a compile-time constant, unrolled) and
+accumulates tap * x over the pixels. Offsets within an example are 32-bit where the example's
+extent allows (WIDE otherwise), which keeps the unrolled taps' addresses in few registers.
 Backward: grad_x likewise over input pixels (taps from the output pixels they feed); the kernel
 gradient by a program that owns a block of output channels over a slice of the batch: per example
 and tap, G_b = sum over pixels of grad_out * x, added as routing[b, e] * G_b into its own slice of
@@ -16,88 +18,104 @@ import triton.language as tl
 from ._config import autotune
 
 
-@autotune(key=["C_OUT", "KEY_L"], shapes=("BLOCK_C", "BLOCK_P"))
+@triton.jit
+def _mixed_taps(r_ptr, w_ptr, b, s_rb, s_re, o_w, m_w, N, E: tl.constexpr, ACC: tl.constexpr):
+    """sum_e routing[b, e] * w[e * N + o_w] for a vector of taps. A loop, not unrolled: inside
+    the unrolled taps, E x taps inline loads make code that ptxas allocates badly."""
+    p_r = r_ptr + b.to(tl.int64) * s_rb
+    taps = tl.load(p_r).to(ACC) * tl.load(w_ptr + o_w, mask=m_w, other=0.0).to(ACC)
+    for e in range(1, E):
+        taps += (tl.load(p_r + e * s_re).to(ACC)
+                 * tl.load(w_ptr + e * N + o_w, mask=m_w, other=0.0).to(ACC))
+    return taps
+
+
+@autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW"], shapes=("BLOCK_C", "BLOCK_P"))
 @triton.jit
 def dw_fwd_kernel(
     x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr,
-    E, C_OUT, MULT, H, W, HO, WO,
+    C_OUT, MULT, H, W, HO, WO,
     s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow,
-    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KEY_L,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
+    E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WIDE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """out[b, c, p] for BLOCK_C channels x BLOCK_P output pixels of one example: per tap, the
+    BLOCK_C taps mixed over the E experts (unrolled), times the shifted input tile (reloads of
+    the tile tap after tap hit L1). Offsets within an example are 32-bit unless WIDE."""
     i_p, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C_OUT
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_p = o_p < HO * WO
     o_oh, o_ow = o_p // WO, o_p % WO
-    p_x0 = x_ptr + i_b.to(tl.int64) * s_xb + (o_c // MULT)[:, None].to(tl.int64) * s_xc
-    p_r = r_ptr + i_b.to(tl.int64) * s_rb
+    p_x = x_ptr + i_b.to(tl.int64) * s_xb
+    off_c = (o_c // MULT).to(IDX) * s_xc
     b_acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
-    for t in tl.static_range(KH * KW):
-        b_tap = tl.zeros((BLOCK_C,), dtype=ACC)
-        for e in range(E):
-            b_r = tl.load(p_r + e * s_re).to(ACC)
-            b_tap += b_r * tl.load(w_ptr + (e * C_OUT + o_c) * (KH * KW) + t, mask=m_c,
-                                   other=0.0).to(ACC)
-        o_ih = o_oh * STRIDE_H - PAD_T + (t // KW) * DIL_H
-        o_iw = o_ow * STRIDE_W - PAD_L + (t % KW) * DIL_W
-        m_x = m_c[:, None] & (m_p & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W))[None, :]
-        p_x = p_x0 + (o_ih.to(tl.int64) * s_xh + o_iw.to(tl.int64) * s_xw)[None, :]
-        b_acc += b_tap[:, None] * tl.load(p_x, mask=m_x, other=0.0).to(ACC)
+    for i in range(KH):  # rows of taps in a loop, a row's taps unrolled: few loads in flight
+        o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
+        m_h = m_p & (o_ih >= 0) & (o_ih < H)
+        for j in tl.static_range(KW):
+            b_tap = _mixed_taps(r_ptr, w_ptr, i_b, s_rb, s_re, o_c * (KH * KW) + i * KW + j,
+                                m_c, C_OUT * KH * KW, E, ACC)
+            o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
+            m_x = m_h & (o_iw >= 0) & (o_iw < W)
+            off = off_c[:, None] + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :]
+            b_acc += b_tap[:, None] * tl.load(p_x + off, mask=m_c[:, None] & m_x[None, :],
+                                              other=0.0).to(ACC)
     if HAS_BIAS:
-        b_bias = tl.zeros((BLOCK_C,), dtype=ACC)
-        for e in range(E):
-            b_r = tl.load(p_r + e * s_re).to(ACC)
-            b_bias += b_r * tl.load(bias_ptr + e * C_OUT + o_c, mask=m_c, other=0.0).to(ACC)
-        b_acc += b_bias[:, None]
-    p_o = (out_ptr + i_b.to(tl.int64) * s_ob + o_c[:, None].to(tl.int64) * s_oc
-           + (o_oh.to(tl.int64) * s_oh + o_ow.to(tl.int64) * s_ow)[None, :])
-    tl.store(p_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_c[:, None] & m_p[None, :])
+        b_acc += _mixed_taps(r_ptr, bias_ptr, i_b, s_rb, s_re, o_c, m_c, C_OUT, E, ACC)[:, None]
+    p_o = out_ptr + i_b.to(tl.int64) * s_ob
+    off_o = o_c[:, None].to(IDX) * s_oc + (o_oh.to(IDX) * s_oh + o_ow.to(IDX) * s_ow)[None, :]
+    tl.store(p_o + off_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_c[:, None] & m_p[None, :])
 
 
-@autotune(key=["C_IN", "KEY_L"], shapes=("BLOCK_C", "BLOCK_P"))
+@autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW"], shapes=("BLOCK_C", "BLOCK_P"))
 @triton.jit
 def dw_bwd_x_kernel(
     g_ptr, r_ptr, w_ptr, dx_ptr,
-    E, C_IN, MULT, H, W, HO, WO,
+    C_IN, MULT, H, W, HO, WO,
     s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw,
-    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KEY_L,
-    KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
+    E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """grad_x[b, ci, q] = sum over the channel multiplier m and taps of the mixed tap times
+    grad_out at the output pixel the (input pixel, tap) fed, for BLOCK_C input channels x
+    BLOCK_P input pixels of one example."""
     i_q, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_ci = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_ci < C_IN
     o_q = i_q * BLOCK_P + tl.arange(0, BLOCK_P)
     m_q = o_q < H * W
     o_ih, o_iw = o_q // W, o_q % W
-    p_r = r_ptr + i_b.to(tl.int64) * s_rb
+    p_g = g_ptr + i_b.to(tl.int64) * s_gb
     b_acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for m in range(MULT):
         o_co = o_ci * MULT + m
-        p_g0 = g_ptr + i_b.to(tl.int64) * s_gb + o_co[:, None].to(tl.int64) * s_gc
-        for t in tl.static_range(KH * KW):
-            b_tap = tl.zeros((BLOCK_C,), dtype=ACC)
-            for e in range(E):
-                b_r = tl.load(p_r + e * s_re).to(ACC)
-                b_tap += b_r * tl.load(w_ptr + (e * C_IN * MULT + o_co) * (KH * KW) + t,
-                                       mask=m_c, other=0.0).to(ACC)
-            o_nh = o_ih + PAD_T - (t // KW) * DIL_H
-            o_nw = o_iw + PAD_L - (t % KW) * DIL_W
-            o_oh, o_ow = o_nh // STRIDE_H, o_nw // STRIDE_W
-            m_g = (m_q & (o_nh >= 0) & (o_nw >= 0) & (o_nh % STRIDE_H == 0)
-                   & (o_nw % STRIDE_W == 0) & (o_oh < HO) & (o_ow < WO))
-            p_g = p_g0 + (o_oh.to(tl.int64) * s_gh + o_ow.to(tl.int64) * s_gw)[None, :]
-            b_g = tl.load(p_g, mask=m_c[:, None] & m_g[None, :], other=0.0).to(ACC)
-            b_acc += b_tap[:, None] * b_g
-    p_d = (dx_ptr + i_b.to(tl.int64) * s_db + o_ci[:, None].to(tl.int64) * s_dc
-           + (o_ih.to(tl.int64) * s_dh + o_iw.to(tl.int64) * s_dw)[None, :])
-    tl.store(p_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_c[:, None] & m_q[None, :])
+        off_c = o_co.to(IDX) * s_gc
+        for i in range(KH):  # as in the forward: rows in a loop, a row's taps unrolled
+            o_nh = o_ih + PAD_T - i * DIL_H
+            o_oh = o_nh // STRIDE_H
+            m_h = m_q & (o_nh >= 0) & (o_nh % STRIDE_H == 0) & (o_oh < HO)
+            for j in tl.static_range(KW):
+                b_tap = _mixed_taps(r_ptr, w_ptr, i_b, s_rb, s_re,
+                                    o_co * (KH * KW) + i * KW + j, m_c, C_IN * MULT * KH * KW,
+                                    E, ACC)
+                o_nw = o_iw + PAD_L - j * DIL_W
+                o_ow = o_nw // STRIDE_W
+                m_g = m_h & (o_nw >= 0) & (o_nw % STRIDE_W == 0) & (o_ow < WO)
+                off = off_c[:, None] + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :]
+                b_g = tl.load(p_g + off, mask=m_c[:, None] & m_g[None, :], other=0.0).to(ACC)
+                b_acc += b_tap[:, None] * b_g
+    p_d = dx_ptr + i_b.to(tl.int64) * s_db
+    off_d = o_ci[:, None].to(IDX) * s_dc + (o_ih.to(IDX) * s_dh + o_iw.to(IDX) * s_dw)[None, :]
+    tl.store(p_d + off_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_c[:, None] & m_q[None, :])
 
 
-@autotune(key=["C_OUT", "KEY_L"], shapes=("BLOCK_C", "BLOCK_P"),
+@autotune(key=["C_OUT", "KEY_L", "E", "KH", "KW"], shapes=("BLOCK_C", "BLOCK_P"),
           reset_to_zero=("gw_ptr", "part_ptr"))
 @triton.jit
 def dw_bwd_w_kernel(
