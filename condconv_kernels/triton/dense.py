@@ -73,11 +73,43 @@ def _examples(i_bb, B, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def _dot4(acc0, acc1, acc2, acc3, w0, w1, w2, w3, base, b0, b1, b2, b3, s_b, off, mask,
+          BLOCK_B: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc_j += W_j @ (the example b_j's tile at base + b_j * s_b + off), for the BLOCK_B
+    examples of the block: one 2-D dot each, the mixed tile as the A operand."""
+    t = tl.load(base + b0.to(tl.int64) * s_b + off, mask=mask, other=0.0)
+    acc0 += tl.dot(w0.to(t.dtype), t, input_precision=PRECISION, out_dtype=ACC)
+    if BLOCK_B > 1:
+        t = tl.load(base + b1.to(tl.int64) * s_b + off, mask=mask, other=0.0)
+        acc1 += tl.dot(w1.to(t.dtype), t, input_precision=PRECISION, out_dtype=ACC)
+    if BLOCK_B > 2:
+        t = tl.load(base + b2.to(tl.int64) * s_b + off, mask=mask, other=0.0)
+        acc2 += tl.dot(w2.to(t.dtype), t, input_precision=PRECISION, out_dtype=ACC)
+        t = tl.load(base + b3.to(tl.int64) * s_b + off, mask=mask, other=0.0)
+        acc3 += tl.dot(w3.to(t.dtype), t, input_precision=PRECISION, out_dtype=ACC)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _store_tile(o_ptr, b, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc):
     if b < B:
         p = (o_ptr + b.to(tl.int64) * s_b + o_m[:, None].to(tl.int64) * s_m
              + o_n[None, :].to(tl.int64) * s_n)
         tl.store(p, acc.to(o_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _store4(o_ptr, b0, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc0, acc1, acc2, acc3,
+            BLOCK_B: tl.constexpr):
+    """The block's (rows x pixels) tiles of examples b0, b0 + 1, ... that are in the batch; the
+    pixels of the output are one strided dimension (it is allocated contiguous or
+    channels_last)."""
+    _store_tile(o_ptr, b0, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc0)
+    if BLOCK_B > 1:
+        _store_tile(o_ptr, b0 + 1, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc1)
+    if BLOCK_B > 2:
+        _store_tile(o_ptr, b0 + 2, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc2)
+        _store_tile(o_ptr, b0 + 3, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc3)
 
 
 @autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=DENSE_TILES)
@@ -131,16 +163,8 @@ def dense_fwd_kernel(
                    + o_iw.to(tl.int64) * s_xw)
             m_x = (m_k[:, None] & m_p[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0)
                    & (o_iw < W))
-        x0 = tl.load(x_g + b0.to(tl.int64) * s_xb + off, mask=m_x, other=0.0)
-        acc0 += tl.dot(w0.to(x0.dtype), x0, input_precision=PRECISION, out_dtype=ACC)
-        if BLOCK_B > 1:
-            x1 = tl.load(x_g + b1.to(tl.int64) * s_xb + off, mask=m_x, other=0.0)
-            acc1 += tl.dot(w1.to(x1.dtype), x1, input_precision=PRECISION, out_dtype=ACC)
-        if BLOCK_B > 2:
-            x2 = tl.load(x_g + b2.to(tl.int64) * s_xb + off, mask=m_x, other=0.0)
-            acc2 += tl.dot(w2.to(x2.dtype), x2, input_precision=PRECISION, out_dtype=ACC)
-            x3 = tl.load(x_g + b3.to(tl.int64) * s_xb + off, mask=m_x, other=0.0)
-            acc3 += tl.dot(w3.to(x3.dtype), x3, input_precision=PRECISION, out_dtype=ACC)
+        acc0, acc1, acc2, acc3 = _dot4(acc0, acc1, acc2, acc3, w0, w1, w2, w3, x_g, b0, b1,
+                                       b2, b3, s_xb, off, m_x, BLOCK_B, PRECISION, ACC)
     if HAS_BIAS:
         c0, c1, c2, c3 = _mix4(r_ptr, bias_ptr, bias_ptr + o_co, m_m, b0, b1, b2, b3, s_rb, s_re,
                                COUT_G * GROUPS, E, BLOCK_B, ACC)
@@ -148,15 +172,8 @@ def dense_fwd_kernel(
         acc1 += c1[:, None]
         acc2 += c2[:, None]
         acc3 += c3[:, None]
-    # The output's pixels are one strided dimension (it is allocated contiguous or
-    # channels_last).
-    o_g = out_ptr + (i_g * COUT_G).to(tl.int64) * s_oc
-    _store_tile(o_g, b0, B, s_ob, o_m, m_m, o_p, m_p, s_oc, s_ow, acc0)
-    if BLOCK_B > 1:
-        _store_tile(o_g, b0 + 1, B, s_ob, o_m, m_m, o_p, m_p, s_oc, s_ow, acc1)
-    if BLOCK_B > 2:
-        _store_tile(o_g, b0 + 2, B, s_ob, o_m, m_m, o_p, m_p, s_oc, s_ow, acc2)
-        _store_tile(o_g, b0 + 3, B, s_ob, o_m, m_m, o_p, m_p, s_oc, s_ow, acc3)
+    _store4(out_ptr + (i_g * COUT_G).to(tl.int64) * s_oc, b0, B, s_ob, o_m, m_m, o_p, m_p,
+            s_oc, s_ow, acc0, acc1, acc2, acc3, BLOCK_B)
 
 
 @autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=DENSE_TILES)
@@ -212,24 +229,10 @@ def dense_bwd_x_kernel(
                    & (o_ow < WO))
             off = (o_co[:, None].to(tl.int64) * s_gc + o_oh.to(tl.int64) * s_gh
                    + o_ow.to(tl.int64) * s_gw)
-        g0 = tl.load(g_g + b0.to(tl.int64) * s_gb + off, mask=m_g, other=0.0)
-        acc0 += tl.dot(w0.to(g0.dtype), g0, input_precision=PRECISION, out_dtype=ACC)
-        if BLOCK_B > 1:
-            g1 = tl.load(g_g + b1.to(tl.int64) * s_gb + off, mask=m_g, other=0.0)
-            acc1 += tl.dot(w1.to(g1.dtype), g1, input_precision=PRECISION, out_dtype=ACC)
-        if BLOCK_B > 2:
-            g2 = tl.load(g_g + b2.to(tl.int64) * s_gb + off, mask=m_g, other=0.0)
-            acc2 += tl.dot(w2.to(g2.dtype), g2, input_precision=PRECISION, out_dtype=ACC)
-            g3 = tl.load(g_g + b3.to(tl.int64) * s_gb + off, mask=m_g, other=0.0)
-            acc3 += tl.dot(w3.to(g3.dtype), g3, input_precision=PRECISION, out_dtype=ACC)
-    # grad_x is allocated in x's memory format: its pixels are one strided dimension.
-    d_g = dx_ptr + (i_g * CIN_G).to(tl.int64) * s_dc
-    _store_tile(d_g, b0, B, s_db, o_m, m_m, o_q, m_q, s_dc, s_dw, acc0)
-    if BLOCK_B > 1:
-        _store_tile(d_g, b0 + 1, B, s_db, o_m, m_m, o_q, m_q, s_dc, s_dw, acc1)
-    if BLOCK_B > 2:
-        _store_tile(d_g, b0 + 2, B, s_db, o_m, m_m, o_q, m_q, s_dc, s_dw, acc2)
-        _store_tile(d_g, b0 + 3, B, s_db, o_m, m_m, o_q, m_q, s_dc, s_dw, acc3)
+        acc0, acc1, acc2, acc3 = _dot4(acc0, acc1, acc2, acc3, w0, w1, w2, w3, g_g, b0, b1,
+                                       b2, b3, s_gb, off, m_g, BLOCK_B, PRECISION, ACC)
+    _store4(dx_ptr + (i_g * CIN_G).to(tl.int64) * s_dc, b0, B, s_db, o_m, m_m, o_q, m_q,
+            s_dc, s_dw, acc0, acc1, acc2, acc3, BLOCK_B)
 
 
 @autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=KGRAD_TILES,
