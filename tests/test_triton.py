@@ -131,14 +131,19 @@ def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
              for b, w, s in _config._table(_config.KGRAD_TILES)]
     f32 = torch.empty(1, dtype=torch.float32)
     kept32 = _config._prune_kernel_grad(kgrad, {"x_ptr": f32}, E_POW2=8, ACC=tl.float32)
-    assert kept32 and all(_config.kgrad_bytes(c.kwargs, 8, 4, 4) <= _config.KGRAD_REGISTER_BYTES
-                          for c in kept32)
+    assert kept32 and all(_config.kgrad_bytes(c.kwargs, 8, 4, 4) / c.num_warps <=
+                          _config.KGRAD_WARP_BYTES for c in kept32)
     assert len(_config._prune_kernel_grad(kgrad, {"x_ptr": bf16}, E_POW2=8,
                                           ACC=tl.float32)) > len(kept32)
     monkeypatch.setattr(_config, "INTERPRET", False)
     monkeypatch.setattr(_config, "AUTOTUNE", False)
-    fixed = _config.fixed_blocks(_config.KGRAD_TILES, 8, 8, 8)
-    assert _config.kgrad_bytes(fixed, 8, 8, 8) <= _config.KGRAD_REGISTER_BYTES
+    fixed = _config.fixed_blocks(_config.KGRAD_TILES, 8, 8, 8)  # float64: nothing fits, the
+    lightest = min(_config.kgrad_bytes(b, 8, 8, 8) / w  # lightest configuration is taken
+                   for b, w, _ in _config._table(_config.KGRAD_TILES))
+    assert _config.kgrad_bytes(fixed, 8, 8, 8) / fixed["num_warps"] == lightest
+    dw = _config.fixed_blocks(_config.DW_KGRAD_TILES, 8, 2, 4, taps=64)  # 7x7 taps
+    assert _config.kgrad_bytes({"BLOCK_CO": dw["BLOCK_C"], "BLOCK_K": 64}, 8, 4, 2) / \
+        dw["num_warps"] <= _config.KGRAD_WARP_BYTES
     assert _config.fixed_blocks(_config.KGRAD_TILES, 8, 2, 4)["BLOCK_CO"] == \
         _config._table(_config.KGRAD_TILES)[0][0]["BLOCK_CO"]
     first = _config._table(_config.DENSE_TILES)[0]

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .. import _args, reference
-from ._config import DENSE_TILES, INTERPRET, KGRAD_TILES, bucket, fixed_blocks
+from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucket,
+                      fixed_blocks)
 from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
 
@@ -147,13 +148,15 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         if depthwise:
             tiles = triton.cdiv(cout, _MIN_BLOCK)
             part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)
-            blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
+            blocks = fixed_blocks(DW_KGRAD_TILES, E, x.element_size(), gw.element_size(),
+                                  triton.next_power_of_2(kh * kw))
             grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_C"]), S)  # noqa: E731
             dw_bwd_w_kernel[grid](
-                x, grad_out, routing, w, gw, part, B, E, cout, cout // cin, H, W, ho, wo,
+                x, grad_out, routing, w, gw, part, B, cout, cout // cin, H, W, ho, wo,
                 per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,
-                bucket(ho * wo), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
-                ACC=_acc(x.dtype), **blocks)
+                bucket(B), bucket(ho * wo), E=E, E_POW2=triton.next_power_of_2(E),
+                TAPS_POW2=triton.next_power_of_2(kh * kw), KH=kh, KW=kw, NEED_W=need_w,
+                NEED_R=need_r, WIDE=_wide(x, grad_out), ACC=_acc(x.dtype), **blocks)
         else:
             cout_g, K = cout // groups, cin_g * kh * kw
             tiles = groups * triton.cdiv(cout_g, _MIN_BLOCK) * triton.cdiv(K, _MIN_BLOCK)

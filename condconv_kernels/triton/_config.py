@@ -51,14 +51,21 @@ _GPU_DENSE_CONFIGS = [(2, 64, 64, 32, 4, 3), (1, 64, 64, 32, 4, 3), (1, 128, 64,
 _GPU_CONFIGS = [(64, 32, 64, 8, 3), (32, 64, 64, 8, 3), (32, 32, 64, 4, 3),
                 (64, 16, 64, 4, 3), (64, 32, 32, 8, 4), (16, 64, 64, 4, 3), (16, 32, 64, 4, 3)]
 KGRAD_TILES = ("BLOCK_CO", "BLOCK_K", "BLOCK_P")
-# The kernel gradient's registers for its tile of every expert: the gradients (float32, or
-# float64) and W's tiles (input dtype); past this, ptxas spills.
-KGRAD_REGISTER_BYTES = 96 * 1024
+# The kernel gradients' registers for their tile of every expert, per warp: the gradients
+# (float32, or float64) and W's tiles (input dtype), 96 registers a thread; past this, ptxas
+# spills (read off the compiled kernels: condconv_kernels.triton.report).
+KGRAD_WARP_BYTES = 12 * 1024
+# (channels, pixels, warps, stages) for the depthwise kernel gradient, whose tile of channels
+# holds every expert's tap gradients in registers (E x channels x taps, float32).
+DW_KGRAD_TILES = ("BLOCK_C", "BLOCK_L")
+_GPU_DW_KGRAD_CONFIGS = [(32, 64, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 32, 4, 2),
+                         (8, 128, 4, 2)]
 # (block a, block b, warps, stages) for the depthwise kernels: channels x pixels tiles.
 _GPU_DW_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (16, 128, 4, 2), (32, 128, 8, 2),
                    (64, 32, 4, 2)]
 # The most configurations of any table (bench/warm_triton.py runs that many workers).
-MAX_CONFIGS = max(map(len, (_GPU_DENSE_CONFIGS, _GPU_CONFIGS, _GPU_DW_CONFIGS)))
+MAX_CONFIGS = max(map(len, (_GPU_DENSE_CONFIGS, _GPU_CONFIGS, _GPU_DW_CONFIGS,
+                            _GPU_DW_KGRAD_CONFIGS)))
 # Under the interpreter: small tiles keep the numpy work per program small.
 INTERPRET_BLOCK = 16
 INTERPRET_EXAMPLES = 2
@@ -101,25 +108,29 @@ def _prune_examples(configs, named_args, **kwargs):
 
 
 def kgrad_bytes(blocks: Dict[str, int], experts_pow2: int, acc_bytes: int, itemsize: int) -> int:
-    """Register bytes of the kernel gradient's per-expert tiles (KGRAD_REGISTER_BYTES)."""
+    """Register bytes of a kernel gradient's per-expert tiles (see KGRAD_WARP_BYTES)."""
     return experts_pow2 * blocks["BLOCK_CO"] * blocks["BLOCK_K"] * (acc_bytes + itemsize)
 
 
 def _kgrad_fit(configs, experts_pow2: int, acc_bytes: int, itemsize: int):
-    """The configurations whose expert tiles fit in registers; the smallest if none does."""
-    def size(c):
-        return kgrad_bytes(c[0], experts_pow2, acc_bytes, itemsize)
-    kept = [c for c in configs if size(c) <= KGRAD_REGISTER_BYTES]
-    return kept or [min(configs, key=size)]
+    """Of (tile, warps, anything) triples, those whose expert tiles fit in their warps'
+    registers; the one needing the fewest bytes a warp if none does."""
+    def per_warp(c):
+        return kgrad_bytes(c[0], experts_pow2, acc_bytes, itemsize) / c[1]
+    kept = [c for c in configs if per_warp(c) <= KGRAD_WARP_BYTES]
+    return kept or [min(configs, key=per_warp)]
 
 
 def _prune_kernel_grad(configs, named_args, **kwargs):
-    """Drops the kernel-gradient configurations whose expert tiles would spill (_kgrad_fit)."""
+    """Drops the kernel-gradient configurations whose expert tiles would spill (_kgrad_fit);
+    for the depthwise one, a tile's taps (TAPS_POW2) stand for its reduction elements."""
     x = named_args.get("x_ptr")
     itemsize = x.element_size() if hasattr(x, "element_size") else 4
     acc_bytes = 8 if kwargs.get("ACC") == tl.float64 else 4
-    as_tuples = [(c.kwargs, c) for c in configs]
-    return [c for _, c in _kgrad_fit(as_tuples, kwargs.get("E_POW2", 8), acc_bytes, itemsize)]
+    taps = kwargs.get("TAPS_POW2")
+    triples = [({"BLOCK_CO": c.kwargs["BLOCK_C"], "BLOCK_K": taps} if taps else c.kwargs,
+                c.num_warps, c) for c in configs]
+    return [c for _, _, c in _kgrad_fit(triples, kwargs.get("E_POW2", 8), acc_bytes, itemsize)]
 
 
 def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[str] = ()):
@@ -137,8 +148,8 @@ def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[
         configs = [triton.Config(blocks, num_warps=warps, num_stages=stages)
                    for blocks, warps, stages in _table(shapes)]
         prune = ({"early_config_prune": _prune_examples} if "BLOCK_B" in shapes else
-                 {"early_config_prune": _prune_kernel_grad} if tuple(shapes) == KGRAD_TILES
-                 else None)
+                 {"early_config_prune": _prune_kernel_grad}
+                 if tuple(shapes) in (KGRAD_TILES, DW_KGRAD_TILES) else None)
         return triton.autotune(configs=configs, key=list(key), prune_configs_by=prune,
                                reset_to_zero=list(reset_to_zero) or None,
                                cache_results=True)(kernel)
@@ -148,17 +159,19 @@ def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[
 def _table(shapes: Sequence[str]):
     """The GPU configurations of a kernel as (tile sizes by name, warps, stages)."""
     n = len(shapes)
-    table = {4: _GPU_DENSE_CONFIGS, 3: _GPU_CONFIGS, 2: _GPU_DW_CONFIGS}[n]
+    table = (_GPU_DW_KGRAD_CONFIGS if tuple(shapes) == DW_KGRAD_TILES else
+             {4: _GPU_DENSE_CONFIGS, 3: _GPU_CONFIGS, 2: _GPU_DW_CONFIGS}[n])
     return [(dict(zip(shapes, c[:n])), c[n], c[n + 1]) for c in table]
 
 
 def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
-                 acc_bytes: int = 4) -> Dict[str, int]:
+                 acc_bytes: int = 4, taps: int = 16) -> Dict[str, int]:
     """The launch options the launcher passes itself: the interpreter's tiles, the first (or
     the forced) GPU configuration when autotuning is off, none when autotuned. Without
     autotuning the dense forward / grad_x get their pipeline stages lowered until their tiles
     of ``experts`` experts in ``itemsize``-byte elements fit in shared memory, and the kernel
-    gradient the first configuration from there on whose expert tiles fit in registers."""
+    gradients the first configuration from there on whose expert tiles (for the depthwise one
+    channels x ``taps``, a power of two) fit in registers."""
     if INTERPRET:
         return {name: INTERPRET_EXAMPLES if name == "BLOCK_B" else INTERPRET_BLOCK
                 for name in shapes}
@@ -168,10 +181,12 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
         blocks, warps, stages = table[first]
         if "BLOCK_B" in blocks:
             stages = fitting_stages(blocks, stages, experts, itemsize)
-        elif tuple(shapes) == KGRAD_TILES:
+        elif tuple(shapes) in (KGRAD_TILES, DW_KGRAD_TILES):
             pow2 = 1 << max(0, experts - 1).bit_length()
-            blocks, warps, stages = _kgrad_fit(table[first:] + table[:first], pow2, acc_bytes,
-                                               itemsize)[0]
+            triples = [({"BLOCK_CO": b["BLOCK_C"], "BLOCK_K": taps}
+                        if tuple(shapes) == DW_KGRAD_TILES else b, w, (b, w, st))
+                       for b, w, st in table[first:] + table[:first]]
+            blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize)[0][2]
         return {**blocks, "num_warps": warps, "num_stages": stages}
     return {}
 

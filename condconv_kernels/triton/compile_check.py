@@ -34,7 +34,7 @@ KERNELS = {
                     ("gw_ptr", "part_ptr")),
     "dw_fwd": (depthwise.dw_fwd_kernel, ("BLOCK_C", "BLOCK_P"), ()),
     "dw_bwd_x": (depthwise.dw_bwd_x_kernel, ("BLOCK_C", "BLOCK_P"), ()),
-    "dw_bwd_w": (depthwise.dw_bwd_w_kernel, ("BLOCK_C", "BLOCK_P"), ("gw_ptr", "part_ptr")),
+    "dw_bwd_w": (depthwise.dw_bwd_w_kernel, _config.DW_KGRAD_TILES, ("gw_ptr", "part_ptr")),
 }
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}
@@ -53,8 +53,8 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     fn = _jit(kernel)
     blocks, warps, stages = config
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True, POINTWISE=False,
-                      WIDE=False, NEED_W=True, NEED_R=True,
+    constexprs = dict(blocks, E=8, E_POW2=8, TAPS_POW2=16, KH=3, KW=3, HAS_BIAS=True,
+                      POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True,
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                       PRECISION="tf32" if dtype == torch.float32 else "ieee")
     declared = {p.name for p in fn.params if p.is_constexpr}

@@ -7,15 +7,16 @@ accumulates tap * x over the pixels. Offsets within an example are 32-bit where 
 extent allows (WIDE otherwise), which keeps the unrolled taps' addresses in few registers.
 Backward: grad_x likewise over input pixels (taps from the output pixels they feed); the kernel
 gradient by a program that owns a block of output channels over a slice of the batch: per example
-and tap, G_b = sum over pixels of grad_out * x, added as routing[b, e] * G_b into its own slice of
-every expert's gradient, and <G_b, W[e]> into its own partial of grad_routing (deterministic).
+and tap, G_b = sum over pixels of grad_out * x; routing[b, e] * G_b accumulates in registers
+into every expert's gradient of those channels (written once, into the slice's own copy), and
+<G_b, W[e]> is the example's partial of grad_routing (deterministic).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._config import autotune
+from ._config import DW_KGRAD_TILES, autotune
 
 
 @triton.jit
@@ -115,46 +116,67 @@ def dw_bwd_x_kernel(
     tl.store(p_d + off_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_c[:, None] & m_q[None, :])
 
 
-@autotune(key=["C_OUT", "KEY_L", "E", "KH", "KW"], shapes=("BLOCK_C", "BLOCK_P"),
+@autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW"], shapes=DW_KGRAD_TILES,
           reset_to_zero=("gw_ptr", "part_ptr"))
 @triton.jit
 def dw_bwd_w_kernel(
     x_ptr, g_ptr, r_ptr, w_ptr, gw_ptr, part_ptr,
-    B, E, C_OUT, MULT, H, W, HO, WO, B_PER_SPLIT,
+    B, C_OUT, MULT, H, W, HO, WO, B_PER_SPLIT,
     s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_rb, s_re,
-    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KEY_L,
-    KH: tl.constexpr, KW: tl.constexpr, NEED_W: tl.constexpr, NEED_R: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
+    E: tl.constexpr, E_POW2: tl.constexpr, TAPS_POW2: tl.constexpr, KH: tl.constexpr,
+    KW: tl.constexpr, NEED_W: tl.constexpr, NEED_R: tl.constexpr, WIDE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
+    """For the BLOCK_C channels of this program and the examples of its batch slice: G_b (the
+    channels x taps kernel gradient of example b) tap by tap; gw[slice, e] = sum_b routing[b, e]
+    G_b held in registers (E_POW2 x BLOCK_C x TAPS_POW2) and written once at the end;
+    part[tile, b, e] = <G_b, W[e]> over the tile, W's tiles loaded once."""
     i_c, i_s = tl.program_id(0), tl.program_id(1)
+    IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     N = C_OUT * KH * KW
     L = HO * WO
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C_OUT
+    o_t = tl.arange(0, TAPS_POW2)
+    o_e = tl.arange(0, E_POW2)
+    m_e = o_e < E
+    m_ct = m_c[:, None] & (o_t < KH * KW)[None, :]
+    o_w = o_e[:, None, None] * N + (o_c[:, None] * (KH * KW) + o_t[None, :])[None, :, :]
+    m_w = m_e[:, None, None] & m_ct[None, :, :]
+    if NEED_R:  # every expert's taps of these channels, loaded once
+        b_w = tl.load(w_ptr + o_w, mask=m_w, other=0.0)
+    b_gw = tl.zeros((E_POW2, BLOCK_C, TAPS_POW2), dtype=ACC)
+    off_xc = (o_c // MULT).to(IDX) * s_xc
+    off_gc = o_c.to(IDX) * s_gc
     for b in range(i_s * B_PER_SPLIT, tl.minimum(B, (i_s + 1) * B_PER_SPLIT)):
-        p_x0 = x_ptr + tl.cast(b, tl.int64) * s_xb + (o_c // MULT)[:, None].to(tl.int64) * s_xc
-        p_g0 = g_ptr + tl.cast(b, tl.int64) * s_gb + o_c[:, None].to(tl.int64) * s_gc
-        p_part = part_ptr + (i_c.to(tl.int64) * B + b) * E
-        for t in tl.static_range(KH * KW):
-            b_G = tl.zeros((BLOCK_C,), dtype=ACC)
-            for p0 in range(0, L, BLOCK_P):
-                o_p = p0 + tl.arange(0, BLOCK_P)
-                m_p = o_p < L
-                o_oh, o_ow = o_p // WO, o_p % WO
-                o_ih = o_oh * STRIDE_H - PAD_T + (t // KW) * DIL_H
-                o_iw = o_ow * STRIDE_W - PAD_L + (t % KW) * DIL_W
-                m_x = m_p & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
-                b_x = tl.load(p_x0 + (o_ih.to(tl.int64) * s_xh + o_iw.to(tl.int64) * s_xw)[None, :],
-                              mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
-                b_g = tl.load(p_g0 + (o_oh.to(tl.int64) * s_gh + o_ow.to(tl.int64) * s_gw)[None, :],
-                              mask=m_c[:, None] & m_p[None, :], other=0.0).to(ACC)
-                b_G += tl.sum(b_x * b_g, axis=1)
-            for e in range(E):
-                o_w = (e * C_OUT + o_c).to(tl.int64) * (KH * KW) + t
-                if NEED_R:
-                    b_we = tl.load(w_ptr + o_w, mask=m_c, other=0.0).to(ACC)
-                    tl.store(p_part + e, tl.load(p_part + e) + tl.sum(b_G * b_we))
-                if NEED_W:
-                    b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + e * s_re).to(ACC)
-                    p_gw = gw_ptr + (i_s * E).to(tl.int64) * N + o_w
-                    tl.store(p_gw, tl.load(p_gw, mask=m_c, other=0.0) + b_r * b_G, mask=m_c)
+        p_x = x_ptr + tl.cast(b, tl.int64) * s_xb
+        p_g = g_ptr + tl.cast(b, tl.int64) * s_gb
+        b_G = tl.zeros((BLOCK_C, TAPS_POW2), dtype=ACC)
+        for i in range(KH):  # rows of taps in a loop, a row's taps unrolled
+            for j in tl.static_range(KW):
+                b_Gt = tl.zeros((BLOCK_C,), dtype=ACC)
+                for p0 in range(0, L, BLOCK_L):
+                    o_p = p0 + tl.arange(0, BLOCK_L)
+                    m_p = o_p < L
+                    o_oh, o_ow = o_p // WO, o_p % WO
+                    o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
+                    o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
+                    m_x = m_p & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
+                    off_x = off_xc[:, None] + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :]
+                    b_x = tl.load(p_x + off_x, mask=m_c[:, None] & m_x[None, :],
+                                  other=0.0).to(ACC)
+                    off_g = off_gc[:, None] + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :]
+                    b_g = tl.load(p_g + off_g, mask=m_c[:, None] & m_p[None, :],
+                                  other=0.0).to(ACC)
+                    b_Gt += tl.sum(b_x * b_g, axis=1)
+                b_G += tl.where(o_t[None, :] == i * KW + j, b_Gt[:, None], 0.0)
+        if NEED_R:
+            b_part = tl.sum(tl.sum(b_w.to(ACC) * b_G[None, :, :], axis=2), axis=1)
+            tl.store(part_ptr + (i_c.to(tl.int64) * B + b) * E + o_e, b_part, mask=m_e)
+        if NEED_W:
+            b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re, mask=m_e,
+                          other=0.0).to(ACC)
+            b_gw += b_r[:, None, None] * b_G[None, :, :]
+    if NEED_W:
+        tl.store(gw_ptr + (i_s * E).to(tl.int64) * N + o_w, b_gw, mask=m_w)

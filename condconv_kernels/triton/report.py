@@ -215,7 +215,7 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
     # Depthwise: direct arithmetic on CUDA cores. A program's input tile with its halo is
     # counted once from L2 (its reloads, tap after tap, are L1 hits), each tap's E expert
     # values once per program.
-    bc, bp = blocks["BLOCK_C"], blocks["BLOCK_P"]
+    bc, bp = blocks["BLOCK_C"], blocks.get("BLOCK_P", blocks.get("BLOCK_L"))
     taps, s = k * k, layer.stride
 
     def halo(pixels, out_w, in_w, in_h):  # input pixels under `pixels` output pixels
@@ -230,9 +230,13 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         l2 = programs * (mult * (bc * halo(bp, W, wo, ho) + taps * E * bc) + bc * bp) * itemsize
         cc = programs * mult * taps * (2 * bc * bp + 2 * E * bc)
         return x_bytes + out_bytes + experts_bytes, l2, 0, cc, conv_flops + mix_flops
-    # dw_bwd_w_kernel: a program per channel tile and batch split, every example and tap
-    l2 = B * cdiv(cout, bc) * (cdiv(P, bp) * bc * (bp + halo(bp, wo, W, H)) * itemsize
-                               + taps * E * bc * (itemsize + 8))
+    # dw_bwd_w_kernel: a program per channel tile and batch split, every example and tap;
+    # before, W's taps and the gradients (read and written) per example, now once a program
+    l2 = B * cdiv(cout, bc) * cdiv(P, bp) * bc * (bp + halo(bp, wo, W, H)) * itemsize
+    if "E_POW2" in launch.kwargs:
+        l2 += programs * taps * E * bc * (itemsize + 4)
+    else:
+        l2 += B * cdiv(cout, bc) * taps * E * bc * (itemsize + 8)
     cc = B * cdiv(cout, bc) * taps * (cdiv(P, bp) * 2 * bc * bp + 4 * E * bc)
     hbm = x_bytes + out_bytes + experts_bytes + E * kernel_numel * 4
     return hbm, l2, 0, cc, conv_flops + 2 * mix_flops
