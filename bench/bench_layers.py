@@ -4,7 +4,7 @@ the 24 CondConv layers of tf_efficientnet_cc_b0_8e at their real shapes.
 
     python bench/bench_layers.py [--batch 8] [--experts 8] [--device cpu] [--dtype float32]
                                  [--backward] [--channels-last] [--roofline] [--first N]
-                                 [--out bench/results/NAME.md]
+                                 [--modeled REPORT.json] [--out bench/results/NAME.md]
 
 Prints a markdown table: median milliseconds per variant and, per fused backend, the speedup
 over the baseline and the ratio to the static conv, all measured in this one run; geomean last.
@@ -41,6 +41,19 @@ def geomean(values):
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
+def _modeled_ms(path: str, backward: bool):
+    """layer -> the triton backend's modeled milliseconds for the pass (forward kernels, or all
+    of them with the backward), from a report's JSON."""
+    with open(path) as f:
+        records = json.load(f)
+    forward = {"dense_fwd", "dw_fwd"}
+    out = {}
+    for r in records:
+        if "error" not in r and (backward or r["kernel"] in forward):
+            out[r["layer"]] = out.get(r["layer"], 0.0) + r["modeled_us"] / 1e3
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
@@ -55,6 +68,9 @@ def main(argv=None):
     p.add_argument("--roofline", action="store_true",
                    help="measure the device's ceilings and add achieved rates per fused backend")
     p.add_argument("--first", type=int, help="only the first N layers (quick checks)")
+    p.add_argument("--modeled", help="a JSON of condconv_kernels.triton.report made for the same "
+                                     "batch, dtype and layout: adds the triton backend's modeled "
+                                     "time per layer and the measured / modeled ratio")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
     p.add_argument("--out", help="write the table (markdown) and every number (JSON beside it)")
     args = p.parse_args(argv)
@@ -84,6 +100,7 @@ def main(argv=None):
         return [f"{flops / ms * 1e-9:.2f}", f"{nbytes / ms * 1e-6:.1f}",
                 f"{100 * ceilings.floor_ms(flops, nbytes) / ms:.0f}%"]
 
+    modeled = _modeled_ms(args.modeled, args.backward) if args.modeled else None
     mode = "forward+backward" if args.backward else "forward"
     layout = "channels_last" if args.channels_last else "contiguous"
     title = (f"tf_efficientnet_cc_b0_{args.experts}e CondConv layers" if args.shapes ==
@@ -95,12 +112,21 @@ def main(argv=None):
                         (f" | {n} TFLOP/s | {n} GB/s | {n} % of roofline" if ceilings else "")
                         for n in fused) + " |",
              "|" + "---|" * (4 + (6 if ceilings else 3) * len(fused))]
+    tuned = "fused:triton" in fused
+    if modeled is not None:
+        lines[2] += " triton modeled |" + (" fused:triton / modeled |" if tuned else "")
+        lines[3] += "---|" * (2 if tuned else 1)
     for layer, t in rows:
         cells = [layer.name, layer.describe(), f"{t['static']:.3f}", f"{t['unfused']:.3f}"]
         for n in fused:
             cells += [f"{t[n]:.3f}", f"{t['unfused'] / t[n]:.2f}x", f"{t[n] / t['static']:.2f}"]
             if ceilings:
                 cells += roofline_cells(layer, t[n])
+        if modeled is not None:
+            m = modeled.get(layer.name)
+            cells.append(f"{m:.3f}" if m else "-")
+            if tuned:
+                cells.append(f"{t['fused:triton'] / m:.2f}" if m else "-")
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["geomean", "", f"{geomean([t['static'] for _, t in rows]):.3f}",
              f"{geomean([t['unfused'] for _, t in rows]):.3f}"]
@@ -111,6 +137,12 @@ def main(argv=None):
         if ceilings:
             reached = geomean([ceilings.floor_ms(*work[l.name]) / t[n] for l, t in rows])
             cells += ["", "", f"{100 * reached:.0f}%"]
+    if modeled is not None:
+        both = [(t, modeled[l.name]) for l, t in rows if modeled.get(l.name)]
+        cells.append(f"{geomean([m for _, m in both]):.3f}" if both else "-")
+        if tuned:
+            cells.append(f"{geomean([t['fused:triton'] / m for t, m in both]):.2f}"
+                         if both else "-")
     lines.append("| " + " | ".join(cells) + " |")
     info = machine_info()
     lines += ["", "machine: " + ", ".join(f"{k} {v}" for k, v in info.items())]

@@ -225,7 +225,9 @@ else
             --report-api-errors no --error-exitcode 1)
   MEMCHECK=(--backend cuda)
 fi
-BENCH=(--dtype bfloat16 --channels-last)
+# The headline tables carry the static model's time per layer (condconv_kernels.triton.report,
+# committed as bench/results/gpu-model.json) and the measured / modeled ratio.
+BENCH=(--dtype bfloat16 --channels-last --modeled bench/results/gpu-model.json)
 CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu (dry run)')" 2>/dev/null)
 SLUG=$(echo "$CARD" | grep -oi 'h[0-9]\{3\}' | head -n 1 | tr 'A-Z' 'a-z')
 {

@@ -57,6 +57,7 @@ def test_both_calls_walk_every_step(tmp_path):
         assert status == "ok", f"{name}: {status}\n{summary}"
         assert 0 <= secs <= cap
     assert "| layer | shape | static | unfused |" in summary  # the headline table
+    assert "triton modeled |" in summary  # with the static model's times beside it
     assert "| batch | variant | ms | images/s |" in summary
     assert run.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
     assert len(_files(out1)) <= MAX_FILES
