@@ -212,3 +212,27 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
         monkeypatch.undo()
         importlib.reload(dense)
         importlib.reload(depthwise)
+
+
+def test_kernel_gradient_partials_fit_the_smallest_tiles(monkeypatch):
+    """The depthwise kernel gradient's table has 8-channel tiles: the partial sums of
+    grad_routing must have a row for each (24 channels: 3 rows, not the 2 that 16-channel tiles
+    would give), and a tile smaller than any in the table is refused before it writes past
+    them."""
+    import condconv_kernels.triton as backend
+    from condconv_kernels.triton import _config
+    fixed = backend.fixed_blocks
+
+    def tiles_of(channels):
+        def blocks(shapes, *args, **kwargs):
+            out = fixed(shapes, *args, **kwargs)
+            return {**out, "BLOCK_C": channels} if tuple(shapes) == _config.DW_KGRAD_TILES else out
+        return blocks
+    case = CASES_BY_NAME["dw3"]
+    case = type(case)(**{**case.__dict__, "cin": 24, "cout": 24, "groups": 24, "B": 2})
+    monkeypatch.setattr(backend, "fixed_blocks", tiles_of(8))
+    test_op._check(case, "triton", torch.float64, "contiguous")
+    monkeypatch.setattr(backend, "fixed_blocks", tiles_of(4))
+    with pytest.raises(RuntimeError, match="rows of partial sums"):
+        run_op(case, make_inputs(case, torch.float64), "triton",
+               torch.randn(2, 24, case.H, case.W, dtype=torch.float64))

@@ -19,13 +19,12 @@ import triton.language as tl
 
 from .. import _args, reference
 from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucket,
-                      fixed_blocks)
+                      fixed_blocks, smallest_block)
 from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
 
 __all__ = ["forward", "backward"]
 
-_MIN_BLOCK = 16  # the smallest tile of any configuration: bounds the number of partials
 
 
 def _acc(dtype: torch.dtype):
@@ -43,6 +42,16 @@ def _pointwise(kh, kw, stride, padding, t: torch.Tensor) -> bool:
     one another at one stride (contiguous or channels_last, not a spatial slice)."""
     return (kh == kw == 1 and tuple(stride) == (1, 1) and not any(padding)
             and t.stride(2) == t.shape[3] * t.stride(3))
+
+
+def _within(rows: int, tiles: int, grid: Tuple[int, ...]) -> Tuple[int, ...]:
+    """A kernel-gradient grid whose programs cover ``tiles`` tiles of W, checked against the
+    ``rows`` of partial sums allocated for them."""
+    if tiles > rows:
+        raise RuntimeError(f"condconv2d (triton): {tiles} tiles of W for {rows} rows of partial "
+                           "sums: a configuration's tile is smaller than the smallest of its "
+                           "table")
+    return grid
 
 
 def _wide(*tensors: torch.Tensor) -> bool:
@@ -145,12 +154,16 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         # Zeroed accumulators; a stand-in when unused (never the weights: the autotuner zeroes
         # this argument).
         gw = torch.zeros((S, E, N) if need_w else (1,), dtype=acc, device=x.device)
+        # part holds a row of grad_routing partials per tile of W: as many rows as the
+        # smallest tiles of any configuration make (each launch checks that it fits).
         if depthwise:
-            tiles = triton.cdiv(cout, _MIN_BLOCK)
+            tiles = triton.cdiv(cout, smallest_block(DW_KGRAD_TILES, "BLOCK_C"))
             part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)
             blocks = fixed_blocks(DW_KGRAD_TILES, E, x.element_size(), gw.element_size(),
                                   triton.next_power_of_2(kh * kw))
-            grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_C"]), S)  # noqa: E731
+            def grid(meta):
+                n_c = triton.cdiv(cout, meta["BLOCK_C"])
+                return _within(tiles, n_c, (n_c, S))
             dw_bwd_w_kernel[grid](
                 x, grad_out, routing, w, gw, part, B, cout, cout // cin, H, W, ho, wo,
                 per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,
@@ -159,11 +172,13 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 NEED_R=need_r, WIDE=_wide(x, grad_out), ACC=_acc(x.dtype), **blocks)
         else:
             cout_g, K = cout // groups, cin_g * kh * kw
-            tiles = groups * triton.cdiv(cout_g, _MIN_BLOCK) * triton.cdiv(K, _MIN_BLOCK)
+            tiles = (groups * triton.cdiv(cout_g, smallest_block(KGRAD_TILES, "BLOCK_CO"))
+                     * triton.cdiv(K, smallest_block(KGRAD_TILES, "BLOCK_K")))
             part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)
             blocks = fixed_blocks(KGRAD_TILES, E, x.element_size(), gw.element_size())
-            grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),  # noqa: E731
-                                 triton.cdiv(cout_g, meta["BLOCK_CO"]), groups * S)
+            def grid(meta):
+                n_k, n_co = triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(cout_g, meta["BLOCK_CO"])
+                return _within(tiles, groups * n_k * n_co, (n_k, n_co, groups * S))
             dense_bwd_w_kernel[grid](
                 x, grad_out, routing, w, gw, part, B, cin_g, cout_g, groups, H, W, ho, wo,
                 per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,

@@ -191,6 +191,12 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
     return {}
 
 
+def smallest_block(shapes: Sequence[str], name: str) -> int:
+    """The smallest size tile ``name`` takes in the table of ``shapes`` or under the
+    interpreter: what buffers sized per tile (the kernel gradients' partial sums) must allow."""
+    return min([blocks[name] for blocks, _, _ in _table(shapes)] + [INTERPRET_BLOCK])
+
+
 def bucket(n: int) -> int:
     """Autotune key of a size: its power-of-two bucket."""
     return 1 << max(0, int(n) - 1).bit_length()
