@@ -63,7 +63,7 @@ def time_callable(fn: Callable[[], object], device: str = "cpu", min_run_time: f
     :func:`~condconv_kernels.profile.latency.layer_variants` does) to measure memory."""
     for _ in range(warmup):
         fn()
-    if device == "cuda" or str(device).startswith("cuda"):
+    if str(device).startswith("cuda"):
         times = _cuda_samples(fn, min_run_time)
     else:
         m = tbench.Timer(stmt="fn()", globals={"fn": fn},

@@ -112,6 +112,12 @@ def kgrad_bytes(blocks: Dict[str, int], experts_pow2: int, acc_bytes: int, items
     return experts_pow2 * blocks["BLOCK_CO"] * blocks["BLOCK_K"] * (acc_bytes + itemsize)
 
 
+def _kgrad_tile(blocks: Dict[str, int], taps) -> Dict[str, int]:
+    """A kernel-gradient tile as (BLOCK_CO, BLOCK_K): the depthwise one's channels x taps (taps
+    given, a power of two), the dense one's as it is."""
+    return {"BLOCK_CO": blocks["BLOCK_C"], "BLOCK_K": taps} if taps else blocks
+
+
 def _kgrad_fit(configs, experts_pow2: int, acc_bytes: int, itemsize: int):
     """Of (tile, warps, anything) triples, those whose expert tiles fit in their warps'
     registers; the one needing the fewest bytes a warp if none does."""
@@ -128,8 +134,7 @@ def _prune_kernel_grad(configs, named_args, **kwargs):
     itemsize = x.element_size() if hasattr(x, "element_size") else 4
     acc_bytes = 8 if kwargs.get("ACC") == tl.float64 else 4
     taps = kwargs.get("TAPS_POW2")
-    triples = [({"BLOCK_CO": c.kwargs["BLOCK_C"], "BLOCK_K": taps} if taps else c.kwargs,
-                c.num_warps, c) for c in configs]
+    triples = [(_kgrad_tile(c.kwargs, taps), c.num_warps, c) for c in configs]
     return [c for _, _, c in _kgrad_fit(triples, kwargs.get("E_POW2", 8), acc_bytes, itemsize)]
 
 
@@ -183,8 +188,8 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
             stages = fitting_stages(blocks, stages, experts, itemsize)
         elif tuple(shapes) in (KGRAD_TILES, DW_KGRAD_TILES):
             pow2 = 1 << max(0, experts - 1).bit_length()
-            triples = [({"BLOCK_CO": b["BLOCK_C"], "BLOCK_K": taps}
-                        if tuple(shapes) == DW_KGRAD_TILES else b, w, (b, w, st))
+            dw_taps = taps if tuple(shapes) == DW_KGRAD_TILES else None
+            triples = [(_kgrad_tile(b, dw_taps), w, (b, w, st))
                        for b, w, st in table[first:] + table[:first]]
             blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize)[0][2]
         return {**blocks, "num_warps": warps, "num_stages": stages}

@@ -38,7 +38,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import triton
