@@ -14,7 +14,6 @@ the roofline floor, max(operations / rate, bytes / bandwidth), that its time rea
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -23,6 +22,7 @@ import sys
 
 import torch
 
+from condconv_kernels.cli import parser
 from condconv_kernels.profile.timing import reexec_with_stable_malloc
 from condconv_kernels.profile import efficientnet_cc_b0_layers, machine_info, time_callable
 from condconv_kernels.profile.latency import layer_variants
@@ -55,24 +55,27 @@ def _modeled_ms(path: str, backward: bool):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--experts", type=int, default=8)
+    p = parser(__doc__)
+    p.add_argument("--batch", type=int, default=8, help="The batch size.")
+    p.add_argument("--experts", type=int, default=8, help="Experts per layer.")
     p.add_argument("--shapes", default="efficientnet", choices=["efficientnet", "resnet"],
-                   help="the 24 layers of tf_efficientnet_cc_b0 (default), or dense 3x3 layers "
-                        "at ResNet-18 shapes")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--backward", action="store_true", help="time forward + backward")
-    p.add_argument("--channels-last", action="store_true", help="channels_last inputs")
+                   help="The 24 layers of tf_efficientnet_cc_b0, or dense 3x3 layers at "
+                        "ResNet-18 shapes.")
+    p.add_argument("--device", default="cpu", help="Where to run: cpu or cuda.")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="The dtype of inputs and weights.")
+    p.add_argument("--backward", action="store_true", help="Time forward + backward.")
+    p.add_argument("--channels-last", action="store_true", help="Use channels_last inputs.")
     p.add_argument("--roofline", action="store_true",
-                   help="measure the device's ceilings and add achieved rates per fused backend")
-    p.add_argument("--first", type=int, help="only the first N layers (quick checks)")
-    p.add_argument("--modeled", help="a JSON of condconv_kernels.triton.report made for the same "
+                   help="Measure the device's ceilings and add the achieved rates per fused "
+                        "backend.")
+    p.add_argument("--first", type=int, help="Only the first N layers (quick checks).")
+    p.add_argument("--modeled", help="A JSON of condconv_kernels.triton.report made for the same "
                                      "batch, dtype and layout: adds the triton backend's modeled "
-                                     "time per layer and the measured / modeled ratio")
-    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
-    p.add_argument("--out", help="write the table (markdown) and every number (JSON beside it)")
+                                     "time per layer and the measured / modeled ratio.")
+    p.add_argument("--min-run-time", type=float, default=0.2,
+                   help="Seconds of timed calls per measurement.")
+    p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     layers = (efficientnet_cc_b0_layers(args.experts) if args.shapes == "efficientnet"

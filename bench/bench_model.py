@@ -13,31 +13,35 @@ installed (skipped with a note otherwise).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
+from condconv_kernels.cli import parser
 from condconv_kernels.profile import machine_info
 from condconv_kernels.profile.timing import reexec_with_stable_malloc, time_interleaved
 from condconv_kernels.profile.latency import model_variants
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tf_efficientnet_cc_b0_8e")
-    p.add_argument("--batch", default="1,8")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p = parser(__doc__)
+    p.add_argument("--model", default="tf_efficientnet_cc_b0_8e", help="The model to time.")
+    p.add_argument("--batch", default="1,8", help="Comma-separated batch sizes.")
+    p.add_argument("--device", default="cpu", help="Where to run: cpu or cuda.")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="The dtype of the parameters and the input.")
     p.add_argument("--amp", choices=["float16", "bfloat16"],
-                   help="run under torch.autocast with this dtype (parameters stay --dtype)")
-    p.add_argument("--channels-last", action="store_true", help="model and input channels_last")
-    p.add_argument("--backward", action="store_true", help="time a training step's fwd + bwd")
-    p.add_argument("--input-size", type=int, help="image side (default: the model's)")
-    p.add_argument("--timm", default="", help="comma-separated timm model names to add")
-    p.add_argument("--min-run-time", type=float, default=1.0)
-    p.add_argument("--out")
+                   help="Run under torch.autocast with this dtype (parameters stay --dtype).")
+    p.add_argument("--channels-last", action="store_true",
+                   help="Make the model and the input channels_last.")
+    p.add_argument("--backward", action="store_true",
+                   help="Time a training step's forward + backward.")
+    p.add_argument("--input-size", type=int, help="The image side (default: the model's own).")
+    p.add_argument("--timm", default="", help="Comma-separated timm model names to add.")
+    p.add_argument("--min-run-time", type=float, default=1.0,
+                   help="Seconds of timed calls per measurement.")
+    p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
     args = p.parse_args(argv)
     mode = "forward+backward" if args.backward else "forward"
     precision = args.dtype + (f", autocast {args.amp}" if args.amp else "")

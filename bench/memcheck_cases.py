@@ -1,6 +1,6 @@
 """Forward and backward of one backend on a dense, a pointwise, a grouped and a depthwise layer
 (float32, float16, bfloat16; an odd-sized image, stride 2, "same" padding), small enough to run
-under compute-sanitizer:
+under compute-sanitizer.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
         python bench/memcheck_cases.py [--backend cuda]
@@ -11,11 +11,11 @@ allocation. ``--device cpu --backend cpu`` runs the same calls on the CPU (the G
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 import condconv_kernels as cc
+from condconv_kernels.cli import parser
 
 LAYERS = [  # (cin, cout, kernel, stride, groups, dtype)
     (8, 16, 3, 2, 1, torch.float32), (16, 24, 1, 1, 1, torch.float16),
@@ -24,9 +24,9 @@ LAYERS = [  # (cin, cout, kernel, stride, groups, dtype)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", default="cuda")
-    p.add_argument("--device", default="cuda")
+    p = parser(__doc__)
+    p.add_argument("--backend", default="cuda", help="The condconv2d backend to run.")
+    p.add_argument("--device", default="cuda", help="Where the tensors live.")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     for cin, cout, k, s, groups, dtype in LAYERS:

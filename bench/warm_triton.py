@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from condconv_kernels.cli import parser
 
 
 def _worker(args) -> int:
@@ -47,16 +48,17 @@ def _worker(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--backward", action="store_true", help="also the backward's kernels")
-    p.add_argument("--jobs", type=int, default=14, help="worker processes")
-    p.add_argument("--first", type=int, help="only the first N layers")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--backend", default="triton")
+    p = parser(__doc__)
+    p.add_argument("--batch", type=int, default=256, help="The batch size of the shapes.")
+    p.add_argument("--experts", type=int, default=8, help="Experts per layer.")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
+                   help="The dtype of the kernels to compile.")
+    p.add_argument("--channels-last", action="store_true", help="Use channels_last inputs.")
+    p.add_argument("--backward", action="store_true", help="Also the backward's kernels.")
+    p.add_argument("--jobs", type=int, default=14, help="Worker processes.")
+    p.add_argument("--first", type=int, help="Only the first N layers.")
+    p.add_argument("--device", default="cuda", help="Where the kernels run.")
+    p.add_argument("--backend", default="triton", help="The condconv2d backend to warm.")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # "config,part,parts": one worker
     args = p.parse_args(argv)
     if args.jobs < 1:

@@ -1,10 +1,13 @@
 """Classify an image with an EfficientNet(-CondConv): the model's own preprocessing (resize by
 the crop fraction, bicubic, center crop, mean/std normalisation), softmax, top-k.
 
+    condconv-classify --model tf_efficientnet_cc_b0_8e --pretrained --image panda.jpg
     condconv-classify --model tf_efficientnet_cc_b0_8e --checkpoint ckpt.safetensors \\
                       --image panda.jpg [--labels labels_map.txt] [--topk 5] [--backend auto]
 
-The labels map is JSON of class index -> name (as TensorFlow's eval data ships it).
+--pretrained downloads the released ImageNet weights once (into the torch hub cache, hash
+checked). Labels are the ImageNet class names shipped with the package, or a JSON map of class
+index -> name given with --labels (as TensorFlow's eval data ships it, labels_map.txt).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["preprocess", "load_labels", "classify", "main"]
+__all__ = ["preprocess", "imagenet_labels", "load_labels", "classify", "main"]
 
 _INTERPOLATION = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}
 
@@ -54,10 +57,19 @@ def preprocess(image, cfg: Dict[str, object]) -> torch.Tensor:
     return (x - mean) / std
 
 
+def imagenet_labels() -> Dict[int, str]:
+    """The 1000 ImageNet class names shipped with the package (short names, e.g. 0 -> "tench",
+    388 -> "giant panda"), in the class order of the released models."""
+    from importlib.resources import files
+    text = files("condconv_kernels").joinpath("data/imagenet_classes.txt").read_text()
+    return {i: name.replace("_", " ") for i, name in enumerate(text.splitlines())}
+
+
 def load_labels(path: Optional[str]) -> Dict[int, str]:
-    """JSON {"0": "tench, Tinca tinca", ...} -> {0: "tench, Tinca tinca", ...}."""
+    """JSON {"0": "tench, Tinca tinca", ...} -> {0: "tench, Tinca tinca", ...}; ``None``: the
+    ImageNet class names of :func:`imagenet_labels`."""
     if path is None:
-        return {}
+        return imagenet_labels()
     try:
         with open(path) as f:
             raw = json.load(f)
@@ -83,25 +95,40 @@ def classify(model: torch.nn.Module, image_path: str, labels: Optional[Dict[int,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli import parser
     from .models import create_model, list_models
-    p = argparse.ArgumentParser(prog="condconv-classify", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
-    p.add_argument("--checkpoint", help="state dict (.safetensors or .pth), e.g. from timm")
-    p.add_argument("--image", required=True)
-    p.add_argument("--labels", help="JSON map of class index -> name")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--backend", default="auto")
+    from .models.pretrained import pretrained_models
+    p = parser(__doc__, prog="condconv-classify")
+    p.add_argument("--model", required=True,
+                   help=f"The model's name, one of: {', '.join(list_models())}.")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help="Use the released ImageNet weights (downloaded once, hash checked); "
+                              f"these models have them: {', '.join(pretrained_models())}.")
+    weights.add_argument("--checkpoint", help="A state dict to load (.safetensors or .pth); "
+                                              "timm's checkpoints load unchanged.")
+    p.add_argument("--image", required=True, help="The image file to classify (any format "
+                                                  "Pillow reads).")
+    p.add_argument("--labels", help="A JSON map of class index -> name; without it, the ImageNet "
+                                    "class names shipped with the package are used.")
+    p.add_argument("--topk", type=int, default=5, help="How many classes to print.")
+    p.add_argument("--backend", default="auto",
+                   help="The condconv2d backend of the CondConv layers (auto, cpu, reference, "
+                        "triton or cuda).")
     args = p.parse_args(argv)
+    if args.topk < 1:
+        p.error(f"argument --topk: must be at least 1, got {args.topk}")
     try:
-        model = create_model(args.model, pretrained_path=args.checkpoint, backend=args.backend)
+        model = create_model(args.model, pretrained_path=args.checkpoint, backend=args.backend,
+                             pretrained=args.pretrained)
         labels = load_labels(args.labels)
         results = classify(model, args.image, labels, args.topk)
     except (ValueError, FileNotFoundError, TypeError, RuntimeError) as exc:
         print(f"condconv-classify: error: {exc}", file=sys.stderr)
         return 2
-    if args.checkpoint is None:
-        print("WARNING: no --checkpoint given: the model has RANDOM weights and these "
-              "predictions mean nothing", file=sys.stderr)
+    if args.checkpoint is None and not args.pretrained:
+        print("WARNING: neither --pretrained nor --checkpoint given: the model has RANDOM "
+              "weights and these predictions mean nothing", file=sys.stderr)
     print(f"{args.model} on {args.image}:")
     for rank, (index, label, prob) in enumerate(results, 1):
         print(f"  {rank}. {label} (class {index}): {prob:.4f}")

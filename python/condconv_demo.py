@@ -4,12 +4,12 @@ weights differ.
 
     python python/condconv_demo.py [--backend auto] [--experts 8]
 """
-import argparse
 
 import torch
 import torch.nn.functional as F
 
 import condconv_kernels as cc
+from condconv_kernels.cli import parser
 from condconv_kernels import nn as ccnn
 
 
@@ -33,9 +33,9 @@ class CondConvBlock(torch.nn.Module):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--experts", type=int, default=8)
+    p = parser(__doc__)
+    p.add_argument("--backend", default="auto", help="The condconv2d backend to run on.")
+    p.add_argument("--experts", type=int, default=8, help="Experts per CondConv layer.")
     args = p.parse_args()
     print("available backends on cpu:", cc.available_backends("cpu"))
     torch.manual_seed(0)

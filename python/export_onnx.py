@@ -6,21 +6,22 @@
 The CondConv layers are written as standard ONNX ops (unfold-equivalent gathers + batched
 MatMul), so the file runs on any ONNX runtime at any batch size.
 """
-import argparse
 
 import torch
 
+from condconv_kernels.cli import parser
 from condconv_kernels.export import export_onnx
 from condconv_kernels.models import create_model
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tf_efficientnet_cc_b0_8e")
-    p.add_argument("--checkpoint", default=None, help="weights to load (timm checkpoints load)")
-    p.add_argument("--out", default=None, help="output .onnx (default: MODEL.onnx)")
+    p = parser(__doc__)
+    p.add_argument("--model", default="tf_efficientnet_cc_b0_8e", help="The model to export.")
+    p.add_argument("--checkpoint", default=None,
+                   help="Weights to load (timm's checkpoints load unchanged).")
+    p.add_argument("--out", default=None, help="The .onnx file to write (default: MODEL.onnx).")
     p.add_argument("--input-size", type=int, default=None,
-                   help="image side (default: the model's own input size)")
+                   help="The image side (default: the model's own input size).")
     args = p.parse_args(argv)
     model = create_model(args.model, pretrained_path=args.checkpoint).eval()
     side = args.input_size or model.pretrained_cfg["input_size"][-1]

@@ -5,20 +5,21 @@
 Needs timm. The swapped layers share the timm layers' parameters, so the timm model keeps its
 state dict, optimizer and checkpoints; only the forward/backward computation changes.
 """
-import argparse
 import copy
 
 import torch
 
+from condconv_kernels.cli import parser
 from condconv_kernels.profile.timing import time_callable
 from condconv_kernels.timm_compat import convert
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tf_efficientnet_cc_b0_8e")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    p = parser(__doc__)
+    p.add_argument("--model", default="tf_efficientnet_cc_b0_8e",
+                   help="A timm model with CondConv layers.")
+    p.add_argument("--batch", type=int, default=8, help="The batch size of the comparison.")
+    p.add_argument("--device", default="auto", help="Where to run: cpu, cuda, or auto (the GPU if any).")
     args = p.parse_args(argv)
     try:
         import timm

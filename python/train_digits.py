@@ -9,7 +9,6 @@ network's weights are written atomically (temporary file, then rename).
 """
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Dict, List, Optional
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condconv_kernels.cli import parser
 from condconv_kernels.models import save_checkpoint
 from condconv_kernels.nn import CondConv2d, CondConvRouting
 
@@ -125,16 +125,15 @@ def train(epochs: int = 30, experts: int = 4, backend: str = "auto", batch_size:
 
 
 def main(argv=None) -> Dict[str, List[float]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save", default=None, help="write the CondConv net's weights here")
-    args = parser.parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--epochs", type=int, default=30, help="Passes over the training set.")
+    p.add_argument("--experts", type=int, default=4, help="Experts per CondConv layer.")
+    p.add_argument("--backend", default="auto", help="The condconv2d backend to train on.")
+    p.add_argument("--batch-size", type=int, default=64, help="Images per training step.")
+    p.add_argument("--lr", type=float, default=3e-3, help="The optimizer's learning rate.")
+    p.add_argument("--seed", type=int, default=0, help="The seed of the split and the weights.")
+    p.add_argument("--save", default=None, help="Write the CondConv net's weights here.")
+    args = p.parse_args(argv)
     history = train(args.epochs, args.experts, args.backend, args.batch_size, args.lr,
                     args.seed, args.save)
     cc_s, static_s = history["seconds"]

@@ -156,14 +156,32 @@ class EfficientNet(nn.Module):
 
 def create_model(name: str, pretrained_path: Optional[str] = None, num_classes: int = 1000,
                  drop_rate: Optional[float] = None, drop_path_rate: float = 0.0,
-                 backend: str = "auto", condconv: bool = True, **kwargs) -> EfficientNet:
+                 backend: str = "auto", condconv: bool = True, pretrained: bool = False,
+                 **kwargs) -> EfficientNet:
     """A model by name (``list_models()``), optionally loading a checkpoint (a timm ``.pth`` or
     ``.safetensors`` state dict loads unchanged). ``model.pretrained_cfg`` holds its input size,
     crop fraction, interpolation and mean/std. ``condconv=False`` builds the same architecture
-    with static convolutions in place of the CondConv layers (the baseline of a CondConv model)."""
+    with static convolutions in place of the CondConv layers (the baseline of a CondConv model).
+
+    ``pretrained=True`` loads the released ImageNet weights of the models that have them
+    (:func:`~condconv_kernels.models.pretrained.pretrained_models`): downloaded once into the
+    torch hub cache, hash-checked, loaded strictly (see
+    :func:`~condconv_kernels.models.pretrained.download_weights` for working offline)."""
     if name not in MODELS:
         raise ValueError(f"create_model: unknown model name {name!r}; known models: "
                          f"{', '.join(list_models())}")
+    if pretrained:
+        from .pretrained import PRETRAINED_URLS, download_weights, pretrained_models
+        if pretrained_path is not None:
+            raise ValueError("create_model: give either argument 'pretrained' or "
+                             "'pretrained_path', not both")
+        if name not in PRETRAINED_URLS or not condconv or num_classes != 1000:
+            why = ("has no released weights" if name not in PRETRAINED_URLS else
+                   "with condconv=False has no released weights" if not condconv else
+                   f"has released weights for 1000 classes, not num_classes={num_classes}")
+            raise ValueError(f"create_model: argument 'pretrained': {name} {why}; models with "
+                             f"released weights: {', '.join(pretrained_models())}")
+        pretrained_path = download_weights(PRETRAINED_URLS[name])
     spec = MODELS[name]
     stages = spec.stages if condconv else tuple(re.sub(r"_cc\d+", "", s) for s in spec.stages)
     model = EfficientNet(stages, spec.width, spec.depth, num_classes,

@@ -1,4 +1,5 @@
-"""condconv-profile: how much does CondConv cost, and how much does the fused kernel save?
+"""How much does CondConv cost, and how much does the fused kernel save? condconv-profile
+measures it.
 
     condconv-profile --model tf_efficientnet_cc_b0_8e [--batch 1,8] [--device auto]
                      [--dtype float32] [--layers] [--backward] [--out DIR]
@@ -11,7 +12,6 @@ results.csv and PNG plots (latency vs batch; per-layer bars).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -240,18 +240,26 @@ def _plots(result, out_dir) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..cli import parser
     from ..models import list_models
-    p = argparse.ArgumentParser(prog="condconv-profile", description=__doc__.splitlines()[0])
+    p = parser(__doc__, prog="condconv-profile")
     p.add_argument("--model", default="tf_efficientnet_cc_b0_8e",
-                   help=f"one of: {', '.join(list_models())}")
-    p.add_argument("--batch", help="comma-separated batch sizes (default: CPU 1,8; GPU 1,32,256)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--layers", action="store_true", help="also time every CondConv layer")
-    p.add_argument("--backward", action="store_true", help="also time forward + backward")
-    p.add_argument("--input-size", type=int, help="image size (default: the model's)")
-    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
-    p.add_argument("--out", help="directory for results.json/.csv/.md and plots")
+                   help=f"The model to profile, one of: {', '.join(list_models())}.")
+    p.add_argument("--batch", help="Comma-separated batch sizes (default: 1,8 on CPU and "
+                                   "1,32,256 on a GPU).")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="Where to run; auto is the GPU when there is one.")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="The dtype of the model and its input.")
+    p.add_argument("--layers", action="store_true",
+                   help="Also time every CondConv layer at its real shape.")
+    p.add_argument("--backward", action="store_true",
+                   help="Also time forward + backward (a training step without the optimizer).")
+    p.add_argument("--input-size", type=int, help="The image side (default: the model's own).")
+    p.add_argument("--min-run-time", type=float, default=0.5,
+                   help="Seconds of timed calls per measurement.")
+    p.add_argument("--out", help="A directory for results.json, results.csv, results.md and the "
+                                 "plots.")
     args = p.parse_args(argv)
     device = args.device
     if device == "auto":

@@ -10,8 +10,11 @@ Variants, measured in one run so that their ratios are meaningful:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import os
+import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -208,6 +211,21 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
     return variants
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 sent to /dev/null for the block: silences what native code (here the
+    profiler's libkineto) writes to stderr without going through Python's ``sys.stderr``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cpu_peak_memory_mb(fn: Callable[[], object]) -> float:
     """Peak, in MiB, of the bytes allocated through PyTorch's CPU allocator during one call of
     ``fn``, above what was allocated before it (after one warm-up call, so caches and reused
@@ -217,8 +235,14 @@ def cpu_peak_memory_mb(fn: Callable[[], object]) -> float:
     seen."""
     from torch.profiler import ProfilerActivity, profile
     fn()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # the profiler's C++ start/stop lines, one pair per call
+        prof.start()
+    try:
         fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     deltas = []
     for event in prof.events():
         used = event.self_cpu_memory_usage

@@ -14,7 +14,6 @@ builder once a kernel has been interpreted.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,6 +23,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ..cli import parser
 from . import _config, dense, depthwise
 
 # kernel, its tile names (as the launcher passes them), its pointers in the accumulation dtype.
@@ -108,14 +108,14 @@ def _staged(config, dtype):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_BYTES),
-                        help="compute capability x 10 (default 90: H100 / H200)")
-    parser.add_argument("--quick", action="store_true",
-                        help="of the autotuned configurations, only the largest")
-    args = parser.parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_BYTES),
+                   help="The compute capability x 10 (90: H100 and H200).")
+    p.add_argument("--quick", action="store_true",
+                   help="Of the autotuned configurations, compile only the largest.")
+    args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
+        p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
     failures = 0
     for name, dtype, (blocks, warps, stages), first in variants(args.quick):
         label = (f"{name:12s} {TYPES[dtype]} {'x'.join(map(str, blocks.values())):10s} "

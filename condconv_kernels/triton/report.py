@@ -1,4 +1,4 @@
-"""A static performance report of the triton backend, made without a GPU:
+"""A static performance report of the triton backend, made without a GPU.
 
     python -m condconv_kernels.triton.report [--arch 90] [--batch 256] [--dtype bfloat16]
                                              [--layout channels_last] [--json FILE] [--all]
@@ -29,7 +29,6 @@ H100's datasheet-level figures the project plans with; the GPU kit measures the 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -45,6 +44,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ..cli import parser
 from . import _config
 
 HBM, L2, TC, CC, SMS = 3.0e12, 6.0e12, 800e12, 60e12, 132
@@ -355,15 +355,17 @@ def compare(before, after) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--layout", default="channels_last", choices=["channels_last", "contiguous"])
-    p.add_argument("--all", action="store_true", help="every configuration, not the best")
-    p.add_argument("--first", type=int, help="only the first N layers")
-    p.add_argument("--json", help="write the records here")
-    p.add_argument("--before", help="a JSON of an earlier report: print the two side by side")
+    p = parser(__doc__)
+    p.add_argument("--arch", type=int, default=90, help="The compute capability x 10.")
+    p.add_argument("--batch", type=int, default=256, help="The batch size of the shapes.")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
+                   help="The dtype of the kernels.")
+    p.add_argument("--layout", default="channels_last", choices=["channels_last", "contiguous"],
+                   help="The memory layout of the input.")
+    p.add_argument("--all", action="store_true", help="Every configuration, not the best.")
+    p.add_argument("--first", type=int, help="Only the first N layers.")
+    p.add_argument("--json", help="Write the records here.")
+    p.add_argument("--before", help="A JSON of an earlier report: print the two side by side.")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
