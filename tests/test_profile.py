@@ -66,14 +66,15 @@ def test_flop_counter_agrees(name):
     assert counter.get_total_flops() == expected
 
 
-def test_cli_smoke(tmp_path, capsys):
+def test_cli_smoke(tmp_path, capfd):
     out = tmp_path / "prof"
     code = profile_main(["--model", "tf_efficientnet_cc_b0_4e", "--batch", "1,2", "--input-size",
                          "64", "--layers", "--backward", "--min-run-time", "0.01", "--out",
                          str(out)])
     assert code == 0
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()  # file-descriptor level: native output included
     assert "multiply-adds" in printed and "fused:cpu / unfused" in printed
+    assert "profiler_st" not in errors and "USDT" not in errors, errors[-2000:]
     assert "peak memory" in printed
     result = json.loads((out / "results.json").read_text())
     assert result["params"] == 13_314_116 and result["static_params"] == 5_288_548
@@ -86,6 +87,19 @@ def test_cli_smoke(tmp_path, capsys):
     assert all(float(r["peak_memory_mb"]) >= 0 for r in rows)
     for png in ("latency_vs_batch_forward.png", "layers_b2_forward_backward.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib
+    matplotlib.use("Agg")
+    from condconv_kernels.profile.cli import latency_vs_batch_figure, layers_figure
+    fig = latency_vs_batch_figure(result, "forward")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2"]
+    assert len(ax.xaxis.get_minor_locator().tick_values(1, 2)) == 0
+    threads = f"{result['machine']['cpu_threads']} threads"
+    for figure in (fig, layers_figure(result, "forward+backward", 2)):
+        title = figure.axes[0].get_title()
+        assert all(part in title for part in ("tf_efficientnet_cc_b0_4e", "float32", "cpu",
+                                              threads)), title
 
 
 def test_cli_rejects_bad_arguments(capsys):

@@ -193,6 +193,61 @@ def write_outputs(result: Dict[str, object], out_dir: str, table: str) -> List[s
     return written
 
 
+def _plot_title(result, what: str) -> str:
+    """``what``, then the model, dtype, device and thread count of the run."""
+    machine = result["machine"]
+    where = machine.get("gpu") or machine.get("machine") or result["device"]
+    return (f"{result['model']}: {what}\n{result['dtype']} on {result['device']} ({where}), "
+            f"{machine.get('cpu_threads', '?')} threads")
+
+
+def latency_vs_batch_figure(result, mode: str):
+    """Median latency of every variant against the batch size (log2 axis, one integer tick per
+    measured batch) for one mode."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    batches = sorted({r["batch"] for r in result["model_latency"] if r["mode"] == mode})
+    for v in _variants(result):
+        rows = sorted((r["batch"], r["median_ms"]) for r in result["model_latency"]
+                      if r["variant"] == v and r["mode"] == mode)
+        ax.plot([b for b, _ in rows], [t for _, t in rows], marker="o", label=v)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_locator(NullLocator())  # no unlabelled 2^k ticks between them
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.5, 1, 2, not 10^0
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel="batch size", ylabel="median latency (ms)",
+           title=_plot_title(result, f"whole model, {mode}"))
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def layers_figure(result, mode: str, batch: int):
+    """Median latency of every variant for each CondConv layer, at one batch size and mode."""
+    import matplotlib.pyplot as plt
+    variants = _variants(result)
+    rows = [r for r in result["layer_latency"] if r["mode"] == mode and r["batch"] == batch]
+    names = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.45), 4.8))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        t = {r["layer"]: r["median_ms"] for r in rows if r["variant"] == v}
+        ax.bar([k + i * width for k in range(len(names))], [t.get(n, 0) for n in names],
+               width, label=v)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(names))])
+    ax.set_xticklabels([n.replace("blocks.", "") for n in names], rotation=75, fontsize=7)
+    ax.set(xlabel="CondConv layer", ylabel="median latency (ms)",
+           title=_plot_title(result, f"CondConv layers, batch {batch}, {mode}"))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _plots(result, out_dir) -> List[str]:
     try:
         import matplotlib
@@ -202,40 +257,16 @@ def _plots(result, out_dir) -> List[str]:
         print("matplotlib is not installed: plots skipped", file=sys.stderr)
         return []
     written = []
-    variants = _variants(result)
+
+    def save(fig, name):
+        written.append(os.path.join(out_dir, name))
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
     for mode in sorted({r["mode"] for r in result["model_latency"]}):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for v in variants:
-            rows = sorted((r["batch"], r["median_ms"]) for r in result["model_latency"]
-                          if r["variant"] == v and r["mode"] == mode)
-            ax.plot([b for b, _ in rows], [t for _, t in rows], marker="o", label=v)
-        ax.set(xlabel="batch", ylabel="median latency (ms)", xscale="log", yscale="log",
-               title=f"{result['model']} {mode} ({result['device']}, {result['dtype']})")
-        ax.legend()
-        fig.tight_layout()
-        name = os.path.join(out_dir, f"latency_vs_batch_{mode.replace('+', '_')}.png")
-        fig.savefig(name, dpi=100)
-        plt.close(fig)
-        written.append(name)
-    keys = sorted({(r["mode"], r["batch"]) for r in result["layer_latency"]})
-    for mode, batch in keys:
-        rows = [r for r in result["layer_latency"] if r["mode"] == mode and r["batch"] == batch]
-        names = list(dict.fromkeys(r["layer"] for r in rows))
-        fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.45), 4.5))
-        width = 0.8 / len(variants)
-        for i, v in enumerate(variants):
-            t = {r["layer"]: r["median_ms"] for r in rows if r["variant"] == v}
-            ax.bar([k + i * width for k in range(len(names))], [t.get(n, 0) for n in names],
-                   width, label=v)
-        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(names))])
-        ax.set_xticklabels([n.replace("blocks.", "") for n in names], rotation=75, fontsize=7)
-        ax.set(ylabel="median latency (ms)", title=f"CondConv layers, batch {batch}, {mode}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        name = os.path.join(out_dir, f"layers_b{batch}_{mode.replace('+', '_')}.png")
-        fig.savefig(name, dpi=100)
-        plt.close(fig)
-        written.append(name)
+        save(latency_vs_batch_figure(result, mode),
+             f"latency_vs_batch_{mode.replace('+', '_')}.png")
+    for mode, batch in sorted({(r["mode"], r["batch"]) for r in result["layer_latency"]}):
+        save(layers_figure(result, mode, batch), f"layers_b{batch}_{mode.replace('+', '_')}.png")
     return written
 
 
