@@ -9,6 +9,9 @@ import torch
 Padding = Union[int, str, Sequence[int]]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The largest value the C++ operators (int64) take; sizes computed from the arguments (padded
+# input, output bytes) must fit too.
+INT64_MAX = 2 ** 63 - 1
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -27,13 +30,25 @@ def pair(value, name: str, minimum: int) -> Tuple[int, int]:
                          f"got {value!r}")
     if any(v < minimum for v in values):
         raise ValueError(f"condconv2d: argument '{name}' must be >= {minimum}, got {value!r}")
+    if any(v > INT64_MAX for v in values):
+        raise ValueError(f"condconv2d: argument '{name}' must be <= 2**63 - 1, got {value!r}")
     return values[0], values[1]
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int) -> Tuple[int, int]:
-    """TF "SAME" padding of one dimension: output ceil(size / stride); the odd pixel goes after."""
-    out = (size + stride - 1) // stride
-    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    """TF "SAME" padding of one dimension: output ceil(size / stride); the odd pixel goes after.
+
+    The total is ``max((ceil(size / stride) - 1) * stride + span - size, 0)`` (span: the
+    dilated kernel), which depends on ``size`` only through ``size % stride``. Computed from
+    that remainder as a plain int, so that under ``torch.compile`` with a symbolic ``size`` the
+    padding is a constant behind one guard on the remainder, instead of a ``Max`` of floor
+    divisions that nests through every strided layer (exponential tracing time)."""
+    span = (kernel - 1) * dilation + 1
+    # The remainder found by comparison: for a symbolic size each test is a guard on the
+    # remainder, and the result a plain int (size % stride itself would stay symbolic).
+    remainder = (next(r for r in range(stride) if size % stride == r) if stride <= 16
+                 else size % stride)
+    total = max(span - (remainder or stride), 0)
     return total // 2, total - total // 2
 
 
@@ -68,6 +83,8 @@ def resolve_padding(padding: Padding, input_hw: Sequence[int], kernel_hw: Sequen
                          f"got {padding!r}")
     if any(v < 0 for v in values):
         raise ValueError(f"condconv2d: argument 'padding' must be >= 0, got {padding!r}")
+    if any(v > INT64_MAX for v in values):
+        raise ValueError(f"condconv2d: argument 'padding' must be <= 2**63 - 1, got {padding!r}")
     return tuple(values)
 
 
@@ -121,8 +138,9 @@ def check_inputs(x, routing, weight, bias, stride, padding, dilation, groups,
     if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)):
         raise TypeError(f"condconv2d: argument 'groups' must be an int, "
                         f"got {type(groups).__name__}")
-    if groups < 1:
-        raise ValueError(f"condconv2d: argument 'groups' must be >= 1, got {groups}")
+    if groups < 1 or groups > INT64_MAX:
+        raise ValueError(f"condconv2d: argument 'groups' must be >= 1 (and <= 2**63 - 1), "
+                         f"got {groups}")
 
     B, cin, H, W = x.shape
     E, cout, cin_g, kh, kw = weight.shape
@@ -150,10 +168,28 @@ def check_inputs(x, routing, weight, bias, stride, padding, dilation, groups,
     span_w = (kw - 1) * dilation[1] + 1
     padded_h = H + padding[0] + padding[1]
     padded_w = W + padding[2] + padding[3]
+    if padded_h > INT64_MAX or padded_w > INT64_MAX:
+        raise ValueError(f"condconv2d: argument 'padding' = {tuple(padding)} makes the padded "
+                         f"input larger than 2**63 - 1 ({padded_h}x{padded_w})")
     if span_h > padded_h or span_w > padded_w:
         raise ValueError(f"condconv2d: argument 'weight' has a dilated kernel of "
                          f"{span_h}x{span_w}, larger than the padded input of "
                          f"{padded_h}x{padded_w}")
+    shape = out_shape(x.shape, weight.shape, stride, padding, dilation)
+    nbytes = shape[0] * shape[1] * shape[2] * shape[3] * x.element_size()
+    if shape[2] * shape[3] * max(shape[1], 1) * x.element_size() > INT64_MAX or \
+            nbytes > INT64_MAX:
+        raise ValueError(f"condconv2d: the output of shape {shape} would be larger than 2**63 - "
+                         f"1 bytes (arguments 'x', 'weight', 'padding')")
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for devices autocast does not know
+    (meta, ...), where torch raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:

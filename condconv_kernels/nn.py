@@ -132,7 +132,7 @@ class CondConv2d(nn.Module):
                                     self.dilation)
         _args.check_inputs(x, routing_weights, weight, self.bias, self.stride, pad,
                            self.dilation, self.groups,
-                           autocast=torch.is_autocast_enabled(x.device.type))
+                           autocast=_args.autocast_enabled(x.device.type))
         return reference.condconv2d_unfold(x, routing_weights, weight, self.bias, self.stride,
                                            pad, self.dilation, self.groups)
 

@@ -62,10 +62,30 @@ def _empty_output(x, weight, stride, padding, dilation):
                        memory_format=_args.suggest_memory_format(x))
 
 
+def _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, backend,
+                   full: bool = False):
+    """The ``condconv::condconv2d*`` ops' own checks, for callers that use ``torch.ops``
+    directly (:func:`condconv2d` has normalised and checked everything already): the backend
+    name, and the arguments of the backends written in Python (the C++ operators check theirs;
+    ``full``: every backend's, as the fake implementations do)."""
+    if backend not in _FORWARD:
+        raise ValueError(f"condconv2d: argument 'backend' must be one of {tuple(_FORWARD)}, "
+                         f"got {backend!r}")
+    for name, values, length, minimum in (("stride", stride, 2, 1), ("padding", padding, 4, 0),
+                                          ("dilation", dilation, 2, 1)):
+        if len(values) != length or any(v < minimum for v in values):
+            raise ValueError(f"condconv2d: argument '{name}' must have {length} values >= "
+                             f"{minimum}, got {list(values)}")
+    if full or backend in ("reference", "triton"):
+        _args.check_inputs(x, routing, weight, bias, tuple(stride), tuple(padding),
+                           tuple(dilation), groups)
+
+
 @torch.library.custom_op("condconv::condconv2d", mutates_args=())
 def _condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor],
                 stride: List[int], padding: List[int], dilation: List[int], groups: int,
                 backend: str) -> Tensor:
+    _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, backend)
     if x.shape[0] == 0:
         return _empty_output(x, weight, stride, padding, dilation)
     out = _FORWARD[backend](x, routing, weight, bias, stride, padding, dilation, groups)
@@ -74,6 +94,7 @@ def _condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tenso
 
 @_condconv2d.register_fake
 def _condconv2d_fake(x, routing, weight, bias, stride, padding, dilation, groups, backend):
+    _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, backend, True)
     return _empty_output(x, weight, stride, padding, dilation)
 
 
@@ -95,6 +116,14 @@ def _condconv2d_backward(grad_out: Tensor, x: Tensor, routing: Tensor, weight: T
     if output_mask[3] and bias is None:
         raise ValueError("condconv2d_backward: argument 'output_mask' asks for grad_bias but "
                          "'bias' is None")
+    _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+    if backend in ("reference", "triton"):
+        shape = _args.out_shape(x.shape, weight.shape, stride, padding, dilation)
+        if tuple(grad_out.shape) != shape or grad_out.dtype != x.dtype or \
+                grad_out.device != x.device:
+            raise ValueError(f"condconv2d_backward: argument 'grad_out' must have the output "
+                             f"shape {shape}, x's dtype and device, got {tuple(grad_out.shape)} "
+                             f"{grad_out.dtype} {grad_out.device}")
     if x.shape[0] == 0:
         grads = (None, None, None, None)
     else:
@@ -140,6 +169,7 @@ _condconv2d.register_autograd(_backward, setup_context=_setup_context)
 if backends.native_status()[0]:
     @torch.library.register_fake("condconv::native_forward")
     def _native_forward_fake(x, routing, weight, bias, stride, padding, dilation, groups):
+        _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, "cpu", True)
         return _empty_output(x, weight, stride, padding, dilation)
 
     @torch.library.register_fake("condconv::native_backward")
@@ -216,7 +246,7 @@ def _plain_eager_inference(tensors) -> bool:
         return False
     if any(t is not None and type(t) is not torch.Tensor for t in tensors):
         return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(tensors[0].device.type):
+    if torch.compiler.is_compiling() or _args.autocast_enabled(tensors[0].device.type):
         return False
     if torch._C._is_torch_function_mode_enabled():
         return False
@@ -253,13 +283,14 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"condconv2d: argument 'x' must be a Tensor, got {type(x).__name__}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
+    if x.dim() != 4 or not isinstance(weight, torch.Tensor) or weight.dim() != 5:
+        # Ranks first: "same" padding reads x's and weight's last two sizes.
         _args.check_inputs(x, routing, weight, bias, (1, 1), (0, 0, 0, 0), (1, 1), groups)
     stride_hw = _args.pair(stride, "stride", 1)
     dilation_hw = _args.pair(dilation, "dilation", 1)
     pad = _args.resolve_padding(padding, x.shape[-2:], weight.shape[-2:], stride_hw, dilation_hw)
     _args.check_inputs(x, routing, weight, bias, stride_hw, pad, dilation_hw, groups,
-                       autocast=torch.is_autocast_enabled(x.device.type))
+                       autocast=_args.autocast_enabled(x.device.type))
     name = backends.resolve(backend, x.device.type)
     if name in ("cpu", "cuda") and _plain_eager_inference((x, routing, weight, bias)):
         # Eager inference: straight to the C++ op. The custom-op layer (autograd wrapper,

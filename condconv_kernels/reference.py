@@ -56,14 +56,67 @@ def _split_padding(x: torch.Tensor, padding: Sequence[int]):
     return _pad(x, padding), (0, 0)
 
 
+def _conv_dtype(x: torch.Tensor, groups: int, cin_g: int) -> torch.dtype:
+    """The dtype the reference's ATen convolutions (forward and backward) run in: x's, except
+    where an ATen CPU convolution bug (torch 2.13, oneDNN 3.x) would reach the result, which then
+    runs in float32 (one rounding at the end). ``x`` is the convolution's input as passed to it
+    (after any explicit padding), ``groups``/``cin_g`` the convolution's own.
+
+    - bfloat16 with ``groups == 1`` and an odd ``cin_g``: oneDNN's jit_bf16 "first convolution"
+      kernel pairs the last input channel with the neighbouring pixel times a zero weight, so a
+      NaN/Inf in x reaches outputs whose window does not contain it (0 * NaN = NaN);
+    - float16/bfloat16 inputs 1 or 2 pixels high or wide: reported to segfault (float16: a 1x1
+      input, stride (1, 2), padding 1, dilation 2) or to return values 60-150% off (bfloat16:
+      3x3/5x5 kernels, stride 2, padding k // 2) on some CPUs (not reproduced on AVX512-BF16
+      without AMX or AVX512-FP16, where float16 does not use oneDNN).
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.float16, torch.bfloat16):
+        return x.dtype
+    if x.shape[-2] <= 2 or x.shape[-1] <= 2:
+        return torch.float32
+    if x.dtype == torch.bfloat16 and groups == 1 and cin_g % 2 == 1:
+        return torch.float32
+    return x.dtype
+
+
+def _conv2d(x, kernels, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """``F.conv2d``, in float32 where :func:`_conv_dtype` says so.
+
+    Also: oneDNN's channels_last convolution (float32/bfloat16 on CPU) skips the taps that fall
+    in the zero padding, so NaN/Inf kernels (a NaN routing weight) leave windows lying in the
+    padding finite, where 0 * NaN is NaN on every other path; x goes NCHW for such kernels."""
+    if any(padding if isinstance(padding, (tuple, list)) else (padding,)) and \
+            x.device.type == "cpu" and \
+            suggest_memory_format(x) == torch.channels_last and not bool(kernels.isfinite().all()):
+        x = x.contiguous()
+    dtype = _conv_dtype(x, groups, kernels.shape[1])
+    if dtype == x.dtype:
+        return F.conv2d(x, kernels, bias, stride, padding, dilation, groups)
+    return F.conv2d(x.to(dtype), kernels.to(dtype), None if bias is None else bias.to(dtype),
+                    stride, padding, dilation, groups).to(x.dtype)
+
+
+def _conv2d_backward(grad_out, x, kernels, stride, padding, dilation, groups, output_mask):
+    """(grad_x, grad_kernels) of ``F.conv2d`` without bias, in float32 where :func:`_conv_dtype`
+    says so (the gradients come back in x's dtype)."""
+    dtype = _conv_dtype(x, groups, kernels.shape[1])
+    grad_x, grad_kernels, _ = torch.ops.aten.convolution_backward(
+        grad_out.to(dtype), x.to(dtype), kernels.to(dtype), None, list(stride), list(padding),
+        list(dilation), False, [0, 0], groups, list(output_mask) + [False])
+    if dtype != x.dtype:
+        grad_x = None if grad_x is None else grad_x.to(x.dtype)
+        grad_kernels = None if grad_kernels is None else grad_kernels.to(x.dtype)
+    return grad_x, grad_kernels
+
+
 def condconv2d_loop(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0),
                     dilation=(1, 1), groups=1) -> torch.Tensor:
     """One ``F.conv2d`` per example with its mixed kernel (the TF reference)."""
     kernels = mix(routing, weight)
     biases = mix(routing, bias) if bias is not None else None
     xp = _pad(x, padding)
-    outs = [F.conv2d(xp[b:b + 1], kernels[b], None if biases is None else biases[b],
-                     tuple(stride), 0, tuple(dilation), groups) for b in range(x.shape[0])]
+    outs = [_conv2d(xp[b:b + 1], kernels[b], None if biases is None else biases[b],
+                    tuple(stride), 0, tuple(dilation), groups) for b in range(x.shape[0])]
     return torch.cat(outs, 0)
 
 
@@ -76,7 +129,7 @@ def condconv2d_grouped(x, routing, weight, bias=None, stride=(1, 1), padding=(0,
     biases = mix(routing, bias).reshape(B * cout) if bias is not None else None
     xp, conv_pad = _split_padding(x, padding)
     xp = xp.reshape(1, B * cin, xp.shape[-2], xp.shape[-1])
-    out = F.conv2d(xp, kernels, biases, tuple(stride), conv_pad, tuple(dilation), groups * B)
+    out = _conv2d(xp, kernels, biases, tuple(stride), conv_pad, tuple(dilation), groups * B)
     return out.reshape(B, cout, out.shape[-2], out.shape[-1])
 
 
@@ -97,9 +150,26 @@ def condconv2d_unfold(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 
     return out
 
 
+def _out_of_memory(exc: RuntimeError, x: torch.Tensor) -> RuntimeError:
+    """An allocation failure of PyTorch's convolution, named: it copies a strided or padded x
+    into a dense buffer (a huge stride-0 view of x becomes a huge allocation)."""
+    return RuntimeError(f"condconv2d: backend 'reference' ran out of memory for argument 'x' of "
+                        f"shape {tuple(x.shape)} and strides {x.stride()} (PyTorch's convolution "
+                        f"copies x densely; backend 'cpu' reads only the windows): {exc}")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
+
+
 def forward(x, routing, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
     """The reference backend's forward: the grouped form, in x's memory format."""
-    out = condconv2d_grouped(x, routing, weight, bias, stride, padding, dilation, groups)
+    try:
+        out = condconv2d_grouped(x, routing, weight, bias, stride, padding, dilation, groups)
+    except (RuntimeError, MemoryError) as exc:
+        if _is_out_of_memory(exc):
+            raise _out_of_memory(exc, x) from exc
+        raise
     return out.contiguous(memory_format=suggest_memory_format(x))
 
 
@@ -109,16 +179,26 @@ def backward(grad_out, x, routing, weight, bias, stride, padding, dilation, grou
     autograd computes them for the unfused baseline (one grouped ``convolution_backward`` over
     the B materialised kernels, then the chain rule through the mix). Returns
     (grad_x, grad_routing, grad_weight, grad_bias), None where ``output_mask`` is False."""
+    try:
+        return _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
+                         output_mask)
+    except (RuntimeError, MemoryError) as exc:
+        if _is_out_of_memory(exc):
+            raise _out_of_memory(exc, x) from exc
+        raise
+
+
+def _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
+              output_mask):
     B, cin, H, W = x.shape
     E, cout = weight.shape[:2]
     need_x, need_r, need_w, need_b = output_mask
     kernels = mix(routing, weight).reshape((B * cout,) + tuple(weight.shape[2:]))
     xp, conv_pad = _split_padding(x, padding)
     gout = grad_out.reshape(1, B * cout, grad_out.shape[-2], grad_out.shape[-1])
-    grad_xp, grad_kernels, _ = torch.ops.aten.convolution_backward(
-        gout, xp.reshape(1, B * cin, xp.shape[-2], xp.shape[-1]), kernels, None, list(stride),
-        list(conv_pad), list(dilation), False, [0, 0], groups * B,
-        [need_x, need_r or need_w, False])
+    grad_xp, grad_kernels = _conv2d_backward(
+        gout, xp.reshape(1, B * cin, xp.shape[-2], xp.shape[-1]), kernels, stride, conv_pad,
+        dilation, groups * B, [need_x, need_r or need_w])
     grad_x = grad_routing = grad_weight = grad_bias = None
     if need_x:
         grad_x = grad_xp.reshape(B, cin, xp.shape[-2], xp.shape[-1])

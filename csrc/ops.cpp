@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <sstream>
@@ -57,7 +58,8 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::
   TORCH_CHECK_VALUE(routing.device() == x.device() && weight.device() == x.device(),
                     "condconv2d: arguments 'routing' and 'weight' must be on x's device ",
                     x.device(), ", got ", routing.device(), " and ", weight.device());
-  TORCH_CHECK_VALUE(groups >= 1, "condconv2d: argument 'groups' must be >= 1, got ", groups);
+  TORCH_CHECK_VALUE(groups >= 1, "condconv2d: argument 'groups' must be >= 1 (and <= 2**63 - 1), got ",
+                    groups);
   check_list(stride, 2, 1, "stride");
   check_list(padding, 4, 0, "padding");
   check_list(dilation, 2, 1, "dilation");
@@ -107,15 +109,38 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::
     TORCH_CHECK_VALUE(b.device() == x.device(), "condconv2d: argument 'bias' must be on x's ",
                       "device ", x.device(), ", got ", b.device());
   }
-  const int64_t span_h = (g.kernel_h - 1) * g.dilation_h + 1;
-  const int64_t span_w = (g.kernel_w - 1) * g.dilation_w + 1;
-  const int64_t padded_h = g.height + g.pad_top + g.pad_bottom;
-  const int64_t padded_w = g.width + g.pad_left + g.pad_right;
-  TORCH_CHECK_VALUE(span_h <= padded_h && span_w <= padded_w,
-                    "condconv2d: argument 'weight' has a dilated kernel of ", span_h, "x", span_w,
+  // Sizes from the arguments without int64 overflow: a dilation or padding near 2**63 must not
+  // wrap around into a small, accepted geometry (as Python's exact integers in _args.py).
+  int64_t padded_h = 0, padded_w = 0, span_h = 0, span_w = 0;
+  const bool padded_ok = !c10::add_overflows(g.height, g.pad_top, &padded_h) &&
+                         !c10::add_overflows(padded_h, g.pad_bottom, &padded_h) &&
+                         !c10::add_overflows(g.width, g.pad_left, &padded_w) &&
+                         !c10::add_overflows(padded_w, g.pad_right, &padded_w);
+  TORCH_CHECK_VALUE(padded_ok, "condconv2d: argument 'padding' = ", shape_str(padding),
+                    " makes the padded input larger than 2**63 - 1");
+  const bool span_h_ok = !c10::mul_overflows(g.kernel_h - 1, g.dilation_h, &span_h) &&
+                         !c10::add_overflows(span_h, int64_t{1}, &span_h);
+  const bool span_w_ok = !c10::mul_overflows(g.kernel_w - 1, g.dilation_w, &span_w) &&
+                         !c10::add_overflows(span_w, int64_t{1}, &span_w);
+  TORCH_CHECK_VALUE(span_h_ok && span_w_ok && span_h <= padded_h && span_w <= padded_w,
+                    "condconv2d: argument 'weight' has a dilated kernel of ",
+                    span_h_ok ? std::to_string(span_h) : std::string("(over 2**63)"), "x",
+                    span_w_ok ? std::to_string(span_w) : std::string("(over 2**63)"),
                     ", larger than the padded input of ", padded_h, "x", padded_w);
   g.out_h = (padded_h - span_h) / g.stride_h + 1;
   g.out_w = (padded_w - span_w) / g.stride_w + 1;
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  uint64_t bytes = static_cast<uint64_t>(x.element_size()), plane_bytes = 0;
+  bool fits = !c10::mul_overflows(bytes, static_cast<uint64_t>(g.out_h), &bytes) &&
+              !c10::mul_overflows(bytes, static_cast<uint64_t>(g.out_w), &bytes) &&
+              !c10::mul_overflows(bytes, static_cast<uint64_t>(std::max<int64_t>(g.out_channels, 1)),
+                                  &bytes);
+  plane_bytes = bytes;
+  fits = fits && !c10::mul_overflows(plane_bytes, static_cast<uint64_t>(g.batch), &bytes) &&
+         plane_bytes <= static_cast<uint64_t>(INT64_MAX) &&
+         bytes <= static_cast<uint64_t>(INT64_MAX);
+  TORCH_CHECK_VALUE(fits, "condconv2d: the output of shape ", shape_str(out_shape),
+                    " would be larger than 2**63 - 1 bytes (arguments 'x', 'weight', 'padding')");
   return g;
 }
 

@@ -88,3 +88,53 @@ def test_native_backward_checks_grad_out():
     with pytest.raises(ValueError, match="'output_mask'"):
         torch.ops.condconv.native_backward(out, x, r, w, None, [1, 1], [0] * 4, [1, 1], 1,
                                            [True] * 4)
+
+
+# Found by the crash fuzzer (test_crash_fuzz.py): each raised an unhelpful error, or none.
+FUZZ_FOUND = [
+    ("same padding, 1-D x (was IndexError)",
+     lambda: cc.condconv2d(x[0, 0, 0], r, w, padding="same"), ValueError, "'x'"),
+    ("stride past int64", lambda: cc.condconv2d(x, r, w, stride=2 ** 64), ValueError, "'stride'"),
+    ("padding past int64", lambda: cc.condconv2d(x, r, w, padding=(2 ** 63, 0)), ValueError,
+     "'padding'"),
+    ("groups past int64", lambda: cc.condconv2d(x, r, w, groups=2 ** 63), ValueError, "'groups'"),
+    ("output past 2**63 bytes", lambda: cc.condconv2d(x, r, w, padding=2 ** 40), ValueError,
+     "'padding'"),
+    ("op: unknown backend (was KeyError)", lambda: torch.ops.condconv.condconv2d(
+        x, r, w, None, [1, 1], [0] * 4, [1, 1], 1, "fast"), ValueError, "'backend'"),
+    ("op: reference, negative padding (cropped x silently)", lambda: torch.ops.condconv.condconv2d(
+        x, r, w, None, [1, 1], [0, -1, 0, 0], [1, 1], 1, "reference"), ValueError, "'padding'"),
+    ("op: reference, bad groups", lambda: torch.ops.condconv.condconv2d(
+        x, r, w, None, [1, 1], [0] * 4, [1, 1], 3, "reference"), ValueError, "'groups'"),
+    ("op: meta, routing shape (fake did not check)", lambda: torch.ops.condconv.condconv2d(
+        x.to("meta"), r[:1].to("meta"), w.to("meta"), None, [1, 1], [0] * 4, [1, 1], 1, "cpu"),
+     ValueError, "'routing'"),
+]
+
+
+@pytest.mark.parametrize("call,exc,needle", [c[1:] for c in FUZZ_FOUND],
+                         ids=[c[0] for c in FUZZ_FOUND])
+def test_fuzz_found_bad_input(call, exc, needle):
+    with pytest.raises(exc, match=needle):
+        call()
+
+
+def test_meta_tensors_give_the_output_shape():
+    """Meta tensors (shape inference) used to fail in the autocast query."""
+    meta = [t.to("meta") for t in (x, r, w, b)]
+    out = cc.condconv2d(*meta, padding=1, backend="reference")
+    assert out.device.type == "meta" and out.shape == (2, 6, 9, 9)
+    layer = ccnn.CondConv2d(4, 6, num_experts=3, device="meta", backend="reference")
+    assert layer(meta[0], meta[1]).shape == (2, 6, 9, 9)
+
+
+@pytest.mark.skipif("cpu" not in cc.available_backends("cpu"), reason="C++ extension not built")
+@pytest.mark.parametrize("stride,padding,dilation,needle", [
+    ([1, 1], [0] * 4, [2 ** 63 - 1, 1], "'weight'"),   # span wrapped to -1: silently accepted
+    ([1, 1], [0] * 4, [2 ** 62, 1], "'weight'"),       # span overflow: "cannot be a SymInt"
+    ([1, 1], [2 ** 62, 2 ** 62, 0, 0], [1, 1], "'padding'"),  # padded size wrapped negative
+    ([1, 1], [2 ** 40] * 4, [1, 1], "'padding'"),      # output past 2**63 bytes
+], ids=["dilation_wraps", "dilation_overflows", "padding_wraps", "output_too_large"])
+def test_native_op_sizes_do_not_overflow(stride, padding, dilation, needle):
+    with pytest.raises(ValueError, match=needle):
+        torch.ops.condconv.native_forward(x, r, w, None, stride, padding, dilation, 1)

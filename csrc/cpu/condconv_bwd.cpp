@@ -174,8 +174,7 @@ void depthwise_backward(const at::Tensor& grad_out, const at::Tensor& x,
               acc_t sum = 0;
               if (unit) {
                 if (need_kernel_grad) {
-                  const acc_t* src = plane.data() + base;
-                  for (int64_t q = 0; q < span; ++q) sum += go[q] * src[q];
+                  sum = pitched_dot(go.data(), plane.data() + base, g.out_h, wp, g.out_w);
                 }
                 if (grad_x) {
                   acc_t* dst = dplane.data() + base;
@@ -244,13 +243,14 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
 
   // Accumulate straight into grad_weight when it has the accumulation dtype.
   const bool gw_in_place = need_dw && grad_weight.scalar_type() == acc_type;
-  const bool grouped = grouped_depthwise_applies(x, g);
+  const bool grouped = grouped_depthwise_applies(x, g) && !windows_sparse_in_plane(g);
+  const bool direct_depthwise = g.depthwise() && !windows_sparse_in_plane(g);
   at::Tensor gw;
   if (need_dw) {
     // The direct depthwise kernels accumulate into gw; the other paths overwrite it.
     gw = gw_in_place ? grad_weight.view({g.experts, g.kernel_numel()})
                      : at::empty({g.experts, g.kernel_numel()}, ops.acc_opts);
-    if (g.depthwise() && !grouped) gw.zero_();
+    if (direct_depthwise && !grouped) gw.zero_();
   }
   at::Tensor gr;
   if (grouped) {
@@ -259,7 +259,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     if (need_dr) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
     fold_kernel_grads(G, ops.routing, ops.weight, need_dw ? &gw : nullptr, false,
                       need_dr ? &gr : nullptr);
-  } else if (g.depthwise()) {
+  } else if (direct_depthwise) {
     // Each input channel's task writes its own (B, E) partial of grad_routing.
     at::Tensor parts = need_dr ? at::zeros({g.in_channels, g.batch, g.experts}, ops.acc_opts)
                                : at::Tensor();

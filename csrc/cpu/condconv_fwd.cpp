@@ -14,6 +14,7 @@
 
 #include <ATen/Dispatch.h>
 
+#include <cmath>
 #include <cstring>
 
 #include <vector>
@@ -145,8 +146,10 @@ void depthwise_forward_planar(const at::Tensor& x, const Operands<scalar_t>& ops
 // One block of channels of one example, channels_last: per output pixel, the accumulators take
 // every tap inside the image. With kFull the count is the compile-time kMax, so the accumulators
 // stay in vector registers; otherwise it is n. xb, bias and out point at the block's first
-// channel; w is (taps, kMax).
-template <typename scalar_t, typename acc_t, int64_t kMax, bool kFull>
+// channel; w is (taps, kMax). Taps in the padding are skipped, except with kPadding (non-finite
+// mixed taps: a NaN/Inf routing weight): there they add tap * 0, NaN as in every other path
+// (the zero-padded planes, im2col), so that the example's whole output is NaN.
+template <typename scalar_t, typename acc_t, int64_t kMax, bool kFull, bool kPadding = false>
 void depthwise_channels_last_block(const scalar_t* xb, const Strides& xs, const Geometry& g,
                                    const acc_t* w, const acc_t* bias, scalar_t* out,
                                    const Strides& os, int64_t n) {
@@ -157,10 +160,17 @@ void depthwise_channels_last_block(const scalar_t* xb, const Strides& xs, const 
       for (int64_t c = 0; c < count; ++c) acc[c] = bias ? bias[c] : acc_t(0);
       for (int64_t i = 0; i < g.kernel_h; ++i) {
         const int64_t ih = oh * g.stride_h + i * g.dilation_h - g.pad_top;
-        if (ih < 0 || ih >= g.height) continue;
+        const bool row_outside = ih < 0 || ih >= g.height;
+        if (row_outside && !kPadding) continue;
         for (int64_t j = 0; j < g.kernel_w; ++j) {
           const int64_t iw = ow * g.stride_w + j * g.dilation_w - g.pad_left;
-          if (iw < 0 || iw >= g.width) continue;
+          if (row_outside || iw < 0 || iw >= g.width) {
+            if (kPadding) {
+              const acc_t* wk = w + (i * g.kernel_w + j) * kMax;
+              for (int64_t c = 0; c < count; ++c) acc[c] += wk[c] * acc_t(0);
+            }
+            continue;
+          }
           const scalar_t* xp = xb + ih * xs.h + iw * xs.w;
           const acc_t* wk = w + (i * g.kernel_w + j) * kMax;
 #pragma omp simd
@@ -200,13 +210,21 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
       // then transposed to (tap, channel) so the inner loops run over contiguous channels.
       mix_experts<acc_t>(w_ptr + c0 * taps, N, r_ptr + b * g.experts, g.experts, n * taps,
                          mixed.data());
+      bool finite = true;
       for (int64_t c = 0; c < n; ++c) {
-        for (int64_t k = 0; k < taps; ++k) w[k * kBlock + c] = mixed[c * taps + k];
+        for (int64_t k = 0; k < taps; ++k) {
+          const acc_t v = mixed[c * taps + k];
+          finite = finite && std::isfinite(v);
+          w[k * kBlock + c] = v;
+        }
       }
       const scalar_t* xb = x_ptr + b * xs.n + c0;
       const acc_t* bias = bm_ptr ? bm_ptr + b * g.out_channels + c0 : nullptr;
       scalar_t* ob = out_ptr + b * os.n + c0;
-      if (n == kBlock) {
+      if (!finite) {
+        depthwise_channels_last_block<scalar_t, acc_t, kBlock, false, true>(xb, xs, g, w.data(),
+                                                                           bias, ob, os, n);
+      } else if (n == kBlock) {
         depthwise_channels_last_block<scalar_t, acc_t, kBlock, true>(xb, xs, g, w.data(), bias,
                                                                     ob, os, n);
       } else {
@@ -351,7 +369,7 @@ at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const a
     out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                     x.options().memory_format(x.suggest_memory_format()));
     if (bf16_pointwise_applies(x, out, g)) {
-      bf16_pointwise_forward(x, routing, weight.view({g.experts, g.kernel_numel()}), bias, g,
+      bf16_pointwise_forward(x, routing, weight.reshape({g.experts, g.kernel_numel()}), bias, g,
                              out);
       return out;
     }
@@ -363,7 +381,7 @@ at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const a
                        : at::Tensor();
   if (grouped_dw) return grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
   if (grouped_dense) return grouped_dense_forward(x, ops.routing, ops.weight, bias_mix, g);
-  if (!g.depthwise()) {
+  if (!g.depthwise() || windows_sparse_in_plane(g)) {
     dense_forward<scalar_t>(x, ops, bias_mix, g, out);
   } else if (g.out_per_group() == 1 && x.stride(1) == 1 && out.stride(1) == 1) {
     depthwise_forward_channels_last<scalar_t>(x, ops, bias_mix, g, out);

@@ -59,6 +59,34 @@ inline at::Tensor grouped_input_grad(const at::Tensor& gx, const at::Tensor& xv,
   return full.narrow(2, g.pad_top, g.height).narrow(3, g.pad_left, g.width);
 }
 
+// The one place the CPU kernels call ATen's convolution forward (the grouped paths below; their
+// backward runs in float32 only). kernels and bias come in float32 (mixed in float32) and are
+// cast to x's dtype here, except where an ATen CPU convolution bug (torch 2.13, oneDNN 3.x) would
+// reach the result; there the convolution runs in float32 (x upcast) and is rounded once:
+// - bfloat16, one convolution group (groups == 1 in this call: a single example and groups == 1,
+//   or a chunk of one) and an odd Cin/groups: oneDNN's jit_bf16 "first convolution" kernel (plain
+//   source layout) pairs the last input channel with the neighbouring pixel times a zero weight,
+//   so a NaN/Inf in x reaches outputs whose window does not contain it (0 * NaN = NaN);
+// - bfloat16 inputs 1 or 2 pixels high or wide: reported to come back 60-150% off with 3x3/5x5
+//   kernels, stride 2 and padding k/2 on some CPUs (not reproduced on AVX512-BF16 without AMX).
+// float32 and float16 never take these paths' bfloat16 cases (float16 uses the direct kernels).
+inline bool aten_conv_needs_float32(const at::Tensor& x, int64_t groups, int64_t cin_g) {
+  if (x.scalar_type() != at::kBFloat16) return false;
+  return (groups == 1 && cin_g % 2 == 1) || x.size(2) <= 2 || x.size(3) <= 2;
+}
+
+inline at::Tensor aten_convolution(const at::Tensor& x, const at::Tensor& kernels,
+                                   const at::Tensor& bias, const Geometry& g,
+                                   std::array<int64_t, 2> pad, int64_t groups) {
+  const bool upcast = aten_conv_needs_float32(x, groups, kernels.size(1));
+  const at::ScalarType dtype = upcast ? at::kFloat : x.scalar_type();
+  at::Tensor y = at::convolution(upcast ? x.to(at::kFloat) : x, kernels.to(dtype),
+                                 bias.defined() ? bias.to(dtype) : at::Tensor(),
+                                 {g.stride_h, g.stride_w}, {pad[0], pad[1]},
+                                 {g.dilation_h, g.dilation_w}, false, {0, 0}, groups);
+  return upcast ? y.to(x.scalar_type()) : y;
+}
+
 // Dense k x k (not the 1x1 GEMM path), float32/bfloat16, x NCHW-contiguous: chunks of examples
 // run as one grouped convolution each over the (1, n*Cin, H, W) view, their kernels mixed into
 // reused scratch (at most batch_chunk examples: bounded memory). ATen's direct convolution
@@ -84,14 +112,10 @@ inline at::Tensor grouped_dense_forward(const at::Tensor& x, const at::Tensor& r
     at::mm_out(mixed, routing.narrow(0, c0, n), weight);
     auto [xv, pad] = grouped_input(x, c0, n, g);
     const at::Tensor kernels =
-        mixed.view({n * g.out_channels, g.in_per_group(), g.kernel_h, g.kernel_w})
-            .to(x.scalar_type());
-    const at::Tensor bias = bias_mix.defined()
-                                ? bias_mix.narrow(0, c0, n).reshape({-1}).to(x.scalar_type())
-                                : at::Tensor();
-    at::Tensor y = at::convolution(xv, kernels, bias, {g.stride_h, g.stride_w},
-                                   {pad[0], pad[1]}, {g.dilation_h, g.dilation_w}, false, {0, 0},
-                                   n * g.groups)
+        mixed.view({n * g.out_channels, g.in_per_group(), g.kernel_h, g.kernel_w});
+    const at::Tensor bias =
+        bias_mix.defined() ? bias_mix.narrow(0, c0, n).reshape({-1}) : at::Tensor();
+    at::Tensor y = aten_convolution(xv, kernels, bias, g, pad, n * g.groups)
                        .view({n, g.out_channels, g.out_h, g.out_w});
     if (n == g.batch) return y;  // one chunk: the convolution's output is the output
     if (!out.defined()) {
@@ -143,13 +167,10 @@ inline at::Tensor grouped_taps(const at::Tensor& routing, const at::Tensor& weig
 inline at::Tensor grouped_depthwise_forward(const at::Tensor& x, const at::Tensor& routing,
                                             const at::Tensor& weight, const at::Tensor& bias_mix,
                                             const Geometry& g) {
-  const at::Tensor taps = grouped_taps(routing, weight, g).to(x.scalar_type());
-  const at::Tensor bias =
-      bias_mix.defined() ? bias_mix.reshape({-1}).to(x.scalar_type()) : at::Tensor();
+  const at::Tensor taps = grouped_taps(routing, weight, g);
+  const at::Tensor bias = bias_mix.defined() ? bias_mix.reshape({-1}) : at::Tensor();
   auto [xv, pad] = grouped_input(x, 0, g.batch, g);
-  at::Tensor y = at::convolution(xv, taps, bias, {g.stride_h, g.stride_w}, {pad[0], pad[1]},
-                                 {g.dilation_h, g.dilation_w}, false, {0, 0},
-                                 g.batch * g.in_channels);
+  at::Tensor y = aten_convolution(xv, taps, bias, g, pad, g.batch * g.in_channels);
   return y.view({g.batch, g.out_channels, g.out_h, g.out_w});
 }
 
@@ -163,7 +184,6 @@ inline at::Tensor depthwise_kernel_grad(const at::Tensor& grad_out, const at::Te
   const int64_t taps = g.kernel_h * g.kernel_w, mult = g.out_per_group();
   const int64_t wp = g.width + g.pad_left + g.pad_right;
   const int64_t hp = g.height + g.pad_top + g.pad_bottom;
-  const int64_t span = (g.out_h - 1) * wp + g.out_w;
   at::Tensor G = at::empty({g.batch, g.out_channels * taps}, x.options());
   const float* x_ptr = x.const_data_ptr<float>();
   const float* go_ptr = grad_out.const_data_ptr<float>();
@@ -184,7 +204,7 @@ inline at::Tensor depthwise_kernel_grad(const at::Tensor& grad_out, const at::Te
         for (int64_t i = 0; i < g.kernel_h; ++i) {
           for (int64_t j = 0; j < g.kernel_w; ++j) {
             const float* src = plane.data() + i * g.dilation_h * wp + j * g.dilation_w;
-            out[i * g.kernel_w + j] = dot(gp.data(), src, span);
+            out[i * g.kernel_w + j] = pitched_dot(gp.data(), src, g.out_h, wp, g.out_w);
           }
         }
       } else {

@@ -11,6 +11,7 @@
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 
 namespace condconv {
@@ -59,6 +60,21 @@ inline T dot(const T* a, const T* b, int64_t n) {
 #pragma omp simd reduction(+ : sum)
   for (int64_t q = 0; q < n; ++q) sum += a[q] * b[q];
   return sum;
+}
+
+// sum_q a[q] b[q] over a (rows, len) block stored with row pitch `pitch` (len <= pitch) in both:
+// the pitched dot product `dot(a, b, (rows - 1) * pitch + len)` without the columns between
+// rows. The depthwise kernel gradients take the pitched form (one long vectorised dot, a's gap
+// columns zero) and fall back to this one when it comes out non-finite: a NaN/Inf pixel of x in
+// a gap column, outside every window of the tap, meets a zero there (0 * Inf = NaN).
+template <typename T>
+inline T pitched_dot(const T* a, const T* b, int64_t rows, int64_t pitch, int64_t len) {
+  const int64_t span = (rows - 1) * pitch + len;
+  const T sum = dot(a, b, span);
+  if (std::isfinite(sum) || pitch == len) return sum;
+  T exact = 0;
+  for (int64_t r = 0; r < rows; ++r) exact += dot(a + r * pitch, b + r * pitch, len);
+  return exact;
 }
 
 // A (n, N) @ B (E, N)^T for small n, E and long N (grad_routing = G W^T): a plain GEMM of that
@@ -224,6 +240,17 @@ struct Operands {
         routing(r.to(acc_type).contiguous()),
         weight(w.to(acc_type).contiguous().view({g.experts, g.kernel_numel()})) {}
 };
+
+// Whether the windows read a small part of a large input plane (a stride far past the kernel,
+// over a huge input such as a stride-0 view): the direct depthwise kernels copy whole padded
+// planes (GBs there), so such calls take the dense kernels, whose im2col reads the windows only.
+// Ordinary layers (planes under 4M pixels, or windows covering a quarter of the plane) never do.
+inline bool windows_sparse_in_plane(const Geometry& g) {
+  const double plane = static_cast<double>(g.height + g.pad_top + g.pad_bottom) *
+                       static_cast<double>(g.width + g.pad_left + g.pad_right);
+  const double read = 4.0 * static_cast<double>(g.out_pixels()) * g.kernel_h * g.kernel_w;
+  return plane > static_cast<double>(int64_t{1} << 22) && plane > read;
+}
 
 // A 1x1, stride-1, unpadded convolution whose (h, w) plane is one run of equal strides
 // (contiguous or channels_last) reads x as the GEMM operand directly, without im2col.
