@@ -4,6 +4,12 @@ Environment:
   CONDCONV_SKIP_CUDA=1   build the CPU extension only, even when torch has CUDA.
   TORCH_CUDA_ARCH_LIST   CUDA architectures to compile for (e.g. "9.0" for H100/H200).
   MAX_JOBS               parallel compile jobs (honoured by torch.utils.cpp_extension).
+  CONDCONV_SANITIZE      sanitizers to build with, e.g. "address,undefined": the CPU extension only
+                         (no CUDA; OpenMP kept), compiled with -fsanitize=<list> -O1 -g
+                         -fno-sanitize-recover=all -fno-omit-frame-pointer. Build it elsewhere than
+                         in place (`make test-asan`: build_ext --build-lib build/asan/lib) and load
+                         it with the sanitizer runtime preloaded
+                         (LD_PRELOAD=$(gcc -print-file-name=libasan.so)).
 
 The CUDA sources in csrc/cuda/ are added only when torch was built with CUDA and CUDA_HOME is
 set; otherwise a CppExtension with OpenMP is built. Without the extension at all the package
@@ -27,10 +33,18 @@ def sources(pattern):
 
 def extension():
     cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    sanitize = os.environ.get("CONDCONV_SANITIZE", "").strip()
     cxx_flags = ["-O3", "-std=c++17"]
     if os.environ.get("CONDCONV_PORTABLE", "0") != "1":
         cxx_flags.append("-march=native")
     link_flags = []
+    if sanitize:
+        # -fno-sanitize-recover=all: UBSan aborts on its first report, as ASan does, so that any
+        # report fails the run. -O1 (after the -O3 above, so it wins) keeps stack traces exact.
+        # -fno-wrapv undoes Python's -fwrapv, under which signed overflow is defined, not checked.
+        san = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all"]
+        cxx_flags += san + ["-fno-omit-frame-pointer", "-O1", "-g", "-fno-wrapv"]
+        link_flags += san
     if sys.platform != "darwin":
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
@@ -40,6 +54,7 @@ def extension():
         and CUDA_HOME is not None
         and os.environ.get("CONDCONV_SKIP_CUDA", "0") != "1"
         and bool(cuda_sources)
+        and not sanitize
     )
     if with_cuda:
         return CUDAExtension(

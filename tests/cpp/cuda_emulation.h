@@ -179,7 +179,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
-        std::memset(state.dynamic.data(), 0xff, state.dynamic.size());  // NaN in every float
+        if (!state.dynamic.empty())  // (memset of the null data() of an empty vector: UB)
+          std::memset(state.dynamic.data(), 0xff, state.dynamic.size());  // NaN in every float
         blockIdx = dim3(x, y, z);
         run_block(sched, block.x);
       }
