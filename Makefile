@@ -127,7 +127,7 @@ test-asan-cpp: $(STAMP)
 
 profile: $(STAMP)
 	@# Fixed malloc thresholds: no variant pays page faults another does not (see profile/timing.py).
-	GLIBC_TUNABLES=$${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296} \
+	@GLIBC_TUNABLES=$${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296} \
 		$(PYTHON) -m condconv_kernels.profile.cli $(PROFILE_ARGS)
 
 clean:
