@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_checks.sh first    # at most 8.5 min: give it a 560 s limit
 #   bash bench/gpu_checks.sh second   # at most 4 min: give it a 300 s limit
+#   bash bench/gpu_checks.sh profile  # at most 4 min: give it a 290 s limit (with the kit)
 #
 # first:  versions, nvidia-smi, Triton's cache key; the CUDA extension builds in the background
 #         (one translation unit per dtype, MAX_JOBS=16) and Triton's cache is filled with every
@@ -17,13 +18,17 @@
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput;
 #         the >2^31-element tests one at a time; compute-sanitizer memcheck of the cuda backend.
+# profile: with the kit as for second: host against device time per call and the kernels each
+#         call launches, for five layers and the whole model (bench/gpu_profile.py), then the
+#         >2^31-element tests up to their first failure, with its traceback.
 #
 # Output in $OUT (default gpu-results/), at most 8 files: summary.md (each step's status, time
 # and cap, and the tables, appended as each step ends, printed last), log.txt (all output),
 # results.tgz (the benchmarks' tables and JSON) and, from the first call, kit.tgz. Commit each
 # call's summary as bench/results/gpu-<card>-first.md / -second.md (its first lines name the card).
 #
-# Each step has a hard cap and each call a deadline (FIRST_DEADLINE=510, SECOND_DEADLINE=240 s):
+# Each step has a hard cap and each call a deadline (FIRST_DEADLINE=510, SECOND_DEADLINE=240,
+# PROFILE_DEADLINE=230 s):
 # a step that would run past the deadline is cut short or skipped, so a call always ends in
 # time with everything done so far in $OUT. A failed step never stops the script, which exits 0.
 # GPU_CHECKS_DRY_RUN=1 walks every step on the CPU with small stand-ins (make test runs it).
@@ -35,8 +40,9 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 MODE=${1:-}
 case $MODE in
-  first | second) ;;
-  *) echo "usage: bash bench/gpu_checks.sh first|second (see the top of this file)" >&2; exit 2 ;;
+  first | second | profile) ;;
+  *) echo "usage: bash bench/gpu_checks.sh first|second|profile (see the top of this file)" >&2
+     exit 2 ;;
 esac
 PY=${PYTHON:-python3}
 DRY=${GPU_CHECKS_DRY_RUN:-0}
@@ -52,7 +58,11 @@ export TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 mkdir -p "$TRITON_CACHE_DIR"
 START=$(date +%s)
-if [ "$MODE" = first ]; then LIMIT=${FIRST_DEADLINE:-510}; else LIMIT=${SECOND_DEADLINE:-240}; fi
+case $MODE in
+  first) LIMIT=${FIRST_DEADLINE:-510} ;;
+  second) LIMIT=${SECOND_DEADLINE:-240} ;;
+  profile) LIMIT=${PROFILE_DEADLINE:-230} ;;
+esac
 DEADLINE=$((START + LIMIT))
 RESERVE=${RESERVE:-25}  # seconds kept for packing the results after the last step
 LOG=$OUT/log.txt
@@ -201,6 +211,28 @@ install_extension() {  # the built _C into the package, atomically; then what it
 export ROOT PY DRY WORK KIT OUT
 export -f stamp versions build_extension install_extension
 
+restore() {  # the first call's kit: Triton's cache always, the extension if its sources match
+  local staged=$WORK/kit
+  if [ ! -s "$KIT/kit.tgz" ]; then
+    echo "no kit at $KIT/kit.tgz: building"
+    touch "$WORK/need-build"
+    return 0
+  fi
+  mkdir -p "$staged" && tar xzf "$KIT/kit.tgz" -C "$staged" || return 1
+  cp -a "$staged/triton-cache/." "$TRITON_CACHE_DIR/"
+  echo "Triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files"
+  if [ "$(cat "$staged/stamp" 2>/dev/null)" != "$(stamp)" ] ||
+    ! ls "$staged"/_C*.so >/dev/null 2>&1; then
+    echo "the kit's extension was built from other sources (or is missing): building"
+    touch "$WORK/need-build"
+    return 0
+  fi
+  mkdir -p "$WORK/build/lib/condconv_kernels"
+  cp "$staged"/_C*.so "$WORK/build/lib/condconv_kernels/"
+  echo "extension reused from the kit"
+}
+export -f restore
+
 # The GPU (or, dry run, CPU) arguments of each step.
 if [ "$DRY" = 1 ]; then
   DEV=(--device cpu)
@@ -212,6 +244,8 @@ if [ "$DRY" = 1 ]; then
   MODEL=(--batch 2 --input-size 64 --min-run-time 0.05 --timm tf_efficientnet_b0)
   SANITIZE=()
   MEMCHECK=(--device cpu --backend cpu)
+  PROFILE=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s5.b0.expand
+           --model-batch 2 --input-size 64)
 else
   DEV=(--device cuda)
   TEST_ENV=(env)
@@ -224,6 +258,7 @@ else
   SANITIZE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck
             --report-api-errors no --error-exitcode 1)
   MEMCHECK=(--backend cuda)
+  PROFILE=(--device cuda --batch 256 --dtype bfloat16 --backend triton --model-batch 256)
 fi
 # The headline tables carry the static model's time per layer (condconv_kernels.triton.report,
 # committed as bench/results/gpu-model.json) and the measured / modeled ratio.
@@ -274,28 +309,7 @@ if [ "$MODE" = first ]; then
   }
   export -f pack
   step pack 25 pack
-else
-  restore() {  # the first call's kit: Triton's cache always, the extension if its sources match
-    local staged=$WORK/kit
-    if [ ! -s "$KIT/kit.tgz" ]; then
-      echo "no kit at $KIT/kit.tgz: building"
-      touch "$WORK/need-build"
-      return 0
-    fi
-    mkdir -p "$staged" && tar xzf "$KIT/kit.tgz" -C "$staged" || return 1
-    cp -a "$staged/triton-cache/." "$TRITON_CACHE_DIR/"
-    echo "Triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files"
-    if [ "$(cat "$staged/stamp" 2>/dev/null)" != "$(stamp)" ] ||
-      ! ls "$staged"/_C*.so >/dev/null 2>&1; then
-      echo "the kit's extension was built from other sources (or is missing): building"
-      touch "$WORK/need-build"
-      return 0
-    fi
-    mkdir -p "$WORK/build/lib/condconv_kernels"
-    cp "$staged"/_C*.so "$WORK/build/lib/condconv_kernels/"
-    echo "extension reused from the kit"
-  }
-  export -f restore
+elif [ "$MODE" = second ]; then
   step versions 15 versions
   step restore 30 restore || touch "$WORK/need-build"
   [ -e "$WORK/need-build" ] && step build 150 build_extension
@@ -312,6 +326,20 @@ else
     CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu.py \
     -m huge
   step memcheck 60 "${SANITIZE[@]}" "$PY" bench/memcheck_cases.py "${MEMCHECK[@]}"
+else  # profile: where the time goes, and the >2^31-element tests' first failure in full
+  step versions 15 versions
+  step restore 30 restore || touch "$WORK/need-build"
+  [ -e "$WORK/need-build" ] && step build 150 build_extension
+  step install 30 install_extension
+  step profile 110 "$PY" bench/gpu_profile.py "${PROFILE[@]}" \
+    --out "$WORK/results/profile-b256-bf16-cl.md"
+  if [ -s "$WORK/results/profile-b256-bf16-cl.md" ]; then
+    { cat "$WORK/results/profile-b256-bf16-cl.md"; echo; } >>"$SUMMARY"
+    tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
+  fi
+  TAIL_LINES=60 step huge-tests 80 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
+    CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -x --tb=short -rfE -p no:cacheprovider \
+    tests/test_gpu.py -m huge
 fi
 
 echo "Total: $(($(now) - START)) s of a $LIMIT s deadline." >>"$SUMMARY"
