@@ -14,6 +14,7 @@ handwritten autograd formula, an autocast rule and a FLOP formula.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -86,6 +87,11 @@ def _condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tenso
                 stride: List[int], padding: List[int], dilation: List[int], groups: int,
                 backend: str) -> Tensor:
     _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+    return _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+
+
+def _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend):
+    """The forward op's computation on checked arguments."""
     if x.shape[0] == 0:
         return _empty_output(x, weight, stride, padding, dilation)
     out = _FORWARD[backend](x, routing, weight, bias, stride, padding, dilation, groups)
@@ -124,6 +130,13 @@ def _condconv2d_backward(grad_out: Tensor, x: Tensor, routing: Tensor, weight: T
             raise ValueError(f"condconv2d_backward: argument 'grad_out' must have the output "
                              f"shape {shape}, x's dtype and device, got {tuple(grad_out.shape)} "
                              f"{grad_out.dtype} {grad_out.device}")
+    return _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
+                          backend, output_mask)
+
+
+def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation, groups, backend,
+                   output_mask):
+    """The backward op's computation on checked arguments."""
     if x.shape[0] == 0:
         grads = (None, None, None, None)
     else:
@@ -153,17 +166,35 @@ def _setup_context(ctx, inputs, output):
     ctx.conv_args = (stride, padding, dilation, groups, backend)
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, run=torch.ops.condconv.condconv2d_backward):
     x, routing, weight, bias = ctx.saved_tensors
     stride, padding, dilation, groups, backend = ctx.conv_args
     mask = [bool(m) for m in ctx.needs_input_grad[:4]]
     mask[3] = mask[3] and bias is not None
-    grads = torch.ops.condconv.condconv2d_backward(grad_out, x, routing, weight, bias, stride,
-                                                   padding, dilation, groups, backend, mask)
+    grads = run(grad_out, x, routing, weight, bias, stride, padding, dilation, groups, backend,
+                mask)
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
 
 
 _condconv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerCondConv2d(torch.autograd.Function):
+    """The differentiable op without the custom-op layer, for plain eager calls on the GPU
+    backends: the same forward, saved tensors and backward (:func:`_backward` with the backward
+    op's computation called directly). The layer's dispatch, schema handling and second argument
+    check cost hundreds of microseconds of host time per forward + backward, more than a layer's
+    GPU time at small sizes, and the GPU then waits for the host."""
+
+    @staticmethod
+    def forward(ctx, x, routing, weight, bias, stride, padding, dilation, groups, backend):
+        _setup_context(ctx, (x, routing, weight, bias, stride, padding, dilation, groups,
+                             backend), None)
+        return _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out, run=_backward_impl)
 
 
 if backends.native_status()[0]:
@@ -184,21 +215,26 @@ def _autocast_kernel(device_type: str):
     the expert mix is computed (and accumulated) in float32. float64 inputs are left alone."""
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
+    def kernel(_keyset, x, routing, weight, bias, stride, padding, dilation, groups, backend):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return torch.ops.condconv.condconv2d(*_autocast_inputs(x, routing, weight, bias),
+                                                 stride, padding, dilation, groups, backend)
+    return kernel
+
+
+def _autocast_inputs(x, routing, weight, bias):
+    """The autocast rule on the tensors: x, weight and bias in the autocast dtype of x's device,
+    routing in float32; everything as it is when x is float64 (or on another device)."""
+    device_type = x.device.type
+    if x.dtype == torch.float64:
+        return x, routing, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
     def cast(t, dtype):
         if t is None or t.device.type != device_type or t.dtype == torch.float64:
             return t
         return t.to(dtype)
-
-    def kernel(_keyset, x, routing, weight, bias, stride, padding, dilation, groups, backend):
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            if x.dtype == torch.float64:
-                return torch.ops.condconv.condconv2d(x, routing, weight, bias, stride, padding,
-                                                     dilation, groups, backend)
-            return torch.ops.condconv.condconv2d(cast(x, dtype), cast(routing, torch.float32),
-                                                 cast(weight, dtype), cast(bias, dtype), stride,
-                                                 padding, dilation, groups, backend)
-    return kernel
+    return cast(x, dtype), cast(routing, torch.float32), cast(weight, dtype), cast(bias, dtype)
 
 
 for _device_type in ("cpu", "cuda"):
@@ -238,20 +274,41 @@ def _condconv2d_backward_flops(grad_out_shape, x_shape, routing_shape, weight_sh
     return 2 * madds
 
 
-def _plain_eager_inference(tensors) -> bool:
-    """True when nothing but the kernel itself would happen in the ``condconv2d`` op layer: no
-    gradient to record, plain tensors (no fake/functional/subclass tensors), not tracing or
-    compiling, no autocast, no Python dispatch or function mode (FlopCounterMode, ...)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
+def _plain_eager(tensors) -> bool:
+    """True when the ``condconv2d`` op layer may be skipped: plain tensors (no
+    fake/functional/subclass tensors), not tracing, compiling or under a functorch transform, no
+    Python dispatch or function mode (FlopCounterMode, ...)."""
     if any(t is not None and type(t) is not torch.Tensor for t in tensors):
         return False
-    if torch.compiler.is_compiling() or _args.autocast_enabled(tensors[0].device.type):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if torch._C._is_torch_function_mode_enabled():
+    if torch._C._is_torch_function_mode_enabled() or \
+            torch._C._are_functorch_transforms_active():
         return False
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     return _get_current_dispatch_mode() is None
+
+
+def _records_gradient(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _eager_gpu(x, routing, weight, bias, stride, padding, dilation, groups, backend):
+    """A plain eager call on a GPU backend: the autocast rule applied here, then the forward
+    (under :class:`_EagerCondConv2d` where a gradient is recorded), named
+    ``condconv::condconv2d`` in a running profiler as the op would be."""
+    autocast = _args.autocast_enabled(x.device.type)
+    if autocast:
+        x, routing, weight, bias = _autocast_inputs(x, routing, weight, bias)
+    args = (x, routing, weight, bias, stride, padding, dilation, groups, backend)
+    with contextlib.ExitStack() as stack:
+        if autocast:  # as the op's autocast rule: nothing inside is cast again
+            stack.enter_context(torch.autocast(x.device.type, enabled=False))
+        if torch._C._autograd._profiler_enabled():
+            stack.enter_context(torch.autograd.profiler.record_function("condconv::condconv2d"))
+        if _records_gradient((x, routing, weight, bias)):
+            return _EagerCondConv2d.apply(*args)
+        return _forward_impl(*args)
 
 
 def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -292,11 +349,14 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
     _args.check_inputs(x, routing, weight, bias, stride_hw, pad, dilation_hw, groups,
                        autocast=_args.autocast_enabled(x.device.type))
     name = backends.resolve(backend, x.device.type)
-    if name in ("cpu", "cuda") and _plain_eager_inference((x, routing, weight, bias)):
-        # Eager inference: straight to the C++ op. The custom-op layer (autograd wrapper,
-        # Python kernel) costs tens of microseconds a call, a tenth of a small layer's time.
-        # Traced, compiled, differentiated or observed calls keep the condconv2d op.
-        return torch.ops.condconv.native_forward(x, routing, weight, bias, list(stride_hw),
-                                                 list(pad), list(dilation_hw), groups)
-    return torch.ops.condconv.condconv2d(x, routing, weight, bias, list(stride_hw), list(pad),
-                                         list(dilation_hw), groups, name)
+    conv = (list(stride_hw), list(pad), list(dilation_hw), groups)
+    # Plain eager calls skip the custom-op layer (its dispatch and Python kernel cost tens to
+    # hundreds of microseconds of host time a call); traced, compiled or observed calls keep
+    # the condconv2d op.
+    tensors = (x, routing, weight, bias)
+    if name in ("triton", "cuda") and _plain_eager(tensors):
+        return _eager_gpu(*tensors, *conv, name)
+    if name == "cpu" and _plain_eager(tensors) and not _records_gradient(tensors) \
+            and not _args.autocast_enabled(x.device.type):
+        return torch.ops.condconv.native_forward(*tensors, *conv)  # eager CPU inference
+    return torch.ops.condconv.condconv2d(*tensors, *conv, name)

@@ -179,6 +179,36 @@ def test_gpu_batch_256(name, backend):
     _check(case, backend, torch.float16, "channels_last", factor=4.0)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="about 5 GB: GPU only")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_kernel_gradient_over_a_long_reduction(backend):
+    """One example of 8192 x 8192 pixels, 1x1 and 8 -> 8 channels: the kernel gradient sums
+    6.7e7 products per element. Tensor cores do not round their float32 accumulators to
+    nearest, so one chain of dots over all of them drifts toward zero (measured on an H200:
+    grad_routing off by ~4000 of ~4e4); the kernels add chunks of the chain on CUDA cores.
+    grad_weight and grad_routing against float64 sums over row bands."""
+    torch.manual_seed(1)
+    side, cin, experts = 8192, 8, 4
+    x = torch.randn(1, cin, side, side, device="cuda", dtype=torch.float16)
+    routing = torch.rand(1, experts, device="cuda", requires_grad=True)
+    weight = (torch.randn(experts, cin, cin, 1, 1, device="cuda") * 0.3).half()
+    weight.requires_grad_(True)
+    out = cc.condconv2d(x, routing, weight, None, backend=backend)
+    grad_out = torch.randn_like(out)
+    grad_r, grad_w = torch.autograd.grad(out, [routing, weight], grad_out)
+    del out
+    G = torch.zeros(cin, cin, device="cuda", dtype=torch.float64)  # sum_p g[:, p] x[:, p]^T
+    for h0 in range(0, side, 1024):
+        g = grad_out[0, :, h0:h0 + 1024].reshape(cin, -1).double()
+        G += g @ x[0, :, h0:h0 + 1024].reshape(cin, -1).double().t()
+    want_w = routing.detach().double()[0, :, None, None] * G
+    want_r = (weight.detach().double()[:, :, :, 0, 0] * G).sum((1, 2))
+    scale = G.abs().max().item()
+    torch.testing.assert_close(grad_w[:, :, :, 0, 0].double(), want_w, rtol=1e-2,
+                               atol=1e-2 * scale)
+    torch.testing.assert_close(grad_r[0].double(), want_r, rtol=1e-2, atol=1e-2 * scale)
+
+
 @pytest.mark.huge
 @pytest.mark.skipif(not ON_GPU, reason="about 20 GB: GPU only")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -141,9 +141,9 @@ def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     lightest = min(_config.kgrad_bytes(b, 8, 8, 8) / w  # lightest configuration is taken
                    for b, w, _ in _config._table(_config.KGRAD_TILES))
     assert _config.kgrad_bytes(fixed, 8, 8, 8) / fixed["num_warps"] == lightest
-    dw = _config.fixed_blocks(_config.DW_KGRAD_TILES, 8, 2, 4, taps=64)  # 7x7 taps
-    assert _config.kgrad_bytes({"BLOCK_CO": dw["BLOCK_C"], "BLOCK_K": 64}, 8, 4, 2) / \
-        dw["num_warps"] <= _config.KGRAD_WARP_BYTES
+    dw = _config._table(_config.DW_KGRAD_TILES)[0]  # no expert tiles in registers: the first
+    assert _config.fixed_blocks(_config.DW_KGRAD_TILES) == {
+        **dw[0], "num_warps": dw[1], "num_stages": dw[2]}
     assert _config.fixed_blocks(_config.KGRAD_TILES, 8, 2, 4)["BLOCK_CO"] == \
         _config._table(_config.KGRAD_TILES)[0][0]["BLOCK_CO"]
     first = _config._table(_config.DENSE_TILES)[0]
@@ -192,10 +192,10 @@ def test_a_block_of_examples_past_the_batch(monkeypatch):
 
 
 def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
-    """The kernel-gradient kernels add into gw and write only as many rows of part as their tile
+    """The dense kernel gradient adds into gw and writes only as many rows of part as its tile
     size gives: the autotuner must zero both before each trial and before the real launch, or
     the trials' sums leak into the first gradient of every new shape. The other kernels only
-    store, so they need no reset."""
+    store (the depthwise kernel gradient every element of its G), so they need no reset."""
     import importlib
     from condconv_kernels.triton import _config, dense, depthwise
     monkeypatch.setattr(_config, "INTERPRET", False)
@@ -203,10 +203,9 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
     try:
         importlib.reload(dense)
         importlib.reload(depthwise)
-        for kernel in (dense.dense_bwd_w_kernel, depthwise.dw_bwd_w_kernel):
-            assert sorted(kernel.reset_to_zero) == ["gw_ptr", "part_ptr"]
+        assert sorted(dense.dense_bwd_w_kernel.reset_to_zero) == ["gw_ptr", "part_ptr"]
         for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel, depthwise.dw_fwd_kernel,
-                       depthwise.dw_bwd_x_kernel):
+                       depthwise.dw_bwd_x_kernel, depthwise.dw_bwd_w_kernel):
             assert kernel.reset_to_zero == []
     finally:
         monkeypatch.undo()
@@ -215,10 +214,9 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
 
 
 def test_kernel_gradient_partials_fit_the_smallest_tiles(monkeypatch):
-    """The depthwise kernel gradient's table has 8-channel tiles: the partial sums of
-    grad_routing must have a row for each (24 channels: 3 rows, not the 2 that 16-channel tiles
-    would give), and a tile smaller than any in the table is refused before it writes past
-    them."""
+    """The dense kernel gradient's partial sums of grad_routing have a row per tile of W at the
+    smallest tiles of its table (16 x 16): 24 output channels in 16-channel tiles take 2 rows
+    a group, and a tile smaller than any in the table is refused before it writes past them."""
     import condconv_kernels.triton as backend
     from condconv_kernels.triton import _config
     fixed = backend.fixed_blocks
@@ -226,13 +224,65 @@ def test_kernel_gradient_partials_fit_the_smallest_tiles(monkeypatch):
     def tiles_of(channels):
         def blocks(shapes, *args, **kwargs):
             out = fixed(shapes, *args, **kwargs)
-            return {**out, "BLOCK_C": channels} if tuple(shapes) == _config.DW_KGRAD_TILES else out
+            return {**out, "BLOCK_CO": channels} if tuple(shapes) == _config.KGRAD_TILES else out
         return blocks
-    case = CASES_BY_NAME["dw3"]
-    case = type(case)(**{**case.__dict__, "cin": 24, "cout": 24, "groups": 24, "B": 2})
-    monkeypatch.setattr(backend, "fixed_blocks", tiles_of(8))
+    case = CASES_BY_NAME["k3"]
+    case = type(case)(**{**case.__dict__, "cout": 24, "B": 2})
+    inputs = make_inputs(case, torch.float64)
+    monkeypatch.setattr(backend, "fixed_blocks", tiles_of(16))
     test_op._check(case, "triton", torch.float64, "contiguous")
-    monkeypatch.setattr(backend, "fixed_blocks", tiles_of(4))
+    monkeypatch.setattr(backend, "fixed_blocks", tiles_of(8))
+    out, _ = run_op(case, inputs, "triton")
     with pytest.raises(RuntimeError, match="rows of partial sums"):
-        run_op(case, make_inputs(case, torch.float64), "triton",
-               torch.randn(2, 24, case.H, case.W, dtype=torch.float64))
+        run_op(case, inputs, "triton", torch.randn(out.shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name,autocast", [("k3_s2_asym", False), ("dw3", False),
+                                           ("k1", True)])
+def test_eager_path_matches_the_op(name, autocast):
+    """Plain eager calls skip the custom-op layer (an autograd.Function around the same
+    computation): output and every gradient bitwise equal to the registered op's, autocast
+    applied by the same rule (x and weight in float16, routing float32), and a running profiler
+    still sees a ``condconv::condconv2d`` range."""
+    case = CASES_BY_NAME[name]
+    inputs = make_inputs(case, torch.float32, "channels_last", seed=11)
+    grad_out = None
+
+    def run(call):
+        nonlocal grad_out
+        leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
+        x, routing, weight, bias = leaves
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            out = call(x, routing, weight, bias)
+        if grad_out is None:
+            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(
+                out.dtype)
+        wanted = [t for t in leaves if t is not None]
+        return out, torch.autograd.grad(out, wanted, grad_out)
+
+    pad = cc._args.resolve_padding(case.padding, inputs[0].shape[-2:], inputs[2].shape[-2:],
+                                   cc._args.pair(case.stride, "stride", 1),
+                                   cc._args.pair(case.dilation, "dilation", 1))
+    conv = (list(cc._args.pair(case.stride, "stride", 1)), list(pad),
+            list(cc._args.pair(case.dilation, "dilation", 1)), case.groups)
+    with torch.profiler.profile() as prof:
+        fast, fast_grads = run(lambda *t: cc.condconv2d(*t, case.stride, case.padding,
+                                                        case.dilation, case.groups,
+                                                        backend="triton"))
+    assert "condconv::condconv2d" in {e.name for e in prof.events()}
+    assert type(fast.grad_fn).__name__ == "_EagerCondConv2dBackward"
+    slow, slow_grads = run(lambda *t: torch.ops.condconv.condconv2d(*t, *conv, "triton"))
+    assert fast.dtype == slow.dtype == (torch.float16 if autocast else torch.float32)
+    assert torch.equal(fast, slow)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    assert len(fast_grads) == len(slow_grads)
+    for a, b in zip(fast_grads, slow_grads):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_kernel_gradient_over_several_chunks():
+    """The dense kernel gradient sums its pixels in chunks of 64 blocks (the interpreter's 16
+    pixels: 1024), added on CUDA cores: 40 x 40 = 1600 pixels take two, the second partial."""
+    case = CASES_BY_NAME["k1"]
+    case = type(case)(**{**case.__dict__, "H": 40, "W": 40, "B": 1})
+    test_op._check(case, "triton", torch.float64, "channels_last")

@@ -84,7 +84,7 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             x, routing, w, b, out, cout, cout // cin, H, W, ho, wo, *x.stride(),
             *routing.stride(), *out.stride(), *geometry, bucket(B), bucket(ho * wo), E=E,
             KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out), ACC=_acc(x.dtype),
-            **blocks)
+            E_POW2=triton.next_power_of_2(E), **blocks)
         return out
     cout_g = cout // groups
     blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
@@ -100,12 +100,10 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     return out
 
 
-def _splits(B: int, depthwise: bool) -> int:
-    """Batch slices of the kernel-gradient programs (each owns its slice of partial sums). The
-    depthwise kernel has one program per channel tile and slice, so it takes more slices (480
-    channels in tiles of 32 x 16 slices = 240 programs for 132 SMs); its per-slice gradients
-    are small (E x C x kh x kw)."""
-    return 1 if INTERPRET else max(1, min(B, 16 if depthwise else 8))
+def _splits(B: int) -> int:
+    """Batch slices of the dense kernel-gradient programs (each owns its slice of partial
+    sums)."""
+    return 1 if INTERPRET else max(1, min(B, 8))
 
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
@@ -133,7 +131,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 grad_out, routing, w, grad_x, cin, cout // cin, H, W, ho, wo,
                 *grad_out.stride(), *routing.stride(), *grad_x.stride(), *geometry,
                 bucket(B), bucket(H * W), E=E, KH=kh, KW=kw, WIDE=_wide(grad_out, grad_x),
-                ACC=_acc(x.dtype), **blocks)
+                ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E), **blocks)
         else:
             cout_g = cout // groups
             blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
@@ -147,8 +145,22 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 POINTWISE=_pointwise(kh, kw, stride, padding, grad_out), ACC=_acc(x.dtype),
                 PRECISION=_precision(x.dtype), **blocks)
 
-    if need_r or need_w:
-        S = _splits(B, depthwise)
+    if (need_r or need_w) and depthwise:
+        # The examples' tap gradients, then grad_weight = routing^T G, grad_routing = G W^T.
+        G = torch.empty((B, cout, kh * kw), dtype=acc, device=x.device)
+        blocks = fixed_blocks(DW_KGRAD_TILES)
+        grid = lambda meta: (B, triton.cdiv(cout, meta["BLOCK_C"]))  # noqa: E731
+        dw_bwd_w_kernel[grid](
+            x, grad_out, G, cout, cout // cin, H, W, ho, wo, *x.stride(), *grad_out.stride(),
+            *geometry, bucket(B), bucket(ho * wo), KH=kh, KW=kw, WIDE=_wide(x, grad_out),
+            ACC=_acc(x.dtype), **blocks)
+        G = G.view(B, -1)
+        if need_w:
+            grad_weight = (routing.to(acc).t() @ G).view(weight.shape).to(weight.dtype)
+        if need_r:
+            grad_routing = G @ w.view(E, -1).to(acc).t()
+    elif need_r or need_w:
+        S = _splits(B)
         per_split = triton.cdiv(B, S)
         N = w[0].numel()
         # Zeroed accumulators; a stand-in when unused (never the weights: the autotuner zeroes
@@ -156,35 +168,20 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         gw = torch.zeros((S, E, N) if need_w else (1,), dtype=acc, device=x.device)
         # part holds a row of grad_routing partials per tile of W: as many rows as the
         # smallest tiles of any configuration make (each launch checks that it fits).
-        if depthwise:
-            tiles = triton.cdiv(cout, smallest_block(DW_KGRAD_TILES, "BLOCK_C"))
-            part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)
-            blocks = fixed_blocks(DW_KGRAD_TILES, E, x.element_size(), gw.element_size(),
-                                  triton.next_power_of_2(kh * kw))
-            def grid(meta):
-                n_c = triton.cdiv(cout, meta["BLOCK_C"])
-                return _within(tiles, n_c, (n_c, S))
-            dw_bwd_w_kernel[grid](
-                x, grad_out, routing, w, gw, part, B, cout, cout // cin, H, W, ho, wo,
-                per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,
-                bucket(B), bucket(ho * wo), E=E, E_POW2=triton.next_power_of_2(E),
-                TAPS_POW2=triton.next_power_of_2(kh * kw), KH=kh, KW=kw, NEED_W=need_w,
-                NEED_R=need_r, WIDE=_wide(x, grad_out), ACC=_acc(x.dtype), **blocks)
-        else:
-            cout_g, K = cout // groups, cin_g * kh * kw
-            tiles = (groups * triton.cdiv(cout_g, smallest_block(KGRAD_TILES, "BLOCK_CO"))
-                     * triton.cdiv(K, smallest_block(KGRAD_TILES, "BLOCK_K")))
-            part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)
-            blocks = fixed_blocks(KGRAD_TILES, E, x.element_size(), gw.element_size())
-            def grid(meta):
-                n_k, n_co = triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(cout_g, meta["BLOCK_CO"])
-                return _within(tiles, groups * n_k * n_co, (n_k, n_co, groups * S))
-            dense_bwd_w_kernel[grid](
-                x, grad_out, routing, w, gw, part, B, cin_g, cout_g, groups, H, W, ho, wo,
-                per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,
-                bucket(B), bucket(K), bucket(ho * wo), E=E, E_POW2=triton.next_power_of_2(E),
-                KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r, ACC=_acc(x.dtype),
-                PRECISION=_precision(x.dtype), **blocks)
+        cout_g, K = cout // groups, cin_g * kh * kw
+        tiles = (groups * triton.cdiv(cout_g, smallest_block(KGRAD_TILES, "BLOCK_CO"))
+                 * triton.cdiv(K, smallest_block(KGRAD_TILES, "BLOCK_K")))
+        part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)
+        blocks = fixed_blocks(KGRAD_TILES, E, x.element_size(), gw.element_size())
+        def grid(meta):
+            n_k, n_co = triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(cout_g, meta["BLOCK_CO"])
+            return _within(tiles, groups * n_k * n_co, (n_k, n_co, groups * S))
+        dense_bwd_w_kernel[grid](
+            x, grad_out, routing, w, gw, part, B, cin_g, cout_g, groups, H, W, ho, wo,
+            per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,
+            bucket(B), bucket(K), bucket(ho * wo), E=E, E_POW2=triton.next_power_of_2(E),
+            KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r, ACC=_acc(x.dtype),
+            PRECISION=_precision(x.dtype), **blocks)
         if need_w:
             grad_weight = gw.sum(0).view(weight.shape).to(weight.dtype)
         if need_r:

@@ -55,11 +55,11 @@ KGRAD_TILES = ("BLOCK_CO", "BLOCK_K", "BLOCK_P")
 # (float32, or float64) and W's tiles (input dtype), 96 registers a thread; past this, ptxas
 # spills (read off the compiled kernels: condconv_kernels.triton.report).
 KGRAD_WARP_BYTES = 12 * 1024
-# (channels, pixels, warps, stages) for the depthwise kernel gradient, whose tile of channels
-# holds every expert's tap gradients in registers (E x channels x taps, float32).
+# (channels, pixels, warps, stages) for the depthwise kernel gradient: a program per example
+# and tile of channels, over BLOCK_L pixels at a time (256 covers a 14x14 plane in one block).
 DW_KGRAD_TILES = ("BLOCK_C", "BLOCK_L")
-_GPU_DW_KGRAD_CONFIGS = [(32, 64, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 32, 4, 2),
-                         (8, 128, 4, 2)]
+_GPU_DW_KGRAD_CONFIGS = [(32, 128, 4, 2), (16, 256, 4, 2), (64, 64, 4, 2), (32, 256, 8, 2),
+                         (16, 128, 4, 2)]
 # (block a, block b, warps, stages) for the depthwise kernels: channels x pixels tiles.
 _GPU_DW_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (16, 128, 4, 2), (32, 128, 8, 2),
                    (64, 32, 4, 2)]
@@ -112,12 +112,6 @@ def kgrad_bytes(blocks: Dict[str, int], experts_pow2: int, acc_bytes: int, items
     return experts_pow2 * blocks["BLOCK_CO"] * blocks["BLOCK_K"] * (acc_bytes + itemsize)
 
 
-def _kgrad_tile(blocks: Dict[str, int], taps) -> Dict[str, int]:
-    """A kernel-gradient tile as (BLOCK_CO, BLOCK_K): the depthwise one's channels x taps (taps
-    given, a power of two), the dense one's as it is."""
-    return {"BLOCK_CO": blocks["BLOCK_C"], "BLOCK_K": taps} if taps else blocks
-
-
 def _kgrad_fit(configs, experts_pow2: int, acc_bytes: int, itemsize: int):
     """Of (tile, warps, anything) triples, those whose expert tiles fit in their warps'
     registers; the one needing the fewest bytes a warp if none does."""
@@ -128,13 +122,12 @@ def _kgrad_fit(configs, experts_pow2: int, acc_bytes: int, itemsize: int):
 
 
 def _prune_kernel_grad(configs, named_args, **kwargs):
-    """Drops the kernel-gradient configurations whose expert tiles would spill (_kgrad_fit);
-    for the depthwise one, a tile's taps (TAPS_POW2) stand for its reduction elements."""
+    """Drops the dense kernel-gradient configurations whose expert tiles would spill
+    (_kgrad_fit)."""
     x = named_args.get("x_ptr")
     itemsize = x.element_size() if hasattr(x, "element_size") else 4
     acc_bytes = 8 if kwargs.get("ACC") == tl.float64 else 4
-    taps = kwargs.get("TAPS_POW2")
-    triples = [(_kgrad_tile(c.kwargs, taps), c.num_warps, c) for c in configs]
+    triples = [(c.kwargs, c.num_warps, c) for c in configs]
     return [c for _, _, c in _kgrad_fit(triples, kwargs.get("E_POW2", 8), acc_bytes, itemsize)]
 
 
@@ -154,7 +147,7 @@ def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[
                    for blocks, warps, stages in _table(shapes)]
         prune = ({"early_config_prune": _prune_examples} if "BLOCK_B" in shapes else
                  {"early_config_prune": _prune_kernel_grad}
-                 if tuple(shapes) in (KGRAD_TILES, DW_KGRAD_TILES) else None)
+                 if tuple(shapes) == KGRAD_TILES else None)
         return triton.autotune(configs=configs, key=list(key), prune_configs_by=prune,
                                reset_to_zero=list(reset_to_zero) or None,
                                cache_results=True)(kernel)
@@ -170,13 +163,13 @@ def _table(shapes: Sequence[str]):
 
 
 def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
-                 acc_bytes: int = 4, taps: int = 16) -> Dict[str, int]:
+                 acc_bytes: int = 4) -> Dict[str, int]:
     """The launch options the launcher passes itself: the interpreter's tiles, the first (or
     the forced) GPU configuration when autotuning is off, none when autotuned. Without
     autotuning the dense forward / grad_x get their pipeline stages lowered until their tiles
-    of ``experts`` experts in ``itemsize``-byte elements fit in shared memory, and the kernel
-    gradients the first configuration from there on whose expert tiles (for the depthwise one
-    channels x ``taps``, a power of two) fit in registers."""
+    of ``experts`` experts in ``itemsize``-byte elements fit in shared memory, and the dense
+    kernel gradient the first configuration from there on whose expert tiles fit in
+    registers."""
     if INTERPRET:
         return {name: INTERPRET_EXAMPLES if name == "BLOCK_B" else INTERPRET_BLOCK
                 for name in shapes}
@@ -186,11 +179,9 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
         blocks, warps, stages = table[first]
         if "BLOCK_B" in blocks:
             stages = fitting_stages(blocks, stages, experts, itemsize)
-        elif tuple(shapes) in (KGRAD_TILES, DW_KGRAD_TILES):
+        elif tuple(shapes) == KGRAD_TILES:
             pow2 = 1 << max(0, experts - 1).bit_length()
-            dw_taps = taps if tuple(shapes) == DW_KGRAD_TILES else None
-            triples = [(_kgrad_tile(b, dw_taps), w, (b, w, st))
-                       for b, w, st in table[first:] + table[:first]]
+            triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
             blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize)[0][2]
         return {**blocks, "num_warps": warps, "num_stages": stages}
     return {}

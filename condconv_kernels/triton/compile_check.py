@@ -34,7 +34,7 @@ KERNELS = {
                     ("gw_ptr", "part_ptr")),
     "dw_fwd": (depthwise.dw_fwd_kernel, ("BLOCK_C", "BLOCK_P"), ()),
     "dw_bwd_x": (depthwise.dw_bwd_x_kernel, ("BLOCK_C", "BLOCK_P"), ()),
-    "dw_bwd_w": (depthwise.dw_bwd_w_kernel, _config.DW_KGRAD_TILES, ("gw_ptr", "part_ptr")),
+    "dw_bwd_w": (depthwise.dw_bwd_w_kernel, _config.DW_KGRAD_TILES, ("G_ptr",)),
 }
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}

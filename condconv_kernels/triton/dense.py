@@ -276,22 +276,30 @@ def dense_bwd_w_kernel(
     for b in range(i_s * B_PER_SPLIT, tl.minimum(B, (i_s + 1) * B_PER_SPLIT)):
         p_x0 = x_ptr + tl.cast(b, tl.int64) * s_xb + (i_g * CIN_G).to(tl.int64) * s_xc
         p_g0 = g_ptr + tl.cast(b, tl.int64) * s_gb
+        # Two levels of sums: tensor cores accumulate each chunk of CHUNK_P pixels (a chain of
+        # at most 64 dots), CUDA cores add the chunks. Tensor cores do not round their float32
+        # sums to nearest: over a single chain of millions of dots (one example of 2.7e8
+        # pixels) G drifts toward zero by tens of percent.
+        CHUNK_P: tl.constexpr = 64 * BLOCK_P
         b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
-        for p0 in range(0, L, BLOCK_P):
-            o_p = p0 + tl.arange(0, BLOCK_P)
-            m_p = o_p < L
-            o_oh, o_ow = o_p // WO, o_p % WO
-            p_g = (p_g0 + o_co[:, None].to(tl.int64) * s_gc + o_oh[None, :].to(tl.int64) * s_gh
-                   + o_ow[None, :].to(tl.int64) * s_gw)
-            b_g = tl.load(p_g, mask=m_co[:, None] & m_p[None, :], other=0.0)
-            o_ih = o_oh[:, None] * STRIDE_H - PAD_T + (o_t // KW)[None, :] * DIL_H
-            o_iw = o_ow[:, None] * STRIDE_W - PAD_L + (o_t % KW)[None, :] * DIL_W
-            m_x = (m_p[:, None] & m_k[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0)
-                   & (o_iw < W))
-            p_x = (p_x0 + o_ci[None, :].to(tl.int64) * s_xc + o_ih.to(tl.int64) * s_xh
-                   + o_iw.to(tl.int64) * s_xw)
-            b_x = tl.load(p_x, mask=m_x, other=0.0)
-            b_G += tl.dot(b_g, b_x, input_precision=PRECISION, out_dtype=ACC)
+        for c0 in range(0, L, CHUNK_P):
+            b_C = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
+            for p0 in range(c0, tl.minimum(L, c0 + CHUNK_P), BLOCK_P):
+                o_p = p0 + tl.arange(0, BLOCK_P)
+                m_p = o_p < L
+                o_oh, o_ow = o_p // WO, o_p % WO
+                p_g = (p_g0 + o_co[:, None].to(tl.int64) * s_gc
+                       + o_oh[None, :].to(tl.int64) * s_gh + o_ow[None, :].to(tl.int64) * s_gw)
+                b_g = tl.load(p_g, mask=m_co[:, None] & m_p[None, :], other=0.0)
+                o_ih = o_oh[:, None] * STRIDE_H - PAD_T + (o_t // KW)[None, :] * DIL_H
+                o_iw = o_ow[:, None] * STRIDE_W - PAD_L + (o_t % KW)[None, :] * DIL_W
+                m_x = (m_p[:, None] & m_k[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0)
+                       & (o_iw < W))
+                p_x = (p_x0 + o_ci[None, :].to(tl.int64) * s_xc + o_ih.to(tl.int64) * s_xh
+                       + o_iw.to(tl.int64) * s_xw)
+                b_x = tl.load(p_x, mask=m_x, other=0.0)
+                b_C += tl.dot(b_g, b_x, input_precision=PRECISION, out_dtype=ACC)
+            b_G += b_C
         p_r = r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re
         if NEED_R:
             b_part = tl.sum(tl.sum(b_w.to(ACC) * b_G[None, :, :], axis=2), axis=1)

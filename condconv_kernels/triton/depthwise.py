@@ -2,14 +2,15 @@
 with each example's mixed kh x kw taps held in registers.
 
 Forward: a program owns (BLOCK_C output channels x BLOCK_P output pixels) of one example; per
-tap it mixes the BLOCK_C taps from the E experts (E a compile-time constant, unrolled) and
-accumulates tap * x over the pixels. Offsets within an example are 32-bit where the example's
-extent allows (WIDE otherwise), which keeps the unrolled taps' addresses in few registers.
+tap it mixes the BLOCK_C taps of the E experts in one (E x BLOCK_C) load and a sum over the
+experts (the example's routing loaded once), and accumulates tap * x over the pixels. Offsets
+within an example are 32-bit where the example's extent allows (WIDE otherwise), which keeps the
+unrolled taps' addresses in few registers.
 Backward: grad_x likewise over input pixels (taps from the output pixels they feed); the kernel
-gradient by a program that owns a block of output channels over a slice of the batch: per example
-and tap, G_b = sum over pixels of grad_out * x; routing[b, e] * G_b accumulates in registers
-into every expert's gradient of those channels (written once, into the slice's own copy), and
-<G_b, W[e]> is the example's partial of grad_routing (deterministic).
+gradient in two steps: a program per (example, channel tile) computes the example's tap
+gradients G[b, c, t] = sum over pixels of grad_out * shifted x, then two matrix products on the
+host give grad_weight = routing^T G and grad_routing = G W^T over the whole batch (no atomics:
+deterministic).
 """
 from __future__ import annotations
 
@@ -20,15 +21,21 @@ from ._config import DW_KGRAD_TILES, autotune
 
 
 @triton.jit
-def _mixed_taps(r_ptr, w_ptr, b, s_rb, s_re, o_w, m_w, N, E: tl.constexpr, ACC: tl.constexpr):
-    """sum_e routing[b, e] * w[e * N + o_w] for a vector of taps. A loop, not unrolled: inside
-    the unrolled taps, E x taps inline loads make code that ptxas allocates badly."""
-    p_r = r_ptr + b.to(tl.int64) * s_rb
-    taps = tl.load(p_r).to(ACC) * tl.load(w_ptr + o_w, mask=m_w, other=0.0).to(ACC)
-    for e in range(1, E):
-        taps += (tl.load(p_r + e * s_re).to(ACC)
-                 * tl.load(w_ptr + e * N + o_w, mask=m_w, other=0.0).to(ACC))
-    return taps
+def _routing(r_ptr, b, s_rb, s_re, E: tl.constexpr, E_POW2: tl.constexpr, ACC: tl.constexpr):
+    """Example b's routing weights as a vector of E_POW2 (zeros past E)."""
+    o_e = tl.arange(0, E_POW2)
+    return tl.load(r_ptr + b.to(tl.int64) * s_rb + o_e * s_re, mask=o_e < E, other=0.0).to(ACC)
+
+
+@triton.jit
+def _mixed_taps(r, w_ptr, o_w, m_w, N, E: tl.constexpr, E_POW2: tl.constexpr,
+                ACC: tl.constexpr):
+    """sum_e r[e] * w[e * N + o_w] for a vector of taps: the E experts' values in one 2-D load
+    (their latencies overlap), then a sum over the experts."""
+    o_e = tl.arange(0, E_POW2)
+    w = tl.load(w_ptr + o_e[:, None] * N + o_w[None, :], mask=(o_e < E)[:, None] & m_w[None, :],
+                other=0.0).to(ACC)
+    return tl.sum(r[:, None] * w, axis=0)
 
 
 @autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW"], shapes=("BLOCK_C", "BLOCK_P"))
@@ -39,11 +46,12 @@ def dw_fwd_kernel(
     s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WIDE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    WIDE: tl.constexpr, ACC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """out[b, c, p] for BLOCK_C channels x BLOCK_P output pixels of one example: per tap, the
-    BLOCK_C taps mixed over the E experts (unrolled), times the shifted input tile (reloads of
-    the tile tap after tap hit L1). Offsets within an example are 32-bit unless WIDE."""
+    BLOCK_C taps mixed over the E experts, times the shifted input tile (reloads of the tile
+    tap after tap hit L1). Offsets within an example are 32-bit unless WIDE."""
     i_p, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -53,20 +61,21 @@ def dw_fwd_kernel(
     o_oh, o_ow = o_p // WO, o_p % WO
     p_x = x_ptr + i_b.to(tl.int64) * s_xb
     off_c = (o_c // MULT).to(IDX) * s_xc
+    r = _routing(r_ptr, i_b, s_rb, s_re, E, E_POW2, ACC)
     b_acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
-    for i in range(KH):  # rows of taps in a loop, a row's taps unrolled: few loads in flight
+    for i in range(KH):  # rows of taps in a loop, a row's taps unrolled
         o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
         m_h = m_p & (o_ih >= 0) & (o_ih < H)
         for j in tl.static_range(KW):
-            b_tap = _mixed_taps(r_ptr, w_ptr, i_b, s_rb, s_re, o_c * (KH * KW) + i * KW + j,
-                                m_c, C_OUT * KH * KW, E, ACC)
+            b_tap = _mixed_taps(r, w_ptr, o_c * (KH * KW) + i * KW + j, m_c, C_OUT * KH * KW,
+                                E, E_POW2, ACC)
             o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
             m_x = m_h & (o_iw >= 0) & (o_iw < W)
             off = off_c[:, None] + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :]
             b_acc += b_tap[:, None] * tl.load(p_x + off, mask=m_c[:, None] & m_x[None, :],
                                               other=0.0).to(ACC)
     if HAS_BIAS:
-        b_acc += _mixed_taps(r_ptr, bias_ptr, i_b, s_rb, s_re, o_c, m_c, C_OUT, E, ACC)[:, None]
+        b_acc += _mixed_taps(r, bias_ptr, o_c, m_c, C_OUT, E, E_POW2, ACC)[:, None]
     p_o = out_ptr + i_b.to(tl.int64) * s_ob
     off_o = o_c[:, None].to(IDX) * s_oc + (o_oh.to(IDX) * s_oh + o_ow.to(IDX) * s_ow)[None, :]
     tl.store(p_o + off_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_c[:, None] & m_p[None, :])
@@ -80,7 +89,7 @@ def dw_bwd_x_kernel(
     s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """grad_x[b, ci, q] = sum over the channel multiplier m and taps of the mixed tap times
     grad_out at the output pixel the (input pixel, tap) fed, for BLOCK_C input channels x
@@ -93,6 +102,7 @@ def dw_bwd_x_kernel(
     m_q = o_q < H * W
     o_ih, o_iw = o_q // W, o_q % W
     p_g = g_ptr + i_b.to(tl.int64) * s_gb
+    r = _routing(r_ptr, i_b, s_rb, s_re, E, E_POW2, ACC)
     b_acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for m in range(MULT):
         o_co = o_ci * MULT + m
@@ -102,9 +112,8 @@ def dw_bwd_x_kernel(
             o_oh = o_nh // STRIDE_H
             m_h = m_q & (o_nh >= 0) & (o_nh % STRIDE_H == 0) & (o_oh < HO)
             for j in tl.static_range(KW):
-                b_tap = _mixed_taps(r_ptr, w_ptr, i_b, s_rb, s_re,
-                                    o_co * (KH * KW) + i * KW + j, m_c, C_IN * MULT * KH * KW,
-                                    E, ACC)
+                b_tap = _mixed_taps(r, w_ptr, o_co * (KH * KW) + i * KW + j, m_c,
+                                    C_IN * MULT * KH * KW, E, E_POW2, ACC)
                 o_nw = o_iw + PAD_L - j * DIL_W
                 o_ow = o_nw // STRIDE_W
                 m_g = m_h & (o_nw >= 0) & (o_nw % STRIDE_W == 0) & (o_ow < WO)
@@ -116,67 +125,44 @@ def dw_bwd_x_kernel(
     tl.store(p_d + off_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_c[:, None] & m_q[None, :])
 
 
-@autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW"], shapes=DW_KGRAD_TILES,
-          reset_to_zero=("gw_ptr", "part_ptr"))
+@autotune(key=["B_KEY", "C_OUT", "KEY_L", "KH", "KW"], shapes=DW_KGRAD_TILES)
 @triton.jit
 def dw_bwd_w_kernel(
-    x_ptr, g_ptr, r_ptr, w_ptr, gw_ptr, part_ptr,
-    B, C_OUT, MULT, H, W, HO, WO, B_PER_SPLIT,
-    s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_rb, s_re,
+    x_ptr, g_ptr, G_ptr,
+    C_OUT, MULT, H, W, HO, WO,
+    s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
-    E: tl.constexpr, E_POW2: tl.constexpr, TAPS_POW2: tl.constexpr, KH: tl.constexpr,
-    KW: tl.constexpr, NEED_W: tl.constexpr, NEED_R: tl.constexpr, WIDE: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """For the BLOCK_C channels of this program and the examples of its batch slice: G_b (the
-    channels x taps kernel gradient of example b) tap by tap; gw[slice, e] = sum_b routing[b, e]
-    G_b held in registers (E_POW2 x BLOCK_C x TAPS_POW2) and written once at the end;
-    part[tile, b, e] = <G_b, W[e]> over the tile, W's tiles loaded once."""
-    i_c, i_s = tl.program_id(0), tl.program_id(1)
+    """G[b, c, t] = sum over the output pixels p of grad_out[b, c, p] times x[b, c // MULT] at
+    the input pixel tap t of p reads: example b's kernel gradient for BLOCK_C channels and every
+    tap (G is (B, C_OUT, KH * KW), contiguous, in the accumulation dtype). A program per
+    (example, channel tile): the grid has B x C_OUT / BLOCK_C programs, each a short loop over
+    the taps and BLOCK_L-pixel blocks (the grad_out tile's reloads, tap after tap, hit L1)."""
+    i_b, i_c = tl.program_id(0), tl.program_id(1)
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
-    N = C_OUT * KH * KW
     L = HO * WO
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C_OUT
-    o_t = tl.arange(0, TAPS_POW2)
-    o_e = tl.arange(0, E_POW2)
-    m_e = o_e < E
-    m_ct = m_c[:, None] & (o_t < KH * KW)[None, :]
-    o_w = o_e[:, None, None] * N + (o_c[:, None] * (KH * KW) + o_t[None, :])[None, :, :]
-    m_w = m_e[:, None, None] & m_ct[None, :, :]
-    if NEED_R:  # every expert's taps of these channels, loaded once
-        b_w = tl.load(w_ptr + o_w, mask=m_w, other=0.0)
-    b_gw = tl.zeros((E_POW2, BLOCK_C, TAPS_POW2), dtype=ACC)
+    p_x = x_ptr + i_b.to(tl.int64) * s_xb
+    p_g = g_ptr + i_b.to(tl.int64) * s_gb
     off_xc = (o_c // MULT).to(IDX) * s_xc
     off_gc = o_c.to(IDX) * s_gc
-    for b in range(i_s * B_PER_SPLIT, tl.minimum(B, (i_s + 1) * B_PER_SPLIT)):
-        p_x = x_ptr + tl.cast(b, tl.int64) * s_xb
-        p_g = g_ptr + tl.cast(b, tl.int64) * s_gb
-        b_G = tl.zeros((BLOCK_C, TAPS_POW2), dtype=ACC)
-        for i in range(KH):  # rows of taps in a loop, a row's taps unrolled
-            for j in tl.static_range(KW):
-                b_Gt = tl.zeros((BLOCK_C,), dtype=ACC)
-                for p0 in range(0, L, BLOCK_L):
-                    o_p = p0 + tl.arange(0, BLOCK_L)
-                    m_p = o_p < L
-                    o_oh, o_ow = o_p // WO, o_p % WO
-                    o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
-                    o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
-                    m_x = m_p & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
-                    off_x = off_xc[:, None] + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :]
-                    b_x = tl.load(p_x + off_x, mask=m_c[:, None] & m_x[None, :],
-                                  other=0.0).to(ACC)
-                    off_g = off_gc[:, None] + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :]
-                    b_g = tl.load(p_g + off_g, mask=m_c[:, None] & m_p[None, :],
-                                  other=0.0).to(ACC)
-                    b_Gt += tl.sum(b_x * b_g, axis=1)
-                b_G += tl.where(o_t[None, :] == i * KW + j, b_Gt[:, None], 0.0)
-        if NEED_R:
-            b_part = tl.sum(tl.sum(b_w.to(ACC) * b_G[None, :, :], axis=2), axis=1)
-            tl.store(part_ptr + (i_c.to(tl.int64) * B + b) * E + o_e, b_part, mask=m_e)
-        if NEED_W:
-            b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re, mask=m_e,
-                          other=0.0).to(ACC)
-            b_gw += b_r[:, None, None] * b_G[None, :, :]
-    if NEED_W:
-        tl.store(gw_ptr + (i_s * E).to(tl.int64) * N + o_w, b_gw, mask=m_w)
+    p_G = G_ptr + (i_b.to(tl.int64) * C_OUT + o_c) * (KH * KW)
+    for i in range(KH):  # rows of taps in a loop, a row's taps unrolled
+        for j in tl.static_range(KW):
+            b_Gt = tl.zeros((BLOCK_C,), dtype=ACC)
+            for p0 in range(0, L, BLOCK_L):
+                o_p = p0 + tl.arange(0, BLOCK_L)
+                m_p = o_p < L
+                o_oh, o_ow = o_p // WO, o_p % WO
+                o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
+                o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
+                m_x = m_p & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
+                off_x = off_xc[:, None] + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :]
+                b_x = tl.load(p_x + off_x, mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
+                off_g = off_gc[:, None] + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :]
+                b_g = tl.load(p_g + off_g, mask=m_c[:, None] & m_p[None, :], other=0.0).to(ACC)
+                b_Gt += tl.sum(b_x * b_g, axis=1)
+            tl.store(p_G + i * KW + j, b_Gt, mask=m_c)

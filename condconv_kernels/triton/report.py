@@ -230,15 +230,13 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         l2 = programs * (mult * (bc * halo(bp, W, wo, ho) + taps * E * bc) + bc * bp) * itemsize
         cc = programs * mult * taps * (2 * bc * bp + 2 * E * bc)
         return x_bytes + out_bytes + experts_bytes, l2, 0, cc, conv_flops + mix_flops
-    # dw_bwd_w_kernel: a program per channel tile and batch split, every example and tap;
-    # before, W's taps and the gradients (read and written) per example, now once a program
-    l2 = B * cdiv(cout, bc) * cdiv(P, bp) * bc * (bp + halo(bp, wo, W, H)) * itemsize
-    if "E_POW2" in launch.kwargs:
-        l2 += programs * taps * E * bc * (itemsize + 4)
-    else:
-        l2 += B * cdiv(cout, bc) * taps * E * bc * (itemsize + 8)
-    cc = B * cdiv(cout, bc) * taps * (cdiv(P, bp) * 2 * bc * bp + 4 * E * bc)
-    hbm = x_bytes + out_bytes + experts_bytes + E * kernel_numel * 4
+    # dw_bwd_w_kernel: a program per (example, channel tile) over every tap: its grad_out tile
+    # and input tile with halo from L2 once (the taps' reloads hit L1), G written once, then
+    # the two matrix products on G (routing^T G, G W^T) read it twice more.
+    g_bytes = B * cout * taps * 4
+    l2 = B * cdiv(cout, bc) * bc * (P + halo(P, wo, W, H)) * itemsize + g_bytes
+    cc = B * cout * taps * 2 * P
+    hbm = x_bytes + out_bytes + experts_bytes + 3 * g_bytes + E * kernel_numel * 4
     return hbm, l2, 0, cc, conv_flops + 2 * mix_flops
 
 

@@ -178,10 +178,27 @@ __global__ void __launch_bounds__(kThreads) tensor_core_gemm_kernel(View v) {
   const auto convert = [](float value) { return Op::from(value); };
   for (int64_t zz = blockIdx.z; zz < v.batches(); zz += gridDim.z) {
     const index_t z = static_cast<index_t>(zz);
-    wmma::fragment<wmma::accumulator, 16, 16, kMmaK, float> acc[2];
-    wmma::fill_fragment(acc[0], 0.0f);
-    wmma::fill_fragment(acc[1], 0.0f);
+    // Two levels of sums: the MMAs accumulate kChainSlices K-slices into acc, which is then
+    // added into total on the CUDA cores and cleared. Tensor cores do not round their float32
+    // sums to nearest: over one chain of millions of MMAs (a kernel gradient over 2.7e8
+    // pixels) the sum drifts toward zero by tens of percent.
+    constexpr index_t kChainSlices = 128;
+    wmma::fragment<wmma::accumulator, 16, 16, kMmaK, float> acc[2], total[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::fill_fragment(acc[j], 0.0f);
+      wmma::fill_fragment(total[j], 0.0f);
+    }
+    index_t chained = 0;
     for (index_t k0 = 0; k0 < K; k0 += kSliceK) {
+      if (++chained == kChainSlices) {
+        chained = 0;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[j].x[e];
+          wmma::fill_fragment(acc[j], 0.0f);
+        }
+      }
       stage_tiles<View, kSliceK, kThreads, T, kLdA, kLdB>(v, z, m0, n0, k0, As, Bs, convert);
       __syncthreads();
 #pragma unroll
@@ -199,7 +216,9 @@ __global__ void __launch_bounds__(kThreads) tensor_core_gemm_kernel(View v) {
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, acc[j], kLdC, wmma::mem_row_major);
+      for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[j].x[e];
+      wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, total[j], kLdC,
+                              wmma::mem_row_major);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < kTileM * kTileN; i += kThreads) {

@@ -23,7 +23,7 @@ struct Config {
 
 // Dense with stride, dilation, asymmetric padding and groups; channels_last; sliced inputs;
 // several tiles in every GEMM dimension; depthwise with multiplier 1 and 2, and planes of more
-// than one block of pixels.
+// than one block of pixels; a reduction longer than one tensor-core accumulation chain.
 inline std::vector<Config> configs() {
   return {
       {"dense", 3, 4, 6, 9, 11, 3, 4, 2, {2, 1}, {1, 0, 2, 1}, {1, 2}, true, "contiguous"},
@@ -36,6 +36,9 @@ inline std::vector<Config> configs() {
       {"dw-mult2", 2, 4, 8, 9, 9, 3, 2, 4, {1, 2}, {2, 2, 2, 2}, {2, 2}, false, "channels_last"},
       {"dw-sliced", 2, 3, 3, 6, 7, 3, 2, 3, {1, 1}, {1, 1, 0, 2}, {1, 1}, true, "sliced"},
       {"dw-large", 1, 2, 2, 20, 18, 3, 2, 2, {1, 1}, {1, 1, 1, 1}, {1, 1}, true, "contiguous"},
+      // A kernel gradient reduced over 5184 pixels: more K-slices than one MMA chain takes.
+      {"long-reduction", 1, 4, 4, 72, 72, 1, 2, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, false,
+       "contiguous"},
   };
 }
 
