@@ -94,6 +94,21 @@ def test_second_call_without_a_kit_builds(tmp_path):
     assert "no kit at" in (out / "log.txt").read_text()
 
 
+def test_profile_call_walks_every_step(tmp_path):
+    """The profile call (here without a kit: it builds): host against device time per layer
+    and for the whole model in the summary, then the >2^31-element tests."""
+    out = tmp_path / "out"
+    run = _run(tmp_path, "profile", out)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    steps = _steps(summary)
+    assert list(steps) == ["versions", "restore", "build", "install", "profile", "huge-tests"]
+    assert all(status == "ok" for status, _, _ in steps.values()), summary
+    assert "| layer | variant | host us | device us | kernels per call |" in summary
+    assert "| variant | wall ms | device ms | host ms (no sync) |" in summary
+    assert len(_files(out)) <= MAX_FILES
+
+
 def test_summary_survives_a_kill_half_way(tmp_path):
     """The run killed (SIGKILL, the whole process group) once three steps have ended: the
     summary holds those steps, the log their output."""
@@ -121,4 +136,4 @@ def test_summary_survives_a_kill_half_way(tmp_path):
 def test_usage_error_names_the_calls():
     run = subprocess.run(["bash", str(SCRIPT), "both"], capture_output=True, text=True)
     assert run.returncode == 2
-    assert "first|second" in run.stderr
+    assert "first|second|profile" in run.stderr
