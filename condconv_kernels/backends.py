@@ -14,10 +14,11 @@ backend that cannot run raises with the reason and how to get it.
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import List, Optional, Tuple
 
 import torch
+
+from . import _env
 
 NAMES = ("triton", "cuda", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
@@ -73,7 +74,7 @@ def why_unavailable(name: str, device_type: str) -> Optional[str]:
             return "triton is not installed (`pip install triton`)"
         if device_type == "cuda":
             return None
-        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if device_type == "cpu" and _env.TRITON_INTERPRET:
             return None
         return (f"backend 'triton' runs on CUDA tensors (on CPU tensors only under "
                 f"TRITON_INTERPRET=1, the interpreter used for testing), got a {device_type} "
@@ -94,7 +95,7 @@ def resolve(backend: str, device_type: str) -> str:
         raise TypeError(f"condconv2d: argument 'backend' must be a string, "
                         f"got {type(backend).__name__}")
     if backend == "auto":
-        backend = os.environ.get("CONDCONV_BACKEND", "auto") or "auto"
+        backend = _env.backend_override()
     if backend == "auto":
         for name in _AUTO_ORDER.get(device_type, ("reference",)):
             if why_unavailable(name, device_type) is None:

@@ -11,7 +11,6 @@ index -> name given with --labels (as TensorFlow's eval data ships it, labels_ma
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple

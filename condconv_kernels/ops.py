@@ -14,9 +14,8 @@ handwritten autograd formula, an autocast rule and a FLOP formula.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -180,7 +179,7 @@ _condconv2d.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerCondConv2d(torch.autograd.Function):
-    """The differentiable op without the custom-op layer, for plain eager calls on the GPU
+    """The differentiable op without the custom-op layer, for plain eager calls on the kernel
     backends: the same forward, saved tensors and backward (:func:`_backward` with the backward
     op's computation called directly). The layer's dispatch, schema handling and second argument
     check cost hundreds of microseconds of host time per forward + backward, more than a layer's
@@ -293,22 +292,29 @@ def _records_gradient(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _eager_gpu(x, routing, weight, bias, stride, padding, dilation, groups, backend):
-    """A plain eager call on a GPU backend: the autocast rule applied here, then the forward
-    (under :class:`_EagerCondConv2d` where a gradient is recorded), named
-    ``condconv::condconv2d`` in a running profiler as the op would be."""
-    autocast = _args.autocast_enabled(x.device.type)
-    if autocast:
+def _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend):
+    """A plain eager call on a kernel backend (cpu, cuda, triton), without the custom-op layer:
+    the autocast rule applied here (nothing inside is cast again, as under the op's autocast
+    kernel), then :class:`_EagerCondConv2d` where a gradient is recorded, else the forward alone
+    (for cpu and cuda the C++ op, whose name a profiler shows; the triton backend's forward gets a
+    profiler range named as the op)."""
+    if _args.autocast_enabled(x.device.type):
         x, routing, weight, bias = _autocast_inputs(x, routing, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend)
     args = (x, routing, weight, bias, stride, padding, dilation, groups, backend)
-    with contextlib.ExitStack() as stack:
-        if autocast:  # as the op's autocast rule: nothing inside is cast again
-            stack.enter_context(torch.autocast(x.device.type, enabled=False))
-        if torch._C._autograd._profiler_enabled():
-            stack.enter_context(torch.autograd.profiler.record_function("condconv::condconv2d"))
-        if _records_gradient((x, routing, weight, bias)):
-            return _EagerCondConv2d.apply(*args)
-        return _forward_impl(*args)
+    if backend == "triton" and torch._C._autograd._profiler_enabled():
+        with torch.autograd.profiler.record_function("condconv::condconv2d"):
+            return _eager_run(args)
+    return _eager_run(args)
+
+
+def _eager_run(args):
+    if _records_gradient(args[:4]):
+        return _EagerCondConv2d.apply(*args)
+    if args[-1] in ("cpu", "cuda") and args[0].shape[0] > 0:
+        return torch.ops.condconv.native_forward(*args[:-1])
+    return _forward_impl(*args)
 
 
 def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -318,7 +324,9 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
 
     For each example b, with kernel ``W_b = sum_e routing[b, e] * weight[e]`` (and likewise the
     bias), ``out[b] = conv2d(x[b], W_b, bias_b, stride, padding, dilation, groups)``. The
-    backends mix the experts inside the convolution; the B mixed kernels are never stored.
+    backends mix the experts inside the convolution: the dense layers' B mixed kernels are never
+    stored (the CPU's depthwise path stores its B mixed C x kh x kw kernels, the size of B output
+    pixels per channel; the ``reference`` backend stores all of them, as timm does).
 
     Args:
         x: (B, Cin, H, W), float32/float64/float16/bfloat16, any strides (contiguous,
@@ -349,14 +357,14 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
     _args.check_inputs(x, routing, weight, bias, stride_hw, pad, dilation_hw, groups,
                        autocast=_args.autocast_enabled(x.device.type))
     name = backends.resolve(backend, x.device.type)
+    # The two routes into a backend's kernels. Plain eager calls (plain tensors; not compiled,
+    # traced or under vmap/grad transforms; no dispatch or function mode) on the kernel backends
+    # skip the custom-op layer, whose dispatch and Python kernel cost tens to hundreds of
+    # microseconds of host time a call: _eager (autocast rule, autograd.Function). Everything
+    # else, and the reference backend always, goes through the condconv::condconv2d op (its
+    # autocast kernel, autograd formula, fake implementation and FLOP formula).
     conv = (list(stride_hw), list(pad), list(dilation_hw), groups)
-    # Plain eager calls skip the custom-op layer (its dispatch and Python kernel cost tens to
-    # hundreds of microseconds of host time a call); traced, compiled or observed calls keep
-    # the condconv2d op.
     tensors = (x, routing, weight, bias)
-    if name in ("triton", "cuda") and _plain_eager(tensors):
-        return _eager_gpu(*tensors, *conv, name)
-    if name == "cpu" and _plain_eager(tensors) and not _records_gradient(tensors) \
-            and not _args.autocast_enabled(x.device.type):
-        return torch.ops.condconv.native_forward(*tensors, *conv)  # eager CPU inference
+    if name != "reference" and _plain_eager(tensors):
+        return _eager(*tensors, *conv, name)
     return torch.ops.condconv.condconv2d(*tensors, *conv, name)

@@ -3,8 +3,10 @@
 //   W_b = sum_e routing[b, e] * weight[e]      bias_b = sum_e routing[b, e] * bias[e]
 //   out[b] = conv2d(x[b], W_b, bias_b, stride, padding, dilation, groups)
 //
-// The expert mix is done per example into scratch memory that belongs to one thread at a
-// time; the B x |W| tensor of mixed kernels is never allocated.
+// The dense expert mix is done per chunk of examples into scratch memory that belongs to one
+// thread at a time, so the B x |W| tensor of mixed kernels is never allocated for dense layers.
+// Depthwise layers on the CPU's ATen path store their B mixed kernels (B x C x kh x kw, the
+// size of B output pixels per channel: csrc/cpu/depthwise_grouped.h).
 //
 // Operators (namespace `condconv`, defined in ops.cpp, kernels bound per dispatch key):
 //   native_forward(x, routing, weight, bias?, stride[2], padding[4], dilation[2], groups)

@@ -128,7 +128,8 @@ def test_unavailable_backend_raises_with_hint(monkeypatch):
     inputs = make_inputs(case, torch.float32)
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
         run_op(case, inputs, "cuda")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton on CPU tensors needs the interpreter
+    # triton on CPU tensors needs the interpreter (TRITON_INTERPRET, read at import)
+    monkeypatch.setattr(cc.backends._env, "TRITON_INTERPRET", False)
     with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
         run_op(case, inputs, "triton")
 

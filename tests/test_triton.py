@@ -158,27 +158,32 @@ def test_forced_configuration(monkeypatch):
     """CONDCONV_TRITON_CONFIG=i launches the i-th configuration of each table (modulo its
     length) without autotuning, as bench/warm_triton.py needs; other values are refused."""
     import importlib
+    from condconv_kernels import _env
     from condconv_kernels.triton import _config
+
+    def reload():
+        importlib.reload(_env)
+        importlib.reload(_config)
     try:
         monkeypatch.setenv("CONDCONV_TRITON_CONFIG", "3")
-        importlib.reload(_config)
+        reload()
         assert not _config.AUTOTUNE and _config.FORCED_CONFIG == 3
         monkeypatch.setattr(_config, "INTERPRET", False)
         dw = _config._table(("BLOCK_C", "BLOCK_P"))[3]
         assert _config.fixed_blocks(("BLOCK_C", "BLOCK_P")) == {
             **dw[0], "num_warps": dw[1], "num_stages": dw[2]}
         monkeypatch.setenv("CONDCONV_TRITON_CONFIG", "9")
-        importlib.reload(_config)
+        reload()
         monkeypatch.setattr(_config, "INTERPRET", False)
         dense = _config._table(_config.DENSE_TILES)
         assert _config.fixed_blocks(_config.DENSE_TILES, 8, 2)["BLOCK_M"] == \
             dense[9 % len(dense)][0]["BLOCK_M"]
         monkeypatch.setenv("CONDCONV_TRITON_CONFIG", "first")
         with pytest.raises(ValueError, match="CONDCONV_TRITON_CONFIG"):
-            importlib.reload(_config)
+            reload()
     finally:
         monkeypatch.undo()
-        importlib.reload(_config)
+        reload()
 
 
 def test_a_block_of_examples_past_the_batch(monkeypatch):

@@ -14,6 +14,8 @@ from typing import Callable, Dict
 import torch
 import torch.utils.benchmark as tbench
 
+from .. import _env
+
 
 # glibc's malloc returns large freed blocks to the OS (munmap, heap trimming) under thresholds
 # that move with the allocation history, so whether a given call of a benchmarked function pays
@@ -27,7 +29,7 @@ def reexec_with_stable_malloc() -> None:
     at process start only), unless it is already set or CONDCONV_MALLOC_AS_IS=1. For the
     benchmark scripts' ``__main__``; never call it from library code."""
     import sys
-    if "GLIBC_TUNABLES" in os.environ or os.environ.get("CONDCONV_MALLOC_AS_IS") == "1":
+    if "GLIBC_TUNABLES" in os.environ or _env.malloc_as_is():
         return
     if platform.system() != "Linux":
         return

@@ -11,27 +11,16 @@ autotuned run, which then only times the configurations (``bench/warm_triton.py`
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Sequence
 
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .. import _env
 
-
-def _forced_config():
-    value = os.environ.get("CONDCONV_TRITON_CONFIG", "").strip()
-    if not value:
-        return None
-    if not value.isdigit():
-        raise ValueError("CONDCONV_TRITON_CONFIG must be a configuration index (0, 1, ...), "
-                         f"got {value!r}")
-    return int(value)
-
-
-FORCED_CONFIG = _forced_config()
-AUTOTUNE = os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0" and FORCED_CONFIG is None
+INTERPRET = _env.TRITON_INTERPRET
+FORCED_CONFIG = _env.TRITON_CONFIG
+AUTOTUNE = _env.TRITON_AUTOTUNE
 
 # The tile names of the dense forward and grad_x kernels: examples per program, the output tile
 # (channels x pixels) and the reduction block.

@@ -14,7 +14,6 @@ builder once a kernel has been interpreted.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="Of the autotuned configurations, compile only the largest.")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _config.INTERPRET:
         p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
     failures = 0
     for name, dtype, (blocks, warps, stages), first in variants(args.quick):

@@ -365,7 +365,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="Write the records here.")
     p.add_argument("--before", help="A JSON of an earlier report: print the two side by side.")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _config.INTERPRET:
         p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
     from ..profile import efficientnet_cc_b0_layers
     layers = efficientnet_cc_b0_layers(8)[:args.first]

@@ -12,7 +12,8 @@
 // A View supplies lhs(z, m, k) = A, rhs(z, k, n) = B and store(z, m, n, value); the kernel
 // (kernels.cuh) stages K-slices of A and B in shared memory. The forward and grad_x views
 // mix the experts as they load a tile of A: W_b[co, k] = sum_e routing[b, e] * weight[e, co, k],
-// so the B x |W| mixed kernels never exist in memory. Offsets are 64-bit throughout.
+// so the B x |W| mixed kernels never exist in memory. Offsets are index_t: 32-bit where every
+// offset of the call fits (Shape), 64-bit otherwise.
 //
 // Depthwise (Cin/g == 1) has direct per-pixel kernels with the (b, channel) taps mixed once per
 // block into shared memory; their per-pixel sums are also here.

@@ -1,0 +1,44 @@
+"""Every environment variable the package reads, each read here once (the README's table of
+switches lists them with the build's and the tests' own).
+
+- ``TRITON_INTERPRET=1``: Triton's interpreter; the ``triton`` backend then runs on CPU tensors
+  (for tests). Read at import, as Triton itself reads it when the kernels are defined.
+- ``CONDCONV_TRITON_AUTOTUNE=0``: launch the first configuration of each Triton table instead
+  of autotuning (one compile per shape: test runs).
+- ``CONDCONV_TRITON_CONFIG=i``: launch the i-th configuration of each table (modulo its length),
+  without autotuning (``bench/warm_triton.py`` fills Triton's cache this way).
+- ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call
+  (:func:`backend_override`), so a process may change it.
+- ``CONDCONV_MALLOC_AS_IS=1``: the benchmark scripts keep the C allocator's settings instead of
+  re-running themselves with stable ones (:func:`malloc_as_is`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def _forced_config() -> Optional[int]:
+    value = os.environ.get("CONDCONV_TRITON_CONFIG", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError("CONDCONV_TRITON_CONFIG must be a configuration index (0, 1, ...), "
+                         f"got {value!r}")
+    return int(value)
+
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_CONFIG = _forced_config()
+TRITON_AUTOTUNE = (os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0"
+                   and TRITON_CONFIG is None)
+
+
+def malloc_as_is() -> bool:
+    """Whether ``CONDCONV_MALLOC_AS_IS=1`` (read when a benchmark starts)."""
+    return os.environ.get("CONDCONV_MALLOC_AS_IS") == "1"
+
+
+def backend_override() -> str:
+    """The backend ``auto`` stands for: ``CONDCONV_BACKEND``, or ``auto`` when unset or empty."""
+    return os.environ.get("CONDCONV_BACKEND", "auto") or "auto"
