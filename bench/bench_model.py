@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from condconv_kernels.cli import parser
+from condconv_kernels.cli import add_timing_arguments, parser
 from condconv_kernels.profile import machine_info
 from condconv_kernels.profile.timing import reexec_with_stable_malloc, time_interleaved
 from condconv_kernels.profile.latency import model_variants
@@ -28,19 +28,13 @@ def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--model", default="tf_efficientnet_cc_b0_8e", help="The model to time.")
     p.add_argument("--batch", default="1,8", help="Comma-separated batch sizes.")
-    p.add_argument("--device", default="cpu", help="Where to run: cpu or cuda.")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="The dtype of the parameters and the input.")
+    add_timing_arguments(p, device="cpu", min_run_time=1.0,
+                         backward="Time a training step's forward + backward instead.")
     p.add_argument("--amp", choices=["float16", "bfloat16"],
                    help="Run under torch.autocast with this dtype (parameters stay --dtype).")
     p.add_argument("--channels-last", action="store_true",
                    help="Make the model and the input channels_last.")
-    p.add_argument("--backward", action="store_true",
-                   help="Time a training step's forward + backward.")
-    p.add_argument("--input-size", type=int, help="The image side (default: the model's own).")
     p.add_argument("--timm", default="", help="Comma-separated timm model names to add.")
-    p.add_argument("--min-run-time", type=float, default=1.0,
-                   help="Seconds of timed calls per measurement.")
     p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
     args = p.parse_args(argv)
     mode = "forward+backward" if args.backward else "forward"

@@ -23,6 +23,11 @@ from . import _env
 NAMES = ("triton", "cuda", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 _REBUILD = "pip install -e . --no-build-isolation"
+_NO_KERNELS = {  # the loaded extension lacks the device's kernels: how to get them
+    "cpu": f"condconv_kernels._C has no CPU kernels; rebuild with `{_REBUILD}`",
+    "cuda": (f"condconv_kernels._C was built without CUDA kernels: rebuild with `{_REBUILD}` "
+             "where torch has CUDA and CUDA_HOME is set, without CONDCONV_SKIP_CUDA=1"),
+}
 
 _native_error: Optional[str] = None
 try:
@@ -51,23 +56,14 @@ def why_unavailable(name: str, device_type: str) -> Optional[str]:
     """None when backend ``name`` can run on ``device_type`` now, else the reason and the fix."""
     if name == "reference":
         return None
-    if name == "cpu":
-        if device_type != "cpu":
-            return f"backend 'cpu' runs on CPU tensors only, got a {device_type} tensor"
+    if name in ("cpu", "cuda"):  # the C++ extension's kernels for that device
+        if device_type != name:
+            return (f"backend '{name}' runs on {name.upper()} tensors only, got a {device_type} "
+                    "tensor")
         if _native_error is not None:
             return f"{_native_error}; build it with `{_REBUILD}`"
-        if not _has_native_kernel("CPU"):
-            return f"condconv_kernels._C has no CPU kernels; rebuild with `{_REBUILD}`"
-        return None
-    if name == "cuda":
-        if device_type != "cuda":
-            return f"backend 'cuda' runs on CUDA tensors only, got a {device_type} tensor"
-        if _native_error is not None:
-            return f"{_native_error}; build it with `{_REBUILD}`"
-        if not _has_native_kernel("CUDA"):
-            return ("condconv_kernels._C was built without CUDA kernels: rebuild with "
-                    f"`{_REBUILD}` where torch has CUDA and CUDA_HOME is set, without "
-                    "CONDCONV_SKIP_CUDA=1")
+        if not _has_native_kernel(name.upper()):
+            return _NO_KERNELS[name]
         return None
     if name == "triton":
         if not _TRITON_FOUND:

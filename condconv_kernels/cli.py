@@ -8,7 +8,7 @@ import argparse
 import textwrap
 from typing import Optional
 
-__all__ = ["parser", "first_paragraph"]
+__all__ = ["parser", "first_paragraph", "add_timing_arguments"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -37,3 +37,22 @@ def parser(doc: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description,
                                    epilog=rest.strip("\n").rstrip() or None,
                                    formatter_class=_Formatter)
+
+
+def add_timing_arguments(p: argparse.ArgumentParser, device: str = "cpu",
+                         min_run_time: float = 0.5,
+                         backward: str = "Also time forward + backward (a training step without "
+                                         "the optimizer).") -> None:
+    """The options every timing command shares: --device, --dtype, --backward (its help given:
+    whether it adds the backward or replaces the forward by forward + backward), --input-size,
+    --min-run-time (``device="auto"`` adds the choice of the GPU when there is one)."""
+    devices = (["auto"] if device == "auto" else []) + ["cpu", "cuda"]
+    p.add_argument("--device", default=device, choices=devices,
+                   help="Where to run" + ("; auto is the GPU when there is one." if device ==
+                                          "auto" else "."))
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"],
+                   help="The dtype of the model (its parameters) and its input.")
+    p.add_argument("--backward", action="store_true", help=backward)
+    p.add_argument("--input-size", type=int, help="The image side (default: the model's own).")
+    p.add_argument("--min-run-time", type=float, default=min_run_time,
+                   help="Seconds of timed calls per measurement.")

@@ -138,3 +138,49 @@ def test_meta_tensors_give_the_output_shape():
 def test_native_op_sizes_do_not_overflow(stride, padding, dilation, needle):
     with pytest.raises(ValueError, match=needle):
         torch.ops.condconv.native_forward(x, r, w, None, stride, padding, dilation, 1)
+
+
+# Bad arguments in the op's own form (x, routing, weight, bias, stride[2], padding[4],
+# dilation[2], groups): every check, as Python states it (_args.check_inputs) and as C++ states
+# it (csrc/ops.cpp).
+OP_ARGS = (x, r, w, None, [1, 1], [0] * 4, [1, 1], 1)
+PARITY = [
+    ("x rank", {0: x[0]}), ("routing rank", {1: r[0]}), ("weight rank", {2: w[0]}),
+    ("E mismatch", {1: r[:, :2]}), ("routing batch", {1: r[:1]}), ("Cin vs weight", {0: x[:, :3]}),
+    ("Cin vs weight x groups", {7: 2}), ("groups does not divide", {2: w[:, :, :1], 7: 3}),
+    ("groups zero", {7: 0}), ("bias shape", {3: b[:, :2]}), ("weight dtype", {2: w.double()}),
+    ("routing dtype", {0: x.double(), 1: r.half(), 2: w.double()}),
+    ("bias dtype", {3: b.double()}), ("integer x", {0: x.long(), 2: w.long()}),
+    ("stride zero", {4: [0, 1]}), ("dilation zero", {6: [1, 0]}),
+    ("negative padding", {5: [0, -1, 0, 0]}), ("kernel larger than input", {0: x[:, :, :2, :2]}),
+    ("output past 2**63 bytes", {5: [2 ** 40] * 4}),
+]
+
+
+def _argument(message: str) -> str:
+    import re
+    found = re.search(r"argument '(\w+)'", message)
+    return found.group(1) if found else message
+
+
+@pytest.mark.skipif("cpu" not in cc.available_backends("cpu"), reason="C++ extension not built")
+@pytest.mark.parametrize("changes", [c[1] for c in PARITY], ids=[c[0] for c in PARITY])
+def test_python_and_cpp_checks_agree(changes):
+    """Each bad argument, through the public function, the op on the reference backend (the
+    Python checks) and the C++ operator (its own checks): the same exception type, naming the
+    same argument."""
+    args = list(OP_ARGS)
+    for i, value in changes.items():
+        args[i] = value
+    calls = {
+        "condconv2d": lambda: cc.condconv2d(*args[:4], stride=args[4], padding=args[5],
+                                            dilation=args[6], groups=args[7]),
+        "op, reference": lambda: torch.ops.condconv.condconv2d(*args, "reference"),
+        "native_forward": lambda: torch.ops.condconv.native_forward(*args),
+    }
+    seen = {}
+    for name, call in calls.items():
+        with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
+            call()
+        seen[name] = (type(info.value).__name__, _argument(str(info.value)))
+    assert len(set(seen.values())) == 1, seen

@@ -271,24 +271,16 @@ def _plots(result, out_dir) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..cli import parser
+    from ..cli import add_timing_arguments, parser
     from ..models import list_models
     p = parser(__doc__, prog="condconv-profile")
     p.add_argument("--model", default="tf_efficientnet_cc_b0_8e",
                    help=f"The model to profile, one of: {', '.join(list_models())}.")
     p.add_argument("--batch", help="Comma-separated batch sizes (default: 1,8 on CPU and "
                                    "1,32,256 on a GPU).")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="Where to run; auto is the GPU when there is one.")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="The dtype of the model and its input.")
+    add_timing_arguments(p, device="auto", min_run_time=0.5)
     p.add_argument("--layers", action="store_true",
                    help="Also time every CondConv layer at its real shape.")
-    p.add_argument("--backward", action="store_true",
-                   help="Also time forward + backward (a training step without the optimizer).")
-    p.add_argument("--input-size", type=int, help="The image side (default: the model's own).")
-    p.add_argument("--min-run-time", type=float, default=0.5,
-                   help="Seconds of timed calls per measurement.")
     p.add_argument("--out", help="A directory for results.json, results.csv, results.md and the "
                                  "plots.")
     args = p.parse_args(argv)

@@ -89,6 +89,25 @@ void dense_forward(const at::Tensor& x, const Operands<scalar_t>& ops, const at:
   }
 }
 
+// The tensors every depthwise forward reads and writes, as pointers and strides.
+template <typename scalar_t>
+struct DepthwiseData {
+  using acc_t = typename Operands<scalar_t>::acc_t;
+  Strides xs, os;
+  const scalar_t* x;
+  scalar_t* out;
+  const acc_t* routing;   // (B, E)
+  const acc_t* weight;    // (E, |W|)
+  const acc_t* bias_mix;  // (B, Cout) mixed biases, or nullptr
+  DepthwiseData(const at::Tensor& x_, const Operands<scalar_t>& ops, const at::Tensor& bias_mix_,
+                at::Tensor& out_)
+      : xs(x_), os(out_), x(x_.const_data_ptr<scalar_t>()),
+        out(out_.mutable_data_ptr<scalar_t>()),
+        routing(ops.routing.template const_data_ptr<acc_t>()),
+        weight(ops.weight.template const_data_ptr<acc_t>()),
+        bias_mix(bias_mix_.defined() ? bias_mix_.const_data_ptr<acc_t>() : nullptr) {}
+};
+
 // One (example, output channel) per task over a zero-padded copy of the input plane. The output
 // is accumulated with the padded plane's row pitch, so with stride 1 each tap is one contiguous
 // multiply-add over Ho x Wp values (the Wp - Wo columns between rows are computed and dropped).
@@ -101,20 +120,17 @@ void depthwise_forward_planar(const at::Tensor& x, const Operands<scalar_t>& ops
   const int64_t wp = g.width + g.pad_left + g.pad_right;
   const int64_t hp = g.height + g.pad_top + g.pad_bottom;
   const int64_t span = (g.out_h - 1) * wp + g.out_w;  // pitched output extent
-  const Strides xs(x), os(out);
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-  const acc_t* r_ptr = ops.routing.template const_data_ptr<acc_t>();
-  const acc_t* w_ptr = ops.weight.template const_data_ptr<acc_t>();
-  const acc_t* bm_ptr = bias_mix.defined() ? bias_mix.const_data_ptr<acc_t>() : nullptr;
+  const DepthwiseData<scalar_t> d(x, ops, bias_mix, out);
 
   at::parallel_for(0, g.batch * g.out_channels, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> plane(hp * wp), y(g.out_h * wp), w(taps);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / g.out_channels, co = t % g.out_channels;
       const int64_t ci = co / g.out_per_group();
-      mix_experts<acc_t>(w_ptr + co * taps, N, r_ptr + b * g.experts, g.experts, taps, w.data());
-      padded_plane<scalar_t, acc_t>(x_ptr + b * xs.n + ci * xs.c, xs.h, xs.w, g, plane.data());
+      mix_experts<acc_t>(d.weight + co * taps, N, d.routing + b * g.experts, g.experts, taps,
+                         w.data());
+      padded_plane<scalar_t, acc_t>(d.x + b * d.xs.n + ci * d.xs.c, d.xs.h, d.xs.w, g,
+                                    plane.data());
       std::fill(y.begin(), y.end(), acc_t(0));
       for (int64_t i = 0; i < g.kernel_h; ++i) {
         for (int64_t j = 0; j < g.kernel_w; ++j) {
@@ -132,11 +148,11 @@ void depthwise_forward_planar(const at::Tensor& x, const Operands<scalar_t>& ops
           }
         }
       }
-      const acc_t add = bm_ptr ? bm_ptr[b * g.out_channels + co] : acc_t(0);
-      scalar_t* dst = out_ptr + b * os.n + co * os.c;
+      const acc_t add = d.bias_mix ? d.bias_mix[b * g.out_channels + co] : acc_t(0);
+      scalar_t* dst = d.out + b * d.os.n + co * d.os.c;
       for (int64_t oh = 0; oh < g.out_h; ++oh) {
         for (int64_t ow = 0; ow < g.out_w; ++ow) {
-          dst[oh * os.h + ow * os.w] = static_cast<scalar_t>(y[oh * wp + ow] + add);
+          dst[oh * d.os.h + ow * d.os.w] = static_cast<scalar_t>(y[oh * wp + ow] + add);
         }
       }
     }
@@ -194,12 +210,7 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
   const int64_t N = g.kernel_numel();
   const int64_t taps = g.kernel_h * g.kernel_w;
   const int64_t blocks = ceil_div(g.out_channels, kBlock);
-  const Strides xs(x), os(out);
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-  const acc_t* r_ptr = ops.routing.template const_data_ptr<acc_t>();
-  const acc_t* w_ptr = ops.weight.template const_data_ptr<acc_t>();
-  const acc_t* bm_ptr = bias_mix.defined() ? bias_mix.const_data_ptr<acc_t>() : nullptr;
+  const DepthwiseData<scalar_t> d(x, ops, bias_mix, out);
 
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> w(taps * kBlock), mixed(taps * kBlock);
@@ -208,8 +219,8 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
       const int64_t n = std::min(kBlock, g.out_channels - c0);
       // The block's (channel, tap) kernels are contiguous in each expert: mixed in one pass,
       // then transposed to (tap, channel) so the inner loops run over contiguous channels.
-      mix_experts<acc_t>(w_ptr + c0 * taps, N, r_ptr + b * g.experts, g.experts, n * taps,
-                         mixed.data());
+      mix_experts<acc_t>(d.weight + c0 * taps, N, d.routing + b * g.experts, g.experts,
+                         n * taps, mixed.data());
       bool finite = true;
       for (int64_t c = 0; c < n; ++c) {
         for (int64_t k = 0; k < taps; ++k) {
@@ -218,18 +229,18 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
           w[k * kBlock + c] = v;
         }
       }
-      const scalar_t* xb = x_ptr + b * xs.n + c0;
-      const acc_t* bias = bm_ptr ? bm_ptr + b * g.out_channels + c0 : nullptr;
-      scalar_t* ob = out_ptr + b * os.n + c0;
+      const scalar_t* xb = d.x + b * d.xs.n + c0;
+      const acc_t* bias = d.bias_mix ? d.bias_mix + b * g.out_channels + c0 : nullptr;
+      scalar_t* ob = d.out + b * d.os.n + c0;
       if (!finite) {
-        depthwise_channels_last_block<scalar_t, acc_t, kBlock, false, true>(xb, xs, g, w.data(),
-                                                                           bias, ob, os, n);
+        depthwise_channels_last_block<scalar_t, acc_t, kBlock, false, true>(
+            xb, d.xs, g, w.data(), bias, ob, d.os, n);
       } else if (n == kBlock) {
-        depthwise_channels_last_block<scalar_t, acc_t, kBlock, true>(xb, xs, g, w.data(), bias,
-                                                                    ob, os, n);
+        depthwise_channels_last_block<scalar_t, acc_t, kBlock, true>(xb, d.xs, g, w.data(), bias,
+                                                                    ob, d.os, n);
       } else {
-        depthwise_channels_last_block<scalar_t, acc_t, kBlock, false>(xb, xs, g, w.data(), bias,
-                                                                     ob, os, n);
+        depthwise_channels_last_block<scalar_t, acc_t, kBlock, false>(xb, d.xs, g, w.data(),
+                                                                     bias, ob, d.os, n);
       }
     }
   });

@@ -129,21 +129,25 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(View v) {
 template <typename scalar_t>
 struct TensorCoreOperand;
 
-template <>
-struct TensorCoreOperand<at::Half> {
-  using type = __half;
-  using mma = __half;
+// float16 and bfloat16: rounded to nearest as they are staged (overloads on the type).
+__device__ inline __half round_operand(float v, const __half*) { return __float2half_rn(v); }
+__device__ inline __nv_bfloat16 round_operand(float v, const __nv_bfloat16*) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T>
+struct SixteenBitOperand {
+  using type = T;
+  using mma = T;
   static constexpr int kK = 16;
-  __device__ static type from(float v) { return __float2half_rn(v); }
+  __device__ static type from(float v) { return round_operand(v, static_cast<const T*>(nullptr)); }
 };
 
 template <>
-struct TensorCoreOperand<at::BFloat16> {
-  using type = __nv_bfloat16;
-  using mma = __nv_bfloat16;
-  static constexpr int kK = 16;
-  __device__ static type from(float v) { return __float2bfloat16_rn(v); }
-};
+struct TensorCoreOperand<at::Half> : SixteenBitOperand<__half> {};
+
+template <>
+struct TensorCoreOperand<at::BFloat16> : SixteenBitOperand<__nv_bfloat16> {};
 
 template <>
 struct TensorCoreOperand<float> {
