@@ -21,6 +21,7 @@ import sys
 import time
 
 from condconv_kernels.cli import parser
+from condconv_kernels.profile.tables import write_result
 
 
 def _measure(model_name: str, mode: str, size: int, batches, sizes) -> dict:
@@ -117,10 +118,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
+        write_result(args.out, table, record=rows)
     return 0
 
 

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import condconv_kernels as cc  # noqa: E402
 from condconv_kernels import ops  # noqa: E402
 from condconv_kernels.cli import parser  # noqa: E402
-from condconv_kernels.profile import machine_info  # noqa: E402
+from condconv_kernels.profile.tables import header, machine_line, row, write_result  # noqa: E402
 
 
 def _stub_forward(x, routing, weight, bias, stride, padding, dilation, groups):
@@ -78,17 +78,15 @@ def main(argv=None):
                 def fn(call=call):
                     torch.autograd.grad(call(*leaves), leaves, grad)
             times[name] = per_call_us(fn, args.calls)
-        rows.append(f"| {mode} | {times['op']:.1f} | {times['eager']:.1f} | "
-                    f"{times['eager'] / times['op']:.2f} |")
+        rows.append(row([mode, f"{times['op']:.1f}", f"{times['eager']:.1f}",
+                         f"{times['eager'] / times['op']:.2f}"]))
     table = "\n".join(["Host microseconds per call of condconv2d (backend kernels stubbed)", "",
-                       "| mode | custom op | eager path | eager / op |", "|---|---|---|---|",
-                       *rows, "", "machine: " + ", ".join(f"{k} {v}" for k, v in
-                                                          machine_info().items())])
+                       *header(["mode", "custom op", "eager path", "eager / op"]), *rows, "",
+                       machine_line()])
     print(table)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"Command: `python bench/bench_host_overhead.py "
-                    f"{' '.join(argv if argv else sys.argv[1:])}`\n\n{table}\n")
+        write_result(args.out, table, "python bench/bench_host_overhead.py "
+                     + " ".join(argv if argv else sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import sys
 
 import torch
@@ -28,17 +26,13 @@ from condconv_kernels.profile import efficientnet_cc_b0_layers, machine_info, ti
 from condconv_kernels.profile.latency import layer_variants
 from condconv_kernels.profile.layers import resnet_condconv_layers
 from condconv_kernels.profile.roofline import measure_ceilings
+from condconv_kernels.profile.tables import geomean, machine_line, row, write_result
 
 try:
     from tqdm import tqdm
 except ImportError:  # progress is a nicety
     def tqdm(iterable, **_):
         return iterable
-
-
-def geomean(values):
-    values = [v for v in values if v > 0]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
 def _modeled_ms(path: str, backward: bool):
@@ -130,7 +124,7 @@ def main(argv=None):
             cells.append(f"{m:.3f}" if m else "-")
             if tuned:
                 cells.append(f"{t['fused:triton'] / m:.2f}" if m else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(row(cells))
     cells = ["geomean", "", f"{geomean([t['static'] for _, t in rows]):.3f}",
              f"{geomean([t['unfused'] for _, t in rows]):.3f}"]
     for n in fused:
@@ -146,25 +140,20 @@ def main(argv=None):
         if tuned:
             cells.append(f"{geomean([t['fused:triton'] / m for t, m in both]):.2f}"
                          if both else "-")
-    lines.append("| " + " | ".join(cells) + " |")
+    lines.append(row(cells))
     info = machine_info()
-    lines += ["", "machine: " + ", ".join(f"{k} {v}" for k, v in info.items())]
+    lines += ["", machine_line(info)]
     if ceilings:
         lines.append(ceilings.describe())
     table = "\n".join(lines)
     print(table)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         command = "python bench/bench_layers.py " + " ".join(argv if argv else sys.argv[1:])
-        with open(args.out, "w") as f:
-            f.write(f"Command: `{command}`\n\n{table}\n")
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump({"machine": info, "batch": args.batch, "dtype": args.dtype, "mode": mode,
-                       "layout": layout,
-                       "ceilings": dataclasses.asdict(ceilings) if ceilings else None,
-                       "layers": [{"name": l.name, "shape": l.describe(), "ms": t,
-                                   "flops": work[l.name][0], "bytes": work[l.name][1]}
-                                  for l, t in rows]}, f, indent=1)
+        write_result(args.out, table, command, {
+            "machine": info, "batch": args.batch, "dtype": args.dtype, "mode": mode,
+            "layout": layout, "ceilings": dataclasses.asdict(ceilings) if ceilings else None,
+            "layers": [{"name": l.name, "shape": l.describe(), "ms": t,
+                        "flops": work[l.name][0], "bytes": work[l.name][1]} for l, t in rows]})
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ installed (skipped with a note otherwise).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
 from condconv_kernels.cli import add_timing_arguments, parser
-from condconv_kernels.profile import machine_info
+from condconv_kernels.profile.tables import header, machine_line, row, write_result
 from condconv_kernels.profile.timing import reexec_with_stable_malloc, time_interleaved
 from condconv_kernels.profile.latency import model_variants
 
@@ -49,8 +48,7 @@ def main(argv=None):
             notes.append(f"timm variants {timm_models} skipped: timm does not import ({exc})")
             timm_models = []
     lines = [f"{args.model}, {precision}{layout}, {mode}, median ms", "",
-             "| batch | variant | ms | images/s | / unfused | / static |",
-             "|---|---|---|---|---|---|"]
+             *header(["batch", "variant", "ms", "images/s", "/ unfused", "/ static"])]
     for batch in [int(b) for b in args.batch.split(",")]:
         fns = model_variants(args.model, batch, args.device, getattr(torch, args.dtype),
                              args.backward, amp=getattr(torch, args.amp) if args.amp else None,
@@ -59,17 +57,14 @@ def main(argv=None):
         t = {name: m.median_ms for name, m in
              time_interleaved(fns, args.device, args.min_run_time).items()}
         for name, ms in t.items():
-            lines.append(f"| {batch} | {name} | {ms:.2f} | {batch / ms * 1e3:.0f} | "
-                         f"{ms / t['unfused']:.2f} | {ms / t['static']:.2f} |")
-    lines += [""] + notes + ["machine: " + ", ".join(f"{k} {v}" for k, v in
-                                                     machine_info().items())]
+            lines.append(row([batch, name, f"{ms:.2f}", f"{batch / ms * 1e3:.0f}",
+                              f"{ms / t['unfused']:.2f}", f"{ms / t['static']:.2f}"]))
+    lines += [""] + notes + [machine_line()]
     table = "\n".join(lines)
     print(table)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(f"Command: `python bench/bench_model.py {' '.join(argv or sys.argv[1:])}`"
-                    f"\n\n{table}\n")
+        write_result(args.out, table,
+                     f"python bench/bench_model.py {' '.join(argv or sys.argv[1:])}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import traceback
 import torch
 
 from condconv_kernels.cli import parser
-from condconv_kernels.profile import efficientnet_cc_b0_layers, machine_info
+from condconv_kernels.profile import efficientnet_cc_b0_layers
+from condconv_kernels.profile.tables import machine_line
 from condconv_kernels.profile.latency import layer_variants, model_variants
 from condconv_kernels.profile.timing import reexec_with_stable_malloc
 
@@ -160,7 +161,7 @@ def main(argv=None):
     sys.stdout = Tee()
     print(f"# Host and device time, batch {args.batch}, {args.dtype}, channels_last, "
           f"backend {args.backend}\n")
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine_info().items()))
+    print(machine_line())
     for backward in (False, True):
         mode = "forward+backward" if backward else "forward"
         summary = ["| layer | variant | host us | device us | kernels per call |",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -23,6 +22,7 @@ import torch
 
 from .latency import fused_backends, layer_variants, measure, model_layer_shapes, model_variants
 from .madds import count_params, madds_breakdown, summarize
+from .tables import geomean, header, row
 from .timing import machine_info, time_interleaved
 
 __all__ = ["main", "run"]
@@ -42,11 +42,6 @@ def _progress(total: int, desc: str):
             def close(self):
                 pass
         return Quiet()
-
-
-def _geomean(values: Sequence[float]) -> float:
-    values = [v for v in values if v and v > 0]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
 def run(model_name: str, batches: Sequence[int], device: str = "cpu", dtype: str = "float32",
@@ -90,9 +85,9 @@ def run(model_name: str, batches: Sequence[int], device: str = "cpu", dtype: str
                     for variant, fn in layer_variants(shape, batch, device, torch_dtype,
                                                       bwd).items():
                         r = measure(fn, device, min_run_time / 2)
-                        row = _row(variant, batch, mode, r)
-                        row.update(layer=shape.name, shape=shape.describe())
-                        result["layer_latency"].append(row)
+                        record = _row(variant, batch, mode, r)
+                        record.update(layer=shape.name, shape=shape.describe())
+                        result["layer_latency"].append(record)
                         bar.update()
     finally:
         bar.close()
@@ -127,10 +122,9 @@ def format_tables(result: Dict[str, object]) -> str:
         rows = [r for r in rows if r.get(field) is not None]
         if not rows:
             return []
-        out = [title, "", "| " + " | ".join(key_cols + [f"{v} {unit}" for v in variants] +
-                                           [f"{f} / unfused" for f in fused] +
-                                           [f"{f} / static" for f in fused]) + " |",
-               "|" + "---|" * (len(key_cols) + len(variants) + 2 * len(fused))]
+        out = [title, "", *header(key_cols + [f"{v} {unit}" for v in variants] +
+                                  [f"{f} / unfused" for f in fused] +
+                                  [f"{f} / static" for f in fused])]
         groups: Dict[tuple, Dict[str, float]] = {}
         for r in rows:
             key = tuple(r[k] for k in key_cols)
@@ -143,12 +137,12 @@ def format_tables(result: Dict[str, object]) -> str:
                 ratios[f][1].append(t[f] / t["static"])
             cells += [f"{t[f] / t['unfused']:.2f}" for f in fused]
             cells += [f"{t[f] / t['static']:.2f}" for f in fused]
-            out.append("| " + " | ".join(cells) + " |")
+            out.append(row(cells))
         if len(groups) > 1:
             cells = ["geomean"] + [""] * (len(key_cols) - 1) + [""] * len(variants)
-            cells += [f"{_geomean(ratios[f][0]):.2f}" for f in fused]
-            cells += [f"{_geomean(ratios[f][1]):.2f}" for f in fused]
-            out.append("| " + " | ".join(cells) + " |")
+            cells += [f"{geomean(ratios[f][0]):.2f}" for f in fused]
+            cells += [f"{geomean(ratios[f][1]):.2f}" for f in fused]
+            out.append(row(cells))
         return out + [""]
 
     lines += table(result["model_latency"], ["mode", "batch"], "Whole model, median latency")
@@ -185,8 +179,8 @@ def write_outputs(result: Dict[str, object], out_dir: str, table: str) -> List[s
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for scope in ("model_latency", "layer_latency"):
-            for row in result[scope]:
-                writer.writerow(dict(row, scope=scope.split("_")[0]))
+            for record in result[scope]:
+                writer.writerow(dict(record, scope=scope.split("_")[0]))
     with open(path("results.md"), "w") as f:
         f.write(table + "\n")
     written += _plots(result, out_dir)
