@@ -192,7 +192,8 @@ class _EagerCondConv2d(torch.autograd.Function):
         return _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # not differentiable, as the op's backward op has no formula
         return _backward(ctx, grad_out, run=_backward_impl)
 
 
@@ -274,10 +275,10 @@ def _condconv2d_backward_flops(grad_out_shape, x_shape, routing_shape, weight_sh
 
 
 def _plain_eager(tensors) -> bool:
-    """True when the ``condconv2d`` op layer may be skipped: plain tensors (no
+    """True when the ``condconv2d`` op layer may be skipped: plain tensors or parameters (no
     fake/functional/subclass tensors), not tracing, compiling or under a functorch transform, no
     Python dispatch or function mode (FlopCounterMode, ...)."""
-    if any(t is not None and type(t) is not torch.Tensor for t in tensors):
+    if any(t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._args import suggest_memory_format
+from ._epilogue import finish_bias_grads, fold_kernel_grads
 
 __all__ = ["mix", "condconv2d_loop", "condconv2d_grouped", "condconv2d_unfold",
            "forward", "backward"]
@@ -206,33 +207,8 @@ def _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, gro
             top, _, left, _ = padding
             grad_x = grad_x[:, :, top:top + H, left:left + W]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    r = routing.to(acc)
     if need_r or need_w:
-        G = grad_kernels.reshape(B, -1).to(acc)
-        if need_r:
-            grad_routing = G @ weight.reshape(E, -1).to(acc).t()
-        if need_w:
-            grad_weight = (r.t() @ G).reshape(weight.shape).to(weight.dtype)
+        grad_routing, grad_weight = fold_kernel_grads(grad_kernels.reshape(B, -1).to(acc),
+                                                      routing, weight, need_r, need_w, acc)
     grad_routing, grad_bias = finish_bias_grads(grad_out, routing, bias, grad_routing, need_b, acc)
     return grad_x, grad_routing, grad_weight, grad_bias
-
-
-def finish_bias_grads(grad_out: torch.Tensor, routing: torch.Tensor,
-                      bias: Optional[torch.Tensor], grad_routing: Optional[torch.Tensor],
-                      need_b: bool, acc: torch.dtype):
-    """The bias's share of the backward, shared by the backends written in Python.
-
-    With gsum = grad_out summed over (H, W), (B, Cout) in ``acc``: grad_bias = routing^T gsum
-    (if ``need_b``), and gsum bias^T is added to ``grad_routing`` (the kernels' <G_b, W_e> part, in
-    ``acc``, or None when not wanted), which is returned in routing's dtype.
-    """
-    grad_bias = None
-    if bias is not None and (grad_routing is not None or need_b):
-        gsum = grad_out.sum((2, 3), dtype=acc)
-        if need_b:
-            grad_bias = (routing.to(acc).t() @ gsum).to(bias.dtype)
-        if grad_routing is not None:
-            grad_routing = grad_routing + gsum @ bias.to(acc).t()
-    if grad_routing is not None:
-        grad_routing = grad_routing.to(routing.dtype)
-    return grad_routing, grad_bias

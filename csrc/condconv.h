@@ -23,6 +23,9 @@
 
 namespace condconv {
 
+// Blocks of b that cover a (a >= 0, b > 0).
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Sizes of one call, checked once at the boundary (check_inputs) and trusted by the kernels.
 struct Geometry {
   int64_t batch, in_channels, height, width;

@@ -291,3 +291,20 @@ def test_kernel_gradient_over_several_chunks():
     case = CASES_BY_NAME["k1"]
     case = type(case)(**{**case.__dict__, "H": 40, "W": 40, "B": 1})
     test_op._check(case, "triton", torch.float64, "channels_last")
+
+
+def test_eager_path_parameters_and_no_double_backward():
+    """Parameters take the eager path too, and its backward refuses to be differentiated (as
+    the op's backward has no formula) instead of returning partly attached gradients."""
+    case = CASES_BY_NAME["dw3"]
+    x, routing, weight, bias = make_inputs(case, torch.float64, seed=2)
+    weight = torch.nn.Parameter(weight)
+    x.requires_grad_(True)
+    routing.requires_grad_(True)
+    out = cc.condconv2d(x, routing, weight, bias, case.stride, case.padding, case.dilation,
+                        case.groups, backend="triton")
+    assert type(out.grad_fn).__name__ == "_EagerCondConv2dBackward"
+    (gw,) = torch.autograd.grad(out.sum(), [weight], create_graph=True)
+    assert not gw.requires_grad  # no graph to differentiate (it would reach routing only)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad((gw ** 2).sum(), [x, routing])

@@ -6,6 +6,10 @@ grad_out); outputs follow x's memory format. float32 ``tl.dot`` uses TF32 on the
 ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for convolutions), IEEE float32
 otherwise and always under the interpreter; float16/bfloat16 multiply in their precision with
 float32 accumulation; float64 accumulates in float64. The expert mix is always float32 (float64).
+The depthwise kernel gradient's two small matrix products on the host (and the bias terms)
+follow PyTorch's float32 matmul precision (``torch.backends.cuda.matmul.allow_tf32``), as the
+other backends' do; under ``torch.use_deterministic_algorithms(True)`` they need
+``CUBLAS_WORKSPACE_CONFIG``, as any cuBLAS product does.
 
 On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (for tests).
 """
@@ -17,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _args, reference
+from .. import _args
+from .._epilogue import finish_bias_grads, fold_kernel_grads
 from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucket,
                       fixed_blocks, smallest_block)
 from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
@@ -154,11 +159,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             x, grad_out, G, cout, cout // cin, H, W, ho, wo, *x.stride(), *grad_out.stride(),
             *geometry, bucket(B), bucket(ho * wo), KH=kh, KW=kw, WIDE=_wide(x, grad_out),
             ACC=_acc(x.dtype), **blocks)
-        G = G.view(B, -1)
-        if need_w:
-            grad_weight = (routing.to(acc).t() @ G).view(weight.shape).to(weight.dtype)
-        if need_r:
-            grad_routing = G @ w.view(E, -1).to(acc).t()
+        grad_routing, grad_weight = fold_kernel_grads(G.view(B, -1), routing, w, need_r, need_w,
+                                                      acc)
     elif need_r or need_w:
         S = _splits(B)
         per_split = triton.cdiv(B, S)
@@ -187,6 +189,5 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         if need_r:
             grad_routing = part.sum(0)
 
-    grad_routing, grad_bias = reference.finish_bias_grads(grad_out, routing, bias, grad_routing,
-                                                          need_b, acc)
+    grad_routing, grad_bias = finish_bias_grads(grad_out, routing, bias, grad_routing, need_b, acc)
     return grad_x, grad_routing, grad_weight, grad_bias

@@ -284,7 +284,7 @@ def dense_bwd_w_kernel(
         b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
         for c0 in range(0, L, CHUNK_P):
             b_C = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
-            for p0 in range(c0, tl.minimum(L, c0 + CHUNK_P), BLOCK_P):
+            for p0 in range(c0, c0 + tl.minimum(L - c0, CHUNK_P), BLOCK_P):
                 o_p = p0 + tl.arange(0, BLOCK_P)
                 m_p = o_p < L
                 o_oh, o_ow = o_p // WO, o_p % WO

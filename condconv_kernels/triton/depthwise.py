@@ -152,7 +152,7 @@ def dw_bwd_w_kernel(
     p_G = G_ptr + (i_b.to(tl.int64) * C_OUT + o_c) * (KH * KW)
     for i in range(KH):  # rows of taps in a loop, a row's taps unrolled
         for j in tl.static_range(KW):
-            b_Gt = tl.zeros((BLOCK_C,), dtype=ACC)
+            b_acc = tl.zeros((BLOCK_C, BLOCK_L), dtype=ACC)  # reduced over pixels once a tap
             for p0 in range(0, L, BLOCK_L):
                 o_p = p0 + tl.arange(0, BLOCK_L)
                 m_p = o_p < L
@@ -164,5 +164,5 @@ def dw_bwd_w_kernel(
                 b_x = tl.load(p_x + off_x, mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
                 off_g = off_gc[:, None] + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :]
                 b_g = tl.load(p_g + off_g, mask=m_c[:, None] & m_p[None, :], other=0.0).to(ACC)
-                b_Gt += tl.sum(b_x * b_g, axis=1)
-            tl.store(p_G + i * KW + j, b_Gt, mask=m_c)
+                b_acc += b_x * b_g
+            tl.store(p_G + i * KW + j, tl.sum(b_acc, axis=1), mask=m_c)

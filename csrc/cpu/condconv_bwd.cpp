@@ -236,11 +236,6 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const bool need_dx = mask[0], need_dr = mask[1], need_dw = mask[2], need_db = mask[3];
   const Operands<scalar_t> ops(x, routing, weight, g);
 
-  // The bias terms only need grad_out summed over pixels: (B, Cout).
-  at::Tensor gsum;
-  if (bias.has_value() && (need_dr || need_db)) gsum = grad_out.sum({2, 3}, false, acc_type);
-  if (need_db) grad_bias.copy_(at::mm(ops.routing.t(), gsum));
-
   // Accumulate straight into grad_weight when it has the accumulation dtype.
   const bool gw_in_place = need_dw && grad_weight.scalar_type() == acc_type;
   const bool grouped = grouped_depthwise_applies(x, g) && !windows_sparse_in_plane(g);
@@ -286,10 +281,8 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                              need_dr ? &gr : nullptr, need_dw ? &gw : nullptr);
   }
   if (need_dw && !gw_in_place) grad_weight.copy_(gw.view(weight.sizes()));
-  if (need_dr) {
-    if (bias.has_value()) gr.add_(at::mm(gsum, bias->to(acc_type).t()));
-    grad_routing.copy_(gr);
-  }
+  bias_epilogue(grad_out, ops.routing, bias, need_dr, need_db, grad_bias, gr);
+  if (need_dr) grad_routing.copy_(gr);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../condconv.h"
+#include "../epilogue.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -34,8 +35,6 @@ inline int64_t batch_chunk(const Geometry& g, int64_t elem_size) {
   const int64_t n = std::max<int64_t>(at::get_num_threads(), fit);
   return std::max<int64_t>(1, std::min(g.batch, n));
 }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The chunk buffers are kept by the calling thread between calls (bounded by kChunkBytes, or
 // threads x |W| for larger kernels): freshly allocated, a buffer of that size would be mapped
@@ -75,36 +74,6 @@ inline T pitched_dot(const T* a, const T* b, int64_t rows, int64_t pitch, int64_
   T exact = 0;
   for (int64_t r = 0; r < rows; ++r) exact += dot(a + r * pitch, b + r * pitch, len);
   return exact;
-}
-
-// A (n, N) @ B (E, N)^T for small n, E and long N (grad_routing = G W^T): a plain GEMM of that
-// shape runs its long reduction on one thread, so N is cut into blocks that run as a batched
-// GEMM, and the (blocks, n, E) partials are summed (a fixed order: deterministic).
-inline at::Tensor rows_dot(const at::Tensor& a, const at::Tensor& b) {
-  constexpr int64_t kBlock = 4096;
-  const int64_t n = a.size(0), e = b.size(0), N = a.size(1);
-  const int64_t blocks = N / kBlock, head = blocks * kBlock;
-  if (blocks < 2) return at::mm(a, b.t());
-  at::Tensor out = at::bmm(a.narrow(1, 0, head).view({n, blocks, kBlock}).transpose(0, 1),
-                           b.narrow(1, 0, head).view({e, blocks, kBlock}).permute({1, 2, 0}))
-                       .sum(0);
-  if (head < N) out.add_(at::mm(a.narrow(1, head, N - head), b.narrow(1, head, N - head).t()));
-  return out;
-}
-
-// The per-example kernel gradients G (n, N) of a chunk of examples folded into the parameter
-// gradients: grad_weight (E, N) = r^T G, or += for the chunks after the first (accumulate), and
-// grad_routing (n, E) = G W^T with W the experts (E, N). Either output may be null. (One fused
-// pass over G, axpy rows for grad_weight and 4-wide dots for grad_routing, measured 0.95 ms
-// against these GEMMs' 0.66 ms on a 192x1152 kernel at batch 8.)
-inline void fold_kernel_grads(const at::Tensor& G, const at::Tensor& routing, const at::Tensor& W,
-                              at::Tensor* grad_weight, bool accumulate, at::Tensor* grad_routing) {
-  if (grad_weight && accumulate) {
-    grad_weight->addmm_(routing.t(), G);
-  } else if (grad_weight) {
-    at::mm_out(*grad_weight, routing.t(), G);
-  }
-  if (grad_routing) grad_routing->copy_(rows_dot(G, W));
 }
 
 // Output positions o in [lo, hi) with 0 <= o * stride + offset < size.

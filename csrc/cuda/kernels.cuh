@@ -42,8 +42,6 @@ constexpr int kTileM = 64, kTileN = 64, kTileK = 16;
 constexpr int kThreads = 256;           // 16 x 16 threads, 4 x 4 outputs each
 constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // ---------------------------------------------------------------------------------------------
 // Dense: C[z] = A[z] B[z] through a View (views.cuh). Blocks: x = the output tile, z = the
 // (example, group) batches, striding when there are more than gridDim.z.
@@ -182,25 +180,29 @@ __global__ void __launch_bounds__(kThreads) tensor_core_gemm_kernel(View v) {
   const auto convert = [](float value) { return Op::from(value); };
   for (int64_t zz = blockIdx.z; zz < v.batches(); zz += gridDim.z) {
     const index_t z = static_cast<index_t>(zz);
-    // Two levels of sums: the MMAs accumulate kChainSlices K-slices into acc, which is then
-    // added into total on the CUDA cores and cleared. Tensor cores do not round their float32
-    // sums to nearest: over one chain of millions of MMAs (a kernel gradient over 2.7e8
-    // pixels) the sum drifts toward zero by tens of percent.
+    // Views whose K may be long (the kernel gradient's, over pixels) sum in two levels: the
+    // MMAs accumulate kChainSlices K-slices into acc, which is then added into total on the
+    // CUDA cores and cleared. Tensor cores do not round their float32 sums to nearest: over one
+    // chain of millions of MMAs (a kernel gradient over 2.7e8 pixels) the sum drifts toward
+    // zero by tens of percent. The other views' K (channels x taps) stays short.
     constexpr index_t kChainSlices = 128;
     wmma::fragment<wmma::accumulator, 16, 16, kMmaK, float> acc[2], total[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       wmma::fill_fragment(acc[j], 0.0f);
-      wmma::fill_fragment(total[j], 0.0f);
+      if constexpr (View::kLongK) wmma::fill_fragment(total[j], 0.0f);
     }
     index_t chained = 0;
     for (index_t k0 = 0; k0 < K; k0 += kSliceK) {
-      if (++chained == kChainSlices) {
-        chained = 0;
+      if constexpr (View::kLongK) {
+        if (++chained == kChainSlices) {
+          chained = 0;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[j].x[e];
-          wmma::fill_fragment(acc[j], 0.0f);
+          for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[j].x[e];
+            wmma::fill_fragment(acc[j], 0.0f);
+          }
         }
       }
       stage_tiles<View, kSliceK, kThreads, T, kLdA, kLdB>(v, z, m0, n0, k0, As, Bs, convert);
@@ -220,9 +222,14 @@ __global__ void __launch_bounds__(kThreads) tensor_core_gemm_kernel(View v) {
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[j].x[e];
-      wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, total[j], kLdC,
-                              wmma::mem_row_major);
+      if constexpr (View::kLongK) {
+#pragma unroll
+        for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[j].x[e];
+        wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, total[j], kLdC,
+                                wmma::mem_row_major);
+      } else {
+        wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, acc[j], kLdC, wmma::mem_row_major);
+      }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < kTileM * kTileN; i += kThreads) {

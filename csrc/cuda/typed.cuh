@@ -11,6 +11,7 @@
 #pragma once
 
 #include "../condconv.h"
+#include "../epilogue.h"
 #include "kernels.cuh"
 #include "runtime.cuh"
 
@@ -172,10 +173,11 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   if (mask[1] || mask[2]) {
     const at::Tensor experts = ops.weight.view({g.experts, N}).to(ops.kAcc);
     if (mask[1]) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
+    if (mask[2]) gw = at::empty({g.experts, N}, ops.acc_opts);
     const auto fold = [&](const at::Tensor& G, int64_t first, int64_t count) {
-      const at::Tensor r = ops.routing.narrow(0, first, count);
-      if (mask[2]) gw = first == 0 ? at::mm(r.t(), G) : gw.addmm_(r.t(), G);
-      if (mask[1]) gr.narrow(0, first, count).copy_(at::mm(G, experts.t()));
+      at::Tensor gr_chunk = mask[1] ? gr.narrow(0, first, count) : at::Tensor();
+      fold_kernel_grads(G, ops.routing.narrow(0, first, count), experts,
+                        mask[2] ? &gw : nullptr, first > 0, mask[1] ? &gr_chunk : nullptr);
     };
     if (g.depthwise()) {
       fold(depthwise_kernel_grad<scalar_t, index_t>(grad_out, x, s, ops.acc_opts, stream), 0,
@@ -195,11 +197,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     }
   }
 
-  if (bias.has_value() && (mask[1] || mask[3])) {
-    const at::Tensor gsum = at::sum(grad_out, at::IntArrayRef{2, 3}, false, ops.kAcc);
-    if (mask[3]) grad_bias.copy_(at::mm(ops.routing.t(), gsum));
-    if (mask[1]) gr.add_(at::mm(gsum, bias->to(ops.kAcc).t()));
-  }
+  bias_epilogue(grad_out, ops.routing, bias, mask[1], mask[3], grad_bias, gr);
   if (mask[2]) grad_weight.copy_(gw.view(weight.sizes()));
   if (mask[1]) grad_routing.copy_(gr);
 }

@@ -161,6 +161,7 @@ template <typename scalar_t, typename acc_t, typename index_t>
 struct ForwardView {
   static constexpr bool kAContiguousInK = true;   // lhs(z, m, k) is contiguous in k (weight rows)
   static constexpr bool kBContiguousInK = false;  // rhs(z, k, n) is contiguous in n (pixels)
+  static constexpr bool kLongK = false;           // K = Cin/g * kh * kw
   using index = index_t;
   Shape<index_t> s;
   const scalar_t* x;
@@ -196,6 +197,7 @@ template <typename scalar_t, typename acc_t, typename index_t>
 struct GradInputView {
   static constexpr bool kAContiguousInK = false;  // lhs(z, m, k): k = (co, tap), m = ci
   static constexpr bool kBContiguousInK = false;
+  static constexpr bool kLongK = false;            // K = Cout/g * kh * kw
   using index = index_t;
   Shape<index_t> s;
   const scalar_t* grad_out;
@@ -234,6 +236,7 @@ template <typename scalar_t, typename acc_t, typename index_t>
 struct KernelGradView {
   static constexpr bool kAContiguousInK = true;  // lhs(z, m, p): grad_out rows, contiguous in p
   static constexpr bool kBContiguousInK = true;  // rhs(z, p, n): im2col rows, contiguous in p
+  static constexpr bool kLongK = true;           // K = the output pixels: any length
   using index = index_t;
   Shape<index_t> s;
   index_t first, count;

@@ -98,7 +98,7 @@ bool run(const Config& c, Path path, double tol) {
                 cc::plane_grid(g.batch * g.in_channels, g.height * g.width), block,
                 mult * taps * sizeof(acc_t), sg, go, w, r, dx.mutable_data_ptr<scalar_t>());
     // Two slices of the plane, summed after, as the launcher does for large planes.
-    const int64_t slices = 2, slice_pixels = cc::ceil_div(g.out_pixels(), slices);
+    const int64_t slices = 2, slice_pixels = condconv::ceil_div(g.out_pixels(), slices);
     at::Tensor partial = torch::full({slices, g.batch, g.out_channels * taps},
                                      std::numeric_limits<double>::quiet_NaN(), G.options());
     emu::launch(cc::depthwise_kernel_grad_kernel<scalar_t, acc_t, I>,
