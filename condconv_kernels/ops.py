@@ -274,13 +274,18 @@ def _condconv2d_backward_flops(grad_out_shape, x_shape, routing_shape, weight_sh
     return 2 * madds
 
 
-def _plain_eager(tensors) -> bool:
+_PLAIN = (torch.Tensor, torch.nn.Parameter, type(None))
+
+
+def _plain_eager(x, routing, weight, bias) -> bool:
     """True when the ``condconv2d`` op layer may be skipped: plain tensors or parameters (no
     fake/functional/subclass tensors), not tracing, compiling or under a functorch transform, no
-    Python dispatch or function mode (FlopCounterMode, ...)."""
-    if any(t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+    Python dispatch or function mode (FlopCounterMode, ...). Called on every eager call: plain
+    comparisons, no generators."""
+    if not (type(x) in _PLAIN and type(routing) in _PLAIN and type(weight) in _PLAIN
+            and type(bias) in _PLAIN):
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return False
     if torch._C._is_torch_function_mode_enabled() or \
             torch._C._are_functorch_transforms_active():
@@ -289,8 +294,10 @@ def _plain_eager(tensors) -> bool:
     return _get_current_dispatch_mode() is None
 
 
-def _records_gradient(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _records_gradient(x, routing, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or routing.requires_grad
+                                        or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend):
@@ -303,19 +310,17 @@ def _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend)
         x, routing, weight, bias = _autocast_inputs(x, routing, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             return _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend)
-    args = (x, routing, weight, bias, stride, padding, dilation, groups, backend)
+    if _records_gradient(x, routing, weight, bias):
+        run = _EagerCondConv2d.apply
+    elif backend != "triton" and x.shape[0] > 0:
+        return torch.ops.condconv.native_forward(x, routing, weight, bias, stride, padding,
+                                                 dilation, groups)
+    else:
+        run = _forward_impl
     if backend == "triton" and torch._C._autograd._profiler_enabled():
         with torch.autograd.profiler.record_function("condconv::condconv2d"):
-            return _eager_run(args)
-    return _eager_run(args)
-
-
-def _eager_run(args):
-    if _records_gradient(args[:4]):
-        return _EagerCondConv2d.apply(*args)
-    if args[-1] in ("cpu", "cuda") and args[0].shape[0] > 0:
-        return torch.ops.condconv.native_forward(*args[:-1])
-    return _forward_impl(*args)
+            return run(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+    return run(x, routing, weight, bias, stride, padding, dilation, groups, backend)
 
 
 def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -365,7 +370,6 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
     # else, and the reference backend always, goes through the condconv::condconv2d op (its
     # autocast kernel, autograd formula, fake implementation and FLOP formula).
     conv = (list(stride_hw), list(pad), list(dilation_hw), groups)
-    tensors = (x, routing, weight, bias)
-    if name != "reference" and _plain_eager(tensors):
-        return _eager(*tensors, *conv, name)
-    return torch.ops.condconv.condconv2d(*tensors, *conv, name)
+    if name != "reference" and _plain_eager(x, routing, weight, bias):
+        return _eager(x, routing, weight, bias, *conv, name)
+    return torch.ops.condconv.condconv2d(x, routing, weight, bias, *conv, name)
