@@ -6,7 +6,7 @@
 // The dense expert mix is done per chunk of examples into scratch memory that belongs to one
 // thread at a time, so the B x |W| tensor of mixed kernels is never allocated for dense layers.
 // Depthwise layers on the CPU's ATen path store their B mixed kernels (B x C x kh x kw, the
-// size of B output pixels per channel: csrc/cpu/depthwise_grouped.h).
+// size of B output pixels per channel: csrc/cpu/aten_grouped.h).
 //
 // Operators (namespace `condconv`, defined in ops.cpp, kernels bound per dispatch key):
 //   native_forward(x, routing, weight, bias?, stride[2], padding[4], dilation[2], groups)
@@ -20,6 +20,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <string>
+#include <vector>
 
 namespace condconv {
 
@@ -78,6 +80,10 @@ using BackwardKernel = void(const at::Tensor& grad_out, const at::Tensor& x,
 namespace cpu {  // csrc/cpu/
 ForwardKernel forward;
 BackwardKernel backward;
+// The paths a call on CPU tensors takes, forward and backward (csrc/cpu/paths.h), and every
+// path's name: what tests query (torch.ops.condconv.cpu_paths, cpu_path_names).
+std::vector<std::string> path_names(const at::Tensor& x, const Geometry& g);
+std::vector<std::string> all_path_names();
 }  // namespace cpu
 
 // csrc/cuda/, built when torch has CUDA: the kernels run on the current stream of x's device.

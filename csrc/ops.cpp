@@ -230,6 +230,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
                  output_mask);
 }
 
+// Test-only: the CPU paths a call takes, and all their names (csrc/cpu/paths.h).
+std::vector<std::string> cpu_paths(const at::Tensor& x, const at::Tensor& routing,
+                                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t groups) {
+  return cpu::path_names(x, check_inputs(x, routing, weight, bias, stride, padding, dilation,
+                                         groups));
+}
+
 TORCH_LIBRARY(condconv, m) {
   m.def(
       "native_forward(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
@@ -238,11 +247,16 @@ TORCH_LIBRARY(condconv, m) {
       "native_backward(Tensor grad_out, Tensor x, Tensor routing, Tensor weight, Tensor? bias, "
       "int[2] stride, int[4] padding, int[2] dilation, int groups, bool[4] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpu_paths(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[4] padding, int[2] dilation, int groups) -> str[]");
+  m.def("cpu_path_names() -> str[]", &cpu::all_path_names);
 }
 
 TORCH_LIBRARY_IMPL(condconv, CPU, m) {
   m.impl("native_forward", &forward_impl<cpu::forward>);
   m.impl("native_backward", &backward_impl<cpu::backward>);
+  m.impl("cpu_paths", &cpu_paths);
 }
 
 #ifdef CONDCONV_WITH_CUDA

@@ -1,5 +1,5 @@
 """The guards around ATen CPU convolution bugs (torch 2.13, oneDNN 3.x): the cpu backend
-(csrc/cpu/depthwise_grouped.h, aten_convolution) and the reference backend
+(csrc/cpu/aten_grouped.h, aten_convolution) and the reference backend
 (condconv_kernels/reference.py, _conv_dtype) run the affected float16/bfloat16 convolutions in
 float32. Each case is checked against the float64 computation, forward and gradients.
 

@@ -189,3 +189,26 @@ def test_cpu_batch_in_several_chunks(cin, cout, kernel, groups, dtype):
     torch.testing.assert_close(out.double(), ref, **tol)
     for name, got, want in zip(("x", "routing", "weight", "bias"), grads, ref_grads):
         torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.skipif("cpu" not in cc.available_backends("cpu"), reason="C++ extension not built")
+def test_the_matrix_takes_every_cpu_path():
+    """The cases, layouts and dtypes of test_float64, test_float32 and test_low_precision take
+    every path the CPU kernels have, forward and backward (csrc/cpu/paths.h), so each is
+    compared with the float64 truth."""
+    runs = ([(c, lay, torch.float64) for c in CASES for lay in LAYOUTS]
+            + [(c, lay, torch.float32) for c in CASES[::2] for lay in LAYOUTS]
+            + [(CASES_BY_NAME[n], lay, d)
+               for n in ("k3_s2_asym", "g2_k1", "dw3_s2_b1_e1_nobias", "k1_s2_e8", "k1",
+                         "dw5_s2_same_e8")
+               for lay in ("channels_last", "contiguous") for d in low_precision_dtypes("cpu")])
+    taken = set()
+    for case, layout, dtype in runs:
+        x, routing, weight, bias = make_inputs(case, dtype, layout)
+        pad = _args.resolve_padding(case.padding, x.shape[-2:], weight.shape[-2:],
+                                    _args.pair(case.stride, "stride", 1),
+                                    _args.pair(case.dilation, "dilation", 1))
+        taken.update(torch.ops.condconv.cpu_paths(
+            x, routing, weight, bias, list(_args.pair(case.stride, "stride", 1)), list(pad),
+            list(_args.pair(case.dilation, "dilation", 1)), case.groups))
+    assert set(torch.ops.condconv.cpu_path_names()) - taken == set()

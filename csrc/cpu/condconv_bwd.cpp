@@ -8,14 +8,13 @@
 // depend on scheduling (deterministic):
 // - dense: chunks of examples (batch_chunk); per (example, group) task G_b and grad_x[b]; per
 //   chunk two GEMMs fold G into grad_weight and grad_routing (see dense_backward);
-// - depthwise, float32 NCHW: one grouped convolution_backward (depthwise_grouped.h), then
+// - depthwise, float32 NCHW: one grouped convolution_backward (aten_grouped.h), then
 //   grad_weight = r^T G and grad_routing = G W^T as two GEMMs;
 // - other depthwise: a task owns an input channel (and its output channels) over the whole batch and
 //   writes its own partial of grad_routing, summed in channel order at the end.
 // Memory beyond the outputs: the chunk's mixed kernels and G (O(threads |W|), bounded), per-task
 // scratch, and (Cin x B x E) partials for depthwise.
-#include "depthwise_grouped.h"
-#include "kernel_utils.h"
+#include "paths.h"
 
 #include <ATen/Dispatch.h>
 
@@ -238,14 +237,15 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
 
   // Accumulate straight into grad_weight when it has the accumulation dtype.
   const bool gw_in_place = need_dw && grad_weight.scalar_type() == acc_type;
-  const bool grouped = grouped_depthwise_applies(x, g) && !windows_sparse_in_plane(g);
-  const bool direct_depthwise = g.depthwise() && !windows_sparse_in_plane(g);
+  const BackwardPath path = backward_path(x, g);
+  const bool grouped = path == BackwardPath::kAtenDepthwise;
+  const bool direct_depthwise = path == BackwardPath::kDirectDepthwise;
   at::Tensor gw;
   if (need_dw) {
     // The direct depthwise kernels accumulate into gw; the other paths overwrite it.
     gw = gw_in_place ? grad_weight.view({g.experts, g.kernel_numel()})
                      : at::empty({g.experts, g.kernel_numel()}, ops.acc_opts);
-    if (direct_depthwise && !grouped) gw.zero_();
+    if (direct_depthwise) gw.zero_();
   }
   at::Tensor gr;
   if (grouped) {
@@ -271,7 +271,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
         for (int64_t i = 0; i < be; ++i) gr_ptr[i] += parts_ptr[c * be + i];
       }
     }
-  } else if (grouped_dense_applies(x, g) && x.scalar_type() == at::kFloat) {
+  } else if (path == BackwardPath::kAtenDense) {
     if (need_dr) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
     grouped_dense_backward(grad_out, x, ops.routing, ops.weight, g, need_dx ? &grad_x : nullptr,
                            need_dw ? &gw : nullptr, need_dr ? &gr : nullptr);

@@ -6,11 +6,10 @@
 // itself for 1x1 convolutions) and stores the result plus the mixed bias.
 //
 // Depthwise (Cin/groups == 1): float32 NCHW inputs go to the grouped convolution of
-// depthwise_grouped.h; otherwise a direct convolution with each example's mixed taps, over a
+// aten_grouped.h; otherwise a direct convolution with each example's mixed taps, over a
 // zero-padded copy of the input plane (NCHW or any strides), or channel-vectorised over
 // channels_last inputs.
-#include "depthwise_grouped.h"
-#include "kernel_utils.h"
+#include "paths.h"
 
 #include <ATen/Dispatch.h>
 
@@ -246,21 +245,11 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
   });
 }
 
-// bfloat16 1x1 convolutions (one group, stride 1, no padding, (h, w) one run of strides in x
-// and out): the kernels are mixed straight from the bfloat16 experts into bfloat16 scratch,
+// bfloat16 1x1 convolutions (ForwardPath::kBf16Pointwise in paths.h: one group, stride 1, no
+// padding, (h, w) one run of strides in x and out): the kernels are mixed straight from the bfloat16 experts into bfloat16 scratch,
 // accumulating in float32 (the generic route would first convert all E experts to float32: twice
 // the bytes, read twice), then bfloat16 GEMMs (float32 accumulation) write the output in place:
 // one batched GEMM per chunk for NCHW or channels_last output, else one GEMM per example.
-bool bf16_pointwise_applies(const at::Tensor& x, const at::Tensor& out, const Geometry& g) {
-  if (x.scalar_type() != at::kBFloat16 || g.groups != 1 || g.kernel_h != 1 || g.kernel_w != 1 ||
-      g.stride_h != 1 || g.stride_w != 1 || g.pad_top || g.pad_bottom || g.pad_left ||
-      g.pad_right) {
-    return false;
-  }
-  const Strides xs(x), os(out);
-  return (g.height == 1 || xs.h == g.width * xs.w) && (g.out_h == 1 || os.h == g.out_w * os.w) &&
-         (os.w == 1 || os.c == 1);
-}
 
 // bfloat16 <-> float32 on the raw bits, in forms the compiler vectorises (c10::BFloat16's
 // conversions are scalar calls): widening is a shift; narrowing rounds to nearest even, NaN kept
@@ -372,32 +361,39 @@ void bf16_pointwise_forward(const at::Tensor& x, const at::Tensor& routing,
 template <typename scalar_t>
 at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const Geometry& g) {
-  // Paths that return ATen's convolution output allocate nothing else for the output.
-  const bool grouped_dw = grouped_depthwise_forward_applies(x, g);
-  const bool grouped_dense = grouped_dense_applies(x, g);
+  const ForwardPath path = forward_path(x, g);
+  // The ATen paths return ATen's convolution output; the others fill this one.
   at::Tensor out;
-  if (!grouped_dw && !grouped_dense) {
+  if (path != ForwardPath::kAtenDepthwise && path != ForwardPath::kAtenDense) {
     out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                     x.options().memory_format(x.suggest_memory_format()));
-    if (bf16_pointwise_applies(x, out, g)) {
-      bf16_pointwise_forward(x, routing, weight.reshape({g.experts, g.kernel_numel()}), bias, g,
-                             out);
-      return out;
-    }
+  }
+  if (path == ForwardPath::kBf16Pointwise) {
+    bf16_pointwise_forward(x, routing, weight.reshape({g.experts, g.kernel_numel()}), bias, g,
+                           out);
+    return out;
   }
   const Operands<scalar_t> ops(x, routing, weight, g);
   // Mixed biases are B x Cout: small, so computed for the whole batch at once.
   const at::Tensor bias_mix =
       bias.has_value() ? at::mm(ops.routing, bias->to(Operands<scalar_t>::acc_type)).contiguous()
                        : at::Tensor();
-  if (grouped_dw) return grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
-  if (grouped_dense) return grouped_dense_forward(x, ops.routing, ops.weight, bias_mix, g);
-  if (!g.depthwise() || windows_sparse_in_plane(g)) {
-    dense_forward<scalar_t>(x, ops, bias_mix, g, out);
-  } else if (g.out_per_group() == 1 && x.stride(1) == 1 && out.stride(1) == 1) {
-    depthwise_forward_channels_last<scalar_t>(x, ops, bias_mix, g, out);
-  } else {
-    depthwise_forward_planar<scalar_t>(x, ops, bias_mix, g, out);
+  switch (path) {
+    case ForwardPath::kAtenDepthwise:
+      return grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
+    case ForwardPath::kAtenDense:
+      return grouped_dense_forward(x, ops.routing, ops.weight, bias_mix, g);
+    case ForwardPath::kDense:
+      dense_forward<scalar_t>(x, ops, bias_mix, g, out);
+      break;
+    case ForwardPath::kDepthwiseChannelsLast:
+      depthwise_forward_channels_last<scalar_t>(x, ops, bias_mix, g, out);
+      break;
+    case ForwardPath::kDepthwisePlanar:
+      depthwise_forward_planar<scalar_t>(x, ops, bias_mix, g, out);
+      break;
+    case ForwardPath::kBf16Pointwise:  // returned above
+      break;
   }
   return out;
 }

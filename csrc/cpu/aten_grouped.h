@@ -1,5 +1,6 @@
-// Depthwise CondConv on NCHW-contiguous float32 inputs through ATen's grouped convolution
-// (oneDNN on x86), forward and backward side by side.
+// The CPU paths through ATen's grouped convolution (oneDNN on x86), forward and backward side by
+// side: depthwise layers (float32/bfloat16 NCHW) and dense k x k layers (chunks of examples as
+// one grouped convolution), and the guards around ATen's convolutions (aten_convolution).
 //
 // A depthwise expert kernel is C x kh x kw: the B mixed kernels together are the size of B
 // output pixels per channel, so storing them costs nothing next to x. With x viewed (no copy) as

@@ -1,0 +1,76 @@
+// Which CPU kernel runs a call: every path of each direction, and the one function per
+// direction that picks it (condconv_fwd.cpp and condconv_bwd.cpp switch on it; a test asserts
+// that the test matrix takes every path: torch.ops.condconv.cpu_paths).
+//
+// Forward, in the order they are tried (bf16: bfloat16; NCHW: x NCHW-contiguous and ATen built
+// with oneDNN; 1x1: 1x1, stride 1, unpadded):
+// | path                   | dtype         | layout                      | shape                  |
+// |------------------------|---------------|-----------------------------|------------------------|
+// | kAtenDepthwise         | float32, bf16 | NCHW                        | depthwise              |
+// | kAtenDense             | float32, bf16 | NCHW                        | dense, not 1x1         |
+// | kBf16Pointwise         | bf16          | x's (h, w) one run          | 1x1, one group         |
+// | kDense (im2col + GEMM) | any           | any (1)                     | dense; depthwise with  |
+// |                        |               |                             | windows sparse (2)     |
+// | kDepthwiseChannelsLast | any           | x and output channel-strided| depthwise, multiplier 1|
+// | kDepthwisePlanar       | any           | any                         | other depthwise        |
+//
+// Backward:
+// | path                   | dtype         | layout                      | shape                  |
+// |------------------------|---------------|-----------------------------|------------------------|
+// | kAtenDepthwise         | float32       | NCHW                        | depthwise, not (2)     |
+// | kDirectDepthwise       | any           | any                         | other depthwise, not(2)|
+// | kAtenDense             | float32       | NCHW                        | dense, not 1x1         |
+// | kDense (im2col + GEMM) | any           | any (1)                     | the rest               |
+//
+// (1) ungrouped with x read in place (and, backward, grad_out and grad_x NCHW or channels_last):
+// a chunk's GEMMs run as one batched GEMM. (2) windows_sparse_in_plane: windows that read a
+// small part of a huge plane, which the direct depthwise kernels would copy whole.
+// The rules differ by direction: the forward's ATen depthwise path also takes bfloat16 and
+// sparse windows, the backward's runs convolution_backward in float32 only.
+#pragma once
+
+#include "aten_grouped.h"
+#include "kernel_utils.h"
+
+namespace condconv {
+namespace cpu {
+
+enum class ForwardPath {
+  kAtenDepthwise, kAtenDense, kBf16Pointwise, kDense, kDepthwiseChannelsLast, kDepthwisePlanar
+};
+enum class BackwardPath { kAtenDepthwise, kDirectDepthwise, kAtenDense, kDense };
+
+inline bool unpadded_unit_stride_1x1(const Geometry& g) {
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 &&
+         !g.pad_top && !g.pad_bottom && !g.pad_left && !g.pad_right;
+}
+
+// The output is allocated in x's suggested memory format: NCHW, or channels_last (channel
+// stride 1); either way its (h, w) is one run of strides.
+inline ForwardPath forward_path(const at::Tensor& x, const Geometry& g) {
+  if (grouped_depthwise_forward_applies(x, g)) return ForwardPath::kAtenDepthwise;
+  if (grouped_dense_applies(x, g)) return ForwardPath::kAtenDense;
+  if (x.scalar_type() == at::kBFloat16 && g.groups == 1 && unpadded_unit_stride_1x1(g) &&
+      (g.height == 1 || x.stride(2) == g.width * x.stride(3))) {
+    return ForwardPath::kBf16Pointwise;
+  }
+  if (!g.depthwise() || windows_sparse_in_plane(g)) return ForwardPath::kDense;
+  const bool out_channels_last =
+      x.suggest_memory_format() == at::MemoryFormat::ChannelsLast || g.out_h * g.out_w == 1;
+  if (g.out_per_group() == 1 && x.stride(1) == 1 && out_channels_last) {
+    return ForwardPath::kDepthwiseChannelsLast;
+  }
+  return ForwardPath::kDepthwisePlanar;
+}
+
+inline BackwardPath backward_path(const at::Tensor& x, const Geometry& g) {
+  if (g.depthwise() && !windows_sparse_in_plane(g)) {
+    return grouped_depthwise_applies(x, g) ? BackwardPath::kAtenDepthwise
+                                           : BackwardPath::kDirectDepthwise;
+  }
+  if (grouped_dense_applies(x, g) && x.scalar_type() == at::kFloat) return BackwardPath::kAtenDense;
+  return BackwardPath::kDense;
+}
+
+}  // namespace cpu
+}  // namespace condconv
