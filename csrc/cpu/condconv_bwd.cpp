@@ -233,7 +233,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   using acc_t = typename Operands<scalar_t>::acc_t;
   const auto acc_type = Operands<scalar_t>::acc_type;
   const bool need_dx = mask[0], need_dr = mask[1], need_dw = mask[2], need_db = mask[3];
-  const Operands<scalar_t> ops(x, routing, weight, g);
+  const Operands<scalar_t> ops(routing, weight, Operands<scalar_t>::acc_type);
 
   // Accumulate straight into grad_weight when it has the accumulation dtype.
   const bool gw_in_place = need_dw && grad_weight.scalar_type() == acc_type;

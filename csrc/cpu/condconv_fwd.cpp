@@ -373,7 +373,7 @@ at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const a
                            out);
     return out;
   }
-  const Operands<scalar_t> ops(x, routing, weight, g);
+  const Operands<scalar_t> ops(routing, weight, Operands<scalar_t>::acc_type);
   // Mixed biases are B x Cout: small, so computed for the whole batch at once.
   const at::Tensor bias_mix =
       bias.has_value() ? at::mm(ops.routing, bias->to(Operands<scalar_t>::acc_type)).contiguous()

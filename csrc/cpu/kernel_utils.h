@@ -5,6 +5,7 @@
 
 #include "../condconv.h"
 #include "../epilogue.h"
+#include "../operands.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -194,21 +195,6 @@ void store_plane(const acc_t* src, const acc_t* add, int64_t channels, int64_t h
     }
   }
 }
-
-// Values of one call in the accumulation dtype, shared by the forward and backward kernels.
-template <typename scalar_t>
-struct Operands {
-  using acc_t = at::opmath_type<scalar_t>;
-  static constexpr at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  at::TensorOptions acc_opts;
-  at::Tensor routing;  // (B, E), contiguous, accumulation dtype
-  at::Tensor weight;   // (E, |W|), contiguous, accumulation dtype
-
-  Operands(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const Geometry& g)
-      : acc_opts(x.options().dtype(acc_type)),
-        routing(r.to(acc_type).contiguous()),
-        weight(w.to(acc_type).contiguous().view({g.experts, g.kernel_numel()})) {}
-};
 
 // Whether the windows read a small part of a large input plane (a stride far past the kernel,
 // over a huge input such as a stride-0 view): the direct depthwise kernels copy whole padded

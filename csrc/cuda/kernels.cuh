@@ -190,11 +190,11 @@ __global__ void __launch_bounds__(kThreads) tensor_core_gemm_kernel(View v) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       wmma::fill_fragment(acc[j], 0.0f);
-      if constexpr (View::kLongK) wmma::fill_fragment(total[j], 0.0f);
+      if constexpr (kLongK<View>) wmma::fill_fragment(total[j], 0.0f);
     }
     index_t chained = 0;
     for (index_t k0 = 0; k0 < K; k0 += kSliceK) {
-      if constexpr (View::kLongK) {
+      if constexpr (kLongK<View>) {
         if (++chained == kChainSlices) {
           chained = 0;
 #pragma unroll
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) tensor_core_gemm_kernel(View v) {
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      if constexpr (View::kLongK) {
+      if constexpr (kLongK<View>) {
 #pragma unroll
         for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[j].x[e];
         wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, total[j], kLdC,

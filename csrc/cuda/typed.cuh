@@ -12,6 +12,7 @@
 
 #include "../condconv.h"
 #include "../epilogue.h"
+#include "../operands.h"
 #include "kernels.cuh"
 #include "runtime.cuh"
 
@@ -83,22 +84,6 @@ void launch_gemm(const View& v, cudaStream_t stream) {
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// The per-call operands in the kernels' layouts: routing in the accumulation dtype and the
-// experts contiguous, as (E, Cout, Cin/g * kh * kw).
-template <typename scalar_t>
-struct Operands {
-  using acc_t = at::opmath_type<scalar_t>;
-  static constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
-  at::Tensor routing, weight;
-  at::TensorOptions acc_opts;
-  Operands(const at::Tensor& r, const at::Tensor& w)
-      : routing(r.to(kAcc).contiguous()),
-        weight(w.contiguous()),
-        acc_opts(r.options().dtype(kAcc)) {}
-  const acc_t* routing_ptr() const { return routing.template const_data_ptr<acc_t>(); }
-  const scalar_t* weight_ptr() const { return weight.template const_data_ptr<scalar_t>(); }
-};
-
 // G (B, |W|) or a chunk of it, in the accumulation dtype, folded into grad_weight and
 // grad_routing by the caller.
 template <typename scalar_t, typename index_t>
@@ -122,10 +107,11 @@ template <typename scalar_t, typename index_t>
 void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias, const Geometry& g, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Operands<scalar_t> ops(routing, weight);
+  const Operands<scalar_t> ops(routing, weight, weight.scalar_type());
+  const scalar_t* w_ptr = ops.weight.template const_data_ptr<scalar_t>();
   // The mixed bias is (B, Cout): tiny next to the kernels, so it is mixed up front.
   at::Tensor mixed_bias;
-  if (bias.has_value()) mixed_bias = at::mm(ops.routing, bias->to(ops.kAcc));
+  if (bias.has_value()) mixed_bias = at::mm(ops.routing, bias->to(ops.acc_type));
   const acc_t* bias_ptr = bias.has_value() ? mixed_bias.const_data_ptr<acc_t>() : nullptr;
   const Shape<index_t> s = make_shape<index_t>(g, x, out, nullptr);
   const cudaStream_t stream = current_stream();
@@ -133,11 +119,11 @@ void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Ten
   if (g.depthwise()) {
     launch(depthwise_forward_kernel<scalar_t, acc_t, index_t>,
            plane_grid(g.batch * g.out_channels, g.out_pixels()), s.taps() * sizeof(acc_t), stream,
-           s, x_ptr, ops.weight_ptr(), ops.routing_ptr(), bias_ptr,
+           s, x_ptr, w_ptr, ops.routing_ptr(), bias_ptr,
            out.mutable_data_ptr<scalar_t>());
     return;
   }
-  const ForwardView<scalar_t, acc_t, index_t> view{s, x_ptr, ops.weight_ptr(), ops.routing_ptr(),
+  const ForwardView<scalar_t, acc_t, index_t> view{s, x_ptr, w_ptr, ops.routing_ptr(),
                                                    bias_ptr, out.mutable_data_ptr<scalar_t>()};
   launch_gemm<scalar_t, acc_t>(view, stream);
 }
@@ -148,7 +134,8 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     const Geometry& g, std::array<bool, 4> mask, at::Tensor& grad_x,
                     at::Tensor& grad_routing, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Operands<scalar_t> ops(routing, weight);
+  const Operands<scalar_t> ops(routing, weight, weight.scalar_type());
+  const scalar_t* w_ptr = ops.weight.template const_data_ptr<scalar_t>();
   const Shape<index_t> s = make_shape<index_t>(g, x, grad_out, mask[0] ? &grad_x : nullptr);
   const cudaStream_t stream = current_stream();
   const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
@@ -160,10 +147,10 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     if (g.depthwise()) {
       launch(depthwise_grad_input_kernel<scalar_t, acc_t, index_t>,
              plane_grid(g.batch * g.in_channels, g.height * g.width),
-             g.out_per_group() * s.taps() * sizeof(acc_t), stream, s, go_ptr, ops.weight_ptr(),
+             g.out_per_group() * s.taps() * sizeof(acc_t), stream, s, go_ptr, w_ptr,
              ops.routing_ptr(), dx_ptr);
     } else {
-      const GradInputView<scalar_t, acc_t, index_t> view{s, go_ptr, ops.weight_ptr(),
+      const GradInputView<scalar_t, acc_t, index_t> view{s, go_ptr, w_ptr,
                                                          ops.routing_ptr(), dx_ptr};
       launch_gemm<scalar_t, acc_t>(view, stream);
     }
@@ -171,7 +158,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
 
   at::Tensor gw, gr;
   if (mask[1] || mask[2]) {
-    const at::Tensor experts = ops.weight.view({g.experts, N}).to(ops.kAcc);
+    const at::Tensor experts = ops.weight.to(ops.acc_type);
     if (mask[1]) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
     if (mask[2]) gw = at::empty({g.experts, N}, ops.acc_opts);
     const auto fold = [&](const at::Tensor& G, int64_t first, int64_t count) {

@@ -161,7 +161,6 @@ template <typename scalar_t, typename acc_t, typename index_t>
 struct ForwardView {
   static constexpr bool kAContiguousInK = true;   // lhs(z, m, k) is contiguous in k (weight rows)
   static constexpr bool kBContiguousInK = false;  // rhs(z, k, n) is contiguous in n (pixels)
-  static constexpr bool kLongK = false;           // K = Cin/g * kh * kw
   using index = index_t;
   Shape<index_t> s;
   const scalar_t* x;
@@ -197,7 +196,6 @@ template <typename scalar_t, typename acc_t, typename index_t>
 struct GradInputView {
   static constexpr bool kAContiguousInK = false;  // lhs(z, m, k): k = (co, tap), m = ci
   static constexpr bool kBContiguousInK = false;
-  static constexpr bool kLongK = false;            // K = Cout/g * kh * kw
   using index = index_t;
   Shape<index_t> s;
   const scalar_t* grad_out;
@@ -236,7 +234,6 @@ template <typename scalar_t, typename acc_t, typename index_t>
 struct KernelGradView {
   static constexpr bool kAContiguousInK = true;  // lhs(z, m, p): grad_out rows, contiguous in p
   static constexpr bool kBContiguousInK = true;  // rhs(z, p, n): im2col rows, contiguous in p
-  static constexpr bool kLongK = true;           // K = the output pixels: any length
   using index = index_t;
   Shape<index_t> s;
   index_t first, count;
@@ -264,6 +261,13 @@ struct KernelGradView {
     G[(local * s.out_channels + co) * s.kernel_row() + n] = value;
   }
 };
+
+// Views whose K is the output pixels (any length, unlike the channels x taps of the others):
+// tensor_core_gemm_kernel sums their MMA chains in two levels.
+template <class View>
+constexpr bool kLongK = false;
+template <typename scalar_t, typename acc_t, typename index_t>
+constexpr bool kLongK<KernelGradView<scalar_t, acc_t, index_t>> = true;
 
 // Depthwise (Cin/g == 1, Cout/g = multiplier). taps points at the mixed taps of output channel
 // co = c * multiplier + m for m = 0.., each kh*kw long.
