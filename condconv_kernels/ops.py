@@ -300,16 +300,17 @@ def _records_gradient(x, routing, weight, bias) -> bool:
                                         or (bias is not None and bias.requires_grad))
 
 
-def _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend):
+def _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend, autocast):
     """A plain eager call on a kernel backend (cpu, cuda, triton), without the custom-op layer:
-    the autocast rule applied here (nothing inside is cast again, as under the op's autocast
+    where ``autocast`` (autocast on for x's device), the autocast rule applied here (nothing inside is cast again, as under the op's autocast
     kernel), then :class:`_EagerCondConv2d` where a gradient is recorded, else the forward alone
     (for cpu and cuda the C++ op, whose name a profiler shows; the triton backend's forward gets a
     profiler range named as the op)."""
-    if _args.autocast_enabled(x.device.type):
+    if autocast:
         x, routing, weight, bias = _autocast_inputs(x, routing, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
-            return _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+            return _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend,
+                          False)
     if _records_gradient(x, routing, weight, bias):
         run = _EagerCondConv2d.apply
     elif backend != "triton" and x.shape[0] > 0:
@@ -360,8 +361,9 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
     stride_hw = _args.pair(stride, "stride", 1)
     dilation_hw = _args.pair(dilation, "dilation", 1)
     pad = _args.resolve_padding(padding, x.shape[-2:], weight.shape[-2:], stride_hw, dilation_hw)
+    autocast = _args.autocast_enabled(x.device.type)
     _args.check_inputs(x, routing, weight, bias, stride_hw, pad, dilation_hw, groups,
-                       autocast=_args.autocast_enabled(x.device.type))
+                       autocast=autocast)
     name = backends.resolve(backend, x.device.type)
     # The two routes into a backend's kernels. Plain eager calls (plain tensors; not compiled,
     # traced or under vmap/grad transforms; no dispatch or function mode) on the kernel backends
@@ -371,5 +373,5 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
     # autocast kernel, autograd formula, fake implementation and FLOP formula).
     conv = (list(stride_hw), list(pad), list(dilation_hw), groups)
     if name != "reference" and _plain_eager(x, routing, weight, bias):
-        return _eager(x, routing, weight, bias, *conv, name)
+        return _eager(x, routing, weight, bias, *conv, name, autocast)
     return torch.ops.condconv.condconv2d(x, routing, weight, bias, *conv, name)

@@ -43,6 +43,11 @@ struct Geometry {
   int64_t kernel_numel() const { return out_channels * k(); }
   int64_t out_pixels() const { return out_h * out_w; }
   bool depthwise() const { return in_per_group() == 1; }
+  // 1x1, stride 1, unpadded: the output pixels are the input pixels.
+  bool pointwise() const {
+    return kernel_h == 1 && kernel_w == 1 && stride_h == 1 && stride_w == 1 && !pad_top &&
+           !pad_bottom && !pad_left && !pad_right;
+  }
 };
 
 // Validates every argument (rank, shape, dtype, device, geometry) and returns the sizes.

@@ -1,5 +1,6 @@
-"""Launch configuration: autotuned on the GPU (keys are shape buckets, never the batch), one
-fixed configuration under TRITON_INTERPRET=1 (the interpreter cannot autotune).
+"""Launch configuration: autotuned on the GPU (keys are power-of-two buckets of the shapes and
+of the batch), one fixed configuration under TRITON_INTERPRET=1 (the interpreter cannot
+autotune).
 
 ``CONDCONV_TRITON_AUTOTUNE=0`` launches the first GPU configuration of each table instead of
 autotuning: every new shape then compiles one variant instead of six, which is what a test run
@@ -40,7 +41,7 @@ _GPU_DENSE_CONFIGS = [(2, 64, 64, 32, 4, 3), (1, 64, 64, 32, 4, 3), (1, 128, 64,
 _GPU_CONFIGS = [(64, 32, 64, 8, 3), (32, 64, 64, 8, 3), (32, 32, 64, 4, 3),
                 (64, 16, 64, 4, 3), (64, 32, 32, 8, 4), (16, 64, 64, 4, 3), (16, 32, 64, 4, 3)]
 KGRAD_TILES = ("BLOCK_CO", "BLOCK_K", "BLOCK_P")
-# The kernel gradients' registers for their tile of every expert, per warp: the gradients
+# The dense kernel gradient's registers for its tile of every expert, per warp: the gradients
 # (float32, or float64) and W's tiles (input dtype), 96 registers a thread; past this, ptxas
 # spills (read off the compiled kernels: condconv_kernels.triton.report).
 KGRAD_WARP_BYTES = 12 * 1024
@@ -178,7 +179,8 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
 
 def smallest_block(shapes: Sequence[str], name: str) -> int:
     """The smallest size tile ``name`` takes in the table of ``shapes`` or under the
-    interpreter: what buffers sized per tile (the kernel gradients' partial sums) must allow."""
+    interpreter: what buffers sized per tile (the dense kernel gradient's partial sums) must
+    allow."""
     return min([blocks[name] for blocks, _, _ in _table(shapes)] + [INTERPRET_BLOCK])
 
 

@@ -52,7 +52,7 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     fn = _jit(kernel)
     blocks, warps, stages = config
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    constexprs = dict(blocks, E=8, E_POW2=8, TAPS_POW2=16, KH=3, KW=3, HAS_BIAS=True,
+    constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True,
                       POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True,
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                       PRECISION="tf32" if dtype == torch.float32 else "ieee")

@@ -207,14 +207,18 @@ inline bool windows_sparse_in_plane(const Geometry& g) {
   return plane > static_cast<double>(int64_t{1} << 22) && plane > read;
 }
 
-// A 1x1, stride-1, unpadded convolution whose (h, w) plane is one run of equal strides
-// (contiguous or channels_last) reads x as the GEMM operand directly, without im2col.
+// Whether an input's (h, w) plane is one run of equal strides (contiguous or channels_last):
+// its pixels are then one strided dimension.
+inline bool plane_is_one_run(const Geometry& g, const Strides& xs) {
+  return g.height == 1 || xs.h == g.width * xs.w;
+}
+
+// A pointwise convolution over such a plane reads x as the GEMM operand directly, without
+// im2col.
 template <typename scalar_t>
 bool reads_x_directly(const Geometry& g, const Strides& xs) {
-  return std::is_same<scalar_t, at::opmath_type<scalar_t>>::value && g.kernel_h == 1 &&
-         g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
-         g.pad_bottom == 0 && g.pad_left == 0 && g.pad_right == 0 &&
-         (g.height == 1 || xs.h == g.width * xs.w);
+  return std::is_same<scalar_t, at::opmath_type<scalar_t>>::value && g.pointwise() &&
+         plane_is_one_run(g, xs);
 }
 
 // A batch of 1x1 GEMMs written in place: dst[i] = a[i] @ b[i], plus each row's shift[i] (a

@@ -40,18 +40,13 @@ enum class ForwardPath {
 };
 enum class BackwardPath { kAtenDepthwise, kDirectDepthwise, kAtenDense, kDense };
 
-inline bool unpadded_unit_stride_1x1(const Geometry& g) {
-  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 &&
-         !g.pad_top && !g.pad_bottom && !g.pad_left && !g.pad_right;
-}
-
 // The output is allocated in x's suggested memory format: NCHW, or channels_last (channel
 // stride 1); either way its (h, w) is one run of strides.
 inline ForwardPath forward_path(const at::Tensor& x, const Geometry& g) {
   if (grouped_depthwise_forward_applies(x, g)) return ForwardPath::kAtenDepthwise;
   if (grouped_dense_applies(x, g)) return ForwardPath::kAtenDense;
-  if (x.scalar_type() == at::kBFloat16 && g.groups == 1 && unpadded_unit_stride_1x1(g) &&
-      (g.height == 1 || x.stride(2) == g.width * x.stride(3))) {
+  if (x.scalar_type() == at::kBFloat16 && g.groups == 1 && g.pointwise() &&
+      plane_is_one_run(g, Strides(x))) {
     return ForwardPath::kBf16Pointwise;
   }
   if (!g.depthwise() || windows_sparse_in_plane(g)) return ForwardPath::kDense;
