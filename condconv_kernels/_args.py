@@ -1,10 +1,16 @@
-"""Argument normalisation and validation for condconv2d: the one place every backend's inputs
-are checked (the C++ operators repeat the checks for callers that use ``torch.ops`` directly)."""
+"""Argument normalisation for condconv2d, and the checks only Python can make.
+
+The rules on the tensors are stated once, in C++ (``check_inputs`` in csrc/ops.cpp): the C++
+kernels run it themselves, the backends written in Python call it as an operator
+(:func:`check_tensors`). What stays here is what C++ cannot see: Python objects (padding strings
+and tuples, pairs, ints past int64, arguments that are not tensors) and autocast's mixed dtypes."""
 from __future__ import annotations
 
 from typing import Sequence, Tuple, Union
 
 import torch
+
+from . import backends
 
 Padding = Union[int, str, Sequence[int]]
 
@@ -12,10 +18,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The largest value the C++ operators (int64) take; sizes computed from the arguments (padded
 # input, output bytes) must fit too.
 INT64_MAX = 2 ** 63 - 1
-
-
-def _shape(t: torch.Tensor) -> tuple:
-    return tuple(t.shape)
 
 
 def pair(value, name: str, minimum: int) -> Tuple[int, int]:
@@ -93,13 +95,10 @@ def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after:
     return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
 
 
-def check_inputs(x, routing, weight, bias, stride, padding, dilation, groups,
-                 autocast: bool = False) -> None:
-    """Validates types, ranks, shapes, dtypes and devices; ``stride``/``dilation`` are pairs and
-    ``padding`` a resolved 4-tuple. Raises TypeError/ValueError naming the argument.
-
-    With ``autocast`` (autocast enabled for x's device) the floating dtypes may differ: the op's
-    autocast rule casts them before any kernel runs."""
+def check_objects(x, routing, weight, bias, groups) -> None:
+    """What the C++ check cannot see: arguments that are not tensors (None for ``bias``) and a
+    ``groups`` that is not an int or does not fit int64. Raises TypeError/ValueError naming the
+    argument."""
     for name, t in (("x", x), ("routing", routing), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"condconv2d: argument '{name}' must be a Tensor, "
@@ -107,80 +106,51 @@ def check_inputs(x, routing, weight, bias, stride, padding, dilation, groups,
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"condconv2d: argument 'bias' must be a Tensor or None, "
                         f"got {type(bias).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"condconv2d: argument 'x' must be 4-D (B, Cin, H, W), got "
-                         f"{x.dim()}-D with shape {_shape(x)}")
-    if routing.dim() != 2:
-        raise ValueError(f"condconv2d: argument 'routing' must be 2-D (B, E), got shape "
-                         f"{_shape(routing)}")
-    if weight.dim() != 5:
-        raise ValueError(f"condconv2d: argument 'weight' must be 5-D (E, Cout, Cin/groups, kh, "
-                         f"kw), got shape {_shape(weight)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"condconv2d: argument 'x' must be float32, float64, float16 or "
-                        f"bfloat16, got {x.dtype}")
-    mixed_ok = autocast and x.dtype != torch.float64
-    if mixed_ok:
-        for name, t in (("routing", routing), ("weight", weight), ("bias", bias)):
-            if t is not None and t.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"condconv2d: argument '{name}' must be a floating tensor "
-                                f"(float32, float64, float16 or bfloat16), got {t.dtype}")
-    elif weight.dtype != x.dtype:
-        raise TypeError(f"condconv2d: argument 'weight' must have x's dtype {x.dtype}, "
-                        f"got {weight.dtype}")
-    elif routing.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"condconv2d: argument 'routing' must have x's dtype {x.dtype} or "
-                        f"float32, got {routing.dtype}")
-    for name, t in (("routing", routing), ("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"condconv2d: argument '{name}' must be on x's device {x.device}, "
-                             f"got {t.device}")
     if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)):
         raise TypeError(f"condconv2d: argument 'groups' must be an int, "
                         f"got {type(groups).__name__}")
-    if groups < 1 or groups > INT64_MAX:
+    if groups > INT64_MAX:
         raise ValueError(f"condconv2d: argument 'groups' must be >= 1 (and <= 2**63 - 1), "
                          f"got {groups}")
 
-    B, cin, H, W = x.shape
-    E, cout, cin_g, kh, kw = weight.shape
-    if min(E, cout, cin_g, kh, kw) < 1:
-        raise ValueError(f"condconv2d: argument 'weight' must have non-zero sizes, "
-                         f"got {_shape(weight)}")
-    if tuple(routing.shape) != (B, E):
-        raise ValueError(f"condconv2d: argument 'routing' must have shape (B, E) = ({B}, {E}) "
-                         f"from x's batch and weight's experts, got {_shape(routing)}")
-    if cin % groups or cout % groups:
-        raise ValueError(f"condconv2d: argument 'groups' = {groups} must divide x's channels "
-                         f"({cin}) and weight's Cout ({cout})")
-    if cin_g * groups != cin:
-        raise ValueError(f"condconv2d: argument 'weight' must have Cin/groups = {cin // groups} "
-                         f"in dim 2 for x with {cin} channels and groups={groups}, "
-                         f"got shape {_shape(weight)}")
-    if bias is not None:
-        if tuple(bias.shape) != (E, cout):
-            raise ValueError(f"condconv2d: argument 'bias' must have shape (E, Cout) = "
-                             f"({E}, {cout}), got {_shape(bias)}")
-        if bias.dtype != x.dtype and not mixed_ok:
-            raise TypeError(f"condconv2d: argument 'bias' must have x's dtype {x.dtype}, "
-                            f"got {bias.dtype}")
-    span_h = (kh - 1) * dilation[0] + 1
-    span_w = (kw - 1) * dilation[1] + 1
-    padded_h = H + padding[0] + padding[1]
-    padded_w = W + padding[2] + padding[3]
-    if padded_h > INT64_MAX or padded_w > INT64_MAX:
-        raise ValueError(f"condconv2d: argument 'padding' = {tuple(padding)} makes the padded "
-                         f"input larger than 2**63 - 1 ({padded_h}x{padded_w})")
-    if span_h > padded_h or span_w > padded_w:
-        raise ValueError(f"condconv2d: argument 'weight' has a dilated kernel of "
-                         f"{span_h}x{span_w}, larger than the padded input of "
-                         f"{padded_h}x{padded_w}")
-    shape = out_shape(x.shape, weight.shape, stride, padding, dilation)
-    nbytes = shape[0] * shape[1] * shape[2] * shape[3] * x.element_size()
-    if shape[2] * shape[3] * max(shape[1], 1) * x.element_size() > INT64_MAX or \
-            nbytes > INT64_MAX:
-        raise ValueError(f"condconv2d: the output of shape {shape} would be larger than 2**63 - "
-                         f"1 bytes (arguments 'x', 'weight', 'padding')")
+
+def check_autocast_dtypes(x, routing, weight, bias) -> None:
+    """Under autocast the floating dtypes may differ (the autocast rule casts them before any
+    kernel runs, and the tensor check then sees one dtype): each must be floating."""
+    for name, t in (("x", x), ("routing", routing), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"condconv2d: argument '{name}' must be a floating tensor "
+                            f"(float32, float64, float16 or bfloat16), got {t.dtype}")
+
+
+def _checkable(*tensors) -> bool:
+    """Whether the C++ check can run now: the extension loaded, not traced (an operator call
+    would enter the trace), every size concrete (a symbolic size under ``torch.compile`` is
+    checked when the compiled graph runs, by the real operator)."""
+    if not backends.native_status()[0] or torch._C._get_tracing_state() is not None:
+        return False
+    return not any(isinstance(s, torch.SymInt) for t in tensors if t is not None
+                   for s in t.shape)
+
+
+def check_tensors(x, routing, weight, bias, stride, padding, dilation, groups) -> None:
+    """The rules on the tensors (ranks, shapes, dtypes, devices, geometry, sizes past int64),
+    stated once, in C++ (``check_inputs`` in csrc/ops.cpp, which the C++ kernels run themselves):
+    ``stride``/``dilation`` are pairs and ``padding`` a resolved 4-tuple. Raises TypeError /
+    ValueError naming the argument. Without the C++ extension (the reference backend alone)
+    PyTorch's own operators check the arguments."""
+    if _checkable(x, routing, weight, bias):
+        torch.ops.condconv.check_inputs(x, routing, weight, bias, stride, padding, dilation,
+                                        groups)
+
+
+def check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
+                           output_mask) -> None:
+    """:func:`check_tensors`, then ``grad_out`` (the output's shape, x's dtype and device) and
+    ``output_mask`` (no grad_bias without a bias): ``check_backward_inputs`` in csrc/ops.cpp."""
+    if _checkable(grad_out, x, routing, weight, bias):
+        torch.ops.condconv.check_backward_inputs(grad_out, x, routing, weight, bias, stride,
+                                                 padding, dilation, groups, output_mask)
 
 
 def autocast_enabled(device_type: str) -> bool:

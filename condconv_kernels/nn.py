@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _args, reference
-from .ops import condconv2d
+from .ops import autocast_inputs, condconv2d, normalise_arguments
 
 __all__ = ["CondConv2d", "CondConvRouting", "layer_padding"]
 
@@ -128,11 +128,13 @@ class CondConv2d(nn.Module):
 
     def _forward_decomposed(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         weight = self.expert_weight()
-        pad = _args.resolve_padding(self.padding, x.shape[-2:], weight.shape[-2:], self.stride,
-                                    self.dilation)
-        _args.check_inputs(x, routing_weights, weight, self.bias, self.stride, pad,
-                           self.dilation, self.groups,
-                           autocast=_args.autocast_enabled(x.device.type))
+        stride, pad, dilation, autocast = normalise_arguments(
+            x, routing_weights, weight, self.bias, self.stride, self.padding, self.dilation,
+            self.groups)
+        tensors = (x, routing_weights, weight, self.bias)
+        if autocast:  # checked as the fused op checks them: after the autocast rule
+            tensors = autocast_inputs(*tensors)
+        _args.check_tensors(*tensors, stride, pad, dilation, self.groups)
         return reference.condconv2d_unfold(x, routing_weights, weight, self.bias, self.stride,
                                            pad, self.dilation, self.groups)
 

@@ -62,35 +62,30 @@ def _empty_output(x, weight, stride, padding, dilation):
                        memory_format=_args.suggest_memory_format(x))
 
 
-def _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, backend,
-                   full: bool = False):
-    """The ``condconv::condconv2d*`` ops' own checks, for callers that use ``torch.ops``
-    directly (:func:`condconv2d` has normalised and checked everything already): the backend
-    name, and the arguments of the backends written in Python (the C++ operators check theirs;
-    ``full``: every backend's, as the fake implementations do)."""
+def _check_backend(backend):
     if backend not in _FORWARD:
         raise ValueError(f"condconv2d: argument 'backend' must be one of {tuple(_FORWARD)}, "
                          f"got {backend!r}")
-    for name, values, length, minimum in (("stride", stride, 2, 1), ("padding", padding, 4, 0),
-                                          ("dilation", dilation, 2, 1)):
-        if len(values) != length or any(v < minimum for v in values):
-            raise ValueError(f"condconv2d: argument '{name}' must have {length} values >= "
-                             f"{minimum}, got {list(values)}")
-    if full or backend in ("reference", "triton"):
-        _args.check_inputs(x, routing, weight, bias, tuple(stride), tuple(padding),
-                           tuple(dilation), groups)
+
+
+# The backends written in Python: their arguments are checked here, by the C++ check operator
+# (the C++ kernels check theirs).
+_PYTHON_BACKENDS = ("reference", "triton")
 
 
 @torch.library.custom_op("condconv::condconv2d", mutates_args=())
 def _condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor],
                 stride: List[int], padding: List[int], dilation: List[int], groups: int,
                 backend: str) -> Tensor:
-    _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+    _check_backend(backend)
     return _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend)
 
 
 def _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend):
-    """The forward op's computation on checked arguments."""
+    """The forward op's computation, checks included (here for the Python backends and the empty
+    batch, which never reach a kernel; in C++ for the C++ kernels)."""
+    if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
+        _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups)
     if x.shape[0] == 0:
         return _empty_output(x, weight, stride, padding, dilation)
     out = _FORWARD[backend](x, routing, weight, bias, stride, padding, dilation, groups)
@@ -99,7 +94,8 @@ def _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, b
 
 @_condconv2d.register_fake
 def _condconv2d_fake(x, routing, weight, bias, stride, padding, dilation, groups, backend):
-    _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, backend, True)
+    _check_backend(backend)
+    _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups)
     return _empty_output(x, weight, stride, padding, dilation)
 
 
@@ -118,24 +114,17 @@ def _condconv2d_backward(grad_out: Tensor, x: Tensor, routing: Tensor, weight: T
                          bias: Optional[Tensor], stride: List[int], padding: List[int],
                          dilation: List[int], groups: int, backend: str,
                          output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    if output_mask[3] and bias is None:
-        raise ValueError("condconv2d_backward: argument 'output_mask' asks for grad_bias but "
-                         "'bias' is None")
-    _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, backend)
-    if backend in ("reference", "triton"):
-        shape = _args.out_shape(x.shape, weight.shape, stride, padding, dilation)
-        if tuple(grad_out.shape) != shape or grad_out.dtype != x.dtype or \
-                grad_out.device != x.device:
-            raise ValueError(f"condconv2d_backward: argument 'grad_out' must have the output "
-                             f"shape {shape}, x's dtype and device, got {tuple(grad_out.shape)} "
-                             f"{grad_out.dtype} {grad_out.device}")
+    _check_backend(backend)
     return _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
                           backend, output_mask)
 
 
 def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation, groups, backend,
                    output_mask):
-    """The backward op's computation on checked arguments."""
+    """The backward op's computation, checks included (as :func:`_forward_impl`)."""
+    if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
+        _args.check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding,
+                                     dilation, groups, output_mask)
     if x.shape[0] == 0:
         grads = (None, None, None, None)
     else:
@@ -151,6 +140,9 @@ def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation
 @_condconv2d_backward.register_fake
 def _condconv2d_backward_fake(grad_out, x, routing, weight, bias, stride, padding, dilation,
                               groups, backend, output_mask):
+    _check_backend(backend)
+    _args.check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding, dilation,
+                                 groups, output_mask)
     def fake(like, wanted, memory_format=torch.contiguous_format):
         if not wanted:
             return x.new_empty((0,))
@@ -200,7 +192,7 @@ class _EagerCondConv2d(torch.autograd.Function):
 if backends.native_status()[0]:
     @torch.library.register_fake("condconv::native_forward")
     def _native_forward_fake(x, routing, weight, bias, stride, padding, dilation, groups):
-        _check_op_args(x, routing, weight, bias, stride, padding, dilation, groups, "cpu", True)
+        _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups)
         return _empty_output(x, weight, stride, padding, dilation)
 
     @torch.library.register_fake("condconv::native_backward")
@@ -217,12 +209,12 @@ def _autocast_kernel(device_type: str):
 
     def kernel(_keyset, x, routing, weight, bias, stride, padding, dilation, groups, backend):
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return torch.ops.condconv.condconv2d(*_autocast_inputs(x, routing, weight, bias),
+            return torch.ops.condconv.condconv2d(*autocast_inputs(x, routing, weight, bias),
                                                  stride, padding, dilation, groups, backend)
     return kernel
 
 
-def _autocast_inputs(x, routing, weight, bias):
+def autocast_inputs(x, routing, weight, bias):
     """The autocast rule on the tensors: x, weight and bias in the autocast dtype of x's device,
     routing in float32; everything as it is when x is float64 (or on another device)."""
     device_type = x.device.type
@@ -307,7 +299,7 @@ def _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend,
     (for cpu and cuda the C++ op, whose name a profiler shows; the triton backend's forward gets a
     profiler range named as the op)."""
     if autocast:
-        x, routing, weight, bias = _autocast_inputs(x, routing, weight, bias)
+        x, routing, weight, bias = autocast_inputs(x, routing, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             return _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend,
                           False)
@@ -322,6 +314,24 @@ def _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend,
         with torch.autograd.profiler.record_function("condconv::condconv2d"):
             return run(x, routing, weight, bias, stride, padding, dilation, groups, backend)
     return run(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+
+
+def normalise_arguments(x, routing, weight, bias, stride, padding, dilation, groups):
+    """The Python half of a call's checks, and its normalised arguments: (stride, padding,
+    dilation, autocast) with stride and dilation (h, w) pairs, padding (top, bottom, left, right)
+    and ``autocast`` whether autocast is on for x's device. The tensors themselves are checked
+    later, once, by the C++ check, on the dtypes the autocast rule gives them."""
+    _args.check_objects(x, routing, weight, bias, groups)
+    if x.dim() != 4 or weight.dim() != 5:
+        # Ranks first: "same" padding reads x's and weight's last two sizes.
+        _args.check_tensors(x, routing, weight, bias, (1, 1), (0, 0, 0, 0), (1, 1), groups)
+    stride_hw = _args.pair(stride, "stride", 1)
+    dilation_hw = _args.pair(dilation, "dilation", 1)
+    pad = _args.resolve_padding(padding, x.shape[-2:], weight.shape[-2:], stride_hw, dilation_hw)
+    autocast = _args.autocast_enabled(x.device.type)
+    if autocast and x.dtype != torch.float64:  # float64 inputs are left to the tensor check
+        _args.check_autocast_dtypes(x, routing, weight, bias)
+    return stride_hw, pad, dilation_hw, autocast
 
 
 def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -353,24 +363,16 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
 
     Differentiable in x, routing, weight and bias (handwritten backward).
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"condconv2d: argument 'x' must be a Tensor, got {type(x).__name__}")
-    if x.dim() != 4 or not isinstance(weight, torch.Tensor) or weight.dim() != 5:
-        # Ranks first: "same" padding reads x's and weight's last two sizes.
-        _args.check_inputs(x, routing, weight, bias, (1, 1), (0, 0, 0, 0), (1, 1), groups)
-    stride_hw = _args.pair(stride, "stride", 1)
-    dilation_hw = _args.pair(dilation, "dilation", 1)
-    pad = _args.resolve_padding(padding, x.shape[-2:], weight.shape[-2:], stride_hw, dilation_hw)
-    autocast = _args.autocast_enabled(x.device.type)
-    _args.check_inputs(x, routing, weight, bias, stride_hw, pad, dilation_hw, groups,
-                       autocast=autocast)
+    stride_hw, pad, dilation_hw, autocast = normalise_arguments(
+        x, routing, weight, bias, stride, padding, dilation, groups)
     name = backends.resolve(backend, x.device.type)
     # The two routes into a backend's kernels. Plain eager calls (plain tensors; not compiled,
     # traced or under vmap/grad transforms; no dispatch or function mode) on the kernel backends
     # skip the custom-op layer, whose dispatch and Python kernel cost tens to hundreds of
     # microseconds of host time a call: _eager (autocast rule, autograd.Function). Everything
     # else, and the reference backend always, goes through the condconv::condconv2d op (its
-    # autocast kernel, autograd formula, fake implementation and FLOP formula).
+    # autocast kernel, autograd formula, fake implementation and FLOP formula). The tensors are
+    # checked once on either route, by the C++ check (csrc/ops.cpp), after the autocast rule.
     conv = (list(stride_hw), list(pad), list(dilation_hw), groups)
     if name != "reference" and _plain_eager(x, routing, weight, bias):
         return _eager(x, routing, weight, bias, *conv, name, autocast)

@@ -56,6 +56,13 @@ struct Geometry {
 Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+// check_inputs, then grad_out (the output's shape, x's dtype and device) and output_mask (no
+// grad_bias without a bias).
+Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& routing, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               std::array<bool, 4> output_mask);
 
 // The operators, callable from C++ (they go through the dispatcher).
 at::Tensor condconv2d(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,

@@ -1,5 +1,6 @@
 // Operator schemas, every input check, and the CPU and CUDA bindings. The kernels behind it trust
-// their inputs: all validation lives here, once.
+// their inputs: the rules on the tensors live here, once, for every backend (the Python ones call
+// them as torch.ops.condconv.check_inputs / check_backward_inputs).
 #include "condconv.h"
 
 #include <ATen/ATen.h>
@@ -144,6 +145,28 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::
   return g;
 }
 
+Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& routing, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               std::array<bool, 4> output_mask) {
+  const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape),
+                    "condconv2d_backward: argument 'grad_out' must have the output shape ",
+                    shape_str(out_shape), ", got ", shape_str(grad_out.sizes()));
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(),
+                   "condconv2d_backward: argument 'grad_out' must have x's dtype ",
+                   x.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(),
+                    "condconv2d_backward: argument 'grad_out' must be on x's device ", x.device(),
+                    ", got ", grad_out.device());
+  TORCH_CHECK_VALUE(bias.has_value() || !output_mask[3],
+                    "condconv2d_backward: argument 'output_mask' asks for grad_bias but "
+                    "'bias' is None");
+  return g;
+}
+
 namespace {
 
 // native_forward for one device's kernels: checks, the empty cases, then the kernel.
@@ -168,22 +191,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 4> output_mask) {
-  const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
+  const Geometry g = check_backward_inputs(grad_out, x, routing, weight, bias, stride, padding,
+                                           dilation, groups, output_mask);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape),
-                    "condconv2d_backward: argument 'grad_out' must have the output shape ",
-                    shape_str(out_shape), ", got ", shape_str(grad_out.sizes()));
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(),
-                   "condconv2d_backward: argument 'grad_out' must have x's dtype ",
-                   x.scalar_type(), ", got ", grad_out.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.device() == x.device(),
-                    "condconv2d_backward: argument 'grad_out' must be on x's device ", x.device(),
-                    ", got ", grad_out.device());
-  TORCH_CHECK_VALUE(bias.has_value() || !output_mask[3],
-                    "condconv2d_backward: argument 'output_mask' asks for grad_bias but "
-                    "'bias' is None");
-
   const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
   at::Tensor grad_x = output_mask[0]
                           ? at::empty(x.sizes(), x.options().memory_format(
@@ -230,6 +240,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
                  output_mask);
 }
 
+// The checks as operators, for the backends written in Python (reference, triton) and the fake
+// implementations: check_inputs returns the output shape (B, Cout, Ho, Wo) of valid arguments;
+// both raise what the kernels' own checks raise.
+std::vector<int64_t> check_inputs_op(const at::Tensor& x, const at::Tensor& routing,
+                                     const at::Tensor& weight,
+                                     const c10::optional<at::Tensor>& bias,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups) {
+  const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
+  return {g.batch, g.out_channels, g.out_h, g.out_w};
+}
+
+void check_backward_inputs_op(const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& routing, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                              std::array<bool, 4> output_mask) {
+  check_backward_inputs(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
+                        output_mask);
+}
+
 // Test-only: the CPU paths a call takes, and all their names (csrc/cpu/paths.h).
 std::vector<std::string> cpu_paths(const at::Tensor& x, const at::Tensor& routing,
                                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -251,6 +282,17 @@ TORCH_LIBRARY(condconv, m) {
       "cpu_paths(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
       "int[4] padding, int[2] dilation, int groups) -> str[]");
   m.def("cpu_path_names() -> str[]", &cpu::all_path_names);
+  // Composite: they read sizes, dtypes and devices only, so they run on any device (meta and fake
+  // tensors with concrete sizes included).
+  m.def(
+      "check_inputs(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[4] padding, int[2] dilation, int groups) -> int[]",
+      &check_inputs_op);
+  m.def(
+      "check_backward_inputs(Tensor grad_out, Tensor x, Tensor routing, Tensor weight, "
+      "Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, int groups, "
+      "bool[4] output_mask) -> ()",
+      &check_backward_inputs_op);
 }
 
 TORCH_LIBRARY_IMPL(condconv, CPU, m) {

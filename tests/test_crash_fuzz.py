@@ -331,13 +331,13 @@ def _truth(args):
     (or the arguments do not normalise)."""
     import torch
     from condconv_kernels import _args, reference
+    from condconv_kernels.ops import normalise_arguments
     x, r, w, b = (args[k] for k in ("x", "routing", "weight", "bias"))
     try:
-        stride = _args.pair(args["stride"], "stride", 1)
-        dilation = _args.pair(args["dilation"], "dilation", 1)
-        pad = _args.resolve_padding(args["padding"], x.shape[-2:], w.shape[-2:], stride,
-                                    dilation)
-        _args.check_inputs(x, r, w, b, stride, pad, dilation, args["groups"])
+        stride, pad, dilation, _ = normalise_arguments(x, r, w, b, args["stride"],
+                                                       args["padding"], args["dilation"],
+                                                       args["groups"])
+        _args.check_tensors(x, r, w, b, stride, pad, dilation, args["groups"])
     except Exception:  # noqa: BLE001  (which exception is the op's business, checked there)
         return None
     shape = _args.out_shape(x.shape, w.shape, stride, pad, dilation)

@@ -79,15 +79,31 @@ def test_native_op_checks_its_inputs(args, needle):
         torch.ops.condconv.native_forward(*args())
 
 
+def _backward_ops():
+    """The backward through the C++ operator and through the op on each Python backend."""
+    conv = ([1, 1], [0] * 4, [1, 1], 1)
+    ops = {"native_backward": lambda g, bias, mask: torch.ops.condconv.native_backward(
+        g, x, r, w, bias, *conv, mask)}
+    for backend in ("reference", "triton"):
+        ops[backend] = (lambda g, bias, mask, backend=backend:
+                        torch.ops.condconv.condconv2d_backward(g, x, r, w, bias, *conv, backend,
+                                                               mask))
+    return ops
+
+
 @pytest.mark.skipif("cpu" not in cc.available_backends("cpu"), reason="C++ extension not built")
-def test_native_backward_checks_grad_out():
-    out = torch.ops.condconv.native_forward(x, r, w, None, [1, 1], [0] * 4, [1, 1], 1)
+@pytest.mark.parametrize("route", ["native_backward", "reference", "triton"])
+def test_backward_checks_grad_out(route):
+    """grad_out and output_mask, checked by the one C++ check on every route (the triton
+    backend's checks run before any kernel, so this needs no GPU)."""
+    run = _backward_ops()[route]
+    out = torch.randn(2, 6, 7, 7)
     with pytest.raises(ValueError, match="'grad_out'"):
-        torch.ops.condconv.native_backward(out[:, :2], x, r, w, None, [1, 1], [0] * 4, [1, 1],
-                                           1, [True] * 4)
+        run(out[:, :2], None, [True, True, True, False])
+    with pytest.raises(TypeError, match="'grad_out'"):
+        run(out.double(), None, [True, True, True, False])
     with pytest.raises(ValueError, match="'output_mask'"):
-        torch.ops.condconv.native_backward(out, x, r, w, None, [1, 1], [0] * 4, [1, 1], 1,
-                                           [True] * 4)
+        run(out, None, [True] * 4)
 
 
 # Found by the crash fuzzer (test_crash_fuzz.py): each raised an unhelpful error, or none.
@@ -141,8 +157,8 @@ def test_native_op_sizes_do_not_overflow(stride, padding, dilation, needle):
 
 
 # Bad arguments in the op's own form (x, routing, weight, bias, stride[2], padding[4],
-# dilation[2], groups): every check, as Python states it (_args.check_inputs) and as C++ states
-# it (csrc/ops.cpp).
+# dilation[2], groups): every check, on each route into the one C++ statement of the rules
+# (csrc/ops.cpp check_inputs).
 OP_ARGS = (x, r, w, None, [1, 1], [0] * 4, [1, 1], 1)
 PARITY = [
     ("x rank", {0: x[0]}), ("routing rank", {1: r[0]}), ("weight rank", {2: w[0]}),
@@ -166,9 +182,9 @@ def _argument(message: str) -> str:
 @pytest.mark.skipif("cpu" not in cc.available_backends("cpu"), reason="C++ extension not built")
 @pytest.mark.parametrize("changes", [c[1] for c in PARITY], ids=[c[0] for c in PARITY])
 def test_python_and_cpp_checks_agree(changes):
-    """Each bad argument, through the public function, the op on the reference backend (the
-    Python checks) and the C++ operator (its own checks): the same exception type, naming the
-    same argument."""
+    """Each bad argument, through the public function, the op on the reference backend (which
+    calls the C++ check operator) and the C++ kernel operator (which runs the check itself): the
+    same exception type, naming the same argument."""
     args = list(OP_ARGS)
     for i, value in changes.items():
         args[i] = value
