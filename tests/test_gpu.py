@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import condconv_kernels as cc
 from condconv_kernels import reference
-from conftest import (CASES, CASES_BY_NAME, LAYOUTS, assert_close, assert_repeatable, conv_args,
+from conftest import (CASES, CASES_BY_NAME, LAYOUTS, Case, assert_close, assert_repeatable, conv_args,
                       ground_truth, make_inputs, poisoned_outputs, run_op)
 
 DEVICE = os.environ.get("CONDCONV_GPU_TEST_DEVICE", "cuda")
@@ -324,3 +324,29 @@ def test_cuda_backend_was_built():
     if CUDA_HOME is None:
         pytest.skip("no CUDA toolkit (CUDA_HOME) on this machine: the CUDA kernels cannot be built")
     assert "cuda" in cc.available_backends("cuda"), backends.why_unavailable("cuda", "cuda")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", [
+    Case("dw3_batch_70000", B=70000, cin=4, cout=4, H=4, W=4, groups=4, E=3),
+    Case("pw_g4_batch_70000", B=70000, cin=8, cout=8, H=2, W=2, kernel=(1, 1), padding=0,
+         groups=4, E=3),
+], ids=str)
+def test_gpu_batch_past_the_grid_limit(case, backend):
+    """More than 65535 examples (x groups): past what a grid's y or z axis can hold, where the
+    Triton kernels used to put the batch. Forward and every gradient against the unfolded form
+    in float64 on the device (the per-example loop would take minutes)."""
+    with tf32(False):
+        inputs = make_inputs(case, torch.float32, seed=4)
+        x, routing, weight, bias = inputs
+        ho, wo = ground_truth(case, [x[:1], routing[:1], weight, bias])[0].shape[2:]
+        grad_out = torch.randn(case.B, case.cout, ho, wo)
+        out, grads = _run(case, inputs, backend, grad_out)
+        device_inputs = _to_device(inputs)
+        truth, truth_grads = ground_truth(case, device_inputs, grad_out.to(DEVICE),
+                                          form=reference.condconv2d_unfold)
+        same, same_grads = ground_truth(case, device_inputs, grad_out.to(DEVICE),
+                                        form=reference.condconv2d_unfold, dtype=torch.float32)
+    assert_close(out, truth.cpu(), same.cpu(), f"{backend} out")
+    for g, t, s in zip(grads, truth_grads, same_grads):
+        assert_close(g, t.cpu(), s.cpu(), f"{backend} grad")

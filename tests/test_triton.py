@@ -308,3 +308,12 @@ def test_eager_path_parameters_and_no_double_backward():
     assert not gw.requires_grad  # no graph to differentiate (it would reach routing only)
     with pytest.raises(RuntimeError, match="does not require grad"):
         torch.autograd.grad((gw ** 2).sum(), [x, routing])
+
+
+def test_grids_are_flat_and_bounded():
+    """Every launch is a 1-D grid (CUDA's y and z axes hold at most 65535 programs, fewer than a
+    large batch needs); past 2**31 - 1 programs a call raises naming x."""
+    from condconv_kernels.triton._grid import flat_grid
+    assert flat_grid(3, 70000, 2) == (420000,)
+    with pytest.raises(ValueError, match="'x'"):
+        flat_grid(2 ** 16, 2 ** 16)

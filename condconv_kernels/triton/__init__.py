@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .. import _args
 from .._epilogue import finish_bias_grads, fold_kernel_grads
+from ._grid import flat_grid
 from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucket,
                       fixed_blocks, smallest_block)
 from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
@@ -83,8 +84,8 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     geometry = _geometry(stride, padding, dilation)
     if cin_g == 1:
         blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
-        grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_P"]),  # noqa: E731
-                             triton.cdiv(cout, meta["BLOCK_C"]), B)
+        grid = lambda meta: flat_grid(triton.cdiv(ho * wo, meta["BLOCK_P"]),  # noqa: E731
+                                      triton.cdiv(cout, meta["BLOCK_C"]), B)
         dw_fwd_kernel[grid](
             x, routing, w, b, out, cout, cout // cin, H, W, ho, wo, *x.stride(),
             *routing.stride(), *out.stride(), *geometry, bucket(B), bucket(ho * wo), E=E,
@@ -93,9 +94,9 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         return out
     cout_g = cout // groups
     blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
-    grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_N"]),  # noqa: E731
-                         triton.cdiv(cout_g, meta["BLOCK_M"]),
-                         triton.cdiv(B, meta["BLOCK_B"]) * groups)
+    grid = lambda meta: flat_grid(triton.cdiv(ho * wo, meta["BLOCK_N"]),  # noqa: E731
+                                  triton.cdiv(cout_g, meta["BLOCK_M"]),
+                                  triton.cdiv(B, meta["BLOCK_B"]) * groups)
     dense_fwd_kernel[grid](
         x, routing, w, b, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
         *routing.stride(), *out.stride(), *geometry, bucket(B), bucket(cin_g * kh * kw),
@@ -130,8 +131,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         grad_x = torch.empty_like(x, memory_format=_args.suggest_memory_format(x))
         if depthwise:
             blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
-            grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]),  # noqa: E731
-                                 triton.cdiv(cin, meta["BLOCK_C"]), B)
+            grid = lambda meta: flat_grid(triton.cdiv(H * W, meta["BLOCK_P"]),  # noqa: E731
+                                          triton.cdiv(cin, meta["BLOCK_C"]), B)
             dw_bwd_x_kernel[grid](
                 grad_out, routing, w, grad_x, cin, cout // cin, H, W, ho, wo,
                 *grad_out.stride(), *routing.stride(), *grad_x.stride(), *geometry,
@@ -140,9 +141,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         else:
             cout_g = cout // groups
             blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
-            grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_N"]),  # noqa: E731
-                                 triton.cdiv(cin_g, meta["BLOCK_M"]),
-                                 triton.cdiv(B, meta["BLOCK_B"]) * groups)
+            grid = lambda meta: flat_grid(triton.cdiv(H * W, meta["BLOCK_N"]),  # noqa: E731
+                                          triton.cdiv(cin_g, meta["BLOCK_M"]),
+                                          triton.cdiv(B, meta["BLOCK_B"]) * groups)
             dense_bwd_x_kernel[grid](
                 grad_out, routing, w, grad_x, B, cin_g, cout_g, groups, H, W, ho, wo,
                 *grad_out.stride(), *routing.stride(), *grad_x.stride(), *geometry,
@@ -154,9 +155,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         # The examples' tap gradients, then grad_weight = routing^T G, grad_routing = G W^T.
         G = torch.empty((B, cout, kh * kw), dtype=acc, device=x.device)
         blocks = fixed_blocks(DW_KGRAD_TILES)
-        grid = lambda meta: (B, triton.cdiv(cout, meta["BLOCK_C"]))  # noqa: E731
+        grid = lambda meta: flat_grid(B, triton.cdiv(cout, meta["BLOCK_C"]))  # noqa: E731
         dw_bwd_w_kernel[grid](
-            x, grad_out, G, cout, cout // cin, H, W, ho, wo, *x.stride(), *grad_out.stride(),
+            x, grad_out, G, B, cout, cout // cin, H, W, ho, wo, *x.stride(), *grad_out.stride(),
             *geometry, bucket(B), bucket(ho * wo), KH=kh, KW=kw, WIDE=_wide(x, grad_out),
             ACC=_acc(x.dtype), **blocks)
         grad_routing, grad_weight = fold_kernel_grads(G.view(B, -1), routing, w, need_r, need_w,
@@ -177,7 +178,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         blocks = fixed_blocks(KGRAD_TILES, E, x.element_size(), gw.element_size())
         def grid(meta):
             n_k, n_co = triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(cout_g, meta["BLOCK_CO"])
-            return _within(tiles, groups * n_k * n_co, (n_k, n_co, groups * S))
+            return _within(tiles, groups * n_k * n_co, flat_grid(n_k, n_co, groups * S))
         dense_bwd_w_kernel[grid](
             x, grad_out, routing, w, gw, part, B, cin_g, cout_g, groups, H, W, ho, wo,
             per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,

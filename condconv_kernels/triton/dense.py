@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._config import DENSE_TILES, KGRAD_TILES, autotune
+from ._grid import program_ids
 
 
 @triton.jit
@@ -129,7 +130,7 @@ def dense_fwd_kernel(
     registers) and the example's input patches as B. POINTWISE (1x1, stride 1, no padding, H
     and W mergeable in x): the patches are x's (channels x pixels) matrix itself."""
     tl.static_assert(BLOCK_B <= 4, "a program serves at most 4 examples")
-    i_n, i_m, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_m, i_bg = program_ids(tl.cdiv(HO * WO, BLOCK_N), tl.cdiv(COUT_G, BLOCK_M))
     i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
     b0, b1, b2, b3 = _examples(i_bb, B, BLOCK_B)
     K = CIN_G * KH * KW
@@ -192,7 +193,7 @@ def dense_bwd_x_kernel(
     BLOCK_M input channels x BLOCK_N input pixels, the mixed W^T tiles made as in the forward.
     POINTWISE: grad_out's (channels x pixels) matrix itself."""
     tl.static_assert(BLOCK_B <= 4, "a program serves at most 4 examples")
-    i_n, i_m, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_m, i_bg = program_ids(tl.cdiv(H * W, BLOCK_N), tl.cdiv(CIN_G, BLOCK_M))
     i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
     b0, b1, b2, b3 = _examples(i_bb, B, BLOCK_B)
     K2 = COUT_G * KH * KW
@@ -252,10 +253,10 @@ def dense_bwd_w_kernel(
     experts' gradients of the tile stay in registers (E_POW2 x BLOCK_CO x BLOCK_K, float32)
     across the examples and are written once at the end, and the E expert tiles for
     grad_routing are loaded once: no per-example read-modify-write of global memory."""
-    i_k, i_co, i_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_co, n_k = tl.num_programs(1), tl.num_programs(0)
-    i_g, i_s = i_gs % GROUPS, i_gs // GROUPS
     K = CIN_G * KH * KW
+    n_k, n_co = tl.cdiv(K, BLOCK_K), tl.cdiv(COUT_G, BLOCK_CO)
+    i_k, i_co, i_gs = program_ids(n_k, n_co)
+    i_g, i_s = i_gs % GROUPS, i_gs // GROUPS
     N = COUT_G * GROUPS * K
     L = HO * WO
     o_co = i_g * COUT_G + i_co * BLOCK_CO + tl.arange(0, BLOCK_CO)

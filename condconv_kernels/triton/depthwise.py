@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._config import DW_KGRAD_TILES, autotune
+from ._grid import program_ids
 
 
 @triton.jit
@@ -52,7 +53,7 @@ def dw_fwd_kernel(
     """out[b, c, p] for BLOCK_C channels x BLOCK_P output pixels of one example: per tap, the
     BLOCK_C taps mixed over the E experts, times the shifted input tile (reloads of the tile
     tap after tap hit L1). Offsets within an example are 32-bit unless WIDE."""
-    i_p, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_p, i_c, i_b = program_ids(tl.cdiv(HO * WO, BLOCK_P), tl.cdiv(C_OUT, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C_OUT
@@ -94,7 +95,7 @@ def dw_bwd_x_kernel(
     """grad_x[b, ci, q] = sum over the channel multiplier m and taps of the mixed tap times
     grad_out at the output pixel the (input pixel, tap) fed, for BLOCK_C input channels x
     BLOCK_P input pixels of one example."""
-    i_q, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_q, i_c, i_b = program_ids(tl.cdiv(H * W, BLOCK_P), tl.cdiv(C_IN, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_ci = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_ci < C_IN
@@ -129,7 +130,7 @@ def dw_bwd_x_kernel(
 @triton.jit
 def dw_bwd_w_kernel(
     x_ptr, g_ptr, G_ptr,
-    C_OUT, MULT, H, W, HO, WO,
+    B, C_OUT, MULT, H, W, HO, WO,
     s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
     KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
@@ -140,7 +141,7 @@ def dw_bwd_w_kernel(
     tap (G is (B, C_OUT, KH * KW), contiguous, in the accumulation dtype). A program per
     (example, channel tile): the grid has B x C_OUT / BLOCK_C programs, each a short loop over
     the taps and BLOCK_L-pixel blocks (the grad_out tile's reloads, tap after tap, hit L1)."""
-    i_b, i_c = tl.program_id(0), tl.program_id(1)
+    i_b, i_c, _ = program_ids(B, tl.cdiv(C_OUT, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     L = HO * WO
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
