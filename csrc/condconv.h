@@ -1,7 +1,10 @@
-// condconv_kernels: conditionally parameterised convolution (CondConv).
+// condconv_kernels: conditionally parameterised convolution (CondConv) and its family.
 //
-//   W_b = sum_e routing[b, e] * weight[e]      bias_b = sum_e routing[b, e] * bias[e]
+//   W_b = s_b * sum_e routing[b, e] * weight[e]      bias_b = out_scale[b] * sum_e routing[b, e] * bias[e]
 //   out[b] = conv2d(x[b], W_b, bias_b, stride, padding, dilation, groups)
+//
+// with the optional per-example scales (ODConv's attentions; 1 where absent)
+//   s_b[co, ci, i, j] = out_scale[b, co] * in_scale[b, group(co) * Cin/groups + ci] * tap_scale[b, i, j].
 //
 // The dense expert mix is done per chunk of examples into scratch memory that belongs to one
 // thread at a time, so the B x |W| tensor of mixed kernels is never allocated for dense layers.
@@ -9,15 +12,18 @@
 // size of B output pixels per channel: csrc/cpu/aten_grouped.h).
 //
 // Operators (namespace `condconv`, defined in ops.cpp, kernels bound per dispatch key):
-//   native_forward(x, routing, weight, bias?, stride[2], padding[4], dilation[2], groups)
+//   native_forward(x, routing, weight, bias?, stride[2], padding[4], dilation[2], groups,
+//                  in_scale?, out_scale?, tap_scale?)
 //   native_backward(grad_out, x, routing, weight, bias?, stride[2], padding[4],
-//                   dilation[2], groups, output_mask[4]) -> (grad_x, grad_routing,
-//                                                            grad_weight, grad_bias)
-// padding is (top, bottom, left, right). Gradients not asked for by output_mask come back as
-// empty tensors.
+//                   dilation[2], groups, output_mask[4], in_scale?, out_scale?, tap_scale?)
+//       -> (grad_x, grad_routing, grad_weight, grad_bias, grad_in_scale, grad_out_scale,
+//           grad_tap_scale)
+// padding is (top, bottom, left, right). Gradients not asked for by output_mask, and those of
+// absent scales (a present scale's always comes back), are empty tensors.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include <array>
 #include <string>
@@ -50,12 +56,26 @@ struct Geometry {
   }
 };
 
+// The optional per-example scales: in (B, Cin), out (B, Cout), tap (B, kh, kw), each x's dtype
+// or float32 (as routing), checked by check_scales.
+struct ScaleArgs {
+  c10::optional<at::Tensor> in, out, tap;
+  bool any() const { return in.has_value() || out.has_value() || tap.has_value(); }
+};
+// Their gradients, in the scales' shapes and dtypes; undefined where a scale is absent.
+struct ScaleGrads {
+  at::Tensor in, out, tap;
+};
+
 // Validates every argument (rank, shape, dtype, device, geometry) and returns the sizes.
 // Throws c10::ValueError / c10::TypeError (ValueError / TypeError in Python) naming the
 // argument and what was expected.
 Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+// The scales against the geometry check_inputs returned: shapes, dtypes (x's or float32) and
+// devices, each error naming the argument.
+void check_scales(const at::Tensor& x, const Geometry& g, const ScaleArgs& scales);
 // check_inputs, then grad_out (the output's shape, x's dtype and device) and output_mask (no
 // grad_bias without a bias).
 Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
@@ -78,23 +98,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
 // The kernels of one device. forward: inputs already checked, batch and output non-empty;
 // returns the output (B, Cout, Ho, Wo) in x's memory format. backward: fills grad_x,
 // grad_routing, grad_weight, grad_bias where output_mask says so (the others are left untouched);
-// requires batch >= 1.
+// requires batch >= 1; scale_grads holds the present scales' gradients (zeros, in the scales'
+// shapes and dtypes; undefined for the absent ones), which it fills.
 using ForwardKernel = at::Tensor(const at::Tensor& x, const at::Tensor& routing,
                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                 const Geometry& g);
+                                 const ScaleArgs& scales, const Geometry& g);
 using BackwardKernel = void(const at::Tensor& grad_out, const at::Tensor& x,
                             const at::Tensor& routing, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias, const Geometry& g,
-                            std::array<bool, 4> output_mask, at::Tensor& grad_x,
-                            at::Tensor& grad_routing, at::Tensor& grad_weight,
-                            at::Tensor& grad_bias);
+                            const c10::optional<at::Tensor>& bias, const ScaleArgs& scales,
+                            const Geometry& g, std::array<bool, 4> output_mask,
+                            at::Tensor& grad_x, at::Tensor& grad_routing,
+                            at::Tensor& grad_weight, at::Tensor& grad_bias,
+                            ScaleGrads& scale_grads);
 
 namespace cpu {  // csrc/cpu/
 ForwardKernel forward;
 BackwardKernel backward;
 // The paths a call on CPU tensors takes, forward and backward (csrc/cpu/paths.h), and every
-// path's name: what tests query (torch.ops.condconv.cpu_paths, cpu_path_names).
-std::vector<std::string> path_names(const at::Tensor& x, const Geometry& g);
+// path's name: what tests query (torch.ops.condconv.cpu_paths, cpu_path_names). scaled: with
+// per-example scales.
+std::vector<std::string> path_names(const at::Tensor& x, const Geometry& g, bool scaled);
 std::vector<std::string> all_path_names();
 }  // namespace cpu
 

@@ -3,7 +3,11 @@
 // kernel gradient of example b, gsum the grad_out summed over pixels (B, Cout):
 //   grad_weight[e]     = sum_b routing[b, e] G_b           grad_bias = routing^T gsum
 //   grad_routing[b, e] = <G_b, W[e]> + <gsum[b], bias[e]>
+// With per-example scales (scales.h), G_b becomes s_b * G_b and gsum out_scale * gsum here, and
+// the scales' gradients are added.
 #pragma once
+
+#include "scales.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
@@ -44,17 +48,53 @@ inline void fold_kernel_grads(const at::Tensor& G, const at::Tensor& routing, co
   if (grad_routing) grad_routing->copy_(rows_dot(G, W));
 }
 
-// The bias terms, where a bias exists and grad_routing (need_dr) or grad_bias (need_db) is
-// asked for: grad_bias = routing^T gsum, and grad_routing += gsum bias^T. routing and
-// grad_routing are in the accumulation dtype, which gsum is summed in.
+// The per-example kernel gradients G (n, |W|) of examples [b0, b0 + n), chunk after chunk from
+// b0 = 0, folded into the gradients: fold_kernel_grads of s_b * G_b (G_b itself without
+// scales), and the kernel terms of the scales' gradients (scale_grads, in the accumulation
+// dtype). routing (B, E) and weight (E, |W|) in the accumulation dtype.
+struct KernelGradFold {
+  const at::Tensor& routing;
+  const at::Tensor& weight;
+  const Scales& scales;
+  const Geometry& g;
+  at::Tensor* grad_weight;   // (E, |W|), or null
+  at::Tensor* grad_routing;  // (B, E), or null
+  ScaleGrads& scale_grads;   // defined where the scale is
+
+  // Whether G is needed at all.
+  bool wanted() const { return grad_weight || grad_routing || scales.any(); }
+
+  void operator()(const at::Tensor& G, int64_t b0) const {
+    const int64_t n = G.size(0);
+    const at::Tensor r = routing.narrow(0, b0, n);
+    at::Tensor folded = G;
+    if (scales.any()) {
+      scale_grads_from_kernels(G, at::mm(r, weight), b0, scales, g, scale_grads);
+      folded = G * scales.kernel_factor(b0, n, g);
+    }
+    at::Tensor gr = grad_routing ? grad_routing->narrow(0, b0, n) : at::Tensor();
+    fold_kernel_grads(folded, r, weight, grad_weight, b0 > 0, grad_routing ? &gr : nullptr);
+  }
+};
+
+// The bias terms, where a bias exists and grad_routing (need_dr), grad_bias (need_db) or the
+// out scale's gradient (grad_out_scale defined) is asked for: with gsum' = out_scale * gsum,
+// grad_bias = routing^T gsum', grad_routing += gsum' bias^T and grad_out_scale += gsum *
+// (routing bias). routing, grad_routing and grad_out_scale are in the accumulation dtype, which
+// gsum is summed in.
 inline void bias_epilogue(const at::Tensor& grad_out, const at::Tensor& routing,
                           const c10::optional<at::Tensor>& bias, bool need_dr, bool need_db,
-                          at::Tensor& grad_bias, at::Tensor& grad_routing) {
-  if (!bias.has_value() || !(need_dr || need_db)) return;
+                          at::Tensor& grad_bias, at::Tensor& grad_routing, const Scales& scales,
+                          const at::Tensor& grad_out_scale) {
+  const bool need_ds = grad_out_scale.defined();
+  if (!bias.has_value() || !(need_dr || need_db || need_ds)) return;
   const auto acc = routing.scalar_type();
-  const at::Tensor gsum = at::sum(grad_out, at::IntArrayRef{2, 3}, false, acc);
+  const at::Tensor b = bias->to(acc);
+  at::Tensor gsum = at::sum(grad_out, at::IntArrayRef{2, 3}, false, acc);
+  if (need_ds) grad_out_scale.add_(gsum * at::mm(routing, b));
+  if (scales.out.defined()) gsum = gsum * scales.out;
   if (need_db) grad_bias.copy_(at::mm(routing.t(), gsum));
-  if (need_dr) grad_routing.add_(at::mm(gsum, bias->to(acc).t()));
+  if (need_dr) grad_routing.add_(at::mm(gsum, b.t()));
 }
 
 }  // namespace condconv

@@ -145,6 +145,30 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::
   return g;
 }
 
+void check_scales(const at::Tensor& x, const Geometry& g, const ScaleArgs& scales) {
+  const int64_t taps[] = {g.kernel_h, g.kernel_w};
+  const struct {
+    const c10::optional<at::Tensor>& t;
+    const char* name;
+    std::vector<int64_t> shape;
+    const char* meaning;
+  } specs[] = {{scales.in, "in_scale", {g.batch, g.in_channels}, "(B, Cin)"},
+               {scales.out, "out_scale", {g.batch, g.out_channels}, "(B, Cout)"},
+               {scales.tap, "tap_scale", {g.batch, taps[0], taps[1]}, "(B, kh, kw)"}};
+  for (const auto& spec : specs) {
+    if (!spec.t.has_value()) continue;
+    const at::Tensor& t = *spec.t;
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(spec.shape), "condconv2d: argument '",
+                      spec.name, "' must have shape ", spec.meaning, " = ", shape_str(spec.shape),
+                      ", got ", shape_str(t.sizes()));
+    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat,
+                     "condconv2d: argument '", spec.name, "' must have x's dtype ",
+                     x.scalar_type(), " or float32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == x.device(), "condconv2d: argument '", spec.name,
+                      "' must be on x's device ", x.device(), ", got ", t.device());
+  }
+}
+
 Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
                                const at::Tensor& routing, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -169,31 +193,51 @@ Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
 
 namespace {
 
+ScaleArgs scale_args(const c10::optional<at::Tensor>& in_scale,
+                     const c10::optional<at::Tensor>& out_scale,
+                     const c10::optional<at::Tensor>& tap_scale) {
+  return ScaleArgs{in_scale, out_scale, tap_scale};
+}
+
 // native_forward for one device's kernels: checks, the empty cases, then the kernel.
 template <ForwardKernel* kernel>
 at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                         const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                        const c10::optional<at::Tensor>& in_scale,
+                        const c10::optional<at::Tensor>& out_scale,
+                        const c10::optional<at::Tensor>& tap_scale) {
   const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
+  const ScaleArgs scales = scale_args(in_scale, out_scale, tap_scale);
+  check_scales(x, g, scales);
   // The kernels are the derivative formulas themselves: nothing below records autograd history.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (g.batch == 0 || g.out_channels * g.out_h * g.out_w == 0) {
     return at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                      x.options().memory_format(x.suggest_memory_format()));
   }
-  return kernel(x, routing, weight, bias, g);
+  return kernel(x, routing, weight, bias, scales, g);
 }
+
+using BackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // native_backward for one device's kernels: checks, the outputs, the empty batch, the kernel.
 template <BackwardKernel* kernel>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
-    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 4> output_mask) {
+BackwardResult backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
+                             const at::Tensor& routing, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                             std::array<bool, 4> output_mask,
+                             const c10::optional<at::Tensor>& in_scale,
+                             const c10::optional<at::Tensor>& out_scale,
+                             const c10::optional<at::Tensor>& tap_scale) {
   const Geometry g = check_backward_inputs(grad_out, x, routing, weight, bias, stride, padding,
                                            dilation, groups, output_mask);
+  const ScaleArgs scales = scale_args(in_scale, out_scale, tap_scale);
+  check_scales(x, g, scales);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+
   const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
   at::Tensor grad_x = output_mask[0]
                           ? at::empty(x.sizes(), x.options().memory_format(
@@ -206,15 +250,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor grad_bias = output_mask[3]
                              ? at::empty({g.experts, g.out_channels}, weight.options())
                              : none(weight);
+  // A present scale's gradient always comes back (zeros for an empty batch).
+  const auto scale_grad = [&](const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? at::zeros(t->sizes(), t->options()) : none(x);
+  };
+  ScaleGrads scale_grads{scale_grad(in_scale), scale_grad(out_scale), scale_grad(tap_scale)};
   if (g.batch > 0) {
-    kernel(grad_out, x, routing, weight, bias, g, output_mask, grad_x, grad_routing,
-           grad_weight, grad_bias);
+    ScaleGrads present{in_scale ? scale_grads.in : at::Tensor(),
+                       out_scale ? scale_grads.out : at::Tensor(),
+                       tap_scale ? scale_grads.tap : at::Tensor()};
+    kernel(grad_out, x, routing, weight, bias, scales, g, output_mask, grad_x, grad_routing,
+           grad_weight, grad_bias, present);
   } else {
     // An empty batch contributes nothing to the parameter gradients.
     if (output_mask[2]) grad_weight.zero_();
     if (output_mask[3]) grad_bias.zero_();
   }
-  return {grad_x, grad_routing, grad_weight, grad_bias};
+  return {grad_x, grad_routing, grad_weight, grad_bias, scale_grads.in, scale_grads.out,
+          scale_grads.tap};
 }
 
 }  // namespace
@@ -225,7 +278,8 @@ at::Tensor condconv2d(const at::Tensor& x, const at::Tensor& routing, const at::
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("condconv::native_forward", "")
                        .typed<decltype(forward_impl<cpu::forward>)>();
-  return op.call(x, routing, weight, bias, stride, padding, dilation, groups);
+  return op.call(x, routing, weight, bias, stride, padding, dilation, groups, c10::nullopt,
+                 c10::nullopt, c10::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
@@ -236,8 +290,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("condconv::native_backward", "")
                        .typed<decltype(backward_impl<cpu::backward>)>();
-  return op.call(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
-                 output_mask);
+  const auto grads = op.call(grad_out, x, routing, weight, bias, stride, padding, dilation,
+                             groups, output_mask, c10::nullopt, c10::nullopt, c10::nullopt);
+  return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads)};
 }
 
 // The checks as operators, for the backends written in Python (reference, triton) and the fake
@@ -247,8 +302,12 @@ std::vector<int64_t> check_inputs_op(const at::Tensor& x, const at::Tensor& rout
                                      const at::Tensor& weight,
                                      const c10::optional<at::Tensor>& bias,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation, int64_t groups) {
+                                     at::IntArrayRef dilation, int64_t groups,
+                                     const c10::optional<at::Tensor>& in_scale,
+                                     const c10::optional<at::Tensor>& out_scale,
+                                     const c10::optional<at::Tensor>& tap_scale) {
   const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
+  check_scales(x, g, scale_args(in_scale, out_scale, tap_scale));
   return {g.batch, g.out_channels, g.out_h, g.out_w};
 }
 
@@ -256,44 +315,52 @@ void check_backward_inputs_op(const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& routing, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                              std::array<bool, 4> output_mask) {
-  check_backward_inputs(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
-                        output_mask);
+                              std::array<bool, 4> output_mask,
+                              const c10::optional<at::Tensor>& in_scale,
+                              const c10::optional<at::Tensor>& out_scale,
+                              const c10::optional<at::Tensor>& tap_scale) {
+  const Geometry g = check_backward_inputs(grad_out, x, routing, weight, bias, stride, padding,
+                                           dilation, groups, output_mask);
+  check_scales(x, g, scale_args(in_scale, out_scale, tap_scale));
 }
 
 // Test-only: the CPU paths a call takes, and all their names (csrc/cpu/paths.h).
 std::vector<std::string> cpu_paths(const at::Tensor& x, const at::Tensor& routing,
                                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                    at::IntArrayRef stride, at::IntArrayRef padding,
-                                   at::IntArrayRef dilation, int64_t groups) {
+                                   at::IntArrayRef dilation, int64_t groups, bool scaled) {
   return cpu::path_names(x, check_inputs(x, routing, weight, bias, stride, padding, dilation,
-                                         groups));
+                                         groups), scaled);
 }
+
+#define CONDCONV_SCALES "Tensor? in_scale=None, Tensor? out_scale=None, Tensor? tap_scale=None"
 
 TORCH_LIBRARY(condconv, m) {
   m.def(
       "native_forward(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
-      "int[4] padding, int[2] dilation, int groups) -> Tensor");
+      "int[4] padding, int[2] dilation, int groups, " CONDCONV_SCALES ") -> Tensor");
   m.def(
       "native_backward(Tensor grad_out, Tensor x, Tensor routing, Tensor weight, Tensor? bias, "
-      "int[2] stride, int[4] padding, int[2] dilation, int groups, bool[4] output_mask) -> "
-      "(Tensor, Tensor, Tensor, Tensor)");
+      "int[2] stride, int[4] padding, int[2] dilation, int groups, bool[4] output_mask, "
+      CONDCONV_SCALES ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpu_paths(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
-      "int[4] padding, int[2] dilation, int groups) -> str[]");
+      "int[4] padding, int[2] dilation, int groups, bool scaled=False) -> str[]");
   m.def("cpu_path_names() -> str[]", &cpu::all_path_names);
   // Composite: they read sizes, dtypes and devices only, so they run on any device (meta and fake
   // tensors with concrete sizes included).
   m.def(
       "check_inputs(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
-      "int[4] padding, int[2] dilation, int groups) -> int[]",
+      "int[4] padding, int[2] dilation, int groups, " CONDCONV_SCALES ") -> int[]",
       &check_inputs_op);
   m.def(
       "check_backward_inputs(Tensor grad_out, Tensor x, Tensor routing, Tensor weight, "
       "Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, int groups, "
-      "bool[4] output_mask) -> ()",
+      "bool[4] output_mask, " CONDCONV_SCALES ") -> ()",
       &check_backward_inputs_op);
 }
+
+#undef CONDCONV_SCALES
 
 TORCH_LIBRARY_IMPL(condconv, CPU, m) {
   m.impl("native_forward", &forward_impl<cpu::forward>);

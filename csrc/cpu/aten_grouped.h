@@ -99,15 +99,15 @@ inline bool grouped_dense_applies(const at::Tensor& x, const Geometry& g) {
 }
 
 inline at::Tensor grouped_dense_forward(const at::Tensor& x, const at::Tensor& routing,
-                                        const at::Tensor& weight, const at::Tensor& bias_mix,
-                                        const Geometry& g) {
+                                        const at::Tensor& weight, const Scales& scales,
+                                        const at::Tensor& bias_mix, const Geometry& g) {
   const int64_t chunk = batch_chunk(g, sizeof(float));
   at::Tensor wmix = workspace(Slot::kMixed, {chunk, g.kernel_numel()}, weight.options());
   at::Tensor out;
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - c0);
     at::Tensor mixed = wmix.narrow(0, 0, n);
-    at::mm_out(mixed, routing.narrow(0, c0, n), weight);
+    mix_kernels(mixed, routing, weight, scales, c0, n, g);
     auto [xv, pad] = grouped_input(x, c0, n, g);
     const at::Tensor kernels =
         mixed.view({n * g.out_channels, g.in_per_group(), g.kernel_h, g.kernel_w});
@@ -125,47 +125,44 @@ inline at::Tensor grouped_dense_forward(const at::Tensor& x, const at::Tensor& r
 }
 
 // Backward of grouped_dense_forward (float32 only): per chunk one convolution_backward gives
-// grad_x and the kernel gradients G (n x |W|), folded at once into grad_weight (first chunk
-// overwrites, later ones add, in chunk order) and grad_routing = G W^T. routing, weight, gw
-// (E, |W|) and gr (B, E) are float32; gw / gr / grad_x may be null.
+// grad_x and the kernel gradients G (n x |W|), folded at once (fold, chunk order). routing and
+// weight are float32; grad_x may be null.
 inline void grouped_dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                    const at::Tensor& routing, const at::Tensor& weight,
-                                   const Geometry& g, at::Tensor* grad_x, at::Tensor* gw,
-                                   at::Tensor* gr) {
+                                   const Scales& scales, const Geometry& g, at::Tensor* grad_x,
+                                   const KernelGradFold& fold) {
   const int64_t chunk = batch_chunk(g, sizeof(float));
   at::Tensor wmix = workspace(Slot::kMixed, {chunk, g.kernel_numel()}, weight.options());
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - c0);
     at::Tensor mixed = wmix.narrow(0, 0, n);
-    at::mm_out(mixed, routing.narrow(0, c0, n), weight);
+    mix_kernels(mixed, routing, weight, scales, c0, n, g);
     auto [xv, pad] = grouped_input(x, c0, n, g);
     const at::Tensor go = grad_out.narrow(0, c0, n).contiguous().view(
         {1, n * g.out_channels, g.out_h, g.out_w});
     auto [gx, gk, gb] = at::convolution_backward(
         go, xv, mixed.view({n * g.out_channels, g.in_per_group(), g.kernel_h, g.kernel_w}),
         c10::nullopt, {g.stride_h, g.stride_w}, {pad[0], pad[1]}, {g.dilation_h, g.dilation_w},
-        false, {0, 0}, n * g.groups, {grad_x != nullptr, gw || gr, false});
+        false, {0, 0}, n * g.groups, {grad_x != nullptr, fold.wanted(), false});
     if (grad_x != nullptr) grad_x->narrow(0, c0, n).copy_(grouped_input_grad(gx, xv, n, g));
-    if (gw || gr) {
-      at::Tensor gr_chunk = gr ? gr->narrow(0, c0, n) : at::Tensor();
-      fold_kernel_grads(gk.view({n, g.kernel_numel()}), routing.narrow(0, c0, n), weight,
-                        gw, c0 > 0, gr ? &gr_chunk : nullptr);
-    }
+    if (fold.wanted()) fold(gk.view({n, g.kernel_numel()}), c0);
   }
 }
 
-// (B*Cout, 1, kh, kw) mixed taps: routing (B, E) @ weight (E, |W|), both float32.
+// (B*Cout, 1, kh, kw) mixed taps: routing (B, E) @ weight (E, |W|), both float32, scaled.
 inline at::Tensor grouped_taps(const at::Tensor& routing, const at::Tensor& weight,
-                               const Geometry& g) {
-  return at::mm(routing, weight).view({g.batch * g.out_channels, 1, g.kernel_h, g.kernel_w});
+                               const Scales& scales, const Geometry& g) {
+  at::Tensor taps = at::empty({g.batch, g.kernel_numel()}, weight.options());
+  mix_kernels(taps, routing, weight, scales, 0, g.batch, g);
+  return taps.view({g.batch * g.out_channels, 1, g.kernel_h, g.kernel_w});
 }
 
 // Forward: returns (B, Cout, Ho, Wo), NCHW as x. routing, weight and bias_mix
 // ((B, Cout) or undefined) are float32; taps and bias are cast to x's dtype.
 inline at::Tensor grouped_depthwise_forward(const at::Tensor& x, const at::Tensor& routing,
-                                            const at::Tensor& weight, const at::Tensor& bias_mix,
-                                            const Geometry& g) {
-  const at::Tensor taps = grouped_taps(routing, weight, g);
+                                            const at::Tensor& weight, const Scales& scales,
+                                            const at::Tensor& bias_mix, const Geometry& g) {
+  const at::Tensor taps = grouped_taps(routing, weight, scales, g);
   const at::Tensor bias = bias_mix.defined() ? bias_mix.reshape({-1}) : at::Tensor();
   auto [xv, pad] = grouped_input(x, 0, g.batch, g);
   at::Tensor y = aten_convolution(xv, taps, bias, g, pad, g.batch * g.in_channels);
@@ -230,7 +227,8 @@ inline at::Tensor depthwise_kernel_grad(const at::Tensor& grad_out, const at::Te
 // need_g). routing and weight as for the forward.
 inline at::Tensor grouped_depthwise_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                              const at::Tensor& routing, const at::Tensor& weight,
-                                             const Geometry& g, at::Tensor* grad_x, bool need_g) {
+                                             const Scales& scales, const Geometry& g,
+                                             at::Tensor* grad_x, bool need_g) {
   // ATen's depthwise weight gradient is competitive for 3x3 kernels only (measured on x86 with
   // oneDNN: 5x5 runs 15-25x slower than the forward); larger kernels use the direct one.
   const bool aten_g = need_g && g.kernel_h * g.kernel_w <= 9;
@@ -240,7 +238,7 @@ inline at::Tensor grouped_depthwise_backward(const at::Tensor& grad_out, const a
   auto [xv, pad] = grouped_input(x, 0, g.batch, g);
   const at::Tensor go = go_nchw.view({1, g.batch * g.out_channels, g.out_h, g.out_w});
   auto [gx, gk, gb] = at::convolution_backward(
-      go, xv, grouped_taps(routing, weight, g), c10::nullopt, {g.stride_h, g.stride_w},
+      go, xv, grouped_taps(routing, weight, scales, g), c10::nullopt, {g.stride_h, g.stride_w},
       {pad[0], pad[1]}, {g.dilation_h, g.dilation_w}, false, {0, 0}, g.batch * g.in_channels,
       {grad_x != nullptr, aten_g, false});
   if (aten_g) G = gk.view({g.batch, g.kernel_numel()});

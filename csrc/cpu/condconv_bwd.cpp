@@ -35,12 +35,12 @@ struct Grads {
 template <typename scalar_t>
 void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
                     const Operands<scalar_t>& ops, const Geometry& g, at::Tensor* grad_x,
-                    at::Tensor* grad_routing, at::Tensor* grad_weight) {
+                    const KernelGradFold& fold) {
   using acc_t = typename Operands<scalar_t>::acc_t;
   const int64_t N = g.kernel_numel(), K = g.k(), L = g.out_pixels();
   const int64_t cin_g = g.in_per_group(), cout_g = g.out_per_group();
   const int64_t plane = g.height * g.width;
-  const bool need_kernel_grad = grad_routing || grad_weight;
+  const bool need_kernel_grad = fold.wanted();
   const Strides xs(x);
   const Strides dxs = grad_x ? Strides(*grad_x) : xs;
   const bool direct = reads_x_directly<scalar_t>(g, xs);
@@ -66,10 +66,9 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
                        (!grad_x || (write_dx && rows_or_cols(dxs, K)));
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - c0);
-    const at::Tensor r = ops.routing.narrow(0, c0, n);
     if (grad_x) {
       at::Tensor mixed = wmix.narrow(0, 0, n).view({n, N});
-      at::mm_out(mixed, r, ops.weight);
+      mix_kernels(mixed, ops.routing, ops.weight, ops.scales, c0, n, g);
     }
     if (batched) {
       const at::Tensor go = grad_out.as_strided({n, g.out_channels, L}, {gs.n, gs.c, gs.w},
@@ -116,11 +115,7 @@ void dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
         }
       });
     }
-    if (need_kernel_grad) {  // the first chunk initialises grad_weight, the others add to it
-      at::Tensor gr_chunk = grad_routing ? grad_routing->narrow(0, c0, n) : at::Tensor();
-      fold_kernel_grads(G.narrow(0, 0, n).view({n, N}), r, ops.weight, grad_weight,
-                        c0 > 0, grad_routing ? &gr_chunk : nullptr);
-    }
+    if (need_kernel_grad) fold(G.narrow(0, 0, n).view({n, N}), c0);
   }
 }
 
@@ -228,17 +223,17 @@ void depthwise_backward(const at::Tensor& grad_out, const at::Tensor& x,
 template <typename scalar_t>
 void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                    const Geometry& g, std::array<bool, 4> mask, at::Tensor& grad_x,
-                    at::Tensor& grad_routing, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+                    const ScaleArgs& scales, const Geometry& g, std::array<bool, 4> mask,
+                    at::Tensor& grad_x, at::Tensor& grad_routing, at::Tensor& grad_weight,
+                    at::Tensor& grad_bias, ScaleGrads& scale_grads) {
   using acc_t = typename Operands<scalar_t>::acc_t;
   const auto acc_type = Operands<scalar_t>::acc_type;
   const bool need_dx = mask[0], need_dr = mask[1], need_dw = mask[2], need_db = mask[3];
-  const Operands<scalar_t> ops(routing, weight, Operands<scalar_t>::acc_type);
+  const Operands<scalar_t> ops(routing, weight, Operands<scalar_t>::acc_type, scales);
 
   // Accumulate straight into grad_weight when it has the accumulation dtype.
   const bool gw_in_place = need_dw && grad_weight.scalar_type() == acc_type;
-  const BackwardPath path = backward_path(x, g);
-  const bool grouped = path == BackwardPath::kAtenDepthwise;
+  const BackwardPath path = backward_path(x, g, scales.any());
   const bool direct_depthwise = path == BackwardPath::kDirectDepthwise;
   at::Tensor gw;
   if (need_dw) {
@@ -247,54 +242,72 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                      : at::empty({g.experts, g.kernel_numel()}, ops.acc_opts);
     if (direct_depthwise) gw.zero_();
   }
-  at::Tensor gr;
-  if (grouped) {
-    const at::Tensor G = grouped_depthwise_backward(
-        grad_out, x, ops.routing, ops.weight, g, need_dx ? &grad_x : nullptr, need_dr || need_dw);
-    if (need_dr) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
-    fold_kernel_grads(G, ops.routing, ops.weight, need_dw ? &gw : nullptr, false,
-                      need_dr ? &gr : nullptr);
-  } else if (direct_depthwise) {
-    // Each input channel's task writes its own (B, E) partial of grad_routing.
-    at::Tensor parts = need_dr ? at::zeros({g.in_channels, g.batch, g.experts}, ops.acc_opts)
-                               : at::Tensor();
-    Grads<acc_t> grads{need_dr ? parts.mutable_data_ptr<acc_t>() : nullptr,
-                       need_dw ? gw.mutable_data_ptr<acc_t>() : nullptr};
-    depthwise_backward<scalar_t>(grad_out, x, ops, g, need_dx ? &grad_x : nullptr, grads);
-    if (need_dr) {
-      // Summed in channel order (not a parallel reduction): deterministic.
-      gr = at::zeros({g.batch, g.experts}, ops.acc_opts);
-      acc_t* gr_ptr = gr.mutable_data_ptr<acc_t>();
-      const acc_t* parts_ptr = parts.const_data_ptr<acc_t>();
-      const int64_t be = g.batch * g.experts;
-      for (int64_t c = 0; c < g.in_channels; ++c) {
-        for (int64_t i = 0; i < be; ++i) gr_ptr[i] += parts_ptr[c * be + i];
-      }
+  at::Tensor gr = need_dr ? at::empty({g.batch, g.experts}, ops.acc_opts) : at::Tensor();
+  // The scales' gradients in the accumulation dtype (every row written by the fold).
+  const auto acc_grad = [&](const at::Tensor& t) {
+    return t.defined() ? at::empty({g.batch, t.numel() / g.batch}, ops.acc_opts) : at::Tensor();
+  };
+  ScaleGrads acc_scale_grads{acc_grad(scale_grads.in), acc_grad(scale_grads.out),
+                             acc_grad(scale_grads.tap)};
+  const KernelGradFold fold{ops.routing, ops.weight, ops.scales, g, need_dw ? &gw : nullptr,
+                            need_dr ? &gr : nullptr, acc_scale_grads};
+  switch (path) {
+    case BackwardPath::kAtenDepthwise: {
+      const at::Tensor G = grouped_depthwise_backward(grad_out, x, ops.routing, ops.weight,
+                                                      ops.scales, g, need_dx ? &grad_x : nullptr,
+                                                      fold.wanted());
+      if (fold.wanted()) fold(G, 0);
+      break;
     }
-  } else if (path == BackwardPath::kAtenDense) {
-    if (need_dr) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
-    grouped_dense_backward(grad_out, x, ops.routing, ops.weight, g, need_dx ? &grad_x : nullptr,
-                           need_dw ? &gw : nullptr, need_dr ? &gr : nullptr);
-  } else {
-    if (need_dr) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
-    dense_backward<scalar_t>(grad_out, x, ops, g, need_dx ? &grad_x : nullptr,
-                             need_dr ? &gr : nullptr, need_dw ? &gw : nullptr);
+    case BackwardPath::kDirectDepthwise: {
+      // Each input channel's task writes its own (B, E) partial of grad_routing.
+      at::Tensor parts = need_dr ? at::zeros({g.in_channels, g.batch, g.experts}, ops.acc_opts)
+                                 : at::Tensor();
+      Grads<acc_t> grads{need_dr ? parts.mutable_data_ptr<acc_t>() : nullptr,
+                         need_dw ? gw.mutable_data_ptr<acc_t>() : nullptr};
+      depthwise_backward<scalar_t>(grad_out, x, ops, g, need_dx ? &grad_x : nullptr, grads);
+      if (need_dr) {
+        // Summed in channel order (not a parallel reduction): deterministic.
+        gr.zero_();
+        acc_t* gr_ptr = gr.mutable_data_ptr<acc_t>();
+        const acc_t* parts_ptr = parts.const_data_ptr<acc_t>();
+        const int64_t be = g.batch * g.experts;
+        for (int64_t c = 0; c < g.in_channels; ++c) {
+          for (int64_t i = 0; i < be; ++i) gr_ptr[i] += parts_ptr[c * be + i];
+        }
+      }
+      break;
+    }
+    case BackwardPath::kAtenDense:
+      grouped_dense_backward(grad_out, x, ops.routing, ops.weight, ops.scales, g,
+                             need_dx ? &grad_x : nullptr, fold);
+      break;
+    case BackwardPath::kDense:
+      dense_backward<scalar_t>(grad_out, x, ops, g, need_dx ? &grad_x : nullptr, fold);
+      break;
   }
   if (need_dw && !gw_in_place) grad_weight.copy_(gw.view(weight.sizes()));
-  bias_epilogue(grad_out, ops.routing, bias, need_dr, need_db, grad_bias, gr);
+  bias_epilogue(grad_out, ops.routing, bias, need_dr, need_db, grad_bias, gr, ops.scales,
+                acc_scale_grads.out);
   if (need_dr) grad_routing.copy_(gr);
+  for (auto [dst, src] : {std::pair{scale_grads.in, acc_scale_grads.in},
+                          std::pair{scale_grads.out, acc_scale_grads.out},
+                          std::pair{scale_grads.tap, acc_scale_grads.tap}}) {
+    if (dst.defined()) dst.copy_(src.view(dst.sizes()));
+  }
 }
 
 }  // namespace
 
 void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
-              const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const Geometry& g,
-              std::array<bool, 4> output_mask, at::Tensor& grad_x, at::Tensor& grad_routing,
-              at::Tensor& grad_weight, at::Tensor& grad_bias) {
+              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+              const ScaleArgs& scales, const Geometry& g, std::array<bool, 4> output_mask,
+              at::Tensor& grad_x, at::Tensor& grad_routing, at::Tensor& grad_weight,
+              at::Tensor& grad_bias, ScaleGrads& scale_grads) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "condconv2d_backward_cpu", [&] {
-        backward_typed<scalar_t>(grad_out, x, routing, weight, bias, g, output_mask, grad_x,
-                                 grad_routing, grad_weight, grad_bias);
+        backward_typed<scalar_t>(grad_out, x, routing, weight, bias, scales, g, output_mask,
+                                 grad_x, grad_routing, grad_weight, grad_bias, scale_grads);
       });
 }
 

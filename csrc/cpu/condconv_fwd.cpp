@@ -46,7 +46,7 @@ void dense_forward(const at::Tensor& x, const Operands<scalar_t>& ops, const at:
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - c0);
     at::Tensor mixed = wmix.narrow(0, 0, n).view({n, g.kernel_numel()});
-    at::mm_out(mixed, ops.routing.narrow(0, c0, n), ops.weight);
+    mix_kernels(mixed, ops.routing, ops.weight, ops.scales, c0, n, g);
     if (batched &&
         batched_gemm_into(
             out.as_strided({n, g.out_channels, L}, {os.n, os.c, os.w},
@@ -98,13 +98,15 @@ struct DepthwiseData {
   const acc_t* routing;   // (B, E)
   const acc_t* weight;    // (E, |W|)
   const acc_t* bias_mix;  // (B, Cout) mixed biases, or nullptr
+  const Scales& scales;
   DepthwiseData(const at::Tensor& x_, const Operands<scalar_t>& ops, const at::Tensor& bias_mix_,
                 at::Tensor& out_)
       : xs(x_), os(out_), x(x_.const_data_ptr<scalar_t>()),
         out(out_.mutable_data_ptr<scalar_t>()),
         routing(ops.routing.template const_data_ptr<acc_t>()),
         weight(ops.weight.template const_data_ptr<acc_t>()),
-        bias_mix(bias_mix_.defined() ? bias_mix_.const_data_ptr<acc_t>() : nullptr) {}
+        bias_mix(bias_mix_.defined() ? bias_mix_.const_data_ptr<acc_t>() : nullptr),
+        scales(ops.scales) {}
 };
 
 // One (example, output channel) per task over a zero-padded copy of the input plane. The output
@@ -128,6 +130,7 @@ void depthwise_forward_planar(const at::Tensor& x, const Operands<scalar_t>& ops
       const int64_t ci = co / g.out_per_group();
       mix_experts<acc_t>(d.weight + co * taps, N, d.routing + b * g.experts, g.experts, taps,
                          w.data());
+      d.scales.scale_taps(w.data(), b, co, 1, g);
       padded_plane<scalar_t, acc_t>(d.x + b * d.xs.n + ci * d.xs.c, d.xs.h, d.xs.w, g,
                                     plane.data());
       std::fill(y.begin(), y.end(), acc_t(0));
@@ -220,6 +223,7 @@ void depthwise_forward_channels_last(const at::Tensor& x, const Operands<scalar_
       // then transposed to (tap, channel) so the inner loops run over contiguous channels.
       mix_experts<acc_t>(d.weight + c0 * taps, N, d.routing + b * g.experts, g.experts,
                          n * taps, mixed.data());
+      d.scales.scale_taps(mixed.data(), b, c0, n, g);
       bool finite = true;
       for (int64_t c = 0; c < n; ++c) {
         for (int64_t k = 0; k < taps; ++k) {
@@ -360,8 +364,9 @@ void bf16_pointwise_forward(const at::Tensor& x, const at::Tensor& routing,
 
 template <typename scalar_t>
 at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
-                         const c10::optional<at::Tensor>& bias, const Geometry& g) {
-  const ForwardPath path = forward_path(x, g);
+                         const c10::optional<at::Tensor>& bias, const ScaleArgs& scales,
+                         const Geometry& g) {
+  const ForwardPath path = forward_path(x, g, scales.any());
   // The ATen paths return ATen's convolution output; the others fill this one.
   at::Tensor out;
   if (path != ForwardPath::kAtenDepthwise && path != ForwardPath::kAtenDense) {
@@ -373,16 +378,17 @@ at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const a
                            out);
     return out;
   }
-  const Operands<scalar_t> ops(routing, weight, Operands<scalar_t>::acc_type);
+  const Operands<scalar_t> ops(routing, weight, Operands<scalar_t>::acc_type, scales);
   // Mixed biases are B x Cout: small, so computed for the whole batch at once.
-  const at::Tensor bias_mix =
+  at::Tensor bias_mix =
       bias.has_value() ? at::mm(ops.routing, bias->to(Operands<scalar_t>::acc_type)).contiguous()
                        : at::Tensor();
+  ops.scales.scale_bias(bias_mix);
   switch (path) {
     case ForwardPath::kAtenDepthwise:
-      return grouped_depthwise_forward(x, ops.routing, ops.weight, bias_mix, g);
+      return grouped_depthwise_forward(x, ops.routing, ops.weight, ops.scales, bias_mix, g);
     case ForwardPath::kAtenDense:
-      return grouped_dense_forward(x, ops.routing, ops.weight, bias_mix, g);
+      return grouped_dense_forward(x, ops.routing, ops.weight, ops.scales, bias_mix, g);
     case ForwardPath::kDense:
       dense_forward<scalar_t>(x, ops, bias_mix, g, out);
       break;
@@ -401,10 +407,11 @@ at::Tensor forward_typed(const at::Tensor& x, const at::Tensor& routing, const a
 }  // namespace
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
-                   const c10::optional<at::Tensor>& bias, const Geometry& g) {
+                   const c10::optional<at::Tensor>& bias, const ScaleArgs& scales,
+                   const Geometry& g) {
   return AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "condconv2d_cpu",
-      [&] { return forward_typed<scalar_t>(x, routing, weight, bias, g); });
+      [&] { return forward_typed<scalar_t>(x, routing, weight, bias, scales, g); });
 }
 
 }  // namespace cpu

@@ -34,8 +34,8 @@ const char* name(BackwardPath p) {
 
 }  // namespace
 
-std::vector<std::string> path_names(const at::Tensor& x, const Geometry& g) {
-  return {name(forward_path(x, g)), name(backward_path(x, g))};
+std::vector<std::string> path_names(const at::Tensor& x, const Geometry& g, bool scaled) {
+  return {name(forward_path(x, g, scaled)), name(backward_path(x, g, scaled))};
 }
 
 std::vector<std::string> all_path_names() {

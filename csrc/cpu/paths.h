@@ -27,6 +27,9 @@
 // small part of a huge plane, which the direct depthwise kernels would copy whole.
 // The rules differ by direction: the forward's ATen depthwise path also takes bfloat16 and
 // sparse windows, the backward's runs convolution_backward in float32 only.
+// With per-example scales (scaled), every path applies them where it mixes, except two:
+// kBf16Pointwise (it mixes in bfloat16) gives way to kDense, and so does kDirectDepthwise (it
+// folds its kernel gradients tap by tap, where the scales' gradients need them whole).
 #pragma once
 
 #include "aten_grouped.h"
@@ -42,10 +45,10 @@ enum class BackwardPath { kAtenDepthwise, kDirectDepthwise, kAtenDense, kDense }
 
 // The output is allocated in x's suggested memory format: NCHW, or channels_last (channel
 // stride 1); either way its (h, w) is one run of strides.
-inline ForwardPath forward_path(const at::Tensor& x, const Geometry& g) {
+inline ForwardPath forward_path(const at::Tensor& x, const Geometry& g, bool scaled) {
   if (grouped_depthwise_forward_applies(x, g)) return ForwardPath::kAtenDepthwise;
   if (grouped_dense_applies(x, g)) return ForwardPath::kAtenDense;
-  if (x.scalar_type() == at::kBFloat16 && g.groups == 1 && g.pointwise() &&
+  if (!scaled && x.scalar_type() == at::kBFloat16 && g.groups == 1 && g.pointwise() &&
       plane_is_one_run(g, Strides(x))) {
     return ForwardPath::kBf16Pointwise;
   }
@@ -58,10 +61,10 @@ inline ForwardPath forward_path(const at::Tensor& x, const Geometry& g) {
   return ForwardPath::kDepthwisePlanar;
 }
 
-inline BackwardPath backward_path(const at::Tensor& x, const Geometry& g) {
+inline BackwardPath backward_path(const at::Tensor& x, const Geometry& g, bool scaled) {
   if (g.depthwise() && !windows_sparse_in_plane(g)) {
-    return grouped_depthwise_applies(x, g) ? BackwardPath::kAtenDepthwise
-                                           : BackwardPath::kDirectDepthwise;
+    if (grouped_depthwise_applies(x, g)) return BackwardPath::kAtenDepthwise;
+    if (!scaled) return BackwardPath::kDirectDepthwise;
   }
   if (grouped_dense_applies(x, g) && x.scalar_type() == at::kFloat) return BackwardPath::kAtenDense;
   return BackwardPath::kDense;

@@ -22,8 +22,18 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     const Geometry& g, std::array<bool, 4> mask, at::Tensor& grad_x,
                     at::Tensor& grad_routing, at::Tensor& grad_weight, at::Tensor& grad_bias);
 
+// The per-example scales (in_scale, out_scale, tap_scale) are not in these kernels yet.
+static void require_no_scales(const ScaleArgs& scales) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!scales.any(),
+                              "condconv2d: backend 'cuda' does not support the arguments "
+                              "'in_scale', 'out_scale' and 'tap_scale' yet; use backend "
+                              "'reference' on CUDA tensors, or 'cpu'");
+}
+
 at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
-                   const c10::optional<at::Tensor>& bias, const Geometry& g) {
+                   const c10::optional<at::Tensor>& bias, const ScaleArgs& scales,
+                   const Geometry& g) {
+  require_no_scales(scales);
   const DeviceGuard guard(x.device());
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                              x.options().memory_format(x.suggest_memory_format()));
@@ -40,9 +50,11 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Ten
 }
 
 void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
-              const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const Geometry& g,
-              std::array<bool, 4> output_mask, at::Tensor& grad_x, at::Tensor& grad_routing,
-              at::Tensor& grad_weight, at::Tensor& grad_bias) {
+              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+              const ScaleArgs& scales, const Geometry& g, std::array<bool, 4> output_mask,
+              at::Tensor& grad_x, at::Tensor& grad_routing, at::Tensor& grad_weight,
+              at::Tensor& grad_bias, ScaleGrads& /*scale_grads: no scales here yet*/) {
+  require_no_scales(scales);
   const DeviceGuard guard(x.device());
   const bool narrow =
       fits_int32({&x, &grad_out, &weight, output_mask[0] ? &grad_x : nullptr});

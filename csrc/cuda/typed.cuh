@@ -184,7 +184,8 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     }
   }
 
-  bias_epilogue(grad_out, ops.routing, bias, mask[1], mask[3], grad_bias, gr);
+  bias_epilogue(grad_out, ops.routing, bias, mask[1], mask[3], grad_bias, gr, ops.scales,
+                at::Tensor());
   if (mask[2]) grad_weight.copy_(gw.view(weight.sizes()));
   if (mask[1]) grad_routing.copy_(gr);
 }

@@ -55,7 +55,8 @@ bool run(const Config& c, bool tf32, double tol, std::array<bool, 4> mask) {
       c.bias ? c10::optional<at::Tensor>(k.bias) : c10::nullopt;
   const auto f64 = torch::kFloat64;
 
-  const at::Tensor out = condconv::cuda::forward(k.x, k.routing, k.weight, bias, g);
+  const condconv::ScaleArgs no_scales{};
+  const at::Tensor out = condconv::cuda::forward(k.x, k.routing, k.weight, bias, no_scales, g);
   const auto empty = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
   at::Tensor grad_x = mask[0] ? at::empty(k.x.sizes(), k.x.options().memory_format(
                                                            k.x.suggest_memory_format()))
@@ -66,8 +67,9 @@ bool run(const Config& c, bool tf32, double tol, std::array<bool, 4> mask) {
                                    : empty(k.weight);
   at::Tensor grad_bias = mask[3] ? at::empty({g.experts, g.out_channels}, k.weight.options())
                                  : empty(k.weight);
-  condconv::cuda::backward(k.grad_out, k.x, k.routing, k.weight, bias, g, mask, grad_x,
-                           grad_routing, grad_weight, grad_bias);
+  condconv::ScaleGrads scale_grads{};
+  condconv::cuda::backward(k.grad_out, k.x, k.routing, k.weight, bias, no_scales, g, mask,
+                           grad_x, grad_routing, grad_weight, grad_bias, scale_grads);
 
   // The parameter gradients from the per-example kernel gradients G_b, in float64.
   const auto G = k.kernel_grads.reshape({c.batch, -1});
