@@ -95,17 +95,21 @@ def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after:
     return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
 
 
-def check_objects(x, routing, weight, bias, groups) -> None:
-    """What the C++ check cannot see: arguments that are not tensors (None for ``bias``) and a
-    ``groups`` that is not an int or does not fit int64. Raises TypeError/ValueError naming the
-    argument."""
+SCALE_NAMES = ("in_scale", "out_scale", "tap_scale")
+
+
+def check_objects(x, routing, weight, bias, groups, scales=(None, None, None)) -> None:
+    """What the C++ check cannot see: arguments that are not tensors (None for ``bias`` and the
+    ``scales``, (in_scale, out_scale, tap_scale)) and a ``groups`` that is not an int or does
+    not fit int64. Raises TypeError/ValueError naming the argument."""
     for name, t in (("x", x), ("routing", routing), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"condconv2d: argument '{name}' must be a Tensor, "
                             f"got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"condconv2d: argument 'bias' must be a Tensor or None, "
-                        f"got {type(bias).__name__}")
+    for name, t in (("bias", bias),) + tuple(zip(SCALE_NAMES, scales)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"condconv2d: argument '{name}' must be a Tensor or None, "
+                            f"got {type(t).__name__}")
     if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)):
         raise TypeError(f"condconv2d: argument 'groups' must be an int, "
                         f"got {type(groups).__name__}")
@@ -114,10 +118,11 @@ def check_objects(x, routing, weight, bias, groups) -> None:
                          f"got {groups}")
 
 
-def check_autocast_dtypes(x, routing, weight, bias) -> None:
+def check_autocast_dtypes(x, routing, weight, bias, *scales) -> None:
     """Under autocast the floating dtypes may differ (the autocast rule casts them before any
     kernel runs, and the tensor check then sees one dtype): each must be floating."""
-    for name, t in (("x", x), ("routing", routing), ("weight", weight), ("bias", bias)):
+    named = (("x", x), ("routing", routing), ("weight", weight), ("bias", bias))
+    for name, t in named + tuple(zip(SCALE_NAMES, scales)):
         if t is not None and t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"condconv2d: argument '{name}' must be a floating tensor "
                             f"(float32, float64, float16 or bfloat16), got {t.dtype}")
@@ -133,24 +138,26 @@ def _checkable(*tensors) -> bool:
                    for s in t.shape)
 
 
-def check_tensors(x, routing, weight, bias, stride, padding, dilation, groups) -> None:
+def check_tensors(x, routing, weight, bias, stride, padding, dilation, groups, in_scale=None,
+                  out_scale=None, tap_scale=None) -> None:
     """The rules on the tensors (ranks, shapes, dtypes, devices, geometry, sizes past int64),
     stated once, in C++ (``check_inputs`` in csrc/ops.cpp, which the C++ kernels run themselves):
     ``stride``/``dilation`` are pairs and ``padding`` a resolved 4-tuple. Raises TypeError /
     ValueError naming the argument. Without the C++ extension (the reference backend alone)
     PyTorch's own operators check the arguments."""
-    if _checkable(x, routing, weight, bias):
+    if _checkable(x, routing, weight, bias, in_scale, out_scale, tap_scale):
         torch.ops.condconv.check_inputs(x, routing, weight, bias, stride, padding, dilation,
-                                        groups)
+                                        groups, in_scale, out_scale, tap_scale)
 
 
 def check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
-                           output_mask) -> None:
+                           output_mask, in_scale=None, out_scale=None, tap_scale=None) -> None:
     """:func:`check_tensors`, then ``grad_out`` (the output's shape, x's dtype and device) and
     ``output_mask`` (no grad_bias without a bias): ``check_backward_inputs`` in csrc/ops.cpp."""
-    if _checkable(grad_out, x, routing, weight, bias):
+    if _checkable(grad_out, x, routing, weight, bias, in_scale, out_scale, tap_scale):
         torch.ops.condconv.check_backward_inputs(grad_out, x, routing, weight, bias, stride,
-                                                 padding, dilation, groups, output_mask)
+                                                 padding, dilation, groups, output_mask,
+                                                 in_scale, out_scale, tap_scale)
 
 
 def autocast_enabled(device_type: str) -> bool:

@@ -4,12 +4,93 @@ gsum the grad_out summed over pixels (B, Cout)::
 
     grad_weight[e]     = sum_b routing[b, e] G_b           grad_bias = routing^T gsum
     grad_routing[b, e] = <G_b, W[e]> + <gsum[b], bias[e]>
+
+and, with the per-example scales (``csrc/scales.h`` states the same rules for C++), where
+s_b[co, ci, t] = out_scale[b, co] * in_scale[b, group(co) * Cin/g + ci] * tap_scale[b, t] and
+the kernel of example b is s_b * M_b (M_b = sum_e routing[b, e] W[e]): the folds above take
+s_b * G_b for G_b and out_scale * gsum for gsum, and with Q_b = G_b * M_b::
+
+    grad_out_scale[b, co] = sum_{ci, t} Q_b in_scale tap_scale + gsum[b, co] (routing bias)[b, co]
+    grad_in_scale[b, ci]  = sum_{co in ci's group, t} Q_b out_scale tap_scale
+    grad_tap_scale[b, t]  = sum_{co, ci} Q_b out_scale in_scale
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+
+
+class Scales(NamedTuple):
+    """The optional per-example scales: in (B, Cin), out (B, Cout), tap (B, kh, kw)."""
+    in_: Optional[torch.Tensor] = None
+    out: Optional[torch.Tensor] = None
+    tap: Optional[torch.Tensor] = None
+
+    def any(self) -> bool:
+        return self.in_ is not None or self.out is not None or self.tap is not None
+
+    def factors(self, weight_shape, groups: int, dtype: torch.dtype):
+        """(out, in, tap) in ``dtype``, shaped to broadcast over (B, groups, Cout/g, Cin/g,
+        taps); None where absent."""
+        _, cout, cin_g, kh, kw = weight_shape
+
+        def shaped(t, shape):
+            return None if t is None else t.to(dtype).reshape(shape)
+        B = next(t.shape[0] for t in self if t is not None)
+        return (shaped(self.out, (B, groups, cout // groups, 1, 1)),
+                shaped(self.in_, (B, groups, 1, cin_g, 1)),
+                shaped(self.tap, (B, 1, 1, 1, kh * kw)))
+
+    def kernel_factor(self, weight_shape, groups: int, dtype: torch.dtype):
+        """s_b as (B, |W|) in ``dtype``, or None without scales."""
+        if not self.any():
+            return None
+        factor = None
+        for f in self.factors(weight_shape, groups, dtype):
+            if f is not None:
+                factor = f if factor is None else factor * f
+        B = factor.shape[0]
+        _, cout, cin_g, kh, kw = weight_shape
+        return factor.expand(B, groups, cout // groups, cin_g, kh * kw).reshape(B, -1)
+
+    def scale_bias(self, bias_mix: torch.Tensor) -> torch.Tensor:
+        """The mixed biases (B, Cout) times out_scale."""
+        return bias_mix if self.out is None else bias_mix * self.out.to(bias_mix.dtype)
+
+
+def scale_grads_from_kernels(G: torch.Tensor, M: torch.Tensor, scales: Scales, weight_shape,
+                             groups: int) -> Tuple[Optional[torch.Tensor], ...]:
+    """The kernel terms of (grad_in_scale (B, Cin), grad_out_scale (B, Cout), grad_tap_scale
+    (B, taps)) in G's dtype from G and the unscaled mixed kernels M (B, |W|); None where the scale
+    is absent."""
+    _, cout, cin_g, kh, kw = weight_shape
+    B = G.shape[0]
+    Q = (G * M).reshape(B, groups, cout // groups, cin_g, kh * kw)
+    o, i, t = scales.factors(weight_shape, groups, G.dtype)
+
+    def times(a, b):
+        p = Q
+        for f in (a, b):
+            if f is not None:
+                p = p * f
+        return p
+    return (None if i is None else times(o, t).sum((2, 4)).reshape(B, -1),
+            None if o is None else times(i, t).sum((3, 4)).reshape(B, cout),
+            None if t is None else times(o, i).sum((1, 2, 3)))
+
+
+def fold_scaled_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
+                             scales: Scales, groups: int, need_r: bool, need_w: bool,
+                             acc: torch.dtype):
+    """:func:`fold_kernel_grads` of s_b * G_b, and the kernel terms of the scales' gradients
+    (:func:`scale_grads_from_kernels`, in ``acc``): (grad_routing, grad_weight, scale_grads)."""
+    scale_grads = (None, None, None)
+    if scales.any():
+        M = routing.to(acc) @ weight.reshape(weight.shape[0], -1).to(acc)
+        scale_grads = scale_grads_from_kernels(G, M, scales, weight.shape, groups)
+        G = G * scales.kernel_factor(weight.shape, groups, acc)
+    return fold_kernel_grads(G, routing, weight, need_r, need_w, acc) + (scale_grads,)
 
 
 def fold_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
@@ -27,17 +108,23 @@ def fold_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: torch.Tens
 
 def finish_bias_grads(grad_out: torch.Tensor, routing: torch.Tensor,
                       bias: Optional[torch.Tensor], grad_routing: Optional[torch.Tensor],
-                      need_b: bool, acc: torch.dtype):
-    """The bias's share: grad_bias = routing^T gsum (if ``need_b``), and gsum bias^T added to
+                      need_b: bool, acc: torch.dtype, scales: Scales = Scales(),
+                      grad_out_scale: Optional[torch.Tensor] = None):
+    """The bias's share: grad_bias = routing^T gsum' (if ``need_b``), gsum' bias^T added to
     ``grad_routing`` (the kernels' <G_b, W_e> part, in ``acc``, or None when not wanted), which
-    is returned in routing's dtype."""
+    is returned in routing's dtype, and gsum (routing bias) added to ``grad_out_scale`` (in
+    ``acc``, or None), returned; gsum' = out_scale * gsum. Returns (grad_routing, grad_bias,
+    grad_out_scale)."""
     grad_bias = None
-    if bias is not None and (grad_routing is not None or need_b):
+    if bias is not None and (grad_routing is not None or need_b or grad_out_scale is not None):
         gsum = grad_out.sum((2, 3), dtype=acc)
+        if grad_out_scale is not None:
+            grad_out_scale = grad_out_scale + gsum * (routing.to(acc) @ bias.to(acc))
+        gsum = scales.scale_bias(gsum)
         if need_b:
             grad_bias = (routing.to(acc).t() @ gsum).to(bias.dtype)
         if grad_routing is not None:
             grad_routing = grad_routing + gsum @ bias.to(acc).t()
     if grad_routing is not None:
         grad_routing = grad_routing.to(routing.dtype)
-    return grad_routing, grad_bias
+    return grad_routing, grad_bias, grad_out_scale

@@ -1,9 +1,10 @@
 """Exporting models that contain CondConv layers.
 
-- :func:`decomposed`: a context manager under which every :class:`~condconv_kernels.nn.CondConv2d`
-  of a model computes with standard PyTorch ops (unfold + batched matmul), which any exporter
-  can translate. The batch size stays symbolic: unlike timm's grouped-convolution trick, no
-  group count depends on it.
+- :func:`decomposed`: a context manager under which every fused layer
+  (:class:`~condconv_kernels.nn.CondConv2d`, ``DynamicConv2d``, ``ODConv2d``) of a model
+  computes with standard PyTorch ops (unfold + batched matmul), which any exporter can translate.
+  The batch size stays symbolic: unlike timm's grouped-convolution trick, no group count depends
+  on it.
 - :func:`export_onnx`: ONNX export with a dynamic batch dimension, through that decomposition.
 
 ``torch.export.export`` and ``torch.compile`` need neither: they keep each CondConv as one
@@ -18,19 +19,20 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .nn import CondConv2d
+from .nn import FusedConv2d
 
 __all__ = ["decomposed", "export_onnx"]
 
 
 @contextlib.contextmanager
 def decomposed(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every CondConv2d in ``model`` uses the standard-op form (unfold +
-    batched matmul). The previous setting of each layer is restored on exit."""
+    """Within the block, every fused layer (CondConv2d, DynamicConv2d, ODConv2d) in ``model``
+    uses the standard-op form (unfold + batched matmul). The previous setting of each layer is
+    restored on exit."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"decomposed: argument 'model' must be an nn.Module, "
                         f"got {type(model).__name__}")
-    layers = [m for m in model.modules() if isinstance(m, CondConv2d)]
+    layers = [m for m in model.modules() if isinstance(m, FusedConv2d)]
     before = [m.decompose for m in layers]
     try:
         for m in layers:

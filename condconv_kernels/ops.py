@@ -2,11 +2,13 @@
 
 Operators (``torch.ops.condconv``):
 
-- ``condconv2d(x, routing, weight, bias?, stride[2], padding[4], dilation[2], groups, backend)``:
-  the differentiable op; ``backend`` is a concrete backend name (never ``auto``).
+- ``condconv2d(x, routing, weight, bias?, stride[2], padding[4], dilation[2], groups, backend,
+  in_scale?, out_scale?, tap_scale?)``: the differentiable op; ``backend`` is a concrete backend
+  name (never ``auto``).
 - ``condconv2d_backward(grad_out, x, routing, weight, bias?, stride, padding, dilation, groups,
-  backend, output_mask[4]) -> (grad_x, grad_routing, grad_weight, grad_bias)``: the handwritten
-  backward; gradients not asked for come back as empty tensors.
+  backend, output_mask[4], in_scale?, out_scale?, tap_scale?) -> (grad_x, grad_routing,
+  grad_weight, grad_bias, grad_in_scale, grad_out_scale, grad_tap_scale)``: the handwritten
+  backward; gradients not asked for, and those of absent scales, come back as empty tensors.
 - ``native_forward`` / ``native_backward``: the C++ kernels (csrc/), bound per dispatch key.
 
 Each op has a fake implementation (output strides follow x's memory format), the forward op a
@@ -28,26 +30,39 @@ __all__ = ["condconv2d"]
 _lib = torch.library.Library("condconv", "FRAGMENT")
 
 
-def _native_forward(x, routing, weight, bias, stride, padding, dilation, groups):
-    return torch.ops.condconv.native_forward(x, routing, weight, bias, stride, padding,
-                                             dilation, groups)
+# Every backend's forward takes (x, routing, weight, bias, stride, padding, dilation, groups,
+# in_scale, out_scale, tap_scale); its backward (grad_out, the same up to groups, output_mask,
+# the scales) and returns the seven gradients, None where not asked for or the scale absent.
 
 
-def _native_backward(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
-                     output_mask):
-    grads = torch.ops.condconv.native_backward(grad_out, x, routing, weight, bias, stride,
-                                               padding, dilation, groups, output_mask)
-    return tuple(g if m else None for g, m in zip(grads, output_mask))
+def _native_forward(*args):
+    return torch.ops.condconv.native_forward(*args)
+
+
+def _native_backward(*args):
+    grads = torch.ops.condconv.native_backward(*args)
+    scales = args[-3:]
+    wanted = tuple(args[-4]) + tuple(t is not None for t in scales)
+    return tuple(g if m else None for g, m in zip(grads, wanted))
+
+
+def _no_scales_on_triton(scales):
+    if any(t is not None for t in scales):
+        raise NotImplementedError("condconv2d: backend 'triton' does not support the arguments "
+                                  "'in_scale', 'out_scale' and 'tap_scale' yet; use backend "
+                                  "'reference' on CUDA tensors, or 'cpu'")
 
 
 def _triton_forward(*args):
+    _no_scales_on_triton(args[-3:])
     from . import triton as triton_backend  # imported on first use: triton is optional
-    return triton_backend.forward(*args)
+    return triton_backend.forward(*args[:-3])
 
 
 def _triton_backward(*args):
+    _no_scales_on_triton(args[-3:])
     from . import triton as triton_backend
-    return triton_backend.backward(*args)
+    return triton_backend.backward(*args[:-3]) + (None, None, None)
 
 
 _FORWARD = {"reference": reference.forward, "cpu": _native_forward, "cuda": _native_forward,
@@ -76,26 +91,31 @@ _PYTHON_BACKENDS = ("reference", "triton")
 @torch.library.custom_op("condconv::condconv2d", mutates_args=())
 def _condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor],
                 stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                backend: str) -> Tensor:
+                backend: str, in_scale: Optional[Tensor] = None,
+                out_scale: Optional[Tensor] = None, tap_scale: Optional[Tensor] = None) -> Tensor:
     _check_backend(backend)
-    return _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+    return _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend,
+                         in_scale, out_scale, tap_scale)
 
 
-def _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend):
+def _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend,
+                  *scales):
     """The forward op's computation, checks included (here for the Python backends and the empty
     batch, which never reach a kernel; in C++ for the C++ kernels)."""
     if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
-        _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups)
+        _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups, *scales)
     if x.shape[0] == 0:
         return _empty_output(x, weight, stride, padding, dilation)
-    out = _FORWARD[backend](x, routing, weight, bias, stride, padding, dilation, groups)
+    out = _FORWARD[backend](x, routing, weight, bias, stride, padding, dilation, groups, *scales)
     return out.contiguous(memory_format=_args.suggest_memory_format(x))
 
 
 @_condconv2d.register_fake
-def _condconv2d_fake(x, routing, weight, bias, stride, padding, dilation, groups, backend):
+def _condconv2d_fake(x, routing, weight, bias, stride, padding, dilation, groups, backend,
+                     in_scale=None, out_scale=None, tap_scale=None):
     _check_backend(backend)
-    _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups)
+    _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups, in_scale,
+                        out_scale, tap_scale)
     return _empty_output(x, weight, stride, padding, dilation)
 
 
@@ -113,58 +133,68 @@ def _grad_like(grad: Optional[Tensor], like: Optional[Tensor], wanted: bool, x: 
 def _condconv2d_backward(grad_out: Tensor, x: Tensor, routing: Tensor, weight: Tensor,
                          bias: Optional[Tensor], stride: List[int], padding: List[int],
                          dilation: List[int], groups: int, backend: str,
-                         output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                         output_mask: List[bool], in_scale: Optional[Tensor] = None,
+                         out_scale: Optional[Tensor] = None, tap_scale: Optional[Tensor] = None
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_backend(backend)
     return _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
-                          backend, output_mask)
+                          backend, output_mask, in_scale, out_scale, tap_scale)
 
 
 def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation, groups, backend,
-                   output_mask):
+                   output_mask, *scales):
     """The backward op's computation, checks included (as :func:`_forward_impl`)."""
     if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
         _args.check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding,
-                                     dilation, groups, output_mask)
+                                     dilation, groups, output_mask, *scales)
     if x.shape[0] == 0:
-        grads = (None, None, None, None)
+        grads = (None,) * 7
     else:
         grads = _BACKWARD[backend](grad_out, x, routing, weight, bias, stride, padding,
-                                   dilation, groups, output_mask)
+                                   dilation, groups, output_mask, *scales)
     x_format = _args.suggest_memory_format(x)
-    return (_grad_like(grads[0], x, output_mask[0], x, x_format),
-            _grad_like(grads[1], routing, output_mask[1], x),
-            _grad_like(grads[2], weight, output_mask[2], x),
-            _grad_like(grads[3], bias, output_mask[3], x))
+    return ((_grad_like(grads[0], x, output_mask[0], x, x_format),
+             _grad_like(grads[1], routing, output_mask[1], x),
+             _grad_like(grads[2], weight, output_mask[2], x),
+             _grad_like(grads[3], bias, output_mask[3], x))
+            + tuple(_grad_like(g, s, s is not None, x) for g, s in zip(grads[4:], scales)))
 
 
 @_condconv2d_backward.register_fake
 def _condconv2d_backward_fake(grad_out, x, routing, weight, bias, stride, padding, dilation,
-                              groups, backend, output_mask):
+                              groups, backend, output_mask, in_scale=None, out_scale=None,
+                              tap_scale=None):
     _check_backend(backend)
+    scales = (in_scale, out_scale, tap_scale)
     _args.check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding, dilation,
-                                 groups, output_mask)
+                                 groups, output_mask, *scales)
+
     def fake(like, wanted, memory_format=torch.contiguous_format):
         if not wanted:
             return x.new_empty((0,))
         return torch.empty_like(like, memory_format=memory_format)
-    return (fake(x, output_mask[0], _args.suggest_memory_format(x)), fake(routing, output_mask[1]),
-            fake(weight, output_mask[2]), fake(bias, output_mask[3]))
+    return ((fake(x, output_mask[0], _args.suggest_memory_format(x)),
+             fake(routing, output_mask[1]), fake(weight, output_mask[2]),
+             fake(bias, output_mask[3]))
+            + tuple(fake(s, s is not None) for s in scales))
 
 
 def _setup_context(ctx, inputs, output):
-    x, routing, weight, bias, stride, padding, dilation, groups, backend = inputs
-    ctx.save_for_backward(x, routing, weight, bias)
+    x, routing, weight, bias, stride, padding, dilation, groups, backend, *scales = inputs
+    ctx.save_for_backward(x, routing, weight, bias, *scales)
     ctx.conv_args = (stride, padding, dilation, groups, backend)
 
 
 def _backward(ctx, grad_out, run=torch.ops.condconv.condconv2d_backward):
-    x, routing, weight, bias = ctx.saved_tensors
+    x, routing, weight, bias, *scales = ctx.saved_tensors
     stride, padding, dilation, groups, backend = ctx.conv_args
     mask = [bool(m) for m in ctx.needs_input_grad[:4]]
     mask[3] = mask[3] and bias is not None
     grads = run(grad_out, x, routing, weight, bias, stride, padding, dilation, groups, backend,
-                mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
+                mask, *scales)
+    scale_mask = [s is not None and need for s, need in zip(scales, ctx.needs_input_grad[9:])]
+    return (tuple(g if m else None for g, m in zip(grads[:4], mask)) + (None,) * 5
+            + tuple(g if m else None for g, m in zip(grads[4:], scale_mask)))
 
 
 _condconv2d.register_autograd(_backward, setup_context=_setup_context)
@@ -178,10 +208,12 @@ class _EagerCondConv2d(torch.autograd.Function):
     GPU time at small sizes, and the GPU then waits for the host."""
 
     @staticmethod
-    def forward(ctx, x, routing, weight, bias, stride, padding, dilation, groups, backend):
-        _setup_context(ctx, (x, routing, weight, bias, stride, padding, dilation, groups,
-                             backend), None)
-        return _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+    def forward(ctx, x, routing, weight, bias, stride, padding, dilation, groups, backend,
+                in_scale, out_scale, tap_scale):
+        inputs = (x, routing, weight, bias, stride, padding, dilation, groups, backend, in_scale,
+                  out_scale, tap_scale)
+        _setup_context(ctx, inputs, None)
+        return _forward_impl(*inputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -191,15 +223,19 @@ class _EagerCondConv2d(torch.autograd.Function):
 
 if backends.native_status()[0]:
     @torch.library.register_fake("condconv::native_forward")
-    def _native_forward_fake(x, routing, weight, bias, stride, padding, dilation, groups):
-        _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups)
+    def _native_forward_fake(x, routing, weight, bias, stride, padding, dilation, groups,
+                             in_scale=None, out_scale=None, tap_scale=None):
+        _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups,
+                            in_scale, out_scale, tap_scale)
         return _empty_output(x, weight, stride, padding, dilation)
 
     @torch.library.register_fake("condconv::native_backward")
     def _native_backward_fake(grad_out, x, routing, weight, bias, stride, padding, dilation,
-                              groups, output_mask):
+                              groups, output_mask, in_scale=None, out_scale=None,
+                              tap_scale=None):
         return _condconv2d_backward_fake(grad_out, x, routing, weight, bias, stride, padding,
-                                         dilation, groups, "cpu", output_mask)
+                                         dilation, groups, "cpu", output_mask, in_scale,
+                                         out_scale, tap_scale)
 
 
 def _autocast_kernel(device_type: str):
@@ -207,26 +243,31 @@ def _autocast_kernel(device_type: str):
     the expert mix is computed (and accumulated) in float32. float64 inputs are left alone."""
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
-    def kernel(_keyset, x, routing, weight, bias, stride, padding, dilation, groups, backend):
+    def kernel(_keyset, x, routing, weight, bias, stride, padding, dilation, groups, backend,
+               in_scale=None, out_scale=None, tap_scale=None):
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return torch.ops.condconv.condconv2d(*autocast_inputs(x, routing, weight, bias),
-                                                 stride, padding, dilation, groups, backend)
+            x, routing, weight, bias, *scales = autocast_inputs(x, routing, weight, bias,
+                                                                in_scale, out_scale, tap_scale)
+            return torch.ops.condconv.condconv2d(x, routing, weight, bias, stride, padding,
+                                                 dilation, groups, backend, *scales)
     return kernel
 
 
-def autocast_inputs(x, routing, weight, bias):
+def autocast_inputs(x, routing, weight, bias, *scales):
     """The autocast rule on the tensors: x, weight and bias in the autocast dtype of x's device,
-    routing in float32; everything as it is when x is float64 (or on another device)."""
+    routing and the scales in float32 (the mix and its scaling computed in float32); everything
+    as it is when x is float64 (or on another device)."""
     device_type = x.device.type
     if x.dtype == torch.float64:
-        return x, routing, weight, bias
+        return (x, routing, weight, bias) + scales
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t, dtype):
         if t is None or t.device.type != device_type or t.dtype == torch.float64:
             return t
         return t.to(dtype)
-    return cast(x, dtype), cast(routing, torch.float32), cast(weight, dtype), cast(bias, dtype)
+    return ((cast(x, dtype), cast(routing, torch.float32), cast(weight, dtype), cast(bias, dtype))
+            + tuple(cast(s, torch.float32) for s in scales))
 
 
 for _device_type in ("cpu", "cuda"):
@@ -242,41 +283,55 @@ def _mix_madds(routing_shape, weight_shape) -> int:
     return routing_shape[0] * routing_shape[1] * math.prod(weight_shape[1:])
 
 
+def _scale_madds(routing_shape, weight_shape, *scale_shapes) -> int:
+    """One multiply per kernel element and example for each scale given."""
+    return (routing_shape[0] * math.prod(weight_shape[1:])
+            * sum(shape is not None for shape in scale_shapes))
+
+
 @register_flop_formula(torch.ops.condconv.condconv2d)
 def _condconv2d_flops(x_shape, routing_shape, weight_shape, bias_shape, stride, padding,
-                      dilation, groups, backend, *, out_shape=None, **kwargs) -> int:
-    """2 FLOPs per multiply-add: the convolution plus the B*E*|W| expert mix."""
+                      dilation, groups, backend, in_scale_shape=None, out_scale_shape=None,
+                      tap_scale_shape=None, *, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add: the convolution plus the B*E*|W| expert mix (and B*|W| per
+    scale)."""
     return 2 * (_conv_madds(x_shape, weight_shape, out_shape)
-                + _mix_madds(routing_shape, weight_shape))
+                + _mix_madds(routing_shape, weight_shape)
+                + _scale_madds(routing_shape, weight_shape, in_scale_shape, out_scale_shape,
+                               tap_scale_shape))
 
 
 @register_flop_formula(torch.ops.condconv.condconv2d_backward)
 def _condconv2d_backward_flops(grad_out_shape, x_shape, routing_shape, weight_shape, bias_shape,
-                               stride, padding, dilation, groups, backend, output_mask, *,
-                               out_shape=None, **kwargs) -> int:
+                               stride, padding, dilation, groups, backend, output_mask,
+                               in_scale_shape=None, out_scale_shape=None, tap_scale_shape=None,
+                               *, out_shape=None, **kwargs) -> int:
     """grad_x: a transposed convolution with the re-mixed kernel; grad_routing / grad_weight:
-    the per-example kernel gradient, then E dot products / E axpys of |W| per example."""
+    the per-example kernel gradient, then E dot products / E axpys of |W| per example; each
+    scale's gradient a product and a sum over |W| per example."""
     conv = _conv_madds(x_shape, weight_shape, grad_out_shape)
     mix = _mix_madds(routing_shape, weight_shape)
+    scale = _scale_madds(routing_shape, weight_shape, in_scale_shape, out_scale_shape,
+                         tap_scale_shape)
     madds = 0
     if output_mask[0]:
-        madds += conv + mix
-    if output_mask[1] or output_mask[2]:
-        madds += conv + mix * (int(output_mask[1]) + int(output_mask[2]))
+        madds += conv + mix + scale
+    if output_mask[1] or output_mask[2] or scale:
+        madds += conv + mix * (int(output_mask[1]) + int(output_mask[2])) + 2 * scale
     return 2 * madds
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter, type(None))
 
 
-def _plain_eager(x, routing, weight, bias) -> bool:
+def _plain_eager(*tensors) -> bool:
     """True when the ``condconv2d`` op layer may be skipped: plain tensors or parameters (no
     fake/functional/subclass tensors), not tracing, compiling or under a functorch transform, no
     Python dispatch or function mode (FlopCounterMode, ...). Called on every eager call: plain
     comparisons, no generators."""
-    if not (type(x) in _PLAIN and type(routing) in _PLAIN and type(weight) in _PLAIN
-            and type(bias) in _PLAIN):
-        return False
+    for t in tensors:
+        if type(t) not in _PLAIN:
+            return False
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return False
     if torch._C._is_torch_function_mode_enabled() or \
@@ -286,42 +341,50 @@ def _plain_eager(x, routing, weight, bias) -> bool:
     return _get_current_dispatch_mode() is None
 
 
-def _records_gradient(x, routing, weight, bias) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or routing.requires_grad
-                                        or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad))
+def _records_gradient(*tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
-def _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend, autocast):
+def _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend, autocast,
+           scales):
     """A plain eager call on a kernel backend (cpu, cuda, triton), without the custom-op layer:
-    where ``autocast`` (autocast on for x's device), the autocast rule applied here (nothing inside is cast again, as under the op's autocast
-    kernel), then :class:`_EagerCondConv2d` where a gradient is recorded, else the forward alone
-    (for cpu and cuda the C++ op, whose name a profiler shows; the triton backend's forward gets a
-    profiler range named as the op)."""
+    where ``autocast`` (autocast on for x's device), the autocast rule applied here (nothing
+    inside is cast again, as under the op's autocast kernel), then :class:`_EagerCondConv2d`
+    where a gradient is recorded, else the forward alone (for cpu and cuda the C++ op, whose name
+    a profiler shows; the triton backend's forward gets a profiler range named as the op).
+    ``scales``: (in_scale, out_scale, tap_scale), each None where absent."""
     if autocast:
-        x, routing, weight, bias = autocast_inputs(x, routing, weight, bias)
+        x, routing, weight, bias, *scales = autocast_inputs(x, routing, weight, bias, *scales)
         with torch.autocast(x.device.type, enabled=False):
             return _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend,
-                          False)
-    if _records_gradient(x, routing, weight, bias):
+                          False, scales)
+    if _records_gradient(x, routing, weight, bias, *scales):
         run = _EagerCondConv2d.apply
     elif backend != "triton" and x.shape[0] > 0:
         return torch.ops.condconv.native_forward(x, routing, weight, bias, stride, padding,
-                                                 dilation, groups)
+                                                 dilation, groups, *scales)
     else:
         run = _forward_impl
+    args = (x, routing, weight, bias, stride, padding, dilation, groups, backend, *scales)
     if backend == "triton" and torch._C._autograd._profiler_enabled():
         with torch.autograd.profiler.record_function("condconv::condconv2d"):
-            return run(x, routing, weight, bias, stride, padding, dilation, groups, backend)
-    return run(x, routing, weight, bias, stride, padding, dilation, groups, backend)
+            return run(*args)
+    return run(*args)
 
 
-def normalise_arguments(x, routing, weight, bias, stride, padding, dilation, groups):
+def normalise_arguments(x, routing, weight, bias, stride, padding, dilation, groups,
+                        scales=(None, None, None)):
     """The Python half of a call's checks, and its normalised arguments: (stride, padding,
     dilation, autocast) with stride and dilation (h, w) pairs, padding (top, bottom, left, right)
     and ``autocast`` whether autocast is on for x's device. The tensors themselves are checked
-    later, once, by the C++ check, on the dtypes the autocast rule gives them."""
-    _args.check_objects(x, routing, weight, bias, groups)
+    later, once, by the C++ check, on the dtypes the autocast rule gives them. ``scales``:
+    (in_scale, out_scale, tap_scale)."""
+    _args.check_objects(x, routing, weight, bias, groups, scales)
     if x.dim() != 4 or weight.dim() != 5:
         # Ranks first: "same" padding reads x's and weight's last two sizes.
         _args.check_tensors(x, routing, weight, bias, (1, 1), (0, 0, 0, 0), (1, 1), groups)
@@ -330,20 +393,32 @@ def normalise_arguments(x, routing, weight, bias, stride, padding, dilation, gro
     pad = _args.resolve_padding(padding, x.shape[-2:], weight.shape[-2:], stride_hw, dilation_hw)
     autocast = _args.autocast_enabled(x.device.type)
     if autocast and x.dtype != torch.float64:  # float64 inputs are left to the tensor check
-        _args.check_autocast_dtypes(x, routing, weight, bias)
+        _args.check_autocast_dtypes(x, routing, weight, bias, *scales)
     return stride_hw, pad, dilation_hw, autocast
 
 
 def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                stride=1, padding: _args.Padding = 0, dilation=1, groups: int = 1, *,
-               backend: str = "auto") -> Tensor:
-    """Conditionally parameterised convolution (CondConv, Yang et al. 2019).
+               in_scale: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
+               tap_scale: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Conditionally parameterised convolution (CondConv, Yang et al. 2019) and its family.
 
     For each example b, with kernel ``W_b = sum_e routing[b, e] * weight[e]`` (and likewise the
     bias), ``out[b] = conv2d(x[b], W_b, bias_b, stride, padding, dilation, groups)``. The
     backends mix the experts inside the convolution: the dense layers' B mixed kernels are never
     stored (the CPU's depthwise path stores its B mixed C x kh x kw kernels, the size of B output
     pixels per channel; the ``reference`` backend stores all of them, as timm does).
+
+    The optional per-example scales (ODConv's channel, filter and spatial attentions; Dynamic
+    Convolution needs none) multiply the kernel and the bias::
+
+        W_b[co, ci, i, j] = out_scale[b, co] * in_scale[b, g * Cin/groups + ci]
+                            * tap_scale[b, i, j] * sum_e routing[b, e] weight[e, co, ci, i, j]
+        bias_b = out_scale[b] * sum_e routing[b, e] bias[e]
+
+    (g the group of output channel co), so ``out = out_scale * conv(x * in_scale, ...)`` without
+    a pass over x or out: the kernels apply them where they mix. Supported by the ``cpu`` and
+    ``reference`` backends; ``cuda`` and ``triton`` raise NotImplementedError for them.
 
     Args:
         x: (B, Cin, H, W), float32/float64/float16/bfloat16, any strides (contiguous,
@@ -356,15 +431,19 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
         padding: int, (ph, pw), (top, bottom, left, right), ``"same"`` (TensorFlow's SAME,
             asymmetric when needed) or ``"valid"``.
         groups: as in ``torch.nn.functional.conv2d``; ``groups=Cin`` is depthwise.
+        in_scale: (B, Cin) or None; x's dtype or float32.
+        out_scale: (B, Cout) or None; x's dtype or float32.
+        tap_scale: (B, kh, kw) or None; x's dtype or float32.
         backend: ``"auto"`` (default), ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
         (B, Cout, Ho, Wo) in x's dtype and memory format.
 
-    Differentiable in x, routing, weight and bias (handwritten backward).
+    Differentiable in x, routing, weight, bias and the scales (handwritten backward).
     """
+    scales = (in_scale, out_scale, tap_scale)
     stride_hw, pad, dilation_hw, autocast = normalise_arguments(
-        x, routing, weight, bias, stride, padding, dilation, groups)
+        x, routing, weight, bias, stride, padding, dilation, groups, scales)
     name = backends.resolve(backend, x.device.type)
     # The two routes into a backend's kernels. Plain eager calls (plain tensors; not compiled,
     # traced or under vmap/grad transforms; no dispatch or function mode) on the kernel backends
@@ -374,6 +453,6 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
     # autocast kernel, autograd formula, fake implementation and FLOP formula). The tensors are
     # checked once on either route, by the C++ check (csrc/ops.cpp), after the autocast rule.
     conv = (list(stride_hw), list(pad), list(dilation_hw), groups)
-    if name != "reference" and _plain_eager(x, routing, weight, bias):
-        return _eager(x, routing, weight, bias, *conv, name, autocast)
-    return torch.ops.condconv.condconv2d(x, routing, weight, bias, *conv, name)
+    if name != "reference" and _plain_eager(x, routing, weight, bias, *scales):
+        return _eager(x, routing, weight, bias, *conv, name, autocast, scales)
+    return torch.ops.condconv.condconv2d(x, routing, weight, bias, *conv, name, *scales)

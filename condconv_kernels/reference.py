@@ -3,8 +3,12 @@ baseline every benchmark measures against.
 
 Three forms that compute the same thing::
 
-    W_b = sum_e routing[b, e] * weight[e]          bias_b = sum_e routing[b, e] * bias[e]
+    W_b = s_b * sum_e routing[b, e] * weight[e]
+    bias_b = out_scale[b] * sum_e routing[b, e] * bias[e]
     out[b] = conv2d(pad(x[b]), W_b, bias_b, stride, dilation, groups)
+
+with the optional per-example scales (1 where absent; ODConv's attentions)
+``s_b[co, ci, i, j] = out_scale[b, co] * in_scale[b, group(co) * Cin/g + ci] * tap_scale[b, i, j]``.
 
 - :func:`condconv2d_loop`: one ``F.conv2d`` per example (the TF reference, literally).
 - :func:`condconv2d_grouped`: timm's trick: the B mixed kernels stacked into one grouped
@@ -16,8 +20,8 @@ Three forms that compute the same thing::
 All take ``padding`` as (top, bottom, left, right) and ``stride``/``dilation`` as pairs (see
 :func:`condconv_kernels.condconv2d` for the normalising public entry point). Shapes::
 
-    x (B, Cin, H, W), routing (B, E), weight (E, Cout, Cin/groups, kh, kw), bias (E, Cout)
-    -> (B, Cout, Ho, Wo)
+    x (B, Cin, H, W), routing (B, E), weight (E, Cout, Cin/groups, kh, kw), bias (E, Cout),
+    in_scale (B, Cin), out_scale (B, Cout), tap_scale (B, kh, kw) -> (B, Cout, Ho, Wo)
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ._args import suggest_memory_format
-from ._epilogue import finish_bias_grads, fold_kernel_grads
+from ._epilogue import Scales, finish_bias_grads, fold_scaled_kernel_grads
 
 __all__ = ["mix", "condconv2d_loop", "condconv2d_grouped", "condconv2d_unfold",
            "forward", "backward"]
@@ -111,23 +115,50 @@ def _conv2d_backward(grad_out, x, kernels, stride, padding, dilation, groups, ou
 
 
 def condconv2d_loop(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0),
-                    dilation=(1, 1), groups=1) -> torch.Tensor:
-    """One ``F.conv2d`` per example with its mixed kernel (the TF reference)."""
+                    dilation=(1, 1), groups=1, *, in_scale=None, out_scale=None,
+                    tap_scale=None) -> torch.Tensor:
+    """One ``F.conv2d`` per example with its mixed kernel (the TF reference); the scales
+    multiplied into each example's kernel one by one."""
     kernels = mix(routing, weight)
     biases = mix(routing, bias) if bias is not None else None
+    cout, cin_g = weight.shape[1], weight.shape[2]
     xp = _pad(x, padding)
-    outs = [_conv2d(xp[b:b + 1], kernels[b], None if biases is None else biases[b],
-                    tuple(stride), 0, tuple(dilation), groups) for b in range(x.shape[0])]
+    outs = []
+    for b in range(x.shape[0]):
+        kernel, bias_b = kernels[b], None if biases is None else biases[b]
+        if out_scale is not None:
+            kernel = kernel * out_scale[b].to(kernel.dtype)[:, None, None, None]
+            bias_b = None if bias_b is None else bias_b * out_scale[b].to(bias_b.dtype)
+        if in_scale is not None:  # output channel co reads input channels of its group
+            rows = torch.stack([in_scale[b, (co // (cout // groups)) * cin_g:][:cin_g]
+                                for co in range(cout)])
+            kernel = kernel * rows.to(kernel.dtype)[:, :, None, None]
+        if tap_scale is not None:
+            kernel = kernel * tap_scale[b].to(kernel.dtype)[None, None]
+        outs.append(_conv2d(xp[b:b + 1], kernel, bias_b, tuple(stride), 0, tuple(dilation),
+                            groups))
     return torch.cat(outs, 0)
 
 
+def _mixed(routing, weight, bias, groups, scales: Scales):
+    """(B, |W|) kernels and (B, Cout) biases (or None) of the examples, scaled."""
+    kernels = mix(routing, weight).reshape(routing.shape[0], -1)
+    factor = scales.kernel_factor(weight.shape, groups, kernels.dtype)
+    if factor is not None:
+        kernels = kernels * factor
+    biases = scales.scale_bias(mix(routing, bias)) if bias is not None else None
+    return kernels, biases
+
+
 def condconv2d_grouped(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0),
-                       dilation=(1, 1), groups=1) -> torch.Tensor:
+                       dilation=(1, 1), groups=1, *, in_scale=None, out_scale=None,
+                       tap_scale=None) -> torch.Tensor:
     """timm's grouped-convolution form: the unfused baseline."""
     B, cin, H, W = x.shape
     E, cout = weight.shape[:2]
-    kernels = mix(routing, weight).reshape((B * cout,) + tuple(weight.shape[2:]))
-    biases = mix(routing, bias).reshape(B * cout) if bias is not None else None
+    kernels, biases = _mixed(routing, weight, bias, groups, Scales(in_scale, out_scale, tap_scale))
+    kernels = kernels.reshape((B * cout,) + tuple(weight.shape[2:]))
+    biases = biases.reshape(B * cout) if biases is not None else None
     xp, conv_pad = _split_padding(x, padding)
     xp = xp.reshape(1, B * cin, xp.shape[-2], xp.shape[-1])
     out = _conv2d(xp, kernels, biases, tuple(stride), conv_pad, tuple(dilation), groups * B)
@@ -135,7 +166,8 @@ def condconv2d_grouped(x, routing, weight, bias=None, stride=(1, 1), padding=(0,
 
 
 def condconv2d_unfold(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0),
-                      dilation=(1, 1), groups=1) -> torch.Tensor:
+                      dilation=(1, 1), groups=1, *, in_scale=None, out_scale=None,
+                      tap_scale=None) -> torch.Tensor:
     """unfold (im2col) + batched matmul with the mixed kernels; dynamic-batch friendly."""
     B, cin, H, W = x.shape
     E, cout, cin_g, kh, kw = weight.shape
@@ -144,10 +176,11 @@ def condconv2d_unfold(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 
     wo = (xp.shape[-1] - (kw - 1) * dilation[1] - 1) // stride[1] + 1
     cols = F.unfold(xp, (kh, kw), dilation=tuple(dilation), stride=tuple(stride))
     cols = cols.reshape(B, groups, cin_g * kh * kw, ho * wo)
-    kernels = mix(routing, weight).reshape(B, groups, cout // groups, cin_g * kh * kw)
+    kernels, biases = _mixed(routing, weight, bias, groups, Scales(in_scale, out_scale, tap_scale))
+    kernels = kernels.reshape(B, groups, cout // groups, cin_g * kh * kw)
     out = torch.matmul(kernels, cols).reshape(B, cout, ho, wo)
-    if bias is not None:
-        out = out + mix(routing, bias).reshape(B, cout, 1, 1)
+    if biases is not None:
+        out = out + biases.reshape(B, cout, 1, 1)
     return out
 
 
@@ -163,10 +196,12 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
 
 
-def forward(x, routing, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+def forward(x, routing, weight, bias, stride, padding, dilation, groups, in_scale=None,
+            out_scale=None, tap_scale=None) -> torch.Tensor:
     """The reference backend's forward: the grouped form, in x's memory format."""
     try:
-        out = condconv2d_grouped(x, routing, weight, bias, stride, padding, dilation, groups)
+        out = condconv2d_grouped(x, routing, weight, bias, stride, padding, dilation, groups,
+                                 in_scale=in_scale, out_scale=out_scale, tap_scale=tap_scale)
     except (RuntimeError, MemoryError) as exc:
         if _is_out_of_memory(exc):
             raise _out_of_memory(exc, x) from exc
@@ -175,14 +210,16 @@ def forward(x, routing, weight, bias, stride, padding, dilation, groups) -> torc
 
 
 def backward(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
-             output_mask: Sequence[bool]) -> Tuple[Optional[torch.Tensor], ...]:
+             output_mask: Sequence[bool], in_scale=None, out_scale=None,
+             tap_scale=None) -> Tuple[Optional[torch.Tensor], ...]:
     """The reference backend's backward: the gradients of the grouped form, computed the way
     autograd computes them for the unfused baseline (one grouped ``convolution_backward`` over
-    the B materialised kernels, then the chain rule through the mix). Returns
-    (grad_x, grad_routing, grad_weight, grad_bias), None where ``output_mask`` is False."""
+    the B materialised kernels, then the chain rule through the mix and the scales). Returns
+    (grad_x, grad_routing, grad_weight, grad_bias, grad_in_scale, grad_out_scale,
+    grad_tap_scale), None where ``output_mask`` is False or the scale absent."""
     try:
         return _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
-                         output_mask)
+                         output_mask, Scales(in_scale, out_scale, tap_scale))
     except (RuntimeError, MemoryError) as exc:
         if _is_out_of_memory(exc):
             raise _out_of_memory(exc, x) from exc
@@ -190,16 +227,18 @@ def backward(grad_out, x, routing, weight, bias, stride, padding, dilation, grou
 
 
 def _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
-              output_mask):
+              output_mask, scales: Scales):
     B, cin, H, W = x.shape
     E, cout = weight.shape[:2]
     need_x, need_r, need_w, need_b = output_mask
-    kernels = mix(routing, weight).reshape((B * cout,) + tuple(weight.shape[2:]))
+    need_g = need_r or need_w or scales.any()
+    kernels = _mixed(routing, weight, None, groups, scales)[0]
+    kernels = kernels.reshape((B * cout,) + tuple(weight.shape[2:]))
     xp, conv_pad = _split_padding(x, padding)
     gout = grad_out.reshape(1, B * cout, grad_out.shape[-2], grad_out.shape[-1])
     grad_xp, grad_kernels = _conv2d_backward(
         gout, xp.reshape(1, B * cin, xp.shape[-2], xp.shape[-1]), kernels, stride, conv_pad,
-        dilation, groups * B, [need_x, need_r or need_w])
+        dilation, groups * B, [need_x, need_g])
     grad_x = grad_routing = grad_weight = grad_bias = None
     if need_x:
         grad_x = grad_xp.reshape(B, cin, xp.shape[-2], xp.shape[-1])
@@ -207,8 +246,14 @@ def _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, gro
             top, _, left, _ = padding
             grad_x = grad_x[:, :, top:top + H, left:left + W]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if need_r or need_w:
-        grad_routing, grad_weight = fold_kernel_grads(grad_kernels.reshape(B, -1).to(acc),
-                                                      routing, weight, need_r, need_w, acc)
-    grad_routing, grad_bias = finish_bias_grads(grad_out, routing, bias, grad_routing, need_b, acc)
-    return grad_x, grad_routing, grad_weight, grad_bias
+    scale_grads = (None, None, None)
+    if need_g:
+        grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
+            grad_kernels.reshape(B, -1).to(acc), routing, weight, scales, groups, need_r,
+            need_w, acc)
+    grad_routing, grad_bias, grad_out_scale = finish_bias_grads(
+        grad_out, routing, bias, grad_routing, need_b, acc, scales, scale_grads[1])
+    scale_grads = (scale_grads[0], grad_out_scale, scale_grads[2])
+    scale_grads = tuple(None if g is None else g.reshape(s.shape).to(s.dtype)
+                        for g, s in zip(scale_grads, scales))
+    return (grad_x, grad_routing, grad_weight, grad_bias) + scale_grads

@@ -1,10 +1,12 @@
 // condconv_kernels: conditionally parameterised convolution (CondConv) and its family.
 //
-//   W_b = s_b * sum_e routing[b, e] * weight[e]      bias_b = out_scale[b] * sum_e routing[b, e] * bias[e]
+//   W_b = s_b * sum_e routing[b, e] * weight[e]
+//   bias_b = out_scale[b] * sum_e routing[b, e] * bias[e]
 //   out[b] = conv2d(x[b], W_b, bias_b, stride, padding, dilation, groups)
 //
 // with the optional per-example scales (ODConv's attentions; 1 where absent)
-//   s_b[co, ci, i, j] = out_scale[b, co] * in_scale[b, group(co) * Cin/groups + ci] * tap_scale[b, i, j].
+//   s_b[co, ci, i, j] = out_scale[b, co] * in_scale[b, group(co) * Cin/groups + ci]
+//                       * tap_scale[b, i, j].
 //
 // The dense expert mix is done per chunk of examples into scratch memory that belongs to one
 // thread at a time, so the B x |W| tensor of mixed kernels is never allocated for dense layers.

@@ -1,6 +1,7 @@
 // The per-call operands every device's kernels read: the routing weights in the accumulation
-// dtype, the experts as (E, |W|), both contiguous, and the per-example scales (scales.h). The CPU kernels take the experts in the
-// accumulation dtype (they mix with GEMMs in it), the CUDA kernels in the input dtype (they mix
+// dtype, the experts as (E, |W|), both contiguous, and the per-example scales (scales.h). The
+// CPU kernels take the experts in the accumulation dtype (they mix with GEMMs in it), the CUDA
+// kernels in the input dtype (they mix
 // as they stage tiles).
 #pragma once
 

@@ -1,7 +1,7 @@
 // The per-example scales of the dynamic-convolution family on every device (ATen operations and
 // plain loops only). With s_b[co, ci, t] = out[b, co] * in[b, group(co) * Cin/g + ci] * tap[b, t]
 // over the kernel's (Cout, Cin/g, taps):
-//   W_b = s_b * M_b, M_b = sum_e routing[b, e] W[e]      bias_b = out[b] * sum_e routing[b, e] bias[e]
+//   W_b = s_b * M_b, M_b = sum_e routing[b, e] W[e]    bias_b = out[b] * sum_e routing[b, e] bias[e]
 // The kernels apply s_b where they mix (the convolutions themselves are unchanged), so the scales
 // cost no pass over x or the output. Backward, with G_b = dL/dW_b (what the kernels compute) and
 // Q_b = G_b * M_b:

@@ -43,3 +43,19 @@ def test_train_digits_bad_arguments():
         digits.train(epochs=0, progress=False)
     with pytest.raises(ValueError, match="'experts'"):
         digits.train(epochs=1, experts=0, progress=False)
+
+
+@pytest.mark.parametrize("kind,epochs,floor", [("dynamic", 3, 0.85), ("odconv", 4, 0.3)])
+def test_convert_resnet_fast(kind, epochs, floor):
+    """Both converted networks learn the digits (DynamicConv to 85% in three epochs; ODConv,
+    whose attentions start each kernel at about an eighth of its scale, learns more slowly:
+    three times chance in four epochs, ~70% / ~45%), and the timing table has every cell."""
+    pytest.importorskip("sklearn")
+    example = _script("convert_resnet")
+    results = example.run(kind, experts=2, epochs=epochs, progress=False)
+    assert set(results) == {"resnet", "mobilenetv2"}
+    for name, r in results.items():
+        assert len(r["accuracy"]) == epochs
+        assert r["accuracy"][-1] >= floor, (name, r["accuracy"])
+        for mode in ("inference", "training step"):
+            assert r["ms"][mode]["fused"] > 0 and r["ms"][mode]["unfused"] > 0

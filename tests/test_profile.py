@@ -129,14 +129,17 @@ def test_cpu_peak_memory_of_a_known_sequence():
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
 def test_fused_backward_peak_memory_below_unfused(backend):
     """The 1152->320 projection at 7x7: the unfused baseline materialises the B mixed kernels
-    (and their gradient), the fused op does not."""
+    and their gradient at once (2 x 11.25 MiB at batch 8); the fused op holds one chunk of
+    per-example kernel gradients (at batch 8 the whole batch: 11.25 MiB) and no mixed kernels.
+    The profiler's peaks move by ~1.7 MiB with the allocator's state (blocks freed that were
+    allocated before profiling started), so the margin asked for is half the kernels' size."""
     layer = [s for s in efficientnet_cc_b0_layers() if s.name == "s7.b0.project"][0]
     variants = layer_variants(layer, 8, "cpu", torch.float32, backward=True)
     fused = cpu_peak_memory_mb(variants[f"fused:{backend}"])
     unfused = cpu_peak_memory_mb(variants["unfused"])
     kernels_mb = 8 * layer.cout * layer.cin * 4 / 2 ** 20
-    assert unfused > kernels_mb
-    assert fused < unfused - kernels_mb
+    assert unfused > 2 * kernels_mb
+    assert fused < unfused - kernels_mb / 2
 
 
 def test_time_interleaved_orders_variants():

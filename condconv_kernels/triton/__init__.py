@@ -190,5 +190,6 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         if need_r:
             grad_routing = part.sum(0)
 
-    grad_routing, grad_bias = finish_bias_grads(grad_out, routing, bias, grad_routing, need_b, acc)
+    grad_routing, grad_bias, _ = finish_bias_grads(grad_out, routing, bias, grad_routing, need_b,
+                                                   acc)
     return grad_x, grad_routing, grad_weight, grad_bias

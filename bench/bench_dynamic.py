@@ -1,0 +1,149 @@
+"""DynamicConv2d and ODConv2d layers, fused against the grouped-convolution implementation every
+public version of them uses, at ResNet-18 3x3 and MobileNetV2 shapes.
+
+    python bench/bench_dynamic.py [--batch 8] [--experts 4] [--backward] [--device cpu]
+                                  [--out bench/results/NAME.md]
+
+Both variants run the same layer object (the same attention module and parameters); they differ
+in the convolution only:
+
+- ``fused``: the layer as it is (condconv2d with the attentions as routing and per-example
+  scales, on the device's fused backend);
+- ``grouped``: the papers' reference formulation: the K mixed kernels (ODConv: times the spatial
+  attention) materialised, x times the channel attention, one grouped convolution with B x
+  groups groups over the batch viewed as one image, the output times the filter attention.
+
+Prints a markdown table of median milliseconds and the speedup fused / grouped per layer and
+kind, geomean last, all measured in this run.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from condconv_kernels.cli import parser
+from condconv_kernels.nn import DynamicConv2d, ODConv2d
+from condconv_kernels.profile import machine_info, time_callable
+from condconv_kernels.profile.tables import geomean, header, machine_line, row, write_result
+from condconv_kernels.profile.timing import reexec_with_stable_malloc
+
+# (name, in, out, kernel, stride, groups, input side): ResNet-18's 3x3 convolutions and
+# MobileNetV2's depthwise 3x3 and pointwise 1x1 layers at 224x224.
+SHAPES = [
+    ("resnet.layer1.3x3", 64, 64, 3, 1, 1, 56),
+    ("resnet.layer2.3x3", 128, 128, 3, 1, 1, 28),
+    ("resnet.layer3.3x3", 256, 256, 3, 1, 1, 14),
+    ("resnet.layer4.3x3", 512, 512, 3, 1, 1, 7),
+    ("mbv2.b2.dw3", 96, 96, 3, 2, 96, 112),
+    ("mbv2.b4.dw3", 192, 192, 3, 1, 192, 28),
+    ("mbv2.b11.dw3", 576, 576, 3, 1, 576, 14),
+    ("mbv2.b4.project", 192, 32, 1, 1, 1, 28),
+    ("mbv2.b11.expand", 96, 576, 1, 1, 1, 14),
+    ("mbv2.b16.project", 960, 160, 1, 1, 1, 7),
+]
+
+
+def grouped_forward(layer, x):
+    """The layer's output through the materialised-kernel grouped convolution."""
+    B, C, H, W = x.shape
+    k = layer.kernel_size
+    if isinstance(layer, DynamicConv2d):
+        pi = layer.attention(x)
+        kernels = (pi @ layer.weight.flatten(1)).view(-1, C // layer.groups, *k)
+        bias = (pi @ layer.bias).flatten() if layer.bias is not None else None
+        out = F.conv2d(x.reshape(1, B * C, H, W), kernels, bias, layer.stride, layer.padding,
+                       layer.dilation, layer.groups * B)
+        return out.view(B, -1, out.shape[-2], out.shape[-1])
+    kernel_att, channel, filt, spatial = layer.attention(x)
+    weight = layer.weight.unsqueeze(0)
+    if spatial is not None:
+        weight = weight * spatial.view(B, 1, 1, 1, *k)
+    kernels = (weight * kernel_att.view(B, -1, 1, 1, 1, 1)).sum(1)
+    kernels = kernels.reshape(-1, C // layer.groups, *k)
+    xs = (x * channel.view(B, C, 1, 1)).reshape(1, B * C, H, W)
+    out = F.conv2d(xs, kernels, None, layer.stride, layer.padding, layer.dilation,
+                   layer.groups * B)
+    out = out.view(B, -1, out.shape[-2], out.shape[-1])
+    return out if filt is None else out * filt.view(B, -1, 1, 1)
+
+
+def _step(forward, x, params, backward):
+    if not backward:
+        def run():
+            with torch.no_grad():
+                forward(x)
+        return run
+
+    def run_backward():
+        out = forward(x)
+        torch.autograd.grad(out, [x] + params, torch.ones_like(out))
+    return run_backward
+
+
+def main(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--batch", type=int, default=8, help="The batch size.")
+    p.add_argument("--experts", type=int, default=4, help="Kernels per layer (K, kernel_num).")
+    p.add_argument("--device", default="cpu", help="Where to run: cpu or cuda.")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="The dtype of the layers and their input.")
+    p.add_argument("--backward", action="store_true", help="Time forward + backward.")
+    p.add_argument("--min-run-time", type=float, default=0.3,
+                   help="Seconds of timed calls per measurement.")
+    p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    rows, record = [], []
+    for name, cin, cout, k, stride, groups, side in SHAPES:
+        x = torch.randn(args.batch, cin, side, side, device=args.device, dtype=dtype,
+                        requires_grad=args.backward)
+        cells = [name, f"{cin}->{cout} k{k} s{stride} g{groups} {side}x{side}"]
+        times = {}
+        for kind, make in (("dynamic", lambda: DynamicConv2d(cin, cout, k, stride=stride,
+                                                             padding=k // 2, groups=groups,
+                                                             K=args.experts)),
+                           ("odconv", lambda: ODConv2d(cin, cout, k, stride=stride,
+                                                       padding=k // 2, groups=groups,
+                                                       kernel_num=args.experts))):
+            layer = make().to(args.device, dtype).eval()
+            params = list(layer.parameters())
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), grouped_forward(layer, x), rtol=1e-4,
+                                           atol=1e-4)
+            grouped = (lambda t, m=layer: grouped_forward(m, t))
+            for variant, forward in (("fused", layer), ("grouped", grouped)):
+                fn = _step(forward, x, params, args.backward)
+                times[f"{kind}:{variant}"] = time_callable(fn, args.device,
+                                                           args.min_run_time).median_ms
+            cells += [f"{times[kind + ':fused']:.3f}", f"{times[kind + ':grouped']:.3f}",
+                      f"{times[kind + ':grouped'] / times[kind + ':fused']:.2f}x"]
+        rows.append(cells)
+        record.append({"layer": name, "shape": cells[1], "ms": times})
+        print(f"{name}: done", file=sys.stderr)
+    geo = ["geomean", ""]
+    for kind in ("dynamic", "odconv"):
+        fused = [r["ms"][kind + ":fused"] for r in record]
+        grouped = [r["ms"][kind + ":grouped"] for r in record]
+        geo += [f"{geomean(fused):.3f}", f"{geomean(grouped):.3f}",
+                f"{geomean([g / f for f, g in zip(fused, grouped)]):.2f}x"]
+    mode = "forward+backward" if args.backward else "forward"
+    lines = [f"DynamicConv2d and ODConv2d layers, batch {args.batch}, K={args.experts}, "
+             f"{args.dtype}, {args.device}, {mode}, median ms", ""]
+    lines += header(["layer", "shape", "DynamicConv fused", "DynamicConv grouped",
+                     "DynamicConv speedup", "ODConv fused", "ODConv grouped", "ODConv speedup"])
+    lines += [row(r) for r in rows] + [row(geo), "", machine_line(machine_info())]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        command = "python bench/bench_dynamic.py " + " ".join(argv if argv else sys.argv[1:])
+        write_result(args.out, table, command, {"machine": machine_info(), "batch": args.batch,
+                                                "experts": args.experts, "mode": mode,
+                                                "layers": record})
+
+
+if __name__ == "__main__":
+    reexec_with_stable_malloc()
+    main()

@@ -1,0 +1,218 @@
+"""The per-example scales (in_scale, out_scale, tap_scale: ODConv's attentions) on the op.
+
+Every backend that has them (cpu, reference) against the per-example loop
+(reference.condconv2d_loop, which multiplies the scales into each example's kernel one by one)
+with PyTorch's autograd for the gradients: forward and all seven gradients, float64 and float32,
+every case of the op's matrix, NCHW and channels_last, each scale alone and all together. Then
+gradcheck and opcheck through the op, the paths the CPU takes, the errors, autocast, and the
+backends that do not have them yet.
+"""
+import pytest
+import torch
+
+import condconv_kernels as cc
+from condconv_kernels import _args, reference
+from conftest import CASES, CASES_BY_NAME, INTERPRETED, conv_args, make_inputs
+
+BACKENDS = [b for b in ("cpu", "reference") if b in cc.available_backends("cpu")]
+# Which scales a run gives: all three, or one.
+SUBSETS = {"all": (True, True, True), "in": (True, False, False), "out": (False, True, False),
+           "tap": (False, False, True)}
+
+
+def _scales(case, which, dtype, seed):
+    """Fresh random scales around 1 (as sigmoid attentions are, times 2) for the chosen subset."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((case.B, case.cin), (case.B, case.cout), (case.B,) + tuple(case.kernel))
+    return tuple((torch.rand(shape, generator=g, dtype=torch.float64) * 1.5 + 0.25).to(dtype)
+                 if wanted else None for shape, wanted in zip(shapes, which))
+
+
+def _run(case, inputs, scales, backend, grad_out):
+    leaves = [t.detach().requires_grad_(True) if t is not None else None
+              for t in tuple(inputs) + tuple(scales)]
+    x, routing, weight, bias, in_s, out_s, tap_s = leaves
+    out = cc.condconv2d(x, routing, weight, bias, case.stride, case.padding, case.dilation,
+                        case.groups, in_scale=in_s, out_scale=out_s, tap_scale=tap_s,
+                        backend=backend)
+    wanted = [t for t in leaves if t is not None]
+    return out, torch.autograd.grad(out, wanted, grad_out)
+
+
+def _truth(case, inputs, scales, grad_out):
+    leaves = [t.detach().double().requires_grad_(True) if t is not None else None
+              for t in tuple(inputs) + tuple(scales)]
+    x, routing, weight, bias, in_s, out_s, tap_s = leaves
+    out = reference.condconv2d_loop(x, routing, weight, bias, *conv_args(case, x),
+                                    in_scale=in_s, out_scale=out_s, tap_scale=tap_s)
+    wanted = [t for t in leaves if t is not None]
+    return out, torch.autograd.grad(out, wanted, grad_out.double())
+
+
+def _check(case, backend, dtype, layout, which, seed=0):
+    inputs = make_inputs(case, dtype, layout, seed=seed)
+    scales = _scales(case, which, dtype, seed + 1)
+    shape = reference.condconv2d_loop(*[t.double() if t is not None else None for t in inputs],
+                                      *conv_args(case, inputs[0])).shape
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 2),
+                           dtype=torch.float64).to(dtype)
+    out, grads = _run(case, inputs, scales, backend, grad_out)
+    truth, truth_grads = _truth(case, inputs, scales, grad_out)
+    # float64: summation order only; float32: ~100 ulps of the largest value.
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    names = ["out"] + [n for n, t in zip(("x", "routing", "weight", "bias", "in_scale",
+                                          "out_scale", "tap_scale"),
+                                         tuple(inputs) + tuple(scales)) if t is not None]
+    for name, ours, want in zip(names, (out,) + tuple(grads), (truth,) + tuple(truth_grads)):
+        assert ours.shape == want.shape, name
+        assert ours.dtype == (dtype if name != "routing" else inputs[1].dtype), name
+        scale = want.abs().max().item() or 1.0
+        err = (ours.double() - want).abs().max().item()
+        assert err <= rtol * scale, f"{backend} {name}: error {err:.3g} of {scale:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_float64_all_scales(case, layout, backend):
+    _check(case, backend, torch.float64, layout, SUBSETS["all"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", [w for w in SUBSETS if w != "all"])
+@pytest.mark.parametrize("case", [CASES_BY_NAME[n] for n in ("k3_s2_asym", "g2_k1", "dw3",
+                                                              "dw_mult2_d2_asym", "k1")], ids=str)
+def test_float64_one_scale(case, which, backend):
+    _check(case, backend, torch.float64, "contiguous", SUBSETS[which])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("case", CASES[::3], ids=str)
+def test_float32_all_scales(case, layout, backend):
+    _check(case, backend, torch.float32, layout, SUBSETS["all"], seed=5)
+
+
+def _op_args(case, dtype=torch.float64, seed=0):
+    x, routing, weight, bias = make_inputs(case, dtype, seed=seed)
+    stride, pad, dilation, groups = conv_args(case, x)
+    return (x, routing, weight, bias, list(stride), list(pad), list(dilation), groups), \
+        _scales(case, SUBSETS["all"], dtype, seed + 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["k3_s2_asym", "g2_s2_e8_b1", "dw_mult2_d2_asym"])
+def test_gradcheck(name, backend):
+    """Finite differences through the op, every input and scale in float64."""
+    case = CASES_BY_NAME[name]
+    case = type(case)(**{**case.__dict__, "cin": min(case.cin, 4), "H": 5, "W": 6})
+    args, scales = _op_args(case)
+    tensors = [t.requires_grad_(True) if t is not None else None
+               for t in list(args[:4]) + list(scales)]
+
+    def fn(x, routing, weight, bias, in_s, out_s, tap_s):
+        return torch.ops.condconv.condconv2d(x, routing, weight, bias, *args[4:], backend, in_s,
+                                             out_s, tap_s)
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    """The op's schema, fake implementation, autograd registration and dispatch with scales."""
+    for name in ("k3_s2_asym", "dw3"):
+        args, scales = _op_args(CASES_BY_NAME[name], torch.float32)
+        leaves = [t.requires_grad_(True) if t is not None else None for t in args[:4]]
+        torch.library.opcheck(torch.ops.condconv.condconv2d,
+                              tuple(leaves) + args[4:] + (backend,) + tuple(scales))
+
+
+def test_cpu_paths_with_scales():
+    """With scales, every CPU path but the two that give way to the im2col path (bfloat16 1x1,
+    the direct depthwise backward) is taken by the matrix above, and those two are not."""
+    taken = set()
+    for case in CASES:
+        for layout in ("contiguous", "channels_last", "sliced"):
+            for dtype in (torch.float64, torch.float32, torch.bfloat16):
+                args, _ = _op_args(case, dtype)
+                x = make_inputs(case, dtype, layout)[0]
+                taken.update(torch.ops.condconv.cpu_paths(x, *args[1:], scaled=True))
+    every = set(torch.ops.condconv.cpu_path_names())
+    assert every - taken == {"forward/bf16_pointwise", "backward/direct_depthwise"}
+
+
+def test_empty_batch_gives_zero_gradients():
+    case = type(CASES_BY_NAME["k3"])(**{**CASES_BY_NAME["k3"].__dict__, "B": 0})
+    inputs = make_inputs(case, torch.float64)
+    scales = _scales(case, SUBSETS["all"], torch.float64, 1)
+    out, grads = _run(case, inputs, scales, "cpu", torch.zeros(0, case.cout, 7, 13,
+                                                               dtype=torch.float64))
+    assert out.shape == (0, case.cout, 7, 13)
+    for g, t in zip(grads, [t for t in tuple(inputs) + scales if t is not None]):
+        assert g.shape == t.shape and not g.abs().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_and_op_routes_agree(backend):
+    """The plain eager route (no custom-op layer) and the op give the same values."""
+    case = CASES_BY_NAME["dw5_s2_same_e8"]
+    args, scales = _op_args(case, torch.float32, seed=3)
+    eager = cc.condconv2d(*args[:4], case.stride, case.padding, case.dilation, case.groups,
+                          in_scale=scales[0], out_scale=scales[1], tap_scale=scales[2],
+                          backend=backend)
+    op = torch.ops.condconv.condconv2d(*args, backend, *scales)
+    torch.testing.assert_close(eager, op, rtol=0, atol=0)
+
+
+def test_autocast_keeps_the_scales_in_float32():
+    """Under CPU autocast (bfloat16) x and the experts run in bfloat16 while routing and the
+    scales stay float32: within bfloat16's error of the float32 result."""
+    case = CASES_BY_NAME["k3"]
+    args, scales = _op_args(case, torch.float32, seed=7)
+    want = cc.condconv2d(*args[:4], case.stride, case.padding, in_scale=scales[0],
+                         out_scale=scales[1], tap_scale=scales[2], backend="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cc.condconv2d(*args[:4], case.stride, case.padding, in_scale=scales[0].half(),
+                            out_scale=scales[1], tap_scale=scales[2], backend="cpu")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+x, r, w, b = make_inputs(CASES_BY_NAME["k3"], torch.float32)
+BAD = [
+    ("in_scale shape", {"in_scale": torch.rand(3, 5)}, ValueError, "'in_scale'"),
+    ("out_scale shape", {"out_scale": torch.rand(3, 4)}, ValueError, "'out_scale'"),
+    ("tap_scale shape", {"tap_scale": torch.rand(3, 9)}, ValueError, "'tap_scale'"),
+    ("in_scale batch", {"in_scale": torch.rand(2, 4)}, ValueError, "'in_scale'"),
+    ("out_scale dtype", {"out_scale": torch.rand(3, 6, dtype=torch.float64)}, TypeError,
+     "'out_scale'"),
+    ("tap_scale device", {"tap_scale": torch.rand(3, 3, 3, device="meta")}, ValueError,
+     "'tap_scale'"),
+    ("in_scale not a tensor", {"in_scale": [[1.0] * 4] * 3}, TypeError, "'in_scale'"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs,exc,needle", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_scales(kwargs, exc, needle, backend):
+    with pytest.raises(exc, match=needle):
+        cc.condconv2d(x, r, w, b, padding=1, backend=backend, **kwargs)
+
+
+@pytest.mark.skipif("triton" not in INTERPRETED, reason="needs TRITON_INTERPRET=1 and triton")
+def test_triton_says_not_yet():
+    with pytest.raises(NotImplementedError, match="'in_scale'"):
+        cc.condconv2d(x, r, w, b, padding=1, in_scale=torch.rand(3, 4), backend="triton")
+
+
+def test_scales_shape_the_flop_count():
+    """The FLOP formula counts one multiply per kernel element, example and scale."""
+    from torch.utils.flop_counter import FlopCounterMode
+    args, scales = _op_args(CASES_BY_NAME["k3"], torch.float32)
+    counts = []
+    for given in ((None, None, None), scales):
+        with FlopCounterMode(display=False) as mode:
+            torch.ops.condconv.condconv2d(*args, "reference", *given)
+        counts.append(mode.get_total_flops())
+    case = CASES_BY_NAME["k3"]
+    kernel_numel = case.cout * case.cin * case.kernel[0] * case.kernel[1]
+    assert counts[1] - counts[0] == 2 * len(_args.SCALE_NAMES) * case.B * kernel_numel
