@@ -48,10 +48,11 @@ inline void fold_kernel_grads(const at::Tensor& G, const at::Tensor& routing, co
   if (grad_routing) grad_routing->copy_(rows_dot(G, W));
 }
 
-// The per-example kernel gradients G (n, |W|) of examples [b0, b0 + n), chunk after chunk from
-// b0 = 0, folded into the gradients: fold_kernel_grads of s_b * G_b (G_b itself without
-// scales), and the kernel terms of the scales' gradients (scale_grads, in the accumulation
-// dtype). routing (B, E) and weight (E, |W|) in the accumulation dtype.
+// The per-example kernel gradients G (n, |W|, contiguous) of examples [b0, b0 + n), chunk after
+// chunk from b0 = 0, folded into the gradients: fold_kernel_grads of s_b * G_b (G_b itself
+// without scales; with scales G is scaled in place: the fold consumes it), and the kernel terms
+// of the scales' gradients (scale_grads, in the accumulation dtype). routing (B, E) and weight
+// (E, |W|) in the accumulation dtype.
 struct KernelGradFold {
   const at::Tensor& routing;
   const at::Tensor& weight;
@@ -67,11 +68,8 @@ struct KernelGradFold {
   void operator()(const at::Tensor& G, int64_t b0) const {
     const int64_t n = G.size(0);
     const at::Tensor r = routing.narrow(0, b0, n);
-    at::Tensor folded = G;
-    if (scales.any()) {
-      scale_grads_from_kernels(G, at::mm(r, weight), b0, scales, g, scale_grads);
-      folded = G * scales.kernel_factor(b0, n, g);
-    }
+    at::Tensor folded = G;  // contiguous: the callers' scratch or fresh results
+    if (scales.any()) fold_scales(folded, at::mm(r, weight), b0, scales, g, scale_grads);
     at::Tensor gr = grad_routing ? grad_routing->narrow(0, b0, n) : at::Tensor();
     fold_kernel_grads(folded, r, weight, grad_weight, b0 > 0, grad_routing ? &gr : nullptr);
   }

@@ -14,6 +14,8 @@
 #include "condconv.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 namespace condconv {
 
@@ -31,28 +33,17 @@ struct Scales {
   }
   bool any() const { return in.defined() || out.defined() || tap.defined(); }
 
-  // s_b of examples [b0, b0 + n) as (n, |W|); undefined without scales.
-  at::Tensor kernel_factor(int64_t b0, int64_t n, const Geometry& g) const {
-    if (!any()) return at::Tensor();
-    const at::Tensor& any_scale = in.defined() ? in : (out.defined() ? out : tap);
-    const int64_t taps = g.kernel_h * g.kernel_w;
-    at::Tensor f = at::ones({n, g.groups, g.out_per_group(), g.in_per_group(), taps},
-                            any_scale.options());
-    for (const at::Tensor& factor : factors(b0, n, g)) {
-      if (factor.defined()) f.mul_(factor);
-    }
-    return f.view({n, -1});
-  }
-
-  // The three scales of examples [b0, b0 + n) shaped to broadcast over
-  // (n, groups, Cout/g, Cin/g, taps): out, in, tap (undefined where absent).
-  std::array<at::Tensor, 3> factors(int64_t b0, int64_t n, const Geometry& g) const {
-    const int64_t taps = g.kernel_h * g.kernel_w;
-    return {out.defined() ? out.narrow(0, b0, n).view({n, g.groups, g.out_per_group(), 1, 1})
-                          : at::Tensor(),
-            in.defined() ? in.narrow(0, b0, n).view({n, g.groups, 1, g.in_per_group(), 1})
-                         : at::Tensor(),
-            tap.defined() ? tap.narrow(0, b0, n).view({n, 1, 1, 1, taps}) : at::Tensor()};
+  // The three scales' rows of example b (null where absent), in the accumulation dtype.
+  template <typename acc_t>
+  struct Rows {
+    const acc_t *out, *in, *tap;
+  };
+  template <typename acc_t>
+  Rows<acc_t> rows(int64_t b) const {
+    const auto row = [&](const at::Tensor& t) {
+      return t.defined() ? t.const_data_ptr<acc_t>() + b * t.size(1) : nullptr;
+    };
+    return {row(out), row(in), row(tap)};
   }
 
   // The mixed biases (B, Cout) times out, in place.
@@ -77,37 +68,117 @@ struct Scales {
   }
 };
 
+namespace detail {
+
+// The kernel rows (b, co) of examples [b0, b0 + n) of a (n, |W|) tensor, a task per (example,
+// group) so that a group's sums over its output channels stay in one task: f(b, gi, rows) with
+// the scales' rows of example b0 + b.
+template <typename F>
+void for_each_group(int64_t n, const Geometry& g, const F& f) {
+  at::parallel_for(0, n * g.groups, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) f(t / g.groups, t % g.groups);
+  });
+}
+
+}  // namespace detail
+
 // W_b of examples [b0, b0 + n) into out (n, |W|): the mix of the experts (routing (B, E) and
-// weight (E, |W|), in out's dtype), times s_b.
+// weight (E, |W|), in out's dtype), times s_b in one pass over out.
 inline void mix_kernels(at::Tensor& out, const at::Tensor& routing, const at::Tensor& weight,
                         const Scales& scales, int64_t b0, int64_t n, const Geometry& g) {
   at::mm_out(out, routing.narrow(0, b0, n), weight);
-  if (scales.any()) out.mul_(scales.kernel_factor(b0, n, g));
+  if (!scales.any()) return;
+  const int64_t taps = g.kernel_h * g.kernel_w, cin_g = g.in_per_group();
+  const int64_t cout_g = g.out_per_group(), K = cin_g * taps;
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "condconv_scale_kernels", [&] {
+    scalar_t* w = out.mutable_data_ptr<scalar_t>();
+    detail::for_each_group(n, g, [&](int64_t b, int64_t gi) {
+      const auto s = scales.rows<scalar_t>(b0 + b);
+      for (int64_t c = 0; c < cout_g; ++c) {
+        const int64_t co = gi * cout_g + c;
+        scalar_t* row = w + (b * g.out_channels + co) * K;
+        const scalar_t o = s.out ? s.out[co] : scalar_t(1);
+        for (int64_t ci = 0; ci < cin_g; ++ci) {
+          const scalar_t f = o * (s.in ? s.in[gi * cin_g + ci] : scalar_t(1));
+          scalar_t* r = row + ci * taps;
+          if (s.tap) {
+            for (int64_t t = 0; t < taps; ++t) r[t] *= f * s.tap[t];
+          } else {
+            for (int64_t t = 0; t < taps; ++t) r[t] *= f;
+          }
+        }
+      }
+    });
+  });
 }
 
-// The kernel terms of the scales' gradients for examples [b0, b0 + n), from their G (n, |W|)
-// and unscaled mixed kernels M (n, |W|), written into those rows of the defined tensors of acc
-// ((B, Cin), (B, Cout), (B, taps) in the accumulation dtype).
-inline void scale_grads_from_kernels(const at::Tensor& G, const at::Tensor& M, int64_t b0,
-                                     const Scales& s, const Geometry& g, ScaleGrads& acc) {
-  const int64_t n = G.size(0), taps = g.kernel_h * g.kernel_w;
-  const at::Tensor Q =
-      (G * M).view({n, g.groups, g.out_per_group(), g.in_per_group(), taps});
-  const auto [o, i, t] = s.factors(b0, n, g);
-  // Q times every factor but the one whose gradient is taken, summed over the other dimensions.
-  const auto product = [&](const at::Tensor& a, const at::Tensor& b) {
-    at::Tensor p = Q;
-    if (a.defined()) p = p * a;
-    if (b.defined()) p = p * b;
-    return p;
-  };
-  if (acc.out.defined()) {
-    acc.out.narrow(0, b0, n).copy_(product(i, t).sum({3, 4}).view({n, g.out_channels}));
-  }
-  if (acc.in.defined()) {
-    acc.in.narrow(0, b0, n).copy_(product(o, t).sum({2, 4}).view({n, g.in_channels}));
-  }
-  if (acc.tap.defined()) acc.tap.narrow(0, b0, n).copy_(product(o, i).sum({1, 2, 3}));
+// For the kernel gradients G (n, |W|) of examples [b0, b0 + n) and their unscaled mixed kernels
+// M (n, |W|), both contiguous in the accumulation dtype, in one pass: G becomes s_b * G (what
+// the routing and weight gradients fold), and the kernel terms of the scales' gradients go
+// into those rows of the defined tensors of acc ((B, Cin), (B, Cout), (B, taps)). A task per
+// (example, group) sums over its output channels in order; the tap gradients' per-group
+// partials are added in group order: deterministic.
+inline void fold_scales(at::Tensor& G, const at::Tensor& M, int64_t b0, const Scales& s,
+                        const Geometry& g, ScaleGrads& acc) {
+  TORCH_INTERNAL_ASSERT(G.is_contiguous() && M.is_contiguous());
+  const int64_t n = G.size(0), taps = g.kernel_h * g.kernel_w, cin_g = g.in_per_group();
+  const int64_t cout_g = g.out_per_group(), K = cin_g * taps;
+  // Per (example, group): sum over the group's output channels of Q * out (Cin/g x taps).
+  at::Tensor P = at::zeros({n, g.groups, K}, G.options());
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "condconv_fold_scales", [&] {
+    scalar_t* gp = G.mutable_data_ptr<scalar_t>();
+    const scalar_t* mp = M.const_data_ptr<scalar_t>();
+    scalar_t* pp = P.mutable_data_ptr<scalar_t>();
+    scalar_t* d_out = acc.out.defined() ? acc.out.mutable_data_ptr<scalar_t>() : nullptr;
+    detail::for_each_group(n, g, [&](int64_t b, int64_t gi) {
+      const auto r = s.rows<scalar_t>(b0 + b);
+      scalar_t* part = pp + (b * g.groups + gi) * K;
+      for (int64_t c = 0; c < cout_g; ++c) {
+        const int64_t co = gi * cout_g + c;
+        const int64_t base = (b * g.out_channels + co) * K;
+        const scalar_t o = r.out ? r.out[co] : scalar_t(1);
+        scalar_t d_o = 0;
+        for (int64_t ci = 0; ci < cin_g; ++ci) {
+          const scalar_t in = r.in ? r.in[gi * cin_g + ci] : scalar_t(1);
+          for (int64_t t = 0; t < taps; ++t) {
+            const int64_t k = ci * taps + t;
+            const scalar_t tap = r.tap ? r.tap[t] : scalar_t(1);
+            const scalar_t q = gp[base + k] * mp[base + k];
+            d_o += q * in * tap;
+            part[k] += q * o;
+            gp[base + k] *= o * in * tap;
+          }
+        }
+        if (d_out) d_out[(b0 + b) * g.out_channels + co] = d_o;
+      }
+    });
+    // grad_in[b, ci] = sum_t part * tap; grad_tap[b, t] = sum_{groups, ci} part * in.
+    for (int64_t b = 0; b < n; ++b) {
+      const auto r = s.rows<scalar_t>(b0 + b);
+      if (acc.in.defined()) {
+        scalar_t* d_in = acc.in.mutable_data_ptr<scalar_t>() + (b0 + b) * g.in_channels;
+        for (int64_t gi = 0; gi < g.groups; ++gi) {
+          const scalar_t* part = pp + (b * g.groups + gi) * K;
+          for (int64_t ci = 0; ci < cin_g; ++ci) {
+            scalar_t sum = 0;
+            for (int64_t t = 0; t < taps; ++t) sum += part[ci * taps + t] * (r.tap ? r.tap[t] : 1);
+            d_in[gi * cin_g + ci] = sum;
+          }
+        }
+      }
+      if (acc.tap.defined()) {
+        scalar_t* d_tap = acc.tap.mutable_data_ptr<scalar_t>() + (b0 + b) * taps;
+        for (int64_t t = 0; t < taps; ++t) d_tap[t] = 0;
+        for (int64_t gi = 0; gi < g.groups; ++gi) {
+          const scalar_t* part = pp + (b * g.groups + gi) * K;
+          for (int64_t ci = 0; ci < cin_g; ++ci) {
+            const scalar_t in = r.in ? r.in[gi * cin_g + ci] : scalar_t(1);
+            for (int64_t t = 0; t < taps; ++t) d_tap[t] += part[ci * taps + t] * in;
+          }
+        }
+      }
+    }
+  });
 }
 
 }  // namespace condconv

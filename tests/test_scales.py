@@ -216,3 +216,40 @@ def test_scales_shape_the_flop_count():
     case = CASES_BY_NAME["k3"]
     kernel_numel = case.cout * case.cin * case.kernel[0] * case.kernel[1]
     assert counts[1] - counts[0] == 2 * len(_args.SCALE_NAMES) * case.B * kernel_numel
+
+
+@pytest.mark.skipif("cpu" not in cc.available_backends("cpu"), reason="C++ extension not built")
+@pytest.mark.parametrize("cin,cout,kernel,groups", [(1152, 1024, 1, 1), (384, 768, 3, 2)],
+                         ids=["pw", "k3_g2"])
+def test_cpu_batch_in_several_chunks(cin, cout, kernel, groups):
+    """Kernels large enough that the CPU backend mixes, scales and folds a few examples at a
+    time: each chunk's rows of the scales (and of their gradients) are its own."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)  # the chunk is max(threads, what fits 16 MB): 2 examples here
+    try:
+        g = torch.Generator().manual_seed(9)
+        B, E = 5, 2
+        x = torch.randn(B, cin, 5, 6, generator=g, dtype=torch.float64)
+        routing = torch.rand(B, E, generator=g, dtype=torch.float64)
+        weight = torch.randn(E, cout, cin // groups, kernel, kernel, generator=g,
+                             dtype=torch.float64) / (cin * kernel)
+        scales = [torch.rand(shape, generator=g, dtype=torch.float64) + 0.5
+                  for shape in ((B, cin), (B, cout), (B, kernel, kernel))]
+        leaves = [t.requires_grad_() for t in [x, routing, weight] + scales]
+        conv = ((1, 1), (kernel // 2,) * 4, (1, 1), groups)
+        out = cc.condconv2d(*leaves[:3], None, *conv[:1], kernel // 2, 1, groups,
+                            in_scale=leaves[3], out_scale=leaves[4], tap_scale=leaves[5],
+                            backend="cpu")
+        grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    finally:
+        torch.set_num_threads(was)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref = reference.condconv2d_loop(*ref_leaves[:3], None, *conv, in_scale=ref_leaves[3],
+                                    out_scale=ref_leaves[4], tap_scale=ref_leaves[5])
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for name, got, want in zip(("x", "routing", "weight", "in_scale", "out_scale", "tap_scale"),
+                               grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, n=name: f"{n}: {m}")
