@@ -105,6 +105,14 @@ class FusedConv2d(nn.Module):
                           self.groups, in_scale=in_scale, out_scale=out_scale,
                           tap_scale=tap_scale, backend=self.backend)
 
+    #: Which per-example scales the layer gives the op: (in_scale, out_scale, tap_scale).
+    scales = (False, False, False)
+
+    def mix_madds(self) -> int:
+        """Multiply-adds per example of making the layer's kernel: the expert mix and one
+        multiply per kernel element for each scale (the op's FLOP formula)."""
+        return (self.num_experts + sum(self.scales)) * math.prod(self.weight_shape)
+
     def _conv_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
@@ -273,6 +281,10 @@ class DynamicConv2d(FusedConv2d):
             nn.init.kaiming_uniform_(self.weight.data[k])
 
     @property
+    def num_experts(self) -> int:
+        return self.K
+
+    @property
     def temperature(self) -> float:
         return self.attention.temperature
 
@@ -364,9 +376,15 @@ class ODConv2d(FusedConv2d):
         self.kernel_num = kernel_num
         self.attention = ODConvAttention(in_planes, out_planes, self.kernel_size, groups,
                                          reduction, kernel_num)
+        self.scales = (True, self.attention.filter_fc is not None,
+                       self.attention.spatial_fc is not None)
         self.weight = nn.Parameter(torch.empty((kernel_num,) + self.weight_shape))
         for e in range(kernel_num):
             nn.init.kaiming_normal_(self.weight.data[e], mode="fan_out", nonlinearity="relu")
+
+    @property
+    def num_experts(self) -> int:
+        return self.kernel_num
 
     @property
     def temperature(self) -> float:

@@ -78,13 +78,13 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::
 // The scales against the geometry check_inputs returned: shapes, dtypes (x's or float32) and
 // devices, each error naming the argument.
 void check_scales(const at::Tensor& x, const Geometry& g, const ScaleArgs& scales);
-// check_inputs, then grad_out (the output's shape, x's dtype and device) and output_mask (no
-// grad_bias without a bias).
+// check_inputs and check_scales, then grad_out (the output's shape, x's dtype and device) and
+// output_mask (no grad_bias without a bias).
 Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
                                const at::Tensor& routing, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                               std::array<bool, 4> output_mask);
+                               std::array<bool, 4> output_mask, const ScaleArgs& scales);
 
 // The operators, callable from C++ (they go through the dispatcher).
 at::Tensor condconv2d(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,

@@ -173,8 +173,9 @@ Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
                                const at::Tensor& routing, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                               std::array<bool, 4> output_mask) {
+                               std::array<bool, 4> output_mask, const ScaleArgs& scales) {
   const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
+  check_scales(x, g, scales);
   const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape),
                     "condconv2d_backward: argument 'grad_out' must have the output shape ",
@@ -193,12 +194,6 @@ Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
 
 namespace {
 
-ScaleArgs scale_args(const c10::optional<at::Tensor>& in_scale,
-                     const c10::optional<at::Tensor>& out_scale,
-                     const c10::optional<at::Tensor>& tap_scale) {
-  return ScaleArgs{in_scale, out_scale, tap_scale};
-}
-
 // native_forward for one device's kernels: checks, the empty cases, then the kernel.
 template <ForwardKernel* kernel>
 at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
@@ -208,7 +203,7 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& routing, const at
                         const c10::optional<at::Tensor>& out_scale,
                         const c10::optional<at::Tensor>& tap_scale) {
   const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
-  const ScaleArgs scales = scale_args(in_scale, out_scale, tap_scale);
+  const ScaleArgs scales{in_scale, out_scale, tap_scale};
   check_scales(x, g, scales);
   // The kernels are the derivative formulas themselves: nothing below records autograd history.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -232,10 +227,9 @@ BackwardResult backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                              const c10::optional<at::Tensor>& in_scale,
                              const c10::optional<at::Tensor>& out_scale,
                              const c10::optional<at::Tensor>& tap_scale) {
+  const ScaleArgs scales{in_scale, out_scale, tap_scale};
   const Geometry g = check_backward_inputs(grad_out, x, routing, weight, bias, stride, padding,
-                                           dilation, groups, output_mask);
-  const ScaleArgs scales = scale_args(in_scale, out_scale, tap_scale);
-  check_scales(x, g, scales);
+                                           dilation, groups, output_mask, scales);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
@@ -307,7 +301,7 @@ std::vector<int64_t> check_inputs_op(const at::Tensor& x, const at::Tensor& rout
                                      const c10::optional<at::Tensor>& out_scale,
                                      const c10::optional<at::Tensor>& tap_scale) {
   const Geometry g = check_inputs(x, routing, weight, bias, stride, padding, dilation, groups);
-  check_scales(x, g, scale_args(in_scale, out_scale, tap_scale));
+  check_scales(x, g, ScaleArgs{in_scale, out_scale, tap_scale});
   return {g.batch, g.out_channels, g.out_h, g.out_w};
 }
 
@@ -319,9 +313,8 @@ void check_backward_inputs_op(const at::Tensor& grad_out, const at::Tensor& x,
                               const c10::optional<at::Tensor>& in_scale,
                               const c10::optional<at::Tensor>& out_scale,
                               const c10::optional<at::Tensor>& tap_scale) {
-  const Geometry g = check_backward_inputs(grad_out, x, routing, weight, bias, stride, padding,
-                                           dilation, groups, output_mask);
-  check_scales(x, g, scale_args(in_scale, out_scale, tap_scale));
+  check_backward_inputs(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
+                        output_mask, {in_scale, out_scale, tap_scale});
 }
 
 // Test-only: the CPU paths a call takes, and all their names (csrc/cpu/paths.h).

@@ -41,7 +41,9 @@ def test_every_model_has_its_preprocessing():
     for name in list_models():
         cfg = create_model(name, num_classes=10).pretrained_cfg
         assert cfg["input_size"][0] == 3 and 0.8 < cfg["crop_pct"] <= 1.0
-        assert cfg["interpolation"] == "bicubic" and len(cfg["mean"]) == 3
+        # timm's EfficientNets resize bicubically, torchvision's ResNet / MobileNetV2 bilinearly.
+        want = "bilinear" if name.startswith(("resnet", "mobilenet")) else "bicubic"
+        assert cfg["interpolation"] == want and len(cfg["mean"]) == 3
     assert create_model("tf_efficientnet_cc_b1_8e").pretrained_cfg["input_size"] == (3, 240, 240)
     assert create_model("tf_efficientnet_b7").pretrained_cfg["input_size"] == (3, 600, 600)
 

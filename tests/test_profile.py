@@ -207,3 +207,50 @@ def test_model_variants_under_autocast_and_channels_last():
     with Record():
         fns["fused:cpu"]()
     assert len(seen) == 24 and all(s == (torch.bfloat16, True) for s in seen), seen[:3]
+
+
+@pytest.mark.parametrize("name,fused_layers", [("resnet18-odconv2", 16),
+                                               ("mobilenetv2-dynamic2", None)])
+def test_cli_on_a_converted_model(name, fused_layers, tmp_path, capfd):
+    """condconv-profile on the in-package ResNet-18 / MobileNetV2 conversions: parameters and
+    multiply-adds against the static network, whole-model and (ResNet-18's 16 ODConv layers,
+    timed with their scales) per-layer latency."""
+    out = tmp_path / "prof"
+    # Per layer forward only, whole-model forward + backward (a minute's work otherwise).
+    code = profile_main(["--model", name, "--batch", "2", "--input-size", "32",
+                         "--min-run-time", "0.01", "--out", str(out)]
+                        + (["--layers"] if fused_layers else ["--backward"]))
+    assert code == 0
+    printed, _ = capfd.readouterr()
+    assert "fused:cpu / unfused" in printed
+    result = json.loads((out / "results.json").read_text())
+    assert result["params"] > result["static_params"] > 0
+    assert result["madds"] > result["static_madds"] > 0
+    assert {r["variant"] for r in result["model_latency"]} >= {"static", "unfused", "fused:cpu"}
+    if fused_layers:
+        assert len({r["layer"] for r in result["layer_latency"]}) == fused_layers
+        assert {r["variant"] for r in result["layer_latency"]} >= {"static", "unfused",
+                                                                    "fused:cpu"}
+        assert all(r["median_ms"] > 0 for r in result["layer_latency"])
+
+
+def test_converted_models_are_the_published_networks():
+    """ResNet-18 and MobileNetV2 built here have the published parameter counts (11,689,512 and
+    3,504,872), and the conversions replace the papers' layers."""
+    from condconv_kernels.models import create_model
+    from condconv_kernels.nn import DynamicConv2d, ODConv2d
+    assert count_params(create_model("resnet18-odconv4", condconv=False)) == 11_689_512
+    assert count_params(create_model("mobilenetv2-odconv4", condconv=False)) == 3_504_872
+    od = create_model("resnet18-odconv4")
+    assert sum(isinstance(m, ODConv2d) for m in od.modules()) == 16
+    assert type(od.conv1) is torch.nn.Conv2d
+    assert type(od.layer2[0].downsample[0]) is torch.nn.Conv2d
+    dy = create_model("mobilenetv2-dynamic8")
+    assert all(m.K == 8 for m in dy.modules() if isinstance(m, DynamicConv2d))
+    assert sum(isinstance(m, DynamicConv2d) for m in dy.modules()) == 50  # 1 x 2 + 16 x 3
+    assert type(dy.features[0][0]) is torch.nn.Conv2d
+    assert type(dy.features[18][0]) is torch.nn.Conv2d
+    x = torch.randn(2, 3, 32, 32)
+    assert od.eval()(x).shape == dy.eval()(x).shape == (2, 1000)
+    with pytest.raises(ValueError, match="pretrained"):
+        create_model("resnet18-odconv4", pretrained=True)

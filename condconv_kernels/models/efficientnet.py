@@ -73,7 +73,10 @@ MODELS = _registry()
 
 
 def list_models() -> List[str]:
-    return sorted(MODELS)
+    """The EfficientNet(-CondConv) models, then the converted ResNet-18 / MobileNetV2 ones
+    (:mod:`condconv_kernels.models.converted`)."""
+    from .converted import converted_models
+    return sorted(MODELS) + converted_models()
 
 
 class EfficientNet(nn.Module):
@@ -158,7 +161,8 @@ def create_model(name: str, pretrained_path: Optional[str] = None, num_classes: 
                  drop_rate: Optional[float] = None, drop_path_rate: float = 0.0,
                  backend: str = "auto", condconv: bool = True, pretrained: bool = False,
                  **kwargs) -> EfficientNet:
-    """A model by name (``list_models()``), optionally loading a checkpoint (a timm ``.pth`` or
+    """A model by name (``list_models()``; ``<resnet18|mobilenetv2>-<kind><experts>`` for the
+    converted networks of :mod:`~condconv_kernels.models.converted`), optionally loading a checkpoint (a timm ``.pth`` or
     ``.safetensors`` state dict loads unchanged). ``model.pretrained_cfg`` holds its input size,
     crop fraction, interpolation and mean/std. ``condconv=False`` builds the same architecture
     with static convolutions in place of the CondConv layers (the baseline of a CondConv model).
@@ -167,6 +171,12 @@ def create_model(name: str, pretrained_path: Optional[str] = None, num_classes: 
     (:func:`~condconv_kernels.models.pretrained.pretrained_models`): downloaded once into the
     torch hub cache, hash-checked, loaded strictly (see
     :func:`~condconv_kernels.models.pretrained.download_weights` for working offline)."""
+    from .converted import create_converted, is_converted_name
+    if is_converted_name(name):
+        if pretrained or pretrained_path is not None:
+            raise ValueError(f"create_model: argument 'pretrained': {name} has no released "
+                             f"weights")
+        return create_converted(name, num_classes, condconv, backend)
     if name not in MODELS:
         raise ValueError(f"create_model: unknown model name {name!r}; known models: "
                          f"{', '.join(list_models())}")

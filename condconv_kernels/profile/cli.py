@@ -6,7 +6,10 @@ measures it.
 
 Prints parameters and multiply-adds (the CondConv model and the same model without experts),
 then median latencies of the whole model and, with --layers, of each CondConv layer at its real
-shape: fused (each available backend), unfused (timm's grouped convolution) and static, with the
+shape. The models are the EfficientNet-CondConv family and the converted ResNet-18 / MobileNetV2
+(``resnet18-odconv4``, ``mobilenetv2-dynamic4``, ...: ``<architecture>-<kind><experts>``, kind
+condconv, dynamic or odconv; ODConv's layers are timed with their per-example scales). Each is
+measured fused (each available backend), unfused (timm's grouped convolution) and static, with the
 ratios fused/unfused and fused/static measured in the same run. --out DIR writes results.json,
 results.csv and PNG plots (latency vs batch; per-layer bars).
 """
@@ -267,6 +270,7 @@ def _plots(result, out_dir) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..cli import add_timing_arguments, parser
     from ..models import list_models
+    from ..models.converted import is_converted_name
     p = parser(__doc__, prog="condconv-profile")
     p.add_argument("--model", default="tf_efficientnet_cc_b0_8e",
                    help=f"The model to profile, one of: {', '.join(list_models())}.")
@@ -290,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError
     except ValueError:
         p.error(f"--batch must be comma-separated positive integers, got {args.batch!r}")
-    if args.model not in list_models():
+    if args.model not in list_models() and not is_converted_name(args.model):
         p.error(f"--model: unknown model name {args.model!r}")
     result = run(args.model, batches, device, args.dtype, args.layers, args.backward,
                  args.min_run_time, args.input_size)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
-from ..nn import CondConv2d
+from ..nn import FusedConv2d
 from .layers import LayerShape
 from .timing import Measurement, time_callable
 
@@ -46,7 +46,8 @@ def fused_backends(device: str) -> List[str]:
 
 
 def model_layer_shapes(model: nn.Module, input_size) -> List[LayerShape]:
-    """The CondConv layers of a model at the shapes a batch-1 forward pass gives them."""
+    """The layers on the fused op (CondConv2d, DynamicConv2d, ODConv2d) of a model at the
+    shapes a batch-1 forward pass gives them."""
     size = (input_size,) * 2 if isinstance(input_size, int) else tuple(input_size)[-2:]
     shapes: List[LayerShape] = []
     hooks = []
@@ -66,11 +67,12 @@ def model_layer_shapes(model: nn.Module, input_size) -> List[LayerShape]:
                 pad4 = (p[0], p[0], p[1], p[1])
             shapes.append(LayerShape(name, module.in_channels, module.out_channels, x.shape[-2],
                                      x.shape[-1], module.kernel_size[0], module.stride[0],
-                                     module.groups, module.num_experts, pad4))
+                                     module.groups, module.num_experts, pad4,
+                                     tuple(module.scales)))
         return fn
 
     for name, m in model.named_modules():
-        if isinstance(m, CondConv2d):
+        if isinstance(m, FusedConv2d):
             hooks.append(m.register_forward_hook(hook(name)))
     param = next(model.parameters())
     try:
@@ -131,7 +133,13 @@ def layer_variants(layer: LayerShape, batch: int, device: str, dtype: torch.dtyp
         routing = routing.to(device, torch.float32 if dtype != torch.float64 else dtype)
         routing.requires_grad_(backward)
         static_w = weight[0].detach().clone().requires_grad_(backward)
-        sets.append((x, routing, weight, static_w))
+        # ODConv's attentions as scales (around 0.5, as sigmoids are), in the routing's dtype.
+        scales = tuple(
+            (torch.rand(shape, generator=g) * 0.5 + 0.25).to(device, routing.dtype)
+            .requires_grad_(backward) if given else None
+            for shape, given in zip(((batch, layer.cin), (batch, layer.cout),
+                                     (batch, layer.kernel, layer.kernel)), layer.scales))
+        sets.append((x, routing, weight, static_w, scales))
     pad = layer.padding
     symmetric = pad[0] == pad[1] and pad[2] == pad[3]
 
@@ -139,16 +147,17 @@ def layer_variants(layer: LayerShape, batch: int, device: str, dtype: torch.dtyp
         turn = itertools.cycle(sets)
         return lambda: body(*next(turn))
 
-    def static(x, routing, weight, static_w):  # as nn.Conv2d / timm's Conv2dSame: F.pad only
-        if symmetric:                           # for asymmetric padding
+    def static(x, routing, weight, static_w, scales):  # as nn.Conv2d / timm's Conv2dSame: F.pad
+        if symmetric:                                   # only for asymmetric padding
             return F.conv2d(x, static_w, None, layer.stride, (pad[0], pad[2]), 1, layer.groups)
         xp = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
         return F.conv2d(xp, static_w, None, layer.stride, 0, 1, layer.groups)
 
     def op(name):
-        return lambda x, routing, weight, static_w: condconv2d(
-            x, routing, weight, None, layer.stride, pad, 1, layer.groups, backend=name)
-    leaves = [t for s in sets for t in s]
+        return lambda x, routing, weight, static_w, scales: condconv2d(
+            x, routing, weight, None, layer.stride, pad, 1, layer.groups, in_scale=scales[0],
+            out_scale=scales[1], tap_scale=scales[2], backend=name)
+    leaves = [t for s in sets for t in s[:4] + s[4] if t is not None]
     variants = {"static": _step(rotating(static), backward, leaves),
                 "unfused": _step(rotating(op("reference")), backward, leaves)}
     for name in fused_backends(device):
@@ -158,7 +167,7 @@ def layer_variants(layer: LayerShape, batch: int, device: str, dtype: torch.dtyp
 
 def _set_backend(model: nn.Module, name: str) -> nn.Module:
     for m in model.modules():
-        if isinstance(m, CondConv2d):
+        if isinstance(m, FusedConv2d):
             m.backend = name
     return model
 

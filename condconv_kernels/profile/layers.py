@@ -26,6 +26,7 @@ class LayerShape:
     groups: int
     experts: int
     padding: Tuple[int, int, int, int]   # TF "same": (top, bottom, left, right)
+    scales: Tuple[bool, bool, bool] = (False, False, False)  # in, out, tap (ODConv's)
 
     @property
     def out_hw(self) -> Tuple[int, int]:

@@ -21,7 +21,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..nn import CondConv2d
+from ..nn import FusedConv2d
 
 __all__ = ["LayerCount", "count_madds", "count_params", "madds_breakdown", "flop_counter_part"]
 
@@ -61,8 +61,8 @@ def madds_breakdown(model: nn.Module, input_size: Union[int, Sequence[int]]) -> 
         def fn(module, inputs, output):
             shape = tuple(inputs[0].shape)
             own = sum(p.numel() for p in module.parameters(recurse=False))
-            if isinstance(module, CondConv2d):
-                mix = module.num_experts * math.prod(module.weight_shape)
+            if isinstance(module, FusedConv2d):
+                mix = module.mix_madds()
                 counts.append(LayerCount(name, "condconv", _conv_madds(module, output.shape) + mix,
                                          mix, own, shape))
             elif isinstance(module, nn.Conv2d):
@@ -76,7 +76,7 @@ def madds_breakdown(model: nn.Module, input_size: Union[int, Sequence[int]]) -> 
         return fn
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, CondConv2d, nn.Linear, SqueezeExcite)):
+        if isinstance(module, (nn.Conv2d, FusedConv2d, nn.Linear, SqueezeExcite)):
             hooks.append(module.register_forward_hook(hook(name)))
     param = next(model.parameters())
     was_training = model.training
