@@ -7,7 +7,8 @@
 #   make test-asan the C++ kernels built with AddressSanitizer and UndefinedBehaviorSanitizer
 #                  (CONDCONV_SANITIZE=address,undefined; -O1 -g; any report aborts), apart from the
 #                  normal build: the extension in build/asan (rebuilt when csrc/ changes) under
-#                  tests/test_{op,reference,registration,fuzz}.py (ASAN_PYTESTS), and the C++
+#                  tests/test_{op,reference,registration,fuzz}.py and the scales' float64 matrix
+#                  and batch chunks in tests/test_scales.py (ASAN_PYTESTS), and the C++
 #                  tests condconv_vs_conv2d and cuda_views_vs_conv2d, built in build/cmake-asan.
 #                  The two emulated-CUDA tests (minutes to build and to run sanitized) are left out
 #                  unless asked for: make test-asan ASAN_CTEST_TARGETS=all ASAN_CTEST_REGEX=.
@@ -36,7 +37,8 @@ ASAN := $(BUILD)/asan
 ASAN_STAMP := $(ASAN)/.built
 ASAN_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*)
 ASAN_PYTESTS ?= tests/test_op.py tests/test_reference.py tests/test_registration.py \
-	tests/test_fuzz.py
+	tests/test_fuzz.py tests/test_scales.py::test_float64_all_scales \
+	tests/test_scales.py::test_cpu_batch_in_several_chunks
 ASAN_CTEST_TARGETS ?= test_condconv test_cuda_views
 ASAN_CTEST_REGEX ?= condconv_vs_conv2d|cuda_views_vs_conv2d
 # Python and torch are not instrumented, so the sanitizer runtime must be loaded before them.
