@@ -52,7 +52,7 @@ class Scales(NamedTuple):
                 factor = f if factor is None else factor * f
         B = factor.shape[0]
         _, cout, cin_g, kh, kw = weight_shape
-        return factor.expand(B, groups, cout // groups, cin_g, kh * kw).reshape(B, -1)
+        return factor.expand(B, groups, cout // groups, cin_g, kh * kw).flatten(1)
 
     def scale_bias(self, bias_mix: torch.Tensor) -> torch.Tensor:
         """The mixed biases (B, Cout) times out_scale."""
@@ -75,7 +75,7 @@ def scale_grads_from_kernels(G: torch.Tensor, M: torch.Tensor, scales: Scales, w
             if f is not None:
                 p = p * f
         return p
-    return (None if i is None else times(o, t).sum((2, 4)).reshape(B, -1),
+    return (None if i is None else times(o, t).sum((2, 4)).flatten(1),
             None if o is None else times(i, t).sum((3, 4)).reshape(B, cout),
             None if t is None else times(o, i).sum((1, 2, 3)))
 

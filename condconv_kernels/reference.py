@@ -142,10 +142,12 @@ def condconv2d_loop(x, routing, weight, bias=None, stride=(1, 1), padding=(0, 0,
 
 def _mixed(routing, weight, bias, groups, scales: Scales):
     """(B, |W|) kernels and (B, Cout) biases (or None) of the examples, scaled."""
-    kernels = mix(routing, weight).reshape(routing.shape[0], -1)
-    factor = scales.kernel_factor(weight.shape, groups, kernels.dtype)
+    kernels = mix(routing, weight).flatten(1)
+    # The scales multiplied in float32 (float64 for float64), rounded once, as the kernels do.
+    acc = torch.float64 if kernels.dtype == torch.float64 else torch.float32
+    factor = scales.kernel_factor(weight.shape, groups, acc)
     if factor is not None:
-        kernels = kernels * factor
+        kernels = (kernels.to(acc) * factor).to(kernels.dtype)
     biases = scales.scale_bias(mix(routing, bias)) if bias is not None else None
     return kernels, biases
 

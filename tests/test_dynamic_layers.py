@@ -121,8 +121,8 @@ def test_layer_matches_the_loop(name, dtype):
     want_grads = torch.autograd.grad(want, [xt] + params, grad_out)
     rtol = 1e-11 if dtype == torch.float64 else 2e-5
     for backend in backends:
-        if backend == "triton" and dtype == torch.float64:
-            continue  # the interpreter's dot is float32
+        if backend == "triton" and (dtype == torch.float64 or name != "dynamic_k3"):
+            continue  # the interpreter's dot is float32; one layer (test_triton has the op)
         layer.backend = backend
         xb = x.clone().requires_grad_(True)
         got = layer(xb)
@@ -217,7 +217,9 @@ def test_decomposed_matches_the_fused_layer():
         with decomposed(layer):
             assert layer.decompose
             plain = layer(x)
+            empty = layer(x[:0])  # an empty batch, as the fused op takes it
         torch.testing.assert_close(plain, fused, rtol=1e-5, atol=1e-5)
+        assert empty.shape == (0,) + fused.shape[1:] and layer(x[:0]).shape == empty.shape
 
 
 def test_onnx_export_keeps_the_dynamic_batch(tmp_path):
