@@ -17,6 +17,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 namespace condconv {
 
 struct Scales {
@@ -44,6 +46,16 @@ struct Scales {
       return t.defined() ? t.const_data_ptr<acc_t>() + b * t.size(1) : nullptr;
     };
     return {row(out), row(in), row(tap)};
+  }
+
+  // in[b, group gi's ci] * tap[b, t] at k = ci * taps + t (Cin/g x taps), into it.
+  template <typename acc_t>
+  void in_times_tap(const Rows<acc_t>& r, int64_t gi, const Geometry& g, acc_t* it) const {
+    const int64_t taps = g.kernel_h * g.kernel_w, cin_g = g.in_per_group();
+    for (int64_t ci = 0; ci < cin_g; ++ci) {
+      const acc_t in = r.in ? r.in[gi * cin_g + ci] : acc_t(1);
+      for (int64_t t = 0; t < taps; ++t) it[ci * taps + t] = in * (r.tap ? r.tap[t] : acc_t(1));
+    }
   }
 
   // The mixed biases (B, Cout) times out, in place.
@@ -80,6 +92,53 @@ void for_each_group(int64_t n, const Geometry& g, const F& f) {
   });
 }
 
+// Each kernel row (b, co) of w (n, |W|) times out[co] * in[ci] * tap[t].
+template <typename T>
+void scale_kernels(T* w, const Scales& scales, int64_t b0, int64_t n, const Geometry& g) {
+  const int64_t K = g.k(), cout_g = g.out_per_group();
+  for_each_group(n, g, [&](int64_t b, int64_t gi) {
+    const auto s = scales.rows<T>(b0 + b);
+    std::vector<T> it(K);  // in x tap of the group: one contiguous loop per row
+    scales.in_times_tap(s, gi, g, it.data());
+    for (int64_t c = 0; c < cout_g; ++c) {
+      const int64_t co = gi * cout_g + c;
+      T* row = w + (b * g.out_channels + co) * K;
+      const T o = s.out ? s.out[co] : T(1);
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) row[k] *= o * it[k];
+    }
+  });
+}
+
+// fold_scales' pass over the rows: G = s_b * G; d_out[b, co] = sum_k Q * in * tap (or nothing
+// where d_out is null); part[b, gi, k] = sum over the group's rows of Q * out.
+template <typename T>
+void fold_kernel_rows(T* gp, const T* mp, T* pp, T* d_out, const Scales& scales, int64_t b0,
+                      int64_t n, const Geometry& g) {
+  const int64_t K = g.k(), cout_g = g.out_per_group();
+  for_each_group(n, g, [&](int64_t b, int64_t gi) {
+    const auto r = scales.rows<T>(b0 + b);
+    T* part = pp + (b * g.groups + gi) * K;
+    std::vector<T> it(K);
+    scales.in_times_tap(r, gi, g, it.data());
+    for (int64_t c = 0; c < cout_g; ++c) {
+      const int64_t co = gi * cout_g + c;
+      T* gr = gp + (b * g.out_channels + co) * K;
+      const T* mr = mp + (b * g.out_channels + co) * K;
+      const T o = r.out ? r.out[co] : T(1);
+      T d_o = 0;
+#pragma omp simd reduction(+ : d_o)
+      for (int64_t k = 0; k < K; ++k) {
+        const T q = gr[k] * mr[k];
+        d_o += q * it[k];
+        part[k] += q * o;
+        gr[k] *= o * it[k];
+      }
+      if (d_out) d_out[(b0 + b) * g.out_channels + co] = d_o;
+    }
+  });
+}
+
 }  // namespace detail
 
 // W_b of examples [b0, b0 + n) into out (n, |W|): the mix of the experts (routing (B, E) and
@@ -88,27 +147,8 @@ inline void mix_kernels(at::Tensor& out, const at::Tensor& routing, const at::Te
                         const Scales& scales, int64_t b0, int64_t n, const Geometry& g) {
   at::mm_out(out, routing.narrow(0, b0, n), weight);
   if (!scales.any()) return;
-  const int64_t taps = g.kernel_h * g.kernel_w, cin_g = g.in_per_group();
-  const int64_t cout_g = g.out_per_group(), K = cin_g * taps;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "condconv_scale_kernels", [&] {
-    scalar_t* w = out.mutable_data_ptr<scalar_t>();
-    detail::for_each_group(n, g, [&](int64_t b, int64_t gi) {
-      const auto s = scales.rows<scalar_t>(b0 + b);
-      for (int64_t c = 0; c < cout_g; ++c) {
-        const int64_t co = gi * cout_g + c;
-        scalar_t* row = w + (b * g.out_channels + co) * K;
-        const scalar_t o = s.out ? s.out[co] : scalar_t(1);
-        for (int64_t ci = 0; ci < cin_g; ++ci) {
-          const scalar_t f = o * (s.in ? s.in[gi * cin_g + ci] : scalar_t(1));
-          scalar_t* r = row + ci * taps;
-          if (s.tap) {
-            for (int64_t t = 0; t < taps; ++t) r[t] *= f * s.tap[t];
-          } else {
-            for (int64_t t = 0; t < taps; ++t) r[t] *= f;
-          }
-        }
-      }
-    });
+    detail::scale_kernels<scalar_t>(out.mutable_data_ptr<scalar_t>(), scales, b0, n, g);
   });
 }
 
@@ -122,7 +162,7 @@ inline void fold_scales(at::Tensor& G, const at::Tensor& M, int64_t b0, const Sc
                         const Geometry& g, ScaleGrads& acc) {
   TORCH_INTERNAL_ASSERT(G.is_contiguous() && M.is_contiguous());
   const int64_t n = G.size(0), taps = g.kernel_h * g.kernel_w, cin_g = g.in_per_group();
-  const int64_t cout_g = g.out_per_group(), K = cin_g * taps;
+  const int64_t K = cin_g * taps;
   // Per (example, group): sum over the group's output channels of Q * out (Cin/g x taps).
   at::Tensor P = at::zeros({n, g.groups, K}, G.options());
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "condconv_fold_scales", [&] {
@@ -130,28 +170,7 @@ inline void fold_scales(at::Tensor& G, const at::Tensor& M, int64_t b0, const Sc
     const scalar_t* mp = M.const_data_ptr<scalar_t>();
     scalar_t* pp = P.mutable_data_ptr<scalar_t>();
     scalar_t* d_out = acc.out.defined() ? acc.out.mutable_data_ptr<scalar_t>() : nullptr;
-    detail::for_each_group(n, g, [&](int64_t b, int64_t gi) {
-      const auto r = s.rows<scalar_t>(b0 + b);
-      scalar_t* part = pp + (b * g.groups + gi) * K;
-      for (int64_t c = 0; c < cout_g; ++c) {
-        const int64_t co = gi * cout_g + c;
-        const int64_t base = (b * g.out_channels + co) * K;
-        const scalar_t o = r.out ? r.out[co] : scalar_t(1);
-        scalar_t d_o = 0;
-        for (int64_t ci = 0; ci < cin_g; ++ci) {
-          const scalar_t in = r.in ? r.in[gi * cin_g + ci] : scalar_t(1);
-          for (int64_t t = 0; t < taps; ++t) {
-            const int64_t k = ci * taps + t;
-            const scalar_t tap = r.tap ? r.tap[t] : scalar_t(1);
-            const scalar_t q = gp[base + k] * mp[base + k];
-            d_o += q * in * tap;
-            part[k] += q * o;
-            gp[base + k] *= o * in * tap;
-          }
-        }
-        if (d_out) d_out[(b0 + b) * g.out_channels + co] = d_o;
-      }
-    });
+    detail::fold_kernel_rows<scalar_t>(gp, mp, pp, d_out, s, b0, n, g);
     // grad_in[b, ci] = sum_t part * tap; grad_tap[b, t] = sum_{groups, ci} part * in.
     for (int64_t b = 0; b < n; ++b) {
       const auto r = s.rows<scalar_t>(b0 + b);
