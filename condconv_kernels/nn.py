@@ -95,7 +95,9 @@ class FusedConv2d(nn.Module):
                 x, routing, weight, bias, self.stride, self.padding, self.dilation, self.groups,
                 scales)
             tensors = (x, routing, weight, bias) + scales
-            if autocast:  # checked as the fused op checks them: after the autocast rule
+            # Checked as the fused op checks them, after the autocast rule; computed from the
+            # tensors as given (under autocast, PyTorch's matmuls cast them themselves).
+            if autocast:
                 tensors = autocast_inputs(*tensors)
             _args.check_tensors(*tensors[:4], stride, pad, dilation, self.groups, *tensors[4:])
             return reference.condconv2d_unfold(x, routing, weight, bias, stride, pad, dilation,

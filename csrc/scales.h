@@ -1,12 +1,14 @@
-// The per-example scales of the dynamic-convolution family on every device (ATen operations and
-// plain loops only). With s_b[co, ci, t] = out[b, co] * in[b, group(co) * Cin/g + ci] * tap[b, t]
+// The per-example scales of the dynamic-convolution family in the CPU kernels and the backward
+// epilogue (host loops over host memory and ATen operations; the cuda backend does not take
+// scales yet). With s_b[co, ci, t] = out[b, co] * in[b, group(co) * Cin/g + ci] * tap[b, t]
 // over the kernel's (Cout, Cin/g, taps):
 //   W_b = s_b * M_b, M_b = sum_e routing[b, e] W[e]    bias_b = out[b] * sum_e routing[b, e] bias[e]
 // The kernels apply s_b where they mix (the convolutions themselves are unchanged), so the scales
 // cost no pass over x or the output. Backward, with G_b = dL/dW_b (what the kernels compute) and
 // Q_b = G_b * M_b:
 //   routing and weight gradients: those of the unscaled op with G_b replaced by s_b * G_b
-//   grad_out_scale[b, co] = sum_{ci, t} Q_b * in * tap + <sum_pixels grad_out[b, co], bias_b/out>
+//   grad_out_scale[b, co] = sum_{ci, t} Q_b * in * tap
+//                           + sum_pixels grad_out[b, co] * sum_e routing[b, e] bias[e, co]
 //   grad_in_scale[b, ci]  = sum_{co in ci's group, t} Q_b * out * tap
 //   grad_tap_scale[b, t]  = sum_{co, ci} Q_b * out * in
 #pragma once
