@@ -8,7 +8,8 @@
 | ``reference`` | anywhere                                 | plain PyTorch (:mod:`.reference`)    |
 
 ``auto`` (the default; the environment variable ``CONDCONV_BACKEND`` overrides it) picks, on
-CUDA: triton, else cuda, else reference; on CPU: cpu, else reference. An explicitly named
+CUDA: triton, else cuda, else reference; on CPU: cpu, else reference; for a call with
+per-example scales the first of those that takes them (cpu or reference). An explicitly named
 backend that cannot run raises with the reason and how to get it.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 from . import _env
 
 NAMES = ("triton", "cuda", "cpu", "reference")
+# The backends that take the per-example scales (in_scale, out_scale, tap_scale).
+TAKE_SCALES = ("cpu", "reference")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 _REBUILD = "pip install -e . --no-build-isolation"
 _NO_KERNELS = {  # the loaded extension lacks the device's kernels: how to get them
@@ -85,8 +88,10 @@ def available_backends(device="cpu") -> List[str]:
     return [n for n in NAMES if why_unavailable(n, device_type) is None]
 
 
-def resolve(backend: str, device_type: str) -> str:
-    """The concrete backend for a call on ``device_type``."""
+def resolve(backend: str, device_type: str, scaled: bool = False) -> str:
+    """The concrete backend for a call on ``device_type``; ``scaled``: the call has per-example
+    scales, which ``auto`` then gives to a backend that takes them (:data:`TAKE_SCALES`: on
+    CUDA the reference backend, until the fused GPU kernels take them)."""
     if not isinstance(backend, str):
         raise TypeError(f"condconv2d: argument 'backend' must be a string, "
                         f"got {type(backend).__name__}")
@@ -94,7 +99,8 @@ def resolve(backend: str, device_type: str) -> str:
         backend = _env.backend_override()
     if backend == "auto":
         for name in _AUTO_ORDER.get(device_type, ("reference",)):
-            if why_unavailable(name, device_type) is None:
+            if why_unavailable(name, device_type) is None and (not scaled or
+                                                               name in TAKE_SCALES):
                 return name
         return "reference"
     reason = why_unavailable(backend, device_type)

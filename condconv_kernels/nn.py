@@ -361,7 +361,7 @@ class ODConv2d(FusedConv2d):
         reduction: the attention's hidden width, ``max(int(in_planes * reduction), 16)``.
         kernel_num: E, the number of kernels.
         backend: passed to :func:`condconv_kernels.condconv2d` (the scales need ``cpu`` or
-            ``reference`` for now).
+            ``reference`` for now: ``auto`` picks the reference backend for CUDA tensors).
 
     Parameters, as the official ``ODConv2d``: ``weight`` (kernel_num, out_planes,
     in_planes/groups, k, k) and ``attention.{fc, bn, channel_fc, filter_fc, spatial_fc,

@@ -418,7 +418,8 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
 
     (g the group of output channel co), so ``out = out_scale * conv(x * in_scale, ...)`` without
     a pass over x or out: the kernels apply them where they mix. Supported by the ``cpu`` and
-    ``reference`` backends; ``cuda`` and ``triton`` raise NotImplementedError for them.
+    ``reference`` backends (``auto`` picks one of them for a call with scales; ``cuda`` and
+    ``triton``, named explicitly, raise NotImplementedError).
 
     Args:
         x: (B, Cin, H, W), float32/float64/float16/bfloat16, any strides (contiguous,
@@ -444,7 +445,7 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
     scales = (in_scale, out_scale, tap_scale)
     stride_hw, pad, dilation_hw, autocast = normalise_arguments(
         x, routing, weight, bias, stride, padding, dilation, groups, scales)
-    name = backends.resolve(backend, x.device.type)
+    name = backends.resolve(backend, x.device.type, any(s is not None for s in scales))
     # The two routes into a backend's kernels. Plain eager calls (plain tensors; not compiled,
     # traced or under vmap/grad transforms; no dispatch or function mode) on the kernel backends
     # skip the custom-op layer, whose dispatch and Python kernel cost tens to hundreds of

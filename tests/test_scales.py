@@ -253,3 +253,16 @@ def test_cpu_batch_in_several_chunks(cin, cout, kernel, groups):
                                grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_auto_gives_scaled_calls_to_a_backend_that_takes_them(monkeypatch):
+    """On CUDA, auto picks triton (or cuda) for plain calls and the reference backend for calls
+    with scales, which the GPU kernels do not take yet; on CPU the C++ kernels take both."""
+    from condconv_kernels import backends
+    monkeypatch.setattr(backends, "why_unavailable",
+                        lambda name, device_type: None)  # every backend "available"
+    assert backends.resolve("auto", "cuda") == "triton"
+    assert backends.resolve("auto", "cuda", scaled=True) == "reference"
+    assert backends.resolve("auto", "cpu", scaled=True) == "cpu"
+    assert backends.resolve("triton", "cuda", scaled=True) == "triton"  # named: its own error
+    assert set(backends.TAKE_SCALES) == {"cpu", "reference"}
