@@ -50,7 +50,7 @@ def layer_padding(padding, kernel_size: Tuple[int, int], stride: Tuple[int, int]
             return symmetric if static else "same"
         if mode == "valid":
             return 0
-        raise ValueError(f"CondConv2d: argument 'padding' must be '', 'same', 'valid', an int "
+        raise ValueError(f"layer_padding: argument 'padding' must be '', 'same', 'valid', an int "
                          f"or a tuple, got {padding!r}")
     return padding
 

@@ -46,21 +46,12 @@ def _native_backward(*args):
     return tuple(g if m else None for g, m in zip(grads, wanted))
 
 
-def _no_scales_on_triton(scales):
-    if any(t is not None for t in scales):
-        raise NotImplementedError("condconv2d: backend 'triton' does not support the arguments "
-                                  "'in_scale', 'out_scale' and 'tap_scale' yet; use backend "
-                                  "'reference' on CUDA tensors, or 'cpu'")
-
-
-def _triton_forward(*args):
-    _no_scales_on_triton(args[-3:])
+def _triton_forward(*args):  # no scales (backends.TAKE_SCALES): the last three are None
     from . import triton as triton_backend  # imported on first use: triton is optional
     return triton_backend.forward(*args[:-3])
 
 
 def _triton_backward(*args):
-    _no_scales_on_triton(args[-3:])
     from . import triton as triton_backend
     return triton_backend.backward(*args[:-3]) + (None, None, None)
 
@@ -81,6 +72,15 @@ def _check_backend(backend):
     if backend not in _FORWARD:
         raise ValueError(f"condconv2d: argument 'backend' must be one of {tuple(_FORWARD)}, "
                          f"got {backend!r}")
+
+
+def _check_scales_taken(backend, scales):
+    """The Python backends' half of backends.TAKE_SCALES (the C++ cuda kernels raise their own
+    NotImplementedError)."""
+    if backend not in backends.TAKE_SCALES and any(t is not None for t in scales):
+        raise NotImplementedError(f"condconv2d: backend {backend!r} does not support the "
+                                  f"arguments 'in_scale', 'out_scale' and 'tap_scale' yet; use "
+                                  f"one of {backends.TAKE_SCALES}")
 
 
 # The backends written in Python: their arguments are checked here, by the C++ check operator
@@ -104,6 +104,7 @@ def _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, b
     batch, which never reach a kernel; in C++ for the C++ kernels)."""
     if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
         _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups, *scales)
+        _check_scales_taken(backend, scales)
     if x.shape[0] == 0:
         return _empty_output(x, weight, stride, padding, dilation)
     out = _FORWARD[backend](x, routing, weight, bias, stride, padding, dilation, groups, *scales)
@@ -147,6 +148,7 @@ def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation
     if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
         _args.check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding,
                                      dilation, groups, output_mask, *scales)
+        _check_scales_taken(backend, scales)
     if x.shape[0] == 0:
         grads = (None,) * 7
     else:
