@@ -9,7 +9,8 @@
 
 ``auto`` (the default; the environment variable ``CONDCONV_BACKEND`` overrides it) picks, on
 CUDA: triton, else cuda, else reference; on CPU: cpu, else reference; for a call with
-per-example scales the first of those that takes them (cpu or reference). An explicitly named
+per-example scales the first of those that takes them (triton, cpu or reference: the cuda
+backend does not). An explicitly named
 backend that cannot run raises with the reason and how to get it.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from . import _env
 
 NAMES = ("triton", "cuda", "cpu", "reference")
 # The backends that take the per-example scales (in_scale, out_scale, tap_scale).
-TAKE_SCALES = ("cpu", "reference")
+TAKE_SCALES = ("triton", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 _REBUILD = "pip install -e . --no-build-isolation"
 _NO_KERNELS = {  # the loaded extension lacks the device's kernels: how to get them
@@ -91,7 +92,7 @@ def available_backends(device="cpu") -> List[str]:
 def resolve(backend: str, device_type: str, scaled: bool = False) -> str:
     """The concrete backend for a call on ``device_type``; ``scaled``: the call has per-example
     scales, which ``auto`` then gives to a backend that takes them (:data:`TAKE_SCALES`: on
-    CUDA the reference backend, until the fused GPU kernels take them)."""
+    CUDA, triton where it is installed, else the reference backend)."""
     if not isinstance(backend, str):
         raise TypeError(f"condconv2d: argument 'backend' must be a string, "
                         f"got {type(backend).__name__}")

@@ -46,14 +46,14 @@ def _native_backward(*args):
     return tuple(g if m else None for g, m in zip(grads, wanted))
 
 
-def _triton_forward(*args):  # no scales (backends.TAKE_SCALES): the last three are None
+def _triton_forward(*args):
     from . import triton as triton_backend  # imported on first use: triton is optional
-    return triton_backend.forward(*args[:-3])
+    return triton_backend.forward(*args)
 
 
 def _triton_backward(*args):
     from . import triton as triton_backend
-    return triton_backend.backward(*args[:-3]) + (None, None, None)
+    return triton_backend.backward(*args)
 
 
 _FORWARD = {"reference": reference.forward, "cpu": _native_forward, "cuda": _native_forward,
@@ -72,15 +72,6 @@ def _check_backend(backend):
     if backend not in _FORWARD:
         raise ValueError(f"condconv2d: argument 'backend' must be one of {tuple(_FORWARD)}, "
                          f"got {backend!r}")
-
-
-def _check_scales_taken(backend, scales):
-    """The Python backends' half of backends.TAKE_SCALES (the C++ cuda kernels raise their own
-    NotImplementedError)."""
-    if backend not in backends.TAKE_SCALES and any(t is not None for t in scales):
-        raise NotImplementedError(f"condconv2d: backend {backend!r} does not support the "
-                                  f"arguments 'in_scale', 'out_scale' and 'tap_scale' yet; use "
-                                  f"one of {backends.TAKE_SCALES}")
 
 
 # The backends written in Python: their arguments are checked here, by the C++ check operator
@@ -104,7 +95,6 @@ def _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, b
     batch, which never reach a kernel; in C++ for the C++ kernels)."""
     if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
         _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups, *scales)
-        _check_scales_taken(backend, scales)
     if x.shape[0] == 0:
         return _empty_output(x, weight, stride, padding, dilation)
     out = _FORWARD[backend](x, routing, weight, bias, stride, padding, dilation, groups, *scales)
@@ -148,7 +138,6 @@ def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation
     if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
         _args.check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding,
                                      dilation, groups, output_mask, *scales)
-        _check_scales_taken(backend, scales)
     if x.shape[0] == 0:
         grads = (None,) * 7
     else:
@@ -419,9 +408,9 @@ def condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
         bias_b = out_scale[b] * sum_e routing[b, e] bias[e]
 
     (g the group of output channel co), so ``out = out_scale * conv(x * in_scale, ...)`` without
-    a pass over x or out: the kernels apply them where they mix. Supported by the ``cpu`` and
-    ``reference`` backends (``auto`` picks one of them for a call with scales; ``cuda`` and
-    ``triton``, named explicitly, raise NotImplementedError).
+    a pass over x or out: the kernels apply them where they mix. Supported by the ``triton``,
+    ``cpu`` and ``reference`` backends (``auto`` picks one of them for a call with scales; the
+    ``cuda`` backend, named explicitly, raises NotImplementedError).
 
     Args:
         x: (B, Cin, H, W), float32/float64/float16/bfloat16, any strides (contiguous,

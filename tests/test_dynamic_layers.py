@@ -3,7 +3,7 @@
 Each layer's attentions are recomputed here from its parameters with plain PyTorch, each
 example's kernel built from them, and the example convolved alone; forward and the gradients of
 x and every parameter are compared, float64 and float32, on every backend that runs the layer
-(triton under the interpreter for DynamicConv2d, which needs no scales). Then the state dicts
+(triton under the interpreter on one layer of each). Then the state dicts
 (the official implementations' names and shapes), temperature handling, padding="same", ONNX
 export with a dynamic batch and torch.compile with one graph for several batch sizes.
 """
@@ -19,7 +19,9 @@ from condconv_kernels.nn import DynamicConv2d, ODConv2d
 from conftest import INTERPRETED
 
 CPU_BACKENDS = [b for b in ("cpu", "reference") if b in cc.available_backends("cpu")]
-DYNAMIC_BACKENDS = CPU_BACKENDS + [b for b in ("triton",) if b in INTERPRETED]
+LAYER_BACKENDS = CPU_BACKENDS + [b for b in ("triton",) if b in INTERPRETED]
+# The layers the interpreter runs (its dot is float32: float32 only).
+INTERPRETED_LAYERS = ("dynamic_k3", "odconv_k3")
 
 
 def _pad(x, layer):
@@ -112,7 +114,6 @@ def _perturbed(layer, dtype, seed):
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_layer_matches_the_loop(name, dtype):
     layer = _perturbed(LAYERS[name](), dtype, seed=1)
-    backends = DYNAMIC_BACKENDS if isinstance(layer, DynamicConv2d) else CPU_BACKENDS
     x = torch.randn(3, layer.in_channels, 9, 11, dtype=dtype)
     params = [p for p in layer.parameters()]
     xt = x.clone().requires_grad_(True)
@@ -120,9 +121,9 @@ def test_layer_matches_the_loop(name, dtype):
     grad_out = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, [xt] + params, grad_out)
     rtol = 1e-11 if dtype == torch.float64 else 2e-5
-    for backend in backends:
-        if backend == "triton" and (dtype == torch.float64 or name != "dynamic_k3"):
-            continue  # the interpreter's dot is float32; one layer (test_triton has the op)
+    for backend in LAYER_BACKENDS:
+        if backend == "triton" and (dtype == torch.float64 or name not in INTERPRETED_LAYERS):
+            continue  # test_triton and test_scales have the op
         layer.backend = backend
         xb = x.clone().requires_grad_(True)
         got = layer(xb)
@@ -132,14 +133,6 @@ def test_layer_matches_the_loop(name, dtype):
                               (got,) + grads, (want,) + want_grads):
             err = (g - w).abs().max().item()
             assert err <= tol * max(w.abs().max().item(), 1e-3), f"{backend} {what}: {err:.3g}"
-
-
-def test_odconv_on_triton_says_not_yet():
-    if "triton" not in INTERPRETED:
-        pytest.skip("needs TRITON_INTERPRET=1 and triton")
-    layer = ODConv2d(8, 8, 3, padding=1, backend="triton")
-    with pytest.raises(NotImplementedError, match="'in_scale'"):
-        layer(torch.randn(2, 8, 6, 6))
 
 
 def test_state_dicts_have_the_official_names_and_shapes():

@@ -354,3 +354,45 @@ def test_gpu_batch_past_the_grid_limit(case, backend):
     assert_close(out, truth.cpu(), same.cpu(), f"{backend} out")
     for g, t, s in zip(grads, truth_grads, same_grads):
         assert_close(g, t.cpu(), s.cpu(), f"{backend} grad")
+
+def _scaled(case, tensors, scales, grad_out, fn, device):
+    """fn (the op with a backend, or the per-example loop) with the per-example scales, and the
+    gradients of every input and scale, on ``device``."""
+    leaves = [t.detach().to(device).requires_grad_(True) if t is not None else None
+              for t in tuple(tensors) + tuple(scales)]
+    x, routing, weight, bias, in_s, out_s, tap_s = leaves
+    out = fn(x, routing, weight, bias, *conv_args(case, x), in_scale=in_s, out_scale=out_s,
+             tap_scale=tap_s)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out.to(device))
+    return out.cpu(), [g.cpu() for g in grads]
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b in ("triton", "cpu")])
+@pytest.mark.parametrize("name,dtype", [
+    ("k3_s2_asym", torch.float32), ("k1_s2_e8", torch.bfloat16), ("g2_k1", torch.float16),
+    ("dw5_s2_same_e8", torch.bfloat16), ("dw_mult2_d2_asym", torch.float32)],
+    ids=lambda v: str(v).replace("torch.", ""))
+def test_gpu_per_example_scales(name, dtype, backend):
+    """The three per-example scales (ODConv's attentions, float32 as autocast keeps them) in
+    the kernels: forward and all seven gradients against the per-example loop in float64 on the
+    CPU, within the error of the same loop run by PyTorch in ``dtype`` on the device."""
+    import test_scales
+    case = CASES_BY_NAME[name]
+    inputs = make_inputs(case, dtype, "channels_last", seed=6)
+    scales = test_scales._scales(case, test_scales.SUBSETS["all"], torch.float32, seed=7)
+    with tf32(False):
+        shape = reference.condconv2d_loop(*[t.double() if t is not None else None
+                                            for t in inputs], *conv_args(case, inputs[0])).shape
+        grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(8),
+                               dtype=torch.float64).to(dtype)
+        truth, truth_grads = _scaled(case, [t.double() if t is not None else None
+                                            for t in inputs], [s.double() for s in scales],
+                                     grad_out.double(), reference.condconv2d_loop, "cpu")
+        same, same_grads = _scaled(case, inputs, scales, grad_out, reference.condconv2d_loop,
+                                   DEVICE)
+        with poisoned_outputs():
+            out, grads = _scaled(case, inputs, scales, grad_out,
+                                 lambda *a, **k: cc.condconv2d(*a, **k, backend=backend), DEVICE)
+    assert_close(out, truth, same, f"{backend} out", factor=4.0)
+    for g, t, s in zip(grads, truth_grads, same_grads):
+        assert_close(g, t, s, f"{backend} grad", factor=4.0)

@@ -1,11 +1,12 @@
 """The per-example scales (in_scale, out_scale, tap_scale: ODConv's attentions) on the op.
 
-Every backend that has them (cpu, reference) against the per-example loop
+The compiled CPU backends (cpu, reference) against the per-example loop
 (reference.condconv2d_loop, which multiplies the scales into each example's kernel one by one)
 with PyTorch's autograd for the gradients: forward and all seven gradients, float64 and float32,
-every case of the op's matrix, NCHW and channels_last, each scale alone and all together. Then
-gradcheck and opcheck through the op, the paths the CPU takes, the errors, autocast, and the
-backends that do not have them yet.
+every case of the op's matrix, NCHW and channels_last, each scale alone and all together; the
+triton backend (in Triton's interpreter) on a curated part of that matrix. Then gradcheck and
+opcheck through the op, the paths the CPU takes, the errors, autocast, and which backends take
+the scales.
 """
 import pytest
 import torch
@@ -198,10 +199,24 @@ def test_bad_scales(kwargs, exc, needle, backend):
         cc.condconv2d(x, r, w, b, padding=1, backend=backend, **kwargs)
 
 
+# The triton kernels' branches: dense im2col and 1x1 (a matrix read), grouped, depthwise with a
+# channel multiplier; each scale alone takes its own path through the dense kernel gradient.
+TRITON_SCALED = [("k3_s2_asym", "all", "channels_last"), ("k3_s2_asym", "in", "contiguous"),
+                 ("k3_s2_asym", "out", "sliced"), ("k3_s2_asym", "tap", "contiguous"),
+                 ("g2_k1", "all", "contiguous"), ("k1_s2_e8", "out", "channels_last"),
+                 ("dw3", "all", "sliced"), ("dw_mult2_d2_asym", "all", "channels_last")]
+
+
 @pytest.mark.skipif("triton" not in INTERPRETED, reason="needs TRITON_INTERPRET=1 and triton")
-def test_triton_says_not_yet():
-    with pytest.raises(NotImplementedError, match="'in_scale'"):
-        cc.condconv2d(x, r, w, b, padding=1, in_scale=torch.rand(3, 4), backend="triton")
+@pytest.mark.parametrize("name,which,layout", TRITON_SCALED, ids=lambda v: str(v))
+def test_triton_float64(name, which, layout):
+    _check(CASES_BY_NAME[name], "triton", torch.float64, layout, SUBSETS[which], seed=5)
+
+
+@pytest.mark.skipif("triton" not in INTERPRETED, reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("name", ["k3_s2_asym", "dw3"])
+def test_triton_float32(name):
+    _check(CASES_BY_NAME[name], "triton", torch.float32, "channels_last", SUBSETS["all"])
 
 
 def test_scales_shape_the_flop_count():
@@ -256,13 +271,18 @@ def test_cpu_batch_in_several_chunks(cin, cout, kernel, groups):
 
 
 def test_auto_gives_scaled_calls_to_a_backend_that_takes_them(monkeypatch):
-    """On CUDA, auto picks triton (or cuda) for plain calls and the reference backend for calls
-    with scales, which the GPU kernels do not take yet; on CPU the C++ kernels take both."""
+    """On CUDA, auto picks triton for calls with or without scales, and without triton the cuda
+    backend for plain calls only (its kernels do not take the scales yet): the reference
+    backend then; on CPU the C++ kernels take both."""
     from condconv_kernels import backends
+    available = set(backends.NAMES)
     monkeypatch.setattr(backends, "why_unavailable",
-                        lambda name, device_type: None)  # every backend "available"
+                        lambda name, device_type: None if name in available else "absent")
     assert backends.resolve("auto", "cuda") == "triton"
-    assert backends.resolve("auto", "cuda", scaled=True) == "reference"
+    assert backends.resolve("auto", "cuda", scaled=True) == "triton"
     assert backends.resolve("auto", "cpu", scaled=True) == "cpu"
-    assert backends.resolve("triton", "cuda", scaled=True) == "triton"  # named: its own error
-    assert set(backends.TAKE_SCALES) == {"cpu", "reference"}
+    available.discard("triton")
+    assert backends.resolve("auto", "cuda") == "cuda"
+    assert backends.resolve("auto", "cuda", scaled=True) == "reference"
+    assert backends.resolve("cuda", "cuda", scaled=True) == "cuda"  # named: its own error
+    assert set(backends.TAKE_SCALES) == {"triton", "cpu", "reference"}

@@ -197,8 +197,9 @@ def test_a_block_of_examples_past_the_batch(monkeypatch):
 
 
 def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
-    """The dense kernel gradient adds into gw and writes only as many rows of part as its tile
-    size gives: the autotuner must zero both before each trial and before the real launch, or
+    """The dense kernel gradient adds into gw and writes only as many rows of its partial sums
+    (part, and the scales' qc and qk) as its tile size gives: the autotuner must zero them all
+    before each trial and before the real launch, or
     the trials' sums leak into the first gradient of every new shape. The other kernels only
     store (the depthwise kernel gradient every element of its G), so they need no reset."""
     import importlib
@@ -208,7 +209,8 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
     try:
         importlib.reload(dense)
         importlib.reload(depthwise)
-        assert sorted(dense.dense_bwd_w_kernel.reset_to_zero) == ["gw_ptr", "part_ptr"]
+        assert sorted(dense.dense_bwd_w_kernel.reset_to_zero) == ["gw_ptr", "part_ptr",
+                                                                   "qc_ptr", "qk_ptr"]
         for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel, depthwise.dw_fwd_kernel,
                        depthwise.dw_bwd_x_kernel, depthwise.dw_bwd_w_kernel):
             assert kernel.reset_to_zero == []

@@ -22,11 +22,12 @@ import triton
 import triton.language as tl
 
 from .. import _args
-from .._epilogue import finish_bias_grads, fold_kernel_grads
+from .._epilogue import Scales, finish_bias_grads, fold_scaled_kernel_grads
 from ._grid import flat_grid
 from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucket,
                       fixed_blocks, smallest_block)
 from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
+from ._scales import launch_args
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
 
 __all__ = ["forward", "backward"]
@@ -50,13 +51,15 @@ def _pointwise(kh, kw, stride, padding, t: torch.Tensor) -> bool:
             and t.stride(2) == t.shape[3] * t.stride(3))
 
 
-def _within(rows: int, tiles: int, grid: Tuple[int, ...]) -> Tuple[int, ...]:
-    """A kernel-gradient grid whose programs cover ``tiles`` tiles of W, checked against the
-    ``rows`` of partial sums allocated for them."""
-    if tiles > rows:
-        raise RuntimeError(f"condconv2d (triton): {tiles} tiles of W for {rows} rows of partial "
-                           "sums: a configuration's tile is smaller than the smallest of its "
-                           "table")
+def _within(rows: Tuple[int, int], tiles: Tuple[int, int],
+            grid: Tuple[int, ...]) -> Tuple[int, ...]:
+    """A kernel-gradient grid whose programs cover (output channels x K) ``tiles`` tiles of W
+    in each group, checked against the rows of partial sums allocated for them (``rows``: as
+    many tiles as the smallest blocks give)."""
+    if tiles[0] > rows[0] or tiles[1] > rows[1]:
+        raise RuntimeError(f"condconv2d (triton): {tiles[0]} x {tiles[1]} tiles of W for "
+                           f"{rows[0]} x {rows[1]} rows of partial sums: a configuration's tile "
+                           "is smaller than the smallest of its table")
     return grid
 
 
@@ -72,8 +75,12 @@ def _geometry(stride, padding, dilation):
 
 def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-            dilation: Sequence[int], groups: int) -> torch.Tensor:
-    """(B, Cin, H, W) x (B, E) x (E, Cout, Cin/g, kh, kw) [+ (E, Cout)] -> (B, Cout, Ho, Wo)."""
+            dilation: Sequence[int], groups: int, in_scale: Optional[torch.Tensor] = None,
+            out_scale: Optional[torch.Tensor] = None,
+            tap_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, Cin, H, W) x (B, E) x (E, Cout, Cin/g, kh, kw) [+ (E, Cout)] -> (B, Cout, Ho, Wo),
+    with the optional per-example scales in_scale (B, Cin), out_scale (B, Cout) and tap_scale
+    (B, kh, kw) applied in the kernels."""
     B, cin, H, W = x.shape
     E, cout, cin_g, kh, kw = weight.shape
     _, _, ho, wo = _args.out_shape(x.shape, weight.shape, stride, padding, dilation)
@@ -82,15 +89,16 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w
     geometry = _geometry(stride, padding, dilation)
+    s_ptrs, s_strides, s_flags = launch_args((in_scale, out_scale, tap_scale), kh * kw, routing)
     if cin_g == 1:
         blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
         grid = lambda meta: flat_grid(triton.cdiv(ho * wo, meta["BLOCK_P"]),  # noqa: E731
                                       triton.cdiv(cout, meta["BLOCK_C"]), B)
         dw_fwd_kernel[grid](
-            x, routing, w, b, out, cout, cout // cin, H, W, ho, wo, *x.stride(),
-            *routing.stride(), *out.stride(), *geometry, bucket(B), bucket(ho * wo), E=E,
-            KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out), ACC=_acc(x.dtype),
-            E_POW2=triton.next_power_of_2(E), **blocks)
+            x, routing, w, b, *s_ptrs, out, cout, cout // cin, H, W, ho, wo, *x.stride(),
+            *routing.stride(), *out.stride(), *s_strides, *geometry, bucket(B),
+            bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out),
+            ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E), **s_flags, **blocks)
         return out
     cout_g = cout // groups
     blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
@@ -98,11 +106,11 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
                                   triton.cdiv(cout_g, meta["BLOCK_M"]),
                                   triton.cdiv(B, meta["BLOCK_B"]) * groups)
     dense_fwd_kernel[grid](
-        x, routing, w, b, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
-        *routing.stride(), *out.stride(), *geometry, bucket(B), bucket(cin_g * kh * kw),
-        bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None,
+        x, routing, w, b, *s_ptrs, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
+        *routing.stride(), *out.stride(), *s_strides, *geometry, bucket(B),
+        bucket(cin_g * kh * kw), bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None,
         POINTWISE=_pointwise(kh, kw, stride, padding, x), ACC=_acc(x.dtype),
-        PRECISION=_precision(x.dtype), **blocks)
+        PRECISION=_precision(x.dtype), **s_flags, **blocks)
     return out
 
 
@@ -115,8 +123,12 @@ def _splits(B: int) -> int:
 def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
              weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
              padding: Sequence[int], dilation: Sequence[int], groups: int,
-             output_mask: Sequence[bool]) -> Tuple[Optional[torch.Tensor], ...]:
-    """(grad_x, grad_routing, grad_weight, grad_bias), None where output_mask is False."""
+             output_mask: Sequence[bool], in_scale: Optional[torch.Tensor] = None,
+             out_scale: Optional[torch.Tensor] = None, tap_scale: Optional[torch.Tensor] = None
+             ) -> Tuple[Optional[torch.Tensor], ...]:
+    """(grad_x, grad_routing, grad_weight, grad_bias, grad_in_scale, grad_out_scale,
+    grad_tap_scale), None where output_mask is False or the scale absent (the scales' gradients
+    come in the scales' dtypes)."""
     need_x, need_r, need_w, need_b = output_mask
     B, cin, H, W = x.shape
     E, cout, cin_g, kh, kw = weight.shape
@@ -126,6 +138,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     geometry = _geometry(stride, padding, dilation)
     depthwise = cin_g == 1
     grad_x = grad_routing = grad_weight = grad_bias = None
+    scales = Scales(in_scale, out_scale, tap_scale)
+    s_ptrs, s_strides, s_flags = launch_args(scales, kh * kw, routing)
+    scale_grads = (None, None, None)
 
     if need_x:
         grad_x = torch.empty_like(x, memory_format=_args.suggest_memory_format(x))
@@ -134,10 +149,10 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             grid = lambda meta: flat_grid(triton.cdiv(H * W, meta["BLOCK_P"]),  # noqa: E731
                                           triton.cdiv(cin, meta["BLOCK_C"]), B)
             dw_bwd_x_kernel[grid](
-                grad_out, routing, w, grad_x, cin, cout // cin, H, W, ho, wo,
-                *grad_out.stride(), *routing.stride(), *grad_x.stride(), *geometry,
+                grad_out, routing, w, *s_ptrs, grad_x, cin, cout // cin, H, W, ho, wo,
+                *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides, *geometry,
                 bucket(B), bucket(H * W), E=E, KH=kh, KW=kw, WIDE=_wide(grad_out, grad_x),
-                ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E), **blocks)
+                ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E), **s_flags, **blocks)
         else:
             cout_g = cout // groups
             blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
@@ -145,13 +160,13 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                                           triton.cdiv(cin_g, meta["BLOCK_M"]),
                                           triton.cdiv(B, meta["BLOCK_B"]) * groups)
             dense_bwd_x_kernel[grid](
-                grad_out, routing, w, grad_x, B, cin_g, cout_g, groups, H, W, ho, wo,
-                *grad_out.stride(), *routing.stride(), *grad_x.stride(), *geometry,
+                grad_out, routing, w, *s_ptrs, grad_x, B, cin_g, cout_g, groups, H, W, ho, wo,
+                *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides, *geometry,
                 bucket(B), bucket(cout_g * kh * kw), bucket(H * W), E=E, KH=kh, KW=kw,
                 POINTWISE=_pointwise(kh, kw, stride, padding, grad_out), ACC=_acc(x.dtype),
-                PRECISION=_precision(x.dtype), **blocks)
+                PRECISION=_precision(x.dtype), **s_flags, **blocks)
 
-    if (need_r or need_w) and depthwise:
+    if (need_r or need_w or scales.any()) and depthwise:
         # The examples' tap gradients, then grad_weight = routing^T G, grad_routing = G W^T.
         G = torch.empty((B, cout, kh * kw), dtype=acc, device=x.device)
         blocks = fixed_blocks(DW_KGRAD_TILES)
@@ -160,36 +175,66 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             x, grad_out, G, B, cout, cout // cin, H, W, ho, wo, *x.stride(), *grad_out.stride(),
             *geometry, bucket(B), bucket(ho * wo), KH=kh, KW=kw, WIDE=_wide(x, grad_out),
             ACC=_acc(x.dtype), **blocks)
-        grad_routing, grad_weight = fold_kernel_grads(G.view(B, -1), routing, w, need_r, need_w,
-                                                      acc)
-    elif need_r or need_w:
+        grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
+            G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc)
+    elif need_r or need_w or scales.any():
         S = _splits(B)
         per_split = triton.cdiv(B, S)
         N = w[0].numel()
-        # Zeroed accumulators; a stand-in when unused (never the weights: the autotuner zeroes
-        # this argument).
-        gw = torch.zeros((S, E, N) if need_w else (1,), dtype=acc, device=x.device)
-        # part holds a row of grad_routing partials per tile of W: as many rows as the
-        # smallest tiles of any configuration make (each launch checks that it fits).
         cout_g, K = cout // groups, cin_g * kh * kw
-        tiles = (groups * triton.cdiv(cout_g, smallest_block(KGRAD_TILES, "BLOCK_CO"))
-                 * triton.cdiv(K, smallest_block(KGRAD_TILES, "BLOCK_K")))
-        part = torch.zeros((tiles, B, E), dtype=acc, device=x.device)
+        rows_co = triton.cdiv(cout_g, smallest_block(KGRAD_TILES, "BLOCK_CO"))
+        rows_k = triton.cdiv(K, smallest_block(KGRAD_TILES, "BLOCK_K"))
+
+        def zeros(shape, wanted):
+            """An accumulator the kernel adds into or fills in part, zeroed; a fresh stand-in
+            when unused (never an input: the autotuner zeroes these arguments)."""
+            return torch.zeros(shape if wanted else (1,), dtype=acc, device=x.device)
+        gw = zeros((S, E, N), need_w)
+        # Partial sums by tile of W, as many rows as the smallest tiles of any configuration
+        # make (each launch checks that it fits): grad_routing's (a row per tile), out_scale's
+        # (a row per tile of K), in_scale's and tap_scale's (a row per tile of channels).
+        tiles = groups * rows_co * rows_k
+        part = zeros((tiles, B, E), need_r)
+        qc = zeros((rows_k, B, cout), out_scale is not None)
+        qk = zeros((rows_co, B, groups * K), in_scale is not None or tap_scale is not None)
         blocks = fixed_blocks(KGRAD_TILES, E, x.element_size(), gw.element_size())
+
         def grid(meta):
             n_k, n_co = triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(cout_g, meta["BLOCK_CO"])
-            return _within(tiles, groups * n_k * n_co, flat_grid(n_k, n_co, groups * S))
+            return _within((rows_co, rows_k), (n_co, n_k), flat_grid(n_k, n_co, groups * S))
         dense_bwd_w_kernel[grid](
-            x, grad_out, routing, w, gw, part, B, cin_g, cout_g, groups, H, W, ho, wo,
-            per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *geometry,
-            bucket(B), bucket(K), bucket(ho * wo), E=E, E_POW2=triton.next_power_of_2(E),
-            KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r, ACC=_acc(x.dtype),
-            PRECISION=_precision(x.dtype), **blocks)
+            x, grad_out, routing, w, *s_ptrs, gw, part, qc, qk, B, cin_g, cout_g, groups, H, W,
+            ho, wo, per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *s_strides,
+            *geometry, bucket(B), bucket(K), bucket(ho * wo), E=E,
+            E_POW2=triton.next_power_of_2(E), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
+            ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **s_flags, **blocks)
         if need_w:
             grad_weight = gw.sum(0).view(weight.shape).to(weight.dtype)
         if need_r:
             grad_routing = part.sum(0)
+        scale_grads = _scale_grads(scales, qc, qk, B, groups, cin_g, kh * kw, acc)
 
-    grad_routing, grad_bias, _ = finish_bias_grads(grad_out, routing, bias, grad_routing, need_b,
-                                                   acc)
-    return grad_x, grad_routing, grad_weight, grad_bias
+    grad_routing, grad_bias, grad_out_scale = finish_bias_grads(
+        grad_out, routing, bias, grad_routing, need_b, acc, scales, scale_grads[1])
+    scale_grads = (scale_grads[0], grad_out_scale, scale_grads[2])
+    scale_grads = tuple(None if g is None else g.reshape(s.shape).to(s.dtype)
+                        for g, s in zip(scale_grads, scales))
+    return (grad_x, grad_routing, grad_weight, grad_bias) + scale_grads
+
+
+def _scale_grads(scales: Scales, qc: torch.Tensor, qk: torch.Tensor, B: int, groups: int,
+                 cin_g: int, taps: int, acc: torch.dtype) -> Tuple[Optional[torch.Tensor], ...]:
+    """The kernel terms of (grad_in_scale, grad_out_scale, grad_tap_scale) from the dense
+    kernel gradient's partial sums (dense_bwd_w_kernel: qc by tile of K, qk by tile of output
+    channels); None where the scale is absent."""
+    grad_out_scale = qc.sum(0) if scales.out is not None else None
+    grad_in_scale = grad_tap_scale = None
+    if scales.in_ is not None or scales.tap is not None:
+        q = qk.sum(0).view(B, groups, cin_g, taps)
+        if scales.in_ is not None:
+            t = q if scales.tap is None else q * scales.tap.to(acc).reshape(B, 1, 1, taps)
+            grad_in_scale = t.sum(3).reshape(B, groups * cin_g)
+        if scales.tap is not None:
+            t = q if scales.in_ is None else q * scales.in_.to(acc).reshape(B, groups, cin_g, 1)
+            grad_tap_scale = t.sum((1, 2))
+    return grad_in_scale, grad_out_scale, grad_tap_scale

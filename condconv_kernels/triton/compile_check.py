@@ -25,16 +25,20 @@ from triton.compiler import ASTSource
 from ..cli import parser
 from . import _config, dense, depthwise
 
-# kernel, its tile names (as the launcher passes them), its pointers in the accumulation dtype.
+# kernel, its tile names (as the launcher passes them), its pointers in the accumulation dtype
+# (besides the routing and the scales).
 KERNELS = {
     "dense_fwd": (dense.dense_fwd_kernel, _config.DENSE_TILES, ()),
     "dense_bwd_x": (dense.dense_bwd_x_kernel, _config.DENSE_TILES, ()),
     "dense_bwd_w": (dense.dense_bwd_w_kernel, ("BLOCK_CO", "BLOCK_K", "BLOCK_P"),
-                    ("gw_ptr", "part_ptr")),
+                    ("gw_ptr", "part_ptr", "qc_ptr", "qk_ptr")),
     "dw_fwd": (depthwise.dw_fwd_kernel, ("BLOCK_C", "BLOCK_P"), ()),
     "dw_bwd_x": (depthwise.dw_bwd_x_kernel, ("BLOCK_C", "BLOCK_P"), ()),
     "dw_bwd_w": (depthwise.dw_bwd_w_kernel, _config.DW_KGRAD_TILES, ("G_ptr",)),
 }
+# The kernels that take the per-example scales, compiled again with all three (name + "+scales").
+SCALED = ("dense_fwd", "dense_bwd_x", "dense_bwd_w", "dw_fwd", "dw_bwd_x")
+_SCALE_POINTERS = ("in_s_ptr", "out_s_ptr", "tap_s_ptr")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}
 SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024}  # the most a block may use, by architecture
@@ -47,12 +51,16 @@ def _jit(kernel) -> triton.JITFunction:
 
 
 def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
-    """Compiles one kernel for ``sm_<arch>`` with ``config`` = (tile sizes, warps, stages)."""
-    kernel, _, acc_pointers = KERNELS[name]
+    """Compiles one kernel (a name of KERNELS, + "+scales" for its variant with the three
+    scales) for ``sm_<arch>`` with ``config`` = (tile sizes, warps, stages)."""
+    base, _, scaled = name.partition("+")
+    kernel, _, acc_pointers = KERNELS[base]
     fn = _jit(kernel)
     blocks, warps, stages = config
     acc = "fp64" if dtype == torch.float64 else "fp32"
+    scales = bool(scaled)
     constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True,
+                      IN_SCALE=scales, OUT_SCALE=scales, TAP_SCALE=scales,
                       POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True,
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                       PRECISION="tf32" if dtype == torch.float32 else "ieee")
@@ -62,7 +70,7 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     for arg in fn.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
-        elif arg == "r_ptr" or arg in acc_pointers:
+        elif arg == "r_ptr" or arg in acc_pointers + _SCALE_POINTERS:
             signature[arg] = f"*{acc}"
         elif arg.endswith("_ptr"):
             signature[arg] = f"*{TYPES[dtype]}"
@@ -87,15 +95,18 @@ def variants(quick: bool = False):
     """(kernel, dtype, config, whether it is the configuration launched without autotuning);
     ``quick``: of the other configurations only the largest tiles (most stages on a tie). The
     dense forward / grad_x configurations get the pipeline stages their launch would get for
-    that dtype with 8 experts (_config.fitting_stages)."""
+    that dtype with 8 experts (_config.fitting_stages). The variants with the scales likewise,
+    or with ``quick`` only float32 and bfloat16 at the untuned configuration."""
     for name, (_, shapes, _) in KERNELS.items():
         table = _config._table(shapes)
-        for dtype in TYPES:
-            yield name, dtype, _staged(table[0], dtype), True
         rest = [max(table[1:], key=_size)] if quick else table[1:]
-        for dtype in (torch.float32, torch.bfloat16):
-            for config in rest:
-                yield name, dtype, _staged(config, dtype), False
+        for variant in (name, name + "+scales") if name in SCALED else (name,):
+            scaled = variant != name
+            for dtype in ((torch.float32, torch.bfloat16) if quick and scaled else TYPES):
+                yield variant, dtype, _staged(table[0], dtype), True
+            for dtype in (torch.float32, torch.bfloat16):
+                for config in [] if quick and scaled else rest:
+                    yield variant, dtype, _staged(config, dtype), False
 
 
 def _staged(config, dtype):
@@ -117,7 +128,7 @@ def main(argv=None) -> int:
         p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
     failures = 0
     for name, dtype, (blocks, warps, stages), first in variants(args.quick):
-        label = (f"{name:12s} {TYPES[dtype]} {'x'.join(map(str, blocks.values())):10s} "
+        label = (f"{name:19s} {TYPES[dtype]} {'x'.join(map(str, blocks.values())):10s} "
                  f"w{warps} s{stages}{' (untuned)' if first else ''}")
         try:
             compiled = compile_variant(name, dtype, (blocks, warps, stages), args.arch)

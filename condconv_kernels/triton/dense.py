@@ -28,12 +28,34 @@ import triton.language as tl
 
 from ._config import DENSE_TILES, KGRAD_TILES, autotune
 from ._grid import program_ids
+from ._scales import scale_factor
 
 
 @triton.jit
 def _route(r_ptr, b, s_rb, s_re, e: tl.constexpr, ACC: tl.constexpr):
     """routing[b, e] as a scalar in the accumulation dtype."""
     return tl.load(r_ptr + b.to(tl.int64) * s_rb + e * s_re).to(ACC)
+
+
+@triton.jit
+def _scale4(t0, t1, t2, t3, p_a, s_a, o_a, p_c, s_c, o_c, b0, b1, b2, b3, mask,
+            HAS_A: tl.constexpr, HAS_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr,
+            ACC: tl.constexpr):
+    """The block's tiles t_j times example b_j's factor a[b_j, o_a] * c[b_j, o_c]
+    (scale_factor) along their rows (ROWS: one factor a row) or their columns; a no-op without
+    either scale."""
+    if HAS_A or HAS_C:
+        f = scale_factor(p_a, s_a, o_a, p_c, s_c, o_c, b0, mask, HAS_A, HAS_C, ACC)
+        t0 = t0 * (f[:, None] if ROWS else f[None, :])
+        if BLOCK_B > 1:
+            f = scale_factor(p_a, s_a, o_a, p_c, s_c, o_c, b1, mask, HAS_A, HAS_C, ACC)
+            t1 = t1 * (f[:, None] if ROWS else f[None, :])
+        if BLOCK_B > 2:
+            f = scale_factor(p_a, s_a, o_a, p_c, s_c, o_c, b2, mask, HAS_A, HAS_C, ACC)
+            t2 = t2 * (f[:, None] if ROWS else f[None, :])
+            f = scale_factor(p_a, s_a, o_a, p_c, s_c, o_c, b3, mask, HAS_A, HAS_C, ACC)
+            t3 = t3 * (f[:, None] if ROWS else f[None, :])
+    return t0, t1, t2, t3
 
 
 @triton.jit
@@ -116,11 +138,13 @@ def _store4(o_ptr, b0, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc0, acc1, acc2, a
 @autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=DENSE_TILES)
 @triton.jit
 def dense_fwd_kernel(
-    x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, r_ptr, w_ptr, bias_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, out_ptr,
     B, CIN_G, COUT_G, GROUPS, H, W, HO, WO,
     s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow,
+    s_ib, s_ic, s_jb, s_jc, s_tb, s_tt,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
     POINTWISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -128,7 +152,11 @@ def dense_fwd_kernel(
     pixels of one group. Per K block: each expert tile loaded once and mixed for every example
     of the block (_mix4), then one 2-D dot per example with the mixed tile as the A operand (in
     registers) and the example's input patches as B. POINTWISE (1x1, stride 1, no padding, H
-    and W mergeable in x): the patches are x's (channels x pixels) matrix itself."""
+    and W mergeable in x): the patches are x's (channels x pixels) matrix itself.
+
+    The per-example scales, where present (in_scale (B, Cin) strides s_ib, s_ic; out_scale
+    (B, Cout) s_jb, s_jc; tap_scale (B, KH * KW) s_tb, s_tt): in and tap multiply the mixed
+    tile's columns, out the accumulator's rows after the bias, in float32."""
     tl.static_assert(BLOCK_B <= 4, "a program serves at most 4 examples")
     i_n, i_m, i_bg = program_ids(tl.cdiv(HO * WO, BLOCK_N), tl.cdiv(COUT_G, BLOCK_M))
     i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
@@ -150,14 +178,17 @@ def dense_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
+        o_ci, o_t = o_k // (KH * KW), o_k % (KH * KW)
         w0, w1, w2, w3 = _mix4(r_ptr, w_ptr, w_ptr + o_co[:, None].to(tl.int64) * K + o_k[None, :],
                                m_m[:, None] & m_k[None, :], b0, b1, b2, b3, s_rb, s_re, N, E,
                                BLOCK_B, ACC)
+        w0, w1, w2, w3 = _scale4(w0, w1, w2, w3, in_s_ptr, s_ib, (i_g * CIN_G + o_ci) * s_ic,
+                                 tap_s_ptr, s_tb, o_t * s_tt, b0, b1, b2, b3, m_k, IN_SCALE,
+                                 TAP_SCALE, False, BLOCK_B, ACC)
         if POINTWISE:  # x[b, ci, p]: the pixels are one strided dimension
             off = o_k[:, None].to(tl.int64) * s_xc + o_p[None, :].to(tl.int64) * s_xw
             m_x = m_k[:, None] & m_p[None, :]
         else:  # im2col on the fly; the padding is the mask
-            o_ci, o_t = o_k // (KH * KW), o_k % (KH * KW)
             o_ih = o_oh[None, :] * STRIDE_H - PAD_T + (o_t // KW)[:, None] * DIL_H
             o_iw = o_ow[None, :] * STRIDE_W - PAD_L + (o_t % KW)[:, None] * DIL_W
             off = (o_ci[:, None].to(tl.int64) * s_xc + o_ih.to(tl.int64) * s_xh
@@ -173,6 +204,9 @@ def dense_fwd_kernel(
         acc1 += c1[:, None]
         acc2 += c2[:, None]
         acc3 += c3[:, None]
+    acc0, acc1, acc2, acc3 = _scale4(acc0, acc1, acc2, acc3, out_s_ptr, s_jb, o_co * s_jc,
+                                     out_s_ptr, s_jb, o_co * s_jc, b0, b1, b2, b3, m_m,
+                                     OUT_SCALE, False, True, BLOCK_B, ACC)
     _store4(out_ptr + (i_g * COUT_G).to(tl.int64) * s_oc, b0, B, s_ob, o_m, m_m, o_p, m_p,
             s_oc, s_ow, acc0, acc1, acc2, acc3, BLOCK_B)
 
@@ -180,18 +214,21 @@ def dense_fwd_kernel(
 @autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=DENSE_TILES)
 @triton.jit
 def dense_bwd_x_kernel(
-    g_ptr, r_ptr, w_ptr, dx_ptr,
+    g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, dx_ptr,
     B, CIN_G, COUT_G, GROUPS, H, W, HO, WO,
     s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw,
+    s_ib, s_ic, s_jb, s_jc, s_tb, s_tt,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
-    E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, POINTWISE: tl.constexpr,
+    E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, IN_SCALE: tl.constexpr,
+    OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, POINTWISE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x[b, ci, ih, iw] = sum_{co, i, j} W_b[co, ci, i, j] grad_out[b, co, oh, ow] over
     the (oh, ow) with ih = oh * stride - pad + i * dilation (likewise w), for BLOCK_B examples x
     BLOCK_M input channels x BLOCK_N input pixels, the mixed W^T tiles made as in the forward.
-    POINTWISE: grad_out's (channels x pixels) matrix itself."""
+    POINTWISE: grad_out's (channels x pixels) matrix itself. The scales (as in the forward): out
+    and tap multiply the mixed tile's columns, in the accumulator's rows."""
     tl.static_assert(BLOCK_B <= 4, "a program serves at most 4 examples")
     i_n, i_m, i_bg = program_ids(tl.cdiv(H * W, BLOCK_N), tl.cdiv(CIN_G, BLOCK_M))
     i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
@@ -218,6 +255,9 @@ def dense_bwd_x_kernel(
                * (KH * KW) + o_t[None, :])
         w0, w1, w2, w3 = _mix4(r_ptr, w_ptr, p_w, m_m[:, None] & m_k[None, :], b0, b1, b2, b3,
                                s_rb, s_re, N, E, BLOCK_B, ACC)
+        w0, w1, w2, w3 = _scale4(w0, w1, w2, w3, out_s_ptr, s_jb, (i_g * COUT_G + o_co) * s_jc,
+                                 tap_s_ptr, s_tb, o_t * s_tt, b0, b1, b2, b3, m_k, OUT_SCALE,
+                                 TAP_SCALE, False, BLOCK_B, ACC)
         if POINTWISE:
             off = o_k[:, None].to(tl.int64) * s_gc + o_q[None, :].to(tl.int64) * s_gw
             m_g = m_k[:, None] & m_q[None, :]
@@ -232,27 +272,41 @@ def dense_bwd_x_kernel(
                    + o_ow.to(tl.int64) * s_gw)
         acc0, acc1, acc2, acc3 = _dot4(acc0, acc1, acc2, acc3, w0, w1, w2, w3, g_g, b0, b1,
                                        b2, b3, s_gb, off, m_g, BLOCK_B, PRECISION, ACC)
+    acc0, acc1, acc2, acc3 = _scale4(acc0, acc1, acc2, acc3, in_s_ptr, s_ib,
+                                     (i_g * CIN_G + o_m) * s_ic, in_s_ptr, s_ib,
+                                     (i_g * CIN_G + o_m) * s_ic, b0, b1, b2, b3, m_m, IN_SCALE,
+                                     False, True, BLOCK_B, ACC)
     _store4(dx_ptr + (i_g * CIN_G).to(tl.int64) * s_dc, b0, B, s_db, o_m, m_m, o_q, m_q,
             s_dc, s_dw, acc0, acc1, acc2, acc3, BLOCK_B)
 
 
 @autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=KGRAD_TILES,
-          reset_to_zero=("gw_ptr", "part_ptr"))
+          reset_to_zero=("gw_ptr", "part_ptr", "qc_ptr", "qk_ptr"))
 @triton.jit
 def dense_bwd_w_kernel(
-    x_ptr, g_ptr, r_ptr, w_ptr, gw_ptr, part_ptr,
+    x_ptr, g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, gw_ptr, part_ptr, qc_ptr, qk_ptr,
     B, CIN_G, COUT_G, GROUPS, H, W, HO, WO, B_PER_SPLIT,
     s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_rb, s_re,
+    s_ib, s_ic, s_jb, s_jc, s_tb, s_tt,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
     E: tl.constexpr, E_POW2: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    NEED_W: tl.constexpr, NEED_R: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    NEED_W: tl.constexpr, NEED_R: tl.constexpr, IN_SCALE: tl.constexpr,
+    OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """gw[split, e, tile] = sum over the split's examples b of routing[b, e] G_b[tile], and
     part[tile, b, e] = <G_b, W[e]>[tile]. G_b's tile is one dot over the pixels; the E
     experts' gradients of the tile stay in registers (E_POW2 x BLOCK_CO x BLOCK_K, float32)
     across the examples and are written once at the end, and the E expert tiles for
-    grad_routing are loaded once: no per-example read-modify-write of global memory."""
+    grad_routing are loaded once: no per-example read-modify-write of global memory.
+
+    With per-example scales (s_b = out_scale x in_scale x tap_scale over the tile, strides as in
+    the forward) the folds take s_b G_b, and with Q_b = G_b M_b (M_b the example's mixed tile)
+    the program writes the tile's share of the scales' gradients: qc[i_k, b, co] = sum over the
+    tile's k of Q_b in_scale tap_scale (out_scale's), qk[i_co, b, g, k] = sum over its co of
+    Q_b out_scale (in_scale's and tap_scale's, once multiplied by the other and summed on the
+    host)."""
     K = CIN_G * KH * KW
     n_k, n_co = tl.cdiv(K, BLOCK_K), tl.cdiv(COUT_G, BLOCK_CO)
     i_k, i_co, i_gs = program_ids(n_k, n_co)
@@ -270,7 +324,7 @@ def dense_bwd_w_kernel(
     o_tile = (o_e[:, None, None].to(tl.int64) * N
               + (o_co[:, None].to(tl.int64) * K + o_k[None, :])[None, :, :])
     tile = (i_g * n_co + i_co) * n_k + i_k
-    if NEED_R:  # every expert's tile of W, in its own dtype, loaded once
+    if NEED_R or IN_SCALE or OUT_SCALE or TAP_SCALE:  # every expert's tile, loaded once
         b_w = tl.load(w_ptr + o_tile, mask=m_tile, other=0.0)
     b_gw = tl.zeros((E_POW2, BLOCK_CO, BLOCK_K), dtype=ACC)
 
@@ -301,12 +355,31 @@ def dense_bwd_w_kernel(
                 b_x = tl.load(p_x, mask=m_x, other=0.0)
                 b_C += tl.dot(b_g, b_x, input_precision=PRECISION, out_dtype=ACC)
             b_G += b_C
-        p_r = r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re
+        b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re, mask=m_e,
+                      other=0.0).to(ACC)
+        if IN_SCALE or OUT_SCALE or TAP_SCALE:
+            b_Q = b_G * tl.sum(b_r[:, None, None] * b_w.to(ACC), axis=0)
+            b_Qc = b_Q  # Q_b times out_scale: in_scale's and tap_scale's share
+            b_Qk = b_Q  # Q_b times in_scale and tap_scale: out_scale's share
+            if OUT_SCALE:
+                f_c = scale_factor(out_s_ptr, s_jb, o_co * s_jc, out_s_ptr, s_jb,
+                                   o_co * s_jc, b, m_co, True, False, ACC)
+                b_Qc = b_Q * f_c[:, None]
+                b_G = b_G * f_c[:, None]
+            if IN_SCALE or TAP_SCALE:
+                f_k = scale_factor(in_s_ptr, s_ib, (i_g * CIN_G + o_ci) * s_ic, tap_s_ptr,
+                                   s_tb, o_t * s_tt, b, m_k, IN_SCALE, TAP_SCALE, ACC)
+                b_Qk = b_Q * f_k[None, :]
+                b_G = b_G * f_k[None, :]
+                tl.store(qk_ptr + ((i_co.to(tl.int64) * B + b) * GROUPS + i_g) * K + o_k,
+                         tl.sum(b_Qc, axis=0), mask=m_k)
+            if OUT_SCALE:
+                tl.store(qc_ptr + (i_k.to(tl.int64) * B + b) * (COUT_G * GROUPS) + o_co,
+                         tl.sum(b_Qk, axis=1), mask=m_co)
         if NEED_R:
             b_part = tl.sum(tl.sum(b_w.to(ACC) * b_G[None, :, :], axis=2), axis=1)
             tl.store(part_ptr + (tile.to(tl.int64) * B + b) * E + o_e, b_part, mask=m_e)
         if NEED_W:
-            b_r = tl.load(p_r, mask=m_e, other=0.0).to(ACC)
             b_gw += b_r[:, None, None] * b_G[None, :, :]
     if NEED_W:
         tl.store(gw_ptr + (i_s * E).to(tl.int64) * N + o_tile, b_gw, mask=m_tile)

@@ -3,14 +3,17 @@ with each example's mixed kh x kw taps held in registers.
 
 Forward: a program owns (BLOCK_C output channels x BLOCK_P output pixels) of one example; per
 tap it mixes the BLOCK_C taps of the E experts in one (E x BLOCK_C) load and a sum over the
-experts (the example's routing loaded once), and accumulates tap * x over the pixels. Offsets
+experts (the example's routing loaded once), and accumulates tap * x over the pixels. The
+per-example scales, where present: tap_scale multiplies each mixed tap, in_scale (per input
+channel) and out_scale (per output channel, after the bias) the accumulator. Offsets
 within an example are 32-bit where the example's extent allows (WIDE otherwise), which keeps the
 unrolled taps' addresses in few registers.
 Backward: grad_x likewise over input pixels (taps from the output pixels they feed); the kernel
 gradient in two steps: a program per (example, channel tile) computes the example's tap
 gradients G[b, c, t] = sum over pixels of grad_out * shifted x, then two matrix products on the
 host give grad_weight = routing^T G and grad_routing = G W^T over the whole batch (no atomics:
-deterministic).
+deterministic); with scales, the host's epilogue also gives their gradients from G (small: B x
+C x taps).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import triton.language as tl
 
 from ._config import DW_KGRAD_TILES, autotune
 from ._grid import program_ids
+from ._scales import scale_factor
 
 
 @triton.jit
@@ -42,11 +46,12 @@ def _mixed_taps(r, w_ptr, o_w, m_w, N, E: tl.constexpr, E_POW2: tl.constexpr,
 @autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW"], shapes=("BLOCK_C", "BLOCK_P"))
 @triton.jit
 def dw_fwd_kernel(
-    x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, r_ptr, w_ptr, bias_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, out_ptr,
     C_OUT, MULT, H, W, HO, WO,
-    s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow,
-    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
+    s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow, s_ib, s_ic, s_jb, s_jc, s_tb,
+    s_tt, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
     WIDE: tl.constexpr, ACC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -70,13 +75,21 @@ def dw_fwd_kernel(
         for j in tl.static_range(KW):
             b_tap = _mixed_taps(r, w_ptr, o_c * (KH * KW) + i * KW + j, m_c, C_OUT * KH * KW,
                                 E, E_POW2, ACC)
+            if TAP_SCALE:
+                b_tap *= tl.load(tap_s_ptr + i_b.to(tl.int64) * s_tb + (i * KW + j) * s_tt).to(ACC)
             o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
             m_x = m_h & (o_iw >= 0) & (o_iw < W)
             off = off_c[:, None] + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :]
             b_acc += b_tap[:, None] * tl.load(p_x + off, mask=m_c[:, None] & m_x[None, :],
                                               other=0.0).to(ACC)
+    if IN_SCALE:
+        b_acc *= scale_factor(in_s_ptr, s_ib, (o_c // MULT) * s_ic, in_s_ptr, s_ib, 0, i_b, m_c,
+                              True, False, ACC)[:, None]
     if HAS_BIAS:
         b_acc += _mixed_taps(r, bias_ptr, o_c, m_c, C_OUT, E, E_POW2, ACC)[:, None]
+    if OUT_SCALE:
+        b_acc *= scale_factor(out_s_ptr, s_jb, o_c * s_jc, out_s_ptr, s_jb, 0, i_b, m_c, True,
+                              False, ACC)[:, None]
     p_o = out_ptr + i_b.to(tl.int64) * s_ob
     off_o = o_c[:, None].to(IDX) * s_oc + (o_oh.to(IDX) * s_oh + o_ow.to(IDX) * s_ow)[None, :]
     tl.store(p_o + off_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_c[:, None] & m_p[None, :])
@@ -85,16 +98,18 @@ def dw_fwd_kernel(
 @autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW"], shapes=("BLOCK_C", "BLOCK_P"))
 @triton.jit
 def dw_bwd_x_kernel(
-    g_ptr, r_ptr, w_ptr, dx_ptr,
+    g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, dx_ptr,
     C_IN, MULT, H, W, HO, WO,
-    s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw,
-    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
-    E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr,
+    s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw, s_ib, s_ic, s_jb, s_jc, s_tb,
+    s_tt, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
+    E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, IN_SCALE: tl.constexpr,
+    OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """grad_x[b, ci, q] = sum over the channel multiplier m and taps of the mixed tap times
     grad_out at the output pixel the (input pixel, tap) fed, for BLOCK_C input channels x
-    BLOCK_P input pixels of one example."""
+    BLOCK_P input pixels of one example; the scales as in the forward (out_scale and tap_scale
+    on the mixed taps, in_scale on the accumulator)."""
     i_q, i_c, i_b = program_ids(tl.cdiv(H * W, BLOCK_P), tl.cdiv(C_IN, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_ci = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -108,6 +123,9 @@ def dw_bwd_x_kernel(
     for m in range(MULT):
         o_co = o_ci * MULT + m
         off_c = o_co.to(IDX) * s_gc
+        if OUT_SCALE:
+            f_co = scale_factor(out_s_ptr, s_jb, o_co * s_jc, out_s_ptr, s_jb, 0, i_b, m_c, True,
+                                False, ACC)
         for i in range(KH):  # as in the forward: rows in a loop, a row's taps unrolled
             o_nh = o_ih + PAD_T - i * DIL_H
             o_oh = o_nh // STRIDE_H
@@ -115,12 +133,20 @@ def dw_bwd_x_kernel(
             for j in tl.static_range(KW):
                 b_tap = _mixed_taps(r, w_ptr, o_co * (KH * KW) + i * KW + j, m_c,
                                     C_IN * MULT * KH * KW, E, E_POW2, ACC)
+                if OUT_SCALE:
+                    b_tap *= f_co
+                if TAP_SCALE:
+                    b_tap *= tl.load(tap_s_ptr + i_b.to(tl.int64) * s_tb
+                                     + (i * KW + j) * s_tt).to(ACC)
                 o_nw = o_iw + PAD_L - j * DIL_W
                 o_ow = o_nw // STRIDE_W
                 m_g = m_h & (o_nw >= 0) & (o_nw % STRIDE_W == 0) & (o_ow < WO)
                 off = off_c[:, None] + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :]
                 b_g = tl.load(p_g + off, mask=m_c[:, None] & m_g[None, :], other=0.0).to(ACC)
                 b_acc += b_tap[:, None] * b_g
+    if IN_SCALE:
+        b_acc *= scale_factor(in_s_ptr, s_ib, o_ci * s_ic, in_s_ptr, s_ib, 0, i_b, m_c, True,
+                              False, ACC)[:, None]
     p_d = dx_ptr + i_b.to(tl.int64) * s_db
     off_d = o_ci[:, None].to(IDX) * s_dc + (o_ih.to(IDX) * s_dh + o_iw.to(IDX) * s_dw)[None, :]
     tl.store(p_d + off_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_c[:, None] & m_q[None, :])

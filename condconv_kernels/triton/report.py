@@ -2,7 +2,7 @@
 
     python -m condconv_kernels.triton.report [--arch 90] [--batch 256] [--dtype bfloat16]
                                              [--layout channels_last] [--json FILE] [--all]
-                                             [--before EARLIER.json]
+                                             [--before EARLIER.json] [--scales]
 
 For each of the 24 CondConv layers of tf_efficientnet_cc_b0_8e, every kernel the layer runs
 (forward, grad_x, kernel gradient) is launched on meta tensors with its launch recorded (the
@@ -23,6 +23,10 @@ bulk tensor copies of TMA) appear in the code, and the model:
   800 TFLOP/s (wgmma; half of it for mma.sync), CUDA-core FLOPs / 60 TFLOP/s, each divided by
   the fraction of the 132 SMs the grid can fill, times 2 where registers spill;
 - floor: the layer's own floor for that pass, max(FLOPs / 800 TFLOP/s, HBM bytes / 3.0 TB/s).
+
+``--scales`` gives every layer ODConv's three per-example scales (in_scale, out_scale, tap_scale):
+the compiled code is then the scaled kernels' (the model still counts the unscaled traffic and
+FLOPs: the scales add a vector per example and tile).
 
 Run it in a process without ``TRITON_INTERPRET=1`` (like compile_check). The ceilings are the
 H100's datasheet-level figures the project plans with; the GPU kit measures the real ones.
@@ -92,9 +96,11 @@ def record_launches(fn) -> List[Launch]:
     return launches
 
 
-def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool) -> List[Launch]:
+def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool,
+                   scales: bool = False) -> List[Launch]:
     """The launches of one forward and one backward (all four gradients) of a layer, on meta
-    tensors laid out as a benchmark's (x in ``dtype``, routing in float32)."""
+    tensors laid out as a benchmark's (x in ``dtype``, routing in float32); ``scales``: with
+    the three per-example scales (float32)."""
     import condconv_kernels.triton as backend
     x = torch.empty(batch, layer.cin, layer.height, layer.width, device="meta", dtype=dtype)
     if channels_last:
@@ -103,11 +109,14 @@ def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool) -
     weight = torch.empty(layer.experts, layer.cout, layer.cin // layer.groups, layer.kernel,
                          layer.kernel, device="meta", dtype=dtype)
     stride, pad = (layer.stride, layer.stride), layer.padding
+    shapes = ((batch, layer.cin), (batch, layer.cout), (batch, layer.kernel, layer.kernel))
+    scaled = tuple(torch.empty(shape, device="meta") if scales else None for shape in shapes)
 
     def run():
-        out = backend.forward(x, routing, weight, None, stride, pad, (1, 1), layer.groups)
+        out = backend.forward(x, routing, weight, None, stride, pad, (1, 1), layer.groups,
+                              *scaled)
         backend.backward(torch.empty_like(out), x, routing, weight, None, stride, pad, (1, 1),
-                         layer.groups, (True, True, True, False))
+                         layer.groups, (True, True, True, False), *scaled)
     return record_launches(run)
 
 
@@ -248,14 +257,16 @@ def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool) -> flo
 
 
 def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
-           arch: int = 90, every_config: bool = False, layers=None, progress=None):
-    """One record per (layer, kernel) (per configuration with ``every_config``)."""
+           arch: int = 90, every_config: bool = False, layers=None, progress=None,
+           scales: bool = False):
+    """One record per (layer, kernel) (per configuration with ``every_config``); ``scales``:
+    the kernels with the three per-example scales."""
     from ..profile import efficientnet_cc_b0_layers
     layers = layers if layers is not None else efficientnet_cc_b0_layers(8)
     itemsize = torch.empty((), dtype=dtype).element_size()
     records, compiled_cache = [], {}
     for layer in layers:
-        for launch in layer_launches(layer, batch, dtype, channels_last):
+        for launch in layer_launches(layer, batch, dtype, channels_last, scales):
             options = []
             for config in configurations(launch):
                 key = (launch.name, repr(launch.args), repr(sorted(launch.kwargs.items())),
@@ -364,6 +375,8 @@ def main(argv=None) -> int:
     p.add_argument("--first", type=int, help="Only the first N layers.")
     p.add_argument("--json", help="Write the records here.")
     p.add_argument("--before", help="A JSON of an earlier report: print the two side by side.")
+    p.add_argument("--scales", action="store_true",
+                   help="Give every layer the three per-example scales (ODConv's attentions).")
     args = p.parse_args(argv)
     if _config.INTERPRET:
         p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
@@ -371,9 +384,11 @@ def main(argv=None) -> int:
     layers = efficientnet_cc_b0_layers(8)[:args.first]
     records = report(args.batch, getattr(torch, args.dtype), args.layout == "channels_last",
                      args.arch, args.all, layers,
-                     progress=lambda name: print(f"compiled {name}", file=sys.stderr))
-    print(f"triton backend, tf_efficientnet_cc_b0_8e layers, batch {args.batch}, {args.dtype}, "
-          f"{args.layout}, sm_{args.arch} (static model, no GPU)\n")
+                     progress=lambda name: print(f"compiled {name}", file=sys.stderr),
+                     scales=args.scales)
+    print(f"triton backend, tf_efficientnet_cc_b0_8e layers"
+          f"{' with the three per-example scales' if args.scales else ''}, batch {args.batch}, "
+          f"{args.dtype}, {args.layout}, sm_{args.arch} (static model, no GPU)\n")
     print(format_table(records))
     print()
     print(summary(records))

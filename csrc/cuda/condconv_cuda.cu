@@ -27,7 +27,7 @@ static void require_no_scales(const ScaleArgs& scales) {
   TORCH_CHECK_NOT_IMPLEMENTED(!scales.any(),
                               "condconv2d: backend 'cuda' does not support the arguments "
                               "'in_scale', 'out_scale' and 'tap_scale' yet; use backend "
-                              "'reference' on CUDA tensors, or 'cpu'");
+                              "'triton' (or 'reference') on CUDA tensors");
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
