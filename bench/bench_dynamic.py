@@ -2,6 +2,7 @@
 public version of them uses, at ResNet-18 3x3 and MobileNetV2 shapes.
 
     python bench/bench_dynamic.py [--batch 8] [--experts 4] [--backward] [--device cpu]
+                                  [--amp bfloat16] [--channels-last] [--first N]
                                   [--out bench/results/NAME.md]
 
 Both variants run the same layer object (the same attention module and parameters); they differ
@@ -14,10 +15,12 @@ in the convolution only:
   groups groups over the batch viewed as one image, the output times the filter attention.
 
 Prints a markdown table of median milliseconds and the speedup fused / grouped per layer and
-kind, geomean last, all measured in this run.
+kind, geomean last, all measured in this run. ``--amp``: both under autocast (the fused layers
+then run in that dtype with their attentions, the scales, in float32), as a GPU trains.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -69,6 +72,11 @@ def grouped_forward(layer, x):
     return out if filt is None else out * filt.view(B, -1, 1, 1)
 
 
+def _autocast(forward, x, amp):
+    with amp:
+        return forward(x)
+
+
 def _step(forward, x, params, backward):
     if not backward:
         def run():
@@ -90,6 +98,10 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="The dtype of the layers and their input.")
     p.add_argument("--backward", action="store_true", help="Time forward + backward.")
+    p.add_argument("--amp", choices=["bfloat16", "float16"],
+                   help="Run under autocast to this dtype (layers and input stay --dtype).")
+    p.add_argument("--channels-last", action="store_true", help="Use channels_last inputs.")
+    p.add_argument("--first", type=int, help="Only the first N shapes (quick checks).")
     p.add_argument("--min-run-time", type=float, default=0.3,
                    help="Seconds of timed calls per measurement.")
     p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
@@ -97,9 +109,13 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     rows, record = [], []
-    for name, cin, cout, k, stride, groups, side in SHAPES:
-        x = torch.randn(args.batch, cin, side, side, device=args.device, dtype=dtype,
-                        requires_grad=args.backward)
+    amp = (torch.autocast(torch.device(args.device).type, getattr(torch, args.amp))
+           if args.amp else contextlib.nullcontext())
+    for name, cin, cout, k, stride, groups, side in SHAPES[:args.first]:
+        x = torch.randn(args.batch, cin, side, side, device=args.device, dtype=dtype)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(args.backward)
         cells = [name, f"{cin}->{cout} k{k} s{stride} g{groups} {side}x{side}"]
         times = {}
         for kind, make in (("dynamic", lambda: DynamicConv2d(cin, cout, k, stride=stride,
@@ -110,11 +126,14 @@ def main(argv=None):
                                                        kernel_num=args.experts))):
             layer = make().to(args.device, dtype).eval()
             params = list(layer.parameters())
-            with torch.no_grad():
-                torch.testing.assert_close(layer(x), grouped_forward(layer, x), rtol=1e-4,
-                                           atol=1e-4)
+            with torch.no_grad(), amp:
+                tol = 1e-4 if args.amp is None else 5e-2
+                torch.testing.assert_close(layer(x).float(), grouped_forward(layer, x).float(),
+                                           rtol=tol, atol=tol)
             grouped = (lambda t, m=layer: grouped_forward(m, t))
             for variant, forward in (("fused", layer), ("grouped", grouped)):
+                if args.amp:
+                    forward = (lambda t, f=forward: _autocast(f, t, amp))
                 fn = _step(forward, x, params, args.backward)
                 times[f"{kind}:{variant}"] = time_callable(fn, args.device,
                                                            args.min_run_time).median_ms
@@ -130,8 +149,10 @@ def main(argv=None):
         geo += [f"{geomean(fused):.3f}", f"{geomean(grouped):.3f}",
                 f"{geomean([g / f for f, g in zip(fused, grouped)]):.2f}x"]
     mode = "forward+backward" if args.backward else "forward"
+    precision = args.dtype + (f", autocast {args.amp}" if args.amp else "")
+    layout = ", channels_last" if args.channels_last else ""
     lines = [f"DynamicConv2d and ODConv2d layers, batch {args.batch}, K={args.experts}, "
-             f"{args.dtype}, {args.device}, {mode}, median ms", ""]
+             f"{precision}{layout}, {args.device}, {mode}, median ms", ""]
     lines += header(["layer", "shape", "DynamicConv fused", "DynamicConv grouped",
                      "DynamicConv speedup", "ODConv fused", "ODConv grouped", "ODConv speedup"])
     lines += [row(r) for r in rows] + [row(geo), "", machine_line(machine_info())]

@@ -19,8 +19,11 @@
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput;
 #         the >2^31-element tests one at a time; compute-sanitizer memcheck of the cuda backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
-#         call launches, for five layers and the whole model (bench/gpu_profile.py), then the
-#         >2^31-element tests up to their first failure, with its traceback.
+#         call launches, for five layers and the whole model (bench/gpu_profile.py); the
+#         DynamicConv2d and ODConv2d layers (ResNet-18 and MobileNetV2 shapes, batch 64, autocast
+#         bfloat16) fused against their grouped-convolution form, forward and forward+backward
+#         (bench/bench_dynamic.py); then the >2^31-element tests up to their first failure, with
+#         its traceback.
 #
 # Output in $OUT (default gpu-results/), at most 8 files: summary.md (each step's status, time
 # and cap, and the tables, appended as each step ends, printed last), log.txt (all output),
@@ -246,6 +249,7 @@ if [ "$DRY" = 1 ]; then
   MEMCHECK=(--device cpu --backend cpu)
   PROFILE=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s5.b0.expand
            --model-batch 2 --input-size 64)
+  DYNAMIC=(--device cpu --batch 2 --first 1 --min-run-time 0.02)
 else
   DEV=(--device cuda)
   TEST_ENV=(env)
@@ -259,6 +263,7 @@ else
             --report-api-errors no --error-exitcode 1)
   MEMCHECK=(--backend cuda)
   PROFILE=(--device cuda --batch 256 --dtype bfloat16 --backend triton --model-batch 256)
+  DYNAMIC=(--device cuda --batch 64 --amp bfloat16 --channels-last --min-run-time 0.1)
 fi
 # The headline tables carry the static model's time per layer (condconv_kernels.triton.report,
 # committed as bench/results/gpu-model.json) and the measured / modeled ratio.
@@ -337,6 +342,14 @@ else  # profile: where the time goes, and the >2^31-element tests' first failure
     { cat "$WORK/results/profile-b256-bf16-cl.md"; echo; } >>"$SUMMARY"
     tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
   fi
+  # DynamicConv2d and ODConv2d (the per-example scales) fused against their grouped-convolution
+  # form; one configuration per kernel (no autotuning): the compiles fit the cap.
+  step dynamic-fwd 50 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/bench_dynamic.py \
+    "${DYNAMIC[@]}" --out "$WORK/results/dynamic-fwd.md"
+  table "$WORK/results/dynamic-fwd.md"
+  step dynamic-fwdbwd 80 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/bench_dynamic.py \
+    "${DYNAMIC[@]}" --backward --out "$WORK/results/dynamic-fwdbwd.md"
+  table "$WORK/results/dynamic-fwdbwd.md"
   TAIL_LINES=60 step huge-tests 80 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
     CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -x --tb=short -rfE -p no:cacheprovider \
     tests/test_gpu.py -m huge
