@@ -14,6 +14,11 @@ in the convolution only:
   attention) materialised, x times the channel attention, one grouped convolution with B x
   groups groups over the batch viewed as one image, the output times the filter attention.
 
+and a third column bounds what any implementation can reach: ``static``, one ordinary
+convolution of the same shape (the layer's first kernel, no attention), whose time is the
+floor of the layer's convolution; ``grouped / static`` near 1 means the grouped form already
+runs at convolution speed there, and no fused kernel can be much faster than it.
+
 Prints a markdown table of median milliseconds and the speedup fused / grouped per layer and
 kind, geomean last, all measured in this run. ``--amp``: both under autocast (the fused layers
 then run in that dtype with their attentions, the scales, in float32), as a GPU trains.
@@ -139,6 +144,18 @@ def main(argv=None):
                                                            args.min_run_time).median_ms
             cells += [f"{times[kind + ':fused']:.3f}", f"{times[kind + ':grouped']:.3f}",
                       f"{times[kind + ':grouped'] / times[kind + ':fused']:.2f}x"]
+        static = torch.nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups).to(args.device,
+                                                                                  dtype)
+        if args.amp:
+            static_forward = (lambda t, f=static: _autocast(f, t, amp))
+        else:
+            static_forward = static
+        times["static"] = time_callable(_step(static_forward, x, list(static.parameters()),
+                                              args.backward),
+                                        args.device, args.min_run_time).median_ms
+        cells += [f"{times['static']:.3f}",
+                  f"{times['dynamic:grouped'] / times['static']:.2f}x",
+                  f"{times['odconv:grouped'] / times['static']:.2f}x"]
         rows.append(cells)
         record.append({"layer": name, "shape": cells[1], "ms": times})
         print(f"{name}: done", file=sys.stderr)
@@ -148,13 +165,18 @@ def main(argv=None):
         grouped = [r["ms"][kind + ":grouped"] for r in record]
         geo += [f"{geomean(fused):.3f}", f"{geomean(grouped):.3f}",
                 f"{geomean([g / f for f, g in zip(fused, grouped)]):.2f}x"]
+    static = [r["ms"]["static"] for r in record]
+    geo += [f"{geomean(static):.3f}"] + [
+        f"{geomean([r['ms'][kind + ':grouped'] / r['ms']['static'] for r in record]):.2f}x"
+        for kind in ("dynamic", "odconv")]
     mode = "forward+backward" if args.backward else "forward"
     precision = args.dtype + (f", autocast {args.amp}" if args.amp else "")
     layout = ", channels_last" if args.channels_last else ""
     lines = [f"DynamicConv2d and ODConv2d layers, batch {args.batch}, K={args.experts}, "
              f"{precision}{layout}, {args.device}, {mode}, median ms", ""]
     lines += header(["layer", "shape", "DynamicConv fused", "DynamicConv grouped",
-                     "DynamicConv speedup", "ODConv fused", "ODConv grouped", "ODConv speedup"])
+                     "DynamicConv speedup", "ODConv fused", "ODConv grouped", "ODConv speedup",
+                     "static", "DynamicConv grouped / static", "ODConv grouped / static"])
     lines += [row(r) for r in rows] + [row(geo), "", machine_line(machine_info())]
     table = "\n".join(lines)
     print(table)

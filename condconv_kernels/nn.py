@@ -216,10 +216,18 @@ def _kaiming_normal_fan_out_(module: nn.Module) -> None:
 
 
 def _pooled(x: torch.Tensor, layer: str) -> torch.Tensor:
+    """x averaged over its pixels: (B, C, H, W) -> (B, C)."""
     if x.dim() != 4:
         raise ValueError(f"{layer}: argument 'x' must be 4-D (B, C, H, W), got shape "
                          f"{tuple(x.shape)}")
-    return x.mean((2, 3), keepdim=True)
+    return x.mean((2, 3))
+
+
+def _fc(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """A 1x1 ``conv`` (kept as the reference implementations' state dicts name it) applied to
+    pooled features (B, C) as the matrix product it is: a convolution call costs several times
+    more on tensors of one pixel. (Forward hooks on ``conv`` do not run.)"""
+    return F.linear(a, conv.weight.flatten(1), conv.bias)
 
 
 class DynamicConvAttention(nn.Module):
@@ -238,8 +246,8 @@ class DynamicConvAttention(nn.Module):
         _kaiming_normal_fan_out_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.fc2(F.relu(self.fc1(_pooled(x, "DynamicConv2d"))))
-        return torch.softmax(a.flatten(1) / self.temperature, dim=1)
+        a = _fc(self.fc2, F.relu(_fc(self.fc1, _pooled(x, "DynamicConv2d"))))
+        return torch.softmax(a / self.temperature, dim=1)
 
 
 class DynamicConv2d(FusedConv2d):
@@ -332,11 +340,11 @@ class ODConvAttention(nn.Module):
     def forward(self, x: torch.Tensor):
         """(kernel (B, E), channel (B, Cin), filter (B, Cout) or None, spatial (B, kh, kw) or
         None)."""
-        a = F.relu(self.bn(self.fc(_pooled(x, "ODConv2d"))))
+        a = F.relu(self.bn(_fc(self.fc, _pooled(x, "ODConv2d"))[:, :, None, None]).flatten(1))
         t = self.temperature
 
         def head(fc):
-            return None if fc is None else fc(a).flatten(1) / t
+            return None if fc is None else _fc(fc, a) / t
         kernel = head(self.kernel_fc)
         kernel = (torch.softmax(kernel, dim=1) if kernel is not None
                   else a.new_ones(x.shape[0], 1))
