@@ -19,7 +19,8 @@
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput;
 #         the >2^31-element tests one at a time; compute-sanitizer memcheck of the cuda backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
-#         call launches, for five layers and the whole model (bench/gpu_profile.py); the
+#         call launches, for five layers and the whole model (bench/gpu_profile.py); the dense
+#         kernel gradient with one gradient asked for at a time (bench/kgrad_ablation.py); the
 #         DynamicConv2d and ODConv2d layers (ResNet-18 and MobileNetV2 shapes, batch 64, autocast
 #         bfloat16) fused against their grouped-convolution form, forward and forward+backward
 #         (bench/bench_dynamic.py); then the >2^31-element tests up to their first failure, with
@@ -250,6 +251,7 @@ if [ "$DRY" = 1 ]; then
   PROFILE=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s5.b0.expand
            --model-batch 2 --input-size 64)
   DYNAMIC=(--device cpu --batch 2 --first 1 --min-run-time 0.02)
+  KGRAD=(--device cpu --batch 2 --backend cpu --layers s5.b0.expand)
 else
   DEV=(--device cuda)
   TEST_ENV=(env)
@@ -264,6 +266,7 @@ else
   MEMCHECK=(--backend cuda)
   PROFILE=(--device cuda --batch 256 --dtype bfloat16 --backend triton --model-batch 256)
   DYNAMIC=(--device cuda --batch 64 --amp bfloat16 --channels-last --min-run-time 0.1)
+  KGRAD=(--device cuda --batch 256 --backend triton)
 fi
 # The headline tables carry the static model's time per layer (condconv_kernels.triton.report,
 # committed as bench/results/gpu-model.json) and the measured / modeled ratio.
@@ -342,6 +345,11 @@ else  # profile: where the time goes, and the >2^31-element tests' first failure
     { cat "$WORK/results/profile-b256-bf16-cl.md"; echo; } >>"$SUMMARY"
     tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
   fi
+  # The dense kernel gradient by gradient asked for (one configuration each: comparable, and
+  # few compiles).
+  step kgrad 50 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/kgrad_ablation.py "${KGRAD[@]}" \
+    --out "$WORK/results/kgrad-ablation.md"
+  table "$WORK/results/kgrad-ablation.md"
   # DynamicConv2d and ODConv2d (the per-example scales) fused against their grouped-convolution
   # form; one configuration per kernel (no autotuning): the compiles fit the cap.
   step dynamic-fwd 50 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/bench_dynamic.py \

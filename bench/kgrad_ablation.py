@@ -1,0 +1,118 @@
+"""Where the dense kernel gradient's device time goes: the backward of a few 1x1 CondConv layers
+of tf_efficientnet_cc_b0_8e with one gradient asked for at a time.
+
+    python bench/kgrad_ablation.py [--device cuda] [--batch 256] [--backend triton]
+                                   [--layers s5.b0.expand,...] [--splits 8,32] [--out FILE.md]
+
+The backward op runs with these output masks (grad_x, grad_routing, grad_weight):
+
+- ``x``: grad_x alone (no kernel gradient): the reference point of a dense pass;
+- ``w``: the experts' gradient alone (NEED_W: every expert's gradient tile in registers,
+  updated once per example);
+- ``r``: the routing's gradient alone (NEED_R: per example a reduction of <G_b, W_e> over the
+  tile across the program's threads);
+- ``wr``: both, as training asks; with ``--splits``, also with the batch cut into that many
+  slices of programs (the triton backend's ``_splits``; 8 by default): more, shorter programs.
+
+Device microseconds per call are the kernels' own times (torch.profiler), so host overhead
+does not count. The question it answers: is the kernel gradient bound by its per-example
+reductions (``r`` close to ``wr``, far above ``w``), by its per-example latency (all three
+alike, falling with more slices) or by traffic (all alike, flat in the slices)?
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+from condconv_kernels.cli import parser
+from condconv_kernels.profile import efficientnet_cc_b0_layers
+from condconv_kernels.profile.tables import header, machine_line, row, write_result
+from condconv_kernels.profile import machine_info
+from gpu_profile import device_kernels
+
+MASKS = {"x": (True, False, False), "w": (False, False, True), "r": (False, True, False),
+         "wr": (False, True, True)}
+
+
+@contextlib.contextmanager
+def splits(n):
+    """The triton backend's batch slices for the dense kernel gradient set to ``n`` (None:
+    unchanged)."""
+    if n is None:
+        yield
+        return
+    import condconv_kernels.triton as backend
+    saved = backend._splits
+    backend._splits = lambda B: max(1, min(B, n))
+    try:
+        yield
+    finally:
+        backend._splits = saved
+
+
+def main(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--device", default="cuda", help="Where to run: cuda, or cpu for a dry run.")
+    p.add_argument("--batch", type=int, default=256, help="The batch size.")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--backend", default="triton", help="The backend whose backward is timed.")
+    p.add_argument("--layers", default="s5.b0.expand,s6.b1.expand,s7.b0.project",
+                   help="Comma-separated layer names (dense ones).")
+    p.add_argument("--splits", default="32",
+                   help="Comma-separated batch slice counts to try for 'wr' (triton only).")
+    p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    layers = {layer.name: layer for layer in efficientnet_cc_b0_layers(8)}
+    wanted = [name for name in args.layers.split(",") if name]
+    unknown = [name for name in wanted if name not in layers]
+    if unknown:
+        p.error(f"unknown layers {unknown}; choose from {sorted(layers)}")
+    slice_counts = [int(s) for s in args.splits.split(",") if s] if args.backend == "triton" else []
+    variants = list(MASKS) + [f"wr, {n} slices" for n in slice_counts]
+    rows, record = [], []
+    g = torch.Generator().manual_seed(0)
+    for name in wanted:
+        layer = layers[name]
+        x = torch.randn(args.batch, layer.cin, layer.height, layer.width, generator=g)
+        x = x.contiguous(memory_format=torch.channels_last).to(args.device, dtype)
+        routing = torch.rand(args.batch, layer.experts, generator=g).to(args.device)
+        weight = (torch.randn(layer.experts, layer.cout, layer.cin // layer.groups, layer.kernel,
+                              layer.kernel, generator=g) * 0.05).to(args.device, dtype)
+        stride, pad = [layer.stride] * 2, list(layer.padding)
+        ho = (layer.height + pad[0] + pad[1] - layer.kernel) // layer.stride + 1
+        wo = (layer.width + pad[2] + pad[3] - layer.kernel) // layer.stride + 1
+        grad_out = torch.randn(args.batch, layer.cout, ho, wo, generator=g)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last).to(args.device, dtype)
+        cells = [name, layer.describe()]
+        times = {}
+        for variant in variants:
+            mask = list(MASKS[variant.split(",")[0]]) + [False]
+            n = int(variant.split(", ")[1].split()[0]) if "slices" in variant else None
+
+            def call(mask=mask):
+                torch.ops.condconv.condconv2d_backward(
+                    grad_out, x, routing, weight, None, stride, pad, [1, 1], layer.groups,
+                    args.backend, mask, None, None, None)
+            with splits(n):
+                call()  # compile and tune outside the profile
+                times[variant] = device_kernels(call, args.device)[0]
+            cells.append(f"{times[variant]:.1f}")
+        rows.append(cells)
+        record.append({"layer": name, "shape": cells[1], "device_us": times})
+        print(f"{name}: done", file=sys.stderr)
+    lines = [f"Dense backward by gradient asked for, batch {args.batch}, {args.dtype}, "
+             f"channels_last, backend {args.backend}, {args.device}: device us per call", ""]
+    lines += header(["layer", "shape"] + [f"{v}" for v in variants])
+    lines += [row(r) for r in rows] + ["", machine_line(machine_info())]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        command = "python bench/kgrad_ablation.py " + " ".join(argv if argv else sys.argv[1:])
+        write_result(args.out, table, command, {"machine": machine_info(), "layers": record})
+
+
+if __name__ == "__main__":
+    main()
