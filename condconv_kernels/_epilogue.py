@@ -106,16 +106,19 @@ def fold_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: torch.Tens
     return grad_routing, grad_weight
 
 
-def finish_bias_grads(grad_out: torch.Tensor, routing: torch.Tensor,
-                      bias: Optional[torch.Tensor], grad_routing: Optional[torch.Tensor],
-                      need_b: bool, acc: torch.dtype, scales: Scales = Scales(),
-                      grad_out_scale: Optional[torch.Tensor] = None):
-    """The bias's share: grad_bias = routing^T gsum' (if ``need_b``), gsum' bias^T added to
-    ``grad_routing`` (the kernels' <G_b, W_e> part, in ``acc``, or None when not wanted), which
-    is returned in routing's dtype, and gsum (routing bias) added to ``grad_out_scale`` (in
-    ``acc``, or None), returned; gsum' = out_scale * gsum. Returns (grad_routing, grad_bias,
-    grad_out_scale)."""
+def finish_grads(grad_out: torch.Tensor, routing: torch.Tensor, bias: Optional[torch.Tensor],
+                 grad_routing: Optional[torch.Tensor], need_b: bool, acc: torch.dtype,
+                 scales: Scales = Scales(),
+                 scale_grads: Tuple[Optional[torch.Tensor], ...] = (None, None, None)):
+    """The bias's share and the gradients' final dtypes: grad_bias = routing^T gsum' (if
+    ``need_b``), gsum' bias^T added to ``grad_routing`` (the kernels' <G_b, W_e> part, in
+    ``acc``, or None when not wanted), gsum (routing bias) added to the kernel term of
+    grad_out_scale (``scale_grads``: the kernel terms of (grad_in_scale, grad_out_scale,
+    grad_tap_scale) in ``acc``, None where the scale is absent); gsum' = out_scale * gsum.
+    Returns (grad_routing in routing's dtype, grad_bias, grad_in_scale, grad_out_scale,
+    grad_tap_scale), the scales' gradients in their scales' shapes and dtypes."""
     grad_bias = None
+    grad_in_scale, grad_out_scale, grad_tap_scale = scale_grads
     if bias is not None and (grad_routing is not None or need_b or grad_out_scale is not None):
         gsum = grad_out.sum((2, 3), dtype=acc)
         if grad_out_scale is not None:
@@ -127,4 +130,6 @@ def finish_bias_grads(grad_out: torch.Tensor, routing: torch.Tensor,
             grad_routing = grad_routing + gsum @ bias.to(acc).t()
     if grad_routing is not None:
         grad_routing = grad_routing.to(routing.dtype)
-    return grad_routing, grad_bias, grad_out_scale
+    shaped = tuple(None if g is None else g.reshape(s.shape).to(s.dtype)
+                   for g, s in zip((grad_in_scale, grad_out_scale, grad_tap_scale), scales))
+    return (grad_routing, grad_bias) + shaped

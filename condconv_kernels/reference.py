@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ._args import suggest_memory_format
-from ._epilogue import Scales, finish_bias_grads, fold_scaled_kernel_grads
+from ._epilogue import Scales, finish_grads, fold_scaled_kernel_grads
 
 __all__ = ["mix", "condconv2d_loop", "condconv2d_grouped", "condconv2d_unfold",
            "forward", "backward"]
@@ -253,9 +253,6 @@ def _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, gro
         grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
             grad_kernels.reshape(B, -1).to(acc), routing, weight, scales, groups, need_r,
             need_w, acc)
-    grad_routing, grad_bias, grad_out_scale = finish_bias_grads(
-        grad_out, routing, bias, grad_routing, need_b, acc, scales, scale_grads[1])
-    scale_grads = (scale_grads[0], grad_out_scale, scale_grads[2])
-    scale_grads = tuple(None if g is None else g.reshape(s.shape).to(s.dtype)
-                        for g, s in zip(scale_grads, scales))
-    return (grad_x, grad_routing, grad_weight, grad_bias) + scale_grads
+    grad_routing, grad_bias, *scale_grads = finish_grads(grad_out, routing, bias, grad_routing,
+                                                         need_b, acc, scales, scale_grads)
+    return (grad_x, grad_routing, grad_weight, grad_bias, *scale_grads)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import _args
-from .._epilogue import Scales, finish_bias_grads, fold_scaled_kernel_grads
+from .._epilogue import Scales, finish_grads, fold_scaled_kernel_grads
 from ._grid import flat_grid
 from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucket,
                       fixed_blocks, smallest_block)
@@ -214,12 +214,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             grad_routing = part.sum(0)
         scale_grads = _scale_grads(scales, qc, qk, B, groups, cin_g, kh * kw, acc)
 
-    grad_routing, grad_bias, grad_out_scale = finish_bias_grads(
-        grad_out, routing, bias, grad_routing, need_b, acc, scales, scale_grads[1])
-    scale_grads = (scale_grads[0], grad_out_scale, scale_grads[2])
-    scale_grads = tuple(None if g is None else g.reshape(s.shape).to(s.dtype)
-                        for g, s in zip(scale_grads, scales))
-    return (grad_x, grad_routing, grad_weight, grad_bias) + scale_grads
+    grad_routing, grad_bias, *scale_grads = finish_grads(grad_out, routing, bias, grad_routing,
+                                                         need_b, acc, scales, scale_grads)
+    return (grad_x, grad_routing, grad_weight, grad_bias, *scale_grads)
 
 
 def _scale_grads(scales: Scales, qc: torch.Tensor, qk: torch.Tensor, B: int, groups: int,
