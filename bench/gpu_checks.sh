@@ -19,8 +19,10 @@
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput;
 #         the >2^31-element tests one at a time; compute-sanitizer memcheck of the cuda backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
-#         call launches, for five layers and the whole model (bench/gpu_profile.py); the dense
-#         kernel gradient with one gradient asked for at a time (bench/kgrad_ablation.py); the
+#         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
+#         Compute on each kernel of two layers (bench/ncu_layers.py: occupancy, stall reasons,
+#         memory and tensor-pipe throughput); the dense kernel gradient with one gradient asked
+#         for at a time (bench/kgrad_ablation.py); the
 #         DynamicConv2d and ODConv2d layers (ResNet-18 and MobileNetV2 shapes, batch 64, autocast
 #         bfloat16) fused against their grouped-convolution form, forward and forward+backward
 #         (bench/bench_dynamic.py); then the >2^31-element tests up to their first failure, with
@@ -212,8 +214,20 @@ install_extension() {  # the built _C into the package, atomically; then what it
   "$PY" -c "import condconv_kernels as cc; print('cuda backends:', cc.available_backends('cuda'))"
 }
 
+ncu_layers() {  # Nsight Compute on one forward+backward of two layers (bench/ncu_layers.py)
+  if [ "$DRY" = 1 ]; then "$PY" bench/ncu_layers.py; return; fi
+  local ncu
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null |
+    head -n 1)
+  if [ -z "$ncu" ]; then echo "ncu not found"; return 1; fi
+  "$ncu" --profile-from-start off --clock-control none --target-processes all \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    "$PY" bench/ncu_layers.py | tee "$WORK/results/ncu-layers.txt"
+}
+
 export ROOT PY DRY WORK KIT OUT
-export -f stamp versions build_extension install_extension
+export -f stamp versions build_extension install_extension ncu_layers
 
 restore() {  # the first call's kit: Triton's cache always, the extension if its sources match
   local staged=$WORK/kit
@@ -345,9 +359,13 @@ else  # profile: where the time goes, and the >2^31-element tests' first failure
     { cat "$WORK/results/profile-b256-bf16-cl.md"; echo; } >>"$SUMMARY"
     tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
   fi
+  # What the dense and depthwise kernels wait on: Nsight Compute's sections for each kernel of
+  # the headline 1x1 layer and a 5x5 depthwise one (the whole report in log.txt).
+  TAIL_LINES=40 step ncu 70 ncu_layers
+  tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
   # The dense kernel gradient by gradient asked for (one configuration each: comparable, and
   # few compiles).
-  step kgrad 50 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/kgrad_ablation.py "${KGRAD[@]}" \
+  step kgrad 40 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/kgrad_ablation.py "${KGRAD[@]}" \
     --out "$WORK/results/kgrad-ablation.md"
   table "$WORK/results/kgrad-ablation.md"
   # DynamicConv2d and ODConv2d (the per-example scales) fused against their grouped-convolution
