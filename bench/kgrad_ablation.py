@@ -56,7 +56,8 @@ def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--device", default="cuda", help="Where to run: cuda, or cpu for a dry run.")
     p.add_argument("--batch", type=int, default=256, help="The batch size.")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
+                   help="The dtype of the inputs and weights.")
     p.add_argument("--backend", default="triton", help="The backend whose backward is timed.")
     p.add_argument("--layers", default="s5.b0.expand,s6.b1.expand,s7.b0.project",
                    help="Comma-separated layer names (dense ones).")

@@ -197,7 +197,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         part = zeros((tiles, B, E), need_r)
         qc = zeros((rows_k, B, cout), out_scale is not None)
         qk = zeros((rows_co, B, groups * K), in_scale is not None or tap_scale is not None)
-        blocks = fixed_blocks(KGRAD_TILES, E, x.element_size(), gw.element_size())
+        blocks = fixed_blocks(KGRAD_TILES, E, x.element_size(), gw.element_size(),
+                              scales.any())
 
         def grid(meta):
             n_k, n_co = triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(cout_g, meta["BLOCK_CO"])

@@ -97,16 +97,21 @@ def _prune_examples(configs, named_args, **kwargs):
     return kept
 
 
-def kgrad_bytes(blocks: Dict[str, int], experts_pow2: int, acc_bytes: int, itemsize: int) -> int:
-    """Register bytes of a kernel gradient's per-expert tiles (see KGRAD_WARP_BYTES)."""
-    return experts_pow2 * blocks["BLOCK_CO"] * blocks["BLOCK_K"] * (acc_bytes + itemsize)
+def kgrad_bytes(blocks: Dict[str, int], experts_pow2: int, acc_bytes: int, itemsize: int,
+                scaled: bool = False) -> int:
+    """Register bytes of a kernel gradient's per-expert tiles (see KGRAD_WARP_BYTES), and with
+    per-example scales its two more tiles in the accumulation dtype (the example's mixed tile
+    and its product with G: past the budget without them, ptxas spills)."""
+    tile = blocks["BLOCK_CO"] * blocks["BLOCK_K"]
+    return tile * (experts_pow2 * (acc_bytes + itemsize) + (2 * acc_bytes if scaled else 0))
 
 
-def _kgrad_fit(configs, experts_pow2: int, acc_bytes: int, itemsize: int):
+def _kgrad_fit(configs, experts_pow2: int, acc_bytes: int, itemsize: int,
+               scaled: bool = False):
     """Of (tile, warps, anything) triples, those whose expert tiles fit in their warps'
     registers; the one needing the fewest bytes a warp if none does."""
     def per_warp(c):
-        return kgrad_bytes(c[0], experts_pow2, acc_bytes, itemsize) / c[1]
+        return kgrad_bytes(c[0], experts_pow2, acc_bytes, itemsize, scaled) / c[1]
     kept = [c for c in configs if per_warp(c) <= KGRAD_WARP_BYTES]
     return kept or [min(configs, key=per_warp)]
 
@@ -117,8 +122,10 @@ def _prune_kernel_grad(configs, named_args, **kwargs):
     x = named_args.get("x_ptr")
     itemsize = x.element_size() if hasattr(x, "element_size") else 4
     acc_bytes = 8 if kwargs.get("ACC") == tl.float64 else 4
+    scaled = any(kwargs.get(flag) for flag in ("IN_SCALE", "OUT_SCALE", "TAP_SCALE"))
     triples = [(c.kwargs, c.num_warps, c) for c in configs]
-    return [c for _, _, c in _kgrad_fit(triples, kwargs.get("E_POW2", 8), acc_bytes, itemsize)]
+    return [c for _, _, c in _kgrad_fit(triples, kwargs.get("E_POW2", 8), acc_bytes, itemsize,
+                                        scaled)]
 
 
 def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[str] = ()):
@@ -153,13 +160,13 @@ def _table(shapes: Sequence[str]):
 
 
 def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
-                 acc_bytes: int = 4) -> Dict[str, int]:
+                 acc_bytes: int = 4, scaled: bool = False) -> Dict[str, int]:
     """The launch options the launcher passes itself: the interpreter's tiles, the first (or
     the forced) GPU configuration when autotuning is off, none when autotuned. Without
     autotuning the dense forward / grad_x get their pipeline stages lowered until their tiles
     of ``experts`` experts in ``itemsize``-byte elements fit in shared memory, and the dense
-    kernel gradient the first configuration from there on whose expert tiles fit in
-    registers."""
+    kernel gradient the first configuration from there on whose expert tiles (and, ``scaled``,
+    the scales' two tiles) fit in registers."""
     if INTERPRET:
         return {name: INTERPRET_EXAMPLES if name == "BLOCK_B" else INTERPRET_BLOCK
                 for name in shapes}
@@ -172,7 +179,8 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
         elif tuple(shapes) == KGRAD_TILES:
             pow2 = 1 << max(0, experts - 1).bit_length()
             triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
-            blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize)[0][2]
+            blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize,
+                                               scaled)[0][2]
         return {**blocks, "num_warps": warps, "num_stages": stages}
     return {}
 
