@@ -150,14 +150,36 @@ def check_tensors(x, routing, weight, bias, stride, padding, dilation, groups, i
                                         groups, in_scale, out_scale, tap_scale)
 
 
+def backward_mask(output_mask, scales) -> Tuple[bool, ...]:
+    """The backward's ``output_mask`` as one flag per gradient (grad_x, grad_routing,
+    grad_weight, grad_bias, grad_in_scale, grad_out_scale, grad_tap_scale): given with 4 entries
+    (the scales' gradients then all come back, where the scale is given) or 7. ``scales``:
+    (in_scale, out_scale, tap_scale), each None where absent. ValueError naming the argument
+    for another length or a scale's gradient asked for without the scale."""
+    mask = tuple(bool(m) for m in output_mask)
+    if len(mask) not in (4, 7):
+        raise ValueError(f"condconv2d_backward: argument 'output_mask' must have 4 or 7 entries "
+                         f"(grad_x, grad_routing, grad_weight, grad_bias[, grad_in_scale, "
+                         f"grad_out_scale, grad_tap_scale]), got {len(mask)}")
+    if len(mask) == 4:
+        return mask + tuple(s is not None for s in scales)
+    for name, wanted, s in zip(SCALE_NAMES, mask[4:], scales):
+        if wanted and s is None:
+            raise ValueError(f"condconv2d_backward: argument 'output_mask' asks for "
+                             f"grad_{name} but '{name}' is None")
+    return mask
+
+
 def check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
                            output_mask, in_scale=None, out_scale=None, tap_scale=None) -> None:
     """:func:`check_tensors`, then ``grad_out`` (the output's shape, x's dtype and device) and
-    ``output_mask`` (no grad_bias without a bias): ``check_backward_inputs`` in csrc/ops.cpp."""
+    ``output_mask``'s first 4 entries (no grad_bias without a bias): ``check_backward_inputs``
+    in csrc/ops.cpp."""
     if _checkable(grad_out, x, routing, weight, bias, in_scale, out_scale, tap_scale):
         torch.ops.condconv.check_backward_inputs(grad_out, x, routing, weight, bias, stride,
-                                                 padding, dilation, groups, output_mask,
-                                                 in_scale, out_scale, tap_scale)
+                                                 padding, dilation, groups,
+                                                 list(output_mask[:4]), in_scale, out_scale,
+                                                 tap_scale)
 
 
 def autocast_enabled(device_type: str) -> bool:

@@ -16,7 +16,7 @@ s_b * G_b for G_b and out_scale * gsum for gsum, and with Q_b = G_b * M_b::
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,10 +60,11 @@ class Scales(NamedTuple):
 
 
 def scale_grads_from_kernels(G: torch.Tensor, M: torch.Tensor, scales: Scales, weight_shape,
-                             groups: int) -> Tuple[Optional[torch.Tensor], ...]:
+                             groups: int, wanted: Sequence[bool] = (True, True, True)
+                             ) -> Tuple[Optional[torch.Tensor], ...]:
     """The kernel terms of (grad_in_scale (B, Cin), grad_out_scale (B, Cout), grad_tap_scale
     (B, taps)) in G's dtype from G and the unscaled mixed kernels M (B, |W|); None where the scale
-    is absent."""
+    is absent or its gradient not ``wanted``."""
     _, cout, cin_g, kh, kw = weight_shape
     B = G.shape[0]
     Q = (G * M).reshape(B, groups, cout // groups, cin_g, kh * kw)
@@ -75,20 +76,23 @@ def scale_grads_from_kernels(G: torch.Tensor, M: torch.Tensor, scales: Scales, w
             if f is not None:
                 p = p * f
         return p
-    return (None if i is None else times(o, t).sum((2, 4)).flatten(1),
-            None if o is None else times(i, t).sum((3, 4)).reshape(B, cout),
-            None if t is None else times(o, i).sum((1, 2, 3)))
+    want_i, want_o, want_t = wanted
+    return (None if i is None or not want_i else times(o, t).sum((2, 4)).flatten(1),
+            None if o is None or not want_o else times(i, t).sum((3, 4)).reshape(B, cout),
+            None if t is None or not want_t else times(o, i).sum((1, 2, 3)))
 
 
 def fold_scaled_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
                              scales: Scales, groups: int, need_r: bool, need_w: bool,
-                             acc: torch.dtype):
+                             acc: torch.dtype, wanted: Sequence[bool] = (True, True, True)):
     """:func:`fold_kernel_grads` of s_b * G_b, and the kernel terms of the scales' gradients
-    (:func:`scale_grads_from_kernels`, in ``acc``): (grad_routing, grad_weight, scale_grads)."""
+    ``wanted`` (:func:`scale_grads_from_kernels`, in ``acc``): (grad_routing, grad_weight,
+    scale_grads)."""
     scale_grads = (None, None, None)
     if scales.any():
-        M = routing.to(acc) @ weight.reshape(weight.shape[0], -1).to(acc)
-        scale_grads = scale_grads_from_kernels(G, M, scales, weight.shape, groups)
+        if any(w and s is not None for w, s in zip(wanted, scales)):
+            M = routing.to(acc) @ weight.reshape(weight.shape[0], -1).to(acc)
+            scale_grads = scale_grads_from_kernels(G, M, scales, weight.shape, groups, wanted)
         G = G * scales.kernel_factor(weight.shape, groups, acc)
     return fold_kernel_grads(G, routing, weight, need_r, need_w, acc) + (scale_grads,)
 

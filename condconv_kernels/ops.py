@@ -6,9 +6,11 @@ Operators (``torch.ops.condconv``):
   in_scale?, out_scale?, tap_scale?)``: the differentiable op; ``backend`` is a concrete backend
   name (never ``auto``).
 - ``condconv2d_backward(grad_out, x, routing, weight, bias?, stride, padding, dilation, groups,
-  backend, output_mask[4], in_scale?, out_scale?, tap_scale?) -> (grad_x, grad_routing,
+  backend, output_mask, in_scale?, out_scale?, tap_scale?) -> (grad_x, grad_routing,
   grad_weight, grad_bias, grad_in_scale, grad_out_scale, grad_tap_scale)``: the handwritten
-  backward; gradients not asked for, and those of absent scales, come back as empty tensors.
+  backward; ``output_mask`` has an entry per gradient (7), or 4 (the given scales' gradients
+  then all come back); gradients not asked for, and those of absent scales, come back as empty
+  tensors.
 - ``native_forward`` / ``native_backward``: the C++ kernels (csrc/), bound per dispatch key.
 
 Each op has a fake implementation (output strides follow x's memory format), the forward op a
@@ -31,8 +33,9 @@ _lib = torch.library.Library("condconv", "FRAGMENT")
 
 
 # Every backend's forward takes (x, routing, weight, bias, stride, padding, dilation, groups,
-# in_scale, out_scale, tap_scale); its backward (grad_out, the same up to groups, output_mask,
-# the scales) and returns the seven gradients, None where not asked for or the scale absent.
+# in_scale, out_scale, tap_scale); its backward (grad_out, the same up to groups, output_mask
+# with an entry per gradient (7: _args.backward_mask), the scales) and returns the seven
+# gradients, None where not asked for.
 
 
 def _native_forward(*args):
@@ -40,10 +43,10 @@ def _native_forward(*args):
 
 
 def _native_backward(*args):
-    grads = torch.ops.condconv.native_backward(*args)
-    scales = args[-3:]
-    wanted = tuple(args[-4]) + tuple(t is not None for t in scales)
-    return tuple(g if m else None for g, m in zip(grads, wanted))
+    mask, scales = args[-4], args[-3:]
+    grads = torch.ops.condconv.native_backward(*args[:-4], list(mask[:4]), *scales,
+                                               list(mask[4:]))
+    return tuple(g if m else None for g, m in zip(grads, mask))
 
 
 def _triton_forward(*args):
@@ -135,20 +138,19 @@ def _condconv2d_backward(grad_out: Tensor, x: Tensor, routing: Tensor, weight: T
 def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation, groups, backend,
                    output_mask, *scales):
     """The backward op's computation, checks included (as :func:`_forward_impl`)."""
+    mask = _args.backward_mask(output_mask, scales)
     if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
         _args.check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding,
-                                     dilation, groups, output_mask, *scales)
+                                     dilation, groups, mask, *scales)
     if x.shape[0] == 0:
         grads = (None,) * 7
     else:
         grads = _BACKWARD[backend](grad_out, x, routing, weight, bias, stride, padding,
-                                   dilation, groups, output_mask, *scales)
+                                   dilation, groups, mask, *scales)
     x_format = _args.suggest_memory_format(x)
-    return ((_grad_like(grads[0], x, output_mask[0], x, x_format),
-             _grad_like(grads[1], routing, output_mask[1], x),
-             _grad_like(grads[2], weight, output_mask[2], x),
-             _grad_like(grads[3], bias, output_mask[3], x))
-            + tuple(_grad_like(g, s, s is not None, x) for g, s in zip(grads[4:], scales)))
+    return ((_grad_like(grads[0], x, mask[0], x, x_format),)
+            + tuple(_grad_like(g, like, wanted, x) for g, like, wanted in
+                    zip(grads[1:], (routing, weight, bias) + tuple(scales), mask[1:])))
 
 
 @_condconv2d_backward.register_fake
@@ -157,17 +159,17 @@ def _condconv2d_backward_fake(grad_out, x, routing, weight, bias, stride, paddin
                               tap_scale=None):
     _check_backend(backend)
     scales = (in_scale, out_scale, tap_scale)
+    mask = _args.backward_mask(output_mask, scales)
     _args.check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding, dilation,
-                                 groups, output_mask, *scales)
+                                 groups, mask, *scales)
 
     def fake(like, wanted, memory_format=torch.contiguous_format):
         if not wanted:
             return x.new_empty((0,))
         return torch.empty_like(like, memory_format=memory_format)
-    return ((fake(x, output_mask[0], _args.suggest_memory_format(x)),
-             fake(routing, output_mask[1]), fake(weight, output_mask[2]),
-             fake(bias, output_mask[3]))
-            + tuple(fake(s, s is not None) for s in scales))
+    return ((fake(x, mask[0], _args.suggest_memory_format(x)),)
+            + tuple(fake(like, wanted) for like, wanted in
+                    zip((routing, weight, bias) + scales, mask[1:])))
 
 
 def _setup_context(ctx, inputs, output):
@@ -179,13 +181,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, run=torch.ops.condconv.condconv2d_backward):
     x, routing, weight, bias, *scales = ctx.saved_tensors
     stride, padding, dilation, groups, backend = ctx.conv_args
-    mask = [bool(m) for m in ctx.needs_input_grad[:4]]
-    mask[3] = mask[3] and bias is not None
+    # Trailing scales left at their defaults may be missing from the inputs.
+    scales = tuple(scales) + (None,) * (3 - len(scales))
+    needs = tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
+    # One entry per gradient: the scales' only where given and wanted (each costs work).
+    mask = ([bool(m) for m in needs[:3]] + [bool(needs[3]) and bias is not None]
+            + [s is not None and bool(need) for s, need in zip(scales, needs[9:12])])
     grads = run(grad_out, x, routing, weight, bias, stride, padding, dilation, groups, backend,
                 mask, *scales)
-    scale_mask = [s is not None and need for s, need in zip(scales, ctx.needs_input_grad[9:])]
-    return (tuple(g if m else None for g, m in zip(grads[:4], mask)) + (None,) * 5
-            + tuple(g if m else None for g, m in zip(grads[4:], scale_mask)))
+    return (tuple(g if m else None for g, m in zip(grads[:4], mask[:4])) + (None,) * 5
+            + tuple(g if m else None for g, m in zip(grads[4:], mask[4:])))
 
 
 _condconv2d.register_autograd(_backward, setup_context=_setup_context)
@@ -298,17 +303,22 @@ def _condconv2d_backward_flops(grad_out_shape, x_shape, routing_shape, weight_sh
                                in_scale_shape=None, out_scale_shape=None, tap_scale_shape=None,
                                *, out_shape=None, **kwargs) -> int:
     """grad_x: a transposed convolution with the re-mixed kernel; grad_routing / grad_weight:
-    the per-example kernel gradient, then E dot products / E axpys of |W| per example; each
-    scale's gradient a product and a sum over |W| per example."""
+    the per-example kernel gradient, times the scales, then E dot products / E axpys of |W| per
+    example; each scale's gradient asked for a product and a sum over |W| per example."""
+    shapes = (in_scale_shape, out_scale_shape, tap_scale_shape)
+    mask = _args.backward_mask(output_mask, shapes)
     conv = _conv_madds(x_shape, weight_shape, grad_out_shape)
     mix = _mix_madds(routing_shape, weight_shape)
-    scale = _scale_madds(routing_shape, weight_shape, in_scale_shape, out_scale_shape,
-                         tap_scale_shape)
+    scale = _scale_madds(routing_shape, weight_shape, *shapes)
+    asked = _scale_madds(routing_shape, weight_shape,
+                         *(s if wanted else None for s, wanted in zip(shapes, mask[4:])))
     madds = 0
-    if output_mask[0]:
+    if mask[0]:
         madds += conv + mix + scale
-    if output_mask[1] or output_mask[2] or scale:
-        madds += conv + mix * (int(output_mask[1]) + int(output_mask[2])) + 2 * scale
+    if mask[1] or mask[2]:
+        madds += conv + mix * (int(mask[1]) + int(mask[2])) + scale + 2 * asked
+    elif asked:
+        madds += conv + 2 * asked
     return 2 * madds
 
 

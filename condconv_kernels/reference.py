@@ -218,7 +218,7 @@ def backward(grad_out, x, routing, weight, bias, stride, padding, dilation, grou
     autograd computes them for the unfused baseline (one grouped ``convolution_backward`` over
     the B materialised kernels, then the chain rule through the mix and the scales). Returns
     (grad_x, grad_routing, grad_weight, grad_bias, grad_in_scale, grad_out_scale,
-    grad_tap_scale), None where ``output_mask`` is False or the scale absent."""
+    grad_tap_scale), None where ``output_mask`` (7 entries, one per gradient) is False."""
     try:
         return _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
                          output_mask, Scales(in_scale, out_scale, tap_scale))
@@ -232,8 +232,8 @@ def _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, gro
               output_mask, scales: Scales):
     B, cin, H, W = x.shape
     E, cout = weight.shape[:2]
-    need_x, need_r, need_w, need_b = output_mask
-    need_g = need_r or need_w or scales.any()
+    need_x, need_r, need_w, need_b, *need_s = output_mask
+    need_g = need_r or need_w or any(need_s)
     kernels = _mixed(routing, weight, None, groups, scales)[0]
     kernels = kernels.reshape((B * cout,) + tuple(weight.shape[2:]))
     xp, conv_pad = _split_padding(x, padding)
@@ -252,7 +252,7 @@ def _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, gro
     if need_g:
         grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
             grad_kernels.reshape(B, -1).to(acc), routing, weight, scales, groups, need_r,
-            need_w, acc)
+            need_w, acc, need_s)
     grad_routing, grad_bias, *scale_grads = finish_grads(grad_out, routing, bias, grad_routing,
                                                          need_b, acc, scales, scale_grads)
     return (grad_x, grad_routing, grad_weight, grad_bias, *scale_grads)

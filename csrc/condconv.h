@@ -17,11 +17,12 @@
 //   native_forward(x, routing, weight, bias?, stride[2], padding[4], dilation[2], groups,
 //                  in_scale?, out_scale?, tap_scale?)
 //   native_backward(grad_out, x, routing, weight, bias?, stride[2], padding[4],
-//                   dilation[2], groups, output_mask[4], in_scale?, out_scale?, tap_scale?)
+//                   dilation[2], groups, output_mask[4], in_scale?, out_scale?, tap_scale?,
+//                   scale_mask[3] = all)
 //       -> (grad_x, grad_routing, grad_weight, grad_bias, grad_in_scale, grad_out_scale,
 //           grad_tap_scale)
-// padding is (top, bottom, left, right). Gradients not asked for by output_mask, and those of
-// absent scales (a present scale's always comes back), are empty tensors.
+// padding is (top, bottom, left, right). Gradients not asked for by output_mask or scale_mask,
+// and those of absent scales (scale_mask's entry for one is ignored), are empty tensors.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -67,6 +68,7 @@ struct ScaleArgs {
 // Their gradients, in the scales' shapes and dtypes; undefined where a scale is absent.
 struct ScaleGrads {
   at::Tensor in, out, tap;
+  bool any() const { return in.defined() || out.defined() || tap.defined(); }
 };
 
 // Validates every argument (rank, shape, dtype, device, geometry) and returns the sizes.
@@ -100,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
 // The kernels of one device. forward: inputs already checked, batch and output non-empty;
 // returns the output (B, Cout, Ho, Wo) in x's memory format. backward: fills grad_x,
 // grad_routing, grad_weight, grad_bias where output_mask says so (the others are left untouched);
-// requires batch >= 1; scale_grads holds the present scales' gradients (zeros, in the scales'
-// shapes and dtypes; undefined for the absent ones), which it fills.
+// requires batch >= 1; scale_grads holds the scales' gradients asked for (zeros, in the scales'
+// shapes and dtypes; undefined for the others), which it fills.
 using ForwardKernel = at::Tensor(const at::Tensor& x, const at::Tensor& routing,
                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                  const ScaleArgs& scales, const Geometry& g);

@@ -60,16 +60,20 @@ struct KernelGradFold {
   const Geometry& g;
   at::Tensor* grad_weight;   // (E, |W|), or null
   at::Tensor* grad_routing;  // (B, E), or null
-  ScaleGrads& scale_grads;   // defined where the scale is
+  ScaleGrads& scale_grads;   // defined where the scale is and its gradient asked for
 
   // Whether G is needed at all.
-  bool wanted() const { return grad_weight || grad_routing || scales.any(); }
+  bool wanted() const { return grad_weight || grad_routing || scale_grads.any(); }
 
   void operator()(const at::Tensor& G, int64_t b0) const {
     const int64_t n = G.size(0);
     const at::Tensor r = routing.narrow(0, b0, n);
     at::Tensor folded = G;  // contiguous: the callers' scratch or fresh results
-    if (scales.any()) fold_scales(folded, at::mm(r, weight), b0, scales, g, scale_grads);
+    if (scale_grads.any()) {
+      fold_scales(folded, at::mm(r, weight), b0, scales, g, scale_grads);
+    } else if (scales.any()) {
+      scale_rows(folded, b0, scales, g);  // s_b * G, without the mixed kernels
+    }
     at::Tensor gr = grad_routing ? grad_routing->narrow(0, b0, n) : at::Tensor();
     fold_kernel_grads(folded, r, weight, grad_weight, b0 > 0, grad_routing ? &gr : nullptr);
   }

@@ -226,7 +226,8 @@ BackwardResult backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                              std::array<bool, 4> output_mask,
                              const c10::optional<at::Tensor>& in_scale,
                              const c10::optional<at::Tensor>& out_scale,
-                             const c10::optional<at::Tensor>& tap_scale) {
+                             const c10::optional<at::Tensor>& tap_scale,
+                             std::array<bool, 3> scale_mask) {
   const ScaleArgs scales{in_scale, out_scale, tap_scale};
   const Geometry g = check_backward_inputs(grad_out, x, routing, weight, bias, stride, padding,
                                            dilation, groups, output_mask, scales);
@@ -244,17 +245,22 @@ BackwardResult backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
   at::Tensor grad_bias = output_mask[3]
                              ? at::empty({g.experts, g.out_channels}, weight.options())
                              : none(weight);
-  // A present scale's gradient always comes back (zeros for an empty batch).
-  const auto scale_grad = [&](const c10::optional<at::Tensor>& t) {
-    return t.has_value() ? at::zeros(t->sizes(), t->options()) : none(x);
+  // A present scale's gradient comes back where scale_mask asks for it (zeros for an empty
+  // batch); an entry for an absent scale is ignored.
+  const std::array<bool, 3> wanted{in_scale.has_value() && scale_mask[0],
+                                   out_scale.has_value() && scale_mask[1],
+                                   tap_scale.has_value() && scale_mask[2]};
+  const auto scale_grad = [&](const c10::optional<at::Tensor>& t, bool want) {
+    return want ? at::zeros(t->sizes(), t->options()) : none(x);
   };
-  ScaleGrads scale_grads{scale_grad(in_scale), scale_grad(out_scale), scale_grad(tap_scale)};
+  ScaleGrads scale_grads{scale_grad(in_scale, wanted[0]), scale_grad(out_scale, wanted[1]),
+                         scale_grad(tap_scale, wanted[2])};
   if (g.batch > 0) {
-    ScaleGrads present{in_scale ? scale_grads.in : at::Tensor(),
-                       out_scale ? scale_grads.out : at::Tensor(),
-                       tap_scale ? scale_grads.tap : at::Tensor()};
+    ScaleGrads asked{wanted[0] ? scale_grads.in : at::Tensor(),
+                     wanted[1] ? scale_grads.out : at::Tensor(),
+                     wanted[2] ? scale_grads.tap : at::Tensor()};
     kernel(grad_out, x, routing, weight, bias, scales, g, output_mask, grad_x, grad_routing,
-           grad_weight, grad_bias, present);
+           grad_weight, grad_bias, asked);
   } else {
     // An empty batch contributes nothing to the parameter gradients.
     if (output_mask[2]) grad_weight.zero_();
@@ -285,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condconv2d_backward(
                        .findSchemaOrThrow("condconv::native_backward", "")
                        .typed<decltype(backward_impl<cpu::backward>)>();
   const auto grads = op.call(grad_out, x, routing, weight, bias, stride, padding, dilation,
-                             groups, output_mask, c10::nullopt, c10::nullopt, c10::nullopt);
+                             groups, output_mask, c10::nullopt, c10::nullopt, c10::nullopt,
+                             std::array<bool, 3>{true, true, true});
   return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads)};
 }
 
@@ -335,7 +342,8 @@ TORCH_LIBRARY(condconv, m) {
   m.def(
       "native_backward(Tensor grad_out, Tensor x, Tensor routing, Tensor weight, Tensor? bias, "
       "int[2] stride, int[4] padding, int[2] dilation, int groups, bool[4] output_mask, "
-      CONDCONV_SCALES ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      CONDCONV_SCALES ", bool[3] scale_mask=[True, True, True]) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpu_paths(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
       "int[4] padding, int[2] dilation, int groups, bool scaled=False) -> str[]");

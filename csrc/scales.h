@@ -143,15 +143,21 @@ void fold_kernel_rows(T* gp, const T* mp, T* pp, T* d_out, const Scales& scales,
 
 }  // namespace detail
 
+// Rows (n, |W|, contiguous) of examples [b0, b0 + n) times their s_b, in place.
+inline void scale_rows(at::Tensor& rows, int64_t b0, const Scales& scales, const Geometry& g) {
+  TORCH_INTERNAL_ASSERT(rows.is_contiguous());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "condconv_scale_rows", [&] {
+    detail::scale_kernels<scalar_t>(rows.mutable_data_ptr<scalar_t>(), scales, b0, rows.size(0),
+                                    g);
+  });
+}
+
 // W_b of examples [b0, b0 + n) into out (n, |W|): the mix of the experts (routing (B, E) and
 // weight (E, |W|), in out's dtype), times s_b in one pass over out.
 inline void mix_kernels(at::Tensor& out, const at::Tensor& routing, const at::Tensor& weight,
                         const Scales& scales, int64_t b0, int64_t n, const Geometry& g) {
   at::mm_out(out, routing.narrow(0, b0, n), weight);
-  if (!scales.any()) return;
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "condconv_scale_kernels", [&] {
-    detail::scale_kernels<scalar_t>(out.mutable_data_ptr<scalar_t>(), scales, b0, n, g);
-  });
+  if (scales.any()) scale_rows(out, b0, scales, g);
 }
 
 // For the kernel gradients G (n, |W|) of examples [b0, b0 + n) and their unscaled mixed kernels

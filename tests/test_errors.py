@@ -106,6 +106,22 @@ def test_backward_checks_grad_out(route):
         run(out, None, [True] * 4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backward_checks_the_scale_mask(backend):
+    """The backward op's output_mask: 4 entries or 7, a scale's gradient only with the scale
+    (checked before any kernel runs)."""
+    out = torch.randn(2, 6, 7, 7)
+    s_in = torch.rand(2, 4)
+
+    def run(mask, **scales):
+        return torch.ops.condconv.condconv2d_backward(out, x, r, w, None, [1, 1], [0] * 4,
+                                                      [1, 1], 1, backend, mask, **scales)
+    with pytest.raises(ValueError, match="'output_mask' must have 4 or 7"):
+        run([True] * 5, in_scale=s_in)
+    with pytest.raises(ValueError, match="grad_out_scale but 'out_scale' is None"):
+        run([True, False, False, False, True, True, False], in_scale=s_in)
+
+
 # Found by the crash fuzzer (test_crash_fuzz.py): each raised an unhelpful error, or none.
 FUZZ_FOUND = [
     ("same padding, 1-D x (was IndexError)",

@@ -141,6 +141,70 @@ def test_cpu_paths_with_scales():
     assert every - taken == {"forward/bf16_pointwise", "backward/direct_depthwise"}
 
 
+MASKS = {"x only": (True, False, False, False, False, False, False),
+         "out scale and weight": (False, False, True, False, False, True, False),
+         "in and tap scales": (False, True, False, False, True, False, True)}
+
+
+def _masked_backward(case, backend, mask):
+    """The backward op with every scale given and ``mask``, and with every gradient asked for."""
+    args, scales = _op_args(case, torch.float64, seed=4)
+    g = torch.Generator().manual_seed(9)
+    out = reference.condconv2d_loop(*args[:4], *conv_args(case, args[0]))
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    bias_wanted = args[3] is not None
+
+    def run(m):
+        return torch.ops.condconv.condconv2d_backward(grad_out, *args, backend, list(m), *scales)
+    return run(mask), run((True, True, True, bias_wanted, True, True, True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", list(MASKS))
+def test_scale_gradients_only_where_asked(which, backend):
+    """output_mask with an entry per gradient: a scale's gradient not asked for comes back
+    empty (its work skipped), those asked for equal what the full backward gives."""
+    for name in ("k3_s2_asym", "dw_mult2_d2_asym"):
+        masked, full = _masked_backward(CASES_BY_NAME[name], backend, MASKS[which])
+        for i, (wanted, m, f) in enumerate(zip(MASKS[which], masked, full)):
+            if wanted:
+                torch.testing.assert_close(m, f, rtol=1e-12, atol=1e-12, msg=f"{name} {i}")
+            else:
+                assert m.numel() == 0, (name, i)
+
+
+@pytest.mark.skipif("triton" not in INTERPRETED, reason="needs TRITON_INTERPRET=1 and triton")
+def test_triton_scale_gradients_only_where_asked():
+    """As above on the triton backend: the dense kernel gradient without the scales'
+    partial sums (only s_b G folded), and with only out_scale's."""
+    for mask in (MASKS["out scale and weight"], (False, True, True, False, False, False, False)):
+        masked, full = _masked_backward(CASES_BY_NAME["k3_s2_asym"], "triton", mask)
+        for i, (wanted, m, f) in enumerate(zip(mask, masked, full)):
+            if wanted:
+                torch.testing.assert_close(m, f, rtol=1e-12, atol=1e-12, msg=str(i))
+            else:
+                assert m.numel() == 0, i
+
+
+def test_frozen_attentions_ask_for_no_scale_gradient(monkeypatch):
+    """Scales that need no gradient (a frozen attention) are not asked for: the backward gets
+    an output_mask whose scale entries are False."""
+    from condconv_kernels import ops
+    seen = []
+    real = ops._BACKWARD["reference"]
+    monkeypatch.setitem(ops._BACKWARD, "reference",
+                        lambda *a: seen.append(tuple(a[9])) or real(*a))
+    case = CASES_BY_NAME["k3"]
+    x, routing, weight, bias = make_inputs(case, torch.float64)
+    scales = _scales(case, SUBSETS["all"], torch.float64, 2)
+    x.requires_grad_(True)
+    out = cc.condconv2d(x, routing, weight, bias, case.stride, case.padding, case.dilation,
+                        case.groups, in_scale=scales[0], out_scale=scales[1],
+                        tap_scale=scales[2], backend="reference")
+    out.sum().backward()
+    assert seen == [(True, False, False, False, False, False, False)]
+
+
 def test_empty_batch_gives_zero_gradients():
     case = type(CASES_BY_NAME["k3"])(**{**CASES_BY_NAME["k3"].__dict__, "B": 0})
     inputs = make_inputs(case, torch.float64)

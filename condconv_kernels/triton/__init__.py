@@ -127,9 +127,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
              out_scale: Optional[torch.Tensor] = None, tap_scale: Optional[torch.Tensor] = None
              ) -> Tuple[Optional[torch.Tensor], ...]:
     """(grad_x, grad_routing, grad_weight, grad_bias, grad_in_scale, grad_out_scale,
-    grad_tap_scale), None where output_mask is False or the scale absent (the scales' gradients
-    come in the scales' dtypes)."""
-    need_x, need_r, need_w, need_b = output_mask
+    grad_tap_scale), None where output_mask (7 entries, one per gradient) is False (the scales'
+    gradients come in the scales' dtypes)."""
+    need_x, need_r, need_w, need_b, *need_s = output_mask
     B, cin, H, W = x.shape
     E, cout, cin_g, kh, kw = weight.shape
     ho, wo = grad_out.shape[-2:]
@@ -166,7 +166,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 POINTWISE=_pointwise(kh, kw, stride, padding, grad_out), ACC=_acc(x.dtype),
                 PRECISION=_precision(x.dtype), **s_flags, **blocks)
 
-    if (need_r or need_w or scales.any()) and depthwise:
+    if (need_r or need_w or any(need_s)) and depthwise:
         # The examples' tap gradients, then grad_weight = routing^T G, grad_routing = G W^T.
         G = torch.empty((B, cout, kh * kw), dtype=acc, device=x.device)
         blocks = fixed_blocks(DW_KGRAD_TILES)
@@ -176,8 +176,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             *geometry, bucket(B), bucket(ho * wo), KH=kh, KW=kw, WIDE=_wide(x, grad_out),
             ACC=_acc(x.dtype), **blocks)
         grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
-            G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc)
-    elif need_r or need_w or scales.any():
+            G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
+    elif need_r or need_w or any(need_s):
         S = _splits(B)
         per_split = triton.cdiv(B, S)
         N = w[0].numel()
@@ -195,10 +195,11 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         # (a row per tile of K), in_scale's and tap_scale's (a row per tile of channels).
         tiles = groups * rows_co * rows_k
         part = zeros((tiles, B, E), need_r)
-        qc = zeros((rows_k, B, cout), out_scale is not None)
-        qk = zeros((rows_co, B, groups * K), in_scale is not None or tap_scale is not None)
+        qc = zeros((rows_k, B, cout), any(need_s) and out_scale is not None)
+        qk = zeros((rows_co, B, groups * K),
+                   any(need_s) and (in_scale is not None or tap_scale is not None))
         blocks = fixed_blocks(KGRAD_TILES, E, x.element_size(), gw.element_size(),
-                              scales.any())
+                              any(need_s))
 
         def grid(meta):
             n_k, n_co = triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(cout_g, meta["BLOCK_CO"])
@@ -208,31 +209,34 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             ho, wo, per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *s_strides,
             *geometry, bucket(B), bucket(K), bucket(ho * wo), E=E,
             E_POW2=triton.next_power_of_2(E), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
-            ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **s_flags, **blocks)
+            SCALE_GRADS=any(need_s), ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
+            **s_flags, **blocks)
         if need_w:
             grad_weight = gw.sum(0).view(weight.shape).to(weight.dtype)
         if need_r:
             grad_routing = part.sum(0)
-        scale_grads = _scale_grads(scales, qc, qk, B, groups, cin_g, kh * kw, acc)
+        scale_grads = _scale_grads(scales, need_s, qc, qk, B, groups, cin_g, kh * kw, acc)
 
     grad_routing, grad_bias, *scale_grads = finish_grads(grad_out, routing, bias, grad_routing,
                                                          need_b, acc, scales, scale_grads)
     return (grad_x, grad_routing, grad_weight, grad_bias, *scale_grads)
 
 
-def _scale_grads(scales: Scales, qc: torch.Tensor, qk: torch.Tensor, B: int, groups: int,
-                 cin_g: int, taps: int, acc: torch.dtype) -> Tuple[Optional[torch.Tensor], ...]:
+def _scale_grads(scales: Scales, wanted: Sequence[bool], qc: torch.Tensor, qk: torch.Tensor,
+                 B: int, groups: int, cin_g: int, taps: int,
+                 acc: torch.dtype) -> Tuple[Optional[torch.Tensor], ...]:
     """The kernel terms of (grad_in_scale, grad_out_scale, grad_tap_scale) from the dense
     kernel gradient's partial sums (dense_bwd_w_kernel: qc by tile of K, qk by tile of output
-    channels); None where the scale is absent."""
-    grad_out_scale = qc.sum(0) if scales.out is not None else None
+    channels); None where the gradient is not ``wanted`` (an absent scale's never is)."""
+    want_in, want_out, want_tap = wanted
+    grad_out_scale = qc.sum(0) if want_out else None
     grad_in_scale = grad_tap_scale = None
-    if scales.in_ is not None or scales.tap is not None:
+    if want_in or want_tap:
         q = qk.sum(0).view(B, groups, cin_g, taps)
-        if scales.in_ is not None:
+        if want_in:
             t = q if scales.tap is None else q * scales.tap.to(acc).reshape(B, 1, 1, taps)
             grad_in_scale = t.sum(3).reshape(B, groups * cin_g)
-        if scales.tap is not None:
+        if want_tap:
             t = q if scales.in_ is None else q * scales.in_.to(acc).reshape(B, groups, cin_g, 1)
             grad_tap_scale = t.sum((1, 2))
     return grad_in_scale, grad_out_scale, grad_tap_scale

@@ -99,9 +99,10 @@ def _prune_examples(configs, named_args, **kwargs):
 
 def kgrad_bytes(blocks: Dict[str, int], experts_pow2: int, acc_bytes: int, itemsize: int,
                 scaled: bool = False) -> int:
-    """Register bytes of a kernel gradient's per-expert tiles (see KGRAD_WARP_BYTES), and with
-    per-example scales its two more tiles in the accumulation dtype (the example's mixed tile
-    and its product with G: past the budget without them, ptxas spills)."""
+    """Register bytes of a kernel gradient's per-expert tiles (see KGRAD_WARP_BYTES), and where
+    it computes the scales' gradients (``scaled``) its two more tiles in the accumulation dtype
+    (the example's mixed tile and its product with G: past the budget without them, ptxas
+    spills)."""
     tile = blocks["BLOCK_CO"] * blocks["BLOCK_K"]
     return tile * (experts_pow2 * (acc_bytes + itemsize) + (2 * acc_bytes if scaled else 0))
 
@@ -122,7 +123,7 @@ def _prune_kernel_grad(configs, named_args, **kwargs):
     x = named_args.get("x_ptr")
     itemsize = x.element_size() if hasattr(x, "element_size") else 4
     acc_bytes = 8 if kwargs.get("ACC") == tl.float64 else 4
-    scaled = any(kwargs.get(flag) for flag in ("IN_SCALE", "OUT_SCALE", "TAP_SCALE"))
+    scaled = bool(kwargs.get("SCALE_GRADS"))
     triples = [(c.kwargs, c.num_warps, c) for c in configs]
     return [c for _, _, c in _kgrad_fit(triples, kwargs.get("E_POW2", 8), acc_bytes, itemsize,
                                         scaled)]
@@ -165,8 +166,8 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
     the forced) GPU configuration when autotuning is off, none when autotuned. Without
     autotuning the dense forward / grad_x get their pipeline stages lowered until their tiles
     of ``experts`` experts in ``itemsize``-byte elements fit in shared memory, and the dense
-    kernel gradient the first configuration from there on whose expert tiles (and, ``scaled``,
-    the scales' two tiles) fit in registers."""
+    kernel gradient the first configuration from there on whose expert tiles (and, ``scaled``:
+    computing the scales' gradients, their two tiles) fit in registers."""
     if INTERPRET:
         return {name: INTERPRET_EXAMPLES if name == "BLOCK_B" else INTERPRET_BLOCK
                 for name in shapes}

@@ -60,7 +60,7 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     acc = "fp64" if dtype == torch.float64 else "fp32"
     scales = bool(scaled)
     constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True,
-                      IN_SCALE=scales, OUT_SCALE=scales, TAP_SCALE=scales,
+                      IN_SCALE=scales, OUT_SCALE=scales, TAP_SCALE=scales, SCALE_GRADS=scales,
                       POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True,
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                       PRECISION="tf32" if dtype == torch.float32 else "ieee")

@@ -291,8 +291,8 @@ def dense_bwd_w_kernel(
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
     E: tl.constexpr, E_POW2: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     NEED_W: tl.constexpr, NEED_R: tl.constexpr, IN_SCALE: tl.constexpr,
-    OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
+    OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, SCALE_GRADS: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """gw[split, e, tile] = sum over the split's examples b of routing[b, e] G_b[tile], and
@@ -302,11 +302,11 @@ def dense_bwd_w_kernel(
     grad_routing are loaded once: no per-example read-modify-write of global memory.
 
     With per-example scales (s_b = out_scale x in_scale x tap_scale over the tile, strides as in
-    the forward) the folds take s_b G_b, and with Q_b = G_b M_b (M_b the example's mixed tile)
-    the program writes the tile's share of the scales' gradients: qc[i_k, b, co] = sum over the
-    tile's k of Q_b in_scale tap_scale (out_scale's), qk[i_co, b, g, k] = sum over its co of
-    Q_b out_scale (in_scale's and tap_scale's, once multiplied by the other and summed on the
-    host)."""
+    the forward) the folds take s_b G_b, and where SCALE_GRADS, with Q_b = G_b M_b (M_b the
+    example's mixed tile), the program writes the tile's share of the scales' gradients:
+    qc[i_k, b, co] = sum over the tile's k of Q_b in_scale tap_scale (out_scale's),
+    qk[i_co, b, g, k] = sum over its co of Q_b out_scale (in_scale's and tap_scale's, once
+    multiplied by the other and summed on the host)."""
     K = CIN_G * KH * KW
     n_k, n_co = tl.cdiv(K, BLOCK_K), tl.cdiv(COUT_G, BLOCK_CO)
     i_k, i_co, i_gs = program_ids(n_k, n_co)
@@ -324,7 +324,7 @@ def dense_bwd_w_kernel(
     o_tile = (o_e[:, None, None].to(tl.int64) * N
               + (o_co[:, None].to(tl.int64) * K + o_k[None, :])[None, :, :])
     tile = (i_g * n_co + i_co) * n_k + i_k
-    if NEED_R or IN_SCALE or OUT_SCALE or TAP_SCALE:  # every expert's tile, loaded once
+    if NEED_R or SCALE_GRADS:  # every expert's tile, loaded once
         b_w = tl.load(w_ptr + o_tile, mask=m_tile, other=0.0)
     b_gw = tl.zeros((E_POW2, BLOCK_CO, BLOCK_K), dtype=ACC)
 
@@ -358,22 +358,25 @@ def dense_bwd_w_kernel(
         b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re, mask=m_e,
                       other=0.0).to(ACC)
         if IN_SCALE or OUT_SCALE or TAP_SCALE:
-            b_Q = b_G * tl.sum(b_r[:, None, None] * b_w.to(ACC), axis=0)
-            b_Qc = b_Q  # Q_b times out_scale: in_scale's and tap_scale's share
-            b_Qk = b_Q  # Q_b times in_scale and tap_scale: out_scale's share
+            if SCALE_GRADS:
+                b_Q = b_G * tl.sum(b_r[:, None, None] * b_w.to(ACC), axis=0)
+                b_Qc = b_Q  # Q_b times out_scale: in_scale's and tap_scale's share
+                b_Qk = b_Q  # Q_b times in_scale and tap_scale: out_scale's share
             if OUT_SCALE:
                 f_c = scale_factor(out_s_ptr, s_jb, o_co * s_jc, out_s_ptr, s_jb,
                                    o_co * s_jc, b, m_co, True, False, ACC)
-                b_Qc = b_Q * f_c[:, None]
+                if SCALE_GRADS:
+                    b_Qc = b_Q * f_c[:, None]
                 b_G = b_G * f_c[:, None]
             if IN_SCALE or TAP_SCALE:
                 f_k = scale_factor(in_s_ptr, s_ib, (i_g * CIN_G + o_ci) * s_ic, tap_s_ptr,
                                    s_tb, o_t * s_tt, b, m_k, IN_SCALE, TAP_SCALE, ACC)
-                b_Qk = b_Q * f_k[None, :]
                 b_G = b_G * f_k[None, :]
-                tl.store(qk_ptr + ((i_co.to(tl.int64) * B + b) * GROUPS + i_g) * K + o_k,
-                         tl.sum(b_Qc, axis=0), mask=m_k)
-            if OUT_SCALE:
+                if SCALE_GRADS:
+                    b_Qk = b_Q * f_k[None, :]
+                    tl.store(qk_ptr + ((i_co.to(tl.int64) * B + b) * GROUPS + i_g) * K + o_k,
+                             tl.sum(b_Qc, axis=0), mask=m_k)
+            if OUT_SCALE and SCALE_GRADS:
                 tl.store(qc_ptr + (i_k.to(tl.int64) * B + b) * (COUT_G * GROUPS) + o_co,
                          tl.sum(b_Qk, axis=1), mask=m_co)
         if NEED_R:
