@@ -4,12 +4,16 @@ the reference backend (unfused baseline) and the same architecture without exper
     python bench/bench_model.py [--model tf_efficientnet_cc_b0_8e] [--batch 1,8] [--device cpu]
                                 [--dtype float32] [--amp bfloat16] [--channels-last]
                                 [--backward] [--input-size N] [--timm NAME,NAME]
+                                [--variants NAME,NAME] [--cuda-graph]
                                 [--out bench/results/NAME.md]
 
 Prints median milliseconds per batch, images per second, and the ratios to the unfused model
 and to the static one, all measured in this run (variants interleaved). ``--timm`` adds timm's
 own models (e.g. tf_efficientnet_cc_b0_8e, tf_efficientnet_b0) as variants, where timm is
-installed (skipped with a note otherwise).
+installed (skipped with a note otherwise). ``--cuda-graph`` captures each variant's call in a
+CUDA graph and times its replays: no host work per kernel, so the numbers are the device's, as
+in a training loop under ``torch.cuda.graph`` (a variant whose capture fails is left out, with a
+note).
 """
 from __future__ import annotations
 
@@ -19,8 +23,23 @@ import torch
 
 from condconv_kernels.cli import add_timing_arguments, parser
 from condconv_kernels.profile.tables import header, machine_line, row, write_result
-from condconv_kernels.profile.timing import reexec_with_stable_malloc, time_interleaved
+from condconv_kernels.profile.timing import (cuda_graphed, reexec_with_stable_malloc,
+                                             time_interleaved)
 from condconv_kernels.profile.latency import model_variants
+
+
+def _graphed(fns, notes):
+    """Each variant as the replay of its CUDA graph; one whose capture fails is dropped with a
+    note naming the error."""
+    graphed = {}
+    for name, fn in fns.items():
+        try:
+            graphed[name] = cuda_graphed(fn)
+        except Exception as exc:  # noqa: BLE001 -- reported, the other variants still run
+            torch.cuda.synchronize()
+            notes.append(f"{name}: CUDA graph capture failed ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160]})")
+    return graphed
 
 
 def main(argv=None):
@@ -34,9 +53,18 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true",
                    help="Make the model and the input channels_last.")
     p.add_argument("--timm", default="", help="Comma-separated timm model names to add.")
+    p.add_argument("--variants", default="",
+                   help="Comma-separated variants to time (static, unfused, fused:<backend>, "
+                        "timm:<name>); static is always timed. Default: all.")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="Time replays of each variant captured in a CUDA graph (CUDA only).")
     p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
     args = p.parse_args(argv)
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        p.error("argument --cuda-graph: needs --device cuda")
     mode = "forward+backward" if args.backward else "forward"
+    if args.cuda_graph:
+        mode += ", CUDA graph replays"
     precision = args.dtype + (f", autocast {args.amp}" if args.amp else "")
     layout = ", channels_last" if args.channels_last else ""
     timm_models = [t for t in args.timm.split(",") if t]
@@ -54,11 +82,20 @@ def main(argv=None):
                              args.backward, amp=getattr(torch, args.amp) if args.amp else None,
                              channels_last=args.channels_last, input_size=args.input_size,
                              timm_models=timm_models)
+        chosen = {v for v in args.variants.split(",") if v} | {"static"}
+        if args.variants:
+            unknown = chosen - set(fns)
+            if unknown:
+                p.error(f"argument --variants: unknown {sorted(unknown)}; have {sorted(fns)}")
+            fns = {name: fn for name, fn in fns.items() if name in chosen}
+        if args.cuda_graph:
+            fns = _graphed(fns, notes)
         t = {name: m.median_ms for name, m in
              time_interleaved(fns, args.device, args.min_run_time).items()}
         for name, ms in t.items():
             lines.append(row([batch, name, f"{ms:.2f}", f"{batch / ms * 1e3:.0f}",
-                              f"{ms / t['unfused']:.2f}", f"{ms / t['static']:.2f}"]))
+                              f"{ms / t['unfused']:.2f}" if "unfused" in t else "",
+                              f"{ms / t['static']:.2f}"]))
     lines += [""] + notes + [machine_line()]
     table = "\n".join(lines)
     print(table)

@@ -16,8 +16,10 @@
 #         then kit.tgz: the built extension, Triton's compiled kernels and autotune results.
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
-#         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput;
-#         the >2^31-element tests one at a time; compute-sanitizer memcheck of the cuda backend.
+#         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput,
+#         then the same step (static and fused triton) captured in a CUDA graph (device time
+#         without host overhead); the >2^31-element tests one at a time; compute-sanitizer
+#         memcheck of the cuda backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
 #         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
 #         Compute on each kernel of two layers (bench/ncu_layers.py: occupancy, stall reasons,
@@ -260,6 +262,7 @@ if [ "$DRY" = 1 ]; then
   WARM=(--device cpu --backend cpu --batch 2 --first 2 --jobs 2 --dtype float32 --channels-last)
   LAYERS=(--batch 2 --first 2 --min-run-time 0.02)
   MODEL=(--batch 2 --input-size 64 --min-run-time 0.05 --timm tf_efficientnet_b0)
+  GRAPHED=(--batch 2 --input-size 64 --min-run-time 0.05 --variants static,fused:cpu)
   SANITIZE=()
   MEMCHECK=(--device cpu --backend cpu)
   PROFILE=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s5.b0.expand
@@ -274,6 +277,7 @@ else
   WARM=(--batch 256 --dtype bfloat16 --channels-last --backward --jobs 14)
   LAYERS=(--batch 256 --min-run-time 0.1)
   MODEL=(--batch 256 --min-run-time 0.5 --timm tf_efficientnet_cc_b0_8e,tf_efficientnet_b0)
+  GRAPHED=(--batch 256 --min-run-time 0.5 --variants static,fused:triton --cuda-graph)
   SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
   SANITIZE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck
             --report-api-errors no --error-exitcode 1)
@@ -344,6 +348,10 @@ elif [ "$MODE" = second ]; then
   step model-train 50 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
     --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train.md"
   table "$WORK/results/model-b256-amp-cl-train.md"
+  # The same training step captured in a CUDA graph: the device's time, without the host's.
+  step model-train-graph 45 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
+    --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
+  table "$WORK/results/model-b256-amp-cl-train-graph.md"
   step huge-tests 60 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
     CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu.py \
     -m huge

@@ -100,6 +100,23 @@ def _cuda_samples(fn: Callable[[], object], min_run_time: float):
     return times
 
 
+def cuda_graphed(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph and returned as the graph's replay: a call then
+    costs no host work per kernel, so back-to-back replays time the device alone (what a training
+    loop captured with ``torch.cuda.graph`` runs at). ``warmup`` calls first run on a side stream,
+    as capture requires: autotuning, compilation and lazy initialisation happen there."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu",
                      min_run_time: float = 0.3, rounds: int = 3) -> Dict[str, Measurement]:
     """Times several variants in ``rounds`` alternating rounds (each round every variant for
