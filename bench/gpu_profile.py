@@ -131,14 +131,19 @@ def section(title: str, body) -> None:
         print("```\n" + traceback.format_exc()[-2000:] + "```")
 
 
-def main(argv=None):
-    p = parser(__doc__)
+def add_device_arguments(p, backend_help: str) -> None:
+    """--device, --batch, --dtype and --backend, as the GPU kit's profiling scripts take them."""
     p.add_argument("--device", default="cuda", help="Where to run: cuda, or cpu for a dry run.")
     p.add_argument("--batch", type=int, default=256, help="The batch size.")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
                    help="The dtype of inputs and weights.")
+    p.add_argument("--backend", default="triton", help=backend_help)
+
+
+def main(argv=None):
+    p = parser(__doc__)
+    add_device_arguments(p, "The fused backend to profile.")
     p.add_argument("--layers", default=DEFAULT_LAYERS, help="Comma-separated layer names.")
-    p.add_argument("--backend", default="triton", help="The fused backend to profile.")
     p.add_argument("--model-batch", type=int, default=256,
                    help="The batch of the whole-model profile (0 leaves it out).")
     p.add_argument("--input-size", type=int, help="The model's image side (default its own).")

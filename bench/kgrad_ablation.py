@@ -30,7 +30,7 @@ from condconv_kernels.cli import parser
 from condconv_kernels.profile import efficientnet_cc_b0_layers
 from condconv_kernels.profile.tables import header, machine_line, row, write_result
 from condconv_kernels.profile import machine_info
-from gpu_profile import device_kernels
+from gpu_profile import add_device_arguments, device_kernels
 
 MASKS = {"x": (True, False, False), "w": (False, False, True), "r": (False, True, False),
          "wr": (False, True, True)}
@@ -54,11 +54,7 @@ def splits(n):
 
 def main(argv=None):
     p = parser(__doc__)
-    p.add_argument("--device", default="cuda", help="Where to run: cuda, or cpu for a dry run.")
-    p.add_argument("--batch", type=int, default=256, help="The batch size.")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
-                   help="The dtype of the inputs and weights.")
-    p.add_argument("--backend", default="triton", help="The backend whose backward is timed.")
+    add_device_arguments(p, "The backend whose backward is timed.")
     p.add_argument("--layers", default="s5.b0.expand,s6.b1.expand,s7.b0.project",
                    help="Comma-separated layer names (dense ones).")
     p.add_argument("--splits", default="32",
