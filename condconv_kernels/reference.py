@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._args import suggest_memory_format
+from ._args import backward_mask, suggest_memory_format
 from ._epilogue import Scales, finish_grads, fold_scaled_kernel_grads
 
 __all__ = ["mix", "condconv2d_loop", "condconv2d_grouped", "condconv2d_unfold",
@@ -218,10 +218,12 @@ def backward(grad_out, x, routing, weight, bias, stride, padding, dilation, grou
     autograd computes them for the unfused baseline (one grouped ``convolution_backward`` over
     the B materialised kernels, then the chain rule through the mix and the scales). Returns
     (grad_x, grad_routing, grad_weight, grad_bias, grad_in_scale, grad_out_scale,
-    grad_tap_scale), None where ``output_mask`` (7 entries, one per gradient) is False."""
+    grad_tap_scale), None where ``output_mask`` (an entry per gradient, or 4: every given
+    scale's; :func:`condconv_kernels._args.backward_mask`) is False."""
+    scales = Scales(in_scale, out_scale, tap_scale)
     try:
         return _backward(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
-                         output_mask, Scales(in_scale, out_scale, tap_scale))
+                         backward_mask(output_mask, scales), scales)
     except (RuntimeError, MemoryError) as exc:
         if _is_out_of_memory(exc):
             raise _out_of_memory(exc, x) from exc

@@ -127,8 +127,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
              out_scale: Optional[torch.Tensor] = None, tap_scale: Optional[torch.Tensor] = None
              ) -> Tuple[Optional[torch.Tensor], ...]:
     """(grad_x, grad_routing, grad_weight, grad_bias, grad_in_scale, grad_out_scale,
-    grad_tap_scale), None where output_mask (7 entries, one per gradient) is False (the scales'
-    gradients come in the scales' dtypes)."""
+    grad_tap_scale), None where output_mask (an entry per gradient, or 4: every given scale's;
+    _args.backward_mask) is False (the scales' gradients come in the scales' dtypes)."""
+    output_mask = _args.backward_mask(output_mask, (in_scale, out_scale, tap_scale))
     need_x, need_r, need_w, need_b, *need_s = output_mask
     B, cin, H, W = x.shape
     E, cout, cin_g, kh, kw = weight.shape
