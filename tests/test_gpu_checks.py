@@ -84,7 +84,7 @@ def test_both_calls_walk_every_step(tmp_path):
 def test_second_call_without_a_kit_builds(tmp_path):
     """No kit: the restore step says so and the build step runs instead."""
     out = tmp_path / "out"
-    env = dict(_env(tmp_path, out), SECOND_DEADLINE="60")
+    env = dict(_env(tmp_path, out), SECOND_DEADLINE="40")
     run = subprocess.run(["bash", str(SCRIPT), "second"], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0
