@@ -118,7 +118,7 @@ def finish_grads(grad_out: torch.Tensor, routing: torch.Tensor, bias: Optional[t
     ``need_b``), gsum' bias^T added to ``grad_routing`` (the kernels' <G_b, W_e> part, in
     ``acc``, or None when not wanted), gsum (routing bias) added to the kernel term of
     grad_out_scale (``scale_grads``: the kernel terms of (grad_in_scale, grad_out_scale,
-    grad_tap_scale) in ``acc``, None where the scale is absent); gsum' = out_scale * gsum.
+    grad_tap_scale) in ``acc``, None where absent or not asked for); gsum' = out_scale * gsum.
     Returns (grad_routing in routing's dtype, grad_bias, grad_in_scale, grad_out_scale,
     grad_tap_scale), the scales' gradients in their scales' shapes and dtypes."""
     grad_bias = None
