@@ -3,6 +3,9 @@
 #   make profile   build, then condconv-profile on tf_efficientnet_cc_b0_8e (the main job):
 #                  parameters, multiply-adds, whole-model and per-layer latency, fused vs
 #                  unfused vs static; tables printed, files and plots in profile-results/
+#   make fuzz      the fuzz tests (tests/test_fuzz.py, tests/test_crash_fuzz.py) with FUZZ_RUNS
+#                  random seeds each (default 8), to find new failures; `make test` runs them
+#                  with one fixed seed
 # and the one `make test` ends with:
 #   make test-asan the C++ kernels built with AddressSanitizer and UndefinedBehaviorSanitizer
 #                  (CONDCONV_SANITIZE=address,undefined; -O1 -g; any report aborts), apart from the
@@ -56,7 +59,7 @@ ASAN_PYTEST = LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0 $(UBSAN_ENV
 	assert c.__file__.startswith("$(CURDIR)/$(ASAN)/lib/"), c.__file__; \
 	import pytest; sys.exit(pytest.main())'
 
-.PHONY: setup test test-python test-cpp test-asan test-asan-python test-asan-cpp profile clean
+.PHONY: fuzz setup test test-python test-cpp test-asan test-asan-python test-asan-cpp profile clean
 
 setup: $(STAMP)
 
@@ -94,6 +97,14 @@ test: test-python test-cpp test-asan
 
 test-python: $(STAMP)
 	$(PYTHON) -m pytest tests -q
+
+FUZZ_RUNS ?= 8
+fuzz: $(STAMP)
+	@for i in $$(seq $(FUZZ_RUNS)); do \
+		CONDCONV_CRASH_FUZZ_SEED=random CONDCONV_FUZZ_SEED=random $(PYTHON) -m pytest -q -s \
+			tests/test_fuzz.py tests/test_crash_fuzz.py \
+			|| exit 1; \
+	done
 
 test-cpp: $(STAMP)
 	@if ! command -v cmake >/dev/null; then echo "cmake not found: C++ test not run"; exit 1; fi

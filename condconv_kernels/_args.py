@@ -6,7 +6,7 @@ kernels run it themselves, the backends written in Python call it as an operator
 and tuples, pairs, ints past int64, arguments that are not tensors) and autocast's mixed dtypes."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 
@@ -93,6 +93,17 @@ def resolve_padding(padding: Padding, input_hw: Sequence[int], kernel_hw: Sequen
 def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
                 dilation: int) -> int:
     return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
+
+
+def useful_stride(x_shape, weight_shape, stride, padding, dilation) -> List[int]:
+    """``stride`` cut to at most one past the last window start of each dimension: the same
+    output (a longer stride reads the first window alone), with index products inside int64 in
+    every kernel and in oneDNN. The C++ kernels cut it the same way in ``check_inputs``."""
+    cut = []
+    for size, kernel, s, before, after, d in zip(x_shape[2:], weight_shape[3:], stride,
+                                                 padding[0::2], padding[1::2], dilation):
+        cut.append(min(s, max(size + before + after - (kernel - 1) * d, 1)))
+    return cut
 
 
 SCALE_NAMES = ("in_scale", "out_scale", "tap_scale")

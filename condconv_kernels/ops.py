@@ -100,6 +100,7 @@ def _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, b
         _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups, *scales)
     if x.shape[0] == 0:
         return _empty_output(x, weight, stride, padding, dilation)
+    stride = _args.useful_stride(x.shape, weight.shape, stride, padding, dilation)
     out = _FORWARD[backend](x, routing, weight, bias, stride, padding, dilation, groups, *scales)
     return out.contiguous(memory_format=_args.suggest_memory_format(x))
 
@@ -145,6 +146,7 @@ def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation
     if x.shape[0] == 0:
         grads = (None,) * 7
     else:
+        stride = _args.useful_stride(x.shape, weight.shape, stride, padding, dilation)
         grads = _BACKWARD[backend](grad_out, x, routing, weight, bias, stride, padding,
                                    dilation, groups, mask, *scales)
     x_format = _args.suggest_memory_format(x)

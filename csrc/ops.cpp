@@ -8,6 +8,7 @@
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <sstream>
 
 namespace condconv {
@@ -84,6 +85,11 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::
   g.dilation_h = dilation[0];
   g.dilation_w = dilation[1];
 
+  // As torch.nn.functional.conv2d: an empty batch is fine, an empty image is not (its output
+  // would be the padding's alone).
+  TORCH_CHECK_VALUE(g.height >= 1 && g.width >= 1,
+                    "condconv2d: argument 'x' must have a non-zero height and width, got shape ",
+                    shape_str(x.sizes()));
   TORCH_CHECK_VALUE(g.experts >= 1 && g.out_channels >= 1 && weight.size(2) >= 1 &&
                         g.kernel_h >= 1 && g.kernel_w >= 1,
                     "condconv2d: argument 'weight' must have non-zero sizes, got ",
@@ -130,6 +136,11 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& routing, const at::
                     ", larger than the padded input of ", padded_h, "x", padded_w);
   g.out_h = (padded_h - span_h) / g.stride_h + 1;
   g.out_w = (padded_w - span_w) / g.stride_w + 1;
+  // A stride past the last window start reads the first window alone: the same output with the
+  // stride cut to that window count, which keeps every later index product (here and in oneDNN)
+  // inside int64.
+  g.stride_h = std::min(g.stride_h, padded_h - span_h + 1);
+  g.stride_w = std::min(g.stride_w, padded_w - span_w + 1);
   const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
   uint64_t bytes = static_cast<uint64_t>(x.element_size()), plane_bytes = 0;
   bool fits = !c10::mul_overflows(bytes, static_cast<uint64_t>(g.out_h), &bytes) &&

@@ -19,6 +19,15 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import condconv_kernels as cc
 from condconv_kernels import _args, reference
 
+
+def fuzz_seed(variable: str, default: int = 20261127) -> int:
+    """The seed of a fuzz test from the environment variable ``variable``: fixed by default, so
+    that `make test` meets the same examples every run; "random" draws one (`make fuzz`)."""
+    import random
+    value = os.environ.get(variable, str(default))
+    return random.randrange(2 ** 32) if value == "random" else int(value)
+
+
 # Backends run by the generic CPU tests: the compiled ones. A backend that runs in Triton's
 # interpreter (triton on CPU tensors) is ~1000x slower and has its curated test_triton.py.
 INTERPRETED = {"triton"} if os.environ.get("TRITON_INTERPRET") == "1" else set()

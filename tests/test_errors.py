@@ -185,6 +185,7 @@ PARITY = [
     ("bias dtype", {3: b.double()}), ("integer x", {0: x.long(), 2: w.long()}),
     ("stride zero", {4: [0, 1]}), ("dilation zero", {6: [1, 0]}),
     ("negative padding", {5: [0, -1, 0, 0]}), ("kernel larger than input", {0: x[:, :, :2, :2]}),
+    ("empty image", {0: x[:, :, :0], 5: [1] * 4}),
     ("output past 2**63 bytes", {5: [2 ** 40] * 4}),
 ]
 
@@ -216,3 +217,35 @@ def test_python_and_cpp_checks_agree(changes):
             call()
         seen[name] = (type(info.value).__name__, _argument(str(info.value)))
     assert len(set(seen.values())) == 1, seen
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("expanded", [False, True], ids=["contiguous", "expanded"])
+def test_a_stride_near_int64_reads_the_first_window(expanded, backend):
+    """stride = 2**63 - 1 leaves one output pixel, the first window. Its index arithmetic used to
+    overflow (a crash on an expanded x, a oneDNN error on a contiguous one or on the reference
+    backend). Checked against the first window cut out of the padded input and convolved with
+    stride 1, values and grads."""
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(1 if expanded else 3, 4, 2, 5, generator=g, dtype=torch.float64)
+    ws = torch.randn(2, 6, 2, 4, 3, generator=g, dtype=torch.float64)
+    rs = torch.rand(3, 2, generator=g, dtype=torch.float64)
+    pad = (2, 1, 1, 0)  # (top, bottom, left, right)
+
+    def grads(route):
+        xl, wl, rl = (t.clone().requires_grad_() for t in (xs, ws, rs))
+        out = route(xl.expand(3, -1, -1, -1), rl, wl)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6),
+                                 dtype=out.dtype))
+        return [out.detach(), xl.grad, wl.grad, rl.grad]
+
+    if backend not in cc.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    fused = grads(lambda xx, rr, ww: cc.condconv2d(xx, rr, ww, stride=2 ** 63 - 1, padding=pad,
+                                                   groups=2, backend=backend))
+    window = grads(lambda xx, rr, ww: cc.condconv2d(
+        torch.nn.functional.pad(xx, (pad[2], pad[3], pad[0], pad[1]))[:, :, :4, :3], rr, ww,
+        groups=2, backend="reference"))
+    assert fused[0].shape == (3, 6, 1, 1)
+    for got, want in zip(fused, window):
+        torch.testing.assert_close(got, want)

@@ -3,10 +3,10 @@ float64 ground truth (the per-example loop with PyTorch's autograd), forward and
 
 CONDCONV_FUZZ_EXAMPLES sets the number of examples per compiled backend (default 300; 50 for a
 backend running in Triton's interpreter, CONDCONV_FUZZ_INTERPRETED_EXAMPLES), CONDCONV_FUZZ_SEED
-the seed (printed, so a failure reproduces with it).
+the seed (fixed unless "random", as `make fuzz` sets it; printed, so a failure reproduces with
+it).
 """
 import os
-import random
 
 import pytest
 import torch
@@ -15,12 +15,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import (CPU_BACKENDS, INTERPRETED, Case, assert_close, ground_truth,  # noqa: E402
-                      make_inputs, run_op)
+from conftest import (CPU_BACKENDS, INTERPRETED, Case, assert_close, fuzz_seed,  # noqa: E402
+                      ground_truth, make_inputs, run_op)
 
 EXAMPLES = int(os.environ.get("CONDCONV_FUZZ_EXAMPLES", "300"))
 INTERPRETED_EXAMPLES = int(os.environ.get("CONDCONV_FUZZ_INTERPRETED_EXAMPLES", "50"))
-SEED = int(os.environ.get("CONDCONV_FUZZ_SEED", random.randrange(2 ** 32)))
+SEED = fuzz_seed("CONDCONV_FUZZ_SEED")
 print(f"condconv fuzz: seed {SEED} (CONDCONV_FUZZ_SEED={SEED} reproduces), {EXAMPLES} examples")
 
 

@@ -77,10 +77,11 @@ inline T pitched_dot(const T* a, const T* b, int64_t rows, int64_t pitch, int64_
   return exact;
 }
 
-// Output positions o in [lo, hi) with 0 <= o * stride + offset < size.
+// Output positions o in [lo, hi) with 0 <= o * stride + offset < size. No intermediate
+// overflows for any stride up to 2**63 - 1 (ceil(a / s) is taken as (a - 1) / s + 1).
 inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out_size,
                         int64_t& lo, int64_t& hi) {
-  lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  lo = offset >= 0 ? 0 : (-offset - 1) / stride + 1;
   hi = offset > size - 1 ? 0 : (size - 1 - offset) / stride + 1;
   hi = std::min(hi, out_size);
   lo = std::min(lo, hi);
@@ -123,7 +124,6 @@ void mix_experts(const acc_t* w, int64_t expert_stride, const acc_t* r, int64_t 
 template <typename scalar_t, typename acc_t>
 void im2col(const scalar_t* x, const Strides& s, const Geometry& g, int64_t channels, acc_t* col) {
   const int64_t L = g.out_pixels();
-  const int64_t step = g.stride_w * s.w;
   for (int64_t c = 0; c < channels; ++c) {
     for_each_tap(g, [&](int64_t i, int64_t j, int64_t off_h, int64_t off_w, int64_t lo,
                         int64_t hi) {
@@ -138,7 +138,9 @@ void im2col(const scalar_t* x, const Strides& s, const Geometry& g, int64_t chan
         std::fill(r, r + lo, acc_t(0));
         std::fill(r + hi, r + g.out_w, acc_t(0));
         const scalar_t* xr = x + c * s.c + ih * s.h + off_w * s.w;
-        for (int64_t ow = lo; ow < hi; ++ow) r[ow] = static_cast<acc_t>(xr[ow * step]);
+        // (ow * stride_w) * s.w: an offset inside x; stride_w * s.w alone may overflow when a
+        // huge stride leaves one output column.
+        for (int64_t ow = lo; ow < hi; ++ow) r[ow] = static_cast<acc_t>(xr[ow * g.stride_w * s.w]);
       }
     });
   }
