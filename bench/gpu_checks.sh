@@ -21,7 +21,9 @@
 #         without host overhead); the >2^31-element tests one at a time; compute-sanitizer
 #         memcheck of the cuda backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
-#         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
+#         call launches, for five layers and the whole model (bench/gpu_profile.py); the
+#         experimental experts-stationary 1x1 forward against the dense one and the static layer
+#         (bench/stationary_fwd.py); Nsight
 #         Compute on each kernel of two layers (bench/ncu_layers.py: occupancy, stall reasons,
 #         memory and tensor-pipe throughput); the dense kernel gradient with one gradient asked
 #         for at a time (bench/kgrad_ablation.py); the
@@ -269,11 +271,12 @@ if [ "$DRY" = 1 ]; then
            --model-batch 2 --input-size 64)
   DYNAMIC=(--device cpu --batch 2 --first 1 --min-run-time 0.02)
   KGRAD=(--device cpu --batch 2 --backend cpu --layers s5.b0.expand)
+  STATIONARY=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand)
 else
   DEV=(--device cuda)
   TEST_ENV=(env)
   TRITON_TESTS=(-k "not was_built")
-  CUDA_TESTS=()
+  CUDA_TESTS=(-k "not stationary")  # the triton step runs the Gluon kernel's test
   WARM=(--batch 256 --dtype bfloat16 --channels-last --backward --jobs 14)
   LAYERS=(--batch 256 --min-run-time 0.1)
   MODEL=(--batch 256 --min-run-time 0.5 --timm tf_efficientnet_cc_b0_8e,tf_efficientnet_b0)
@@ -285,6 +288,7 @@ else
   PROFILE=(--device cuda --batch 256 --dtype bfloat16 --backend triton --model-batch 256)
   DYNAMIC=(--device cuda --batch 64 --amp bfloat16 --channels-last --min-run-time 0.1)
   KGRAD=(--device cuda --batch 256 --backend triton)
+  STATIONARY=(--device cuda --batch 256 --backend triton)
 fi
 # The headline tables carry the static model's time per layer (condconv_kernels.triton.report,
 # committed as bench/results/gpu-model.json) and the measured / modeled ratio.
@@ -367,6 +371,12 @@ else  # profile: where the time goes, and the >2^31-element tests' first failure
     { cat "$WORK/results/profile-b256-bf16-cl.md"; echo; } >>"$SUMMARY"
     tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
   fi
+  # The experimental experts-stationary 1x1 forward (Gluon) against the dense one (tuned from
+  # the kit's cache) and the static layer: whether CONDCONV_TRITON_STATIONARY should be the
+  # default (its correctness: tests/test_gpu.py::test_gpu_stationary_forward, first call).
+  step stationary 40 "$PY" bench/stationary_fwd.py "${STATIONARY[@]}" \
+    --out "$WORK/results/stationary-fwd.md"
+  table "$WORK/results/stationary-fwd.md"
   # What the dense and depthwise kernels wait on: Nsight Compute's sections for each kernel of
   # the headline 1x1 layer and a 5x5 depthwise one (the whole report in log.txt).
   TAIL_LINES=40 step ncu 70 ncu_layers

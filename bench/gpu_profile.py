@@ -131,6 +131,32 @@ def section(title: str, body) -> None:
         print("```\n" + traceback.format_exc()[-2000:] + "```")
 
 
+def pick_layers(p, names: str, kernel=None):
+    """The layers of tf_efficientnet_cc_b0_8e named in ``names`` (comma-separated), in that
+    order; a parser error for a name the model lacks (or, with ``kernel``, whose kernel is of
+    another size)."""
+    layers = {layer.name: layer for layer in efficientnet_cc_b0_layers(8)}
+    wanted = [name for name in names.split(",") if name]
+    bad = [n for n in wanted if n not in layers or kernel not in (None, layers[n].kernel)]
+    if bad:
+        size = f" {kernel}x{kernel}" if kernel else ""
+        p.error(f"not{size} layers of the model: {bad}; choose from {sorted(layers)}")
+    return [layers[n] for n in wanted]
+
+
+def layer_inputs(layer, batch: int, device: str, dtype, generator):
+    """x (channels_last), routing (float32), weight (scaled by 1/sqrt(fan-in)) and bias of one
+    layer, random from ``generator``."""
+    x = torch.randn(batch, layer.cin, layer.height, layer.width, generator=generator)
+    x = x.contiguous(memory_format=torch.channels_last).to(device, dtype)
+    routing = torch.rand(batch, layer.experts, generator=generator).to(device)
+    fan_in = layer.cin // layer.groups * layer.kernel ** 2
+    weight = (torch.randn(layer.experts, layer.cout, layer.cin // layer.groups, layer.kernel,
+                          layer.kernel, generator=generator) / fan_in ** 0.5).to(device, dtype)
+    bias = (torch.randn(layer.experts, layer.cout, generator=generator) * 0.1).to(device, dtype)
+    return x, routing, weight, bias
+
+
 def add_device_arguments(p, backend_help: str) -> None:
     """--device, --batch, --dtype and --backend, as the GPU kit's profiling scripts take them."""
     p.add_argument("--device", default="cuda", help="Where to run: cuda, or cpu for a dry run.")

@@ -27,10 +27,9 @@ import sys
 import torch
 
 from condconv_kernels.cli import parser
-from condconv_kernels.profile import efficientnet_cc_b0_layers
 from condconv_kernels.profile.tables import header, machine_line, row, write_result
 from condconv_kernels.profile import machine_info
-from gpu_profile import add_device_arguments, device_kernels
+from gpu_profile import add_device_arguments, device_kernels, layer_inputs, pick_layers
 
 MASKS = {"x": (True, False, False), "w": (False, False, True), "r": (False, True, False),
          "wr": (False, True, True)}
@@ -62,22 +61,14 @@ def main(argv=None):
     p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    layers = {layer.name: layer for layer in efficientnet_cc_b0_layers(8)}
-    wanted = [name for name in args.layers.split(",") if name]
-    unknown = [name for name in wanted if name not in layers]
-    if unknown:
-        p.error(f"unknown layers {unknown}; choose from {sorted(layers)}")
+    chosen = pick_layers(p, args.layers)
     slice_counts = [int(s) for s in args.splits.split(",") if s] if args.backend == "triton" else []
     variants = list(MASKS) + [f"wr, {n} slices" for n in slice_counts]
     rows, record = [], []
     g = torch.Generator().manual_seed(0)
-    for name in wanted:
-        layer = layers[name]
-        x = torch.randn(args.batch, layer.cin, layer.height, layer.width, generator=g)
-        x = x.contiguous(memory_format=torch.channels_last).to(args.device, dtype)
-        routing = torch.rand(args.batch, layer.experts, generator=g).to(args.device)
-        weight = (torch.randn(layer.experts, layer.cout, layer.cin // layer.groups, layer.kernel,
-                              layer.kernel, generator=g) * 0.05).to(args.device, dtype)
+    for layer in chosen:
+        name = layer.name
+        x, routing, weight, _ = layer_inputs(layer, args.batch, args.device, dtype, g)
         stride, pad = [layer.stride] * 2, list(layer.padding)
         ho = (layer.height + pad[0] + pad[1] - layer.kernel) // layer.stride + 1
         wo = (layer.width + pad[2] + pad[3] - layer.kernel) // layer.stride + 1

@@ -7,6 +7,9 @@ switches lists them with the build's and the tests' own).
   of autotuning (one compile per shape: test runs).
 - ``CONDCONV_TRITON_CONFIG=i``: launch the i-th configuration of each table (modulo its length),
   without autotuning (``bench/warm_triton.py`` fills Triton's cache this way).
+- ``CONDCONV_TRITON_STATIONARY=1``: the dense 1x1 forward takes the experimental Hopper kernel
+  with the experts stationary in shared memory where it applies
+  (:mod:`condconv_kernels.triton.stationary`); off until a GPU run has measured it.
 - ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call
   (:func:`backend_override`), so a process may change it.
 - ``CONDCONV_MALLOC_AS_IS=1``: the benchmark scripts keep the C allocator's settings instead of
@@ -32,6 +35,7 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_CONFIG = _forced_config()
 TRITON_AUTOTUNE = (os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0"
                    and TRITON_CONFIG is None)
+TRITON_STATIONARY = os.environ.get("CONDCONV_TRITON_STATIONARY", "0") == "1"
 
 
 def malloc_as_is() -> bool:

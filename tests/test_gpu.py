@@ -396,3 +396,48 @@ def test_gpu_per_example_scales(name, dtype, backend):
     assert_close(out, truth, same, f"{backend} out", factor=4.0)
     for g, t, s in zip(grads, truth_grads, same_grads):
         assert_close(g, t, s, f"{backend} grad", factor=4.0)
+
+
+def _hopper() -> bool:
+    return ON_GPU and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,bias", [
+    (8, 192, 1152, 7, 37, torch.bfloat16, True),  # A from registers, 3 K chunks of 64
+    (8, 112, 200, 14, 9, torch.float16, True),  # A from shared memory, 2 pixel tiles, Cout % 64
+    (8, 80, 480, 14, 5, torch.bfloat16, False),  # K chunks of 32
+    (4, 48, 96, 5, 3, torch.bfloat16, True),  # K padded to 64, 25 pixels
+    (3, 16, 64, 12, 2, torch.bfloat16, True),  # K = 16, 144 pixels (2 tiles)
+    (2, 448, 128, 7, 300, torch.bfloat16, True),  # 7 K chunks; 300 in slices of 5
+], ids=["7x7-K192", "14x14-K112-fp16", "K80-no-bias", "5x5-K48", "K16-12x12", "K448-E2"])
+def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias):
+    """The experimental experts-stationary 1x1 forward (triton/stationary.py), called directly
+    (it is behind CONDCONV_TRITON_STATIONARY): against the per-example loop in float64 on the
+    CPU, within the error of the same loop run by PyTorch in ``dtype`` on the device; the
+    output poisoned with NaN first, so an unwritten element fails; and through
+    ``condconv2d(backend="triton")`` with the switch on: the same output."""
+    from condconv_kernels import _env
+    from condconv_kernels.triton import stationary
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(batch, cin, side, side, generator=g, dtype=torch.float64)
+    r = torch.rand(batch, experts, generator=g, dtype=torch.float64)
+    w = torch.randn(experts, cout, cin, 1, 1, generator=g, dtype=torch.float64) / cin ** 0.5
+    b = torch.randn(experts, cout, generator=g, dtype=torch.float64) if bias else None
+    truth = reference.condconv2d_loop(x, r, w, b)
+    xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    rd, wd = r.to(DEVICE, torch.float32), w.to(DEVICE, dtype)
+    bd = b.to(DEVICE, dtype) if bias else None
+    same = reference.condconv2d_loop(xd, rd.to(dtype), wd, bd).cpu()
+    plan = stationary.eligible(xd, wd, 1, True, False, False)
+    assert plan is not None, "the kernel should take this call"
+    out = torch.full((batch, cout, side, side), float("nan"), device=DEVICE,
+                     dtype=dtype).contiguous(memory_format=torch.channels_last)
+    stationary.forward(xd, rd, wd, bd, out, plan)
+    assert_close(out.cpu(), truth, same, "stationary out", factor=4.0)
+    saved, _env.TRITON_STATIONARY = _env.TRITON_STATIONARY, True
+    try:
+        routed = cc.condconv2d(xd, rd, wd, bd, backend="triton")
+    finally:
+        _env.TRITON_STATIONARY = saved
+    assert torch.equal(routed, out), "condconv2d with the switch on took another kernel"

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _args
+from .. import _args, _env
 from .._epilogue import Scales, finish_grads, fold_scaled_kernel_grads
 from ._grid import flat_grid
 from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucket,
@@ -29,6 +29,7 @@ from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucke
 from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from ._scales import launch_args
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
+from . import stationary
 
 __all__ = ["forward", "backward"]
 
@@ -100,6 +101,12 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out),
             ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E), **s_flags, **blocks)
         return out
+    pointwise = _pointwise(kh, kw, stride, padding, x)
+    if _env.TRITON_STATIONARY:
+        plan = stationary.eligible(x, weight, groups, pointwise, any(s_flags.values()),
+                                   _wide(x, out))
+        if plan is not None:
+            return stationary.forward(x, routing, weight, bias, out, plan)
     cout_g = cout // groups
     blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
     grid = lambda meta: flat_grid(triton.cdiv(ho * wo, meta["BLOCK_N"]),  # noqa: E731
@@ -109,7 +116,7 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         x, routing, w, b, *s_ptrs, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
         *routing.stride(), *out.stride(), *s_strides, *geometry, bucket(B),
         bucket(cin_g * kh * kw), bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None,
-        POINTWISE=_pointwise(kh, kw, stride, padding, x), ACC=_acc(x.dtype),
+        POINTWISE=pointwise, ACC=_acc(x.dtype),
         PRECISION=_precision(x.dtype), **s_flags, **blocks)
     return out
 

@@ -7,7 +7,8 @@ compiled in every dtype with the configuration ``CONDCONV_TRITON_AUTOTUNE=0`` la
 of its table), and in float32 and bfloat16 with each other configuration of its table (with
 ``--quick``, the largest only). Prints one line
 per variant (shared memory, tensor-core instructions) and exits 1 if any
-variant fails or does not fit.
+variant fails or does not fit. The experimental Gluon kernel (``stationary.py``) is compiled at
+its ``COMPILE_CASES`` in float16 and bfloat16.
 
 Run it in a process without ``TRITON_INTERPRET=1``: the interpreter patches the compiler's
 builder once a kernel has been interpreted.
@@ -23,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..cli import parser
-from . import _config, dense, depthwise
+from . import _config, dense, depthwise, stationary
 
 # kernel, its tile names (as the launcher passes them), its pointers in the accumulation dtype
 # (besides the routing and the scales).
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if _config.INTERPRET:
         p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
+    from .report import ptxas_usage
     failures = 0
     for name, dtype, (blocks, warps, stages), first in variants(args.quick):
         label = (f"{name:19s} {TYPES[dtype]} {'x'.join(map(str, blocks.values())):10s} "
@@ -141,6 +143,27 @@ def main(argv=None) -> int:
         failures += not fits
         print(f"{label}: {meta.shared} B shared{'' if fits else ' (TOO MUCH)'}, "
               f"{ptx.count('mma.sync') + ptx.count('wgmma.mma_async')} mma instructions")
+    for experts, k, pixels in stationary.COMPILE_CASES if stationary.AVAILABLE else []:
+        for dtype in (torch.bfloat16, torch.float16):
+            label = f"stationary (gluon) {TYPES[dtype]} E{experts} K{k} P{pixels}"
+            try:
+                compiled = stationary.compile_for(experts, k, pixels, dtype, args.arch)
+            except Exception as error:  # noqa: BLE001 -- as above
+                print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[-1]}")
+                failures += 1
+                continue
+            # The plan's count decides which layers the kernel takes: it must be the compiler's.
+            # One program an SM: its registers are free up to 255, but a spill is a miss.
+            planned = stationary.plan(experts, k, pixels)["shared_bytes"]
+            shared = compiled.metadata.shared
+            usage = ptxas_usage(compiled.asm["ptx"], args.arch)
+            fits = (shared <= SHARED_BYTES[args.arch] and shared == planned
+                    and usage["spill_bytes"] == 0)
+            failures += not fits
+            print(f"{label}: {shared} B shared (planned {planned}), {usage['registers']} "
+                  f"registers, {usage['spill_bytes']} B spilled"
+                  f"{'' if fits else ' (TOO MUCH, NOT AS PLANNED OR SPILLED)'}, "
+                  f"{compiled.asm['ptx'].count('wgmma.mma_async')} mma instructions")
     print("all variants compiled and fit" if failures == 0 else f"{failures} variants failed")
     return 1 if failures else 0
 

@@ -1,0 +1,284 @@
+"""Dense 1x1 CondConv forward with the experts stationary in shared memory (Hopper, Gluon).
+
+Experimental: used only with ``CONDCONV_TRITON_STATIONARY=1`` until a GPU run has measured it
+against :func:`condconv_kernels.triton.dense.dense_fwd_kernel`.
+
+Why: the dense forward re-reads each expert tile from L2 for every block of 1-4 examples, and
+on the 7x7 and 14x14 expand layers of EfficientNet-CondConv at batch 256 those reads are the
+bound (453 MB for 192 -> 1152 at 7x7, ~97 us on an H200, against ~14 us for the static layer).
+Here a persistent program owns 64 output channels and a slice of the batch. It copies the E
+experts' (64 x K) slab into shared memory once (E x 64 x K x 2 bytes: 192 KB for E = 8, K =
+192), then for each example of its slice mixes the example's kernel tile from shared memory
+(float32 FMAs on the CUDA cores) and multiplies it with the example's pixels on the tensor cores
+(wgmma; the pixels copied to shared memory with cp.async). L2 then carries the slab once per
+program plus x and out; shared memory carries the slab once per example (and pixel tile).
+
+Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, no per-example scales, x
+channels_last with Cin a multiple of 16, sm_90; every other call takes the dense kernel. Two
+forms by the pixel count P: P <= 64 (one pixel tile) mixes into registers and feeds wgmma's A
+operand from registers; P > 64 mixes once per example into shared memory (the A operand) and
+loops over pixel tiles of up to 128.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:  # Gluon: Triton's explicit-layout dialect (Triton >= 3.5)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared,
+                                                                  warpgroup_mma)
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    AVAILABLE = False
+
+BLOCK_M = 64  # one warpgroup's wgmma rows
+WARPS = 4  # one warpgroup
+SHARED_LIMIT = 227 * 1024
+# Pixel tiles: up to 128 pixels (A from registers up to 64), larger planes in tiles of 128.
+MAX_BLOCK_N = 128
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def plan(experts: int, k: int, pixels: int, itemsize: int = 2) -> Optional[dict]:
+    """The kernel's compile-time sizes for E experts, K = Cin input channels and P pixels, or
+    None where its shared memory (the slab, the pixel tile and, for P > 128, the mixed tile)
+    would not fit in 227 KB."""
+    block_k = min((64, 32), key=lambda bk: -(-k // bk) * bk)  # the least padding; 64 on a tie
+    num_kc = -(-k // block_k)
+    block_n = max(16, min(MAX_BLOCK_N, _pow2(pixels)))
+    # A from registers beside a 64 x 128 float32 accumulator spills: tiles past 64 pixels mix
+    # into shared memory.
+    a_smem = block_n > 64
+    shared = (experts * num_kc * BLOCK_M * block_k  # the slab
+              + (2 if a_smem else 1) * num_kc * block_k * block_n  # pixel tiles
+              + (num_kc * BLOCK_M * block_k if a_smem else 0)) * itemsize  # the mixed kernel
+    if shared > SHARED_LIMIT - 1024:  # the compiler's own scratch
+        return None
+    return dict(BLOCK_K=block_k, NUM_KC=num_kc, BLOCK_N=block_n, A_SMEM=a_smem,
+                shared_bytes=shared)
+
+
+if AVAILABLE:
+    @gluon.jit
+    def _mixed(slab, r_b, s_re, j, E: gl.constexpr, NUM_KC: gl.constexpr,
+               layout: gl.constexpr):
+        """sum_e r_b[e] slab[e, chunk j] in float32, in ``layout``."""
+        m = gl.load(r_b).to(gl.float32) * slab.index(j).load(layout).to(gl.float32)
+        for e in gl.static_range(1, E):
+            m += (gl.load(r_b + e * s_re).to(gl.float32)
+                  * slab.index(e * NUM_KC + j).load(layout).to(gl.float32))
+        return m
+
+    @gluon.jit
+    def _copy_x(xs, first, x_b, p0, K, P, s_xp, o_kx, o_px, BLOCK_K: gl.constexpr,
+                NUM_KC: gl.constexpr):
+        """Starts the asynchronous copies of one example's (K x BLOCK_N) pixel tile at p0 into
+        the NUM_KC buffers from ``first`` on (zeros past K and P): rows of K channels, 16 bytes
+        at a time."""
+        px = p0 + o_px
+        for kc in gl.static_range(NUM_KC):
+            kx = kc * BLOCK_K + o_kx
+            cp.async_copy_global_to_shared(xs.index(first + kc),
+                                           x_b + (kx[:, None] + px[None, :] * s_xp),
+                                           mask=(kx[:, None] < K) & (px[None, :] < P))
+        cp.commit_group()
+
+    @gluon.jit
+    def _store_tile(acc, o_b, r_b, s_re, bias_ptr, o_mo, o_po, p0, COUT, P, s_oc, s_op,
+                    E: gl.constexpr, HAS_BIAS: gl.constexpr, mma: gl.constexpr):
+        if HAS_BIAS:  # sum_e r_b[e] bias[e] for the tile's rows
+            bias = gl.zeros([acc.shape[0]], gl.float32, gl.SliceLayout(1, mma))
+            for e in gl.static_range(E):
+                bias += gl.load(r_b + e * s_re).to(gl.float32) * gl.load(
+                    bias_ptr + e * COUT + o_mo, mask=o_mo < COUT, other=0.0).to(gl.float32)
+            acc = acc + bias[:, None]
+        po = p0 + o_po
+        gl.store(o_b + (o_mo[:, None] * s_oc + po[None, :] * s_op),
+                 acc.to(o_b.dtype.element_ty), mask=(o_mo[:, None] < COUT) & (po[None, :] < P))
+
+    @gluon.jit
+    def pw_fwd_stationary_kernel(
+        x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr, B, K, COUT, P, PER_PROG, N_CO,
+        s_xb, s_xp, s_rb, s_re, s_ob, s_oc, s_op,
+        E: gl.constexpr, HAS_BIAS: gl.constexpr, A_SMEM: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, NUM_KC: gl.constexpr,
+        BLOCK_N: gl.constexpr, WARPS: gl.constexpr,
+    ):
+        """out[b, co, p] = sum_k (sum_e r[b, e] w[e, co, k]) x[b, k, p] (+ sum_e r[b, e]
+        bias[e, co]) for the 64 channels of program % N_CO and the examples
+        [program // N_CO * PER_PROG, + PER_PROG). x: (B, K, P) channels_last (a pixel's K
+        channels contiguous, pixels s_xp apart); w: (E, COUT, K) contiguous; K, s_xp and s_xb
+        multiples of 16 and x 16-byte aligned (the copies move 16 bytes); offsets within an
+        example fit in int32.
+
+        The next pixel tile's copy is in flight while the current one is mixed (A in registers,
+        one tile an example: the next example's tile starts after this one's products) or
+        multiplied (A_SMEM: two pixel buffers; the example's mix into shared memory overlaps
+        its first tile's copy)."""
+        pid = gl.program_id(0)
+        i_m = pid % N_CO
+        i_s = pid // N_CO
+        dtype: gl.constexpr = w_ptr.dtype.element_ty
+        # Register layouts of the copies: W's rows and x's (K x pixels) tiles, K contiguous.
+        w_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+        x_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, WARPS], [0, 1])
+        xs_layout: gl.constexpr = gl.NVMMASharedLayout(  # K-major B operand
+            swizzle_byte_width=min(128, 2 * BLOCK_K), element_bitwidth=16, rank=2,
+            transposed=True)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        w_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BLOCK_K),
+                                                    element_bitwidth=16, rank=2)
+        slab = gl.allocate_shared_memory(dtype, [E * NUM_KC, BLOCK_M, BLOCK_K], w_smem)
+        if A_SMEM:
+            xs = gl.allocate_shared_memory(dtype, [2 * NUM_KC, BLOCK_K, BLOCK_N], xs_layout)
+            ms = gl.allocate_shared_memory(dtype, [NUM_KC, BLOCK_M, BLOCK_K], w_smem)
+        else:
+            xs = gl.allocate_shared_memory(dtype, [NUM_KC, BLOCK_K, BLOCK_N], xs_layout)
+
+        # The slab: every expert's (64 x K) rows, in K chunks; zeros past COUT and K.
+        o_m = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, w_layout))
+        o_kw = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, w_layout))
+        for kc in gl.static_range(NUM_KC):
+            kw = kc * BLOCK_K + o_kw
+            m_w = (o_m[:, None] < COUT) & (kw[None, :] < K)
+            for e in gl.static_range(E):
+                p_w = w_ptr + (e * COUT + o_m[:, None]).to(gl.int64) * K + kw[None, :]
+                cp.async_copy_global_to_shared(slab.index(e * NUM_KC + kc), p_w, mask=m_w)
+        cp.commit_group()
+
+        o_kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, x_layout))
+        o_px = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, x_layout))
+        o_mo = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+        o_po = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        b_start = i_s * PER_PROG
+        b_end = gl.minimum(B, b_start + PER_PROG)
+        _copy_x(xs, 0, x_ptr + b_start.to(gl.int64) * s_xb, 0, K, P, s_xp, o_kx, o_px,
+                BLOCK_K, NUM_KC)
+        cp.wait_group(1)  # the slab (the first tile may still be in flight)
+        gl.thread_barrier()
+        buf = 0
+        for b in range(b_start, b_end):
+            r_b = r_ptr + b.to(gl.int64) * s_rb
+            o_b = out_ptr + b.to(gl.int64) * s_ob
+            x_next = x_ptr + (b + 1).to(gl.int64) * s_xb
+            if A_SMEM:
+                # The example's kernel, mixed once into shared memory while its first tile's
+                # copy is in flight (the last example's products are done: barrier below).
+                for j in range(NUM_KC):
+                    ms.index(j).store(_mixed(slab, r_b, s_re, j, E, NUM_KC, w_layout).to(dtype))
+                for p0 in range(0, P, BLOCK_N):
+                    cp.wait_group(0)
+                    fence_async_shared()  # the copies and the mix visible to the tensor cores
+                    gl.thread_barrier()
+                    # The next tile (this example's, or the next example's first) into the
+                    # other buffer while this one is multiplied.
+                    if p0 + BLOCK_N < P:
+                        _copy_x(xs, (1 - buf) * NUM_KC, x_ptr + b.to(gl.int64) * s_xb,
+                                p0 + BLOCK_N, K, P, s_xp, o_kx, o_px, BLOCK_K, NUM_KC)
+                    elif b + 1 < b_end:
+                        _copy_x(xs, (1 - buf) * NUM_KC, x_next, 0, K, P, s_xp, o_kx, o_px,
+                                BLOCK_K, NUM_KC)
+                    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+                    for j in range(NUM_KC):
+                        acc = warpgroup_mma(ms.index(j), xs.index(buf * NUM_KC + j), acc)
+                    _store_tile(acc, o_b, r_b, s_re, bias_ptr, o_mo, o_po, p0, COUT, P, s_oc,
+                                s_op, E, HAS_BIAS, mma)
+                    buf = 1 - buf
+                gl.thread_barrier()  # every warp's products have read ms
+            else:
+                # One pixel tile an example. Each chunk is mixed into registers and multiplied
+                # at once; the first chunk's mix overlaps the tile's copy.
+                acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+                for j in range(NUM_KC):
+                    mixed = _mixed(slab, r_b, s_re, j, E, NUM_KC, a_layout).to(dtype)
+                    if j == 0:
+                        cp.wait_group(0)
+                        fence_async_shared()
+                        gl.thread_barrier()
+                    acc = warpgroup_mma(mixed, xs.index(j), acc)
+                gl.thread_barrier()  # every warp's products have read xs
+                if b + 1 < b_end:
+                    _copy_x(xs, 0, x_next, 0, K, P, s_xp, o_kx, o_px, BLOCK_K, NUM_KC)
+                _store_tile(acc, o_b, r_b, s_re, bias_ptr, o_mo, o_po, 0, COUT, P, s_oc, s_op,
+                            E, HAS_BIAS, mma)
+
+
+def eligible(x: torch.Tensor, weight: torch.Tensor, groups: int, pointwise: bool,
+             scaled: bool, wide: bool) -> Optional[dict]:
+    """The plan (:func:`plan`) where this kernel computes the call, else None. ``pointwise``:
+    1x1, stride 1, unpadded, x's pixels at one stride; ``wide``: offsets within an example
+    may pass int32. x must be channels_last with K, its strides and its address multiples of
+    16 (elements; bytes for the address): what the 16-byte copies and Triton's specialization
+    of the launch need."""
+    if not (AVAILABLE and x.is_cuda and pointwise and groups == 1 and not scaled and not wide
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(x.device) == (9, 0)):
+        return None
+    B, cin, H, W = x.shape
+    if not (x.stride(1) == 1 and cin % 16 == 0 and x.stride(0) % 16 == 0
+            and x.stride(3) % 16 == 0 and x.data_ptr() % 16 == 0):
+        return None
+    return plan(weight.shape[0], cin, H * W, x.element_size())
+
+
+def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
+            bias: Optional[torch.Tensor], out: torch.Tensor, config: dict) -> torch.Tensor:
+    """Fills ``out`` (B, Cout, H, W) for a call :func:`eligible` accepted."""
+    B, cin, H, W = x.shape
+    E, cout = weight.shape[:2]
+    w = weight.reshape(E, cout, cin).contiguous()
+    if w.data_ptr() % 16:  # a view into a larger buffer: the slab's 16-byte copies need this
+        w = w.clone()
+    bias = bias.contiguous() if bias is not None else None  # read as (E, Cout) rows
+    n_co = -(-cout // BLOCK_M)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    per = -(-B // max(1, sms // n_co))  # one program per SM (shared memory allows no more)
+    grid = (n_co * -(-B // per),)
+    pw_fwd_stationary_kernel[grid](
+        x, routing, w, bias if bias is not None else w, out, B, cin, cout, H * W, per, n_co,
+        x.stride(0), x.stride(3), routing.stride(0), routing.stride(1),
+        out.stride(0), out.stride(1), out.stride(3),
+        E=E, HAS_BIAS=bias is not None, A_SMEM=config["A_SMEM"], BLOCK_M=BLOCK_M,
+        BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"], BLOCK_N=config["BLOCK_N"],
+        WARPS=WARPS, num_warps=WARPS)
+    return out
+
+
+# Specializations compile_check builds: (experts, K, pixels) for each form (A from registers at
+# 7x7 with three K chunks, A from shared memory over two pixel tiles, K chunks of 32).
+COMPILE_CASES = [(8, 192, 49), (8, 112, 196), (8, 80, 196)]
+
+
+def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90):
+    """The kernel compiled ahead of time for ``sm_<arch>`` (no GPU needed) at the plan of
+    (E, K, P) with the integer specializations a launch gets (sizes and strides divisible by
+    16, the contiguous dimension's stride 1)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    config = plan(experts, k, pixels)
+    if config is None:
+        raise ValueError(f"no plan for E={experts}, K={k}, P={pixels}: the slab does not fit")
+    fn = pw_fwd_stationary_kernel
+    const = dict(E=experts, HAS_BIAS=True, A_SMEM=config["A_SMEM"],
+                 BLOCK_M=BLOCK_M, BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"],
+                 BLOCK_N=config["BLOCK_N"], WARPS=WARPS)
+    kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    signature = {n: "constexpr" if n in const else "*fp32" if n == "r_ptr" else
+                 f"*{kind}" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+    divisible = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "K", "s_xb", "s_xp"]  # (eligible)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    source = GluonASTSource(fn, signature,
+                            {(fn.arg_names.index(n),): v for n, v in const.items()}, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=WARPS))
+
