@@ -18,12 +18,12 @@
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput,
 #         then the same step (static and fused triton) captured in a CUDA graph (device time
-#         without host overhead); the >2^31-element tests one at a time; compute-sanitizer
+#         without host overhead); the experimental experts-stationary 1x1 forward against the
+#         dense one and the static layer (bench/stationary_fwd.py); the >2^31-element tests one
+#         at a time; compute-sanitizer
 #         memcheck of the cuda backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
-#         call launches, for five layers and the whole model (bench/gpu_profile.py); the
-#         experimental experts-stationary 1x1 forward against the dense one and the static layer
-#         (bench/stationary_fwd.py); Nsight
+#         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
 #         Compute on each kernel of two layers (bench/ncu_layers.py: occupancy, stall reasons,
 #         memory and tensor-pipe throughput); the dense kernel gradient with one gradient asked
 #         for at a time (bench/kgrad_ablation.py); the
@@ -356,6 +356,12 @@ elif [ "$MODE" = second ]; then
   step model-train-graph 45 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"
+  # The experimental experts-stationary 1x1 forward (Gluon) against the dense one (tuned from
+  # the kit's cache) and the static layer: whether CONDCONV_TRITON_STATIONARY should be the
+  # default (its correctness: tests/test_gpu.py::test_gpu_stationary_forward, first call).
+  step stationary 35 "$PY" bench/stationary_fwd.py "${STATIONARY[@]}" \
+    --out "$WORK/results/stationary-fwd.md"
+  table "$WORK/results/stationary-fwd.md"
   step huge-tests 60 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
     CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu.py \
     -m huge
@@ -371,12 +377,6 @@ else  # profile: where the time goes, and the >2^31-element tests' first failure
     { cat "$WORK/results/profile-b256-bf16-cl.md"; echo; } >>"$SUMMARY"
     tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
   fi
-  # The experimental experts-stationary 1x1 forward (Gluon) against the dense one (tuned from
-  # the kit's cache) and the static layer: whether CONDCONV_TRITON_STATIONARY should be the
-  # default (its correctness: tests/test_gpu.py::test_gpu_stationary_forward, first call).
-  step stationary 40 "$PY" bench/stationary_fwd.py "${STATIONARY[@]}" \
-    --out "$WORK/results/stationary-fwd.md"
-  table "$WORK/results/stationary-fwd.md"
   # What the dense and depthwise kernels wait on: Nsight Compute's sections for each kernel of
   # the headline 1x1 layer and a 5x5 depthwise one (the whole report in log.txt).
   TAIL_LINES=40 step ncu 70 ncu_layers
