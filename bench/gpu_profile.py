@@ -157,6 +157,19 @@ def layer_inputs(layer, batch: int, device: str, dtype, generator):
     return x, routing, weight, bias
 
 
+def print_table(title: str, columns, rows, record, out, script: str, argv) -> None:
+    """Prints a per-layer table (a title line, the columns, the rows, the machine) and, with
+    ``out``, writes it and ``record`` (JSON beside it) with the command that made them."""
+    from condconv_kernels.profile import machine_info
+    from condconv_kernels.profile.tables import header, row, write_result
+    lines = [title, ""] + header(columns) + [row(r) for r in rows]
+    table = "\n".join(lines + ["", machine_line(machine_info())])
+    print(table)
+    if out:
+        command = f"python bench/{script} " + " ".join(argv if argv else sys.argv[1:])
+        write_result(out, table, command, {"machine": machine_info(), "layers": record})
+
+
 def add_device_arguments(p, backend_help: str) -> None:
     """--device, --batch, --dtype and --backend, as the GPU kit's profiling scripts take them."""
     p.add_argument("--device", default="cuda", help="Where to run: cuda, or cpu for a dry run.")

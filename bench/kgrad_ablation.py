@@ -23,32 +23,25 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from unittest import mock
 
 import torch
 
 from condconv_kernels.cli import parser
-from condconv_kernels.profile.tables import header, machine_line, row, write_result
-from condconv_kernels.profile import machine_info
-from gpu_profile import add_device_arguments, device_kernels, layer_inputs, pick_layers
+from gpu_profile import (add_device_arguments, device_kernels, layer_inputs, pick_layers,
+                         print_table)
 
 MASKS = {"x": (True, False, False), "w": (False, False, True), "r": (False, True, False),
          "wr": (False, True, True)}
 
 
-@contextlib.contextmanager
 def splits(n):
     """The triton backend's batch slices for the dense kernel gradient set to ``n`` (None:
     unchanged)."""
     if n is None:
-        yield
-        return
+        return contextlib.nullcontext()
     import condconv_kernels.triton as backend
-    saved = backend._splits
-    backend._splits = lambda B: max(1, min(B, n))
-    try:
-        yield
-    finally:
-        backend._splits = saved
+    return mock.patch.object(backend, "_splits", lambda B: max(1, min(B, n)))
 
 
 def main(argv=None):
@@ -91,15 +84,10 @@ def main(argv=None):
         rows.append(cells)
         record.append({"layer": name, "shape": cells[1], "device_us": times})
         print(f"{name}: done", file=sys.stderr)
-    lines = [f"Dense backward by gradient asked for, batch {args.batch}, {args.dtype}, "
-             f"channels_last, backend {args.backend}, {args.device}: device us per call", ""]
-    lines += header(["layer", "shape"] + [f"{v}" for v in variants])
-    lines += [row(r) for r in rows] + ["", machine_line(machine_info())]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        command = "python bench/kgrad_ablation.py " + " ".join(argv if argv else sys.argv[1:])
-        write_result(args.out, table, command, {"machine": machine_info(), "layers": record})
+    print_table(f"Dense backward by gradient asked for, batch {args.batch}, {args.dtype}, "
+                f"channels_last, backend {args.backend}, {args.device}: device us per call",
+                ["layer", "shape"] + list(variants), rows, record, args.out,
+                "kgrad_ablation.py", argv)
 
 
 if __name__ == "__main__":

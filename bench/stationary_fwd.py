@@ -19,30 +19,19 @@ stationary column is ``-``.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from condconv_kernels import _env
 from condconv_kernels.cli import parser
-from condconv_kernels.profile import machine_info
-from condconv_kernels.profile.tables import header, machine_line, row, write_result
-from gpu_profile import add_device_arguments, device_kernels, layer_inputs, pick_layers
+from gpu_profile import (add_device_arguments, device_kernels, layer_inputs, pick_layers,
+                         print_table)
 
 # The expand layers it takes (K = 80, 112, 192) and a project layer it does not (K = 1152).
 DEFAULT_LAYERS = "s5.b0.expand,s5.b1.expand,s6.b1.expand,s6.b1.project"
-
-
-@contextlib.contextmanager
-def stationary(on: bool):
-    saved = _env.TRITON_STATIONARY
-    _env.TRITON_STATIONARY = on
-    try:
-        yield
-    finally:
-        _env.TRITON_STATIONARY = saved
 
 
 def main(argv=None):
@@ -63,7 +52,7 @@ def main(argv=None):
         x, routing, weight, bias = layer_inputs(layer, args.batch, args.device, dtype, g)
 
         def fused(on, backend=args.backend):
-            with stationary(on):
+            with mock.patch.object(_env, "TRITON_STATIONARY", on):
                 return cc.condconv2d(x, routing, weight, bias, backend=backend)
 
         def static():
@@ -86,16 +75,11 @@ def main(argv=None):
         record.append({"layer": name, "shape": cells[1], "device_us": times,
                        "plan": plan})
         print(f"{name}: done", file=sys.stderr)
-    lines = [f"Experts-stationary 1x1 forward, batch {args.batch}, {args.dtype}, channels_last, "
-             f"{args.device}: device us per call", ""]
-    lines += header(["layer", "shape", "static", "dense", "stationary", "max diff / scale",
-                     "stationary / dense", "stationary / static"])
-    lines += [row(r) for r in rows] + ["", machine_line(machine_info())]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        command = "python bench/stationary_fwd.py " + " ".join(argv if argv else sys.argv[1:])
-        write_result(args.out, table, command, {"machine": machine_info(), "layers": record})
+    print_table(f"Experts-stationary 1x1 forward, batch {args.batch}, {args.dtype}, "
+                f"channels_last, {args.device}: device us per call",
+                ["layer", "shape", "static", "dense", "stationary", "max diff / scale",
+                 "stationary / dense", "stationary / static"], rows, record, args.out,
+                "stationary_fwd.py", argv)
 
 
 if __name__ == "__main__":

@@ -417,6 +417,7 @@ def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias):
     CPU, within the error of the same loop run by PyTorch in ``dtype`` on the device; the
     output poisoned with NaN first, so an unwritten element fails; and through
     ``condconv2d(backend="triton")`` with the switch on: the same output."""
+    from unittest import mock
     from condconv_kernels import _env
     from condconv_kernels.triton import stationary
     g = torch.Generator().manual_seed(11)
@@ -435,9 +436,6 @@ def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias):
                      dtype=dtype).contiguous(memory_format=torch.channels_last)
     stationary.forward(xd, rd, wd, bd, out, plan)
     assert_close(out.cpu(), truth, same, "stationary out", factor=4.0)
-    saved, _env.TRITON_STATIONARY = _env.TRITON_STATIONARY, True
-    try:
+    with mock.patch.object(_env, "TRITON_STATIONARY", True):
         routed = cc.condconv2d(xd, rd, wd, bd, backend="triton")
-    finally:
-        _env.TRITON_STATIONARY = saved
     assert torch.equal(routed, out), "condconv2d with the switch on took another kernel"
