@@ -18,10 +18,9 @@
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput,
 #         then the same step (static and fused triton) captured in a CUDA graph (device time
-#         without host overhead); the experimental experts-stationary 1x1 forward against the
-#         dense one and the static layer (bench/stationary_fwd.py); the >2^31-element tests one
-#         at a time; compute-sanitizer
-#         memcheck of the cuda backend.
+#         without host overhead); the experimental experts-stationary 1x1 kernel (forward,
+#         grad_x) against the dense ones and the static layer (bench/bench_stationary.py); the
+#         >2^31-element tests one at a time; compute-sanitizer memcheck of the cuda backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
 #         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
 #         Compute on each kernel of two layers (bench/ncu_layers.py: occupancy, stall reasons,
@@ -356,12 +355,13 @@ elif [ "$MODE" = second ]; then
   step model-train-graph 45 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"
-  # The experimental experts-stationary 1x1 forward (Gluon) against the dense one (tuned from
-  # the kit's cache) and the static layer: whether CONDCONV_TRITON_STATIONARY should be the
-  # default (its correctness: tests/test_gpu.py::test_gpu_stationary_forward, first call).
-  step stationary 35 "$PY" bench/stationary_fwd.py "${STATIONARY[@]}" \
-    --out "$WORK/results/stationary-fwd.md"
-  table "$WORK/results/stationary-fwd.md"
+  # The experimental experts-stationary 1x1 kernel (Gluon; forward and grad_x) against the
+  # dense ones (tuned from the kit's cache) and the static layer: whether
+  # CONDCONV_TRITON_STATIONARY should be the default (its correctness: test_gpu_stationary_*,
+  # first call).
+  step stationary 40 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
+    --out "$WORK/results/stationary.md"
+  table "$WORK/results/stationary.md"
   step huge-tests 60 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
     CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu.py \
     -m huge

@@ -430,12 +430,48 @@ def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias):
     rd, wd = r.to(DEVICE, torch.float32), w.to(DEVICE, dtype)
     bd = b.to(DEVICE, dtype) if bias else None
     same = reference.condconv2d_loop(xd, rd.to(dtype), wd, bd).cpu()
-    plan = stationary.eligible(xd, wd, 1, True, False, False)
+    plan = stationary.eligible(xd, experts, cout, 1, True, False, False)
     assert plan is not None, "the kernel should take this call"
     out = torch.full((batch, cout, side, side), float("nan"), device=DEVICE,
                      dtype=dtype).contiguous(memory_format=torch.channels_last)
-    stationary.forward(xd, rd, wd, bd, out, plan)
+    stationary.run(xd, rd, wd, bd, out, plan)
     assert_close(out.cpu(), truth, same, "stationary out", factor=4.0)
     with mock.patch.object(_env, "TRITON_STATIONARY", True):
         routed = cc.condconv2d(xd, rd, wd, bd, backend="triton")
     assert torch.equal(routed, out), "condconv2d with the switch on took another kernel"
+
+
+@pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype", [
+    (8, 1152, 192, 7, 37, torch.bfloat16),  # a 7x7 project layer's grad_x: A from registers
+    (8, 672, 112, 14, 9, torch.float16),  # a 14x14 one: A from shared memory, 2 pixel tiles
+    (4, 96, 48, 5, 3, torch.bfloat16),  # K = 48 padded to 64, 25 pixels
+], ids=["7x7-1152-192", "14x14-672-112-fp16", "5x5-96-48"])
+def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype):
+    """The stationary kernel transposed (the slab of W^T: grad_x of a 1x1 layer), called
+    directly: grad_x = W_b^T grad_out against float64 on the CPU, within 4x the error of the
+    same product in ``dtype`` on the device; and the triton backend's backward with the switch
+    on gives the same grad_x."""
+    from unittest import mock
+    from condconv_kernels import _env
+    from condconv_kernels.triton import stationary
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(batch, cin, side, side, generator=g, dtype=torch.float64)
+    r = torch.rand(batch, experts, generator=g, dtype=torch.float64)
+    w = torch.randn(experts, cout, cin, 1, 1, generator=g, dtype=torch.float64) / cout ** 0.5
+    go = torch.randn(batch, cout, side, side, generator=g, dtype=torch.float64)
+    truth = torch.einsum("be,eoc,bohw->bchw", r, w[..., 0, 0], go)
+    god = go.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    rd, wd = r.to(DEVICE, torch.float32), w.to(DEVICE, dtype)
+    mixed = torch.einsum("be,eoc->boc", rd.to(dtype), wd[..., 0, 0])
+    same = torch.einsum("boc,bohw->bchw", mixed, god).cpu()
+    plan = stationary.eligible(god, experts, cin, 1, True, False, False, transposed=True)
+    assert plan is not None, "the kernel should take this call"
+    grad_x = torch.full((batch, cin, side, side), float("nan"), device=DEVICE,
+                        dtype=dtype).contiguous(memory_format=torch.channels_last)
+    stationary.run(god, rd, wd, None, grad_x, plan, transposed=True)
+    assert_close(grad_x.cpu(), truth, same, "stationary grad_x", factor=4.0)
+    xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with mock.patch.object(_env, "TRITON_STATIONARY", True):
+        cc.condconv2d(xd, rd, wd, backend="triton").backward(god)
+    assert torch.equal(xd.grad, grad_x), "the backward with the switch on took another kernel"

@@ -77,7 +77,7 @@ def test_both_calls_walk_every_step(tmp_path):
     assert list(steps) == SECOND, summary
     assert all(status == "ok" for status, _, _ in steps.values()), summary
     assert "extension reused from the kit" in summary
-    assert "| layer | shape | static | dense | stationary |" in summary
+    assert "| layer | shape | pass | static | dense | stationary |" in summary
     assert run.stdout.rstrip().endswith(summary.rstrip())
     assert len(_files(out2)) <= MAX_FILES
 

@@ -103,10 +103,10 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         return out
     pointwise = _pointwise(kh, kw, stride, padding, x)
     if _env.TRITON_STATIONARY:
-        plan = stationary.eligible(x, weight, groups, pointwise, any(s_flags.values()),
+        plan = stationary.eligible(x, E, cout, groups, pointwise, any(s_flags.values()),
                                    _wide(x, out))
         if plan is not None:
-            return stationary.forward(x, routing, weight, bias, out, plan)
+            return stationary.run(x, routing, weight, bias, out, plan)
     cout_g = cout // groups
     blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
     grid = lambda meta: flat_grid(triton.cdiv(ho * wo, meta["BLOCK_N"]),  # noqa: E731
@@ -162,17 +162,25 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 bucket(B), bucket(H * W), E=E, KH=kh, KW=kw, WIDE=_wide(grad_out, grad_x),
                 ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E), **s_flags, **blocks)
         else:
-            cout_g = cout // groups
-            blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
-            grid = lambda meta: flat_grid(triton.cdiv(H * W, meta["BLOCK_N"]),  # noqa: E731
-                                          triton.cdiv(cin_g, meta["BLOCK_M"]),
-                                          triton.cdiv(B, meta["BLOCK_B"]) * groups)
-            dense_bwd_x_kernel[grid](
-                grad_out, routing, w, *s_ptrs, grad_x, B, cin_g, cout_g, groups, H, W, ho, wo,
-                *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides, *geometry,
-                bucket(B), bucket(cout_g * kh * kw), bucket(H * W), E=E, KH=kh, KW=kw,
-                POINTWISE=_pointwise(kh, kw, stride, padding, grad_out), ACC=_acc(x.dtype),
-                PRECISION=_precision(x.dtype), **s_flags, **blocks)
+            pointwise = _pointwise(kh, kw, stride, padding, grad_out)
+            plan = (stationary.eligible(grad_out, E, cin, groups, pointwise,
+                                        any(s_flags.values()), _wide(grad_out, grad_x),
+                                        transposed=True)
+                    if _env.TRITON_STATIONARY else None)
+            if plan is not None:
+                stationary.run(grad_out, routing, weight, None, grad_x, plan, transposed=True)
+            else:
+                cout_g = cout // groups
+                blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
+                grid = lambda meta: flat_grid(  # noqa: E731
+                    triton.cdiv(H * W, meta["BLOCK_N"]), triton.cdiv(cin_g, meta["BLOCK_M"]),
+                    triton.cdiv(B, meta["BLOCK_B"]) * groups)
+                dense_bwd_x_kernel[grid](
+                    grad_out, routing, w, *s_ptrs, grad_x, B, cin_g, cout_g, groups, H, W, ho,
+                    wo, *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides,
+                    *geometry, bucket(B), bucket(cout_g * kh * kw), bucket(H * W), E=E, KH=kh,
+                    KW=kw, POINTWISE=pointwise, ACC=_acc(x.dtype),
+                    PRECISION=_precision(x.dtype), **s_flags, **blocks)
 
     if (need_r or need_w or any(need_s)) and depthwise:
         # The examples' tap gradients, then grad_weight = routing^T G, grad_routing = G W^T.

@@ -106,17 +106,19 @@ if AVAILABLE:
     @gluon.jit
     def pw_fwd_stationary_kernel(
         x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr, B, K, COUT, P, PER_PROG, N_CO,
-        s_xb, s_xp, s_rb, s_re, s_ob, s_oc, s_op,
-        E: gl.constexpr, HAS_BIAS: gl.constexpr, A_SMEM: gl.constexpr,
+        s_xb, s_xp, s_rb, s_re, s_we, s_wr, s_wk, s_ob, s_oc, s_op,
+        E: gl.constexpr, HAS_BIAS: gl.constexpr, A_SMEM: gl.constexpr, W_T: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, NUM_KC: gl.constexpr,
         BLOCK_N: gl.constexpr, WARPS: gl.constexpr,
     ):
         """out[b, co, p] = sum_k (sum_e r[b, e] w[e, co, k]) x[b, k, p] (+ sum_e r[b, e]
         bias[e, co]) for the 64 channels of program % N_CO and the examples
         [program // N_CO * PER_PROG, + PER_PROG). x: (B, K, P) channels_last (a pixel's K
-        channels contiguous, pixels s_xp apart); w: (E, COUT, K) contiguous; K, s_xp and s_xb
-        multiples of 16 and x 16-byte aligned (the copies move 16 bytes); offsets within an
-        example fit in int32.
+        channels contiguous, pixels s_xp apart); w[e, co, k] at e * s_we + co * s_wr + k * s_wk
+        with k contiguous (s_wk = 1), or, W_T (the transposed kernel: grad_x, whose rows are the
+        input channels), co contiguous (s_wr = 1); K, COUT (W_T), s_xp and s_xb multiples of 16
+        and x and w 16-byte aligned (the copies move 16 bytes); offsets within an example fit in
+        int32.
 
         The next pixel tile's copy is in flight while the current one is mixed (A in registers,
         one tile an example: the next example's tile starts after this one's products) or
@@ -137,7 +139,15 @@ if AVAILABLE:
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         w_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BLOCK_K),
                                                     element_bitwidth=16, rank=2)
-        slab = gl.allocate_shared_memory(dtype, [E * NUM_KC, BLOCK_M, BLOCK_K], w_smem)
+        if W_T:  # the slab's rows contiguous: copied 8 rows at a time, kept M-major
+            wc_layout: gl.constexpr = x_layout
+            slab_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=2 * BLOCK_M,
+                                                           element_bitwidth=16, rank=2,
+                                                           transposed=True)
+        else:
+            wc_layout: gl.constexpr = w_layout
+            slab_smem: gl.constexpr = w_smem
+        slab = gl.allocate_shared_memory(dtype, [E * NUM_KC, BLOCK_M, BLOCK_K], slab_smem)
         if A_SMEM:
             xs = gl.allocate_shared_memory(dtype, [2 * NUM_KC, BLOCK_K, BLOCK_N], xs_layout)
             ms = gl.allocate_shared_memory(dtype, [NUM_KC, BLOCK_M, BLOCK_K], w_smem)
@@ -145,13 +155,14 @@ if AVAILABLE:
             xs = gl.allocate_shared_memory(dtype, [NUM_KC, BLOCK_K, BLOCK_N], xs_layout)
 
         # The slab: every expert's (64 x K) rows, in K chunks; zeros past COUT and K.
-        o_m = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, w_layout))
-        o_kw = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, w_layout))
+        o_m = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, wc_layout))
+        o_kw = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, wc_layout))
         for kc in gl.static_range(NUM_KC):
             kw = kc * BLOCK_K + o_kw
             m_w = (o_m[:, None] < COUT) & (kw[None, :] < K)
             for e in gl.static_range(E):
-                p_w = w_ptr + (e * COUT + o_m[:, None]).to(gl.int64) * K + kw[None, :]
+                p_w = (w_ptr + e * s_we.to(gl.int64)
+                       + (o_m[:, None].to(gl.int64) * s_wr + kw[None, :].to(gl.int64) * s_wk))
                 cp.async_copy_global_to_shared(slab.index(e * NUM_KC + kc), p_w, mask=m_w)
         cp.commit_group()
 
@@ -212,56 +223,67 @@ if AVAILABLE:
                             E, HAS_BIAS, mma)
 
 
-def eligible(x: torch.Tensor, weight: torch.Tensor, groups: int, pointwise: bool,
-             scaled: bool, wide: bool) -> Optional[dict]:
-    """The plan (:func:`plan`) where this kernel computes the call, else None. ``pointwise``:
-    1x1, stride 1, unpadded, x's pixels at one stride; ``wide``: offsets within an example
-    may pass int32. x must be channels_last with K, its strides and its address multiples of
-    16 (elements; bytes for the address): what the 16-byte copies and Triton's specialization
-    of the launch need."""
-    if not (AVAILABLE and x.is_cuda and pointwise and groups == 1 and not scaled and not wide
-            and x.dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(x.device) == (9, 0)):
+def eligible(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
+             scaled: bool, wide: bool, transposed: bool = False) -> Optional[dict]:
+    """The plan (:func:`plan`) where this kernel computes the call, else None. ``inp``: the
+    tensor whose channels the kernel reduces (x; grad_out for grad_x, ``transposed``), ``rows``
+    the channels it writes (Cout; Cin for grad_x). ``pointwise``: 1x1, stride 1, unpadded,
+    the pixels at one stride; ``wide``: offsets within an example may pass int32. ``inp`` must
+    be channels_last with its channels, strides and address multiples of 16 (elements; bytes
+    for the address), and, transposed, ``rows`` too: what the 16-byte copies and Triton's
+    specialization of the launch need."""
+    if not (AVAILABLE and inp.is_cuda and pointwise and groups == 1 and not scaled and not wide
+            and inp.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(inp.device) == (9, 0)):
         return None
-    B, cin, H, W = x.shape
-    if not (x.stride(1) == 1 and cin % 16 == 0 and x.stride(0) % 16 == 0
-            and x.stride(3) % 16 == 0 and x.data_ptr() % 16 == 0):
+    B, k, H, W = inp.shape
+    if not (inp.stride(1) == 1 and k % 16 == 0 and inp.stride(0) % 16 == 0
+            and inp.stride(3) % 16 == 0 and inp.data_ptr() % 16 == 0
+            and (rows % 16 == 0 or not transposed)):
         return None
-    return plan(weight.shape[0], cin, H * W, x.element_size())
+    return plan(experts, k, H * W, inp.element_size())
 
 
-def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
-            bias: Optional[torch.Tensor], out: torch.Tensor, config: dict) -> torch.Tensor:
-    """Fills ``out`` (B, Cout, H, W) for a call :func:`eligible` accepted."""
-    B, cin, H, W = x.shape
-    E, cout = weight.shape[:2]
+def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
+        bias: Optional[torch.Tensor], out: torch.Tensor, config: dict,
+        transposed: bool = False) -> torch.Tensor:
+    """Fills ``out`` for a call :func:`eligible` accepted: the forward of a 1x1 layer (x,
+    (B, Cout, H, W)) or, ``transposed``, its grad_x (grad_out, (B, Cin, H, W); no bias)."""
+    B, k, H, W = inp.shape
+    E, cout, cin = weight.shape[:3]
     w = weight.reshape(E, cout, cin).contiguous()
     if w.data_ptr() % 16:  # a view into a larger buffer: the slab's 16-byte copies need this
         w = w.clone()
     bias = bias.contiguous() if bias is not None else None  # read as (E, Cout) rows
-    n_co = -(-cout // BLOCK_M)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    rows = cin if transposed else cout
+    # w[e, row, k]: W[e, co, ci] is at e * cout * cin + co * cin + ci.
+    w_strides = (cout * cin, 1, cin) if transposed else (cout * cin, cin, 1)
+    n_co = -(-rows // BLOCK_M)
+    sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
     per = -(-B // max(1, sms // n_co))  # one program per SM (shared memory allows no more)
     grid = (n_co * -(-B // per),)
     pw_fwd_stationary_kernel[grid](
-        x, routing, w, bias if bias is not None else w, out, B, cin, cout, H * W, per, n_co,
-        x.stride(0), x.stride(3), routing.stride(0), routing.stride(1),
+        inp, routing, w, bias if bias is not None else w, out, B, k, rows, H * W, per, n_co,
+        inp.stride(0), inp.stride(3), routing.stride(0), routing.stride(1), *w_strides,
         out.stride(0), out.stride(1), out.stride(3),
-        E=E, HAS_BIAS=bias is not None, A_SMEM=config["A_SMEM"], BLOCK_M=BLOCK_M,
-        BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"], BLOCK_N=config["BLOCK_N"],
-        WARPS=WARPS, num_warps=WARPS)
+        E=E, HAS_BIAS=bias is not None, A_SMEM=config["A_SMEM"], W_T=transposed,
+        BLOCK_M=BLOCK_M, BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"],
+        BLOCK_N=config["BLOCK_N"], WARPS=WARPS, num_warps=WARPS)
     return out
 
 
-# Specializations compile_check builds: (experts, K, pixels) for each form (A from registers at
-# 7x7 with three K chunks, A from shared memory over two pixel tiles, K chunks of 32).
-COMPILE_CASES = [(8, 192, 49), (8, 112, 196), (8, 80, 196)]
+# Specializations compile_check builds: (experts, K, pixels, transposed) for each form (A from
+# registers at 7x7 with three K chunks, A from shared memory over two pixel tiles, K chunks of
+# 32) and the grad_x of the 7x7 and 14x14 project layers (transposed: K = their Cout).
+COMPILE_CASES = [(8, 192, 49, False), (8, 112, 196, False), (8, 80, 196, False),
+                 (8, 192, 49, True), (8, 112, 196, True)]
 
 
-def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90):
+def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90,
+                transposed: bool = False):
     """The kernel compiled ahead of time for ``sm_<arch>`` (no GPU needed) at the plan of
-    (E, K, P) with the integer specializations a launch gets (sizes and strides divisible by
-    16, the contiguous dimension's stride 1)."""
+    (E, K, P), ``transposed`` as for grad_x, with the integer specializations a launch gets
+    (sizes and strides divisible by 16, the contiguous dimension's stride 1)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -269,13 +291,15 @@ def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int
     if config is None:
         raise ValueError(f"no plan for E={experts}, K={k}, P={pixels}: the slab does not fit")
     fn = pw_fwd_stationary_kernel
-    const = dict(E=experts, HAS_BIAS=True, A_SMEM=config["A_SMEM"],
+    const = dict(E=experts, HAS_BIAS=not transposed, A_SMEM=config["A_SMEM"], W_T=transposed,
                  BLOCK_M=BLOCK_M, BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"],
                  BLOCK_N=config["BLOCK_N"], WARPS=WARPS)
+    const["s_wr" if transposed else "s_wk"] = 1  # the contiguous dimension's stride
     kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     signature = {n: "constexpr" if n in const else "*fp32" if n == "r_ptr" else
                  f"*{kind}" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-    divisible = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "K", "s_xb", "s_xp"]  # (eligible)
+    divisible = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "K", "s_xb", "s_xp", "s_we"] + (
+        ["COUT", "s_wk"] if transposed else ["s_wr"])  # (eligible)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     source = GluonASTSource(fn, signature,
                             {(fn.arg_names.index(n),): v for n, v in const.items()}, attrs)

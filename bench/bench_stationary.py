@@ -1,0 +1,98 @@
+"""The experimental experts-stationary 1x1 kernel (condconv_kernels/triton/stationary.py)
+against the dense Triton kernels and the static convolution, on the 1x1 CondConv layers of
+tf_efficientnet_cc_b0_8e: the forward, and grad_x (the kernel transposed).
+
+    python bench/bench_stationary.py [--device cuda] [--batch 256] [--dtype bfloat16]
+                                     [--layers s5.b0.expand,...] [--out FILE.md]
+
+Device microseconds per call (torch.profiler: the kernels' own time, no host overhead), x and
+grad_out in channels_last, per layer and pass:
+
+- ``static``: the static convolution with one expert's kernel (cuDNN / cuBLAS): F.conv2d, or
+  its input gradient; the cost to match;
+- ``dense``: the triton backend as it ships (the autotuned dense forward or grad_x kernel);
+- ``stationary``: the same call with ``CONDCONV_TRITON_STATIONARY`` on;
+- ``max diff``: the largest |stationary - dense| over the result, against its scale.
+
+A pass the kernel does not take (its slab does not fit in shared memory: the forward of the
+project layers, grad_x of the expand ones) prints ``-``. On the CPU (the GPU kit's dry run) the
+``--backend`` stands in for the dense kernels and the stationary column is ``-``.
+"""
+from __future__ import annotations
+
+import sys
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from condconv_kernels import _env
+from condconv_kernels.cli import parser
+from gpu_profile import (add_device_arguments, device_kernels, layer_inputs, pick_layers,
+                         print_table)
+
+# Expand layers (the forward fits: K = 80, 112, 192) and project layers (grad_x fits: K = their
+# Cout, 112 and 192).
+DEFAULT_LAYERS = "s5.b0.expand,s5.b1.expand,s6.b1.expand,s5.b1.project,s6.b1.project"
+
+
+def main(argv=None):
+    import condconv_kernels as cc
+    p = parser(__doc__)
+    add_device_arguments(p, "The backend of the dense column (triton on the GPU).")
+    p.add_argument("--layers", default=DEFAULT_LAYERS,
+                   help="Comma-separated 1x1 layer names.")
+    p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    chosen = pick_layers(p, args.layers, kernel=1)
+    from condconv_kernels.triton import stationary as kernel
+    rows, record = [], []
+    g = torch.Generator().manual_seed(0)
+    for layer in chosen:
+        x, routing, weight, bias = layer_inputs(layer, args.batch, args.device, dtype, g)
+        grad_out = torch.randn(args.batch, layer.cout, layer.height, layer.width, generator=g)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last).to(args.device, dtype)
+        passes = {
+            "forward": (lambda: F.conv2d(x, weight[0], bias[0]),
+                        lambda: cc.condconv2d(x, routing, weight, bias, backend=args.backend),
+                        kernel.eligible(x, layer.experts, layer.cout, 1, True, False, False)),
+            "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
+                       lambda: torch.ops.condconv.condconv2d_backward(
+                           grad_out, x, routing, weight, bias, [1, 1], [0] * 4, [1, 1], 1,
+                           args.backend, [True, False, False, False], None, None, None)[0],
+                       kernel.eligible(grad_out, layer.experts, layer.cin, 1, True, False,
+                                       False, transposed=True)),
+        }
+        for name, (static, fused, plan) in passes.items():
+            def call(on, fused=fused):
+                with mock.patch.object(_env, "TRITON_STATIONARY", on):
+                    return fused()
+            times = {"static": device_kernels(static, args.device)[0]}
+            dense = call(False)  # compiles and tunes outside the profile
+            times["dense"] = device_kernels(lambda: call(False), args.device)[0]
+            cells = [layer.name, layer.describe(), name, f"{times['static']:.1f}",
+                     f"{times['dense']:.1f}"]
+            if plan is not None and args.backend == "triton":
+                ours = call(True)
+                diff = ((ours.float() - dense.float()).abs().max()
+                        / dense.float().abs().max()).item()
+                times["stationary"] = device_kernels(lambda: call(True), args.device)[0]
+                cells += [f"{times['stationary']:.1f}", f"{diff:.1e}",
+                          f"{times['stationary'] / times['dense']:.2f}",
+                          f"{times['stationary'] / times['static']:.2f}"]
+            else:
+                cells += ["-"] * 4
+            rows.append(cells)
+            record.append({"layer": layer.name, "shape": cells[1], "pass": name,
+                           "device_us": times, "plan": plan})
+        print(f"{layer.name}: done", file=sys.stderr)
+    print_table(f"Experts-stationary 1x1 kernel, batch {args.batch}, {args.dtype}, "
+                f"channels_last, {args.device}: device us per call",
+                ["layer", "shape", "pass", "static", "dense", "stationary", "max diff / scale",
+                 "stationary / dense", "stationary / static"], rows, record, args.out,
+                "bench_stationary.py", argv)
+
+
+if __name__ == "__main__":
+    main()
