@@ -7,9 +7,10 @@ switches lists them with the build's and the tests' own).
   of autotuning (one compile per shape: test runs).
 - ``CONDCONV_TRITON_CONFIG=i``: launch the i-th configuration of each table (modulo its length),
   without autotuning (``bench/warm_triton.py`` fills Triton's cache this way).
-- ``CONDCONV_TRITON_STATIONARY=1``: the dense 1x1 forward takes the experimental Hopper kernel
-  with the experts stationary in shared memory where it applies
-  (:mod:`condconv_kernels.triton.stationary`); off until a GPU run has measured it.
+- ``CONDCONV_TRITON_STATIONARY=1``: the dense 1x1 forward and grad_x take the experimental
+  Hopper kernel with the experts stationary in shared memory where it applies
+  (:mod:`condconv_kernels.triton.stationary`); off until a GPU run has measured it. Read at
+  import into ``TRITON_STATIONARY``, which the triton backend reads at every call.
 - ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call
   (:func:`backend_override`), so a process may change it.
 - ``CONDCONV_MALLOC_AS_IS=1``: the benchmark scripts keep the C allocator's settings instead of

@@ -410,7 +410,9 @@ def _hopper() -> bool:
     (4, 48, 96, 5, 3, torch.bfloat16, True),  # K padded to 64, 25 pixels
     (3, 16, 64, 12, 2, torch.bfloat16, True),  # K = 16, 144 pixels (2 tiles)
     (2, 448, 128, 7, 300, torch.bfloat16, True),  # 7 K chunks; 300 in slices of 5
-], ids=["7x7-K192", "14x14-K112-fp16", "K80-no-bias", "5x5-K48", "K16-12x12", "K448-E2"])
+    (8, 112, 200, 14, 40, torch.bfloat16, True),  # shared-memory form, 2 examples a program
+], ids=["7x7-K192", "14x14-K112-fp16", "K80-no-bias", "5x5-K48", "K16-12x12", "K448-E2",
+        "14x14-2-per-program"])
 def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias):
     """The experimental experts-stationary 1x1 forward (triton/stationary.py), called directly
     (it is behind CONDCONV_TRITON_STATIONARY): against the per-example loop in float64 on the
@@ -442,16 +444,20 @@ def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias):
 
 
 @pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype", [
-    (8, 1152, 192, 7, 37, torch.bfloat16),  # a 7x7 project layer's grad_x: A from registers
-    (8, 672, 112, 14, 9, torch.float16),  # a 14x14 one: A from shared memory, 2 pixel tiles
-    (4, 96, 48, 5, 3, torch.bfloat16),  # K = 48 padded to 64, 25 pixels
-], ids=["7x7-1152-192", "14x14-672-112-fp16", "5x5-96-48"])
-def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype):
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,x_format", [
+    (8, 1152, 192, 7, 37, torch.bfloat16, torch.channels_last),  # 7x7: A from registers
+    (8, 672, 112, 14, 9, torch.float16, torch.channels_last),  # 14x14: A from shared memory
+    (8, 672, 112, 14, 64, torch.bfloat16, torch.channels_last),  # 6 examples a program
+    (8, 480, 80, 14, 24, torch.bfloat16, torch.contiguous_format),  # K chunks of 32; NCHW x
+    (4, 96, 48, 5, 3, torch.bfloat16, torch.channels_last),  # K = 48 padded to 64, 25 pixels
+], ids=["7x7-1152-192", "14x14-672-112-fp16", "14x14-6-per-program", "K80-nchw-x",
+        "5x5-96-48"])
+def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format):
     """The stationary kernel transposed (the slab of W^T: grad_x of a 1x1 layer), called
     directly: grad_x = W_b^T grad_out against float64 on the CPU, within 4x the error of the
     same product in ``dtype`` on the device; and the triton backend's backward with the switch
-    on gives the same grad_x."""
+    on gives the same grad_x (in x's memory format: NCHW for an NCHW x, written through its
+    strides)."""
     from unittest import mock
     from condconv_kernels import _env
     from condconv_kernels.triton import stationary
@@ -471,7 +477,7 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype):
                         dtype=dtype).contiguous(memory_format=torch.channels_last)
     stationary.run(god, rd, wd, None, grad_x, plan, transposed=True)
     assert_close(grad_x.cpu(), truth, same, "stationary grad_x", factor=4.0)
-    xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    xd = x.to(DEVICE, dtype).contiguous(memory_format=x_format).requires_grad_()
     with mock.patch.object(_env, "TRITON_STATIONARY", True):
         cc.condconv2d(xd, rd, wd, backend="triton").backward(god)
     assert torch.equal(xd.grad, grad_x), "the backward with the switch on took another kernel"

@@ -1,7 +1,8 @@
-"""Dense 1x1 CondConv forward with the experts stationary in shared memory (Hopper, Gluon).
+"""Dense 1x1 CondConv forward and grad_x with the experts stationary in shared memory (Hopper,
+Gluon).
 
 Experimental: used only with ``CONDCONV_TRITON_STATIONARY=1`` until a GPU run has measured it
-against :func:`condconv_kernels.triton.dense.dense_fwd_kernel`.
+against the dense kernels (:mod:`condconv_kernels.triton.dense`).
 
 Why: the dense forward re-reads each expert tile from L2 for every block of 1-4 examples, and
 on the 7x7 and 14x14 expand layers of EfficientNet-CondConv at batch 256 those reads are the
@@ -13,11 +14,17 @@ experts' (64 x K) slab into shared memory once (E x 64 x K x 2 bytes: 192 KB for
 (wgmma; the pixels copied to shared memory with cp.async). L2 then carries the slab once per
 program plus x and out; shared memory carries the slab once per example (and pixel tile).
 
-Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, no per-example scales, x
-channels_last with Cin a multiple of 16, sm_90; every other call takes the dense kernel. Two
-forms by the pixel count P: P <= 64 (one pixel tile) mixes into registers and feeds wgmma's A
-operand from registers; P > 64 mixes once per example into shared memory (the A operand) and
-loops over pixel tiles of up to 128.
+grad_x of the same layer is the same product with W^T (its rows the input channels, its
+reduction over Cout): the slab is copied transposed (rows contiguous) and read with
+ldmatrix.trans.
+
+Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, no per-example scales, the
+reduced tensor (x; grad_out for grad_x) channels_last with its channels a multiple of 16 (and
+Cin too for grad_x), sm_90; every other call takes the dense kernels. The forward fits on
+EfficientNet-CondConv's expand layers (K = Cin <= 192 at E = 8), grad_x on its project layers
+(K = Cout). Two forms by the pixel count P: P <= 64 (one pixel tile) mixes into registers and
+feeds wgmma's A operand from registers; P > 64 mixes once per example into shared memory (the
+A operand) and loops over pixel tiles of up to 128.
 """
 from __future__ import annotations
 
@@ -150,7 +157,7 @@ if AVAILABLE:
         slab = gl.allocate_shared_memory(dtype, [E * NUM_KC, BLOCK_M, BLOCK_K], slab_smem)
         if A_SMEM:
             xs = gl.allocate_shared_memory(dtype, [2 * NUM_KC, BLOCK_K, BLOCK_N], xs_layout)
-            ms = gl.allocate_shared_memory(dtype, [NUM_KC, BLOCK_M, BLOCK_K], w_smem)
+            ms = gl.allocate_shared_memory(dtype, [NUM_KC, BLOCK_M, BLOCK_K], slab_smem)
         else:
             xs = gl.allocate_shared_memory(dtype, [NUM_KC, BLOCK_K, BLOCK_N], xs_layout)
 
@@ -185,7 +192,8 @@ if AVAILABLE:
                 # The example's kernel, mixed once into shared memory while its first tile's
                 # copy is in flight (the last example's products are done: barrier below).
                 for j in range(NUM_KC):
-                    ms.index(j).store(_mixed(slab, r_b, s_re, j, E, NUM_KC, w_layout).to(dtype))
+                    # (in the slab's copy layout: conflict-free reads of its shared layout)
+                    ms.index(j).store(_mixed(slab, r_b, s_re, j, E, NUM_KC, wc_layout).to(dtype))
                 for p0 in range(0, P, BLOCK_N):
                     cp.wait_group(0)
                     fence_async_shared()  # the copies and the mix visible to the tensor cores
@@ -276,7 +284,7 @@ def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
 # registers at 7x7 with three K chunks, A from shared memory over two pixel tiles, K chunks of
 # 32) and the grad_x of the 7x7 and 14x14 project layers (transposed: K = their Cout).
 COMPILE_CASES = [(8, 192, 49, False), (8, 112, 196, False), (8, 80, 196, False),
-                 (8, 192, 49, True), (8, 112, 196, True)]
+                 (8, 192, 49, True), (8, 112, 196, True), (8, 80, 196, True)]
 
 
 def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90,
@@ -294,12 +302,14 @@ def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int
     const = dict(E=experts, HAS_BIAS=not transposed, A_SMEM=config["A_SMEM"], W_T=transposed,
                  BLOCK_M=BLOCK_M, BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"],
                  BLOCK_N=config["BLOCK_N"], WARPS=WARPS)
-    const["s_wr" if transposed else "s_wk"] = 1  # the contiguous dimension's stride
+    # Strides of 1 a launch makes constants: the contiguous dimension of w, the routing's
+    # experts, and the output's channels (channels_last).
+    const.update({"s_wr" if transposed else "s_wk": 1, "s_re": 1, "s_oc": 1})
     kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     signature = {n: "constexpr" if n in const else "*fp32" if n == "r_ptr" else
                  f"*{kind}" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-    divisible = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "K", "s_xb", "s_xp", "s_we"] + (
-        ["COUT", "s_wk"] if transposed else ["s_wr"])  # (eligible)
+    divisible = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "K", "s_xb", "s_xp", "s_we", "s_ob",
+                 "s_op"] + (["COUT", "s_wk"] if transposed else ["s_wr"])  # (eligible)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     source = GluonASTSource(fn, signature,
                             {(fn.arg_names.index(n),): v for n, v in const.items()}, attrs)
