@@ -1,6 +1,7 @@
 """The experimental experts-stationary 1x1 kernel (condconv_kernels/triton/stationary.py)
 against the dense Triton kernels and the static convolution, on the 1x1 CondConv layers of
-tf_efficientnet_cc_b0_8e: the forward, and grad_x (the kernel transposed).
+tf_efficientnet_cc_b0_8e: the forward, grad_x (the kernel transposed) and grad_routing (its
+routing-gradient form).
 
     python bench/bench_stationary.py [--device cuda] [--batch 256] [--dtype bfloat16]
                                      [--layers s5.b0.expand,...] [--out FILE.md]
@@ -8,14 +9,18 @@ tf_efficientnet_cc_b0_8e: the forward, and grad_x (the kernel transposed).
 Device microseconds per call (torch.profiler: the kernels' own time, no host overhead), x and
 grad_out in channels_last, per layer and pass:
 
-- ``static``: the static convolution with one expert's kernel (cuDNN / cuBLAS): F.conv2d, or
-  its input gradient; the cost to match;
-- ``dense``: the triton backend as it ships (the autotuned dense forward or grad_x kernel);
-- ``stationary``: the same call with ``CONDCONV_TRITON_STATIONARY`` on;
+- ``static``: the static convolution with one expert's kernel (cuDNN / cuBLAS): F.conv2d, its
+  input gradient, or (for grad_routing) its weight gradient; the cost to match;
+- ``dense``: the triton backend as it ships (the autotuned dense forward or grad_x kernel, or,
+  for grad_routing, the dense kernel gradient as training runs it: with grad_weight, which the
+  kit has tuned and compiled);
+- ``stationary``: the same call with ``CONDCONV_TRITON_STATIONARY`` on (for grad_routing, the
+  kernel's routing-gradient form alone);
 - ``max diff``: the largest |stationary - dense| over the result, against its scale.
 
 A pass the kernel does not take (its slab does not fit in shared memory: the forward of the
-project layers, grad_x of the expand ones) prints ``-``. On the CPU (the GPU kit's dry run) the
+project layers, grad_x of the expand ones) prints ``-``; grad_routing fits on every layer (the
+slab W on the expand layers, W^T on the project ones). On the CPU (the GPU kit's dry run) the
 ``--backend`` stands in for the dense kernels and the stationary column is ``-``.
 """
 from __future__ import annotations
@@ -53,31 +58,51 @@ def main(argv=None):
         x, routing, weight, bias = layer_inputs(layer, args.batch, args.device, dtype, g)
         grad_out = torch.randn(args.batch, layer.cout, layer.height, layer.width, generator=g)
         grad_out = grad_out.contiguous(memory_format=torch.channels_last).to(args.device, dtype)
+        import condconv_kernels.triton as backend
+
+        def switched(fn):  # the same call with the switch on
+            def run():
+                with mock.patch.object(_env, "TRITON_STATIONARY", True):
+                    return fn()
+            return run
+
+        def backward(mask, index):
+            return lambda: torch.ops.condconv.condconv2d_backward(
+                grad_out, x, routing, weight, None, [1, 1], [0] * 4, [1, 1], 1, args.backend,
+                mask, None, None, None)[index]
+        forward = lambda: cc.condconv2d(x, routing, weight, bias, backend=args.backend)  # noqa
+        # pass: (static, dense, stationary, whether the kernel takes it)
         passes = {
-            "forward": (lambda: F.conv2d(x, weight[0], bias[0]),
-                        lambda: cc.condconv2d(x, routing, weight, bias, backend=args.backend),
+            "forward": (lambda: F.conv2d(x, weight[0], bias[0]), forward, switched(forward),
                         kernel.eligible(x, layer.experts, layer.cout, 1, True, False, False)),
             "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
-                       lambda: torch.ops.condconv.condconv2d_backward(
-                           grad_out, x, routing, weight, bias, [1, 1], [0] * 4, [1, 1], 1,
-                           args.backend, [True, False, False, False], None, None, None)[0],
+                       backward([True, False, False, False], 0),
+                       switched(backward([True, False, False, False], 0)),
                        kernel.eligible(grad_out, layer.experts, layer.cin, 1, True, False,
                                        False, transposed=True)),
+            # The routing gradient alone against the dense kernel gradient as training runs
+            # it (with grad_weight: the configuration the kit has tuned and compiled); the
+            # static layer's weight gradient for scale.
+            "grad_routing": (lambda: torch.nn.grad.conv2d_weight(x, weight[0].shape, grad_out),
+                             backward([False, True, True, False], 1),
+                             lambda: backend._stationary_routing_grad(
+                                 grad_out, x, weight, 1, (1, 1), (0, 0, 0, 0), False),
+                             kernel.eligible(x, layer.experts, layer.cout, 1, True, False,
+                                             False, routing=True)
+                             or kernel.eligible(grad_out, layer.experts, layer.cin, 1, True,
+                                                False, False, transposed=True, routing=True)),
         }
-        for name, (static, fused, plan) in passes.items():
-            def call(on, fused=fused):
-                with mock.patch.object(_env, "TRITON_STATIONARY", on):
-                    return fused()
+        for name, (static, dense_fn, ours_fn, plan) in passes.items():
             times = {"static": device_kernels(static, args.device)[0]}
-            dense = call(False)  # compiles and tunes outside the profile
-            times["dense"] = device_kernels(lambda: call(False), args.device)[0]
+            dense = dense_fn()  # compiles and tunes outside the profile
+            times["dense"] = device_kernels(dense_fn, args.device)[0]
             cells = [layer.name, layer.describe(), name, f"{times['static']:.1f}",
                      f"{times['dense']:.1f}"]
             if plan is not None and args.backend == "triton":
-                ours = call(True)
+                ours = ours_fn()
                 diff = ((ours.float() - dense.float()).abs().max()
                         / dense.float().abs().max()).item()
-                times["stationary"] = device_kernels(lambda: call(True), args.device)[0]
+                times["stationary"] = device_kernels(ours_fn, args.device)[0]
                 cells += [f"{times['stationary']:.1f}", f"{diff:.1e}",
                           f"{times['stationary'] / times['dense']:.2f}",
                           f"{times['stationary'] / times['static']:.2f}"]

@@ -481,3 +481,40 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format)
     with mock.patch.object(_env, "TRITON_STATIONARY", True):
         cc.condconv2d(xd, rd, wd, backend="triton").backward(god)
     assert torch.equal(xd.grad, grad_x), "the backward with the switch on took another kernel"
+
+
+@pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype", [
+    (8, 192, 1152, 7, 37, torch.bfloat16),  # slab W, one pixel buffer
+    (8, 112, 672, 14, 9, torch.float16),  # slab W, two buffers, four pixel tiles
+    (8, 1152, 192, 7, 20, torch.bfloat16),  # W's slab too big: W^T
+    (8, 672, 112, 14, 64, torch.bfloat16),  # W^T, several examples a program
+    (3, 48, 96, 5, 3, torch.bfloat16),  # E = 3 (padded to 4), K = 48
+], ids=["7x7-192-1152", "14x14-112-672-fp16", "7x7-1152-192-transposed",
+        "14x14-672-112-transposed", "5x5-E3"])
+def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype):
+    """The stationary kernel's routing-gradient form (no mix: <grad_out_b, W_e x_b> per example
+    and expert), through the backend's helper (slab W where it fits, else W^T): against float64
+    on the CPU within 4x the error of the same sum in ``dtype`` on the device; and the triton
+    backend's backward with the switch on gives the same grad_routing."""
+    from unittest import mock
+    import condconv_kernels.triton as backend
+    from condconv_kernels import _env
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(batch, cin, side, side, generator=g, dtype=torch.float64)
+    r = torch.rand(batch, experts, generator=g, dtype=torch.float64)
+    w = torch.randn(experts, cout, cin, 1, 1, generator=g, dtype=torch.float64) / cin ** 0.5
+    go = torch.randn(batch, cout, side, side, generator=g, dtype=torch.float64)
+    truth = torch.einsum("bohw,eoc,bchw->be", go, w[..., 0, 0], x)
+    xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    god = go.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    wd = w.to(DEVICE, dtype)
+    per_expert = torch.einsum("eoc,bchw->ebohw", wd[..., 0, 0], xd)  # in dtype
+    same = (per_expert.float() * god.float()).sum((2, 3, 4)).t().cpu()
+    ours = backend._stationary_routing_grad(god, xd, wd, 1, (1, 1), (0, 0, 0, 0), False)
+    assert ours is not None, "the kernel should take this call"
+    assert_close(ours.cpu(), truth, same, "stationary grad_routing", factor=4.0)
+    rd = r.to(DEVICE, torch.float32).requires_grad_()
+    with mock.patch.object(_env, "TRITON_STATIONARY", True):
+        cc.condconv2d(xd, rd, wd, backend="triton").backward(god)
+    assert torch.equal(rd.grad, ours), "the backward with the switch on took another kernel"

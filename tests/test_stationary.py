@@ -25,6 +25,19 @@ def test_plan_counts_the_shared_memory_it_allocates(experts, k, pixels):
     buffers = experts * 64 * k_pad + (2 if plan["A_SMEM"] else 1) * k_pad * n
     buffers += 64 * k_pad if plan["A_SMEM"] else 0
     assert plan["shared_bytes"] == 2 * buffers <= 227 * 1024
+    assert plan["NBUF"] == (2 if plan["A_SMEM"] else 1)
+
+
+@pytest.mark.parametrize("experts,k,pixels,nbuf", [(8, 192, 49, 1), (8, 112, 196, 2),
+                                                   (4, 192, 49, 2)])
+def test_routing_plan(experts, k, pixels, nbuf):
+    """The routing-gradient form: no mixed kernel, pixel tiles of at most 64, and two pixel
+    buffers only where they fit beside the slab (not at E = 8, K = 192)."""
+    plan = stationary.plan(experts, k, pixels, routing=True)
+    k_pad, n = plan["NUM_KC"] * plan["BLOCK_K"], plan["BLOCK_N"]
+    assert n == min(64, 1 << (pixels - 1).bit_length()) and not plan["A_SMEM"]
+    assert plan["NBUF"] == nbuf
+    assert plan["shared_bytes"] == 2 * (experts * 64 * k_pad + nbuf * k_pad * n)
 
 
 def test_no_plan_past_shared_memory():
@@ -75,3 +88,60 @@ def test_launch_arguments(transposed):
     assert grid[0] % n_co == 0 and (slices - 1) * named["PER_PROG"] < B <= slices * named[
         "PER_PROG"]
     assert kwargs["W_T"] == transposed and kwargs["HAS_BIAS"] is False
+    assert kwargs["ROUTING_GRAD"] is False and kwargs["NBUF"] == plan["NBUF"]
+
+
+def test_routing_grad_launch():
+    """routing_grad() on CPU tensors with the launch recorded: the routing-gradient form, its
+    partial sums one row per 64 rows of the slab, summed into (B, E)."""
+    B, E, cin, cout, side = 7, 3, 48, 160, 4
+    x = torch.randn(B, cin, side, side).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(B, cout, side, side).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(E, cout, cin, 1, 1)
+    plan = stationary.plan(E, cin, side * side, routing=True)
+    launches = []
+    params = stationary.pw_fwd_stationary_kernel.arg_names
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                named = dict(zip(params, args))
+                named["part_ptr"].copy_(torch.arange(named["part_ptr"].numel()).view_as(
+                    named["part_ptr"]).float())  # a stand-in for the kernel's sums
+                launches.append((named, kwargs))
+            return launch
+    props = mock.Mock(multi_processor_count=132)
+    with mock.patch.object(stationary, "pw_fwd_stationary_kernel", Recorder()), \
+            mock.patch("torch.cuda.get_device_properties", return_value=props):
+        grad = stationary.routing_grad(x, grad_out, weight, plan)
+    (named, kwargs), = launches
+    assert kwargs["ROUTING_GRAD"] is True and kwargs["E_POW2"] == 4 and not kwargs["W_T"]
+    assert named["out_ptr"] is grad_out and named["COUT"] == cout and named["K"] == cin
+    assert named["part_ptr"].shape == (3, B, E)  # ceil(160 / 64) row blocks
+    expected = torch.arange(3 * B * E).view(3, B, E).float().sum(0)
+    assert grad.shape == (B, E) and torch.equal(grad, expected)
+
+
+def test_switch_on_without_a_gpu_changes_nothing():
+    """With CONDCONV_TRITON_STATIONARY on, a call the kernel cannot take (here: CPU tensors,
+    the triton backend in Triton's interpreter) runs the dense kernels: the same forward and
+    gradients as with the switch off."""
+    import condconv_kernels as cc
+    from condconv_kernels import _env
+    if "triton" not in cc.available_backends("cpu"):
+        pytest.skip("no triton backend on the CPU")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
+    r = torch.rand(2, 3, generator=g)
+    w = torch.randn(3, 16, 16, 1, 1, generator=g)
+    grad_out = torch.randn(2, 16, 4, 4, generator=g)
+    results = []
+    for on in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+        with mock.patch.object(_env, "TRITON_STATIONARY", on):
+            out = cc.condconv2d(*leaves, backend="triton")
+            out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+

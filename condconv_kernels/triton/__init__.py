@@ -182,6 +182,11 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                     KW=kw, POINTWISE=pointwise, ACC=_acc(x.dtype),
                     PRECISION=_precision(x.dtype), **s_flags, **blocks)
 
+    if need_r and not depthwise and _env.TRITON_STATIONARY:
+        grad_routing = _stationary_routing_grad(grad_out, x, weight, groups, stride, padding,
+                                                any(s_flags.values()))
+        need_r = grad_routing is None  # else the kernel gradient below leaves it out
+
     if (need_r or need_w or any(need_s)) and depthwise:
         # The examples' tap gradients, then grad_weight = routing^T G, grad_routing = G W^T.
         G = torch.empty((B, cout, kh * kw), dtype=acc, device=x.device)
@@ -236,6 +241,21 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     grad_routing, grad_bias, *scale_grads = finish_grads(grad_out, routing, bias, grad_routing,
                                                          need_b, acc, scales, scale_grads)
     return (grad_x, grad_routing, grad_weight, grad_bias, *scale_grads)
+
+
+def _stationary_routing_grad(grad_out, x, weight, groups, stride, padding, scaled):
+    """grad_routing of a dense 1x1 layer from the experimental stationary kernel
+    (:func:`stationary.routing_grad`), with the experts' slab W (rows Cout, over x) where it
+    fits, else W^T (rows Cin, over grad_out); None where neither applies."""
+    E, cout, cin, kh, kw = weight.shape
+    for inp, dual, rows, transposed in ((x, grad_out, cout, False), (grad_out, x, cin, True)):
+        if dual.stride(2) != dual.shape[3] * dual.stride(3):  # its pixels at one stride
+            continue
+        plan = stationary.eligible(inp, E, rows, groups, _pointwise(kh, kw, stride, padding, inp),
+                                   scaled, _wide(inp, dual), transposed=transposed, routing=True)
+        if plan is not None:
+            return stationary.routing_grad(inp, dual, weight, plan, transposed=transposed)
+    return None
 
 
 def _scale_grads(scales: Scales, wanted: Sequence[bool], qc: torch.Tensor, qk: torch.Tensor,

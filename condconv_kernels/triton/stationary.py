@@ -53,22 +53,31 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def plan(experts: int, k: int, pixels: int, itemsize: int = 2) -> Optional[dict]:
-    """The kernel's compile-time sizes for E experts, K = Cin input channels and P pixels, or
-    None where its shared memory (the slab, the pixel tile and, for P > 128, the mixed tile)
-    would not fit in 227 KB."""
+def plan(experts: int, k: int, pixels: int, itemsize: int = 2,
+         routing: bool = False) -> Optional[dict]:
+    """The kernel's compile-time sizes for E experts, a reduction over K channels and P
+    pixels, or None where its shared memory (the slab, the pixel tiles and, for the forward
+    over more than 64 pixels, the mixed kernel) would not fit in 227 KB. ``routing``: the
+    routing-gradient form (no mix; pixel tiles of at most 64, two buffers where they fit)."""
     block_k = min((64, 32), key=lambda bk: -(-k // bk) * bk)  # the least padding; 64 on a tie
     num_kc = -(-k // block_k)
-    block_n = max(16, min(MAX_BLOCK_N, _pow2(pixels)))
-    # A from registers beside a 64 x 128 float32 accumulator spills: tiles past 64 pixels mix
-    # into shared memory.
-    a_smem = block_n > 64
-    shared = (experts * num_kc * BLOCK_M * block_k  # the slab
-              + (2 if a_smem else 1) * num_kc * block_k * block_n  # pixel tiles
-              + (num_kc * BLOCK_M * block_k if a_smem else 0)) * itemsize  # the mixed kernel
+    block_n = max(16, min(64 if routing else MAX_BLOCK_N, _pow2(pixels)))
+    slab = experts * num_kc * BLOCK_M * block_k
+    tile = num_kc * block_k * block_n
+    if routing:
+        a_smem = False
+        nbuf = 2 if (slab + 2 * tile) * itemsize <= SHARED_LIMIT - 1024 else 1
+        mixed = 0
+    else:
+        # A from registers beside a 64 x 128 float32 accumulator spills: tiles past 64 pixels
+        # mix into shared memory, and double-buffer the pixel tiles.
+        a_smem = block_n > 64
+        nbuf = 2 if a_smem else 1
+        mixed = num_kc * BLOCK_M * block_k if a_smem else 0
+    shared = (slab + nbuf * tile + mixed) * itemsize
     if shared > SHARED_LIMIT - 1024:  # the compiler's own scratch
         return None
-    return dict(BLOCK_K=block_k, NUM_KC=num_kc, BLOCK_N=block_n, A_SMEM=a_smem,
+    return dict(BLOCK_K=block_k, NUM_KC=num_kc, BLOCK_N=block_n, A_SMEM=a_smem, NBUF=nbuf,
                 shared_bytes=shared)
 
 
@@ -112,11 +121,12 @@ if AVAILABLE:
 
     @gluon.jit
     def pw_fwd_stationary_kernel(
-        x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr, B, K, COUT, P, PER_PROG, N_CO,
+        x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, B, K, COUT, P, PER_PROG, N_CO,
         s_xb, s_xp, s_rb, s_re, s_we, s_wr, s_wk, s_ob, s_oc, s_op,
         E: gl.constexpr, HAS_BIAS: gl.constexpr, A_SMEM: gl.constexpr, W_T: gl.constexpr,
-        BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, NUM_KC: gl.constexpr,
-        BLOCK_N: gl.constexpr, WARPS: gl.constexpr,
+        ROUTING_GRAD: gl.constexpr, NBUF: gl.constexpr, BLOCK_M: gl.constexpr,
+        BLOCK_K: gl.constexpr, NUM_KC: gl.constexpr, BLOCK_N: gl.constexpr,
+        E_POW2: gl.constexpr, WARPS: gl.constexpr,
     ):
         """out[b, co, p] = sum_k (sum_e r[b, e] w[e, co, k]) x[b, k, p] (+ sum_e r[b, e]
         bias[e, co]) for the 64 channels of program % N_CO and the examples
@@ -130,7 +140,12 @@ if AVAILABLE:
         The next pixel tile's copy is in flight while the current one is mixed (A in registers,
         one tile an example: the next example's tile starts after this one's products) or
         multiplied (A_SMEM: two pixel buffers; the example's mix into shared memory overlaps
-        its first tile's copy)."""
+        its first tile's copy).
+
+        ROUTING_GRAD: no mix, no output; out (B, COUT, P) is read, and part[program % N_CO, b,
+        e] = sum over the program's rows and the pixels of out[b] * (w[e] x[b]) (float32): the
+        routing gradient's partial sums (out = grad_out, or, W_T, x with x = grad_out), with
+        NBUF (1 or 2) pixel buffers."""
         pid = gl.program_id(0)
         i_m = pid % N_CO
         i_s = pid // N_CO
@@ -155,11 +170,9 @@ if AVAILABLE:
             wc_layout: gl.constexpr = w_layout
             slab_smem: gl.constexpr = w_smem
         slab = gl.allocate_shared_memory(dtype, [E * NUM_KC, BLOCK_M, BLOCK_K], slab_smem)
+        xs = gl.allocate_shared_memory(dtype, [NBUF * NUM_KC, BLOCK_K, BLOCK_N], xs_layout)
         if A_SMEM:
-            xs = gl.allocate_shared_memory(dtype, [2 * NUM_KC, BLOCK_K, BLOCK_N], xs_layout)
             ms = gl.allocate_shared_memory(dtype, [NUM_KC, BLOCK_M, BLOCK_K], slab_smem)
-        else:
-            xs = gl.allocate_shared_memory(dtype, [NUM_KC, BLOCK_K, BLOCK_N], xs_layout)
 
         # The slab: every expert's (64 x K) rows, in K chunks; zeros past COUT and K.
         o_m = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, wc_layout))
@@ -184,11 +197,47 @@ if AVAILABLE:
         cp.wait_group(1)  # the slab (the first tile may still be in flight)
         gl.thread_barrier()
         buf = 0
+        if ROUTING_GRAD:
+            vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+            o_e = gl.arange(0, E_POW2, layout=vec_layout)
         for b in range(b_start, b_end):
             r_b = r_ptr + b.to(gl.int64) * s_rb
             o_b = out_ptr + b.to(gl.int64) * s_ob
             x_next = x_ptr + (b + 1).to(gl.int64) * s_xb
-            if A_SMEM:
+            if ROUTING_GRAD:
+                part = gl.zeros([E_POW2], gl.float32, vec_layout)
+                for p0 in range(0, P, BLOCK_N):
+                    cp.wait_group(0)
+                    fence_async_shared()  # the copies visible to the tensor cores
+                    gl.thread_barrier()
+                    if NBUF == 2:  # the next tile into the other buffer while this one works
+                        if p0 + BLOCK_N < P:
+                            _copy_x(xs, (1 - buf) * NUM_KC, x_ptr + b.to(gl.int64) * s_xb,
+                                    p0 + BLOCK_N, K, P, s_xp, o_kx, o_px, BLOCK_K, NUM_KC)
+                        elif b + 1 < b_end:
+                            _copy_x(xs, (1 - buf) * NUM_KC, x_next, 0, K, P, s_xp, o_kx, o_px,
+                                    BLOCK_K, NUM_KC)
+                    po = p0 + o_po
+                    dual = gl.load(o_b + (o_mo[:, None] * s_oc + po[None, :] * s_op),
+                                   mask=(o_mo[:, None] < COUT) & (po[None, :] < P),
+                                   other=0.0).to(gl.float32)
+                    for e in gl.static_range(E):
+                        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+                        for j in range(NUM_KC):
+                            acc = warpgroup_mma(slab.index(e * NUM_KC + j),
+                                                xs.index(buf * NUM_KC + j), acc)
+                        part = gl.where(o_e == e, part + gl.sum(gl.sum(acc * dual, 1), 0), part)
+                    if NBUF == 1:
+                        gl.thread_barrier()  # every warp's products have read xs
+                        if p0 + BLOCK_N < P:
+                            _copy_x(xs, 0, x_ptr + b.to(gl.int64) * s_xb, p0 + BLOCK_N, K, P,
+                                    s_xp, o_kx, o_px, BLOCK_K, NUM_KC)
+                        elif b + 1 < b_end:
+                            _copy_x(xs, 0, x_next, 0, K, P, s_xp, o_kx, o_px, BLOCK_K, NUM_KC)
+                    else:
+                        buf = 1 - buf
+                gl.store(part_ptr + (i_m * B + b) * E + o_e, part, mask=o_e < E)
+            elif A_SMEM:
                 # The example's kernel, mixed once into shared memory while its first tile's
                 # copy is in flight (the last example's products are done: barrier below).
                 for j in range(NUM_KC):
@@ -232,14 +281,16 @@ if AVAILABLE:
 
 
 def eligible(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
-             scaled: bool, wide: bool, transposed: bool = False) -> Optional[dict]:
+             scaled: bool, wide: bool, transposed: bool = False,
+             routing: bool = False) -> Optional[dict]:
     """The plan (:func:`plan`) where this kernel computes the call, else None. ``inp``: the
     tensor whose channels the kernel reduces (x; grad_out for grad_x, ``transposed``), ``rows``
     the channels it writes (Cout; Cin for grad_x). ``pointwise``: 1x1, stride 1, unpadded,
     the pixels at one stride; ``wide``: offsets within an example may pass int32. ``inp`` must
     be channels_last with its channels, strides and address multiples of 16 (elements; bytes
     for the address), and, transposed, ``rows`` too: what the 16-byte copies and Triton's
-    specialization of the launch need."""
+    specialization of the launch need. ``routing``: the routing-gradient form (the plan's
+    ``routing``), whose second tensor (grad_out, or x) the caller checks alike."""
     if not (AVAILABLE and inp.is_cuda and pointwise and groups == 1 and not scaled and not wide
             and inp.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(inp.device) == (9, 0)):
@@ -249,14 +300,11 @@ def eligible(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise:
             and inp.stride(3) % 16 == 0 and inp.data_ptr() % 16 == 0
             and (rows % 16 == 0 or not transposed)):
         return None
-    return plan(experts, k, H * W, inp.element_size())
+    return plan(experts, k, H * W, inp.element_size(), routing=routing)
 
 
-def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
-        bias: Optional[torch.Tensor], out: torch.Tensor, config: dict,
-        transposed: bool = False) -> torch.Tensor:
-    """Fills ``out`` for a call :func:`eligible` accepted: the forward of a 1x1 layer (x,
-    (B, Cout, H, W)) or, ``transposed``, its grad_x (grad_out, (B, Cin, H, W); no bias)."""
+def _launch(inp, routing, weight, bias, out, part, config, transposed, routing_grad):
+    """One launch of the kernel; see :func:`run` and :func:`routing_grad`."""
     B, k, H, W = inp.shape
     E, cout, cin = weight.shape[:3]
     w = weight.reshape(E, cout, cin).contiguous()
@@ -271,45 +319,76 @@ def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     per = -(-B // max(1, sms // n_co))  # one program per SM (shared memory allows no more)
     grid = (n_co * -(-B // per),)
     pw_fwd_stationary_kernel[grid](
-        inp, routing, w, bias if bias is not None else w, out, B, k, rows, H * W, per, n_co,
-        inp.stride(0), inp.stride(3), routing.stride(0), routing.stride(1), *w_strides,
-        out.stride(0), out.stride(1), out.stride(3),
+        inp, routing, w, bias if bias is not None else w, out, part if part is not None else w,
+        B, k, rows, H * W, per, n_co, inp.stride(0), inp.stride(3), routing.stride(0),
+        routing.stride(1), *w_strides, out.stride(0), out.stride(1), out.stride(3),
         E=E, HAS_BIAS=bias is not None, A_SMEM=config["A_SMEM"], W_T=transposed,
-        BLOCK_M=BLOCK_M, BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"],
-        BLOCK_N=config["BLOCK_N"], WARPS=WARPS, num_warps=WARPS)
+        ROUTING_GRAD=routing_grad, NBUF=config["NBUF"], BLOCK_M=BLOCK_M,
+        BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"], BLOCK_N=config["BLOCK_N"],
+        E_POW2=_pow2(E), WARPS=WARPS, num_warps=WARPS)
+    return n_co
+
+
+def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
+        bias: Optional[torch.Tensor], out: torch.Tensor, config: dict,
+        transposed: bool = False) -> torch.Tensor:
+    """Fills ``out`` for a call :func:`eligible` accepted: the forward of a 1x1 layer (x,
+    (B, Cout, H, W)) or, ``transposed``, its grad_x (grad_out, (B, Cin, H, W); no bias)."""
+    _launch(inp, routing, weight, bias, out, None, config, transposed, False)
     return out
 
 
-# Specializations compile_check builds: (experts, K, pixels, transposed) for each form (A from
-# registers at 7x7 with three K chunks, A from shared memory over two pixel tiles, K chunks of
-# 32) and the grad_x of the 7x7 and 14x14 project layers (transposed: K = their Cout).
-COMPILE_CASES = [(8, 192, 49, False), (8, 112, 196, False), (8, 80, 196, False),
-                 (8, 192, 49, True), (8, 112, 196, True), (8, 80, 196, True)]
+def routing_grad(inp: torch.Tensor, dual: torch.Tensor, weight: torch.Tensor, config: dict,
+                 transposed: bool = False) -> torch.Tensor:
+    """grad_routing[b, e] = sum over (co, p) of grad_out[b, co, p] (W[e] x[b])[co, p] of a 1x1
+    layer, (B, E) float32, for a call :func:`eligible` accepted with ``routing=True``: ``inp``
+    x and ``dual`` grad_out (the slab W, rows Cout), or, ``transposed``, ``inp`` grad_out and
+    ``dual`` x (the slab W^T, rows Cin: the same sum). Partial sums per 64 rows, added in a
+    fixed order (deterministic)."""
+    B = inp.shape[0]
+    E, cout, cin = weight.shape[:3]
+    rows = cin if transposed else cout
+    part = torch.empty((-(-rows // BLOCK_M), B, E), dtype=torch.float32, device=inp.device)
+    routing = torch.empty((B, E), dtype=torch.float32, device=inp.device)  # unread
+    _launch(inp, routing, weight, None, dual, part, config, transposed, True)
+    return part.sum(0)
+
+
+# Specializations compile_check builds: (experts, K, pixels, transposed, routing) for each form
+# of the forward (A from registers at 7x7 with three K chunks, A from shared memory over two
+# pixel tiles, K chunks of 32), grad_x of the 7x7 and 14x14 project layers (transposed: K =
+# their Cout) and the routing gradient (one pixel buffer at K = 192, two at 112).
+COMPILE_CASES = [(8, 192, 49, False, False), (8, 112, 196, False, False),
+                 (8, 80, 196, False, False), (8, 192, 49, True, False),
+                 (8, 112, 196, True, False), (8, 80, 196, True, False),
+                 (8, 192, 49, False, True), (8, 112, 196, False, True),
+                 (8, 192, 49, True, True)]
 
 
 def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90,
-                transposed: bool = False):
+                transposed: bool = False, routing: bool = False):
     """The kernel compiled ahead of time for ``sm_<arch>`` (no GPU needed) at the plan of
     (E, K, P), ``transposed`` as for grad_x, with the integer specializations a launch gets
     (sizes and strides divisible by 16, the contiguous dimension's stride 1)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-    config = plan(experts, k, pixels)
+    config = plan(experts, k, pixels, routing=routing)
     if config is None:
         raise ValueError(f"no plan for E={experts}, K={k}, P={pixels}: the slab does not fit")
     fn = pw_fwd_stationary_kernel
-    const = dict(E=experts, HAS_BIAS=not transposed, A_SMEM=config["A_SMEM"], W_T=transposed,
-                 BLOCK_M=BLOCK_M, BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"],
-                 BLOCK_N=config["BLOCK_N"], WARPS=WARPS)
+    const = dict(E=experts, HAS_BIAS=not (transposed or routing), A_SMEM=config["A_SMEM"],
+                 W_T=transposed, ROUTING_GRAD=routing, NBUF=config["NBUF"], BLOCK_M=BLOCK_M,
+                 BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"],
+                 BLOCK_N=config["BLOCK_N"], E_POW2=_pow2(experts), WARPS=WARPS)
     # Strides of 1 a launch makes constants: the contiguous dimension of w, the routing's
     # experts, and the output's channels (channels_last).
     const.update({"s_wr" if transposed else "s_wk": 1, "s_re": 1, "s_oc": 1})
     kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    signature = {n: "constexpr" if n in const else "*fp32" if n == "r_ptr" else
+    signature = {n: "constexpr" if n in const else "*fp32" if n in ("r_ptr", "part_ptr") else
                  f"*{kind}" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-    divisible = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "K", "s_xb", "s_xp", "s_we", "s_ob",
-                 "s_op"] + (["COUT", "s_wk"] if transposed else ["s_wr"])  # (eligible)
+    divisible = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "K", "s_xb", "s_xp",
+                 "s_we", "s_ob", "s_op"] + (["COUT", "s_wk"] if transposed else ["s_wr"])
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     source = GluonASTSource(fn, signature,
                             {(fn.arg_names.index(n),): v for n, v in const.items()}, attrs)
