@@ -402,6 +402,17 @@ def _hopper() -> bool:
     return ON_GPU and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
+def _pointwise_inputs(seed, batch, experts, cin, cout, side):
+    """x (B, Cin, side, side), routing (B, E), weight (E, Cout, Cin, 1, 1) scaled by
+    1/sqrt(Cin) and grad_out (B, Cout, side, side), float64 on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cin, side, side, generator=g, dtype=torch.float64)
+    r = torch.rand(batch, experts, generator=g, dtype=torch.float64)
+    w = torch.randn(experts, cout, cin, 1, 1, generator=g, dtype=torch.float64) / cin ** 0.5
+    go = torch.randn(batch, cout, side, side, generator=g, dtype=torch.float64)
+    return x, r, w, go
+
+
 @pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
 @pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,bias", [
     (8, 192, 1152, 7, 37, torch.bfloat16, True),  # A from registers, 3 K chunks of 64
@@ -422,11 +433,9 @@ def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias):
     from unittest import mock
     from condconv_kernels import _env
     from condconv_kernels.triton import stationary
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(batch, cin, side, side, generator=g, dtype=torch.float64)
-    r = torch.rand(batch, experts, generator=g, dtype=torch.float64)
-    w = torch.randn(experts, cout, cin, 1, 1, generator=g, dtype=torch.float64) / cin ** 0.5
-    b = torch.randn(experts, cout, generator=g, dtype=torch.float64) if bias else None
+    x, r, w, _ = _pointwise_inputs(11, batch, experts, cin, cout, side)
+    b = torch.randn(experts, cout, generator=torch.Generator().manual_seed(14),
+                    dtype=torch.float64) if bias else None
     truth = reference.condconv2d_loop(x, r, w, b)
     xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     rd, wd = r.to(DEVICE, torch.float32), w.to(DEVICE, dtype)
@@ -461,11 +470,7 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format)
     from unittest import mock
     from condconv_kernels import _env
     from condconv_kernels.triton import stationary
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(batch, cin, side, side, generator=g, dtype=torch.float64)
-    r = torch.rand(batch, experts, generator=g, dtype=torch.float64)
-    w = torch.randn(experts, cout, cin, 1, 1, generator=g, dtype=torch.float64) / cout ** 0.5
-    go = torch.randn(batch, cout, side, side, generator=g, dtype=torch.float64)
+    x, r, w, go = _pointwise_inputs(12, batch, experts, cin, cout, side)
     truth = torch.einsum("be,eoc,bohw->bchw", r, w[..., 0, 0], go)
     god = go.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     rd, wd = r.to(DEVICE, torch.float32), w.to(DEVICE, dtype)
@@ -500,11 +505,7 @@ def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype):
     from unittest import mock
     import condconv_kernels.triton as backend
     from condconv_kernels import _env
-    g = torch.Generator().manual_seed(13)
-    x = torch.randn(batch, cin, side, side, generator=g, dtype=torch.float64)
-    r = torch.rand(batch, experts, generator=g, dtype=torch.float64)
-    w = torch.randn(experts, cout, cin, 1, 1, generator=g, dtype=torch.float64) / cin ** 0.5
-    go = torch.randn(batch, cout, side, side, generator=g, dtype=torch.float64)
+    x, r, w, go = _pointwise_inputs(13, batch, experts, cin, cout, side)
     truth = torch.einsum("bohw,eoc,bchw->be", go, w[..., 0, 0], x)
     xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     god = go.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)

@@ -107,6 +107,18 @@ if AVAILABLE:
         cp.commit_group()
 
     @gluon.jit
+    def _copy_next(xs, first, x_ptr, b, b_end, p0, s_xb, K, P, s_xp, o_kx, o_px,
+                   BLOCK_K: gl.constexpr, NUM_KC: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Starts the copy of the tile after (b, p0) into the buffers from ``first`` on: the
+        example's next pixel tile, or the next example's first, or none after the slice."""
+        if p0 + BLOCK_N < P:
+            _copy_x(xs, first, x_ptr + b.to(gl.int64) * s_xb, p0 + BLOCK_N, K, P, s_xp, o_kx,
+                    o_px, BLOCK_K, NUM_KC)
+        elif b + 1 < b_end:
+            _copy_x(xs, first, x_ptr + (b + 1).to(gl.int64) * s_xb, 0, K, P, s_xp, o_kx, o_px,
+                    BLOCK_K, NUM_KC)
+
+    @gluon.jit
     def _store_tile(acc, o_b, r_b, s_re, bias_ptr, o_mo, o_po, p0, COUT, P, s_oc, s_op,
                     E: gl.constexpr, HAS_BIAS: gl.constexpr, mma: gl.constexpr):
         if HAS_BIAS:  # sum_e r_b[e] bias[e] for the tile's rows
@@ -203,7 +215,6 @@ if AVAILABLE:
         for b in range(b_start, b_end):
             r_b = r_ptr + b.to(gl.int64) * s_rb
             o_b = out_ptr + b.to(gl.int64) * s_ob
-            x_next = x_ptr + (b + 1).to(gl.int64) * s_xb
             if ROUTING_GRAD:
                 part = gl.zeros([E_POW2], gl.float32, vec_layout)
                 for p0 in range(0, P, BLOCK_N):
@@ -211,12 +222,8 @@ if AVAILABLE:
                     fence_async_shared()  # the copies visible to the tensor cores
                     gl.thread_barrier()
                     if NBUF == 2:  # the next tile into the other buffer while this one works
-                        if p0 + BLOCK_N < P:
-                            _copy_x(xs, (1 - buf) * NUM_KC, x_ptr + b.to(gl.int64) * s_xb,
-                                    p0 + BLOCK_N, K, P, s_xp, o_kx, o_px, BLOCK_K, NUM_KC)
-                        elif b + 1 < b_end:
-                            _copy_x(xs, (1 - buf) * NUM_KC, x_next, 0, K, P, s_xp, o_kx, o_px,
-                                    BLOCK_K, NUM_KC)
+                        _copy_next(xs, (1 - buf) * NUM_KC, x_ptr, b, b_end, p0, s_xb, K, P,
+                                   s_xp, o_kx, o_px, BLOCK_K, NUM_KC, BLOCK_N)
                     po = p0 + o_po
                     dual = gl.load(o_b + (o_mo[:, None] * s_oc + po[None, :] * s_op),
                                    mask=(o_mo[:, None] < COUT) & (po[None, :] < P),
@@ -229,11 +236,8 @@ if AVAILABLE:
                         part = gl.where(o_e == e, part + gl.sum(gl.sum(acc * dual, 1), 0), part)
                     if NBUF == 1:
                         gl.thread_barrier()  # every warp's products have read xs
-                        if p0 + BLOCK_N < P:
-                            _copy_x(xs, 0, x_ptr + b.to(gl.int64) * s_xb, p0 + BLOCK_N, K, P,
-                                    s_xp, o_kx, o_px, BLOCK_K, NUM_KC)
-                        elif b + 1 < b_end:
-                            _copy_x(xs, 0, x_next, 0, K, P, s_xp, o_kx, o_px, BLOCK_K, NUM_KC)
+                        _copy_next(xs, 0, x_ptr, b, b_end, p0, s_xb, K, P, s_xp, o_kx, o_px,
+                                   BLOCK_K, NUM_KC, BLOCK_N)
                     else:
                         buf = 1 - buf
                 gl.store(part_ptr + (i_m * B + b) * E + o_e, part, mask=o_e < E)
@@ -247,14 +251,9 @@ if AVAILABLE:
                     cp.wait_group(0)
                     fence_async_shared()  # the copies and the mix visible to the tensor cores
                     gl.thread_barrier()
-                    # The next tile (this example's, or the next example's first) into the
-                    # other buffer while this one is multiplied.
-                    if p0 + BLOCK_N < P:
-                        _copy_x(xs, (1 - buf) * NUM_KC, x_ptr + b.to(gl.int64) * s_xb,
-                                p0 + BLOCK_N, K, P, s_xp, o_kx, o_px, BLOCK_K, NUM_KC)
-                    elif b + 1 < b_end:
-                        _copy_x(xs, (1 - buf) * NUM_KC, x_next, 0, K, P, s_xp, o_kx, o_px,
-                                BLOCK_K, NUM_KC)
+                    # The next tile into the other buffer while this one is multiplied.
+                    _copy_next(xs, (1 - buf) * NUM_KC, x_ptr, b, b_end, p0, s_xb, K, P, s_xp,
+                               o_kx, o_px, BLOCK_K, NUM_KC, BLOCK_N)
                     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
                     for j in range(NUM_KC):
                         acc = warpgroup_mma(ms.index(j), xs.index(buf * NUM_KC + j), acc)
@@ -274,8 +273,10 @@ if AVAILABLE:
                         gl.thread_barrier()
                     acc = warpgroup_mma(mixed, xs.index(j), acc)
                 gl.thread_barrier()  # every warp's products have read xs
-                if b + 1 < b_end:
-                    _copy_x(xs, 0, x_next, 0, K, P, s_xp, o_kx, o_px, BLOCK_K, NUM_KC)
+                if b + 1 < b_end:  # (one tile an example: no _copy_next, whose other branch
+                    # costs this form registers)
+                    _copy_x(xs, 0, x_ptr + (b + 1).to(gl.int64) * s_xb, 0, K, P, s_xp, o_kx,
+                            o_px, BLOCK_K, NUM_KC)
                 _store_tile(acc, o_b, r_b, s_re, bias_ptr, o_mo, o_po, 0, COUT, P, s_oc, s_op,
                             E, HAS_BIAS, mma)
 
