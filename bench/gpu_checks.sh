@@ -359,7 +359,7 @@ elif [ "$MODE" = second ]; then
   # dense ones (tuned from the kit's cache) and the static layer: whether
   # CONDCONV_TRITON_STATIONARY should be the default (its correctness: test_gpu_stationary_*,
   # first call).
-  step stationary 50 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
+  step stationary 75 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
     --out "$WORK/results/stationary.md"
   table "$WORK/results/stationary.md"
   step huge-tests 60 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \

@@ -492,11 +492,12 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format)
 @pytest.mark.parametrize("experts,cin,cout,side,batch,dtype", [
     (8, 192, 1152, 7, 37, torch.bfloat16),  # slab W, one pixel buffer
     (8, 112, 672, 14, 9, torch.float16),  # slab W, two buffers, four pixel tiles
+    (8, 192, 128, 14, 3, torch.bfloat16),  # slab W, one buffer, four pixel tiles
     (8, 1152, 192, 7, 20, torch.bfloat16),  # W's slab too big: W^T
     (8, 672, 112, 14, 64, torch.bfloat16),  # W^T, several examples a program
     (3, 48, 96, 5, 3, torch.bfloat16),  # E = 3 (padded to 4), K = 48
-], ids=["7x7-192-1152", "14x14-112-672-fp16", "7x7-1152-192-transposed",
-        "14x14-672-112-transposed", "5x5-E3"])
+], ids=["7x7-192-1152", "14x14-112-672-fp16", "14x14-192-128-one-buffer",
+        "7x7-1152-192-transposed", "14x14-672-112-transposed", "5x5-E3"])
 def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype):
     """The stationary kernel's routing-gradient form (no mix: <grad_out_b, W_e x_b> per example
     and expert), through the backend's helper (slab W where it fits, else W^T): against float64

@@ -145,3 +145,58 @@ def test_switch_on_without_a_gpu_changes_nothing():
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
+
+def test_backend_picks_the_routing_slab():
+    """The triton backend's routing-gradient helper: the slab W over x where it fits, else W^T
+    over grad_out (the same sum), never a dual tensor whose pixels are not at one stride, and
+    None where neither fits."""
+    import condconv_kernels.triton as backend
+    B, E, cin, cout, side = 2, 3, 32, 48, 4
+    x = torch.randn(B, cin, side, side).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(B, cout, side, side).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(E, cout, cin, 1, 1)
+    calls = []
+
+    def routing_grad(inp, dual, w, plan, transposed=False):
+        calls.append((id(inp), id(dual), transposed))
+        return torch.zeros(B, E)
+
+    def run(fits, x=x, grad_out=grad_out):
+        """fits: the orientations (transposed or not) whose slab fits."""
+        calls.clear()
+        with mock.patch.object(stationary, "eligible", lambda inp, *a, transposed=False,
+                               routing=False: {} if transposed in fits else None), \
+                mock.patch.object(stationary, "routing_grad", routing_grad):
+            return backend._stationary_routing_grad(grad_out, x, weight, 1, (1, 1),
+                                                    (0, 0, 0, 0), False)
+    assert run({False, True}) is not None and calls == [(id(x), id(grad_out), False)]
+    assert run({True}) is not None and calls == [(id(grad_out), id(x), True)]
+    assert run(set()) is None and calls == []
+    sliced = torch.randn(B, cout, 2 * side, side)[:, :, ::2]  # rows 2W apart: not one stride
+    assert run({False, True}, grad_out=sliced) is not None
+    assert calls == [(id(sliced), id(x), True)]
+
+
+def test_backward_leaves_the_routing_half_to_the_stationary_kernel():
+    """With the switch on and the routing-gradient form taking the call (here a stand-in), the
+    triton backward returns its grad_routing and runs the dense kernel gradient for the weight
+    alone: grad_weight as with the switch off."""
+    import condconv_kernels as cc
+    import condconv_kernels.triton as backend
+    from condconv_kernels import _env
+    if "triton" not in cc.available_backends("cpu"):
+        pytest.skip("no triton backend on the CPU")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 16, 4, 4, generator=g)
+    r = torch.rand(2, 3, generator=g)
+    w = torch.randn(3, 16, 16, 1, 1, generator=g)
+    grad_out = torch.randn(2, 16, 4, 4, generator=g)
+    marker = torch.randn(2, 3, generator=g)
+    args = (grad_out, x, r, w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1, (False, True, True, False))
+    off = backend.backward(*args)
+    with mock.patch.object(_env, "TRITON_STATIONARY", True), \
+            mock.patch.object(backend, "_stationary_routing_grad", lambda *a: marker.clone()):
+        on = backend.backward(*args)
+    assert torch.equal(on[1], marker) and not torch.equal(off[1], marker)
+    torch.testing.assert_close(on[2], off[2], rtol=0, atol=0)
+
