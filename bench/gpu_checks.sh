@@ -19,7 +19,8 @@
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput,
 #         then the same step (static and fused triton) captured in a CUDA graph (device time
 #         without host overhead); the experimental experts-stationary 1x1 kernel (forward,
-#         grad_x) against the dense ones and the static layer (bench/bench_stationary.py); the
+#         grad_x, kernel gradients) against the dense ones and the static layer
+#         (bench/bench_stationary.py), and the graphed training step with it switched on; the
 #         >2^31-element tests one at a time; compute-sanitizer memcheck of the cuda backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
 #         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
@@ -362,6 +363,12 @@ elif [ "$MODE" = second ]; then
   step stationary 75 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
     --out "$WORK/results/stationary.md"
   table "$WORK/results/stationary.md"
+  # The graphed training step again with the switch on: what the stationary kernels change in
+  # the model's device time (against model-train-graph above, same call).
+  step model-train-graph-stationary 60 env CONDCONV_TRITON_STATIONARY=1 "$PY" \
+    bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" --amp bfloat16 --channels-last --backward \
+    --out "$WORK/results/model-b256-amp-cl-train-graph-stationary.md"
+  table "$WORK/results/model-b256-amp-cl-train-graph-stationary.md"
   step huge-tests 60 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
     CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu.py \
     -m huge
