@@ -356,8 +356,8 @@ elif [ "$MODE" = second ]; then
   step model-train-graph 45 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"
-  # The experimental experts-stationary 1x1 kernel (Gluon; forward and grad_x) against the
-  # dense ones (tuned from the kit's cache) and the static layer: whether
+  # The experimental experts-stationary 1x1 kernel (Gluon; forward, grad_x, kernel gradients)
+  # against the dense ones (tuned from the kit's cache) and the static layer: whether
   # CONDCONV_TRITON_STATIONARY should be the default (its correctness: test_gpu_stationary_*,
   # first call).
   step stationary 75 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \

@@ -7,8 +7,8 @@ switches lists them with the build's and the tests' own).
   of autotuning (one compile per shape: test runs).
 - ``CONDCONV_TRITON_CONFIG=i``: launch the i-th configuration of each table (modulo its length),
   without autotuning (``bench/warm_triton.py`` fills Triton's cache this way).
-- ``CONDCONV_TRITON_STATIONARY=1``: the dense 1x1 forward and grad_x take the experimental
-  Hopper kernel with the experts stationary in shared memory where it applies
+- ``CONDCONV_TRITON_STATIONARY=1``: the dense 1x1 forward, grad_x and grad_routing take the
+  experimental Hopper kernel with the experts stationary in shared memory where it applies
   (:mod:`condconv_kernels.triton.stationary`); off until a GPU run has measured it. Read at
   import into ``TRITON_STATIONARY``, which the triton backend reads at every call.
 - ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call

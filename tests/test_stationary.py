@@ -67,11 +67,11 @@ def test_launch_arguments(transposed):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((grid, args, kwargs))
     props = mock.Mock(multi_processor_count=6)
-    with mock.patch.object(stationary, "pw_fwd_stationary_kernel", Recorder()), \
+    with mock.patch.object(stationary, "pw_stationary_kernel", Recorder()), \
             mock.patch("torch.cuda.get_device_properties", return_value=props):
         stationary.run(inp, torch.rand(B, E), weight, None, out, plan, transposed=transposed)
     (grid, args, kwargs), = launches
-    fn = stationary.pw_fwd_stationary_kernel
+    fn = stationary.pw_stationary_kernel
     params = fn.arg_names
     constexprs = {p.name for p in fn.params if p.is_constexpr}
     assert len(args) == len(params) - len(constexprs) and set(kwargs) == constexprs | {
@@ -100,7 +100,7 @@ def test_routing_grad_launch():
     weight = torch.randn(E, cout, cin, 1, 1)
     plan = stationary.plan(E, cin, side * side, routing=True)
     launches = []
-    params = stationary.pw_fwd_stationary_kernel.arg_names
+    params = stationary.pw_stationary_kernel.arg_names
 
     class Recorder:
         def __getitem__(self, grid):
@@ -111,7 +111,7 @@ def test_routing_grad_launch():
                 launches.append((named, kwargs))
             return launch
     props = mock.Mock(multi_processor_count=132)
-    with mock.patch.object(stationary, "pw_fwd_stationary_kernel", Recorder()), \
+    with mock.patch.object(stationary, "pw_stationary_kernel", Recorder()), \
             mock.patch("torch.cuda.get_device_properties", return_value=props):
         grad = stationary.routing_grad(x, grad_out, weight, plan)
     (named, kwargs), = launches

@@ -1,5 +1,5 @@
-"""Dense 1x1 CondConv forward and grad_x with the experts stationary in shared memory (Hopper,
-Gluon).
+"""Dense 1x1 CondConv forward, grad_x and grad_routing with the experts stationary in shared
+memory (Hopper, Gluon).
 
 Experimental: used only with ``CONDCONV_TRITON_STATIONARY=1`` until a GPU run has measured it
 against the dense kernels (:mod:`condconv_kernels.triton.dense`).
@@ -16,7 +16,9 @@ program plus x and out; shared memory carries the slab once per example (and pix
 
 grad_x of the same layer is the same product with W^T (its rows the input channels, its
 reduction over Cout): the slab is copied transposed (rows contiguous) and read with
-ldmatrix.trans.
+ldmatrix.trans. grad_routing[b, e] = <grad_out_b, W_e x_b> needs no mix: per pixel tile, E
+products straight from the slab (W, or W^T against x on the project layers: the same sum), each
+reduced against the grad_out (or x) tile into partial sums per 64 rows (ROUTING_GRAD).
 
 Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, no per-example scales, the
 reduced tensor (x; grad_out for grad_x) channels_last with its channels a multiple of 16 (and
@@ -132,7 +134,7 @@ if AVAILABLE:
                  acc.to(o_b.dtype.element_ty), mask=(o_mo[:, None] < COUT) & (po[None, :] < P))
 
     @gluon.jit
-    def pw_fwd_stationary_kernel(
+    def pw_stationary_kernel(
         x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, B, K, COUT, P, PER_PROG, N_CO,
         s_xb, s_xp, s_rb, s_re, s_we, s_wr, s_wk, s_ob, s_oc, s_op,
         E: gl.constexpr, HAS_BIAS: gl.constexpr, A_SMEM: gl.constexpr, W_T: gl.constexpr,
@@ -319,7 +321,7 @@ def _launch(inp, routing, weight, bias, out, part, config, transposed, routing_g
     sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
     per = -(-B // max(1, sms // n_co))  # one program per SM (shared memory allows no more)
     grid = (n_co * -(-B // per),)
-    pw_fwd_stationary_kernel[grid](
+    pw_stationary_kernel[grid](
         inp, routing, w, bias if bias is not None else w, out, part if part is not None else w,
         B, k, rows, H * W, per, n_co, inp.stride(0), inp.stride(3), routing.stride(0),
         routing.stride(1), *w_strides, out.stride(0), out.stride(1), out.stride(3),
@@ -377,7 +379,7 @@ def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int
     config = plan(experts, k, pixels, routing=routing)
     if config is None:
         raise ValueError(f"no plan for E={experts}, K={k}, P={pixels}: the slab does not fit")
-    fn = pw_fwd_stationary_kernel
+    fn = pw_stationary_kernel
     const = dict(E=experts, HAS_BIAS=not (transposed or routing), A_SMEM=config["A_SMEM"],
                  W_T=transposed, ROUTING_GRAD=routing, NBUF=config["NBUF"], BLOCK_M=BLOCK_M,
                  BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"],
