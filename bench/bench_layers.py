@@ -40,7 +40,7 @@ def _modeled_ms(path: str, backward: bool):
     of them with the backward), from a report's JSON."""
     with open(path) as f:
         records = json.load(f)
-    forward = {"dense_fwd", "dw_fwd"}
+    forward = {"dense_fwd", "dw_fwd", "stationary_fwd"}
     out = {}
     for r in records:
         if "error" not in r and (backward or r["kernel"] in forward):

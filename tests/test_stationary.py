@@ -91,6 +91,21 @@ def test_launch_arguments(transposed):
     assert kwargs["ROUTING_GRAD"] is False and kwargs["NBUF"] == plan["NBUF"]
 
 
+@pytest.mark.parametrize("batch,rows,sms", [(256, 1152, 132), (256, 480, 132), (7, 160, 132),
+                                            (256, 64 * 200, 132), (1, 64, 1), (33, 96, 5)])
+def test_programs_cover_each_row_block_and_example_once(batch, rows, sms):
+    """Program i owns row block i % n_co and the examples [i // n_co * per, + per): every
+    (row block, example) pair exactly once, no program without an example, and no more
+    programs than SMs unless the row blocks alone outnumber them."""
+    n_co, per, count = stationary.programs(batch, rows, sms)
+    assert n_co == -(-rows // 64) and count % n_co == 0
+    covered = [(i % n_co, b) for i in range(count)
+               for b in range(i // n_co * per, min(batch, i // n_co * per + per))]
+    assert sorted(covered) == [(m, b) for m in range(n_co) for b in range(batch)]
+    assert all(i // n_co * per < batch for i in range(count))
+    assert count <= max(sms, n_co)
+
+
 def test_routing_grad_launch():
     """routing_grad() on CPU tensors with the launch recorded: the routing-gradient form, its
     partial sums one row per 64 rows of the slab, summed into (B, E)."""

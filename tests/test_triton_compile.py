@@ -45,3 +45,29 @@ def test_static_report_of_a_pointwise_layer(tmp_path):
         assert r["tensor_core"] == "wgmma" and r["async_copy"] != "none", r
         assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255, r
     assert "| s5.b0.expand |" in result.stdout
+
+
+def test_static_report_with_the_stationary_kernel(tmp_path):
+    """--stationary on the same layer: the forward and the routing gradient from the
+    experts-stationary kernel (compiled at its plan: wgmma, cp.async, no spills, its shared
+    memory within sm_90's), grad_x and the weight half still the dense kernels; the
+    stationary records' L2 traffic (each slab once a program) at most 4x their HBM bytes, and
+    their modeled time at least their serial sum and their floor."""
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    path = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "condconv_kernels.triton.report", "--first", "1", "--stationary",
+         "--json", str(path)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    records = {r["kernel"]: r for r in json.loads(path.read_text())}
+    assert set(records) == {"stationary_fwd", "dense_bwd_x", "stationary_routing",
+                            "dense_bwd_w"}
+    for name in ("stationary_fwd", "stationary_routing"):
+        r = records[name]
+        assert r["tensor_core"] == "wgmma" and r["async_copy"] == "cp.async", r
+        assert r["spill_bytes"] == 0 and 0 < r["shared_bytes"] <= 227 * 1024, r
+        assert r["l2_bytes"] <= 4 * r["hbm_bytes"] and r["smem_bytes"] > r["l2_bytes"], r
+        assert r["modeled_us"] >= max(r["serial_us"], r["floor_us"]) > 0, r
+        assert r["grid"] <= 132 and r["examples_per_program"] * r["grid"] >= 256 * 8, r
+    assert "(experts-stationary kernel on)" in result.stdout

@@ -3,6 +3,7 @@
     python -m condconv_kernels.triton.report [--arch 90] [--batch 256] [--dtype bfloat16]
                                              [--layout channels_last] [--json FILE] [--all]
                                              [--before EARLIER.json] [--scales]
+                                             [--stationary]
 
 For each of the 24 CondConv layers of tf_efficientnet_cc_b0_8e, every kernel the layer runs
 (forward, grad_x, kernel gradient) is launched on meta tensors with its launch recorded (the
@@ -23,6 +24,19 @@ bulk tensor copies of TMA) appear in the code, and the model:
   800 TFLOP/s (wgmma; half of it for mma.sync), CUDA-core FLOPs / 60 TFLOP/s, each divided by
   the fraction of the 132 SMs the grid can fill, times 2 where registers spill;
 - floor: the layer's own floor for that pass, max(FLOPs / 800 TFLOP/s, HBM bytes / 3.0 TB/s).
+
+``--stationary`` models the backend as ``CONDCONV_TRITON_STATIONARY=1`` runs it: the 1x1 passes
+the experts-stationary kernel takes (:mod:`condconv_kernels.triton.stationary`; records
+``stationary_fwd``, ``stationary_bwd_x``, ``stationary_routing``, and the dense kernel gradient
+then without its routing half) are compiled at their plan and modeled by their own rule. One
+program per SM works through its slice of the batch one example after another, so its time
+adds up rather than overlaps: the slab's copy from L2, then per example the mix (an issue slot
+for each slab value's conversion and one for its FMA, per lane, against 4 x 32 lanes a clock;
+or the slab's shared-memory reads at 128 bytes a clock, whichever is longer), the tensor-core
+products (or their shared-memory operands, whichever is longer) and the epilogue, with the
+clock that makes 128 FMA lanes per SM give the 60 TFLOP/s; the modeled time is the longest of
+that sum, HBM and L2. The records add ``smem_bytes`` (shared-memory reads and writes) and
+``serial_us`` (that sum).
 
 ``--scales`` gives every layer ODConv's three per-example scales (in_scale, out_scale, tap_scale):
 the compiled code is then the scaled kernels' (the model still counts the unscaled traffic and
@@ -52,6 +66,12 @@ from ..cli import parser
 from . import _config
 
 HBM, L2, TC, CC, SMS = 3.0e12, 6.0e12, 800e12, 60e12, 132
+# Per SM, for the stationary kernel's serial model: the clock at which 128 FMA lanes make CC,
+# lane-instructions issued a second (4 schedulers x 32 lanes), shared-memory bytes a second
+# (128 a clock) and tensor-core FLOPs a second.
+CLOCK = CC / (SMS * 128 * 2)
+ISSUE_SM, SMEM_SM, TC_SM = 128 * CLOCK, 128 * CLOCK, TC / SMS
+STATIONARY_PASSES = ("stationary_fwd", "stationary_bwd_x", "stationary_routing")
 KERNEL_NAMES = ("dense_fwd_kernel", "dense_bwd_x_kernel", "dense_bwd_w_kernel",
                 "dw_fwd_kernel", "dw_bwd_x_kernel", "dw_bwd_w_kernel")
 
@@ -96,12 +116,44 @@ def record_launches(fn) -> List[Launch]:
     return launches
 
 
+def _stationary_recorders(launches: List[Launch]):
+    """Stand-ins for :func:`stationary.run` and :func:`stationary.routing_grad` that record
+    the launch (its sizes in ``kwargs``, its program count as the grid) and return an output
+    of the right shape."""
+    from . import stationary
+
+    def record(name, inp, weight, config, rows, transposed, routing, has_bias):
+        E, cout, cin = weight.shape[:3]
+        B, k, H, W = inp.shape
+        count = stationary.programs(B, rows, SMS)[2]
+        launches.append(Launch(name, stationary.pw_stationary_kernel, (), dict(
+            E=E, K=k, P=H * W, rows=rows, batch=B, transposed=transposed, routing=routing,
+            has_bias=has_bias, plan=config), (count,)))
+
+    def run(inp, routing, weight, bias, out, config, transposed=False):
+        rows = weight.shape[2] if transposed else weight.shape[1]
+        record("stationary_bwd_x" if transposed else "stationary_fwd", inp, weight, config,
+               rows, transposed, False, bias is not None)
+        return out
+
+    def routing_grad(inp, dual, weight, config, transposed=False):
+        rows = weight.shape[2] if transposed else weight.shape[1]
+        record("stationary_routing", inp, weight, config, rows, transposed, True, False)
+        return torch.empty((inp.shape[0], weight.shape[0]), device=inp.device,
+                           dtype=torch.float32)
+    return run, routing_grad
+
+
 def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool,
-                   scales: bool = False) -> List[Launch]:
+                   scales: bool = False, stationary: bool = False) -> List[Launch]:
     """The launches of one forward and one backward (all four gradients) of a layer, on meta
     tensors laid out as a benchmark's (x in ``dtype``, routing in float32); ``scales``: with
-    the three per-example scales (float32)."""
+    the three per-example scales (float32); ``stationary``: with the backend's switch to the
+    experts-stationary kernel on (see the module's docstring)."""
+    from unittest import mock
     import condconv_kernels.triton as backend
+    from .. import _env
+    from . import stationary as st
     x = torch.empty(batch, layer.cin, layer.height, layer.width, device="meta", dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -117,7 +169,20 @@ def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool,
                               *scaled)
         backend.backward(torch.empty_like(out), x, routing, weight, None, stride, pad, (1, 1),
                          layer.groups, (True, True, True, False), *scaled)
-    return record_launches(run)
+    if not stationary:
+        return record_launches(run)
+    launches: List[Launch] = []
+    fake_run, fake_routing_grad = _stationary_recorders(launches)
+    with mock.patch.object(_env, "TRITON_STATIONARY", True), \
+            mock.patch.object(st, "eligible", st.fits), \
+            mock.patch.object(st, "run", fake_run), \
+            mock.patch.object(st, "routing_grad", fake_routing_grad):
+        dense = record_launches(run)
+    # In launch order: the forward, grad_x, grad_routing, then the kernel gradient.
+    order = {"stationary_fwd": 0, "dense_fwd_kernel": 0, "dw_fwd_kernel": 0,
+             "stationary_bwd_x": 1, "dense_bwd_x_kernel": 1, "dw_bwd_x_kernel": 1,
+             "stationary_routing": 2}
+    return sorted(launches + dense, key=lambda l: order.get(l.name, 3))
 
 
 def configurations(launch: Launch):
@@ -213,12 +278,15 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         names = _base(launch.kernel).arg_names
         per_program = launch.args[names.index("B_PER_SPLIT")]  # examples per program
         examples = programs * per_program
+        # Without its routing half (NEED_R off: the stationary kernel computes it), no W tiles
+        # and half the CUDA-core work.
+        halves = 1 if launch.kwargs.get("NEED_R", True) is False else 2
         l2 = (examples * cdiv(P, bp) * (bco * bp + bp * bk) * itemsize  # grad_out, x tiles
-              + programs * E * bco * bk * (itemsize + 4))  # W's tiles in, gradients out once
+              + programs * E * bco * bk * ((halves - 1) * itemsize + 4))  # W in, grads out
         if "E_POW2" not in launch.kwargs:  # the kernel before: W, gw read and written,
             l2 += examples * E * bco * bk * (itemsize + 8)  # per example
         tc = examples * cdiv(P, bp) * 2 * bco * bk * bp
-        cc = examples * 4 * E * bco * bk  # routing x G into the gradients, <G, W[e]>
+        cc = examples * 2 * halves * E * bco * bk  # routing x G into the gradients, <G, W[e]>
         hbm = x_bytes + out_bytes + experts_bytes + E * kernel_numel * 4
         return hbm, l2, tc, cc, conv_flops + 2 * mix_flops
     # Depthwise: direct arithmetic on CUDA cores. A program's input tile with its halo is
@@ -249,6 +317,60 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
     return hbm, l2, 0, cc, conv_flops + 2 * mix_flops
 
 
+def stationary_model(layer, batch: int, itemsize: int, launch: Launch) -> dict:
+    """The experts-stationary kernel's traffic, work and time (module docstring): hbm_bytes,
+    l2_bytes, smem_bytes, tc_flops, cc_flops (the mix's, or the routing form's reductions),
+    floor_flops and serial_us (the program's sum; 2 x that where registers spill is the
+    caller's)."""
+    from . import stationary
+    a = launch.kwargs
+    plan, E, K, P, R, B = a["plan"], a["E"], a["K"], a["P"], a["rows"], a["batch"]
+    M, bn = stationary.BLOCK_M, plan["BLOCK_N"]
+    kp = plan["NUM_KC"] * plan["BLOCK_K"]
+    tiles = -(-P // bn)
+    n_co, per, count = stationary.programs(B, R, SMS)
+    slab = E * M * kp * itemsize
+    x_bytes, out_bytes = B * K * P * itemsize, B * R * P * itemsize
+    hbm = x_bytes + out_bytes + E * R * K * itemsize
+    # L2 -> SM: each program's slab once; each example's (K x P) tile once per row block (the
+    # masked copies read no padding); the output written (or, the routing form, grad_out read)
+    # once.
+    l2 = count * slab + n_co * x_bytes + out_bytes
+    product = 2 * M * kp * bn  # one (64 x K) x (K x BLOCK_N) product
+    operands = (M * kp + kp * bn) * itemsize  # both from shared memory
+    if a["routing"]:
+        # Per pixel tile: E products from the slab, each times the grad_out tile and reduced
+        # (an FMA per element, then a cross-warp sum), the grad_out tile loaded (an issue per
+        # 8 elements).
+        per_tile = (max(E * product / TC_SM, E * operands / SMEM_SM)
+                    + (E * M * bn + M * bn / 8) / ISSUE_SM)
+        per_example = tiles * per_tile
+        tc = n_co * B * tiles * E * product
+        cc = n_co * B * tiles * E * 2 * M * bn
+        smem = n_co * B * tiles * E * operands
+        floor_flops = 2 * B * R * K * P + 2 * B * E * R * K
+    else:
+        # The mix: per slab value, a conversion and an FMA (an issue slot each) and its share
+        # of the shared-memory read; the mixed kernel converted two values an instruction (and
+        # written to shared memory, A_SMEM). Then per pixel tile the product (A from registers
+        # up to 64 pixels: only the x tile from shared memory) and the epilogue (a conversion
+        # and a store issue per output element, per lane).
+        mixed = E * M * kp
+        mix_smem = mixed * itemsize + (M * kp * itemsize if plan["A_SMEM"] else 0)
+        mix = max((2 * mixed + M * kp / 2) / ISSUE_SM, mix_smem / SMEM_SM)
+        tile_smem = operands if plan["A_SMEM"] else kp * bn * itemsize
+        per_example = mix + tiles * (max(product / TC_SM, tile_smem / SMEM_SM)
+                                     + 2 * M * bn / ISSUE_SM)
+        tc = n_co * B * tiles * product
+        cc = n_co * B * 2 * mixed
+        smem = n_co * B * (mix_smem + tiles * tile_smem)
+        floor_flops = 2 * B * R * K * P + 2 * B * E * R * K
+    serial = count * slab / L2 + per * per_example
+    return dict(hbm_bytes=hbm, l2_bytes=l2, smem_bytes=smem, tc_flops=tc, cc_flops=cc,
+                floor_flops=floor_flops, serial_us=1e6 * serial, programs=count,
+                examples_per_program=per)
+
+
 def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool) -> float:
     fill = min(1.0, programs / SMS)
     tc_rate = TC if tensor_core == "wgmma" else TC / 2 if tensor_core == "mma" else CC
@@ -256,35 +378,79 @@ def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool) -> flo
     return 1e6 * t * (2.0 if spills else 1.0)
 
 
+def _compiled_info(compiled, arch: int) -> dict:
+    """Registers, spills, shared memory, tensor-core and asynchronous-copy instructions of a
+    compiled kernel."""
+    ptx = compiled.asm["ptx"]
+    return dict(ptxas_usage(ptx, arch), shared_bytes=compiled.metadata.shared,
+                tensor_core=("wgmma" if "wgmma.mma_async" in ptx else
+                             "mma" if "mma.sync" in ptx else "none"),
+                async_copy=("tma" if "cp.async.bulk.tensor" in ptx else
+                            "cp.async" if "cp.async" in ptx else "none"))
+
+
+def _compile_info(cache: dict, key, build, arch: int) -> dict:
+    """The compiled kernel's info (or the error) for ``key``, compiling with ``build()`` once."""
+    if key not in cache:
+        try:
+            cache[key] = _compiled_info(build(), arch)
+        except Exception as exc:  # noqa: BLE001 -- reported in the record
+            cache[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[-1][:200]}"}
+    return cache[key]
+
+
+def _stationary_record(layer, batch: int, dtype: torch.dtype, itemsize: int, launch: Launch,
+                       arch: int, cache: dict) -> dict:
+    """The record of one experts-stationary launch: compiled at its plan, modeled by
+    :func:`stationary_model`."""
+    from . import stationary
+    a = launch.kwargs
+    plan = a["plan"]
+    key = (launch.name, a["E"], a["K"], a["P"], a["has_bias"], dtype)
+    info = _compile_info(cache, key, lambda: stationary.compile_for(
+        a["E"], a["K"], a["P"], dtype, arch, a["transposed"], a["routing"], a["has_bias"]),
+        arch)
+    m = stationary_model(layer, batch, itemsize, launch)
+    config = (f"{plan['BLOCK_K']}x{plan['NUM_KC']}x{plan['BLOCK_N']}"
+              f"{' A_smem' if plan['A_SMEM'] else ''} buf{plan['NBUF']} w{stationary.WARPS}")
+    record = dict(layer=layer.name, shape=layer.describe(), kernel=launch.name, config=config,
+                  examples_per_program=m["examples_per_program"], grid=m["programs"],
+                  hbm_bytes=m["hbm_bytes"], l2_bytes=m["l2_bytes"],
+                  smem_bytes=m["smem_bytes"], tc_flops=m["tc_flops"], cc_flops=m["cc_flops"],
+                  floor_us=1e6 * max(m["floor_flops"] / TC, m["hbm_bytes"] / HBM),
+                  serial_us=m["serial_us"], **info)
+    if "error" in info:
+        record["modeled_us"] = float("inf")
+    else:
+        fill = min(1.0, m["programs"] / SMS)
+        spills = info["spill_bytes"] > 0 or info["shared_bytes"] > _config.SHARED_LIMIT
+        record["modeled_us"] = max(1e6 * m["hbm_bytes"] / HBM, 1e6 * m["l2_bytes"] / L2 / fill,
+                                   m["serial_us"]) * (2.0 if spills else 1.0)
+    return record
+
+
 def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
            arch: int = 90, every_config: bool = False, layers=None, progress=None,
-           scales: bool = False):
+           scales: bool = False, stationary: bool = False):
     """One record per (layer, kernel) (per configuration with ``every_config``); ``scales``:
-    the kernels with the three per-example scales."""
+    the kernels with the three per-example scales; ``stationary``: the backend with its
+    switch to the experts-stationary kernel on."""
     from ..profile import efficientnet_cc_b0_layers
     layers = layers if layers is not None else efficientnet_cc_b0_layers(8)
     itemsize = torch.empty((), dtype=dtype).element_size()
     records, compiled_cache = [], {}
     for layer in layers:
-        for launch in layer_launches(layer, batch, dtype, channels_last, scales):
+        for launch in layer_launches(layer, batch, dtype, channels_last, scales, stationary):
+            if launch.name in STATIONARY_PASSES:
+                records.append(_stationary_record(layer, batch, dtype, itemsize, launch, arch,
+                                                  compiled_cache))
+                continue
             options = []
             for config in configurations(launch):
                 key = (launch.name, repr(launch.args), repr(sorted(launch.kwargs.items())),
                        repr(config))
-                if key not in compiled_cache:
-                    try:
-                        compiled, _ = compile_launch(launch, config, arch)
-                        ptx = compiled.asm["ptx"]
-                        compiled_cache[key] = dict(
-                            ptxas_usage(ptx, arch), shared_bytes=compiled.metadata.shared,
-                            tensor_core=("wgmma" if "wgmma.mma_async" in ptx else
-                                         "mma" if "mma.sync" in ptx else "none"),
-                            async_copy=("tma" if "cp.async.bulk.tensor" in ptx else
-                                        "cp.async" if "cp.async" in ptx else "none"))
-                    except Exception as exc:  # noqa: BLE001 -- reported in the record
-                        compiled_cache[key] = {"error": f"{type(exc).__name__}: "
-                                                        f"{str(exc).splitlines()[-1][:200]}"}
-                info = compiled_cache[key]
+                info = _compile_info(compiled_cache, key,
+                                     lambda: compile_launch(launch, config, arch)[0], arch)
                 blocks = config[0]
                 programs = _grid(launch, blocks)
                 hbm, l2, tc, cc, floor_flops = model(layer, batch, itemsize, launch, blocks,
@@ -315,19 +481,21 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
 
 def format_table(records) -> str:
     head = ("| layer | shape | kernel | config | B/prog | grid | regs | spill B | shared KiB | "
-            "tensor core | async | HBM MB | L2 MB | L2/HBM | floor us | modeled us | /floor |")
-    lines = [head, "|" + "---|" * 17]
+            "tensor core | async | HBM MB | L2 MB | L2/HBM | smem MB | floor us | modeled us | "
+            "/floor |")
+    lines = [head, "|" + "---|" * 18]
     for r in records:
         if "error" in r:
             lines.append(f"| {r['layer']} | {r['shape']} | {r['kernel']} | {r['config']} | "
-                         f"{r['error']} |" + " |" * 12)
+                         f"{r['error']} |" + " |" * 13)
             continue
+        smem = f"{r['smem_bytes'] / 1e6:.1f}" if "smem_bytes" in r else "-"
         lines.append(
             f"| {r['layer']} | {r['shape']} | {r['kernel']} | {r['config']} | "
             f"{r['examples_per_program']} | {r['grid']} | {r['registers']} | "
             f"{r['spill_bytes']} | {r['shared_bytes'] / 1024:.0f} | {r['tensor_core']} | "
             f"{r['async_copy']} | {r['hbm_bytes'] / 1e6:.1f} | {r['l2_bytes'] / 1e6:.1f} | "
-            f"{r['l2_bytes'] / r['hbm_bytes']:.1f} | {r['floor_us']:.1f} | "
+            f"{r['l2_bytes'] / r['hbm_bytes']:.1f} | {smem} | {r['floor_us']:.1f} | "
             f"{r['modeled_us']:.1f} | {r['modeled_us'] / r['floor_us']:.2f} |")
     return "\n".join(lines)
 
@@ -377,6 +545,9 @@ def main(argv=None) -> int:
     p.add_argument("--before", help="A JSON of an earlier report: print the two side by side.")
     p.add_argument("--scales", action="store_true",
                    help="Give every layer the three per-example scales (ODConv's attentions).")
+    p.add_argument("--stationary", action="store_true",
+                   help="The backend as CONDCONV_TRITON_STATIONARY=1 runs it: the 1x1 passes the "
+                        "experts-stationary kernel takes, modeled by its own rule.")
     args = p.parse_args(argv)
     if _config.INTERPRET:
         p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
@@ -385,8 +556,9 @@ def main(argv=None) -> int:
     records = report(args.batch, getattr(torch, args.dtype), args.layout == "channels_last",
                      args.arch, args.all, layers,
                      progress=lambda name: print(f"compiled {name}", file=sys.stderr),
-                     scales=args.scales)
-    print(f"triton backend, tf_efficientnet_cc_b0_8e layers"
+                     scales=args.scales, stationary=args.stationary)
+    print(f"triton backend{' (experts-stationary kernel on)' if args.stationary else ''}, "
+          f"tf_efficientnet_cc_b0_8e layers"
           f"{' with the three per-example scales' if args.scales else ''}, batch {args.batch}, "
           f"{args.dtype}, {args.layout}, sm_{args.arch} (static model, no GPU)\n")
     print(format_table(records))

@@ -286,17 +286,28 @@ if AVAILABLE:
 def eligible(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
              scaled: bool, wide: bool, transposed: bool = False,
              routing: bool = False) -> Optional[dict]:
-    """The plan (:func:`plan`) where this kernel computes the call, else None. ``inp``: the
-    tensor whose channels the kernel reduces (x; grad_out for grad_x, ``transposed``), ``rows``
-    the channels it writes (Cout; Cin for grad_x). ``pointwise``: 1x1, stride 1, unpadded,
-    the pixels at one stride; ``wide``: offsets within an example may pass int32. ``inp`` must
-    be channels_last with its channels, strides and address multiples of 16 (elements; bytes
-    for the address), and, transposed, ``rows`` too: what the 16-byte copies and Triton's
-    specialization of the launch need. ``routing``: the routing-gradient form (the plan's
-    ``routing``), whose second tensor (grad_out, or x) the caller checks alike."""
-    if not (AVAILABLE and inp.is_cuda and pointwise and groups == 1 and not scaled and not wide
-            and inp.dtype in (torch.float16, torch.bfloat16)
+    """The plan (:func:`plan`) where this kernel computes the call, else None: on an sm_90 GPU
+    with Gluon, where :func:`fits` accepts the call."""
+    if not (AVAILABLE and inp.is_cuda
             and torch.cuda.get_device_capability(inp.device) == (9, 0)):
+        return None
+    return fits(inp, experts, rows, groups, pointwise, scaled, wide, transposed, routing)
+
+
+def fits(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
+         scaled: bool, wide: bool, transposed: bool = False,
+         routing: bool = False) -> Optional[dict]:
+    """The plan (:func:`plan`) where the call's shapes, strides and dtype suit this kernel,
+    whatever the device (the static report asks on meta tensors). ``inp``: the tensor whose
+    channels the kernel reduces (x; grad_out for grad_x, ``transposed``), ``rows`` the channels
+    it writes (Cout; Cin for grad_x). ``pointwise``: 1x1, stride 1, unpadded, the pixels at one
+    stride; ``wide``: offsets within an example may pass int32. ``inp`` must be channels_last
+    with its channels, strides and address multiples of 16 (elements; bytes for the address),
+    and, transposed, ``rows`` too: what the 16-byte copies and Triton's specialization of the
+    launch need. ``routing``: the routing-gradient form (the plan's ``routing``), whose second
+    tensor (grad_out, or x) the caller checks alike."""
+    if not (pointwise and groups == 1 and not scaled and not wide
+            and inp.dtype in (torch.float16, torch.bfloat16)):
         return None
     B, k, H, W = inp.shape
     if not (inp.stride(1) == 1 and k % 16 == 0 and inp.stride(0) % 16 == 0
@@ -304,6 +315,14 @@ def eligible(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise:
             and (rows % 16 == 0 or not transposed)):
         return None
     return plan(experts, k, H * W, inp.element_size(), routing=routing)
+
+
+def programs(batch: int, rows: int, sms: int) -> tuple:
+    """(row blocks, examples a program, programs) of a launch over ``rows`` rows on ``sms``
+    SMs: one program per SM (shared memory allows no more), the batch sliced evenly."""
+    n_co = -(-rows // BLOCK_M)
+    per = -(-batch // max(1, sms // n_co))
+    return n_co, per, n_co * -(-batch // per)
 
 
 def _launch(inp, routing, weight, bias, out, part, config, transposed, routing_grad):
@@ -317,10 +336,9 @@ def _launch(inp, routing, weight, bias, out, part, config, transposed, routing_g
     rows = cin if transposed else cout
     # w[e, row, k]: W[e, co, ci] is at e * cout * cin + co * cin + ci.
     w_strides = (cout * cin, 1, cin) if transposed else (cout * cin, cin, 1)
-    n_co = -(-rows // BLOCK_M)
     sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
-    per = -(-B // max(1, sms // n_co))  # one program per SM (shared memory allows no more)
-    grid = (n_co * -(-B // per),)
+    n_co, per, count = programs(B, rows, sms)
+    grid = (count,)
     pw_stationary_kernel[grid](
         inp, routing, w, bias if bias is not None else w, out, part if part is not None else w,
         B, k, rows, H * W, per, n_co, inp.stride(0), inp.stride(3), routing.stride(0),
@@ -369,10 +387,12 @@ COMPILE_CASES = [(8, 192, 49, False, False), (8, 112, 196, False, False),
 
 
 def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90,
-                transposed: bool = False, routing: bool = False):
+                transposed: bool = False, routing: bool = False,
+                has_bias: Optional[bool] = None):
     """The kernel compiled ahead of time for ``sm_<arch>`` (no GPU needed) at the plan of
     (E, K, P), ``transposed`` as for grad_x, with the integer specializations a launch gets
-    (sizes and strides divisible by 16, the contiguous dimension's stride 1)."""
+    (sizes and strides divisible by 16, the contiguous dimension's stride 1); ``has_bias``
+    (default: the forward's form has one) as the launch's."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -380,7 +400,9 @@ def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int
     if config is None:
         raise ValueError(f"no plan for E={experts}, K={k}, P={pixels}: the slab does not fit")
     fn = pw_stationary_kernel
-    const = dict(E=experts, HAS_BIAS=not (transposed or routing), A_SMEM=config["A_SMEM"],
+    if has_bias is None:
+        has_bias = not (transposed or routing)
+    const = dict(E=experts, HAS_BIAS=bool(has_bias), A_SMEM=config["A_SMEM"],
                  W_T=transposed, ROUTING_GRAD=routing, NBUF=config["NBUF"], BLOCK_M=BLOCK_M,
                  BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"],
                  BLOCK_N=config["BLOCK_N"], E_POW2=_pow2(experts), WARPS=WARPS)
