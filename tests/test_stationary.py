@@ -28,16 +28,29 @@ def test_plan_counts_the_shared_memory_it_allocates(experts, k, pixels):
     assert plan["NBUF"] == (2 if plan["A_SMEM"] else 1)
 
 
-@pytest.mark.parametrize("experts,k,pixels,nbuf", [(8, 192, 49, 1), (8, 112, 196, 2),
-                                                   (4, 192, 49, 2)])
-def test_routing_plan(experts, k, pixels, nbuf):
-    """The routing-gradient form: no mixed kernel, pixel tiles of at most 64, and two pixel
-    buffers only where they fit beside the slab (not at E = 8, K = 192)."""
+@pytest.mark.parametrize("experts,k,pixels,block_n,nbuf", [
+    (8, 192, 49, 32, 2), (8, 112, 196, 64, 2), (4, 192, 49, 64, 2), (8, 80, 196, 64, 2),
+    (3, 48, 9, 16, 2), (2, 200, 3136, 64, 2)])
+def test_routing_plan(experts, k, pixels, block_n, nbuf):
+    """The routing-gradient form: no mixed kernel; per pixel tile (at most 64) the K x BLOCK_N
+    tile and the dual's 64 x BLOCK_N, two buffers of the widest tile that fits beside the slab
+    (at E = 8, K = 192 tiles of 32 pixels); at most 4 K chunks."""
     plan = stationary.plan(experts, k, pixels, routing=True)
-    k_pad, n = plan["NUM_KC"] * plan["BLOCK_K"], plan["BLOCK_N"]
-    assert n == min(64, 1 << (pixels - 1).bit_length()) and not plan["A_SMEM"]
-    assert plan["NBUF"] == nbuf
-    assert plan["shared_bytes"] == 2 * (experts * 64 * k_pad + nbuf * k_pad * n)
+    k_pad = plan["NUM_KC"] * plan["BLOCK_K"]
+    assert k_pad >= k and plan["NUM_KC"] <= 4 and not plan["A_SMEM"]
+    assert (plan["BLOCK_N"], plan["NBUF"]) == (block_n, nbuf)
+    tile = (k_pad + 64) * block_n
+    assert plan["shared_bytes"] == 2 * (experts * 64 * k_pad + nbuf * tile) <= 226 * 1024
+    if block_n < min(64, pixels):  # the wider tile would not fit
+        assert 2 * (experts * 64 * k_pad + nbuf * (k_pad + 64) * 2 * block_n) > 226 * 1024
+
+
+def test_routing_plan_limits():
+    """More than 4 K chunks of 64 (K > 256) has no routing plan; K = 144 takes chunks of 64
+    (3) rather than 5 of 32."""
+    assert stationary.plan(2, 320, 49, routing=True) is None
+    assert stationary.plan(8, 144, 49, routing=True)["BLOCK_K"] == 64
+    assert stationary.plan(8, 144, 49)["BLOCK_K"] == 32  # the forward pads less
 
 
 def test_no_plan_past_shared_memory():
@@ -162,34 +175,66 @@ def test_switch_on_without_a_gpu_changes_nothing():
 
 
 def test_backend_picks_the_routing_slab():
-    """The triton backend's routing-gradient helper: the slab W over x where it fits, else W^T
-    over grad_out (the same sum), never a dual tensor whose pixels are not at one stride, and
-    None where neither fits."""
+    """The triton backend's routing-gradient helper: the slab W over x (its dual grad_out)
+    where it fits, else W^T over grad_out (its dual x: the same sum), and None where neither
+    fits."""
     import condconv_kernels.triton as backend
     B, E, cin, cout, side = 2, 3, 32, 48, 4
     x = torch.randn(B, cin, side, side).contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn(B, cout, side, side).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(E, cout, cin, 1, 1)
-    calls = []
+    calls, asked = [], []
 
     def routing_grad(inp, dual, w, plan, transposed=False):
         calls.append((id(inp), id(dual), transposed))
         return torch.zeros(B, E)
 
-    def run(fits, x=x, grad_out=grad_out):
-        """fits: the orientations (transposed or not) whose slab fits."""
-        calls.clear()
-        with mock.patch.object(stationary, "eligible", lambda inp, *a, transposed=False,
-                               routing=False: {} if transposed in fits else None), \
-                mock.patch.object(stationary, "routing_grad", routing_grad):
-            return backend._stationary_routing_grad(grad_out, x, weight, 1, (1, 1),
-                                                    (0, 0, 0, 0), False)
-    assert run({False, True}) is not None and calls == [(id(x), id(grad_out), False)]
-    assert run({True}) is not None and calls == [(id(grad_out), id(x), True)]
-    assert run(set()) is None and calls == []
-    sliced = torch.randn(B, cout, 2 * side, side)[:, :, ::2]  # rows 2W apart: not one stride
-    assert run({False, True}, grad_out=sliced) is not None
-    assert calls == [(id(sliced), id(x), True)]
+    def eligible(inp, *args, transposed=False, routing=False, dual=None):
+        asked.append((id(inp), id(dual), transposed, routing))
+        return {} if transposed in fits else None
+    fits = set()
+    with mock.patch.object(stationary, "eligible", eligible), \
+            mock.patch.object(stationary, "routing_grad", routing_grad):
+        for fits in ({False, True}, {True}, set()):
+            calls.clear()
+            asked.clear()
+            got = backend._stationary_routing_grad(grad_out, x, weight, 1, (1, 1),
+                                                   (0, 0, 0, 0), False)
+            assert asked[0] == (id(x), id(grad_out), False, True)
+            if fits:
+                assert got is not None
+                first = False if False in fits else True
+                assert calls == [(id(x), id(grad_out), False) if not first else
+                                 (id(grad_out), id(x), True)]
+            else:
+                assert got is None and calls == []
+                assert asked[1] == (id(grad_out), id(x), True, True)
+
+
+def test_fits_checks_the_routing_dual():
+    """The routing form copies its dual's tiles 16 bytes at a time: a dual that is missing,
+    of another shape or dtype, not channels_last, sliced (pixels not at one stride) or whose
+    rows are not a multiple of 16 is refused; a channels_last one of the right shape is
+    taken."""
+    B, E, k, rows, side = 2, 4, 32, 64, 6
+    cl = torch.channels_last
+    inp = torch.randn(B, k, side, side, dtype=torch.bfloat16).contiguous(memory_format=cl)
+
+    def dual_of(rows=rows, dtype=torch.bfloat16, fmt=cl):
+        return torch.randn(B, rows, side, side, dtype=dtype).contiguous(memory_format=fmt)
+
+    def fits(dual, rows=rows):
+        return stationary.fits(inp, E, rows, 1, True, False, False, routing=True, dual=dual)
+    assert fits(dual_of()) == stationary.plan(E, k, side * side, routing=True)
+    sliced = torch.randn(B, rows, 2 * side, side, dtype=torch.bfloat16).contiguous(
+        memory_format=cl)[:, :, ::2]
+    assert sliced.shape == (B, rows, side, side)
+    for bad in (None, dual_of(rows=48), dual_of(dtype=torch.float16),
+                dual_of(fmt=torch.contiguous_format), sliced):
+        assert fits(bad) is None
+    assert fits(dual_of(rows=56), rows=56) is None  # rows not a multiple of 16
+    # Without the routing form the dual is not asked for.
+    assert stationary.fits(inp, E, rows, 1, True, False, False) is not None
 
 
 def test_backward_leaves_the_routing_half_to_the_stationary_kernel():

@@ -249,10 +249,9 @@ def _stationary_routing_grad(grad_out, x, weight, groups, stride, padding, scale
     fits, else W^T (rows Cin, over grad_out); None where neither applies."""
     E, cout, cin, kh, kw = weight.shape
     for inp, dual, rows, transposed in ((x, grad_out, cout, False), (grad_out, x, cin, True)):
-        if dual.stride(2) != dual.shape[3] * dual.stride(3):  # its pixels at one stride
-            continue
         plan = stationary.eligible(inp, E, rows, groups, _pointwise(kh, kw, stride, padding, inp),
-                                   scaled, _wide(inp, dual), transposed=transposed, routing=True)
+                                   scaled, _wide(inp, dual), transposed=transposed, routing=True,
+                                   dual=dual)
         if plan is not None:
             return stationary.routing_grad(inp, dual, weight, plan, transposed=transposed)
     return None

@@ -339,15 +339,15 @@ def stationary_model(layer, batch: int, itemsize: int, launch: Launch) -> dict:
     product = 2 * M * kp * bn  # one (64 x K) x (K x BLOCK_N) product
     operands = (M * kp + kp * bn) * itemsize  # both from shared memory
     if a["routing"]:
-        # Per pixel tile: E products from the slab, each times the grad_out tile and reduced
-        # (an FMA per element, then a cross-warp sum), the grad_out tile loaded (an issue per
-        # 8 elements).
-        per_tile = (max(E * product / TC_SM, E * operands / SMEM_SM)
-                    + (E * M * bn + M * bn / 8) / ISSUE_SM)
-        per_example = tiles * per_tile
-        tc = n_co * B * tiles * E * product
-        cc = n_co * B * tiles * E * 2 * M * bn
-        smem = n_co * B * tiles * E * operands
+        # Per pixel tile the product D += dual tile x tile^T (64 x K over BLOCK_N pixels), both
+        # operands from shared memory; per example D against each expert's slab: per slab
+        # value a conversion, an FMA and half a shared-memory load (two values a load).
+        reduce = E * M * kp
+        per_example = (tiles * max(product / TC_SM, operands / SMEM_SM)
+                       + max(2.5 * reduce / ISSUE_SM, reduce * itemsize / SMEM_SM))
+        tc = n_co * B * tiles * product
+        cc = n_co * B * 2 * reduce
+        smem = n_co * B * (tiles * operands + reduce * itemsize)
         floor_flops = 2 * B * R * K * P + 2 * B * E * R * K
     else:
         # The mix: per slab value, a conversion and an FMA (an issue slot each) and its share

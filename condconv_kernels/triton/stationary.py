@@ -16,9 +16,11 @@ program plus x and out; shared memory carries the slab once per example (and pix
 
 grad_x of the same layer is the same product with W^T (its rows the input channels, its
 reduction over Cout): the slab is copied transposed (rows contiguous) and read with
-ldmatrix.trans. grad_routing[b, e] = <grad_out_b, W_e x_b> needs no mix: per pixel tile, E
-products straight from the slab (W, or W^T against x on the project layers: the same sum), each
-reduced against the grad_out (or x) tile into partial sums per 64 rows (ROUTING_GRAD).
+ldmatrix.trans. grad_routing[b, e] = <grad_out_b, W_e x_b> = <W_e, grad_out_b x_b^T> needs no
+mix: per example, the (64 x K) product grad_out_b x_b^T over its pixels on the tensor cores,
+then its dot product with each expert's slab (W, or W^T against x grad_out_b^T on the project
+layers: the same sum) into partial sums per 64 rows (ROUTING_GRAD): the tensor cores do the
+static weight gradient's work once, not E times.
 
 Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, no per-example scales, the
 reduced tensor (x; grad_out for grad_x) channels_last with its channels a multiple of 16 (and
@@ -49,6 +51,8 @@ WARPS = 4  # one warpgroup
 SHARED_LIMIT = 227 * 1024
 # Pixel tiles: up to 128 pixels (A from registers up to 64), larger planes in tiles of 128.
 MAX_BLOCK_N = 128
+# The routing-gradient form's accumulators: one per K chunk, at most 4 (K <= 256).
+MAX_ROUTING_KC = 4
 
 
 def _pow2(n: int) -> int:
@@ -60,22 +64,36 @@ def plan(experts: int, k: int, pixels: int, itemsize: int = 2,
     """The kernel's compile-time sizes for E experts, a reduction over K channels and P
     pixels, or None where its shared memory (the slab, the pixel tiles and, for the forward
     over more than 64 pixels, the mixed kernel) would not fit in 227 KB. ``routing``: the
-    routing-gradient form (no mix; pixel tiles of at most 64, two buffers where they fit)."""
+    routing-gradient form (no mix; K at most 256; per pixel tile of at most 64 the K x BLOCK_N
+    tile and the dual's 64 x BLOCK_N, the widest tile with two buffers that fits, else
+    one)."""
     block_k = min((64, 32), key=lambda bk: -(-k // bk) * bk)  # the least padding; 64 on a tie
+    if routing and -(-k // block_k) > MAX_ROUTING_KC:
+        block_k = 64
     num_kc = -(-k // block_k)
-    block_n = max(16, min(64 if routing else MAX_BLOCK_N, _pow2(pixels)))
     slab = experts * num_kc * BLOCK_M * block_k
-    tile = num_kc * block_k * block_n
     if routing:
-        a_smem = False
-        nbuf = 2 if (slab + 2 * tile) * itemsize <= SHARED_LIMIT - 1024 else 1
-        mixed = 0
-    else:
-        # A from registers beside a 64 x 128 float32 accumulator spills: tiles past 64 pixels
-        # mix into shared memory, and double-buffer the pixel tiles.
-        a_smem = block_n > 64
-        nbuf = 2 if a_smem else 1
-        mixed = num_kc * BLOCK_M * block_k if a_smem else 0
+        # One (64 x BLOCK_K) accumulator per K chunk, at most MAX_ROUTING_KC; per pixel tile the
+        # K x BLOCK_N tile and the 64 x BLOCK_N tile of the dual: the widest tile, two buffers
+        # first, that fits.
+        if num_kc > MAX_ROUTING_KC:
+            return None
+        widest = max(16, min(64, _pow2(pixels)))
+        for block_n, nbuf in ((widest, 2), (widest // 2, 2), (widest, 1), (widest // 2, 1),
+                              (16, 1)):
+            block_n = max(16, block_n)
+            shared = (slab + nbuf * (num_kc * block_k + BLOCK_M) * block_n) * itemsize
+            if shared <= SHARED_LIMIT - 1024:
+                return dict(BLOCK_K=block_k, NUM_KC=num_kc, BLOCK_N=block_n, A_SMEM=False,
+                            NBUF=nbuf, shared_bytes=shared)
+        return None
+    block_n = max(16, min(MAX_BLOCK_N, _pow2(pixels)))
+    tile = num_kc * block_k * block_n
+    # A from registers beside a 64 x 128 float32 accumulator spills: tiles past 64 pixels mix
+    # into shared memory, and double-buffer the pixel tiles.
+    a_smem = block_n > 64
+    nbuf = 2 if a_smem else 1
+    mixed = num_kc * BLOCK_M * block_k if a_smem else 0
     shared = (slab + nbuf * tile + mixed) * itemsize
     if shared > SHARED_LIMIT - 1024:  # the compiler's own scratch
         return None
@@ -96,29 +114,51 @@ if AVAILABLE:
 
     @gluon.jit
     def _copy_x(xs, first, x_b, p0, K, P, s_xp, o_kx, o_px, BLOCK_K: gl.constexpr,
-                NUM_KC: gl.constexpr):
+                NUM_KC: gl.constexpr, DUAL: gl.constexpr, ds, d_b, o_md, ROWS, s_dp):
         """Starts the asynchronous copies of one example's (K x BLOCK_N) pixel tile at p0 into
         the NUM_KC buffers from ``first`` on (zeros past K and P): rows of K channels, 16 bytes
-        at a time."""
+        at a time; and, DUAL, the same pixels of the example's dual (its rows o_md, contiguous,
+        zeros past ROWS: 8 rows a copy) into ds[first // NUM_KC]. One commit group."""
         px = p0 + o_px
         for kc in gl.static_range(NUM_KC):
             kx = kc * BLOCK_K + o_kx
             cp.async_copy_global_to_shared(xs.index(first + kc),
                                            x_b + (kx[:, None] + px[None, :] * s_xp),
                                            mask=(kx[:, None] < K) & (px[None, :] < P))
+        if DUAL:
+            cp.async_copy_global_to_shared(ds.index(first // NUM_KC),
+                                           d_b + (o_md[:, None] + px[None, :] * s_dp),
+                                           mask=(o_md[:, None] < ROWS) & (px[None, :] < P))
         cp.commit_group()
 
     @gluon.jit
     def _copy_next(xs, first, x_ptr, b, b_end, p0, s_xb, K, P, s_xp, o_kx, o_px,
-                   BLOCK_K: gl.constexpr, NUM_KC: gl.constexpr, BLOCK_N: gl.constexpr):
+                   BLOCK_K: gl.constexpr, NUM_KC: gl.constexpr, BLOCK_N: gl.constexpr,
+                   DUAL: gl.constexpr, ds, d_ptr, s_db, o_md, ROWS, s_dp):
         """Starts the copy of the tile after (b, p0) into the buffers from ``first`` on: the
-        example's next pixel tile, or the next example's first, or none after the slice."""
+        example's next pixel tile, or the next example's first, or none after the slice (with
+        the dual's tile, DUAL: see _copy_x)."""
         if p0 + BLOCK_N < P:
-            _copy_x(xs, first, x_ptr + b.to(gl.int64) * s_xb, p0 + BLOCK_N, K, P, s_xp, o_kx,
-                    o_px, BLOCK_K, NUM_KC)
-        elif b + 1 < b_end:
-            _copy_x(xs, first, x_ptr + (b + 1).to(gl.int64) * s_xb, 0, K, P, s_xp, o_kx, o_px,
-                    BLOCK_K, NUM_KC)
+            nb = b
+            np0 = p0 + BLOCK_N
+        else:
+            nb = b + 1
+            np0 = 0
+        if nb < b_end:
+            _copy_x(xs, first, x_ptr + nb.to(gl.int64) * s_xb, np0, K, P, s_xp, o_kx, o_px,
+                    BLOCK_K, NUM_KC, DUAL, ds, d_ptr + nb.to(gl.int64) * s_db, o_md, ROWS, s_dp)
+
+    @gluon.jit
+    def _against_slab(part, d, slab, j, o_e, E: gl.constexpr, NUM_KC: gl.constexpr,
+                      layout: gl.constexpr):
+        """part[:, e] += the row sums of d * slab[e, chunk j] (float32) for every expert: d
+        (64 x BLOCK_K) and part (64 x E_POW2, o_e its columns) in ``layout`` (a row's sum
+        stays within the threads that hold the row)."""
+        for e in gl.static_range(E):
+            w = slab.index(e * NUM_KC + j).load(layout).to(gl.float32)
+            row = gl.sum(d * w, 1)
+            part = gl.where(o_e[None, :] == e, part + row[:, None], part)
+        return part
 
     @gluon.jit
     def _store_tile(acc, o_b, r_b, s_re, bias_ptr, o_mo, o_po, p0, COUT, P, s_oc, s_op,
@@ -156,10 +196,14 @@ if AVAILABLE:
         multiplied (A_SMEM: two pixel buffers; the example's mix into shared memory overlaps
         its first tile's copy).
 
-        ROUTING_GRAD: no mix, no output; out (B, COUT, P) is read, and part[program % N_CO, b,
-        e] = sum over the program's rows and the pixels of out[b] * (w[e] x[b]) (float32): the
-        routing gradient's partial sums (out = grad_out, or, W_T, x with x = grad_out), with
-        NBUF (1 or 2) pixel buffers."""
+        ROUTING_GRAD: no mix, no output; out (B, COUT, P), the dual, is read (channels_last,
+        COUT a multiple of 16: its tiles are copied 8 rows at a time), and part[program % N_CO,
+        b, e] = sum over the program's rows and the pixels of out[b] * (w[e] x[b]) (float32):
+        the routing gradient's partial sums (out = grad_out, or, W_T, x with x = grad_out).
+        Computed as <w[e], D_b> with D_b = out[b] x[b]^T (64 rows x K, over the pixels) on the
+        tensor cores, one (64 x BLOCK_K) accumulator per K chunk (NUM_KC <= 4), both tiles
+        copied together into NBUF (1 or 2) buffers; then once per example each expert's slab
+        against D_b on the CUDA cores (E x 64 x K FMAs: the forward's mix, in cost)."""
         pid = gl.program_id(0)
         i_m = pid % N_CO
         i_s = pid // N_CO
@@ -204,45 +248,70 @@ if AVAILABLE:
         o_px = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, x_layout))
         o_mo = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
         o_po = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        if ROUTING_GRAD:
+            # The dual's (64 rows x BLOCK_N pixels) tiles, rows contiguous: wgmma's A operand,
+            # M-major; the products (64 x BLOCK_K, one per K chunk) in mma_r.
+            ds = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_M, BLOCK_N], gl.NVMMASharedLayout(
+                swizzle_byte_width=2 * BLOCK_M, element_bitwidth=16, rank=2, transposed=True))
+            o_md = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
+            mma_r: gl.constexpr = gl.NVMMADistributedLayout(
+                version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_K, 16])
+            o_e = gl.arange(0, E_POW2, layout=gl.SliceLayout(0, mma_r))
+        else:  # (stand-ins for the dual's arguments, unused)
+            ds = xs
+            o_md = o_kx
         b_start = i_s * PER_PROG
         b_end = gl.minimum(B, b_start + PER_PROG)
         _copy_x(xs, 0, x_ptr + b_start.to(gl.int64) * s_xb, 0, K, P, s_xp, o_kx, o_px,
-                BLOCK_K, NUM_KC)
+                BLOCK_K, NUM_KC, ROUTING_GRAD, ds, out_ptr + b_start.to(gl.int64) * s_ob, o_md,
+                COUT, s_op)
         cp.wait_group(1)  # the slab (the first tile may still be in flight)
         gl.thread_barrier()
         buf = 0
-        if ROUTING_GRAD:
-            vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-            o_e = gl.arange(0, E_POW2, layout=vec_layout)
         for b in range(b_start, b_end):
             r_b = r_ptr + b.to(gl.int64) * s_rb
             o_b = out_ptr + b.to(gl.int64) * s_ob
             if ROUTING_GRAD:
-                part = gl.zeros([E_POW2], gl.float32, vec_layout)
+                # D = dual_b x_b^T over the pixels (64 x K, float32) on the tensor cores, tile
+                # after tile; then part[e] = <D, w[e]> from the slab, once per example.
+                d0 = gl.zeros([BLOCK_M, BLOCK_K], gl.float32, mma_r)
+                d1 = gl.zeros([BLOCK_M, BLOCK_K], gl.float32, mma_r)
+                d2 = gl.zeros([BLOCK_M, BLOCK_K], gl.float32, mma_r)
+                d3 = gl.zeros([BLOCK_M, BLOCK_K], gl.float32, mma_r)
                 for p0 in range(0, P, BLOCK_N):
                     cp.wait_group(0)
                     fence_async_shared()  # the copies visible to the tensor cores
                     gl.thread_barrier()
-                    if NBUF == 2:  # the next tile into the other buffer while this one works
+                    if NBUF == 2:  # the next tiles into the other buffers while these work
                         _copy_next(xs, (1 - buf) * NUM_KC, x_ptr, b, b_end, p0, s_xb, K, P,
-                                   s_xp, o_kx, o_px, BLOCK_K, NUM_KC, BLOCK_N)
-                    po = p0 + o_po
-                    dual = gl.load(o_b + (o_mo[:, None] * s_oc + po[None, :] * s_op),
-                                   mask=(o_mo[:, None] < COUT) & (po[None, :] < P),
-                                   other=0.0).to(gl.float32)
-                    for e in gl.static_range(E):
-                        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
-                        for j in range(NUM_KC):
-                            acc = warpgroup_mma(slab.index(e * NUM_KC + j),
-                                                xs.index(buf * NUM_KC + j), acc)
-                        part = gl.where(o_e == e, part + gl.sum(gl.sum(acc * dual, 1), 0), part)
+                                   s_xp, o_kx, o_px, BLOCK_K, NUM_KC, BLOCK_N, True, ds,
+                                   out_ptr, s_ob, o_md, COUT, s_op)
+                    a = ds.index(buf)
+                    # x's tile (BLOCK_K x pixels, K-major) read as (pixels x BLOCK_K): wgmma's
+                    # B operand, N-major.
+                    d0 = warpgroup_mma(a, xs.index(buf * NUM_KC).permute((1, 0)), d0)
+                    if NUM_KC > 1:
+                        d1 = warpgroup_mma(a, xs.index(buf * NUM_KC + 1).permute((1, 0)), d1)
+                    if NUM_KC > 2:
+                        d2 = warpgroup_mma(a, xs.index(buf * NUM_KC + 2).permute((1, 0)), d2)
+                    if NUM_KC > 3:
+                        d3 = warpgroup_mma(a, xs.index(buf * NUM_KC + 3).permute((1, 0)), d3)
                     if NBUF == 1:
-                        gl.thread_barrier()  # every warp's products have read xs
+                        gl.thread_barrier()  # every warp's products have read the tiles
                         _copy_next(xs, 0, x_ptr, b, b_end, p0, s_xb, K, P, s_xp, o_kx, o_px,
-                                   BLOCK_K, NUM_KC, BLOCK_N)
+                                   BLOCK_K, NUM_KC, BLOCK_N, True, ds, out_ptr, s_ob, o_md,
+                                   COUT, s_op)
                     else:
                         buf = 1 - buf
-                gl.store(part_ptr + (i_m * B + b) * E + o_e, part, mask=o_e < E)
+                part = gl.zeros([BLOCK_M, E_POW2], gl.float32, mma_r)
+                part = _against_slab(part, d0, slab, 0, o_e, E, NUM_KC, mma_r)
+                if NUM_KC > 1:
+                    part = _against_slab(part, d1, slab, 1, o_e, E, NUM_KC, mma_r)
+                if NUM_KC > 2:
+                    part = _against_slab(part, d2, slab, 2, o_e, E, NUM_KC, mma_r)
+                if NUM_KC > 3:
+                    part = _against_slab(part, d3, slab, 3, o_e, E, NUM_KC, mma_r)
+                gl.store(part_ptr + (i_m * B + b) * E + o_e, gl.sum(part, 0), mask=o_e < E)
             elif A_SMEM:
                 # The example's kernel, mixed once into shared memory while its first tile's
                 # copy is in flight (the last example's products are done: barrier below).
@@ -255,7 +324,8 @@ if AVAILABLE:
                     gl.thread_barrier()
                     # The next tile into the other buffer while this one is multiplied.
                     _copy_next(xs, (1 - buf) * NUM_KC, x_ptr, b, b_end, p0, s_xb, K, P, s_xp,
-                               o_kx, o_px, BLOCK_K, NUM_KC, BLOCK_N)
+                               o_kx, o_px, BLOCK_K, NUM_KC, BLOCK_N, False, xs, x_ptr, s_xb,
+                               o_kx, K, s_xp)
                     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
                     for j in range(NUM_KC):
                         acc = warpgroup_mma(ms.index(j), xs.index(buf * NUM_KC + j), acc)
@@ -278,41 +348,49 @@ if AVAILABLE:
                 if b + 1 < b_end:  # (one tile an example: no _copy_next, whose other branch
                     # costs this form registers)
                     _copy_x(xs, 0, x_ptr + (b + 1).to(gl.int64) * s_xb, 0, K, P, s_xp, o_kx,
-                            o_px, BLOCK_K, NUM_KC)
+                            o_px, BLOCK_K, NUM_KC, False, xs, x_ptr, o_kx, K, s_xp)
                 _store_tile(acc, o_b, r_b, s_re, bias_ptr, o_mo, o_po, 0, COUT, P, s_oc, s_op,
                             E, HAS_BIAS, mma)
 
 
 def eligible(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
-             scaled: bool, wide: bool, transposed: bool = False,
-             routing: bool = False) -> Optional[dict]:
+             scaled: bool, wide: bool, transposed: bool = False, routing: bool = False,
+             dual: Optional[torch.Tensor] = None) -> Optional[dict]:
     """The plan (:func:`plan`) where this kernel computes the call, else None: on an sm_90 GPU
     with Gluon, where :func:`fits` accepts the call."""
     if not (AVAILABLE and inp.is_cuda
             and torch.cuda.get_device_capability(inp.device) == (9, 0)):
         return None
-    return fits(inp, experts, rows, groups, pointwise, scaled, wide, transposed, routing)
+    return fits(inp, experts, rows, groups, pointwise, scaled, wide, transposed, routing, dual)
+
+
+def _copyable(t: torch.Tensor) -> bool:
+    """Whether the kernel's 16-byte copies can read ``t`` (B, C, H, W): channels_last with its
+    channels, strides and address multiples of 16 (elements; bytes for the address), its pixels
+    at one stride."""
+    return (t.stride(1) == 1 and t.shape[1] % 16 == 0 and t.stride(0) % 16 == 0
+            and t.stride(3) % 16 == 0 and t.stride(2) == t.shape[3] * t.stride(3)
+            and t.data_ptr() % 16 == 0)
 
 
 def fits(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
-         scaled: bool, wide: bool, transposed: bool = False,
-         routing: bool = False) -> Optional[dict]:
+         scaled: bool, wide: bool, transposed: bool = False, routing: bool = False,
+         dual: Optional[torch.Tensor] = None) -> Optional[dict]:
     """The plan (:func:`plan`) where the call's shapes, strides and dtype suit this kernel,
     whatever the device (the static report asks on meta tensors). ``inp``: the tensor whose
     channels the kernel reduces (x; grad_out for grad_x, ``transposed``), ``rows`` the channels
-    it writes (Cout; Cin for grad_x). ``pointwise``: 1x1, stride 1, unpadded, the pixels at one
-    stride; ``wide``: offsets within an example may pass int32. ``inp`` must be channels_last
-    with its channels, strides and address multiples of 16 (elements; bytes for the address),
-    and, transposed, ``rows`` too: what the 16-byte copies and Triton's specialization of the
-    launch need. ``routing``: the routing-gradient form (the plan's ``routing``), whose second
-    tensor (grad_out, or x) the caller checks alike."""
+    it writes (Cout; Cin for grad_x). ``pointwise``: 1x1, stride 1, unpadded; ``wide``:
+    offsets within an example may pass int32. ``inp`` must be readable by the copies
+    (:func:`_copyable`), and, transposed, ``rows`` a multiple of 16 too. ``routing``: the
+    routing-gradient form (the plan's ``routing``), whose ``dual`` (B, rows, H, W) (grad_out
+    over x; x over grad_out, transposed) the copies read alike."""
     if not (pointwise and groups == 1 and not scaled and not wide
-            and inp.dtype in (torch.float16, torch.bfloat16)):
+            and inp.dtype in (torch.float16, torch.bfloat16) and _copyable(inp)
+            and (rows % 16 == 0 or not (transposed or routing))):
         return None
     B, k, H, W = inp.shape
-    if not (inp.stride(1) == 1 and k % 16 == 0 and inp.stride(0) % 16 == 0
-            and inp.stride(3) % 16 == 0 and inp.data_ptr() % 16 == 0
-            and (rows % 16 == 0 or not transposed)):
+    if routing and (dual is None or dual.shape != (B, rows, H, W) or dual.dtype != inp.dtype
+                    or not _copyable(dual)):
         return None
     return plan(experts, k, H * W, inp.element_size(), routing=routing)
 
@@ -378,12 +456,14 @@ def routing_grad(inp: torch.Tensor, dual: torch.Tensor, weight: torch.Tensor, co
 # Specializations compile_check builds: (experts, K, pixels, transposed, routing) for each form
 # of the forward (A from registers at 7x7 with three K chunks, A from shared memory over two
 # pixel tiles, K chunks of 32), grad_x of the 7x7 and 14x14 project layers (transposed: K =
-# their Cout) and the routing gradient (one pixel buffer at K = 192, two at 112).
+# their Cout) and the routing gradient (tiles of 32 pixels at K = 192, of 64 at 112, K chunks
+# of 32, four K chunks).
 COMPILE_CASES = [(8, 192, 49, False, False), (8, 112, 196, False, False),
                  (8, 80, 196, False, False), (8, 192, 49, True, False),
                  (8, 112, 196, True, False), (8, 80, 196, True, False),
                  (8, 192, 49, False, True), (8, 112, 196, False, True),
-                 (8, 192, 49, True, True)]
+                 (8, 192, 49, True, True), (8, 80, 196, False, True),
+                 (2, 200, 49, False, True)]
 
 
 def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90,
@@ -414,6 +494,8 @@ def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int
                  f"*{kind}" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
     divisible = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "K", "s_xb", "s_xp",
                  "s_we", "s_ob", "s_op"] + (["COUT", "s_wk"] if transposed else ["s_wr"])
+    if routing and not transposed:  # the dual's rows, copied 8 at a time
+        divisible.append("COUT")
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     source = GluonASTSource(fn, signature,
                             {(fn.arg_names.index(n),): v for n, v in const.items()}, attrs)
