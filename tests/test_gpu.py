@@ -490,19 +490,23 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format)
 
 @pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
 @pytest.mark.parametrize("experts,cin,cout,side,batch,dtype", [
-    (8, 192, 1152, 7, 37, torch.bfloat16),  # slab W, one pixel buffer
-    (8, 112, 672, 14, 9, torch.float16),  # slab W, two buffers, four pixel tiles
-    (8, 192, 128, 14, 3, torch.bfloat16),  # slab W, one buffer, four pixel tiles
+    (8, 192, 1152, 7, 37, torch.bfloat16),  # slab W, two tiles of 32 pixels
+    (8, 112, 672, 14, 9, torch.float16),  # slab W, four tiles of 64 pixels
+    (9, 192, 128, 14, 3, torch.bfloat16),  # slab W, one buffer, 13 tiles of 16 pixels
     (8, 1152, 192, 7, 20, torch.bfloat16),  # W's slab too big: W^T
     (8, 672, 112, 14, 64, torch.bfloat16),  # W^T, several examples a program
     (3, 48, 96, 5, 3, torch.bfloat16),  # E = 3 (padded to 4), K = 48
+    (2, 208, 96, 7, 5, torch.bfloat16),  # four K chunks of 64 (K padded to 256)
+    (8, 80, 480, 14, 6, torch.bfloat16),  # K chunks of 32
 ], ids=["7x7-192-1152", "14x14-112-672-fp16", "14x14-192-128-one-buffer",
-        "7x7-1152-192-transposed", "14x14-672-112-transposed", "5x5-E3"])
+        "7x7-1152-192-transposed", "14x14-672-112-transposed", "5x5-E3", "K208-4-chunks",
+        "14x14-80-480"])
 def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype):
-    """The stationary kernel's routing-gradient form (no mix: <grad_out_b, W_e x_b> per example
-    and expert), through the backend's helper (slab W where it fits, else W^T): against float64
-    on the CPU within 4x the error of the same sum in ``dtype`` on the device; and the triton
-    backend's backward with the switch on gives the same grad_routing."""
+    """The stationary kernel's routing-gradient form (no mix: <W_e, grad_out_b x_b^T> per
+    example and expert), through the backend's helper (slab W where it fits, else W^T), with
+    the plan the case names: against float64 on the CPU within 4x the error of the same sum in
+    ``dtype`` on the device; and the triton backend's backward with the switch on gives the
+    same grad_routing."""
     from unittest import mock
     import condconv_kernels.triton as backend
     from condconv_kernels import _env

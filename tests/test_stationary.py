@@ -235,6 +235,8 @@ def test_fits_checks_the_routing_dual():
     assert fits(dual_of(rows=56), rows=56) is None  # rows not a multiple of 16
     # Without the routing form the dual is not asked for.
     assert stationary.fits(inp, E, rows, 1, True, False, False) is not None
+    empty = torch.empty(B, k, 0, side, dtype=torch.bfloat16).contiguous(memory_format=cl)
+    assert stationary.fits(empty, E, rows, 1, True, False, False) is None  # no pixels
 
 
 def test_backward_leaves_the_routing_half_to_the_stationary_kernel():

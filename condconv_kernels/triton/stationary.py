@@ -389,6 +389,8 @@ def fits(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: boo
             and (rows % 16 == 0 or not (transposed or routing))):
         return None
     B, k, H, W = inp.shape
+    if H * W == 0:
+        return None
     if routing and (dual is None or dual.shape != (B, rows, H, W) or dual.dtype != inp.dtype
                     or not _copyable(dual)):
         return None
@@ -457,13 +459,13 @@ def routing_grad(inp: torch.Tensor, dual: torch.Tensor, weight: torch.Tensor, co
 # of the forward (A from registers at 7x7 with three K chunks, A from shared memory over two
 # pixel tiles, K chunks of 32), grad_x of the 7x7 and 14x14 project layers (transposed: K =
 # their Cout) and the routing gradient (tiles of 32 pixels at K = 192, of 64 at 112, K chunks
-# of 32, four K chunks).
+# of 32, four K chunks, one buffer of 16-pixel tiles).
 COMPILE_CASES = [(8, 192, 49, False, False), (8, 112, 196, False, False),
                  (8, 80, 196, False, False), (8, 192, 49, True, False),
                  (8, 112, 196, True, False), (8, 80, 196, True, False),
                  (8, 192, 49, False, True), (8, 112, 196, False, True),
                  (8, 192, 49, True, True), (8, 80, 196, False, True),
-                 (2, 200, 49, False, True)]
+                 (2, 208, 49, False, True), (9, 192, 196, False, True)]
 
 
 def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90,
