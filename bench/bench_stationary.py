@@ -5,6 +5,7 @@ tf_efficientnet_cc_b0_8e: the forward, grad_x (the kernel transposed) and the ke
 
     python bench/bench_stationary.py [--device cuda] [--batch 256] [--dtype bfloat16]
                                      [--layers s5.b0.expand,...] [--out FILE.md]
+                                     [--modeled bench/results/gpu-model-stationary.json]
 
 Device microseconds per call (torch.profiler: the kernels' own time, no host overhead), x and
 grad_out in channels_last, per layer and pass:
@@ -24,6 +25,7 @@ project layers, grad_x of the expand ones) prints ``-``; the routing gradient fi
 """
 from __future__ import annotations
 
+import json
 import sys
 from unittest import mock
 
@@ -40,6 +42,25 @@ from gpu_profile import (add_device_arguments, device_kernels, layer_inputs, pic
 DEFAULT_LAYERS = "s5.b0.expand,s6.b1.expand,s5.b1.project,s6.b1.project"
 
 
+def _modeled_us(path: str) -> dict:
+    """(layer, pass) -> the modeled microseconds of the pass with the switch on, from the static
+    report's JSON (``--stationary``): the forward and grad_x kernels, and the routing-gradient
+    kernel plus the dense kernel gradient for the weight ("grad_routing+weight")."""
+    with open(path) as f:
+        records = json.load(f)
+    passes = {"stationary_fwd": "forward", "stationary_bwd_x": "grad_x",
+              "stationary_routing": "grad_routing+weight", "dense_bwd_w": "grad_routing+weight"}
+    out: dict = {}
+    routed = {r["layer"] for r in records if r["kernel"] == "stationary_routing"}
+    for r in records:
+        name = passes.get(r["kernel"])
+        if name is None or "error" in r or (r["kernel"] == "dense_bwd_w"
+                                            and r["layer"] not in routed):
+            continue
+        out[(r["layer"], name)] = out.get((r["layer"], name), 0.0) + r["modeled_us"]
+    return out
+
+
 def main(argv=None):
     import condconv_kernels as cc
     p = parser(__doc__)
@@ -47,7 +68,11 @@ def main(argv=None):
     p.add_argument("--layers", default=DEFAULT_LAYERS,
                    help="Comma-separated 1x1 layer names.")
     p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
+    p.add_argument("--modeled", help="A JSON of `condconv_kernels.triton.report --stationary` for "
+                                     "the same batch and dtype: adds the stationary kernel's "
+                                     "modeled time per pass and the measured / modeled ratio.")
     args = p.parse_args(argv)
+    modeled = _modeled_us(args.modeled) if args.modeled else {}
     dtype = getattr(torch, args.dtype)
     chosen = pick_layers(p, args.layers, kernel=1)
     from condconv_kernels.triton import stationary as kernel
@@ -86,9 +111,9 @@ def main(argv=None):
                 backward([False, True, True, False], 1),
                 switched(backward([False, True, True, False], 1)),
                 kernel.eligible(x, layer.experts, layer.cout, 1, True, False, False,
-                                routing=True)
+                                routing=True, dual=grad_out)
                 or kernel.eligible(grad_out, layer.experts, layer.cin, 1, True, False, False,
-                                   transposed=True, routing=True)),
+                                   transposed=True, routing=True, dual=x)),
         }
         for name, (static, dense_fn, ours_fn, plan) in passes.items():
             times = {"static": device_kernels(static, args.device)[0]}
@@ -106,6 +131,11 @@ def main(argv=None):
                           f"{times['stationary'] / times['static']:.2f}"]
             else:
                 cells += ["-"] * 4
+            if args.modeled:
+                m = modeled.get((layer.name, name))
+                cells += [f"{m:.1f}" if m else "-",
+                          f"{times['stationary'] / m:.2f}" if m and "stationary" in times
+                          else "-"]
             rows.append(cells)
             record.append({"layer": layer.name, "shape": cells[1], "pass": name,
                            "device_us": times, "plan": plan})
@@ -113,7 +143,9 @@ def main(argv=None):
     print_table(f"Experts-stationary 1x1 kernel, batch {args.batch}, {args.dtype}, "
                 f"channels_last, {args.device}: device us per call",
                 ["layer", "shape", "pass", "static", "dense", "stationary", "max diff / scale",
-                 "stationary / dense", "stationary / static"], rows, record, args.out,
+                 "stationary / dense", "stationary / static"]
+                + (["modeled", "stationary / modeled"] if args.modeled else []),
+                rows, record, args.out,
                 "bench_stationary.py", argv)
 
 

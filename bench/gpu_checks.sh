@@ -271,7 +271,8 @@ if [ "$DRY" = 1 ]; then
            --model-batch 2 --input-size 64)
   DYNAMIC=(--device cpu --batch 2 --first 1 --min-run-time 0.02)
   KGRAD=(--device cpu --batch 2 --backend cpu --layers s5.b0.expand)
-  STATIONARY=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand)
+  STATIONARY=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand
+              --modeled bench/results/gpu-model-stationary.json)
 else
   DEV=(--device cuda)
   TEST_ENV=(env)
@@ -288,7 +289,8 @@ else
   PROFILE=(--device cuda --batch 256 --dtype bfloat16 --backend triton --model-batch 256)
   DYNAMIC=(--device cuda --batch 64 --amp bfloat16 --channels-last --min-run-time 0.1)
   KGRAD=(--device cuda --batch 256 --backend triton)
-  STATIONARY=(--device cuda --batch 256 --backend triton)
+  STATIONARY=(--device cuda --batch 256 --backend triton
+              --modeled bench/results/gpu-model-stationary.json)
 fi
 # The headline tables carry the static model's time per layer (condconv_kernels.triton.report,
 # committed as bench/results/gpu-model.json) and the measured / modeled ratio.
