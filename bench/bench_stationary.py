@@ -84,7 +84,7 @@ def main(argv=None):
         grad_out = grad_out.contiguous(memory_format=torch.channels_last).to(args.device, dtype)
         def switched(fn):  # the same call with the switch on
             def run():
-                with mock.patch.object(_env, "TRITON_STATIONARY", True):
+                with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
                     return fn()
             return run
 

@@ -7,10 +7,12 @@ switches lists them with the build's and the tests' own).
   of autotuning (one compile per shape: test runs).
 - ``CONDCONV_TRITON_CONFIG=i``: launch the i-th configuration of each table (modulo its length),
   without autotuning (``bench/warm_triton.py`` fills Triton's cache this way).
-- ``CONDCONV_TRITON_STATIONARY=1``: the dense 1x1 forward, grad_x and grad_routing take the
-  experimental Hopper kernel with the experts stationary in shared memory where it applies
-  (:mod:`condconv_kernels.triton.stationary`); off until a GPU run has measured it. Read at
-  import into ``TRITON_STATIONARY``, which the triton backend reads at every call.
+- ``CONDCONV_TRITON_STATIONARY=1`` (or ``all``): the dense 1x1 forward, grad_x and grad_routing
+  take the experimental Hopper kernel with the experts stationary in shared memory where it
+  applies (:mod:`condconv_kernels.triton.stationary`); off until a GPU run has measured it. A
+  comma-separated subset of ``forward``, ``grad_x``, ``routing`` turns on those passes only.
+  Read at import into ``TRITON_STATIONARY`` (the set of passes), which the triton backend
+  reads at every call.
 - ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call
   (:func:`backend_override`), so a process may change it.
 - ``CONDCONV_MALLOC_AS_IS=1``: the benchmark scripts keep the C allocator's settings instead of
@@ -36,7 +38,27 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_CONFIG = _forced_config()
 TRITON_AUTOTUNE = (os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0"
                    and TRITON_CONFIG is None)
-TRITON_STATIONARY = os.environ.get("CONDCONV_TRITON_STATIONARY", "0") == "1"
+# The passes the experts-stationary kernel may take (CONDCONV_TRITON_STATIONARY).
+STATIONARY_PASSES = frozenset({"forward", "grad_x", "routing"})
+
+
+def stationary_passes(value: str) -> frozenset:
+    """The passes a CONDCONV_TRITON_STATIONARY value turns on: none for "" or "0", all for "1"
+    or "all", else the comma-separated names (of STATIONARY_PASSES)."""
+    value = value.strip().lower()
+    if value in ("", "0"):
+        return frozenset()
+    if value in ("1", "all"):
+        return STATIONARY_PASSES
+    names = frozenset(n.strip() for n in value.split(",") if n.strip())
+    unknown = names - STATIONARY_PASSES
+    if unknown or not names:
+        raise ValueError("CONDCONV_TRITON_STATIONARY must be 0, 1, all or a comma-separated "
+                         f"subset of {', '.join(sorted(STATIONARY_PASSES))}; got {value!r}")
+    return names
+
+
+TRITON_STATIONARY = stationary_passes(os.environ.get("CONDCONV_TRITON_STATIONARY", "0"))
 
 
 def malloc_as_is() -> bool:

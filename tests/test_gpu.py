@@ -447,7 +447,7 @@ def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias):
                      dtype=dtype).contiguous(memory_format=torch.channels_last)
     stationary.run(xd, rd, wd, bd, out, plan)
     assert_close(out.cpu(), truth, same, "stationary out", factor=4.0)
-    with mock.patch.object(_env, "TRITON_STATIONARY", True):
+    with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
         routed = cc.condconv2d(xd, rd, wd, bd, backend="triton")
     assert torch.equal(routed, out), "condconv2d with the switch on took another kernel"
 
@@ -483,7 +483,7 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format)
     stationary.run(god, rd, wd, None, grad_x, plan, transposed=True)
     assert_close(grad_x.cpu(), truth, same, "stationary grad_x", factor=4.0)
     xd = x.to(DEVICE, dtype).contiguous(memory_format=x_format).requires_grad_()
-    with mock.patch.object(_env, "TRITON_STATIONARY", True):
+    with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
         cc.condconv2d(xd, rd, wd, backend="triton").backward(god)
     assert torch.equal(xd.grad, grad_x), "the backward with the switch on took another kernel"
 
@@ -521,6 +521,6 @@ def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype):
     assert ours is not None, "the kernel should take this call"
     assert_close(ours.cpu(), truth, same, "stationary grad_routing", factor=4.0)
     rd = r.to(DEVICE, torch.float32).requires_grad_()
-    with mock.patch.object(_env, "TRITON_STATIONARY", True):
+    with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
         cc.condconv2d(xd, rd, wd, backend="triton").backward(god)
     assert torch.equal(rd.grad, ours), "the backward with the switch on took another kernel"

@@ -164,7 +164,7 @@ def test_switch_on_without_a_gpu_changes_nothing():
     w = torch.randn(3, 16, 16, 1, 1, generator=g)
     grad_out = torch.randn(2, 16, 4, 4, generator=g)
     results = []
-    for on in (False, True):
+    for on in (frozenset(), _env.STATIONARY_PASSES):
         leaves = [t.clone().requires_grad_() for t in (x, r, w)]
         with mock.patch.object(_env, "TRITON_STATIONARY", on):
             out = cc.condconv2d(*leaves, backend="triton")
@@ -256,9 +256,50 @@ def test_backward_leaves_the_routing_half_to_the_stationary_kernel():
     marker = torch.randn(2, 3, generator=g)
     args = (grad_out, x, r, w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1, (False, True, True, False))
     off = backend.backward(*args)
-    with mock.patch.object(_env, "TRITON_STATIONARY", True), \
+    with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES), \
             mock.patch.object(backend, "_stationary_routing_grad", lambda *a: marker.clone()):
         on = backend.backward(*args)
     assert torch.equal(on[1], marker) and not torch.equal(off[1], marker)
     torch.testing.assert_close(on[2], off[2], rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize("value,passes", [
+    ("", set()), ("0", set()), ("1", {"forward", "grad_x", "routing"}),
+    ("all", {"forward", "grad_x", "routing"}), ("forward", {"forward"}),
+    (" Forward, grad_x ", {"forward", "grad_x"}), ("routing,", {"routing"})])
+def test_stationary_switch_values(value, passes):
+    """CONDCONV_TRITON_STATIONARY: off, all passes, or the passes it names."""
+    from condconv_kernels import _env
+    assert _env.stationary_passes(value) == passes
+
+
+@pytest.mark.parametrize("value", ["2", "yes", "forward,backward", ","])
+def test_stationary_switch_rejects_unknown_values(value):
+    from condconv_kernels import _env
+    with pytest.raises(ValueError, match="CONDCONV_TRITON_STATIONARY"):
+        _env.stationary_passes(value)
+
+
+def test_backend_takes_only_the_switched_passes():
+    """With the switch naming some passes, the backend asks the kernel about those only (the
+    kernel's eligibility recorded on CPU tensors, where it declines and the dense kernels run)."""
+    import condconv_kernels as cc
+    from condconv_kernels import _env
+    if "triton" not in cc.available_backends("cpu"):
+        pytest.skip("no triton backend on the CPU")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 4, 4, generator=g)
+    r = torch.rand(2, 3, generator=g)
+    w = torch.randn(3, 16, 16, 1, 1, generator=g)
+    for passes in ({"forward"}, {"grad_x"}, {"routing"}, {"forward", "routing"}):
+        asked = []
+
+        def eligible(inp, *args, transposed=False, routing=False, dual=None):
+            asked.append("routing" if routing else "grad_x" if transposed else "forward")
+            return None
+        leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+        with mock.patch.object(_env, "TRITON_STATIONARY", frozenset(passes)), \
+                mock.patch.object(stationary, "eligible", eligible):
+            cc.condconv2d(*leaves, backend="triton").sum().backward()
+        assert set(asked) == passes, (passes, asked)

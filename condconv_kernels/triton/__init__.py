@@ -102,7 +102,7 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E), **s_flags, **blocks)
         return out
     pointwise = _pointwise(kh, kw, stride, padding, x)
-    if _env.TRITON_STATIONARY:
+    if "forward" in _env.TRITON_STATIONARY:
         plan = stationary.eligible(x, E, cout, groups, pointwise, any(s_flags.values()),
                                    _wide(x, out))
         if plan is not None:
@@ -166,7 +166,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             plan = (stationary.eligible(grad_out, E, cin, groups, pointwise,
                                         any(s_flags.values()), _wide(grad_out, grad_x),
                                         transposed=True)
-                    if _env.TRITON_STATIONARY else None)
+                    if "grad_x" in _env.TRITON_STATIONARY else None)
             if plan is not None:
                 stationary.run(grad_out, routing, weight, None, grad_x, plan, transposed=True)
             else:
@@ -182,7 +182,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                     KW=kw, POINTWISE=pointwise, ACC=_acc(x.dtype),
                     PRECISION=_precision(x.dtype), **s_flags, **blocks)
 
-    if need_r and not depthwise and _env.TRITON_STATIONARY:
+    if need_r and not depthwise and "routing" in _env.TRITON_STATIONARY:
         grad_routing = _stationary_routing_grad(grad_out, x, weight, groups, stride, padding,
                                                 any(s_flags.values()))
         need_r = grad_routing is None  # else the kernel gradient below leaves it out

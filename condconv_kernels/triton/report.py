@@ -173,7 +173,7 @@ def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool,
         return record_launches(run)
     launches: List[Launch] = []
     fake_run, fake_routing_grad = _stationary_recorders(launches)
-    with mock.patch.object(_env, "TRITON_STATIONARY", True), \
+    with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES), \
             mock.patch.object(st, "eligible", st.fits), \
             mock.patch.object(st, "run", fake_run), \
             mock.patch.object(st, "routing_grad", fake_routing_grad):
