@@ -13,20 +13,21 @@
 #         tf_efficientnet_cc_b0_8e, batch 256, bfloat16, channels_last, forward: triton, cuda,
 #         unfused, static, roofline columns); whole-model inference throughput at batch 256 (ours
 #         fused, unfused and static, timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0);
-#         then kit.tgz: the built extension, Triton's compiled kernels and autotune results.
+#         then kit.tgz: the built extension, Triton's compiled kernels and autotune results;
+#         then, in the time left, the experimental experts-stationary 1x1 kernel (forward,
+#         grad_x, kernel gradients) against the dense ones and the static layer
+#         (bench/bench_stationary.py) and the dense kernel gradient with one gradient asked for
+#         at a time (bench/kgrad_ablation.py).
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput,
 #         then the same step (static and fused triton) captured in a CUDA graph (device time
-#         without host overhead); the experimental experts-stationary 1x1 kernel (forward,
-#         grad_x, kernel gradients) against the dense ones and the static layer
-#         (bench/bench_stationary.py), and the graphed training step with it switched on; the
+#         without host overhead), and again with the experts-stationary kernel switched on; the
 #         >2^31-element tests one at a time; compute-sanitizer memcheck of the cuda backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
 #         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
 #         Compute on each kernel of two layers (bench/ncu_layers.py: occupancy, stall reasons,
-#         memory and tensor-pipe throughput); the dense kernel gradient with one gradient asked
-#         for at a time (bench/kgrad_ablation.py); the
+#         memory and tensor-pipe throughput); the
 #         DynamicConv2d and ODConv2d layers (ResNet-18 and MobileNetV2 shapes, batch 64, autocast
 #         bfloat16) fused against their grouped-convolution form, forward and forward+backward
 #         (bench/bench_dynamic.py); then the >2^31-element tests up to their first failure, with
@@ -341,6 +342,19 @@ if [ "$MODE" = first ]; then
   }
   export -f pack
   step pack 25 pack
+  # With the kit packed, what time is left: the experimental experts-stationary 1x1 kernel
+  # (Gluon; forward, grad_x, kernel gradients) against the dense ones (tuned from the cache
+  # warm-triton filled) and the static layer, with its modeled time: whether
+  # CONDCONV_TRITON_STATIONARY should be the default, pass by pass (its correctness:
+  # test_gpu_stationary_*, above); then the dense kernel gradient by gradient asked for (one
+  # configuration each: comparable, and few compiles), which says whether its routing half is
+  # what the stationary routing form should replace.
+  step stationary 75 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
+    --out "$WORK/results/stationary.md"
+  table "$WORK/results/stationary.md"
+  step kgrad 40 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/kgrad_ablation.py "${KGRAD[@]}" \
+    --out "$WORK/results/kgrad-ablation.md"
+  table "$WORK/results/kgrad-ablation.md"
 elif [ "$MODE" = second ]; then
   step versions 15 versions
   step restore 30 restore || touch "$WORK/need-build"
@@ -358,15 +372,9 @@ elif [ "$MODE" = second ]; then
   step model-train-graph 45 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"
-  # The experimental experts-stationary 1x1 kernel (Gluon; forward, grad_x, kernel gradients)
-  # against the dense ones (tuned from the kit's cache) and the static layer: whether
-  # CONDCONV_TRITON_STATIONARY should be the default (its correctness: test_gpu_stationary_*,
-  # first call).
-  step stationary 75 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
-    --out "$WORK/results/stationary.md"
-  table "$WORK/results/stationary.md"
-  # The graphed training step again with the switch on: what the stationary kernels change in
-  # the model's device time (against model-train-graph above, same call).
+  # The graphed training step again with the experts-stationary kernel switched on (its
+  # per-pass times: the first call's stationary step): what it changes in the model's device
+  # time (against model-train-graph above, same call).
   step model-train-graph-stationary 60 env CONDCONV_TRITON_STATIONARY=1 "$PY" \
     bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" --amp bfloat16 --channels-last --backward \
     --out "$WORK/results/model-b256-amp-cl-train-graph-stationary.md"
@@ -390,11 +398,6 @@ else  # profile: where the time goes, and the >2^31-element tests' first failure
   # the headline 1x1 layer and a 5x5 depthwise one (the whole report in log.txt).
   TAIL_LINES=40 step ncu 70 ncu_layers
   tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
-  # The dense kernel gradient by gradient asked for (one configuration each: comparable, and
-  # few compiles).
-  step kgrad 40 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/kgrad_ablation.py "${KGRAD[@]}" \
-    --out "$WORK/results/kgrad-ablation.md"
-  table "$WORK/results/kgrad-ablation.md"
   # DynamicConv2d and ODConv2d (the per-example scales) fused against their grouped-convolution
   # form; one configuration per kernel (no autotuning): the compiles fit the cap.
   step dynamic-fwd 50 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/bench_dynamic.py \

@@ -15,10 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_checks.sh"
 FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests",
-         "layers-fwd", "model-fwd", "pack"]
+         "layers-fwd", "model-fwd", "pack", "stationary", "kgrad"]
 BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
 SECOND = ["versions", "restore", "install", "layers-fwdbwd", "model-train", "model-train-graph",
-          "stationary", "model-train-graph-stationary", "huge-tests", "memcheck"]
+          "model-train-graph-stationary", "huge-tests", "memcheck"]
 STEP_LINE = re.compile(r"^### ([\w-]+): (.+?), (\d+) s \(cap (\d+) s\)$", re.M)
 MAX_FILES = 8  # what comes back from a GPU machine's output folder
 
@@ -59,6 +59,9 @@ def test_both_calls_walk_every_step(tmp_path):
     assert "| layer | shape | static | unfused |" in summary  # the headline table
     assert "triton modeled |" in summary  # with the static model's times beside it
     assert "| batch | variant | ms | images/s |" in summary
+    assert "| layer | shape | pass | static | dense | stationary |" in summary
+    assert "| modeled | stationary / modeled |" in summary  # the stationary kernel's model
+    assert "| layer | shape | x | w | r | wr |" in summary  # the kernel-gradient ablation
     assert run.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
     assert len(_files(out1)) <= MAX_FILES
     assert {p.name for p in _files(out1)} == {"summary.md", "log.txt", "results.tgz", "kit.tgz"}
@@ -77,7 +80,6 @@ def test_both_calls_walk_every_step(tmp_path):
     assert list(steps) == SECOND, summary
     assert all(status == "ok" for status, _, _ in steps.values()), summary
     assert "extension reused from the kit" in summary
-    assert "| layer | shape | pass | static | dense | stationary |" in summary
     assert run.stdout.rstrip().endswith(summary.rstrip())
     assert len(_files(out2)) <= MAX_FILES
 
@@ -98,20 +100,19 @@ def test_second_call_without_a_kit_builds(tmp_path):
 def test_profile_call_walks_every_step(tmp_path):
     """The profile call (here without a kit: it builds): host against device time per layer
     and for the whole model in the summary, Nsight Compute's run (here the layers alone), the
-    kernel-gradient ablation, the DynamicConv2d /
-    ODConv2d tables (forward, forward+backward), then the >2^31-element tests."""
+    DynamicConv2d / ODConv2d tables (forward, forward+backward), then the >2^31-element
+    tests."""
     out = tmp_path / "out"
     run = _run(tmp_path, "profile", out)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = (out / "summary.md").read_text()
     steps = _steps(summary)
-    assert list(steps) == ["versions", "restore", "build", "install", "profile", "ncu", "kgrad",
+    assert list(steps) == ["versions", "restore", "build", "install", "profile", "ncu",
                            "dynamic-fwd", "dynamic-fwdbwd", "huge-tests"]
     assert all(status == "ok" for status, _, _ in steps.values()), summary
     assert "| layer | variant | host us | device us | kernels per call |" in summary
     assert "| variant | wall ms | device ms | host ms (no sync) |" in summary
     assert summary.count("| layer | shape | DynamicConv fused | DynamicConv grouped |") == 2
-    assert "| layer | shape | x | w | r | wr |" in summary
     assert len(_files(out)) <= MAX_FILES
 
 
