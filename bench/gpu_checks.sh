@@ -262,7 +262,8 @@ if [ "$DRY" = 1 ]; then
   TEST_ENV=(env CONDCONV_GPU_TEST_DEVICE=cpu)
   TRITON_TESTS=(-k "k1_s2_e8 or g2_s2_e8_b1")
   CUDA_TESTS=(-k "k3_s2_asym and (matrix or float64)")
-  WARM=(--device cpu --backend cpu --batch 2 --first 2 --jobs 2 --dtype float32 --channels-last)
+  WARM=(--device cpu --backend cpu --batch 2 --first 2 --jobs 2 --dtype float32 --channels-last
+        --stationary)
   LAYERS=(--batch 2 --first 2 --min-run-time 0.02)
   MODEL=(--batch 2 --input-size 64 --min-run-time 0.05 --timm tf_efficientnet_b0)
   GRAPHED=(--batch 2 --input-size 64 --min-run-time 0.05 --variants static,fused:cpu)
@@ -279,7 +280,7 @@ else
   TEST_ENV=(env)
   TRITON_TESTS=(-k "not was_built")
   CUDA_TESTS=(-k "not stationary")  # the triton step runs the Gluon kernel's test
-  WARM=(--batch 256 --dtype bfloat16 --channels-last --backward --jobs 14)
+  WARM=(--batch 256 --dtype bfloat16 --channels-last --backward --jobs 14 --stationary)
   LAYERS=(--batch 256 --min-run-time 0.1)
   MODEL=(--batch 256 --min-run-time 0.5 --timm tf_efficientnet_cc_b0_8e,tf_efficientnet_b0)
   GRAPHED=(--batch 256 --min-run-time 0.5 --variants static,fused:triton --cuda-graph)

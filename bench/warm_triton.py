@@ -3,14 +3,17 @@ benchmark's layer shapes, compiling in parallel processes, so that an autotuned 
 after it only times the configurations instead of compiling them one after another.
 
     python bench/warm_triton.py [--batch 256] [--dtype bfloat16] [--channels-last] [--backward]
-                                [--jobs 14] [--first N]
+                                [--jobs 14] [--first N] [--stationary]
 
 Worker j runs every layer once (forward, and backward with --backward) with
 CONDCONV_TRITON_CONFIG = j mod the longest table's length, on every (jobs / that length)-th
 layer: that launch compiles exactly the binary the autotuner compiles for that configuration
 (condconv_kernels/triton/_config.py), into the same cache (TRITON_CACHE_DIR). The GPU does
 little work here, so it can run beside other jobs that only need the CPUs; time nothing while it
-runs. ``--device cpu --backend cpu`` walks the same steps on the CPU (the GPU kit's dry run).
+runs. ``--stationary``: each layer again with CONDCONV_TRITON_STATIONARY on (the experts-
+stationary kernel where it applies, and the dense kernel gradient without its routing half: its
+own specialization). ``--device cpu --backend cpu`` walks the same steps on the CPU (the GPU
+kit's dry run).
 """
 from __future__ import annotations
 
@@ -24,7 +27,11 @@ from condconv_kernels.cli import parser
 
 
 def _worker(args) -> int:
+    from unittest import mock
+
     import torch
+
+    from condconv_kernels import _env
 
     from condconv_kernels.profile import efficientnet_cc_b0_layers
     from condconv_kernels.profile.latency import layer_variants
@@ -36,6 +43,9 @@ def _worker(args) -> int:
             fns = layer_variants(layer, args.batch, args.device, getattr(torch, args.dtype),
                                  args.backward, channels_last=args.channels_last)
             fns[f"fused:{args.backend}"]()
+            if args.stationary:
+                with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
+                    fns[f"fused:{args.backend}"]()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 -- reported, then counted
@@ -59,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--first", type=int, help="Only the first N layers.")
     p.add_argument("--device", default="cuda", help="Where the kernels run.")
     p.add_argument("--backend", default="triton", help="The condconv2d backend to warm.")
+    p.add_argument("--stationary", action="store_true",
+                   help="Also each layer with the experts-stationary kernel switched on.")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # "config,part,parts": one worker
     args = p.parse_args(argv)
     if args.jobs < 1:
