@@ -96,12 +96,12 @@ def main(argv=None):
         # pass: (static, dense, stationary, whether the kernel takes it)
         passes = {
             "forward": (lambda: F.conv2d(x, weight[0], bias[0]), forward, switched(forward),
-                        kernel.eligible(x, layer.experts, layer.cout, 1, True, False, False)),
+                        kernel.eligible(x, layer.experts, layer.cout, 1, True, False)),
             "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
                        backward([True, False, False, False], 0),
                        switched(backward([True, False, False, False], 0)),
                        kernel.eligible(grad_out, layer.experts, layer.cin, 1, True, False,
-                                       False, transposed=True)),
+                                       transposed=True)),
             # The kernel gradients as training asks for them (routing and weight): the dense
             # kernel for both, against the switch on (the routing-gradient form, then the dense
             # kernel for the weight alone); the static layer's weight gradient for scale. The
@@ -110,9 +110,9 @@ def main(argv=None):
                 lambda: torch.nn.grad.conv2d_weight(x, weight[0].shape, grad_out),
                 backward([False, True, True, False], 1),
                 switched(backward([False, True, True, False], 1)),
-                kernel.eligible(x, layer.experts, layer.cout, 1, True, False, False,
-                                routing=True, dual=grad_out)
-                or kernel.eligible(grad_out, layer.experts, layer.cin, 1, True, False, False,
+                kernel.eligible(x, layer.experts, layer.cout, 1, True, False, routing=True,
+                                dual=grad_out)
+                or kernel.eligible(grad_out, layer.experts, layer.cin, 1, True, False,
                                    transposed=True, routing=True, dual=x)),
         }
         for name, (static, dense_fn, ours_fn, plan) in passes.items():

@@ -413,114 +413,163 @@ def _pointwise_inputs(seed, batch, experts, cin, cout, side):
     return x, r, w, go
 
 
+def _pointwise_scales(seed, batch, cin, cout, scaled):
+    """ODConv's per-example scales of a 1x1 layer, in_scale (B, Cin), out_scale (B, Cout) and
+    tap_scale (B, 1, 1), float64 in [0.5, 1.5] on the CPU; three Nones unless ``scaled``."""
+    if not scaled:
+        return None, None, None
+    g = torch.Generator().manual_seed(seed)
+    return tuple(0.5 + torch.rand(shape, generator=g, dtype=torch.float64)
+                 for shape in ((batch, cin), (batch, cout), (batch, 1, 1)))
+
+
+def _on_device(scales):
+    return tuple(None if t is None else t.to(DEVICE, torch.float32) for t in scales)
+
+
 @pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,bias", [
-    (8, 192, 1152, 7, 37, torch.bfloat16, True),  # A from registers, 3 K chunks of 64
-    (8, 112, 200, 14, 9, torch.float16, True),  # A from shared memory, 2 pixel tiles, Cout % 64
-    (8, 80, 480, 14, 5, torch.bfloat16, False),  # K chunks of 32
-    (4, 48, 96, 5, 3, torch.bfloat16, True),  # K padded to 64, 25 pixels
-    (3, 16, 64, 12, 2, torch.bfloat16, True),  # K = 16, 144 pixels (2 tiles)
-    (2, 448, 128, 7, 300, torch.bfloat16, True),  # 7 K chunks; 300 in slices of 5
-    (8, 112, 200, 14, 40, torch.bfloat16, True),  # shared-memory form, 2 examples a program
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,bias,scaled", [
+    (8, 192, 1152, 7, 37, torch.bfloat16, True, False),  # A from registers, 3 K chunks of 64
+    (8, 112, 200, 14, 9, torch.float16, True, False),  # A from shared memory, 2 pixel tiles
+    (8, 80, 480, 14, 5, torch.bfloat16, False, False),  # K chunks of 32
+    (4, 48, 96, 5, 3, torch.bfloat16, True, False),  # K padded to 64, 25 pixels
+    (3, 16, 64, 12, 2, torch.bfloat16, True, False),  # K = 16, 144 pixels (2 tiles)
+    (2, 448, 128, 7, 300, torch.bfloat16, True, False),  # 7 K chunks; 300 in slices of 5
+    (8, 112, 200, 14, 40, torch.bfloat16, True, False),  # shared-memory form, 2 a program
+    (8, 192, 1152, 7, 11, torch.bfloat16, True, True),  # A from registers, with the scales
+    (8, 112, 200, 14, 9, torch.bfloat16, True, True),  # A from shared memory, with the scales
 ], ids=["7x7-K192", "14x14-K112-fp16", "K80-no-bias", "5x5-K48", "K16-12x12", "K448-E2",
-        "14x14-2-per-program"])
-def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias):
+        "14x14-2-per-program", "7x7-K192-scales", "14x14-K112-scales"])
+def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias, scaled):
     """The experimental experts-stationary 1x1 forward (triton/stationary.py), called directly
     (it is behind CONDCONV_TRITON_STATIONARY): against the per-example loop in float64 on the
-    CPU, within the error of the same loop run by PyTorch in ``dtype`` on the device; the
-    output poisoned with NaN first, so an unwritten element fails; and through
-    ``condconv2d(backend="triton")`` with the switch on: the same output."""
+    CPU (with ODConv's three per-example scales where ``scaled``), within the error of the same
+    loop run by PyTorch in ``dtype`` on the device; the output poisoned with NaN first, so an
+    unwritten element fails; and through ``condconv2d(backend="triton")`` with the switch on:
+    the same output."""
     from unittest import mock
     from condconv_kernels import _env
     from condconv_kernels.triton import stationary
     x, r, w, _ = _pointwise_inputs(11, batch, experts, cin, cout, side)
     b = torch.randn(experts, cout, generator=torch.Generator().manual_seed(14),
                     dtype=torch.float64) if bias else None
-    truth = reference.condconv2d_loop(x, r, w, b)
+    scales = _pointwise_scales(15, batch, cin, cout, scaled)
+    named = dict(zip(("in_scale", "out_scale", "tap_scale"), scales))
+    truth = reference.condconv2d_loop(x, r, w, b, **named)
     xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     rd, wd = r.to(DEVICE, torch.float32), w.to(DEVICE, dtype)
     bd = b.to(DEVICE, dtype) if bias else None
-    same = reference.condconv2d_loop(xd, rd.to(dtype), wd, bd).cpu()
-    plan = stationary.eligible(xd, experts, cout, 1, True, False, False)
+    sd = _on_device(scales)
+    named_d = dict(zip(("in_scale", "out_scale", "tap_scale"), sd))
+    same = reference.condconv2d_loop(xd, rd.to(dtype), wd, bd, **named_d).cpu()
+    plan = stationary.eligible(xd, experts, cout, 1, True, False, scales=sd)
     assert plan is not None, "the kernel should take this call"
     out = torch.full((batch, cout, side, side), float("nan"), device=DEVICE,
                      dtype=dtype).contiguous(memory_format=torch.channels_last)
-    stationary.run(xd, rd, wd, bd, out, plan)
+    stationary.run(xd, rd, wd, bd, out, plan, scales=sd)
     assert_close(out.cpu(), truth, same, "stationary out", factor=4.0)
     with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
-        routed = cc.condconv2d(xd, rd, wd, bd, backend="triton")
+        routed = cc.condconv2d(xd, rd, wd, bd, backend="triton", **named_d)
     assert torch.equal(routed, out), "condconv2d with the switch on took another kernel"
 
 
 @pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,x_format", [
-    (8, 1152, 192, 7, 37, torch.bfloat16, torch.channels_last),  # 7x7: A from registers
-    (8, 672, 112, 14, 9, torch.float16, torch.channels_last),  # 14x14: A from shared memory
-    (8, 672, 112, 14, 64, torch.bfloat16, torch.channels_last),  # 6 examples a program
-    (8, 480, 80, 14, 24, torch.bfloat16, torch.contiguous_format),  # K chunks of 32; NCHW x
-    (4, 96, 48, 5, 3, torch.bfloat16, torch.channels_last),  # K = 48 padded to 64, 25 pixels
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,x_format,scaled", [
+    (8, 1152, 192, 7, 37, torch.bfloat16, torch.channels_last, False),  # A from registers
+    (8, 672, 112, 14, 9, torch.float16, torch.channels_last, False),  # A from shared memory
+    (8, 672, 112, 14, 64, torch.bfloat16, torch.channels_last, False),  # 6 examples a program
+    (8, 480, 80, 14, 24, torch.bfloat16, torch.contiguous_format, False),  # K chunks of 32
+    (4, 96, 48, 5, 3, torch.bfloat16, torch.channels_last, False),  # K = 48 padded to 64
+    (8, 1152, 192, 7, 9, torch.bfloat16, torch.channels_last, True),  # with the scales
+    (8, 672, 112, 14, 5, torch.bfloat16, torch.channels_last, True),  # A_SMEM, the scales
 ], ids=["7x7-1152-192", "14x14-672-112-fp16", "14x14-6-per-program", "K80-nchw-x",
-        "5x5-96-48"])
-def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format):
+        "5x5-96-48", "7x7-1152-192-scales", "14x14-672-112-scales"])
+def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format, scaled):
     """The stationary kernel transposed (the slab of W^T: grad_x of a 1x1 layer), called
-    directly: grad_x = W_b^T grad_out against float64 on the CPU, within 4x the error of the
-    same product in ``dtype`` on the device; and the triton backend's backward with the switch
-    on gives the same grad_x (in x's memory format: NCHW for an NCHW x, written through its
-    strides)."""
+    directly: grad_x = W_b^T grad_out (with ODConv's scales where ``scaled``: in_scale x
+    tap_scale x W_b^T (out_scale x grad_out)) against float64 on the CPU, within 4x the error
+    of the same product in ``dtype`` on the device; and the triton backend's backward with the
+    switch on gives the same grad_x (in x's memory format: NCHW for an NCHW x, written through
+    its strides)."""
     from unittest import mock
     from condconv_kernels import _env
     from condconv_kernels.triton import stationary
     x, r, w, go = _pointwise_inputs(12, batch, experts, cin, cout, side)
-    truth = torch.einsum("be,eoc,bohw->bchw", r, w[..., 0, 0], go)
+    in_s, out_s, tap_s = _pointwise_scales(16, batch, cin, cout, scaled)
+    if scaled:
+        truth = torch.einsum("be,eoc,bo,bohw->bchw", r, w[..., 0, 0], out_s, go)
+        truth = truth * (in_s * tap_s.view(batch, 1))[:, :, None, None]
+    else:
+        truth = torch.einsum("be,eoc,bohw->bchw", r, w[..., 0, 0], go)
     god = go.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     rd, wd = r.to(DEVICE, torch.float32), w.to(DEVICE, dtype)
+    sd = _on_device((in_s, out_s, tap_s))
     mixed = torch.einsum("be,eoc->boc", rd.to(dtype), wd[..., 0, 0])
-    same = torch.einsum("boc,bohw->bchw", mixed, god).cpu()
-    plan = stationary.eligible(god, experts, cin, 1, True, False, False, transposed=True)
+    if scaled:
+        mixed = mixed * (sd[1] * sd[2].view(batch, 1))[:, :, None].to(dtype)
+    same = torch.einsum("boc,bohw->bchw", mixed, god)
+    if scaled:
+        same = same * sd[0][:, :, None, None].to(dtype)
+    same = same.cpu()
+    plan = stationary.eligible(god, experts, cin, 1, True, False, transposed=True, scales=sd)
     assert plan is not None, "the kernel should take this call"
     grad_x = torch.full((batch, cin, side, side), float("nan"), device=DEVICE,
                         dtype=dtype).contiguous(memory_format=torch.channels_last)
-    stationary.run(god, rd, wd, None, grad_x, plan, transposed=True)
+    stationary.run(god, rd, wd, None, grad_x, plan, transposed=True, scales=sd)
     assert_close(grad_x.cpu(), truth, same, "stationary grad_x", factor=4.0)
     xd = x.to(DEVICE, dtype).contiguous(memory_format=x_format).requires_grad_()
+    named = dict(zip(("in_scale", "out_scale", "tap_scale"), sd))
     with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
-        cc.condconv2d(xd, rd, wd, backend="triton").backward(god)
+        cc.condconv2d(xd, rd, wd, backend="triton", **named).backward(god)
     assert torch.equal(xd.grad, grad_x), "the backward with the switch on took another kernel"
 
 
 @pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype", [
-    (8, 192, 1152, 7, 37, torch.bfloat16),  # slab W, two tiles of 32 pixels
-    (8, 112, 672, 14, 9, torch.float16),  # slab W, four tiles of 64 pixels
-    (9, 192, 128, 14, 3, torch.bfloat16),  # slab W, one buffer, 13 tiles of 16 pixels
-    (8, 1152, 192, 7, 20, torch.bfloat16),  # W's slab too big: W^T
-    (8, 672, 112, 14, 64, torch.bfloat16),  # W^T, several examples a program
-    (3, 48, 96, 5, 3, torch.bfloat16),  # E = 3 (padded to 4), K = 48
-    (2, 208, 96, 7, 5, torch.bfloat16),  # four K chunks of 64 (K padded to 256)
-    (8, 80, 480, 14, 6, torch.bfloat16),  # K chunks of 32
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,scaled", [
+    (8, 192, 1152, 7, 37, torch.bfloat16, False),  # slab W, two tiles of 32 pixels
+    (8, 112, 672, 14, 9, torch.float16, False),  # slab W, four tiles of 64 pixels
+    (9, 192, 128, 14, 3, torch.bfloat16, False),  # slab W, one buffer, 13 tiles of 16 pixels
+    (8, 1152, 192, 7, 20, torch.bfloat16, False),  # W's slab too big: W^T
+    (8, 672, 112, 14, 64, torch.bfloat16, False),  # W^T, several examples a program
+    (3, 48, 96, 5, 3, torch.bfloat16, False),  # E = 3 (padded to 4), K = 48
+    (2, 208, 96, 7, 5, torch.bfloat16, False),  # four K chunks of 64 (K padded to 256)
+    (8, 80, 480, 14, 6, torch.bfloat16, False),  # K chunks of 32
+    (8, 192, 1152, 7, 9, torch.bfloat16, True),  # slab W, with the scales
+    (8, 672, 112, 14, 5, torch.bfloat16, True),  # W^T, with the scales
 ], ids=["7x7-192-1152", "14x14-112-672-fp16", "14x14-192-128-one-buffer",
         "7x7-1152-192-transposed", "14x14-672-112-transposed", "5x5-E3", "K208-4-chunks",
-        "14x14-80-480"])
-def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype):
+        "14x14-80-480", "7x7-192-1152-scales", "14x14-672-112-transposed-scales"])
+def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype, scaled):
     """The stationary kernel's routing-gradient form (no mix: <W_e, grad_out_b x_b^T> per
-    example and expert), through the backend's helper (slab W where it fits, else W^T), with
-    the plan the case names: against float64 on the CPU within 4x the error of the same sum in
+    example and expert; with ODConv's scales where ``scaled``: W_e scaled by out_scale, in_scale
+    and tap_scale), through the backend's helper (slab W where it fits, else W^T), with the
+    plan the case names: against float64 on the CPU within 4x the error of the same sum in
     ``dtype`` on the device; and the triton backend's backward with the switch on gives the
     same grad_routing."""
     from unittest import mock
     import condconv_kernels.triton as backend
     from condconv_kernels import _env
     x, r, w, go = _pointwise_inputs(13, batch, experts, cin, cout, side)
-    truth = torch.einsum("bohw,eoc,bchw->be", go, w[..., 0, 0], x)
+    in_s, out_s, tap_s = _pointwise_scales(17, batch, cin, cout, scaled)
+    if scaled:
+        truth = torch.einsum("bohw,bo,eoc,bc,bchw->be", go, out_s, w[..., 0, 0], in_s, x)
+        truth = truth * tap_s.view(batch, 1)
+    else:
+        truth = torch.einsum("bohw,eoc,bchw->be", go, w[..., 0, 0], x)
     xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     god = go.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     wd = w.to(DEVICE, dtype)
-    per_expert = torch.einsum("eoc,bchw->ebohw", wd[..., 0, 0], xd)  # in dtype
-    same = (per_expert.float() * god.float()).sum((2, 3, 4)).t().cpu()
-    ours = backend._stationary_routing_grad(god, xd, wd, 1, (1, 1), (0, 0, 0, 0), False)
+    sd = _on_device((in_s, out_s, tap_s))
+    xs = xd * sd[0][:, :, None, None].to(dtype) if scaled else xd
+    per_expert = torch.einsum("eoc,bchw->ebohw", wd[..., 0, 0], xs)  # in dtype
+    gos = god.float() * sd[1][:, :, None, None] if scaled else god.float()
+    same = (per_expert.float() * gos).sum((2, 3, 4)).t()
+    same = (same * sd[2].view(batch, 1) if scaled else same).cpu()
+    ours = backend._stationary_routing_grad(god, xd, wd, 1, (1, 1), (0, 0, 0, 0), sd)
     assert ours is not None, "the kernel should take this call"
     assert_close(ours.cpu(), truth, same, "stationary grad_routing", factor=4.0)
     rd = r.to(DEVICE, torch.float32).requires_grad_()
+    named = dict(zip(("in_scale", "out_scale", "tap_scale"), sd))
     with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
-        cc.condconv2d(xd, rd, wd, backend="triton").backward(god)
+        cc.condconv2d(xd, rd, wd, backend="triton", **named).backward(god)
     assert torch.equal(rd.grad, ours), "the backward with the switch on took another kernel"

@@ -61,11 +61,14 @@ def test_no_plan_past_shared_memory():
     assert stationary.plan(8, 192, 196) is None
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "scaled"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["forward", "grad_x"])
-def test_launch_arguments(transposed):
+def test_launch_arguments(transposed, scaled):
     """run() on CPU tensors with the launch recorded: every kernel parameter given once, the
     weight read as (E, rows, K) through its strides (W^T for grad_x), one program per SM at
-    most, and the batch slices covering the batch."""
+    most, and the batch slices covering the batch; with the per-example scales, the one over
+    the reduction (in_scale forward, out_scale for grad_x) as the column scale, the other as
+    the row scale, tap_scale as (B, 1), each read through its stride between examples."""
     B, E, cin, cout, side = 10, 4, 48, 96, 5
     x = torch.randn(B, cin, side, side).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(E, cout, cin, 1, 1)
@@ -75,6 +78,9 @@ def test_launch_arguments(transposed):
     out = torch.empty(B, rows, side, side).contiguous(memory_format=torch.channels_last)
     plan = stationary.plan(E, k, side * side)
     launches = []
+    # in_scale a slice of a wider tensor (examples 2 * Cin apart), out_scale contiguous.
+    scales = ((torch.rand(B, 2 * cin)[:, :cin], torch.rand(B, cout), torch.rand(B, 1, 1))
+              if scaled else stationary.NO_SCALES)
 
     class Recorder:
         def __getitem__(self, grid):
@@ -82,7 +88,8 @@ def test_launch_arguments(transposed):
     props = mock.Mock(multi_processor_count=6)
     with mock.patch.object(stationary, "pw_stationary_kernel", Recorder()), \
             mock.patch("torch.cuda.get_device_properties", return_value=props):
-        stationary.run(inp, torch.rand(B, E), weight, None, out, plan, transposed=transposed)
+        stationary.run(inp, torch.rand(B, E), weight, None, out, plan, transposed=transposed,
+                       scales=scales)
     (grid, args, kwargs), = launches
     fn = stationary.pw_stationary_kernel
     params = fn.arg_names
@@ -102,6 +109,16 @@ def test_launch_arguments(transposed):
         "PER_PROG"]
     assert kwargs["W_T"] == transposed and kwargs["HAS_BIAS"] is False
     assert kwargs["ROUTING_GRAD"] is False and kwargs["NBUF"] == plan["NBUF"]
+    flags = (kwargs["COL_SCALE"], kwargs["ROW_SCALE"], kwargs["TAP_SCALE"])
+    assert flags == (scaled,) * 3
+    if scaled:
+        in_s, out_s, tap_s = scales
+        col, row = (out_s, in_s) if transposed else (in_s, out_s)
+        assert named["cs_ptr"].data_ptr() == col.data_ptr() and named["s_cb"] == col.stride(0)
+        assert named["rs_ptr"].data_ptr() == row.data_ptr() and named["s_rsb"] == row.stride(0)
+        assert named["cs_ptr"].shape == (B, k) and named["rs_ptr"].shape == (B, rows)
+        assert named["ts_ptr"].shape == (B, 1) and named["s_tb"] == 1
+        assert named["s_cb"] == (cout if transposed else 2 * cin)
 
 
 @pytest.mark.parametrize("batch,rows,sms", [(256, 1152, 132), (256, 480, 132), (7, 160, 132),
@@ -185,11 +202,11 @@ def test_backend_picks_the_routing_slab():
     weight = torch.randn(E, cout, cin, 1, 1)
     calls, asked = [], []
 
-    def routing_grad(inp, dual, w, plan, transposed=False):
+    def routing_grad(inp, dual, w, plan, transposed=False, scales=None):
         calls.append((id(inp), id(dual), transposed))
         return torch.zeros(B, E)
 
-    def eligible(inp, *args, transposed=False, routing=False, dual=None):
+    def eligible(inp, *args, transposed=False, routing=False, dual=None, scales=None):
         asked.append((id(inp), id(dual), transposed, routing))
         return {} if transposed in fits else None
     fits = set()
@@ -199,7 +216,7 @@ def test_backend_picks_the_routing_slab():
             calls.clear()
             asked.clear()
             got = backend._stationary_routing_grad(grad_out, x, weight, 1, (1, 1),
-                                                   (0, 0, 0, 0), False)
+                                                   (0, 0, 0, 0))
             assert asked[0] == (id(x), id(grad_out), False, True)
             if fits:
                 assert got is not None
@@ -224,7 +241,7 @@ def test_fits_checks_the_routing_dual():
         return torch.randn(B, rows, side, side, dtype=dtype).contiguous(memory_format=fmt)
 
     def fits(dual, rows=rows):
-        return stationary.fits(inp, E, rows, 1, True, False, False, routing=True, dual=dual)
+        return stationary.fits(inp, E, rows, 1, True, False, routing=True, dual=dual)
     assert fits(dual_of()) == stationary.plan(E, k, side * side, routing=True)
     sliced = torch.randn(B, rows, 2 * side, side, dtype=torch.bfloat16).contiguous(
         memory_format=cl)[:, :, ::2]
@@ -234,9 +251,9 @@ def test_fits_checks_the_routing_dual():
         assert fits(bad) is None
     assert fits(dual_of(rows=56), rows=56) is None  # rows not a multiple of 16
     # Without the routing form the dual is not asked for.
-    assert stationary.fits(inp, E, rows, 1, True, False, False) is not None
+    assert stationary.fits(inp, E, rows, 1, True, False) is not None
     empty = torch.empty(B, k, 0, side, dtype=torch.bfloat16).contiguous(memory_format=cl)
-    assert stationary.fits(empty, E, rows, 1, True, False, False) is None  # no pixels
+    assert stationary.fits(empty, E, rows, 1, True, False) is None  # no pixels
 
 
 def test_backward_leaves_the_routing_half_to_the_stationary_kernel():
@@ -295,7 +312,7 @@ def test_backend_takes_only_the_switched_passes():
     for passes in ({"forward"}, {"grad_x"}, {"routing"}, {"forward", "routing"}):
         asked = []
 
-        def eligible(inp, *args, transposed=False, routing=False, dual=None):
+        def eligible(inp, *args, transposed=False, routing=False, dual=None, scales=None):
             asked.append("routing" if routing else "grad_x" if transposed else "forward")
             return None
         leaves = [t.clone().requires_grad_() for t in (x, r, w)]
@@ -303,3 +320,54 @@ def test_backend_takes_only_the_switched_passes():
                 mock.patch.object(stationary, "eligible", eligible):
             cc.condconv2d(*leaves, backend="triton").sum().backward()
         assert set(asked) == passes, (passes, asked)
+
+
+def test_fits_checks_the_scales():
+    """Per-example scales are taken where they are contiguous along their channels (any
+    stride between examples), of the call's sizes; a scale read with a stride along its
+    channels, or of the wrong size, sends the call to the dense kernels."""
+    B, E, cin, cout, side = 3, 4, 32, 48, 5
+    x = torch.randn(B, cin, side, side, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+
+    def fits(*scales, transposed=False):
+        inp = x if not transposed else torch.randn(B, cout, side, side, dtype=torch.bfloat16
+                                                   ).contiguous(memory_format=torch.channels_last)
+        rows = cin if transposed else cout
+        return stationary.fits(inp, E, rows, 1, True, False, transposed=transposed,
+                               scales=scales)
+    good = (torch.rand(B, cin), torch.rand(B, cout), torch.rand(B, 1, 1))
+    assert fits(*good) is not None and fits(*good, transposed=True) is not None
+    assert fits(torch.rand(B, 2 * cin)[:, ::2], None, None) is None  # strided along Cin
+    assert fits(torch.rand(2 * B, cin)[::2], None, None) is not None  # strided between examples
+    assert fits(None, torch.rand(B, cin), None) is None  # out_scale of Cin values
+    assert fits(None, None, torch.rand(B, 3, 3)) is None  # nine taps on a 1x1 layer
+
+
+def test_backend_passes_the_scales_to_each_pass():
+    """With the switch on and the per-example scales given, the backend asks the kernel about
+    each pass with the call's own scale tensors (the kernel's eligibility recorded on CPU
+    tensors, where it declines and the dense kernels run)."""
+    import condconv_kernels as cc
+    from condconv_kernels import _env
+    if "triton" not in cc.available_backends("cpu"):
+        pytest.skip("no triton backend on the CPU")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, 4, 4, generator=g)
+    r = torch.rand(2, 3, generator=g)
+    w = torch.randn(3, 32, 16, 1, 1, generator=g)
+    scales = (torch.rand(2, 16, generator=g), torch.rand(2, 32, generator=g),
+              torch.rand(2, 1, 1, generator=g))
+    asked = {}
+
+    def eligible(inp, *args, transposed=False, routing=False, dual=None, scales=None):
+        asked["routing" if routing else "grad_x" if transposed else "forward"] = scales
+        return None
+    leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+    with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES), \
+            mock.patch.object(stationary, "eligible", eligible):
+        cc.condconv2d(*leaves, in_scale=scales[0], out_scale=scales[1], tap_scale=scales[2],
+                      backend="triton").sum().backward()
+    assert set(asked) == {"forward", "grad_x", "routing"}
+    for name, got in asked.items():
+        assert len(got) == 3 and all(a is b for a, b in zip(got, scales)), name

@@ -103,10 +103,10 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         return out
     pointwise = _pointwise(kh, kw, stride, padding, x)
     if "forward" in _env.TRITON_STATIONARY:
-        plan = stationary.eligible(x, E, cout, groups, pointwise, any(s_flags.values()),
-                                   _wide(x, out))
+        given = (in_scale, out_scale, tap_scale)
+        plan = stationary.eligible(x, E, cout, groups, pointwise, _wide(x, out), scales=given)
         if plan is not None:
-            return stationary.run(x, routing, weight, bias, out, plan)
+            return stationary.run(x, routing, weight, bias, out, plan, scales=given)
     cout_g = cout // groups
     blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
     grid = lambda meta: flat_grid(triton.cdiv(ho * wo, meta["BLOCK_N"]),  # noqa: E731
@@ -163,12 +163,13 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E), **s_flags, **blocks)
         else:
             pointwise = _pointwise(kh, kw, stride, padding, grad_out)
+            given = (in_scale, out_scale, tap_scale)
             plan = (stationary.eligible(grad_out, E, cin, groups, pointwise,
-                                        any(s_flags.values()), _wide(grad_out, grad_x),
-                                        transposed=True)
+                                        _wide(grad_out, grad_x), transposed=True, scales=given)
                     if "grad_x" in _env.TRITON_STATIONARY else None)
             if plan is not None:
-                stationary.run(grad_out, routing, weight, None, grad_x, plan, transposed=True)
+                stationary.run(grad_out, routing, weight, None, grad_x, plan, transposed=True,
+                               scales=given)
             else:
                 cout_g = cout // groups
                 blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
@@ -184,7 +185,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
 
     if need_r and not depthwise and "routing" in _env.TRITON_STATIONARY:
         grad_routing = _stationary_routing_grad(grad_out, x, weight, groups, stride, padding,
-                                                any(s_flags.values()))
+                                                (in_scale, out_scale, tap_scale))
         need_r = grad_routing is None  # else the kernel gradient below leaves it out
 
     if (need_r or need_w or any(need_s)) and depthwise:
@@ -243,17 +244,20 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     return (grad_x, grad_routing, grad_weight, grad_bias, *scale_grads)
 
 
-def _stationary_routing_grad(grad_out, x, weight, groups, stride, padding, scaled):
+def _stationary_routing_grad(grad_out, x, weight, groups, stride, padding,
+                             scales=stationary.NO_SCALES):
     """grad_routing of a dense 1x1 layer from the experimental stationary kernel
     (:func:`stationary.routing_grad`), with the experts' slab W (rows Cout, over x) where it
-    fits, else W^T (rows Cin, over grad_out); None where neither applies."""
+    fits, else W^T (rows Cin, over grad_out); None where neither applies. ``scales``: the
+    per-example (in_scale, out_scale, tap_scale), each possibly None."""
     E, cout, cin, kh, kw = weight.shape
     for inp, dual, rows, transposed in ((x, grad_out, cout, False), (grad_out, x, cin, True)):
         plan = stationary.eligible(inp, E, rows, groups, _pointwise(kh, kw, stride, padding, inp),
-                                   scaled, _wide(inp, dual), transposed=transposed, routing=True,
-                                   dual=dual)
+                                   _wide(inp, dual), transposed=transposed, routing=True,
+                                   dual=dual, scales=scales)
         if plan is not None:
-            return stationary.routing_grad(inp, dual, weight, plan, transposed=transposed)
+            return stationary.routing_grad(inp, dual, weight, plan, transposed=transposed,
+                                           scales=scales)
     return None
 
 

@@ -143,14 +143,15 @@ def main(argv=None) -> int:
         failures += not fits
         print(f"{label}: {meta.shared} B shared{'' if fits else ' (TOO MUCH)'}, "
               f"{ptx.count('mma.sync') + ptx.count('wgmma.mma_async')} mma instructions")
-    for experts, k, pixels, transposed, routing in (stationary.COMPILE_CASES
-                                                    if stationary.AVAILABLE else []):
+    for experts, k, pixels, transposed, routing, scaled in (stationary.COMPILE_CASES
+                                                            if stationary.AVAILABLE else []):
         for dtype in (torch.bfloat16, torch.float16):
             label = (f"stationary (gluon) {TYPES[dtype]} E{experts} K{k} P{pixels}"
-                     f"{' transposed' if transposed else ''}{' routing' if routing else ''}")
+                     f"{' transposed' if transposed else ''}{' routing' if routing else ''}"
+                     f"{' +scales' if scaled else ''}")
             try:
                 compiled = stationary.compile_for(experts, k, pixels, dtype, args.arch,
-                                                  transposed, routing)
+                                                  transposed, routing, scaled=scaled)
             except Exception as error:  # noqa: BLE001 -- as above
                 print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[-1]}")
                 failures += 1

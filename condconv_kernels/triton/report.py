@@ -39,8 +39,9 @@ that sum, HBM and L2. The records add ``smem_bytes`` (shared-memory reads and wr
 ``serial_us`` (that sum).
 
 ``--scales`` gives every layer ODConv's three per-example scales (in_scale, out_scale, tap_scale):
-the compiled code is then the scaled kernels' (the model still counts the unscaled traffic and
-FLOPs: the scales add a vector per example and tile).
+the compiled code is then the scaled kernels' (the stationary kernel's too, with
+``--stationary``; the model still counts the unscaled traffic and FLOPs: the scales add a
+vector per example and tile).
 
 Run it in a process without ``TRITON_INTERPRET=1`` (like compile_check). The ceilings are the
 H100's datasheet-level figures the project plans with; the GPU kit measures the real ones.
@@ -122,23 +123,26 @@ def _stationary_recorders(launches: List[Launch]):
     of the right shape."""
     from . import stationary
 
-    def record(name, inp, weight, config, rows, transposed, routing, has_bias):
+    def record(name, inp, weight, config, rows, transposed, routing, has_bias, scales):
         E, cout, cin = weight.shape[:3]
         B, k, H, W = inp.shape
         count = stationary.programs(B, rows, SMS)[2]
         launches.append(Launch(name, stationary.pw_stationary_kernel, (), dict(
             E=E, K=k, P=H * W, rows=rows, batch=B, transposed=transposed, routing=routing,
-            has_bias=has_bias, plan=config), (count,)))
+            has_bias=has_bias, scaled=any(t is not None for t in scales), plan=config),
+            (count,)))
 
-    def run(inp, routing, weight, bias, out, config, transposed=False):
+    def run(inp, routing, weight, bias, out, config, transposed=False,
+            scales=stationary.NO_SCALES):
         rows = weight.shape[2] if transposed else weight.shape[1]
         record("stationary_bwd_x" if transposed else "stationary_fwd", inp, weight, config,
-               rows, transposed, False, bias is not None)
+               rows, transposed, False, bias is not None, scales)
         return out
 
-    def routing_grad(inp, dual, weight, config, transposed=False):
+    def routing_grad(inp, dual, weight, config, transposed=False, scales=stationary.NO_SCALES):
         rows = weight.shape[2] if transposed else weight.shape[1]
-        record("stationary_routing", inp, weight, config, rows, transposed, True, False)
+        record("stationary_routing", inp, weight, config, rows, transposed, True, False,
+               scales)
         return torch.empty((inp.shape[0], weight.shape[0]), device=inp.device,
                            dtype=torch.float32)
     return run, routing_grad
@@ -406,10 +410,10 @@ def _stationary_record(layer, batch: int, dtype: torch.dtype, itemsize: int, lau
     from . import stationary
     a = launch.kwargs
     plan = a["plan"]
-    key = (launch.name, a["E"], a["K"], a["P"], a["has_bias"], dtype)
+    key = (launch.name, a["E"], a["K"], a["P"], a["has_bias"], a["scaled"], dtype)
     info = _compile_info(cache, key, lambda: stationary.compile_for(
-        a["E"], a["K"], a["P"], dtype, arch, a["transposed"], a["routing"], a["has_bias"]),
-        arch)
+        a["E"], a["K"], a["P"], dtype, arch, a["transposed"], a["routing"], a["has_bias"],
+        a["scaled"]), arch)
     m = stationary_model(layer, batch, itemsize, launch)
     config = (f"{plan['BLOCK_K']}x{plan['NUM_KC']}x{plan['BLOCK_N']}"
               f"{' A_smem' if plan['A_SMEM'] else ''} buf{plan['NBUF']} w{stationary.WARPS}")

@@ -22,9 +22,10 @@ then its dot product with each expert's slab (W, or W^T against x grad_out_b^T o
 layers: the same sum) into partial sums per 64 rows (ROUTING_GRAD): the tensor cores do the
 static weight gradient's work once, not E times.
 
-Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, no per-example scales, the
-reduced tensor (x; grad_out for grad_x) channels_last with its channels a multiple of 16 (and
-Cin too for grad_x), sm_90; every other call takes the dense kernels. The forward fits on
+Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, the reduced tensor (x;
+grad_out for grad_x) channels_last with its channels a multiple of 16 (and Cin too for grad_x),
+ODConv's per-example scales where each is contiguous along its channels, sm_90; every other call
+takes the dense kernels. The forward fits on
 EfficientNet-CondConv's expand layers (K = Cin <= 192 at E = 8), grad_x on its project layers
 (K = Cout). Two forms by the pixel count P: P <= 64 (one pixel tile) mixes into registers and
 feeds wgmma's A operand from registers; P > 64 mixes once per example into shared memory (the
@@ -161,26 +162,44 @@ if AVAILABLE:
         return part
 
     @gluon.jit
+    def _factor(s_ptr, s_b, o, n, t_ptr, t_b, HAS_S: gl.constexpr, HAS_T: gl.constexpr):
+        """The example's scale s_ptr[s_b + o] (1 past n) times its tap scale t_ptr[t_b], float32,
+        in o's layout; 1 where neither is present (HAS_S, HAS_T)."""
+        f = gl.full(o.shape, 1.0, gl.float32, o.type.layout)
+        if HAS_S:
+            f = gl.load(s_ptr + s_b + o, mask=o < n, other=1.0).to(gl.float32)
+        if HAS_T:
+            f = f * gl.load(t_ptr + t_b).to(gl.float32)
+        return f
+
+    @gluon.jit
     def _store_tile(acc, o_b, r_b, s_re, bias_ptr, o_mo, o_po, p0, COUT, P, s_oc, s_op,
-                    E: gl.constexpr, HAS_BIAS: gl.constexpr, mma: gl.constexpr):
+                    rs_ptr, rs_b, E: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    ROW_SCALE: gl.constexpr, mma: gl.constexpr):
+        """The tile plus the mixed bias, times the row scale (after the bias, as the dense
+        kernels), stored."""
         if HAS_BIAS:  # sum_e r_b[e] bias[e] for the tile's rows
             bias = gl.zeros([acc.shape[0]], gl.float32, gl.SliceLayout(1, mma))
             for e in gl.static_range(E):
                 bias += gl.load(r_b + e * s_re).to(gl.float32) * gl.load(
                     bias_ptr + e * COUT + o_mo, mask=o_mo < COUT, other=0.0).to(gl.float32)
             acc = acc + bias[:, None]
+        if ROW_SCALE:
+            acc = acc * _factor(rs_ptr, rs_b, o_mo, COUT, rs_ptr, 0, True, False)[:, None]
         po = p0 + o_po
         gl.store(o_b + (o_mo[:, None] * s_oc + po[None, :] * s_op),
                  acc.to(o_b.dtype.element_ty), mask=(o_mo[:, None] < COUT) & (po[None, :] < P))
 
     @gluon.jit
     def pw_stationary_kernel(
-        x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, B, K, COUT, P, PER_PROG, N_CO,
-        s_xb, s_xp, s_rb, s_re, s_we, s_wr, s_wk, s_ob, s_oc, s_op,
+        x_ptr, r_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, cs_ptr, rs_ptr, ts_ptr, B, K, COUT,
+        P, PER_PROG, N_CO, s_xb, s_xp, s_rb, s_re, s_we, s_wr, s_wk, s_ob, s_oc, s_op, s_cb,
+        s_rsb, s_tb,
         E: gl.constexpr, HAS_BIAS: gl.constexpr, A_SMEM: gl.constexpr, W_T: gl.constexpr,
         ROUTING_GRAD: gl.constexpr, NBUF: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_K: gl.constexpr, NUM_KC: gl.constexpr, BLOCK_N: gl.constexpr,
-        E_POW2: gl.constexpr, WARPS: gl.constexpr,
+        E_POW2: gl.constexpr, WARPS: gl.constexpr, COL_SCALE: gl.constexpr,
+        ROW_SCALE: gl.constexpr, TAP_SCALE: gl.constexpr,
     ):
         """out[b, co, p] = sum_k (sum_e r[b, e] w[e, co, k]) x[b, k, p] (+ sum_e r[b, e]
         bias[e, co]) for the 64 channels of program % N_CO and the examples
@@ -203,7 +222,14 @@ if AVAILABLE:
         Computed as <w[e], D_b> with D_b = out[b] x[b]^T (64 rows x K, over the pixels) on the
         tensor cores, one (64 x BLOCK_K) accumulator per K chunk (NUM_KC <= 4), both tiles
         copied together into NBUF (1 or 2) buffers; then once per example each expert's slab
-        against D_b on the CUDA cores (E x 64 x K FMAs: the forward's mix, in cost)."""
+        against D_b on the CUDA cores (E x 64 x K FMAs: the forward's mix, in cost).
+
+        Per-example scales (ODConv's), where present, contiguous along their channels:
+        COL_SCALE cs[b, k] (examples s_cb apart) and TAP_SCALE ts[b] (s_tb apart) multiply the
+        mixed kernel's columns in float32 before it is rounded, ROW_SCALE rs[b, row] (s_rsb)
+        the output's rows after the bias, as the dense kernels do (the forward: cs = in_scale,
+        rs = out_scale; W_T: cs = out_scale, rs = in_scale); in the routing form all three
+        multiply D_b."""
         pid = gl.program_id(0)
         i_m = pid % N_CO
         i_s = pid // N_CO
@@ -248,6 +274,7 @@ if AVAILABLE:
         o_px = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, x_layout))
         o_mo = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
         o_po = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        o_ka = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))  # the mix's columns
         if ROUTING_GRAD:
             # The dual's (64 rows x BLOCK_N pixels) tiles, rows contiguous: wgmma's A operand,
             # M-major; the products (64 x BLOCK_K, one per K chunk) in mma_r.
@@ -303,6 +330,23 @@ if AVAILABLE:
                                    COUT, s_op)
                     else:
                         buf = 1 - buf
+                if COL_SCALE or ROW_SCALE or TAP_SCALE:
+                    o_mr = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_r))
+                    o_kr = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma_r))
+                    f_r = _factor(rs_ptr, b.to(gl.int64) * s_rsb, o_mr, COUT, ts_ptr,
+                                  b.to(gl.int64) * s_tb, ROW_SCALE, TAP_SCALE)[:, None]
+                    c_b = b.to(gl.int64) * s_cb
+                    d0 = d0 * f_r * _factor(cs_ptr, c_b, o_kr, K, cs_ptr, 0, COL_SCALE,
+                                            False)[None, :]
+                    if NUM_KC > 1:
+                        d1 = d1 * f_r * _factor(cs_ptr, c_b, BLOCK_K + o_kr, K, cs_ptr, 0,
+                                                COL_SCALE, False)[None, :]
+                    if NUM_KC > 2:
+                        d2 = d2 * f_r * _factor(cs_ptr, c_b, 2 * BLOCK_K + o_kr, K, cs_ptr, 0,
+                                                COL_SCALE, False)[None, :]
+                    if NUM_KC > 3:
+                        d3 = d3 * f_r * _factor(cs_ptr, c_b, 3 * BLOCK_K + o_kr, K, cs_ptr, 0,
+                                                COL_SCALE, False)[None, :]
                 part = gl.zeros([BLOCK_M, E_POW2], gl.float32, mma_r)
                 part = _against_slab(part, d0, slab, 0, o_e, E, NUM_KC, mma_r)
                 if NUM_KC > 1:
@@ -317,7 +361,12 @@ if AVAILABLE:
                 # copy is in flight (the last example's products are done: barrier below).
                 for j in range(NUM_KC):
                     # (in the slab's copy layout: conflict-free reads of its shared layout)
-                    ms.index(j).store(_mixed(slab, r_b, s_re, j, E, NUM_KC, wc_layout).to(dtype))
+                    m = _mixed(slab, r_b, s_re, j, E, NUM_KC, wc_layout)
+                    if COL_SCALE or TAP_SCALE:
+                        m = m * _factor(cs_ptr, b.to(gl.int64) * s_cb, j * BLOCK_K + o_kw, K,
+                                        ts_ptr, b.to(gl.int64) * s_tb, COL_SCALE,
+                                        TAP_SCALE)[None, :]
+                    ms.index(j).store(m.to(dtype))
                 for p0 in range(0, P, BLOCK_N):
                     cp.wait_group(0)
                     fence_async_shared()  # the copies and the mix visible to the tensor cores
@@ -330,7 +379,8 @@ if AVAILABLE:
                     for j in range(NUM_KC):
                         acc = warpgroup_mma(ms.index(j), xs.index(buf * NUM_KC + j), acc)
                     _store_tile(acc, o_b, r_b, s_re, bias_ptr, o_mo, o_po, p0, COUT, P, s_oc,
-                                s_op, E, HAS_BIAS, mma)
+                                s_op, rs_ptr, b.to(gl.int64) * s_rsb, E, HAS_BIAS, ROW_SCALE,
+                                mma)
                     buf = 1 - buf
                 gl.thread_barrier()  # every warp's products have read ms
             else:
@@ -338,7 +388,12 @@ if AVAILABLE:
                 # at once; the first chunk's mix overlaps the tile's copy.
                 acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
                 for j in range(NUM_KC):
-                    mixed = _mixed(slab, r_b, s_re, j, E, NUM_KC, a_layout).to(dtype)
+                    mixed = _mixed(slab, r_b, s_re, j, E, NUM_KC, a_layout)
+                    if COL_SCALE or TAP_SCALE:
+                        mixed = mixed * _factor(cs_ptr, b.to(gl.int64) * s_cb, j * BLOCK_K + o_ka,
+                                                K, ts_ptr, b.to(gl.int64) * s_tb, COL_SCALE,
+                                                TAP_SCALE)[None, :]
+                    mixed = mixed.to(dtype)
                     if j == 0:
                         cp.wait_group(0)
                         fence_async_shared()
@@ -350,18 +405,30 @@ if AVAILABLE:
                     _copy_x(xs, 0, x_ptr + (b + 1).to(gl.int64) * s_xb, 0, K, P, s_xp, o_kx,
                             o_px, BLOCK_K, NUM_KC, False, xs, x_ptr, o_kx, K, s_xp)
                 _store_tile(acc, o_b, r_b, s_re, bias_ptr, o_mo, o_po, 0, COUT, P, s_oc, s_op,
-                            E, HAS_BIAS, mma)
+                            rs_ptr, b.to(gl.int64) * s_rsb, E, HAS_BIAS, ROW_SCALE, mma)
+
+
+# The per-example scales as the triton backend passes them: (in_scale (B, Cin), out_scale
+# (B, Cout), tap_scale (B, 1, 1)), each possibly None.
+NO_SCALES = (None, None, None)
+
+
+def _oriented(scales, transposed: bool):
+    """(column scale, row scale, tap scale) of the kernel's product: in_scale over the forward's
+    reduction (Cin) and out_scale over its rows (Cout); the other way round transposed."""
+    in_s, out_s, tap_s = scales
+    return (out_s, in_s, tap_s) if transposed else (in_s, out_s, tap_s)
 
 
 def eligible(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
-             scaled: bool, wide: bool, transposed: bool = False, routing: bool = False,
-             dual: Optional[torch.Tensor] = None) -> Optional[dict]:
+             wide: bool, transposed: bool = False, routing: bool = False,
+             dual: Optional[torch.Tensor] = None, scales=NO_SCALES) -> Optional[dict]:
     """The plan (:func:`plan`) where this kernel computes the call, else None: on an sm_90 GPU
     with Gluon, where :func:`fits` accepts the call."""
     if not (AVAILABLE and inp.is_cuda
             and torch.cuda.get_device_capability(inp.device) == (9, 0)):
         return None
-    return fits(inp, experts, rows, groups, pointwise, scaled, wide, transposed, routing, dual)
+    return fits(inp, experts, rows, groups, pointwise, wide, transposed, routing, dual, scales)
 
 
 def _copyable(t: torch.Tensor) -> bool:
@@ -373,9 +440,17 @@ def _copyable(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
+def _readable_scale(t: Optional[torch.Tensor], batch: int, channels: int) -> bool:
+    """Whether the kernel reads this per-example scale: absent, or floating with ``batch`` x
+    ``channels`` elements, contiguous along its channels (any stride between examples)."""
+    return t is None or (t.is_floating_point() and t.shape[0] == batch
+                         and t.numel() == batch * channels
+                         and (channels == 1 or t.reshape(batch, channels).stride(1) == 1))
+
+
 def fits(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
-         scaled: bool, wide: bool, transposed: bool = False, routing: bool = False,
-         dual: Optional[torch.Tensor] = None) -> Optional[dict]:
+         wide: bool, transposed: bool = False, routing: bool = False,
+         dual: Optional[torch.Tensor] = None, scales=NO_SCALES) -> Optional[dict]:
     """The plan (:func:`plan`) where the call's shapes, strides and dtype suit this kernel,
     whatever the device (the static report asks on meta tensors). ``inp``: the tensor whose
     channels the kernel reduces (x; grad_out for grad_x, ``transposed``), ``rows`` the channels
@@ -383,13 +458,18 @@ def fits(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: boo
     offsets within an example may pass int32. ``inp`` must be readable by the copies
     (:func:`_copyable`), and, transposed, ``rows`` a multiple of 16 too. ``routing``: the
     routing-gradient form (the plan's ``routing``), whose ``dual`` (B, rows, H, W) (grad_out
-    over x; x over grad_out, transposed) the copies read alike."""
-    if not (pointwise and groups == 1 and not scaled and not wide
+    over x; x over grad_out, transposed) the copies read alike. ``scales``: (in_scale,
+    out_scale, tap_scale), each None or contiguous along its channels."""
+    if not (pointwise and groups == 1 and not wide
             and inp.dtype in (torch.float16, torch.bfloat16) and _copyable(inp)
             and (rows % 16 == 0 or not (transposed or routing))):
         return None
     B, k, H, W = inp.shape
     if H * W == 0:
+        return None
+    cs, rs, ts = _oriented(scales, transposed)
+    if not (_readable_scale(cs, B, k) and _readable_scale(rs, B, rows)
+            and _readable_scale(ts, B, 1)):
         return None
     if routing and (dual is None or dual.shape != (B, rows, H, W) or dual.dtype != inp.dtype
                     or not _copyable(dual)):
@@ -405,7 +485,7 @@ def programs(batch: int, rows: int, sms: int) -> tuple:
     return n_co, per, n_co * -(-batch // per)
 
 
-def _launch(inp, routing, weight, bias, out, part, config, transposed, routing_grad):
+def _launch(inp, routing, weight, bias, out, part, config, transposed, routing_grad, scales):
     """One launch of the kernel; see :func:`run` and :func:`routing_grad`."""
     B, k, H, W = inp.shape
     E, cout, cin = weight.shape[:3]
@@ -416,65 +496,79 @@ def _launch(inp, routing, weight, bias, out, part, config, transposed, routing_g
     rows = cin if transposed else cout
     # w[e, row, k]: W[e, co, ci] is at e * cout * cin + co * cin + ci.
     w_strides = (cout * cin, 1, cin) if transposed else (cout * cin, cin, 1)
+    # The scales as (B, channels) rows (tap_scale (B, 1)); w stands in for an absent one.
+    cs, rs, ts = _oriented(scales, transposed)
+    cs, rs, ts = (None if t is None else t.reshape(B, n)
+                  for t, n in ((cs, k), (rs, rows), (ts, 1)))
     sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
     n_co, per, count = programs(B, rows, sms)
     grid = (count,)
     pw_stationary_kernel[grid](
         inp, routing, w, bias if bias is not None else w, out, part if part is not None else w,
+        *(w if t is None else t for t in (cs, rs, ts)),
         B, k, rows, H * W, per, n_co, inp.stride(0), inp.stride(3), routing.stride(0),
         routing.stride(1), *w_strides, out.stride(0), out.stride(1), out.stride(3),
+        *(0 if t is None else t.stride(0) for t in (cs, rs, ts)),
         E=E, HAS_BIAS=bias is not None, A_SMEM=config["A_SMEM"], W_T=transposed,
         ROUTING_GRAD=routing_grad, NBUF=config["NBUF"], BLOCK_M=BLOCK_M,
         BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"], BLOCK_N=config["BLOCK_N"],
-        E_POW2=_pow2(E), WARPS=WARPS, num_warps=WARPS)
+        E_POW2=_pow2(E), WARPS=WARPS, COL_SCALE=cs is not None, ROW_SCALE=rs is not None,
+        TAP_SCALE=ts is not None, num_warps=WARPS)
     return n_co
 
 
 def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         bias: Optional[torch.Tensor], out: torch.Tensor, config: dict,
-        transposed: bool = False) -> torch.Tensor:
+        transposed: bool = False, scales=NO_SCALES) -> torch.Tensor:
     """Fills ``out`` for a call :func:`eligible` accepted: the forward of a 1x1 layer (x,
-    (B, Cout, H, W)) or, ``transposed``, its grad_x (grad_out, (B, Cin, H, W); no bias)."""
-    _launch(inp, routing, weight, bias, out, None, config, transposed, False)
+    (B, Cout, H, W)) or, ``transposed``, its grad_x (grad_out, (B, Cin, H, W); no bias), with
+    the per-example ``scales`` (in_scale, out_scale, tap_scale) where given."""
+    _launch(inp, routing, weight, bias, out, None, config, transposed, False, scales)
     return out
 
 
 def routing_grad(inp: torch.Tensor, dual: torch.Tensor, weight: torch.Tensor, config: dict,
-                 transposed: bool = False) -> torch.Tensor:
+                 transposed: bool = False, scales=NO_SCALES) -> torch.Tensor:
     """grad_routing[b, e] = sum over (co, p) of grad_out[b, co, p] (W[e] x[b])[co, p] of a 1x1
     layer, (B, E) float32, for a call :func:`eligible` accepted with ``routing=True``: ``inp``
     x and ``dual`` grad_out (the slab W, rows Cout), or, ``transposed``, ``inp`` grad_out and
-    ``dual`` x (the slab W^T, rows Cin: the same sum). Partial sums per 64 rows, added in a
-    fixed order (deterministic)."""
+    ``dual`` x (the slab W^T, rows Cin: the same sum); W[e] scaled by the per-example
+    ``scales`` where given. Partial sums per 64 rows, added in a fixed order
+    (deterministic)."""
     B = inp.shape[0]
     E, cout, cin = weight.shape[:3]
     rows = cin if transposed else cout
     part = torch.empty((-(-rows // BLOCK_M), B, E), dtype=torch.float32, device=inp.device)
     routing = torch.empty((B, E), dtype=torch.float32, device=inp.device)  # unread
-    _launch(inp, routing, weight, None, dual, part, config, transposed, True)
+    _launch(inp, routing, weight, None, dual, part, config, transposed, True, scales)
     return part.sum(0)
 
 
-# Specializations compile_check builds: (experts, K, pixels, transposed, routing) for each form
-# of the forward (A from registers at 7x7 with three K chunks, A from shared memory over two
-# pixel tiles, K chunks of 32), grad_x of the 7x7 and 14x14 project layers (transposed: K =
-# their Cout) and the routing gradient (tiles of 32 pixels at K = 192, of 64 at 112, K chunks
-# of 32, four K chunks, one buffer of 16-pixel tiles).
-COMPILE_CASES = [(8, 192, 49, False, False), (8, 112, 196, False, False),
-                 (8, 80, 196, False, False), (8, 192, 49, True, False),
-                 (8, 112, 196, True, False), (8, 80, 196, True, False),
-                 (8, 192, 49, False, True), (8, 112, 196, False, True),
-                 (8, 192, 49, True, True), (8, 80, 196, False, True),
-                 (2, 208, 49, False, True), (9, 192, 196, False, True)]
+# Specializations compile_check builds: (experts, K, pixels, transposed, routing, scaled) for
+# each form of the forward (A from registers at 7x7 with three K chunks, A from shared memory
+# over two pixel tiles, K chunks of 32), grad_x of the 7x7 and 14x14 project layers
+# (transposed: K = their Cout) and the routing gradient (tiles of 32 pixels at K = 192, of 64 at
+# 112, K chunks of 32, four K chunks, one buffer of 16-pixel tiles); then the forms with the
+# three per-example scales.
+COMPILE_CASES = [(8, 192, 49, False, False, False), (8, 112, 196, False, False, False),
+                 (8, 80, 196, False, False, False), (8, 192, 49, True, False, False),
+                 (8, 112, 196, True, False, False), (8, 80, 196, True, False, False),
+                 (8, 192, 49, False, True, False), (8, 112, 196, False, True, False),
+                 (8, 192, 49, True, True, False), (8, 80, 196, False, True, False),
+                 (2, 208, 49, False, True, False), (9, 192, 196, False, True, False),
+                 (8, 192, 49, False, False, True), (8, 112, 196, False, False, True),
+                 (8, 192, 49, True, False, True), (8, 112, 196, True, False, True),
+                 (8, 192, 49, False, True, True), (8, 112, 196, True, True, True)]
 
 
 def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90,
                 transposed: bool = False, routing: bool = False,
-                has_bias: Optional[bool] = None):
+                has_bias: Optional[bool] = None, scaled: bool = False):
     """The kernel compiled ahead of time for ``sm_<arch>`` (no GPU needed) at the plan of
     (E, K, P), ``transposed`` as for grad_x, with the integer specializations a launch gets
     (sizes and strides divisible by 16, the contiguous dimension's stride 1); ``has_bias``
-    (default: the forward's form has one) as the launch's."""
+    (default: the forward's form has one) as the launch's; ``scaled``: with the three
+    per-example scales (float32)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -487,12 +581,14 @@ def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int
     const = dict(E=experts, HAS_BIAS=bool(has_bias), A_SMEM=config["A_SMEM"],
                  W_T=transposed, ROUTING_GRAD=routing, NBUF=config["NBUF"], BLOCK_M=BLOCK_M,
                  BLOCK_K=config["BLOCK_K"], NUM_KC=config["NUM_KC"],
-                 BLOCK_N=config["BLOCK_N"], E_POW2=_pow2(experts), WARPS=WARPS)
+                 BLOCK_N=config["BLOCK_N"], E_POW2=_pow2(experts), WARPS=WARPS,
+                 COL_SCALE=scaled, ROW_SCALE=scaled, TAP_SCALE=scaled)
     # Strides of 1 a launch makes constants: the contiguous dimension of w, the routing's
     # experts, and the output's channels (channels_last).
     const.update({"s_wr" if transposed else "s_wk": 1, "s_re": 1, "s_oc": 1})
     kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    signature = {n: "constexpr" if n in const else "*fp32" if n in ("r_ptr", "part_ptr") else
+    signature = {n: "constexpr" if n in const else
+                 "*fp32" if n in ("r_ptr", "part_ptr", "cs_ptr", "rs_ptr", "ts_ptr") else
                  f"*{kind}" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
     divisible = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "K", "s_xb", "s_xp",
                  "s_we", "s_ob", "s_op"] + (["COUT", "s_wk"] if transposed else ["s_wr"])
