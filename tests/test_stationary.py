@@ -10,6 +10,17 @@ stationary = pytest.importorskip("condconv_kernels.triton.stationary")
 pytestmark = pytest.mark.skipif(not stationary.AVAILABLE, reason="this Triton has no Gluon")
 
 
+def _small_layer(seed: int, cout: int = 16):
+    """x (2, 16, 4, 4), routing (2, 3), weight (3, cout, 16, 1, 1) and a generator for more,
+    for the triton backend on the CPU (skips where it has none)."""
+    import condconv_kernels as cc
+    if "triton" not in cc.available_backends("cpu"):
+        pytest.skip("no triton backend on the CPU")
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 16, 4, 4, generator=g), torch.rand(2, 3, generator=g),
+            torch.randn(3, cout, 16, 1, 1, generator=g), g)
+
+
 @pytest.mark.parametrize("experts,k,pixels", [(8, 192, 49), (8, 112, 196), (8, 80, 196),
                                               (2, 448, 49), (8, 16, 12544)])
 def test_plan_counts_the_shared_memory_it_allocates(experts, k, pixels):
@@ -173,12 +184,8 @@ def test_switch_on_without_a_gpu_changes_nothing():
     gradients as with the switch off."""
     import condconv_kernels as cc
     from condconv_kernels import _env
-    if "triton" not in cc.available_backends("cpu"):
-        pytest.skip("no triton backend on the CPU")
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 16, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
-    r = torch.rand(2, 3, generator=g)
-    w = torch.randn(3, 16, 16, 1, 1, generator=g)
+    x, r, w, g = _small_layer(3)
+    x = x.contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn(2, 16, 4, 4, generator=g)
     results = []
     for on in (frozenset(), _env.STATIONARY_PASSES):
@@ -260,15 +267,9 @@ def test_backward_leaves_the_routing_half_to_the_stationary_kernel():
     """With the switch on and the routing-gradient form taking the call (here a stand-in), the
     triton backward returns its grad_routing and runs the dense kernel gradient for the weight
     alone: grad_weight as with the switch off."""
-    import condconv_kernels as cc
     import condconv_kernels.triton as backend
     from condconv_kernels import _env
-    if "triton" not in cc.available_backends("cpu"):
-        pytest.skip("no triton backend on the CPU")
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 16, 4, 4, generator=g)
-    r = torch.rand(2, 3, generator=g)
-    w = torch.randn(3, 16, 16, 1, 1, generator=g)
+    x, r, w, g = _small_layer(4)
     grad_out = torch.randn(2, 16, 4, 4, generator=g)
     marker = torch.randn(2, 3, generator=g)
     args = (grad_out, x, r, w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1, (False, True, True, False))
@@ -278,7 +279,6 @@ def test_backward_leaves_the_routing_half_to_the_stationary_kernel():
         on = backend.backward(*args)
     assert torch.equal(on[1], marker) and not torch.equal(off[1], marker)
     torch.testing.assert_close(on[2], off[2], rtol=0, atol=0)
-
 
 
 @pytest.mark.parametrize("value,passes", [
@@ -303,12 +303,7 @@ def test_backend_takes_only_the_switched_passes():
     kernel's eligibility recorded on CPU tensors, where it declines and the dense kernels run)."""
     import condconv_kernels as cc
     from condconv_kernels import _env
-    if "triton" not in cc.available_backends("cpu"):
-        pytest.skip("no triton backend on the CPU")
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 16, 4, 4, generator=g)
-    r = torch.rand(2, 3, generator=g)
-    w = torch.randn(3, 16, 16, 1, 1, generator=g)
+    x, r, w, _ = _small_layer(5)
     for passes in ({"forward"}, {"grad_x"}, {"routing"}, {"forward", "routing"}):
         asked = []
 
@@ -350,12 +345,7 @@ def test_backend_passes_the_scales_to_each_pass():
     tensors, where it declines and the dense kernels run)."""
     import condconv_kernels as cc
     from condconv_kernels import _env
-    if "triton" not in cc.available_backends("cpu"):
-        pytest.skip("no triton backend on the CPU")
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 16, 4, 4, generator=g)
-    r = torch.rand(2, 3, generator=g)
-    w = torch.randn(3, 32, 16, 1, 1, generator=g)
+    x, r, w, g = _small_layer(6, cout=32)
     scales = (torch.rand(2, 16, generator=g), torch.rand(2, 32, generator=g),
               torch.rand(2, 1, 1, generator=g))
     asked = {}
