@@ -415,16 +415,18 @@ def _pointwise_inputs(seed, batch, experts, cin, cout, side):
 
 def _pointwise_scales(seed, batch, cin, cout, scaled):
     """ODConv's per-example scales of a 1x1 layer, in_scale (B, Cin), out_scale (B, Cout) and
-    tap_scale (B, 1, 1), float64 in [0.5, 1.5] on the CPU; three Nones unless ``scaled``."""
+    tap_scale (B, 1, 1), float64 in [0.5, 1.5] on the CPU; three Nones unless ``scaled``, only
+    in_scale where it is "in"."""
     if not scaled:
         return None, None, None
     g = torch.Generator().manual_seed(seed)
-    return tuple(0.5 + torch.rand(shape, generator=g, dtype=torch.float64)
-                 for shape in ((batch, cin), (batch, cout), (batch, 1, 1)))
+    scales = tuple(0.5 + torch.rand(shape, generator=g, dtype=torch.float64)
+                   for shape in ((batch, cin), (batch, cout), (batch, 1, 1)))
+    return (scales[0], None, None) if scaled == "in" else scales
 
 
-def _on_device(scales):
-    return tuple(None if t is None else t.to(DEVICE, torch.float32) for t in scales)
+def _on_device(scales, dtype=torch.float32):
+    return tuple(None if t is None else t.to(DEVICE, dtype) for t in scales)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
@@ -438,12 +440,14 @@ def _on_device(scales):
     (8, 112, 200, 14, 40, torch.bfloat16, True, False),  # shared-memory form, 2 a program
     (8, 192, 1152, 7, 11, torch.bfloat16, True, True),  # A from registers, with the scales
     (8, 112, 200, 14, 9, torch.bfloat16, True, True),  # A from shared memory, with the scales
+    (8, 192, 1152, 7, 6, torch.float16, False, "in"),  # in_scale alone, in x's dtype
 ], ids=["7x7-K192", "14x14-K112-fp16", "K80-no-bias", "5x5-K48", "K16-12x12", "K448-E2",
-        "14x14-2-per-program", "7x7-K192-scales", "14x14-K112-scales"])
+        "14x14-2-per-program", "7x7-K192-scales", "14x14-K112-scales", "7x7-in-scale-fp16"])
 def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias, scaled):
     """The experimental experts-stationary 1x1 forward (triton/stationary.py), called directly
     (it is behind CONDCONV_TRITON_STATIONARY): against the per-example loop in float64 on the
-    CPU (with ODConv's three per-example scales where ``scaled``), within the error of the same
+    CPU (with ODConv's three per-example scales where ``scaled``, in_scale alone in ``dtype``
+    where it is "in"), within the error of the same
     loop run by PyTorch in ``dtype`` on the device; the output poisoned with NaN first, so an
     unwritten element fails; and through ``condconv2d(backend="triton")`` with the switch on:
     the same output."""
@@ -459,7 +463,7 @@ def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias, sc
     xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     rd, wd = r.to(DEVICE, torch.float32), w.to(DEVICE, dtype)
     bd = b.to(DEVICE, dtype) if bias else None
-    sd = _on_device(scales)
+    sd = _on_device(scales, dtype if scaled == "in" else torch.float32)
     named_d = dict(zip(("in_scale", "out_scale", "tap_scale"), sd))
     same = reference.condconv2d_loop(xd, rd.to(dtype), wd, bd, **named_d).cpu()
     plan = stationary.eligible(xd, experts, cout, 1, True, False, scales=sd)
