@@ -15,7 +15,9 @@ grad_out in channels_last, per layer and pass:
 - ``dense``: the triton backend as it ships (the autotuned dense forward, grad_x kernel, or
   kernel gradient for routing and weight, as training asks);
 - ``stationary``: the same call with ``CONDCONV_TRITON_STATIONARY`` on;
-- ``max diff``: the largest |stationary - dense| over the result, against its scale.
+- ``max diff``: the largest |stationary - dense| over the result, against its scale;
+- with ``--modeled``: the stationary pass's time by the static report's model, and measured /
+  modeled.
 
 A pass the kernel does not take (its slab does not fit in shared memory: the forward of the
 project layers, grad_x of the expand ones) prints ``-``; the routing gradient fits on 15 of the

@@ -91,7 +91,7 @@ record() {
     # The output's last lines, unless a table from it follows (table).
     if [ -n "$file" ] && [ -s "$file" ] && ! { [ "$status" = ok ] && grep -q '^|' "$file"; }; then
       echo '```'
-      grep -v '^\s*$' "$file" | tail -n "${TAIL_LINES:-4}"
+      grep -v '^\s*$' "$file" | tail -n "${TAIL_LINES:-4}" | sed "s#$ROOT/##g"  # paths relative
       echo '```'
     fi
     echo

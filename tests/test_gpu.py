@@ -546,8 +546,8 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format,
 def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype, scaled):
     """The stationary kernel's routing-gradient form (no mix: <W_e, grad_out_b x_b^T> per
     example and expert; with ODConv's scales where ``scaled``: W_e scaled by out_scale, in_scale
-    and tap_scale), through the backend's helper (slab W where it fits, else W^T), with the
-    plan the case names: against float64 on the CPU within 4x the error of the same sum in
+    and tap_scale), through the backend's helper (slab W where it fits, else W^T; each case's
+    comment names the plan it should get): against float64 on the CPU within 4x the error of the same sum in
     ``dtype`` on the device; and the triton backend's backward with the switch on gives the
     same grad_routing."""
     from unittest import mock

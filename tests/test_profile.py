@@ -249,3 +249,15 @@ def test_converted_models_are_the_published_networks():
     assert od.eval()(x).shape == dy.eval()(x).shape == (2, 1000)
     with pytest.raises(ValueError, match="pretrained"):
         create_model("resnet18-odconv4", pretrained=True)
+
+
+def test_result_files_name_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """A benchmark's ``Command:`` line carries no absolute path under the directory it ran in
+    (the output path a script was given, say), and its JSON record lands beside the table."""
+    from condconv_kernels.profile.tables import write_result
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results" / "t.md"
+    write_result(str(out), "| a |", f"python bench/x.py --out {out}", {"k": 1})
+    first = out.read_text().splitlines()[0]
+    assert first == "Command: `python bench/x.py --out results/t.md`", first
+    assert json.loads((tmp_path / "results" / "t.json").read_text()) == {"k": 1}

@@ -1,6 +1,8 @@
 """The experimental experts-stationary 1x1 kernel's host side (triton/stationary.py), which runs
-without a GPU: its shared-memory plan and the launch it makes (the kernel itself runs only on an
-sm_90 GPU: tests/test_gpu.py::test_gpu_stationary_*; its compile: test_triton_compile.py)."""
+without a GPU: its shared-memory plan, the launch it makes, which calls it takes (the dual's and
+the scales' layouts), the CONDCONV_TRITON_STATIONARY values, and the triton backend's use of it
+pass by pass (the kernel itself runs only on an sm_90 GPU: tests/test_gpu.py::
+test_gpu_stationary_*; its compile: test_triton_compile.py)."""
 from unittest import mock
 
 import pytest

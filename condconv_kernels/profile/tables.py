@@ -37,9 +37,12 @@ def machine_line(info: Optional[Mapping[str, object]] = None) -> str:
 
 def write_result(path: str, text: str, command: Optional[str] = None,
                  record: Optional[object] = None) -> None:
-    """Writes ``text`` (after ``Command: `command``` when given) to ``path``, and ``record``
-    as JSON to the same path with the extension ``.json`` when given."""
+    """Writes ``text`` (after ``Command: `command``` when given, its paths under the working
+    directory made relative to it) to ``path``, and ``record`` as JSON to the same path with
+    the extension ``.json`` when given."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if command:
+        command = command.replace(os.getcwd() + os.sep, "")
     with open(path, "w") as f:
         f.write((f"Command: `{command}`\n\n" if command else "") + text + "\n")
     if record is not None:

@@ -33,9 +33,11 @@ program per SM works through its slice of the batch one example after another, s
 adds up rather than overlaps: the slab's copy from L2, then per example the mix (an issue slot
 for each slab value's conversion and one for its FMA, per lane, against 4 x 32 lanes a clock;
 or the slab's shared-memory reads at 128 bytes a clock, whichever is longer), the tensor-core
-products (or their shared-memory operands, whichever is longer) and the epilogue, with the
-clock that makes 128 FMA lanes per SM give the 60 TFLOP/s; the modeled time is the longest of
-that sum, HBM and L2. The records add ``smem_bytes`` (shared-memory reads and writes) and
+products (or their shared-memory operands, whichever is longer) and the epilogue; the routing
+form has no mix: per pixel tile its D_b product, then per example D_b against each expert's
+slab (a conversion, an FMA and half a shared-memory load per slab value). The clock is the one
+that makes 128 FMA lanes per SM give the 60 TFLOP/s; the modeled time is the longest of that
+sum, HBM and L2. The records add ``smem_bytes`` (shared-memory reads and writes) and
 ``serial_us`` (that sum).
 
 ``--scales`` gives every layer ODConv's three per-example scales (in_scale, out_scale, tap_scale):

@@ -1,7 +1,8 @@
 """Dense 1x1 CondConv forward, grad_x and grad_routing with the experts stationary in shared
 memory (Hopper, Gluon).
 
-Experimental: used only with ``CONDCONV_TRITON_STATIONARY=1`` until a GPU run has measured it
+Experimental: used only with ``CONDCONV_TRITON_STATIONARY=1`` (or the passes it names) until a
+GPU run has measured it
 against the dense kernels (:mod:`condconv_kernels.triton.dense`).
 
 Why: the dense forward re-reads each expert tile from L2 for every block of 1-4 examples, and
@@ -24,10 +25,11 @@ static weight gradient's work once, not E times.
 
 Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, the reduced tensor (x;
 grad_out for grad_x) channels_last with its channels a multiple of 16 (and Cin too for grad_x),
-ODConv's per-example scales where each is contiguous along its channels, sm_90; every other call
-takes the dense kernels. The forward fits on
+ODConv's per-example scales where each is contiguous along its channels, sm_90 (the routing
+form: its dual channels_last too, the rows a multiple of 16, K <= 256); every other call takes
+the dense kernels. The forward fits on
 EfficientNet-CondConv's expand layers (K = Cin <= 192 at E = 8), grad_x on its project layers
-(K = Cout). Two forms by the pixel count P: P <= 64 (one pixel tile) mixes into registers and
+(K = Cout). The forward and grad_x take two forms by the pixel count P: P <= 64 (one pixel tile) mixes into registers and
 feeds wgmma's A operand from registers; P > 64 mixes once per example into shared memory (the
 A operand) and loops over pixel tiles of up to 128.
 """
@@ -66,8 +68,8 @@ def plan(experts: int, k: int, pixels: int, itemsize: int = 2,
     pixels, or None where its shared memory (the slab, the pixel tiles and, for the forward
     over more than 64 pixels, the mixed kernel) would not fit in 227 KB. ``routing``: the
     routing-gradient form (no mix; K at most 256; per pixel tile of at most 64 the K x BLOCK_N
-    tile and the dual's 64 x BLOCK_N, the widest tile with two buffers that fits, else
-    one)."""
+    tile and the dual's 64 x BLOCK_N: two buffers of the widest tile or of half its width,
+    else one buffer of the widest, half or 16 pixels, the first that fits)."""
     block_k = min((64, 32), key=lambda bk: -(-k // bk) * bk)  # the least padding; 64 on a tie
     if routing and -(-k // block_k) > MAX_ROUTING_KC:
         block_k = 64
