@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import condconv_kernels as cc
-from conftest import CASES_BY_NAME, INTERPRETED, LAYOUTS, make_inputs, run_op
+from conftest import CASES_BY_NAME, INTERPRETED, LAYOUTS, Case, make_inputs, run_op
 import test_op
 import test_registration
 
@@ -285,6 +285,36 @@ def test_eager_path_matches_the_op(name, autocast):
     assert len(fast_grads) == len(slow_grads)
     for a, b in zip(fast_grads, slow_grads):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case,layout,flat", [
+    (Case("dw3_flat", cin=6, cout=6, groups=6), "contiguous", (True, True)),
+    # dilation 2, a channel multiplier of 2, the rows shifted unevenly (3 left, 1 right: the
+    # output as wide as x) and the columns cut (0 top, 1 bottom: fewer output rows than x's)
+    (Case("dw3_d2_mult2_flat", cin=4, cout=8, groups=4, dilation=(2, 2), padding=(0, 1, 3, 1),
+          H=9, W=11), "contiguous", (True, True)),
+    (Case("dw5_flat_b1", B=1, cin=5, cout=5, groups=5, kernel=(5, 5), padding=2, E=8),
+     "contiguous", (True, True)),
+    (Case("dw3_s2", cin=6, cout=6, groups=6, stride=(2, 2)), "contiguous", (True, False)),
+    (Case("dw3_cl", cin=6, cout=6, groups=6), "channels_last", (False, False)),
+], ids=lambda v: str(v))
+def test_depthwise_kernel_gradient_with_flat_pixels(case, layout, flat, monkeypatch):
+    """The depthwise kernel gradient's flat addressing (FLAT_G: grad_out's pixels at one
+    stride; FLAT_X: also stride 1 and the output as wide as x, a tap's input pixels p plus a
+    constant), which NCHW calls take and channels_last ones do not: every gradient against the
+    reference in float64, with the launch's flags recorded."""
+    import condconv_kernels.triton as backend
+    kernel, flags = backend.dw_bwd_w_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                flags.append((kwargs["FLAT_G"], kwargs["FLAT_X"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(backend, "dw_bwd_w_kernel", Spy())
+    test_op._check(case, "triton", torch.float64, layout)
+    assert flags and set(flags) == {flat}, flags
 
 
 def test_kernel_gradient_over_several_chunks():

@@ -64,6 +64,14 @@ def _within(rows: Tuple[int, int], tiles: Tuple[int, int],
     return grid
 
 
+def _flat_pixels(t: torch.Tensor) -> bool:
+    """Whether the depthwise kernel gradient addresses ``t``'s pixels as one index (its rows
+    follow one another at one stride) to let the compiler lay its threads along them: where
+    the channels are not the contiguous dimension (NCHW). In channels_last the threads run
+    along the channels already, and the flat index would only cost registers."""
+    return t.stride(1) != 1 and t.stride(2) == t.shape[3] * t.stride(3)
+
+
 def _wide(*tensors: torch.Tensor) -> bool:
     """Whether an offset within one example of these tensors may not fit in 32 bits."""
     return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31
@@ -196,7 +204,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         dw_bwd_w_kernel[grid](
             x, grad_out, G, B, cout, cout // cin, H, W, ho, wo, *x.stride(), *grad_out.stride(),
             *geometry, bucket(B), bucket(ho * wo), KH=kh, KW=kw, WIDE=_wide(x, grad_out),
-            ACC=_acc(x.dtype), **blocks)
+            ACC=_acc(x.dtype), FLAT_G=_flat_pixels(grad_out),
+            FLAT_X=(_flat_pixels(x) and tuple(stride) == (1, 1) and wo == W), **blocks)
         grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
             G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
     elif need_r or need_w or any(need_s):

@@ -160,13 +160,21 @@ def dw_bwd_w_kernel(
     s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
     KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
+    FLAT_G: tl.constexpr, FLAT_X: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """G[b, c, t] = sum over the output pixels p of grad_out[b, c, p] times x[b, c // MULT] at
     the input pixel tap t of p reads: example b's kernel gradient for BLOCK_C channels and every
     tap (G is (B, C_OUT, KH * KW), contiguous, in the accumulation dtype). A program per
     (example, channel tile): the grid has B x C_OUT / BLOCK_C programs, each a short loop over
-    the taps and BLOCK_L-pixel blocks (the grad_out tile's reloads, tap after tap, hit L1)."""
+    the taps and BLOCK_L-pixel blocks (the grad_out tile's reloads, tap after tap, hit L1).
+
+    FLAT_G: grad_out's pixels at one stride (s_gh = WO s_gw), addressed as p s_gw; FLAT_X:
+    stride 1 and x's rows as wide as the output's (W = WO, s_xh = W s_xw), so that a tap's input
+    pixels are p plus a constant. Addressed so, the pixels' contiguity is visible to the
+    compiler: in NCHW it lays the threads along the pixels (coalesced loads), not across the
+    channels, H x W elements apart (the launcher sets them for NCHW only: 139 -> 201 registers
+    there, and in channels_last, whose threads run along the channels anyway, 72 -> 127)."""
     i_b, i_c, _ = program_ids(B, tl.cdiv(C_OUT, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     L = HO * WO
@@ -187,9 +195,18 @@ def dw_bwd_w_kernel(
                 o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
                 o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
                 m_x = m_p & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
-                off_x = off_xc[:, None] + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :]
+                if FLAT_X:  # the tap's input pixel of p: p + (i D - PAD_T) W + j D - PAD_L
+                    o_q = o_p + (i * DIL_H - PAD_T) * W + (j * DIL_W - PAD_L)
+                    off_x = off_xc[:, None] + (o_q.to(IDX) * s_xw)[None, :]
+                else:
+                    off_x = (off_xc[:, None]
+                             + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :])
                 b_x = tl.load(p_x + off_x, mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
-                off_g = off_gc[:, None] + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :]
+                if FLAT_G:
+                    off_g = off_gc[:, None] + (o_p.to(IDX) * s_gw)[None, :]
+                else:
+                    off_g = (off_gc[:, None]
+                             + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :])
                 b_g = tl.load(p_g + off_g, mask=m_c[:, None] & m_p[None, :], other=0.0).to(ACC)
                 b_acc += b_x * b_g
             tl.store(p_G + i * KW + j, tl.sum(b_acc, axis=1), mask=m_c)
