@@ -288,33 +288,42 @@ def test_eager_path_matches_the_op(name, autocast):
 
 
 @pytest.mark.parametrize("case,layout,flat", [
-    (Case("dw3_flat", cin=6, cout=6, groups=6), "contiguous", (True, True)),
+    (Case("dw3_flat", cin=6, cout=6, groups=6), "contiguous", True),
     # dilation 2, a channel multiplier of 2, the rows shifted unevenly (3 left, 1 right: the
     # output as wide as x) and the columns cut (0 top, 1 bottom: fewer output rows than x's)
     (Case("dw3_d2_mult2_flat", cin=4, cout=8, groups=4, dilation=(2, 2), padding=(0, 1, 3, 1),
-          H=9, W=11), "contiguous", (True, True)),
+          H=9, W=11), "contiguous", True),
     (Case("dw5_flat_b1", B=1, cin=5, cout=5, groups=5, kernel=(5, 5), padding=2, E=8),
-     "contiguous", (True, True)),
-    (Case("dw3_s2", cin=6, cout=6, groups=6, stride=(2, 2)), "contiguous", (True, False)),
-    (Case("dw3_cl", cin=6, cout=6, groups=6), "channels_last", (False, False)),
+     "contiguous", True),
+    (Case("dw3_s2", cin=6, cout=6, groups=6, stride=(2, 2)), "contiguous", False),
+    (Case("dw3_cl", cin=6, cout=6, groups=6), "channels_last", None),
 ], ids=lambda v: str(v))
-def test_depthwise_kernel_gradient_with_flat_pixels(case, layout, flat, monkeypatch):
-    """The depthwise kernel gradient's flat addressing (FLAT_G: grad_out's pixels at one
-    stride; FLAT_X: also stride 1 and the output as wide as x, a tap's input pixels p plus a
-    constant), which NCHW calls take and channels_last ones do not: every gradient against the
-    reference in float64, with the launch's flags recorded."""
+def test_depthwise_kernels_with_flat_pixels(case, layout, flat, monkeypatch):
+    """The depthwise kernels' flat addressing, which NCHW calls take and channels_last ones do
+    not: the tensor a kernel writes (FLAT_OUT; the kernel gradient's grad_out, FLAT_G) with its
+    pixels as one index, and the one it reads through the taps (FLAT_IN, FLAT_X) too where the
+    stride is 1 and the output as wide as x (a tap's pixels: that index plus a constant). Every
+    gradient against the reference in float64, with each launch's flags recorded: all on for
+    NCHW at stride 1 (``flat`` True), only the written tensors' at stride 2 (False), none in
+    channels_last (None)."""
     import condconv_kernels.triton as backend
-    kernel, flags = backend.dw_bwd_w_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                flags.append((kwargs["FLAT_G"], kwargs["FLAT_X"]))
-                return kernel[grid](*args, **kwargs)
-            return launch
-    monkeypatch.setattr(backend, "dw_bwd_w_kernel", Spy())
+    flags = {}
+    for name, names in (("dw_fwd_kernel", ("FLAT_OUT", "FLAT_IN")),
+                        ("dw_bwd_x_kernel", ("FLAT_OUT", "FLAT_IN")),
+                        ("dw_bwd_w_kernel", ("FLAT_G", "FLAT_X"))):
+        def spy(kernel=getattr(backend, name), name=name, names=names):
+            class Spy:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        flags.setdefault(name, set()).add(tuple(kwargs[n] for n in names))
+                        return kernel[grid](*args, **kwargs)
+                    return launch
+            return Spy()
+        monkeypatch.setattr(backend, name, spy())
     test_op._check(case, "triton", torch.float64, layout)
-    assert flags and set(flags) == {flat}, flags
+    want = {(False, False)} if flat is None else {(True, flat)}
+    assert set(flags) == {"dw_fwd_kernel", "dw_bwd_x_kernel", "dw_bwd_w_kernel"}, flags
+    assert all(v == want for v in flags.values()), flags
 
 
 def test_kernel_gradient_over_several_chunks():

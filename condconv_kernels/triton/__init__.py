@@ -65,10 +65,10 @@ def _within(rows: Tuple[int, int], tiles: Tuple[int, int],
 
 
 def _flat_pixels(t: torch.Tensor) -> bool:
-    """Whether the depthwise kernel gradient addresses ``t``'s pixels as one index (its rows
-    follow one another at one stride) to let the compiler lay its threads along them: where
-    the channels are not the contiguous dimension (NCHW). In channels_last the threads run
-    along the channels already, and the flat index would only cost registers."""
+    """Whether the depthwise kernels address ``t``'s pixels as one index (its rows follow one
+    another at one stride) to let the compiler lay their threads along them: where the
+    channels are not the contiguous dimension (NCHW). In channels_last the threads run along
+    the channels already, and the flat index would only cost registers."""
     return t.stride(1) != 1 and t.stride(2) == t.shape[3] * t.stride(3)
 
 
@@ -107,7 +107,9 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             x, routing, w, b, *s_ptrs, out, cout, cout // cin, H, W, ho, wo, *x.stride(),
             *routing.stride(), *out.stride(), *s_strides, *geometry, bucket(B),
             bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out),
-            ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E), **s_flags, **blocks)
+            ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E),
+            FLAT_IN=_flat_pixels(x) and tuple(stride) == (1, 1) and wo == W,
+            FLAT_OUT=_flat_pixels(out), **s_flags, **blocks)
         return out
     pointwise = _pointwise(kh, kw, stride, padding, x)
     if "forward" in _env.TRITON_STATIONARY:
@@ -168,7 +170,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 grad_out, routing, w, *s_ptrs, grad_x, cin, cout // cin, H, W, ho, wo,
                 *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides, *geometry,
                 bucket(B), bucket(H * W), E=E, KH=kh, KW=kw, WIDE=_wide(grad_out, grad_x),
-                ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E), **s_flags, **blocks)
+                ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E),
+                FLAT_IN=_flat_pixels(grad_out) and tuple(stride) == (1, 1) and wo == W,
+                FLAT_OUT=_flat_pixels(grad_x), **s_flags, **blocks)
         else:
             pointwise = _pointwise(kh, kw, stride, padding, grad_out)
             given = (in_scale, out_scale, tap_scale)

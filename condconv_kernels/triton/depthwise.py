@@ -52,12 +52,13 @@ def dw_fwd_kernel(
     s_tt, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
-    WIDE: tl.constexpr, ACC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    WIDE: tl.constexpr, ACC: tl.constexpr, E_POW2: tl.constexpr, FLAT_IN: tl.constexpr,
+    FLAT_OUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """out[b, c, p] for BLOCK_C channels x BLOCK_P output pixels of one example: per tap, the
     BLOCK_C taps mixed over the E experts, times the shifted input tile (reloads of the tile
-    tap after tap hit L1). Offsets within an example are 32-bit unless WIDE."""
+    tap after tap hit L1). Offsets within an example are 32-bit unless WIDE. FLAT_OUT, FLAT_IN:
+    out's and x's pixels addressed as one index (as in dw_bwd_w_kernel's FLAT_G, FLAT_X)."""
     i_p, i_c, i_b = program_ids(tl.cdiv(HO * WO, BLOCK_P), tl.cdiv(C_OUT, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -79,7 +80,11 @@ def dw_fwd_kernel(
                 b_tap *= tl.load(tap_s_ptr + i_b.to(tl.int64) * s_tb + (i * KW + j) * s_tt).to(ACC)
             o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
             m_x = m_h & (o_iw >= 0) & (o_iw < W)
-            off = off_c[:, None] + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :]
+            if FLAT_IN:  # the tap's input pixel of p: p + (i D - PAD_T) W + j D - PAD_L
+                o_s = o_p + (i * DIL_H - PAD_T) * W + (j * DIL_W - PAD_L)
+                off = off_c[:, None] + (o_s.to(IDX) * s_xw)[None, :]
+            else:
+                off = off_c[:, None] + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :]
             b_acc += b_tap[:, None] * tl.load(p_x + off, mask=m_c[:, None] & m_x[None, :],
                                               other=0.0).to(ACC)
     if IN_SCALE:
@@ -91,7 +96,11 @@ def dw_fwd_kernel(
         b_acc *= scale_factor(out_s_ptr, s_jb, o_c * s_jc, out_s_ptr, s_jb, 0, i_b, m_c, True,
                               False, ACC)[:, None]
     p_o = out_ptr + i_b.to(tl.int64) * s_ob
-    off_o = o_c[:, None].to(IDX) * s_oc + (o_oh.to(IDX) * s_oh + o_ow.to(IDX) * s_ow)[None, :]
+    if FLAT_OUT:
+        off_o = o_c[:, None].to(IDX) * s_oc + (o_p.to(IDX) * s_ow)[None, :]
+    else:
+        off_o = (o_c[:, None].to(IDX) * s_oc
+                 + (o_oh.to(IDX) * s_oh + o_ow.to(IDX) * s_ow)[None, :])
     tl.store(p_o + off_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_c[:, None] & m_p[None, :])
 
 
@@ -104,12 +113,15 @@ def dw_bwd_x_kernel(
     s_tt, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, WIDE: tl.constexpr,
-    ACC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, E_POW2: tl.constexpr, FLAT_IN: tl.constexpr, FLAT_OUT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """grad_x[b, ci, q] = sum over the channel multiplier m and taps of the mixed tap times
     grad_out at the output pixel the (input pixel, tap) fed, for BLOCK_C input channels x
     BLOCK_P input pixels of one example; the scales as in the forward (out_scale and tap_scale
-    on the mixed taps, in_scale on the accumulator)."""
+    on the mixed taps, in_scale on the accumulator). FLAT_OUT: grad_x's pixels addressed as one
+    index; FLAT_IN: grad_out's too, at stride 1 with W = WO (the pixel a tap of q reads: q +
+    (PAD_T - i D) W + PAD_L - j D), as in dw_bwd_w_kernel."""
     i_q, i_c, i_b = program_ids(tl.cdiv(H * W, BLOCK_P), tl.cdiv(C_IN, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_ci = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -141,14 +153,23 @@ def dw_bwd_x_kernel(
                 o_nw = o_iw + PAD_L - j * DIL_W
                 o_ow = o_nw // STRIDE_W
                 m_g = m_h & (o_nw >= 0) & (o_nw % STRIDE_W == 0) & (o_ow < WO)
-                off = off_c[:, None] + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :]
+                if FLAT_IN:
+                    o_s = o_q + (PAD_T - i * DIL_H) * W + (PAD_L - j * DIL_W)
+                    off = off_c[:, None] + (o_s.to(IDX) * s_gw)[None, :]
+                else:
+                    off = (off_c[:, None]
+                           + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :])
                 b_g = tl.load(p_g + off, mask=m_c[:, None] & m_g[None, :], other=0.0).to(ACC)
                 b_acc += b_tap[:, None] * b_g
     if IN_SCALE:
         b_acc *= scale_factor(in_s_ptr, s_ib, o_ci * s_ic, in_s_ptr, s_ib, 0, i_b, m_c, True,
                               False, ACC)[:, None]
     p_d = dx_ptr + i_b.to(tl.int64) * s_db
-    off_d = o_ci[:, None].to(IDX) * s_dc + (o_ih.to(IDX) * s_dh + o_iw.to(IDX) * s_dw)[None, :]
+    if FLAT_OUT:
+        off_d = o_ci[:, None].to(IDX) * s_dc + (o_q.to(IDX) * s_dw)[None, :]
+    else:
+        off_d = (o_ci[:, None].to(IDX) * s_dc
+                 + (o_ih.to(IDX) * s_dh + o_iw.to(IDX) * s_dw)[None, :])
     tl.store(p_d + off_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_c[:, None] & m_q[None, :])
 
 
