@@ -72,6 +72,13 @@ def _flat_pixels(t: torch.Tensor) -> bool:
     return t.stride(1) != 1 and t.stride(2) == t.shape[3] * t.stride(3)
 
 
+def _flat_taps(t: torch.Tensor, stride: Sequence[int], out_w: int, in_w: int) -> bool:
+    """Whether the depthwise kernels also address the pixels ``t`` is read at through the taps
+    as one index plus a constant: :func:`_flat_pixels`, at stride 1, with the output rows as
+    wide as the input's."""
+    return _flat_pixels(t) and tuple(stride) == (1, 1) and out_w == in_w
+
+
 def _wide(*tensors: torch.Tensor) -> bool:
     """Whether an offset within one example of these tensors may not fit in 32 bits."""
     return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31
@@ -108,7 +115,7 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             *routing.stride(), *out.stride(), *s_strides, *geometry, bucket(B),
             bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out),
             ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E),
-            FLAT_IN=_flat_pixels(x) and tuple(stride) == (1, 1) and wo == W,
+            FLAT_IN=_flat_taps(x, stride, wo, W),
             FLAT_OUT=_flat_pixels(out), **s_flags, **blocks)
         return out
     pointwise = _pointwise(kh, kw, stride, padding, x)
@@ -171,7 +178,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides, *geometry,
                 bucket(B), bucket(H * W), E=E, KH=kh, KW=kw, WIDE=_wide(grad_out, grad_x),
                 ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E),
-                FLAT_IN=_flat_pixels(grad_out) and tuple(stride) == (1, 1) and wo == W,
+                FLAT_IN=_flat_taps(grad_out, stride, wo, W),
                 FLAT_OUT=_flat_pixels(grad_x), **s_flags, **blocks)
         else:
             pointwise = _pointwise(kh, kw, stride, padding, grad_out)
@@ -209,7 +216,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             x, grad_out, G, B, cout, cout // cin, H, W, ho, wo, *x.stride(), *grad_out.stride(),
             *geometry, bucket(B), bucket(ho * wo), KH=kh, KW=kw, WIDE=_wide(x, grad_out),
             ACC=_acc(x.dtype), FLAT_G=_flat_pixels(grad_out),
-            FLAT_X=(_flat_pixels(x) and tuple(stride) == (1, 1) and wo == W), **blocks)
+            FLAT_X=_flat_taps(x, stride, wo, W), **blocks)
         grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
             G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
     elif need_r or need_w or any(need_s):

@@ -323,7 +323,7 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
     return hbm, l2, 0, cc, conv_flops + 2 * mix_flops
 
 
-def stationary_model(layer, batch: int, itemsize: int, launch: Launch) -> dict:
+def stationary_model(itemsize: int, launch: Launch) -> dict:
     """The experts-stationary kernel's traffic, work and time (module docstring): hbm_bytes,
     l2_bytes, smem_bytes, tc_flops, cc_flops (the mix's, or the routing form's reductions),
     floor_flops and serial_us (the program's sum; 2 x that where registers spill is the
@@ -342,6 +342,7 @@ def stationary_model(layer, batch: int, itemsize: int, launch: Launch) -> dict:
     # masked copies read no padding); the output written (or, the routing form, grad_out read)
     # once.
     l2 = count * slab + n_co * x_bytes + out_bytes
+    floor_flops = 2 * B * R * K * P + 2 * B * E * R * K  # the static layer's and the mix
     product = 2 * M * kp * bn  # one (64 x K) x (K x BLOCK_N) product
     operands = (M * kp + kp * bn) * itemsize  # both from shared memory
     if a["routing"]:
@@ -354,7 +355,6 @@ def stationary_model(layer, batch: int, itemsize: int, launch: Launch) -> dict:
         tc = n_co * B * tiles * product
         cc = n_co * B * 2 * reduce
         smem = n_co * B * (tiles * operands + reduce * itemsize)
-        floor_flops = 2 * B * R * K * P + 2 * B * E * R * K
     else:
         # The mix: per slab value, a conversion and an FMA (an issue slot each) and its share
         # of the shared-memory read; the mixed kernel converted two values an instruction (and
@@ -370,7 +370,6 @@ def stationary_model(layer, batch: int, itemsize: int, launch: Launch) -> dict:
         tc = n_co * B * tiles * product
         cc = n_co * B * 2 * mixed
         smem = n_co * B * (mix_smem + tiles * tile_smem)
-        floor_flops = 2 * B * R * K * P + 2 * B * E * R * K
     serial = count * slab / L2 + per * per_example
     return dict(hbm_bytes=hbm, l2_bytes=l2, smem_bytes=smem, tc_flops=tc, cc_flops=cc,
                 floor_flops=floor_flops, serial_us=1e6 * serial, programs=count,
@@ -416,7 +415,7 @@ def _stationary_record(layer, batch: int, dtype: torch.dtype, itemsize: int, lau
     info = _compile_info(cache, key, lambda: stationary.compile_for(
         a["E"], a["K"], a["P"], dtype, arch, a["transposed"], a["routing"], a["has_bias"],
         a["scaled"]), arch)
-    m = stationary_model(layer, batch, itemsize, launch)
+    m = stationary_model(itemsize, launch)
     config = (f"{plan['BLOCK_K']}x{plan['NUM_KC']}x{plan['BLOCK_N']}"
               f"{' A_smem' if plan['A_SMEM'] else ''} buf{plan['NBUF']} w{stationary.WARPS}")
     record = dict(layer=layer.name, shape=layer.describe(), kernel=launch.name, config=config,

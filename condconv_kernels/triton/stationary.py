@@ -152,11 +152,16 @@ if AVAILABLE:
                     BLOCK_K, NUM_KC, DUAL, ds, d_ptr + nb.to(gl.int64) * s_db, o_md, ROWS, s_dp)
 
     @gluon.jit
-    def _against_slab(part, d, slab, j, o_e, E: gl.constexpr, NUM_KC: gl.constexpr,
+    def _against_slab(part, d, slab, j, o_e, f_r, cs_ptr, c_b, o_k, K, E: gl.constexpr,
+                      NUM_KC: gl.constexpr, SCALED: gl.constexpr, COL_SCALE: gl.constexpr,
                       layout: gl.constexpr):
         """part[:, e] += the row sums of d * slab[e, chunk j] (float32) for every expert: d
         (64 x BLOCK_K) and part (64 x E_POW2, o_e its columns) in ``layout`` (a row's sum
-        stays within the threads that hold the row)."""
+        stays within the threads that hold the row). SCALED: d times the rows' factors f_r
+        and the chunk's column scale (cs_ptr[c_b + column], the chunk's columns o_k) first."""
+        if SCALED:
+            d = d * f_r[:, None] * _factor(cs_ptr, c_b, j * d.shape[1] + o_k, K, cs_ptr, 0,
+                                           COL_SCALE, False)[None, :]
         for e in gl.static_range(E):
             w = slab.index(e * NUM_KC + j).load(layout).to(gl.float32)
             row = gl.sum(d * w, 1)
@@ -286,6 +291,8 @@ if AVAILABLE:
             mma_r: gl.constexpr = gl.NVMMADistributedLayout(
                 version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_K, 16])
             o_e = gl.arange(0, E_POW2, layout=gl.SliceLayout(0, mma_r))
+            o_mr = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_r))
+            o_kr = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma_r))
         else:  # (stand-ins for the dual's arguments, unused)
             ds = xs
             o_md = o_kx
@@ -332,31 +339,24 @@ if AVAILABLE:
                                    COUT, s_op)
                     else:
                         buf = 1 - buf
-                if COL_SCALE or ROW_SCALE or TAP_SCALE:
-                    o_mr = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_r))
-                    o_kr = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma_r))
-                    f_r = _factor(rs_ptr, b.to(gl.int64) * s_rsb, o_mr, COUT, ts_ptr,
-                                  b.to(gl.int64) * s_tb, ROW_SCALE, TAP_SCALE)[:, None]
-                    c_b = b.to(gl.int64) * s_cb
-                    d0 = d0 * f_r * _factor(cs_ptr, c_b, o_kr, K, cs_ptr, 0, COL_SCALE,
-                                            False)[None, :]
-                    if NUM_KC > 1:
-                        d1 = d1 * f_r * _factor(cs_ptr, c_b, BLOCK_K + o_kr, K, cs_ptr, 0,
-                                                COL_SCALE, False)[None, :]
-                    if NUM_KC > 2:
-                        d2 = d2 * f_r * _factor(cs_ptr, c_b, 2 * BLOCK_K + o_kr, K, cs_ptr, 0,
-                                                COL_SCALE, False)[None, :]
-                    if NUM_KC > 3:
-                        d3 = d3 * f_r * _factor(cs_ptr, c_b, 3 * BLOCK_K + o_kr, K, cs_ptr, 0,
-                                                COL_SCALE, False)[None, :]
+                # The scales (where given) on D: the rows' (with the tap's) and each chunk's
+                # columns'.
+                SCALED: gl.constexpr = COL_SCALE or ROW_SCALE or TAP_SCALE
+                f_r = _factor(rs_ptr, b.to(gl.int64) * s_rsb, o_mr, COUT, ts_ptr,
+                              b.to(gl.int64) * s_tb, ROW_SCALE, TAP_SCALE)
+                c_b = b.to(gl.int64) * s_cb
                 part = gl.zeros([BLOCK_M, E_POW2], gl.float32, mma_r)
-                part = _against_slab(part, d0, slab, 0, o_e, E, NUM_KC, mma_r)
+                part = _against_slab(part, d0, slab, 0, o_e, f_r, cs_ptr, c_b, o_kr, K, E,
+                                     NUM_KC, SCALED, COL_SCALE, mma_r)
                 if NUM_KC > 1:
-                    part = _against_slab(part, d1, slab, 1, o_e, E, NUM_KC, mma_r)
+                    part = _against_slab(part, d1, slab, 1, o_e, f_r, cs_ptr, c_b, o_kr, K, E,
+                                         NUM_KC, SCALED, COL_SCALE, mma_r)
                 if NUM_KC > 2:
-                    part = _against_slab(part, d2, slab, 2, o_e, E, NUM_KC, mma_r)
+                    part = _against_slab(part, d2, slab, 2, o_e, f_r, cs_ptr, c_b, o_kr, K, E,
+                                         NUM_KC, SCALED, COL_SCALE, mma_r)
                 if NUM_KC > 3:
-                    part = _against_slab(part, d3, slab, 3, o_e, E, NUM_KC, mma_r)
+                    part = _against_slab(part, d3, slab, 3, o_e, f_r, cs_ptr, c_b, o_kr, K, E,
+                                         NUM_KC, SCALED, COL_SCALE, mma_r)
                 gl.store(part_ptr + (i_m * B + b) * E + o_e, gl.sum(part, 0), mask=o_e < E)
             elif A_SMEM:
                 # The example's kernel, mixed once into shared memory while its first tile's
