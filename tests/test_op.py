@@ -1,6 +1,7 @@
 """Every available backend against the float64 ground truth: forward and all four gradients,
 over the configuration matrix, three input layouts and the supported dtypes. Outputs and
 scratch are poisoned with NaN before the kernels run."""
+import itertools
 import zlib
 
 import pytest
@@ -212,3 +213,19 @@ def test_the_matrix_takes_every_cpu_path():
             x, routing, weight, bias, list(_args.pair(case.stride, "stride", 1)), list(pad),
             list(_args.pair(case.dilation, "dilation", 1)), case.groups))
     assert set(torch.ops.condconv.cpu_path_names()) - taken == set()
+
+
+def test_suggest_memory_format_agrees_with_torch():
+    """_args.suggest_memory_format's own reading of the strides gives torch's answer on every
+    layout, size-1 dimensions (whose strides are arbitrary), zero strides, views and empty
+    tensors."""
+    from torch._prims_common import suggest_memory_format
+    for shape in itertools.product((0, 1, 2), (1, 3), (1, 4), (1, 5)):
+        base = torch.randn(shape)
+        last = base.contiguous(memory_format=torch.channels_last)
+        views = [base, last, base.permute(0, 1, 3, 2), base.permute(0, 2, 3, 1).contiguous()
+                 .permute(0, 3, 1, 2), base[:, :, ::2], last[..., ::2], last[:, :1],
+                 torch.randn(shape[1:]).expand(shape), torch.randn(1).expand(shape),
+                 torch.randn(shape[0], 1, *shape[2:]).expand(shape)]
+        for t in views:
+            assert _args.suggest_memory_format(t) == suggest_memory_format(t), (shape, t.stride())

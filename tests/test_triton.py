@@ -104,6 +104,56 @@ def test_autotune_switch(monkeypatch):
         "BLOCK_C": first[0], "BLOCK_P": first[1], "num_warps": first[2], "num_stages": first[3]}
 
 
+def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
+    """TunedKernel's launch key is Triton's (the tuned configuration is found in the cache
+    Triton's run filled, and no other key is stored); a key seen before launches the best
+    configuration without going through Triton's run or timing anything again; a new dtype or
+    key argument is tuned anew."""
+    import triton
+    from triton.runtime.autotuner import Autotuner
+    from condconv_kernels.triton import _config
+
+    @triton.jit
+    def kernel(x_ptr, w_ptr, n, B_KEY, KEY_L, E: triton.language.constexpr,
+               KH: triton.language.constexpr, BLOCK: triton.language.constexpr):
+        pass
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=2) for b in (16, 32, 64)]
+    tuned = _config.TunedKernel(kernel, configs, ["B_KEY", "KEY_L", "E", "KH"])
+    launched, timed, through_triton = [], [], []
+    monkeypatch.setattr(tuned.fn, "run", lambda *a, **kw: launched.append(kw["BLOCK"]))
+    speed = {16: 3.0, 32: 1.0, 64: 2.0}  # the middle configuration is the fastest
+
+    def bench(*args, config, **meta):
+        timed.append(config.kwargs["BLOCK"])
+        return [speed[config.kwargs["BLOCK"]]] * 3
+    monkeypatch.setattr(tuned, "_bench", bench)
+    base_run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run",
+                        lambda self, *a, **kw: through_triton.append(1) or base_run(self, *a, **kw))
+    x, w = torch.randn(4), torch.randn(4, dtype=torch.float16)
+
+    def launch(x, b_key, key_l=64):
+        args, kwargs = (x, w, 7, b_key, key_l), dict(E=8, KH=3)
+        tuned.run(*args, grid=(1,), warmup=False, **kwargs)
+        return tuned.tuning_key(args, kwargs)
+
+    key = launch(x, 256)
+    assert key == (256, 64, 8, 3, "torch.float32", "torch.float16")
+    assert list(tuned.cache) == [key] and tuned.cache[key].kwargs["BLOCK"] == 32
+    assert (sorted(timed), launched, len(through_triton)) == ([16, 32, 64], [32], 1)
+    for _ in range(3):
+        assert launch(x, 256) == key
+    assert (len(timed), launched, len(through_triton)) == (3, [32] * 4, 1)
+    assert tuned.best_config.kwargs["BLOCK"] == 32
+    speed[32], speed[64] = 9.0, 0.5
+    launch(x.to(torch.float64), 256)
+    launch(x, 8)
+    launch(x, 8, key_l=16)
+    assert len(tuned.cache) == 4 and len(timed) == 12 and len(through_triton) == 4
+    assert launched[-3:] == [64, 64, 64]
+
+
 def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     """The dense forward / grad_x tables: blocks of examples larger than the batch's bucket are
     pruned (batch 1 keeps single-example programs), and pipeline stages are lowered until the

@@ -18,12 +18,11 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-import triton
 import triton.language as tl
 
 from .. import _args, _env
 from .._epilogue import Scales, finish_grads, fold_scaled_kernel_grads
-from ._grid import flat_grid
+from ._grid import cdiv, flat_grid
 from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucket,
                       fixed_blocks, smallest_block)
 from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
@@ -108,13 +107,13 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     s_ptrs, s_strides, s_flags = launch_args((in_scale, out_scale, tap_scale), kh * kw, routing)
     if cin_g == 1:
         blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
-        grid = lambda meta: flat_grid(triton.cdiv(ho * wo, meta["BLOCK_P"]),  # noqa: E731
-                                      triton.cdiv(cout, meta["BLOCK_C"]), B)
+        grid = lambda meta: flat_grid(cdiv(ho * wo, meta["BLOCK_P"]),  # noqa: E731
+                                      cdiv(cout, meta["BLOCK_C"]), B)
         dw_fwd_kernel[grid](
             x, routing, w, b, *s_ptrs, out, cout, cout // cin, H, W, ho, wo, *x.stride(),
             *routing.stride(), *out.stride(), *s_strides, *geometry, bucket(B),
             bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out),
-            ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E),
+            ACC=_acc(x.dtype), E_POW2=bucket(E),
             FLAT_IN=_flat_taps(x, stride, wo, W),
             FLAT_OUT=_flat_pixels(out), **s_flags, **blocks)
         return out
@@ -126,9 +125,9 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             return stationary.run(x, routing, weight, bias, out, plan, scales=given)
     cout_g = cout // groups
     blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
-    grid = lambda meta: flat_grid(triton.cdiv(ho * wo, meta["BLOCK_N"]),  # noqa: E731
-                                  triton.cdiv(cout_g, meta["BLOCK_M"]),
-                                  triton.cdiv(B, meta["BLOCK_B"]) * groups)
+    grid = lambda meta: flat_grid(cdiv(ho * wo, meta["BLOCK_N"]),  # noqa: E731
+                                  cdiv(cout_g, meta["BLOCK_M"]),
+                                  cdiv(B, meta["BLOCK_B"]) * groups)
     dense_fwd_kernel[grid](
         x, routing, w, b, *s_ptrs, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
         *routing.stride(), *out.stride(), *s_strides, *geometry, bucket(B),
@@ -136,6 +135,22 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         POINTWISE=pointwise, ACC=_acc(x.dtype),
         PRECISION=_precision(x.dtype), **s_flags, **blocks)
     return out
+
+
+# The smallest (BLOCK_CO, BLOCK_K) tiles of the dense kernel gradient's table: the rows of
+# partial sums its launches allocate.
+_KGRAD_SMALLEST = (smallest_block(KGRAD_TILES, "BLOCK_CO"), smallest_block(KGRAD_TILES, "BLOCK_K"))
+_STAND_INS = {}
+
+
+def _stand_in(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One element of ``dtype`` on ``device``, for a kernel's output that its flags leave
+    unwritten: allocated once per dtype and device (not in every call), never read or written
+    but by the autotuner, which zeroes it."""
+    t = _STAND_INS.get((dtype, device))
+    if t is None:
+        t = _STAND_INS[dtype, device] = torch.zeros(1, dtype=dtype, device=device)
+    return t
 
 
 def _splits(B: int) -> int:
@@ -171,13 +186,13 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         grad_x = torch.empty_like(x, memory_format=_args.suggest_memory_format(x))
         if depthwise:
             blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
-            grid = lambda meta: flat_grid(triton.cdiv(H * W, meta["BLOCK_P"]),  # noqa: E731
-                                          triton.cdiv(cin, meta["BLOCK_C"]), B)
+            grid = lambda meta: flat_grid(cdiv(H * W, meta["BLOCK_P"]),  # noqa: E731
+                                          cdiv(cin, meta["BLOCK_C"]), B)
             dw_bwd_x_kernel[grid](
                 grad_out, routing, w, *s_ptrs, grad_x, cin, cout // cin, H, W, ho, wo,
                 *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides, *geometry,
                 bucket(B), bucket(H * W), E=E, KH=kh, KW=kw, WIDE=_wide(grad_out, grad_x),
-                ACC=_acc(x.dtype), E_POW2=triton.next_power_of_2(E),
+                ACC=_acc(x.dtype), E_POW2=bucket(E),
                 FLAT_IN=_flat_taps(grad_out, stride, wo, W),
                 FLAT_OUT=_flat_pixels(grad_x), **s_flags, **blocks)
         else:
@@ -193,8 +208,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 cout_g = cout // groups
                 blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
                 grid = lambda meta: flat_grid(  # noqa: E731
-                    triton.cdiv(H * W, meta["BLOCK_N"]), triton.cdiv(cin_g, meta["BLOCK_M"]),
-                    triton.cdiv(B, meta["BLOCK_B"]) * groups)
+                    cdiv(H * W, meta["BLOCK_N"]), cdiv(cin_g, meta["BLOCK_M"]),
+                    cdiv(B, meta["BLOCK_B"]) * groups)
                 dense_bwd_x_kernel[grid](
                     grad_out, routing, w, *s_ptrs, grad_x, B, cin_g, cout_g, groups, H, W, ho,
                     wo, *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides,
@@ -211,7 +226,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         # The examples' tap gradients, then grad_weight = routing^T G, grad_routing = G W^T.
         G = torch.empty((B, cout, kh * kw), dtype=acc, device=x.device)
         blocks = fixed_blocks(DW_KGRAD_TILES)
-        grid = lambda meta: flat_grid(B, triton.cdiv(cout, meta["BLOCK_C"]))  # noqa: E731
+        grid = lambda meta: flat_grid(B, cdiv(cout, meta["BLOCK_C"]))  # noqa: E731
         dw_bwd_w_kernel[grid](
             x, grad_out, G, B, cout, cout // cin, H, W, ho, wo, *x.stride(), *grad_out.stride(),
             *geometry, bucket(B), bucket(ho * wo), KH=kh, KW=kw, WIDE=_wide(x, grad_out),
@@ -221,16 +236,16 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
     elif need_r or need_w or any(need_s):
         S = _splits(B)
-        per_split = triton.cdiv(B, S)
+        per_split = cdiv(B, S)
         N = w[0].numel()
         cout_g, K = cout // groups, cin_g * kh * kw
-        rows_co = triton.cdiv(cout_g, smallest_block(KGRAD_TILES, "BLOCK_CO"))
-        rows_k = triton.cdiv(K, smallest_block(KGRAD_TILES, "BLOCK_K"))
+        rows_co, rows_k = cdiv(cout_g, _KGRAD_SMALLEST[0]), cdiv(K, _KGRAD_SMALLEST[1])
 
         def zeros(shape, wanted):
-            """An accumulator the kernel adds into or fills in part, zeroed; a fresh stand-in
-            when unused (never an input: the autotuner zeroes these arguments)."""
-            return torch.zeros(shape if wanted else (1,), dtype=acc, device=x.device)
+            """An accumulator the kernel adds into or fills in part, zeroed; where unused (the
+            kernel then never writes it), the stand-in."""
+            return (torch.zeros(shape, dtype=acc, device=x.device) if wanted else
+                    _stand_in(acc, x.device))
         gw = zeros((S, E, N), need_w)
         # Partial sums by tile of W, as many rows as the smallest tiles of any configuration
         # make (each launch checks that it fits): grad_routing's (a row per tile), out_scale's
@@ -244,13 +259,13 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                               any(need_s))
 
         def grid(meta):
-            n_k, n_co = triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(cout_g, meta["BLOCK_CO"])
+            n_k, n_co = cdiv(K, meta["BLOCK_K"]), cdiv(cout_g, meta["BLOCK_CO"])
             return _within((rows_co, rows_k), (n_co, n_k), flat_grid(n_k, n_co, groups * S))
         dense_bwd_w_kernel[grid](
             x, grad_out, routing, w, *s_ptrs, gw, part, qc, qk, B, cin_g, cout_g, groups, H, W,
             ho, wo, per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *s_strides,
             *geometry, bucket(B), bucket(K), bucket(ho * wo), E=E,
-            E_POW2=triton.next_power_of_2(E), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
+            E_POW2=bucket(E), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
             SCALE_GRADS=any(need_s), ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
             **s_flags, **blocks)
         if need_w:

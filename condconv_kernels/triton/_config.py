@@ -16,6 +16,7 @@ from typing import Dict, Sequence
 
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 from .. import _env
 
@@ -146,10 +147,52 @@ def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[
         prune = ({"early_config_prune": _prune_examples} if "BLOCK_B" in shapes else
                  {"early_config_prune": _prune_kernel_grad}
                  if tuple(shapes) == KGRAD_TILES else None)
-        return triton.autotune(configs=configs, key=list(key), prune_configs_by=prune,
-                               reset_to_zero=list(reset_to_zero) or None,
-                               cache_results=True)(kernel)
+        return TunedKernel(kernel, configs, list(key), list(reset_to_zero) or None,
+                           prune_configs_by=prune, cache_results=True)
     return wrap
+
+
+class TunedKernel(Autotuner):
+    """``triton.autotune``'s Autotuner with a cheaper launch once a key is tuned.
+
+    Triton's ``run`` builds two dictionaries of all ~50 arguments and tests each name against
+    the list of argument names on every launch: ~20 us of host time a launch, more than the
+    rest of Triton's launch path. Here the key comes from the key arguments' positions and the
+    tensors' dtypes (the same tuple as Triton's, in the same order: the tuned configuration is
+    looked up in the same cache), and a key seen before launches its configuration straight
+    away; a new key (tuning, or the disk cache of results) and configurations with pre-hooks
+    go through Triton's ``run``."""
+
+    def __init__(self, fn, configs, key, reset_to_zero=None, **kwargs):
+        super().__init__(fn, fn.arg_names, configs, key, reset_to_zero, None, **kwargs)
+        self._arg_set = frozenset(self.arg_names)
+        self._key_at = tuple((name, self.arg_names.index(name)) for name in self.keys
+                             if name in self._arg_set)  # Triton ignores the other names
+        self._launch: Dict[tuple, tuple] = {}  # key -> (config, its launch options)
+
+    def tuning_key(self, args: tuple, kwargs: dict) -> tuple:
+        """Triton's autotuning key of a launch: the key arguments present (positional or by
+        name), then the dtype of each argument that has one, positional ones first."""
+        n = len(args)
+        key = [args[at] if at < n else kwargs[name] for name, at in self._key_at
+               if at < n or name in kwargs]
+        key += [str(a.dtype) for a in args if hasattr(a, "dtype")]
+        key += [str(v.dtype) for k, v in kwargs.items() if k in self._arg_set
+                and hasattr(v, "dtype")]
+        return tuple(key)
+
+    def run(self, *args, **kwargs):
+        if len(self.configs) > 1:
+            key = self.tuning_key(args, kwargs)
+            hit = self._launch.get(key)
+            if hit is None:
+                config = self.cache.get(key)
+                if config is None or config.pre_hook is not None:
+                    return super().run(*args, **kwargs)
+                hit = self._launch[key] = (config, config.all_kwargs())
+            self.best_config, options = hit
+            return self.fn.run(*args, **kwargs, **options)
+        return super().run(*args, **kwargs)
 
 
 def _table(shapes: Sequence[str]):
@@ -194,5 +237,5 @@ def smallest_block(shapes: Sequence[str], name: str) -> int:
 
 
 def bucket(n: int) -> int:
-    """Autotune key of a size: its power-of-two bucket."""
+    """Autotune key of a size: its power-of-two bucket (the next power of two, 1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()

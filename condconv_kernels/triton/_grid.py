@@ -16,6 +16,12 @@ import triton.language as tl
 _MAX_PROGRAMS = 2 ** 31 - 1
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host integers, b > 0: what a launcher computes for every launch
+    (``triton.cdiv`` is a constexpr function, and costs microseconds a call on the host)."""
+    return -(-a // b)
+
+
 def flat_grid(*dims: int) -> tuple:
     """The 1-D grid of ``prod(dims)`` programs (dims fastest first)."""
     n = math.prod(dims)
