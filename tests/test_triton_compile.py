@@ -71,3 +71,39 @@ def test_static_report_with_the_stationary_kernel(tmp_path):
         assert r["modeled_us"] >= max(r["serial_us"], r["floor_us"]) > 0, r
         assert r["grid"] <= 132 and r["examples_per_program"] * r["grid"] >= 256 * 8, r
     assert "(experts-stationary kernel on)" in result.stdout
+
+
+_DRY_RUN = """
+import torch
+from triton.runtime.autotuner import Autotuner
+from condconv_kernels import triton as backend
+from condconv_kernels.triton import _config, dense, dry_run
+
+dry_run.install()
+x = torch.randn(4, 16, 7, 7, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+routing, weight = torch.rand(4, 8), torch.randn(8, 32, 16, 1, 1, dtype=torch.bfloat16)
+conv = ([1, 1], [0, 0, 0, 0], [1, 1], 1)
+for _ in range(2):
+    out = backend.forward(x, routing, weight, None, *conv)
+through_triton = []
+base_run = Autotuner.run
+Autotuner.run = lambda self, *a, **k: through_triton.append(1) or base_run(self, *a, **k)
+backend.forward(x, routing, weight, None, *conv)
+kernel = dense.dense_fwd_kernel
+print(isinstance(kernel, _config.TunedKernel), tuple(out.shape), dict(dry_run.LAUNCHES),
+      len(kernel.cache), len(through_triton))
+"""
+
+
+def test_dry_run_of_the_autotuned_forward(tmp_path):
+    """The triton backend's forward launched dry (dry_run: compiled for sm_90, nothing run) on
+    CPU tensors, autotuned: one launch of the dense kernel per call, one tuned key, and once
+    tuned the launch skips Triton's Autotuner.run (TunedKernel finds the key Triton stored
+    for the real kernel's 50 arguments)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CONDCONV_TRITON_AUTOTUNE="1", CONDCONV_TRITON_STATIONARY="0")
+    result = subprocess.run([sys.executable, "-c", _DRY_RUN], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.stdout.split("\n")[-2] == (
+        "True (4, 32, 7, 7) {'dense_fwd_kernel': 3} 1 0"), result.stdout
