@@ -2,7 +2,7 @@
 of tf_efficientnet_cc_b0_8e with one gradient asked for at a time.
 
     python bench/kgrad_ablation.py [--device cuda] [--batch 256] [--backend triton]
-                                   [--layers s5.b0.expand,...] [--splits 8,32] [--out FILE.md]
+                                   [--layers s5.b0.expand,...] [--splits 2,32] [--out FILE.md]
 
 The backward op runs with these output masks (grad_x, grad_routing, grad_weight):
 
@@ -49,7 +49,7 @@ def main(argv=None):
     add_device_arguments(p, "The backend whose backward is timed.")
     p.add_argument("--layers", default="s5.b0.expand,s6.b1.expand,s7.b0.project",
                    help="Comma-separated layer names (dense ones).")
-    p.add_argument("--splits", default="32",
+    p.add_argument("--splits", default="2,32",
                    help="Comma-separated batch slice counts to try for 'wr' (triton only).")
     p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
     args = p.parse_args(argv)

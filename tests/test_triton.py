@@ -247,11 +247,12 @@ def test_a_block_of_examples_past_the_batch(monkeypatch):
 
 
 def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
-    """The dense kernel gradient adds into gw and writes only as many rows of its partial sums
-    (part, and the scales' qc and qk) as its tile size gives: the autotuner must zero them all
-    before each trial and before the real launch, or
-    the trials' sums leak into the first gradient of every new shape. The other kernels only
-    store (the depthwise kernel gradient every element of its G), so they need no reset."""
+    """The dense kernel gradient writes only as many rows of its partial sums (part, and the
+    scales' qc and qk) as its tile size gives: the autotuner must zero them before each trial
+    and before the real launch, or the trials' sums leak into the first gradient of every new
+    shape. The other outputs are stored whole (the dense kernel gradient's gw: every program
+    its tile for its batch slice; the depthwise kernel gradient every element of its G), so
+    they need no reset."""
     import importlib
     from condconv_kernels.triton import _config, dense, depthwise
     monkeypatch.setattr(_config, "INTERPRET", False)
@@ -259,8 +260,8 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
     try:
         importlib.reload(dense)
         importlib.reload(depthwise)
-        assert sorted(dense.dense_bwd_w_kernel.reset_to_zero) == ["gw_ptr", "part_ptr",
-                                                                   "qc_ptr", "qk_ptr"]
+        assert sorted(dense.dense_bwd_w_kernel.reset_to_zero) == ["part_ptr", "qc_ptr",
+                                                                   "qk_ptr"]
         for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel, depthwise.dw_fwd_kernel,
                        depthwise.dw_bwd_x_kernel, depthwise.dw_bwd_w_kernel):
             assert kernel.reset_to_zero == []
@@ -382,6 +383,24 @@ def test_kernel_gradient_over_several_chunks():
     case = CASES_BY_NAME["k1"]
     case = type(case)(**{**case.__dict__, "H": 40, "W": 40, "B": 1})
     test_op._check(case, "triton", torch.float64, "channels_last")
+
+
+@pytest.mark.parametrize("name", ["k3_s2_asym", "g2_k1"])
+def test_kernel_gradient_of_one_tile_examples(name):
+    """The dense kernel gradient where an example's output pixels fit one tile (the
+    interpreter's 16: a 4 x 4 output here; 7 x 7 layers on the GPU): its loop over the
+    examples is the innermost, without the chunked loops over pixels. With scales too."""
+    from condconv_kernels.triton._config import INTERPRET_BLOCK, bucket
+    case = CASES_BY_NAME[name]
+    case = type(case)(**{**case.__dict__, "H": 8 if case.stride[0] == 2 else 4, "W": 4 if
+                         case.stride[0] == 1 else 7, "B": 5})
+    x, _, weight, _ = make_inputs(case, torch.float64)
+    padding = cc._args.resolve_padding(case.padding, x.shape[2:], weight.shape[3:], case.stride,
+                                       case.dilation)
+    ho, wo = cc._args.out_shape(x.shape, weight.shape, case.stride, padding, case.dilation)[2:]
+    assert bucket(ho * wo) <= INTERPRET_BLOCK
+    test_op._check(case, "triton", torch.float64, "channels_last")
+    test_op._check(case, "triton", torch.float64, "contiguous")
 
 
 def test_eager_path_parameters_and_no_double_backward():

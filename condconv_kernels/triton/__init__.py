@@ -246,7 +246,10 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             kernel then never writes it), the stand-in."""
             return (torch.zeros(shape, dtype=acc, device=x.device) if wanted else
                     _stand_in(acc, x.device))
-        gw = zeros((S, E, N), need_w)
+        # Every program writes its tile of every expert's gradient for its slice, examples or
+        # none: no fill.
+        gw = (torch.empty((S, E, N), dtype=acc, device=x.device) if need_w else
+              _stand_in(acc, x.device))
         # Partial sums by tile of W, as many rows as the smallest tiles of any configuration
         # make (each launch checks that it fits): grad_routing's (a row per tile), out_scale's
         # (a row per tile of K), in_scale's and tap_scale's (a row per tile of channels).

@@ -39,6 +39,9 @@ KERNELS = {
 }
 # The kernels that take the per-example scales, compiled again with all three (name + "+scales").
 SCALED = ("dense_fwd", "dense_bwd_x", "dense_bwd_w", "dw_fwd", "dw_bwd_x")
+# The dense kernel gradient where an example's pixels fit one tile (name + "+one_tile": its loop
+# over the examples is the innermost); otherwise every variant has 256 pixels an example.
+ONE_TILE = ("dense_bwd_w",)
 _SCALE_POINTERS = ("in_s_ptr", "out_s_ptr", "tap_s_ptr")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}
@@ -53,14 +56,16 @@ def _jit(kernel) -> triton.JITFunction:
 
 def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     """Compiles one kernel (a name of KERNELS, + "+scales" for its variant with the three
-    scales) for ``sm_<arch>`` with ``config`` = (tile sizes, warps, stages)."""
-    base, _, scaled = name.partition("+")
+    scales, + "+one_tile" for one tile of pixels an example) for ``sm_<arch>`` with ``config``
+    = (tile sizes, warps, stages)."""
+    base, *flags = name.split("+")
     kernel, _, acc_pointers = KERNELS[base]
     fn = _jit(kernel)
     blocks, warps, stages = config
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    scales = bool(scaled)
-    constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True,
+    scales = "scales" in flags
+    pixels = blocks.get("BLOCK_P", 256) if "one_tile" in flags else 256
+    constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True, KEY_L=pixels,
                       IN_SCALE=scales, OUT_SCALE=scales, TAP_SCALE=scales, SCALE_GRADS=scales,
                       POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True,
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32,
@@ -96,17 +101,19 @@ def variants(quick: bool = False):
     """(kernel, dtype, config, whether it is the configuration launched without autotuning);
     ``quick``: of the other configurations only the largest tiles (most stages on a tie). The
     dense forward / grad_x configurations get the pipeline stages their launch would get for
-    that dtype with 8 experts (_config.fitting_stages). The variants with the scales likewise,
-    or with ``quick`` only float32 and bfloat16 at the untuned configuration."""
+    that dtype with 8 experts (_config.fitting_stages). The variants with the scales or one tile
+    of pixels likewise, or with ``quick`` only float32 and bfloat16 at the untuned
+    configuration."""
     for name, (_, shapes, _) in KERNELS.items():
         table = _config._table(shapes)
         rest = [max(table[1:], key=_size)] if quick else table[1:]
-        for variant in (name, name + "+scales") if name in SCALED else (name,):
-            scaled = variant != name
-            for dtype in ((torch.float32, torch.bfloat16) if quick and scaled else TYPES):
+        for variant in ((name,) + ((name + "+scales",) if name in SCALED else ())
+                        + ((name + "+one_tile",) if name in ONE_TILE else ())):
+            extra = variant != name
+            for dtype in ((torch.float32, torch.bfloat16) if quick and extra else TYPES):
                 yield variant, dtype, _staged(table[0], dtype), True
             for dtype in (torch.float32, torch.bfloat16):
-                for config in [] if quick and scaled else rest:
+                for config in [] if quick and extra else rest:
                     yield variant, dtype, _staged(config, dtype), False
 
 

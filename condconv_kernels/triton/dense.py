@@ -18,6 +18,9 @@ Backward:
   until it writes them once, and writes <G_b, W[e]> over the tile (the E expert tiles loaded
   once) as a partial of grad_routing[b, e]. Nothing is shared between programs; the batch
   slices' gradients and the partials are summed afterwards in a fixed order (deterministic).
+  Where an example's output pixels fit one tile (KEY_L <= BLOCK_P: the 7x7 layers), the loop
+  over the examples is the innermost, and Triton pipelines it: the next examples' tiles are
+  copied while one is folded.
 
 All dot dimensions are >= 16, so what runs in the interpreter compiles for the GPU.
 """
@@ -280,15 +283,37 @@ def dense_bwd_x_kernel(
             s_dc, s_dw, acc0, acc1, acc2, acc3, BLOCK_B)
 
 
+@triton.jit
+def _g_tile(p_x0, p_g0, p0, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k, s_xc, s_xh, s_xw, s_gc,
+            s_gh, s_gw, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KW: tl.constexpr,
+            ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One example's grad_out tile (channels o_co) times its input patches (columns o_ci, o_t)
+    over the pixels p0 ... p0 + BLOCK_P of its L output pixels: a (BLOCK_CO x BLOCK_K) tile of
+    G_b's sum, one dot."""
+    o_p = p0 + tl.arange(0, BLOCK_P)
+    m_p = o_p < L
+    o_oh, o_ow = o_p // WO, o_p % WO
+    p_g = (p_g0 + o_co[:, None].to(tl.int64) * s_gc
+           + o_oh[None, :].to(tl.int64) * s_gh + o_ow[None, :].to(tl.int64) * s_gw)
+    b_g = tl.load(p_g, mask=m_co[:, None] & m_p[None, :], other=0.0)
+    o_ih = o_oh[:, None] * STRIDE_H - PAD_T + (o_t // KW)[None, :] * DIL_H
+    o_iw = o_ow[:, None] * STRIDE_W - PAD_L + (o_t % KW)[None, :] * DIL_W
+    m_x = m_p[:, None] & m_k[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
+    p_x = (p_x0 + o_ci[None, :].to(tl.int64) * s_xc + o_ih.to(tl.int64) * s_xh
+           + o_iw.to(tl.int64) * s_xw)
+    b_x = tl.load(p_x, mask=m_x, other=0.0)
+    return tl.dot(b_g, b_x, input_precision=PRECISION, out_dtype=ACC)
+
+
 @autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=KGRAD_TILES,
-          reset_to_zero=("gw_ptr", "part_ptr", "qc_ptr", "qk_ptr"))
+          reset_to_zero=("part_ptr", "qc_ptr", "qk_ptr"))
 @triton.jit
 def dense_bwd_w_kernel(
     x_ptr, g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, gw_ptr, part_ptr, qc_ptr, qk_ptr,
     B, CIN_G, COUT_G, GROUPS, H, W, HO, WO, B_PER_SPLIT,
     s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_rb, s_re,
     s_ib, s_ic, s_jb, s_jc, s_tb, s_tt,
-    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L: tl.constexpr,
     E: tl.constexpr, E_POW2: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     NEED_W: tl.constexpr, NEED_R: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, SCALE_GRADS: tl.constexpr,
@@ -331,30 +356,27 @@ def dense_bwd_w_kernel(
     for b in range(i_s * B_PER_SPLIT, tl.minimum(B, (i_s + 1) * B_PER_SPLIT)):
         p_x0 = x_ptr + tl.cast(b, tl.int64) * s_xb + (i_g * CIN_G).to(tl.int64) * s_xc
         p_g0 = g_ptr + tl.cast(b, tl.int64) * s_gb
-        # Two levels of sums: tensor cores accumulate each chunk of CHUNK_P pixels (a chain of
-        # at most 64 dots), CUDA cores add the chunks. Tensor cores do not round their float32
-        # sums to nearest: over a single chain of millions of dots (one example of 2.7e8
-        # pixels) G drifts toward zero by tens of percent.
-        CHUNK_P: tl.constexpr = 64 * BLOCK_P
-        b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
-        for c0 in range(0, L, CHUNK_P):
-            b_C = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
-            for p0 in range(c0, c0 + tl.minimum(L - c0, CHUNK_P), BLOCK_P):
-                o_p = p0 + tl.arange(0, BLOCK_P)
-                m_p = o_p < L
-                o_oh, o_ow = o_p // WO, o_p % WO
-                p_g = (p_g0 + o_co[:, None].to(tl.int64) * s_gc
-                       + o_oh[None, :].to(tl.int64) * s_gh + o_ow[None, :].to(tl.int64) * s_gw)
-                b_g = tl.load(p_g, mask=m_co[:, None] & m_p[None, :], other=0.0)
-                o_ih = o_oh[:, None] * STRIDE_H - PAD_T + (o_t // KW)[None, :] * DIL_H
-                o_iw = o_ow[:, None] * STRIDE_W - PAD_L + (o_t % KW)[None, :] * DIL_W
-                m_x = (m_p[:, None] & m_k[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0)
-                       & (o_iw < W))
-                p_x = (p_x0 + o_ci[None, :].to(tl.int64) * s_xc + o_ih.to(tl.int64) * s_xh
-                       + o_iw.to(tl.int64) * s_xw)
-                b_x = tl.load(p_x, mask=m_x, other=0.0)
-                b_C += tl.dot(b_g, b_x, input_precision=PRECISION, out_dtype=ACC)
-            b_G += b_C
+        if KEY_L <= BLOCK_P:
+            # The example's pixels are one tile: the loop over the examples is the innermost,
+            # so that Triton pipelines it (the next examples' tiles copied while this one is
+            # folded); nested, a one-tile loop would wait for its own loads every example.
+            b_G = _g_tile(p_x0, p_g0, 0, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k, s_xc, s_xh,
+                          s_xw, s_gc, s_gh, s_gw, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W,
+                          KW, ACC, PRECISION, BLOCK_P)
+        else:
+            # Two levels of sums: tensor cores accumulate each chunk of CHUNK_P pixels (a chain
+            # of at most 64 dots), CUDA cores add the chunks. Tensor cores do not round their
+            # float32 sums to nearest: over a single chain of millions of dots (one example of
+            # 2.7e8 pixels) G drifts toward zero by tens of percent.
+            CHUNK_P: tl.constexpr = 64 * BLOCK_P
+            b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
+            for c0 in range(0, L, CHUNK_P):
+                b_C = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
+                for p0 in range(c0, c0 + tl.minimum(L - c0, CHUNK_P), BLOCK_P):
+                    b_C += _g_tile(p_x0, p_g0, p0, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k,
+                                   s_xc, s_xh, s_xw, s_gc, s_gh, s_gw, STRIDE_H, STRIDE_W,
+                                   PAD_T, PAD_L, DIL_H, DIL_W, KW, ACC, PRECISION, BLOCK_P)
+                b_G += b_C
         b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re, mask=m_e,
                       other=0.0).to(ACC)
         if IN_SCALE or OUT_SCALE or TAP_SCALE:
