@@ -41,7 +41,7 @@ def splits(n):
     if n is None:
         return contextlib.nullcontext()
     import condconv_kernels.triton as backend
-    return mock.patch.object(backend, "_splits", lambda B: max(1, min(B, n)))
+    return mock.patch.object(backend, "_splits", lambda B, pixels: max(1, min(B, n)))
 
 
 def main(argv=None):

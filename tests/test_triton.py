@@ -427,3 +427,21 @@ def test_grids_are_flat_and_bounded():
     assert flat_grid(3, 70000, 2) == (420000,)
     with pytest.raises(ValueError, match="'x'"):
         flat_grid(2 ** 16, 2 ** 16)
+
+
+def test_kernel_gradient_slices_keep_32_bit_loops(monkeypatch):
+    """The dense kernel gradient's batch slices (8 on the GPU, at most one per example) give
+    each program fewer than 2**31 iterations over (example, tile of pixels), an example's
+    tiles being at most CHAIN (longer examples are walked in nested loops, one iteration
+    each)."""
+    import condconv_kernels.triton as backend
+    from condconv_kernels.triton._grid import cdiv
+    monkeypatch.setattr(backend, "INTERPRET", False)
+    smallest_p, chain = backend._KGRAD_SMALLEST[2], backend.CHAIN.value
+    assert (backend._splits(256, 49), backend._splits(5, 49), backend._splits(1, 10 ** 6)) == (
+        8, 5, 1)
+    for B, pixels in ((2 ** 30, 196), (2 ** 30, 1024), (2 ** 31 - 1, 3136), (3, 2 ** 31)):
+        S = backend._splits(B, pixels)
+        assert 8 <= S <= B or S == B
+        assert cdiv(B, S) * min(cdiv(pixels, smallest_p), chain) < 2 ** 31, (B, pixels, S)
+    assert backend._splits(2 ** 30, 1024) > 8

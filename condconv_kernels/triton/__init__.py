@@ -25,7 +25,7 @@ from .._epilogue import Scales, finish_grads, fold_scaled_kernel_grads
 from ._grid import cdiv, flat_grid
 from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucket,
                       fixed_blocks, smallest_block)
-from .dense import dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
+from .dense import CHAIN, dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from ._scales import launch_args
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
 from . import stationary
@@ -137,9 +137,9 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     return out
 
 
-# The smallest (BLOCK_CO, BLOCK_K) tiles of the dense kernel gradient's table: the rows of
-# partial sums its launches allocate.
-_KGRAD_SMALLEST = (smallest_block(KGRAD_TILES, "BLOCK_CO"), smallest_block(KGRAD_TILES, "BLOCK_K"))
+# The smallest (BLOCK_CO, BLOCK_K, BLOCK_P) tiles of the dense kernel gradient's table: the
+# rows of partial sums its launches allocate, the most tiles of pixels an example may have.
+_KGRAD_SMALLEST = tuple(smallest_block(KGRAD_TILES, name) for name in KGRAD_TILES)
 _STAND_INS = {}
 
 
@@ -153,10 +153,15 @@ def _stand_in(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
-def _splits(B: int) -> int:
+def _splits(B: int, pixels: int) -> int:
     """Batch slices of the dense kernel-gradient programs (each owns its slice of partial
-    sums)."""
-    return 1 if INTERPRET else max(1, min(B, 8))
+    sums): 8 (1 under the interpreter), more where a slice's iterations over (example, tile of
+    ``pixels``) would reach 2**31 (the kernel's loop counter is 32-bit)."""
+    S = 1 if INTERPRET else max(1, min(B, 8))
+    tiles = min(cdiv(pixels, _KGRAD_SMALLEST[2]), CHAIN.value)  # an example's iterations
+    while S < B and cdiv(B, S) * tiles >= 2 ** 31:
+        S = min(B, 2 * S)
+    return S
 
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
@@ -235,7 +240,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
             G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
     elif need_r or need_w or any(need_s):
-        S = _splits(B)
+        S = _splits(B, ho * wo)
         per_split = cdiv(B, S)
         N = w[0].numel()
         cout_g, K = cout // groups, cin_g * kh * kw

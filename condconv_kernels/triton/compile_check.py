@@ -40,7 +40,8 @@ KERNELS = {
 # The kernels that take the per-example scales, compiled again with all three (name + "+scales").
 SCALED = ("dense_fwd", "dense_bwd_x", "dense_bwd_w", "dw_fwd", "dw_bwd_x")
 # The dense kernel gradient where an example's pixels fit one tile (name + "+one_tile": its loop
-# over the examples is the innermost); otherwise every variant has 256 pixels an example.
+# over (example, tile) without the fold's branch); otherwise every variant has 256 pixels an
+# example (several tiles).
 ONE_TILE = ("dense_bwd_w",)
 _SCALE_POINTERS = ("in_s_ptr", "out_s_ptr", "tap_s_ptr")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",

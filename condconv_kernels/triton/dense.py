@@ -18,9 +18,8 @@ Backward:
   until it writes them once, and writes <G_b, W[e]> over the tile (the E expert tiles loaded
   once) as a partial of grad_routing[b, e]. Nothing is shared between programs; the batch
   slices' gradients and the partials are summed afterwards in a fixed order (deterministic).
-  Where an example's output pixels fit one tile (KEY_L <= BLOCK_P: the 7x7 layers), the loop
-  over the examples is the innermost, and Triton pipelines it: the next examples' tiles are
-  copied while one is folded.
+  An example of at most CHAIN tiles of pixels is walked in one loop over (example, tile),
+  which Triton pipelines across examples: the next tiles are copied while one is folded.
 
 All dot dimensions are >= 16, so what runs in the interpreter compiles for the GPU.
 """
@@ -283,6 +282,13 @@ def dense_bwd_x_kernel(
             s_dc, s_dw, acc0, acc1, acc2, acc3, BLOCK_B)
 
 
+# The kernel gradient's longest chain of tensor-core dots into one float32 accumulator
+# (dense_bwd_w_kernel): tensor cores do not round their float32 sums to nearest, and over a
+# single chain of millions of dots (one example of 2.7e8 pixels) G drifts toward zero by tens
+# of percent; longer sums are added in chunks of CHAIN tiles on the CUDA cores.
+CHAIN = tl.constexpr(64)
+
+
 @triton.jit
 def _g_tile(p_x0, p_g0, p0, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k, s_xc, s_xh, s_xw, s_gc,
             s_gh, s_gw, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KW: tl.constexpr,
@@ -353,23 +359,32 @@ def dense_bwd_w_kernel(
         b_w = tl.load(w_ptr + o_tile, mask=m_tile, other=0.0)
     b_gw = tl.zeros((E_POW2, BLOCK_CO, BLOCK_K), dtype=ACC)
 
-    for b in range(i_s * B_PER_SPLIT, tl.minimum(B, (i_s + 1) * B_PER_SPLIT)):
+    # An example of at most CHAIN tiles of pixels (KEY_L <= CHAIN x BLOCK_P) is walked a tile
+    # an iteration of a single loop over (example, tile), which Triton pipelines: the next
+    # tiles are copied while one is multiplied or an example folded. Nested loops would restart
+    # the pipeline at every example and wait for its first loads (a 7x7 example is one tile).
+    FLAT: tl.constexpr = KEY_L <= CHAIN * BLOCK_P
+    if KEY_L <= BLOCK_P:
+        TILES = 1
+    elif FLAT:
+        TILES = tl.cdiv(L, BLOCK_P)
+    else:
+        TILES = 1  # an example an iteration, its pixels in nested loops
+    b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
+    b_lo = i_s * B_PER_SPLIT  # the slice's examples (its iterations < 2**31: _splits)
+    for it in range(0, (tl.minimum(B, b_lo + B_PER_SPLIT) - b_lo) * TILES):
+        b = b_lo + it // TILES
+        t = it % TILES
         p_x0 = x_ptr + tl.cast(b, tl.int64) * s_xb + (i_g * CIN_G).to(tl.int64) * s_xc
         p_g0 = g_ptr + tl.cast(b, tl.int64) * s_gb
-        if KEY_L <= BLOCK_P:
-            # The example's pixels are one tile: the loop over the examples is the innermost,
-            # so that Triton pipelines it (the next examples' tiles copied while this one is
-            # folded); nested, a one-tile loop would wait for its own loads every example.
-            b_G = _g_tile(p_x0, p_g0, 0, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k, s_xc, s_xh,
-                          s_xw, s_gc, s_gh, s_gw, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W,
-                          KW, ACC, PRECISION, BLOCK_P)
+        if FLAT:
+            b_G += _g_tile(p_x0, p_g0, t * BLOCK_P, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k,
+                           s_xc, s_xh, s_xw, s_gc, s_gh, s_gw, STRIDE_H, STRIDE_W, PAD_T, PAD_L,
+                           DIL_H, DIL_W, KW, ACC, PRECISION, BLOCK_P)
         else:
-            # Two levels of sums: tensor cores accumulate each chunk of CHUNK_P pixels (a chain
-            # of at most 64 dots), CUDA cores add the chunks. Tensor cores do not round their
-            # float32 sums to nearest: over a single chain of millions of dots (one example of
-            # 2.7e8 pixels) G drifts toward zero by tens of percent.
-            CHUNK_P: tl.constexpr = 64 * BLOCK_P
-            b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
+            # Two levels of sums: chains of CHAIN dots on the tensor cores, added on the CUDA
+            # cores.
+            CHUNK_P: tl.constexpr = CHAIN * BLOCK_P
             for c0 in range(0, L, CHUNK_P):
                 b_C = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
                 for p0 in range(c0, c0 + tl.minimum(L - c0, CHUNK_P), BLOCK_P):
@@ -377,34 +392,36 @@ def dense_bwd_w_kernel(
                                    s_xc, s_xh, s_xw, s_gc, s_gh, s_gw, STRIDE_H, STRIDE_W,
                                    PAD_T, PAD_L, DIL_H, DIL_W, KW, ACC, PRECISION, BLOCK_P)
                 b_G += b_C
-        b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re, mask=m_e,
-                      other=0.0).to(ACC)
-        if IN_SCALE or OUT_SCALE or TAP_SCALE:
-            if SCALE_GRADS:
-                b_Q = b_G * tl.sum(b_r[:, None, None] * b_w.to(ACC), axis=0)
-                b_Qc = b_Q  # Q_b times out_scale: in_scale's and tap_scale's share
-                b_Qk = b_Q  # Q_b times in_scale and tap_scale: out_scale's share
-            if OUT_SCALE:
-                f_c = scale_factor(out_s_ptr, s_jb, o_co * s_jc, out_s_ptr, s_jb,
-                                   o_co * s_jc, b, m_co, True, False, ACC)
+        if t == TILES - 1:  # the example's last tile: fold its G_b
+            b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re, mask=m_e,
+                          other=0.0).to(ACC)
+            if IN_SCALE or OUT_SCALE or TAP_SCALE:
                 if SCALE_GRADS:
-                    b_Qc = b_Q * f_c[:, None]
-                b_G = b_G * f_c[:, None]
-            if IN_SCALE or TAP_SCALE:
-                f_k = scale_factor(in_s_ptr, s_ib, (i_g * CIN_G + o_ci) * s_ic, tap_s_ptr,
-                                   s_tb, o_t * s_tt, b, m_k, IN_SCALE, TAP_SCALE, ACC)
-                b_G = b_G * f_k[None, :]
-                if SCALE_GRADS:
-                    b_Qk = b_Q * f_k[None, :]
-                    tl.store(qk_ptr + ((i_co.to(tl.int64) * B + b) * GROUPS + i_g) * K + o_k,
-                             tl.sum(b_Qc, axis=0), mask=m_k)
-            if OUT_SCALE and SCALE_GRADS:
-                tl.store(qc_ptr + (i_k.to(tl.int64) * B + b) * (COUT_G * GROUPS) + o_co,
-                         tl.sum(b_Qk, axis=1), mask=m_co)
-        if NEED_R:
-            b_part = tl.sum(tl.sum(b_w.to(ACC) * b_G[None, :, :], axis=2), axis=1)
-            tl.store(part_ptr + (tile.to(tl.int64) * B + b) * E + o_e, b_part, mask=m_e)
-        if NEED_W:
-            b_gw += b_r[:, None, None] * b_G[None, :, :]
+                    b_Q = b_G * tl.sum(b_r[:, None, None] * b_w.to(ACC), axis=0)
+                    b_Qc = b_Q  # Q_b times out_scale: in_scale's and tap_scale's share
+                    b_Qk = b_Q  # Q_b times in_scale and tap_scale: out_scale's share
+                if OUT_SCALE:
+                    f_c = scale_factor(out_s_ptr, s_jb, o_co * s_jc, out_s_ptr, s_jb,
+                                       o_co * s_jc, b, m_co, True, False, ACC)
+                    if SCALE_GRADS:
+                        b_Qc = b_Q * f_c[:, None]
+                    b_G = b_G * f_c[:, None]
+                if IN_SCALE or TAP_SCALE:
+                    f_k = scale_factor(in_s_ptr, s_ib, (i_g * CIN_G + o_ci) * s_ic, tap_s_ptr,
+                                       s_tb, o_t * s_tt, b, m_k, IN_SCALE, TAP_SCALE, ACC)
+                    b_G = b_G * f_k[None, :]
+                    if SCALE_GRADS:
+                        b_Qk = b_Q * f_k[None, :]
+                        tl.store(qk_ptr + ((i_co.to(tl.int64) * B + b) * GROUPS + i_g) * K + o_k,
+                                 tl.sum(b_Qc, axis=0), mask=m_k)
+                if OUT_SCALE and SCALE_GRADS:
+                    tl.store(qc_ptr + (i_k.to(tl.int64) * B + b) * (COUT_G * GROUPS) + o_co,
+                             tl.sum(b_Qk, axis=1), mask=m_co)
+            if NEED_R:
+                b_part = tl.sum(tl.sum(b_w.to(ACC) * b_G[None, :, :], axis=2), axis=1)
+                tl.store(part_ptr + (tile.to(tl.int64) * B + b) * E + o_e, b_part, mask=m_e)
+            if NEED_W:
+                b_gw += b_r[:, None, None] * b_G[None, :, :]
+            b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
     if NEED_W:
         tl.store(gw_ptr + (i_s * E).to(tl.int64) * N + o_tile, b_gw, mask=m_tile)
