@@ -353,7 +353,7 @@ if [ "$MODE" = first ]; then
   step stationary 75 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
     --out "$WORK/results/stationary.md"
   table "$WORK/results/stationary.md"
-  step kgrad 40 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/kgrad_ablation.py "${KGRAD[@]}" \
+  step kgrad 60 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/kgrad_ablation.py "${KGRAD[@]}" \
     --out "$WORK/results/kgrad-ablation.md"
   table "$WORK/results/kgrad-ablation.md"
 elif [ "$MODE" = second ]; then

@@ -157,14 +157,17 @@ def layer_inputs(layer, batch: int, device: str, dtype, generator):
     return x, routing, weight, bias
 
 
-def print_table(title: str, columns, rows, record, out, script: str, argv) -> None:
+def print_table(title: str, columns, rows, record, out, script: str, argv,
+                echo: bool = True) -> None:
     """Prints a per-layer table (a title line, the columns, the rows, the machine) and, with
-    ``out``, writes it and ``record`` (JSON beside it) with the command that made them."""
+    ``out``, writes it and ``record`` (JSON beside it) with the command that made them;
+    ``echo=False`` only writes (a partial table, kept if a time limit cuts the run)."""
     from condconv_kernels.profile import machine_info
     from condconv_kernels.profile.tables import header, row, write_result
     lines = [title, ""] + header(columns) + [row(r) for r in rows]
     table = "\n".join(lines + ["", machine_line(machine_info())])
-    print(table)
+    if echo:
+        print(table)
     if out:
         command = f"python bench/{script} " + " ".join(argv if argv else sys.argv[1:])
         write_result(out, table, command, {"machine": machine_info(), "layers": record})

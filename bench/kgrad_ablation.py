@@ -84,10 +84,11 @@ def main(argv=None):
         rows.append(cells)
         record.append({"layer": name, "shape": cells[1], "device_us": times})
         print(f"{name}: done", file=sys.stderr)
-    print_table(f"Dense backward by gradient asked for, batch {args.batch}, {args.dtype}, "
-                f"channels_last, backend {args.backend}, {args.device}: device us per call",
-                ["layer", "shape"] + list(variants), rows, record, args.out,
-                "kgrad_ablation.py", argv)
+        last = layer is chosen[-1]  # the table so far is written after each layer
+        print_table(f"Dense backward by gradient asked for, batch {args.batch}, {args.dtype}, "
+                    f"channels_last, backend {args.backend}, {args.device}: device us per call",
+                    ["layer", "shape"] + list(variants), rows, record, args.out,
+                    "kgrad_ablation.py", argv, echo=last)
 
 
 if __name__ == "__main__":
