@@ -3,9 +3,10 @@
     python -m condconv_kernels.triton.report [--arch 90] [--batch 256] [--dtype bfloat16]
                                              [--layout channels_last] [--json FILE] [--all]
                                              [--before EARLIER.json] [--scales]
-                                             [--stationary]
+                                             [--stationary] [--model resnet]
 
-For each of the 24 CondConv layers of tf_efficientnet_cc_b0_8e, every kernel the layer runs
+For each of the 24 CondConv layers of tf_efficientnet_cc_b0_8e (``--model resnet``: the dense
+3x3 layers of a ResNet-18/34 at 224, 8 experts), every kernel the layer runs
 (forward, grad_x, kernel gradient) is launched on meta tensors with its launch recorded (the
 exact arguments, so the exact specialization: dtypes, strides equal to 1, divisibility by 16),
 then compiled for ``sm_<arch>`` at each configuration of its table. Per layer and kernel the
@@ -536,6 +537,21 @@ def compare(before, after) -> str:
     return "\n".join(lines)
 
 
+def _efficientnet_layers():
+    from ..profile.layers import efficientnet_cc_b0_layers
+    return efficientnet_cc_b0_layers(8)
+
+
+def _resnet_layers():
+    from ..profile.layers import resnet_condconv_layers
+    return resnet_condconv_layers(8)
+
+
+# --model: (what the title calls the layers, the layers).
+MODELS = {"efficientnet": ("tf_efficientnet_cc_b0_8e", _efficientnet_layers),
+          "resnet": ("ResNet-18/34 dense 3x3 (8 experts)", _resnet_layers)}
+
+
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--arch", type=int, default=90, help="The compute capability x 10.")
@@ -553,17 +569,19 @@ def main(argv=None) -> int:
     p.add_argument("--stationary", action="store_true",
                    help="The backend as CONDCONV_TRITON_STATIONARY=1 runs it: the 1x1 passes the "
                         "experts-stationary kernel takes, modeled by its own rule.")
+    p.add_argument("--model", default="efficientnet", choices=sorted(MODELS),
+                   help="Whose layers: tf_efficientnet_cc_b0_8e's 24, or a ResNet's dense 3x3.")
     args = p.parse_args(argv)
     if _config.INTERPRET:
         p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
-    from ..profile import efficientnet_cc_b0_layers
-    layers = efficientnet_cc_b0_layers(8)[:args.first]
+    title, make_layers = MODELS[args.model]
+    layers = make_layers()[:args.first]
     records = report(args.batch, getattr(torch, args.dtype), args.layout == "channels_last",
                      args.arch, args.all, layers,
                      progress=lambda name: print(f"compiled {name}", file=sys.stderr),
                      scales=args.scales, stationary=args.stationary)
     print(f"triton backend{' (experts-stationary kernel on)' if args.stationary else ''}, "
-          f"tf_efficientnet_cc_b0_8e layers"
+          f"{title} layers"
           f"{' with the three per-example scales' if args.scales else ''}, batch {args.batch}, "
           f"{args.dtype}, {args.layout}, sm_{args.arch} (static model, no GPU)\n")
     print(format_table(records))
