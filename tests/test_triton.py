@@ -265,6 +265,12 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
         for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel, depthwise.dw_fwd_kernel,
                        depthwise.dw_bwd_x_kernel, depthwise.dw_bwd_w_kernel):
             assert kernel.reset_to_zero == []
+        # The flags that change a launch's registers are in its tuning key: a configuration
+        # tuned without the scales (or the kernel gradient's halves) is not reused with them.
+        for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel, dense.dense_bwd_w_kernel,
+                       depthwise.dw_fwd_kernel, depthwise.dw_bwd_x_kernel):
+            assert set(_config.SCALE_FLAGS) <= set(kernel.keys), kernel.keys
+        assert {"NEED_W", "NEED_R", "SCALE_GRADS"} <= set(dense.dense_bwd_w_kernel.keys)
     finally:
         monkeypatch.undo()
         importlib.reload(dense)
@@ -445,3 +451,16 @@ def test_kernel_gradient_slices_keep_32_bit_loops(monkeypatch):
         assert 8 <= S <= B or S == B
         assert cdiv(B, S) * min(cdiv(pixels, smallest_p), chain) < 2 ** 31, (B, pixels, S)
     assert backend._splits(2 ** 30, 1024) > 8
+
+
+def test_stand_in_is_an_ordinary_tensor(monkeypatch):
+    """The kernel gradient's shared stand-in for unused outputs, first made under inference
+    mode, is still an ordinary tensor: the autotuner zeroes it (reset_to_zero) in later calls
+    outside that mode, which an inference tensor refuses."""
+    import condconv_kernels.triton as backend
+    monkeypatch.setattr(backend, "_STAND_INS", {})
+    with torch.inference_mode():
+        t = backend._stand_in(torch.float32, torch.device("cpu"))
+    assert not t.is_inference() and t.shape == (1,)
+    t.zero_()
+    assert backend._stand_in(torch.float32, torch.device("cpu")) is t

@@ -146,10 +146,16 @@ _STAND_INS = {}
 def _stand_in(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """One element of ``dtype`` on ``device``, for a kernel's output that its flags leave
     unwritten: allocated once per dtype and device (not in every call), never read or written
-    but by the autotuner, which zeroes it."""
+    but by the autotuner, which zeroes it. Kept as an ordinary tensor (not an inference-mode
+    one, which the tuner could not zero outside that mode) and never from a CUDA graph's
+    capture (whose pool it would outlive: a fresh one then)."""
     t = _STAND_INS.get((dtype, device))
     if t is None:
-        t = _STAND_INS[dtype, device] = torch.zeros(1, dtype=dtype, device=device)
+        fresh = lambda: torch.zeros(1, dtype=dtype, device=device)  # noqa: E731
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return fresh()
+        with torch.inference_mode(False):
+            t = _STAND_INS[dtype, device] = fresh()
     return t
 
 

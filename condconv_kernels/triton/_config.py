@@ -24,6 +24,10 @@ INTERPRET = _env.TRITON_INTERPRET
 FORCED_CONFIG = _env.TRITON_CONFIG
 AUTOTUNE = _env.TRITON_AUTOTUNE
 
+# The kernels' per-example scale flags: part of every autotune key that takes them (a scaled
+# launch holds more registers, and the kernel gradient's table is pruned for it).
+SCALE_FLAGS = ("IN_SCALE", "OUT_SCALE", "TAP_SCALE")
+
 # The tile names of the dense forward and grad_x kernels: examples per program, the output tile
 # (channels x pixels) and the reduction block.
 DENSE_TILES = ("BLOCK_B", "BLOCK_M", "BLOCK_N", "BLOCK_K")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._config import DENSE_TILES, KGRAD_TILES, autotune
+from ._config import DENSE_TILES, KGRAD_TILES, SCALE_FLAGS, autotune
 from ._grid import program_ids
 from ._scales import scale_factor
 
@@ -137,7 +137,8 @@ def _store4(o_ptr, b0, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc0, acc1, acc2, a
         _store_tile(o_ptr, b0 + 3, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc3)
 
 
-@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=DENSE_TILES)
+@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW", *SCALE_FLAGS],
+          shapes=DENSE_TILES)
 @triton.jit
 def dense_fwd_kernel(
     x_ptr, r_ptr, w_ptr, bias_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, out_ptr,
@@ -213,7 +214,8 @@ def dense_fwd_kernel(
             s_oc, s_ow, acc0, acc1, acc2, acc3, BLOCK_B)
 
 
-@autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=DENSE_TILES)
+@autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L", "E", "KH", "KW", *SCALE_FLAGS],
+          shapes=DENSE_TILES)
 @triton.jit
 def dense_bwd_x_kernel(
     g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, dx_ptr,
@@ -311,7 +313,8 @@ def _g_tile(p_x0, p_g0, p0, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k, s_xc, s_xh,
     return tl.dot(b_g, b_x, input_precision=PRECISION, out_dtype=ACC)
 
 
-@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW"], shapes=KGRAD_TILES,
+@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW", "NEED_W", "NEED_R",
+               "SCALE_GRADS", *SCALE_FLAGS], shapes=KGRAD_TILES,
           reset_to_zero=("part_ptr", "qc_ptr", "qk_ptr"))
 @triton.jit
 def dense_bwd_w_kernel(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._config import DW_KGRAD_TILES, autotune
+from ._config import DW_KGRAD_TILES, SCALE_FLAGS, autotune
 from ._grid import program_ids
 from ._scales import scale_factor
 
@@ -43,7 +43,8 @@ def _mixed_taps(r, w_ptr, o_w, m_w, N, E: tl.constexpr, E_POW2: tl.constexpr,
     return tl.sum(r[:, None] * w, axis=0)
 
 
-@autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW"], shapes=("BLOCK_C", "BLOCK_P"))
+@autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW", *SCALE_FLAGS],
+          shapes=("BLOCK_C", "BLOCK_P"))
 @triton.jit
 def dw_fwd_kernel(
     x_ptr, r_ptr, w_ptr, bias_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, out_ptr,
@@ -104,7 +105,8 @@ def dw_fwd_kernel(
     tl.store(p_o + off_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_c[:, None] & m_p[None, :])
 
 
-@autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW"], shapes=("BLOCK_C", "BLOCK_P"))
+@autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW", *SCALE_FLAGS],
+          shapes=("BLOCK_C", "BLOCK_P"))
 @triton.jit
 def dw_bwd_x_kernel(
     g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, dx_ptr,
