@@ -39,10 +39,11 @@ KERNELS = {
 }
 # The kernels that take the per-example scales, compiled again with all three (name + "+scales").
 SCALED = ("dense_fwd", "dense_bwd_x", "dense_bwd_w", "dw_fwd", "dw_bwd_x")
-# The dense kernel gradient where an example's pixels fit one tile (name + "+one_tile": its loop
-# over (example, tile) without the fold's branch); otherwise every variant has 256 pixels an
-# example (several tiles).
-ONE_TILE = ("dense_bwd_w",)
+# The dense kernel gradient's three loops: where an example's pixels fit one tile (name +
+# "+one_tile": one loop over (example, tile) without the fold's branch), over CHAIN tiles
+# (+ "+long": nested loops and two-level sums); otherwise every variant has 256 pixels an
+# example (several tiles, one loop).
+PIXEL_VARIANTS = {"dense_bwd_w": ("+one_tile", "+long")}
 _SCALE_POINTERS = ("in_s_ptr", "out_s_ptr", "tap_s_ptr")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}
@@ -57,7 +58,8 @@ def _jit(kernel) -> triton.JITFunction:
 
 def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     """Compiles one kernel (a name of KERNELS, + "+scales" for its variant with the three
-    scales, + "+one_tile" for one tile of pixels an example) for ``sm_<arch>`` with ``config``
+    scales, + "+one_tile" / "+long" for one tile of pixels an example / more than CHAIN tiles)
+    for ``sm_<arch>`` with ``config``
     = (tile sizes, warps, stages)."""
     base, *flags = name.split("+")
     kernel, _, acc_pointers = KERNELS[base]
@@ -65,7 +67,8 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     blocks, warps, stages = config
     acc = "fp64" if dtype == torch.float64 else "fp32"
     scales = "scales" in flags
-    pixels = blocks.get("BLOCK_P", 256) if "one_tile" in flags else 256
+    pixels = (blocks["BLOCK_P"] if "one_tile" in flags else
+              4 * dense.CHAIN.value * blocks["BLOCK_P"] if "long" in flags else 256)
     constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True, KEY_L=pixels,
                       IN_SCALE=scales, OUT_SCALE=scales, TAP_SCALE=scales, SCALE_GRADS=scales,
                       POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True,
@@ -109,7 +112,7 @@ def variants(quick: bool = False):
         table = _config._table(shapes)
         rest = [max(table[1:], key=_size)] if quick else table[1:]
         for variant in ((name,) + ((name + "+scales",) if name in SCALED else ())
-                        + ((name + "+one_tile",) if name in ONE_TILE else ())):
+                        + tuple(name + v for v in PIXEL_VARIANTS.get(name, ()))):
             extra = variant != name
             for dtype in ((torch.float32, torch.bfloat16) if quick and extra else TYPES):
                 yield variant, dtype, _staged(table[0], dtype), True
