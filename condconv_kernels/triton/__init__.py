@@ -51,6 +51,15 @@ def _pointwise(kh, kw, stride, padding, t: torch.Tensor) -> bool:
             and t.stride(2) == t.shape[3] * t.stride(3))
 
 
+def _tap_major(kh: int, kw: int, t: torch.Tensor) -> bool:
+    """Whether a dense forward / grad_x reduces over (tap, channel) rather than (channel, tap):
+    for a kernel with several taps read from a tensor ``t`` (x, or grad_out for grad_x) whose
+    channels are contiguous (channels_last), so that both of the dot's tiles are contiguous
+    along a tap's channels (the experts copied in that order once a call, E x |W|). In NCHW a
+    tap's channels are a plane apart, and the experts' order stays the one they come in."""
+    return kh * kw > 1 and t.stride(1) == 1
+
+
 def _within(rows: Tuple[int, int], tiles: Tuple[int, int],
             grid: Tuple[int, ...]) -> Tuple[int, ...]:
     """A kernel-gradient grid whose programs cover (output channels x K) ``tiles`` tiles of W
@@ -128,11 +137,13 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     grid = lambda meta: flat_grid(cdiv(ho * wo, meta["BLOCK_N"]),  # noqa: E731
                                   cdiv(cout_g, meta["BLOCK_M"]),
                                   cdiv(B, meta["BLOCK_B"]) * groups)
+    tap_major = _tap_major(kh, kw, x)
     dense_fwd_kernel[grid](
-        x, routing, w, b, *s_ptrs, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
+        x, routing, weight.permute(0, 1, 3, 4, 2).contiguous() if tap_major else w, b,
+        *s_ptrs, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
         *routing.stride(), *out.stride(), *s_strides, *geometry, bucket(B),
         bucket(cin_g * kh * kw), bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None,
-        POINTWISE=pointwise, ACC=_acc(x.dtype),
+        POINTWISE=pointwise, TAP_MAJOR=tap_major, ACC=_acc(x.dtype),
         PRECISION=_precision(x.dtype), **s_flags, **blocks)
     return out
 
@@ -221,11 +232,14 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 grid = lambda meta: flat_grid(  # noqa: E731
                     cdiv(H * W, meta["BLOCK_N"]), cdiv(cin_g, meta["BLOCK_M"]),
                     cdiv(B, meta["BLOCK_B"]) * groups)
+                tap_major = _tap_major(kh, kw, grad_out)
                 dense_bwd_x_kernel[grid](
-                    grad_out, routing, w, *s_ptrs, grad_x, B, cin_g, cout_g, groups, H, W, ho,
+                    grad_out, routing,
+                    weight.permute(0, 3, 4, 1, 2).contiguous() if tap_major else w,
+                    *s_ptrs, grad_x, B, cin_g, cout_g, groups, H, W, ho,
                     wo, *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides,
                     *geometry, bucket(B), bucket(cout_g * kh * kw), bucket(H * W), E=E, KH=kh,
-                    KW=kw, POINTWISE=pointwise, ACC=_acc(x.dtype),
+                    KW=kw, POINTWISE=pointwise, TAP_MAJOR=tap_major, ACC=_acc(x.dtype),
                     PRECISION=_precision(x.dtype), **s_flags, **blocks)
 
     if need_r and not depthwise and "routing" in _env.TRITON_STATIONARY:

@@ -44,6 +44,9 @@ SCALED = ("dense_fwd", "dense_bwd_x", "dense_bwd_w", "dw_fwd", "dw_bwd_x")
 # (+ "+long": nested loops and two-level sums); otherwise every variant has 256 pixels an
 # example (several tiles, one loop).
 PIXEL_VARIANTS = {"dense_bwd_w": ("+one_tile", "+long")}
+# The dense forward and grad_x reduce over (tap, channel) for a channels_last input
+# (TAP_MAJOR); + "+nchw": over (channel, tap), as for a contiguous one.
+LAYOUT_VARIANTS = {"dense_fwd": ("+nchw",), "dense_bwd_x": ("+nchw",)}
 _SCALE_POINTERS = ("in_s_ptr", "out_s_ptr", "tap_s_ptr")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}
@@ -58,8 +61,8 @@ def _jit(kernel) -> triton.JITFunction:
 
 def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     """Compiles one kernel (a name of KERNELS, + "+scales" for its variant with the three
-    scales, + "+one_tile" / "+long" for one tile of pixels an example / more than CHAIN tiles)
-    for ``sm_<arch>`` with ``config``
+    scales, + "+one_tile" / "+long" for one tile of pixels an example / more than CHAIN tiles,
+    + "+nchw" for the reduction order of a contiguous input) for ``sm_<arch>`` with ``config``
     = (tile sizes, warps, stages)."""
     base, *flags = name.split("+")
     kernel, _, acc_pointers = KERNELS[base]
@@ -72,6 +75,7 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True, KEY_L=pixels,
                       IN_SCALE=scales, OUT_SCALE=scales, TAP_SCALE=scales, SCALE_GRADS=scales,
                       POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True,
+                      TAP_MAJOR="nchw" not in flags,
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                       PRECISION="tf32" if dtype == torch.float32 else "ieee")
     declared = {p.name for p in fn.params if p.is_constexpr}
@@ -112,7 +116,8 @@ def variants(quick: bool = False):
         table = _config._table(shapes)
         rest = [max(table[1:], key=_size)] if quick else table[1:]
         for variant in ((name,) + ((name + "+scales",) if name in SCALED else ())
-                        + tuple(name + v for v in PIXEL_VARIANTS.get(name, ()))):
+                        + tuple(name + v for v in PIXEL_VARIANTS.get(name, ()))
+                        + tuple(name + v for v in LAYOUT_VARIANTS.get(name, ()))):
             extra = variant != name
             for dtype in ((torch.float32, torch.bfloat16) if quick and extra else TYPES):
                 yield variant, dtype, _staged(table[0], dtype), True

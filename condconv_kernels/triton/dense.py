@@ -148,7 +148,8 @@ def dense_fwd_kernel(
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
-    POINTWISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    POINTWISE: tl.constexpr, TAP_MAJOR: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[b, co, p] for BLOCK_B (1, 2 or 4) examples x BLOCK_M output channels x BLOCK_N output
@@ -156,6 +157,11 @@ def dense_fwd_kernel(
     of the block (_mix4), then one 2-D dot per example with the mixed tile as the A operand (in
     registers) and the example's input patches as B. POINTWISE (1x1, stride 1, no padding, H
     and W mergeable in x): the patches are x's (channels x pixels) matrix itself.
+
+    The reduction index k runs over (input channel, tap), or with TAP_MAJOR over (tap, input
+    channel), w_ptr then holding the experts as (E, Cout, kh, kw, Cin/groups): a tap's
+    channels are contiguous in both the expert tiles and a channels_last x, so their loads are
+    vector loads that Triton copies asynchronously.
 
     The per-example scales, where present (in_scale (B, Cin) strides s_ib, s_ic; out_scale
     (B, Cout) s_jb, s_jc; tap_scale (B, KH * KW) s_tb, s_tt): in and tap multiply the mixed
@@ -181,7 +187,10 @@ def dense_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
-        o_ci, o_t = o_k // (KH * KW), o_k % (KH * KW)
+        if TAP_MAJOR:
+            o_t, o_ci = o_k // CIN_G, o_k % CIN_G
+        else:
+            o_ci, o_t = o_k // (KH * KW), o_k % (KH * KW)
         w0, w1, w2, w3 = _mix4(r_ptr, w_ptr, w_ptr + o_co[:, None].to(tl.int64) * K + o_k[None, :],
                                m_m[:, None] & m_k[None, :], b0, b1, b2, b3, s_rb, s_re, N, E,
                                BLOCK_B, ACC)
@@ -225,14 +234,18 @@ def dense_bwd_x_kernel(
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, POINTWISE: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    TAP_MAJOR: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x[b, ci, ih, iw] = sum_{co, i, j} W_b[co, ci, i, j] grad_out[b, co, oh, ow] over
     the (oh, ow) with ih = oh * stride - pad + i * dilation (likewise w), for BLOCK_B examples x
     BLOCK_M input channels x BLOCK_N input pixels, the mixed W^T tiles made as in the forward.
     POINTWISE: grad_out's (channels x pixels) matrix itself. The scales (as in the forward): out
-    and tap multiply the mixed tile's columns, in the accumulator's rows."""
+    and tap multiply the mixed tile's columns, in the accumulator's rows. The reduction index
+    runs over (output channel, tap), or with TAP_MAJOR over (tap, output channel), w_ptr then
+    holding the experts as (E, kh, kw, Cout, Cin/groups): the W^T tile contiguous along its
+    input channels, the grad_out tile of a channels_last grad_out along its output channels
+    (vector loads, copied asynchronously)."""
     tl.static_assert(BLOCK_B <= 4, "a program serves at most 4 examples")
     i_n, i_m, i_bg = program_ids(tl.cdiv(H * W, BLOCK_N), tl.cdiv(CIN_G, BLOCK_M))
     i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
@@ -253,10 +266,14 @@ def dense_bwd_x_kernel(
     for k0 in range(0, K2, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K2
-        o_co, o_t = o_k // (KH * KW), o_k % (KH * KW)
-        # Mixed W^T tile: (ci, (co, t)) of W[e, g * COUT_G + co, ci, t].
-        p_w = (w_ptr + ((i_g * COUT_G + o_co[None, :]).to(tl.int64) * CIN_G + o_m[:, None])
-               * (KH * KW) + o_t[None, :])
+        if TAP_MAJOR:  # Mixed W^T tile: (ci, (t, co)) of W[e, t, g * COUT_G + co, ci].
+            o_t, o_co = o_k // COUT_G, o_k % COUT_G
+            p_w = (w_ptr + ((o_t[None, :] * GROUPS + i_g) * COUT_G + o_co[None, :]).to(tl.int64)
+                   * CIN_G + o_m[:, None])
+        else:  # Mixed W^T tile: (ci, (co, t)) of W[e, g * COUT_G + co, ci, t].
+            o_co, o_t = o_k // (KH * KW), o_k % (KH * KW)
+            p_w = (w_ptr + ((i_g * COUT_G + o_co[None, :]).to(tl.int64) * CIN_G + o_m[:, None])
+                   * (KH * KW) + o_t[None, :])
         w0, w1, w2, w3 = _mix4(r_ptr, w_ptr, p_w, m_m[:, None] & m_k[None, :], b0, b1, b2, b3,
                                s_rb, s_re, N, E, BLOCK_B, ACC)
         w0, w1, w2, w3 = _scale4(w0, w1, w2, w3, out_s_ptr, s_jb, (i_g * COUT_G + o_co) * s_jc,
