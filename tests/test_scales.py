@@ -50,13 +50,15 @@ def _truth(case, inputs, scales, grad_out):
     return out, torch.autograd.grad(out, wanted, grad_out.double())
 
 
-def _check(case, backend, dtype, layout, which, seed=0):
+def _check(case, backend, dtype, layout, which, seed=0, grad_layout="contiguous"):
     inputs = make_inputs(case, dtype, layout, seed=seed)
     scales = _scales(case, which, dtype, seed + 1)
     shape = reference.condconv2d_loop(*[t.double() if t is not None else None for t in inputs],
                                       *conv_args(case, inputs[0])).shape
     grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 2),
                            dtype=torch.float64).to(dtype)
+    if grad_layout == "channels_last":
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     out, grads = _run(case, inputs, scales, backend, grad_out)
     truth, truth_grads = _truth(case, inputs, scales, grad_out)
     # float64: summation order only; float32: ~100 ulps of the largest value.

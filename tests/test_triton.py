@@ -271,6 +271,8 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
                        depthwise.dw_fwd_kernel, depthwise.dw_bwd_x_kernel):
             assert set(_config.SCALE_FLAGS) <= set(kernel.keys), kernel.keys
         assert {"NEED_W", "NEED_R", "SCALE_GRADS"} <= set(dense.dense_bwd_w_kernel.keys)
+        for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel):
+            assert "TAP_MAJOR" in kernel.keys  # the reduction order ranks the tiles anew
     finally:
         monkeypatch.undo()
         importlib.reload(dense)
@@ -464,3 +466,36 @@ def test_stand_in_is_an_ordinary_tensor(monkeypatch):
     assert not t.is_inference() and t.shape == (1,)
     t.zero_()
     assert backend._stand_in(torch.float32, torch.device("cpu")) is t
+
+
+@pytest.mark.parametrize("name", ["k3_s2_asym", "g2_s2_e8_b1", "k5_d2_s2_asym", "k1x3_rect"])
+def test_dense_tap_major_reduction(name, monkeypatch):
+    """The dense forward and grad_x over (tap, channel), with the experts reordered: taken for
+    channels_last inputs of kernels with several taps (from TAP_MAJOR_MIN_BATCH examples, 1
+    here), never for NCHW; every output and gradient against the reference in float64, each
+    launch's flag recorded. One case with the three per-example scales (their in and tap
+    indices come from the reordered reduction index)."""
+    import condconv_kernels.triton as backend
+    monkeypatch.setattr(backend, "TAP_MAJOR_MIN_BATCH", 1)
+    seen = []
+    for kernel_name in ("dense_fwd_kernel", "dense_bwd_x_kernel"):
+        def spy(kernel=getattr(backend, kernel_name), kernel_name=kernel_name):
+            class Spy:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        seen.append((kernel_name, kwargs["TAP_MAJOR"]))
+                        return kernel[grid](*args, **kwargs)
+                    return launch
+            return Spy()
+        monkeypatch.setattr(backend, kernel_name, spy())
+    case = CASES_BY_NAME[name]
+    for layout, want in (("channels_last", True), ("contiguous", False)):
+        seen.clear()
+        test_op._check(case, "triton", torch.float64, layout)
+        assert sorted(seen) == [("dense_bwd_x_kernel", want), ("dense_fwd_kernel", want)], seen
+    if name == "k3_s2_asym":
+        import test_scales
+        seen.clear()
+        test_scales._check(case, "triton", torch.float64, "channels_last",
+                           test_scales.SUBSETS["all"], grad_layout="channels_last")
+        assert set(seen) == {("dense_bwd_x_kernel", True), ("dense_fwd_kernel", True)}, seen

@@ -51,13 +51,20 @@ def _pointwise(kh, kw, stride, padding, t: torch.Tensor) -> bool:
             and t.stride(2) == t.shape[3] * t.stride(3))
 
 
+# The smallest batch whose dense 3x3 forward / grad_x reduce over (tap, channel) (_tap_major).
+TAP_MAJOR_MIN_BATCH = 16
+
+
 def _tap_major(kh: int, kw: int, t: torch.Tensor) -> bool:
     """Whether a dense forward / grad_x reduces over (tap, channel) rather than (channel, tap):
     for a kernel with several taps read from a tensor ``t`` (x, or grad_out for grad_x) whose
     channels are contiguous (channels_last), so that both of the dot's tiles are contiguous
-    along a tap's channels (the experts copied in that order once a call, E x |W|). In NCHW a
-    tap's channels are a plane apart, and the experts' order stays the one they come in."""
-    return kh * kw > 1 and t.stride(1) == 1
+    along a tap's channels (vector loads, copied asynchronously), at a batch of at least
+    TAP_MAJOR_MIN_BATCH. The experts are then copied into that order once a call (2 E |W|
+    bytes through HBM), which pays where the kernel reads them once per block of up to 4
+    examples, not for the single read of a small batch. In NCHW a tap's channels are a plane
+    apart, and the experts' order stays the one they come in."""
+    return kh * kw > 1 and t.stride(1) == 1 and t.shape[0] >= TAP_MAJOR_MIN_BATCH
 
 
 def _within(rows: Tuple[int, int], tiles: Tuple[int, int],

@@ -137,8 +137,8 @@ def _store4(o_ptr, b0, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc0, acc1, acc2, a
         _store_tile(o_ptr, b0 + 3, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc3)
 
 
-@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW", *SCALE_FLAGS],
-          shapes=DENSE_TILES)
+@autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW", "TAP_MAJOR",
+               *SCALE_FLAGS], shapes=DENSE_TILES)
 @triton.jit
 def dense_fwd_kernel(
     x_ptr, r_ptr, w_ptr, bias_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, out_ptr,
@@ -223,8 +223,8 @@ def dense_fwd_kernel(
             s_oc, s_ow, acc0, acc1, acc2, acc3, BLOCK_B)
 
 
-@autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L", "E", "KH", "KW", *SCALE_FLAGS],
-          shapes=DENSE_TILES)
+@autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L", "E", "KH", "KW", "TAP_MAJOR",
+               *SCALE_FLAGS], shapes=DENSE_TILES)
 @triton.jit
 def dense_bwd_x_kernel(
     g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, dx_ptr,

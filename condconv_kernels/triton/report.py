@@ -23,7 +23,8 @@ bulk tensor copies of TMA) appear in the code, and the model:
   the depthwise arithmetic);
 - modeled time: the largest of HBM bytes / 3.0 TB/s, L2 bytes / 6 TB/s, tensor-core FLOPs /
   800 TFLOP/s (wgmma; half of it for mma.sync), CUDA-core FLOPs / 60 TFLOP/s, each divided by
-  the fraction of the 132 SMs the grid can fill, times 2 where registers spill;
+  the fraction of the 132 SMs the grid can fill, times 2 where registers spill, plus the
+  experts' copy into tap-major order where the launch needs it (channels_last 3x3 dense);
 - floor: the layer's own floor for that pass, max(FLOPs / 800 TFLOP/s, HBM bytes / 3.0 TB/s).
 
 ``--stationary`` models the backend as ``CONDCONV_TRITON_STATIONARY=1`` runs it: the 1x1 passes
@@ -324,6 +325,16 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
     return hbm, l2, 0, cc, conv_flops + 2 * mix_flops
 
 
+def _copy_us(layer, itemsize: int, launch: Launch) -> float:
+    """The host-side copy a launch needs before it runs, as HBM time: the experts reordered
+    tap-major for a dense forward / grad_x with TAP_MAJOR (read and written once a call; not
+    part of the layer's floor)."""
+    if not launch.kwargs.get("TAP_MAJOR"):
+        return 0.0
+    experts = layer.experts * layer.cout * (layer.cin // layer.groups) * layer.kernel ** 2
+    return 1e6 * 2 * experts * itemsize / HBM
+
+
 def stationary_model(itemsize: int, launch: Launch) -> dict:
     """The experts-stationary kernel's traffic, work and time (module docstring): hbm_bytes,
     l2_bytes, smem_bytes, tc_flops, cc_flops (the mix's, or the routing form's reductions),
@@ -474,7 +485,8 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
                     record["modeled_us"] = modeled_us(
                         hbm, l2, tc, cc, programs, info["tensor_core"],
                         info["spill_bytes"] > 0 or
-                        info["shared_bytes"] > _config.SHARED_LIMIT)
+                        info["shared_bytes"] > _config.SHARED_LIMIT) + _copy_us(layer, itemsize,
+                                                                                 launch)
                 options.append(record)
             if every_config:
                 records += options
