@@ -109,9 +109,9 @@ def variants(quick: bool = False):
     """(kernel, dtype, config, whether it is the configuration launched without autotuning);
     ``quick``: of the other configurations only the largest tiles (most stages on a tie). The
     dense forward / grad_x configurations get the pipeline stages their launch would get for
-    that dtype with 8 experts (_config.fitting_stages). The variants with the scales or one tile
-    of pixels likewise, or with ``quick`` only float32 and bfloat16 at the untuned
-    configuration."""
+    that dtype with 8 experts (_config.fitting_stages). The other variants (scales, pixels an
+    example, reduction order) likewise, or with ``quick`` only float32 and bfloat16 at the
+    untuned configuration."""
     for name, (_, shapes, _) in KERNELS.items():
         table = _config._table(shapes)
         rest = [max(table[1:], key=_size)] if quick else table[1:]

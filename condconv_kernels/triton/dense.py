@@ -384,12 +384,10 @@ def dense_bwd_w_kernel(
     # tiles are copied while one is multiplied or an example folded. Nested loops would restart
     # the pipeline at every example and wait for its first loads (a 7x7 example is one tile).
     FLAT: tl.constexpr = KEY_L <= CHAIN * BLOCK_P
-    if KEY_L <= BLOCK_P:
-        TILES = 1
-    elif FLAT:
+    if FLAT and KEY_L > BLOCK_P:
         TILES = tl.cdiv(L, BLOCK_P)
-    else:
-        TILES = 1  # an example an iteration, its pixels in nested loops
+    else:  # one tile, or an example an iteration with its pixels in nested loops
+        TILES = 1
     b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
     b_lo = i_s * B_PER_SPLIT  # the slice's examples (its iterations < 2**31: _splits)
     for it in range(0, (tl.minimum(B, b_lo + B_PER_SPLIT) - b_lo) * TILES):

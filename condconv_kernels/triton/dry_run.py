@@ -9,8 +9,9 @@ driver call itself (``cuLaunchKernel``, a few microseconds).
 For a process of its own that only measures host time (``bench/bench_host_overhead.py
 --dry-run``): it cannot be undone, the kernels' outputs are never written, and torch's work on
 the CPU stands for its launches on the GPU. The autotuner "times" every configuration alike
-and keeps the first of its table (only that one is compiled). Its results and the compiled kernels go to a cache
-directory of their own, so that a later autotuned run on a GPU never reads these timings.
+and keeps the first of its table (only that one is compiled). Its results and the compiled
+kernels go to a cache directory of their own, so that a later autotuned run on a GPU never
+reads these timings.
 """
 from __future__ import annotations
 
