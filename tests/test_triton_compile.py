@@ -44,6 +44,11 @@ def test_static_report_of_a_pointwise_layer(tmp_path):
         r = records[name]
         assert r["tensor_core"] == "wgmma" and r["async_copy"] != "none", r
         assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255, r
+    for r in records.values():  # the main loop read from the machine code: its products and
+        # copies are in it; the issue floor is its instructions over 4 schedulers
+        assert r["loop_mma"] >= 1 and r["loop_async_copies"] >= 1, r
+        assert r["loop_instructions"] > r["loop_barriers"] + r["loop_mma"], r
+        assert r["loop_issue_cycles"] >= r["loop_instructions"], r  # (4 or 8 warps)
     assert "| s5.b0.expand |" in result.stdout
 
 
@@ -71,6 +76,10 @@ def test_static_report_with_the_stationary_kernel(tmp_path):
         assert r["modeled_us"] >= max(r["serial_us"], r["floor_us"]) > 0, r
         assert r["grid"] <= 132 and r["examples_per_program"] * r["grid"] >= 256 * 8, r
     assert "(experts-stationary kernel on)" in result.stdout
+    # Without its routing half the kernel gradient folds each example without converting G's
+    # layout through shared memory more than once (two barriers, three at most; the routing
+    # half's conversions and cross-warp sums cost it 13-14 a example).
+    assert records["dense_bwd_w"]["loop_barriers"] <= 3, records["dense_bwd_w"]
 
 
 _DRY_RUN = """
@@ -93,6 +102,41 @@ kernel = dense.dense_fwd_kernel
 print(isinstance(kernel, _config.TunedKernel), tuple(out.shape), dict(dry_run.LAUNCHES),
       len(kernel.cache), len(through_triton))
 """
+
+
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+.L_x_1:
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*0030*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8].tnspA, RZ ;
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0050*/                   SHFL.BFLY PT, R5, R6, 0x1, 0x1f ;
+        /*0060*/              @!P0 BRA `(.L_x_1) ;
+        /*0070*/                   STS [R3], R5 ;
+        /*0080*/                @P1 BRA `(.L_x_0) ;
+        /*0090*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*00a0*/                   BRA `(.L_x_2) ;
+"""
+
+
+def test_loops_read_from_machine_code():
+    """condconv_kernels.triton.sass on a hand-written listing: two nested loops (their
+    backward branches predicated), a forward branch that is no loop, a one-instruction trap;
+    the hot loop is the outer one, its inner body counted once."""
+    from condconv_kernels.triton import sass
+    found = sass.loops(_SASS)
+    assert [(l["start"], l["end"], l["instructions"]) for l in found] == [
+        (0x20, 0x60, 5), (0x10, 0x80, 8), (0xa0, 0xa0, 1)]
+    inner = found[0]
+    assert (inner["barriers"], inner["async_copies"], inner["mma"], inner["shuffles"],
+            inner["sync_loads"]) == (1, 1, 1, 1, 0)
+    hot = sass.hot_loop(_SASS, warps=8)
+    assert hot["loop_instructions"] == 8 and hot["loop_sync_loads"] == 1
+    assert hot["loop_shared"] == 1 and hot["loop_issue_cycles"] == 16
+    assert sass.hot_loop(None, 4)["loop_instructions"] is None
 
 
 def test_dry_run_of_the_autotuned_forward(tmp_path):

@@ -27,6 +27,13 @@ bulk tensor copies of TMA) appear in the code, and the model:
   experts' copy into tap-major order where the launch needs it (channels_last 3x3 dense);
 - floor: the layer's own floor for that pass, max(FLOPs / 800 TFLOP/s, HBM bytes / 3.0 TB/s).
 
+Beside the model, what it leaves out: the main loop's count per iteration, from the machine
+code (:mod:`condconv_kernels.triton.sass`): instructions, barriers and global loads into
+registers (``loop instr / bar / ldg``; the JSON has every ``loop_`` count and
+``loop_issue_cycles``). A kernel that walks examples one after another pays them per example,
+with every barrier a wait for the slowest warp and every such load a round trip to L2 that
+nothing overlaps unless the code issues it early.
+
 ``--stationary`` models the backend as ``CONDCONV_TRITON_STATIONARY=1`` runs it: the 1x1 passes
 the experts-stationary kernel takes (:mod:`condconv_kernels.triton.stationary`; records
 ``stationary_fwd``, ``stationary_bwd_x``, ``stationary_routing``, and the dense kernel gradient
@@ -68,7 +75,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..cli import parser
-from . import _config
+from . import _config, sass
 
 HBM, L2, TC, CC, SMS = 3.0e12, 6.0e12, 800e12, 60e12, 132
 # Per SM, for the stationary kernel's serial model: the clock at which 128 FMA lanes make CC,
@@ -397,13 +404,15 @@ def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool) -> flo
 
 def _compiled_info(compiled, arch: int) -> dict:
     """Registers, spills, shared memory, tensor-core and asynchronous-copy instructions of a
-    compiled kernel."""
+    compiled kernel, and its main loop's counts per iteration (:func:`sass.hot_loop`)."""
     ptx = compiled.asm["ptx"]
     return dict(ptxas_usage(ptx, arch), shared_bytes=compiled.metadata.shared,
                 tensor_core=("wgmma" if "wgmma.mma_async" in ptx else
                              "mma" if "mma.sync" in ptx else "none"),
                 async_copy=("tma" if "cp.async.bulk.tensor" in ptx else
-                            "cp.async" if "cp.async" in ptx else "none"))
+                            "cp.async" if "cp.async" in ptx else "none"),
+                **sass.hot_loop(sass.disassemble(compiled.asm["cubin"]),
+                                compiled.metadata.num_warps))
 
 
 def _compile_info(cache: dict, key, build, arch: int) -> dict:
@@ -499,20 +508,23 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
 
 def format_table(records) -> str:
     head = ("| layer | shape | kernel | config | B/prog | grid | regs | spill B | shared KiB | "
-            "tensor core | async | HBM MB | L2 MB | L2/HBM | smem MB | floor us | modeled us | "
-            "/floor |")
-    lines = [head, "|" + "---|" * 18]
+            "tensor core | async | loop instr / bar / ldg | HBM MB | L2 MB | L2/HBM | smem MB | "
+            "floor us | modeled us | /floor |")
+    lines = [head, "|" + "---|" * 19]
     for r in records:
         if "error" in r:
             lines.append(f"| {r['layer']} | {r['shape']} | {r['kernel']} | {r['config']} | "
-                         f"{r['error']} |" + " |" * 13)
+                         f"{r['error']} |" + " |" * 14)
             continue
         smem = f"{r['smem_bytes'] / 1e6:.1f}" if "smem_bytes" in r else "-"
+        loop = ("-" if r.get("loop_instructions") is None else
+                f"{r['loop_instructions']} / {r['loop_barriers']} / {r['loop_sync_loads']}")
         lines.append(
             f"| {r['layer']} | {r['shape']} | {r['kernel']} | {r['config']} | "
             f"{r['examples_per_program']} | {r['grid']} | {r['registers']} | "
             f"{r['spill_bytes']} | {r['shared_bytes'] / 1024:.0f} | {r['tensor_core']} | "
-            f"{r['async_copy']} | {r['hbm_bytes'] / 1e6:.1f} | {r['l2_bytes'] / 1e6:.1f} | "
+            f"{r['async_copy']} | {loop} | {r['hbm_bytes'] / 1e6:.1f} | "
+            f"{r['l2_bytes'] / 1e6:.1f} | "
             f"{r['l2_bytes'] / r['hbm_bytes']:.1f} | {smem} | {r['floor_us']:.1f} | "
             f"{r['modeled_us']:.1f} | {r['modeled_us'] / r['floor_us']:.2f} |")
     return "\n".join(lines)
