@@ -49,6 +49,10 @@ def test_static_report_of_a_pointwise_layer(tmp_path):
         assert r["loop_mma"] >= 1 and r["loop_async_copies"] >= 1, r
         assert r["loop_instructions"] > r["loop_barriers"] + r["loop_mma"], r
         assert r["loop_issue_cycles"] >= r["loop_instructions"], r  # (4 or 8 warps)
+        assert r["modeled_us"] >= r["issue_us"] > 0, r  # the issue floor, one of its terms
+    # The kernel gradient's fold of an example, after its last tile of 64 of the 196 pixels:
+    # a conditional part of the loop, counted once an example
+    assert 0 < records["dense_bwd_w"]["loop_skipped"] < records["dense_bwd_w"]["loop_instructions"]
     assert "| s5.b0.expand |" in result.stdout
 
 
@@ -114,28 +118,33 @@ _SASS = """
         /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0050*/                   SHFL.BFLY PT, R5, R6, 0x1, 0x1f ;
         /*0060*/              @!P0 BRA `(.L_x_1) ;
-        /*0070*/                   STS [R3], R5 ;
-        /*0080*/                @P1 BRA `(.L_x_0) ;
-        /*0090*/                   BRA `(.L_x_2) ;
+        /*0070*/               @P2 BRA `(.L_x_3) ;
+        /*0080*/                   STS [R3], R5 ;
+        /*0090*/                   FADD R5, R5, R6 ;
+.L_x_3:
+        /*00a0*/                @P1 BRA `(.L_x_0) ;
+        /*00b0*/                   BRA `(.L_x_2) ;
 .L_x_2:
-        /*00a0*/                   BRA `(.L_x_2) ;
+        /*00c0*/                   BRA `(.L_x_2) ;
 """
 
 
 def test_loops_read_from_machine_code():
     """condconv_kernels.triton.sass on a hand-written listing: two nested loops (their
-    backward branches predicated), a forward branch that is no loop, a one-instruction trap;
-    the hot loop is the outer one, its inner body counted once."""
+    backward branches predicated), a forward branch inside the outer one (a conditional part
+    of its body) and one after it that is no loop, a one-instruction trap; the hot loop is the
+    outer one, its inner body counted once."""
     from condconv_kernels.triton import sass
     found = sass.loops(_SASS)
-    assert [(l["start"], l["end"], l["instructions"]) for l in found] == [
-        (0x20, 0x60, 5), (0x10, 0x80, 8), (0xa0, 0xa0, 1)]
+    assert [(l["start"], l["end"], l["instructions"], l["skipped"]) for l in found] == [
+        (0x20, 0x60, 5, 0), (0x10, 0xa0, 10, 2), (0xc0, 0xc0, 1, 0)]
     inner = found[0]
     assert (inner["barriers"], inner["async_copies"], inner["mma"], inner["shuffles"],
             inner["sync_loads"]) == (1, 1, 1, 1, 0)
     hot = sass.hot_loop(_SASS, warps=8)
-    assert hot["loop_instructions"] == 8 and hot["loop_sync_loads"] == 1
-    assert hot["loop_shared"] == 1 and hot["loop_issue_cycles"] == 16
+    assert hot["loop_instructions"] == 10 and hot["loop_sync_loads"] == 1
+    assert hot["loop_shared"] == 1 and hot["loop_issue_cycles"] == 20
+    assert hot["loop_inner_instructions"] == 5 and hot["loop_skipped"] == 2
     assert sass.hot_loop(None, 4)["loop_instructions"] is None
 
 

@@ -189,15 +189,21 @@ def dw_bwd_w_kernel(
     """G[b, c, t] = sum over the output pixels p of grad_out[b, c, p] times x[b, c // MULT] at
     the input pixel tap t of p reads: example b's kernel gradient for BLOCK_C channels and every
     tap (G is (B, C_OUT, KH * KW), contiguous, in the accumulation dtype). A program per
-    (example, channel tile): the grid has B x C_OUT / BLOCK_C programs, each a short loop over
-    the taps and BLOCK_L-pixel blocks (the grad_out tile's reloads, tap after tap, hit L1).
+    (example, channel tile): the grid has B x C_OUT / BLOCK_C programs.
+
+    The program walks its example's pixels in blocks of BLOCK_L; per block it computes the
+    pixels' rows and columns and loads the grad_out tile once, then for every tap loads the
+    shifted input tile (reloads of the block's input, tap after tap, hit L1) and sums the
+    product over the pixels. The first block stores the taps' sums in G, each later block adds
+    to them (the program's own entries of G, after a barrier: deterministic). Before, the taps
+    were the outer loop: per tap and pixel block the grad_out tile was loaded and converted
+    again and the pixels' rows and columns divided out again, about half of the instructions.
 
     FLAT_G: grad_out's pixels at one stride (s_gh = WO s_gw), addressed as p s_gw; FLAT_X:
     stride 1 and x's rows as wide as the output's (W = WO, s_xh = W s_xw), so that a tap's input
     pixels are p plus a constant. Addressed so, the pixels' contiguity is visible to the
     compiler: in NCHW it lays the threads along the pixels (coalesced loads), not across the
-    channels, H x W elements apart (the launcher sets them for NCHW only: 139 -> 201 registers
-    there, and in channels_last, whose threads run along the channels anyway, 72 -> 127)."""
+    channels, H x W elements apart (the launcher sets them for NCHW only)."""
     i_b, i_c, _ = program_ids(B, tl.cdiv(C_OUT, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     L = HO * WO
@@ -208,28 +214,30 @@ def dw_bwd_w_kernel(
     off_xc = (o_c // MULT).to(IDX) * s_xc
     off_gc = o_c.to(IDX) * s_gc
     p_G = G_ptr + (i_b.to(tl.int64) * C_OUT + o_c) * (KH * KW)
-    for i in range(KH):  # rows of taps in a loop, a row's taps unrolled
-        for j in tl.static_range(KW):
-            b_acc = tl.zeros((BLOCK_C, BLOCK_L), dtype=ACC)  # reduced over pixels once a tap
-            for p0 in range(0, L, BLOCK_L):
-                o_p = p0 + tl.arange(0, BLOCK_L)
-                m_p = o_p < L
-                o_oh, o_ow = o_p // WO, o_p % WO
-                o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
+    for p0 in range(0, L, BLOCK_L):
+        o_p = p0 + tl.arange(0, BLOCK_L)
+        m_p = o_p < L
+        o_oh, o_ow = o_p // WO, o_p % WO
+        if FLAT_G:
+            off_g = off_gc[:, None] + (o_p.to(IDX) * s_gw)[None, :]
+        else:
+            off_g = off_gc[:, None] + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :]
+        b_g = tl.load(p_g + off_g, mask=m_c[:, None] & m_p[None, :], other=0.0).to(ACC)
+        for i in range(KH):  # rows of taps in a loop, a row's taps unrolled
+            o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
+            m_h = m_p & (o_ih >= 0) & (o_ih < H)
+            for j in tl.static_range(KW):
                 o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
-                m_x = m_p & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
+                m_x = m_h & (o_iw >= 0) & (o_iw < W)
                 if FLAT_X:  # the tap's input pixel of p: p + (i D - PAD_T) W + j D - PAD_L
                     o_q = o_p + (i * DIL_H - PAD_T) * W + (j * DIL_W - PAD_L)
                     off_x = off_xc[:, None] + (o_q.to(IDX) * s_xw)[None, :]
                 else:
                     off_x = (off_xc[:, None]
                              + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :])
-                b_x = tl.load(p_x + off_x, mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
-                if FLAT_G:
-                    off_g = off_gc[:, None] + (o_p.to(IDX) * s_gw)[None, :]
-                else:
-                    off_g = (off_gc[:, None]
-                             + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :])
-                b_g = tl.load(p_g + off_g, mask=m_c[:, None] & m_p[None, :], other=0.0).to(ACC)
-                b_acc += b_x * b_g
-            tl.store(p_G + i * KW + j, tl.sum(b_acc, axis=1), mask=m_c)
+                b_x = tl.load(p_x + off_x, mask=m_c[:, None] & m_x[None, :], other=0.0)
+                b_s = tl.sum(b_x.to(ACC) * b_g, axis=1)
+                if p0 > 0:  # the earlier blocks' sum, stored by this program
+                    b_s += tl.load(p_G + i * KW + j, mask=m_c, other=0.0)
+                tl.store(p_G + i * KW + j, b_s, mask=m_c)
+        tl.debug_barrier()  # this block's stores visible to every thread of the next

@@ -21,18 +21,24 @@ bulk tensor copies of TMA) appear in the code, and the model:
   halo once: its tap-by-tap reloads are counted as L1 hits);
 - tensor-core FLOPs (its dots, padded to the tiles) and CUDA-core FLOPs (the expert mix and
   the depthwise arithmetic);
+- issue time: the warp instructions the programs' main loops issue, read from the machine
+  code (below) and multiplied by the kernel's trip counts, at 4 a clock an SM (1.78 GHz, the
+  clock at which 128 FMA lanes an SM make the 60 TFLOP/s): a floor
+  (set-up and epilogues left out), and the bound of the depthwise kernels and the dense kernel
+  gradient, which the traffic terms alone put 2-4x too low;
 - modeled time: the largest of HBM bytes / 3.0 TB/s, L2 bytes / 6 TB/s, tensor-core FLOPs /
   800 TFLOP/s (wgmma; half of it for mma.sync), CUDA-core FLOPs / 60 TFLOP/s, each divided by
-  the fraction of the 132 SMs the grid can fill, times 2 where registers spill, plus the
-  experts' copy into tap-major order where the launch needs it (channels_last 3x3 dense);
+  the fraction of the 132 SMs the grid can fill, and the issue time, times 2 where registers
+  spill, plus the experts' copy into tap-major order where the launch needs it (channels_last
+  3x3 dense);
 - floor: the layer's own floor for that pass, max(FLOPs / 800 TFLOP/s, HBM bytes / 3.0 TB/s).
 
-Beside the model, what it leaves out: the main loop's count per iteration, from the machine
-code (:mod:`condconv_kernels.triton.sass`): instructions, barriers and global loads into
-registers (``loop instr / bar / ldg``; the JSON has every ``loop_`` count and
-``loop_issue_cycles``). A kernel that walks examples one after another pays them per example,
-with every barrier a wait for the slowest warp and every such load a round trip to L2 that
-nothing overlaps unless the code issues it early.
+The main loop's counts per iteration come from the machine code
+(:mod:`condconv_kernels.triton.sass`): instructions, barriers and global loads into registers
+(``loop instr / bar / ldg``; the JSON has every ``loop_`` count, ``loop_issue_cycles`` and
+``issue_us``). The model still has no latency term: a kernel that walks examples one after
+another also waits, per example, at every barrier for the slowest warp and on every such load
+for a round trip to L2 that nothing overlaps unless the code issues it early.
 
 ``--stationary`` models the backend as ``CONDCONV_TRITON_STATIONARY=1`` runs it: the 1x1 passes
 the experts-stationary kernel takes (:mod:`condconv_kernels.triton.stationary`; records
@@ -322,11 +328,14 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         l2 = programs * (mult * (bc * halo(bp, W, wo, ho) + taps * E * bc) + bc * bp) * itemsize
         cc = programs * mult * taps * (2 * bc * bp + 2 * E * bc)
         return x_bytes + out_bytes + experts_bytes, l2, 0, cc, conv_flops + mix_flops
-    # dw_bwd_w_kernel: a program per (example, channel tile) over every tap: its grad_out tile
-    # and input tile with halo from L2 once (the taps' reloads hit L1), G written once, then
-    # the two matrix products on G (routing^T G, G W^T) read it twice more.
+    # dw_bwd_w_kernel: a program per (example, channel tile), over its pixels in blocks of bp:
+    # per block its grad_out tile and input tile with halo from L2 once (the taps' reloads hit
+    # L1), and every tap's sum stored in G, read back by the next block (2 nb - 1 passes over
+    # the program's G); then the two matrix products on G (routing^T G, G W^T) read it twice.
     g_bytes = B * cout * taps * 4
-    l2 = B * cdiv(cout, bc) * bc * (P + halo(P, wo, W, H)) * itemsize + g_bytes
+    nb = cdiv(P, bp)
+    l2 = (B * cdiv(cout, bc) * nb * bc * (bp + halo(bp, wo, W, H)) * itemsize
+          + (2 * nb - 1) * g_bytes)
     cc = B * cout * taps * 2 * P
     hbm = x_bytes + out_bytes + experts_bytes + 3 * g_bytes + E * kernel_numel * 4
     return hbm, l2, 0, cc, conv_flops + 2 * mix_flops
@@ -395,11 +404,46 @@ def stationary_model(itemsize: int, launch: Launch) -> dict:
                 examples_per_program=per)
 
 
-def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool) -> float:
+def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool,
+               issue: float = 0.0) -> float:
     fill = min(1.0, programs / SMS)
     tc_rate = TC if tensor_core == "wgmma" else TC / 2 if tensor_core == "mma" else CC
-    t = max(hbm / HBM, l2 / L2 / fill, tc / tc_rate / fill, cc / CC / fill)
+    t = max(hbm / HBM, l2 / L2 / fill, tc / tc_rate / fill, cc / CC / fill, issue / 1e6)
     return 1e6 * t * (2.0 if spills else 1.0)
+
+
+def issue_us(layer, launch: Launch, blocks, programs: int, info: dict) -> float:
+    """The launch's issue floor: the instructions its programs' main loops issue (a warp's
+    count, times the warps, over 4 schedulers an SM at ``CLOCK``), from the loop counts of
+    :func:`sass.hot_loop` and the kernel's trip counts; 0 where either is unknown (the
+    stationary kernel has its own serial model). Only the main loop is counted (and, where it
+    holds one, the loop inside it): set-up and epilogues are left out, so this is a floor."""
+    hot, inner = info.get("loop_instructions"), info.get("loop_inner_instructions") or 0
+    if hot is None:
+        return 0.0
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    ho, wo = layer.out_hw
+    name, k, g = launch.name, layer.kernel, layer.groups
+    if name in ("dense_fwd_kernel", "dense_bwd_x_kernel"):  # one K loop
+        red = (layer.cin // g if name == "dense_fwd_kernel" else layer.cout // g) * k * k
+        per_program = cdiv(red, blocks["BLOCK_K"]) * hot
+    elif name == "dense_bwd_w_kernel":
+        names = _base(launch.kernel).arg_names
+        examples = launch.args[names.index("B_PER_SPLIT")]
+        tiles = cdiv(ho * wo, blocks["BLOCK_P"])
+        if tiles <= 64:  # (example, tile) in one loop, the fold after the last tile only
+            fold = info.get("loop_skipped") or 0
+            per_program = examples * (tiles * (hot - fold) + fold)
+        else:  # a loop over examples around the loops over their tiles
+            per_program = examples * (hot + (tiles - 1) * inner)
+    elif name in ("dw_fwd_kernel", "dw_bwd_x_kernel"):  # a row of taps an iteration
+        per_program = k * hot
+    elif name == "dw_bwd_w_kernel":  # pixel blocks, each over the rows of taps
+        per_program = cdiv(ho * wo, blocks["BLOCK_L"]) * (hot + (k - 1) * inner)
+    else:
+        return 0.0
+    warps = info.get("warps", 4)  # the compiled configuration's
+    return 1e6 * programs * per_program * warps / (SMS * 4 * CLOCK)
 
 
 def _compiled_info(compiled, arch: int) -> dict:
@@ -491,11 +535,13 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
                 if "error" in info:
                     record["modeled_us"] = float("inf")
                 else:
+                    record["issue_us"] = issue_us(layer, launch, blocks,
+                                                  programs, dict(info, warps=config[1]))
                     record["modeled_us"] = modeled_us(
                         hbm, l2, tc, cc, programs, info["tensor_core"],
                         info["spill_bytes"] > 0 or
-                        info["shared_bytes"] > _config.SHARED_LIMIT) + _copy_us(layer, itemsize,
-                                                                                 launch)
+                        info["shared_bytes"] > _config.SHARED_LIMIT,
+                        record["issue_us"]) + _copy_us(layer, itemsize, launch)
                 options.append(record)
             if every_config:
                 records += options
@@ -509,13 +555,14 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
 def format_table(records) -> str:
     head = ("| layer | shape | kernel | config | B/prog | grid | regs | spill B | shared KiB | "
             "tensor core | async | loop instr / bar / ldg | HBM MB | L2 MB | L2/HBM | smem MB | "
-            "floor us | modeled us | /floor |")
-    lines = [head, "|" + "---|" * 19]
+            "issue us | floor us | modeled us | /floor |")
+    lines = [head, "|" + "---|" * 20]
     for r in records:
         if "error" in r:
             lines.append(f"| {r['layer']} | {r['shape']} | {r['kernel']} | {r['config']} | "
-                         f"{r['error']} |" + " |" * 14)
+                         f"{r['error']} |" + " |" * 15)
             continue
+        issue = f"{r['issue_us']:.1f}" if r.get("issue_us") else "-"
         smem = f"{r['smem_bytes'] / 1e6:.1f}" if "smem_bytes" in r else "-"
         loop = ("-" if r.get("loop_instructions") is None else
                 f"{r['loop_instructions']} / {r['loop_barriers']} / {r['loop_sync_loads']}")
@@ -525,7 +572,7 @@ def format_table(records) -> str:
             f"{r['spill_bytes']} | {r['shared_bytes'] / 1024:.0f} | {r['tensor_core']} | "
             f"{r['async_copy']} | {loop} | {r['hbm_bytes'] / 1e6:.1f} | "
             f"{r['l2_bytes'] / 1e6:.1f} | "
-            f"{r['l2_bytes'] / r['hbm_bytes']:.1f} | {smem} | {r['floor_us']:.1f} | "
+            f"{r['l2_bytes'] / r['hbm_bytes']:.1f} | {smem} | {issue} | {r['floor_us']:.1f} | "
             f"{r['modeled_us']:.1f} | {r['modeled_us'] / r['floor_us']:.2f} |")
     return "\n".join(lines)
 

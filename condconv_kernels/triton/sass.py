@@ -15,7 +15,8 @@ back over) and counts, per iteration:
 - ``sync_loads``: ``LDG``, global loads into registers (the copies into shared memory,
   ``LDGSTS`` / ``UTMALDG``, are ``async_copies``);
 - ``mma``: tensor-core instructions (``HGMMA``, ``HMMA``); ``shuffles`` (``SHFL``); ``shared``
-  (``LDS``, ``LDSM``, ``STS``, ``STSM``).
+  (``LDS``, ``LDSM``, ``STS``, ``STSM``);
+- ``skipped``: the longest run of the body a forward branch jumps over (a conditional part).
 
 :func:`hot_loop` gives the loop with the most instructions: the per-program main loop (its body
 includes an inner loop's body once).
@@ -95,23 +96,38 @@ def loops(sass: str) -> List[Dict[str, int]]:
         if start is None or start > i:
             continue
         counts = dict.fromkeys(COUNTERS, 0)
-        for _, body in instructions[start:i + 1]:
+        skipped = 0  # the longest run a forward branch inside the loop jumps over
+        for n, (_, body) in enumerate(instructions[start:i + 1], start):
             counts["instructions"] += 1
             kind = CLASSES.get(_opcode(body))
             if kind:
                 counts[kind] += 1
-        found.append(dict(start=instructions[start][0], end=address, **counts))
+            forward = _BRANCH.search(body) if _opcode(body) == "BRA" else None
+            over = labels.get(forward.group(1)) if forward else None
+            if over is not None and n < over <= i:
+                skipped = max(skipped, over - n - 1)
+        found.append(dict(start=instructions[start][0], end=address, skipped=skipped,
+                          **counts))
     return found
 
 
 def hot_loop(sass: Optional[str], warps: int) -> Dict[str, Optional[int]]:
     """The largest loop's counts (``loop_`` before each name, ``loop_issue_cycles`` for
-    ``warps`` warps), or every key None where there is no SASS or no loop."""
-    keys = ["loop_" + name for name in COUNTERS] + ["loop_issue_cycles"]
+    ``warps`` warps), ``loop_inner_instructions``: those of the largest loop inside it (0
+    where none; its body is counted once in the hot loop's), and ``loop_skipped``: the most
+    instructions one forward branch inside it jumps over (a conditional part of the body, as
+    the kernel gradient's fold of an example after its last pixel tile); every key None where
+    there is no SASS or no loop."""
+    keys = (["loop_" + name for name in COUNTERS]
+            + ["loop_issue_cycles", "loop_inner_instructions", "loop_skipped"])
     found = [loop for loop in loops(sass) if loop["instructions"] > 1] if sass else []
     if not found:
         return dict.fromkeys(keys)
     loop = max(found, key=lambda l: l["instructions"])
     stats = {"loop_" + name: loop[name] for name in COUNTERS}
     stats["loop_issue_cycles"] = -(-loop["instructions"] * warps // 4)
+    inner = [l["instructions"] for l in found if l is not loop
+             and loop["start"] <= l["start"] and l["end"] <= loop["end"]]
+    stats["loop_inner_instructions"] = max(inner, default=0)
+    stats["loop_skipped"] = loop["skipped"]
     return stats
