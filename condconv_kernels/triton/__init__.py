@@ -301,8 +301,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             ho, wo, per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *s_strides,
             *geometry, bucket(B), bucket(K), bucket(ho * wo), E=E,
             E_POW2=bucket(E), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
-            SCALE_GRADS=any(need_s), ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
-            **s_flags, **blocks)
+            SCALE_GRADS=any(need_s), POINTWISE=_pointwise(kh, kw, stride, padding, x)
+            and _pointwise(kh, kw, stride, padding, grad_out), ACC=_acc(x.dtype),
+            PRECISION=_precision(x.dtype), **s_flags, **blocks)
         if need_w:
             grad_weight = gw.sum(0).view(weight.shape).to(weight.dtype)
         if need_r:

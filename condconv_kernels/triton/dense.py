@@ -311,27 +311,35 @@ CHAIN = tl.constexpr(64)
 @triton.jit
 def _g_tile(p_x0, p_g0, p0, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k, s_xc, s_xh, s_xw, s_gc,
             s_gh, s_gw, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KW: tl.constexpr,
-            ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr):
+            POINTWISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+            BLOCK_P: tl.constexpr):
     """One example's grad_out tile (channels o_co) times its input patches (columns o_ci, o_t)
     over the pixels p0 ... p0 + BLOCK_P of its L output pixels: a (BLOCK_CO x BLOCK_K) tile of
-    G_b's sum, one dot."""
+    G_b's sum, one dot. POINTWISE (1x1, stride 1, unpadded, the rows of x and grad_out at one
+    stride): output pixel p reads input pixel p, both addressed as p times the pixel stride,
+    without dividing p into a row and a column (a third of the loop's instructions)."""
     o_p = p0 + tl.arange(0, BLOCK_P)
     m_p = o_p < L
-    o_oh, o_ow = o_p // WO, o_p % WO
-    p_g = (p_g0 + o_co[:, None].to(tl.int64) * s_gc
-           + o_oh[None, :].to(tl.int64) * s_gh + o_ow[None, :].to(tl.int64) * s_gw)
+    if POINTWISE:
+        p_g = (p_g0 + o_co[:, None].to(tl.int64) * s_gc + o_p[None, :].to(tl.int64) * s_gw)
+        m_x = m_p[:, None] & m_k[None, :]
+        p_x = p_x0 + o_ci[None, :].to(tl.int64) * s_xc + o_p[:, None].to(tl.int64) * s_xw
+    else:
+        o_oh, o_ow = o_p // WO, o_p % WO
+        p_g = (p_g0 + o_co[:, None].to(tl.int64) * s_gc
+               + o_oh[None, :].to(tl.int64) * s_gh + o_ow[None, :].to(tl.int64) * s_gw)
+        o_ih = o_oh[:, None] * STRIDE_H - PAD_T + (o_t // KW)[None, :] * DIL_H
+        o_iw = o_ow[:, None] * STRIDE_W - PAD_L + (o_t % KW)[None, :] * DIL_W
+        m_x = m_p[:, None] & m_k[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
+        p_x = (p_x0 + o_ci[None, :].to(tl.int64) * s_xc + o_ih.to(tl.int64) * s_xh
+               + o_iw.to(tl.int64) * s_xw)
     b_g = tl.load(p_g, mask=m_co[:, None] & m_p[None, :], other=0.0)
-    o_ih = o_oh[:, None] * STRIDE_H - PAD_T + (o_t // KW)[None, :] * DIL_H
-    o_iw = o_ow[:, None] * STRIDE_W - PAD_L + (o_t % KW)[None, :] * DIL_W
-    m_x = m_p[:, None] & m_k[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
-    p_x = (p_x0 + o_ci[None, :].to(tl.int64) * s_xc + o_ih.to(tl.int64) * s_xh
-           + o_iw.to(tl.int64) * s_xw)
     b_x = tl.load(p_x, mask=m_x, other=0.0)
     return tl.dot(b_g, b_x, input_precision=PRECISION, out_dtype=ACC)
 
 
 @autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW", "NEED_W", "NEED_R",
-               "SCALE_GRADS", *SCALE_FLAGS], shapes=KGRAD_TILES,
+               "SCALE_GRADS", "POINTWISE", *SCALE_FLAGS], shapes=KGRAD_TILES,
           reset_to_zero=("part_ptr", "qc_ptr", "qk_ptr"))
 @triton.jit
 def dense_bwd_w_kernel(
@@ -343,7 +351,7 @@ def dense_bwd_w_kernel(
     E: tl.constexpr, E_POW2: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     NEED_W: tl.constexpr, NEED_R: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, SCALE_GRADS: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    POINTWISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """gw[split, e, tile] = sum over the split's examples b of routing[b, e] G_b[tile], and
@@ -384,21 +392,25 @@ def dense_bwd_w_kernel(
     # tiles are copied while one is multiplied or an example folded. Nested loops would restart
     # the pipeline at every example and wait for its first loads (a 7x7 example is one tile).
     FLAT: tl.constexpr = KEY_L <= CHAIN * BLOCK_P
-    if FLAT and KEY_L > BLOCK_P:
-        TILES = tl.cdiv(L, BLOCK_P)
-    else:  # one tile, or an example an iteration with its pixels in nested loops
+    # One iteration an example: one tile, or its pixels in nested loops.
+    AN_EXAMPLE: tl.constexpr = not (FLAT and KEY_L > BLOCK_P)
+    if AN_EXAMPLE:
         TILES = 1
+    else:
+        TILES = tl.cdiv(L, BLOCK_P)
     b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
     b_lo = i_s * B_PER_SPLIT  # the slice's examples (its iterations < 2**31: _splits)
+    b = b_lo
+    t = 0  # (example, tile) counted along, not divided out of the iteration
     for it in range(0, (tl.minimum(B, b_lo + B_PER_SPLIT) - b_lo) * TILES):
-        b = b_lo + it // TILES
-        t = it % TILES
+        if AN_EXAMPLE:
+            b = b_lo + it
         p_x0 = x_ptr + tl.cast(b, tl.int64) * s_xb + (i_g * CIN_G).to(tl.int64) * s_xc
         p_g0 = g_ptr + tl.cast(b, tl.int64) * s_gb
         if FLAT:
             b_G += _g_tile(p_x0, p_g0, t * BLOCK_P, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k,
                            s_xc, s_xh, s_xw, s_gc, s_gh, s_gw, STRIDE_H, STRIDE_W, PAD_T, PAD_L,
-                           DIL_H, DIL_W, KW, ACC, PRECISION, BLOCK_P)
+                           DIL_H, DIL_W, KW, POINTWISE, ACC, PRECISION, BLOCK_P)
         else:
             # Two levels of sums: chains of CHAIN dots on the tensor cores, added on the CUDA
             # cores.
@@ -408,7 +420,8 @@ def dense_bwd_w_kernel(
                 for p0 in range(c0, c0 + tl.minimum(L - c0, CHUNK_P), BLOCK_P):
                     b_C += _g_tile(p_x0, p_g0, p0, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k,
                                    s_xc, s_xh, s_xw, s_gc, s_gh, s_gw, STRIDE_H, STRIDE_W,
-                                   PAD_T, PAD_L, DIL_H, DIL_W, KW, ACC, PRECISION, BLOCK_P)
+                                   PAD_T, PAD_L, DIL_H, DIL_W, KW, POINTWISE, ACC, PRECISION,
+                                   BLOCK_P)
                 b_G += b_C
         if t == TILES - 1:  # the example's last tile: fold its G_b
             b_r = tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re, mask=m_e,
@@ -441,5 +454,10 @@ def dense_bwd_w_kernel(
             if NEED_W:
                 b_gw += b_r[:, None, None] * b_G[None, :, :]
             b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
+        if not AN_EXAMPLE:
+            t += 1
+            if t == TILES:
+                t = 0
+                b += 1
     if NEED_W:
         tl.store(gw_ptr + (i_s * E).to(tl.int64) * N + o_tile, b_gw, mask=m_tile)
