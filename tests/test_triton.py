@@ -270,8 +270,10 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
         for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel, dense.dense_bwd_w_kernel,
                        depthwise.dw_fwd_kernel, depthwise.dw_bwd_x_kernel):
             assert set(_config.SCALE_FLAGS) <= set(kernel.keys), kernel.keys
-        assert {"NEED_W", "NEED_R", "SCALE_GRADS"} <= set(dense.dense_bwd_w_kernel.keys)
-        for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel):
+        assert {"NEED_W", "NEED_R", "SCALE_GRADS", "POINTWISE"} <= set(
+            dense.dense_bwd_w_kernel.keys)
+        for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel,
+                       dense.dense_bwd_w_kernel):
             assert "TAP_MAJOR" in kernel.keys  # the reduction order ranks the tiles anew
     finally:
         monkeypatch.undo()
@@ -472,13 +474,16 @@ def test_stand_in_is_an_ordinary_tensor(monkeypatch):
 def test_dense_tap_major_reduction(name, monkeypatch):
     """The dense forward and grad_x over (tap, channel), with the experts reordered: taken for
     channels_last inputs of kernels with several taps (from TAP_MAJOR_MIN_BATCH examples, 1
-    here), never for NCHW; every output and gradient against the reference in float64, each
-    launch's flag recorded. One case with the three per-example scales (their in and tap
-    indices come from the reordered reduction index)."""
+    here), never for NCHW; likewise the kernel gradient's tiles (whatever the batch: it reads
+    W and writes its gradients in their own order); every output and gradient against the
+    reference in float64, each launch's flag recorded. One case with the three per-example
+    scales (their in and tap indices, and the kernel gradient's partial sums for their
+    gradients, come from the reordered reduction index)."""
     import condconv_kernels.triton as backend
     monkeypatch.setattr(backend, "TAP_MAJOR_MIN_BATCH", 1)
     seen = []
-    for kernel_name in ("dense_fwd_kernel", "dense_bwd_x_kernel"):
+    kernels = ("dense_bwd_w_kernel", "dense_bwd_x_kernel", "dense_fwd_kernel")
+    for kernel_name in kernels:
         def spy(kernel=getattr(backend, kernel_name), kernel_name=kernel_name):
             class Spy:
                 def __getitem__(self, grid):
@@ -492,10 +497,10 @@ def test_dense_tap_major_reduction(name, monkeypatch):
     for layout, want in (("channels_last", True), ("contiguous", False)):
         seen.clear()
         test_op._check(case, "triton", torch.float64, layout)
-        assert sorted(seen) == [("dense_bwd_x_kernel", want), ("dense_fwd_kernel", want)], seen
+        assert sorted(seen) == [(k, want) for k in kernels], seen
     if name == "k3_s2_asym":
         import test_scales
         seen.clear()
         test_scales._check(case, "triton", torch.float64, "channels_last",
                            test_scales.SUBSETS["all"], grad_layout="channels_last")
-        assert set(seen) == {("dense_bwd_x_kernel", True), ("dense_fwd_kernel", True)}, seen
+        assert set(seen) == {(k, True) for k in kernels}, seen

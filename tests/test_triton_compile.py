@@ -80,10 +80,10 @@ def test_static_report_with_the_stationary_kernel(tmp_path):
         assert r["modeled_us"] >= max(r["serial_us"], r["floor_us"]) > 0, r
         assert r["grid"] <= 132 and r["examples_per_program"] * r["grid"] >= 256 * 8, r
     assert "(experts-stationary kernel on)" in result.stdout
-    # Without its routing half the kernel gradient folds each example without converting G's
-    # layout through shared memory more than once (two barriers, three at most; the routing
-    # half's conversions and cross-warp sums cost it 13-14 a example).
-    assert records["dense_bwd_w"]["loop_barriers"] <= 3, records["dense_bwd_w"]
+    # Without its routing half the kernel gradient folds each example converting G's layout
+    # through shared memory once (2-4 barriers an iteration; the routing half's conversions
+    # and cross-warp sums cost it 13-15).
+    assert records["dense_bwd_w"]["loop_barriers"] <= 4, records["dense_bwd_w"]
 
 
 _DRY_RUN = """

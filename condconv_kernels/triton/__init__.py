@@ -292,23 +292,35 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                    any(need_s) and (in_scale is not None or tap_scale is not None))
         blocks = fixed_blocks(KGRAD_TILES, E, x.element_size(), gw.element_size(),
                               any(need_s))
+        # channels_last x, several taps: the tiles' columns run over (tap, channel), along
+        # which x is contiguous (vector loads, copied asynchronously; in (channel, tap) order
+        # every element of the x tile is a scalar load with its own im2col address). W, where
+        # read, is copied into that order; gw and qk come out in it.
+        tap_major = kh * kw > 1 and x.stride(1) == 1
+        w_k = (weight.permute(0, 1, 3, 4, 2).contiguous()
+               if tap_major and (need_r or any(need_s)) else w)
 
         def grid(meta):
             n_k, n_co = cdiv(K, meta["BLOCK_K"]), cdiv(cout_g, meta["BLOCK_CO"])
             return _within((rows_co, rows_k), (n_co, n_k), flat_grid(n_k, n_co, groups * S))
         dense_bwd_w_kernel[grid](
-            x, grad_out, routing, w, *s_ptrs, gw, part, qc, qk, B, cin_g, cout_g, groups, H, W,
+            x, grad_out, routing, w_k, *s_ptrs, gw, part, qc, qk, B, cin_g, cout_g, groups, H, W,
             ho, wo, per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *s_strides,
             *geometry, bucket(B), bucket(K), bucket(ho * wo), E=E,
             E_POW2=bucket(E), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
             SCALE_GRADS=any(need_s), POINTWISE=_pointwise(kh, kw, stride, padding, x)
-            and _pointwise(kh, kw, stride, padding, grad_out), ACC=_acc(x.dtype),
-            PRECISION=_precision(x.dtype), **s_flags, **blocks)
+            and _pointwise(kh, kw, stride, padding, grad_out),
+            TAP_MAJOR=tap_major, ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
+            **s_flags, **blocks)
         if need_w:
-            grad_weight = gw.sum(0).view(weight.shape).to(weight.dtype)
+            g = gw.sum(0)
+            if tap_major:  # (E, Cout, kh, kw, Cin_g) back to W's order, in the same copy
+                g = g.view(E, cout, kh, kw, cin_g).permute(0, 1, 4, 2, 3)
+            grad_weight = g.reshape(weight.shape).to(weight.dtype)
         if need_r:
             grad_routing = part.sum(0)
-        scale_grads = _scale_grads(scales, need_s, qc, qk, B, groups, cin_g, kh * kw, acc)
+        scale_grads = _scale_grads(scales, need_s, qc, qk, B, groups, cin_g, kh * kw, acc,
+                                   tap_major)
 
     grad_routing, grad_bias, *scale_grads = finish_grads(grad_out, routing, bias, grad_routing,
                                                          need_b, acc, scales, scale_grads)
@@ -333,16 +345,19 @@ def _stationary_routing_grad(grad_out, x, weight, groups, stride, padding,
 
 
 def _scale_grads(scales: Scales, wanted: Sequence[bool], qc: torch.Tensor, qk: torch.Tensor,
-                 B: int, groups: int, cin_g: int, taps: int,
-                 acc: torch.dtype) -> Tuple[Optional[torch.Tensor], ...]:
+                 B: int, groups: int, cin_g: int, taps: int, acc: torch.dtype,
+                 tap_major: bool = False) -> Tuple[Optional[torch.Tensor], ...]:
     """The kernel terms of (grad_in_scale, grad_out_scale, grad_tap_scale) from the dense
     kernel gradient's partial sums (dense_bwd_w_kernel: qc by tile of K, qk by tile of output
-    channels); None where the gradient is not ``wanted`` (an absent scale's never is)."""
+    channels, its K over (channel, tap), or ``tap_major`` over (tap, channel)); None where the
+    gradient is not ``wanted`` (an absent scale's never is)."""
     want_in, want_out, want_tap = wanted
     grad_out_scale = qc.sum(0) if want_out else None
     grad_in_scale = grad_tap_scale = None
     if want_in or want_tap:
-        q = qk.sum(0).view(B, groups, cin_g, taps)
+        q = qk.sum(0)
+        q = (q.view(B, groups, taps, cin_g).transpose(2, 3) if tap_major else
+             q.view(B, groups, cin_g, taps))
         if want_in:
             t = q if scales.tap is None else q * scales.tap.to(acc).reshape(B, 1, 1, taps)
             grad_in_scale = t.sum(3).reshape(B, groups * cin_g)

@@ -339,7 +339,7 @@ def _g_tile(p_x0, p_g0, p0, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k, s_xc, s_xh,
 
 
 @autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW", "NEED_W", "NEED_R",
-               "SCALE_GRADS", "POINTWISE", *SCALE_FLAGS], shapes=KGRAD_TILES,
+               "SCALE_GRADS", "POINTWISE", "TAP_MAJOR", *SCALE_FLAGS], shapes=KGRAD_TILES,
           reset_to_zero=("part_ptr", "qc_ptr", "qk_ptr"))
 @triton.jit
 def dense_bwd_w_kernel(
@@ -351,8 +351,9 @@ def dense_bwd_w_kernel(
     E: tl.constexpr, E_POW2: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     NEED_W: tl.constexpr, NEED_R: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, SCALE_GRADS: tl.constexpr,
-    POINTWISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    POINTWISE: tl.constexpr, TAP_MAJOR: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """gw[split, e, tile] = sum over the split's examples b of routing[b, e] G_b[tile], and
     part[tile, b, e] = <G_b, W[e]>[tile]. G_b's tile is one dot over the pixels; the E
@@ -376,7 +377,10 @@ def dense_bwd_w_kernel(
     m_co = i_co * BLOCK_CO + tl.arange(0, BLOCK_CO) < COUT_G
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_k = o_k < K
-    o_ci, o_t = o_k // (KH * KW), o_k % (KH * KW)
+    if TAP_MAJOR:  # K runs over (tap, channel): W, gw and qk in that order too
+        o_t, o_ci = o_k // CIN_G, o_k % CIN_G
+    else:
+        o_ci, o_t = o_k // (KH * KW), o_k % (KH * KW)
     o_e = tl.arange(0, E_POW2)
     m_e = o_e < E
     m_tile = m_e[:, None, None] & (m_co[:, None] & m_k[None, :])[None, :, :]

@@ -343,9 +343,14 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
 
 def _copy_us(layer, itemsize: int, launch: Launch) -> float:
     """The host-side copy a launch needs before it runs, as HBM time: the experts reordered
-    tap-major for a dense forward / grad_x with TAP_MAJOR (read and written once a call; not
-    part of the layer's floor)."""
+    tap-major for a dense forward / grad_x with TAP_MAJOR, and for the kernel gradient with
+    TAP_MAJOR where it reads them (its routing half, or the scales' gradients; its own
+    gradient is put back in order by the copy that converts it to W's dtype anyway); read and
+    written once a call, not part of the layer's floor."""
     if not launch.kwargs.get("TAP_MAJOR"):
+        return 0.0
+    if launch.name == "dense_bwd_w_kernel" and not (launch.kwargs.get("NEED_R")
+                                                   or launch.kwargs.get("SCALE_GRADS")):
         return 0.0
     experts = layer.experts * layer.cout * (layer.cin // layer.groups) * layer.kernel ** 2
     return 1e6 * 2 * experts * itemsize / HBM
