@@ -52,6 +52,7 @@ def test_static_report_of_a_pointwise_layer(tmp_path):
     for r in records.values():  # the main loop read from the machine code: its products and
         # copies are in it; the issue floor is its instructions over 4 schedulers
         assert r["loop_mma"] >= 1 and r["loop_async_copies"] >= 1, r
+        assert r["loop_full_waits"] == 0, r  # pipelined: no wait for the copies just issued
         assert r["loop_instructions"] > r["loop_barriers"] + r["loop_mma"], r
         assert r["loop_issue_cycles"] >= r["loop_instructions"], r  # (4 or 8 warps)
         assert r["modeled_us"] >= r["issue_us"] > 0, r  # the issue floor, one of its terms
@@ -121,7 +122,8 @@ _SASS = """
         /*0020*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
         /*0030*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8].tnspA, RZ ;
         /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
-        /*0050*/                   SHFL.BFLY PT, R5, R6, 0x1, 0x1f ;
+        /*0050*/                   DEPBAR.LE SB0, 0x0 ;
+        /*0058*/                   SHFL.BFLY PT, R5, R6, 0x1, 0x1f ;
         /*0060*/              @!P0 BRA `(.L_x_1) ;
         /*0070*/               @P2 BRA `(.L_x_3) ;
         /*0080*/                   STS [R3], R5 ;
@@ -142,14 +144,14 @@ def test_loops_read_from_machine_code():
     from condconv_kernels.triton import sass
     found = sass.loops(_SASS)
     assert [(l["start"], l["end"], l["instructions"], l["skipped"]) for l in found] == [
-        (0x20, 0x60, 5, 0), (0x10, 0xa0, 10, 2), (0xc0, 0xc0, 1, 0)]
+        (0x20, 0x60, 6, 0), (0x10, 0xa0, 11, 2), (0xc0, 0xc0, 1, 0)]
     inner = found[0]
     assert (inner["barriers"], inner["async_copies"], inner["mma"], inner["shuffles"],
-            inner["sync_loads"]) == (1, 1, 1, 1, 0)
+            inner["sync_loads"], inner["full_waits"]) == (1, 1, 1, 1, 0, 1)
     hot = sass.hot_loop(_SASS, warps=8)
-    assert hot["loop_instructions"] == 10 and hot["loop_sync_loads"] == 1
-    assert hot["loop_shared"] == 1 and hot["loop_issue_cycles"] == 20
-    assert hot["loop_inner_instructions"] == 5 and hot["loop_skipped"] == 2
+    assert hot["loop_instructions"] == 11 and hot["loop_sync_loads"] == 1
+    assert hot["loop_shared"] == 1 and hot["loop_issue_cycles"] == 22
+    assert hot["loop_inner_instructions"] == 6 and hot["loop_skipped"] == 2
     assert sass.hot_loop(None, 4)["loop_instructions"] is None
 
 
@@ -184,4 +186,6 @@ def test_static_report_of_a_dense_3x3_layer(tmp_path):
     for r in records.values():
         assert r["async_copy"] == "cp.async" and r["tensor_core"] == "wgmma", r
         assert r["spill_bytes"] == 0 and r["modeled_us"] >= r["floor_us"] > 0, r
+        # the main loop's copies pipelined (the kernel gradient walks 49 tiles an example)
+        assert r["loop_async_copies"] >= 1 and r["loop_full_waits"] == 0, r
     assert "| r2.conv | conv 3x3/s1 64->64 @56x56 |" in result.stdout

@@ -316,7 +316,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             g = gw.sum(0)
             if tap_major:  # (E, Cout, kh, kw, Cin_g) back to W's order, in the same copy
                 g = g.view(E, cout, kh, kw, cin_g).permute(0, 1, 4, 2, 3)
-            grad_weight = g.reshape(weight.shape).to(weight.dtype)
+            grad_weight = g.reshape(weight.shape).to(weight.dtype,
+                                                     memory_format=torch.contiguous_format)
         if need_r:
             grad_routing = part.sum(0)
         scale_grads = _scale_grads(scales, need_s, qc, qk, B, groups, cin_g, kh * kw, acc,

@@ -458,10 +458,8 @@ def dense_bwd_w_kernel(
             if NEED_W:
                 b_gw += b_r[:, None, None] * b_G[None, :, :]
             b_G = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
-        if not AN_EXAMPLE:
-            t += 1
-            if t == TILES:
-                t = 0
-                b += 1
+        if not AN_EXAMPLE:  # (selects, not a branch: Triton pipelines the loop only so)
+            b = tl.where(t == TILES - 1, b + 1, b)
+            t = tl.where(t == TILES - 1, 0, t + 1)
     if NEED_W:
         tl.store(gw_ptr + (i_s * E).to(tl.int64) * N + o_tile, b_gw, mask=m_tile)

@@ -16,6 +16,8 @@ back over) and counts, per iteration:
   ``LDGSTS`` / ``UTMALDG``, are ``async_copies``);
 - ``mma``: tensor-core instructions (``HGMMA``, ``HMMA``); ``shuffles`` (``SHFL``); ``shared``
   (``LDS``, ``LDSM``, ``STS``, ``STSM``);
+- ``full_waits``: waits for every asynchronous copy in flight (``DEPBAR.LE SB0, 0x0``): a
+  loop with one does not overlap its copies with its work (not pipelined);
 - ``skipped``: the longest run of the body a forward branch jumps over (a conditional part).
 
 :func:`hot_loop` gives the loop with the most instructions: the per-program main loop (its body
@@ -35,7 +37,10 @@ CLASSES = {"BAR": "barriers", "LDG": "sync_loads", "LDGSTS": "async_copies",
            "SHFL": "shuffles", "LDS": "shared", "LDSM": "shared", "STS": "shared",
            "STSM": "shared"}
 COUNTERS = ("instructions", "barriers", "sync_loads", "async_copies", "mma", "shuffles",
-            "shared")
+            "shared", "full_waits")
+# A wait for every asynchronous copy in flight (cp.async's wait_group 0): in a loop, its copies
+# are not pipelined (each iteration waits for the loads it issued itself).
+_FULL_WAIT = re.compile(r"^DEPBAR\.LE\s+SB0,\s*0x0$")
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*?`?\(?(\.L_x_\d+)\)?")
@@ -102,6 +107,8 @@ def loops(sass: str) -> List[Dict[str, int]]:
             kind = CLASSES.get(_opcode(body))
             if kind:
                 counts[kind] += 1
+            if _FULL_WAIT.match(body):
+                counts["full_waits"] += 1
             forward = _BRANCH.search(body) if _opcode(body) == "BRA" else None
             over = labels.get(forward.group(1)) if forward else None
             if over is not None and n < over <= i:
