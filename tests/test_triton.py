@@ -275,6 +275,8 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
         for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel,
                        dense.dense_bwd_w_kernel):
             assert "TAP_MAJOR" in kernel.keys  # the reduction order ranks the tiles anew
+        # depthwise grad_x's strides are compile-time constants: a stride-2 layer's code differs
+        assert {"STRIDE_H", "STRIDE_W"} <= set(depthwise.dw_bwd_x_kernel.keys)
     finally:
         monkeypatch.undo()
         importlib.reload(dense)

@@ -105,15 +105,16 @@ def dw_fwd_kernel(
     tl.store(p_o + off_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_c[:, None] & m_p[None, :])
 
 
-@autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW", *SCALE_FLAGS],
+@autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW", "STRIDE_H", "STRIDE_W",
+                *SCALE_FLAGS],
           shapes=("BLOCK_C", "BLOCK_P"))
 @triton.jit
 def dw_bwd_x_kernel(
     g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, dx_ptr,
     C_IN, MULT, H, W, HO, WO,
     s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw, s_ib, s_ic, s_jb, s_jc, s_tb,
-    s_tt, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
-    E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, IN_SCALE: tl.constexpr,
+    s_tt, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_T, PAD_L, DIL_H, DIL_W,
+    B_KEY, KEY_L, E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, E_POW2: tl.constexpr, FLAT_IN: tl.constexpr, FLAT_OUT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -123,7 +124,9 @@ def dw_bwd_x_kernel(
     BLOCK_P input pixels of one example; the scales as in the forward (out_scale and tap_scale
     on the mixed taps, in_scale on the accumulator). FLAT_OUT: grad_x's pixels addressed as one
     index; FLAT_IN: grad_out's too, at stride 1 with W = WO (the pixel a tap of q reads: q +
-    (PAD_T - i D) W + PAD_L - j D), as in dw_bwd_w_kernel."""
+    (PAD_T - i D) W + PAD_L - j D), as in dw_bwd_w_kernel. The strides are compile-time
+    constants: an output pixel is an input pixel's offset divided by them, for every tap and
+    pixel (a runtime divisor costs a stride-2 layer a third of its instructions)."""
     i_q, i_c, i_b = program_ids(tl.cdiv(H * W, BLOCK_P), tl.cdiv(C_IN, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_ci = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
