@@ -119,8 +119,10 @@ _SASS = """
 .L_x_0:
         /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
 .L_x_1:
-        /*0020*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
-        /*0030*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8].tnspA, RZ ;
+        /*0020*/                   DEPBAR.LE SB0, 0x0 ;
+        /*0028*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*0030*/                   LDGDEPBAR ;
+        /*0038*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8].tnspA, RZ ;
         /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0050*/                   DEPBAR.LE SB0, 0x0 ;
         /*0058*/                   SHFL.BFLY PT, R5, R6, 0x1, 0x1f ;
@@ -140,18 +142,19 @@ def test_loops_read_from_machine_code():
     """condconv_kernels.triton.sass on a hand-written listing: two nested loops (their
     backward branches predicated), a forward branch inside the outer one (a conditional part
     of its body) and one after it that is no loop, a one-instruction trap; the hot loop is the
-    outer one, its inner body counted once."""
+    outer one, its inner body counted once; of the inner loop's two waits for every copy, the
+    one after its own commit counts (the first waits for the previous iteration's copies)."""
     from condconv_kernels.triton import sass
     found = sass.loops(_SASS)
     assert [(l["start"], l["end"], l["instructions"], l["skipped"]) for l in found] == [
-        (0x20, 0x60, 6, 0), (0x10, 0xa0, 11, 2), (0xc0, 0xc0, 1, 0)]
+        (0x20, 0x60, 8, 0), (0x10, 0xa0, 13, 2), (0xc0, 0xc0, 1, 0)]
     inner = found[0]
     assert (inner["barriers"], inner["async_copies"], inner["mma"], inner["shuffles"],
             inner["sync_loads"], inner["full_waits"]) == (1, 1, 1, 1, 0, 1)
     hot = sass.hot_loop(_SASS, warps=8)
-    assert hot["loop_instructions"] == 11 and hot["loop_sync_loads"] == 1
-    assert hot["loop_shared"] == 1 and hot["loop_issue_cycles"] == 22
-    assert hot["loop_inner_instructions"] == 6 and hot["loop_skipped"] == 2
+    assert hot["loop_instructions"] == 13 and hot["loop_sync_loads"] == 1
+    assert hot["loop_shared"] == 1 and hot["loop_issue_cycles"] == 26
+    assert hot["loop_inner_instructions"] == 8 and hot["loop_skipped"] == 2
     assert sass.hot_loop(None, 4)["loop_instructions"] is None
 
 

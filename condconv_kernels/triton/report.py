@@ -592,7 +592,10 @@ def summary(records) -> str:
                      f" us against a floor of {sum(r['floor_us'] for r in rs):.0f} us "
                      f"(geomean {geo:.2f}x the floor); spills in "
                      f"{sum(r['spill_bytes'] > 0 for r in rs)}, L2 > 4x HBM in "
-                     f"{sum(r['l2_bytes'] > 4 * r['hbm_bytes'] for r in rs)}")
+                     f"{sum(r['l2_bytes'] > 4 * r['hbm_bytes'] for r in rs)}"
+                     + (f", copies not pipelined in {waits}" if (waits := sum(
+                         bool(r.get("loop_full_waits")) and bool(r.get("loop_async_copies"))
+                         for r in rs)) else ""))
     return "\n".join(lines)
 
 

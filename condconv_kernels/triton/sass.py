@@ -16,8 +16,9 @@ back over) and counts, per iteration:
   ``LDGSTS`` / ``UTMALDG``, are ``async_copies``);
 - ``mma``: tensor-core instructions (``HGMMA``, ``HMMA``); ``shuffles`` (``SHFL``); ``shared``
   (``LDS``, ``LDSM``, ``STS``, ``STSM``);
-- ``full_waits``: waits for every asynchronous copy in flight (``DEPBAR.LE SB0, 0x0``): a
-  loop with one does not overlap its copies with its work (not pipelined);
+- ``full_waits``: waits for every asynchronous copy in flight (``DEPBAR.LE SB0, 0x0``) after
+  the iteration committed copies of its own (``LDGDEPBAR``): such an iteration waits for the
+  loads it issued, nothing overlaps them (the loop is not pipelined);
 - ``skipped``: the longest run of the body a forward branch jumps over (a conditional part).
 
 :func:`hot_loop` gives the loop with the most instructions: the per-program main loop (its body
@@ -38,8 +39,9 @@ CLASSES = {"BAR": "barriers", "LDG": "sync_loads", "LDGSTS": "async_copies",
            "STSM": "shared"}
 COUNTERS = ("instructions", "barriers", "sync_loads", "async_copies", "mma", "shuffles",
             "shared", "full_waits")
-# A wait for every asynchronous copy in flight (cp.async's wait_group 0): in a loop, its copies
-# are not pipelined (each iteration waits for the loads it issued itself).
+# A wait for every asynchronous copy in flight (cp.async's wait_group 0) after a commit of
+# copies (LDGDEPBAR) in the same iteration: the iteration waits for the loads it issued itself,
+# nothing overlaps them (a wait before the iteration's commit waits for the previous one's).
 _FULL_WAIT = re.compile(r"^DEPBAR\.LE\s+SB0,\s*0x0$")
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -102,12 +104,14 @@ def loops(sass: str) -> List[Dict[str, int]]:
             continue
         counts = dict.fromkeys(COUNTERS, 0)
         skipped = 0  # the longest run a forward branch inside the loop jumps over
+        committed = False  # copies committed earlier in this iteration
         for n, (_, body) in enumerate(instructions[start:i + 1], start):
             counts["instructions"] += 1
             kind = CLASSES.get(_opcode(body))
             if kind:
                 counts[kind] += 1
-            if _FULL_WAIT.match(body):
+            committed = committed or _opcode(body) == "LDGDEPBAR"
+            if committed and _FULL_WAIT.match(body):
                 counts["full_waits"] += 1
             forward = _BRANCH.search(body) if _opcode(body) == "BRA" else None
             over = labels.get(forward.group(1)) if forward else None
