@@ -54,8 +54,8 @@ KGRAD_WARP_BYTES = 12 * 1024
 # and tile of channels, over BLOCK_L pixels at a time. Chosen from the machine code
 # (condconv_kernels.triton.report's loop counts): the kernel is issue-bound, and one warp a
 # program sums each tap over the pixels without a barrier; 16-32 pixels a block keep the
-# grad_out tile and a tap's input tile in registers (144-224) without spills. The first issues
-# the fewest instructions (or within 8% of them) on every depthwise layer of
+# grad_out tile and a tap's input tile in registers (144-254) without spills. The first issues
+# the fewest instructions (or within 9% of them) on every depthwise layer of
 # EfficientNet-CondConv, in fewer pixel blocks than the 16-pixel tiles (each block adds to the
 # program's sums in G: L2 traffic); the second has the fewest registers (144). The autotuner
 # picks among them on the GPU.

@@ -366,7 +366,12 @@ def dense_bwd_w_kernel(
     example's mixed tile), the program writes the tile's share of the scales' gradients:
     qc[i_k, b, co] = sum over the tile's k of Q_b in_scale tap_scale (out_scale's),
     qk[i_co, b, g, k] = sum over its co of Q_b out_scale (in_scale's and tap_scale's, once
-    multiplied by the other and summed on the host)."""
+    multiplied by the other and summed on the host).
+
+    The reduction index k (W's columns) runs over (input channel, tap), or with TAP_MAJOR over
+    (tap, input channel): x channels_last, so that the x tile is contiguous along a tap's
+    channels; w_ptr then holds W in that order, and gw and qk come out in it (the launcher puts
+    them back). POINTWISE: see _g_tile."""
     K = CIN_G * KH * KW
     n_k, n_co = tl.cdiv(K, BLOCK_K), tl.cdiv(COUT_G, BLOCK_CO)
     i_k, i_co, i_gs = program_ids(n_k, n_co)
