@@ -44,9 +44,9 @@ SCALED = ("dense_fwd", "dense_bwd_x", "dense_bwd_w", "dw_fwd", "dw_bwd_x")
 # (+ "+long": nested loops and two-level sums); otherwise every variant has 256 pixels an
 # example (several tiles, one loop).
 PIXEL_VARIANTS = {"dense_bwd_w": ("+one_tile", "+long")}
-# The dense forward and grad_x reduce over (tap, channel) for a channels_last input
-# (TAP_MAJOR); + "+nchw": over (channel, tap), as for a contiguous one.
-LAYOUT_VARIANTS = {"dense_fwd": ("+nchw",), "dense_bwd_x": ("+nchw",)}
+# The dense kernels reduce over (tap, channel) for a channels_last input (TAP_MAJOR);
+# + "+nchw": over (channel, tap), as for a contiguous one.
+LAYOUT_VARIANTS = {"dense_fwd": ("+nchw",), "dense_bwd_x": ("+nchw",), "dense_bwd_w": ("+nchw",)}
 _SCALE_POINTERS = ("in_s_ptr", "out_s_ptr", "tap_s_ptr")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}
@@ -74,7 +74,8 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
               4 * dense.CHAIN.value * blocks["BLOCK_P"] if "long" in flags else 256)
     constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True, KEY_L=pixels,
                       IN_SCALE=scales, OUT_SCALE=scales, TAP_SCALE=scales, SCALE_GRADS=scales,
-                      POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True,
+                      POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True, STRIDE_H=1,
+                      STRIDE_W=1,
                       TAP_MAJOR="nchw" not in flags,
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                       PRECISION="tf32" if dtype == torch.float32 else "ieee")

@@ -82,6 +82,7 @@ from triton.compiler import ASTSource
 
 from ..cli import parser
 from . import _config, sass
+from ._grid import cdiv
 
 HBM, L2, TC, CC, SMS = 3.0e12, 6.0e12, 800e12, 60e12, 132
 # Per SM, for the stationary kernel's serial model: the clock at which 128 FMA lanes make CC,
@@ -240,7 +241,7 @@ def compile_launch(launch: Launch, config, arch: int = 90):
 
 def ptxas_usage(ptx: str, arch: int) -> Dict[str, int]:
     """Registers, stack frame and spill stores of a PTX module, from ptxas -v."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = sass.tool("ptxas")
     target = re.search(r"\.target\s+(\S+)", ptx)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -276,7 +277,6 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
     experts_bytes = E * kernel_numel * itemsize
     conv_flops = 2 * B * cout * P * (cin // g) * k * k
     mix_flops = 2 * B * E * kernel_numel
-    cdiv = lambda a, b: -(-a // b)  # noqa: E731
     name = launch.name
     if name in ("dense_fwd_kernel", "dense_bwd_x_kernel"):
         # (examples, rows, pixels, reduction); the kernels of before examples blocks had one
@@ -417,16 +417,15 @@ def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool,
     return 1e6 * t * (2.0 if spills else 1.0)
 
 
-def issue_us(layer, launch: Launch, blocks, programs: int, info: dict) -> float:
+def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dict) -> float:
     """The launch's issue floor: the instructions its programs' main loops issue (a warp's
-    count, times the warps, over 4 schedulers an SM at ``CLOCK``), from the loop counts of
+    count, times the ``warps``, over 4 schedulers an SM at ``CLOCK``), from the loop counts of
     :func:`sass.hot_loop` and the kernel's trip counts; 0 where either is unknown (the
     stationary kernel has its own serial model). Only the main loop is counted (and, where it
     holds one, the loop inside it): set-up and epilogues are left out, so this is a floor."""
     hot, inner = info.get("loop_instructions"), info.get("loop_inner_instructions") or 0
     if hot is None:
         return 0.0
-    cdiv = lambda a, b: -(-a // b)  # noqa: E731
     ho, wo = layer.out_hw
     name, k, g = launch.name, layer.kernel, layer.groups
     if name in ("dense_fwd_kernel", "dense_bwd_x_kernel"):  # one K loop
@@ -447,7 +446,6 @@ def issue_us(layer, launch: Launch, blocks, programs: int, info: dict) -> float:
         per_program = cdiv(ho * wo, blocks["BLOCK_L"]) * (hot + (k - 1) * inner)
     else:
         return 0.0
-    warps = info.get("warps", 4)  # the compiled configuration's
     return 1e6 * programs * per_program * warps / (SMS * 4 * CLOCK)
 
 
@@ -540,8 +538,8 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
                 if "error" in info:
                     record["modeled_us"] = float("inf")
                 else:
-                    record["issue_us"] = issue_us(layer, launch, blocks,
-                                                  programs, dict(info, warps=config[1]))
+                    record["issue_us"] = issue_us(layer, launch, blocks, programs, config[1],
+                                                  info)
                     record["modeled_us"] = modeled_us(
                         hbm, l2, tc, cc, programs, info["tensor_core"],
                         info["spill_bytes"] > 0 or
@@ -592,10 +590,10 @@ def summary(records) -> str:
                      f" us against a floor of {sum(r['floor_us'] for r in rs):.0f} us "
                      f"(geomean {geo:.2f}x the floor); spills in "
                      f"{sum(r['spill_bytes'] > 0 for r in rs)}, L2 > 4x HBM in "
-                     f"{sum(r['l2_bytes'] > 4 * r['hbm_bytes'] for r in rs)}"
-                     + (f", copies not pipelined in {waits}" if (waits := sum(
-                         bool(r.get("loop_full_waits")) and bool(r.get("loop_async_copies"))
-                         for r in rs)) else ""))
+                     f"{sum(r['l2_bytes'] > 4 * r['hbm_bytes'] for r in rs)}")
+        waits = sum(bool(r.get("loop_full_waits")) for r in rs)
+        if waits:
+            lines[-1] += f", copies not pipelined in {waits}"
     return "\n".join(lines)
 
 

@@ -9,8 +9,8 @@ those set the time of the kernels that walk examples one after another (the kern
 with the ``nvdisasm`` Triton ships, finds every loop (a backward branch and the code it jumps
 back over) and counts, per iteration:
 
-- ``instructions`` and, for ``warps`` warps on an SM's 4 schedulers, ``issue_cycles``
-  (instructions x warps / 4: the fewest clocks one program's iteration can take);
+- ``instructions`` (:func:`hot_loop` adds ``issue_cycles``: instructions x warps / 4 for
+  ``warps`` warps on an SM's 4 schedulers, the fewest clocks one program's iteration takes);
 - ``barriers``: ``BAR`` (CTA-wide synchronisation);
 - ``sync_loads``: ``LDG``, global loads into registers (the copies into shared memory,
   ``LDGSTS`` / ``UTMALDG``, are ``async_copies``);
@@ -48,24 +48,22 @@ _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*?`?\(?(\.L_x_\d+)\)?")
 
 
-def nvdisasm() -> Optional[str]:
-    """The path of the nvdisasm that Triton ships, or None."""
+def tool(name: str) -> str:
+    """The path of a CUDA tool Triton ships (ptxas, nvdisasm, ...)."""
     import triton
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "nvdisasm")
-    return path if os.path.exists(path) else None
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def disassemble(cubin: bytes) -> Optional[str]:
     """The SASS of a cubin (nvdisasm), or None where nvdisasm is missing or fails."""
-    tool = nvdisasm()
-    if tool is None:
+    nvdisasm = tool("nvdisasm")
+    if not os.path.exists(nvdisasm):
         return None
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        result = subprocess.run([tool, "-c", path], capture_output=True, text=True)
+        result = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
     return result.stdout if result.returncode == 0 else None
 
 
@@ -106,14 +104,15 @@ def loops(sass: str) -> List[Dict[str, int]]:
         skipped = 0  # the longest run a forward branch inside the loop jumps over
         committed = False  # copies committed earlier in this iteration
         for n, (_, body) in enumerate(instructions[start:i + 1], start):
+            opcode = _opcode(body)
             counts["instructions"] += 1
-            kind = CLASSES.get(_opcode(body))
+            kind = CLASSES.get(opcode)
             if kind:
                 counts[kind] += 1
-            committed = committed or _opcode(body) == "LDGDEPBAR"
+            committed = committed or opcode == "LDGDEPBAR"
             if committed and _FULL_WAIT.match(body):
                 counts["full_waits"] += 1
-            forward = _BRANCH.search(body) if _opcode(body) == "BRA" else None
+            forward = _BRANCH.search(body) if opcode == "BRA" else None
             over = labels.get(forward.group(1)) if forward else None
             if over is not None and n < over <= i:
                 skipped = max(skipped, over - n - 1)
