@@ -85,11 +85,11 @@ def test_autotune_switch(monkeypatch):
     from condconv_kernels.triton import _config
 
     @triton.jit
-    def kernel(x_ptr, BLOCK_CO: triton.language.constexpr, BLOCK_P: triton.language.constexpr,
-               BLOCK_K: triton.language.constexpr):
+    def kernel(x_ptr, BLOCK_CO: triton.language.constexpr, BLOCK_K: triton.language.constexpr,
+               BLOCK_P: triton.language.constexpr):
         pass
 
-    shapes = ("BLOCK_CO", "BLOCK_P", "BLOCK_K")
+    shapes = _config.KGRAD_TILES  # a table is found by its tile names
     monkeypatch.setattr(_config, "INTERPRET", False)
     monkeypatch.setattr(_config, "AUTOTUNE", True)
     tuned = _config.autotune(["COUT_G"], shapes)(kernel)
@@ -100,8 +100,9 @@ def test_autotune_switch(monkeypatch):
     monkeypatch.setattr(_config, "AUTOTUNE", False)
     assert _config.autotune(["COUT_G"], shapes)(kernel) is kernel
     first = _config._GPU_DW_CONFIGS[0]
-    assert _config.fixed_blocks(("BLOCK_C", "BLOCK_P")) == {
-        "BLOCK_C": first[0], "BLOCK_P": first[1], "num_warps": first[2], "num_stages": first[3]}
+    assert _config.fixed_blocks(_config.DW_TILES) == {
+        "BLOCK_C": first[0], "BLOCK_Q": first[1], "COLS": first[2], "num_warps": first[3],
+        "num_stages": first[4]}
 
 
 def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
@@ -219,8 +220,8 @@ def test_forced_configuration(monkeypatch):
         reload()
         assert not _config.AUTOTUNE and _config.FORCED_CONFIG == 3
         monkeypatch.setattr(_config, "INTERPRET", False)
-        dw = _config._table(("BLOCK_C", "BLOCK_P"))[3]
-        assert _config.fixed_blocks(("BLOCK_C", "BLOCK_P")) == {
+        dw = _config._table(_config.DW_TILES)[3]
+        assert _config.fixed_blocks(_config.DW_TILES) == {
             **dw[0], "num_warps": dw[1], "num_stages": dw[2]}
         monkeypatch.setenv("CONDCONV_TRITON_CONFIG", "9")
         reload()
@@ -360,33 +361,30 @@ def test_eager_path_matches_the_op(name, autocast):
      "contiguous", True),
     (Case("dw3_s2", cin=6, cout=6, groups=6, stride=(2, 2)), "contiguous", False),
     (Case("dw3_cl", cin=6, cout=6, groups=6), "channels_last", None),
+    (Case("dw5_s2_cl", cin=6, cout=6, groups=6, kernel=(5, 5), padding=2, stride=(2, 2), H=9,
+          W=11), "channels_last", None),
 ], ids=lambda v: str(v))
 def test_depthwise_kernels_with_flat_pixels(case, layout, flat, monkeypatch):
-    """The depthwise kernels' flat addressing, which NCHW calls take and channels_last ones do
-    not: the tensor a kernel writes (FLAT_OUT; the kernel gradient's grad_out, FLAT_G) with its
-    pixels as one index, and the one it reads through the taps (FLAT_IN, FLAT_X) too where the
-    stride is 1 and the output as wide as x (a tap's pixels: that index plus a constant). Every
-    gradient against the reference in float64, with each launch's flags recorded: all on for
-    NCHW at stride 1 (``flat`` True), only the written tensors' at stride 2 (False), none in
-    channels_last (None)."""
+    """The depthwise kernel gradient's flat addressing, which NCHW calls take and channels_last
+    ones do not: grad_out (FLAT_G) with its pixels as one index, and x, read through the taps
+    (FLAT_X), too where the stride is 1 and the output as wide as x (a tap's pixels: that index
+    plus a constant). Every gradient against the reference in float64, with each launch's
+    flags recorded: both on for NCHW at stride 1 (``flat`` True), only grad_out's at stride 2
+    (False), none in channels_last (None). The cases also take the forward and grad_x through
+    dilation, a channel multiplier, uneven padding and stride 2 in both layouts."""
     import condconv_kernels.triton as backend
-    flags = {}
-    for name, names in (("dw_fwd_kernel", ("FLAT_OUT", "FLAT_IN")),
-                        ("dw_bwd_x_kernel", ("FLAT_OUT", "FLAT_IN")),
-                        ("dw_bwd_w_kernel", ("FLAT_G", "FLAT_X"))):
-        def spy(kernel=getattr(backend, name), name=name, names=names):
-            class Spy:
-                def __getitem__(self, grid):
-                    def launch(*args, **kwargs):
-                        flags.setdefault(name, set()).add(tuple(kwargs[n] for n in names))
-                        return kernel[grid](*args, **kwargs)
-                    return launch
-            return Spy()
-        monkeypatch.setattr(backend, name, spy())
+    flags = set()
+    kernel = backend.dw_bwd_w_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                flags.add((kwargs["FLAT_G"], kwargs["FLAT_X"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(backend, "dw_bwd_w_kernel", Spy())
     test_op._check(case, "triton", torch.float64, layout)
-    want = {(False, False)} if flat is None else {(True, flat)}
-    assert set(flags) == {"dw_fwd_kernel", "dw_bwd_x_kernel", "dw_bwd_w_kernel"}, flags
-    assert all(v == want for v in flags.values()), flags
+    assert flags == ({(False, False)} if flat is None else {(True, flat)}), flags
 
 
 def test_kernel_gradient_over_several_chunks():

@@ -23,7 +23,7 @@ import triton.language as tl
 from .. import _args, _env
 from .._epilogue import Scales, finish_grads, fold_scaled_kernel_grads
 from ._grid import cdiv, flat_grid
-from ._config import (DENSE_TILES, DW_KGRAD_TILES, INTERPRET, KGRAD_TILES, bucket,
+from ._config import (DENSE_TILES, DW_KGRAD_TILES, DW_TILES, INTERPRET, KGRAD_TILES, bucket,
                       fixed_blocks, smallest_block)
 from .dense import CHAIN, dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from ._scales import launch_args
@@ -36,6 +36,11 @@ __all__ = ["forward", "backward"]
 
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of :func:`_acc`: the kernels' buffers of sums and mixed taps."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -94,6 +99,13 @@ def _flat_taps(t: torch.Tensor, stride: Sequence[int], out_w: int, in_w: int) ->
     return _flat_pixels(t) and tuple(stride) == (1, 1) and out_w == in_w
 
 
+def _taps(B: int, kh: int, kw: int, cout: int, x: torch.Tensor) -> torch.Tensor:
+    """The depthwise forward's and grad_x's buffer of mixed taps, (B, kh kw, Cout) in the
+    accumulation dtype: each program stores its example's taps of its channels there once and
+    reads them back tap by tap (depthwise._stage_taps)."""
+    return torch.empty((B, kh * kw, cout), dtype=_acc_dtype(x.dtype), device=x.device)
+
+
 def _wide(*tensors: torch.Tensor) -> bool:
     """Whether an offset within one example of these tensors may not fit in 32 bits."""
     return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31
@@ -122,16 +134,15 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     geometry = _geometry(stride, padding, dilation)
     s_ptrs, s_strides, s_flags = launch_args((in_scale, out_scale, tap_scale), kh * kw, routing)
     if cin_g == 1:
-        blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
-        grid = lambda meta: flat_grid(cdiv(ho * wo, meta["BLOCK_P"]),  # noqa: E731
-                                      cdiv(cout, meta["BLOCK_C"]), B)
+        blocks = fixed_blocks(DW_TILES)
+        grid = lambda meta: flat_grid(  # noqa: E731
+            cdiv(ho * cdiv(wo, meta["COLS"]), meta["BLOCK_Q"]), cdiv(cout, meta["BLOCK_C"]), B)
         dw_fwd_kernel[grid](
-            x, routing, w, b, *s_ptrs, out, cout, cout // cin, H, W, ho, wo, *x.stride(),
-            *routing.stride(), *out.stride(), *s_strides, *geometry, bucket(B),
-            bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out),
-            ACC=_acc(x.dtype), E_POW2=bucket(E),
-            FLAT_IN=_flat_taps(x, stride, wo, W),
-            FLAT_OUT=_flat_pixels(out), **s_flags, **blocks)
+            x, routing, w, b, *s_ptrs, _taps(B, kh, kw, cout, x), out, cout, cout // cin, H, W,
+            ho, wo, *x.stride(), *routing.stride(), *out.stride(), *s_strides, *geometry,
+            bucket(B), bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None,
+            WIDE=_wide(x, out), ACC=_acc(x.dtype), E_POW2=bucket(E), KK_POW2=bucket(kh * kw),
+            **s_flags, **blocks)
         return out
     pointwise = _pointwise(kh, kw, stride, padding, x)
     if "forward" in _env.TRITON_STATIONARY:
@@ -202,7 +213,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     B, cin, H, W = x.shape
     E, cout, cin_g, kh, kw = weight.shape
     ho, wo = grad_out.shape[-2:]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(x.dtype)
     w = weight.contiguous()
     geometry = _geometry(stride, padding, dilation)
     depthwise = cin_g == 1
@@ -214,16 +225,16 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     if need_x:
         grad_x = torch.empty_like(x, memory_format=_args.suggest_memory_format(x))
         if depthwise:
-            blocks = fixed_blocks(("BLOCK_C", "BLOCK_P"))
-            grid = lambda meta: flat_grid(cdiv(H * W, meta["BLOCK_P"]),  # noqa: E731
-                                          cdiv(cin, meta["BLOCK_C"]), B)
+            blocks = fixed_blocks(DW_TILES)
+            grid = lambda meta: flat_grid(  # noqa: E731
+                cdiv(H * cdiv(W, meta["COLS"] * stride[1]), meta["BLOCK_Q"]),
+                cdiv(cin, meta["BLOCK_C"]), B)
             dw_bwd_x_kernel[grid](
-                grad_out, routing, w, *s_ptrs, grad_x, cin, cout // cin, H, W, ho, wo,
-                *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides, *geometry,
-                bucket(B), bucket(H * W), E=E, KH=kh, KW=kw, WIDE=_wide(grad_out, grad_x),
-                ACC=_acc(x.dtype), E_POW2=bucket(E),
-                FLAT_IN=_flat_taps(grad_out, stride, wo, W),
-                FLAT_OUT=_flat_pixels(grad_x), **s_flags, **blocks)
+                grad_out, routing, w, *s_ptrs, _taps(B, kh, kw, cout, x), grad_x, cin,
+                cout // cin, H, W, ho, wo, *grad_out.stride(), *routing.stride(),
+                *grad_x.stride(), *s_strides, *geometry, bucket(B), bucket(H * W), E=E, KH=kh,
+                KW=kw, WIDE=_wide(grad_out, grad_x), ACC=_acc(x.dtype),
+                KK_POW2=bucket(kh * kw), **s_flags, **blocks)
         else:
             pointwise = _pointwise(kh, kw, stride, padding, grad_out)
             given = (in_scale, out_scale, tap_scale)

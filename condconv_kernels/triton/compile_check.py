@@ -31,10 +31,10 @@ from . import _config, dense, depthwise, stationary
 KERNELS = {
     "dense_fwd": (dense.dense_fwd_kernel, _config.DENSE_TILES, ()),
     "dense_bwd_x": (dense.dense_bwd_x_kernel, _config.DENSE_TILES, ()),
-    "dense_bwd_w": (dense.dense_bwd_w_kernel, ("BLOCK_CO", "BLOCK_K", "BLOCK_P"),
+    "dense_bwd_w": (dense.dense_bwd_w_kernel, _config.KGRAD_TILES,
                     ("gw_ptr", "part_ptr", "qc_ptr", "qk_ptr")),
-    "dw_fwd": (depthwise.dw_fwd_kernel, ("BLOCK_C", "BLOCK_P"), ()),
-    "dw_bwd_x": (depthwise.dw_bwd_x_kernel, ("BLOCK_C", "BLOCK_P"), ()),
+    "dw_fwd": (depthwise.dw_fwd_kernel, _config.DW_TILES, ("T_ptr",)),
+    "dw_bwd_x": (depthwise.dw_bwd_x_kernel, _config.DW_TILES, ("T_ptr",)),
     "dw_bwd_w": (depthwise.dw_bwd_w_kernel, _config.DW_KGRAD_TILES, ("G_ptr",)),
 }
 # The kernels that take the per-example scales, compiled again with all three (name + "+scales").
@@ -47,6 +47,9 @@ PIXEL_VARIANTS = {"dense_bwd_w": ("+one_tile", "+long")}
 # The dense kernels reduce over (tap, channel) for a channels_last input (TAP_MAJOR);
 # + "+nchw": over (channel, tap), as for a contiguous one.
 LAYOUT_VARIANTS = {"dense_fwd": ("+nchw",), "dense_bwd_x": ("+nchw",), "dense_bwd_w": ("+nchw",)}
+# The depthwise forward and grad_x at stride 2 (+ "+s2"): the strides are compile-time
+# constants there, and grad_x's input columns take only the taps of their parity.
+STRIDE_VARIANTS = {"dw_fwd": ("+s2",), "dw_bwd_x": ("+s2",)}
 _SCALE_POINTERS = ("in_s_ptr", "out_s_ptr", "tap_s_ptr")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}
@@ -62,7 +65,7 @@ def _jit(kernel) -> triton.JITFunction:
 def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     """Compiles one kernel (a name of KERNELS, + "+scales" for its variant with the three
     scales, + "+one_tile" / "+long" for one tile of pixels an example / more than CHAIN tiles,
-    + "+nchw" for the reduction order of a contiguous input) for ``sm_<arch>`` with ``config``
+    + "+nchw" for the reduction order of a contiguous input, + "+s2" at stride 2) for ``sm_<arch>`` with ``config``
     = (tile sizes, warps, stages)."""
     base, *flags = name.split("+")
     kernel, _, acc_pointers = KERNELS[base]
@@ -74,8 +77,9 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
               4 * dense.CHAIN.value * blocks["BLOCK_P"] if "long" in flags else 256)
     constexprs = dict(blocks, E=8, E_POW2=8, KH=3, KW=3, HAS_BIAS=True, KEY_L=pixels,
                       IN_SCALE=scales, OUT_SCALE=scales, TAP_SCALE=scales, SCALE_GRADS=scales,
-                      POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True, STRIDE_H=1,
-                      STRIDE_W=1,
+                      POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True,
+                      STRIDE_H=2 if "s2" in flags else 1, STRIDE_W=2 if "s2" in flags else 1,
+                      PAD_L=1, DIL_W=1, KK_POW2=16,
                       TAP_MAJOR="nchw" not in flags,
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                       PRECISION="tf32" if dtype == torch.float32 else "ieee")
@@ -118,7 +122,8 @@ def variants(quick: bool = False):
         rest = [max(table[1:], key=_size)] if quick else table[1:]
         for variant in ((name,) + ((name + "+scales",) if name in SCALED else ())
                         + tuple(name + v for v in PIXEL_VARIANTS.get(name, ()))
-                        + tuple(name + v for v in LAYOUT_VARIANTS.get(name, ()))):
+                        + tuple(name + v for v in LAYOUT_VARIANTS.get(name, ()))
+                        + tuple(name + v for v in STRIDE_VARIANTS.get(name, ()))):
             extra = variant != name
             for dtype in ((torch.float32, torch.bfloat16) if quick and extra else TYPES):
                 yield variant, dtype, _staged(table[0], dtype), True

@@ -1,14 +1,18 @@
 """Depthwise CondConv (Cin/groups == 1, any channel multiplier) in Triton: direct convolution
-with each example's mixed kh x kw taps held in registers.
+on CUDA cores, each input element loaded and converted once per row of taps.
 
-Forward: a program owns (BLOCK_C output channels x BLOCK_P output pixels) of one example; per
-tap it mixes the BLOCK_C taps of the E experts in one (E x BLOCK_C) load and a sum over the
-experts (the example's routing loaded once), and accumulates tap * x over the pixels. The
-per-example scales, where present: tap_scale multiplies each mixed tap, in_scale (per input
-channel) and out_scale (per output channel, after the bias) the accumulator. Offsets
-within an example are 32-bit where the example's extent allows (WIDE otherwise), which keeps the
-unrolled taps' addresses in few registers.
-Backward: grad_x likewise over input pixels (taps from the output pixels they feed); the kernel
+Forward: a program owns BLOCK_C output channels x BLOCK_Q groups of COLS output pixels side by
+side in a row, of one example. It first mixes its channels' kh x kw taps over the E experts
+once (the example's routing times the experts' taps) and stores them in a buffer of mixed taps
+(float32, channels contiguous), from which each row of taps reads its taps back in the layout
+the accumulators need. Then per row of taps it loads each input column the group reaches once
+and adds it, times the tap that joins them, into every output column that reads it (COLS
+accumulators). The per-example scales, where present: tap_scale multiplies each mixed tap,
+in_scale (per input channel) and out_scale (per output channel, after the bias) the
+accumulator. Offsets within an example are 32-bit where the example's extent allows (WIDE
+otherwise).
+Backward: grad_x likewise over groups of input pixels (each grad_out column they reach loaded
+once a row of taps; at stride 2 an input column takes only the taps of its parity); the kernel
 gradient in two steps: a program per (example, channel tile) computes the example's tap
 gradients G[b, c, t] = sum over pixels of grad_out * shifted x, then two matrix products on the
 host give grad_weight = routing^T G and grad_routing = G W^T over the whole batch (no atomics:
@@ -20,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._config import DW_KGRAD_TILES, SCALE_FLAGS, autotune
+from ._config import DW_KGRAD_TILES, DW_TILES, SCALE_FLAGS, autotune
 from ._grid import program_ids
 from ._scales import scale_factor
 
@@ -43,139 +47,193 @@ def _mixed_taps(r, w_ptr, o_w, m_w, N, E: tl.constexpr, E_POW2: tl.constexpr,
     return tl.sum(r[:, None] * w, axis=0)
 
 
-@autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW", *SCALE_FLAGS],
-          shapes=("BLOCK_C", "BLOCK_P"))
+@triton.jit
+def _stage_taps(r_ptr, w_ptr, tap_s_ptr, out_s_ptr, T_ptr, b, o_c, m_c, C, s_rb, s_re, s_tb,
+                s_tt, s_jb, s_jc, E: tl.constexpr, KK: tl.constexpr, KK_POW2: tl.constexpr,
+                TAP_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, ACC: tl.constexpr):
+    """Example b's mixed taps of the channels o_c, sum_e r[b, e] w[e, c, t] (times tap_scale[b,
+    t] and out_scale[b, c] where given), stored in T[b, t, c] (T: (B, KK, C) in ACC, channels
+    contiguous), then a barrier: the tap loop reads a tap's vector of channels back in the
+    layout its accumulator rows need (each thread its own channels, no conversion), where the
+    mix of one tap at a time cost a conversion through shared memory (two barriers) and a sum
+    across lanes per tap. Programs of the same (example, channels) store the same values."""
+    o_t = tl.arange(0, KK_POW2)
+    m_tc = (o_t < KK)[:, None] & m_c[None, :]
+    bb = b.to(tl.int64)
+    o_w = o_c[None, :] * KK + o_t[:, None]
+    mix = tl.zeros((KK_POW2, o_c.shape[0]), dtype=ACC)
+    for e in tl.static_range(E):
+        r_e = tl.load(r_ptr + bb * s_rb + e * s_re).to(ACC)
+        mix += r_e * tl.load(w_ptr + e * C * KK + o_w, mask=m_tc, other=0.0).to(ACC)
+    if TAP_SCALE:
+        mix *= tl.load(tap_s_ptr + bb * s_tb + o_t * s_tt, mask=o_t < KK,
+                       other=0.0).to(ACC)[:, None]
+    if OUT_SCALE:
+        mix *= scale_factor(out_s_ptr, s_jb, o_c * s_jc, out_s_ptr, s_jb, 0, b, m_c, True,
+                            False, ACC)[None, :]
+    tl.store(T_ptr + bb * (KK * C) + o_t[:, None] * C + o_c[None, :], mix, mask=m_tc)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _add_at(t, i: tl.constexpr, v):
+    """The tuple of tensors t with v added to its entry i (a compile-time index)."""
+    return t[:i] + (t[i] + v,) + t[i + 1:]
+
+
+@autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW", "STRIDE_W", "DIL_W", *SCALE_FLAGS],
+          shapes=DW_TILES)
 @triton.jit
 def dw_fwd_kernel(
-    x_ptr, r_ptr, w_ptr, bias_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, out_ptr,
+    x_ptr, r_ptr, w_ptr, bias_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, T_ptr, out_ptr,
     C_OUT, MULT, H, W, HO, WO,
     s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow, s_ib, s_ic, s_jb, s_jc, s_tb,
-    s_tt, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
-    E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    s_tt, STRIDE_H, STRIDE_W: tl.constexpr, PAD_T, PAD_L, DIL_H, DIL_W: tl.constexpr, B_KEY,
+    KEY_L, E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
-    WIDE: tl.constexpr, ACC: tl.constexpr, E_POW2: tl.constexpr, FLAT_IN: tl.constexpr,
-    FLAT_OUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    WIDE: tl.constexpr, ACC: tl.constexpr, E_POW2: tl.constexpr, KK_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, COLS: tl.constexpr,
 ):
-    """out[b, c, p] for BLOCK_C channels x BLOCK_P output pixels of one example: per tap, the
-    BLOCK_C taps mixed over the E experts, times the shifted input tile (reloads of the tile
-    tap after tap hit L1). Offsets within an example are 32-bit unless WIDE. FLAT_OUT, FLAT_IN:
-    out's and x's pixels addressed as one index (as in dw_bwd_w_kernel's FLAT_G, FLAT_X)."""
-    i_p, i_c, i_b = program_ids(tl.cdiv(HO * WO, BLOCK_P), tl.cdiv(C_OUT, BLOCK_C))
+    """out[b, c, oh, ow] for BLOCK_C channels x BLOCK_Q groups of COLS output pixels side by
+    side in a row (a group: COLS accumulators) of one example. Per row of taps the group's
+    input columns, (COLS - 1) STRIDE_W + (KW - 1) DIL_W + 1 of them, are loaded and converted
+    once each and every one serves each (output column, tap) pair that reads it: at 7 columns
+    and 5 taps, 11 loads for 35 products, where a tap-by-tap loop reloads the shifted tile for
+    each. The taps come from T (_stage_taps), mixed once per program. Offsets within an
+    example are 32-bit unless WIDE; the scales and the bias as in the module's docstring."""
+    GW = tl.cdiv(WO, COLS)  # groups a row
+    i_q, i_c, i_b = program_ids(tl.cdiv(HO * GW, BLOCK_Q), tl.cdiv(C_OUT, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
+    NCOLS: tl.constexpr = (COLS - 1) * STRIDE_W + (KW - 1) * DIL_W + 1
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C_OUT
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_p = o_p < HO * WO
-    o_oh, o_ow = o_p // WO, o_p % WO
+    o_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    m_q = o_q < HO * GW
+    o_oh, o_ow = o_q // GW, (o_q % GW) * COLS  # the group's row and first column
+    o_iw0 = o_ow * STRIDE_W - PAD_L
     p_x = x_ptr + i_b.to(tl.int64) * s_xb
     off_c = (o_c // MULT).to(IDX) * s_xc
-    r = _routing(r_ptr, i_b, s_rb, s_re, E, E_POW2, ACC)
-    b_acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
-    for i in range(KH):  # rows of taps in a loop, a row's taps unrolled
+    _stage_taps(r_ptr, w_ptr, tap_s_ptr, out_s_ptr, T_ptr, i_b, o_c, m_c, C_OUT, s_rb, s_re,
+                s_tb, s_tt, s_jb, s_jc, E, KH * KW, KK_POW2, TAP_SCALE, False, ACC)
+    p_T = T_ptr + i_b.to(tl.int64) * (KH * KW * C_OUT) + o_c
+    acc = (tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC),) * COLS
+    for i in range(KH):  # rows of taps in a loop, a row's columns unrolled
         o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
-        m_h = m_p & (o_ih >= 0) & (o_ih < H)
+        m_h = m_q & (o_ih >= 0) & (o_ih < H)
+        off_h = off_c[:, None] + (o_ih.to(IDX) * s_xh)[None, :]
+        taps = ()
         for j in tl.static_range(KW):
-            b_tap = _mixed_taps(r, w_ptr, o_c * (KH * KW) + i * KW + j, m_c, C_OUT * KH * KW,
-                                E, E_POW2, ACC)
-            if TAP_SCALE:
-                b_tap *= tl.load(tap_s_ptr + i_b.to(tl.int64) * s_tb + (i * KW + j) * s_tt).to(ACC)
-            o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
+            taps = taps + (tl.load(p_T + (i * KW + j) * C_OUT, mask=m_c, other=0.0)[:, None],)
+        for k in tl.static_range(NCOLS):  # input column o_iw0 + k
+            o_iw = o_iw0 + k
             m_x = m_h & (o_iw >= 0) & (o_iw < W)
-            if FLAT_IN:  # the tap's input pixel of p: p + (i D - PAD_T) W + j D - PAD_L
-                o_s = o_p + (i * DIL_H - PAD_T) * W + (j * DIL_W - PAD_L)
-                off = off_c[:, None] + (o_s.to(IDX) * s_xw)[None, :]
-            else:
-                off = off_c[:, None] + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :]
-            b_acc += b_tap[:, None] * tl.load(p_x + off, mask=m_c[:, None] & m_x[None, :],
-                                              other=0.0).to(ACC)
+            b_x = tl.load(p_x + off_h + (o_iw.to(IDX) * s_xw)[None, :],
+                          mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
+            for u in tl.static_range(COLS):  # output column o_ow + u reads it through tap j
+                if k >= u * STRIDE_W and (k - u * STRIDE_W) % DIL_W == 0:
+                    if (k - u * STRIDE_W) // DIL_W < KW:
+                        acc = _add_at(acc, u, taps[(k - u * STRIDE_W) // DIL_W] * b_x)
     if IN_SCALE:
-        b_acc *= scale_factor(in_s_ptr, s_ib, (o_c // MULT) * s_ic, in_s_ptr, s_ib, 0, i_b, m_c,
-                              True, False, ACC)[:, None]
+        f_in = scale_factor(in_s_ptr, s_ib, (o_c // MULT) * s_ic, in_s_ptr, s_ib, 0, i_b, m_c,
+                            True, False, ACC)[:, None]
     if HAS_BIAS:
-        b_acc += _mixed_taps(r, bias_ptr, o_c, m_c, C_OUT, E, E_POW2, ACC)[:, None]
+        bias = _mixed_taps(_routing(r_ptr, i_b, s_rb, s_re, E, E_POW2, ACC), bias_ptr, o_c,
+                           m_c, C_OUT, E, E_POW2, ACC)[:, None]
     if OUT_SCALE:
-        b_acc *= scale_factor(out_s_ptr, s_jb, o_c * s_jc, out_s_ptr, s_jb, 0, i_b, m_c, True,
-                              False, ACC)[:, None]
-    p_o = out_ptr + i_b.to(tl.int64) * s_ob
-    if FLAT_OUT:
-        off_o = o_c[:, None].to(IDX) * s_oc + (o_p.to(IDX) * s_ow)[None, :]
-    else:
-        off_o = (o_c[:, None].to(IDX) * s_oc
-                 + (o_oh.to(IDX) * s_oh + o_ow.to(IDX) * s_ow)[None, :])
-    tl.store(p_o + off_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_c[:, None] & m_p[None, :])
+        f_out = scale_factor(out_s_ptr, s_jb, o_c * s_jc, out_s_ptr, s_jb, 0, i_b, m_c, True,
+                             False, ACC)[:, None]
+    p_o = out_ptr + i_b.to(tl.int64) * s_ob + o_c[:, None].to(IDX) * s_oc
+    for u in tl.static_range(COLS):
+        b_o = acc[u]
+        if IN_SCALE:
+            b_o *= f_in
+        if HAS_BIAS:
+            b_o += bias
+        if OUT_SCALE:
+            b_o *= f_out
+        off_o = o_oh.to(IDX) * s_oh + (o_ow + u).to(IDX) * s_ow
+        tl.store(p_o + off_o[None, :], b_o.to(out_ptr.dtype.element_ty),
+                 mask=m_c[:, None] & (m_q & (o_ow + u < WO))[None, :])
 
 
-@autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW", "STRIDE_H", "STRIDE_W",
-                *SCALE_FLAGS],
-          shapes=("BLOCK_C", "BLOCK_P"))
+@autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_L",
+               "DIL_W", *SCALE_FLAGS],
+          shapes=DW_TILES)
 @triton.jit
 def dw_bwd_x_kernel(
-    g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, dx_ptr,
+    g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, T_ptr, dx_ptr,
     C_IN, MULT, H, W, HO, WO,
     s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw, s_ib, s_ic, s_jb, s_jc, s_tb,
-    s_tt, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_T, PAD_L, DIL_H, DIL_W,
-    B_KEY, KEY_L, E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, IN_SCALE: tl.constexpr,
-    OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, WIDE: tl.constexpr,
-    ACC: tl.constexpr, E_POW2: tl.constexpr, FLAT_IN: tl.constexpr, FLAT_OUT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    s_tt, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_T, PAD_L: tl.constexpr, DIL_H,
+    DIL_W: tl.constexpr, B_KEY, KEY_L, E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
+    WIDE: tl.constexpr, ACC: tl.constexpr, KK_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, COLS: tl.constexpr,
 ):
-    """grad_x[b, ci, q] = sum over the channel multiplier m and taps of the mixed tap times
-    grad_out at the output pixel the (input pixel, tap) fed, for BLOCK_C input channels x
-    BLOCK_P input pixels of one example; the scales as in the forward (out_scale and tap_scale
-    on the mixed taps, in_scale on the accumulator). FLAT_OUT: grad_x's pixels addressed as one
-    index; FLAT_IN: grad_out's too, at stride 1 with W = WO (the pixel a tap of q reads: q +
-    (PAD_T - i D) W + PAD_L - j D), as in dw_bwd_w_kernel. The strides are compile-time
-    constants: an output pixel is an input pixel's offset divided by them, for every tap and
-    pixel (a runtime divisor costs a stride-2 layer a third of its instructions)."""
-    i_q, i_c, i_b = program_ids(tl.cdiv(H * W, BLOCK_P), tl.cdiv(C_IN, BLOCK_C))
+    """grad_x[b, ci, ih, iw] = sum over the channel multiplier m and taps of the mixed tap
+    times grad_out at the output pixel the (input pixel, tap) fed, for BLOCK_C input channels x
+    BLOCK_Q groups of COLS x STRIDE_W input pixels side by side in a row (the first a multiple
+    of the stride) of one example; the scales as in the forward (out_scale and tap_scale
+    folded into the staged taps, in_scale on the accumulator).
+
+    As in the forward, per row of taps each grad_out column the group reaches is loaded once
+    and serves every (input column, tap) pair that reads it. The strides, the left padding and
+    the column dilation are compile-time constants, so which taps reach which input column is
+    known to the compiler: at stride 2 an input column takes only the taps of its parity (the
+    others are never issued), and no offset is divided at run time. Rows: a runtime loop, an
+    input row taking the rows of taps whose output row is whole."""
+    U: tl.constexpr = COLS * STRIDE_W  # input columns a group
+    # grad_out columns o_ow0 + k, k in [K0, K1], that a group's input columns reach
+    K0: tl.constexpr = (PAD_L - (KW - 1) * DIL_W) // STRIDE_W
+    K1: tl.constexpr = (U - 1 + PAD_L) // STRIDE_W
+    GW = tl.cdiv(W, U)
+    i_q, i_c, i_b = program_ids(tl.cdiv(H * GW, BLOCK_Q), tl.cdiv(C_IN, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_ci = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_ci < C_IN
-    o_q = i_q * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_q = o_q < H * W
-    o_ih, o_iw = o_q // W, o_q % W
+    o_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    m_q = o_q < H * GW
+    o_ih, o_iw = o_q // GW, (o_q % GW) * U
+    o_ow0 = o_iw // STRIDE_W
     p_g = g_ptr + i_b.to(tl.int64) * s_gb
-    r = _routing(r_ptr, i_b, s_rb, s_re, E, E_POW2, ACC)
-    b_acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
+    acc = (tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC),) * U
     for m in range(MULT):
         o_co = o_ci * MULT + m
         off_c = o_co.to(IDX) * s_gc
-        if OUT_SCALE:
-            f_co = scale_factor(out_s_ptr, s_jb, o_co * s_jc, out_s_ptr, s_jb, 0, i_b, m_c, True,
-                                False, ACC)
-        for i in range(KH):  # as in the forward: rows in a loop, a row's taps unrolled
+        _stage_taps(r_ptr, w_ptr, tap_s_ptr, out_s_ptr, T_ptr, i_b, o_co, m_c, C_IN * MULT,
+                    s_rb, s_re, s_tb, s_tt, s_jb, s_jc, E, KH * KW, KK_POW2, TAP_SCALE,
+                    OUT_SCALE, ACC)
+        p_T = T_ptr + i_b.to(tl.int64) * (KH * KW * C_IN * MULT) + o_co
+        for i in range(KH):  # as in the forward: rows in a loop, a row's columns unrolled
             o_nh = o_ih + PAD_T - i * DIL_H
             o_oh = o_nh // STRIDE_H
             m_h = m_q & (o_nh >= 0) & (o_nh % STRIDE_H == 0) & (o_oh < HO)
+            off_h = off_c[:, None] + (o_oh.to(IDX) * s_gh)[None, :]
+            taps = ()
             for j in tl.static_range(KW):
-                b_tap = _mixed_taps(r, w_ptr, o_co * (KH * KW) + i * KW + j, m_c,
-                                    C_IN * MULT * KH * KW, E, E_POW2, ACC)
-                if OUT_SCALE:
-                    b_tap *= f_co
-                if TAP_SCALE:
-                    b_tap *= tl.load(tap_s_ptr + i_b.to(tl.int64) * s_tb
-                                     + (i * KW + j) * s_tt).to(ACC)
-                o_nw = o_iw + PAD_L - j * DIL_W
-                o_ow = o_nw // STRIDE_W
-                m_g = m_h & (o_nw >= 0) & (o_nw % STRIDE_W == 0) & (o_ow < WO)
-                if FLAT_IN:
-                    o_s = o_q + (PAD_T - i * DIL_H) * W + (PAD_L - j * DIL_W)
-                    off = off_c[:, None] + (o_s.to(IDX) * s_gw)[None, :]
-                else:
-                    off = (off_c[:, None]
-                           + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :])
-                b_g = tl.load(p_g + off, mask=m_c[:, None] & m_g[None, :], other=0.0).to(ACC)
-                b_acc += b_tap[:, None] * b_g
+                taps = taps + (tl.load(p_T + (i * KW + j) * C_IN * MULT, mask=m_c,
+                                       other=0.0)[:, None],)
+            for k in tl.static_range(K0, K1 + 1):
+                o_ow = o_ow0 + k
+                m_g = m_h & (o_ow >= 0) & (o_ow < WO)
+                b_g = tl.load(p_g + off_h + (o_ow.to(IDX) * s_gw)[None, :],
+                              mask=m_c[:, None] & m_g[None, :], other=0.0).to(ACC)
+                for u in tl.static_range(U):  # input column o_iw + u, through tap j
+                    for j in tl.static_range(KW):
+                        if (u + PAD_L - j * DIL_W) % STRIDE_W == 0:
+                            if (u + PAD_L - j * DIL_W) // STRIDE_W == k:
+                                acc = _add_at(acc, u, taps[j] * b_g)
     if IN_SCALE:
-        b_acc *= scale_factor(in_s_ptr, s_ib, o_ci * s_ic, in_s_ptr, s_ib, 0, i_b, m_c, True,
-                              False, ACC)[:, None]
-    p_d = dx_ptr + i_b.to(tl.int64) * s_db
-    if FLAT_OUT:
-        off_d = o_ci[:, None].to(IDX) * s_dc + (o_q.to(IDX) * s_dw)[None, :]
-    else:
-        off_d = (o_ci[:, None].to(IDX) * s_dc
-                 + (o_ih.to(IDX) * s_dh + o_iw.to(IDX) * s_dw)[None, :])
-    tl.store(p_d + off_d, b_acc.to(dx_ptr.dtype.element_ty), mask=m_c[:, None] & m_q[None, :])
+        f_in = scale_factor(in_s_ptr, s_ib, o_ci * s_ic, in_s_ptr, s_ib, 0, i_b, m_c, True,
+                            False, ACC)[:, None]
+    p_d = dx_ptr + i_b.to(tl.int64) * s_db + o_ci[:, None].to(IDX) * s_dc
+    for u in tl.static_range(U):
+        b_d = acc[u]
+        if IN_SCALE:
+            b_d *= f_in
+        off_d = o_ih.to(IDX) * s_dh + (o_iw + u).to(IDX) * s_dw
+        tl.store(p_d + off_d[None, :], b_d.to(dx_ptr.dtype.element_ty),
+                 mask=m_c[:, None] & (m_q & (o_iw + u < W))[None, :])
 
 
 @autotune(key=["B_KEY", "C_OUT", "KEY_L", "KH", "KW"], shapes=DW_KGRAD_TILES)

@@ -311,23 +311,30 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         hbm = x_bytes + out_bytes + experts_bytes + E * kernel_numel * 4
         return hbm, l2, tc, cc, conv_flops + 2 * mix_flops
     # Depthwise: direct arithmetic on CUDA cores. A program's input tile with its halo is
-    # counted once from L2 (its reloads, tap after tap, are L1 hits), each tap's E expert
-    # values once per program.
-    bc, bp = blocks["BLOCK_C"], blocks.get("BLOCK_P", blocks.get("BLOCK_L"))
+    # counted once from L2 (a row of taps loads each column once; the next row's reloads are
+    # L1 hits). Forward and grad_x: each program mixes its taps (E expert values a tap and
+    # channel) and stores them in the buffer of mixed taps (float32), then reads them back
+    # once: L2 traffic (the buffer's write-back to HBM, 4 bytes a channel and tap of an
+    # example, is left out of the floor, which is the layer's).
     taps, s = k * k, layer.stride
 
     def halo(pixels, out_w, in_w, in_h):  # input pixels under `pixels` output pixels
         rows = cdiv(pixels, out_w) + 1
         return min(in_h, rows * s + k - 1) * in_w
-    if name == "dw_fwd_kernel":
-        l2 = programs * (bc * halo(bp, wo, W, H) + taps * E * bc + bc * bp) * itemsize
-        cc = programs * taps * (2 * bc * bp + 2 * E * bc)
-        return x_bytes + out_bytes + experts_bytes, l2, 0, cc, conv_flops + mix_flops
-    if name == "dw_bwd_x_kernel":
-        mult = cout // cin
-        l2 = programs * (mult * (bc * halo(bp, W, wo, ho) + taps * E * bc) + bc * bp) * itemsize
+    if name in ("dw_fwd_kernel", "dw_bwd_x_kernel"):
+        bc, cols = blocks["BLOCK_C"], blocks["COLS"]
+        fwd = name == "dw_fwd_kernel"
+        mult = 1 if fwd else cout // cin
+        width = cols if fwd else cols * s  # a group's pixels
+        groups_a_row = cdiv(wo if fwd else W, width)
+        bp = blocks["BLOCK_Q"] * width  # a program's pixels (with the last group's tail)
+        tile = (halo(bp, groups_a_row * width, W, H) if fwd else
+                halo(bp, groups_a_row * width, wo, ho))
+        staged = taps * bc * (E * itemsize + 2 * 4)
+        l2 = programs * (mult * (bc * tile + staged) + bc * bp * itemsize)
         cc = programs * mult * taps * (2 * bc * bp + 2 * E * bc)
         return x_bytes + out_bytes + experts_bytes, l2, 0, cc, conv_flops + mix_flops
+    bc, bp = blocks["BLOCK_C"], blocks["BLOCK_L"]
     # dw_bwd_w_kernel: a program per (example, channel tile), over its pixels in blocks of bp:
     # per block its grad_out tile and input tile with halo from L2 once (the taps' reloads hit
     # L1), and every tap's sum stored in G, read back by the next block (2 nb - 1 passes over
