@@ -351,40 +351,25 @@ def test_eager_path_matches_the_op(name, autocast):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case,layout,flat", [
-    (Case("dw3_flat", cin=6, cout=6, groups=6), "contiguous", True),
+@pytest.mark.parametrize("case,layout", [
+    (Case("dw3_nchw", cin=6, cout=6, groups=6), "contiguous"),
     # dilation 2, a channel multiplier of 2, the rows shifted unevenly (3 left, 1 right: the
     # output as wide as x) and the columns cut (0 top, 1 bottom: fewer output rows than x's)
-    (Case("dw3_d2_mult2_flat", cin=4, cout=8, groups=4, dilation=(2, 2), padding=(0, 1, 3, 1),
-          H=9, W=11), "contiguous", True),
-    (Case("dw5_flat_b1", B=1, cin=5, cout=5, groups=5, kernel=(5, 5), padding=2, E=8),
-     "contiguous", True),
-    (Case("dw3_s2", cin=6, cout=6, groups=6, stride=(2, 2)), "contiguous", False),
-    (Case("dw3_cl", cin=6, cout=6, groups=6), "channels_last", None),
+    (Case("dw3_d2_mult2", cin=4, cout=8, groups=4, dilation=(2, 2), padding=(0, 1, 3, 1),
+          H=9, W=11), "contiguous"),
+    (Case("dw5_b1", B=1, cin=5, cout=5, groups=5, kernel=(5, 5), padding=2, E=8),
+     "contiguous"),
+    (Case("dw3_s2", cin=6, cout=6, groups=6, stride=(2, 2)), "contiguous"),
+    (Case("dw3_cl", cin=6, cout=6, groups=6), "channels_last"),
     (Case("dw5_s2_cl", cin=6, cout=6, groups=6, kernel=(5, 5), padding=2, stride=(2, 2), H=9,
-          W=11), "channels_last", None),
+          W=11), "channels_last"),
 ], ids=lambda v: str(v))
-def test_depthwise_kernels_with_flat_pixels(case, layout, flat, monkeypatch):
-    """The depthwise kernel gradient's flat addressing, which NCHW calls take and channels_last
-    ones do not: grad_out (FLAT_G) with its pixels as one index, and x, read through the taps
-    (FLAT_X), too where the stride is 1 and the output as wide as x (a tap's pixels: that index
-    plus a constant). Every gradient against the reference in float64, with each launch's
-    flags recorded: both on for NCHW at stride 1 (``flat`` True), only grad_out's at stride 2
-    (False), none in channels_last (None). The cases also take the forward and grad_x through
-    dilation, a channel multiplier, uneven padding and stride 2 in both layouts."""
-    import condconv_kernels.triton as backend
-    flags = set()
-    kernel = backend.dw_bwd_w_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                flags.add((kwargs["FLAT_G"], kwargs["FLAT_X"]))
-                return kernel[grid](*args, **kwargs)
-            return launch
-    monkeypatch.setattr(backend, "dw_bwd_w_kernel", Spy())
+def test_depthwise_kernels_across_layouts(case, layout):
+    """The depthwise kernels (groups of output or input columns, each input or grad_out column
+    loaded once a row of taps) through dilation, a channel multiplier, uneven padding, stride
+    2, a batch of one and 5x5 taps, in NCHW and channels_last: every gradient against the
+    reference in float64."""
     test_op._check(case, "triton", torch.float64, layout)
-    assert flags == ({(False, False)} if flat is None else {(True, flat)}), flags
 
 
 def test_kernel_gradient_over_several_chunks():

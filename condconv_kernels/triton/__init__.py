@@ -84,21 +84,6 @@ def _within(rows: Tuple[int, int], tiles: Tuple[int, int],
     return grid
 
 
-def _flat_pixels(t: torch.Tensor) -> bool:
-    """Whether the depthwise kernels address ``t``'s pixels as one index (its rows follow one
-    another at one stride) to let the compiler lay their threads along them: where the
-    channels are not the contiguous dimension (NCHW). In channels_last the threads run along
-    the channels already, and the flat index would only cost registers."""
-    return t.stride(1) != 1 and t.stride(2) == t.shape[3] * t.stride(3)
-
-
-def _flat_taps(t: torch.Tensor, stride: Sequence[int], out_w: int, in_w: int) -> bool:
-    """Whether the depthwise kernels also address the pixels ``t`` is read at through the taps
-    as one index plus a constant: :func:`_flat_pixels`, at stride 1, with the output rows as
-    wide as the input's."""
-    return _flat_pixels(t) and tuple(stride) == (1, 1) and out_w == in_w
-
-
 def _taps(B: int, kh: int, kw: int, cout: int, x: torch.Tensor) -> torch.Tensor:
     """The depthwise forward's and grad_x's buffer of mixed taps, (B, kh kw, Cout) in the
     accumulation dtype: each program stores its example's taps of its channels there once and
@@ -273,8 +258,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         dw_bwd_w_kernel[grid](
             x, grad_out, G, B, cout, cout // cin, H, W, ho, wo, *x.stride(), *grad_out.stride(),
             *geometry, bucket(B), bucket(ho * wo), KH=kh, KW=kw, WIDE=_wide(x, grad_out),
-            ACC=_acc(x.dtype), FLAT_G=_flat_pixels(grad_out),
-            FLAT_X=_flat_taps(x, stride, wo, W), **blocks)
+            ACC=_acc(x.dtype), **blocks)
         grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
             G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
     elif need_r or need_w or any(need_s):

@@ -50,18 +50,16 @@ KGRAD_TILES = ("BLOCK_CO", "BLOCK_K", "BLOCK_P")
 # (float32, or float64) and W's tiles (input dtype), 96 registers a thread; past this, ptxas
 # spills (read off the compiled kernels: condconv_kernels.triton.report).
 KGRAD_WARP_BYTES = 12 * 1024
-# (channels, pixels, warps, stages) for the depthwise kernel gradient: a program per example
-# and tile of channels, over BLOCK_L pixels at a time. Chosen from the machine code
-# (condconv_kernels.triton.report's loop counts): the kernel is issue-bound, and one warp a
-# program sums each tap over the pixels without a barrier; 16-32 pixels a block keep the
-# grad_out tile and a tap's input tile in registers (144-254) without spills. The first issues
-# the fewest instructions (or within 9% of them) on every depthwise layer of
-# EfficientNet-CondConv, in fewer pixel blocks than the 16-pixel tiles (each block adds to the
-# program's sums in G: L2 traffic); the second has the fewest registers (144). The autotuner
-# picks among them on the GPU.
-DW_KGRAD_TILES = ("BLOCK_C", "BLOCK_L")
-_GPU_DW_KGRAD_CONFIGS = [(64, 32, 1, 2), (64, 16, 1, 2), (128, 16, 1, 2), (32, 64, 1, 2),
-                         (64, 64, 4, 2)]
+# The depthwise kernel gradient: a program per example and tile of channels (BLOCK_C) walks
+# its output pixels in blocks of BLOCK_L groups of COLS side by side in a row.
+DW_KGRAD_TILES = ("BLOCK_C", "BLOCK_L", "COLS")
+# (channels, groups, columns, warps, stages).
+# Chosen from the static report's machine code: one-warp programs sum the taps over the pixels
+# with shuffles alone; the first (139 registers) does not spill at stride 2, where 7 columns
+# reach 17 input columns, the second (240) issues the fewest instructions at stride 1 but
+# spills at stride 2, where 4 columns (the third) do not.
+_GPU_DW_KGRAD_CONFIGS = [(16, 4, 7, 1, 2), (32, 4, 7, 1, 2), (32, 4, 4, 1, 2), (32, 8, 4, 2, 2),
+                         (64, 8, 4, 4, 2)]
 # The depthwise forward and grad_x: a program's channels, its groups of output pixels side
 # by side in a row, and the pixels a group holds (COLS accumulators; grad_x: COLS x the
 # stride's input pixels).

@@ -47,9 +47,10 @@ PIXEL_VARIANTS = {"dense_bwd_w": ("+one_tile", "+long")}
 # The dense kernels reduce over (tap, channel) for a channels_last input (TAP_MAJOR);
 # + "+nchw": over (channel, tap), as for a contiguous one.
 LAYOUT_VARIANTS = {"dense_fwd": ("+nchw",), "dense_bwd_x": ("+nchw",), "dense_bwd_w": ("+nchw",)}
-# The depthwise forward and grad_x at stride 2 (+ "+s2"): the strides are compile-time
-# constants there, and grad_x's input columns take only the taps of their parity.
-STRIDE_VARIANTS = {"dw_fwd": ("+s2",), "dw_bwd_x": ("+s2",)}
+# The depthwise kernels at stride 2 (+ "+s2"): the column stride is a compile-time constant
+# there (a group's columns reach twice as many input columns), and grad_x's input columns take
+# only the taps of their parity.
+STRIDE_VARIANTS = {"dw_fwd": ("+s2",), "dw_bwd_x": ("+s2",), "dw_bwd_w": ("+s2",)}
 _SCALE_POINTERS = ("in_s_ptr", "out_s_ptr", "tap_s_ptr")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}

@@ -236,69 +236,66 @@ def dw_bwd_x_kernel(
                  mask=m_c[:, None] & (m_q & (o_iw + u < W))[None, :])
 
 
-@autotune(key=["B_KEY", "C_OUT", "KEY_L", "KH", "KW"], shapes=DW_KGRAD_TILES)
+@autotune(key=["B_KEY", "C_OUT", "KEY_L", "KH", "KW", "STRIDE_W", "DIL_W"],
+          shapes=DW_KGRAD_TILES)
 @triton.jit
 def dw_bwd_w_kernel(
     x_ptr, g_ptr, G_ptr,
     B, C_OUT, MULT, H, W, HO, WO,
     s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw,
-    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_L,
+    STRIDE_H, STRIDE_W: tl.constexpr, PAD_T, PAD_L, DIL_H, DIL_W: tl.constexpr, B_KEY, KEY_L,
     KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
-    FLAT_G: tl.constexpr, FLAT_X: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, COLS: tl.constexpr,
 ):
     """G[b, c, t] = sum over the output pixels p of grad_out[b, c, p] times x[b, c // MULT] at
     the input pixel tap t of p reads: example b's kernel gradient for BLOCK_C channels and every
     tap (G is (B, C_OUT, KH * KW), contiguous, in the accumulation dtype). A program per
     (example, channel tile): the grid has B x C_OUT / BLOCK_C programs.
 
-    The program walks its example's pixels in blocks of BLOCK_L; per block it computes the
-    pixels' rows and columns and loads the grad_out tile once, then for every tap loads the
-    shifted input tile (reloads of the block's input, tap after tap, hit L1) and sums the
-    product over the pixels. The first block stores the taps' sums in G, each later block adds
-    to them (the program's own entries of G, after a barrier: deterministic). Before, the taps
-    were the outer loop: per tap and pixel block the grad_out tile was loaded and converted
-    again and the pixels' rows and columns divided out again, about half of the instructions.
-
-    FLAT_G: grad_out's pixels at one stride (s_gh = WO s_gw), addressed as p s_gw; FLAT_X:
-    stride 1 and x's rows as wide as the output's (W = WO, s_xh = W s_xw), so that a tap's input
-    pixels are p plus a constant. Addressed so, the pixels' contiguity is visible to the
-    compiler: in NCHW it lays the threads along the pixels (coalesced loads), not across the
-    channels, H x W elements apart (the launcher sets them for NCHW only)."""
+    The program walks its example's output pixels in blocks of BLOCK_L groups of COLS pixels
+    side by side in a row, as the forward does. Per block it loads the group's COLS grad_out
+    columns once; per row of taps, each input column the group reaches once, multiplied by
+    every grad_out column that reads it and added to that tap's accumulator (KH x KW of them,
+    a tuple, kept across the blocks). The sums over the pixels, and G's stores, come once, after
+    the last block: no partial sums through memory and no barrier between blocks
+    (deterministic). The rows of taps are unrolled: a tap's accumulator is a compile-time
+    index."""
+    GW = tl.cdiv(WO, COLS)  # groups a row
+    NCOLS: tl.constexpr = (COLS - 1) * STRIDE_W + (KW - 1) * DIL_W + 1
     i_b, i_c, _ = program_ids(B, tl.cdiv(C_OUT, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
-    L = HO * WO
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C_OUT
     p_x = x_ptr + i_b.to(tl.int64) * s_xb
     p_g = g_ptr + i_b.to(tl.int64) * s_gb
     off_xc = (o_c // MULT).to(IDX) * s_xc
     off_gc = o_c.to(IDX) * s_gc
-    p_G = G_ptr + (i_b.to(tl.int64) * C_OUT + o_c) * (KH * KW)
-    for p0 in range(0, L, BLOCK_L):
-        o_p = p0 + tl.arange(0, BLOCK_L)
-        m_p = o_p < L
-        o_oh, o_ow = o_p // WO, o_p % WO
-        if FLAT_G:
-            off_g = off_gc[:, None] + (o_p.to(IDX) * s_gw)[None, :]
-        else:
-            off_g = off_gc[:, None] + (o_oh.to(IDX) * s_gh + o_ow.to(IDX) * s_gw)[None, :]
-        b_g = tl.load(p_g + off_g, mask=m_c[:, None] & m_p[None, :], other=0.0).to(ACC)
-        for i in range(KH):  # rows of taps in a loop, a row's taps unrolled
+    acc = (tl.zeros((BLOCK_C, BLOCK_L), dtype=ACC),) * (KH * KW)
+    for q0 in range(0, HO * GW, BLOCK_L):
+        o_q = q0 + tl.arange(0, BLOCK_L)
+        m_q = o_q < HO * GW
+        o_oh, o_ow = o_q // GW, (o_q % GW) * COLS
+        off_g = off_gc[:, None] + (o_oh.to(IDX) * s_gh)[None, :]
+        gs = ()
+        for u in tl.static_range(COLS):  # the group's grad_out columns (0 past the row's end)
+            m_g = m_q & (o_ow + u < WO)
+            gs = gs + (tl.load(p_g + off_g + ((o_ow + u).to(IDX) * s_gw)[None, :],
+                               mask=m_c[:, None] & m_g[None, :], other=0.0).to(ACC),)
+        o_iw0 = o_ow * STRIDE_W - PAD_L
+        for i in tl.static_range(KH):
             o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
-            m_h = m_p & (o_ih >= 0) & (o_ih < H)
-            for j in tl.static_range(KW):
-                o_iw = o_ow * STRIDE_W - PAD_L + j * DIL_W
+            m_h = m_q & (o_ih >= 0) & (o_ih < H)
+            off_h = off_xc[:, None] + (o_ih.to(IDX) * s_xh)[None, :]
+            for k in tl.static_range(NCOLS):  # input column o_iw0 + k
+                o_iw = o_iw0 + k
                 m_x = m_h & (o_iw >= 0) & (o_iw < W)
-                if FLAT_X:  # the tap's input pixel of p: p + (i D - PAD_T) W + j D - PAD_L
-                    o_q = o_p + (i * DIL_H - PAD_T) * W + (j * DIL_W - PAD_L)
-                    off_x = off_xc[:, None] + (o_q.to(IDX) * s_xw)[None, :]
-                else:
-                    off_x = (off_xc[:, None]
-                             + (o_ih.to(IDX) * s_xh + o_iw.to(IDX) * s_xw)[None, :])
-                b_x = tl.load(p_x + off_x, mask=m_c[:, None] & m_x[None, :], other=0.0)
-                b_s = tl.sum(b_x.to(ACC) * b_g, axis=1)
-                if p0 > 0:  # the earlier blocks' sum, stored by this program
-                    b_s += tl.load(p_G + i * KW + j, mask=m_c, other=0.0)
-                tl.store(p_G + i * KW + j, b_s, mask=m_c)
-        tl.debug_barrier()  # this block's stores visible to every thread of the next
+                b_x = tl.load(p_x + off_h + (o_iw.to(IDX) * s_xw)[None, :],
+                              mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
+                for u in tl.static_range(COLS):  # output column o_ow + u reads it by tap j
+                    if k >= u * STRIDE_W and (k - u * STRIDE_W) % DIL_W == 0:
+                        if (k - u * STRIDE_W) // DIL_W < KW:
+                            acc = _add_at(acc, i * KW + (k - u * STRIDE_W) // DIL_W,
+                                          gs[u] * b_x)
+    p_G = G_ptr + (i_b.to(tl.int64) * C_OUT + o_c) * (KH * KW)
+    for t in tl.static_range(KH * KW):
+        tl.store(p_G + t, tl.sum(acc[t], axis=1), mask=m_c)

@@ -334,15 +334,16 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         l2 = programs * (mult * (bc * tile + staged) + bc * bp * itemsize)
         cc = programs * mult * taps * (2 * bc * bp + 2 * E * bc)
         return x_bytes + out_bytes + experts_bytes, l2, 0, cc, conv_flops + mix_flops
-    bc, bp = blocks["BLOCK_C"], blocks["BLOCK_L"]
-    # dw_bwd_w_kernel: a program per (example, channel tile), over its pixels in blocks of bp:
-    # per block its grad_out tile and input tile with halo from L2 once (the taps' reloads hit
-    # L1), and every tap's sum stored in G, read back by the next block (2 nb - 1 passes over
-    # the program's G); then the two matrix products on G (routing^T G, G W^T) read it twice.
+    # dw_bwd_w_kernel: a program per (example, channel tile), over its pixels in blocks of
+    # BLOCK_L groups of COLS: per block its grad_out tile and input tile with halo from L2 once
+    # (the next row of taps' reloads hit L1); G written once; then the two matrix products on
+    # G (routing^T G, G W^T) read it twice.
+    bc, cols = blocks["BLOCK_C"], blocks["COLS"]
+    bp = blocks["BLOCK_L"] * cols
     g_bytes = B * cout * taps * 4
-    nb = cdiv(P, bp)
-    l2 = (B * cdiv(cout, bc) * nb * bc * (bp + halo(bp, wo, W, H)) * itemsize
-          + (2 * nb - 1) * g_bytes)
+    nb = cdiv(ho * cdiv(wo, cols), blocks["BLOCK_L"])
+    l2 = B * cdiv(cout, bc) * nb * bc * (bp + halo(bp, cdiv(wo, cols) * cols, W, H)) * itemsize
+    l2 += g_bytes
     cc = B * cout * taps * 2 * P
     hbm = x_bytes + out_bytes + experts_bytes + 3 * g_bytes + E * kernel_numel * 4
     return hbm, l2, 0, cc, conv_flops + 2 * mix_flops
@@ -449,8 +450,8 @@ def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dic
             per_program = examples * (hot + (tiles - 1) * inner)
     elif name in ("dw_fwd_kernel", "dw_bwd_x_kernel"):  # a row of taps an iteration
         per_program = k * hot
-    elif name == "dw_bwd_w_kernel":  # pixel blocks, each over the rows of taps
-        per_program = cdiv(ho * wo, blocks["BLOCK_L"]) * (hot + (k - 1) * inner)
+    elif name == "dw_bwd_w_kernel":  # blocks of groups of pixels, the rows of taps unrolled
+        per_program = cdiv(ho * cdiv(wo, blocks["COLS"]), blocks["BLOCK_L"]) * hot
     else:
         return 0.0
     return 1e6 * programs * per_program * warps / (SMS * 4 * CLOCK)
