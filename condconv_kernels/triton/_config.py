@@ -55,10 +55,12 @@ KGRAD_WARP_BYTES = 12 * 1024
 DW_KGRAD_TILES = ("BLOCK_C", "BLOCK_L", "COLS")
 # (channels, groups, columns, warps, stages).
 # Chosen from the static report's machine code: one-warp programs sum the taps over the pixels
-# with shuffles alone; the first (139 registers) does not spill at stride 2, where 7 columns
-# reach 17 input columns, the second (240) issues the fewest instructions at stride 1 but
-# spills at stride 2, where 4 columns (the third) do not.
-_GPU_DW_KGRAD_CONFIGS = [(16, 4, 7, 1, 2), (32, 4, 7, 1, 2), (32, 4, 4, 1, 2), (32, 8, 4, 2, 2),
+# with shuffles alone; the first (139 registers) does not spill at stride 2 in channels_last,
+# where 7 columns reach 17 input columns, the second (240) issues the fewest instructions at
+# stride 1 but spills at stride 2, where 4 columns (the third) do not; the fourth, half the
+# first's pixels, does not spill in NCHW at stride 2 (every element there a scalar load with
+# its own address), where the others do.
+_GPU_DW_KGRAD_CONFIGS = [(16, 4, 7, 1, 2), (32, 4, 7, 1, 2), (32, 4, 4, 1, 2), (16, 2, 7, 1, 2),
                          (64, 8, 4, 4, 2)]
 # The depthwise forward and grad_x: a program's channels, its groups of output pixels side
 # by side in a row, and the pixels a group holds (COLS accumulators; grad_x: COLS x the
