@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import condconv_kernels as cc
+from condconv_kernels import reference
 from conftest import CASES_BY_NAME, INTERPRETED, LAYOUTS, Case, make_inputs, run_op
 import test_op
 import test_registration
@@ -103,6 +104,39 @@ def test_autotune_switch(monkeypatch):
     assert _config.fixed_blocks(_config.DW_TILES) == {
         "BLOCK_C": first[0], "BLOCK_Q": first[1], "COLS": first[2], "num_warps": first[3],
         "num_stages": first[4]}
+
+
+def test_depthwise_configurations_fit(monkeypatch):
+    """The depthwise forward / grad_x table is pruned to the configurations whose accumulators
+    fit a thread's registers (DW_ACC_VALUES float32 values): every one for the forward in
+    float32 (its stride does not add accumulators); at stride 2 grad_x's groups hold twice the
+    columns, in float64 every value two, and the 14-column configurations go; where none fits,
+    the one with the fewest. Without autotuning the launcher gets the first that fits."""
+    import triton
+    import triton.language as tl
+    from condconv_kernels.triton import _config
+    table = _config._table(_config.DW_TILES)
+    configs = [triton.Config(b, num_warps=w, num_stages=st) for b, w, st in table]
+
+    def kept(names, stride, acc):
+        return _config._prune_depthwise(configs, dict.fromkeys(names), STRIDE_W=stride,
+                                        ACC=acc)
+    assert kept(("x_ptr", "out_ptr"), 2, tl.float32) == configs
+    for names, stride, acc in ((("g_ptr", "dx_ptr"), 2, tl.float32),
+                               (("x_ptr", "out_ptr"), 1, tl.float64)):
+        fit = kept(names, stride, acc)
+        assert 0 < len(fit) < len(configs) and all(c.kwargs["COLS"] < 14 for c in fit)
+        wide = 8 if acc == tl.float64 else 4
+        assert all(_config.dw_accumulators(c.kwargs, c.num_warps, stride if "dx_ptr" in names
+                                           else 1, wide) <= _config.DW_ACC_VALUES for c in fit)
+    fewest = kept(("g_ptr", "dx_ptr"), 2, tl.float64)
+    assert len(fewest) == 1 and _config.dw_accumulators(fewest[0].kwargs, fewest[0].num_warps, 2,
+                                                        8) > _config.DW_ACC_VALUES
+    monkeypatch.setattr(_config, "INTERPRET", False)
+    monkeypatch.setattr(_config, "AUTOTUNE", False)
+    monkeypatch.setattr(_config, "FORCED_CONFIG", 1)  # 14 columns: grad_x at stride 2 moves on
+    assert _config.fixed_blocks(_config.DW_TILES)["COLS"] == table[1][0]["COLS"] == 14
+    assert _config.fixed_blocks(_config.DW_TILES, acc_bytes=4, stride=2)["COLS"] == 7
 
 
 def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
@@ -370,6 +404,40 @@ def test_depthwise_kernels_across_layouts(case, layout):
     2, a batch of one and 5x5 taps, in NCHW and channels_last: every gradient against the
     reference in float64."""
     test_op._check(case, "triton", torch.float64, layout)
+
+
+@pytest.mark.parametrize("stride,width,column", [(2, 10, 9), (1, 8, 7)])
+def test_depthwise_kernel_gradient_with_non_finite_input(stride, width, column):
+    """The depthwise kernel gradient's groups of output columns (3 under the interpreter) run
+    past a row's end (4 and 6 output columns, 3x3 taps, no padding): the part past it has
+    grad_out zeros, and x's columns only it would read are not loaded. A NaN in a column the
+    convolution never reads (stride 2: column 9 of 10) leaves every gradient finite and equal
+    to the reference's; an infinity in a column it reads (stride 1: the last) makes grad_weight
+    non-finite in that channel only, where the reference is non-finite too (the part past the
+    row's end may add 0 x inf to its other taps), and every other channel equal."""
+    import condconv_kernels.triton as backend
+    g = torch.Generator().manual_seed(7)
+    B, C, E = 2, 3, 4
+    x = torch.randn(B, C, 5, width, generator=g, dtype=torch.float64)
+    x[1, 1, :, column] = float("nan") if stride == 2 else float("inf")
+    routing = torch.rand(B, E, generator=g, dtype=torch.float64)
+    weight = torch.randn(E, C, 1, 3, 3, generator=g, dtype=torch.float64)
+    conv = ((stride, stride), (0, 0, 0, 0), (1, 1), C)
+    leaves = [t.clone().requires_grad_(True) for t in (x, routing, weight)]
+    out = reference.condconv2d_loop(*leaves, None, *conv)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(grad_out)
+    _, _, gw, *_ = backend.backward(grad_out, x, routing, weight, None, *conv,
+                                    (False, False, True, False))
+    want = leaves[2].grad
+    if stride == 2:
+        assert want.isfinite().all() and gw.isfinite().all()
+        torch.testing.assert_close(gw, want)
+    else:
+        bad = ~want.isfinite()
+        assert bad[:, 1].any() and not bad[:, [0, 2]].any()
+        assert (~gw.isfinite())[:, [0, 2]].sum() == 0 and (bad <= ~gw.isfinite()).all()
+        torch.testing.assert_close(gw[:, [0, 2]], want[:, [0, 2]])
 
 
 def test_kernel_gradient_over_several_chunks():

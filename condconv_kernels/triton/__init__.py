@@ -119,7 +119,7 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     geometry = _geometry(stride, padding, dilation)
     s_ptrs, s_strides, s_flags = launch_args((in_scale, out_scale, tap_scale), kh * kw, routing)
     if cin_g == 1:
-        blocks = fixed_blocks(DW_TILES)
+        blocks = fixed_blocks(DW_TILES, acc_bytes=_acc_dtype(x.dtype).itemsize)
         grid = lambda meta: flat_grid(  # noqa: E731
             cdiv(ho * cdiv(wo, meta["COLS"]), meta["BLOCK_Q"]), cdiv(cout, meta["BLOCK_C"]), B)
         dw_fwd_kernel[grid](
@@ -210,7 +210,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     if need_x:
         grad_x = torch.empty_like(x, memory_format=_args.suggest_memory_format(x))
         if depthwise:
-            blocks = fixed_blocks(DW_TILES)
+            blocks = fixed_blocks(DW_TILES, acc_bytes=acc.itemsize, stride=stride[1])
             grid = lambda meta: flat_grid(  # noqa: E731
                 cdiv(H * cdiv(W, meta["COLS"] * stride[1]), meta["BLOCK_Q"]),
                 cdiv(cin, meta["BLOCK_C"]), B)

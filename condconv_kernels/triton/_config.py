@@ -146,6 +146,39 @@ def _prune_kernel_grad(configs, named_args, **kwargs):
                                         scaled)]
 
 
+# The most accumulator values a thread of the depthwise forward or grad_x may hold (float32; a
+# float64 counts two): COLS of them (grad_x: COLS x the stride), each BLOCK_C x BLOCK_Q over the
+# program's threads. Read off the report's compiled kernels: 56 (14 columns of 32 x 16 in four
+# warps, or 7 at stride 2) do not spill at EfficientNet's layers, 112 do.
+DW_ACC_VALUES = 56
+
+
+def dw_accumulators(blocks: Dict[str, int], warps: int, stride: int = 1,
+                    acc_bytes: int = 4) -> int:
+    """A depthwise forward / grad_x configuration's accumulator values a thread, in float32
+    values (see DW_ACC_VALUES); ``stride``: grad_x's column stride (1 for the forward)."""
+    per_thread = blocks["COLS"] * stride * blocks["BLOCK_C"] * blocks["BLOCK_Q"] // (32 * warps)
+    return per_thread * acc_bytes // 4
+
+
+def _dw_fit(configs, stride: int, acc_bytes: int):
+    """Of (tile, warps, anything) triples, those whose accumulators fit DW_ACC_VALUES; the one
+    with the fewest if none does."""
+    def values(c):
+        return dw_accumulators(c[0], c[1], stride, acc_bytes)
+    kept = [c for c in configs if values(c) <= DW_ACC_VALUES]
+    return kept or [min(configs, key=values)]
+
+
+def _prune_depthwise(configs, named_args, **kwargs):
+    """Drops the depthwise forward / grad_x configurations whose accumulators would spill
+    (_dw_fit): 14 columns a group in float64, or at stride 2 in grad_x (28 input columns)."""
+    stride = kwargs.get("STRIDE_W", 1) if "dx_ptr" in named_args else 1
+    acc_bytes = 8 if kwargs.get("ACC") == tl.float64 else 4
+    return [c for _, _, c in _dw_fit([(c.kwargs, c.num_warps, c) for c in configs], stride,
+                                     acc_bytes)]
+
+
 def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[str] = ()):
     """Wraps a kernel in triton.autotune over tile sizes named ``shapes`` (GPU), or leaves it
     alone (interpreter, or autotuning off: the launcher passes :func:`fixed_blocks`).
@@ -160,9 +193,9 @@ def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[
             return kernel
         configs = [triton.Config(blocks, num_warps=warps, num_stages=stages)
                    for blocks, warps, stages in _table(shapes)]
-        prune = ({"early_config_prune": _prune_examples} if "BLOCK_B" in shapes else
-                 {"early_config_prune": _prune_kernel_grad}
-                 if tuple(shapes) == KGRAD_TILES else None)
+        prune = {DENSE_TILES: _prune_examples, KGRAD_TILES: _prune_kernel_grad,
+                 DW_TILES: _prune_depthwise}.get(tuple(shapes))
+        prune = {"early_config_prune": prune} if prune else None
         return TunedKernel(kernel, configs, list(key), list(reset_to_zero) or None,
                            prune_configs_by=prune, cache_results=True)
     return wrap
@@ -220,13 +253,15 @@ def _table(shapes: Sequence[str]):
 
 
 def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
-                 acc_bytes: int = 4, scaled: bool = False) -> Dict[str, int]:
+                 acc_bytes: int = 4, scaled: bool = False, stride: int = 1) -> Dict[str, int]:
     """The launch options the launcher passes itself: the interpreter's tiles, the first (or
     the forced) GPU configuration when autotuning is off, none when autotuned. Without
     autotuning the dense forward / grad_x get their pipeline stages lowered until their tiles
-    of ``experts`` experts in ``itemsize``-byte elements fit in shared memory, and the dense
+    of ``experts`` experts in ``itemsize``-byte elements fit in shared memory, the dense
     kernel gradient the first configuration from there on whose expert tiles (and, ``scaled``:
-    computing the scales' gradients, their two tiles) fit in registers."""
+    computing the scales' gradients, their two tiles) fit in registers, and the depthwise
+    forward / grad_x (``stride``: grad_x's column stride) the first whose accumulators of
+    ``acc_bytes`` do."""
     if INTERPRET:
         special = {"BLOCK_B": INTERPRET_EXAMPLES, "COLS": INTERPRET_COLS}
         return {name: special.get(name, INTERPRET_BLOCK) for name in shapes}
@@ -241,6 +276,9 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
             triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
             blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize,
                                                scaled)[0][2]
+        elif tuple(shapes) == DW_TILES:
+            triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
+            blocks, warps, stages = _dw_fit(triples, stride, acc_bytes)[0][2]
         return {**blocks, "num_warps": warps, "num_stages": stages}
     return {}
 

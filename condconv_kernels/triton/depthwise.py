@@ -75,10 +75,37 @@ def _stage_taps(r_ptr, w_ptr, tap_s_ptr, out_s_ptr, T_ptr, b, o_c, m_c, C, s_rb,
     tl.debug_barrier()
 
 
+@triton.constexpr_function
+def _tap_of(k, u, stride, dilation, taps):
+    """The tap through which output column u of a group reads the group's input column k
+    (both counted from the group's first), -1 if it does not read it."""
+    d = k - u * stride
+    return d // dilation if d >= 0 and d % dilation == 0 and d // dilation < taps else -1
+
+
+@triton.constexpr_function
+def _first_reader(k, cols, stride, dilation, taps):
+    """The first of a group's ``cols`` output columns that reads its input column k (``cols``
+    if none does)."""
+    return next((u for u in range(cols) if _tap_of(k, u, stride, dilation, taps) >= 0), cols)
+
+
 @triton.jit
 def _add_at(t, i: tl.constexpr, v):
     """The tuple of tensors t with v added to its entry i (a compile-time index)."""
     return t[:i] + (t[i] + v,) + t[i + 1:]
+
+
+@triton.jit
+def _store_columns(p, acc, f, shift, o_c, m_c, s_c, o_h, s_h, o_w, s_w, width, m_q,
+                   IDX: tl.constexpr):
+    """Stores a group's accumulators (the tuple acc: pixel (o_h, o_w + u) in acc[u], channels
+    o_c), each times f plus shift (per channel), past ``width`` masked."""
+    p = p + o_c[:, None].to(IDX) * s_c
+    for u in tl.static_range(len(acc)):
+        off = o_h.to(IDX) * s_h + (o_w + u).to(IDX) * s_w
+        tl.store(p + off[None, :], (acc[u] * f[:, None] + shift[:, None]).to(p.dtype.element_ty),
+                 mask=m_c[:, None] & (m_q & (o_w + u < width))[None, :])
 
 
 @autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW", "STRIDE_W", "DIL_W", *SCALE_FLAGS],
@@ -129,31 +156,25 @@ def dw_fwd_kernel(
             m_x = m_h & (o_iw >= 0) & (o_iw < W)
             b_x = tl.load(p_x + off_h + (o_iw.to(IDX) * s_xw)[None, :],
                           mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
-            for u in tl.static_range(COLS):  # output column o_ow + u reads it through tap j
-                if k >= u * STRIDE_W and (k - u * STRIDE_W) % DIL_W == 0:
-                    if (k - u * STRIDE_W) // DIL_W < KW:
-                        acc = _add_at(acc, u, taps[(k - u * STRIDE_W) // DIL_W] * b_x)
+            for u in tl.static_range(COLS):  # output column o_ow + u reads it through a tap
+                if _tap_of(k, u, STRIDE_W, DIL_W, KW) >= 0:
+                    acc = _add_at(acc, u, taps[_tap_of(k, u, STRIDE_W, DIL_W, KW)] * b_x)
+    # the epilogue as one affine map: (acc in_scale + bias) out_scale
+    f = tl.full((BLOCK_C,), 1.0, ACC)
+    shift = tl.zeros((BLOCK_C,), ACC)
     if IN_SCALE:
-        f_in = scale_factor(in_s_ptr, s_ib, (o_c // MULT) * s_ic, in_s_ptr, s_ib, 0, i_b, m_c,
-                            True, False, ACC)[:, None]
+        f *= scale_factor(in_s_ptr, s_ib, (o_c // MULT) * s_ic, in_s_ptr, s_ib, 0, i_b, m_c,
+                          True, False, ACC)
     if HAS_BIAS:
-        bias = _mixed_taps(_routing(r_ptr, i_b, s_rb, s_re, E, E_POW2, ACC), bias_ptr, o_c,
-                           m_c, C_OUT, E, E_POW2, ACC)[:, None]
+        shift = _mixed_taps(_routing(r_ptr, i_b, s_rb, s_re, E, E_POW2, ACC), bias_ptr, o_c,
+                            m_c, C_OUT, E, E_POW2, ACC)
     if OUT_SCALE:
         f_out = scale_factor(out_s_ptr, s_jb, o_c * s_jc, out_s_ptr, s_jb, 0, i_b, m_c, True,
-                             False, ACC)[:, None]
-    p_o = out_ptr + i_b.to(tl.int64) * s_ob + o_c[:, None].to(IDX) * s_oc
-    for u in tl.static_range(COLS):
-        b_o = acc[u]
-        if IN_SCALE:
-            b_o *= f_in
-        if HAS_BIAS:
-            b_o += bias
-        if OUT_SCALE:
-            b_o *= f_out
-        off_o = o_oh.to(IDX) * s_oh + (o_ow + u).to(IDX) * s_ow
-        tl.store(p_o + off_o[None, :], b_o.to(out_ptr.dtype.element_ty),
-                 mask=m_c[:, None] & (m_q & (o_ow + u < WO))[None, :])
+                             False, ACC)
+        f *= f_out
+        shift *= f_out
+    _store_columns(out_ptr + i_b.to(tl.int64) * s_ob, acc, f, shift, o_c, m_c, s_oc, o_oh,
+                   s_oh, o_ow, s_ow, WO, m_q, IDX)
 
 
 @autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_L",
@@ -223,17 +244,12 @@ def dw_bwd_x_kernel(
                         if (u + PAD_L - j * DIL_W) % STRIDE_W == 0:
                             if (u + PAD_L - j * DIL_W) // STRIDE_W == k:
                                 acc = _add_at(acc, u, taps[j] * b_g)
+    f = tl.full((BLOCK_C,), 1.0, ACC)
     if IN_SCALE:
-        f_in = scale_factor(in_s_ptr, s_ib, o_ci * s_ic, in_s_ptr, s_ib, 0, i_b, m_c, True,
-                            False, ACC)[:, None]
-    p_d = dx_ptr + i_b.to(tl.int64) * s_db + o_ci[:, None].to(IDX) * s_dc
-    for u in tl.static_range(U):
-        b_d = acc[u]
-        if IN_SCALE:
-            b_d *= f_in
-        off_d = o_ih.to(IDX) * s_dh + (o_iw + u).to(IDX) * s_dw
-        tl.store(p_d + off_d[None, :], b_d.to(dx_ptr.dtype.element_ty),
-                 mask=m_c[:, None] & (m_q & (o_iw + u < W))[None, :])
+        f *= scale_factor(in_s_ptr, s_ib, o_ci * s_ic, in_s_ptr, s_ib, 0, i_b, m_c, True,
+                          False, ACC)
+    _store_columns(dx_ptr + i_b.to(tl.int64) * s_db, acc, f, tl.zeros((BLOCK_C,), ACC), o_ci,
+                   m_c, s_dc, o_ih, s_dh, o_iw, s_dw, W, m_q, IDX)
 
 
 @autotune(key=["B_KEY", "C_OUT", "KEY_L", "KH", "KW", "STRIDE_W", "DIL_W"],
@@ -287,14 +303,18 @@ def dw_bwd_w_kernel(
             m_h = m_q & (o_ih >= 0) & (o_ih < H)
             off_h = off_xc[:, None] + (o_ih.to(IDX) * s_xh)[None, :]
             for k in tl.static_range(NCOLS):  # input column o_iw0 + k
-                o_iw = o_iw0 + k
-                m_x = m_h & (o_iw >= 0) & (o_iw < W)
-                b_x = tl.load(p_x + off_h + (o_iw.to(IDX) * s_xw)[None, :],
-                              mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
-                for u in tl.static_range(COLS):  # output column o_ow + u reads it by tap j
-                    if k >= u * STRIDE_W and (k - u * STRIDE_W) % DIL_W == 0:
-                        if (k - u * STRIDE_W) // DIL_W < KW:
-                            acc = _add_at(acc, i * KW + (k - u * STRIDE_W) // DIL_W,
+                if _first_reader(k, COLS, STRIDE_W, DIL_W, KW) < COLS:
+                    # loaded where an output column of the row reads it: a column that only
+                    # the part of a row's last group past WO reaches (its grad_out zeros) is
+                    # not, so that a non-finite value there adds no 0 x inf = NaN to G
+                    o_iw = o_iw0 + k
+                    m_x = (m_h & (o_iw >= 0) & (o_iw < W)
+                           & (o_ow + _first_reader(k, COLS, STRIDE_W, DIL_W, KW) < WO))
+                    b_x = tl.load(p_x + off_h + (o_iw.to(IDX) * s_xw)[None, :],
+                                  mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
+                    for u in tl.static_range(COLS):  # output column o_ow + u reads it
+                        if _tap_of(k, u, STRIDE_W, DIL_W, KW) >= 0:
+                            acc = _add_at(acc, i * KW + _tap_of(k, u, STRIDE_W, DIL_W, KW),
                                           gs[u] * b_x)
     p_G = G_ptr + (i_b.to(tl.int64) * C_OUT + o_c) * (KH * KW)
     for t in tl.static_range(KH * KW):
