@@ -36,10 +36,13 @@ DENSE_TILES = ("BLOCK_B", "BLOCK_M", "BLOCK_N", "BLOCK_K")
 # BLOCK_K); BLOCK_M is 64 or 128 so that Hopper's wgmma takes the mixed tile from registers.
 # BLOCK_B (1, 2 or 4) = 1 serves small batches (configurations with more examples than the
 # batch's bucket are pruned); at batch 256 more examples per program divide the reads of the
-# expert tiles, more channels per program the reads of x (condconv_kernels.triton.report).
+# expert tiles, more channels per program the reads of x (condconv_kernels.triton.report). The
+# last two hold 32K float32 accumulators in 8 warps (4 examples x 128 x 64, or 64 x 128) with
+# K blocks of 16 to keep them from spilling (237-248 registers): the experts read once per 128
+# pixels, or x once per 128 channels, where 16K accumulators read them once per 64.
 _GPU_DENSE_CONFIGS = [(2, 64, 64, 32, 4, 3), (1, 64, 64, 32, 4, 3), (1, 128, 64, 32, 8, 3),
                       (4, 64, 64, 32, 8, 3), (2, 128, 64, 32, 8, 3), (4, 64, 64, 16, 8, 4),
-                      (2, 64, 128, 32, 8, 3)]
+                      (2, 64, 128, 32, 8, 3), (4, 128, 64, 16, 8, 4), (4, 64, 128, 16, 8, 3)]
 # (block a, block b, block c, warps, stages) for the dense kernel gradient, whose tile of W
 # (a output channels x b reduction elements, over c pixels at a time) holds every expert's
 # gradient in registers: E x a x b float32, at most 16K with 8 experts.
