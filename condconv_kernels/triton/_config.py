@@ -272,15 +272,15 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
         table = _table(shapes)
         first = (FORCED_CONFIG or 0) % len(table)
         blocks, warps, stages = table[first]
+        # from the first (or forced) configuration on, as (tile, warps, configuration)
+        triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
         if "BLOCK_B" in blocks:
             stages = fitting_stages(blocks, stages, experts, itemsize)
         elif tuple(shapes) == KGRAD_TILES:
             pow2 = 1 << max(0, experts - 1).bit_length()
-            triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
             blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize,
                                                scaled)[0][2]
         elif tuple(shapes) == DW_TILES:
-            triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
             blocks, warps, stages = _dw_fit(triples, stride, acc_bytes)[0][2]
         return {**blocks, "num_warps": warps, "num_stages": stages}
     return {}

@@ -66,8 +66,8 @@ def _jit(kernel) -> triton.JITFunction:
 def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
     """Compiles one kernel (a name of KERNELS, + "+scales" for its variant with the three
     scales, + "+one_tile" / "+long" for one tile of pixels an example / more than CHAIN tiles,
-    + "+nchw" for the reduction order of a contiguous input, + "+s2" at stride 2) for ``sm_<arch>`` with ``config``
-    = (tile sizes, warps, stages)."""
+    + "+nchw" for the reduction order of a contiguous input, + "+s2" at stride 2) for
+    ``sm_<arch>`` with ``config`` = (tile sizes, warps, stages)."""
     base, *flags = name.split("+")
     kernel, _, acc_pointers = KERNELS[base]
     fn = _jit(kernel)
