@@ -191,7 +191,8 @@ def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
 
 def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     """The dense forward / grad_x tables: blocks of examples larger than the batch's bucket are
-    pruned (batch 1 keeps single-example programs), and pipeline stages are lowered until the
+    pruned (batch 1 keeps single-example programs), as are blocks past MAX_WIDE_EXAMPLES for
+    32- and 64-bit elements, and pipeline stages are lowered until the
     tiles fit in shared memory, for the tuner and for the fixed launch alike (float64 tiles
     are four times bfloat16's); the kernel gradient keeps the tiles whose experts fit in
     registers."""
@@ -205,6 +206,11 @@ def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     two = _config._prune_examples(table, {"B_KEY": 2, "g_ptr": bf16}, E=8)
     assert {c.kwargs["BLOCK_B"] for c in two} == {1, 2}
     assert len(_config._prune_examples(table, {"B_KEY": 256, "x_ptr": bf16}, E=8)) == len(table)
+    # Blocks of more than MAX_WIDE_EXAMPLES examples only for 16-bit elements.
+    f32 = torch.empty(1, dtype=torch.float32)
+    wide = {c.kwargs["BLOCK_B"] for c in _config._prune_examples(table, {"B_KEY": 256,
+                                                                          "x_ptr": f32}, E=8)}
+    assert max(c.kwargs["BLOCK_B"] for c in table) > _config.MAX_WIDE_EXAMPLES == max(wide)
     for c in _config._prune_examples(table, {"B_KEY": 256, "x_ptr": f64}, E=8):
         fits = _config.dense_shared_bytes(c.kwargs, c.num_stages, 8, 8) <= _config.SHARED_LIMIT
         assert fits or c.num_stages == 1
@@ -271,13 +277,17 @@ def test_forced_configuration(monkeypatch):
         reload()
 
 
-def test_a_block_of_examples_past_the_batch(monkeypatch):
-    """Batches that do not fill the last block of examples (5 = 2 + 2 + 1 under the
-    interpreter's blocks of 2), on the 1x1 fast path and the general one, forward and all
-    gradients."""
+@pytest.mark.parametrize("examples", [2, 4, 8])
+def test_a_block_of_examples_past_the_batch(examples, monkeypatch):
+    """Blocks of 2 (the interpreter's), 4 and 8 examples a program (the tuples of tiles and
+    accumulators of the dense forward and grad_x), in batches that do not fill the last block
+    (5 = 2 + 2 + 1, 7 = 4 + 3, 11 = 8 + 3), on the 1x1 fast path and the general one, forward
+    and all gradients."""
+    from condconv_kernels.triton import _config
+    monkeypatch.setattr(_config, "INTERPRET_EXAMPLES", examples)
     for name, layout in [("k1", "channels_last"), ("k3_s2_asym", "contiguous")]:
         case = CASES_BY_NAME[name]
-        case = type(case)(**{**case.__dict__, "B": 5})
+        case = type(case)(**{**case.__dict__, "B": examples + 3})
         test_op._check(case, "triton", torch.float64, layout)
 
 

@@ -144,7 +144,7 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     dense_fwd_kernel[grid](
         x, routing, weight.permute(0, 1, 3, 4, 2).contiguous() if tap_major else w, b,
         *s_ptrs, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
-        *routing.stride(), *out.stride(), *s_strides, *geometry, bucket(B),
+        *routing.stride(), 0, *out.stride(), *s_strides, *geometry, bucket(B),
         bucket(cin_g * kh * kw), bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None,
         POINTWISE=pointwise, TAP_MAJOR=tap_major, ACC=_acc(x.dtype),
         PRECISION=_precision(x.dtype), **s_flags, **blocks)
@@ -240,7 +240,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                     grad_out, routing,
                     weight.permute(0, 3, 4, 1, 2).contiguous() if tap_major else w,
                     *s_ptrs, grad_x, B, cin_g, cout_g, groups, H, W, ho,
-                    wo, *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides,
+                    wo, *grad_out.stride(), *routing.stride(), 0, *grad_x.stride(), *s_strides,
                     *geometry, bucket(B), bucket(cout_g * kh * kw), bucket(H * W), E=E, KH=kh,
                     KW=kw, POINTWISE=pointwise, TAP_MAJOR=tap_major, ACC=_acc(x.dtype),
                     PRECISION=_precision(x.dtype), **s_flags, **blocks)

@@ -34,15 +34,21 @@ DENSE_TILES = ("BLOCK_B", "BLOCK_M", "BLOCK_N", "BLOCK_K")
 # (examples, channels, pixels, reduction, warps, stages). Registers per program hold the
 # accumulators (BLOCK_B x BLOCK_M x BLOCK_N, float32) and the mixed tiles (BLOCK_B x BLOCK_M x
 # BLOCK_K); BLOCK_M is 64 or 128 so that Hopper's wgmma takes the mixed tile from registers.
-# BLOCK_B (1, 2 or 4) = 1 serves small batches (configurations with more examples than the
+# BLOCK_B (1, 2, 4 or 8) = 1 serves small batches (configurations with more examples than the
 # batch's bucket are pruned); at batch 256 more examples per program divide the reads of the
 # expert tiles, more channels per program the reads of x (condconv_kernels.triton.report). The
-# last two hold 32K float32 accumulators in 8 warps (4 examples x 128 x 64, or 64 x 128) with
-# K blocks of 16 to keep them from spilling (237-248 registers): the experts read once per 128
-# pixels, or x once per 128 channels, where 16K accumulators read them once per 64.
+# last three hold 32K float32 accumulators in 8 warps (4 examples x 128 x 64, 4 x 64 x 128, 8 x
+# 64 x 64) with K blocks of 16 to keep them from spilling (237-255 registers): the experts read
+# once per 128 pixels or per 8 examples, or x once per 128 channels, where 16K accumulators read
+# them once per 64 and per 4. The 8-example one reads the experts half as often as any other on
+# the 7x7 layers; it serves 16-bit inputs only (MAX_WIDE_EXAMPLES).
 _GPU_DENSE_CONFIGS = [(2, 64, 64, 32, 4, 3), (1, 64, 64, 32, 4, 3), (1, 128, 64, 32, 8, 3),
                       (4, 64, 64, 32, 8, 3), (2, 128, 64, 32, 8, 3), (4, 64, 64, 16, 8, 4),
-                      (2, 64, 128, 32, 8, 3), (4, 128, 64, 16, 8, 4), (4, 64, 128, 16, 8, 3)]
+                      (2, 64, 128, 32, 8, 3), (4, 128, 64, 16, 8, 4), (4, 64, 128, 16, 8, 3),
+                      (8, 64, 64, 16, 8, 4)]
+# The most examples a dense forward / grad_x program serves with 32- or 64-bit elements: their
+# mixed tiles take twice the registers, and 8 examples spill in float32.
+MAX_WIDE_EXAMPLES = 4
 # (block a, block b, block c, warps, stages) for the dense kernel gradient, whose tile of W
 # (a output channels x b reduction elements, over c pixels at a time) holds every expert's
 # gradient in registers: E x a x b float32, at most 16K with 8 experts.
@@ -101,8 +107,9 @@ def fitting_stages(blocks: Dict[str, int], stages: int, experts: int, itemsize: 
 
 
 def _prune_examples(configs, named_args, **kwargs):
-    """Drops the configurations whose block of examples exceeds the batch's bucket (B_KEY) and
-    lowers the pipeline stages of the others until their tiles fit in shared memory."""
+    """Drops the configurations whose block of examples exceeds the batch's bucket (B_KEY), or
+    MAX_WIDE_EXAMPLES for elements wider than 16 bits, and lowers the pipeline stages of the
+    others until their tiles fit in shared memory."""
     limit = named_args.get("B_KEY", 1 << 30)
     experts = kwargs.get("E", 8)
     x = named_args.get("x_ptr", named_args.get("g_ptr"))
@@ -110,7 +117,8 @@ def _prune_examples(configs, named_args, **kwargs):
     fewest = min(c.kwargs["BLOCK_B"] for c in configs)
     kept = []
     for c in configs:
-        if c.kwargs["BLOCK_B"] <= max(limit, fewest):
+        if c.kwargs["BLOCK_B"] <= max(min(limit, MAX_WIDE_EXAMPLES if itemsize > 2 else limit),
+                                      fewest):
             stages = fitting_stages(c.kwargs, c.num_stages, experts, itemsize)
             kept.append(c if stages == c.num_stages else
                         triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=stages))

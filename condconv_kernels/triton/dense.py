@@ -1,8 +1,8 @@
 """Dense CondConv (Cin/groups > 1) in Triton: the expert mix fused into an implicit GEMM.
 
 Forward: a program owns a (BLOCK_M output channels x BLOCK_N output pixels) tile of one group
-for a block of BLOCK_B = 1, 2 or 4 examples. For each K = Cin/g*kh*kw block it loads each of the
-E expert tiles of W once (E is a compile-time constant: the K loop has no inner runtime loop and
+for a block of BLOCK_B = 1, 2, 4 or 8 examples. For each K = Cin/g*kh*kw block it loads each of
+the E expert tiles of W once (E is a compile-time constant: the K loop has no inner runtime loop and
 pipelines), mixes them for every example of the block in registers (float32, float64 for
 float64), and runs one 2-D tl.dot per example: the mixed tile is the A operand, straight from
 registers (on Hopper, wgmma takes A from registers), the example's input patches the B operand
@@ -39,102 +39,84 @@ def _route(r_ptr, b, s_rb, s_re, e: tl.constexpr, ACC: tl.constexpr):
     return tl.load(r_ptr + b.to(tl.int64) * s_rb + e * s_re).to(ACC)
 
 
-@triton.jit
-def _scale4(t0, t1, t2, t3, p_a, s_a, o_a, p_c, s_c, o_c, b0, b1, b2, b3, mask,
-            HAS_A: tl.constexpr, HAS_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr,
-            ACC: tl.constexpr):
-    """The block's tiles t_j times example b_j's factor a[b_j, o_a] * c[b_j, o_c]
-    (scale_factor) along their rows (ROWS: one factor a row) or their columns; a no-op without
-    either scale."""
-    if HAS_A or HAS_C:
-        f = scale_factor(p_a, s_a, o_a, p_c, s_c, o_c, b0, mask, HAS_A, HAS_C, ACC)
-        t0 = t0 * (f[:, None] if ROWS else f[None, :])
-        if BLOCK_B > 1:
-            f = scale_factor(p_a, s_a, o_a, p_c, s_c, o_c, b1, mask, HAS_A, HAS_C, ACC)
-            t1 = t1 * (f[:, None] if ROWS else f[None, :])
-        if BLOCK_B > 2:
-            f = scale_factor(p_a, s_a, o_a, p_c, s_c, o_c, b2, mask, HAS_A, HAS_C, ACC)
-            t2 = t2 * (f[:, None] if ROWS else f[None, :])
-            f = scale_factor(p_a, s_a, o_a, p_c, s_c, o_c, b3, mask, HAS_A, HAS_C, ACC)
-            t3 = t3 * (f[:, None] if ROWS else f[None, :])
-    return t0, t1, t2, t3
-
-
-@triton.jit
-def _mix4(r_ptr, w_ptr, p_w, m_w, b0, b1, b2, b3, s_rb, s_re, N,
-          E: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr):
-    """The mixed tiles W_b = sum_e routing[b, e] W[e] of up to four examples (BLOCK_B of
-    them; the others come back as zeros and are never used), where W[e] + p_w - w_ptr addresses
-    the tile in expert e (experts N elements apart). Each expert tile is loaded once for all of
-    them, E is unrolled: the loop over K around this has no inner runtime loop."""
-    w = tl.load(p_w, mask=m_w, other=0.0).to(ACC)
-    m0 = _route(r_ptr, b0, s_rb, s_re, 0, ACC) * w
-    m1 = tl.zeros_like(m0)
-    m2 = tl.zeros_like(m0)
-    m3 = tl.zeros_like(m0)
-    if BLOCK_B > 1:
-        m1 = _route(r_ptr, b1, s_rb, s_re, 0, ACC) * w
-    if BLOCK_B > 2:
-        m2 = _route(r_ptr, b2, s_rb, s_re, 0, ACC) * w
-        m3 = _route(r_ptr, b3, s_rb, s_re, 0, ACC) * w
-    for e in tl.static_range(1, E):
-        w = tl.load(p_w + e * N, mask=m_w, other=0.0).to(ACC)
-        m0 += _route(r_ptr, b0, s_rb, s_re, e, ACC) * w
-        if BLOCK_B > 1:
-            m1 += _route(r_ptr, b1, s_rb, s_re, e, ACC) * w
-        if BLOCK_B > 2:
-            m2 += _route(r_ptr, b2, s_rb, s_re, e, ACC) * w
-            m3 += _route(r_ptr, b3, s_rb, s_re, e, ACC) * w
-    return m0, m1, m2, m3
+# The routing weights (examples x experts) a dense forward / grad_x program holds in registers
+# across its K loop; those of the block's further examples are loaded again in every K block.
+HELD_ROUTING = tl.constexpr(32)
 
 
 @triton.jit
 def _examples(i_bb, B, BLOCK_B: tl.constexpr):
-    """The examples of block i_bb, clamped to the batch (a block past its end recomputes the
-    last example and does not store it)."""
-    b0 = i_bb * BLOCK_B
-    return (b0, tl.minimum(b0 + 1, B - 1), tl.minimum(b0 + 2, B - 1),
-            tl.minimum(b0 + 3, B - 1))
+    """The BLOCK_B examples of block i_bb as a tuple, clamped to the batch (a block past its
+    end recomputes the last example and does not store it)."""
+    bs = ()
+    for j in tl.static_range(BLOCK_B):
+        bs = bs + (tl.minimum(i_bb * BLOCK_B + j, B - 1),)
+    return bs
 
 
 @triton.jit
-def _dot4(acc0, acc1, acc2, acc3, w0, w1, w2, w3, base, b0, b1, b2, b3, s_b, off, mask,
-          BLOCK_B: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """acc_j += W_j @ (the example b_j's tile at base + b_j * s_b + off), for the BLOCK_B
-    examples of the block: one 2-D dot each, the mixed tile as the A operand."""
-    t = tl.load(base + b0.to(tl.int64) * s_b + off, mask=mask, other=0.0)
-    acc0 += tl.dot(w0.to(t.dtype), t, input_precision=PRECISION, out_dtype=ACC)
-    if BLOCK_B > 1:
-        t = tl.load(base + b1.to(tl.int64) * s_b + off, mask=mask, other=0.0)
-        acc1 += tl.dot(w1.to(t.dtype), t, input_precision=PRECISION, out_dtype=ACC)
-    if BLOCK_B > 2:
-        t = tl.load(base + b2.to(tl.int64) * s_b + off, mask=mask, other=0.0)
-        acc2 += tl.dot(w2.to(t.dtype), t, input_precision=PRECISION, out_dtype=ACC)
-        t = tl.load(base + b3.to(tl.int64) * s_b + off, mask=mask, other=0.0)
-        acc3 += tl.dot(w3.to(t.dtype), t, input_precision=PRECISION, out_dtype=ACC)
-    return acc0, acc1, acc2, acc3
+def _scale(ts, p_a, s_a, o_a, p_c, s_c, o_c, bs, mask, HAS_A: tl.constexpr,
+           HAS_C: tl.constexpr, ROWS: tl.constexpr, ACC: tl.constexpr):
+    """The tuple of tiles ts, each ts[j] times example bs[j]'s factor a[b, o_a] * c[b, o_c]
+    (scale_factor) along its rows (ROWS: one factor a row) or its columns; ts itself without
+    either scale."""
+    if HAS_A or HAS_C:
+        scaled = ()
+        for j in tl.static_range(len(ts)):
+            f = scale_factor(p_a, s_a, o_a, p_c, s_c, o_c, bs[j], mask, HAS_A, HAS_C, ACC)
+            scaled = scaled + (ts[j] * (f[:, None] if ROWS else f[None, :]),)
+        ts = scaled
+    return ts
 
 
 @triton.jit
-def _store_tile(o_ptr, b, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc):
-    if b < B:
-        p = (o_ptr + b.to(tl.int64) * s_b + o_m[:, None].to(tl.int64) * s_m
-             + o_n[None, :].to(tl.int64) * s_n)
-        tl.store(p, acc.to(o_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+def _mix(r_ptr, r_moved, w_ptr, p_w, m_w, bs, s_rb, s_re, N, E: tl.constexpr,
+         ACC: tl.constexpr):
+    """The mixed tiles W_b = sum_e routing[b, e] W[e] of the examples of the tuple bs, as a
+    tuple, where W[e] + p_w - w_ptr addresses the tile in expert e (experts N elements apart).
+    Each expert tile is loaded once for all of them, E is unrolled: the loop over K around this
+    has no inner runtime loop.
+
+    The routing weights are the same in every K block, so the compiler loads them once, before
+    the K loop, and holds them in registers. Past HELD_ROUTING of them (8 examples x 8 experts
+    beside 32K float32 accumulators: ptxas spills) the further examples' are read through
+    r_moved instead: r_ptr moved by a runtime zero in each K block (k0 times the launcher's
+    s_rk = 0), which the compiler cannot fold, so their loads stay in the loop."""
+    HELD: tl.constexpr = HELD_ROUTING // E
+    ms = ()
+    for e in tl.static_range(E):
+        w = tl.load(p_w + e * N, mask=m_w, other=0.0).to(ACC)
+        summed = ()
+        for j in tl.static_range(len(bs)):
+            r = _route(r_ptr if j < HELD else r_moved, bs[j], s_rb, s_re, e, ACC)
+            summed = summed + (r * w if e == 0 else ms[j] + r * w,)
+        ms = summed
+    return ms
 
 
 @triton.jit
-def _store4(o_ptr, b0, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc0, acc1, acc2, acc3,
-            BLOCK_B: tl.constexpr):
-    """The block's (rows x pixels) tiles of examples b0, b0 + 1, ... that are in the batch; the
-    pixels of the output are one strided dimension (it is allocated contiguous or
+def _dot(accs, ws, base, bs, s_b, off, mask, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """accs[j] + ws[j] @ (example bs[j]'s tile at base + bs[j] * s_b + off) for each example of
+    the block, as a tuple: one 2-D dot each, the mixed tile as the A operand."""
+    out = ()
+    for j in tl.static_range(len(bs)):
+        t = tl.load(base + bs[j].to(tl.int64) * s_b + off, mask=mask, other=0.0)
+        out = out + (tl.dot(ws[j].to(t.dtype), t, acc=accs[j], input_precision=PRECISION,
+                            out_dtype=ACC),)
+    return out
+
+
+@triton.jit
+def _store(o_ptr, bs, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, accs):
+    """The block's (rows x pixels) tiles accs[j] of the examples bs[j] that are in the batch
+    (the block's first example and those after it; the clamped repeats of the last are not
+    stored); the pixels of the output are one strided dimension (it is allocated contiguous or
     channels_last)."""
-    _store_tile(o_ptr, b0, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc0)
-    if BLOCK_B > 1:
-        _store_tile(o_ptr, b0 + 1, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc1)
-    if BLOCK_B > 2:
-        _store_tile(o_ptr, b0 + 2, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc2)
-        _store_tile(o_ptr, b0 + 3, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc3)
+    for j in tl.static_range(len(accs)):
+        if bs[0] + j < B:
+            p = (o_ptr + (bs[0] + j).to(tl.int64) * s_b + o_m[:, None].to(tl.int64) * s_m
+                 + o_n[None, :].to(tl.int64) * s_n)
+            tl.store(p, accs[j].to(o_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
 @autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW", "TAP_MAJOR",
@@ -143,7 +125,7 @@ def _store4(o_ptr, b0, B, s_b, o_m, m_m, o_n, m_n, s_m, s_n, acc0, acc1, acc2, a
 def dense_fwd_kernel(
     x_ptr, r_ptr, w_ptr, bias_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, out_ptr,
     B, CIN_G, COUT_G, GROUPS, H, W, HO, WO,
-    s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow,
+    s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_rk, s_ob, s_oc, s_oh, s_ow,
     s_ib, s_ic, s_jb, s_jc, s_tb, s_tt,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -152,9 +134,9 @@ def dense_fwd_kernel(
     PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[b, co, p] for BLOCK_B (1, 2 or 4) examples x BLOCK_M output channels x BLOCK_N output
-    pixels of one group. Per K block: each expert tile loaded once and mixed for every example
-    of the block (_mix4), then one 2-D dot per example with the mixed tile as the A operand (in
+    """out[b, co, p] for BLOCK_B examples x BLOCK_M output channels x BLOCK_N output pixels of
+    one group. Per K block: each expert tile loaded once and mixed for every example of the
+    block (_mix; the block's tiles and accumulators are tuples), then one 2-D dot per example with the mixed tile as the A operand (in
     registers) and the example's input patches as B. POINTWISE (1x1, stride 1, no padding, H
     and W mergeable in x): the patches are x's (channels x pixels) matrix itself.
 
@@ -166,10 +148,9 @@ def dense_fwd_kernel(
     The per-example scales, where present (in_scale (B, Cin) strides s_ib, s_ic; out_scale
     (B, Cout) s_jb, s_jc; tap_scale (B, KH * KW) s_tb, s_tt): in and tap multiply the mixed
     tile's columns, out the accumulator's rows after the bias, in float32."""
-    tl.static_assert(BLOCK_B <= 4, "a program serves at most 4 examples")
     i_n, i_m, i_bg = program_ids(tl.cdiv(HO * WO, BLOCK_N), tl.cdiv(COUT_G, BLOCK_M))
     i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
-    b0, b1, b2, b3 = _examples(i_bb, B, BLOCK_B)
+    bs = _examples(i_bb, B, BLOCK_B)
     K = CIN_G * KH * KW
     N = COUT_G * GROUPS * K
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -180,10 +161,9 @@ def dense_fwd_kernel(
     o_oh, o_ow = o_p // WO, o_p % WO
     x_g = x_ptr + (i_g * CIN_G).to(tl.int64) * s_xc
 
-    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    accs = ()
+    for j in tl.static_range(BLOCK_B):
+        accs = accs + (tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC),)
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
@@ -191,12 +171,11 @@ def dense_fwd_kernel(
             o_t, o_ci = o_k // CIN_G, o_k % CIN_G
         else:
             o_ci, o_t = o_k // (KH * KW), o_k % (KH * KW)
-        w0, w1, w2, w3 = _mix4(r_ptr, w_ptr, w_ptr + o_co[:, None].to(tl.int64) * K + o_k[None, :],
-                               m_m[:, None] & m_k[None, :], b0, b1, b2, b3, s_rb, s_re, N, E,
-                               BLOCK_B, ACC)
-        w0, w1, w2, w3 = _scale4(w0, w1, w2, w3, in_s_ptr, s_ib, (i_g * CIN_G + o_ci) * s_ic,
-                                 tap_s_ptr, s_tb, o_t * s_tt, b0, b1, b2, b3, m_k, IN_SCALE,
-                                 TAP_SCALE, False, BLOCK_B, ACC)
+        ws = _mix(r_ptr, r_ptr + k0 * s_rk, w_ptr,
+                  w_ptr + o_co[:, None].to(tl.int64) * K + o_k[None, :],
+                  m_m[:, None] & m_k[None, :], bs, s_rb, s_re, N, E, ACC)
+        ws = _scale(ws, in_s_ptr, s_ib, (i_g * CIN_G + o_ci) * s_ic, tap_s_ptr, s_tb,
+                    o_t * s_tt, bs, m_k, IN_SCALE, TAP_SCALE, False, ACC)
         if POINTWISE:  # x[b, ci, p]: the pixels are one strided dimension
             off = o_k[:, None].to(tl.int64) * s_xc + o_p[None, :].to(tl.int64) * s_xw
             m_x = m_k[:, None] & m_p[None, :]
@@ -207,20 +186,18 @@ def dense_fwd_kernel(
                    + o_iw.to(tl.int64) * s_xw)
             m_x = (m_k[:, None] & m_p[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0)
                    & (o_iw < W))
-        acc0, acc1, acc2, acc3 = _dot4(acc0, acc1, acc2, acc3, w0, w1, w2, w3, x_g, b0, b1,
-                                       b2, b3, s_xb, off, m_x, BLOCK_B, PRECISION, ACC)
+        accs = _dot(accs, ws, x_g, bs, s_xb, off, m_x, PRECISION, ACC)
     if HAS_BIAS:
-        c0, c1, c2, c3 = _mix4(r_ptr, bias_ptr, bias_ptr + o_co, m_m, b0, b1, b2, b3, s_rb, s_re,
-                               COUT_G * GROUPS, E, BLOCK_B, ACC)
-        acc0 += c0[:, None]
-        acc1 += c1[:, None]
-        acc2 += c2[:, None]
-        acc3 += c3[:, None]
-    acc0, acc1, acc2, acc3 = _scale4(acc0, acc1, acc2, acc3, out_s_ptr, s_jb, o_co * s_jc,
-                                     out_s_ptr, s_jb, o_co * s_jc, b0, b1, b2, b3, m_m,
-                                     OUT_SCALE, False, True, BLOCK_B, ACC)
-    _store4(out_ptr + (i_g * COUT_G).to(tl.int64) * s_oc, b0, B, s_ob, o_m, m_m, o_p, m_p,
-            s_oc, s_ow, acc0, acc1, acc2, acc3, BLOCK_B)
+        cs = _mix(r_ptr, r_ptr, bias_ptr, bias_ptr + o_co, m_m, bs, s_rb, s_re, COUT_G * GROUPS,
+                  E, ACC)
+        biased = ()
+        for j in tl.static_range(BLOCK_B):
+            biased = biased + (accs[j] + cs[j][:, None],)
+        accs = biased
+    accs = _scale(accs, out_s_ptr, s_jb, o_co * s_jc, out_s_ptr, s_jb, o_co * s_jc, bs, m_m,
+                  OUT_SCALE, False, True, ACC)
+    _store(out_ptr + (i_g * COUT_G).to(tl.int64) * s_oc, bs, B, s_ob, o_m, m_m, o_p, m_p, s_oc,
+           s_ow, accs)
 
 
 @autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L", "E", "KH", "KW", "TAP_MAJOR",
@@ -229,7 +206,7 @@ def dense_fwd_kernel(
 def dense_bwd_x_kernel(
     g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, dx_ptr,
     B, CIN_G, COUT_G, GROUPS, H, W, HO, WO,
-    s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw,
+    s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_rk, s_db, s_dc, s_dh, s_dw,
     s_ib, s_ic, s_jb, s_jc, s_tb, s_tt,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, IN_SCALE: tl.constexpr,
@@ -246,10 +223,9 @@ def dense_bwd_x_kernel(
     holding the experts as (E, kh, kw, Cout, Cin/groups): the W^T tile contiguous along its
     input channels, the grad_out tile of a channels_last grad_out along its output channels
     (vector loads, copied asynchronously)."""
-    tl.static_assert(BLOCK_B <= 4, "a program serves at most 4 examples")
     i_n, i_m, i_bg = program_ids(tl.cdiv(H * W, BLOCK_N), tl.cdiv(CIN_G, BLOCK_M))
     i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
-    b0, b1, b2, b3 = _examples(i_bb, B, BLOCK_B)
+    bs = _examples(i_bb, B, BLOCK_B)
     K2 = COUT_G * KH * KW
     N = COUT_G * GROUPS * CIN_G * KH * KW
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -259,10 +235,9 @@ def dense_bwd_x_kernel(
     o_ih, o_iw = o_q // W, o_q % W
     g_g = g_ptr + (i_g * COUT_G).to(tl.int64) * s_gc
 
-    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    accs = ()
+    for j in tl.static_range(BLOCK_B):
+        accs = accs + (tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC),)
     for k0 in range(0, K2, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K2
@@ -274,11 +249,10 @@ def dense_bwd_x_kernel(
             o_co, o_t = o_k // (KH * KW), o_k % (KH * KW)
             p_w = (w_ptr + ((i_g * COUT_G + o_co[None, :]).to(tl.int64) * CIN_G + o_m[:, None])
                    * (KH * KW) + o_t[None, :])
-        w0, w1, w2, w3 = _mix4(r_ptr, w_ptr, p_w, m_m[:, None] & m_k[None, :], b0, b1, b2, b3,
-                               s_rb, s_re, N, E, BLOCK_B, ACC)
-        w0, w1, w2, w3 = _scale4(w0, w1, w2, w3, out_s_ptr, s_jb, (i_g * COUT_G + o_co) * s_jc,
-                                 tap_s_ptr, s_tb, o_t * s_tt, b0, b1, b2, b3, m_k, OUT_SCALE,
-                                 TAP_SCALE, False, BLOCK_B, ACC)
+        ws = _mix(r_ptr, r_ptr + k0 * s_rk, w_ptr, p_w,
+                  m_m[:, None] & m_k[None, :], bs, s_rb, s_re, N, E, ACC)
+        ws = _scale(ws, out_s_ptr, s_jb, (i_g * COUT_G + o_co) * s_jc, tap_s_ptr, s_tb,
+                    o_t * s_tt, bs, m_k, OUT_SCALE, TAP_SCALE, False, ACC)
         if POINTWISE:
             off = o_k[:, None].to(tl.int64) * s_gc + o_q[None, :].to(tl.int64) * s_gw
             m_g = m_k[:, None] & m_q[None, :]
@@ -291,14 +265,11 @@ def dense_bwd_x_kernel(
                    & (o_ow < WO))
             off = (o_co[:, None].to(tl.int64) * s_gc + o_oh.to(tl.int64) * s_gh
                    + o_ow.to(tl.int64) * s_gw)
-        acc0, acc1, acc2, acc3 = _dot4(acc0, acc1, acc2, acc3, w0, w1, w2, w3, g_g, b0, b1,
-                                       b2, b3, s_gb, off, m_g, BLOCK_B, PRECISION, ACC)
-    acc0, acc1, acc2, acc3 = _scale4(acc0, acc1, acc2, acc3, in_s_ptr, s_ib,
-                                     (i_g * CIN_G + o_m) * s_ic, in_s_ptr, s_ib,
-                                     (i_g * CIN_G + o_m) * s_ic, b0, b1, b2, b3, m_m, IN_SCALE,
-                                     False, True, BLOCK_B, ACC)
-    _store4(dx_ptr + (i_g * CIN_G).to(tl.int64) * s_dc, b0, B, s_db, o_m, m_m, o_q, m_q,
-            s_dc, s_dw, acc0, acc1, acc2, acc3, BLOCK_B)
+        accs = _dot(accs, ws, g_g, bs, s_gb, off, m_g, PRECISION, ACC)
+    accs = _scale(accs, in_s_ptr, s_ib, (i_g * CIN_G + o_m) * s_ic, in_s_ptr, s_ib,
+                  (i_g * CIN_G + o_m) * s_ic, bs, m_m, IN_SCALE, False, True, ACC)
+    _store(dx_ptr + (i_g * CIN_G).to(tl.int64) * s_dc, bs, B, s_db, o_m, m_m, o_q, m_q, s_dc,
+           s_dw, accs)
 
 
 # The kernel gradient's longest chain of tensor-core dots into one float32 accumulator
