@@ -277,12 +277,13 @@ def test_forced_configuration(monkeypatch):
         reload()
 
 
-@pytest.mark.parametrize("examples", [2, 4, 8])
+@pytest.mark.parametrize("examples", [2, 4, 6, 8])
 def test_a_block_of_examples_past_the_batch(examples, monkeypatch):
-    """Blocks of 2 (the interpreter's), 4 and 8 examples a program (the tuples of tiles and
-    accumulators of the dense forward and grad_x), in batches that do not fill the last block
-    (5 = 2 + 2 + 1, 7 = 4 + 3, 11 = 8 + 3), on the 1x1 fast path and the general one, forward
-    and all gradients."""
+    """Blocks of 2 (the interpreter's), 4, 6 and 8 examples a program (the tuples of tiles and
+    accumulators of the dense forward and grad_x; past 4 examples some routing weights are
+    reloaded in every K block), in batches that do not fill the last block (5 = 2 + 2 + 1,
+    7 = 4 + 3, 9 = 6 + 3, 11 = 8 + 3), on the 1x1 fast path and the general one, forward and
+    all gradients."""
     from condconv_kernels.triton import _config
     monkeypatch.setattr(_config, "INTERPRET_EXAMPLES", examples)
     for name, layout in [("k1", "channels_last"), ("k3_s2_asym", "contiguous")]:

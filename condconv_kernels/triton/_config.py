@@ -34,18 +34,20 @@ DENSE_TILES = ("BLOCK_B", "BLOCK_M", "BLOCK_N", "BLOCK_K")
 # (examples, channels, pixels, reduction, warps, stages). Registers per program hold the
 # accumulators (BLOCK_B x BLOCK_M x BLOCK_N, float32) and the mixed tiles (BLOCK_B x BLOCK_M x
 # BLOCK_K); BLOCK_M is 64 or 128 so that Hopper's wgmma takes the mixed tile from registers.
-# BLOCK_B (1, 2, 4 or 8) = 1 serves small batches (configurations with more examples than the
-# batch's bucket are pruned); at batch 256 more examples per program divide the reads of the
-# expert tiles, more channels per program the reads of x (condconv_kernels.triton.report). The
-# last three hold 32K float32 accumulators in 8 warps (4 examples x 128 x 64, 4 x 64 x 128, 8 x
-# 64 x 64) with K blocks of 16 to keep them from spilling (237-255 registers): the experts read
-# once per 128 pixels or per 8 examples, or x once per 128 channels, where 16K accumulators read
-# them once per 64 and per 4. The 8-example one reads the experts half as often as any other on
-# the 7x7 layers; it serves 16-bit inputs only (MAX_WIDE_EXAMPLES).
+# BLOCK_B (any count: the block is a tuple) = 1 serves small batches (configurations with more
+# examples than the batch's bucket are pruned); at batch 256 more examples per program divide
+# the reads of the expert tiles, more channels per program the reads of x
+# (condconv_kernels.triton.report). The last four hold 24K-32K float32 accumulators in 8 warps
+# (4 examples x 128 x 64, 4 x 64 x 128, 8 x 64 x 64, 6 x 64 x 64) with K blocks of 16 to keep
+# them from spilling (227-255 registers): the experts read once per 128 pixels or per 6-8
+# examples, or x once per 128 channels, where 16K accumulators read them once per 64 and per 4.
+# On the 7x7 layers the 8-example one reads the experts half as often as the 4-example ones;
+# the 6-example one makes 129 programs where a layer has 192 rows (8 examples: 96 on 132 SMs).
+# Past 4 examples they serve 16-bit inputs only (MAX_WIDE_EXAMPLES).
 _GPU_DENSE_CONFIGS = [(2, 64, 64, 32, 4, 3), (1, 64, 64, 32, 4, 3), (1, 128, 64, 32, 8, 3),
                       (4, 64, 64, 32, 8, 3), (2, 128, 64, 32, 8, 3), (4, 64, 64, 16, 8, 4),
                       (2, 64, 128, 32, 8, 3), (4, 128, 64, 16, 8, 4), (4, 64, 128, 16, 8, 3),
-                      (8, 64, 64, 16, 8, 4)]
+                      (8, 64, 64, 16, 8, 4), (6, 64, 64, 16, 8, 4)]
 # The most examples a dense forward / grad_x program serves with 32- or 64-bit elements: their
 # mixed tiles take twice the registers, and 8 examples spill in float32.
 MAX_WIDE_EXAMPLES = 4
