@@ -429,7 +429,9 @@ def dense_bwd_w_kernel(
                     tl.store(qc_ptr + (i_k.to(tl.int64) * B + b) * (COUT_G * GROUPS) + o_co,
                              tl.sum(b_Qk, axis=1), mask=m_co)
             if NEED_R:
-                b_part = tl.sum(tl.sum(b_w.to(ACC) * b_G[None, :, :], axis=2), axis=1)
+                b_part = tl.sum(tl.reshape(b_w.to(ACC) * b_G[None, :, :],
+                                           (E_POW2, BLOCK_CO * BLOCK_K), can_reorder=True),
+                                axis=1)
                 tl.store(part_ptr + (tile.to(tl.int64) * B + b) * E + o_e, b_part, mask=m_e)
             if NEED_W:
                 b_gw += b_r[:, None, None] * b_G[None, :, :]
