@@ -10,7 +10,9 @@ Prints a markdown table: median milliseconds per variant and, per fused backend,
 over the baseline and the ratio to the static conv, all measured in this one run; geomean last.
 With --roofline, the device's ceilings (a large matrix product, a large copy) are measured in the
 same run, and each fused backend also gets its achieved TFLOP/s and GB/s and the fraction of
-the roofline floor, max(operations / rate, bytes / bandwidth), that its time reaches.
+the roofline floor, max(operations / rate, bytes / bandwidth), that its time reaches. Where
+the triton backend autotunes (a GPU), the last column names the configuration each of its
+kernels launched for the layer (the tiles in the order of their table, warps, stages).
 """
 from __future__ import annotations
 
@@ -48,6 +50,34 @@ def _modeled_ms(path: str, backward: bool):
     return out
 
 
+def _tuned_kernels():
+    """The triton backend's autotuned kernels (none where Triton is missing or runs
+    interpreted: the interpreter does not autotune)."""
+    try:
+        from condconv_kernels.triton import dense, depthwise
+    except Exception:  # noqa: BLE001 -- no triton backend here
+        return []
+    return [(name, kernel) for module in (dense, depthwise) for name in sorted(dir(module))
+            if name.endswith("_kernel") and hasattr(getattr(module, name), "configs")
+            for kernel in [getattr(module, name)]]
+
+
+def launched_configs(fn, kernels) -> str:
+    """The configurations the autotuned ``kernels`` launch in one call of ``fn`` (after the
+    tuning: each kernel's ``best_config`` is the one its last launch ran), as "kernel
+    tiles wW sS" joined by "; "; empty where none of them ran."""
+    for _, kernel in kernels:
+        kernel.best_config = None
+    fn()
+    picks = []
+    for name, kernel in kernels:
+        c = getattr(kernel, "best_config", None)
+        if c is not None:
+            tiles = "x".join(str(v) for v in c.kwargs.values())
+            picks.append(f"{name.replace('_kernel', '')} {tiles} w{c.num_warps} s{c.num_stages}")
+    return "; ".join(picks)
+
+
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--batch", type=int, default=8, help="The batch size.")
@@ -82,6 +112,11 @@ def main(argv=None):
     for fns in variants:
         for fn in fns.values():
             fn()
+    # The configuration the autotuner chose for each kernel of each layer (GPU only).
+    kernels = _tuned_kernels()
+    picks = {layer.name: launched_configs(fns["fused:triton"], kernels)
+             for layer, fns in zip(layers, variants) if kernels and "fused:triton" in fns}
+    picks = picks if any(picks.values()) else {}
     rows = []
     for layer, fns in tqdm(list(zip(layers, variants)), desc="layers", file=sys.stderr):
         rows.append((layer, {name: time_callable(fn, args.device, args.min_run_time).median_ms
@@ -113,6 +148,9 @@ def main(argv=None):
     if modeled is not None:
         lines[2] += " triton modeled |" + (" fused:triton / modeled |" if tuned else "")
         lines[3] += "---|" * (2 if tuned else 1)
+    if picks:
+        lines[2] += " triton configurations |"
+        lines[3] += "---|"
     for layer, t in rows:
         cells = [layer.name, layer.describe(), f"{t['static']:.3f}", f"{t['unfused']:.3f}"]
         for n in fused:
@@ -124,6 +162,8 @@ def main(argv=None):
             cells.append(f"{m:.3f}" if m else "-")
             if tuned:
                 cells.append(f"{t['fused:triton'] / m:.2f}" if m else "-")
+        if picks:
+            cells.append(picks.get(layer.name) or "-")
         lines.append(row(cells))
     cells = ["geomean", "", f"{geomean([t['static'] for _, t in rows]):.3f}",
              f"{geomean([t['unfused'] for _, t in rows]):.3f}"]
@@ -140,6 +180,8 @@ def main(argv=None):
         if tuned:
             cells.append(f"{geomean([t['fused:triton'] / m for t, m in both]):.2f}"
                          if both else "-")
+    if picks:
+        cells.append("")
     lines.append(row(cells))
     info = machine_info()
     lines += ["", machine_line(info)]
@@ -153,6 +195,7 @@ def main(argv=None):
             "machine": info, "batch": args.batch, "dtype": args.dtype, "mode": mode,
             "layout": layout, "ceilings": dataclasses.asdict(ceilings) if ceilings else None,
             "layers": [{"name": l.name, "shape": l.describe(), "ms": t,
+                        "triton_configs": picks.get(l.name),
                         "flops": work[l.name][0], "bytes": work[l.name][1]} for l, t in rows]})
 
 

@@ -144,3 +144,30 @@ def test_usage_error_names_the_calls():
     run = subprocess.run(["bash", str(SCRIPT), "both"], capture_output=True, text=True)
     assert run.returncode == 2
     assert "first|second|profile" in run.stderr
+
+
+def test_layer_table_names_the_configurations_launched():
+    """bench_layers.py's configuration column: the autotuned kernels a call launched, each with
+    the configuration its last launch ran (best_config), and none that the call did not
+    launch, though an earlier call did."""
+    import importlib.util
+    import triton
+    spec = importlib.util.spec_from_file_location("bench_layers", ROOT / "bench" / "bench_layers.py")
+    bench_layers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_layers)
+
+    class Kernel:
+        configs = ()
+        best_config = triton.Config({"BLOCK_B": 4}, num_warps=8, num_stages=3)  # an earlier call
+
+    fwd, kgrad = Kernel(), Kernel()
+    chosen = triton.Config({"BLOCK_B": 8, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16},
+                           num_warps=8, num_stages=4)
+
+    def call():
+        fwd.best_config = chosen
+
+    text = bench_layers.launched_configs(call, [("dense_fwd_kernel", fwd),
+                                                ("dense_bwd_w_kernel", kgrad)])
+    assert text == "dense_fwd 8x64x64x16 w8 s4", text
+    assert bench_layers.launched_configs(lambda: None, [("dense_fwd_kernel", fwd)]) == ""
