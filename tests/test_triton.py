@@ -195,7 +195,7 @@ def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     32- and 64-bit elements, and pipeline stages are lowered until the
     tiles fit in shared memory, for the tuner and for the fixed launch alike (float64 tiles
     are four times bfloat16's); the kernel gradient keeps the tiles whose experts fit in
-    registers."""
+    registers, and its pixel tiles past 64 only where an example has more pixels."""
     import triton
     from condconv_kernels.triton import _config
     table = [triton.Config(b, num_warps=w, num_stages=s)
@@ -226,6 +226,13 @@ def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
                           _config.KGRAD_WARP_BYTES for c in kept32)
     assert len(_config._prune_kernel_grad(kgrad, {"x_ptr": bf16}, E_POW2=8,
                                           ACC=tl.float32)) > len(kept32)
+    # Pixel tiles past 64 only where an example has more pixels (KEY_L, a bucket).
+    widest = max(c.kwargs["BLOCK_P"] for c in kgrad)
+    assert widest > 64
+    for pixels, kept in ((64, False), (256, True)):
+        tiles = {c.kwargs["BLOCK_P"] for c in _config._prune_kernel_grad(
+            kgrad, {"x_ptr": bf16, "KEY_L": pixels}, E_POW2=8, ACC=tl.float32)}
+        assert (widest in tiles) == kept and 64 in tiles, (pixels, tiles)
     monkeypatch.setattr(_config, "INTERPRET", False)
     monkeypatch.setattr(_config, "AUTOTUNE", False)
     fixed = _config.fixed_blocks(_config.KGRAD_TILES, 8, 8, 8)  # float64: nothing fits, the

@@ -53,9 +53,13 @@ _GPU_DENSE_CONFIGS = [(2, 64, 64, 32, 4, 3), (1, 64, 64, 32, 4, 3), (1, 128, 64,
 MAX_WIDE_EXAMPLES = 4
 # (block a, block b, block c, warps, stages) for the dense kernel gradient, whose tile of W
 # (a output channels x b reduction elements, over c pixels at a time) holds every expert's
-# gradient in registers: E x a x b float32, at most 16K with 8 experts.
+# gradient in registers: E x a x b float32, at most 16K with 8 experts. The last takes 128
+# pixels a dot: half the loop iterations (and their address arithmetic) an example on the 14x14
+# and larger layers (s5.b1.expand's issue time 77 -> 61 us, ResNet's r4.conv 736 -> 618, by
+# condconv_kernels.triton.report).
 _GPU_CONFIGS = [(64, 32, 64, 8, 3), (32, 64, 64, 8, 3), (32, 32, 64, 4, 3),
-                (64, 16, 64, 4, 3), (64, 32, 32, 8, 4), (16, 64, 64, 4, 3), (16, 32, 64, 4, 3)]
+                (64, 16, 64, 4, 3), (64, 32, 32, 8, 4), (16, 64, 64, 4, 3), (16, 32, 64, 4, 3),
+                (64, 32, 128, 8, 3)]
 KGRAD_TILES = ("BLOCK_CO", "BLOCK_K", "BLOCK_P")
 # The dense kernel gradient's registers for its tile of every expert, per warp: the gradients
 # (float32, or float64) and W's tiles (input dtype), 96 registers a thread; past this, ptxas
@@ -149,11 +153,14 @@ def _kgrad_fit(configs, experts_pow2: int, acc_bytes: int, itemsize: int,
 
 def _prune_kernel_grad(configs, named_args, **kwargs):
     """Drops the dense kernel-gradient configurations whose expert tiles would spill
-    (_kgrad_fit)."""
+    (_kgrad_fit), and those whose pixel tiles pass both 64 and the pixels' bucket (KEY_L: an
+    example of 49 pixels gains nothing from tiles of 128, whose registers spill in float32)."""
     x = named_args.get("x_ptr")
     itemsize = x.element_size() if hasattr(x, "element_size") else 4
     acc_bytes = 8 if kwargs.get("ACC") == tl.float64 else 4
     scaled = bool(kwargs.get("SCALE_GRADS"))
+    pixels = named_args.get("KEY_L", kwargs.get("KEY_L", 1 << 30))
+    configs = [c for c in configs if c.kwargs["BLOCK_P"] <= max(pixels, 64)] or configs
     triples = [(c.kwargs, c.num_warps, c) for c in configs]
     return [c for _, _, c in _kgrad_fit(triples, kwargs.get("E_POW2", 8), acc_bytes, itemsize,
                                         scaled)]
