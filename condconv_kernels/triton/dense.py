@@ -147,7 +147,8 @@ def dense_fwd_kernel(
 
     The per-example scales, where present (in_scale (B, Cin) strides s_ib, s_ic; out_scale
     (B, Cout) s_jb, s_jc; tap_scale (B, KH * KW) s_tb, s_tt): in and tap multiply the mixed
-    tile's columns, out the accumulator's rows after the bias, in float32."""
+    tile's columns, out the accumulator's rows after the bias, in float32. s_rk is 0 (see
+    _mix)."""
     i_n, i_m, i_bg = program_ids(tl.cdiv(HO * WO, BLOCK_N), tl.cdiv(COUT_G, BLOCK_M))
     i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
     bs = _examples(i_bb, B, BLOCK_B)
