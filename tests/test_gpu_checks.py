@@ -152,7 +152,8 @@ def test_layer_table_names_the_configurations_launched():
     launch, though an earlier call did."""
     import importlib.util
     import triton
-    spec = importlib.util.spec_from_file_location("bench_layers", ROOT / "bench" / "bench_layers.py")
+    spec = importlib.util.spec_from_file_location("bench_layers",
+                                                  ROOT / "bench" / "bench_layers.py")
     bench_layers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_layers)
 

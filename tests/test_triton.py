@@ -289,13 +289,16 @@ def test_a_block_of_examples_past_the_batch(examples, monkeypatch):
     """Blocks of 2 (the interpreter's), 4, 6 and 8 examples a program (the tuples of tiles and
     accumulators of the dense forward and grad_x; past 4 examples some routing weights are
     reloaded in every K block), in batches that do not fill the last block (5 = 2 + 2 + 1,
-    7 = 4 + 3, 9 = 6 + 3, 11 = 8 + 3), on the 1x1 fast path and the general one, forward and
-    all gradients."""
-    from condconv_kernels.triton import _config
+    7 = 4 + 3, 9 = 6 + 3, 11 = 8 + 3), on the 1x1 fast path (8 experts: past 4 examples the
+    further ones' routing weights are reloaded in every K block, HELD_ROUTING) and the general
+    one, forward and all gradients."""
+    from condconv_kernels.triton import _config, dense
     monkeypatch.setattr(_config, "INTERPRET_EXAMPLES", examples)
-    for name, layout in [("k1", "channels_last"), ("k3_s2_asym", "contiguous")]:
+    for name, layout, more in [("k1", "channels_last", {"E": 8, "cin": 20}),  # 2 K blocks
+                               ("k3_s2_asym", "contiguous", {})]:
         case = CASES_BY_NAME[name]
-        case = type(case)(**{**case.__dict__, "B": examples + 3})
+        case = type(case)(**{**case.__dict__, "B": examples + 3, **more})
+        assert (examples * case.E > dense.HELD_ROUTING.value) == (examples > 4 and name == "k1")
         test_op._check(case, "triton", torch.float64, layout)
 
 

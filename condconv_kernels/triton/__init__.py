@@ -66,7 +66,7 @@ def _tap_major(kh: int, kw: int, t: torch.Tensor) -> bool:
     channels are contiguous (channels_last), so that both of the dot's tiles are contiguous
     along a tap's channels (vector loads, copied asynchronously), at a batch of at least
     TAP_MAJOR_MIN_BATCH. The experts are then copied into that order once a call (2 E |W|
-    bytes through HBM), which pays where the kernel reads them once per block of up to 4
+    bytes through HBM), which pays where the kernel reads them once per block of up to 8
     examples, not for the single read of a small batch. In NCHW a tap's channels are a plane
     apart, and the experts' order stays the one they come in."""
     return kh * kw > 1 and t.stride(1) == 1 and t.shape[0] >= TAP_MAJOR_MIN_BATCH

@@ -112,6 +112,12 @@ def fitting_stages(blocks: Dict[str, int], stages: int, experts: int, itemsize: 
     return stages
 
 
+def examples_fit(examples: int, itemsize: int) -> bool:
+    """Whether a dense forward / grad_x program may serve a block of ``examples`` on elements
+    of ``itemsize`` bytes (past MAX_WIDE_EXAMPLES, 16-bit ones only)."""
+    return examples <= MAX_WIDE_EXAMPLES or itemsize <= 2
+
+
 def _prune_examples(configs, named_args, **kwargs):
     """Drops the configurations whose block of examples exceeds the batch's bucket (B_KEY), or
     MAX_WIDE_EXAMPLES for elements wider than 16 bits, and lowers the pipeline stages of the
@@ -123,8 +129,9 @@ def _prune_examples(configs, named_args, **kwargs):
     fewest = min(c.kwargs["BLOCK_B"] for c in configs)
     kept = []
     for c in configs:
-        if c.kwargs["BLOCK_B"] <= max(min(limit, MAX_WIDE_EXAMPLES if itemsize > 2 else limit),
-                                      fewest):
+        examples = c.kwargs["BLOCK_B"]
+        if examples <= max(limit, fewest) and (examples_fit(examples, itemsize)
+                                               or examples == fewest):
             stages = fitting_stages(c.kwargs, c.num_stages, experts, itemsize)
             kept.append(c if stages == c.num_stages else
                         triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=stages))

@@ -111,16 +111,26 @@ def _size(config):
     return product, stages
 
 
+def _quick(configs):
+    """The largest tiles of ``configs`` and, if another, the most examples a program."""
+    chosen = [max(configs, key=_size)]
+    if "BLOCK_B" in configs[0][0]:
+        most = max(configs, key=lambda c: (c[0]["BLOCK_B"], _size(c)))
+        chosen += [most] if most is not chosen[0] else []
+    return chosen
+
+
 def variants(quick: bool = False):
     """(kernel, dtype, config, whether it is the configuration launched without autotuning);
-    ``quick``: of the other configurations only the largest tiles (most stages on a tie). The
+    ``quick``: of the other configurations only the largest tiles (most stages on a tie) and,
+    where the tiles hold a block of examples, the one with the most examples. The
     dense forward / grad_x configurations get the pipeline stages their launch would get for
     that dtype with 8 experts (_config.fitting_stages). The other variants (scales, pixels an
     example, reduction order) likewise, or with ``quick`` only float32 and bfloat16 at the
     untuned configuration."""
     for name, (_, shapes, _) in KERNELS.items():
         table = _config._table(shapes)
-        rest = [max(table[1:], key=_size)] if quick else table[1:]
+        rest = _quick(table[1:]) if quick else table[1:]
         for variant in ((name,) + ((name + "+scales",) if name in SCALED else ())
                         + tuple(name + v for v in PIXEL_VARIANTS.get(name, ()))
                         + tuple(name + v for v in LAYOUT_VARIANTS.get(name, ()))
@@ -130,7 +140,15 @@ def variants(quick: bool = False):
                 yield variant, dtype, _staged(table[0], dtype), True
             for dtype in (torch.float32, torch.bfloat16):
                 for config in [] if quick and extra else rest:
-                    yield variant, dtype, _staged(config, dtype), False
+                    if _launchable(config, dtype):
+                        yield variant, dtype, _staged(config, dtype), False
+
+
+def _launchable(config, dtype) -> bool:
+    """Whether the tuner may launch ``config`` in ``dtype`` (_config.examples_fit)."""
+    blocks = config[0]
+    return "BLOCK_B" not in blocks or _config.examples_fit(
+        blocks["BLOCK_B"], torch.empty((), dtype=dtype).element_size())
 
 
 def _staged(config, dtype):

@@ -1,14 +1,14 @@
 """Dense CondConv (Cin/groups > 1) in Triton: the expert mix fused into an implicit GEMM.
 
 Forward: a program owns a (BLOCK_M output channels x BLOCK_N output pixels) tile of one group
-for a block of BLOCK_B = 1, 2, 4 or 8 examples. For each K = Cin/g*kh*kw block it loads each of
-the E expert tiles of W once (E is a compile-time constant: the K loop has no inner runtime loop and
-pipelines), mixes them for every example of the block in registers (float32, float64 for
-float64), and runs one 2-D tl.dot per example: the mixed tile is the A operand, straight from
-registers (on Hopper, wgmma takes A from registers), the example's input patches the B operand
-(im2col on the fly, padding by masks, x read through its strides; 1x1 layers read x's matrix
-directly). The expert tiles are read once per block of examples instead of once per example;
-the mixed kernels never go to memory. BLOCK_B = 1 is the small-batch path.
+for a block of BLOCK_B examples (1 to 8). For each K = Cin/g*kh*kw block it loads each of
+the E expert tiles of W once (E is a compile-time constant: the K loop has no inner runtime
+loop and pipelines), mixes them for every example of the block in registers (float32,
+float64 for float64), and runs one 2-D tl.dot per example: the mixed tile is the A operand,
+straight from registers (on Hopper, wgmma takes A from registers), the example's input patches
+the B operand (im2col on the fly, padding by masks, x read through its strides; 1x1 layers read
+x's matrix directly). The expert tiles are read once per block of examples instead of once per
+example; the mixed kernels never go to memory. BLOCK_B = 1 is the small-batch path.
 
 Backward:
 - grad_x: the transposed convolution, the same way: mixed W^T tiles times gathered grad_out;
@@ -136,9 +136,10 @@ def dense_fwd_kernel(
 ):
     """out[b, co, p] for BLOCK_B examples x BLOCK_M output channels x BLOCK_N output pixels of
     one group. Per K block: each expert tile loaded once and mixed for every example of the
-    block (_mix; the block's tiles and accumulators are tuples), then one 2-D dot per example with the mixed tile as the A operand (in
-    registers) and the example's input patches as B. POINTWISE (1x1, stride 1, no padding, H
-    and W mergeable in x): the patches are x's (channels x pixels) matrix itself.
+    block (_mix; the block's tiles and accumulators are tuples), then one 2-D dot per example
+    with the mixed tile as the A operand (in registers) and the example's input patches as B.
+    POINTWISE (1x1, stride 1, no padding, H and W mergeable in x): the patches are x's
+    (channels x pixels) matrix itself.
 
     The reduction index k runs over (input channel, tap), or with TAP_MAJOR over (tap, input
     channel), w_ptr then holding the experts as (E, Cout, kh, kw, Cin/groups): a tap's
@@ -430,9 +431,10 @@ def dense_bwd_w_kernel(
                     tl.store(qc_ptr + (i_k.to(tl.int64) * B + b) * (COUT_G * GROUPS) + o_co,
                              tl.sum(b_Qk, axis=1), mask=m_co)
             if NEED_R:
+                # One reduction over the flattened tile (an expert a row; the reshape keeps
+                # the order: with can_reorder the compiler may mix the experts' rows).
                 b_part = tl.sum(tl.reshape(b_w.to(ACC) * b_G[None, :, :],
-                                           (E_POW2, BLOCK_CO * BLOCK_K), can_reorder=True),
-                                axis=1)
+                                           (E_POW2, BLOCK_CO * BLOCK_K)), axis=1)
                 tl.store(part_ptr + (tile.to(tl.int64) * B + b) * E + o_e, b_part, mask=m_e)
             if NEED_W:
                 b_gw += b_r[:, None, None] * b_G[None, :, :]
