@@ -179,6 +179,38 @@ def test_gpu_batch_256(name, backend):
     _check(case, backend, torch.float16, "channels_last", factor=4.0)
 
 
+def _other_tile_kinds():
+    """The CONDCONV_TRITON_CONFIG indices whose dense forward / grad_x configuration holds more
+    than 4 examples a program, or whose dense kernel-gradient one 128-pixel tiles: kinds of
+    tile that the first configurations, which the rest of this file runs, never take."""
+    try:
+        from condconv_kernels.triton import _config
+    except ImportError:  # no Triton: no triton backend to test
+        return []
+    dense, kgrad = _config._table(_config.DENSE_TILES), _config._table(_config.KGRAD_TILES)
+    return [i for i in range(_config.MAX_CONFIGS)
+            if dense[i % len(dense)][0]["BLOCK_B"] > 4 or kgrad[i % len(kgrad)][0]["BLOCK_P"] > 64]
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("index", _other_tile_kinds())
+def test_gpu_forced_configuration(index, backend, monkeypatch):
+    """The configurations only the autotuner picks (blocks of 6 and 8 examples, whose further
+    examples' routing weights are reloaded in every K block; 128-pixel kernel-gradient tiles),
+    forced as CONDCONV_TRITON_CONFIG does, in bfloat16 on a 1x1 layer of 8 experts (3 K
+    blocks, 196 pixels, a batch that leaves the last block of examples part-filled) and a 3x3
+    one: forward and every gradient against the ground truth."""
+    from condconv_kernels.triton import _config
+    if _config.AUTOTUNE:
+        pytest.skip("forcing a configuration needs CONDCONV_TRITON_AUTOTUNE=0, as the kit runs it")
+    monkeypatch.setattr(_config, "FORCED_CONFIG", index)
+    for name, more in (("k1", dict(E=8, cin=40, B=19, H=14, W=14)),
+                       ("k3_s2_asym", dict(E=8, B=13))):
+        case = CASES_BY_NAME[name]
+        _check(type(case)(**{**case.__dict__, **more}), backend, torch.bfloat16, "channels_last",
+               factor=4.0)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="about 5 GB: GPU only")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_kernel_gradient_over_a_long_reduction(backend):
