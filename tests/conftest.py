@@ -180,15 +180,18 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_close(ours: torch.Tensor, truth: torch.Tensor, same_precision: Optional[torch.Tensor],
-                 name: str, factor: float = 3.0, atol: Optional[float] = None):
+                 name: str, factor: float = 3.0, atol: Optional[float] = None,
+                 ulps: float = 64):
     """ours vs the float64 truth: within ``factor`` x the error of PyTorch's own computation in
-    the same precision (``same_precision``), plus a floor of 64 ulps of the output scale (summation order)."""
+    the same precision (``same_precision``), plus a floor of ``ulps`` ulps of the output scale
+    (summation order; 64 of bfloat16's are half the scale: pass fewer to catch smaller
+    errors)."""
     assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(truth.shape)}"
     assert torch.isfinite(ours).all(), f"{name}: non-finite values (unwritten output?)"
     err = max_err(ours, truth)
     scale = truth.abs().max().item() if truth.numel() else 1.0
     eps = torch.finfo(ours.dtype).eps
-    floor = atol if atol is not None else 64 * eps * max(scale, 1.0)
+    floor = atol if atol is not None else ulps * eps * max(scale, 1.0)
     torch_err = max_err(same_precision, truth) if same_precision is not None else 0.0
     bound = factor * torch_err + floor
     print(f"{name}: max err {err:.3e} (torch same-precision {torch_err:.3e}, bound {bound:.3e})")

@@ -86,7 +86,7 @@ def _run(case, inputs, backend, grad_out):
     return out.cpu(), [g.cpu() for g in grads]
 
 
-def _check(case, backend, dtype, layout, factor):
+def _check(case, backend, dtype, layout, factor, ulps=64):
     inputs = make_inputs(case, dtype, layout, seed=1)
     truth, _ = ground_truth(case, inputs)
     grad_out = torch.randn(truth.shape, dtype=torch.float64).to(dtype)
@@ -94,9 +94,9 @@ def _check(case, backend, dtype, layout, factor):
     truth, truth_grads = ground_truth(case, inputs, grad_out)
     # PyTorch's own computation in this precision, on the device (cuDNN, TF32 as configured).
     same, same_grads = ground_truth(case, _to_device(inputs), grad_out.to(DEVICE), dtype=dtype)
-    assert_close(out, truth, same.cpu(), f"{backend} out", factor)
+    assert_close(out, truth, same.cpu(), f"{backend} out", factor, ulps=ulps)
     for g, t, s in zip(grads, truth_grads, same_grads):
-        assert_close(g, t, s.cpu(), f"{backend} grad", factor)
+        assert_close(g, t, s.cpu(), f"{backend} grad", factor, ulps=ulps)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -198,17 +198,19 @@ def test_gpu_forced_configuration(index, backend, monkeypatch):
     """The configurations only the autotuner picks (blocks of 6 and 8 examples, whose further
     examples' routing weights are reloaded in every K block; 128-pixel kernel-gradient tiles),
     forced as CONDCONV_TRITON_CONFIG does, in bfloat16 on a 1x1 layer of 8 experts (3 K
-    blocks, 196 pixels, a batch that leaves the last block of examples part-filled) and a 3x3
-    one: forward and every gradient against the ground truth."""
+    blocks each way, 196 pixels, a batch that leaves the last block of examples part-filled)
+    and a 3x3 one: forward and every gradient against the ground truth, with a floor of 8
+    ulps of the output's scale (6%) instead of the file's 64 (half of it in bfloat16): an
+    example whose last K block is dropped would pass the looser one."""
     from condconv_kernels.triton import _config
     if _config.AUTOTUNE:
         pytest.skip("forcing a configuration needs CONDCONV_TRITON_AUTOTUNE=0, as the kit runs it")
     monkeypatch.setattr(_config, "FORCED_CONFIG", index)
-    for name, more in (("k1", dict(E=8, cin=40, B=19, H=14, W=14)),
+    for name, more in (("k1", dict(E=8, cin=40, cout=40, B=19, H=14, W=14)),
                        ("k3_s2_asym", dict(E=8, B=13))):
         case = CASES_BY_NAME[name]
         _check(type(case)(**{**case.__dict__, **more}), backend, torch.bfloat16, "channels_last",
-               factor=4.0)
+               factor=4.0, ulps=8)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="about 5 GB: GPU only")

@@ -113,6 +113,8 @@ def _size(config):
 
 def _quick(configs):
     """The largest tiles of ``configs`` and, if another, the most examples a program."""
+    if not configs:
+        return []
     chosen = [max(configs, key=_size)]
     if "BLOCK_B" in configs[0][0]:
         most = max(configs, key=lambda c: (c[0]["BLOCK_B"], _size(c)))
@@ -130,7 +132,7 @@ def variants(quick: bool = False):
     untuned configuration."""
     for name, (_, shapes, _) in KERNELS.items():
         table = _config._table(shapes)
-        rest = _quick(table[1:]) if quick else table[1:]
+        rest = table[1:]
         for variant in ((name,) + ((name + "+scales",) if name in SCALED else ())
                         + tuple(name + v for v in PIXEL_VARIANTS.get(name, ()))
                         + tuple(name + v for v in LAYOUT_VARIANTS.get(name, ()))
@@ -139,9 +141,10 @@ def variants(quick: bool = False):
             for dtype in ((torch.float32, torch.bfloat16) if quick and extra else TYPES):
                 yield variant, dtype, _staged(table[0], dtype), True
             for dtype in (torch.float32, torch.bfloat16):
-                for config in [] if quick and extra else rest:
-                    if _launchable(config, dtype):
-                        yield variant, dtype, _staged(config, dtype), False
+                launchable = [c for c in rest if _launchable(c, dtype)]
+                for config in [] if quick and extra else (
+                        _quick(launchable) if quick else launchable):
+                    yield variant, dtype, _staged(config, dtype), False
 
 
 def _launchable(config, dtype) -> bool:
