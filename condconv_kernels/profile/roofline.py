@@ -31,9 +31,11 @@ def measure_ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32,
                      matmul_size: int | None = None, copy_mib: int | None = None,
                      min_run_time: float = 0.3) -> Ceilings:
     """Times a matmul_size^3 product of random ``dtype`` matrices and a copy of copy_mib MiB.
-    Defaults: 8192 and 1024 MiB on CUDA, 2048 and 256 MiB elsewhere."""
+    Defaults: 8192 and 1024 MiB on CUDA, 2048 and 256 MiB elsewhere (512 for 16-bit floats:
+    a CPU without bfloat16 instructions multiplies them hundreds of times slower, ~1 minute
+    for one 2048^3 bfloat16 product on a 2-core machine)."""
     cuda = torch.device(device).type == "cuda"
-    n = matmul_size or (8192 if cuda else 2048)
+    n = matmul_size or (8192 if cuda else 2048 if torch.finfo(dtype).bits > 16 else 512)
     mib = copy_mib or (1024 if cuda else 256)
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
