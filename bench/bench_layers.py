@@ -57,9 +57,9 @@ def _tuned_kernels():
         from condconv_kernels.triton import dense, depthwise
     except Exception:  # noqa: BLE001 -- no triton backend here
         return []
-    return [(name, kernel) for module in (dense, depthwise) for name in sorted(dir(module))
-            if name.endswith("_kernel") and hasattr(getattr(module, name), "configs")
-            for kernel in [getattr(module, name)]]
+    kernels = [(name, getattr(module, name)) for module in (dense, depthwise)
+               for name in sorted(dir(module)) if name.endswith("_kernel")]
+    return [(name, kernel) for name, kernel in kernels if hasattr(kernel, "configs")]
 
 
 def launched_configs(fn, kernels) -> str:

@@ -192,10 +192,10 @@ def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
 def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     """The dense forward / grad_x tables: blocks of examples larger than the batch's bucket are
     pruned (batch 1 keeps single-example programs), as are blocks past MAX_WIDE_EXAMPLES for
-    32- and 64-bit elements, and pipeline stages are lowered until the
-    tiles fit in shared memory, for the tuner and for the fixed launch alike (float64 tiles
-    are four times bfloat16's); the kernel gradient keeps the tiles whose experts fit in
-    registers, and its pixel tiles past 64 only where an example has more pixels."""
+    32- and 64-bit elements, and pipeline stages are lowered until the tiles fit in shared
+    memory, for the tuner and for the fixed launch alike (float64 tiles are four times
+    bfloat16's); the kernel gradient keeps the tiles whose experts fit in registers, and its
+    pixel tiles past 64 only where an example has more pixels."""
     import triton
     from condconv_kernels.triton import _config
     table = [triton.Config(b, num_warps=w, num_stages=s)
@@ -288,11 +288,10 @@ def test_forced_configuration(monkeypatch):
 @pytest.mark.parametrize("examples", [2, 4, 6, 8])
 def test_a_block_of_examples_past_the_batch(examples, monkeypatch):
     """Blocks of 2 (the interpreter's), 4, 6 and 8 examples a program (the tuples of tiles and
-    accumulators of the dense forward and grad_x; past 4 examples some routing weights are
-    reloaded in every K block), in batches that do not fill the last block (5 = 2 + 2 + 1,
-    7 = 4 + 3, 9 = 6 + 3, 11 = 8 + 3), on the 1x1 fast path (8 experts: past 4 examples the
-    further ones' routing weights are reloaded in every K block, HELD_ROUTING) and the general
-    one, forward and all gradients."""
+    accumulators of the dense forward and grad_x), in batches that do not fill the last block
+    (5 = 2 + 2 + 1, 7 = 4 + 3, 9 = 6 + 3, 11 = 8 + 3), on the 1x1 fast path (8 experts: past 4
+    examples the further ones' routing weights are reloaded in every K block, HELD_ROUTING)
+    and the general one, forward and all gradients."""
     from condconv_kernels.triton import _config, dense
     monkeypatch.setattr(_config, "INTERPRET_EXAMPLES", examples)
     for name, layout, more in [("k1", "channels_last", {"E": 8, "cin": 20}),  # 2 K blocks
