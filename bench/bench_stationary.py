@@ -16,6 +16,9 @@ grad_out in channels_last, per layer and pass:
   kernel gradient for routing and weight, as training asks);
 - ``stationary``: the same call with ``CONDCONV_TRITON_STATIONARY`` on;
 - ``max diff``: the largest |stationary - dense| over the result, against its scale;
+- ``dense vs float64`` and ``stationary vs float64`` (the routing gradient only): each one's
+  largest difference from grad_routing summed in float64 on the device, against its scale:
+  which of the two a ``max diff`` past rounding comes from;
 - with ``--modeled``: the stationary pass's time by the static report's model, and measured /
   modeled.
 
@@ -61,6 +64,19 @@ def _modeled_us(path: str) -> dict:
             continue
         out[(r["layer"], name)] = out.get((r["layer"], name), 0.0) + r["modeled_us"]
     return out
+
+
+def _routing_truth(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor):
+    """grad_routing of a 1x1 layer in float64: (B, E), the sum over (o, c) of
+    W_e[o, c] (g_b x_b^T)[o, c]."""
+    B = x.shape[0]
+    g = grad_out.double().reshape(B, grad_out.shape[1], -1)
+    G = torch.bmm(g, x.double().reshape(B, x.shape[1], -1).transpose(1, 2))
+    return torch.einsum("boc,eoc->be", G, weight.double()[..., 0, 0])
+
+
+def _off(result: torch.Tensor, truth: torch.Tensor) -> str:
+    return f"{((result.double() - truth).abs().max() / truth.abs().max()).item():.1e}"
 
 
 def main(argv=None):
@@ -123,6 +139,7 @@ def main(argv=None):
             times["dense"] = device_kernels(dense_fn, args.device)[0]
             cells = [layer.name, layer.describe(), name, f"{times['static']:.1f}",
                      f"{times['dense']:.1f}"]
+            ours = None
             if plan is not None and args.backend == "triton":
                 ours = ours_fn()
                 diff = ((ours.float() - dense.float()).abs().max()
@@ -133,6 +150,11 @@ def main(argv=None):
                           f"{times['stationary'] / times['static']:.2f}"]
             else:
                 cells += ["-"] * 4
+            if name == "grad_routing+weight":
+                truth = _routing_truth(x, grad_out, weight)
+                cells += [_off(dense, truth), _off(ours, truth) if ours is not None else "-"]
+            else:
+                cells += ["-", "-"]
             if args.modeled:
                 m = modeled.get((layer.name, name))
                 cells += [f"{m:.1f}" if m else "-",
@@ -145,7 +167,8 @@ def main(argv=None):
     print_table(f"Experts-stationary 1x1 kernel, batch {args.batch}, {args.dtype}, "
                 f"channels_last, {args.device}: device us per call",
                 ["layer", "shape", "pass", "static", "dense", "stationary", "max diff / scale",
-                 "stationary / dense", "stationary / static"]
+                 "stationary / dense", "stationary / static", "dense vs float64",
+                 "stationary vs float64"]
                 + (["modeled", "stationary / modeled"] if args.modeled else []),
                 rows, record, args.out,
                 "bench_stationary.py", argv)

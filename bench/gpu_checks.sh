@@ -12,8 +12,8 @@
 #         backend's subset; the headline benchmark (the 24 CondConv layers of
 #         tf_efficientnet_cc_b0_8e, batch 256, bfloat16, channels_last, forward: triton, cuda,
 #         unfused, static, roofline columns); whole-model inference throughput at batch 256 (ours
-#         fused, unfused and static, timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0);
-#         then kit.tgz: the built extension, Triton's compiled kernels and autotune results;
+#         fused, unfused and static, timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0),
+#         then static and fused triton captured in a CUDA graph (device time); then kit.tgz: the built extension, Triton's compiled kernels and autotune results;
 #         then, in the time left, the experimental experts-stationary 1x1 kernel (forward,
 #         grad_x, kernel gradients) against the dense ones and the static layer
 #         (bench/bench_stationary.py) and the dense kernel gradient with one gradient asked for
@@ -22,8 +22,9 @@
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput,
 #         then the same step (static and fused triton) captured in a CUDA graph (device time
-#         without host overhead), and again with the experts-stationary kernel switched on; the
-#         >2^31-element tests one at a time; compute-sanitizer memcheck of the cuda backend.
+#         without host overhead); host against device time of one layer and the whole model's
+#         kernels (bench/gpu_profile.py, one layer); compute-sanitizer memcheck of the cuda
+#         backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
 #         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
 #         Compute on each kernel of two layers (bench/ncu_layers.py: occupancy, stall reasons,
@@ -33,8 +34,9 @@
 #         (bench/bench_dynamic.py); then the >2^31-element tests up to their first failure, with
 #         its traceback.
 #
-# Output in $OUT (default gpu-results/), at most 8 files: summary.md (each step's status, time
-# and cap, and the tables, appended as each step ends, printed last), log.txt (all output),
+# Output in $OUT (default gpu-results/), at most 8 files: summary.md (each step's status,
+# time and cap, the load and GPU processes as it started, and the tables, appended as each step
+# ends, printed last), log.txt (all output),
 # results.tgz (the benchmarks' tables and JSON) and, from the first call, kit.tgz. Commit each
 # call's summary as bench/results/gpu-<card>-first.md / -second.md (its first lines name the card).
 #
@@ -88,6 +90,7 @@ record() {
   local name=$1 status=$2 secs=$3 cap=$4 file=${5:-}
   {
     echo "### $name: $status, $secs s (cap $cap s)"
+    [ -n "${BUSY:-}" ] && echo "before it: $BUSY"
     # The output's last lines, unless a table from it follows (table).
     if [ -n "$file" ] && [ -s "$file" ] && ! { [ "$status" = ok ] && grep -q '^|' "$file"; }; then
       echo '```'
@@ -96,6 +99,27 @@ record() {
     fi
     echo
   } >>"$SUMMARY"
+}
+
+# busy: the load average, the processes on the GPU and its clocks, temperature, power and
+# active throttle reasons as a step starts (a benchmark that shared the machine with a step
+# before it, or ran on a throttled GPU, says so in the summary).
+busy() {
+  local apps="" gpu=""
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    apps=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null |
+           tr '\n' ';')
+    gpu=$(nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw \
+          --format=csv,noheader 2>/dev/null | head -n 1)
+    local field reasons=""
+    for field in clocks_event_reasons.active clocks_throttle_reasons.active; do
+      reasons=$(nvidia-smi --query-gpu=$field --format=csv,noheader 2>/dev/null | head -n 1)
+      [[ $reasons == 0x* ]] && break
+      reasons=""
+    done
+    gpu=${gpu:+$gpu, ${reasons:-?}}
+  fi
+  echo "load $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null), GPU processes: ${apps:-none}${gpu:+, GPU: $gpu (SM and memory clocks, temperature, power, throttle reasons)}"
 }
 
 # step NAME CAP COMMAND...: runs COMMAND (a program or a function of this file) under a hard cap,
@@ -112,6 +136,7 @@ step() {
   ((cap > left)) && cap=$left
   [ "${IN_BACKGROUND:-0}" = 1 ] && sink=/dev/null
   t0=$(now)
+  BUSY=$(busy)
   echo "== $name (cap $cap s): $*"
   [ "$sink" = "$LOG" ] && printf '\n===== %s (cap %s s): %s\n' "$name" "$cap" "$*" >>"$LOG"
   if declare -F "$1" >/dev/null; then
@@ -271,6 +296,7 @@ if [ "$DRY" = 1 ]; then
   MEMCHECK=(--device cpu --backend cpu)
   PROFILE=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s5.b0.expand
            --model-batch 2 --input-size 64)
+  PROFILE_ONE=()
   DYNAMIC=(--device cpu --batch 2 --first 1 --min-run-time 0.02)
   KGRAD=(--device cpu --batch 2 --backend cpu --layers s5.b0.expand)
   STATIONARY=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand
@@ -293,6 +319,7 @@ else
   KGRAD=(--device cuda --batch 256 --backend triton)
   STATIONARY=(--device cuda --batch 256 --backend triton
               --modeled bench/results/gpu-model-stationary.json)
+  PROFILE_ONE=(--layers s6.b1.expand)
 fi
 # The headline tables carry the static model's time per layer (condconv_kernels.triton.report,
 # committed as bench/results/gpu-model.json) and the measured / modeled ratio.
@@ -311,9 +338,9 @@ if [ "$MODE" = first ]; then
   background build 300 nice -n 5 bash -c build_extension
   background warm-triton 300 nice -n 15 "$PY" bench/warm_triton.py "${WARM[@]}"
   # The tests compile into a cache of their own: the kit carries the benchmarks' kernels only.
-  step triton-tests 170 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
+  step triton-tests 230 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
     CONDCONV_GPU_BACKENDS=triton,cpu CONDCONV_TRITON_AUTOTUNE=0 \
-    $(pytest_cmd) tests/test_gpu.py -m "not huge" "${TRITON_TESTS[@]}"
+    $(pytest_cmd) --durations=5 tests/test_gpu.py -m "not huge" "${TRITON_TESTS[@]}"
   join build
   step install 30 install_extension
   step cuda-tests 100 "${TEST_ENV[@]}" CONDCONV_GPU_BACKENDS=cuda,cpu \
@@ -325,6 +352,10 @@ if [ "$MODE" = first ]; then
   step model-fwd 90 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
     --channels-last --out "$WORK/results/model-b256-amp-cl-fwd.md"
   table "$WORK/results/model-b256-amp-cl-fwd.md"
+  # Inference captured in a CUDA graph: the device's time, without the host's.
+  step model-fwd-graph 40 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
+    --amp bfloat16 --channels-last --out "$WORK/results/model-b256-amp-cl-fwd-graph.md"
+  table "$WORK/results/model-b256-amp-cl-fwd-graph.md"
   RESERVE=0
   pack() {
     local staged=$WORK/kit
@@ -366,23 +397,22 @@ elif [ "$MODE" = second ]; then
   step layers-fwdbwd 80 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
     --backward --out "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
   table "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
-  step model-train 50 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
+  step model-train 70 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
     --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train.md"
   table "$WORK/results/model-b256-amp-cl-train.md"
   # The same training step captured in a CUDA graph: the device's time, without the host's.
   step model-train-graph 45 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"
-  # The graphed training step again with the experts-stationary kernel switched on (its
-  # per-pass times: the first call's stationary step): what it changes in the model's device
-  # time (against model-train-graph above, same call).
-  step model-train-graph-stationary 60 env CONDCONV_TRITON_STATIONARY=1 "$PY" \
-    bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" --amp bfloat16 --channels-last --backward \
-    --out "$WORK/results/model-b256-amp-cl-train-graph-stationary.md"
-  table "$WORK/results/model-b256-amp-cl-train-graph-stationary.md"
-  step huge-tests 60 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
-    CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu.py \
-    -m huge
+  # Where the time goes, in the call every lease has time for: one 1x1 layer (host against
+  # device, the kernels, the host functions of the fused call) and the whole model's kernels,
+  # inference and training (the profile call adds four layers and the rest).
+  step profile-model 60 "$PY" bench/gpu_profile.py "${PROFILE[@]}" "${PROFILE_ONE[@]}" \
+    --out "$WORK/results/profile-model.md"
+  if [ -s "$WORK/results/profile-model.md" ]; then
+    { cat "$WORK/results/profile-model.md"; echo; } >>"$SUMMARY"
+    tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
+  fi
   step memcheck 60 "${SANITIZE[@]}" "$PY" bench/memcheck_cases.py "${MEMCHECK[@]}"
 else  # profile: where the time goes, and the >2^31-element tests' first failure in full
   step versions 15 versions

@@ -192,25 +192,50 @@ def _other_tile_kinds():
             if dense[i % len(dense)][0]["BLOCK_B"] > 4 or kgrad[i % len(kgrad)][0]["BLOCK_P"] > 64]
 
 
+def _every_other_configuration():
+    """The CONDCONV_TRITON_CONFIG indices past the first that together force every
+    configuration of the dense forward / grad_x table and of the dense kernel gradient's (an
+    index forces entry index mod the table's length of each)."""
+    try:
+        from condconv_kernels.triton import _config
+    except ImportError:
+        return []
+    tables = (_config._table(_config.DENSE_TILES), _config._table(_config.KGRAD_TILES))
+    return list(range(1, max(map(len, tables))))
+
+
+# Cases of the forced configurations: (name, fields changed, indices). The 7x7 1x1 layer is
+# EfficientNet's last stage in small (49 pixels against 64-pixel tiles, 3 K tiles of 16 and a
+# part-filled second tile of 64 output channels, a batch slice part-filled), where the second
+# GPU run's tuner picked a kernel-gradient configuration no test had run.
+_FORCED_CASES = (
+    ("k1", dict(E=8, cin=48, cout=72, B=37, H=7, W=7), _every_other_configuration()),
+    ("k1", dict(E=8, cin=40, cout=40, B=19, H=14, W=14), _other_tile_kinds()),
+    ("k3_s2_asym", dict(E=8, B=13), _other_tile_kinds()),
+)
+
+
 @pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "triton"])
-@pytest.mark.parametrize("index", _other_tile_kinds())
-def test_gpu_forced_configuration(index, backend, monkeypatch):
-    """The configurations only the autotuner picks (blocks of 6 and 8 examples, whose further
-    examples' routing weights are reloaded in every K block; 128-pixel kernel-gradient tiles),
-    forced as CONDCONV_TRITON_CONFIG does, in bfloat16 on a 1x1 layer of 8 experts (3 K
-    blocks each way, 196 pixels, a batch that leaves the last block of examples part-filled)
-    and a 3x3 one: forward and every gradient against the ground truth, with a floor of 8
-    ulps of the output's scale (6%) instead of the file's 64 (half of it in bfloat16): an
-    example whose last K block is dropped would pass the looser one."""
+@pytest.mark.parametrize("name,more,index", [
+    pytest.param(name, more, i, id=f"{name}_{more.get('H', 'case')}-{i}")
+    for name, more, indices in _FORCED_CASES for i in indices])
+def test_gpu_forced_configuration(name, more, index, backend, monkeypatch):
+    """Configurations the first ones (which the rest of this file runs) leave untested, forced
+    as CONDCONV_TRITON_CONFIG does, in bfloat16: every configuration of the dense tables on a
+    7x7 1x1 layer of 8 experts, and those only the autotuner picks (blocks of 6 and 8
+    examples, whose further examples' routing weights are reloaded in every K block; 128-pixel
+    kernel-gradient tiles) on a 14x14 1x1 layer (3 K blocks each way, a batch that leaves the
+    last block of examples part-filled) and a 3x3 one: forward and every gradient against the
+    ground truth, with a floor of 8 ulps of the output's scale (6%) instead of the file's 64
+    (half of it in bfloat16): an example whose last K block is dropped would pass the looser
+    one."""
     from condconv_kernels.triton import _config
     if _config.AUTOTUNE:
         pytest.skip("forcing a configuration needs CONDCONV_TRITON_AUTOTUNE=0, as the kit runs it")
     monkeypatch.setattr(_config, "FORCED_CONFIG", index)
-    for name, more in (("k1", dict(E=8, cin=40, cout=40, B=19, H=14, W=14)),
-                       ("k3_s2_asym", dict(E=8, B=13))):
-        case = CASES_BY_NAME[name]
-        _check(type(case)(**{**case.__dict__, **more}), backend, torch.bfloat16, "channels_last",
-               factor=4.0, ulps=8)
+    case = CASES_BY_NAME[name]
+    _check(type(case)(**{**case.__dict__, **more}), backend, torch.bfloat16, "channels_last",
+           factor=4.0, ulps=8)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="about 5 GB: GPU only")

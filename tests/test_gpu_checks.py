@@ -15,10 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_checks.sh"
 FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests",
-         "layers-fwd", "model-fwd", "pack", "stationary", "kgrad"]
+         "layers-fwd", "model-fwd", "model-fwd-graph", "pack", "stationary", "kgrad"]
 BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
 SECOND = ["versions", "restore", "install", "layers-fwdbwd", "model-train", "model-train-graph",
-          "model-train-graph-stationary", "huge-tests", "memcheck"]
+          "profile-model", "memcheck"]
 STEP_LINE = re.compile(r"^### ([\w-]+): (.+?), (\d+) s \(cap (\d+) s\)$", re.M)
 MAX_FILES = 8  # what comes back from a GPU machine's output folder
 
@@ -80,6 +80,8 @@ def test_both_calls_walk_every_step(tmp_path):
     assert list(steps) == SECOND, summary
     assert all(status == "ok" for status, _, _ in steps.values()), summary
     assert "extension reused from the kit" in summary
+    assert "## Whole model" in summary  # the one-layer profile's model section
+    assert summary.count("before it: load ") == len(SECOND)  # each step's machine state
     assert run.stdout.rstrip().endswith(summary.rstrip())
     assert len(_files(out2)) <= MAX_FILES
 
