@@ -118,6 +118,59 @@ print(isinstance(kernel, _config.TunedKernel), tuple(out.shape), dict(dry_run.LA
 """
 
 
+_DIRECT_LAUNCH = """
+import torch
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+from condconv_kernels import triton as backend
+from condconv_kernels.triton import dry_run
+
+dry_run.install()
+launched = []
+def launcher(src, metadata):
+    def launch(*args):
+        launched.append((metadata.name, args))
+    return launch
+driver.active.launcher_cls = launcher
+jit_runs = []
+base_run = JITFunction.run
+JITFunction.run = lambda self, *a, **k: jit_runs.append(1) or base_run(self, *a, **k)
+
+def described(args):  # the launch metadata (index 6) is a fresh object a launch: its type
+    return [(a.dtype, tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor)
+            else type(a) if i == 6 else a for i, a in enumerate(args)]
+
+torch.manual_seed(0)
+for k, groups, cin, cout in ((1, 1, 16, 32), (3, 1, 16, 16), (5, 16, 16, 16)):
+    x = torch.randn(5, cin, 7, 7, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    routing = torch.rand(5, 8)
+    weight = torch.randn(8, cout, cin // groups, k, k, dtype=torch.bfloat16)
+    conv = ([1, 1], [k // 2] * 4, [1, 1], groups)
+    grad = torch.randn(5, cout, 7, 7, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    seen = []
+    for _ in range(3):  # tunes; Triton's launch (the compiled kernel kept); the direct one
+        launched.clear(), jit_runs.clear()
+        backend.forward(x, routing, weight, None, *conv)
+        backend.backward(grad, x, routing, weight, None, *conv, (True, True, True, False))
+        seen.append(([(name, described(args)) for name, args in launched], len(jit_runs)))
+    (through_triton, runs), (direct, direct_runs) = seen[1], seen[2]
+    assert runs > 0 and direct_runs == 0, (runs, direct_runs)
+    assert direct == through_triton, (direct, through_triton)
+    # the inputs themselves reach the launcher (not copies)
+    assert any(a is x for _, args in launched for a in args)
+    # x 2 bytes off 16-byte alignment: another specialization, through Triton again
+    shifted = torch.empty(x.numel() + 8, dtype=x.dtype)[1:1 + x.numel()]
+    shifted = shifted.view(5, 7, 7, cin).permute(0, 3, 1, 2).copy_(x)
+    assert shifted.data_ptr() % 16 and shifted.stride() == x.stride()
+    jit_runs.clear()
+    backend.forward(shifted, routing, weight, None, *conv)
+    assert jit_runs, "a launch key that ignores alignment"
+    print(k, len(direct), [name for name, _ in direct])
+"""
+
+
 _SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
 .L_x_0:
@@ -174,6 +227,21 @@ def test_dry_run_of_the_autotuned_forward(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert result.stdout.split("\n")[-2] == (
         "True (4, 32, 7, 7) {'dense_fwd_kernel': 3} 1 0"), result.stdout
+
+
+def test_direct_launch_matches_tritons(tmp_path):
+    """Launched dry, a tuned kernel's launch once Triton has compiled for its arguments skips
+    Triton's JITFunction.run (TunedKernel's direct launch) and hands the launcher what
+    Triton's own launch of the same call handed it: the grid, stream, function, metadata and
+    every argument in order (tensors by dtype, shape and strides, the rest by value), on a
+    dense 1x1 and 3x3 and a depthwise 5x5 layer, forward and backward."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CONDCONV_TRITON_AUTOTUNE="1", CONDCONV_TRITON_STATIONARY="0")
+    result = subprocess.run([sys.executable, "-c", _DIRECT_LAUNCH], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    lines = result.stdout.strip().split("\n")[-3:]
+    assert [line.split(" ")[:2] for line in lines] == [["1", "3"], ["3", "3"], ["5", "3"]], lines
 
 
 def test_static_report_of_a_dense_3x3_layer(tmp_path):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import Dict, Sequence
 
+import torch
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
 from triton.runtime.autotuner import Autotuner
 
 from .. import _env
@@ -236,6 +238,11 @@ def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[
     return wrap
 
 
+# The most launch keys a tuned kernel keeps its compiled kernel under (TunedKernel): one per
+# layer geometry, batch size and alignment met; past it the keys start over.
+LAUNCH_KEYS = 4096
+
+
 class TunedKernel(Autotuner):
     """``triton.autotune``'s Autotuner with a cheaper launch once a key is tuned.
 
@@ -245,7 +252,17 @@ class TunedKernel(Autotuner):
     tensors' dtypes (the same tuple as Triton's, in the same order: the tuned configuration is
     looked up in the same cache), and a key seen before launches its configuration straight
     away; a new key (tuning, or the disk cache of results) and configurations with pre-hooks
-    go through Triton's ``run``."""
+    go through Triton's ``run``.
+
+    Past that, a launch whose arguments Triton has compiled for before skips Triton's binder
+    and kernel cache too (~25 us a launch of its ~45, measured launched dry): the compiled
+    kernel is kept under a key that holds every argument as Triton specializes on it or finer
+    (each int, bool and constexpr by value; each tensor by dtype, device and whether its
+    address is a multiple of 16, the alignment Triton specializes pointers on), and launched
+    through ``CompiledKernel[grid]`` with the arguments in the kernel's order, as Triton's
+    ``run`` launches it (``tests/test_triton_compile.py`` compares the two launches' arguments,
+    launched dry). The key also fixes the tuned configuration (the tuning key is part of
+    it)."""
 
     def __init__(self, fn, configs, key, reset_to_zero=None, **kwargs):
         super().__init__(fn, fn.arg_names, configs, key, reset_to_zero, None, **kwargs)
@@ -253,6 +270,9 @@ class TunedKernel(Autotuner):
         self._key_at = tuple((name, self.arg_names.index(name)) for name in self.keys
                              if name in self._arg_set)  # Triton ignores the other names
         self._launch: Dict[tuple, tuple] = {}  # key -> (config, its launch options)
+        # launch key -> (compiled kernel, config, launch options, the names after the
+        # positional arguments in the kernel's order)
+        self._compiled: Dict[tuple, tuple] = {}
 
     def tuning_key(self, args: tuple, kwargs: dict) -> tuple:
         """Triton's autotuning key of a launch: the key arguments present (positional or by
@@ -265,8 +285,26 @@ class TunedKernel(Autotuner):
                 and hasattr(v, "dtype")]
         return tuple(key)
 
+    @staticmethod
+    def launch_key(args: tuple, kwargs: dict) -> tuple:
+        """What a compiled kernel is kept under (see the class): every argument but the grid,
+        tensors by (dtype, device, 16-byte alignment), the rest by value."""
+        key = [(a.dtype, a.get_device(), a.data_ptr() % 16 == 0)
+               if isinstance(a, torch.Tensor) else a for a in args]
+        key += [item for item in kwargs.items() if item[0] != "grid"]
+        return tuple(key)
+
     def run(self, *args, **kwargs):
-        if len(self.configs) > 1:
+        if len(self.configs) > 1 and not kwargs.get("warmup"):
+            fast = self.launch_key(args, kwargs)
+            known = self._compiled.get(fast)
+            if known is not None:
+                kernel, self.best_config, options, names = known
+                named = {**kwargs, **options}
+                grid = named["grid"]
+                grid = tuple(grid(named) if callable(grid) else grid) + (1, 1)
+                kernel[grid[:3]](*args, *[named[name] for name in names])
+                return kernel
             key = self.tuning_key(args, kwargs)
             hit = self._launch.get(key)
             if hit is None:
@@ -275,7 +313,14 @@ class TunedKernel(Autotuner):
                     return super().run(*args, **kwargs)
                 hit = self._launch[key] = (config, config.all_kwargs())
             self.best_config, options = hit
-            return self.fn.run(*args, **kwargs, **options)
+            kernel = self.fn.run(*args, **kwargs, **options)
+            names = self.fn.arg_names[len(args):]
+            if isinstance(kernel, CompiledKernel) and all(
+                    name in kwargs or name in options for name in names):
+                if len(self._compiled) >= LAUNCH_KEYS:  # many shapes: start over
+                    self._compiled.clear()
+                self._compiled[fast] = (kernel, self.best_config, options, names)
+            return kernel
         return super().run(*args, **kwargs)
 
 
