@@ -291,13 +291,18 @@ class TunedKernel(Autotuner):
         tensors by (dtype, device, 16-byte alignment), the rest by value."""
         key = [(a.dtype, a.get_device(), a.data_ptr() % 16 == 0)
                if isinstance(a, torch.Tensor) else a for a in args]
-        key += [item for item in kwargs.items() if item[0] != "grid"]
+        key += [(name, (v.dtype, v.get_device(), v.data_ptr() % 16 == 0)
+                 if isinstance(v, torch.Tensor) else v)
+                for name, v in kwargs.items() if name != "grid"]
         return tuple(key)
 
     def run(self, *args, **kwargs):
         if len(self.configs) > 1 and not kwargs.get("warmup"):
             fast = self.launch_key(args, kwargs)
-            known = self._compiled.get(fast)
+            try:
+                known = self._compiled.get(fast)
+            except TypeError:  # an argument that cannot be a key: Triton's launch
+                return super().run(*args, **kwargs)
             if known is not None:
                 kernel, self.best_config, options, names = known
                 named = {**kwargs, **options}
