@@ -155,6 +155,25 @@ def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation
                     zip(grads[1:], (routing, weight, bias) + tuple(scales), mask[1:])))
 
 
+def _eager_backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
+                         backend, output_mask, *scales):
+    """:func:`_backward_impl` for the eager path's backward: no second check (the forward
+    checked the saved inputs, and autograd hands a gradient of the output's shape, dtype and
+    device), and None for each gradient not asked for (the op's placeholders would only be
+    dropped)."""
+    mask = _args.backward_mask(output_mask, scales)
+    if x.shape[0] == 0:
+        return _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation,
+                              groups, backend, output_mask, *scales)
+    stride = _args.useful_stride(x.shape, weight.shape, stride, padding, dilation)
+    grads = _BACKWARD[backend](grad_out, x, routing, weight, bias, stride, padding, dilation,
+                               groups, mask, *scales)
+    return ((_grad_like(grads[0], x, mask[0], x, _args.suggest_memory_format(x))
+             if mask[0] else None,)
+            + tuple(_grad_like(g, like, True, x) if wanted else None for g, like, wanted in
+                    zip(grads[1:], (routing, weight, bias) + tuple(scales), mask[1:])))
+
+
 @_condconv2d_backward.register_fake
 def _condconv2d_backward_fake(grad_out, x, routing, weight, bias, stride, padding, dilation,
                               groups, backend, output_mask, in_scale=None, out_scale=None,
@@ -216,7 +235,7 @@ class _EagerCondConv2d(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # not differentiable, as the op's backward op has no formula
-        return _backward(ctx, grad_out, run=_backward_impl)
+        return _backward(ctx, grad_out, run=_eager_backward_impl)
 
 
 if backends.native_status()[0]:
