@@ -145,7 +145,8 @@ for k, groups, cin, cout in ((1, 1, 16, 32), (3, 1, 16, 16), (5, 16, 16, 16)):
     x = torch.randn(5, cin, 7, 7, dtype=torch.bfloat16).contiguous(
         memory_format=torch.channels_last)
     routing = torch.rand(5, 8)
-    weight = torch.randn(8, cout, cin // groups, k, k, dtype=torch.bfloat16)
+    weight = torch.nn.Parameter(  # as a layer holds it (a tensor subclass)
+        torch.randn(8, cout, cin // groups, k, k, dtype=torch.bfloat16), requires_grad=False)
     conv = ([1, 1], [k // 2] * 4, [1, 1], groups)
     grad = torch.randn(5, cout, 7, 7, dtype=torch.bfloat16).contiguous(
         memory_format=torch.channels_last)
@@ -234,7 +235,8 @@ def test_direct_launch_matches_tritons(tmp_path):
     Triton's JITFunction.run (TunedKernel's direct launch) and hands the launcher what
     Triton's own launch of the same call handed it: the grid, stream, function, metadata and
     every argument in order (tensors by dtype, shape and strides, the rest by value), on a
-    dense 1x1 and 3x3 and a depthwise 5x5 layer, forward and backward."""
+    dense 1x1 and 3x3 and a depthwise 5x5 layer (the weight a Parameter), forward and
+    backward; a tensor 2 bytes off 16-byte alignment goes through Triton again."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CONDCONV_TRITON_AUTOTUNE="1", CONDCONV_TRITON_STATIONARY="0")
     result = subprocess.run([sys.executable, "-c", _DIRECT_LAUNCH], env=env,

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.compiler import CompiledKernel
+from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 
 from .. import _env
@@ -238,6 +239,8 @@ def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[
     return wrap
 
 
+# The argument types TunedKernel's launch key reads as tensors (by dtype and alignment).
+_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 # The most launch keys a tuned kernel keeps its compiled kernel under (TunedKernel): one per
 # layer geometry, batch size and alignment met; past it the keys start over.
 LAUNCH_KEYS = 4096
@@ -257,8 +260,8 @@ class TunedKernel(Autotuner):
     Past that, a launch whose arguments Triton has compiled for before skips Triton's binder
     and kernel cache too (~25 us a launch of its ~45, measured launched dry): the compiled
     kernel is kept under a key that holds every argument as Triton specializes on it or finer
-    (each int, bool and constexpr by value; each tensor by dtype, device and whether its
-    address is a multiple of 16, the alignment Triton specializes pointers on), and launched
+    (each int, bool and constexpr by value; each tensor by dtype and whether its address is a
+    multiple of 16, the alignment Triton specializes pointers on; the current device), and launched
     through ``CompiledKernel[grid]`` with the arguments in the kernel's order, as Triton's
     ``run`` launches it (``tests/test_triton_compile.py`` compares the two launches' arguments,
     launched dry). The key also fixes the tuned configuration (the tuning key is part of
@@ -288,12 +291,13 @@ class TunedKernel(Autotuner):
     @staticmethod
     def launch_key(args: tuple, kwargs: dict) -> tuple:
         """What a compiled kernel is kept under (see the class): every argument but the grid,
-        tensors by (dtype, device, 16-byte alignment), the rest by value."""
-        key = [(a.dtype, a.get_device(), a.data_ptr() % 16 == 0)
-               if isinstance(a, torch.Tensor) else a for a in args]
-        key += [(name, (v.dtype, v.get_device(), v.data_ptr() % 16 == 0)
-                 if isinstance(v, torch.Tensor) else v)
-                for name, v in kwargs.items() if name != "grid"]
+        tensors and parameters by (dtype, 16-byte alignment), the rest by value (other tensor
+        types by identity: such a key is never kept), then the current device, whose kernel
+        cache Triton's launch uses."""
+        key = [(a.dtype, not a.data_ptr() & 15) if type(a) in _TENSOR_TYPES else a
+               for a in args]
+        key += [item for item in kwargs.items() if item[0] != "grid"]
+        key.append(driver.active.get_current_device())
         return tuple(key)
 
     def run(self, *args, **kwargs):
@@ -321,7 +325,8 @@ class TunedKernel(Autotuner):
             kernel = self.fn.run(*args, **kwargs, **options)
             names = self.fn.arg_names[len(args):]
             if isinstance(kernel, CompiledKernel) and all(
-                    name in kwargs or name in options for name in names):
+                    name in kwargs or name in options for name in names) and not any(
+                    isinstance(part, torch.Tensor) for part in fast):
                 if len(self._compiled) >= LAUNCH_KEYS:  # many shapes: start over
                     self._compiled.clear()
                 self._compiled[fast] = (kernel, self.best_config, options, names)
