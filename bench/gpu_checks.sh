@@ -9,15 +9,18 @@
 #         (one translation unit per dtype, MAX_JOBS=16) and Triton's cache is filled with every
 #         configuration the benchmarks will tune (bench/warm_triton.py), while the triton
 #         backend's correctness subset runs (tests/test_gpu.py, autotuning off); the cuda
-#         backend's subset; the headline benchmark (the 24 CondConv layers of
-#         tf_efficientnet_cc_b0_8e, batch 256, bfloat16, channels_last, forward: triton, cuda,
-#         unfused, static, roofline columns); whole-model inference throughput at batch 256 (ours
-#         fused, unfused and static, timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0),
-#         then static and fused triton captured in a CUDA graph (device time); then kit.tgz: the built extension, Triton's compiled kernels and autotune results;
-#         then, in the time left, the experimental experts-stationary 1x1 kernel (forward,
-#         grad_x, kernel gradients) against the dense ones and the static layer
-#         (bench/bench_stationary.py) and the dense kernel gradient with one gradient asked for
-#         at a time (bench/kgrad_ablation.py).
+#         backend's subset; the autotuned launches against the reference on five layers
+#         (bench/tuned_check.py: tuning, Triton's launch, the direct launch); the headline
+#         benchmark (the 24 CondConv layers of tf_efficientnet_cc_b0_8e, batch 256, bfloat16,
+#         channels_last, forward: triton, cuda, unfused, static, roofline columns); whole-model
+#         inference throughput at batch 256 (ours fused, unfused and static, timm's
+#         tf_efficientnet_cc_b0_8e and tf_efficientnet_b0), then static and fused triton
+#         captured in a CUDA graph (device time); then kit.tgz: the built extension, Triton's
+#         compiled kernels and autotune results; then, in the time left, the experimental
+#         experts-stationary 1x1 kernel (forward, grad_x, kernel gradients) against the dense
+#         ones and the static layer, both routing gradients against a float64 sum
+#         (bench/bench_stationary.py). (bench/kgrad_ablation.py, the dense kernel gradient with
+#         one gradient asked for at a time, ran in the second run; it is not in the kit now.)
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput,
@@ -298,7 +301,7 @@ if [ "$DRY" = 1 ]; then
            --model-batch 2 --input-size 64)
   PROFILE_ONE=()
   DYNAMIC=(--device cpu --batch 2 --first 1 --min-run-time 0.02)
-  KGRAD=(--device cpu --batch 2 --backend cpu --layers s5.b0.expand)
+  TUNED=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand,s5.b1.dw)
   STATIONARY=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand
               --modeled bench/results/gpu-model-stationary.json)
 else
@@ -316,7 +319,7 @@ else
   MEMCHECK=(--backend cuda)
   PROFILE=(--device cuda --batch 256 --dtype bfloat16 --backend triton --model-batch 256)
   DYNAMIC=(--device cuda --batch 64 --amp bfloat16 --channels-last --min-run-time 0.1)
-  KGRAD=(--device cuda --batch 256 --backend triton)
+  TUNED=(--device cuda --batch 256 --backend triton)
   STATIONARY=(--device cuda --batch 256 --backend triton
               --modeled bench/results/gpu-model-stationary.json)
   PROFILE_ONE=(--layers s6.b1.expand)
@@ -346,6 +349,12 @@ if [ "$MODE" = first ]; then
   step cuda-tests 100 "${TEST_ENV[@]}" CONDCONV_GPU_BACKENDS=cuda,cpu \
     $(pytest_cmd) tests/test_gpu.py -m "not huge" "${CUDA_TESTS[@]}"
   join warm-triton
+  # The autotuned launches (what every benchmark runs; the tests run with autotuning off)
+  # against the reference on five of the model's layers: tuning, Triton's launch, the direct
+  # launch. A FAIL here means the benchmarks below time wrong results.
+  step tuned-check 45 "$PY" bench/tuned_check.py "${TUNED[@]}" \
+    --out "$WORK/results/tuned-check.md"
+  table "$WORK/results/tuned-check.md"
   step layers-fwd 110 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
     --roofline --out "$WORK/results/layers-b256-bf16-cl-fwd.md"
   table "$WORK/results/layers-b256-bf16-cl-fwd.md"
@@ -376,17 +385,11 @@ if [ "$MODE" = first ]; then
   step pack 25 pack
   # With the kit packed, what time is left: the experimental experts-stationary 1x1 kernel
   # (Gluon; forward, grad_x, kernel gradients) against the dense ones (tuned from the cache
-  # warm-triton filled) and the static layer, with its modeled time: whether
-  # CONDCONV_TRITON_STATIONARY should be the default, pass by pass (its correctness:
-  # test_gpu_stationary_*, above); then the dense kernel gradient by gradient asked for (one
-  # configuration each: comparable, and few compiles), which says whether its routing half is
-  # what the stationary routing form should replace.
+  # warm-triton filled) and the static layer, with its modeled time and both routing
+  # gradients against a float64 sum (its correctness: test_gpu_stationary_*, above).
   step stationary 75 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
     --out "$WORK/results/stationary.md"
   table "$WORK/results/stationary.md"
-  step kgrad 60 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/kgrad_ablation.py "${KGRAD[@]}" \
-    --out "$WORK/results/kgrad-ablation.md"
-  table "$WORK/results/kgrad-ablation.md"
 elif [ "$MODE" = second ]; then
   step versions 15 versions
   step restore 30 restore || touch "$WORK/need-build"

@@ -9,10 +9,14 @@ switches lists them with the build's and the tests' own).
   without autotuning (``bench/warm_triton.py`` fills Triton's cache this way).
 - ``CONDCONV_TRITON_STATIONARY=1`` (or ``all``): the dense 1x1 forward, grad_x and grad_routing
   take the experimental Hopper kernel with the experts stationary in shared memory where it
-  applies (:mod:`condconv_kernels.triton.stationary`); off until a GPU run has measured it. A
+  applies (:mod:`condconv_kernels.triton.stationary`); off (slower than the dense kernels on
+  an H200). A
   comma-separated subset of ``forward``, ``grad_x``, ``routing`` turns on those passes only.
   Read at import into ``TRITON_STATIONARY`` (the set of passes), which the triton backend
   reads at every call.
+- ``CONDCONV_TRITON_DIRECT_LAUNCH=0``: every tuned Triton launch goes through Triton's own
+  launch path, never the direct launch of a kernel Triton has compiled for those arguments
+  (:class:`condconv_kernels.triton._config.TunedKernel`). Read at import.
 - ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call
   (:func:`backend_override`), so a process may change it.
 - ``CONDCONV_MALLOC_AS_IS=1``: the benchmark scripts keep the C allocator's settings instead of
@@ -38,6 +42,7 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_CONFIG = _forced_config()
 TRITON_AUTOTUNE = (os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0"
                    and TRITON_CONFIG is None)
+TRITON_DIRECT_LAUNCH = os.environ.get("CONDCONV_TRITON_DIRECT_LAUNCH", "1") != "0"
 # The passes the experts-stationary kernel may take (CONDCONV_TRITON_STATIONARY).
 STATIONARY_PASSES = frozenset({"forward", "grad_x", "routing"})
 

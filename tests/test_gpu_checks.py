@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_checks.sh"
 FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests",
-         "layers-fwd", "model-fwd", "model-fwd-graph", "pack", "stationary", "kgrad"]
+         "tuned-check", "layers-fwd", "model-fwd", "model-fwd-graph", "pack", "stationary"]
 BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
 SECOND = ["versions", "restore", "install", "layers-fwdbwd", "model-train", "model-train-graph",
           "profile-model", "memcheck"]
@@ -61,7 +61,8 @@ def test_both_calls_walk_every_step(tmp_path):
     assert "| batch | variant | ms | images/s |" in summary
     assert "| layer | shape | pass | static | dense | stationary |" in summary
     assert "| modeled | stationary / modeled |" in summary  # the stationary kernel's model
-    assert "| layer | shape | x | w | r | wr |" in summary  # the kernel-gradient ablation
+    assert "| call 3 bitwise call 2 | verdict |" in summary  # the tuned launches' check
+    assert "| dense vs float64 | stationary vs float64 |" in summary
     assert run.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
     assert len(_files(out1)) <= MAX_FILES
     assert {p.name for p in _files(out1)} == {"summary.md", "log.txt", "results.tgz", "kit.tgz"}

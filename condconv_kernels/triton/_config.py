@@ -12,7 +12,7 @@ autotuned run, which then only times the configurations (``bench/warm_triton.py`
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import triton
@@ -26,6 +26,7 @@ from .. import _env
 INTERPRET = _env.TRITON_INTERPRET
 FORCED_CONFIG = _env.TRITON_CONFIG
 AUTOTUNE = _env.TRITON_AUTOTUNE
+DIRECT_LAUNCH = _env.TRITON_DIRECT_LAUNCH
 
 # The kernels' per-example scale flags: part of every autotune key that takes them (a scaled
 # launch holds more registers, and the kernel gradient's table is pruned for it).
@@ -302,6 +303,8 @@ class TunedKernel(Autotuner):
 
     def run(self, *args, **kwargs):
         if len(self.configs) > 1 and not kwargs.get("warmup"):
+            if not DIRECT_LAUNCH:
+                return self._tuned_run(args, kwargs, None)
             fast = self.launch_key(args, kwargs)
             try:
                 known = self._compiled.get(fast)
@@ -314,24 +317,30 @@ class TunedKernel(Autotuner):
                 grid = tuple(grid(named) if callable(grid) else grid) + (1, 1)
                 kernel[grid[:3]](*args, *[named[name] for name in names])
                 return kernel
-            key = self.tuning_key(args, kwargs)
-            hit = self._launch.get(key)
-            if hit is None:
-                config = self.cache.get(key)
-                if config is None or config.pre_hook is not None:
-                    return super().run(*args, **kwargs)
-                hit = self._launch[key] = (config, config.all_kwargs())
-            self.best_config, options = hit
-            kernel = self.fn.run(*args, **kwargs, **options)
-            names = self.fn.arg_names[len(args):]
-            if isinstance(kernel, CompiledKernel) and all(
-                    name in kwargs or name in options for name in names) and not any(
-                    isinstance(part, torch.Tensor) for part in fast):
-                if len(self._compiled) >= LAUNCH_KEYS:  # many shapes: start over
-                    self._compiled.clear()
-                self._compiled[fast] = (kernel, self.best_config, options, names)
-            return kernel
+            return self._tuned_run(args, kwargs, fast)
         return super().run(*args, **kwargs)
+
+    def _tuned_run(self, args: tuple, kwargs: dict, fast: Optional[tuple]):
+        """A launch through Triton: the tuned configuration straight away where the tuning key
+        is known, else Triton's Autotuner.run; with a launch key ``fast``, the compiled kernel
+        kept under it for the direct launch."""
+        key = self.tuning_key(args, kwargs)
+        hit = self._launch.get(key)
+        if hit is None:
+            config = self.cache.get(key)
+            if config is None or config.pre_hook is not None:
+                return super().run(*args, **kwargs)
+            hit = self._launch[key] = (config, config.all_kwargs())
+        self.best_config, options = hit
+        kernel = self.fn.run(*args, **kwargs, **options)
+        names = self.fn.arg_names[len(args):]
+        if fast is not None and isinstance(kernel, CompiledKernel) and all(
+                name in kwargs or name in options for name in names) and not any(
+                isinstance(part, torch.Tensor) for part in fast):
+            if len(self._compiled) >= LAUNCH_KEYS:  # many shapes: start over
+                self._compiled.clear()
+            self._compiled[fast] = (kernel, self.best_config, options, names)
+        return kernel
 
 
 def _table(shapes: Sequence[str]):
