@@ -4,7 +4,8 @@ the 24 CondConv layers of tf_efficientnet_cc_b0_8e at their real shapes.
 
     python bench/bench_layers.py [--batch 8] [--experts 8] [--device cpu] [--dtype float32]
                                  [--backward] [--channels-last] [--roofline] [--first N]
-                                 [--modeled REPORT.json] [--out bench/results/NAME.md]
+                                 [--modeled REPORT.json] [--cuda-graph]
+                                 [--out bench/results/NAME.md]
 
 Prints a markdown table: median milliseconds per variant and, per fused backend, the speedup
 over the baseline and the ratio to the static conv, all measured in this one run; geomean last.
@@ -12,7 +13,9 @@ With --roofline, the device's ceilings (a large matrix product, a large copy) ar
 same run, and each fused backend also gets its achieved TFLOP/s and GB/s and the fraction of
 the roofline floor, max(operations / rate, bytes / bandwidth), that its time reaches. Where
 the triton backend autotunes (a GPU), the last column names the configuration each of its
-kernels launched for the layer (the tiles in the order of their table, warps, stages).
+kernels launched for the layer (the tiles in the order of their table, warps, stages). With
+--cuda-graph (CUDA) each variant is timed as replays of a CUDA graph of one turn of its input
+sets, per call: the device's time alone, where the plain timing of a small layer is the host's.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import sys
 import torch
 
 from condconv_kernels.cli import parser
-from condconv_kernels.profile.timing import reexec_with_stable_malloc
+from condconv_kernels.profile.timing import graphed_variants, reexec_with_stable_malloc
 from condconv_kernels.profile import efficientnet_cc_b0_layers, machine_info, time_callable
 from condconv_kernels.profile.latency import layer_variants
 from condconv_kernels.profile.layers import resnet_condconv_layers
@@ -99,8 +102,13 @@ def main(argv=None):
                                      "time per layer and the measured / modeled ratio.")
     p.add_argument("--min-run-time", type=float, default=0.2,
                    help="Seconds of timed calls per measurement.")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="Time replays of each variant captured in a CUDA graph, one turn of its "
+                        "input sets a replay: the device's time without the host's (CUDA only).")
     p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
     args = p.parse_args(argv)
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        p.error("argument --cuda-graph: needs --device cuda")
     dtype = getattr(torch, args.dtype)
     layers = (efficientnet_cc_b0_layers(args.experts) if args.shapes == "efficientnet"
               else resnet_condconv_layers(args.experts))[:args.first]
@@ -117,9 +125,15 @@ def main(argv=None):
     picks = {layer.name: launched_configs(fns["fused:triton"], kernels)
              for layer, fns in zip(layers, variants) if kernels and "fused:triton" in fns}
     picks = picks if any(picks.values()) else {}
-    rows = []
+    rows, notes = [], []
     for layer, fns in tqdm(list(zip(layers, variants)), desc="layers", file=sys.stderr):
+        calls = 1
+        if args.cuda_graph:
+            calls = next(iter(fns.values())).sets
+            graphed = graphed_variants(fns, notes, calls)
+            fns = {name: graphed.get(name) for name in fns}
         rows.append((layer, {name: time_callable(fn, args.device, args.min_run_time).median_ms
+                             / calls if fn is not None else float("nan")
                              for name, fn in fns.items()}))
 
     fused = [n for n in rows[0][1] if n.startswith("fused:")]
@@ -134,6 +148,8 @@ def main(argv=None):
 
     modeled = _modeled_ms(args.modeled, args.backward) if args.modeled else None
     mode = "forward+backward" if args.backward else "forward"
+    if args.cuda_graph:
+        mode += ", CUDA graph replays"
     layout = "channels_last" if args.channels_last else "contiguous"
     title = (f"tf_efficientnet_cc_b0_{args.experts}e CondConv layers" if args.shapes ==
              "efficientnet" else f"dense 3x3 CondConv layers (ResNet-18 shapes, E={args.experts})")
@@ -184,7 +200,7 @@ def main(argv=None):
         cells.append("")
     lines.append(row(cells))
     info = machine_info()
-    lines += ["", machine_line(info)]
+    lines += [""] + notes + [machine_line(info)]
     if ceilings:
         lines.append(ceilings.describe())
     table = "\n".join(lines)

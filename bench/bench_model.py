@@ -23,23 +23,9 @@ import torch
 
 from condconv_kernels.cli import add_timing_arguments, parser
 from condconv_kernels.profile.tables import header, machine_line, row, write_result
-from condconv_kernels.profile.timing import (cuda_graphed, reexec_with_stable_malloc,
+from condconv_kernels.profile.timing import (graphed_variants, reexec_with_stable_malloc,
                                              time_interleaved)
 from condconv_kernels.profile.latency import model_variants
-
-
-def _graphed(fns, notes):
-    """Each variant as the replay of its CUDA graph; one whose capture fails is dropped with a
-    note naming the error."""
-    graphed = {}
-    for name, fn in fns.items():
-        try:
-            graphed[name] = cuda_graphed(fn)
-        except Exception as exc:  # noqa: BLE001 -- reported, the other variants still run
-            torch.cuda.synchronize()
-            notes.append(f"{name}: CUDA graph capture failed ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160]})")
-    return graphed
 
 
 def main(argv=None):
@@ -89,7 +75,7 @@ def main(argv=None):
                 p.error(f"argument --variants: unknown {sorted(unknown)}; have {sorted(fns)}")
             fns = {name: fn for name, fn in fns.items() if name in chosen}
         if args.cuda_graph:
-            fns = _graphed(fns, notes)
+            fns = graphed_variants(fns, notes)
         t = {name: m.median_ms for name, m in
              time_interleaved(fns, args.device, args.min_run_time).items()}
         for name, ms in t.items():

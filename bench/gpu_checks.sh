@@ -12,7 +12,8 @@
 #         backend's subset; the autotuned launches against the reference on five layers
 #         (bench/tuned_check.py: tuning, Triton's launch, the direct launch); the headline
 #         benchmark (the 24 CondConv layers of tf_efficientnet_cc_b0_8e, batch 256, bfloat16,
-#         channels_last, forward: triton, cuda, unfused, static, roofline columns); whole-model
+#         channels_last, forward: triton, cuda, unfused, static, roofline columns, each variant
+#         as CUDA graph replays: the device's time); whole-model
 #         inference throughput at batch 256 (ours fused, unfused and static, timm's
 #         tf_efficientnet_cc_b0_8e and tf_efficientnet_b0), then static and fused triton
 #         captured in a CUDA graph (device time); then kit.tgz: the built extension, Triton's
@@ -293,6 +294,7 @@ if [ "$DRY" = 1 ]; then
   WARM=(--device cpu --backend cpu --batch 2 --first 2 --jobs 2 --dtype float32 --channels-last
         --stationary)
   LAYERS=(--batch 2 --first 2 --min-run-time 0.02)
+  GRAPH=()
   MODEL=(--batch 2 --input-size 64 --min-run-time 0.05 --timm tf_efficientnet_b0)
   GRAPHED=(--batch 2 --input-size 64 --min-run-time 0.05 --variants static,fused:cpu)
   SANITIZE=()
@@ -311,6 +313,7 @@ else
   CUDA_TESTS=(-k "not stationary")  # the triton step runs the Gluon kernel's test
   WARM=(--batch 256 --dtype bfloat16 --channels-last --backward --jobs 14 --stationary)
   LAYERS=(--batch 256 --min-run-time 0.1)
+  GRAPH=(--cuda-graph)  # the first call's layer table: device time (the second's: eager)
   MODEL=(--batch 256 --min-run-time 0.5 --timm tf_efficientnet_cc_b0_8e,tf_efficientnet_b0)
   GRAPHED=(--batch 256 --min-run-time 0.5 --variants static,fused:triton --cuda-graph)
   SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
@@ -356,7 +359,7 @@ if [ "$MODE" = first ]; then
     --out "$WORK/results/tuned-check.md"
   table "$WORK/results/tuned-check.md"
   step layers-fwd 110 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
-    --roofline --out "$WORK/results/layers-b256-bf16-cl-fwd.md"
+    "${GRAPH[@]}" --roofline --out "$WORK/results/layers-b256-bf16-cl-fwd.md"
   table "$WORK/results/layers-b256-bf16-cl-fwd.md"
   step model-fwd 90 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
     --channels-last --out "$WORK/results/model-b256-amp-cl-fwd.md"

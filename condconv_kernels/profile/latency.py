@@ -116,7 +116,8 @@ def layer_variants(layer: LayerShape, batch: int, device: str, dtype: torch.dtyp
                    backward: bool, channels_last: bool = False) -> Dict[str, Callable[[], None]]:
     """variant name -> callable running one forward (and backward) of the layer. On CUDA each
     callable rotates through enough input sets that its inputs are not in L2 (see
-    :func:`_input_sets`), the same sets for every variant."""
+    :func:`_input_sets`), the same sets for every variant; each callable's ``sets`` attribute
+    says how many calls make one turn of them."""
     from .. import condconv2d
     g = torch.Generator().manual_seed(0)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -162,6 +163,8 @@ def layer_variants(layer: LayerShape, batch: int, device: str, dtype: torch.dtyp
                 "unfused": _step(rotating(op("reference")), backward, leaves)}
     for name in fused_backends(device):
         variants[f"fused:{name}"] = _step(rotating(op(name)), backward, leaves)
+    for fn in variants.values():  # how many calls make one turn of the input sets
+        fn.sets = len(sets)
     return variants
 
 

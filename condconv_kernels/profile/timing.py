@@ -117,6 +117,22 @@ def cuda_graphed(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None
     return graph.replay
 
 
+def graphed_variants(fns: Dict[str, Callable[[], object]], notes: list,
+                     calls: int = 1) -> Dict[str, Callable[[], None]]:
+    """Each variant as the replay of a CUDA graph of ``calls`` calls of it (:func:`cuda_graphed`);
+    one whose capture fails is dropped, with a note naming the error appended to ``notes``."""
+    graphed = {}
+    for name, fn in fns.items():
+        try:
+            graphed[name] = cuda_graphed(fn if calls == 1 else
+                                         (lambda fn=fn: [fn() for _ in range(calls)]))
+        except Exception as exc:  # noqa: BLE001 -- reported, the other variants still run
+            torch.cuda.synchronize()
+            notes.append(f"{name}: CUDA graph capture failed ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160]})")
+    return graphed
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu",
                      min_run_time: float = 0.3, rounds: int = 3) -> Dict[str, Measurement]:
     """Times several variants in ``rounds`` alternating rounds (each round every variant for
