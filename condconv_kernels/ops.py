@@ -18,6 +18,7 @@ handwritten autograd formula, an autocast rule and a FLOP formula.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Tuple
 
@@ -49,14 +50,24 @@ def _native_backward(*args):
     return tuple(g if m else None for g, m in zip(grads, mask))
 
 
+def _on_device(t: Tensor):
+    """The device guard a Triton launch needs: Triton launches on the current CUDA device,
+    whatever device the tensors are on (a no-op where they are on it)."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def _triton_forward(*args):
     from . import triton as triton_backend  # imported on first use: triton is optional
-    return triton_backend.forward(*args)
+    with _on_device(args[0]):
+        return triton_backend.forward(*args)
 
 
 def _triton_backward(*args):
     from . import triton as triton_backend
-    return triton_backend.backward(*args)
+    with _on_device(args[0]):
+        return triton_backend.backward(*args)
 
 
 _FORWARD = {"reference": reference.forward, "cpu": _native_forward, "cuda": _native_forward,

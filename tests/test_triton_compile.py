@@ -170,6 +170,13 @@ for k, groups, cin, cout in ((1, 1, 16, 32), (3, 1, 16, 16), (5, 16, 16, 16)):
     jit_runs.clear()
     backend.forward(shifted, routing, weight, None, *conv)
     assert jit_runs, "a launch key that ignores alignment"
+    if k == 1:  # Triton's debug switch (part of its options): Triton's launch again
+        from triton import knobs
+        knobs.runtime.debug = True
+        jit_runs.clear()
+        backend.forward(x, routing, weight, None, *conv)
+        knobs.runtime.debug = False
+        assert jit_runs, "a launch key that ignores Triton's debug switch"
     print(k, len(direct), [name for name, _ in direct])
 """
 
@@ -238,8 +245,8 @@ def test_direct_launch_matches_tritons(tmp_path):
     Triton's own launch of the same call handed it: the grid, stream, function, metadata and
     every argument in order (tensors by dtype, shape and strides, the rest by value), on a
     dense 1x1 and 3x3 and a depthwise 5x5 layer (the weight a Parameter), forward and
-    backward; a tensor 2 bytes off 16-byte alignment goes through Triton again; with
-    CONDCONV_TRITON_DIRECT_LAUNCH=0 every launch does."""
+    backward; a tensor 2 bytes off 16-byte alignment, or Triton's debug switch on, goes
+    through Triton again; with CONDCONV_TRITON_DIRECT_LAUNCH=0 every launch does."""
     for switch in ("1", "0"):  # CONDCONV_TRITON_DIRECT_LAUNCH=0: Triton's launch every time
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.update(CONDCONV_TRITON_AUTOTUNE="1", CONDCONV_TRITON_STATIONARY="0",

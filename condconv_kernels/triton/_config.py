@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.compiler import CompiledKernel
+from triton import knobs
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 
@@ -26,7 +27,7 @@ from .. import _env
 INTERPRET = _env.TRITON_INTERPRET
 FORCED_CONFIG = _env.TRITON_CONFIG
 AUTOTUNE = _env.TRITON_AUTOTUNE
-DIRECT_LAUNCH = _env.TRITON_DIRECT_LAUNCH
+DIRECT_LAUNCH = _env.TRITON_DIRECT_LAUNCH and not INTERPRET  # (TunedKernel: no driver there)
 
 # The kernels' per-example scale flags: part of every autotune key that takes them (a scaled
 # launch holds more registers, and the kernel gradient's table is pruned for it).
@@ -266,7 +267,11 @@ class TunedKernel(Autotuner):
     through ``CompiledKernel[grid]`` with the arguments in the kernel's order, as Triton's
     ``run`` launches it (``tests/test_triton_compile.py`` compares the two launches' arguments,
     launched dry). The key also fixes the tuned configuration (the tuning key is part of
-    it)."""
+    it). What the direct launch assumes of a kernel and its launches, true of this package's:
+    a grid callable reads only the launch options and the arguments passed by name (Triton's
+    hands it every argument); the module globals a kernel reads are never rebound (Triton
+    checks them every launch); no pre-run hooks (a kernel with some is never kept); clearing
+    ``cache`` to tune again needs ``_launch`` and ``_compiled`` cleared too."""
 
     def __init__(self, fn, configs, key, reset_to_zero=None, **kwargs):
         super().__init__(fn, fn.arg_names, configs, key, reset_to_zero, None, **kwargs)
@@ -292,13 +297,16 @@ class TunedKernel(Autotuner):
     @staticmethod
     def launch_key(args: tuple, kwargs: dict) -> tuple:
         """What a compiled kernel is kept under (see the class): every argument but the grid,
-        tensors and parameters by (dtype, 16-byte alignment), the rest by value (other tensor
-        types by identity: such a key is never kept), then the current device, whose kernel
-        cache Triton's launch uses."""
-        key = [(a.dtype, not a.data_ptr() & 15) if type(a) in _TENSOR_TYPES else a
-               for a in args]
+        tensors and parameters by (dtype, 16-byte alignment), ints by value, the rest by type
+        and value (True, 1 and 1.0 compile differently; other tensor types go by identity:
+        such a key is never kept), then the current device, whose kernel cache Triton's launch
+        uses, and the two runtime switches Triton adds to its options (debug, and the
+        instrumentation mode that Proton and the sanitizer set)."""
+        key = [(a.dtype, not a.data_ptr() & 15) if type(a) in _TENSOR_TYPES
+               else a if type(a) is int else (type(a), a) for a in args]
         key += [item for item in kwargs.items() if item[0] != "grid"]
-        key.append(driver.active.get_current_device())
+        key += (driver.active.get_current_device(), knobs.runtime.debug,
+                knobs.compilation.instrumentation_mode)
         return tuple(key)
 
     def run(self, *args, **kwargs):
@@ -336,7 +344,7 @@ class TunedKernel(Autotuner):
         names = self.fn.arg_names[len(args):]
         if fast is not None and isinstance(kernel, CompiledKernel) and all(
                 name in kwargs or name in options for name in names) and not any(
-                isinstance(part, torch.Tensor) for part in fast):
+                isinstance(part, torch.Tensor) for part in fast) and not self.fn.pre_run_hooks:
             if len(self._compiled) >= LAUNCH_KEYS:  # many shapes: start over
                 self._compiled.clear()
             self._compiled[fast] = (kernel, self.best_config, options, names)
