@@ -10,18 +10,18 @@
 #         configuration the benchmarks will tune (bench/warm_triton.py), while the triton
 #         backend's correctness subset runs (tests/test_gpu.py, autotuning off); the cuda
 #         backend's subset; the autotuned launches against the reference on five layers
-#         (bench/tuned_check.py: tuning, Triton's launch, the direct launch); the headline
-#         benchmark (the 24 CondConv layers of tf_efficientnet_cc_b0_8e, batch 256, bfloat16,
-#         channels_last, forward: triton, cuda, unfused, static, roofline columns, each variant
-#         as CUDA graph replays: the device's time); whole-model
-#         inference throughput at batch 256 (ours fused, unfused and static, timm's
-#         tf_efficientnet_cc_b0_8e and tf_efficientnet_b0), then static and fused triton
-#         captured in a CUDA graph (device time); then kit.tgz: the built extension, Triton's
-#         compiled kernels and autotune results; then, in the time left, the experimental
+#         (bench/tuned_check.py: tuning, Triton's launch, the direct launch); the experimental
 #         experts-stationary 1x1 kernel (forward, grad_x, kernel gradients) against the dense
 #         ones and the static layer, both routing gradients against a float64 sum
-#         (bench/bench_stationary.py). (bench/kgrad_ablation.py, the dense kernel gradient with
-#         one gradient asked for at a time, ran in the second run; it is not in the kit now.)
+#         (bench/bench_stationary.py); the headline benchmark (the 24 CondConv layers of
+#         tf_efficientnet_cc_b0_8e, batch 256, bfloat16, channels_last, forward: triton, cuda,
+#         unfused, static, roofline columns, each variant as CUDA graph replays: the device's
+#         time); whole-model inference throughput at batch 256 (ours fused, unfused and static,
+#         timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0), then static and fused
+#         triton captured in a CUDA graph (device time); then kit.tgz: the built extension,
+#         Triton's compiled kernels and autotune results. (bench/kgrad_ablation.py, the dense
+#         kernel gradient with one gradient asked for at a time, ran in the second run; it is
+#         not in the kit now.)
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput,
@@ -189,9 +189,11 @@ table() {
   tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
 }
 
-pytest_cmd() {  # pytest with WORKERS processes where pytest-xdist is there (not in the dry run)
+# pytest_cmd [N]: pytest with N (default WORKERS) processes where pytest-xdist is there (not in
+# the dry run).
+pytest_cmd() {
   if [ "$DRY" != 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
-    echo "$PY -m pytest -q -rfE -p no:cacheprovider -n $WORKERS"
+    echo "$PY -m pytest -q -rfE -p no:cacheprovider -n ${1:-$WORKERS}"
   else
     echo "$PY -m pytest -q -rfE -p no:cacheprovider"
   fi
@@ -346,7 +348,7 @@ if [ "$MODE" = first ]; then
   # The tests compile into a cache of their own: the kit carries the benchmarks' kernels only.
   step triton-tests 230 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
     CONDCONV_GPU_BACKENDS=triton,cpu CONDCONV_TRITON_AUTOTUNE=0 \
-    $(pytest_cmd) --durations=5 tests/test_gpu.py -m "not huge" "${TRITON_TESTS[@]}"
+    $(pytest_cmd 10) --durations=5 tests/test_gpu.py -m "not huge" "${TRITON_TESTS[@]}"
   join build
   step install 30 install_extension
   step cuda-tests 100 "${TEST_ENV[@]}" CONDCONV_GPU_BACKENDS=cuda,cpu \
@@ -358,6 +360,13 @@ if [ "$MODE" = first ]; then
   step tuned-check 45 "$PY" bench/tuned_check.py "${TUNED[@]}" \
     --out "$WORK/results/tuned-check.md"
   table "$WORK/results/tuned-check.md"
+  # The experimental experts-stationary 1x1 kernel (Gluon; forward, grad_x, kernel gradients)
+  # against the dense ones (tuned from the cache warm-triton filled) and the static layer, with
+  # its modeled time and both routing gradients against a float64 sum (which of the two was
+  # off on the 7x7 layers in the second run): early, so that the deadline cannot cut it.
+  step stationary 75 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
+    --out "$WORK/results/stationary.md"
+  table "$WORK/results/stationary.md"
   step layers-fwd 110 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
     "${GRAPH[@]}" --roofline --out "$WORK/results/layers-b256-bf16-cl-fwd.md"
   table "$WORK/results/layers-b256-bf16-cl-fwd.md"
@@ -386,13 +395,6 @@ if [ "$MODE" = first ]; then
   }
   export -f pack
   step pack 25 pack
-  # With the kit packed, what time is left: the experimental experts-stationary 1x1 kernel
-  # (Gluon; forward, grad_x, kernel gradients) against the dense ones (tuned from the cache
-  # warm-triton filled) and the static layer, with its modeled time and both routing
-  # gradients against a float64 sum (its correctness: test_gpu_stationary_*, above).
-  step stationary 75 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
-    --out "$WORK/results/stationary.md"
-  table "$WORK/results/stationary.md"
 elif [ "$MODE" = second ]; then
   step versions 15 versions
   step restore 30 restore || touch "$WORK/need-build"

@@ -22,6 +22,12 @@ INT64_MAX = 2 ** 63 - 1
 
 def pair(value, name: str, minimum: int) -> Tuple[int, int]:
     """``value`` as an (h, w) pair of ints >= ``minimum``."""
+    kind = type(value)  # the common cases first (every eager call comes here)
+    if kind is int and minimum <= value <= INT64_MAX:
+        return value, value
+    if (kind is tuple or kind is list) and len(value) == 2 and type(value[0]) is int \
+            and type(value[1]) is int and minimum <= min(value) and max(value) <= INT64_MAX:
+        return value[0], value[1]
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt, tuple, list)):
         raise TypeError(f"condconv2d: argument '{name}' must be an int or a pair of ints, "
                         f"got {type(value).__name__}")

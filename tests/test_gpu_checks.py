@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_checks.sh"
 FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests",
-         "tuned-check", "layers-fwd", "model-fwd", "model-fwd-graph", "pack", "stationary"]
+         "tuned-check", "stationary", "layers-fwd", "model-fwd", "model-fwd-graph", "pack"]
 BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
 SECOND = ["versions", "restore", "install", "layers-fwdbwd", "model-train", "model-train-graph",
           "profile-model", "memcheck"]
