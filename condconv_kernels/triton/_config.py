@@ -17,8 +17,8 @@ from typing import Dict, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
-from triton.compiler import CompiledKernel
 from triton import knobs
+from triton.compiler import CompiledKernel
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 
@@ -262,9 +262,9 @@ class TunedKernel(Autotuner):
     Past that, a launch whose arguments Triton has compiled for before skips Triton's binder
     and kernel cache too (~25 us a launch of its ~45, measured launched dry): the compiled
     kernel is kept under a key that holds every argument as Triton specializes on it or finer
-    (each int, bool and constexpr by value; each tensor by dtype and whether its address is a
-    multiple of 16, the alignment Triton specializes pointers on; the current device), and launched
-    through ``CompiledKernel[grid]`` with the arguments in the kernel's order, as Triton's
+    (:meth:`launch_key`: each tensor by dtype and whether its address is a multiple of 16, the
+    alignment Triton specializes pointers on; the rest by value), and launched through
+    ``CompiledKernel[grid]`` with the arguments in the kernel's order, as Triton's
     ``run`` launches it (``tests/test_triton_compile.py`` compares the two launches' arguments,
     launched dry). The key also fixes the tuned configuration (the tuning key is part of
     it). What the direct launch assumes of a kernel and its launches, true of this package's:
