@@ -396,6 +396,7 @@ if [ "$MODE" = first ]; then
   export -f pack
   step pack 25 pack
 elif [ "$MODE" = second ]; then
+  RESERVE=10  # no kit to pack here: the steps get the time
   step versions 15 versions
   step restore 30 restore || touch "$WORK/need-build"
   [ -e "$WORK/need-build" ] && step build 150 build_extension
