@@ -19,9 +19,7 @@
 #         time); whole-model inference throughput at batch 256 (ours fused, unfused and static,
 #         timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0), then static and fused
 #         triton captured in a CUDA graph (device time); then kit.tgz: the built extension,
-#         Triton's compiled kernels and autotune results. (bench/kgrad_ablation.py, the dense
-#         kernel gradient with one gradient asked for at a time, ran in the second run; it is
-#         not in the kit now.)
+#         Triton's compiled kernels and autotune results.
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput,
@@ -32,16 +30,15 @@
 # profile: with the kit as for second: host against device time per call and the kernels each
 #         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
 #         Compute on each kernel of two layers (bench/ncu_layers.py: occupancy, stall reasons,
-#         memory and tensor-pipe throughput); the
-#         DynamicConv2d and ODConv2d layers (ResNet-18 and MobileNetV2 shapes, batch 64, autocast
-#         bfloat16) fused against their grouped-convolution form, forward and forward+backward
-#         (bench/bench_dynamic.py); then the >2^31-element tests up to their first failure, with
-#         its traceback.
+#         memory and tensor-pipe throughput); the DynamicConv2d and ODConv2d layers (ResNet-18
+#         and MobileNetV2 shapes, batch 64, autocast bfloat16) fused against their
+#         grouped-convolution form, forward and forward+backward (bench/bench_dynamic.py); the
+#         dense kernel gradient with one gradient asked for at a time (bench/kgrad_ablation.py);
+#         then the >2^31-element tests up to their first failure, with its traceback.
 #
 # Output in $OUT (default gpu-results/), at most 8 files: summary.md (each step's status,
-# time and cap, the load and GPU processes as it started, and the tables, appended as each step
-# ends, printed last), log.txt (all output),
-# results.tgz (the benchmarks' tables and JSON) and, from the first call, kit.tgz. Commit each
+# time and cap, the machine's state as it started, and the tables, appended as each step ends,
+# printed last), log.txt (all output), results.tgz (the benchmarks' tables and JSON) and, from the first call, kit.tgz. Commit each
 # call's summary as bench/results/gpu-<card>-first.md / -second.md (its first lines name the card).
 #
 # Each step has a hard cap and each call a deadline (FIRST_DEADLINE=510, SECOND_DEADLINE=240,
@@ -182,6 +179,13 @@ join() {
   wait "$pid" 2>/dev/null
 }
 
+# report FILE: a whole report (headings and tables) into the summary and results.tgz.
+report() {
+  [ -s "$1" ] || return 0
+  { cat "$1"; echo; } >>"$SUMMARY"
+  tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
+}
+
 # table FILE: a benchmark's table into the summary and results.tgz.
 table() {
   [ -s "$1" ] || return 0
@@ -305,6 +309,7 @@ if [ "$DRY" = 1 ]; then
            --model-batch 2 --input-size 64)
   PROFILE_ONE=()
   DYNAMIC=(--device cpu --batch 2 --first 1 --min-run-time 0.02)
+  KGRAD=(--device cpu --batch 2 --backend cpu --layers s5.b0.expand)
   TUNED=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand,s5.b1.dw)
   STATIONARY=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand
               --modeled bench/results/gpu-model-stationary.json)
@@ -324,6 +329,7 @@ else
   MEMCHECK=(--backend cuda)
   PROFILE=(--device cuda --batch 256 --dtype bfloat16 --backend triton --model-batch 256)
   DYNAMIC=(--device cuda --batch 64 --amp bfloat16 --channels-last --min-run-time 0.1)
+  KGRAD=(--device cuda --batch 256 --backend triton)
   TUNED=(--device cuda --batch 256 --backend triton)
   STATIONARY=(--device cuda --batch 256 --backend triton
               --modeled bench/results/gpu-model-stationary.json)
@@ -418,10 +424,7 @@ elif [ "$MODE" = second ]; then
   # inference and training (the profile call adds four layers and the rest).
   step profile-model 60 "$PY" bench/gpu_profile.py "${PROFILE[@]}" "${PROFILE_ONE[@]}" \
     --out "$WORK/results/profile-model.md"
-  if [ -s "$WORK/results/profile-model.md" ]; then
-    { cat "$WORK/results/profile-model.md"; echo; } >>"$SUMMARY"
-    tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
-  fi
+  report "$WORK/results/profile-model.md"
   step memcheck 60 "${SANITIZE[@]}" "$PY" bench/memcheck_cases.py "${MEMCHECK[@]}"
 else  # profile: where the time goes, and the >2^31-element tests' first failure in full
   step versions 15 versions
@@ -430,10 +433,7 @@ else  # profile: where the time goes, and the >2^31-element tests' first failure
   step install 30 install_extension
   step profile 110 "$PY" bench/gpu_profile.py "${PROFILE[@]}" \
     --out "$WORK/results/profile-b256-bf16-cl.md"
-  if [ -s "$WORK/results/profile-b256-bf16-cl.md" ]; then
-    { cat "$WORK/results/profile-b256-bf16-cl.md"; echo; } >>"$SUMMARY"
-    tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
-  fi
+  report "$WORK/results/profile-b256-bf16-cl.md"
   # What the dense and depthwise kernels wait on: Nsight Compute's sections for each kernel of
   # the headline 1x1 layer and a 5x5 depthwise one (the whole report in log.txt).
   TAIL_LINES=40 step ncu 70 ncu_layers
@@ -446,6 +446,11 @@ else  # profile: where the time goes, and the >2^31-element tests' first failure
   step dynamic-fwdbwd 80 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/bench_dynamic.py \
     "${DYNAMIC[@]}" --backward --out "$WORK/results/dynamic-fwdbwd.md"
   table "$WORK/results/dynamic-fwdbwd.md"
+  # The dense kernel gradient with one gradient asked for at a time (measured in the second
+  # run's first call; here to see what a kernel-gradient change did to each half).
+  step kgrad 60 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/kgrad_ablation.py "${KGRAD[@]}" \
+    --out "$WORK/results/kgrad-ablation.md"
+  table "$WORK/results/kgrad-ablation.md"
   TAIL_LINES=60 step huge-tests 80 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
     CONDCONV_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -x --tb=short -rfE -p no:cacheprovider \
     tests/test_gpu.py -m huge

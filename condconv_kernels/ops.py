@@ -19,6 +19,7 @@ handwritten autograd formula, an autocast rule and a FLOP formula.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -148,10 +149,14 @@ def _condconv2d_backward(grad_out: Tensor, x: Tensor, routing: Tensor, weight: T
 
 
 def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation, groups, backend,
-                   output_mask, *scales):
-    """The backward op's computation, checks included (as :func:`_forward_impl`)."""
+                   output_mask, *scales, checked=False, placeholders=True):
+    """The backward op's computation, checks included (as :func:`_forward_impl`).
+    ``checked``: the arguments were checked already (the eager path's backward: the forward
+    checked the saved inputs, and autograd hands a gradient of the output's shape, dtype and
+    device); ``placeholders=False``: None for a gradient not asked for, instead of the op's
+    empty tensor."""
     mask = _args.backward_mask(output_mask, scales)
-    if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
+    if (backend in _PYTHON_BACKENDS and not checked) or x.shape[0] == 0:
         _args.check_backward_tensors(grad_out, x, routing, weight, bias, stride, padding,
                                      dilation, groups, mask, *scales)
     if x.shape[0] == 0:
@@ -160,29 +165,10 @@ def _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation
         stride = _args.useful_stride(x.shape, weight.shape, stride, padding, dilation)
         grads = _BACKWARD[backend](grad_out, x, routing, weight, bias, stride, padding,
                                    dilation, groups, mask, *scales)
-    x_format = _args.suggest_memory_format(x)
-    return ((_grad_like(grads[0], x, mask[0], x, x_format),)
-            + tuple(_grad_like(g, like, wanted, x) for g, like, wanted in
-                    zip(grads[1:], (routing, weight, bias) + tuple(scales), mask[1:])))
-
-
-def _eager_backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation, groups,
-                         backend, output_mask, *scales):
-    """:func:`_backward_impl` for the eager path's backward: no second check (the forward
-    checked the saved inputs, and autograd hands a gradient of the output's shape, dtype and
-    device), and None for each gradient not asked for (the op's placeholders would only be
-    dropped)."""
-    mask = _args.backward_mask(output_mask, scales)
-    if x.shape[0] == 0:
-        return _backward_impl(grad_out, x, routing, weight, bias, stride, padding, dilation,
-                              groups, backend, output_mask, *scales)
-    stride = _args.useful_stride(x.shape, weight.shape, stride, padding, dilation)
-    grads = _BACKWARD[backend](grad_out, x, routing, weight, bias, stride, padding, dilation,
-                               groups, mask, *scales)
-    return ((_grad_like(grads[0], x, mask[0], x, _args.suggest_memory_format(x))
-             if mask[0] else None,)
-            + tuple(_grad_like(g, like, True, x) if wanted else None for g, like, wanted in
-                    zip(grads[1:], (routing, weight, bias) + tuple(scales), mask[1:])))
+    likes = (x, routing, weight, bias) + tuple(scales)
+    formats = (_args.suggest_memory_format(x),) + (torch.contiguous_format,) * 6
+    return tuple(_grad_like(g, like, wanted, x, fmt) if wanted or placeholders else None
+                 for g, like, wanted, fmt in zip(grads, likes, mask, formats))
 
 
 @_condconv2d_backward.register_fake
@@ -246,7 +232,8 @@ class _EagerCondConv2d(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # not differentiable, as the op's backward op has no formula
-        return _backward(ctx, grad_out, run=_eager_backward_impl)
+        return _backward(ctx, grad_out, run=functools.partial(_backward_impl, checked=True,
+                                                              placeholders=False))
 
 
 if backends.native_status()[0]:

@@ -103,19 +103,20 @@ def test_second_call_without_a_kit_builds(tmp_path):
 def test_profile_call_walks_every_step(tmp_path):
     """The profile call (here without a kit: it builds): host against device time per layer
     and for the whole model in the summary, Nsight Compute's run (here the layers alone), the
-    DynamicConv2d / ODConv2d tables (forward, forward+backward), then the >2^31-element
-    tests."""
+    DynamicConv2d / ODConv2d tables (forward, forward+backward), the kernel-gradient
+    ablation, then the >2^31-element tests."""
     out = tmp_path / "out"
     run = _run(tmp_path, "profile", out)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = (out / "summary.md").read_text()
     steps = _steps(summary)
     assert list(steps) == ["versions", "restore", "build", "install", "profile", "ncu",
-                           "dynamic-fwd", "dynamic-fwdbwd", "huge-tests"]
+                           "dynamic-fwd", "dynamic-fwdbwd", "kgrad", "huge-tests"]
     assert all(status == "ok" for status, _, _ in steps.values()), summary
     assert "| layer | variant | host us | device us | kernels per call |" in summary
     assert "| variant | wall ms | device ms | host ms (no sync) |" in summary
     assert summary.count("| layer | shape | DynamicConv fused | DynamicConv grouped |") == 2
+    assert "| layer | shape | x | w | r | wr |" in summary  # the kernel-gradient ablation
     assert len(_files(out)) <= MAX_FILES
 
 
