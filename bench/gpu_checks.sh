@@ -10,10 +10,11 @@
 #         configuration the benchmarks will tune (bench/warm_triton.py), while the triton
 #         backend's correctness subset runs (tests/test_gpu.py, autotuning off); the cuda
 #         backend's subset; the autotuned launches against the reference on five layers
-#         (bench/tuned_check.py: tuning, Triton's launch, the direct launch); the experimental
-#         experts-stationary 1x1 kernel (forward, grad_x, kernel gradients) against the dense
-#         ones and the static layer, both routing gradients against a float64 sum
-#         (bench/bench_stationary.py); the headline benchmark (the 24 CondConv layers of
+#         (bench/tuned_check.py: tuning, Triton's launch, the direct launch); the 1x1 passes
+#         (forward, grad_x, kernel gradients) of the dense kernels against the static layer and
+#         the experimental alternatives (the experts-stationary kernel, batched cuBLAS
+#         products), each routing gradient against a float64 sum (bench/bench_pointwise.py);
+#         the headline benchmark (the 24 CondConv layers of
 #         tf_efficientnet_cc_b0_8e, batch 256, bfloat16, channels_last, forward: triton, cuda,
 #         unfused, static, roofline columns, each variant as CUDA graph replays: the device's
 #         time); whole-model inference throughput at batch 256 (ours fused, unfused and static,
@@ -22,10 +23,11 @@
 #         Triton's compiled kernels and autotune results.
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
-#         rebuilds): the forward+backward layer benchmark at batch 256; training-step throughput,
-#         then the same step (static and fused triton) captured in a CUDA graph (device time
-#         without host overhead); host against device time of one layer and the whole model's
-#         kernels (bench/gpu_profile.py, one layer); compute-sanitizer memcheck of the cuda
+#         rebuilds): the forward+backward layer benchmark at batch 256 as CUDA graph replays
+#         (device time); the training step (static and fused triton) captured in a CUDA graph,
+#         then again with the batched 1x1 kernel gradient (CONDCONV_TRITON_BATCHED=1); host
+#         against device time of one layer and the whole model's kernels (bench/gpu_profile.py,
+#         one layer); eager training-step throughput; compute-sanitizer memcheck of the cuda
 #         backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
 #         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
@@ -311,8 +313,8 @@ if [ "$DRY" = 1 ]; then
   DYNAMIC=(--device cpu --batch 2 --first 1 --min-run-time 0.02)
   KGRAD=(--device cpu --batch 2 --backend cpu --layers s5.b0.expand)
   TUNED=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand,s5.b1.dw)
-  STATIONARY=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand
-              --modeled bench/results/gpu-model-stationary.json)
+  POINTWISE=(--device cpu --batch 2 --dtype bfloat16 --backend cpu --layers s6.b1.expand
+             --modeled bench/results/gpu-model-stationary.json)
 else
   DEV=(--device cuda)
   TEST_ENV=(env)
@@ -331,8 +333,8 @@ else
   DYNAMIC=(--device cuda --batch 64 --amp bfloat16 --channels-last --min-run-time 0.1)
   KGRAD=(--device cuda --batch 256 --backend triton)
   TUNED=(--device cuda --batch 256 --backend triton)
-  STATIONARY=(--device cuda --batch 256 --backend triton
-              --modeled bench/results/gpu-model-stationary.json)
+  POINTWISE=(--device cuda --batch 256 --backend triton
+             --modeled bench/results/gpu-model-stationary.json)
   PROFILE_ONE=(--layers s6.b1.expand)
 fi
 # The headline tables carry the static model's time per layer (condconv_kernels.triton.report,
@@ -370,9 +372,9 @@ if [ "$MODE" = first ]; then
   # against the dense ones (tuned from the cache warm-triton filled) and the static layer, with
   # its modeled time and both routing gradients against a float64 sum (which of the two was
   # off on the 7x7 layers in the second run): early, so that the deadline cannot cut it.
-  step stationary 75 "$PY" bench/bench_stationary.py "${STATIONARY[@]}" \
-    --out "$WORK/results/stationary.md"
-  table "$WORK/results/stationary.md"
+  step pointwise 90 "$PY" bench/bench_pointwise.py "${POINTWISE[@]}" \
+    --out "$WORK/results/pointwise.md"
+  table "$WORK/results/pointwise.md"
   step layers-fwd 110 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
     "${GRAPH[@]}" --roofline --out "$WORK/results/layers-b256-bf16-cl-fwd.md"
   table "$WORK/results/layers-b256-bf16-cl-fwd.md"
@@ -410,21 +412,28 @@ elif [ "$MODE" = second ]; then
   # The benchmarks first: they need the kit's cache while it is fresh, and the deadline cuts
   # the last steps first.
   step layers-fwdbwd 80 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
-    --backward --out "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
+    "${GRAPH[@]}" --backward --out "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
   table "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
-  step model-train 70 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
-    --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train.md"
-  table "$WORK/results/model-b256-amp-cl-train.md"
-  # The same training step captured in a CUDA graph: the device's time, without the host's.
+  # The training step captured in a CUDA graph: the device's time, without the host's; then
+  # the same with the batched 1x1 kernel gradient, which the default leaves off until this
+  # step has measured it.
   step model-train-graph 45 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"
-  # Where the time goes, in the call every lease has time for: one 1x1 layer (host against
-  # device, the kernels, the host functions of the fused call) and the whole model's kernels,
-  # inference and training (the profile call adds four layers and the rest).
+  step model-train-graph-batched 45 env CONDCONV_TRITON_BATCHED=1 "$PY" bench/bench_model.py \
+    "${DEV[@]}" "${GRAPHED[@]}" --amp bfloat16 --channels-last --backward \
+    --out "$WORK/results/model-b256-amp-cl-train-graph-batched.md"
+  table "$WORK/results/model-b256-amp-cl-train-graph-batched.md"
+  # Where the time goes: one 1x1 layer (host against device, the kernels, the host functions
+  # of the fused call) and the whole model's kernels, inference and training (the profile
+  # call adds four layers and the rest).
   step profile-model 60 "$PY" bench/gpu_profile.py "${PROFILE[@]}" "${PROFILE_ONE[@]}" \
     --out "$WORK/results/profile-model.md"
   report "$WORK/results/profile-model.md"
+  # The eager training step last (host-bound; measured twice before), memcheck after it.
+  step model-train 70 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
+    --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train.md"
+  table "$WORK/results/model-b256-amp-cl-train.md"
   step memcheck 60 "${SANITIZE[@]}" "$PY" bench/memcheck_cases.py "${MEMCHECK[@]}"
 else  # profile: where the time goes, and the >2^31-element tests' first failure in full
   step versions 15 versions

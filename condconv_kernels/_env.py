@@ -14,6 +14,11 @@ switches lists them with the build's and the tests' own).
   comma-separated subset of ``forward``, ``grad_x``, ``routing`` turns on those passes only.
   Read at import into ``TRITON_STATIONARY`` (the set of passes), which the triton backend
   reads at every call.
+- ``CONDCONV_TRITON_BATCHED=1``: the dense 1x1 kernel gradient (grad_weight, grad_routing)
+  of float16 / bfloat16 layers as batched matrix products through cuBLAS
+  (:mod:`condconv_kernels.triton.batched`) instead of the dense Triton kernel; off until a GPU
+  run has measured it. Read at import into ``TRITON_BATCHED``, which the triton backend reads
+  at every call.
 - ``CONDCONV_TRITON_DIRECT_LAUNCH=0``: every tuned Triton launch goes through Triton's own
   launch path, never the direct launch of a kernel Triton has compiled for those arguments
   (:class:`condconv_kernels.triton._config.TunedKernel`). Read at import.
@@ -64,6 +69,17 @@ def stationary_passes(value: str) -> frozenset:
 
 
 TRITON_STATIONARY = stationary_passes(os.environ.get("CONDCONV_TRITON_STATIONARY", "0"))
+
+
+def _switch(name: str, default: str = "0") -> bool:
+    """An on/off variable: "1" on, "0" or unset off, anything else an error naming it."""
+    value = os.environ.get(name, default).strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+TRITON_BATCHED = _switch("CONDCONV_TRITON_BATCHED")
 
 
 def malloc_as_is() -> bool:

@@ -98,16 +98,56 @@ def fold_scaled_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: tor
 
 
 def fold_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
-                      need_r: bool, need_w: bool, acc: torch.dtype
+                      need_r: bool, need_w: bool, acc: torch.dtype,
+                      weight_dtype: Optional[torch.dtype] = None
                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(grad_routing in ``acc``, grad_weight in weight's dtype and shape) from G (B, |W|) in
-    ``acc``; None where not wanted."""
+    """(grad_routing in ``acc``, grad_weight in weight's shape and ``weight_dtype``, weight's
+    dtype by default) from G (B, |W|) in ``acc``, or in x's half dtype (the batched 1x1 kernel
+    gradient: the products then multiply in it and sum in float32, routing and W rounded to
+    it); None where not wanted."""
     grad_routing = grad_weight = None
+    W = weight.reshape(weight.shape[0], -1).to(G.dtype)
     if need_r:
-        grad_routing = G @ weight.reshape(weight.shape[0], -1).to(acc).t()
+        grad_routing = _inner_products(G, W).to(acc)
     if need_w:
-        grad_weight = (routing.to(acc).t() @ G).reshape(weight.shape).to(weight.dtype)
+        grad_weight = _float32_products(torch.mm, routing.to(G.dtype).t(), G).reshape(
+            weight.shape).to(weight_dtype or weight.dtype)
     return grad_routing, grad_weight
+
+
+# Whether this PyTorch's mm and bmm take out_dtype (float32 results of half inputs, on CUDA).
+_OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.bmm))
+
+
+def _float32_products(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """op(a, b) (torch.mm or torch.bmm) with its sums returned in float32 at least: half inputs
+    multiply in their dtype with float32 results (``out_dtype``) on CUDA, as float32 copies
+    elsewhere (the CPU's products, or a PyTorch without it)."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda and _OUT_DTYPE:
+            return op(a, b, out_dtype=torch.float32)
+        return op(a.float(), b.float())
+    return op(a, b)
+
+
+# <G_b, W_e> over at most this many column slices, each at least SLICE_MIN wide.
+SLICES, SLICE_MIN = 64, 2048
+
+
+def _inner_products(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """G (B, N) @ W (E, N)^T, a reduction over N columns, in float32 at least: split into
+    column slices (a power of two dividing N, up to SLICES, each at least SLICE_MIN wide)
+    multiplied as one batched product and summed in order, so that a long reduction over few
+    outputs (B x E) still spreads over the device. Deterministic."""
+    B, N = G.shape
+    s = 1
+    while s < SLICES and N % (2 * s) == 0 and N // (2 * s) >= SLICE_MIN:
+        s *= 2
+    if s == 1:
+        return _float32_products(torch.mm, G, W.t())
+    parts = _float32_products(torch.bmm, G.view(B, s, N // s).transpose(0, 1),
+                              W.view(W.shape[0], s, N // s).permute(1, 2, 0))
+    return parts.sum(0)
 
 
 def finish_grads(grad_out: torch.Tensor, routing: torch.Tensor, bias: Optional[torch.Tensor],

@@ -15,10 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_checks.sh"
 FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests",
-         "tuned-check", "stationary", "layers-fwd", "model-fwd", "model-fwd-graph", "pack"]
+         "tuned-check", "pointwise", "layers-fwd", "model-fwd", "model-fwd-graph", "pack"]
 BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
-SECOND = ["versions", "restore", "install", "layers-fwdbwd", "model-train", "model-train-graph",
-          "profile-model", "memcheck"]
+SECOND = ["versions", "restore", "install", "layers-fwdbwd", "model-train-graph",
+          "model-train-graph-batched", "profile-model", "model-train", "memcheck"]
 STEP_LINE = re.compile(r"^### ([\w-]+): (.+?), (\d+) s \(cap (\d+) s\)$", re.M)
 MAX_FILES = 8  # what comes back from a GPU machine's output folder
 
@@ -59,10 +59,10 @@ def test_both_calls_walk_every_step(tmp_path):
     assert "| layer | shape | static | unfused |" in summary  # the headline table
     assert "triton modeled |" in summary  # with the static model's times beside it
     assert "| batch | variant | ms | images/s |" in summary
-    assert "| layer | shape | pass | static | dense | stationary |" in summary
+    assert "| layer | shape | pass | static | dense | stationary | batched |" in summary
     assert "| modeled | stationary / modeled |" in summary  # the stationary kernel's model
     assert "| call 3 bitwise call 2 | verdict |" in summary  # the tuned launches' check
-    assert "| dense vs float64 | stationary vs float64 |" in summary
+    assert "| vs float64: dense | stationary | batched |" in summary
     assert run.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
     assert len(_files(out1)) <= MAX_FILES
     assert {p.name for p in _files(out1)} == {"summary.md", "log.txt", "results.tgz", "kit.tgz"}

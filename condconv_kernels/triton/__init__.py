@@ -28,7 +28,7 @@ from ._config import (DENSE_TILES, DW_KGRAD_TILES, DW_TILES, INTERPRET, KGRAD_TI
 from .dense import CHAIN, dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from ._scales import launch_args
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
-from . import stationary
+from . import batched, stationary
 
 __all__ = ["forward", "backward"]
 
@@ -261,6 +261,10 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             ACC=_acc(x.dtype), **blocks)
         grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
             G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
+    elif (need_r or need_w) and _env.TRITON_BATCHED and batched.eligible(
+            x, grad_out, weight, stride, padding, groups, scales):
+        grad_routing, grad_weight = batched.kernel_grads(grad_out, x, routing, weight, need_r,
+                                                         need_w, acc)
     elif need_r or need_w or any(need_s):
         S = _splits(B, ho * wo)
         per_split = cdiv(B, S)

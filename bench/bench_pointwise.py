@@ -1,0 +1,237 @@
+"""The 1x1 passes of tf_efficientnet_cc_b0_8e's CondConv layers: the dense Triton kernels
+against the static convolution and two experimental alternatives, the experts-stationary kernel
+(condconv_kernels/triton/stationary.py) and batched cuBLAS products
+(condconv_kernels/triton/batched.py), for the forward, grad_x (the kernel transposed) and the
+kernel gradients.
+
+    python bench/bench_pointwise.py [--device cuda] [--batch 256] [--dtype bfloat16]
+                                    [--layers s5.b0.expand,...] [--out FILE.md]
+                                    [--modeled bench/results/gpu-model-stationary.json]
+
+Device microseconds per call (torch.profiler: the kernels' own time, no host overhead), x and
+grad_out in channels_last, per layer and pass:
+
+- ``static``: the static convolution with one expert's kernel (cuDNN / cuBLAS): F.conv2d, its
+  input gradient, or (for the kernel gradients) its weight gradient; the cost to match;
+- ``dense``: the triton backend as it ships (the autotuned dense forward, grad_x kernel, or
+  kernel gradient for routing and weight, as training asks);
+- ``stationary``: the same call with ``CONDCONV_TRITON_STATIONARY`` on;
+- ``batched``: for the kernel gradients the same call with ``CONDCONV_TRITON_BATCHED=1`` (G in
+  chunks by a batched product, folded by two more); for the forward and grad_x the unfused form
+  through cuBLAS, which no backend takes (the B x |W| mixed kernels ``routing @ W`` written to
+  memory, then one batched product): what a fused forward has to beat on these layers;
+- ``/ dense``: each alternative's time over dense's;
+- ``max diff``: each alternative's largest difference from dense over the result, against its
+  scale (stationary, batched);
+- ``vs float64`` (the kernel gradients only): dense's, stationary's and batched's largest
+  difference from grad_routing summed in float64 on the device, against its scale: which one a
+  ``max diff`` past rounding comes from;
+- with ``--modeled``: the stationary pass's time by the static report's model, and measured /
+  modeled.
+
+A pass the stationary kernel does not take (its slab does not fit in shared memory: the forward
+of the project layers, grad_x of the expand ones) prints ``-`` in its columns; its routing
+gradient fits on 15 of the 16 layers (the slab W on the expand layers, W^T on the project ones;
+not s7.b0.project, 1152 -> 320, whose smaller side is still 320). On the CPU (the GPU kit's dry
+run) the ``--backend`` stands in for the dense kernels, the stationary columns are ``-`` and the
+batched ones run on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from condconv_kernels import _env
+from condconv_kernels.cli import parser
+from gpu_profile import (add_device_arguments, device_kernels, layer_inputs, pick_layers,
+                         print_table)
+
+# Expand layers (the forward fits: K = 80, 192) and project layers (grad_x fits: K = their Cout,
+# 112 and 192); the routing gradient fits on all four.
+DEFAULT_LAYERS = "s5.b0.expand,s6.b1.expand,s5.b1.project,s6.b1.project"
+
+
+def _modeled_us(path: str) -> dict:
+    """(layer, pass) -> the modeled microseconds of the pass with the switch on, from the static
+    report's JSON (``--stationary``): the forward and grad_x kernels, and the routing-gradient
+    kernel plus the dense kernel gradient for the weight ("grad_routing+weight")."""
+    with open(path) as f:
+        records = json.load(f)
+    passes = {"stationary_fwd": "forward", "stationary_bwd_x": "grad_x",
+              "stationary_routing": "grad_routing+weight", "dense_bwd_w": "grad_routing+weight"}
+    out: dict = {}
+    routed = {r["layer"] for r in records if r["kernel"] == "stationary_routing"}
+    for r in records:
+        name = passes.get(r["kernel"])
+        if name is None or "error" in r or (r["kernel"] == "dense_bwd_w"
+                                            and r["layer"] not in routed):
+            continue
+        out[(r["layer"], name)] = out.get((r["layer"], name), 0.0) + r["modeled_us"]
+    return out
+
+
+def _routing_truth(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor):
+    """grad_routing of a 1x1 layer in float64: (B, E), the sum over (o, c) of
+    W_e[o, c] (g_b x_b^T)[o, c]."""
+    B = x.shape[0]
+    g = grad_out.double().reshape(B, grad_out.shape[1], -1)
+    G = torch.bmm(g, x.double().reshape(B, x.shape[1], -1).transpose(1, 2))
+    return torch.einsum("boc,eoc->be", G, weight.double()[..., 0, 0])
+
+
+def _off(result: torch.Tensor, truth: torch.Tensor) -> str:
+    return f"{((result.double() - truth).abs().max() / truth.abs().max()).item():.1e}"
+
+
+def _diff(ours: torch.Tensor, dense: torch.Tensor) -> float:
+    return ((ours.float() - dense.float()).abs().max() / dense.float().abs().max()).item()
+
+
+def _mixed(routing: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The B x |W| mixed 1x1 kernels, (B, Cout, Cin), in weight's dtype."""
+    E, cout, cin = weight.shape[:3]
+    return (routing.to(weight.dtype) @ weight.reshape(E, -1)).view(-1, cout, cin)
+
+
+def unfused_forward(x, routing, weight, bias):
+    """The unfused 1x1 forward through cuBLAS: the mixed kernels, then out_b = W_b x_b as one
+    batched product, computed as (pixels x Cout) = x_b^T W_b^T so that it lands channels_last."""
+    B, _, H, W = x.shape
+    cout = weight.shape[1]
+    xt = x.permute(0, 2, 3, 1).reshape(B, H * W, -1)
+    mixed_bias = (routing.to(bias.dtype) @ bias)[:, None, :]
+    out = torch.baddbmm(mixed_bias, xt, _mixed(routing, weight).transpose(1, 2))
+    return out.view(B, H, W, cout).permute(0, 3, 1, 2)
+
+
+def unfused_grad_x(grad_out, routing, weight):
+    """grad_x of the same: (pixels x Cin) = grad_out_b^T W_b, channels_last."""
+    B, cout, H, W = grad_out.shape
+    gt = grad_out.permute(0, 2, 3, 1).reshape(B, H * W, cout)
+    out = torch.bmm(gt, _mixed(routing, weight))
+    return out.view(B, H, W, -1).permute(0, 3, 1, 2)
+
+
+def main(argv=None):
+    import condconv_kernels as cc
+    p = parser(__doc__)
+    add_device_arguments(p, "The backend of the dense column (triton on the GPU).")
+    p.add_argument("--layers", default=DEFAULT_LAYERS,
+                   help="Comma-separated 1x1 layer names.")
+    p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
+    p.add_argument("--modeled", help="A JSON of `condconv_kernels.triton.report --stationary` for "
+                                     "the same batch and dtype: adds the stationary kernel's "
+                                     "modeled time per pass and the measured / modeled ratio.")
+    args = p.parse_args(argv)
+    modeled = _modeled_us(args.modeled) if args.modeled else {}
+    dtype = getattr(torch, args.dtype)
+    chosen = pick_layers(p, args.layers, kernel=1)
+    import condconv_kernels.triton as triton_backend
+    from condconv_kernels.triton import batched
+    from condconv_kernels.triton import stationary as kernel
+    rows, record = [], []
+    g = torch.Generator().manual_seed(0)
+    for layer in chosen:
+        x, routing, weight, bias = layer_inputs(layer, args.batch, args.device, dtype, g)
+        grad_out = torch.randn(args.batch, layer.cout, layer.height, layer.width, generator=g)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last).to(args.device, dtype)
+
+        def switched(fn, name, value):  # the same call with a switch of _env on
+            def run():
+                with mock.patch.object(_env, name, value):
+                    return fn()
+            return run
+
+        def stationary(fn):
+            return switched(fn, "TRITON_STATIONARY", _env.STATIONARY_PASSES)
+
+        def backward(mask, index):
+            return lambda: torch.ops.condconv.condconv2d_backward(
+                grad_out, x, routing, weight, None, [1, 1], [0] * 4, [1, 1], 1, args.backend,
+                mask, None, None, None)[index]
+        forward = lambda: cc.condconv2d(x, routing, weight, bias, backend=args.backend)  # noqa
+        kgrad = backward([False, True, True, False], 1)
+        # The triton backend's own backward (also on the CPU: no Triton kernel runs there)
+        batched_kgrad = lambda: triton_backend.backward(  # noqa: E731
+            grad_out, x, routing, weight, None, (1, 1), (0,) * 4, (1, 1), 1,
+            [False, True, True, False])[1]
+        # pass: (static, dense, {alternative: (its call, whether it applies)})
+        passes = {
+            "forward": (lambda: F.conv2d(x, weight[0], bias[0]), forward, {
+                "stationary": (stationary(forward),
+                               kernel.eligible(x, layer.experts, layer.cout, 1, True, False)),
+                "batched": (lambda: unfused_forward(x, routing, weight, bias), True)}),
+            "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
+                       backward([True, False, False, False], 0), {
+                "stationary": (stationary(backward([True, False, False, False], 0)),
+                               kernel.eligible(grad_out, layer.experts, layer.cin, 1, True,
+                                               False, transposed=True)),
+                "batched": (lambda: unfused_grad_x(grad_out, routing, weight), True)}),
+            # The kernel gradients as training asks for them (routing and weight): the dense
+            # kernel for both, against each switch on (the stationary routing-gradient form,
+            # then the dense kernel for the weight alone; the batched products for both); the
+            # static layer's weight gradient for scale. The max diff compares grad_routing.
+            "grad_routing+weight": (
+                lambda: torch.nn.grad.conv2d_weight(x, weight[0].shape, grad_out), kgrad, {
+                    "stationary": (
+                        stationary(kgrad),
+                        kernel.eligible(x, layer.experts, layer.cout, 1, True, False,
+                                        routing=True, dual=grad_out)
+                        or kernel.eligible(grad_out, layer.experts, layer.cin, 1, True, False,
+                                           transposed=True, routing=True, dual=x)),
+                    "batched": (switched(batched_kgrad, "TRITON_BATCHED", True),
+                                batched.eligible(x, grad_out, weight, (1, 1), (0, 0, 0, 0), 1))}),
+        }
+        truth = _routing_truth(x, grad_out, weight)
+        for name, (static, dense_fn, alternatives) in passes.items():
+            times = {"static": device_kernels(static, args.device)[0]}
+            dense = dense_fn()  # compiles and tunes outside the profile
+            times["dense"] = device_kernels(dense_fn, args.device)[0]
+            cells = [layer.name, layer.describe(), name, f"{times['static']:.1f}",
+                     f"{times['dense']:.1f}"]
+            results, diffs = {}, {}
+            for alt, (fn, applies) in alternatives.items():
+                on_device = alt == "batched" or args.backend == "triton"
+                if applies and on_device:
+                    try:  # an experimental path's failure is a cell, not the end of the table
+                        results[alt] = fn()
+                        diffs[alt] = _diff(results[alt], dense)
+                        times[alt] = device_kernels(fn, args.device)[0]
+                    except Exception as exc:  # noqa: BLE001
+                        results.pop(alt, None)
+                        diffs[alt] = float("nan")
+                        print(f"{layer.name} {name} {alt}: {type(exc).__name__}: {exc}",
+                              file=sys.stderr)
+            alts = list(alternatives)
+            cells += [f"{times[a]:.1f}" if a in times else "-" for a in alts]
+            cells += [f"{times[a] / times['dense']:.2f}" if a in times else "-" for a in alts]
+            cells += [f"{diffs[a]:.1e}" if a in diffs else "-" for a in alts]
+            if name == "grad_routing+weight":
+                cells += [_off(dense, truth)] + [_off(results[a], truth) if a in results
+                                                 else "-" for a in alts]
+            else:
+                cells += ["-"] * (1 + len(alts))
+            if args.modeled:
+                m = modeled.get((layer.name, name))
+                cells += [f"{m:.1f}" if m else "-",
+                          f"{times['stationary'] / m:.2f}" if m and "stationary" in times
+                          else "-"]
+            rows.append(cells)
+            record.append({"layer": layer.name, "shape": cells[1], "pass": name,
+                           "device_us": times, "max_diff": diffs})
+        print(f"{layer.name}: done", file=sys.stderr)
+    print_table(f"1x1 passes, batch {args.batch}, {args.dtype}, channels_last, {args.device}: "
+                "device us per call",
+                ["layer", "shape", "pass", "static", "dense", "stationary", "batched",
+                 "stationary / dense", "batched / dense", "max diff: stationary", "batched",
+                 "vs float64: dense", "stationary", "batched"]
+                + (["modeled", "stationary / modeled"] if args.modeled else []),
+                rows, record, args.out, "bench_pointwise.py", argv)
+
+
+if __name__ == "__main__":
+    main()
