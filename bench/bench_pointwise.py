@@ -16,10 +16,11 @@ grad_out in channels_last, per layer and pass:
 - ``dense``: the triton backend as it ships (the autotuned dense forward, grad_x kernel, or
   kernel gradient for routing and weight, as training asks);
 - ``stationary``: the same call with ``CONDCONV_TRITON_STATIONARY`` on;
-- ``batched``: for the kernel gradients the same call with ``CONDCONV_TRITON_BATCHED=1`` (G in
-  chunks by a batched product, folded by two more); for the forward and grad_x the unfused form
-  through cuBLAS, which no backend takes (the B x |W| mixed kernels ``routing @ W`` written to
-  memory, then one batched product): what a fused forward has to beat on these layers;
+- ``batched``: the triton backend's call with that pass batched (``CONDCONV_TRITON_BATCHED``):
+  the forward and grad_x from chunks of mixed kernels ``routing @ W`` written to memory, each
+  chunk one batched product (the unfused form through cuBLAS, what a fused forward has to beat
+  on these layers); the kernel gradients from chunks of per-example G, folded by two more
+  products;
 - ``/ dense``: each alternative's time over dense's;
 - ``max diff``: each alternative's largest difference from dense over the result, against its
   scale (stationary, batched);
@@ -91,31 +92,6 @@ def _diff(ours: torch.Tensor, dense: torch.Tensor) -> float:
     return ((ours.float() - dense.float()).abs().max() / dense.float().abs().max()).item()
 
 
-def _mixed(routing: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The B x |W| mixed 1x1 kernels, (B, Cout, Cin), in weight's dtype."""
-    E, cout, cin = weight.shape[:3]
-    return (routing.to(weight.dtype) @ weight.reshape(E, -1)).view(-1, cout, cin)
-
-
-def unfused_forward(x, routing, weight, bias):
-    """The unfused 1x1 forward through cuBLAS: the mixed kernels, then out_b = W_b x_b as one
-    batched product, computed as (pixels x Cout) = x_b^T W_b^T so that it lands channels_last."""
-    B, _, H, W = x.shape
-    cout = weight.shape[1]
-    xt = x.permute(0, 2, 3, 1).reshape(B, H * W, -1)
-    mixed_bias = (routing.to(bias.dtype) @ bias)[:, None, :]
-    out = torch.baddbmm(mixed_bias, xt, _mixed(routing, weight).transpose(1, 2))
-    return out.view(B, H, W, cout).permute(0, 3, 1, 2)
-
-
-def unfused_grad_x(grad_out, routing, weight):
-    """grad_x of the same: (pixels x Cin) = grad_out_b^T W_b, channels_last."""
-    B, cout, H, W = grad_out.shape
-    gt = grad_out.permute(0, 2, 3, 1).reshape(B, H * W, cout)
-    out = torch.bmm(gt, _mixed(routing, weight))
-    return out.view(B, H, W, -1).permute(0, 3, 1, 2)
-
-
 def main(argv=None):
     import condconv_kernels as cc
     p = parser(__doc__)
@@ -131,7 +107,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     chosen = pick_layers(p, args.layers, kernel=1)
     import condconv_kernels.triton as triton_backend
-    from condconv_kernels.triton import batched
+    from condconv_kernels.triton import batched as batched_path
     from condconv_kernels.triton import stationary as kernel
     rows, record = [], []
     g = torch.Generator().manual_seed(0)
@@ -155,22 +131,32 @@ def main(argv=None):
                 mask, None, None, None)[index]
         forward = lambda: cc.condconv2d(x, routing, weight, bias, backend=args.backend)  # noqa
         kgrad = backward([False, True, True, False], 1)
-        # The triton backend's own backward (also on the CPU: no Triton kernel runs there)
-        batched_kgrad = lambda: triton_backend.backward(  # noqa: E731
-            grad_out, x, routing, weight, None, (1, 1), (0,) * 4, (1, 1), 1,
-            [False, True, True, False])[1]
+        geometry = ((1, 1), (0,) * 4, (1, 1), 1)
+
+        def batched(fn, name):  # the triton backend's own call with the pass batched (also on
+            return switched(fn, "TRITON_BATCHED", frozenset({name}))  # the CPU: no Triton there)
+        batched_forward = batched(
+            lambda: triton_backend.forward(x, routing, weight, bias, *geometry), "forward")
+        batched_grad_x = batched(lambda: triton_backend.backward(
+            grad_out, x, routing, weight, None, *geometry, [True, False, False, False])[0],
+            "grad_x")
+        batched_kgrad = batched(lambda: triton_backend.backward(
+            grad_out, x, routing, weight, None, *geometry, [False, True, True, False])[1],
+            "kernel_grad")
         # pass: (static, dense, {alternative: (its call, whether it applies)})
         passes = {
             "forward": (lambda: F.conv2d(x, weight[0], bias[0]), forward, {
                 "stationary": (stationary(forward),
                                kernel.eligible(x, layer.experts, layer.cout, 1, True, False)),
-                "batched": (lambda: unfused_forward(x, routing, weight, bias), True)}),
+                "batched": (batched_forward,
+                            batched_path.eligible(x, weight, *geometry[:2], 1))}),
             "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
                        backward([True, False, False, False], 0), {
                 "stationary": (stationary(backward([True, False, False, False], 0)),
                                kernel.eligible(grad_out, layer.experts, layer.cin, 1, True,
                                                False, transposed=True)),
-                "batched": (lambda: unfused_grad_x(grad_out, routing, weight), True)}),
+                "batched": (batched_grad_x,
+                            batched_path.eligible(grad_out, weight, *geometry[:2], 1))}),
             # The kernel gradients as training asks for them (routing and weight): the dense
             # kernel for both, against each switch on (the stationary routing-gradient form,
             # then the dense kernel for the weight alone; the batched products for both); the
@@ -183,8 +169,8 @@ def main(argv=None):
                                         routing=True, dual=grad_out)
                         or kernel.eligible(grad_out, layer.experts, layer.cin, 1, True, False,
                                            transposed=True, routing=True, dual=x)),
-                    "batched": (switched(batched_kgrad, "TRITON_BATCHED", True),
-                                batched.eligible(x, grad_out, weight, (1, 1), (0, 0, 0, 0), 1))}),
+                    "batched": (batched_kgrad, batched_path.eligible(
+                        x, weight, *geometry[:2], 1, also=grad_out))}),
         }
         truth = _routing_truth(x, grad_out, weight)
         for name, (static, dense_fn, alternatives) in passes.items():

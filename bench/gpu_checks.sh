@@ -14,18 +14,18 @@
 #         (forward, grad_x, kernel gradients) of the dense kernels against the static layer and
 #         the experimental alternatives (the experts-stationary kernel, batched cuBLAS
 #         products), each routing gradient against a float64 sum (bench/bench_pointwise.py);
-#         the headline benchmark (the 24 CondConv layers of
-#         tf_efficientnet_cc_b0_8e, batch 256, bfloat16, channels_last, forward: triton, cuda,
-#         unfused, static, roofline columns, each variant as CUDA graph replays: the device's
-#         time); whole-model inference throughput at batch 256 (ours fused, unfused and static,
-#         timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0), then static and fused
-#         triton captured in a CUDA graph (device time); then kit.tgz: the built extension,
-#         Triton's compiled kernels and autotune results.
+#         the headline benchmark (the 24 CondConv layers of tf_efficientnet_cc_b0_8e, batch
+#         256, bfloat16, channels_last, forward: triton, cuda, unfused, static, roofline
+#         columns, each variant as CUDA graph replays: the device's time); whole-model
+#         inference at batch 256, static and fused triton captured in a CUDA graph (device
+#         time), then again with the batched 1x1 forward, then eager (ours fused, unfused and
+#         static, timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0); then kit.tgz: the
+#         built extension, Triton's compiled kernels and autotune results.
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the forward+backward layer benchmark at batch 256 as CUDA graph replays
 #         (device time); the training step (static and fused triton) captured in a CUDA graph,
-#         then again with the batched 1x1 kernel gradient (CONDCONV_TRITON_BATCHED=1); host
+#         then again with the batched 1x1 passes (CONDCONV_TRITON_BATCHED=1); host
 #         against device time of one layer and the whole model's kernels (bench/gpu_profile.py,
 #         one layer); eager training-step throughput; compute-sanitizer memcheck of the cuda
 #         backend.
@@ -378,13 +378,18 @@ if [ "$MODE" = first ]; then
   step layers-fwd 110 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
     "${GRAPH[@]}" --roofline --out "$WORK/results/layers-b256-bf16-cl-fwd.md"
   table "$WORK/results/layers-b256-bf16-cl-fwd.md"
-  step model-fwd 90 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
-    --channels-last --out "$WORK/results/model-b256-amp-cl-fwd.md"
-  table "$WORK/results/model-b256-amp-cl-fwd.md"
-  # Inference captured in a CUDA graph: the device's time, without the host's.
+  # Inference captured in a CUDA graph (the device's time), then with the batched 1x1 forward
+  # (CONDCONV_TRITON_BATCHED=forward), then eager (host-bound; the deadline cuts it first).
   step model-fwd-graph 40 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --out "$WORK/results/model-b256-amp-cl-fwd-graph.md"
   table "$WORK/results/model-b256-amp-cl-fwd-graph.md"
+  step model-fwd-graph-batched 40 env CONDCONV_TRITON_BATCHED=forward "$PY" \
+    bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" --amp bfloat16 --channels-last \
+    --out "$WORK/results/model-b256-amp-cl-fwd-graph-batched.md"
+  table "$WORK/results/model-b256-amp-cl-fwd-graph-batched.md"
+  step model-fwd 90 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
+    --channels-last --out "$WORK/results/model-b256-amp-cl-fwd.md"
+  table "$WORK/results/model-b256-amp-cl-fwd.md"
   RESERVE=0
   pack() {
     local staged=$WORK/kit
@@ -415,8 +420,7 @@ elif [ "$MODE" = second ]; then
     "${GRAPH[@]}" --backward --out "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
   table "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
   # The training step captured in a CUDA graph: the device's time, without the host's; then
-  # the same with the batched 1x1 kernel gradient, which the default leaves off until this
-  # step has measured it.
+  # the same with every batched 1x1 pass, which the default leaves off until measured.
   step model-train-graph 45 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"

@@ -14,11 +14,12 @@ switches lists them with the build's and the tests' own).
   comma-separated subset of ``forward``, ``grad_x``, ``routing`` turns on those passes only.
   Read at import into ``TRITON_STATIONARY`` (the set of passes), which the triton backend
   reads at every call.
-- ``CONDCONV_TRITON_BATCHED=1``: the dense 1x1 kernel gradient (grad_weight, grad_routing)
-  of float16 / bfloat16 layers as batched matrix products through cuBLAS
-  (:mod:`condconv_kernels.triton.batched`) instead of the dense Triton kernel; off until a GPU
-  run has measured it. Read at import into ``TRITON_BATCHED``, which the triton backend reads
-  at every call.
+- ``CONDCONV_TRITON_BATCHED=1`` (or ``all``): the dense 1x1 forward, grad_x and kernel
+  gradient (grad_weight, grad_routing) of float16 / bfloat16 layers as batched matrix products
+  through cuBLAS over chunks of examples (:mod:`condconv_kernels.triton.batched`) instead of
+  the dense Triton kernels; off until a GPU run has measured it. A comma-separated subset of
+  ``forward``, ``grad_x``, ``kernel_grad`` turns on those passes only. Read at import into
+  ``TRITON_BATCHED`` (the set of passes), which the triton backend reads at every call.
 - ``CONDCONV_TRITON_DIRECT_LAUNCH=0``: every tuned Triton launch goes through Triton's own
   launch path, never the direct launch of a kernel Triton has compiled for those arguments
   (:class:`condconv_kernels.triton._config.TunedKernel`). Read at import.
@@ -48,38 +49,40 @@ TRITON_CONFIG = _forced_config()
 TRITON_AUTOTUNE = (os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0"
                    and TRITON_CONFIG is None)
 TRITON_DIRECT_LAUNCH = os.environ.get("CONDCONV_TRITON_DIRECT_LAUNCH", "1") != "0"
-# The passes the experts-stationary kernel may take (CONDCONV_TRITON_STATIONARY).
+# The passes the experts-stationary kernel (CONDCONV_TRITON_STATIONARY) and the batched
+# products (CONDCONV_TRITON_BATCHED) may take.
 STATIONARY_PASSES = frozenset({"forward", "grad_x", "routing"})
+BATCHED_PASSES = frozenset({"forward", "grad_x", "kernel_grad"})
 
 
-def stationary_passes(value: str) -> frozenset:
-    """The passes a CONDCONV_TRITON_STATIONARY value turns on: none for "" or "0", all for "1"
-    or "all", else the comma-separated names (of STATIONARY_PASSES)."""
+def passes(name: str, value: str, allowed: frozenset) -> frozenset:
+    """The passes a value of the variable ``name`` turns on: none for "" or "0", all of
+    ``allowed`` for "1" or "all", else the comma-separated names (of ``allowed``)."""
     value = value.strip().lower()
     if value in ("", "0"):
         return frozenset()
     if value in ("1", "all"):
-        return STATIONARY_PASSES
+        return allowed
     names = frozenset(n.strip() for n in value.split(",") if n.strip())
-    unknown = names - STATIONARY_PASSES
+    unknown = names - allowed
     if unknown or not names:
-        raise ValueError("CONDCONV_TRITON_STATIONARY must be 0, 1, all or a comma-separated "
-                         f"subset of {', '.join(sorted(STATIONARY_PASSES))}; got {value!r}")
+        raise ValueError(f"{name} must be 0, 1, all or a comma-separated subset of "
+                         f"{', '.join(sorted(allowed))}; got {value!r}")
     return names
 
 
+def stationary_passes(value: str) -> frozenset:
+    """The passes a CONDCONV_TRITON_STATIONARY value turns on (:func:`passes`)."""
+    return passes("CONDCONV_TRITON_STATIONARY", value, STATIONARY_PASSES)
+
+
+def batched_passes(value: str) -> frozenset:
+    """The passes a CONDCONV_TRITON_BATCHED value turns on (:func:`passes`)."""
+    return passes("CONDCONV_TRITON_BATCHED", value, BATCHED_PASSES)
+
+
 TRITON_STATIONARY = stationary_passes(os.environ.get("CONDCONV_TRITON_STATIONARY", "0"))
-
-
-def _switch(name: str, default: str = "0") -> bool:
-    """An on/off variable: "1" on, "0" or unset off, anything else an error naming it."""
-    value = os.environ.get(name, default).strip()
-    if value not in ("0", "1", ""):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
-TRITON_BATCHED = _switch("CONDCONV_TRITON_BATCHED")
+TRITON_BATCHED = batched_passes(os.environ.get("CONDCONV_TRITON_BATCHED", "0"))
 
 
 def malloc_as_is() -> bool:

@@ -106,13 +106,29 @@ def fold_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: torch.Tens
     gradient: the products then multiply in it and sum in float32, routing and W rounded to
     it); None where not wanted."""
     grad_routing = grad_weight = None
-    W = weight.reshape(weight.shape[0], -1).to(G.dtype)
+    E = weight.shape[0]
     if need_r:
-        grad_routing = _inner_products(G, W).to(acc)
+        grad_routing = _inner_products(G, weight.reshape(E, -1).to(G.dtype)).to(acc)
     if need_w:
-        grad_weight = _float32_products(torch.mm, routing.to(G.dtype).t(), G).reshape(
-            weight.shape).to(weight_dtype or weight.dtype)
+        R = routing_parts(routing, G.dtype)
+        g = _float32_products(torch.mm, R.t(), G)
+        if R.shape[1] > E:  # the two parts' products, added
+            g = g[:E] + g[E:]
+        grad_weight = g.reshape(weight.shape).to(weight_dtype or weight.dtype)
     return grad_routing, grad_weight
+
+
+def routing_parts(routing: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The routing weights (rows, E) as an operand in ``dtype``: themselves where they are in it
+    already, else (float32 routing, autocast's rule, against half tensors) (rows, 2E), the
+    weights rounded to ``dtype`` beside what that rounding left out, also rounded: a product
+    with the experts stacked twice ([W; W]) then carries the routing to about twice the half
+    dtype's precision (~2^-17 for bfloat16) instead of its own (2^-9), at no cost to a product
+    whose reduction over E is short."""
+    if routing.dtype == dtype:
+        return routing
+    high = routing.to(dtype)
+    return torch.cat([high, (routing - high.to(routing.dtype)).to(dtype)], 1)
 
 
 # Whether this PyTorch's mm and bmm take out_dtype (float32 results of half inputs, on CUDA).

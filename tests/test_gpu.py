@@ -639,35 +639,44 @@ def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype, sca
 
 
 @pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "triton"])
-@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,x_format,chunk_bytes", [
-    (8, 192, 1152, 7, 37, torch.bfloat16, "channels_last", 64 << 20),  # G 16 MB: one chunk
-    (8, 192, 1152, 7, 37, torch.bfloat16, "channels_last", 3 << 20),  # chunks of 7 examples
-    (8, 80, 480, 14, 9, torch.float16, "contiguous", 64 << 20),
-    (3, 48, 96, 5, 3, torch.bfloat16, "channels_last", 64 << 20),  # |W| too short to slice
-], ids=["7x7-192-1152", "7x7-192-1152-chunks", "14x14-80-480-fp16-nchw", "5x5-E3"])
-def test_gpu_batched_kernel_gradient(experts, cin, cout, side, batch, dtype, x_format,
-                                     chunk_bytes, backend, monkeypatch):
-    """The experimental batched 1x1 kernel gradient (triton/batched.py: G by cuBLAS batched
-    products, in chunks, folded by two more; CONDCONV_TRITON_BATCHED=1) through the triton
-    backend: grad_routing and grad_weight against float64 on the CPU, within 4x the error of
-    the reference backend's in ``dtype`` on the device, with a floor of 8 ulps of the scale."""
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,x_format,chunk_bytes,r_dtype", [
+    (8, 192, 1152, 7, 37, torch.bfloat16, "channels_last", 32 << 20, None),  # one 16 MB chunk
+    (8, 192, 1152, 7, 37, torch.bfloat16, "channels_last", 3 << 20, None),  # 7 examples each
+    (8, 192, 1152, 7, 37, torch.bfloat16, "channels_last", 3 << 20, torch.float32),
+    (8, 80, 480, 14, 9, torch.float16, "contiguous", 32 << 20, None),
+    (3, 48, 96, 5, 3, torch.bfloat16, "channels_last", 32 << 20, None),  # |W| too short to slice
+], ids=["7x7-192-1152", "7x7-192-1152-chunks", "7x7-float32-routing", "14x14-80-480-fp16-nchw",
+        "5x5-E3"])
+def test_gpu_batched_passes(experts, cin, cout, side, batch, dtype, x_format, chunk_bytes,
+                            r_dtype, backend, monkeypatch):
+    """The experimental batched 1x1 passes (triton/batched.py, CONDCONV_TRITON_BATCHED=1:
+    cuBLAS batched products over chunks of mixed kernels or of per-example G) through the
+    triton backend: the forward (with bias), grad_x, grad_routing and grad_weight against
+    float64 on the CPU, within 4x the error of the reference backend's in ``dtype`` on the
+    device, with a floor of 8 ulps of the scale; routing in ``dtype``, or in float32 beside it
+    (``r_dtype``, as autocast leaves it)."""
     from condconv_kernels import _env
     from condconv_kernels.triton import batched
-    monkeypatch.setattr(_env, "TRITON_BATCHED", True)
+    monkeypatch.setattr(_env, "TRITON_BATCHED", _env.BATCHED_PASSES)
     monkeypatch.setattr(batched, "CHUNK_BYTES", chunk_bytes)
     x, r, w, go = _pointwise_inputs(19, batch, experts, cin, cout, side)
+    b = torch.randn(experts, cout, generator=torch.Generator().manual_seed(23),
+                    dtype=torch.float64)
     fmt = torch.channels_last if x_format == "channels_last" else torch.contiguous_format
-    args = [x, go, r, w]
     dev = [t.to(DEVICE, dtype).contiguous(memory_format=fmt) if t.dim() == 4 else
-           t.to(DEVICE, dtype) for t in (x, go)] + [r.to(DEVICE, dtype), w.to(DEVICE, dtype)]
-    assert batched.eligible(dev[0], dev[1], dev[3], (1, 1), (0, 0, 0, 0), 1)
+           t.to(DEVICE, dtype) for t in (x, go, r, w, b)]
+    dev[2] = r.to(DEVICE, r_dtype or dtype)
+    assert batched.eligible(dev[0], dev[3], (1, 1), (0, 0, 0, 0), 1, also=dev[1])
+    geometry = ([1, 1], [0] * 4, [1, 1], 1)
 
-    def grads(name, x_, go_, r_, w_):
-        return torch.ops.condconv.condconv2d_backward(
-            go_, x_, r_, w_, None, [1, 1], [0] * 4, [1, 1], 1, name,
-            [False, True, True, False], None, None, None)[1:3]
-    truth = grads("reference", *args)
-    same = grads("reference", *dev)
-    ours = grads(backend, *dev)
-    for o, t, s, name in zip(ours, truth, same, ("grad_routing", "grad_weight")):
-        assert_close(o.cpu(), t.to(o.dtype), s.cpu(), f"batched {name}", factor=4.0, ulps=8)
+    def passes(name, x_, go_, r_, w_, b_):
+        out = torch.ops.condconv.condconv2d(x_, r_, w_, b_, *geometry, name, None, None, None)
+        return (out,) + tuple(torch.ops.condconv.condconv2d_backward(
+            go_, x_, r_, w_, None, *geometry, name, [True, True, True, False], None, None,
+            None)[:3])
+    truth = passes("reference", x, go, r, w, b)
+    same = passes("reference", *dev)
+    ours = passes(backend, *dev)
+    for o, t, sp, name in zip(ours, truth, same, ("out", "grad_x", "grad_routing",
+                                                   "grad_weight")):
+        assert_close(o.cpu(), t.to(o.dtype), sp.cpu(), f"batched {name}", factor=4.0, ulps=8)

@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_checks.sh"
 FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests",
-         "tuned-check", "pointwise", "layers-fwd", "model-fwd", "model-fwd-graph", "pack"]
+         "tuned-check", "pointwise", "layers-fwd", "model-fwd-graph", "model-fwd-graph-batched",
+         "model-fwd", "pack"]
 BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
 SECOND = ["versions", "restore", "install", "layers-fwdbwd", "model-train-graph",
           "model-train-graph-batched", "profile-model", "model-train", "memcheck"]

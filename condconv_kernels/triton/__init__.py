@@ -129,9 +129,12 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             WIDE=_wide(x, out), ACC=_acc(x.dtype), E_POW2=bucket(E), KK_POW2=bucket(kh * kw),
             **s_flags, **blocks)
         return out
+    given = (in_scale, out_scale, tap_scale)
+    if "forward" in _env.TRITON_BATCHED and batched.eligible(x, weight, stride, padding, groups,
+                                                            given):
+        return batched.forward(x, routing, weight, bias, out)
     pointwise = _pointwise(kh, kw, stride, padding, x)
     if "forward" in _env.TRITON_STATIONARY:
-        given = (in_scale, out_scale, tap_scale)
         plan = stationary.eligible(x, E, cout, groups, pointwise, _wide(x, out), scales=given)
         if plan is not None:
             return stationary.run(x, routing, weight, bias, out, plan, scales=given)
@@ -223,10 +226,14 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         else:
             pointwise = _pointwise(kh, kw, stride, padding, grad_out)
             given = (in_scale, out_scale, tap_scale)
+            take_batched = "grad_x" in _env.TRITON_BATCHED and batched.eligible(
+                grad_out, weight, stride, padding, groups, given)
             plan = (stationary.eligible(grad_out, E, cin, groups, pointwise,
                                         _wide(grad_out, grad_x), transposed=True, scales=given)
-                    if "grad_x" in _env.TRITON_STATIONARY else None)
-            if plan is not None:
+                    if "grad_x" in _env.TRITON_STATIONARY and not take_batched else None)
+            if take_batched:
+                batched.grad_x(grad_out, routing, weight, grad_x)
+            elif plan is not None:
                 stationary.run(grad_out, routing, weight, None, grad_x, plan, transposed=True,
                                scales=given)
             else:
@@ -261,8 +268,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             ACC=_acc(x.dtype), **blocks)
         grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
             G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
-    elif (need_r or need_w) and _env.TRITON_BATCHED and batched.eligible(
-            x, grad_out, weight, stride, padding, groups, scales):
+    elif (need_r or need_w) and "kernel_grad" in _env.TRITON_BATCHED and batched.eligible(
+            x, weight, stride, padding, groups, scales, also=grad_out):
         grad_routing, grad_weight = batched.kernel_grads(grad_out, x, routing, weight, need_r,
                                                          need_w, acc)
     elif need_r or need_w or any(need_s):
