@@ -102,16 +102,14 @@ def fold_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: torch.Tens
                       weight_dtype: Optional[torch.dtype] = None
                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_routing in ``acc``, grad_weight in weight's shape and ``weight_dtype``, weight's
-    dtype by default) from G (B, |W|) in ``acc``, or in x's half dtype (the batched 1x1 kernel
-    gradient: the products then multiply in it and sum in float32, routing and W rounded to
-    it); None where not wanted."""
+    dtype by default) from G (B, |W|) in ``acc``; None where not wanted."""
     grad_routing = grad_weight = None
     E = weight.shape[0]
     if need_r:
         grad_routing = _inner_products(G, weight.reshape(E, -1).to(G.dtype)).to(acc)
     if need_w:
         R = routing_parts(routing, G.dtype)
-        g = _float32_products(torch.mm, R.t(), G)
+        g = float32_products(torch.mm, R.t(), G)
         if R.shape[1] > E:  # the two parts' products, added
             g = g[:E] + g[E:]
         grad_weight = g.reshape(weight.shape).to(weight_dtype or weight.dtype)
@@ -119,14 +117,14 @@ def fold_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: torch.Tens
 
 
 def routing_parts(routing: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The routing weights (rows, E) as an operand in ``dtype``: themselves where they are in it
-    already, else (float32 routing, autocast's rule, against half tensors) (rows, 2E), the
-    weights rounded to ``dtype`` beside what that rounding left out, also rounded: a product
-    with the experts stacked twice ([W; W]) then carries the routing to about twice the half
-    dtype's precision (~2^-17 for bfloat16) instead of its own (2^-9), at no cost to a product
-    whose reduction over E is short."""
-    if routing.dtype == dtype:
-        return routing
+    """The routing weights (rows, E) as an operand in ``dtype``: themselves (cast) where they
+    are no finer than it, else (float32 routing, autocast's rule, against half tensors) (rows,
+    2E), the weights rounded to ``dtype`` beside what that rounding left out, also rounded: a
+    product with the experts stacked twice ([W; W]) then carries the routing to about twice the
+    half dtype's precision (~2^-17 for bfloat16) instead of its own (2^-9), at no cost to a
+    product whose reduction over E is short."""
+    if torch.finfo(routing.dtype).eps >= torch.finfo(dtype).eps:
+        return routing.to(dtype)  # nothing finer than ``dtype`` to carry
     high = routing.to(dtype)
     return torch.cat([high, (routing - high.to(routing.dtype)).to(dtype)], 1)
 
@@ -135,12 +133,21 @@ def routing_parts(routing: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.bmm))
 
 
-def _float32_products(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def fp16_accumulation() -> bool:
+    """Whether PyTorch's float16 matrix products may sum in float16
+    (``torch.backends.cuda.matmul.allow_fp16_accumulation``, off by default): then they cannot
+    give float32 results (out_dtype raises) and sum in float16."""
+    return bool(getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False))
+
+
+def float32_products(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """op(a, b) (torch.mm or torch.bmm) with its sums returned in float32 at least: half inputs
-    multiply in their dtype with float32 results (``out_dtype``) on CUDA, as float32 copies
-    elsewhere (the CPU's products, or a PyTorch without it)."""
+    multiply in their dtype with float32 results (``out_dtype``; float32 split-K sums too) on
+    CUDA, as float32 copies elsewhere (the CPU's products, a PyTorch without out_dtype, or
+    float16 products allowed to sum in float16)."""
     if a.dtype in (torch.float16, torch.bfloat16):
-        if a.is_cuda and _OUT_DTYPE:
+        if (a.is_cuda and _OUT_DTYPE
+                and not (a.dtype == torch.float16 and fp16_accumulation())):
             return op(a, b, out_dtype=torch.float32)
         return op(a.float(), b.float())
     return op(a, b)
@@ -160,9 +167,9 @@ def _inner_products(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     while s < SLICES and N % (2 * s) == 0 and N // (2 * s) >= SLICE_MIN:
         s *= 2
     if s == 1:
-        return _float32_products(torch.mm, G, W.t())
-    parts = _float32_products(torch.bmm, G.view(B, s, N // s).transpose(0, 1),
-                              W.view(W.shape[0], s, N // s).permute(1, 2, 0))
+        return float32_products(torch.mm, G, W.t())
+    parts = float32_products(torch.bmm, G.view(B, s, N // s).transpose(0, 1),
+                             W.view(W.shape[0], s, N // s).permute(1, 2, 0))
     return parts.sum(0)
 
 

@@ -17,24 +17,28 @@ Bc examples (B x C x P: x and grad_out viewed as channels x pixels)::
                  grad_weight += routing[chunk]^T G,  grad_routing[chunk] = G W^T
 
 (the folds are ``_epilogue.fold_kernel_grads``, the rule the depthwise kernel gradient and the
-reference use; grad_routing over column slices of |W| with float32 results). The mixed kernels
-M and the kernel gradients G of a chunk are written to memory, at most ``CHUNK_BYTES`` of them
-(32 MB: within the L2 cache of an H100, 50 MB, so that the product reading them back finds most
-of them there), and every product is one cuBLAS call with float32 sums: the mixed kernels
-rounded to x's dtype, as the fused kernels round theirs for the tensor cores; float32 routing
-weights (autocast keeps them so) enter the products as two half parts
-(``_epilogue.routing_parts``), not rounded to half. Deterministic.
+reference use; grad_routing over column slices of |W|). The mixed kernels M and the kernel
+gradients G of a chunk are written to memory, at most ``CHUNK_BYTES`` of them (32 MB: within the
+L2 cache of an H100, 50 MB, so that the products reading them back find much of them there).
+Every product is one cuBLAS call: the mixed kernels summed in float32 and rounded to x's dtype,
+as the fused kernels round theirs for the tensor cores (float32 routing weights, which autocast
+keeps, enter as two half parts, ``_epilogue.routing_parts``, not rounded to half); G in float32
+(``out_dtype``), as the fused kernel gradient keeps it: rounded to half, the examples' G_b that
+cancel in grad_weight's sum over the batch would leave errors of several times the result's own
+rounding. Sums follow PyTorch's matmul settings for split-K reductions (as any nn.Linear
+does); float16 with ``allow_fp16_accumulation`` keeps the dense kernels. Deterministic.
 
-Predicted on the H200 (bench/results/gpu-h200-analysis.md, item 26): the kernel gradient 2-4x
-faster than the fused kernel at batch 256; the forward ~3x faster on the 14x14 layers, about
-even on the 7x7 ones. Host cost: two to four launches a chunk, where the fused kernels make one
-a pass, which eager calls pay on the host.
+Predicted on the H200 (bench/results/gpu-h200-analysis.md, item 26): the kernel gradient
+2-3x faster than the fused kernel at batch 256 on the 14x14 layers, 1.2-2x on the 7x7 ones; the
+forward ~3x faster on the 14x14 layers, about even on the 7x7 ones. Host cost: two to four
+launches a chunk, where the fused kernels make one a pass, which eager calls pay on the host.
 
-Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, no per-example scales, the
-tensors read (x; grad_out for grad_x and the kernel gradient) with their pixels one strided
-dimension (contiguous or channels_last), and for the kernel gradient at most ``MAX_PIXELS``
-pixels an example (one product's float32 chain over the pixels: the tensor cores' truncating
-accumulation, gpu-h200-analysis.md); every other call keeps the dense kernels.
+Scope: 1x1, stride 1, no padding, groups = 1, float16 (without ``allow_fp16_accumulation``) /
+bfloat16, no per-example scales, the tensors read (x; grad_out for grad_x and the kernel
+gradient) with their pixels one strided dimension (contiguous or channels_last), and for the
+kernel gradient at most ``MAX_PIXELS`` pixels an example (one product's float32 chain over the
+pixels: the tensor cores' truncating accumulation, gpu-h200-analysis.md); every other call
+keeps the dense kernels.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .._epilogue import fold_kernel_grads, routing_parts
+from .._epilogue import float32_products, fold_kernel_grads, fp16_accumulation, routing_parts
 
 # Bytes of mixed kernels or kernel gradients per chunk of examples (the last chunk may be
 # smaller).
@@ -66,6 +70,7 @@ def eligible(read: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
     tensors = (read,) if also is None else (read, also)
     return (kh == kw == 1 and tuple(stride) == (1, 1) and not any(padding) and groups == 1
             and read.dtype in DTYPES and all(s is None for s in scales)
+            and not (read.dtype == torch.float16 and fp16_accumulation())
             and all(t.stride(2) == t.shape[3] * t.stride(3) for t in tensors)
             and (also is None or 0 < also.shape[2] * also.shape[3] <= MAX_PIXELS))
 
@@ -78,11 +83,10 @@ def chunk(batch: int, kernel_numel: int, itemsize: int) -> int:
     return max(1, -(-batch // chunks))
 
 
-def _chunks(t: torch.Tensor, weight: torch.Tensor):
-    """The row ranges of the batch of ``t``, chunk by chunk."""
-    B = t.shape[0]
-    step = chunk(B, weight[0].numel(), t.element_size())
-    return [slice(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+def _chunks(batch: int, weight: torch.Tensor, itemsize: int):
+    """The row ranges of the batch, chunk by chunk, for kernels of ``itemsize`` bytes."""
+    step = chunk(batch, weight[0].numel(), itemsize)
+    return [slice(b0, min(batch, b0 + step)) for b0 in range(0, batch, step)]
 
 
 class _Mixer:
@@ -118,7 +122,7 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     X, O = x.flatten(2), out.flatten(2)  # (B, Cin, P), (B, Cout, P): views
     mix = _Mixer(routing, weight, x.dtype)
     mixed_bias = None if bias is None else mix.bias(bias)  # (B, Cout)
-    for rows in _chunks(x, weight):
+    for rows in _chunks(x.shape[0], weight, x.element_size()):
         M = mix(rows)
         if _channels_last(out):
             a, b, o = X[rows].transpose(1, 2), M.transpose(1, 2), O[rows].transpose(1, 2)
@@ -139,7 +143,7 @@ def grad_x(grad_out: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     as (pixels x Cin) = grad_out_b^T M_b where ``out`` is channels_last."""
     D, O = grad_out.flatten(2), out.flatten(2)  # (B, Cout, P), (B, Cin, P)
     mix = _Mixer(routing, weight, grad_out.dtype)
-    for rows in _chunks(grad_out, weight):
+    for rows in _chunks(grad_out.shape[0], weight, grad_out.element_size()):
         M = mix(rows)
         if _channels_last(out):
             torch.bmm(D[rows].transpose(1, 2), M, out=O[rows].transpose(1, 2))
@@ -155,10 +159,11 @@ def kernel_grads(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     wanted; the bias's share of grad_routing is the caller's (``finish_grads``)."""
     N = weight[0].numel()
     X, D = x.flatten(2), grad_out.flatten(2)  # (B, Cin, P), (B, Cout, P)
+    w_acc = weight.to(acc)  # once, not in every chunk's fold
     routing_rows, grad_weight = [], None
-    for rows in _chunks(x, weight):
-        G = torch.bmm(D[rows], X[rows].transpose(1, 2)).view(-1, N)
-        r, w = fold_kernel_grads(G, routing[rows], weight, need_r, need_w, acc,
+    for rows in _chunks(x.shape[0], weight, torch.finfo(acc).bits // 8):
+        G = float32_products(torch.bmm, D[rows], X[rows].transpose(1, 2)).view(-1, N)
+        r, w = fold_kernel_grads(G, routing[rows], w_acc, need_r, need_w, acc,
                                  weight_dtype=acc)
         routing_rows.append(r)
         if need_w:
