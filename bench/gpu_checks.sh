@@ -23,9 +23,9 @@
 #         built extension, Triton's compiled kernels and autotune results.
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
-#         rebuilds): the forward+backward layer benchmark at batch 256 as CUDA graph replays
-#         (device time); the training step (static and fused triton) captured in a CUDA graph,
-#         then again with the batched 1x1 passes (CONDCONV_TRITON_BATCHED=1); host
+#         rebuilds): the training step (static and fused triton) captured in a CUDA graph,
+#         then again with the batched 1x1 passes (CONDCONV_TRITON_BATCHED=1); the
+#         forward+backward layer benchmark at batch 256 as CUDA graph replays (device time); host
 #         against device time of one layer and the whole model's kernels (bench/gpu_profile.py,
 #         one layer); eager training-step throughput; compute-sanitizer memcheck of the cuda
 #         backend.
@@ -415,12 +415,9 @@ elif [ "$MODE" = second ]; then
   [ -e "$WORK/need-build" ] && step build 150 build_extension
   step install 30 install_extension
   # The benchmarks first: they need the kit's cache while it is fresh, and the deadline cuts
-  # the last steps first.
-  step layers-fwdbwd 80 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
-    "${GRAPH[@]}" --backward --out "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
-  table "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
-  # The training step captured in a CUDA graph: the device's time, without the host's; then
-  # the same with every batched 1x1 pass, which the default leaves off until measured.
+  # the last steps first. The training step captured in a CUDA graph (the device's time,
+  # without the host's), then the same with every batched 1x1 pass, which the default leaves
+  # off until measured; they tune the backward kernels the layer table then finds cached.
   step model-train-graph 45 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"
@@ -428,6 +425,9 @@ elif [ "$MODE" = second ]; then
     "${DEV[@]}" "${GRAPHED[@]}" --amp bfloat16 --channels-last --backward \
     --out "$WORK/results/model-b256-amp-cl-train-graph-batched.md"
   table "$WORK/results/model-b256-amp-cl-train-graph-batched.md"
+  step layers-fwdbwd 80 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
+    "${GRAPH[@]}" --backward --out "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
+  table "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
   # Where the time goes: one 1x1 layer (host against device, the kernels, the host functions
   # of the fused call) and the whole model's kernels, inference and training (the profile
   # call adds four layers and the rest).
