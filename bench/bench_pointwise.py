@@ -5,7 +5,8 @@ against the static convolution and two experimental alternatives, the experts-st
 kernel gradients.
 
     python bench/bench_pointwise.py [--device cuda] [--batch 256] [--dtype bfloat16]
-                                    [--layers s5.b0.expand,...] [--out FILE.md]
+                                    [--layers s5.b0.expand,...] [--chunk-mb 8,128]
+                                    [--out FILE.md]
                                     [--modeled bench/results/gpu-model-stationary.json]
 
 Device microseconds per call (torch.profiler: the kernels' own time, no host overhead), x and
@@ -21,6 +22,8 @@ grad_out in channels_last, per layer and pass:
   chunk one batched product (the unfused form through cuBLAS, what a fused forward has to beat
   on these layers); the kernel gradients from chunks of per-example G, folded by two more
   products;
+- ``batched, N MB chunks`` (``--chunk-mb``): the batched pass with chunks of N MB instead of
+  ``CHUNK_BYTES``'s 32 (whether its mixed kernels and G are read back from L2);
 - ``/ dense``: each alternative's time over dense's;
 - ``max diff``: each alternative's largest difference from dense over the result, against its
   scale (stationary, batched);
@@ -98,12 +101,19 @@ def main(argv=None):
     add_device_arguments(p, "The backend of the dense column (triton on the GPU).")
     p.add_argument("--layers", default=DEFAULT_LAYERS,
                    help="Comma-separated 1x1 layer names.")
+    p.add_argument("--chunk-mb", default="",
+                   help="Comma-separated further chunk sizes (MB) for the batched passes: a "
+                        "column of times each, beside the default's (CHUNK_BYTES).")
     p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
     p.add_argument("--modeled", help="A JSON of `condconv_kernels.triton.report --stationary` for "
                                      "the same batch and dtype: adds the stationary kernel's "
                                      "modeled time per pass and the measured / modeled ratio.")
     args = p.parse_args(argv)
     modeled = _modeled_us(args.modeled) if args.modeled else {}
+    try:
+        chunk_mb = [int(v) for v in args.chunk_mb.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"argument --chunk-mb: comma-separated integers, got {args.chunk_mb!r}")
     dtype = getattr(torch, args.dtype)
     chosen = pick_layers(p, args.layers, kernel=1)
     import condconv_kernels.triton as triton_backend
@@ -192,8 +202,14 @@ def main(argv=None):
                         diffs[alt] = float("nan")
                         print(f"{layer.name} {name} {alt}: {type(exc).__name__}: {exc}",
                               file=sys.stderr)
+            sized = {}  # the batched pass at the further chunk sizes
+            for mb in chunk_mb if "batched" in times else ():
+                with mock.patch.object(batched_path, "CHUNK_BYTES", mb << 20):
+                    sized[mb] = times[f"batched {mb} MB"] = device_kernels(
+                        alternatives["batched"][0], args.device)[0]
             alts = list(alternatives)
             cells += [f"{times[a]:.1f}" if a in times else "-" for a in alts]
+            cells += [f"{sized[mb]:.1f}" if mb in sized else "-" for mb in chunk_mb]
             cells += [f"{times[a] / times['dense']:.2f}" if a in times else "-" for a in alts]
             cells += [f"{diffs[a]:.1e}" if a in diffs else "-" for a in alts]
             if name == "grad_routing+weight":
@@ -212,8 +228,9 @@ def main(argv=None):
         print(f"{layer.name}: done", file=sys.stderr)
     print_table(f"1x1 passes, batch {args.batch}, {args.dtype}, channels_last, {args.device}: "
                 "device us per call",
-                ["layer", "shape", "pass", "static", "dense", "stationary", "batched",
-                 "stationary / dense", "batched / dense", "max diff: stationary", "batched",
+                ["layer", "shape", "pass", "static", "dense", "stationary", "batched"]
+                + [f"batched, {mb} MB chunks" for mb in chunk_mb]
+                + ["stationary / dense", "batched / dense", "max diff: stationary", "batched",
                  "vs float64: dense", "stationary", "batched"]
                 + (["modeled", "stationary / modeled"] if args.modeled else []),
                 rows, record, args.out, "bench_pointwise.py", argv)
