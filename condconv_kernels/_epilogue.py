@@ -140,17 +140,19 @@ def fp16_accumulation() -> bool:
     return bool(getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False))
 
 
-def float32_products(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """op(a, b) (torch.mm or torch.bmm) with its sums returned in float32 at least: half inputs
-    multiply in their dtype with float32 results (``out_dtype``; float32 split-K sums too) on
-    CUDA, as float32 copies elsewhere (the CPU's products, a PyTorch without out_dtype, or
-    float16 products allowed to sum in float16)."""
+def float32_products(op, a: torch.Tensor, b: torch.Tensor,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """op(a, b) (torch.mm or torch.bmm) with its sums returned in float32 at least (into ``out``
+    where given): half inputs multiply in their dtype with float32 results (``out_dtype``;
+    float32 split-K sums too) on CUDA, as float32 copies elsewhere (the CPU's products, a
+    PyTorch without out_dtype, or float16 products allowed to sum in float16)."""
+    into = {} if out is None else {"out": out}
     if a.dtype in (torch.float16, torch.bfloat16):
         if (a.is_cuda and _OUT_DTYPE
                 and not (a.dtype == torch.float16 and fp16_accumulation())):
-            return op(a, b, out_dtype=torch.float32)
-        return op(a.float(), b.float())
-    return op(a, b)
+            return op(a, b, out_dtype=torch.float32, **into)
+        return op(a.float(), b.float(), **into)
+    return op(a, b, **into)
 
 
 # <G_b, W_e> over at most this many column slices, each at least SLICE_MIN wide.

@@ -19,7 +19,8 @@ Bc examples (B x C x P: x and grad_out viewed as channels x pixels)::
 (the folds are ``_epilogue.fold_kernel_grads``, the rule the depthwise kernel gradient and the
 reference use; grad_routing over column slices of |W|). The mixed kernels M and the kernel
 gradients G of a chunk are written to memory, at most ``CHUNK_BYTES`` of them (32 MB: within the
-L2 cache of an H100, 50 MB, so that the products reading them back find much of them there).
+L2 cache of an H100, 50 MB, so that the products reading them back find much of them there), in
+one buffer a call that every chunk reuses (the same addresses chunk after chunk).
 Every product is one cuBLAS call: the mixed kernels summed in float32 and rounded to x's dtype,
 as the fused kernels round theirs for the tensor cores (float32 routing weights, which autocast
 keeps, enter as two half parts, ``_epilogue.routing_parts``, not rounded to half); G in float32
@@ -100,9 +101,16 @@ class _Mixer:
         self.R = routing_parts(routing, dtype)
         W = weight.reshape(E, -1).to(dtype)
         self.W = W if self.R.shape[1] == E else torch.cat([W, W])
+        self.buffer = None
 
     def __call__(self, rows: slice) -> torch.Tensor:
-        return (self.R[rows] @ self.W).view(-1, self.cout, self.cin)
+        """The kernels of the examples ``rows``, in one buffer that every chunk reuses (the
+        first is the largest): the same addresses, which L2 may still hold, chunk after
+        chunk."""
+        n = rows.stop - rows.start
+        if self.buffer is None:
+            self.buffer = self.W.new_empty((n, self.W.shape[1]))
+        return torch.mm(self.R[rows], self.W, out=self.buffer[:n]).view(n, self.cout, self.cin)
 
     def bias(self, bias: torch.Tensor) -> torch.Tensor:
         """The mixed biases (B, Cout) in the same way."""
@@ -160,9 +168,14 @@ def kernel_grads(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     N = weight[0].numel()
     X, D = x.flatten(2), grad_out.flatten(2)  # (B, Cin, P), (B, Cout, P)
     w_acc = weight.to(acc)  # once, not in every chunk's fold
+    chunks = _chunks(x.shape[0], weight, torch.finfo(acc).bits // 8)
+    # One buffer for every chunk's G (the first chunk is the largest): the same addresses,
+    # which L2 may still hold, chunk after chunk.
+    buffer = torch.empty((chunks[0].stop, D.shape[1], X.shape[1]), dtype=acc, device=x.device)
     routing_rows, grad_weight = [], None
-    for rows in _chunks(x.shape[0], weight, torch.finfo(acc).bits // 8):
-        G = float32_products(torch.bmm, D[rows], X[rows].transpose(1, 2)).view(-1, N)
+    for rows in chunks:
+        G = float32_products(torch.bmm, D[rows], X[rows].transpose(1, 2),
+                             out=buffer[:rows.stop - rows.start]).view(-1, N)
         r, w = fold_kernel_grads(G, routing[rows], w_acc, need_r, need_w, acc,
                                  weight_dtype=acc)
         routing_rows.append(r)
