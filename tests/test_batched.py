@@ -210,21 +210,6 @@ def test_off_by_default_and_the_dense_kernels_otherwise(monkeypatch):
         assert {n for n in names if ours[n].called} == taken, (on, dtype)
 
 
-@pytest.mark.parametrize("value,passes", [
-    ("", set()), ("0", set()), ("1", {"forward", "grad_x", "kernel_grad"}),
-    ("all", {"forward", "grad_x", "kernel_grad"}), (" Kernel_grad, forward", {"forward",
-                                                                              "kernel_grad"})])
-def test_switch_values(value, passes):
-    """CONDCONV_TRITON_BATCHED: off, all passes, or the passes it names."""
-    assert _env.batched_passes(value) == passes
-
-
-@pytest.mark.parametrize("value", ["2", "yes", "forward,routing", ","])
-def test_the_switch_names_itself_on_a_bad_value(value):
-    with pytest.raises(ValueError, match="CONDCONV_TRITON_BATCHED must be 0, 1, all or"):
-        _env.batched_passes(value)
-
-
 def test_float32_routing_enters_as_two_half_parts():
     """autocast keeps the routing weights in float32 beside bfloat16 tensors: the batched
     passes' mixed kernels (and grad_weight's fold, through routing_parts) carry them as two

@@ -1,8 +1,8 @@
 """The experimental experts-stationary 1x1 kernel's host side (triton/stationary.py), which runs
 without a GPU: its shared-memory plan, the launch it makes, which calls it takes (the dual's and
-the scales' layouts), the CONDCONV_TRITON_STATIONARY values, and the triton backend's use of it
-pass by pass (the kernel itself runs only on an sm_90 GPU: tests/test_gpu.py::
-test_gpu_stationary_*; its compile: test_triton_compile.py)."""
+the scales' layouts) and the triton backend's use of it pass by pass (the kernel itself runs
+only on an sm_90 GPU: tests/test_gpu.py::test_gpu_stationary_*; its compile:
+test_triton_compile.py; its switch's values: test_env.py)."""
 from unittest import mock
 
 import pytest
@@ -283,21 +283,6 @@ def test_backward_leaves_the_routing_half_to_the_stationary_kernel():
     torch.testing.assert_close(on[2], off[2], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("value,passes", [
-    ("", set()), ("0", set()), ("1", {"forward", "grad_x", "routing"}),
-    ("all", {"forward", "grad_x", "routing"}), ("forward", {"forward"}),
-    (" Forward, grad_x ", {"forward", "grad_x"}), ("routing,", {"routing"})])
-def test_stationary_switch_values(value, passes):
-    """CONDCONV_TRITON_STATIONARY: off, all passes, or the passes it names."""
-    from condconv_kernels import _env
-    assert _env.stationary_passes(value) == passes
-
-
-@pytest.mark.parametrize("value", ["2", "yes", "forward,backward", ","])
-def test_stationary_switch_rejects_unknown_values(value):
-    from condconv_kernels import _env
-    with pytest.raises(ValueError, match="CONDCONV_TRITON_STATIONARY"):
-        _env.stationary_passes(value)
 
 
 def test_backend_takes_only_the_switched_passes():

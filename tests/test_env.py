@@ -1,0 +1,33 @@
+"""The switches that choose among the triton backend's kernels (condconv_kernels/_env.py):
+CONDCONV_TRITON_STATIONARY and CONDCONV_TRITON_BATCHED each turn on a set of passes, off by
+default; a value that names no pass is an error naming the variable."""
+import pytest
+
+from condconv_kernels import _env
+
+SWITCHES = [("CONDCONV_TRITON_STATIONARY", _env.stationary_passes,
+             {"forward", "grad_x", "routing"}),
+            ("CONDCONV_TRITON_BATCHED", _env.batched_passes,
+             {"forward", "grad_x", "kernel_grad"})]
+
+
+@pytest.mark.parametrize("name,parse,allowed", SWITCHES, ids=[s[0] for s in SWITCHES])
+def test_off_all_or_the_passes_named(name, parse, allowed):
+    assert parse("") == parse("0") == set()
+    assert parse("1") == parse("all") == parse(" ALL ") == allowed
+    for one in allowed:
+        assert parse(one) == parse(f" {one.title()}, ") == {one}
+    assert parse(",".join(sorted(allowed))) == allowed
+
+
+@pytest.mark.parametrize("name,parse,allowed", SWITCHES, ids=[s[0] for s in SWITCHES])
+@pytest.mark.parametrize("value", ["2", "yes", "forward,backward", ","])
+def test_a_bad_value_names_the_variable_and_the_passes(name, parse, allowed, value):
+    with pytest.raises(ValueError, match=f"{name} must be 0, 1, all or a comma-separated "
+                                         f"subset of {', '.join(sorted(allowed))}"):
+        parse(value)
+
+
+def test_both_off_by_default():
+    """Unless the environment set them (the test runs do not)."""
+    assert _env.TRITON_STATIONARY == frozenset() and _env.TRITON_BATCHED == frozenset()
