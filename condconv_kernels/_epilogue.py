@@ -126,7 +126,7 @@ def routing_parts(routing: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if torch.finfo(routing.dtype).eps >= torch.finfo(dtype).eps:
         return routing.to(dtype)  # nothing finer than ``dtype`` to carry
     high = routing.to(dtype)
-    return torch.cat([high, (routing - high.to(routing.dtype)).to(dtype)], 1)
+    return torch.cat([high, (routing - high).to(dtype)], 1)  # the difference in routing's dtype
 
 
 # Whether this PyTorch's mm and bmm take out_dtype (float32 results of half inputs, on CUDA).

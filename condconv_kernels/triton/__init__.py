@@ -12,6 +12,12 @@ other backends' do; under ``torch.use_deterministic_algorithms(True)`` they need
 ``CUBLAS_WORKSPACE_CONFIG``, as any cuBLAS product does.
 
 On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (for tests).
+
+Two experimental paths for the dense 1x1 passes, off unless their switches name them
+(``_env.py``): the experts-stationary Hopper kernel (:mod:`.stationary`,
+``CONDCONV_TRITON_STATIONARY``) and batched cuBLAS products over chunks of examples
+(:mod:`.batched`, ``CONDCONV_TRITON_BATCHED``); batched takes a pass before stationary where
+both are on.
 """
 from __future__ import annotations
 
