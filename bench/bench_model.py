@@ -10,7 +10,9 @@ the reference backend (unfused baseline) and the same architecture without exper
 Prints median milliseconds per batch, images per second, and the ratios to the unfused model
 and to the static one, all measured in this run (variants interleaved). ``--timm`` adds timm's
 own models (e.g. tf_efficientnet_cc_b0_8e, tf_efficientnet_b0) as variants, where timm is
-installed (skipped with a note otherwise). ``--cuda-graph`` captures each variant's call in a
+installed (skipped with a note otherwise); ``--variants`` may add ``fused:triton+batched``, the
+triton backend with its experimental batched 1x1 passes on (``CONDCONV_TRITON_BATCHED``, around
+that variant's calls only). ``--cuda-graph`` captures each variant's call in a
 CUDA graph and times its replays: no host work per kernel, so the numbers are the device's, as
 in a training loop under ``torch.cuda.graph`` (a variant whose capture fails is left out, with a
 note).
@@ -25,7 +27,7 @@ from condconv_kernels.cli import add_timing_arguments, parser
 from condconv_kernels.profile.tables import header, machine_line, row, write_result
 from condconv_kernels.profile.timing import (graphed_variants, reexec_with_stable_malloc,
                                              time_interleaved)
-from condconv_kernels.profile.latency import model_variants
+from condconv_kernels.profile.latency import BATCHED_VARIANT, model_variants
 
 
 def main(argv=None):
@@ -41,7 +43,9 @@ def main(argv=None):
     p.add_argument("--timm", default="", help="Comma-separated timm model names to add.")
     p.add_argument("--variants", default="",
                    help="Comma-separated variants to time (static, unfused, fused:<backend>, "
-                        "timm:<name>); static is always timed. Default: all.")
+                        f"timm:<name>, {BATCHED_VARIANT}: the triton backend with every "
+                        "batched 1x1 pass on, only when named); static is always timed. "
+                        "Default: all but the last.")
     p.add_argument("--cuda-graph", action="store_true",
                    help="Time replays of each variant captured in a CUDA graph (CUDA only).")
     p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
@@ -64,11 +68,11 @@ def main(argv=None):
     lines = [f"{args.model}, {precision}{layout}, {mode}, median ms", "",
              *header(["batch", "variant", "ms", "images/s", "/ unfused", "/ static"])]
     for batch in [int(b) for b in args.batch.split(",")]:
+        chosen = {v for v in args.variants.split(",") if v} | {"static"}
         fns = model_variants(args.model, batch, args.device, getattr(torch, args.dtype),
                              args.backward, amp=getattr(torch, args.amp) if args.amp else None,
                              channels_last=args.channels_last, input_size=args.input_size,
-                             timm_models=timm_models)
-        chosen = {v for v in args.variants.split(",") if v} | {"static"}
+                             timm_models=timm_models, batched=BATCHED_VARIANT in chosen)
         if args.variants:
             unknown = chosen - set(fns)
             if unknown:

@@ -18,17 +18,16 @@
 #         256, bfloat16, channels_last, forward: triton, cuda, unfused, static, roofline
 #         columns, each variant as CUDA graph replays: the device's time); whole-model
 #         inference at batch 256, static and fused triton captured in a CUDA graph (device
-#         time), then again with the batched 1x1 forward, then eager (ours fused, unfused and
+#         time; also with the batched 1x1 forward), then eager (ours fused, unfused and
 #         static, timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0); then kit.tgz: the
 #         built extension, Triton's compiled kernels and autotune results.
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
-#         rebuilds): the training step (static and fused triton) captured in a CUDA graph,
-#         then again with the batched 1x1 passes (CONDCONV_TRITON_BATCHED=1); the
-#         forward+backward layer benchmark at batch 256 as CUDA graph replays (device time); host
-#         against device time of one layer and the whole model's kernels (bench/gpu_profile.py,
-#         one layer); eager training-step throughput; compute-sanitizer memcheck of the cuda
-#         backend.
+#         rebuilds): the training step (static, fused triton, fused triton with the batched 1x1
+#         passes) captured in a CUDA graph; the forward+backward layer benchmark at batch 256 as
+#         CUDA graph replays (device time); host against device time of one layer and the whole
+#         model's kernels (bench/gpu_profile.py, one layer); eager training-step throughput;
+#         compute-sanitizer memcheck of the cuda backend.
 # profile: with the kit as for second: host against device time per call and the kernels each
 #         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
 #         Compute on each kernel of two layers (bench/ncu_layers.py: occupancy, stall reasons,
@@ -322,9 +321,11 @@ else
   CUDA_TESTS=(-k "not stationary")  # the triton step runs the Gluon kernel's test
   WARM=(--batch 256 --dtype bfloat16 --channels-last --backward --jobs 14 --stationary)
   LAYERS=(--batch 256 --min-run-time 0.1)
-  GRAPH=(--cuda-graph)  # the first call's layer table: device time (the second's: eager)
+  GRAPH=(--cuda-graph)  # both calls' layer tables: device time (before 2026-11-27 the second's
+                        # was eager, host-bound: not comparable)
   MODEL=(--batch 256 --min-run-time 0.5 --timm tf_efficientnet_cc_b0_8e,tf_efficientnet_b0)
-  GRAPHED=(--batch 256 --min-run-time 0.5 --variants static,fused:triton --cuda-graph)
+  GRAPHED=(--batch 256 --min-run-time 0.5 --cuda-graph
+           --variants static,fused:triton,fused:triton+batched)
   SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
   SANITIZE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck
             --report-api-errors no --error-exitcode 1)
@@ -378,15 +379,12 @@ if [ "$MODE" = first ]; then
   step layers-fwd 110 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
     "${GRAPH[@]}" --roofline --out "$WORK/results/layers-b256-bf16-cl-fwd.md"
   table "$WORK/results/layers-b256-bf16-cl-fwd.md"
-  # Inference captured in a CUDA graph (the device's time), then with the batched 1x1 forward
-  # (CONDCONV_TRITON_BATCHED=forward), then eager (host-bound; the deadline cuts it first).
-  step model-fwd-graph 40 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
+  # Inference captured in a CUDA graph (the device's time): static, fused triton, and fused
+  # triton with its batched 1x1 forward (off by default until measured); then eager
+  # (host-bound; the deadline cuts it first).
+  step model-fwd-graph 60 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --out "$WORK/results/model-b256-amp-cl-fwd-graph.md"
   table "$WORK/results/model-b256-amp-cl-fwd-graph.md"
-  step model-fwd-graph-batched 40 env CONDCONV_TRITON_BATCHED=forward "$PY" \
-    bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" --amp bfloat16 --channels-last \
-    --out "$WORK/results/model-b256-amp-cl-fwd-graph-batched.md"
-  table "$WORK/results/model-b256-amp-cl-fwd-graph-batched.md"
   step model-fwd 90 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
     --channels-last --out "$WORK/results/model-b256-amp-cl-fwd.md"
   table "$WORK/results/model-b256-amp-cl-fwd.md"
@@ -416,15 +414,12 @@ elif [ "$MODE" = second ]; then
   step install 30 install_extension
   # The benchmarks first: they need the kit's cache while it is fresh, and the deadline cuts
   # the last steps first. The training step captured in a CUDA graph (the device's time,
-  # without the host's), then the same with every batched 1x1 pass, which the default leaves
-  # off until measured; they tune the backward kernels the layer table then finds cached.
-  step model-train-graph 45 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
+  # without the host's): static, fused triton, and fused triton with every batched 1x1 pass
+  # (off by default until measured); it tunes the backward kernels the layer table then finds
+  # cached.
+  step model-train-graph 80 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"
-  step model-train-graph-batched 45 env CONDCONV_TRITON_BATCHED=1 "$PY" bench/bench_model.py \
-    "${DEV[@]}" "${GRAPHED[@]}" --amp bfloat16 --channels-last --backward \
-    --out "$WORK/results/model-b256-amp-cl-train-graph-batched.md"
-  table "$WORK/results/model-b256-amp-cl-train-graph-batched.md"
   step layers-fwdbwd 80 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
     "${GRAPH[@]}" --backward --out "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
   table "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"

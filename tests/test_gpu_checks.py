@@ -15,11 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_checks.sh"
 FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests",
-         "tuned-check", "pointwise", "layers-fwd", "model-fwd-graph", "model-fwd-graph-batched",
-         "model-fwd", "pack"]
+         "tuned-check", "pointwise", "layers-fwd", "model-fwd-graph", "model-fwd", "pack"]
 BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
-SECOND = ["versions", "restore", "install", "model-train-graph", "model-train-graph-batched",
-          "layers-fwdbwd", "profile-model", "model-train", "memcheck"]
+SECOND = ["versions", "restore", "install", "model-train-graph", "layers-fwdbwd",
+          "profile-model", "model-train", "memcheck"]
 STEP_LINE = re.compile(r"^### ([\w-]+): (.+?), (\d+) s \(cap (\d+) s\)$", re.M)
 MAX_FILES = 8  # what comes back from a GPU machine's output folder
 

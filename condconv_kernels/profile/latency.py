@@ -27,7 +27,7 @@ from .layers import LayerShape
 from .timing import Measurement, time_callable
 
 __all__ = ["VariantResult", "model_layer_shapes", "layer_variants", "model_variants",
-           "measure", "fused_backends", "cpu_peak_memory_mb"]
+           "BATCHED_VARIANT", "measure", "fused_backends", "cpu_peak_memory_mb"]
 
 
 @dataclasses.dataclass
@@ -175,15 +175,35 @@ def _set_backend(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+BATCHED_VARIANT = "fused:triton+batched"
+
+
+@contextlib.contextmanager
+def _triton_batched():
+    """Every batched 1x1 pass of the triton backend on for the block (``_env.TRITON_BATCHED``,
+    which the backend reads at every call), then the switch as it was."""
+    from .. import _env
+    saved = _env.TRITON_BATCHED
+    _env.TRITON_BATCHED = _env.BATCHED_PASSES
+    try:
+        yield
+    finally:
+        _env.TRITON_BATCHED = saved
+
+
 def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backward: bool,
                    input_size: Optional[int] = None, amp: Optional[torch.dtype] = None,
-                   channels_last: bool = False,
-                   timm_models: Sequence[str] = ()) -> Dict[str, Callable[[], None]]:
+                   channels_last: bool = False, timm_models: Sequence[str] = (),
+                   batched: bool = False) -> Dict[str, Callable[[], None]]:
     """variant name -> callable running the whole model (training mode with backward, else
     eval); ``static`` is the same architecture without experts. ``amp``: run under
     ``torch.autocast`` with that dtype (parameters stay ``dtype``); ``channels_last``: model and
     input in channels_last; ``timm_models``: timm's own models of these names as further
-    variants ``timm:<name>`` (randomly initialised, same input), where timm is installed."""
+    variants ``timm:<name>`` (randomly initialised, same input), where timm is installed;
+    ``batched`` (where the triton backend runs): the variant ``fused:triton+batched``, the
+    triton backend with every batched 1x1 pass on (``CONDCONV_TRITON_BATCHED``), switched on
+    around its own steps only, forward and backward (so also while a CUDA graph captures
+    them)."""
     from ..models import create_model
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     fused = create_model(name).to(device, dtype, memory_format=memory_format)
@@ -201,6 +221,8 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
     variants = {}
     models = ([(static, "static", None), (fused, "unfused", "reference")] +
               [(fused, f"fused:{b}", b) for b in fused_backends(device)])
+    if batched and "triton" in fused_backends(device):
+        models.append((fused, BATCHED_VARIANT, "triton"))
     if timm_models:
         import timm
         models += [(timm.create_model(t, pretrained=False).to(device, dtype,
@@ -220,6 +242,11 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
             with torch.no_grad():
                 return run(model)
         variants[label] = _step(fn, backward)
+        if label == BATCHED_VARIANT:  # the switch around the backward pass too
+            def switched(step=variants[label]):
+                with _triton_batched():
+                    step()
+            variants[label] = switched
     return variants
 
 
