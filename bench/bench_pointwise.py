@@ -10,7 +10,9 @@ kernel gradients.
                                     [--modeled bench/results/gpu-model-stationary.json]
 
 Device microseconds per call (torch.profiler: the kernels' own time, no host overhead), x and
-grad_out in channels_last, per layer and pass:
+grad_out in channels_last, per layer and pass. Each call reuses the same inputs, which L2 may
+keep on the 7x7 layers: times a little below the layer table's (which rotates input sets), the
+ratios between columns comparable.
 
 - ``static``: the static convolution with one expert's kernel (cuDNN / cuBLAS): F.conv2d, its
   input gradient, or (for the kernel gradients) its weight gradient; the cost to match;
