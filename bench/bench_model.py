@@ -45,7 +45,7 @@ def main(argv=None):
                    help="Comma-separated variants to time (static, unfused, fused:<backend>, "
                         f"timm:<name>, {BATCHED_VARIANT}: the triton backend with every "
                         "batched 1x1 pass on, only when named); static is always timed. "
-                        "Default: all but the last.")
+                        f"Default: all but {BATCHED_VARIANT}.")
     p.add_argument("--cuda-graph", action="store_true",
                    help="Time replays of each variant captured in a CUDA graph (CUDA only).")
     p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
