@@ -14,13 +14,13 @@
 #         (forward, grad_x, kernel gradients) of the dense kernels against the static layer and
 #         the experimental alternatives (the experts-stationary kernel, batched cuBLAS
 #         products), each routing gradient against a float64 sum (bench/bench_pointwise.py);
-#         the headline benchmark (the 24 CondConv layers of tf_efficientnet_cc_b0_8e, batch
-#         256, bfloat16, channels_last, forward: triton, cuda, unfused, static, roofline
-#         columns, each variant as CUDA graph replays: the device's time); whole-model
-#         inference at batch 256, static and fused triton captured in a CUDA graph (device
-#         time; also with the batched 1x1 forward), then eager (ours fused, unfused and
-#         static, timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0); then kit.tgz: the
-#         built extension, Triton's compiled kernels and autotune results.
+#         whole-model inference at batch 256, static and fused triton captured in a CUDA graph
+#         (device time; also with the batched 1x1 forward); the headline benchmark (the 24
+#         CondConv layers of tf_efficientnet_cc_b0_8e, batch 256, bfloat16, channels_last,
+#         forward: triton, cuda, unfused, static, roofline columns, each variant as CUDA graph
+#         replays: the device's time); eager inference (ours fused, unfused and static, timm's
+#         tf_efficientnet_cc_b0_8e and tf_efficientnet_b0); then kit.tgz: the built extension,
+#         Triton's compiled kernels and autotune results.
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the training step (static, fused triton, fused triton with the batched 1x1
@@ -376,15 +376,16 @@ if [ "$MODE" = first ]; then
   step pointwise 90 "$PY" bench/bench_pointwise.py "${POINTWISE[@]}" \
     --out "$WORK/results/pointwise.md"
   table "$WORK/results/pointwise.md"
-  step layers-fwd 110 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
-    "${GRAPH[@]}" --roofline --out "$WORK/results/layers-b256-bf16-cl-fwd.md"
-  table "$WORK/results/layers-b256-bf16-cl-fwd.md"
   # Inference captured in a CUDA graph (the device's time): static, fused triton, and fused
-  # triton with its batched 1x1 forward (off by default until measured); then eager
+  # triton with its batched 1x1 forward (off by default until measured), before the layer
+  # table (the decision the batched variant settles comes first); eager inference last
   # (host-bound; the deadline cuts it first).
   step model-fwd-graph 60 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
     --amp bfloat16 --channels-last --out "$WORK/results/model-b256-amp-cl-fwd-graph.md"
   table "$WORK/results/model-b256-amp-cl-fwd-graph.md"
+  step layers-fwd 110 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
+    "${GRAPH[@]}" --roofline --out "$WORK/results/layers-b256-bf16-cl-fwd.md"
+  table "$WORK/results/layers-b256-bf16-cl-fwd.md"
   step model-fwd 90 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
     --channels-last --out "$WORK/results/model-b256-amp-cl-fwd.md"
   table "$WORK/results/model-b256-amp-cl-fwd.md"

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_checks.sh"
 FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests",
-         "tuned-check", "pointwise", "layers-fwd", "model-fwd-graph", "model-fwd", "pack"]
+         "tuned-check", "pointwise", "model-fwd-graph", "layers-fwd", "model-fwd", "pack"]
 BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
 SECOND = ["versions", "restore", "install", "model-train-graph", "layers-fwdbwd",
           "profile-model", "model-train", "memcheck"]
