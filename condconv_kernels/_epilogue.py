@@ -102,7 +102,9 @@ def fold_kernel_grads(G: torch.Tensor, routing: torch.Tensor, weight: torch.Tens
                       weight_dtype: Optional[torch.dtype] = None
                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_routing in ``acc``, grad_weight in weight's shape and ``weight_dtype``, weight's
-    dtype by default) from G (B, |W|) in ``acc``; None where not wanted."""
+    dtype by default) from G (B, |W|), None where not wanted. Every caller passes G in ``acc``;
+    a half G also works (its products then summed in float32 by :func:`float32_products`,
+    float32 routing carried by :func:`routing_parts`)."""
     grad_routing = grad_weight = None
     E = weight.shape[0]
     if need_r:
