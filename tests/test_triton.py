@@ -589,3 +589,36 @@ def test_dense_tap_major_reduction(name, monkeypatch):
         test_scales._check(case, "triton", torch.float64, "channels_last",
                            test_scales.SUBSETS["all"], grad_layout="channels_last")
         assert set(seen) == {(k, True) for k in kernels}, seen
+
+
+@pytest.mark.parametrize("case", [
+    # stride 3, dilation 2 (taps 3 apart in a phase: 1 or 2 of the 5 rows), sizes that the
+    # strides do not divide, asymmetric padding, a rectangular kernel
+    Case("k5x3_s3x2_d2x1", B=2, cin=4, cout=5, H=11, W=9, kernel=(5, 3), stride=(3, 2),
+         dilation=(2, 1), padding=(3, 1, 1, 2), E=3),
+    # stride 2 with dilation 2: half the phases reached by no tap (their gradient is 0)
+    Case("k3_s2_d2_g2", B=2, cin=4, cout=6, H=9, W=8, kernel=(3, 3), stride=(2, 2),
+         dilation=(2, 2), padding=(2, 2, 1, 2), groups=2, E=2),
+    # 1x1 at stride 2: three phases of four untouched
+    Case("k1_s2_pad", B=2, cin=3, cout=5, H=7, W=6, kernel=(1, 1), stride=(2, 2),
+         padding=(1, 0, 0, 1), E=2, bias=False),
+], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_dense_grad_x_by_phase(case, layout, monkeypatch):
+    """The dense grad_x at a stride above 1 runs phase by phase (dense_bwd_x_kernel's PHASES:
+    each program's input pixels of one phase, its reduction over the taps that reach that
+    phase only), in both reduction orders; every gradient against the reference in float64."""
+    import condconv_kernels.triton as backend
+    monkeypatch.setattr(backend, "TAP_MAJOR_MIN_BATCH", 1)
+    seen = []
+    kernel = backend.dense_bwd_x_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["PHASES"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(backend, "dense_bwd_x_kernel", Spy())
+    test_op._check(case, "triton", torch.float64, layout)
+    assert seen == [True]

@@ -78,6 +78,12 @@ def _tap_major(kh: int, kw: int, t: torch.Tensor) -> bool:
     return kh * kw > 1 and t.stride(1) == 1 and t.shape[0] >= TAP_MAJOR_MIN_BATCH
 
 
+def _phases(stride: Sequence[int], pointwise: bool) -> bool:
+    """Whether the dense grad_x runs phase by phase (``dense_bwd_x_kernel``'s PHASES): at a
+    stride above 1, where each input pixel is reached through only some of the taps."""
+    return not pointwise and tuple(stride) != (1, 1)
+
+
 def _within(rows: Tuple[int, int], tiles: Tuple[int, int],
             grid: Tuple[int, ...]) -> Tuple[int, ...]:
     """A kernel-gradient grid whose programs cover (output channels x K) ``tiles`` tiles of W
@@ -245,9 +251,11 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             else:
                 cout_g = cout // groups
                 blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
+                phases = stride[0] * stride[1] if _phases(stride, pointwise) else 0
                 grid = lambda meta: flat_grid(  # noqa: E731
-                    cdiv(H * W, meta["BLOCK_N"]), cdiv(cin_g, meta["BLOCK_M"]),
-                    cdiv(B, meta["BLOCK_B"]) * groups)
+                    phases * cdiv(cdiv(H, stride[0]) * cdiv(W, stride[1]), meta["BLOCK_N"])
+                    if phases else cdiv(H * W, meta["BLOCK_N"]),
+                    cdiv(cin_g, meta["BLOCK_M"]), cdiv(B, meta["BLOCK_B"]) * groups)
                 tap_major = _tap_major(kh, kw, grad_out)
                 dense_bwd_x_kernel[grid](
                     grad_out, routing,
@@ -255,8 +263,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                     *s_ptrs, grad_x, B, cin_g, cout_g, groups, H, W, ho,
                     wo, *grad_out.stride(), *routing.stride(), 0, *grad_x.stride(), *s_strides,
                     *geometry, bucket(B), bucket(cout_g * kh * kw), bucket(H * W), E=E, KH=kh,
-                    KW=kw, POINTWISE=pointwise, TAP_MAJOR=tap_major, ACC=_acc(x.dtype),
-                    PRECISION=_precision(x.dtype), **s_flags, **blocks)
+                    KW=kw, POINTWISE=pointwise, TAP_MAJOR=tap_major, PHASES=bool(phases),
+                    ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **s_flags, **blocks)
 
     if need_r and not depthwise and "routing" in _env.TRITON_STATIONARY:
         grad_routing = _stationary_routing_grad(grad_out, x, weight, groups, stride, padding,

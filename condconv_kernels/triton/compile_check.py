@@ -49,8 +49,9 @@ PIXEL_VARIANTS = {"dense_bwd_w": ("+one_tile", "+long")}
 LAYOUT_VARIANTS = {"dense_fwd": ("+nchw",), "dense_bwd_x": ("+nchw",), "dense_bwd_w": ("+nchw",)}
 # The depthwise kernels at stride 2 (+ "+s2"): the column stride is a compile-time constant
 # there (a group's columns reach twice as many input columns), and grad_x's input columns take
-# only the taps of their parity.
-STRIDE_VARIANTS = {"dw_fwd": ("+s2",), "dw_bwd_x": ("+s2",), "dw_bwd_w": ("+s2",)}
+# only the taps of their parity; the dense grad_x runs phase by phase (PHASES).
+STRIDE_VARIANTS = {"dw_fwd": ("+s2",), "dw_bwd_x": ("+s2",), "dw_bwd_w": ("+s2",),
+                   "dense_bwd_x": ("+s2",)}
 _SCALE_POINTERS = ("in_s_ptr", "out_s_ptr", "tap_s_ptr")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}
@@ -81,7 +82,7 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
                       POINTWISE=False, WIDE=False, NEED_W=True, NEED_R=True,
                       STRIDE_H=2 if "s2" in flags else 1, STRIDE_W=2 if "s2" in flags else 1,
                       PAD_L=1, DIL_W=1, KK_POW2=16,
-                      TAP_MAJOR="nchw" not in flags,
+                      TAP_MAJOR="nchw" not in flags, PHASES="s2" in flags,
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                       PRECISION="tf32" if dtype == torch.float32 else "ieee")
     declared = {p.name for p in fn.params if p.is_constexpr}

@@ -202,8 +202,27 @@ def dense_fwd_kernel(
            s_ow, accs)
 
 
+@triton.jit
+def _phase_taps(phase, pad, dil, stride, TAPS: tl.constexpr):
+    """The taps (of TAPS along one dimension) through which the input positions phase, phase +
+    stride, phase + 2 stride, ... (phase < stride) feed an output position of a strided
+    convolution: those with phase + pad - tap * dil a multiple of the stride, as (first,
+    count, step). Any two of them differ by a multiple of stride / gcd(stride, dil), so they
+    run from the first in steps of that (the difference of the first two); count 0 where no
+    output position reads these inputs."""
+    first = phase * 0
+    count = phase * 0
+    step = phase * 0 + 1
+    for t in tl.static_range(TAPS):
+        hit = (phase + pad - t * dil) % stride == 0
+        step = tl.where(hit & (count == 1), t - first, step)
+        first = tl.where(hit & (count == 0), t, first)
+        count += hit.to(count.dtype)
+    return first, count, step
+
+
 @autotune(key=["B_KEY", "CIN_G", "KEY_K", "KEY_L", "E", "KH", "KW", "TAP_MAJOR",
-               *SCALE_FLAGS], shapes=DENSE_TILES)
+               "PHASES", *SCALE_FLAGS], shapes=DENSE_TILES)
 @triton.jit
 def dense_bwd_x_kernel(
     g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, dx_ptr,
@@ -213,7 +232,8 @@ def dense_bwd_x_kernel(
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, B_KEY, KEY_K, KEY_L,
     E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr, POINTWISE: tl.constexpr,
-    TAP_MAJOR: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    TAP_MAJOR: tl.constexpr, PHASES: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x[b, ci, ih, iw] = sum_{co, i, j} W_b[co, ci, i, j] grad_out[b, co, oh, ow] over
@@ -224,17 +244,38 @@ def dense_bwd_x_kernel(
     runs over (output channel, tap), or with TAP_MAJOR over (tap, output channel), w_ptr then
     holding the experts as (E, kh, kw, Cout, Cin/groups): the W^T tile contiguous along its
     input channels, the grad_out tile of a channels_last grad_out along its output channels
-    (vector loads, copied asynchronously)."""
-    i_n, i_m, i_bg = program_ids(tl.cdiv(H * W, BLOCK_N), tl.cdiv(CIN_G, BLOCK_M))
+    (vector loads, copied asynchronously).
+
+    PHASES (a stride above 1): a program's input pixels are of one phase (ih mod stride_h, iw
+    mod stride_w), the grid's pixel axis running over the phases' pixel tiles; only some taps
+    reach a phase (_phase_taps: at stride 2 a quarter of them on average), and the reduction
+    runs over those alone, where over every tap the masks would zero the rest of the products
+    and of the mix (4x the work of the forward at stride 2 in both dimensions)."""
+    if PHASES:
+        HC, WC = tl.cdiv(H, STRIDE_H), tl.cdiv(W, STRIDE_W)  # a phase's rows and columns, at most
+        NQ = tl.cdiv(HC * WC, BLOCK_N)  # pixel tiles a phase
+        i_n, i_m, i_bg = program_ids(STRIDE_H * STRIDE_W * NQ, tl.cdiv(CIN_G, BLOCK_M))
+        ph_h, ph_w = (i_n // NQ) // STRIDE_W, (i_n // NQ) % STRIDE_W
+        o_q = (i_n % NQ) * BLOCK_N + tl.arange(0, BLOCK_N)  # the phase's pixels
+        o_ih, o_iw = ph_h + (o_q // WC) * STRIDE_H, ph_w + (o_q % WC) * STRIDE_W
+        m_q = (o_q < HC * WC) & (o_ih < H) & (o_iw < W)
+        o_px = o_ih * W + o_iw
+        i0, ni, si = _phase_taps(ph_h, PAD_T, DIL_H, STRIDE_H, KH)
+        j0, nj, sj = _phase_taps(ph_w, PAD_L, DIL_W, STRIDE_W, KW)
+        NT = ni * nj  # 0: nothing reaches these pixels, whose gradient is 0
+    else:
+        i_n, i_m, i_bg = program_ids(tl.cdiv(H * W, BLOCK_N), tl.cdiv(CIN_G, BLOCK_M))
+        o_q = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_q = o_q < H * W
+        o_ih, o_iw = o_q // W, o_q % W
+        o_px = o_q
+        NT: tl.constexpr = KH * KW
     i_bb, i_g = i_bg // GROUPS, i_bg % GROUPS
     bs = _examples(i_bb, B, BLOCK_B)
-    K2 = COUT_G * KH * KW
+    K2 = COUT_G * NT
     N = COUT_G * GROUPS * CIN_G * KH * KW
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < CIN_G
-    o_q = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_q = o_q < H * W
-    o_ih, o_iw = o_q // W, o_q % W
     g_g = g_ptr + (i_g * COUT_G).to(tl.int64) * s_gc
 
     accs = ()
@@ -243,12 +284,18 @@ def dense_bwd_x_kernel(
     for k0 in range(0, K2, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K2
+        if TAP_MAJOR:  # (tap, co): the tap's index among those the reduction runs over
+            o_u, o_co = o_k // COUT_G, o_k % COUT_G
+        else:  # (co, tap)
+            o_co, o_u = o_k // NT, o_k % NT
+        if PHASES:  # the phase's taps, row after row
+            o_t = (i0 + (o_u // nj) * si) * KW + j0 + (o_u % nj) * sj
+        else:
+            o_t = o_u
         if TAP_MAJOR:  # Mixed W^T tile: (ci, (t, co)) of W[e, t, g * COUT_G + co, ci].
-            o_t, o_co = o_k // COUT_G, o_k % COUT_G
             p_w = (w_ptr + ((o_t[None, :] * GROUPS + i_g) * COUT_G + o_co[None, :]).to(tl.int64)
                    * CIN_G + o_m[:, None])
         else:  # Mixed W^T tile: (ci, (co, t)) of W[e, g * COUT_G + co, ci, t].
-            o_co, o_t = o_k // (KH * KW), o_k % (KH * KW)
             p_w = (w_ptr + ((i_g * COUT_G + o_co[None, :]).to(tl.int64) * CIN_G + o_m[:, None])
                    * (KH * KW) + o_t[None, :])
         ws = _mix(r_ptr, r_ptr + k0 * s_rk, w_ptr, p_w,
@@ -262,15 +309,19 @@ def dense_bwd_x_kernel(
             o_nh = o_ih[None, :] + PAD_T - (o_t // KW)[:, None] * DIL_H
             o_nw = o_iw[None, :] + PAD_L - (o_t % KW)[:, None] * DIL_W
             o_oh, o_ow = o_nh // STRIDE_H, o_nw // STRIDE_W
-            m_g = (m_k[:, None] & m_q[None, :] & (o_nh >= 0) & (o_nw >= 0)
-                   & (o_nh % STRIDE_H == 0) & (o_nw % STRIDE_W == 0) & (o_oh < HO)
-                   & (o_ow < WO))
+            if PHASES:  # (a phase's taps divide by the strides)
+                m_g = (m_k[:, None] & m_q[None, :] & (o_nh >= 0) & (o_nw >= 0) & (o_oh < HO)
+                       & (o_ow < WO))
+            else:
+                m_g = (m_k[:, None] & m_q[None, :] & (o_nh >= 0) & (o_nw >= 0)
+                       & (o_nh % STRIDE_H == 0) & (o_nw % STRIDE_W == 0) & (o_oh < HO)
+                       & (o_ow < WO))
             off = (o_co[:, None].to(tl.int64) * s_gc + o_oh.to(tl.int64) * s_gh
                    + o_ow.to(tl.int64) * s_gw)
         accs = _dot(accs, ws, g_g, bs, s_gb, off, m_g, PRECISION, ACC)
     accs = _scale(accs, in_s_ptr, s_ib, (i_g * CIN_G + o_m) * s_ic, in_s_ptr, s_ib,
                   (i_g * CIN_G + o_m) * s_ic, bs, m_m, IN_SCALE, False, True, ACC)
-    _store(dx_ptr + (i_g * CIN_G).to(tl.int64) * s_dc, bs, B, s_db, o_m, m_m, o_q, m_q, s_dc,
+    _store(dx_ptr + (i_g * CIN_G).to(tl.int64) * s_dc, bs, B, s_db, o_m, m_m, o_px, m_q, s_dc,
            s_dw, accs)
 
 

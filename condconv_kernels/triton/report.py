@@ -20,7 +20,8 @@ bulk tensor copies of TMA) appear in the code, and the model:
   partial sums), with tiles padded to their block sizes (a depthwise program's input tile and
   halo once: its tap-by-tap reloads are counted as L1 hits);
 - tensor-core FLOPs (its dots, padded to the tiles) and CUDA-core FLOPs (the expert mix and
-  the depthwise arithmetic);
+  the depthwise arithmetic); a strided dense grad_x's K blocks counted phase by phase, over
+  the taps that reach each phase (``phase_taps``);
 - issue time: the warp instructions the programs' main loops issue, read from the machine
   code (below) and multiplied by the kernel's trip counts, at 4 a clock an SM (1.78 GHz, the
   clock at which 128 FMA lanes an SM make the 60 TFLOP/s): a floor
@@ -264,6 +265,24 @@ def _grid(launch: Launch, blocks) -> int:
     return math.prod(grid)
 
 
+def phase_taps(kernel: int, stride: int, pad: int) -> List[int]:
+    """Per phase p of the input positions along one dimension (p, p + stride, ...), how many of
+    the kernel's taps feed an output position from them (dense grad_x's PHASES)."""
+    return [sum((p + pad - t) % stride == 0 for t in range(kernel)) for p in range(stride)]
+
+
+def _k_steps(layer, launch: Launch, programs: int, red: int, bk: int) -> int:
+    """The K blocks a dense forward / grad_x launch's ``programs`` run in all: ``red`` / bk each,
+    or with PHASES (grad_x at a stride) each program's phase's taps x the output channels
+    (programs spread evenly over the phases)."""
+    if not launch.kwargs.get("PHASES"):
+        return programs * cdiv(red, bk)
+    k, s, (top, _, left, _) = layer.kernel, layer.stride, layer.padding
+    counts = [h * w for h in phase_taps(k, s, top) for w in phase_taps(k, s, left)]
+    per_phase = programs // len(counts)
+    return sum(per_phase * cdiv(n * (layer.cout // layer.groups), bk) for n in counts)
+
+
 def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: int):
     """(HBM bytes, L2 -> SM bytes, tensor-core FLOPs, CUDA-core FLOPs, floor FLOPs) of one
     launch at one configuration; see the module's docstring."""
@@ -287,11 +306,11 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         bk = blocks["BLOCK_K"]
         fwd = name == "dense_fwd_kernel"
         red = (cin // g) * k * k if fwd else (cout // g) * k * k
-        steps = cdiv(red, bk)
-        l2 = programs * steps * (E * bm * bk + bb * bk * bn) * itemsize
+        steps = _k_steps(layer, launch, programs, red, bk)  # over all programs
+        l2 = steps * (E * bm * bk + bb * bk * bn) * itemsize
         l2 += programs * bb * bm * bn * itemsize  # the stores
-        tc = programs * steps * bb * 2 * bm * bn * bk
-        cc = programs * steps * bb * 2 * E * bm * bk
+        tc = steps * bb * 2 * bm * bn * bk
+        cc = steps * bb * 2 * E * bm * bk
         hbm = (x_bytes + out_bytes if fwd else out_bytes + x_bytes) + experts_bytes
         return hbm, l2, tc, cc, conv_flops + mix_flops
     if name == "dense_bwd_w_kernel":
@@ -438,7 +457,7 @@ def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dic
     name, k, g = launch.name, layer.kernel, layer.groups
     if name in ("dense_fwd_kernel", "dense_bwd_x_kernel"):  # one K loop
         red = (layer.cin // g if name == "dense_fwd_kernel" else layer.cout // g) * k * k
-        per_program = cdiv(red, blocks["BLOCK_K"]) * hot
+        per_program = _k_steps(layer, launch, programs, red, blocks["BLOCK_K"]) / programs * hot
     elif name == "dense_bwd_w_kernel":
         names = _base(launch.kernel).arg_names
         examples = launch.args[names.index("B_PER_SPLIT")]
