@@ -602,6 +602,9 @@ def test_dense_tap_major_reduction(name, monkeypatch):
     # 1x1 at stride 2: three phases of four untouched
     Case("k1_s2_pad", B=2, cin=3, cout=5, H=7, W=6, kernel=(1, 1), stride=(2, 2),
          padding=(1, 0, 0, 1), E=2, bias=False),
+    # strides past the plane (padding keeps them useful): phases only for its rows and columns
+    Case("k3_s6x5_wide_pad", B=2, cin=4, cout=3, H=3, W=2, kernel=(3, 3), stride=(6, 5),
+         padding=(4, 4, 3, 3), E=2),
 ], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_dense_grad_x_by_phase(case, layout, monkeypatch):
@@ -617,6 +620,9 @@ def test_dense_grad_x_by_phase(case, layout, monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 seen.append(kwargs["PHASES"])
+                # at most a program a pixel, example and channel for the smallest tiles
+                smallest = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_B=1)
+                assert grid(smallest)[0] <= case.B * case.H * case.W * case.cin, grid(smallest)
                 return kernel[grid](*args, **kwargs)
             return launch
     monkeypatch.setattr(backend, "dense_bwd_x_kernel", Spy())

@@ -251,7 +251,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             else:
                 cout_g = cout // groups
                 blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
-                phases = stride[0] * stride[1] if _phases(stride, pointwise) else 0
+                # (the phases that hold pixels: a stride past the plane leaves the rest empty)
+                phases = (min(stride[0], H) * min(stride[1], W) if _phases(stride, pointwise)
+                          else 0)
                 grid = lambda meta: flat_grid(  # noqa: E731
                     phases * cdiv(cdiv(H, stride[0]) * cdiv(W, stride[1]), meta["BLOCK_N"])
                     if phases else cdiv(H * W, meta["BLOCK_N"]),

@@ -254,8 +254,11 @@ def dense_bwd_x_kernel(
     if PHASES:
         HC, WC = tl.cdiv(H, STRIDE_H), tl.cdiv(W, STRIDE_W)  # a phase's rows and columns, at most
         NQ = tl.cdiv(HC * WC, BLOCK_N)  # pixel tiles a phase
-        i_n, i_m, i_bg = program_ids(STRIDE_H * STRIDE_W * NQ, tl.cdiv(CIN_G, BLOCK_M))
-        ph_h, ph_w = (i_n // NQ) // STRIDE_W, (i_n // NQ) % STRIDE_W
+        PW = tl.minimum(STRIDE_W, W)  # the phases that hold pixels (a stride past the plane:
+        # as many as its rows and columns)
+        i_n, i_m, i_bg = program_ids(tl.minimum(STRIDE_H, H) * PW * NQ,
+                                     tl.cdiv(CIN_G, BLOCK_M))
+        ph_h, ph_w = (i_n // NQ) // PW, (i_n // NQ) % PW
         o_q = (i_n % NQ) * BLOCK_N + tl.arange(0, BLOCK_N)  # the phase's pixels
         o_ih, o_iw = ph_h + (o_q // WC) * STRIDE_H, ph_w + (o_q % WC) * STRIDE_W
         m_q = (o_q < HC * WC) & (o_ih < H) & (o_iw < W)
@@ -418,7 +421,12 @@ def dense_bwd_w_kernel(
     tile = (i_g * n_co + i_co) * n_k + i_k
     if NEED_R or SCALE_GRADS:  # every expert's tile, loaded once
         b_w = tl.load(w_ptr + o_tile, mask=m_tile, other=0.0)
-    b_gw = tl.zeros((E_POW2, BLOCK_CO, BLOCK_K), dtype=ACC)
+        # Zeros derived from b_w (0 where masked, and in the mask): the gradients' tiles then
+        # keep b_w's layout, and an example's G_b is converted from the dot's layout once for
+        # both folds, not once for each.
+        b_gw = tl.where(m_tile, 0.0, b_w.to(ACC))
+    else:
+        b_gw = tl.zeros((E_POW2, BLOCK_CO, BLOCK_K), dtype=ACC)
 
     # An example of at most CHAIN tiles of pixels (KEY_L <= CHAIN x BLOCK_P) is walked a tile
     # an iteration of a single loop over (example, tile), which Triton pipelines: the next

@@ -278,7 +278,8 @@ def _k_steps(layer, launch: Launch, programs: int, red: int, bk: int) -> int:
     if not launch.kwargs.get("PHASES"):
         return programs * cdiv(red, bk)
     k, s, (top, _, left, _) = layer.kernel, layer.stride, layer.padding
-    counts = [h * w for h in phase_taps(k, s, top) for w in phase_taps(k, s, left)]
+    counts = [h * w for h in phase_taps(k, s, top)[:layer.height]
+              for w in phase_taps(k, s, left)[:layer.width]]  # the phases that hold pixels
     per_phase = programs // len(counts)
     return sum(per_phase * cdiv(n * (layer.cout // layer.groups), bk) for n in counts)
 
