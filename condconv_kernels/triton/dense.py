@@ -12,6 +12,8 @@ example; the mixed kernels never go to memory. BLOCK_B = 1 is the small-batch pa
 
 Backward:
 - grad_x: the transposed convolution, the same way: mixed W^T tiles times gathered grad_out;
+  at a stride, phase by phase (a program's input pixels of one phase, its reduction over the
+  taps that reach that phase only);
 - kernel gradient: a program owns a (BLOCK_CO x BLOCK_K) tile of W for a slice of the batch
   and, example by example, computes that tile of G_b = grad_out_b @ cols_b^T, adds
   routing[b, e] * G_b into the tile of every expert's gradient, which it holds in registers
