@@ -622,6 +622,15 @@ def summary(records) -> str:
         waits = sum(bool(r.get("loop_full_waits")) for r in rs)
         if waits:
             lines[-1] += f", copies not pipelined in {waits}"
+    forwards = [r for r in ok if r["kernel"].endswith("_fwd")]  # one a layer
+    if forwards:
+        geo = math.exp(sum(math.log(r["modeled_us"] / r["floor_us"]) for r in forwards)
+                       / len(forwards))
+        lines.append(f"- static targets: the {len(forwards)} layers' forward {geo:.2f}x the "
+                     f"floor (geomean; target 1.5x); L2 > 4x HBM in "
+                     f"{sum(r['l2_bytes'] > 4 * r['hbm_bytes'] for r in ok)} of {len(ok)} "
+                     f"launches (target 0); spills in "
+                     f"{sum(r['spill_bytes'] > 0 for r in ok)} (target 0)")
     return "\n".join(lines)
 
 
