@@ -11,8 +11,10 @@ Prints median milliseconds per batch, images per second, and the ratios to the u
 and to the static one, all measured in this run (variants interleaved). ``--timm`` adds timm's
 own models (e.g. tf_efficientnet_cc_b0_8e, tf_efficientnet_b0) as variants, where timm is
 installed (skipped with a note otherwise); ``--variants`` may add ``fused:triton+batched``, the
-triton backend with its experimental batched 1x1 passes on (``CONDCONV_TRITON_BATCHED``, around
-that variant's calls only). ``--cuda-graph`` captures each variant's call in a
+triton backend with its experimental batched 1x1 passes on (``CONDCONV_TRITON_BATCHED``), and
+``fused:triton+kgrad``, with its experimental dense 1x1 kernel gradient in the accumulator's
+layout (``CONDCONV_TRITON_STATIONARY=kernel_grad``), each switched around that variant's calls
+only. ``--cuda-graph`` captures each variant's call in a
 CUDA graph and times its replays: no host work per kernel, so the numbers are the device's, as
 in a training loop under ``torch.cuda.graph`` (a variant whose capture fails is left out, with a
 note).
@@ -27,7 +29,7 @@ from condconv_kernels.cli import add_timing_arguments, parser
 from condconv_kernels.profile.tables import header, machine_line, row, write_result
 from condconv_kernels.profile.timing import (graphed_variants, reexec_with_stable_malloc,
                                              time_interleaved)
-from condconv_kernels.profile.latency import BATCHED_VARIANT, model_variants
+from condconv_kernels.profile.latency import SWITCHED_VARIANTS, model_variants
 
 
 def main(argv=None):
@@ -43,9 +45,9 @@ def main(argv=None):
     p.add_argument("--timm", default="", help="Comma-separated timm model names to add.")
     p.add_argument("--variants", default="",
                    help="Comma-separated variants to time (static, unfused, fused:<backend>, "
-                        f"timm:<name>, {BATCHED_VARIANT}: the triton backend with every "
-                        "batched 1x1 pass on, only when named); static is always timed. "
-                        f"Default: all but {BATCHED_VARIANT}.")
+                        f"timm:<name>, {', '.join(SWITCHED_VARIANTS)}: the triton backend with "
+                        "an experimental path on, only when named); static is always timed. "
+                        f"Default: all but {', '.join(SWITCHED_VARIANTS)}.")
     p.add_argument("--cuda-graph", action="store_true",
                    help="Time replays of each variant captured in a CUDA graph (CUDA only).")
     p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
@@ -72,7 +74,8 @@ def main(argv=None):
         fns = model_variants(args.model, batch, args.device, getattr(torch, args.dtype),
                              args.backward, amp=getattr(torch, args.amp) if args.amp else None,
                              channels_last=args.channels_last, input_size=args.input_size,
-                             timm_models=timm_models, batched=BATCHED_VARIANT in chosen)
+                             timm_models=timm_models,
+                             switched=[v for v in SWITCHED_VARIANTS if v in chosen])
         if args.variants:
             unknown = chosen - set(fns)
             if unknown:

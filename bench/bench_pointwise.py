@@ -1,8 +1,9 @@
 """The 1x1 passes of tf_efficientnet_cc_b0_8e's CondConv layers: the dense Triton kernels
-against the static convolution and two experimental alternatives, the experts-stationary kernel
-(condconv_kernels/triton/stationary.py) and batched cuBLAS products
-(condconv_kernels/triton/batched.py), for the forward, grad_x (the kernel transposed) and the
-kernel gradients.
+against the static convolution and three experimental alternatives, the experts-stationary kernel
+(condconv_kernels/triton/stationary.py), batched cuBLAS products
+(condconv_kernels/triton/batched.py) and, for the kernel gradients, the kernel with its tiles in
+the tensor cores' accumulator layout (condconv_kernels/triton/pointwise_grad.py), for the
+forward, grad_x (the kernel transposed) and the kernel gradients.
 
     python bench/bench_pointwise.py [--device cuda] [--batch 256] [--dtype bfloat16]
                                     [--layers s5.b0.expand,...] [--chunk-mb 8,128]
@@ -18,18 +19,22 @@ ratios between columns comparable.
   input gradient, or (for the kernel gradients) its weight gradient; the cost to match;
 - ``dense``: the triton backend as it ships (the autotuned dense forward, grad_x kernel, or
   kernel gradient for routing and weight, as training asks);
-- ``stationary``: the same call with ``CONDCONV_TRITON_STATIONARY`` on;
+- ``stationary``: the same call with ``CONDCONV_TRITON_STATIONARY``'s experts-stationary passes
+  on (``forward``, ``grad_x``, ``routing``: for the kernel gradients its routing-gradient form,
+  then the dense kernel for the weight alone);
 - ``batched``: the triton backend's call with that pass batched (``CONDCONV_TRITON_BATCHED``):
   the forward and grad_x from chunks of mixed kernels ``routing @ W`` written to memory, each
   chunk one batched product (the unfused form through cuBLAS, what a fused forward has to beat
   on these layers); the kernel gradients from chunks of per-example G, folded by two more
   products;
+- ``acc layout`` (the kernel gradients only): the same call with the switch's
+  ``kernel_grad`` pass alone, both halves from the kernel in the accumulator's layout;
 - ``batched, N MB chunks`` (``--chunk-mb``): the batched pass with chunks of N MB instead of
   ``CHUNK_BYTES``'s 32 (whether its mixed kernels and G are read back from L2);
 - ``/ dense``: each alternative's time over dense's;
 - ``max diff``: each alternative's largest difference from dense over the result, against its
-  scale (stationary, batched);
-- ``vs float64`` (the kernel gradients only): dense's, stationary's and batched's largest
+  scale (stationary, batched, acc layout);
+- ``vs float64`` (the kernel gradients only): dense's and each alternative's largest
   difference from grad_routing summed in float64 on the device, against its scale: which one a
   ``max diff`` past rounding comes from;
 - with ``--modeled``: the stationary pass's time by the static report's model, and measured /
@@ -120,6 +125,7 @@ def main(argv=None):
     chosen = pick_layers(p, args.layers, kernel=1)
     import condconv_kernels.triton as triton_backend
     from condconv_kernels.triton import batched as batched_path
+    from condconv_kernels.triton import pointwise_grad
     from condconv_kernels.triton import stationary as kernel
     rows, record = [], []
     g = torch.Generator().manual_seed(0)
@@ -135,7 +141,7 @@ def main(argv=None):
             return run
 
         def stationary(fn):
-            return switched(fn, "TRITON_STATIONARY", _env.STATIONARY_PASSES)
+            return switched(fn, "TRITON_STATIONARY", _env.STATIONARY_PASSES - {"kernel_grad"})
 
         def backward(mask, index):
             return lambda: torch.ops.condconv.condconv2d_backward(
@@ -155,24 +161,29 @@ def main(argv=None):
         batched_kgrad = batched(lambda: triton_backend.backward(
             grad_out, x, routing, weight, None, *geometry, [False, True, True, False])[1],
             "kernel_grad")
-        # pass: (static, dense, {alternative: (its call, whether it applies)})
+        # pass: (static, dense, {alternative: (its call, whether it applies)}), every pass with the
+        # same alternatives (the table's columns)
+        none = (None, None)
         passes = {
             "forward": (lambda: F.conv2d(x, weight[0], bias[0]), forward, {
                 "stationary": (stationary(forward),
                                kernel.eligible(x, layer.experts, layer.cout, 1, True, False)),
                 "batched": (batched_forward,
-                            batched_path.eligible(x, weight, *geometry[:2], 1))}),
+                            batched_path.eligible(x, weight, *geometry[:2], 1)),
+                "acc layout": none}),
             "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
                        backward([True, False, False, False], 0), {
                 "stationary": (stationary(backward([True, False, False, False], 0)),
                                kernel.eligible(grad_out, layer.experts, layer.cin, 1, True,
                                                False, transposed=True)),
                 "batched": (batched_grad_x,
-                            batched_path.eligible(grad_out, weight, *geometry[:2], 1))}),
+                            batched_path.eligible(grad_out, weight, *geometry[:2], 1)),
+                "acc layout": none}),
             # The kernel gradients as training asks for them (routing and weight): the dense
             # kernel for both, against each switch on (the stationary routing-gradient form,
-            # then the dense kernel for the weight alone; the batched products for both); the
-            # static layer's weight gradient for scale. The max diff compares grad_routing.
+            # then the dense kernel for the weight alone; the batched products for both; the
+            # kernel in the accumulator's layout for both); the static layer's weight gradient
+            # for scale. The max diff compares grad_routing.
             "grad_routing+weight": (
                 lambda: torch.nn.grad.conv2d_weight(x, weight[0].shape, grad_out), kgrad, {
                     "stationary": (
@@ -182,7 +193,10 @@ def main(argv=None):
                         or kernel.eligible(grad_out, layer.experts, layer.cin, 1, True, False,
                                            transposed=True, routing=True, dual=x)),
                     "batched": (batched_kgrad, batched_path.eligible(
-                        x, weight, *geometry[:2], 1, also=grad_out))}),
+                        x, weight, *geometry[:2], 1, also=grad_out)),
+                    "acc layout": (switched(kgrad, "TRITON_STATIONARY",
+                                            frozenset({"kernel_grad"})),
+                                   pointwise_grad.eligible(x, grad_out, weight, *geometry))}),
         }
         truth = _routing_truth(x, grad_out, weight)
         for name, (static, dense_fn, alternatives) in passes.items():
@@ -230,10 +244,12 @@ def main(argv=None):
         print(f"{layer.name}: done", file=sys.stderr)
     print_table(f"1x1 passes, batch {args.batch}, {args.dtype}, channels_last, {args.device}: "
                 "device us per call",
-                ["layer", "shape", "pass", "static", "dense", "stationary", "batched"]
+                ["layer", "shape", "pass", "static", "dense", "stationary", "batched",
+                 "acc layout"]
                 + [f"batched, {mb} MB chunks" for mb in chunk_mb]
-                + ["stationary / dense", "batched / dense", "max diff: stationary", "batched",
-                 "vs float64: dense", "stationary", "batched"]
+                + ["stationary / dense", "batched / dense", "acc layout / dense",
+                   "max diff: stationary", "batched", "acc layout", "vs float64: dense",
+                   "stationary", "batched", "acc layout"]
                 + (["modeled", "stationary / modeled"] if args.modeled else []),
                 rows, record, args.out, "bench_pointwise.py", argv)
 

@@ -13,7 +13,8 @@
 #         (bench/tuned_check.py: tuning, Triton's launch, the direct launch); the 1x1 passes
 #         (forward, grad_x, kernel gradients) of the dense kernels against the static layer and
 #         the experimental alternatives (the experts-stationary kernel, batched cuBLAS
-#         products), each routing gradient against a float64 sum (bench/bench_pointwise.py);
+#         products, the kernel gradient in the accumulator's layout), each routing gradient
+#         against a float64 sum (bench/bench_pointwise.py);
 #         whole-model inference at batch 256, static and fused triton captured in a CUDA graph
 #         (device time; also with the batched 1x1 forward); the headline benchmark (the 24
 #         CondConv layers of tf_efficientnet_cc_b0_8e, batch 256, bfloat16, channels_last,
@@ -24,7 +25,8 @@
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the training step (static, fused triton, fused triton with the batched 1x1
-#         passes) captured in a CUDA graph; the forward+backward layer benchmark at batch 256 as
+#         passes, fused triton with the kernel gradient in the accumulator's layout) captured in
+#         a CUDA graph; the forward+backward layer benchmark at batch 256 as
 #         CUDA graph replays (device time); host against device time of one layer and the whole
 #         model's kernels (bench/gpu_profile.py, one layer); eager training-step throughput;
 #         compute-sanitizer memcheck of the cuda backend.
@@ -304,6 +306,7 @@ if [ "$DRY" = 1 ]; then
   GRAPH=()
   MODEL=(--batch 2 --input-size 64 --min-run-time 0.05 --timm tf_efficientnet_b0)
   GRAPHED=(--batch 2 --input-size 64 --min-run-time 0.05 --variants static,fused:cpu)
+  GRAPHED_TRAIN=("${GRAPHED[@]}")
   SANITIZE=()
   MEMCHECK=(--device cpu --backend cpu)
   PROFILE=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s5.b0.expand
@@ -326,6 +329,8 @@ else
   MODEL=(--batch 256 --min-run-time 0.5 --timm tf_efficientnet_cc_b0_8e,tf_efficientnet_b0)
   GRAPHED=(--batch 256 --min-run-time 0.5 --cuda-graph
            --variants static,fused:triton,fused:triton+batched)
+  GRAPHED_TRAIN=(--batch 256 --min-run-time 0.5 --cuda-graph
+                 --variants static,fused:triton,fused:triton+batched,fused:triton+kgrad)
   SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
   SANITIZE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck
             --report-api-errors no --error-exitcode 1)
@@ -415,10 +420,10 @@ elif [ "$MODE" = second ]; then
   step install 30 install_extension
   # The benchmarks first: they need the kit's cache while it is fresh, and the deadline cuts
   # the last steps first. The training step captured in a CUDA graph (the device's time,
-  # without the host's): static, fused triton, and fused triton with every batched 1x1 pass
-  # (off by default until measured); it tunes the backward kernels the layer table then finds
-  # cached.
-  step model-train-graph 80 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
+  # without the host's): static, fused triton, fused triton with every batched 1x1 pass and
+  # with the kernel gradient in the accumulator's layout (both off by default until
+  # measured); it tunes the backward kernels the layer table then finds cached.
+  step model-train-graph 100 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED_TRAIN[@]}" \
     --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"
   step layers-fwdbwd 80 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \

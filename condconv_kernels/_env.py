@@ -9,9 +9,12 @@ switches lists them with the build's and the tests' own).
   without autotuning (``bench/warm_triton.py`` fills Triton's cache this way).
 - ``CONDCONV_TRITON_STATIONARY=1`` (or ``all``): the dense 1x1 forward, grad_x and grad_routing
   take the experimental Hopper kernel with the experts stationary in shared memory where it
-  applies (:mod:`condconv_kernels.triton.stationary`); off (slower than the dense kernels on
-  7 of the 8 passes measured on an H200). A
-  comma-separated subset of ``forward``, ``grad_x``, ``routing`` turns on those passes only.
+  applies (:mod:`condconv_kernels.triton.stationary`; off: slower than the dense kernels on
+  7 of the 8 passes measured on an H200), and the dense 1x1 kernel gradient the experimental
+  Hopper kernel with its tiles in the tensor cores' accumulator layout
+  (:mod:`condconv_kernels.triton.pointwise_grad`; off until a GPU run has measured it). A
+  comma-separated subset of ``forward``, ``grad_x``, ``routing``, ``kernel_grad`` turns on
+  those passes only.
   Read at import into ``TRITON_STATIONARY`` (the set of passes), which the triton backend
   reads at every call.
 - ``CONDCONV_TRITON_BATCHED=1`` (or ``all``): the dense 1x1 forward, grad_x and kernel
@@ -51,7 +54,7 @@ TRITON_AUTOTUNE = (os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0"
 TRITON_DIRECT_LAUNCH = os.environ.get("CONDCONV_TRITON_DIRECT_LAUNCH", "1") != "0"
 # The passes the experts-stationary kernel (CONDCONV_TRITON_STATIONARY) and the batched
 # products (CONDCONV_TRITON_BATCHED) may take.
-STATIONARY_PASSES = frozenset({"forward", "grad_x", "routing"})
+STATIONARY_PASSES = frozenset({"forward", "grad_x", "routing", "kernel_grad"})
 BATCHED_PASSES = frozenset({"forward", "grad_x", "kernel_grad"})
 
 

@@ -72,6 +72,22 @@ def test_one_gradient_at_a_time(need_r, need_w, monkeypatch):
             assert ours[i] is None
 
 
+def test_keeps_the_stationary_routing_gradient(monkeypatch):
+    """With the stationary kernel's routing pass on as well (a stand-in here), the batched
+    products compute grad_weight alone and the backward returns the stationary grad_routing,
+    not the None of the half the products were not asked for."""
+    monkeypatch.setattr(_env, "TRITON_BATCHED", frozenset({"kernel_grad"}))
+    monkeypatch.setattr(_env, "TRITON_STATIONARY", frozenset({"routing"}))
+    args = _layer(5, torch.float16, bias=False)
+    marker = torch.rand(args[2].shape, dtype=torch.float32)
+    monkeypatch.setattr(triton_backend, "_stationary_routing_grad", lambda *a: marker.clone())
+    ours = _backward(triton_backend.backward, *args, mask=(False, True, True, False))
+    monkeypatch.setattr(_env, "TRITON_STATIONARY", frozenset())
+    alone = _backward(triton_backend.backward, *args, mask=(False, True, True, False))
+    assert torch.equal(ours[1], marker.to(ours[1].dtype))
+    assert torch.equal(ours[2], alone[2])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_examples_that_cancel(dtype, monkeypatch):
     """Examples whose G_b cancel in grad_weight's sum over the batch (the same x, grad_out of

@@ -587,6 +587,72 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format,
     assert torch.equal(xd.grad, grad_x), "the backward with the switch on took another kernel"
 
 
+@pytest.mark.skipif(not _hopper(), reason="the kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,need_r,need_w,warps", [
+    (8, 192, 1152, 7, 37, torch.bfloat16, True, True, 8),  # 6 x 18 tiles, one pixel tile each
+    (8, 192, 1152, 7, 37, torch.bfloat16, True, True, 4),  # 12 x 18 tiles of 64 x 16
+    (8, 1152, 192, 7, 20, torch.bfloat16, True, True, 8),  # 36 x 3 tiles
+    (8, 112, 672, 14, 9, torch.float16, True, True, 8),  # 4 pixel tiles, the last of 4 pixels
+    (8, 112, 672, 14, 9, torch.bfloat16, True, True, 4),
+    (3, 48, 80, 5, 11, torch.bfloat16, True, True, 8),  # E = 3, half-empty tiles (80 rows, 48
+    # channels)
+    (8, 32, 64, 56, 4, torch.bfloat16, True, True, 8),  # 49 pixel tiles an example
+    (8, 192, 1152, 7, 256, torch.bfloat16, True, True, 8),  # the training batch: 8 x 32
+    (8, 192, 1152, 7, 37, torch.bfloat16, True, False, 8),  # grad_routing alone
+    (8, 192, 1152, 7, 37, torch.bfloat16, False, True, 8),  # grad_weight alone
+    (1, 16, 16, 1, 3, torch.bfloat16, True, True, 8),  # one expert, one pixel, 16 channels
+], ids=["7x7-192-1152", "7x7-192-1152-w4", "7x7-1152-192", "14x14-112-672-fp16",
+        "14x14-112-672-w4", "5x5-E3-80-rows", "56x56-49-tiles", "7x7-batch-256",
+        "routing-alone", "weight-alone", "1x1-E1"])
+def test_gpu_pointwise_kernel_grad(experts, cin, cout, side, batch, dtype, need_r, need_w,
+                                   warps):
+    """The experimental dense 1x1 kernel gradient in the tensor cores' accumulator layout
+    (triton/pointwise_grad.py), called directly at the plan of ``warps`` with its buffers
+    poisoned with NaN (an unwritten partial sum fails): grad_routing (float32) and grad_weight
+    (``dtype``) against float64 on the CPU, within 4x the error of the same sums in float32 on
+    the device from the ``dtype`` inputs (grad_weight then rounded to ``dtype``); a half not
+    asked for is None; and, at the default plan, the triton backend's backward with the
+    switch's kernel_grad pass gives the same gradients, bitwise."""
+    from unittest import mock
+    from condconv_kernels import _env
+    from condconv_kernels.triton import pointwise_grad
+    x, r, w, go = _pointwise_inputs(18, batch, experts, cin, cout, side)
+    G = torch.einsum("bohw,bchw->boc", go, x)
+    truth_r = torch.einsum("boc,eoc->be", G, w[..., 0, 0])
+    truth_w = torch.einsum("be,boc->eoc", r, G)[..., None, None]
+    xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    god = go.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    rd, wd = r.to(DEVICE, torch.float32), w.to(DEVICE, dtype)
+    Gd = torch.einsum("bohw,bchw->boc", god.float(), xd.float())
+    same_r = torch.einsum("boc,eoc->be", Gd, wd.float()[..., 0, 0]).cpu()
+    same_w = torch.einsum("be,boc->eoc", rd, Gd)[..., None, None].to(dtype).cpu()
+    geometry = ((1, 1), (0, 0, 0, 0), (1, 1), 1)
+    assert pointwise_grad.eligible(xd, god, wd, *geometry) is not None, (
+        "the kernel should take this call")
+    plan = pointwise_grad.plan(experts, cin, cout, side * side, warps)
+    empty = torch.empty
+    with mock.patch.object(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan"))):
+        grad_r, grad_w = pointwise_grad.kernel_grads(god, xd, rd, wd, need_r, need_w, plan)
+    if need_r:
+        assert_close(grad_r.cpu(), truth_r.float(), same_r, "grad_routing", factor=4.0)
+    else:
+        assert grad_r is None
+    if need_w:
+        assert grad_w.dtype == dtype
+        assert_close(grad_w.cpu(), truth_w.to(dtype), same_w, "grad_weight", factor=4.0)
+    else:
+        assert grad_w is None
+    if plan != pointwise_grad.plan(experts, cin, cout, side * side):
+        return  # the backend launches the default plan
+    rg, wg = rd.clone().requires_grad_(need_r), wd.clone().requires_grad_(need_w)
+    with mock.patch.object(_env, "TRITON_STATIONARY", frozenset({"kernel_grad"})):
+        cc.condconv2d(xd, rg, wg, backend="triton").backward(god)
+    if need_r:
+        assert torch.equal(rg.grad, grad_r), "the backward with the switch on took another kernel"
+    if need_w:
+        assert torch.equal(wg.grad, grad_w), "the backward with the switch on took another kernel"
+
+
 @pytest.mark.skipif(not _hopper(), reason="the stationary kernel needs an sm_90 GPU")
 @pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,scaled", [
     (8, 192, 1152, 7, 37, torch.bfloat16, False),  # slab W, two tiles of 32 pixels

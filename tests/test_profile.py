@@ -263,12 +263,13 @@ def test_result_files_name_paths_relative_to_the_working_directory(tmp_path, mon
     assert json.loads((tmp_path / "results" / "t.json").read_text()) == {"k": 1}
 
 
-def test_the_batched_variant_switches_its_whole_step(monkeypatch):
-    """bench_model's ``fused:triton+batched``: the batched 1x1 passes switched on around that
+def test_the_switched_variants_switch_their_whole_step(monkeypatch):
+    """bench_model's ``fused:triton+batched`` and ``fused:triton+kgrad``: the batched 1x1
+    passes, or the kernel gradient in the accumulator's layout, switched on around that
     variant's forward and backward (the backward runs outside the model call), for it alone,
     and off again after. Stood in on the CPU: triton counted as a fused backend, every layer
-    left on its default backend; the switch as each CondConv layer's forward and backward
-    see it."""
+    left on its default backend; the switches as each CondConv layer's forward and backward
+    see them."""
     from torch.nn.modules import module as nn_module
 
     from condconv_kernels import _env
@@ -277,27 +278,31 @@ def test_the_batched_variant_switches_its_whole_step(monkeypatch):
     monkeypatch.setattr(latency, "fused_backends", lambda device: ["cpu", "triton"])
     monkeypatch.setattr(latency, "_set_backend", lambda model, name: model)
     fns = latency.model_variants("tf_efficientnet_cc_b0_4e", 2, "cpu", torch.float32, True,
-                                 input_size=32, batched=True)
-    assert latency.BATCHED_VARIANT in fns
-    assert latency.BATCHED_VARIANT not in latency.model_variants(
-        "tf_efficientnet_cc_b0_4e", 2, "cpu", torch.float32, False, input_size=32)
+                                 input_size=32, switched=list(latency.SWITCHED_VARIANTS))
+    assert set(latency.SWITCHED_VARIANTS) <= set(fns)
+    assert not set(latency.SWITCHED_VARIANTS) & set(latency.model_variants(
+        "tf_efficientnet_cc_b0_4e", 2, "cpu", torch.float32, False, input_size=32))
+    with pytest.raises(ValueError, match="unknown variants"):
+        latency.model_variants("tf_efficientnet_cc_b0_4e", 2, "cpu", torch.float32, False,
+                               input_size=32, switched=["fused:triton+fast"])
     seen = []
 
     def record(phase):
         def hook(module, *_):
             if isinstance(module, FusedConv2d):
-                seen.append((phase, _env.TRITON_BATCHED))
+                seen.append((phase, _env.TRITON_BATCHED, _env.TRITON_STATIONARY))
         return hook
     handles = [nn_module.register_module_forward_pre_hook(record("forward")),
                nn_module.register_module_full_backward_hook(record("backward"))]
     try:
-        for name, on in ((latency.BATCHED_VARIANT, _env.BATCHED_PASSES),
-                         ("fused:triton", frozenset())):
+        for name, on in ((latency.BATCHED_VARIANT, (_env.BATCHED_PASSES, frozenset())),
+                         (latency.KGRAD_VARIANT, (frozenset(), frozenset({"kernel_grad"}))),
+                         ("fused:triton", (frozenset(), frozenset()))):
             seen.clear()
             fns[name]()
-            assert {phase for phase, _ in seen} == {"forward", "backward"}, name
-            assert all(state == on for _, state in seen), name
+            assert {phase for phase, *_ in seen} == {"forward", "backward"}, name
+            assert all(tuple(state) == on for _, *state in seen), name
     finally:
         for h in handles:
             h.remove()
-    assert _env.TRITON_BATCHED == frozenset()
+    assert _env.TRITON_BATCHED == frozenset() and _env.TRITON_STATIONARY == frozenset()

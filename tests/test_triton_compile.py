@@ -67,17 +67,18 @@ def test_static_report_of_a_pointwise_layer(tmp_path):
 
 
 def test_static_report_with_the_stationary_kernel(tmp_path):
-    """--stationary on the same layer: the forward and the routing gradient from the
-    experts-stationary kernel (compiled at its plan: wgmma, cp.async, no spills, its shared
-    memory within sm_90's), grad_x and the weight half still the dense kernels; the
-    stationary records' L2 traffic (each slab once a program) at most 4x their HBM bytes, and
-    their modeled time at least their serial sum and their floor."""
+    """--stationary with the experts-stationary kernel's passes on the same layer: the forward
+    and the routing gradient from that kernel (compiled at its plan: wgmma, cp.async, no
+    spills, its shared memory within sm_90's), grad_x and the weight half still the dense
+    kernels; the stationary records' L2 traffic (each slab once a program) at most 4x their
+    HBM bytes, and their modeled time at least their serial sum and their floor."""
     import json
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     path = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, "-m", "condconv_kernels.triton.report", "--first", "1", "--stationary",
-         "--json", str(path)], env=env, capture_output=True, text=True, timeout=900)
+         "forward,grad_x,routing", "--json", str(path)], env=env, capture_output=True,
+        text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     records = {r["kernel"]: r for r in json.loads(path.read_text())}
     assert set(records) == {"stationary_fwd", "dense_bwd_x", "stationary_routing",
@@ -89,11 +90,46 @@ def test_static_report_with_the_stationary_kernel(tmp_path):
         assert r["l2_bytes"] <= 4 * r["hbm_bytes"] and r["smem_bytes"] > r["l2_bytes"], r
         assert r["modeled_us"] >= max(r["serial_us"], r["floor_us"]) > 0, r
         assert r["grid"] <= 132 and r["examples_per_program"] * r["grid"] >= 256 * 8, r
-    assert "(experts-stationary kernel on)" in result.stdout
+    assert "(CONDCONV_TRITON_STATIONARY=forward,grad_x,routing)" in result.stdout
     # Without its routing half the kernel gradient folds each example converting G's layout
     # through shared memory once (2-4 barriers an iteration; the routing half's conversions
     # and cross-warp sums cost it 11-14).
     assert records["dense_bwd_w"]["loop_barriers"] <= 4, records["dense_bwd_w"]
+
+
+def test_static_report_with_the_kernel_gradient_in_the_accumulator_layout(tmp_path):
+    """--stationary kernel_grad on the first layer (14x14): the kernel gradient from
+    pointwise_grad.py (compiled at its plan: wgmma, cp.async, no spills, its planned shared
+    memory), the forward and grad_x the dense kernels. Its fold stays in each thread's
+    registers: an iteration's barriers are its copies' (at most 3), grad_routing's sums take 5
+    rounds of shuffles an expert within each warp and no barrier of their own; tiles of 64 x 32
+    in 8 warps; 8 batch slices of 32 examples; the modeled time at least the issue floor and
+    the layer's floor. With every pass on (bare --stationary), the
+    experts-stationary kernel computes grad_routing and this one the weight alone."""
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for passes in ("kernel_grad", None):
+        path = tmp_path / "report.json"
+        result = subprocess.run(
+            [sys.executable, "-m", "condconv_kernels.triton.report", "--first", "1",
+             "--stationary", *([passes] if passes else []), "--json", str(path)], env=env,
+            capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        records = [r for r in json.loads(path.read_text()) if r["kernel"] == "pointwise_grad"]
+        if passes is None:
+            (r,) = records
+            assert r["config"].endswith("(weight)") and r["loop_shuffles"] == 0, r
+            assert "(experts-stationary kernel on)" in result.stdout
+            continue
+        assert "(CONDCONV_TRITON_STATIONARY=kernel_grad)" in result.stdout
+        assert [r["layer"] for r in records] == ["s5.b0.expand"]
+        for r in records:
+            assert r["tensor_core"] == "wgmma" and r["async_copy"] == "cp.async", r
+            assert r["spill_bytes"] == 0 and r["shared_bytes"] == 24576, r  # as planned
+            assert r["config"] == "64x32x64 buf2 w8" and r["loop_barriers"] <= 3, r
+            assert r["loop_shuffles"] == 5 * 8, r
+            assert r["examples_per_program"] == 32 and r["grid"] % 8 == 0, r
+            assert r["modeled_us"] >= max(r["issue_us"], r["floor_us"]) > 0, r
 
 
 _DRY_RUN = """

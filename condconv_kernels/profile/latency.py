@@ -27,7 +27,7 @@ from .layers import LayerShape
 from .timing import Measurement, time_callable
 
 __all__ = ["VariantResult", "model_layer_shapes", "layer_variants", "model_variants",
-           "BATCHED_VARIANT", "measure", "fused_backends", "cpu_peak_memory_mb"]
+           "BATCHED_VARIANT", "KGRAD_VARIANT", "SWITCHED_VARIANTS", "measure", "fused_backends", "cpu_peak_memory_mb"]
 
 
 @dataclasses.dataclass
@@ -176,34 +176,41 @@ def _set_backend(model: nn.Module, name: str) -> nn.Module:
 
 
 BATCHED_VARIANT = "fused:triton+batched"
+KGRAD_VARIANT = "fused:triton+kgrad"
+# The triton backend with an experimental path switched on: variant -> (the switch of _env,
+# which the backend reads at every call; the passes it turns on).
+SWITCHED_VARIANTS = {BATCHED_VARIANT: ("TRITON_BATCHED", "BATCHED_PASSES"),
+                     KGRAD_VARIANT: ("TRITON_STATIONARY", ("kernel_grad",))}
 
 
 @contextlib.contextmanager
-def _triton_batched():
-    """Every batched 1x1 pass of the triton backend on for the block (``_env.TRITON_BATCHED``,
-    which the backend reads at every call), then the switch as it was."""
+def _switched(variant: str):
+    """The passes of ``variant`` (:data:`SWITCHED_VARIANTS`) on for the block, then the switch
+    as it was."""
     from .. import _env
-    saved = _env.TRITON_BATCHED
-    _env.TRITON_BATCHED = _env.BATCHED_PASSES
+    name, passes = SWITCHED_VARIANTS[variant]
+    saved = getattr(_env, name)
+    setattr(_env, name, getattr(_env, passes) if isinstance(passes, str) else frozenset(passes))
     try:
         yield
     finally:
-        _env.TRITON_BATCHED = saved
+        setattr(_env, name, saved)
 
 
 def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backward: bool,
                    input_size: Optional[int] = None, amp: Optional[torch.dtype] = None,
                    channels_last: bool = False, timm_models: Sequence[str] = (),
-                   batched: bool = False) -> Dict[str, Callable[[], None]]:
+                   switched: Sequence[str] = ()) -> Dict[str, Callable[[], None]]:
     """variant name -> callable running the whole model (training mode with backward, else
     eval); ``static`` is the same architecture without experts. ``amp``: run under
     ``torch.autocast`` with that dtype (parameters stay ``dtype``); ``channels_last``: model and
     input in channels_last; ``timm_models``: timm's own models of these names as further
     variants ``timm:<name>`` (randomly initialised, same input), where timm is installed;
-    ``batched`` (where the triton backend runs): the variant ``fused:triton+batched``, the
-    triton backend with every batched 1x1 pass on (``CONDCONV_TRITON_BATCHED``), switched on
-    around its own steps only, forward and backward (so also while a CUDA graph captures
-    them)."""
+    ``switched`` (where the triton backend runs): variants of :data:`SWITCHED_VARIANTS`, the
+    triton backend with an experimental path on (``fused:triton+batched``: every batched 1x1
+    pass, ``CONDCONV_TRITON_BATCHED``; ``fused:triton+kgrad``: the dense 1x1 kernel gradient in
+    the accumulator's layout, ``CONDCONV_TRITON_STATIONARY=kernel_grad``), switched on around
+    its own steps only, forward and backward (so also while a CUDA graph captures them)."""
     from ..models import create_model
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     fused = create_model(name).to(device, dtype, memory_format=memory_format)
@@ -221,8 +228,12 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
     variants = {}
     models = ([(static, "static", None), (fused, "unfused", "reference")] +
               [(fused, f"fused:{b}", b) for b in fused_backends(device)])
-    if batched and "triton" in fused_backends(device):
-        models.append((fused, BATCHED_VARIANT, "triton"))
+    unknown = set(switched) - set(SWITCHED_VARIANTS)
+    if unknown:
+        raise ValueError(f"switched: unknown variants {sorted(unknown)}; have "
+                         f"{sorted(SWITCHED_VARIANTS)}")
+    if "triton" in fused_backends(device):
+        models += [(fused, v, "triton") for v in SWITCHED_VARIANTS if v in switched]
     if timm_models:
         import timm
         models += [(timm.create_model(t, pretrained=False).to(device, dtype,
@@ -242,11 +253,11 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
             with torch.no_grad():
                 return run(model)
         variants[label] = _step(fn, backward)
-        if label == BATCHED_VARIANT:  # the switch around the backward pass too
-            def switched(step=variants[label]):
-                with _triton_batched():
+        if label in SWITCHED_VARIANTS:  # the switch around the backward pass too
+            def step_switched(step=variants[label], label=label):
+                with _switched(label):
                     step()
-            variants[label] = switched
+            variants[label] = step_switched
     return variants
 
 

@@ -14,8 +14,9 @@ other backends' do; under ``torch.use_deterministic_algorithms(True)`` they need
 On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (for tests).
 
 Two experimental paths for the dense 1x1 passes, off unless their switches name them
-(``_env.py``): the experts-stationary Hopper kernel (:mod:`.stationary`,
-``CONDCONV_TRITON_STATIONARY``) and batched cuBLAS products over chunks of examples
+(``_env.py``): the Hopper kernels of ``CONDCONV_TRITON_STATIONARY`` (the experts stationary in
+shared memory, :mod:`.stationary`, and the kernel gradient in the tensor cores' accumulator
+layout, :mod:`.pointwise_grad`) and batched cuBLAS products over chunks of examples
 (:mod:`.batched`, ``CONDCONV_TRITON_BATCHED``); batched takes a pass before stationary where
 both are on.
 """
@@ -34,7 +35,7 @@ from ._config import (DENSE_TILES, DW_KGRAD_TILES, DW_TILES, INTERPRET, KGRAD_TI
 from .dense import CHAIN, dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from ._scales import launch_args
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
-from . import batched, stationary
+from . import batched, pointwise_grad, stationary
 
 __all__ = ["forward", "backward"]
 
@@ -286,8 +287,14 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
     elif (need_r or need_w) and "kernel_grad" in _env.TRITON_BATCHED and batched.eligible(
             x, weight, stride, padding, groups, scales, also=grad_out):
-        grad_routing, grad_weight = batched.kernel_grads(grad_out, x, routing, weight, need_r,
-                                                         need_w, acc)
+        r, grad_weight = batched.kernel_grads(grad_out, x, routing, weight, need_r, need_w, acc)
+        grad_routing = r if need_r else grad_routing  # (else the stationary kernel's, or None)
+    elif ((need_r or need_w) and not any(need_s) and "kernel_grad" in _env.TRITON_STATIONARY
+          and (kgrad_plan := pointwise_grad.eligible(x, grad_out, weight, stride, padding,
+                                                     dilation, groups, scales)) is not None):
+        r, grad_weight = pointwise_grad.kernel_grads(grad_out, x, routing, weight, need_r,
+                                                     need_w, kgrad_plan)
+        grad_routing = r if need_r else grad_routing
     elif need_r or need_w or any(need_s):
         S = _splits(B, ho * wo)
         per_split = cdiv(B, S)

@@ -7,8 +7,8 @@ compiled in every dtype with the configuration ``CONDCONV_TRITON_AUTOTUNE=0`` la
 of its table), and in float32 and bfloat16 with each other configuration of its table (with
 ``--quick``, the largest only). Prints one line
 per variant (shared memory, tensor-core instructions) and exits 1 if any
-variant fails or does not fit. The experimental Gluon kernel (``stationary.py``) is compiled at
-its ``COMPILE_CASES`` in float16 and bfloat16.
+variant fails or does not fit. The experimental Gluon kernels (``stationary.py``,
+``pointwise_grad.py``) are compiled at their ``COMPILE_CASES`` in float16 and bfloat16.
 
 Run it in a process without ``TRITON_INTERPRET=1``: the interpreter patches the compiler's
 builder once a kernel has been interpreted.
@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..cli import parser
-from . import _config, dense, depthwise, stationary
+from . import _config, dense, depthwise, pointwise_grad, stationary
 
 # kernel, its tile names (as the launcher passes them), its pointers in the accumulation dtype
 # (besides the routing and the scales).
@@ -213,6 +213,27 @@ def main(argv=None) -> int:
             print(f"{label}: {shared} B shared (planned {planned}), {usage['registers']} "
                   f"registers, {usage['spill_bytes']} B spilled"
                   f"{'' if fits else ' (TOO MUCH, NOT AS PLANNED OR SPILLED)'}, "
+                  f"{compiled.asm['ptx'].count('wgmma.mma_async')} mma instructions")
+    for experts, cin, cout, pixels, need_r, need_w in (pointwise_grad.COMPILE_CASES
+                                                       if pointwise_grad.AVAILABLE else []):
+        for dtype in (torch.bfloat16, torch.float16):
+            label = (f"pointwise_grad (gluon) {TYPES[dtype]} E{experts} {cin}->{cout} P{pixels}"
+                     f"{'' if need_w else ' routing'}{'' if need_r else ' weight'}")
+            try:
+                compiled = pointwise_grad.compile_for(experts, cin, cout, pixels, dtype,
+                                                      args.arch, need_r, need_w)
+            except Exception as error:  # noqa: BLE001 -- as above
+                print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[-1]}")
+                failures += 1
+                continue
+            planned = pointwise_grad.plan(experts, cin, cout, pixels)["shared_bytes"]
+            shared = compiled.metadata.shared
+            usage = ptxas_usage(compiled.asm["ptx"], args.arch)
+            fits = planned <= shared <= planned + 1024 and usage["spill_bytes"] == 0
+            failures += not fits
+            print(f"{label}: {shared} B shared (planned {planned}), {usage['registers']} "
+                  f"registers, {usage['spill_bytes']} B spilled"
+                  f"{'' if fits else ' (NOT AS PLANNED OR SPILLED)'}, "
                   f"{compiled.asm['ptx'].count('wgmma.mma_async')} mma instructions")
     print("all variants compiled and fit" if failures == 0 else f"{failures} variants failed")
     return 1 if failures else 0

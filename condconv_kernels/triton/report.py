@@ -3,7 +3,7 @@
     python -m condconv_kernels.triton.report [--arch 90] [--batch 256] [--dtype bfloat16]
                                              [--layout channels_last] [--json FILE] [--all]
                                              [--before EARLIER.json] [--scales]
-                                             [--stationary] [--model resnet]
+                                             [--stationary [PASSES]] [--model resnet]
 
 For each of the 24 CondConv layers of tf_efficientnet_cc_b0_8e (``--model resnet``: the dense
 3x3 layers of a ResNet-18/34 at 224, 8 experts), every kernel the layer runs
@@ -41,10 +41,11 @@ The main loop's counts per iteration come from the machine code
 another also waits, per example, at every barrier for the slowest warp and on every such load
 for a round trip to L2 that nothing overlaps unless the code issues it early.
 
-``--stationary`` models the backend as ``CONDCONV_TRITON_STATIONARY=1`` runs it: the 1x1 passes
-the experts-stationary kernel takes (:mod:`condconv_kernels.triton.stationary`; records
-``stationary_fwd``, ``stationary_bwd_x``, ``stationary_routing``, and the dense kernel gradient
-then without its routing half) are compiled at their plan and modeled by their own rule. One
+``--stationary`` models the backend as ``CONDCONV_TRITON_STATIONARY=1`` runs it (``--stationary
+PASSES``: as that variable set to PASSES, e.g. ``kernel_grad``). The 1x1 passes the
+experts-stationary kernel takes (:mod:`condconv_kernels.triton.stationary`; records
+``stationary_fwd``, ``stationary_bwd_x``, ``stationary_routing``, and the kernel gradient then
+without its routing half) are compiled at their plan and modeled by their own rule. One
 program per SM works through its slice of the batch one example after another, so its time
 adds up rather than overlaps: the slab's copy from L2, then per example the mix (an issue slot
 for each slab value's conversion and one for its FMA, per lane, against 4 x 32 lanes a clock;
@@ -54,7 +55,10 @@ form has no mix: per pixel tile its D_b product, then per example D_b against ea
 slab (a conversion, an FMA and half a shared-memory load per slab value). The clock is the one
 that makes 128 FMA lanes per SM give the 60 TFLOP/s; the modeled time is the longest of that
 sum, HBM and L2. The records add ``smem_bytes`` (shared-memory reads and writes) and
-``serial_us`` (that sum).
+``serial_us`` (that sum). The ``kernel_grad`` pass's kernel
+(:mod:`condconv_kernels.triton.pointwise_grad`, records ``pointwise_grad``) is compiled at its
+plan and modeled as the Triton kernels are: its traffic, FLOPs and issue time (a loop over the
+examples around the loop over their pixel tiles).
 
 ``--scales`` gives every layer ODConv's three per-example scales (in_scale, out_scale, tap_scale):
 the compiled code is then the scaled kernels' (the stationary kernel's too, with
@@ -92,6 +96,7 @@ HBM, L2, TC, CC, SMS = 3.0e12, 6.0e12, 800e12, 60e12, 132
 CLOCK = CC / (SMS * 128 * 2)
 ISSUE_SM, SMEM_SM, TC_SM = 128 * CLOCK, 128 * CLOCK, TC / SMS
 STATIONARY_PASSES = ("stationary_fwd", "stationary_bwd_x", "stationary_routing")
+POINTWISE_GRAD = "pointwise_grad"
 KERNEL_NAMES = ("dense_fwd_kernel", "dense_bwd_x_kernel", "dense_bwd_w_kernel",
                 "dw_fwd_kernel", "dw_bwd_x_kernel", "dw_bwd_w_kernel")
 
@@ -167,16 +172,36 @@ def _stationary_recorders(launches: List[Launch]):
     return run, routing_grad
 
 
+def _pointwise_grad_recorder(launches: List[Launch]):
+    """A stand-in for :func:`pointwise_grad.kernel_grads` that records the launch (its sizes in
+    ``kwargs``, its program count as the grid) and returns outputs of the right shapes."""
+    from . import pointwise_grad
+
+    def kernel_grads(grad_out, x, routing, weight, need_r, need_w, config):
+        B, cin, H, W = x.shape
+        E, cout = weight.shape[:2]
+        count = pointwise_grad.programs(B, cin, cout, config)[3]
+        launches.append(Launch(POINTWISE_GRAD, pointwise_grad.pw_kgrad_kernel, (), dict(
+            E=E, cin=cin, cout=cout, P=H * W, batch=B, need_r=need_r, need_w=need_w,
+            plan=config), (count,)))
+        return (torch.empty((B, E), device=x.device, dtype=torch.float32) if need_r else None,
+                torch.empty_like(weight) if need_w else None)
+    return kernel_grads
+
+
 def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool,
-                   scales: bool = False, stationary: bool = False) -> List[Launch]:
+                   scales: bool = False, stationary=frozenset()) -> List[Launch]:
     """The launches of one forward and one backward (all four gradients) of a layer, on meta
     tensors laid out as a benchmark's (x in ``dtype``, routing in float32); ``scales``: with
-    the three per-example scales (float32); ``stationary``: with the backend's switch to the
-    experts-stationary kernel on (see the module's docstring)."""
+    the three per-example scales (float32); ``stationary``: the passes of the backend's switch
+    to the experimental Hopper kernels that are on (True: all; see the module's docstring)."""
     from unittest import mock
     import condconv_kernels.triton as backend
     from .. import _env
+    from . import pointwise_grad as pg
     from . import stationary as st
+    if stationary is True:
+        stationary = _env.STATIONARY_PASSES
     x = torch.empty(batch, layer.cin, layer.height, layer.width, device="meta", dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -196,10 +221,12 @@ def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool,
         return record_launches(run)
     launches: List[Launch] = []
     fake_run, fake_routing_grad = _stationary_recorders(launches)
-    with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES), \
+    with mock.patch.object(_env, "TRITON_STATIONARY", frozenset(stationary)), \
             mock.patch.object(st, "eligible", st.fits), \
             mock.patch.object(st, "run", fake_run), \
-            mock.patch.object(st, "routing_grad", fake_routing_grad):
+            mock.patch.object(st, "routing_grad", fake_routing_grad), \
+            mock.patch.object(pg, "eligible", pg.fits), \
+            mock.patch.object(pg, "kernel_grads", _pointwise_grad_recorder(launches)):
         dense = record_launches(run)
     # In launch order: the forward, grad_x, grad_routing, then the kernel gradient.
     order = {"stationary_fwd": 0, "dense_fwd_kernel": 0, "dw_fwd_kernel": 0,
@@ -437,6 +464,67 @@ def stationary_model(itemsize: int, launch: Launch) -> dict:
                 examples_per_program=per)
 
 
+def pointwise_grad_model(itemsize: int, launch: Launch) -> dict:
+    """The kernel gradient in the accumulator's layout (:mod:`.pointwise_grad`): hbm_bytes (as
+    the Triton kernel gradient's: x, grad_out, the experts read, float32 gradients written
+    once), l2_bytes (grad_out once per tile of input channels and x once per tile of output
+    channels (the masked copies read no padding), per program the E expert tiles in and the
+    gradients out, per (tile, example) a warp's E partial sums), tc_flops (padded tiles),
+    cc_flops (the fold: routing x G into each gradient, <G, W[e]>), floor_flops, and the
+    programs and examples a program."""
+    from . import pointwise_grad as pg
+    a = launch.kwargs
+    E, cin, cout, P, B, plan = a["E"], a["cin"], a["cout"], a["P"], a["batch"], a["plan"]
+    n_ci, n_co, per, count = pg.programs(B, cin, cout, plan)
+    tile = pg.BLOCK_CO * plan["BLOCK_CI"]
+    tiles = cdiv(P, pg.BLOCK_P)
+    halves = int(a["need_r"]) + int(a["need_w"])
+    examples = n_ci * n_co * B  # (tile, example) pairs
+    x_bytes, g_bytes = B * cin * P * itemsize, B * cout * P * itemsize
+    hbm = x_bytes + g_bytes + E * cout * cin * (itemsize + 4)
+    l2 = (n_ci * g_bytes + n_co * x_bytes
+          + count * E * tile * (itemsize * a["need_r"] + 4 * a["need_w"])
+          + examples * plan["WARPS"] * E * 4 * a["need_r"])
+    tc = examples * tiles * 2 * tile * pg.BLOCK_P
+    cc = examples * 2 * halves * E * tile
+    floor_flops = 2 * B * cout * cin * P + 2 * halves * B * E * cout * cin
+    return dict(hbm_bytes=hbm, l2_bytes=l2, tc_flops=tc, cc_flops=cc, floor_flops=floor_flops,
+                programs=count, examples_per_program=per, tiles=tiles)
+
+
+def _pointwise_grad_record(layer, dtype: torch.dtype, itemsize: int, launch: Launch, arch: int,
+                           cache: dict) -> dict:
+    """The record of one launch of the kernel gradient in the accumulator's layout: compiled
+    at its plan, modeled by :func:`pointwise_grad_model` and its issue time."""
+    from . import pointwise_grad as pg
+    a = launch.kwargs
+    warps = a["plan"]["WARPS"]
+    key = (POINTWISE_GRAD, a["E"], a["cin"], a["cout"], a["P"], a["need_r"], a["need_w"], warps,
+           dtype)
+    info = _compile_info(cache, key, lambda: pg.compile_for(
+        a["E"], a["cin"], a["cout"], a["P"], dtype, arch, a["need_r"], a["need_w"], warps), arch)
+    m = pointwise_grad_model(itemsize, launch)
+    record = dict(layer=layer.name, shape=layer.describe(), kernel=POINTWISE_GRAD,
+                  config=f"64x{a['plan']['BLOCK_CI']}x{pg.BLOCK_P} buf{a['plan']['NBUF']} "
+                         f"w{warps}{'' if a['need_r'] else ' (weight)'}",
+                  examples_per_program=m["examples_per_program"], grid=m["programs"],
+                  hbm_bytes=m["hbm_bytes"], l2_bytes=m["l2_bytes"], tc_flops=m["tc_flops"],
+                  cc_flops=m["cc_flops"],
+                  floor_us=1e6 * max(m["floor_flops"] / TC, m["hbm_bytes"] / HBM), **info)
+    if "error" in info:
+        record["modeled_us"] = float("inf")
+        return record
+    hot, inner = info.get("loop_instructions"), info.get("loop_inner_instructions") or 0
+    # A loop over the program's examples around the loop over their pixel tiles.
+    per_program = (m["examples_per_program"] * (hot + (m["tiles"] - 1) * inner)
+                   if hot is not None else 0)
+    record["issue_us"] = 1e6 * m["programs"] * per_program * warps / (SMS * 4 * CLOCK)
+    record["modeled_us"] = modeled_us(m["hbm_bytes"], m["l2_bytes"], m["tc_flops"],
+                                      m["cc_flops"], m["programs"], info["tensor_core"],
+                                      info["spill_bytes"] > 0, record["issue_us"])
+    return record
+
+
 def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool,
                issue: float = 0.0) -> float:
     fill = min(1.0, programs / SMS)
@@ -532,10 +620,10 @@ def _stationary_record(layer, batch: int, dtype: torch.dtype, itemsize: int, lau
 
 def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
            arch: int = 90, every_config: bool = False, layers=None, progress=None,
-           scales: bool = False, stationary: bool = False):
+           scales: bool = False, stationary=frozenset()):
     """One record per (layer, kernel) (per configuration with ``every_config``); ``scales``:
-    the kernels with the three per-example scales; ``stationary``: the backend with its
-    switch to the experts-stationary kernel on."""
+    the kernels with the three per-example scales; ``stationary``: the passes of the backend's
+    switch to the experimental Hopper kernels that are on (True: all)."""
     from ..profile import efficientnet_cc_b0_layers
     layers = layers if layers is not None else efficientnet_cc_b0_layers(8)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -545,6 +633,10 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
             if launch.name in STATIONARY_PASSES:
                 records.append(_stationary_record(layer, batch, dtype, itemsize, launch, arch,
                                                   compiled_cache))
+                continue
+            if launch.name == POINTWISE_GRAD:
+                records.append(_pointwise_grad_record(layer, dtype, itemsize, launch, arch,
+                                                      compiled_cache))
                 continue
             options = []
             for config in configurations(launch):
@@ -680,21 +772,31 @@ def main(argv=None) -> int:
     p.add_argument("--before", help="A JSON of an earlier report: print the two side by side.")
     p.add_argument("--scales", action="store_true",
                    help="Give every layer the three per-example scales (ODConv's attentions).")
-    p.add_argument("--stationary", action="store_true",
-                   help="The backend as CONDCONV_TRITON_STATIONARY=1 runs it: the 1x1 passes the "
-                        "experts-stationary kernel takes, modeled by its own rule.")
+    p.add_argument("--stationary", nargs="?", const="all", default="0", metavar="PASSES",
+                   help="The backend as CONDCONV_TRITON_STATIONARY=1 runs it (or set to PASSES: "
+                        "a comma-separated subset of forward, grad_x, routing, kernel_grad): the "
+                        "1x1 passes the experimental Hopper kernels take, each modeled by its "
+                        "rule.")
     p.add_argument("--model", default="efficientnet", choices=sorted(MODELS),
                    help="Whose layers: tf_efficientnet_cc_b0_8e's 24, or a ResNet's dense 3x3.")
     args = p.parse_args(argv)
     if _config.INTERPRET:
         p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
+    from .. import _env
+    try:
+        passes = _env.stationary_passes(args.stationary)
+    except ValueError as error:
+        p.error(f"argument --stationary: {error}")
     title, make_layers = MODELS[args.model]
     layers = make_layers()[:args.first]
     records = report(args.batch, getattr(torch, args.dtype), args.layout == "channels_last",
                      args.arch, args.all, layers,
                      progress=lambda name: print(f"compiled {name}", file=sys.stderr),
-                     scales=args.scales, stationary=args.stationary)
-    print(f"triton backend{' (experts-stationary kernel on)' if args.stationary else ''}, "
+                     scales=args.scales, stationary=passes)
+    on = ("" if not passes else " (experts-stationary kernel on)"
+          if passes == _env.STATIONARY_PASSES else
+          f" (CONDCONV_TRITON_STATIONARY={','.join(sorted(passes))})")
+    print(f"triton backend{on}, "
           f"{title} layers"
           f"{' with the three per-example scales' if args.scales else ''}, batch {args.batch}, "
           f"{args.dtype}, {args.layout}, sm_{args.arch} (static model, no GPU)\n")
