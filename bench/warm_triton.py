@@ -43,8 +43,10 @@ def _worker(args) -> int:
             fns = layer_variants(layer, args.batch, args.device, getattr(torch, args.dtype),
                                  args.backward, channels_last=args.channels_last)
             fns[f"fused:{args.backend}"]()
-            if args.stationary:
-                with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
+            if args.stationary:  # (the kernel_grad pass's kernel compiles in a second or two
+                # where it is first run; a fault of it here would cut the warming short)
+                with mock.patch.object(_env, "TRITON_STATIONARY",
+                                       _env.STATIONARY_PASSES - {"kernel_grad"}):
                     fns[f"fused:{args.backend}"]()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="Where the kernels run.")
     p.add_argument("--backend", default="triton", help="The condconv2d backend to warm.")
     p.add_argument("--stationary", action="store_true",
-                   help="Also each layer with the experts-stationary kernel switched on.")
+                   help="Also each layer with the experts-stationary kernel switched on (its "
+                        "forward, grad_x and routing passes).")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # "config,part,parts": one worker
     args = p.parse_args(argv)
     if args.jobs < 1:

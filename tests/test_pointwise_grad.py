@@ -178,6 +178,16 @@ def test_fits_takes_only_what_the_kernel_reads():
     ]
     for bad in refused:
         assert fits(**bad) is None, bad
+    # No examples; an example whose offsets pass int32 (the batch expanded, stride 0, its 17
+    # pixels 2**27 elements apart; meta tensors).
+    assert fits(x=x[:0], grad_out=grad_out[:0]) is None
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    go = torch.empty(2, 64, 1, 17, **meta).contiguous(memory_format=CL)
+    ok = torch.empty(2, 32, 1, 17, **meta).contiguous(memory_format=CL)
+    wide = torch.empty_strided((2, 32, 1, 17), (0, 1, 17 * 2 ** 27, 2 ** 27), **meta)
+    w = torch.empty(4, 64, 32, 1, 1, **meta)
+    assert fits(x=ok, grad_out=go, weight=w) is not None
+    assert fits(x=wide, grad_out=go, weight=w) is None
     # Not on a CPU tensor, whatever fits says.
     assert pointwise_grad.eligible(x, grad_out, weight, *geometry) is None
 

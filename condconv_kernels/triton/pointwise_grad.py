@@ -16,7 +16,8 @@ of W (float32), their gradients and G_b are all in
 the accumulator's layout, so an example's fold is elementwise in each thread's registers:
 grad_weight[e] += routing[b, e] G_b, and grad_routing's <G_b, W[e]> is summed within each
 warp (shuffles) and written as one partial sum a warp, added on the host in a fixed order. The
-one barrier of an iteration guards the two copy buffers.
+barriers of an iteration (3: the explicit one after the copies' wait, two the compiler adds
+for the shared buffers, whose runtime index it cannot tell apart) guard the two copy buffers.
 
 A program owns 64 output channels x BLOCK_CI input channels and a slice of the batch; per
 example and tile of 64 pixels it copies grad_out's (64 x pixels) and x's (BLOCK_CI x pixels)
@@ -214,9 +215,12 @@ def _eligible_shapes(x: torch.Tensor, grad_out: torch.Tensor, experts: int) -> O
         return None
     B, cin, H, W = x.shape
     cout = grad_out.shape[1]
-    # Offsets within an example in int32.
-    if max(x.stride(0), grad_out.stride(0)) >= 2 ** 31 or H * W == 0:
+    if B == 0 or H * W == 0:
         return None
+    # Offsets within an example in int32: each example's extent, and the stride between them.
+    for t in (x, grad_out):
+        if max(t.stride(0), (H * W - 1) * t.stride(3) + t.shape[1]) >= 2 ** 31:
+            return None
     return plan(experts, cin, cout, H * W)
 
 
