@@ -7,6 +7,7 @@ forward, grad_x (the kernel transposed) and the kernel gradients.
 
     python bench/bench_pointwise.py [--device cuda] [--batch 256] [--dtype bfloat16]
                                     [--layers s5.b0.expand,...] [--chunk-mb 8,128]
+                                    [--acc-warps 4]
                                     [--out FILE.md]
                                     [--modeled bench/results/gpu-model-stationary.json]
 
@@ -29,6 +30,8 @@ ratios between columns comparable.
   products;
 - ``acc layout`` (the kernel gradients only): the same call with the switch's
   ``kernel_grad`` pass alone, both halves from the kernel in the accumulator's layout;
+- ``acc layout, N warps`` (``--acc-warps``): that kernel at its plan for N warps a program
+  instead of ``pointwise_grad.WARPS``'s 8 (4: tiles of 64 x 16, three programs an SM);
 - ``batched, N MB chunks`` (``--chunk-mb``): the batched pass with chunks of N MB instead of
   ``CHUNK_BYTES``'s 32 (whether its mixed kernels and G are read back from L2);
 - ``/ dense``: each alternative's time over dense's;
@@ -111,6 +114,9 @@ def main(argv=None):
     p.add_argument("--chunk-mb", default="",
                    help="Comma-separated further chunk sizes (MB) for the batched passes: a "
                         "column of times each, beside the default's (CHUNK_BYTES).")
+    p.add_argument("--acc-warps", default="",
+                   help="Comma-separated further warps a program (4 or 8) for the kernel "
+                        "gradient in the accumulator's layout: a column of times each.")
     p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
     p.add_argument("--modeled", help="A JSON of `condconv_kernels.triton.report --stationary` for "
                                      "the same batch and dtype: adds the stationary kernel's "
@@ -121,11 +127,16 @@ def main(argv=None):
         chunk_mb = [int(v) for v in args.chunk_mb.split(",") if v.strip()]
     except ValueError:
         p.error(f"argument --chunk-mb: comma-separated integers, got {args.chunk_mb!r}")
+    from condconv_kernels.triton import pointwise_grad
+    acc_warps = [v.strip() for v in args.acc_warps.split(",") if v.strip()]
+    if any(v not in {str(w) for w in pointwise_grad.WARP_CHOICES} for v in acc_warps):
+        p.error(f"argument --acc-warps: comma-separated values of "
+                f"{pointwise_grad.WARP_CHOICES}, got {args.acc_warps!r}")
+    acc_warps = [int(v) for v in acc_warps]
     dtype = getattr(torch, args.dtype)
     chosen = pick_layers(p, args.layers, kernel=1)
     import condconv_kernels.triton as triton_backend
     from condconv_kernels.triton import batched as batched_path
-    from condconv_kernels.triton import pointwise_grad
     from condconv_kernels.triton import stationary as kernel
     rows, record = [], []
     g = torch.Generator().manual_seed(0)
@@ -225,7 +236,13 @@ def main(argv=None):
                         alternatives["batched"][0], args.device)[0]
             alts = list(alternatives)
             cells += [f"{times[a]:.1f}" if a in times else "-" for a in alts]
+            warped = {}  # the accumulator-layout kernel gradient at further warps
+            for w in acc_warps if "acc layout" in times else ():
+                with mock.patch.object(pointwise_grad, "WARPS", w):
+                    warped[w] = times[f"acc layout {w} warps"] = device_kernels(
+                        alternatives["acc layout"][0], args.device)[0]
             cells += [f"{sized[mb]:.1f}" if mb in sized else "-" for mb in chunk_mb]
+            cells += [f"{warped[w]:.1f}" if w in warped else "-" for w in acc_warps]
             cells += [f"{times[a] / times['dense']:.2f}" if a in times else "-" for a in alts]
             cells += [f"{diffs[a]:.1e}" if a in diffs else "-" for a in alts]
             if name == "grad_routing+weight":
@@ -247,6 +264,7 @@ def main(argv=None):
                 ["layer", "shape", "pass", "static", "dense", "stationary", "batched",
                  "acc layout"]
                 + [f"batched, {mb} MB chunks" for mb in chunk_mb]
+                + [f"acc layout, {w} warps" for w in acc_warps]
                 + ["stationary / dense", "batched / dense", "acc layout / dense",
                    "max diff: stationary", "batched", "acc layout", "vs float64: dense",
                    "stationary", "batched", "acc layout"]

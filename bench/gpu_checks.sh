@@ -316,7 +316,7 @@ if [ "$DRY" = 1 ]; then
   KGRAD=(--device cpu --batch 2 --backend cpu --layers s5.b0.expand)
   TUNED=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand,s5.b1.dw)
   POINTWISE=(--device cpu --batch 2 --dtype bfloat16 --backend cpu --layers s6.b1.expand
-             --chunk-mb 1 --modeled bench/results/gpu-model-stationary.json)
+             --chunk-mb 1 --acc-warps 4 --modeled bench/results/gpu-model-stationary.json)
 else
   DEV=(--device cuda)
   TEST_ENV=(env)
@@ -339,7 +339,7 @@ else
   DYNAMIC=(--device cuda --batch 64 --amp bfloat16 --channels-last --min-run-time 0.1)
   KGRAD=(--device cuda --batch 256 --backend triton)
   TUNED=(--device cuda --batch 256 --backend triton)
-  POINTWISE=(--device cuda --batch 256 --backend triton --chunk-mb 8,128
+  POINTWISE=(--device cuda --batch 256 --backend triton --chunk-mb 8,128 --acc-warps 4
              --modeled bench/results/gpu-model-stationary.json)
   PROFILE_ONE=(--layers s6.b1.expand)
 fi

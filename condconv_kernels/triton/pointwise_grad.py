@@ -54,6 +54,7 @@ BLOCK_P = 64  # pixels a tile
 # Warps a program: one warpgroup (tiles of 64 x 16 channels) or two (64 x 32, each warpgroup
 # 16 of the columns); a thread holds 8 values of each register tile either way.
 WARP_CHOICES = (4, 8)
+WARPS = 8  # the plan's unless told otherwise (bench_pointwise --acc-warps times the other)
 # The expert tiles and their gradients are E pairs of register tiles: past 8 experts they
 # would not fit beside each other.
 MAX_EXPERTS = 8
@@ -62,13 +63,16 @@ MAX_PIXELS = CHAIN.value * BLOCK_P
 SPLITS = 8
 
 
-def plan(experts: int, cin: int, cout: int, pixels: int, warps: int = 8) -> Optional[dict]:
+def plan(experts: int, cin: int, cout: int, pixels: int,
+         warps: Optional[int] = None) -> Optional[dict]:
     """The compile-time sizes for a layer of ``experts`` experts, ``cin`` -> ``cout`` channels
     and ``pixels`` pixels an example, or None outside the kernel's scope: tiles of 64 output x
     4 ``warps`` input channels (a thread holds 8 values of each of the 2E + 1 register tiles,
     the expert tiles and their gradients float32: 168 registers at E = 8; with 16 values a
     thread ptxas spills), two buffers of both copied tiles. 8 warps (64 x 32) read grad_out
-    half as often as 4 (64 x 16), which fit three programs an SM instead of one."""
+    half as often as 4 (64 x 16), which fit three programs an SM instead of one; ``warps``:
+    :data:`WARPS` by default."""
+    warps = WARPS if warps is None else warps
     if warps not in WARP_CHOICES:
         raise ValueError(f"warps must be one of {WARP_CHOICES}, got {warps}")
     if not (1 <= experts <= MAX_EXPERTS and 0 < pixels <= MAX_PIXELS
@@ -287,7 +291,8 @@ COMPILE_CASES = [(8, 192, 1152, 49, True, True), (8, 1152, 192, 49, True, True),
 
 
 def compile_for(experts: int, cin: int, cout: int, pixels: int, dtype: torch.dtype,
-                arch: int = 90, need_r: bool = True, need_w: bool = True, warps: int = 8):
+                arch: int = 90, need_r: bool = True, need_w: bool = True,
+                warps: Optional[int] = None):
     """The kernel compiled ahead of time for ``sm_<arch>`` (no GPU needed) at the plan of the
     layer, with the integer specializations a launch gets (sizes and strides divisible by 16,
     the routing's experts and W's columns at stride 1)."""
