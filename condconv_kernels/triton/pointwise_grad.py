@@ -179,12 +179,7 @@ if AVAILABLE:
                 gl.thread_barrier()  # ... and every warp's products done with the other buffer
                 # The next tile (this example's next pixels, or the next example's first) into
                 # the other buffer while this one is multiplied and folded.
-                if p0 + BLOCK_P < P:
-                    nb = b
-                    np0 = p0 + BLOCK_P
-                else:
-                    nb = b + 1
-                    np0 = 0
+                nb, np0 = stationary.next_tile(b, p0, P, BLOCK_P)
                 if nb < b_hi:
                     _copy_tiles(gs, xs, 1 - buf, g_ptr + nb.to(gl.int64) * s_gb,
                                 x_ptr + nb.to(gl.int64) * s_xb, np0, P, o_mg, COUT, o_pg, s_gp,

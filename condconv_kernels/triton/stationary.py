@@ -135,18 +135,25 @@ if AVAILABLE:
         cp.commit_group()
 
     @gluon.jit
-    def _copy_next(xs, first, x_ptr, b, b_end, p0, s_xb, K, P, s_xp, o_kx, o_px,
-                   BLOCK_K: gl.constexpr, NUM_KC: gl.constexpr, BLOCK_N: gl.constexpr,
-                   DUAL: gl.constexpr, ds, d_ptr, s_db, o_md, ROWS, s_dp):
-        """Starts the copy of the tile after (b, p0) into the buffers from ``first`` on: the
-        example's next pixel tile, or the next example's first, or none after the slice (with
-        the dual's tile, DUAL: see _copy_x)."""
+    def next_tile(b, p0, P, BLOCK_N: gl.constexpr):
+        """(example, first pixel) of the tile after example b's tile at p0 of its P pixels: the
+        example's next tile of BLOCK_N pixels, or the next example's first."""
         if p0 + BLOCK_N < P:
             nb = b
             np0 = p0 + BLOCK_N
         else:
             nb = b + 1
             np0 = 0
+        return nb, np0
+
+    @gluon.jit
+    def _copy_next(xs, first, x_ptr, b, b_end, p0, s_xb, K, P, s_xp, o_kx, o_px,
+                   BLOCK_K: gl.constexpr, NUM_KC: gl.constexpr, BLOCK_N: gl.constexpr,
+                   DUAL: gl.constexpr, ds, d_ptr, s_db, o_md, ROWS, s_dp):
+        """Starts the copy of the tile after (b, p0) into the buffers from ``first`` on: the
+        example's next pixel tile, or the next example's first, or none after the slice (with
+        the dual's tile, DUAL: see _copy_x)."""
+        nb, np0 = next_tile(b, p0, P, BLOCK_N)
         if nb < b_end:
             _copy_x(xs, first, x_ptr + nb.to(gl.int64) * s_xb, np0, K, P, s_xp, o_kx, o_px,
                     BLOCK_K, NUM_KC, DUAL, ds, d_ptr + nb.to(gl.int64) * s_db, o_md, ROWS, s_dp)
