@@ -52,7 +52,7 @@ TRITON_CONFIG = _forced_config()
 TRITON_AUTOTUNE = (os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0"
                    and TRITON_CONFIG is None)
 TRITON_DIRECT_LAUNCH = os.environ.get("CONDCONV_TRITON_DIRECT_LAUNCH", "1") != "0"
-# The passes the experts-stationary kernel (CONDCONV_TRITON_STATIONARY) and the batched
+# The passes the experimental Hopper kernels (CONDCONV_TRITON_STATIONARY) and the batched
 # products (CONDCONV_TRITON_BATCHED) may take.
 STATIONARY_PASSES = frozenset({"forward", "grad_x", "routing", "kernel_grad"})
 BATCHED_PASSES = frozenset({"forward", "grad_x", "kernel_grad"})
