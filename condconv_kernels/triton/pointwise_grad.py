@@ -12,12 +12,12 @@ goes through shared memory into the tiles' layout: on the 7x7 layers 4 rounds, 8
 barriers of an example, at 246 registers (one program of 8 warps an SM, nothing to run while
 it waits). The H200 measured that kernel at 313 us on s6.b1.expand (192 -> 1152 at 7x7, batch
 256) against ~66 us of issued instructions: latency between barriers. Here the E expert tiles
-of W (float32), their gradients and G_b are all in
-the accumulator's layout, so an example's fold is elementwise in each thread's registers:
-grad_weight[e] += routing[b, e] G_b, and grad_routing's <G_b, W[e]> is summed within each
-warp (shuffles) and written as one partial sum a warp, added on the host in a fixed order. The
-barriers of an iteration (3: the explicit one after the copies' wait, two the compiler adds
-for the shared buffers, whose runtime index it cannot tell apart) guard the two copy buffers.
+of W (float32), their gradients and G_b are all in the accumulator's layout, so an example's
+fold is elementwise in each thread's registers: grad_weight[e] += routing[b, e] G_b, and
+grad_routing's <G_b, W[e]> is summed within each warp (shuffles) and written as one partial
+sum a warp, added on the host in a fixed order. The barriers of an iteration (3: the explicit
+one after the copies' wait, two the compiler adds for the shared buffers, whose runtime index
+it cannot tell apart) guard the two copy buffers.
 
 A program owns 64 output channels x BLOCK_CI input channels and a slice of the batch; per
 example and tile of 64 pixels it copies grad_out's (64 x pixels) and x's (BLOCK_CI x pixels)
