@@ -59,7 +59,8 @@ def test_both_calls_walk_every_step(tmp_path):
     assert "| layer | shape | static | unfused |" in summary  # the headline table
     assert "triton modeled |" in summary  # with the static model's times beside it
     assert "| batch | variant | ms | images/s |" in summary
-    assert "| layer | shape | pass | static | dense | stationary | batched | acc layout |" in summary
+    assert ("| layer | shape | pass | static | dense | stationary | batched | acc layout |"
+            in summary)
     assert "| modeled | stationary / modeled |" in summary  # the stationary kernel's model
     assert "| call 3 bitwise call 2 | verdict |" in summary  # the tuned launches' check
     assert "| vs float64: dense | stationary | batched | acc layout |" in summary

@@ -27,7 +27,8 @@ from .layers import LayerShape
 from .timing import Measurement, time_callable
 
 __all__ = ["VariantResult", "model_layer_shapes", "layer_variants", "model_variants",
-           "BATCHED_VARIANT", "KGRAD_VARIANT", "SWITCHED_VARIANTS", "measure", "fused_backends", "cpu_peak_memory_mb"]
+           "BATCHED_VARIANT", "KGRAD_VARIANT", "SWITCHED_VARIANTS", "measure", "fused_backends",
+           "cpu_peak_memory_mb"]
 
 
 @dataclasses.dataclass

@@ -113,8 +113,8 @@ if AVAILABLE:
     def pw_kgrad_kernel(
         x_ptr, g_ptr, r_ptr, w_ptr, gw_ptr, part_ptr, B, CIN, COUT, P, PER_SPLIT, N_CI, N_CO,
         s_xb, s_xp, s_gb, s_gp, s_rb, s_re, s_we, s_wr,
-        E: gl.constexpr, NEED_W: gl.constexpr, NEED_R: gl.constexpr, BLOCK_CO: gl.constexpr, BLOCK_CI: gl.constexpr, BLOCK_P: gl.constexpr,
-        NBUF: gl.constexpr, WARPS: gl.constexpr,
+        E: gl.constexpr, NEED_W: gl.constexpr, NEED_R: gl.constexpr, BLOCK_CO: gl.constexpr,
+        BLOCK_CI: gl.constexpr, BLOCK_P: gl.constexpr, NBUF: gl.constexpr, WARPS: gl.constexpr,
     ):
         """For the tile (64 output channels of program // N_CI % N_CO, BLOCK_CI input channels
         of program % N_CI) and the batch slice program // (N_CI N_CO) (PER_SPLIT examples):
@@ -270,7 +270,8 @@ def kernel_grads(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     pw_kgrad_kernel[(count,)](
         x, grad_out, routing, w, gw, part, B, cin, cout, H * W, per, n_ci, n_co,
         x.stride(0), x.stride(3), grad_out.stride(0), grad_out.stride(3), routing.stride(0),
-        routing.stride(1), cout * cin, cin, E=E, NEED_W=need_w, NEED_R=need_r, BLOCK_CO=BLOCK_CO, BLOCK_CI=config["BLOCK_CI"], BLOCK_P=BLOCK_P,
+        routing.stride(1), cout * cin, cin, E=E, NEED_W=need_w, NEED_R=need_r,
+        BLOCK_CO=BLOCK_CO, BLOCK_CI=config["BLOCK_CI"], BLOCK_P=BLOCK_P,
         NBUF=config["NBUF"], WARPS=config["WARPS"], num_warps=config["WARPS"])
     grad_routing = part.sum((0, 2)) if need_r else None
     grad_weight = gw.sum(0).view(weight.shape).to(weight.dtype) if need_w else None
@@ -298,7 +299,8 @@ def compile_for(experts: int, cin: int, cout: int, pixels: int, dtype: torch.dty
     if config is None:
         raise ValueError(f"no plan for E={experts}, {cin} -> {cout}, P={pixels}")
     fn = pw_kgrad_kernel
-    const = dict(E=experts, NEED_W=need_w, NEED_R=need_r, BLOCK_CO=BLOCK_CO, BLOCK_CI=config["BLOCK_CI"], BLOCK_P=BLOCK_P,
+    const = dict(E=experts, NEED_W=need_w, NEED_R=need_r, BLOCK_CO=BLOCK_CO,
+                 BLOCK_CI=config["BLOCK_CI"], BLOCK_P=BLOCK_P,
                  NBUF=config["NBUF"], WARPS=config["WARPS"], s_re=1)
     kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     signature = {n: "constexpr" if n in const else
