@@ -139,6 +139,19 @@ def main(argv=None):
     from condconv_kernels.triton import batched as batched_path
     from condconv_kernels.triton import stationary as kernel
     rows, record = [], []
+    columns = (["layer", "shape", "pass", "static", "dense", "stationary", "batched",
+                "acc layout"]
+               + [f"batched, {mb} MB chunks" for mb in chunk_mb]
+               + [f"acc layout, {w} warps" for w in acc_warps]
+               + ["stationary / dense", "batched / dense", "acc layout / dense",
+                  "max diff: stationary", "batched", "acc layout", "vs float64: dense",
+                  "stationary", "batched", "acc layout"]
+               + (["modeled", "stationary / modeled"] if args.modeled else []))
+
+    def table(echo=True):  # the rows so far (written after each layer: a time limit keeps them)
+        print_table(f"1x1 passes, batch {args.batch}, {args.dtype}, channels_last, "
+                    f"{args.device}: device us per call", columns, rows, record, args.out,
+                    "bench_pointwise.py", argv, echo=echo)
     g = torch.Generator().manual_seed(0)
     for layer in chosen:
         x, routing, weight, bias = layer_inputs(layer, args.batch, args.device, dtype, g)
@@ -259,17 +272,8 @@ def main(argv=None):
             record.append({"layer": layer.name, "shape": cells[1], "pass": name,
                            "device_us": times, "max_diff": diffs})
         print(f"{layer.name}: done", file=sys.stderr)
-    print_table(f"1x1 passes, batch {args.batch}, {args.dtype}, channels_last, {args.device}: "
-                "device us per call",
-                ["layer", "shape", "pass", "static", "dense", "stationary", "batched",
-                 "acc layout"]
-                + [f"batched, {mb} MB chunks" for mb in chunk_mb]
-                + [f"acc layout, {w} warps" for w in acc_warps]
-                + ["stationary / dense", "batched / dense", "acc layout / dense",
-                   "max diff: stationary", "batched", "acc layout", "vs float64: dense",
-                   "stationary", "batched", "acc layout"]
-                + (["modeled", "stationary / modeled"] if args.modeled else []),
-                rows, record, args.out, "bench_pointwise.py", argv)
+        table(echo=False)
+    table()
 
 
 if __name__ == "__main__":

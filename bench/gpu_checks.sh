@@ -377,8 +377,10 @@ if [ "$MODE" = first ]; then
   # The experimental experts-stationary 1x1 kernel (Gluon; forward, grad_x, kernel gradients)
   # against the dense ones (tuned from the cache warm-triton filled) and the static layer, with
   # its modeled time and both routing gradients against a float64 sum (which of the two was
-  # off on the 7x7 layers in the second run): early, so that the deadline cannot cut it.
-  step pointwise 90 "$PY" bench/bench_pointwise.py "${POINTWISE[@]}" \
+  # off on the 7x7 layers in the second run), the batched products and the kernel gradient in
+  # the accumulator's layout: early, so that the deadline cannot cut it (and written layer by
+  # layer, so that its cap keeps the rows done).
+  step pointwise 110 "$PY" bench/bench_pointwise.py "${POINTWISE[@]}" \
     --out "$WORK/results/pointwise.md"
   table "$WORK/results/pointwise.md"
   # Inference captured in a CUDA graph (the device's time): static, fused triton, and fused
