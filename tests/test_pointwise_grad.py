@@ -225,3 +225,30 @@ def test_backend_takes_the_kernel_gradient_where_switched():
         with mock.patch.object(_env, "TRITON_STATIONARY", frozenset()):
             off = backend.backward(*args)
         assert calls == [] and not torch.equal(off[2], w_mark)
+
+
+def test_a_training_steps_dense_layers_fit():
+    """Every dense 1x1 layer's backward in a training step of tf_efficientnet_cc_b0_8e, channels
+    last under bfloat16 autocast (as the kit's graphed training step runs it), gets a plan: x
+    and grad_out channels_last in bfloat16, the weight in bfloat16 (the autocast rule), no
+    scales; recorded from the cpu backend's backward, whose arguments are the same."""
+    import condconv_kernels.ops as ops
+    from condconv_kernels.models import create_model
+    calls = []
+    cpu = ops._BACKWARD["cpu"]
+
+    def recorded(grad_out, x, routing, weight, bias, stride, padding, dilation, groups, *rest):
+        if weight.shape[-2:] == (1, 1) and weight.shape[2] > 1:
+            calls.append(pointwise_grad.fits(x, grad_out, weight, stride, padding, dilation,
+                                             groups))
+        return cpu(grad_out, x, routing, weight, bias, stride, padding, dilation, groups, *rest)
+    model = create_model("tf_efficientnet_cc_b0_8e").to(memory_format=CL)
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = "cpu"
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
+    with mock.patch.dict(ops._BACKWARD, {"cpu": recorded}):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+    assert len(calls) == 16 and all(plan is not None for plan in calls), calls
