@@ -71,8 +71,9 @@ DEFAULT_LAYERS = "s5.b0.expand,s6.b1.expand,s5.b1.project,s6.b1.project"
 
 def _modeled_us(path: str) -> dict:
     """(layer, pass) -> the modeled microseconds of the pass with the switch on, from the static
-    report's JSON (``--stationary``): the forward and grad_x kernels, and the routing-gradient
-    kernel plus the dense kernel gradient for the weight ("grad_routing+weight")."""
+    report's JSON (``--stationary forward,grad_x,routing``): the forward and grad_x kernels,
+    and the routing-gradient kernel plus the dense kernel gradient for the weight
+    ("grad_routing+weight")."""
     with open(path) as f:
         records = json.load(f)
     passes = {"stationary_fwd": "forward", "stationary_bwd_x": "grad_x",
@@ -118,9 +119,10 @@ def main(argv=None):
                    help="Comma-separated further warps a program (4 or 8) for the kernel "
                         "gradient in the accumulator's layout: a column of times each.")
     p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
-    p.add_argument("--modeled", help="A JSON of `condconv_kernels.triton.report --stationary` for "
-                                     "the same batch and dtype: adds the stationary kernel's "
-                                     "modeled time per pass and the measured / modeled ratio.")
+    p.add_argument("--modeled", help="A JSON of `condconv_kernels.triton.report --stationary "
+                                     "forward,grad_x,routing` for the same batch and dtype: "
+                                     "adds the stationary kernel's modeled time per pass and "
+                                     "the measured / modeled ratio.")
     args = p.parse_args(argv)
     modeled = _modeled_us(args.modeled) if args.modeled else {}
     try:
