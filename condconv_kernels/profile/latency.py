@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import backends
+from .. import _env, backends
 from ..nn import FusedConv2d
 from .layers import LayerShape
 from .timing import Measurement, time_callable
@@ -180,18 +180,17 @@ BATCHED_VARIANT = "fused:triton+batched"
 KGRAD_VARIANT = "fused:triton+kgrad"
 # The triton backend with an experimental path switched on: variant -> (the switch of _env,
 # which the backend reads at every call; the passes it turns on).
-SWITCHED_VARIANTS = {BATCHED_VARIANT: ("TRITON_BATCHED", "BATCHED_PASSES"),
-                     KGRAD_VARIANT: ("TRITON_STATIONARY", ("kernel_grad",))}
+SWITCHED_VARIANTS = {BATCHED_VARIANT: ("TRITON_BATCHED", _env.BATCHED_PASSES),
+                     KGRAD_VARIANT: ("TRITON_STATIONARY", frozenset({"kernel_grad"}))}
 
 
 @contextlib.contextmanager
 def _switched(variant: str):
     """The passes of ``variant`` (:data:`SWITCHED_VARIANTS`) on for the block, then the switch
     as it was."""
-    from .. import _env
     name, passes = SWITCHED_VARIANTS[variant]
     saved = getattr(_env, name)
-    setattr(_env, name, getattr(_env, passes) if isinstance(passes, str) else frozenset(passes))
+    setattr(_env, name, passes)
     try:
         yield
     finally:

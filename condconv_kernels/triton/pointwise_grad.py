@@ -68,7 +68,7 @@ def plan(experts: int, cin: int, cout: int, pixels: int,
     """The compile-time sizes for a layer of ``experts`` experts, ``cin`` -> ``cout`` channels
     and ``pixels`` pixels an example, or None outside the kernel's scope: tiles of 64 output x
     4 ``warps`` input channels (a thread holds 8 values of each of the 2E + 1 register tiles,
-    the expert tiles and their gradients float32: 168 registers at E = 8; with 16 values a
+    the expert tiles and their gradients float32: 168-170 registers at E = 8; with 16 values a
     thread ptxas spills), two buffers of both copied tiles. 8 warps (64 x 32) read grad_out
     half as often as 4 (64 x 16), which fit three programs an SM instead of one; ``warps``:
     :data:`WARPS` by default."""
