@@ -1,0 +1,411 @@
+"""Dense 1x1 CondConv forward and grad_x with the experts stationary in shared memory and the mix
+on the tensor cores (Hopper, Gluon).
+
+Experimental: used only with ``CONDCONV_TRITON_STATIONARY=mix`` (or ``all``) until a GPU run has
+measured it against the dense kernels and :mod:`condconv_kernels.triton.stationary`.
+
+Why: the experts-stationary kernel (:mod:`.stationary`) mixes each example's (64 x K) kernel
+tile on the CUDA cores: E loads, conversions and FMAs per kernel value and example. On the 7x7
+layers of EfficientNet-CondConv (a 64-pixel tile an example) that mix is its bound, 8 x 64 x 192
+values an example on s6.b1.expand (192 -> 1152), 0.9 of its modeled 1.2 us an example, and it
+holds the program's one warpgroup in dependent shared-memory loads. Here the mix is a product
+on the tensor cores, shared by a block of NB examples:
+
+    mixed^T (kernel values x NB) = slab^T (kernel values x E) . routing^T (E x NB)
+
+with the slab as wgmma's A operand (64 kernel values a row block) and E the reduction. E = 8
+fills half of bf16's k = 16; the slab stores two kernel columns side by side instead of padding:
+the reduction index is 8h + e (h: which of two adjacent columns k = 2q + h), and the B operand
+is block-diagonal, example b's routing in column 2b + h for half h. One (64 x 16) x (16 x 2NB)
+product then mixes 64 rows x 2 columns of NB examples' kernels.
+
+Per program: 64 rows of W (the output channels; grad_x: the input channels, the slab copied from
+W's transpose), every expert, all of K, held in shared memory (E padded to 8: K x 64 x 8 x 2
+bytes, 192 KB at K = 192), and a slice of the batch in blocks of NB = 4 examples. Per block and
+chunk of 16 channels: 8 mix products (m64n8k16, asynchronous, one wait), the mixed (64 x 16)
+tiles stored to shared memory as the examples' A operands, then the NB products with the
+examples' (16 x pixels) tiles of x (m64nNk16, asynchronous: they run while the next chunk's
+mix is issued; the next chunk's tiles are copied with cp.async during this one). The
+accumulators (NB x 64 x pixels, float32) are stored with the mixed bias after the last chunk.
+
+Precision: the routing weights enter the tensor cores in the layer's dtype (bfloat16 or
+float16), the products accumulate in float32 and the mixed kernel is rounded to the dtype, as
+in the other kernels; the routing's rounding adds at most one unit in the last place of the
+dtype to each mixed value's relative error.
+
+Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, the reduced tensor (x;
+grad_out for grad_x) channels_last with its channels a multiple of 16 (and the rows too for
+grad_x), at most 8 experts, planes of at most 64 pixels, K such that the slab fits
+(:func:`plan`), no per-example scales, sm_90; every other call takes the other kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import stationary
+
+if stationary.AVAILABLE:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared,
+                                                                  warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+AVAILABLE = stationary.AVAILABLE
+BLOCK_M = stationary.BLOCK_M  # one warpgroup's wgmma rows
+WARPS = 4  # one warpgroup
+CHUNK = 16  # channels of K a step: one k16 product an example
+SLOTS = 8  # expert slots of the reduction (two columns x 8 = wgmma's k of 16)
+MAX_EXPERTS = SLOTS
+NB = 4  # examples a block (the mix's N = 2 NB = 8, wgmma's least)
+MAX_PIXELS = 64  # one pixel tile an example
+
+
+def plan(experts: int, k: int, pixels: int, itemsize: int = 2) -> Optional[dict]:
+    """The compile-time sizes for E experts, a reduction over K channels and P pixels, or None
+    outside the kernel's scope: the slab (K x 64 x 8 slots), two stages of the NB examples'
+    (16 x pixels) tiles, their mixed (64 x 16) tiles and the routing block must fit in 227 KB
+    (K <= 192 at 64 pixels)."""
+    if not (1 <= experts <= MAX_EXPERTS and 0 < pixels <= MAX_PIXELS and k % CHUNK == 0
+            and k > 0):
+        return None
+    block_n = max(16, stationary._pow2(pixels))
+    num_c = -(-k // (2 * CHUNK)) * 2  # chunks in pairs (zeros past K)
+    shared = (num_c * SLOTS * BLOCK_M * CHUNK + 2 * NB * CHUNK * block_n
+              + NB * BLOCK_M * CHUNK + CHUNK * 2 * NB) * itemsize
+    if shared > stationary.SHARED_LIMIT - 1024:  # the compiler's own scratch
+        return None
+    return dict(NUM_C=num_c, BLOCK_N=block_n, shared_bytes=shared)
+
+
+if AVAILABLE:
+    @gluon.jit
+    def _copy_chunk(xs, x_ptr, blk, b_end, c, K, P, s_xb, s_xp, o_k, o_n,
+                    BLOCK_N: gl.constexpr):
+        """Starts the copy of channels [16c, 16c + 16) of the examples [blk, blk + NB) into xs
+        (16 x NB pixel tiles side by side; zeros past b_end, K and P): one commit group."""
+        b = blk + o_n // BLOCK_N
+        p = o_n % BLOCK_N
+        k = c * 16 + o_k
+        ptrs = x_ptr + (b.to(gl.int64)[None, :] * s_xb + (k[:, None] + p[None, :] * s_xp))
+        mask = (b[None, :] < b_end) & (k[:, None] < K) & (p[None, :] < P)
+        cp.async_copy_global_to_shared(xs, ptrs, mask=mask)
+        cp.commit_group()
+
+    @gluon.jit
+    def _fill_slab(slab, w_ptr, i_m, K, ROWS, s_we, s_wr, s_wk, E: gl.constexpr,
+                   W_T: gl.constexpr, NUM_C: gl.constexpr):
+        """slab[8c + q] (64 rows x 16 slots) = w[e, row, 16c + 2q + h] at slot 8h + e for the
+        program's 64 rows (zeros past E and ROWS), read along W's contiguous dimension (the
+        column pair h, or, W_T, the rows) and put in the slab's order in registers."""
+        if W_T:  # (e, h, row): rows contiguous
+            ld: gl.constexpr = gl.BlockedLayout([1, 1, 8], [2, 2, 8], [4, 1, 1], [2, 1, 0])
+            o_e = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, ld)))
+            o_h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, ld)))
+            o_r = i_m * 64 + gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, ld)))
+            base = (o_e[:, None, None].to(gl.int64) * s_we
+                    + (o_h[None, :, None] * s_wk + o_r[None, None, :]))
+            valid = (o_e[:, None, None] < E) & (o_r[None, None, :] < ROWS)
+        else:  # (e, row, h): the column pair contiguous
+            ld: gl.constexpr = gl.BlockedLayout([1, 1, 2], [4, 8, 1], [2, 2, 1], [2, 1, 0])
+            o_e = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, ld)))
+            o_r = i_m * 64 + gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(2, ld)))
+            o_h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, ld)))
+            base = (o_e[:, None, None].to(gl.int64) * s_we
+                    + (o_r[None, :, None] * s_wr + o_h[None, None, :]))
+            valid = (o_e[:, None, None] < E) & (o_r[None, :, None] < ROWS)
+        for j in range(NUM_C * 8):  # j = 8c + q: columns 2j, 2j + 1
+            if W_T:
+                in_k = 2 * j + o_h[None, :, None] < K
+            else:
+                in_k = 2 * j + o_h[None, None, :] < K
+            t = gl.load(w_ptr + base + (2 * j) * s_wk, mask=valid & in_k, other=0.0)
+            if W_T:
+                t = gl.permute(t, (2, 1, 0))  # (row, h, e)
+            else:
+                t = gl.permute(t, (1, 2, 0))
+            slab.index(j).store(gl.reshape(t, [64, 16]))
+
+    @gluon.jit
+    def _stack8(m0, m1, m2, m3, m4, m5, m6, m7, NB: gl.constexpr):
+        """The 8 mix products of a chunk, each (64 rows x (2b + h)) for k = 2q + h, as the NB
+        examples' (64 x 16) tiles: (b, row, 2q + h)."""
+        t = gl.join(gl.join(gl.join(m0, m1), gl.join(m2, m3)),
+                    gl.join(gl.join(m4, m5), gl.join(m6, m7)))  # (row, n, q0, q1, q2)
+        t = gl.reshape(t, [64, NB, 2, 2, 2, 2])  # (row, b, h, q0, q1, q2)
+        t = gl.permute(t, (1, 0, 5, 4, 3, 2))  # (b, row, q2, q1, q0, h)
+        return gl.reshape(t, [NB, 64, 16])
+
+    @gluon.jit
+    def _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, STAGE: gl.constexpr, x_ptr,
+               next_blk, next_c, blk, b_end, K, P, s_xb, s_xp, o_k, o_n, NB: gl.constexpr,
+               BLOCK_N: gl.constexpr):
+        """One chunk of 16 channels of the block's NB examples, its tiles in xs stage STAGE:
+        the 8 mix products (issued while the last chunk's products finish), one wait (both),
+        the mixed tiles stored to ms, the copies waited for, a barrier, the copies of chunk
+        next_c of the examples from next_blk into the other stage started (none past b_end),
+        the NB products issued (left in flight: the loop carries their accumulators as
+        tensors)."""
+        m0 = warpgroup_mma(slab.index(8 * c), rs, zm, use_acc=False, is_async=True)
+        m1 = warpgroup_mma(slab.index(8 * c + 1), rs, zm, use_acc=False, is_async=True)
+        m2 = warpgroup_mma(slab.index(8 * c + 2), rs, zm, use_acc=False, is_async=True)
+        m3 = warpgroup_mma(slab.index(8 * c + 3), rs, zm, use_acc=False, is_async=True)
+        m4 = warpgroup_mma(slab.index(8 * c + 4), rs, zm, use_acc=False, is_async=True)
+        m5 = warpgroup_mma(slab.index(8 * c + 5), rs, zm, use_acc=False, is_async=True)
+        m6 = warpgroup_mma(slab.index(8 * c + 6), rs, zm, use_acc=False, is_async=True)
+        m7 = warpgroup_mma(slab.index(8 * c + 7), rs, zm, use_acc=False, is_async=True)
+        # The mix and the last chunk's products done: ms and the other stage are free.
+        m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3 = warpgroup_mma_wait(
+            0, deps=[m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3])
+        ms3.store(_stack8(m0, m1, m2, m3, m4, m5, m6, m7, NB).to(ms3.dtype))
+        cp.wait_group(0)  # this chunk's tiles
+        fence_async_shared()  # the mixed tiles and the copies, to the tensor cores
+        gl.thread_barrier()
+        _copy_chunk(xs.index(1 - STAGE), x_ptr, next_blk, b_end, next_c, K, P, s_xb, s_xp, o_k,
+                    o_n, BLOCK_N)
+        xc = xs.index(STAGE)  # the examples' (16 x BLOCK_N) tiles side by side
+        a0 = warpgroup_mma(ms.index(0), xc.slice(0, BLOCK_N, 1), a0, is_async=True)
+        a1 = warpgroup_mma(ms.index(1), xc.slice(BLOCK_N, BLOCK_N, 1), a1, is_async=True)
+        a2 = warpgroup_mma(ms.index(2), xc.slice(2 * BLOCK_N, BLOCK_N, 1), a2, is_async=True)
+        a3 = warpgroup_mma(ms.index(3), xc.slice(3 * BLOCK_N, BLOCK_N, 1), a3, is_async=True)
+        return warpgroup_mma_wait(4, deps=[a0, a1, a2, a3])
+
+    @gluon.jit
+    def _store_example(acc, b, b_end, out_ptr, bm_ptr, stage, o_mo, o_ro, o_po, ROWS, P, s_ob,
+                       s_op, s_bb, HAS_BIAS: gl.constexpr, st_l: gl.constexpr):
+        """Example b's tile (64 rows x BLOCK_N pixels, float32 in the accumulators' layout)
+        plus its mixed bias bm[b, row] (float32), rounded and stored through ``stage`` (shared
+        memory, rows contiguous) so that each thread writes 8 adjacent channels (16 bytes);
+        nothing past b_end."""
+        if b < b_end:
+            if HAS_BIAS:
+                bias = gl.load(bm_ptr + b.to(gl.int64) * s_bb + o_mo, mask=o_mo < ROWS,
+                               other=0.0)
+                acc = acc + bias[:, None]
+            stage.store(acc.to(stage.dtype))
+            gl.thread_barrier()
+            t = stage.load(st_l)
+            gl.store(out_ptr + b.to(gl.int64) * s_ob + (o_ro[:, None] + o_po[None, :] * s_op),
+                     t, mask=(o_ro[:, None] < ROWS) & (o_po[None, :] < P))
+            gl.thread_barrier()  # every thread has read the stage
+
+    @gluon.jit
+    def pw_mix_kernel(
+        x_ptr, r_ptr, w_ptr, bm_ptr, out_ptr, B, K, ROWS, P, PER_PROG, N_CO,
+        s_xb, s_xp, s_rb, s_re, s_we, s_wr, s_wk, s_ob, s_op, s_bb,
+        E: gl.constexpr, HAS_BIAS: gl.constexpr, W_T: gl.constexpr, NUM_C: gl.constexpr,
+        BLOCK_N: gl.constexpr, NB: gl.constexpr,
+    ):
+        """out[b, row, p] = sum_k (sum_e r[b, e] w[e, row, k]) x[b, k, p] (+ bm[b, row], the
+        mixed bias, float32) for the 64 rows of program % N_CO and the examples [program //
+        N_CO * PER_PROG, + PER_PROG), in blocks of NB = 4. x: (B, K, P) channels_last (a
+        pixel's K channels contiguous, pixels s_xp apart); w[e, row, k] at e * s_we + row *
+        s_wr + k * s_wk (W_T, grad_x: rows contiguous); out channels_last (rows contiguous,
+        pixels s_op apart); K, s_xp and s_xb multiples of 16 and x 16-byte aligned (the copies
+        move 16 bytes); offsets within an example fit in int32; NUM_C (chunks of 16 channels,
+        zeros past K) even.
+
+        Per block of NB examples and chunk of 16 channels (:func:`_chunk`): the 8 mix
+        products, one wait, the mixed tiles stored to ms, the next chunk's copies, the NB
+        products left in flight; after the block's last chunk its tiles stored through ms."""
+        pid = gl.program_id(0)
+        i_m = pid % N_CO
+        i_s = pid // N_CO
+        dtype: gl.constexpr = w_ptr.dtype.element_ty
+        # Shared layouts: the slab's (64 x 16 slots) tiles M-major (A of the mix); the routing
+        # block (16 slots x 2 NB) K-major (B of the mix); the mixed (64 x 16) tiles K-major (A
+        # of the products); x's (16 x pixels) tiles K-major (B of the products).
+        slab_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                    rank=2, transposed=True)
+        k_major_b: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32,
+                                                       element_bitwidth=16, rank=2,
+                                                       transposed=True)
+        k_major_a: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32,
+                                                       element_bitwidth=16, rank=2)
+        slab = gl.allocate_shared_memory(dtype, [NUM_C * 8, 64, 16], slab_l)
+        rs = gl.allocate_shared_memory(dtype, [16, 2 * NB], k_major_b)
+        ms = gl.allocate_shared_memory(dtype, [NB, 64, 16], k_major_a)
+        ms3 = ms._reinterpret(dtype, [NB, 64, 16], gl.NVMMASharedLayout(  # (for the stores)
+            swizzle_byte_width=32, element_bitwidth=16, rank=3))
+        xs = gl.allocate_shared_memory(dtype, [2, 16, NB * BLOCK_N], k_major_b)
+        mix_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, 2 * NB, 16])
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+        # The copies: 16 channels x (example, pixel), 8 channels (16 bytes) a thread.
+        x_l: gl.constexpr = gl.BlockedLayout([8, 1], [2, 16], [1, 4], [0, 1])
+        o_k = gl.arange(0, 16, layout=gl.SliceLayout(1, x_l))
+        o_n = gl.arange(0, NB * BLOCK_N, layout=gl.SliceLayout(0, x_l))
+        # The routing block: slot (8h + e) x column (2b + h').
+        r_l: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [4, 1], [1, 0])
+        o_s = gl.arange(0, 16, layout=gl.SliceLayout(1, r_l))
+        o_rc = gl.arange(0, 2 * NB, layout=gl.SliceLayout(0, r_l))
+        o_mo = i_m * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+        # The output through shared memory (ms's bytes, free after an example block's last
+        # product): (64 rows x BLOCK_N pixels), rows contiguous, 8 rows (16 bytes) a thread.
+        st_l: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
+        st = ms._reinterpret(dtype, [64, BLOCK_N], gl.SwizzledSharedLayout(
+            vec=8, per_phase=1, max_phase=8, order=[0, 1]))
+        o_ro = i_m * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_l))
+        o_po = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, st_l))
+
+        b_start = i_s * PER_PROG
+        b_end = gl.minimum(B, b_start + PER_PROG)
+        _copy_chunk(xs.index(0), x_ptr, b_start, b_end, 0, K, P, s_xb, s_xp, o_k, o_n, BLOCK_N)
+        _fill_slab(slab, w_ptr, i_m, K, ROWS, s_we, s_wr, s_wk, E, W_T, NUM_C)
+        zm = gl.zeros([64, 2 * NB], gl.float32, mix_l)
+        for blk in range(b_start, b_end, NB):
+            # Every product of the last block is done (waited below): the routing block in.
+            rv = gl.load(r_ptr + (blk + o_rc // 2)[None, :].to(gl.int64) * s_rb
+                         + (o_s % 8)[:, None] * s_re,
+                         mask=((o_s % 8)[:, None] < E) & ((o_s // 8)[:, None] == (o_rc % 2)[None, :])
+                         & ((blk + o_rc // 2)[None, :] < b_end), other=0.0)
+            rs.store(rv.to(dtype))
+            fence_async_shared()  # the slab (first block) and the routing block
+            gl.thread_barrier()
+            a0 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+            a1 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+            a2 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+            a3 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+            # Chunks in pairs, the stages compile-time constants (NUM_C is even): the compiler
+            # then tells the copies' buffers apart and puts no barrier between them.
+            for c in range(0, NUM_C, 2):
+                a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, 0,
+                                        x_ptr, blk, c + 1, blk, b_end, K, P, s_xb, s_xp, o_k,
+                                        o_n, NB, BLOCK_N)
+                # (after the last pair the next block's first chunk)
+                last = c + 2 >= NUM_C
+                a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c + 1, 1,
+                                        x_ptr, gl.where(last, blk + NB, blk),
+                                        gl.where(last, 0, c + 2), blk, b_end, K, P, s_xb, s_xp,
+                                        o_k, o_n, NB, BLOCK_N)
+            a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=[a0, a1, a2, a3])
+            # (ms is free: its last products are done)
+            _store_example(a0, blk, b_end, out_ptr, bm_ptr, st, o_mo, o_ro, o_po, ROWS, P, s_ob,
+                           s_op, s_bb, HAS_BIAS, st_l)
+            _store_example(a1, blk + 1, b_end, out_ptr, bm_ptr, st, o_mo, o_ro, o_po, ROWS, P,
+                           s_ob, s_op, s_bb, HAS_BIAS, st_l)
+            _store_example(a2, blk + 2, b_end, out_ptr, bm_ptr, st, o_mo, o_ro, o_po, ROWS, P,
+                           s_ob, s_op, s_bb, HAS_BIAS, st_l)
+            _store_example(a3, blk + 3, b_end, out_ptr, bm_ptr, st, o_mo, o_ro, o_po, ROWS, P,
+                           s_ob, s_op, s_bb, HAS_BIAS, st_l)
+
+
+def fits(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
+         wide: bool, transposed: bool = False, out: Optional[torch.Tensor] = None,
+         scales=stationary.NO_SCALES) -> Optional[dict]:
+    """The plan (:func:`plan`) where the call's shapes, strides and dtype suit this kernel,
+    whatever the device (the static report asks on meta tensors): the arguments as
+    :func:`condconv_kernels.triton.stationary.fits`' (``inp`` the reduced tensor, ``rows`` the
+    channels written, a multiple of 16 for grad_x), ``out`` (when given) channels_last with its
+    address and pixel stride multiples of 8 elements (the stores move 16 bytes), no per-example
+    scales."""
+    if any(t is not None for t in scales):
+        return None
+    if not (pointwise and groups == 1 and not wide
+            and inp.dtype in (torch.float16, torch.bfloat16) and stationary._copyable(inp)
+            and (rows % 16 == 0 or not transposed)):
+        return None
+    if out is not None and not (out.stride(1) == 1 and out.stride(3) % 8 == 0
+                                and out.stride(2) == out.shape[3] * out.stride(3)
+                                and out.stride(0) % 8 == 0 and out.data_ptr() % 16 == 0):
+        return None
+    B, k, H, W = inp.shape
+    return plan(experts, k, H * W, inp.element_size())
+
+
+def eligible(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
+             wide: bool, transposed: bool = False, out: Optional[torch.Tensor] = None,
+             scales=stationary.NO_SCALES) -> Optional[dict]:
+    """The plan where this kernel computes the call, else None: on an sm_90 GPU with Gluon,
+    where :func:`fits` accepts it."""
+    if not (AVAILABLE and inp.is_cuda
+            and torch.cuda.get_device_capability(inp.device) == (9, 0)):
+        return None
+    return fits(inp, experts, rows, groups, pointwise, wide, transposed, out, scales)
+
+
+def programs(batch: int, rows: int, sms: int) -> tuple:
+    """(row blocks, examples a program, programs) of a launch: as the stationary kernel's
+    (:func:`condconv_kernels.triton.stationary.programs`), one program an SM."""
+    return stationary.programs(batch, rows, sms)
+
+
+def mixed_bias(routing: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """sum_e routing[b, e] bias[e, :] (B, Cout), float32, or None without a bias: one small
+    product on the host's stream, one load a row in the kernel."""
+    if bias is None:
+        return None
+    return torch.mm(routing.float(), bias.reshape(bias.shape[0], -1).float())
+
+
+def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
+        bias: Optional[torch.Tensor], out: torch.Tensor, config: dict,
+        transposed: bool = False) -> torch.Tensor:
+    """Fills ``out`` for a call :func:`eligible` accepted: the forward of a 1x1 layer (``inp``
+    x (B, Cin, H, W), ``out`` (B, Cout, H, W)) or, ``transposed``, its grad_x (``inp``
+    grad_out, ``out`` grad_x (B, Cin, H, W); no bias). ``routing`` (B, E) float32, ``weight``
+    (E, Cout, Cin, 1, 1), ``bias`` (E, Cout) or None."""
+    B, k, H, W = inp.shape
+    E, cout, cin = weight.shape[:3]
+    if B == 0:
+        return out
+    w = weight.reshape(E, cout, cin)
+    if not w.is_contiguous():
+        w = w.contiguous()
+    rows = cin if transposed else cout
+    bm = mixed_bias(routing, bias)
+    # w[e, row, k]: W[e, co, ci] at e * cout * cin + co * cin + ci.
+    s_we, s_wr, s_wk = (cout * cin, 1, cin) if transposed else (cout * cin, cin, 1)
+    sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
+    n_co, per, count = programs(B, rows, sms)
+    pw_mix_kernel[(count,)](
+        inp, routing, w, bm if bm is not None else routing, out, B, k, rows, H * W, per, n_co,
+        inp.stride(0), inp.stride(3), routing.stride(0), routing.stride(1), s_we, s_wr, s_wk,
+        out.stride(0), out.stride(3), bm.stride(0) if bm is not None else 0,
+        E=E, HAS_BIAS=bm is not None, W_T=transposed, NUM_C=config["NUM_C"],
+        BLOCK_N=config["BLOCK_N"], NB=NB, num_warps=WARPS)
+    return out
+
+
+# Specializations compile_check builds: (experts, K, pixels, transposed): the 7x7 expand layers'
+# forward (K = 192, the largest slab), grad_x of the 7x7 project layers (W^T, K = Cout = 192),
+# 4 experts at an odd chunk count (K = 112), and a 4x4 plane (16-pixel tiles) at K = 48.
+COMPILE_CASES = [(8, 192, 49, False), (8, 192, 49, True), (4, 112, 49, False),
+                 (8, 48, 16, True)]
+
+
+def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90,
+                transposed: bool = False, has_bias: Optional[bool] = None):
+    """The kernel compiled ahead of time for ``sm_<arch>`` (no GPU needed) at the plan of
+    (E, K, P), ``transposed`` as for grad_x, with the integer specializations a launch gets;
+    ``has_bias`` (default: the forward has one) as the launch's."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    config = plan(experts, k, pixels)
+    if config is None:
+        raise ValueError(f"no plan for E={experts}, K={k}, P={pixels}")
+    fn = pw_mix_kernel
+    if has_bias is None:
+        has_bias = not transposed
+    const = dict(E=experts, HAS_BIAS=bool(has_bias), W_T=transposed, NUM_C=config["NUM_C"],
+                 BLOCK_N=config["BLOCK_N"], NB=NB)
+    # Strides of 1 a launch makes constants: the contiguous dimension of w, the routing's
+    # experts.
+    const.update({"s_wr" if transposed else "s_wk": 1, "s_re": 1})
+    kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    signature = {n: "constexpr" if n in const else "*fp32" if n in ("r_ptr", "bm_ptr") else
+                 f"*{kind}" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+    # (ROWS: a launch specializes it where it is a multiple of 16, as on every layer of the
+    # model; the stores then move 16 bytes)
+    divisible = ["x_ptr", "w_ptr", "out_ptr", "K", "ROWS", "s_xb", "s_xp", "s_we", "s_ob",
+                 "s_op"] + (["s_wk"] if transposed else ["s_wr"])
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    source = GluonASTSource(fn, signature,
+                            {(fn.arg_names.index(n),): v for n, v in const.items()}, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=WARPS))
