@@ -12,9 +12,13 @@ switches lists them with the build's and the tests' own).
   applies (:mod:`condconv_kernels.triton.stationary`; off: slower than the dense kernels on
   7 of the 8 passes measured on an H200), and the dense 1x1 kernel gradient the experimental
   Hopper kernel with its tiles in the tensor cores' accumulator layout
-  (:mod:`condconv_kernels.triton.pointwise_grad`; off until a GPU run has measured it). A
-  comma-separated subset of ``forward``, ``grad_x``, ``routing``, ``kernel_grad`` turns on
-  those passes only.
+  (:mod:`condconv_kernels.triton.pointwise_grad`; off until a GPU run has measured it), and
+  the dense 1x1 forward and grad_x of planes of at most 64 pixels the experimental Hopper
+  kernel with the experts stationary and their mix on the tensor cores
+  (:mod:`condconv_kernels.triton.stationary_mix`, pass ``mix``; ahead of the ``forward`` and
+  ``grad_x`` passes where both are on; off until a GPU run has measured it). A
+  comma-separated subset of ``forward``, ``grad_x``, ``routing``, ``kernel_grad``, ``mix``
+  turns on those passes only.
   Read at import into ``TRITON_STATIONARY`` (the set of passes), which the triton backend
   reads at every call.
 - ``CONDCONV_TRITON_BATCHED=1`` (or ``all``): the dense 1x1 forward, grad_x and kernel
@@ -54,7 +58,7 @@ TRITON_AUTOTUNE = (os.environ.get("CONDCONV_TRITON_AUTOTUNE", "1") != "0"
 TRITON_DIRECT_LAUNCH = os.environ.get("CONDCONV_TRITON_DIRECT_LAUNCH", "1") != "0"
 # The passes the experimental Hopper kernels (CONDCONV_TRITON_STATIONARY) and the batched
 # products (CONDCONV_TRITON_BATCHED) may take.
-STATIONARY_PASSES = frozenset({"forward", "grad_x", "routing", "kernel_grad"})
+STATIONARY_PASSES = frozenset({"forward", "grad_x", "routing", "kernel_grad", "mix"})
 BATCHED_PASSES = frozenset({"forward", "grad_x", "kernel_grad"})
 
 

@@ -15,8 +15,9 @@ On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (for tests).
 
 Two experimental paths for the dense 1x1 passes, off unless their switches name them
 (``_env.py``): the Hopper kernels of ``CONDCONV_TRITON_STATIONARY`` (the experts stationary in
-shared memory, :mod:`.stationary`, and the kernel gradient in the tensor cores' accumulator
-layout, :mod:`.pointwise_grad`) and batched cuBLAS products over chunks of examples
+shared memory, :mod:`.stationary`, with their mix on the tensor cores, :mod:`.stationary_mix`,
+and the kernel gradient in the tensor cores' accumulator layout, :mod:`.pointwise_grad`) and
+batched cuBLAS products over chunks of examples
 (:mod:`.batched`, ``CONDCONV_TRITON_BATCHED``); batched takes a pass before stationary where
 both are on.
 """
@@ -35,7 +36,7 @@ from ._config import (DENSE_TILES, DW_KGRAD_TILES, DW_TILES, INTERPRET, KGRAD_TI
 from .dense import CHAIN, dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
 from ._scales import launch_args
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
-from . import batched, pointwise_grad, stationary
+from . import batched, pointwise_grad, stationary, stationary_mix
 
 __all__ = ["forward", "backward"]
 
@@ -147,6 +148,11 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
                                                             given):
         return batched.forward(x, routing, weight, bias, out)
     pointwise = _pointwise(kh, kw, stride, padding, x)
+    if "mix" in _env.TRITON_STATIONARY:
+        plan = stationary_mix.eligible(x, E, cout, groups, pointwise, _wide(x, out), out=out,
+                                       scales=given)
+        if plan is not None:
+            return stationary_mix.run(x, routing, weight, bias, out, plan)
     if "forward" in _env.TRITON_STATIONARY:
         plan = stationary.eligible(x, E, cout, groups, pointwise, _wide(x, out), scales=given)
         if plan is not None:
@@ -241,11 +247,19 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             given = (in_scale, out_scale, tap_scale)
             take_batched = "grad_x" in _env.TRITON_BATCHED and batched.eligible(
                 grad_out, weight, stride, padding, groups, given)
+            mix_plan = (stationary_mix.eligible(grad_out, E, cin, groups, pointwise,
+                                                _wide(grad_out, grad_x), transposed=True,
+                                                out=grad_x, scales=given)
+                        if "mix" in _env.TRITON_STATIONARY and not take_batched else None)
             plan = (stationary.eligible(grad_out, E, cin, groups, pointwise,
                                         _wide(grad_out, grad_x), transposed=True, scales=given)
-                    if "grad_x" in _env.TRITON_STATIONARY and not take_batched else None)
+                    if "grad_x" in _env.TRITON_STATIONARY and not take_batched
+                    and mix_plan is None else None)
             if take_batched:
                 batched.grad_x(grad_out, routing, weight, grad_x)
+            elif mix_plan is not None:
+                stationary_mix.run(grad_out, routing, weight, None, grad_x, mix_plan,
+                                   transposed=True)
             elif plan is not None:
                 stationary.run(grad_out, routing, weight, None, grad_x, plan, transposed=True,
                                scales=given)

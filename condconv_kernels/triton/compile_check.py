@@ -8,7 +8,8 @@ of its table), and in float32 and bfloat16 with each other configuration of its 
 ``--quick``, the largest only). Prints one line
 per variant (shared memory, tensor-core instructions) and exits 1 if any
 variant fails or does not fit. The experimental Gluon kernels (``stationary.py``,
-``pointwise_grad.py``) are compiled at their ``COMPILE_CASES`` in float16 and bfloat16.
+``stationary_mix.py``, ``pointwise_grad.py``) are compiled at their ``COMPILE_CASES`` in
+float16 and bfloat16.
 
 Run it in a process without ``TRITON_INTERPRET=1``: the interpreter patches the compiler's
 builder once a kernel has been interpreted.
@@ -24,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..cli import parser
-from . import _config, dense, depthwise, pointwise_grad, stationary
+from . import _config, dense, depthwise, pointwise_grad, stationary, stationary_mix
 
 # kernel, its tile names (as the launcher passes them), its pointers in the accumulation dtype
 # (besides the routing and the scales).
@@ -188,23 +189,37 @@ def main(argv=None) -> int:
         failures += not fits
         print(f"{label}: {meta.shared} B shared{'' if fits else ' (TOO MUCH)'}, "
               f"{ptx.count('mma.sync') + ptx.count('wgmma.mma_async')} mma instructions")
-    for experts, k, pixels, transposed, routing, scaled in (stationary.COMPILE_CASES
-                                                            if stationary.AVAILABLE else []):
+    # The Gluon kernels (one program an SM: registers are free up to 255, but a spill is a
+    # miss): each compiled at its cases in bfloat16 and float16, its shared memory the plan's
+    # (which decides the layers it takes; the plan keeps 1 KB for the compiler's scratch).
+    gluon = []
+    if stationary.AVAILABLE:
+        gluon += [(f"stationary (gluon) {{}} E{e} K{k} P{p}{' transposed' if t else ''}"
+                   f"{' routing' if r else ''}{' +scales' if sc else ''}",
+                   lambda dtype, e=e, k=k, p=p, t=t, r=r, sc=sc: stationary.compile_for(
+                       e, k, p, dtype, args.arch, t, r, scaled=sc),
+                   stationary.plan(e, k, p, routing=r)["shared_bytes"])
+                  for e, k, p, t, r, sc in stationary.COMPILE_CASES]
+        gluon += [(f"stationary_mix (gluon) {{}} E{e} K{k} P{p}{' transposed' if t else ''}",
+                   lambda dtype, e=e, k=k, p=p, t=t: stationary_mix.compile_for(
+                       e, k, p, dtype, args.arch, t),
+                   stationary_mix.plan(e, k, p)["shared_bytes"])
+                  for e, k, p, t in stationary_mix.COMPILE_CASES]
+        gluon += [(f"pointwise_grad (gluon) {{}} E{e} {ci}->{co} P{p}{'' if nw else ' routing'}"
+                   f"{'' if nr else ' weight'}",
+                   lambda dtype, e=e, ci=ci, co=co, p=p, nr=nr, nw=nw: pointwise_grad.compile_for(
+                       e, ci, co, p, dtype, args.arch, nr, nw),
+                   pointwise_grad.plan(e, ci, co, p)["shared_bytes"])
+                  for e, ci, co, p, nr, nw in pointwise_grad.COMPILE_CASES]
+    for name, compile_case, planned in gluon:
         for dtype in (torch.bfloat16, torch.float16):
-            label = (f"stationary (gluon) {TYPES[dtype]} E{experts} K{k} P{pixels}"
-                     f"{' transposed' if transposed else ''}{' routing' if routing else ''}"
-                     f"{' +scales' if scaled else ''}")
+            label = name.format(TYPES[dtype])
             try:
-                compiled = stationary.compile_for(experts, k, pixels, dtype, args.arch,
-                                                  transposed, routing, scaled=scaled)
+                compiled = compile_case(dtype)
             except Exception as error:  # noqa: BLE001 -- as above
                 print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[-1]}")
                 failures += 1
                 continue
-            # The plan's count decides which layers the kernel takes: it must be the compiler's.
-            # One program an SM: its registers are free up to 255, but a spill is a miss.
-            # (The plan keeps 1 KB for the compiler's scratch: the reductions'.)
-            planned = stationary.plan(experts, k, pixels, routing=routing)["shared_bytes"]
             shared = compiled.metadata.shared
             usage = ptxas_usage(compiled.asm["ptx"], args.arch)
             fits = (shared <= SHARED_BYTES[args.arch] and planned <= shared <= planned + 1024
@@ -213,27 +228,6 @@ def main(argv=None) -> int:
             print(f"{label}: {shared} B shared (planned {planned}), {usage['registers']} "
                   f"registers, {usage['spill_bytes']} B spilled"
                   f"{'' if fits else ' (TOO MUCH, NOT AS PLANNED OR SPILLED)'}, "
-                  f"{compiled.asm['ptx'].count('wgmma.mma_async')} mma instructions")
-    for experts, cin, cout, pixels, need_r, need_w in (pointwise_grad.COMPILE_CASES
-                                                       if pointwise_grad.AVAILABLE else []):
-        for dtype in (torch.bfloat16, torch.float16):
-            label = (f"pointwise_grad (gluon) {TYPES[dtype]} E{experts} {cin}->{cout} P{pixels}"
-                     f"{'' if need_w else ' routing'}{'' if need_r else ' weight'}")
-            try:
-                compiled = pointwise_grad.compile_for(experts, cin, cout, pixels, dtype,
-                                                      args.arch, need_r, need_w)
-            except Exception as error:  # noqa: BLE001 -- as above
-                print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[-1]}")
-                failures += 1
-                continue
-            planned = pointwise_grad.plan(experts, cin, cout, pixels)["shared_bytes"]
-            shared = compiled.metadata.shared
-            usage = ptxas_usage(compiled.asm["ptx"], args.arch)
-            fits = planned <= shared <= planned + 1024 and usage["spill_bytes"] == 0
-            failures += not fits
-            print(f"{label}: {shared} B shared (planned {planned}), {usage['registers']} "
-                  f"registers, {usage['spill_bytes']} B spilled"
-                  f"{'' if fits else ' (NOT AS PLANNED OR SPILLED)'}, "
                   f"{compiled.asm['ptx'].count('wgmma.mma_async')} mma instructions")
     print("all variants compiled and fit" if failures == 0 else f"{failures} variants failed")
     return 1 if failures else 0

@@ -1,0 +1,232 @@
+"""The host side of the experimental dense 1x1 forward and grad_x with the experts stationary and
+their mix on the tensor cores (triton/stationary_mix.py), which runs without a GPU: its plan,
+which calls it takes, the launch it makes, the kernel's algorithm (the slab's order, the
+routing block, the mix products, the mixed tiles' order, the copies' tiles) emulated step by
+step from the launch's own arguments against the convolution computed independently, and the
+triton backend's use of it (the kernel itself runs only on an sm_90 GPU:
+tests/test_gpu.py::test_gpu_stationary_mix; its compile: test_triton_compile.py)."""
+from unittest import mock
+
+import pytest
+import torch
+
+stationary_mix = pytest.importorskip("condconv_kernels.triton.stationary_mix")
+pytestmark = pytest.mark.skipif(not stationary_mix.AVAILABLE, reason="this Triton has no Gluon")
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("experts,k,pixels,fits", [
+    (8, 192, 49, True), (8, 192, 64, True), (1, 16, 1, True), (4, 112, 16, True),
+    (8, 208, 49, False), (9, 192, 49, False), (8, 192, 65, False), (8, 24, 49, False),
+    (0, 16, 49, False)])
+def test_plan_scope(experts, k, pixels, fits):
+    """A plan for at most 8 experts, K a multiple of 16 whose slab fits (K <= 192 at 64-pixel
+    tiles) and planes of at most 64 pixels: chunks of 16 channels in pairs (zeros past K), one
+    pixel tile of a power of two (at least 16), shared memory as the kernel allocates it."""
+    plan = stationary_mix.plan(experts, k, pixels)
+    assert (plan is not None) == fits
+    if fits:
+        n = plan["BLOCK_N"]
+        assert plan["NUM_C"] % 2 == 0 and 16 * (plan["NUM_C"] - 2) < k <= 16 * plan["NUM_C"]
+        assert n >= max(16, pixels) and n & (n - 1) == 0 and n < 2 * max(16, pixels)
+        nb = stationary_mix.NB
+        assert plan["shared_bytes"] == 2 * (plan["NUM_C"] * 8 * 64 * 16 + 2 * 16 * nb * n
+                                            + nb * 64 * 16 + 16 * 2 * nb)
+
+
+def _gl_join(a, b):
+    """Gluon's join: a new last dimension of size 2."""
+    return torch.stack([a, b], -1)
+
+
+def _emulate(grid, named, kwargs):
+    """What the kernel writes, computed from the launch's own arguments step by step as the
+    kernel does it: per program its 64 rows' slab (slot 8h + e of tile j holding column
+    2j + h of expert e), per block of NB examples the routing block (slot 8h + e, column
+    2b + h) in the layer's dtype, per chunk of 16 channels the 8 mix products (float32) joined,
+    reshaped and permuted into the NB mixed (64 x 16) tiles as _stack8 does, rounded, and
+    their products with the examples' (16 x pixels) tiles copied side by side; then the mixed
+    bias added and the tiles stored."""
+    B, K, ROWS, P = named["B"], named["K"], named["ROWS"], named["P"]
+    per, n_co = named["PER_PROG"], named["N_CO"]
+    E, NUM_C, BN, NB = kwargs["E"], kwargs["NUM_C"], kwargs["BLOCK_N"], kwargs["NB"]
+    dtype = named["w_ptr"].dtype
+    x = named["x_ptr"].as_strided((B, P, K), (named["s_xb"], named["s_xp"], 1))
+    w = named["w_ptr"].as_strided((E, ROWS, K), (named["s_we"], named["s_wr"], named["s_wk"]))
+    r = named["r_ptr"].as_strided((B, E), (named["s_rb"], named["s_re"]))
+    out = named["out_ptr"].as_strided((B, P, ROWS), (named["s_ob"], named["s_op"], 1))
+    bm = (named["bm_ptr"].as_strided((B, ROWS), (named["s_bb"], 1)) if kwargs["HAS_BIAS"]
+          else None)
+    for prog in range(grid[0]):
+        i_m, i_s = prog % n_co, prog // n_co
+        rows = torch.arange(i_m * 64, i_m * 64 + 64)
+        live = rows < ROWS
+        slab = torch.zeros(NUM_C * 8, 64, 16, dtype=dtype)
+        for j in range(NUM_C * 8):
+            for h in range(2):
+                if 2 * j + h < K:
+                    slab[j, live, 8 * h:8 * h + E] = w[:, rows[live], 2 * j + h].T
+        b_start = i_s * per
+        b_end = min(B, b_start + per)
+        for blk in range(b_start, b_end, NB):
+            rs = torch.zeros(16, 2 * NB, dtype=dtype)
+            for b in range(NB):
+                if blk + b < b_end:
+                    for h in range(2):
+                        rs[8 * h:8 * h + E, 2 * b + h] = r[blk + b].to(dtype)
+            acc = torch.zeros(NB, 64, BN, dtype=torch.float64)
+            for c in range(NUM_C):
+                m = [slab[8 * c + q].double() @ rs.double() for q in range(8)]
+                t = _gl_join(_gl_join(_gl_join(m[0], m[1]), _gl_join(m[2], m[3])),
+                             _gl_join(_gl_join(m[4], m[5]), _gl_join(m[6], m[7])))
+                t = t.float().reshape(64, NB, 2, 2, 2, 2).permute(1, 0, 5, 4, 3, 2)
+                mixed = t.reshape(NB, 64, 16).to(dtype)
+                xs = torch.zeros(16, NB * BN, dtype=dtype)
+                for b in range(NB):
+                    if blk + b < b_end:
+                        ks = slice(16 * c, min(K, 16 * c + 16))
+                        n = ks.stop - ks.start
+                        if n > 0:
+                            xs[:n, b * BN:b * BN + P] = x[blk + b, :, ks].T
+                for b in range(NB):
+                    acc[b] += mixed[b].double() @ xs[:, b * BN:(b + 1) * BN].double()
+            for b in range(NB):
+                if blk + b < b_end:
+                    tile = acc[b, live, :P].float()
+                    if bm is not None:
+                        tile = tile + bm[blk + b, rows[live]][:, None]
+                    out[blk + b, :, rows[live]] = tile.T.to(out.dtype)
+
+
+def _run_emulated(inp, routing, weight, bias, transposed):
+    """run() on CPU tensors, the kernel replaced by _emulate; the launch recorded."""
+    fn = stationary_mix.pw_mix_kernel
+    params = fn.arg_names
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                named = dict(zip(params, args))
+                launches.append((grid, named, kwargs))
+                _emulate(grid, named, kwargs)
+            return launch
+    E, cout, cin = weight.shape[:3]
+    rows = cin if transposed else cout
+    B, k, H, W = inp.shape
+    out = torch.full((B, rows, H, W), float("nan"), dtype=inp.dtype).contiguous(
+        memory_format=CL)
+    plan = stationary_mix.plan(E, k, H * W)
+    props = mock.Mock(multi_processor_count=132)
+    with mock.patch.object(stationary_mix, "pw_mix_kernel", Recorder()), \
+            mock.patch("torch.cuda.get_device_properties", lambda device: props):
+        stationary_mix.run(inp, routing, weight, bias, out, plan, transposed=transposed)
+    return out, launches
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("B,E,cin,cout,side,bias", [
+    (5, 3, 48, 80, 7, True),  # 2 row blocks (the second partial), a partial example block
+    (9, 8, 32, 64, 4, False),  # 16-pixel tiles, 8 experts, two example blocks and a bit
+    (4, 1, 16, 16, 1, True),  # one pixel, one expert, one chunk (padded to a pair)
+    (3, 4, 112, 32, 8, False)])  # 64 pixels, 7 chunks (padded to 8)
+def test_the_kernels_algorithm_against_the_convolution(B, E, cin, cout, side, bias,
+                                                       transposed):
+    """The launch's arguments and the kernel's algorithm, emulated (_emulate), against the
+    forward (or grad_x, W^T) computed independently in float64 from the same bfloat16 tensors:
+    within the rounding of the routing weights and of the mixed kernel to bfloat16; every
+    kernel parameter given once, the grid one program per (64 rows, batch slice)."""
+    g = torch.Generator().manual_seed(B * 100 + cin)
+    bf = torch.bfloat16
+    x = torch.randn(B, cout if transposed else cin, side, side, generator=g).to(bf)
+    x = x.contiguous(memory_format=CL)
+    routing = torch.rand(B, E, generator=g)
+    weight = (torch.randn(E, cout, cin, 1, 1, generator=g) / cin ** 0.5).to(bf)
+    b = torch.randn(E, cout, generator=g).to(bf) if bias and not transposed else None
+    out, launches = _run_emulated(x, routing, weight, b, transposed)
+    (grid, named, kwargs), = launches
+    fn = stationary_mix.pw_mix_kernel
+    constexprs = {p.name for p in fn.params if p.is_constexpr}
+    assert len(named) == len(fn.arg_names) - len(constexprs)
+    assert set(kwargs) == constexprs | {"num_warps"}
+    assert kwargs["num_warps"] == stationary_mix.WARPS and kwargs["W_T"] == transposed
+    rows = cin if transposed else cout
+    assert grid == (stationary_mix.programs(B, rows, 132)[2],)
+    mixed = torch.einsum("be,eoc->boc", routing.double(), weight.double()[..., 0, 0])
+    if transposed:
+        mixed = mixed.transpose(1, 2)
+    ref = torch.einsum("brk,bkp->brp", mixed, x.double().flatten(2))
+    if b is not None:
+        ref = ref + (routing.double() @ b.double())[:, :, None]
+    got = out.double().flatten(2)
+    assert not got.isnan().any()
+    # bfloat16: the routing and the mixed kernel each rounded (2^-9 relative), the output too.
+    torch.testing.assert_close(got, ref, rtol=0, atol=2 ** -6 * ref.abs().max().item())
+
+
+def test_fits_takes_only_what_the_kernel_reads():
+    """Taken: a 1x1 layer at stride 1 without padding, one group, float16 / bfloat16, the
+    reduced tensor channels_last with channels a multiple of 16 (and the rows for grad_x), an
+    output channels_last, no per-example scales, within the plan. Refused: each of those
+    broken."""
+    bf = torch.bfloat16
+    x = torch.randn(5, 32, 7, 7, dtype=bf).contiguous(memory_format=CL)
+    out = torch.empty(5, 64, 7, 7, dtype=bf).contiguous(memory_format=CL)
+
+    def fits(inp=x, experts=4, rows=64, groups=1, pointwise=True, wide=False,
+             transposed=False, out=out, scales=(None,) * 3):
+        return stationary_mix.fits(inp, experts, rows, groups, pointwise, wide, transposed,
+                                   out, scales)
+    assert fits() == stationary_mix.plan(4, 32, 49)
+    assert fits(inp=x.half(), out=out.half()) is not None
+    assert fits(out=None) is not None
+    assert fits(transposed=True, rows=48) is not None
+    refused = [dict(inp=x.float()), dict(inp=x.contiguous()), dict(out=out.contiguous()),
+               dict(groups=2), dict(pointwise=False), dict(wide=True), dict(experts=9),
+               dict(transposed=True, rows=40),
+               dict(inp=torch.randn(5, 24, 7, 7, dtype=bf).contiguous(memory_format=CL)),
+               dict(inp=torch.randn(5, 32, 9, 9, dtype=bf).contiguous(memory_format=CL)),
+               dict(inp=torch.randn(5, 256, 7, 7, dtype=bf).contiguous(memory_format=CL)),
+               dict(scales=(torch.rand(5, 32), None, None)),
+               dict(scales=(None, None, torch.rand(5, 1, 1)))]
+    for bad in refused:
+        assert fits(**bad) is None, bad
+    # Not on a CPU tensor, whatever fits says.
+    assert stationary_mix.eligible(x, 4, 64, 1, True, False, out=out) is None
+
+
+@pytest.mark.parametrize("passes,takes", [({"mix"}, True), ({"mix", "forward", "grad_x"}, True),
+                                          ({"forward", "grad_x"}, False), (set(), False)])
+def test_backend_takes_the_kernel_where_switched(passes, takes):
+    """With the switch's mix pass on and the kernel taking the call (stand-ins here), the triton
+    forward and grad_x call it (ahead of the stationary kernel's CUDA-core mix, which is then
+    not asked), with W^T for grad_x; off, it is never asked."""
+    import condconv_kernels.triton as backend
+    from condconv_kernels import _env
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 32, 4, 4, generator=g).contiguous(memory_format=CL)
+    routing = torch.rand(3, 2, generator=g)
+    weight = torch.randn(2, 48, 32, 1, 1, generator=g)
+    plan = {"NUM_C": 2, "BLOCK_N": 16}
+    calls, stationary_asked = [], []
+
+    def run(inp, r, w, bias, out, config, transposed=False):
+        calls.append((inp.shape[1], out.shape[1], config, transposed))
+        return out.fill_(7.0)
+    with mock.patch.object(stationary_mix, "eligible", lambda *a, **k: plan), \
+            mock.patch.object(stationary_mix, "run", run), \
+            mock.patch.object(backend.stationary, "eligible",
+                              lambda *a, **k: stationary_asked.append(1)), \
+            mock.patch.object(_env, "TRITON_STATIONARY", frozenset(passes)):
+        out = backend.forward(x, routing, weight, None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+        grad_out = torch.randn(3, 48, 4, 4, generator=g).contiguous(memory_format=CL)
+        grads = backend.backward(grad_out, x, routing, weight, None, (1, 1), (0, 0, 0, 0),
+                                 (1, 1), 1, (True, False, False, False))
+    if takes:
+        assert calls == [(32, 48, plan, False), (48, 32, plan, True)]
+        assert (out == 7).all() and (grads[0] == 7).all()
+        assert not stationary_asked
+    else:
+        assert calls == []
+        assert not (out == 7).all()
