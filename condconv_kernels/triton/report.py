@@ -96,6 +96,7 @@ HBM, L2, TC, CC, SMS = 3.0e12, 6.0e12, 800e12, 60e12, 132
 CLOCK = CC / (SMS * 128 * 2)
 ISSUE_SM, SMEM_SM, TC_SM = 128 * CLOCK, 128 * CLOCK, TC / SMS
 STATIONARY_PASSES = ("stationary_fwd", "stationary_bwd_x", "stationary_routing")
+MIX_PASSES = ("mix_fwd", "mix_bwd_x")
 POINTWISE_GRAD = "pointwise_grad"
 KERNEL_NAMES = ("dense_fwd_kernel", "dense_bwd_x_kernel", "dense_bwd_w_kernel",
                 "dw_fwd_kernel", "dw_bwd_x_kernel", "dw_bwd_w_kernel")
@@ -172,6 +173,23 @@ def _stationary_recorders(launches: List[Launch]):
     return run, routing_grad
 
 
+def _mix_recorder(launches: List[Launch]):
+    """A stand-in for :func:`stationary_mix.run` that records the launch (its sizes in
+    ``kwargs``, its program count as the grid) and returns the output."""
+    from . import stationary_mix
+
+    def run(inp, routing, weight, bias, out, config, transposed=False):
+        E, cout, cin = weight.shape[:3]
+        B, k, H, W = inp.shape
+        rows = cin if transposed else cout
+        count = stationary_mix.programs(B, rows, SMS)[2]
+        launches.append(Launch(MIX_PASSES[transposed], stationary_mix.pw_mix_kernel, (), dict(
+            E=E, K=k, P=H * W, rows=rows, batch=B, transposed=transposed,
+            has_bias=bias is not None, plan=config), (count,)))
+        return out
+    return run
+
+
 def _pointwise_grad_recorder(launches: List[Launch]):
     """A stand-in for :func:`pointwise_grad.kernel_grads` that records the launch (its sizes in
     ``kwargs``, its program count as the grid) and returns outputs of the right shapes."""
@@ -200,6 +218,7 @@ def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool,
     from .. import _env
     from . import pointwise_grad as pg
     from . import stationary as st
+    from . import stationary_mix as sm
     if stationary is True:
         stationary = _env.STATIONARY_PASSES
     x = torch.empty(batch, layer.cin, layer.height, layer.width, device="meta", dtype=dtype)
@@ -226,12 +245,14 @@ def layer_launches(layer, batch: int, dtype: torch.dtype, channels_last: bool,
             mock.patch.object(st, "run", fake_run), \
             mock.patch.object(st, "routing_grad", fake_routing_grad), \
             mock.patch.object(pg, "eligible", pg.fits), \
-            mock.patch.object(pg, "kernel_grads", _pointwise_grad_recorder(launches)):
+            mock.patch.object(pg, "kernel_grads", _pointwise_grad_recorder(launches)), \
+            mock.patch.object(sm, "eligible", sm.fits), \
+            mock.patch.object(sm, "run", _mix_recorder(launches)):
         dense = record_launches(run)
     # In launch order: the forward, grad_x, grad_routing, then the kernel gradient.
-    order = {"stationary_fwd": 0, "dense_fwd_kernel": 0, "dw_fwd_kernel": 0,
-             "stationary_bwd_x": 1, "dense_bwd_x_kernel": 1, "dw_bwd_x_kernel": 1,
-             "stationary_routing": 2}
+    order = {"stationary_fwd": 0, "mix_fwd": 0, "dense_fwd_kernel": 0, "dw_fwd_kernel": 0,
+             "stationary_bwd_x": 1, "mix_bwd_x": 1, "dense_bwd_x_kernel": 1,
+             "dw_bwd_x_kernel": 1, "stationary_routing": 2}
     return sorted(launches + dense, key=lambda l: order.get(l.name, 3))
 
 
@@ -464,6 +485,82 @@ def stationary_model(itemsize: int, launch: Launch) -> dict:
                 examples_per_program=per)
 
 
+def mix_model(itemsize: int, launch: Launch) -> dict:
+    """The experts-stationary kernel with the mix on the tensor cores (:mod:`.stationary_mix`):
+    hbm_bytes (x, the output and the experts once), l2_bytes (each program's E expert rows
+    once, each example's x once per row block, the output once), smem_bytes and tc_flops (per
+    block of NB examples and chunk of 16 channels: the 8 mix products, each reading a (64 x 16)
+    slab tile and the routing block; the NB mixed tiles stored; the chunk's x tiles copied in;
+    the NB products reading both; per example the output staged through shared memory),
+    floor_flops, and serial_us: per chunk the mix, the stores and the products one after
+    another (each the longer of its tensor-core work and its shared-memory bytes; the copies'
+    writes with the stores), per example the staging, plus the slab's copy from L2. Latencies
+    (the waits, the barriers, the stores' round trips) are left out."""
+    from . import stationary_mix as sm
+    a = launch.kwargs
+    plan, E, K, P, R, B = a["plan"], a["E"], a["K"], a["P"], a["rows"], a["batch"]
+    M, bn, nb, chunks = sm.BLOCK_M, plan["BLOCK_N"], sm.NB, plan["NUM_C"]
+    n_co, per, count = sm.programs(B, R, SMS)
+    x_bytes, out_bytes = B * K * P * itemsize, B * R * P * itemsize
+    hbm = x_bytes + out_bytes + E * R * K * itemsize
+    l2 = count * E * M * K * itemsize + n_co * x_bytes + out_bytes
+    floor_flops = 2 * B * R * K * P + 2 * B * E * R * K
+    tile = M * sm.CHUNK * itemsize  # a (64 x 16) tile: a slab tile, a mixed tile
+    mix_tc = 8 * 2 * M * sm.CHUNK * 2 * nb
+    mix_smem = 8 * (tile + sm.CHUNK * 2 * nb * itemsize)
+    x_chunk = nb * sm.CHUNK * bn * itemsize  # (its copy two chunks ahead: not waited for)
+    conv_tc = nb * 2 * M * sm.CHUNK * bn
+    conv_smem = nb * tile + x_chunk
+    stores = nb * tile + x_chunk
+    per_chunk = (max(mix_tc / TC_SM, mix_smem / SMEM_SM) + stores / SMEM_SM
+                 + max(conv_tc / TC_SM, conv_smem / SMEM_SM))
+    staging = 2 * M * bn * itemsize
+    blocks = cdiv(per, nb)
+    serial = (count * E * M * K * itemsize / L2 + blocks * chunks * per_chunk
+              + per * staging / SMEM_SM)
+    examples = n_co * cdiv(B, nb) * nb  # (row block, example) pairs, blocks padded
+    return dict(hbm_bytes=hbm, l2_bytes=l2,
+                smem_bytes=n_co * cdiv(B, nb) * chunks * (mix_smem + stores + conv_smem)
+                + n_co * B * staging,
+                tc_flops=n_co * cdiv(B, nb) * chunks * (mix_tc + conv_tc), cc_flops=0,
+                floor_flops=floor_flops, serial_us=1e6 * serial, programs=count,
+                examples_per_program=per, blocks=blocks, examples=examples)
+
+
+def _mix_record(layer, dtype: torch.dtype, itemsize: int, launch: Launch, arch: int,
+                cache: dict) -> dict:
+    """The record of one launch of the kernel with the mix on the tensor cores: compiled at its
+    plan, modeled by :func:`mix_model`, its issue time from its main loop (a chunk an
+    iteration, NUM_C a block of examples); the modeled time the longest of HBM, L2, the issue
+    time and the serial sum."""
+    from . import stationary_mix as sm
+    a = launch.kwargs
+    plan = a["plan"]
+    key = (launch.name, a["E"], a["K"], a["P"], a["has_bias"], dtype)
+    info = _compile_info(cache, key, lambda: sm.compile_for(
+        a["E"], a["K"], a["P"], dtype, arch, a["transposed"], a["has_bias"]), arch)
+    m = mix_model(itemsize, launch)
+    record = dict(layer=layer.name, shape=layer.describe(), kernel=launch.name,
+                  config=f"16x{plan['NUM_C']}x{plan['BLOCK_N']} nb{sm.NB} w{sm.WARPS}",
+                  examples_per_program=m["examples_per_program"], grid=m["programs"],
+                  hbm_bytes=m["hbm_bytes"], l2_bytes=m["l2_bytes"],
+                  smem_bytes=m["smem_bytes"], tc_flops=m["tc_flops"], cc_flops=m["cc_flops"],
+                  floor_us=1e6 * max(m["floor_flops"] / TC, m["hbm_bytes"] / HBM),
+                  serial_us=m["serial_us"], **info)
+    if "error" in info:
+        record["modeled_us"] = float("inf")
+        return record
+    hot, inner = info.get("loop_instructions") or 0, info.get("loop_inner_instructions") or 0
+    # A loop over the blocks of examples around the loop over their chunks.
+    per_program = m["blocks"] * (hot + (plan["NUM_C"] - 1) * inner)
+    record["issue_us"] = 1e6 * m["programs"] * per_program * sm.WARPS / (SMS * 4 * CLOCK)
+    fill = min(1.0, m["programs"] / SMS)
+    record["modeled_us"] = max(1e6 * m["hbm_bytes"] / HBM, 1e6 * m["l2_bytes"] / L2 / fill,
+                               m["serial_us"], record["issue_us"]) * (
+        2.0 if info["spill_bytes"] > 0 else 1.0)
+    return record
+
+
 def pointwise_grad_model(itemsize: int, launch: Launch) -> dict:
     """The kernel gradient in the accumulator's layout (:mod:`.pointwise_grad`): hbm_bytes (as
     the Triton kernel gradient's: x, grad_out, the experts read, float32 gradients written
@@ -634,6 +731,10 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
                 records.append(_stationary_record(layer, batch, dtype, itemsize, launch, arch,
                                                   compiled_cache))
                 continue
+            if launch.name in MIX_PASSES:
+                records.append(_mix_record(layer, dtype, itemsize, launch, arch,
+                                           compiled_cache))
+                continue
             if launch.name == POINTWISE_GRAD:
                 records.append(_pointwise_grad_record(layer, dtype, itemsize, launch, arch,
                                                       compiled_cache))
@@ -774,7 +875,8 @@ def main(argv=None) -> int:
                    help="Give every layer the three per-example scales (ODConv's attentions).")
     p.add_argument("--stationary", nargs="?", const="all", default="0", metavar="PASSES",
                    help="The backend as CONDCONV_TRITON_STATIONARY=1 runs it (or set to PASSES: "
-                        "a comma-separated subset of forward, grad_x, routing, kernel_grad): the "
+                        "a comma-separated subset of forward, grad_x, routing, kernel_grad, "
+                        "mix): the "
                         "1x1 passes the experimental Hopper kernels take, each modeled by its "
                         "rule.")
     p.add_argument("--model", default="efficientnet", choices=sorted(MODELS),

@@ -62,19 +62,22 @@ SLOTS = 8  # expert slots of the reduction (two columns x 8 = wgmma's k of 16)
 MAX_EXPERTS = SLOTS
 NB = 4  # examples a block (the mix's N = 2 NB = 8, wgmma's least)
 MAX_PIXELS = 64  # one pixel tile an example
+# Stages of the x tiles: a chunk's copy is issued two chunks ahead (its L2 round trip, ~1 us
+# for 8 KB, is longer than one chunk's products).
+STAGES = 3
 
 
 def plan(experts: int, k: int, pixels: int, itemsize: int = 2) -> Optional[dict]:
     """The compile-time sizes for E experts, a reduction over K channels and P pixels, or None
-    outside the kernel's scope: the slab (K x 64 x 8 slots), two stages of the NB examples'
+    outside the kernel's scope: the slab (K x 64 x 8 slots), three stages of the NB examples'
     (16 x pixels) tiles, their mixed (64 x 16) tiles and the routing block must fit in 227 KB
     (K <= 192 at 64 pixels)."""
     if not (1 <= experts <= MAX_EXPERTS and 0 < pixels <= MAX_PIXELS and k % CHUNK == 0
             and k > 0):
         return None
     block_n = max(16, stationary._pow2(pixels))
-    num_c = -(-k // (2 * CHUNK)) * 2  # chunks in pairs (zeros past K)
-    shared = (num_c * SLOTS * BLOCK_M * CHUNK + 2 * NB * CHUNK * block_n
+    num_c = k // CHUNK
+    shared = (num_c * SLOTS * BLOCK_M * CHUNK + STAGES * NB * CHUNK * block_n
               + NB * BLOCK_M * CHUNK + CHUNK * 2 * NB) * itemsize
     if shared > stationary.SHARED_LIMIT - 1024:  # the compiler's own scratch
         return None
@@ -140,15 +143,15 @@ if AVAILABLE:
         return gl.reshape(t, [NB, 64, 16])
 
     @gluon.jit
-    def _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, STAGE: gl.constexpr, x_ptr,
-               next_blk, next_c, blk, b_end, K, P, s_xb, s_xp, o_k, o_n, NB: gl.constexpr,
+    def _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, stage, x_ptr, ahead_blk,
+               ahead_c, b_end, K, P, s_xb, s_xp, o_k, o_n, NB: gl.constexpr,
                BLOCK_N: gl.constexpr):
-        """One chunk of 16 channels of the block's NB examples, its tiles in xs stage STAGE:
-        the 8 mix products (issued while the last chunk's products finish), one wait (both),
-        the mixed tiles stored to ms, the copies waited for, a barrier, the copies of chunk
-        next_c of the examples from next_blk into the other stage started (none past b_end),
-        the NB products issued (left in flight: the loop carries their accumulators as
-        tensors)."""
+        """Chunk c (16 channels) of the block's NB examples, its tiles in xs[stage]: the 8 mix
+        products (issued while the last chunk's products finish), one wait (both), the mixed
+        tiles stored to ms, this chunk's copy waited for (the next one may still be in flight),
+        a barrier, the copy two chunks ahead (chunk ahead_c of the examples from ahead_blk;
+        none past b_end) started into the stage the last chunk used, the NB products issued
+        (left in flight: the loop carries their accumulators as tensors)."""
         m0 = warpgroup_mma(slab.index(8 * c), rs, zm, use_acc=False, is_async=True)
         m1 = warpgroup_mma(slab.index(8 * c + 1), rs, zm, use_acc=False, is_async=True)
         m2 = warpgroup_mma(slab.index(8 * c + 2), rs, zm, use_acc=False, is_async=True)
@@ -157,16 +160,16 @@ if AVAILABLE:
         m5 = warpgroup_mma(slab.index(8 * c + 5), rs, zm, use_acc=False, is_async=True)
         m6 = warpgroup_mma(slab.index(8 * c + 6), rs, zm, use_acc=False, is_async=True)
         m7 = warpgroup_mma(slab.index(8 * c + 7), rs, zm, use_acc=False, is_async=True)
-        # The mix and the last chunk's products done: ms and the other stage are free.
+        # The mix and the last chunk's products done: ms and the last chunk's stage are free.
         m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3 = warpgroup_mma_wait(
             0, deps=[m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3])
         ms3.store(_stack8(m0, m1, m2, m3, m4, m5, m6, m7, NB).to(ms3.dtype))
-        cp.wait_group(0)  # this chunk's tiles
+        cp.wait_group(1)  # this chunk's tiles (the next chunk's may be in flight)
         fence_async_shared()  # the mixed tiles and the copies, to the tensor cores
         gl.thread_barrier()
-        _copy_chunk(xs.index(1 - STAGE), x_ptr, next_blk, b_end, next_c, K, P, s_xb, s_xp, o_k,
-                    o_n, BLOCK_N)
-        xc = xs.index(STAGE)  # the examples' (16 x BLOCK_N) tiles side by side
+        _copy_chunk(xs.index((stage + 2) % 3), x_ptr, ahead_blk, b_end, ahead_c, K, P, s_xb,
+                    s_xp, o_k, o_n, BLOCK_N)
+        xc = xs.index(stage)  # the examples' (16 x BLOCK_N) tiles side by side
         a0 = warpgroup_mma(ms.index(0), xc.slice(0, BLOCK_N, 1), a0, is_async=True)
         a1 = warpgroup_mma(ms.index(1), xc.slice(BLOCK_N, BLOCK_N, 1), a1, is_async=True)
         a2 = warpgroup_mma(ms.index(2), xc.slice(2 * BLOCK_N, BLOCK_N, 1), a2, is_async=True)
@@ -205,8 +208,7 @@ if AVAILABLE:
         pixel's K channels contiguous, pixels s_xp apart); w[e, row, k] at e * s_we + row *
         s_wr + k * s_wk (W_T, grad_x: rows contiguous); out channels_last (rows contiguous,
         pixels s_op apart); K, s_xp and s_xb multiples of 16 and x 16-byte aligned (the copies
-        move 16 bytes); offsets within an example fit in int32; NUM_C (chunks of 16 channels,
-        zeros past K) even.
+        move 16 bytes); offsets within an example fit in int32.
 
         Per block of NB examples and chunk of 16 channels (:func:`_chunk`): the 8 mix
         products, one wait, the mixed tiles stored to ms, the next chunk's copies, the NB
@@ -230,7 +232,7 @@ if AVAILABLE:
         ms = gl.allocate_shared_memory(dtype, [NB, 64, 16], k_major_a)
         ms3 = ms._reinterpret(dtype, [NB, 64, 16], gl.NVMMASharedLayout(  # (for the stores)
             swizzle_byte_width=32, element_bitwidth=16, rank=3))
-        xs = gl.allocate_shared_memory(dtype, [2, 16, NB * BLOCK_N], k_major_b)
+        xs = gl.allocate_shared_memory(dtype, [3, 16, NB * BLOCK_N], k_major_b)  # STAGES
         mix_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, 2 * NB, 16])
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -254,9 +256,14 @@ if AVAILABLE:
 
         b_start = i_s * PER_PROG
         b_end = gl.minimum(B, b_start + PER_PROG)
+        # The first two chunks' copies (chunks 0 and 1 of the slice: of its first block, or
+        # of its first two where a block has one chunk).
         _copy_chunk(xs.index(0), x_ptr, b_start, b_end, 0, K, P, s_xb, s_xp, o_k, o_n, BLOCK_N)
+        _copy_chunk(xs.index(1), x_ptr, b_start + (1 // NUM_C) * NB, b_end, 1 % NUM_C, K, P,
+                    s_xb, s_xp, o_k, o_n, BLOCK_N)
         _fill_slab(slab, w_ptr, i_m, K, ROWS, s_we, s_wr, s_wk, E, W_T, NUM_C)
         zm = gl.zeros([64, 2 * NB], gl.float32, mix_l)
+        t = 0  # chunks done: chunk t's tiles are in stage t % 3
         for blk in range(b_start, b_end, NB):
             # Every product of the last block is done (waited below): the routing block in.
             rv = gl.load(r_ptr + (blk + o_rc // 2)[None, :].to(gl.int64) * s_rb
@@ -270,18 +277,13 @@ if AVAILABLE:
             a1 = gl.zeros([64, BLOCK_N], gl.float32, mma)
             a2 = gl.zeros([64, BLOCK_N], gl.float32, mma)
             a3 = gl.zeros([64, BLOCK_N], gl.float32, mma)
-            # Chunks in pairs, the stages compile-time constants (NUM_C is even): the compiler
-            # then tells the copies' buffers apart and puts no barrier between them.
-            for c in range(0, NUM_C, 2):
-                a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, 0,
-                                        x_ptr, blk, c + 1, blk, b_end, K, P, s_xb, s_xp, o_k,
-                                        o_n, NB, BLOCK_N)
-                # (after the last pair the next block's first chunk)
-                last = c + 2 >= NUM_C
-                a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c + 1, 1,
-                                        x_ptr, gl.where(last, blk + NB, blk),
-                                        gl.where(last, 0, c + 2), blk, b_end, K, P, s_xb, s_xp,
-                                        o_k, o_n, NB, BLOCK_N)
+            for c in range(NUM_C):
+                # The copy two chunks ahead: chunk c + 2 of this block, or of a later one.
+                ahead = c + 2
+                a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, t % 3,
+                                        x_ptr, blk + (ahead // NUM_C) * NB, ahead % NUM_C,
+                                        b_end, K, P, s_xb, s_xp, o_k, o_n, NB, BLOCK_N)
+                t += 1
             a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=[a0, a1, a2, a3])
             # (ms is free: its last products are done)
             _store_example(a0, blk, b_end, out_ptr, bm_ptr, st, o_mo, o_ro, o_po, ROWS, P, s_ob,
@@ -292,6 +294,7 @@ if AVAILABLE:
                            s_ob, s_op, s_bb, HAS_BIAS, st_l)
             _store_example(a3, blk + 3, b_end, out_ptr, bm_ptr, st, o_mo, o_ro, o_po, ROWS, P,
                            s_ob, s_op, s_bb, HAS_BIAS, st_l)
+        cp.wait_group(0)  # (the copies issued past the slice's last chunk: none reads them)
 
 
 def fits(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
