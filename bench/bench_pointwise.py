@@ -1,15 +1,17 @@
 """The 1x1 passes of tf_efficientnet_cc_b0_8e's CondConv layers: the dense Triton kernels
-against the static convolution and three experimental alternatives, the experts-stationary kernel
+against the static convolution and four experimental alternatives, the experts-stationary kernel
 (condconv_kernels/triton/stationary.py), batched cuBLAS products
-(condconv_kernels/triton/batched.py) and, for the kernel gradients, the kernel with its tiles in
-the tensor cores' accumulator layout (condconv_kernels/triton/pointwise_grad.py), for the
-forward, grad_x (the kernel transposed) and the kernel gradients.
+(condconv_kernels/triton/batched.py), for the forward and grad_x of planes of at most 64 pixels
+the experts-stationary kernel with the mix on the tensor cores
+(condconv_kernels/triton/stationary_mix.py) and, for the kernel gradients, the kernel with its
+tiles in the tensor cores' accumulator layout (condconv_kernels/triton/pointwise_grad.py), for
+the forward, grad_x (the kernel transposed) and the kernel gradients.
 
     python bench/bench_pointwise.py [--device cuda] [--batch 256] [--dtype bfloat16]
                                     [--layers s5.b0.expand,...] [--chunk-mb 8,128]
                                     [--acc-warps 4]
                                     [--out FILE.md]
-                                    [--modeled bench/results/gpu-model-stationary.json]
+                                    [--modeled bench/results/gpu-model-stationary.json,...]
 
 Device microseconds per call (torch.profiler: the kernels' own time, no host overhead), x and
 grad_out in channels_last, per layer and pass. Each call reuses the same inputs, which L2 may
@@ -28,6 +30,8 @@ ratios between columns comparable.
   chunk one batched product (the unfused form through cuBLAS, what a fused forward has to beat
   on these layers); the kernel gradients from chunks of per-example G, folded by two more
   products;
+- ``mix`` (the forward and grad_x of planes of at most 64 pixels): the same call with the
+  switch's ``mix`` pass alone, the experts stationary and their mix on the tensor cores;
 - ``acc layout`` (the kernel gradients only): the same call with the switch's
   ``kernel_grad`` pass alone, both halves from the kernel in the accumulator's layout;
 - ``acc layout, N warps`` (``--acc-warps``): that kernel at its plan for N warps a program
@@ -36,11 +40,13 @@ ratios between columns comparable.
   ``CHUNK_BYTES``'s 32 (whether its mixed kernels and G are read back from L2);
 - ``/ dense``: each alternative's time over dense's;
 - ``max diff``: each alternative's largest difference from dense over the result, against its
-  scale (stationary, batched, acc layout);
+  scale (stationary, batched, mix, acc layout; mix rounds the routing weights to the dtype
+  before its tensor-core mix: a little above the others' rounding);
 - ``vs float64`` (the kernel gradients only): dense's and each alternative's largest
   difference from grad_routing summed in float64 on the device, against its scale: which one a
   ``max diff`` past rounding comes from;
-- with ``--modeled``: the stationary pass's time by the static report's model, and measured /
+- with ``--modeled``: the stationary and mix passes' times by the static report's model (the
+  JSONs of ``--stationary forward,grad_x,routing`` and ``--stationary mix``), and measured /
   modeled.
 
 A pass the stationary kernel does not take (its slab does not fit in shared memory: the forward
@@ -69,15 +75,21 @@ from gpu_profile import (add_device_arguments, device_kernels, layer_inputs, pic
 DEFAULT_LAYERS = "s5.b0.expand,s6.b1.expand,s5.b1.project,s6.b1.project"
 
 
-def _modeled_us(path: str) -> dict:
-    """(layer, pass) -> the modeled microseconds of the pass with the switch on, from the static
-    report's JSON (``--stationary forward,grad_x,routing``): the forward and grad_x kernels,
-    and the routing-gradient kernel plus the dense kernel gradient for the weight
-    ("grad_routing+weight")."""
-    with open(path) as f:
-        records = json.load(f)
-    passes = {"stationary_fwd": "forward", "stationary_bwd_x": "grad_x",
-              "stationary_routing": "grad_routing+weight", "dense_bwd_w": "grad_routing+weight"}
+def _modeled_us(paths: str) -> dict:
+    """(layer, pass, column) -> the modeled microseconds of the pass with the switch on, from
+    the static report's JSONs (comma-separated; ``--stationary forward,grad_x,routing``:
+    column ``stationary``, the forward and grad_x kernels, and the routing-gradient kernel plus
+    the dense kernel gradient for the weight ("grad_routing+weight"); ``--stationary mix``:
+    column ``mix``, its forward and grad_x kernels)."""
+    records = []
+    for path in paths.split(","):
+        with open(path) as f:
+            records += json.load(f)
+    passes = {"stationary_fwd": ("forward", "stationary"),
+              "stationary_bwd_x": ("grad_x", "stationary"),
+              "stationary_routing": ("grad_routing+weight", "stationary"),
+              "dense_bwd_w": ("grad_routing+weight", "stationary"),
+              "mix_fwd": ("forward", "mix"), "mix_bwd_x": ("grad_x", "mix")}
     out: dict = {}
     routed = {r["layer"] for r in records if r["kernel"] == "stationary_routing"}
     for r in records:
@@ -85,7 +97,8 @@ def _modeled_us(path: str) -> dict:
         if name is None or "error" in r or (r["kernel"] == "dense_bwd_w"
                                             and r["layer"] not in routed):
             continue
-        out[(r["layer"], name)] = out.get((r["layer"], name), 0.0) + r["modeled_us"]
+        key = (r["layer"], *name)
+        out[key] = out.get(key, 0.0) + r["modeled_us"]
     return out
 
 
@@ -119,10 +132,11 @@ def main(argv=None):
                    help="Comma-separated further warps a program (4 or 8) for the kernel "
                         "gradient in the accumulator's layout: a column of times each.")
     p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
-    p.add_argument("--modeled", help="A JSON of `condconv_kernels.triton.report --stationary "
-                                     "forward,grad_x,routing` for the same batch and dtype: "
-                                     "adds the stationary kernel's modeled time per pass and "
-                                     "the measured / modeled ratio.")
+    p.add_argument("--modeled", help="Comma-separated JSONs of `condconv_kernels.triton.report "
+                                     "--stationary forward,grad_x,routing` (and `--stationary "
+                                     "mix`) for the same batch and dtype: adds the stationary "
+                                     "(and mix) kernels' modeled time per pass and the "
+                                     "measured / modeled ratios.")
     args = p.parse_args(argv)
     modeled = _modeled_us(args.modeled) if args.modeled else {}
     try:
@@ -140,15 +154,17 @@ def main(argv=None):
     import condconv_kernels.triton as triton_backend
     from condconv_kernels.triton import batched as batched_path
     from condconv_kernels.triton import stationary as kernel
+    from condconv_kernels.triton import stationary_mix
     rows, record = [], []
-    columns = (["layer", "shape", "pass", "static", "dense", "stationary", "batched",
+    columns = (["layer", "shape", "pass", "static", "dense", "stationary", "batched", "mix",
                 "acc layout"]
                + [f"batched, {mb} MB chunks" for mb in chunk_mb]
                + [f"acc layout, {w} warps" for w in acc_warps]
-               + ["stationary / dense", "batched / dense", "acc layout / dense",
-                  "max diff: stationary", "batched", "acc layout", "vs float64: dense",
-                  "stationary", "batched", "acc layout"]
-               + (["modeled", "stationary / modeled"] if args.modeled else []))
+               + ["stationary / dense", "batched / dense", "mix / dense", "acc layout / dense",
+                  "max diff: stationary", "batched", "mix", "acc layout", "vs float64: dense",
+                  "stationary", "batched", "mix", "acc layout"]
+               + (["modeled: stationary", "mix", "measured / modeled: stationary", "mix"]
+                  if args.modeled else []))
 
     def table(echo=True):  # the rows so far (written after each layer: a time limit keeps them)
         print_table(f"1x1 passes, batch {args.batch}, {args.dtype}, channels_last, "
@@ -167,7 +183,10 @@ def main(argv=None):
             return run
 
         def stationary(fn):
-            return switched(fn, "TRITON_STATIONARY", _env.STATIONARY_PASSES - {"kernel_grad"})
+            return switched(fn, "TRITON_STATIONARY", kernel.PASSES)
+
+        def mix(fn):
+            return switched(fn, "TRITON_STATIONARY", frozenset({"mix"}))
 
         def backward(mask, index):
             return lambda: torch.ops.condconv.condconv2d_backward(
@@ -196,6 +215,8 @@ def main(argv=None):
                                kernel.eligible(x, layer.experts, layer.cout, 1, True, False)),
                 "batched": (batched_forward,
                             batched_path.eligible(x, weight, *geometry[:2], 1)),
+                "mix": (mix(forward), stationary_mix.eligible(x, layer.experts, layer.cout, 1,
+                                                              True, False)),
                 "acc layout": none}),
             "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
                        backward([True, False, False, False], 0), {
@@ -204,6 +225,9 @@ def main(argv=None):
                                                False, transposed=True)),
                 "batched": (batched_grad_x,
                             batched_path.eligible(grad_out, weight, *geometry[:2], 1)),
+                "mix": (mix(backward([True, False, False, False], 0)),
+                        stationary_mix.eligible(grad_out, layer.experts, layer.cin, 1, True,
+                                                False, transposed=True)),
                 "acc layout": none}),
             # The kernel gradients as training asks for them (routing and weight): the dense
             # kernel for both, against each switch on (the stationary routing-gradient form,
@@ -220,6 +244,7 @@ def main(argv=None):
                                            transposed=True, routing=True, dual=x)),
                     "batched": (batched_kgrad, batched_path.eligible(
                         x, weight, *geometry[:2], 1, also=grad_out)),
+                    "mix": none,
                     "acc layout": (switched(kgrad, "TRITON_STATIONARY",
                                             frozenset({"kernel_grad"})),
                                    pointwise_grad.eligible(x, grad_out, weight, *geometry))}),
@@ -266,10 +291,10 @@ def main(argv=None):
             else:
                 cells += ["-"] * (1 + len(alts))
             if args.modeled:
-                m = modeled.get((layer.name, name))
-                cells += [f"{m:.1f}" if m else "-",
-                          f"{times['stationary'] / m:.2f}" if m and "stationary" in times
-                          else "-"]
+                m = {alt: modeled.get((layer.name, name, alt)) for alt in ("stationary", "mix")}
+                cells += [f"{m[alt]:.1f}" if m[alt] else "-" for alt in m]
+                cells += [f"{times[alt] / m[alt]:.2f}" if m[alt] and alt in times else "-"
+                          for alt in m]
             rows.append(cells)
             record.append({"layer": layer.name, "shape": cells[1], "pass": name,
                            "device_us": times, "max_diff": diffs})

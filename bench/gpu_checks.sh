@@ -316,7 +316,8 @@ if [ "$DRY" = 1 ]; then
   KGRAD=(--device cpu --batch 2 --backend cpu --layers s5.b0.expand)
   TUNED=(--device cpu --batch 2 --dtype float32 --backend cpu --layers s6.b1.expand,s5.b1.dw)
   POINTWISE=(--device cpu --batch 2 --dtype bfloat16 --backend cpu --layers s6.b1.expand
-             --chunk-mb 1 --acc-warps 4 --modeled bench/results/gpu-model-stationary.json)
+             --chunk-mb 1 --acc-warps 4
+             --modeled bench/results/gpu-model-stationary.json,bench/results/gpu-model-mix.json)
 else
   DEV=(--device cuda)
   TEST_ENV=(env)
@@ -340,7 +341,7 @@ else
   KGRAD=(--device cuda --batch 256 --backend triton)
   TUNED=(--device cuda --batch 256 --backend triton)
   POINTWISE=(--device cuda --batch 256 --backend triton --chunk-mb 8,128 --acc-warps 4
-             --modeled bench/results/gpu-model-stationary.json)
+             --modeled bench/results/gpu-model-stationary.json,bench/results/gpu-model-mix.json)
   PROFILE_ONE=(--layers s6.b1.expand)
 fi
 # The headline tables carry the static model's time per layer (condconv_kernels.triton.report,
@@ -377,10 +378,10 @@ if [ "$MODE" = first ]; then
   # The experimental experts-stationary 1x1 kernel (Gluon; forward, grad_x, kernel gradients)
   # against the dense ones (tuned from the cache warm-triton filled) and the static layer, with
   # its modeled time and both routing gradients against a float64 sum (which of the two was
-  # off on the 7x7 layers in the second run), the batched products and the kernel gradient in
-  # the accumulator's layout: early, so that the deadline cannot cut it (and written layer by
-  # layer, so that its cap keeps the rows done).
-  step pointwise 110 "$PY" bench/bench_pointwise.py "${POINTWISE[@]}" \
+  # off on the 7x7 layers in the second run), the batched products, the mix on the tensor
+  # cores and the kernel gradient in the accumulator's layout: early, so that the deadline
+  # cannot cut it (and written layer by layer, so that its cap keeps the rows done).
+  step pointwise 125 "$PY" bench/bench_pointwise.py "${POINTWISE[@]}" \
     --out "$WORK/results/pointwise.md"
   table "$WORK/results/pointwise.md"
   # Inference captured in a CUDA graph (the device's time): static, fused triton, and fused

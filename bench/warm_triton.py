@@ -32,6 +32,7 @@ def _worker(args) -> int:
     import torch
 
     from condconv_kernels import _env
+    from condconv_kernels.triton import stationary
 
     from condconv_kernels.profile import efficientnet_cc_b0_layers
     from condconv_kernels.profile.latency import layer_variants
@@ -43,10 +44,9 @@ def _worker(args) -> int:
             fns = layer_variants(layer, args.batch, args.device, getattr(torch, args.dtype),
                                  args.backward, channels_last=args.channels_last)
             fns[f"fused:{args.backend}"]()
-            if args.stationary:  # (the kernel_grad pass's kernel compiles in a second or two
-                # where it is first run; a fault of it here would cut the warming short)
-                with mock.patch.object(_env, "TRITON_STATIONARY",
-                                       _env.STATIONARY_PASSES - {"kernel_grad"}):
+            if args.stationary:  # (the kernel_grad and mix passes' kernels compile in seconds
+                # where they are first run; a fault of one here would cut the warming short)
+                with mock.patch.object(_env, "TRITON_STATIONARY", stationary.PASSES):
                     fns[f"fused:{args.backend}"]()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()

@@ -6,7 +6,7 @@ import pytest
 from condconv_kernels import _env
 
 SWITCHES = [("CONDCONV_TRITON_STATIONARY", _env.stationary_passes,
-             {"forward", "grad_x", "routing", "kernel_grad"}),
+             {"forward", "grad_x", "routing", "kernel_grad", "mix"}),
             ("CONDCONV_TRITON_BATCHED", _env.batched_passes,
              {"forward", "grad_x", "kernel_grad"})]
 

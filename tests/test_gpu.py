@@ -531,7 +531,7 @@ def test_gpu_stationary_forward(experts, cin, cout, side, batch, dtype, bias, sc
                      dtype=dtype).contiguous(memory_format=torch.channels_last)
     stationary.run(xd, rd, wd, bd, out, plan, scales=sd)
     assert_close(out.cpu(), truth, same, "stationary out", factor=4.0)
-    with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
+    with mock.patch.object(_env, "TRITON_STATIONARY", stationary.PASSES):
         routed = cc.condconv2d(xd, rd, wd, bd, backend="triton", **named_d)
     assert torch.equal(routed, out), "condconv2d with the switch on took another kernel"
 
@@ -582,9 +582,69 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format,
     assert_close(grad_x.cpu(), truth, same, "stationary grad_x", factor=4.0)
     xd = x.to(DEVICE, dtype).contiguous(memory_format=x_format).requires_grad_()
     named = dict(zip(("in_scale", "out_scale", "tap_scale"), sd))
-    with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
+    with mock.patch.object(_env, "TRITON_STATIONARY", stationary.PASSES):
         cc.condconv2d(xd, rd, wd, backend="triton", **named).backward(god)
     assert torch.equal(xd.grad, grad_x), "the backward with the switch on took another kernel"
+
+
+@pytest.mark.skipif(not _hopper(), reason="the kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,transposed,bias", [
+    (8, 192, 1152, 7, 37, torch.bfloat16, False, False),  # s6.b1.expand, 10 blocks, 1 in the last
+    (8, 1152, 192, 7, 37, torch.bfloat16, True, False),  # its project layer's grad_x (W^T)
+    (8, 672, 192, 7, 22, torch.bfloat16, True, False),  # 672 rows: a half row block
+    (8, 192, 1152, 7, 256, torch.bfloat16, False, False),  # the benchmarks' batch
+    (4, 112, 200, 8, 9, torch.float16, False, True),  # 64 pixels, 7 chunks, 200 rows, a bias
+    (1, 16, 16, 1, 3, torch.bfloat16, False, True),  # one pixel, expert and chunk
+    (8, 48, 64, 4, 5, torch.bfloat16, True, False),  # 16-pixel tiles, W^T
+    (3, 32, 96, 5, 13, torch.bfloat16, False, False),  # 3 experts, 32-pixel tiles
+], ids=["7x7-192-1152", "7x7-1152-192-grad-x", "7x7-672-192-grad-x", "7x7-batch-256",
+        "8x8-E4-K112-fp16-bias", "1x1-E1-bias", "4x4-grad-x", "5x5-E3"])
+def test_gpu_stationary_mix(experts, cin, cout, side, batch, dtype, transposed, bias):
+    """The experts-stationary kernel with the mix on the tensor cores (triton/stationary_mix.py),
+    called directly, its output poisoned with NaN (an unwritten element fails): the forward
+    (or, ``transposed``, grad_x with W^T) against float64 on the CPU, within 4x the error of
+    the same per-example product in ``dtype`` on the device with the routing rounded to
+    ``dtype`` as the kernel's mix rounds it; and through the triton backend with the switch's
+    mix pass alone: the same result, bitwise."""
+    from unittest import mock
+    from condconv_kernels import _env
+    from condconv_kernels.triton import stationary_mix
+    x, r, w, go = _pointwise_inputs(19, batch, experts, cin, cout, side)
+    b = torch.randn(experts, cout, generator=torch.Generator().manual_seed(20),
+                    dtype=torch.float64) if bias else None
+    rd, wd = r.to(DEVICE, torch.float32), w.to(DEVICE, dtype)
+    mixed = torch.einsum("be,eoc->boc", rd.to(dtype), wd[..., 0, 0])  # in dtype
+    if transposed:
+        truth = torch.einsum("be,eoc,bohw->bchw", r, w[..., 0, 0], go)
+        inp = go.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+        same = torch.einsum("boc,bohw->bchw", mixed, inp).cpu()
+        rows = cin
+    else:
+        truth = reference.condconv2d_loop(x, r, w, b)
+        inp = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+        same = torch.einsum("boc,bchw->bohw", mixed, inp)
+        if bias:
+            same = same + (rd.to(dtype) @ b.to(DEVICE, dtype))[:, :, None, None]
+        same = same.cpu()
+        rows = cout
+    bd = b.to(DEVICE, dtype) if bias else None
+    out = torch.full((batch, rows, side, side), float("nan"), device=DEVICE,
+                     dtype=dtype).contiguous(memory_format=torch.channels_last)
+    plan = stationary_mix.eligible(inp, experts, rows, 1, True, False, transposed=transposed,
+                                   out=out)
+    assert plan is not None, "the kernel should take this call"
+    stationary_mix.run(inp, rd, wd, bd, out, plan, transposed=transposed)
+    assert_close(out.cpu(), truth, same, "mix grad_x" if transposed else "mix out",
+                 factor=4.0)
+    with mock.patch.object(_env, "TRITON_STATIONARY", frozenset({"mix"})):
+        if transposed:
+            xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+            xd.requires_grad_()
+            cc.condconv2d(xd, rd, wd, backend="triton").backward(inp)
+            routed = xd.grad
+        else:
+            routed = cc.condconv2d(inp, rd, wd, bd, backend="triton")
+    assert torch.equal(routed, out), "the triton backend with the switch on took another kernel"
 
 
 @pytest.mark.skipif(not _hopper(), reason="the kernel needs an sm_90 GPU")
@@ -678,6 +738,7 @@ def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype, sca
     from unittest import mock
     import condconv_kernels.triton as backend
     from condconv_kernels import _env
+    from condconv_kernels.triton import stationary
     x, r, w, go = _pointwise_inputs(13, batch, experts, cin, cout, side)
     in_s, out_s, tap_s = _pointwise_scales(17, batch, cin, cout, scaled)
     if scaled:
@@ -699,7 +760,7 @@ def test_gpu_stationary_routing_grad(experts, cin, cout, side, batch, dtype, sca
     assert_close(ours.cpu(), truth, same, "stationary grad_routing", factor=4.0)
     rd = r.to(DEVICE, torch.float32).requires_grad_()
     named = dict(zip(("in_scale", "out_scale", "tap_scale"), sd))
-    with mock.patch.object(_env, "TRITON_STATIONARY", _env.STATIONARY_PASSES):
+    with mock.patch.object(_env, "TRITON_STATIONARY", stationary.PASSES):
         cc.condconv2d(xd, rd, wd, backend="triton", **named).backward(god)
     assert torch.equal(rd.grad, ours), "the backward with the switch on took another kernel"
 

@@ -22,16 +22,17 @@ CL = torch.channels_last
     (0, 16, 49, False)])
 def test_plan_scope(experts, k, pixels, fits):
     """A plan for at most 8 experts, K a multiple of 16 whose slab fits (K <= 192 at 64-pixel
-    tiles) and planes of at most 64 pixels: chunks of 16 channels in pairs (zeros past K), one
-    pixel tile of a power of two (at least 16), shared memory as the kernel allocates it."""
+    tiles) and planes of at most 64 pixels: K / 16 chunks, one pixel tile of a power of two (at
+    least 16), shared memory as the kernel allocates it (the slab, three stages of the NB
+    examples' x tiles, their mixed tiles, the routing block)."""
     plan = stationary_mix.plan(experts, k, pixels)
     assert (plan is not None) == fits
     if fits:
         n = plan["BLOCK_N"]
-        assert plan["NUM_C"] % 2 == 0 and 16 * (plan["NUM_C"] - 2) < k <= 16 * plan["NUM_C"]
+        assert plan["NUM_C"] * 16 == k
         assert n >= max(16, pixels) and n & (n - 1) == 0 and n < 2 * max(16, pixels)
         nb = stationary_mix.NB
-        assert plan["shared_bytes"] == 2 * (plan["NUM_C"] * 8 * 64 * 16 + 2 * 16 * nb * n
+        assert plan["shared_bytes"] == 2 * (plan["NUM_C"] * 8 * 64 * 16 + 3 * 16 * nb * n
                                             + nb * 64 * 16 + 16 * 2 * nb)
 
 
@@ -43,11 +44,14 @@ def _gl_join(a, b):
 def _emulate(grid, named, kwargs):
     """What the kernel writes, computed from the launch's own arguments step by step as the
     kernel does it: per program its 64 rows' slab (slot 8h + e of tile j holding column
-    2j + h of expert e), per block of NB examples the routing block (slot 8h + e, column
-    2b + h) in the layer's dtype, per chunk of 16 channels the 8 mix products (float32) joined,
-    reshaped and permuted into the NB mixed (64 x 16) tiles as _stack8 does, rounded, and
-    their products with the examples' (16 x pixels) tiles copied side by side; then the mixed
-    bias added and the tiles stored."""
+    2j + h of expert e); the x tiles copied into three stages in the kernel's order (the
+    slice's first two chunks, then at each chunk the one two ahead, of this block or the
+    next, into the stage the last chunk used; zeros past the slice) and read from stage
+    t % 3 at the slice's t-th chunk; per block of NB examples the routing block (slot
+    8h + e, column 2b + h) in the layer's dtype, per chunk the 8 mix products (float32)
+    joined, reshaped and permuted into the NB mixed (64 x 16) tiles as _stack8 does,
+    rounded, and their products with the examples' (16 x pixels) tiles side by side; then
+    the mixed bias added and the tiles stored."""
     B, K, ROWS, P = named["B"], named["K"], named["ROWS"], named["P"]
     per, n_co = named["PER_PROG"], named["N_CO"]
     E, NUM_C, BN, NB = kwargs["E"], kwargs["NUM_C"], kwargs["BLOCK_N"], kwargs["NB"]
@@ -69,6 +73,16 @@ def _emulate(grid, named, kwargs):
                     slab[j, live, 8 * h:8 * h + E] = w[:, rows[live], 2 * j + h].T
         b_start = i_s * per
         b_end = min(B, b_start + per)
+        xs = torch.full((3, 16, NB * BN), float("nan"), dtype=dtype)
+
+        def copy(stage, blk, c):  # _copy_chunk: the examples' 16 channels side by side
+            xs[stage] = 0
+            for b in range(NB):
+                if blk + b < b_end:
+                    xs[stage, :, b * BN:b * BN + P] = x[blk + b, :, 16 * c:16 * c + 16].T
+        copy(0, b_start, 0)
+        copy(1, b_start + (1 // NUM_C) * NB, 1 % NUM_C)
+        t = 0
         for blk in range(b_start, b_end, NB):
             rs = torch.zeros(16, 2 * NB, dtype=dtype)
             for b in range(NB):
@@ -78,19 +92,16 @@ def _emulate(grid, named, kwargs):
             acc = torch.zeros(NB, 64, BN, dtype=torch.float64)
             for c in range(NUM_C):
                 m = [slab[8 * c + q].double() @ rs.double() for q in range(8)]
-                t = _gl_join(_gl_join(_gl_join(m[0], m[1]), _gl_join(m[2], m[3])),
-                             _gl_join(_gl_join(m[4], m[5]), _gl_join(m[6], m[7])))
-                t = t.float().reshape(64, NB, 2, 2, 2, 2).permute(1, 0, 5, 4, 3, 2)
-                mixed = t.reshape(NB, 64, 16).to(dtype)
-                xs = torch.zeros(16, NB * BN, dtype=dtype)
+                tt = _gl_join(_gl_join(_gl_join(m[0], m[1]), _gl_join(m[2], m[3])),
+                              _gl_join(_gl_join(m[4], m[5]), _gl_join(m[6], m[7])))
+                tt = tt.float().reshape(64, NB, 2, 2, 2, 2).permute(1, 0, 5, 4, 3, 2)
+                mixed = tt.reshape(NB, 64, 16).to(dtype)
+                ahead = c + 2
+                copy((t + 2) % 3, blk + (ahead // NUM_C) * NB, ahead % NUM_C)
+                xc = xs[t % 3]
                 for b in range(NB):
-                    if blk + b < b_end:
-                        ks = slice(16 * c, min(K, 16 * c + 16))
-                        n = ks.stop - ks.start
-                        if n > 0:
-                            xs[:n, b * BN:b * BN + P] = x[blk + b, :, ks].T
-                for b in range(NB):
-                    acc[b] += mixed[b].double() @ xs[:, b * BN:(b + 1) * BN].double()
+                    acc[b] += mixed[b].double() @ xc[:, b * BN:(b + 1) * BN].double()
+                t += 1
             for b in range(NB):
                 if blk + b < b_end:
                     tile = acc[b, live, :P].float()
@@ -99,8 +110,9 @@ def _emulate(grid, named, kwargs):
                     out[blk + b, :, rows[live]] = tile.T.to(out.dtype)
 
 
-def _run_emulated(inp, routing, weight, bias, transposed):
-    """run() on CPU tensors, the kernel replaced by _emulate; the launch recorded."""
+def _run_emulated(inp, routing, weight, bias, transposed, sms=3):
+    """run() on CPU tensors, the kernel replaced by _emulate, on a device of ``sms`` SMs (few:
+    each program then walks several blocks of examples); the launch recorded."""
     fn = stationary_mix.pw_mix_kernel
     params = fn.arg_names
     launches = []
@@ -118,7 +130,7 @@ def _run_emulated(inp, routing, weight, bias, transposed):
     out = torch.full((B, rows, H, W), float("nan"), dtype=inp.dtype).contiguous(
         memory_format=CL)
     plan = stationary_mix.plan(E, k, H * W)
-    props = mock.Mock(multi_processor_count=132)
+    props = mock.Mock(multi_processor_count=sms)
     with mock.patch.object(stationary_mix, "pw_mix_kernel", Recorder()), \
             mock.patch("torch.cuda.get_device_properties", lambda device: props):
         stationary_mix.run(inp, routing, weight, bias, out, plan, transposed=transposed)
@@ -129,8 +141,9 @@ def _run_emulated(inp, routing, weight, bias, transposed):
 @pytest.mark.parametrize("B,E,cin,cout,side,bias", [
     (5, 3, 48, 80, 7, True),  # 2 row blocks (the second partial), a partial example block
     (9, 8, 32, 64, 4, False),  # 16-pixel tiles, 8 experts, two example blocks and a bit
-    (4, 1, 16, 16, 1, True),  # one pixel, one expert, one chunk (padded to a pair)
-    (3, 4, 112, 32, 8, False)])  # 64 pixels, 7 chunks (padded to 8)
+    (4, 1, 16, 16, 1, True),  # one pixel, one expert, one chunk
+    (13, 2, 16, 16, 3, True),  # one chunk (K = 16) an example block, two blocks a program
+    (3, 4, 112, 32, 8, False)])  # 64 pixels, 7 chunks
 def test_the_kernels_algorithm_against_the_convolution(B, E, cin, cout, side, bias,
                                                        transposed):
     """The launch's arguments and the kernel's algorithm, emulated (_emulate), against the
@@ -152,7 +165,7 @@ def test_the_kernels_algorithm_against_the_convolution(B, E, cin, cout, side, bi
     assert set(kwargs) == constexprs | {"num_warps"}
     assert kwargs["num_warps"] == stationary_mix.WARPS and kwargs["W_T"] == transposed
     rows = cin if transposed else cout
-    assert grid == (stationary_mix.programs(B, rows, 132)[2],)
+    assert grid == (stationary_mix.programs(B, rows, 3)[2],)
     mixed = torch.einsum("be,eoc->boc", routing.double(), weight.double()[..., 0, 0])
     if transposed:
         mixed = mixed.transpose(1, 2)

@@ -49,6 +49,9 @@ try:  # Gluon: Triton's explicit-layout dialect (Triton >= 3.5)
 except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
 
+# The passes of CONDCONV_TRITON_STATIONARY this kernel serves (_env.STATIONARY_PASSES has the
+# others' too).
+PASSES = frozenset({"forward", "grad_x", "routing"})
 BLOCK_M = 64  # one warpgroup's wgmma rows
 WARPS = 4  # one warpgroup
 SHARED_LIMIT = 227 * 1024
