@@ -13,8 +13,9 @@ own models (e.g. tf_efficientnet_cc_b0_8e, tf_efficientnet_b0) as variants, wher
 installed (skipped with a note otherwise); ``--variants`` may add ``fused:triton+batched``, the
 triton backend with its experimental batched 1x1 passes on (``CONDCONV_TRITON_BATCHED``), and
 ``fused:triton+kgrad``, with its experimental dense 1x1 kernel gradient in the accumulator's
-layout (``CONDCONV_TRITON_STATIONARY=kernel_grad``), each switched around that variant's calls
-only. ``--cuda-graph`` captures each variant's call in a
+layout (``CONDCONV_TRITON_STATIONARY=kernel_grad``), and ``fused:triton+mix``, with its
+experimental 7x7 1x1 forward and grad_x mixing the experts on the tensor cores
+(``CONDCONV_TRITON_STATIONARY=mix``), each switched around that variant's calls only. ``--cuda-graph`` captures each variant's call in a
 CUDA graph and times its replays: no host work per kernel, so the numbers are the device's, as
 in a training loop under ``torch.cuda.graph`` (a variant whose capture fails is left out, with a
 note).

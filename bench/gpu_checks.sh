@@ -329,7 +329,7 @@ else
                         # was eager, host-bound: not comparable)
   MODEL=(--batch 256 --min-run-time 0.5 --timm tf_efficientnet_cc_b0_8e,tf_efficientnet_b0)
   GRAPHED=(--batch 256 --min-run-time 0.5 --cuda-graph
-           --variants static,fused:triton,fused:triton+batched)
+           --variants static,fused:triton,fused:triton+batched,fused:triton+mix)
   GRAPHED_TRAIN=(--batch 256 --min-run-time 0.5 --cuda-graph
                  --variants static,fused:triton,fused:triton+batched,fused:triton+kgrad)
   SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")

@@ -264,8 +264,9 @@ def test_result_files_name_paths_relative_to_the_working_directory(tmp_path, mon
 
 
 def test_the_switched_variants_switch_their_whole_step(monkeypatch):
-    """bench_model's ``fused:triton+batched`` and ``fused:triton+kgrad``: the batched 1x1
-    passes, or the kernel gradient in the accumulator's layout, switched on around that
+    """bench_model's ``fused:triton+batched``, ``fused:triton+kgrad`` and ``fused:triton+mix``:
+    the batched 1x1 passes, the kernel gradient in the accumulator's layout, or the mix on the
+    tensor cores, switched on around that
     variant's forward and backward (the backward runs outside the model call), for it alone,
     and off again after. Stood in on the CPU: triton counted as a fused backend, every layer
     left on its default backend; the switches as each CondConv layer's forward and backward
@@ -297,6 +298,7 @@ def test_the_switched_variants_switch_their_whole_step(monkeypatch):
     try:
         for name, on in ((latency.BATCHED_VARIANT, (_env.BATCHED_PASSES, frozenset())),
                          (latency.KGRAD_VARIANT, (frozenset(), frozenset({"kernel_grad"}))),
+                         (latency.MIX_VARIANT, (frozenset(), frozenset({"mix"}))),
                          ("fused:triton", (frozenset(), frozenset()))):
             seen.clear()
             fns[name]()

@@ -132,6 +132,42 @@ def test_static_report_with_the_kernel_gradient_in_the_accumulator_layout(tmp_pa
             assert r["modeled_us"] >= max(r["issue_us"], r["floor_us"]) > 0, r
 
 
+def test_static_report_with_the_mix_on_the_tensor_cores(tmp_path):
+    """--stationary mix on a 7x7 expand layer (192 -> 1152): the forward from
+    stationary_mix.py (compiled at its plan: wgmma, cp.async, no spills, its planned shared
+    memory: the slab, three stages of x tiles, the mixed tiles), grad_x, whose K = 1152 is too
+    wide for the slab, the dense kernel; the main loop (a block of 4 examples, the loop over
+    its chunks of 16 channels inside) with no CUDA-core mix: 12 products a chunk, its copies
+    issued ahead (no wait for a copy it issued); the modeled time at least its serial sum, issue time and floor,
+    below the stationary kernel's CUDA-core mix on the same layer; L2 at most 4x HBM. An
+    unknown layer name is an error naming it."""
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    path = tmp_path / "report.json"
+    records = {}
+    for passes in ("mix", "forward"):
+        result = subprocess.run(
+            [sys.executable, "-m", "condconv_kernels.triton.report", "--layers", "s6.b1.expand",
+             "--stationary", passes, "--json", str(path)], env=env, capture_output=True,
+            text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        records.update({r["kernel"]: r for r in json.loads(path.read_text())})
+    r = records["mix_fwd"]
+    assert "dense_bwd_x" in records and "mix_bwd_x" not in records
+    assert r["tensor_core"] == "wgmma" and r["async_copy"] == "cp.async", r
+    assert r["spill_bytes"] == 0 and r["shared_bytes"] == 229632, r  # as planned
+    assert r["config"] == "16x12x64 nb4 w4" and r["examples_per_program"] == 37, r
+    assert r["loop_inner_instructions"] > 0, r  # the chunk loop inside the block loop
+    assert r["loop_mma"] == 12 and r["loop_full_waits"] == 0, r
+    assert r["l2_bytes"] <= 4 * r["hbm_bytes"], r
+    assert r["modeled_us"] >= max(r["serial_us"], r["issue_us"], r["floor_us"]) > 0, r
+    assert r["modeled_us"] < records["stationary_fwd"]["modeled_us"], records
+    bad = subprocess.run(
+        [sys.executable, "-m", "condconv_kernels.triton.report", "--layers", "s9.nothing"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown layer(s) s9.nothing" in bad.stderr
+
+
 _DRY_RUN = """
 import torch
 from triton.runtime.autotuner import Autotuner

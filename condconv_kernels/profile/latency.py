@@ -27,7 +27,7 @@ from .layers import LayerShape
 from .timing import Measurement, time_callable
 
 __all__ = ["VariantResult", "model_layer_shapes", "layer_variants", "model_variants",
-           "BATCHED_VARIANT", "KGRAD_VARIANT", "SWITCHED_VARIANTS", "measure", "fused_backends",
+           "BATCHED_VARIANT", "KGRAD_VARIANT", "MIX_VARIANT", "SWITCHED_VARIANTS", "measure", "fused_backends",
            "cpu_peak_memory_mb"]
 
 
@@ -178,10 +178,12 @@ def _set_backend(model: nn.Module, name: str) -> nn.Module:
 
 BATCHED_VARIANT = "fused:triton+batched"
 KGRAD_VARIANT = "fused:triton+kgrad"
+MIX_VARIANT = "fused:triton+mix"
 # The triton backend with an experimental path switched on: variant -> (the switch of _env,
 # which the backend reads at every call; the passes it turns on).
 SWITCHED_VARIANTS = {BATCHED_VARIANT: ("TRITON_BATCHED", _env.BATCHED_PASSES),
-                     KGRAD_VARIANT: ("TRITON_STATIONARY", frozenset({"kernel_grad"}))}
+                     KGRAD_VARIANT: ("TRITON_STATIONARY", frozenset({"kernel_grad"})),
+                     MIX_VARIANT: ("TRITON_STATIONARY", frozenset({"mix"}))}
 
 
 @contextlib.contextmanager
@@ -209,7 +211,9 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
     ``switched`` (where the triton backend runs): variants of :data:`SWITCHED_VARIANTS`, the
     triton backend with an experimental path on (``fused:triton+batched``: every batched 1x1
     pass, ``CONDCONV_TRITON_BATCHED``; ``fused:triton+kgrad``: the dense 1x1 kernel gradient in
-    the accumulator's layout, ``CONDCONV_TRITON_STATIONARY=kernel_grad``), switched on around
+    the accumulator's layout, ``CONDCONV_TRITON_STATIONARY=kernel_grad``;
+    ``fused:triton+mix``: the 7x7 1x1 forward and grad_x with the experts stationary and their
+    mix on the tensor cores, ``CONDCONV_TRITON_STATIONARY=mix``), switched on around
     its own steps only, forward and backward (so also while a CUDA graph captures them)."""
     from ..models import create_model
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -4,6 +4,7 @@
                                              [--layout channels_last] [--json FILE] [--all]
                                              [--before EARLIER.json] [--scales]
                                              [--stationary [PASSES]] [--model resnet]
+                                             [--first N] [--layers NAMES]
 
 For each of the 24 CondConv layers of tf_efficientnet_cc_b0_8e (``--model resnet``: the dense
 3x3 layers of a ResNet-18/34 at 224, 8 experts), every kernel the layer runs
@@ -869,6 +870,7 @@ def main(argv=None) -> int:
                    help="The memory layout of the input.")
     p.add_argument("--all", action="store_true", help="Every configuration, not the best.")
     p.add_argument("--first", type=int, help="Only the first N layers.")
+    p.add_argument("--layers", help="Only these layers (comma-separated names).")
     p.add_argument("--json", help="Write the records here.")
     p.add_argument("--before", help="A JSON of an earlier report: print the two side by side.")
     p.add_argument("--scales", action="store_true",
@@ -891,6 +893,13 @@ def main(argv=None) -> int:
         p.error(f"argument --stationary: {error}")
     title, make_layers = MODELS[args.model]
     layers = make_layers()[:args.first]
+    if args.layers:
+        names = [n.strip() for n in args.layers.split(",") if n.strip()]
+        unknown = sorted(set(names) - {layer.name for layer in layers})
+        if unknown:
+            p.error(f"argument --layers: unknown layer(s) {', '.join(unknown)}; choose from "
+                    f"{', '.join(layer.name for layer in layers)}")
+        layers = [layer for layer in layers if layer.name in names]
     records = report(args.batch, getattr(torch, args.dtype), args.layout == "channels_last",
                      args.arch, args.all, layers,
                      progress=lambda name: print(f"compiled {name}", file=sys.stderr),
