@@ -175,6 +175,22 @@ def poisoned_outputs():
         det.fill_uninitialized_memory = was_fill
 
 
+class LaunchRecorder:
+    """A stand-in for a Triton / Gluon kernel ``kernel[grid](*args, **kwargs)``: records each
+    launch as (grid, the arguments by parameter name, the keyword arguments) in ``launches``
+    and runs ``emulate(grid, named, kwargs)``, which writes what the kernel would."""
+
+    def __init__(self, kernel, emulate):
+        self.params, self.emulate, self.launches = kernel.arg_names, emulate, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.params, args))
+            self.launches.append((grid, named, kwargs))
+            self.emulate(grid, named, kwargs)
+        return launch
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import LaunchRecorder
 
 pointwise_grad = pytest.importorskip("condconv_kernels.triton.pointwise_grad")
 pytestmark = pytest.mark.skipif(not pointwise_grad.AVAILABLE, reason="this Triton has no Gluon")
@@ -112,16 +113,9 @@ def test_launch_and_the_host_sums(need_r, need_w, warps):
     fn = pointwise_grad.pw_kgrad_kernel
     params = fn.arg_names
     constexprs = {p.name for p in fn.params if p.is_constexpr}
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                named = dict(zip(params, args))
-                launches.append((grid, named, kwargs))
-                _emulate(named, kwargs)
-            return launch
-    with mock.patch.object(pointwise_grad, "pw_kgrad_kernel", Recorder()):
+    recorder = LaunchRecorder(fn, lambda grid, named, kwargs: _emulate(named, kwargs))
+    launches = recorder.launches
+    with mock.patch.object(pointwise_grad, "pw_kgrad_kernel", recorder):
         grad_routing, grad_weight = pointwise_grad.kernel_grads(
             grad_out, x, routing, weight, need_r, need_w, plan)
     (grid, named, kwargs), = launches

@@ -9,6 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import LaunchRecorder
 
 stationary_mix = pytest.importorskip("condconv_kernels.triton.stationary_mix")
 pytestmark = pytest.mark.skipif(not stationary_mix.AVAILABLE, reason="this Triton has no Gluon")
@@ -113,17 +114,7 @@ def _emulate(grid, named, kwargs):
 def _run_emulated(inp, routing, weight, bias, transposed, sms=3):
     """run() on CPU tensors, the kernel replaced by _emulate, on a device of ``sms`` SMs (few:
     each program then walks several blocks of examples); the launch recorded."""
-    fn = stationary_mix.pw_mix_kernel
-    params = fn.arg_names
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                named = dict(zip(params, args))
-                launches.append((grid, named, kwargs))
-                _emulate(grid, named, kwargs)
-            return launch
+    recorder = LaunchRecorder(stationary_mix.pw_mix_kernel, _emulate)
     E, cout, cin = weight.shape[:3]
     rows = cin if transposed else cout
     B, k, H, W = inp.shape
@@ -131,10 +122,10 @@ def _run_emulated(inp, routing, weight, bias, transposed, sms=3):
         memory_format=CL)
     plan = stationary_mix.plan(E, k, H * W)
     props = mock.Mock(multi_processor_count=sms)
-    with mock.patch.object(stationary_mix, "pw_mix_kernel", Recorder()), \
+    with mock.patch.object(stationary_mix, "pw_mix_kernel", recorder), \
             mock.patch("torch.cuda.get_device_properties", lambda device: props):
         stationary_mix.run(inp, routing, weight, bias, out, plan, transposed=transposed)
-    return out, launches
+    return out, recorder.launches
 
 
 @pytest.mark.parametrize("transposed", [False, True])

@@ -528,6 +528,18 @@ def mix_model(itemsize: int, launch: Launch) -> dict:
                 examples_per_program=per, blocks=blocks, examples=examples)
 
 
+def _serial_record(layer, launch: Launch, config: str, m: dict, info: dict) -> dict:
+    """The record of a launch of one of the Gluon kernels whose model has a serial sum (the
+    experts-stationary kernels): the layer, the configuration, the model's numbers and the
+    compiled kernel's info."""
+    return dict(layer=layer.name, shape=layer.describe(), kernel=launch.name, config=config,
+                examples_per_program=m["examples_per_program"], grid=m["programs"],
+                hbm_bytes=m["hbm_bytes"], l2_bytes=m["l2_bytes"], smem_bytes=m["smem_bytes"],
+                tc_flops=m["tc_flops"], cc_flops=m["cc_flops"],
+                floor_us=1e6 * max(m["floor_flops"] / TC, m["hbm_bytes"] / HBM),
+                serial_us=m["serial_us"], **info)
+
+
 def _mix_record(layer, dtype: torch.dtype, itemsize: int, launch: Launch, arch: int,
                 cache: dict) -> dict:
     """The record of one launch of the kernel with the mix on the tensor cores: compiled at its
@@ -541,13 +553,8 @@ def _mix_record(layer, dtype: torch.dtype, itemsize: int, launch: Launch, arch: 
     info = _compile_info(cache, key, lambda: sm.compile_for(
         a["E"], a["K"], a["P"], dtype, arch, a["transposed"], a["has_bias"]), arch)
     m = mix_model(itemsize, launch)
-    record = dict(layer=layer.name, shape=layer.describe(), kernel=launch.name,
-                  config=f"16x{plan['NUM_C']}x{plan['BLOCK_N']} nb{sm.NB} w{sm.WARPS}",
-                  examples_per_program=m["examples_per_program"], grid=m["programs"],
-                  hbm_bytes=m["hbm_bytes"], l2_bytes=m["l2_bytes"],
-                  smem_bytes=m["smem_bytes"], tc_flops=m["tc_flops"], cc_flops=m["cc_flops"],
-                  floor_us=1e6 * max(m["floor_flops"] / TC, m["hbm_bytes"] / HBM),
-                  serial_us=m["serial_us"], **info)
+    record = _serial_record(layer, launch, f"16x{plan['NUM_C']}x{plan['BLOCK_N']} nb{sm.NB} "
+                                           f"w{sm.WARPS}", m, info)
     if "error" in info:
         record["modeled_us"] = float("inf")
         return record
@@ -700,12 +707,7 @@ def _stationary_record(layer, batch: int, dtype: torch.dtype, itemsize: int, lau
     m = stationary_model(itemsize, launch)
     config = (f"{plan['BLOCK_K']}x{plan['NUM_KC']}x{plan['BLOCK_N']}"
               f"{' A_smem' if plan['A_SMEM'] else ''} buf{plan['NBUF']} w{stationary.WARPS}")
-    record = dict(layer=layer.name, shape=layer.describe(), kernel=launch.name, config=config,
-                  examples_per_program=m["examples_per_program"], grid=m["programs"],
-                  hbm_bytes=m["hbm_bytes"], l2_bytes=m["l2_bytes"],
-                  smem_bytes=m["smem_bytes"], tc_flops=m["tc_flops"], cc_flops=m["cc_flops"],
-                  floor_us=1e6 * max(m["floor_flops"] / TC, m["hbm_bytes"] / HBM),
-                  serial_us=m["serial_us"], **info)
+    record = _serial_record(layer, launch, config, m, info)
     if "error" in info:
         record["modeled_us"] = float("inf")
     else:
