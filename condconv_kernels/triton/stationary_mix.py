@@ -25,8 +25,11 @@ bytes, 192 KB at K = 192), and a slice of the batch in blocks of NB = 4 examples
 chunk of 16 channels: 8 mix products (m64n8k16, asynchronous, one wait), the mixed (64 x 16)
 tiles stored to shared memory as the examples' A operands, then the NB products with the
 examples' (16 x pixels) tiles of x (m64nNk16, asynchronous: they run while the next chunk's
-mix is issued; the next chunk's tiles are copied with cp.async during this one). The
-accumulators (NB x 64 x pixels, float32) are stored with the mixed bias after the last chunk.
+mix is issued; each chunk's tiles are copied with cp.async two chunks ahead, into three
+stages, the NB examples' tiles side by side in one copy). The accumulators (NB x 64 x pixels,
+float32) are stored with the mixed bias after the last chunk, through shared memory (16 bytes
+a thread). Shared memory: the slab, the three stages, the mixed tiles (the output's staging
+too) and the routing block: 224 KB at K = 192 and 64-pixel tiles.
 
 Precision: the routing weights enter the tensor cores in the layer's dtype (bfloat16 or
 float16), the products accumulate in float32 and the mixed kernel is rounded to the dtype, as
