@@ -59,11 +59,12 @@ def test_both_calls_walk_every_step(tmp_path):
     assert "| layer | shape | static | unfused |" in summary  # the headline table
     assert "triton modeled |" in summary  # with the static model's times beside it
     assert "| batch | variant | ms | images/s |" in summary
-    assert ("| layer | shape | pass | static | dense | stationary | batched | acc layout |"
+    assert ("| layer | shape | pass | static | dense | stationary | batched | mix | acc layout |"
             in summary)
-    assert "| modeled | stationary / modeled |" in summary  # the stationary kernel's model
+    # the stationary and mix kernels' models
+    assert "| modeled: stationary | mix | measured / modeled: stationary | mix |" in summary
     assert "| call 3 bitwise call 2 | verdict |" in summary  # the tuned launches' check
-    assert "| vs float64: dense | stationary | batched | acc layout |" in summary
+    assert "| vs float64: dense | stationary | batched | mix | acc layout |" in summary
     assert run.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
     assert len(_files(out1)) <= MAX_FILES
     assert {p.name for p in _files(out1)} == {"summary.md", "log.txt", "results.tgz", "kit.tgz"}

@@ -105,35 +105,53 @@ if AVAILABLE:
     def _fill_slab(slab, w_ptr, i_m, K, ROWS, s_we, s_wr, s_wk, E: gl.constexpr,
                    W_T: gl.constexpr, NUM_C: gl.constexpr):
         """slab[8c + q] (64 rows x 16 slots) = w[e, row, 16c + 2q + h] at slot 8h + e for the
-        program's 64 rows (zeros past E and ROWS), read along W's contiguous dimension (the
-        column pair h, or, W_T, the rows) and put in the slab's order in registers."""
-        if W_T:  # (e, h, row): rows contiguous
-            ld: gl.constexpr = gl.BlockedLayout([1, 1, 8], [2, 2, 8], [4, 1, 1], [2, 1, 0])
+        program's 64 rows (zeros past E and ROWS). A chunk's 16 columns of every expert are
+        loaded at once, the next chunk's while this one is stored (the round trips to L2
+        overlap), along W's contiguous dimension (the columns, or, W_T, the rows), each thread
+        holding all 16 columns of its share, then put in the slab's order and split into the
+        chunk's 8 tiles in registers."""
+        if W_T:  # (e, k, row): rows contiguous, 4 a thread
+            ld: gl.constexpr = gl.BlockedLayout([1, 16, 4], [2, 1, 16], [4, 1, 1], [2, 1, 0])
             o_e = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, ld)))
-            o_h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, ld)))
+            o_k = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, ld)))
             o_r = i_m * 64 + gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, ld)))
             base = (o_e[:, None, None].to(gl.int64) * s_we
-                    + (o_h[None, :, None] * s_wk + o_r[None, None, :]))
+                    + (o_k[None, :, None] * s_wk + o_r[None, None, :]))
             valid = (o_e[:, None, None] < E) & (o_r[None, None, :] < ROWS)
-        else:  # (e, row, h): the column pair contiguous
-            ld: gl.constexpr = gl.BlockedLayout([1, 1, 2], [4, 8, 1], [2, 2, 1], [2, 1, 0])
+        else:  # (e, row, k): the 16 columns contiguous
+            ld: gl.constexpr = gl.BlockedLayout([1, 1, 16], [1, 32, 1], [2, 2, 1], [2, 1, 0])
             o_e = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, ld)))
             o_r = i_m * 64 + gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(2, ld)))
-            o_h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, ld)))
+            o_k = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, ld)))
             base = (o_e[:, None, None].to(gl.int64) * s_we
-                    + (o_r[None, :, None] * s_wr + o_h[None, None, :]))
+                    + (o_r[None, :, None] * s_wr + o_k[None, None, :]))
             valid = (o_e[:, None, None] < E) & (o_r[None, :, None] < ROWS)
-        for j in range(NUM_C * 8):  # j = 8c + q: columns 2j, 2j + 1
+        ahead = gl.load(w_ptr + base, mask=valid, other=0.0)
+        for c in range(NUM_C):
+            # (the next chunk's loads in flight while this one is stored)
+            t = ahead
+            ahead = gl.load(w_ptr + base + (16 * (c + 1)) * s_wk, mask=valid & (c + 1 < NUM_C),
+                            other=0.0)
             if W_T:
-                in_k = 2 * j + o_h[None, :, None] < K
-            else:
-                in_k = 2 * j + o_h[None, None, :] < K
-            t = gl.load(w_ptr + base + (2 * j) * s_wk, mask=valid & in_k, other=0.0)
-            if W_T:
-                t = gl.permute(t, (2, 1, 0))  # (row, h, e)
-            else:
-                t = gl.permute(t, (1, 2, 0))
-            slab.index(j).store(gl.reshape(t, [64, 16]))
+                t = gl.permute(t, (0, 2, 1))  # (e, row, k)
+            # (e, row, k = 2q + h) -> (row, 8h + e, q), q = 4 q2 + 2 q1 + q0 in registers
+            t = gl.permute(gl.reshape(t, [8, 64, 8, 2]), (1, 3, 0, 2))
+            t = gl.reshape(t, [64, 16, 2, 2, 2])
+            t0, t1 = gl.split(t)  # q0
+            t00, t01 = gl.split(t0)  # q1
+            t10, t11 = gl.split(t1)
+            q0, q4 = gl.split(t00)  # q2
+            q2, q6 = gl.split(t01)
+            q1, q5 = gl.split(t10)
+            q3, q7 = gl.split(t11)
+            slab.index(8 * c).store(q0)
+            slab.index(8 * c + 1).store(q1)
+            slab.index(8 * c + 2).store(q2)
+            slab.index(8 * c + 3).store(q3)
+            slab.index(8 * c + 4).store(q4)
+            slab.index(8 * c + 5).store(q5)
+            slab.index(8 * c + 6).store(q6)
+            slab.index(8 * c + 7).store(q7)
 
     @gluon.jit
     def _stack8(m0, m1, m2, m3, m4, m5, m6, m7, NB: gl.constexpr):
@@ -163,9 +181,11 @@ if AVAILABLE:
         m5 = warpgroup_mma(slab.index(8 * c + 5), rs, zm, use_acc=False, is_async=True)
         m6 = warpgroup_mma(slab.index(8 * c + 6), rs, zm, use_acc=False, is_async=True)
         m7 = warpgroup_mma(slab.index(8 * c + 7), rs, zm, use_acc=False, is_async=True)
-        # The mix and the last chunk's products done: ms and the last chunk's stage are free.
+        # The mix and the last chunk's products done (every warp's: the barrier), ms and the
+        # last chunk's stage free.
         m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3 = warpgroup_mma_wait(
             0, deps=[m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3])
+        gl.thread_barrier()
         ms3.store(_stack8(m0, m1, m2, m3, m4, m5, m6, m7, NB).to(ms3.dtype))
         cp.wait_group(1)  # this chunk's tiles (the next chunk's may be in flight)
         fence_async_shared()  # the mixed tiles and the copies, to the tensor cores
@@ -180,16 +200,35 @@ if AVAILABLE:
         return warpgroup_mma_wait(4, deps=[a0, a1, a2, a3])
 
     @gluon.jit
-    def _store_example(acc, b, b_end, out_ptr, bm_ptr, stage, o_mo, o_ro, o_po, ROWS, P, s_ob,
-                       s_op, s_bb, HAS_BIAS: gl.constexpr, st_l: gl.constexpr):
+    def _routing_block(r_ptr, blk, b_end, o_s, o_c, s_rb, s_re, E: gl.constexpr):
+        """The routing block of the examples [blk, blk + NB) (float32; zeros past b_end):
+        slot 8h + e (o_s) x column 2b + h' (o_c), r[blk + b, e] where h = h' and e < E."""
+        b = blk + o_c // 2
+        return gl.load(r_ptr + b[None, :].to(gl.int64) * s_rb + (o_s % 8)[:, None] * s_re,
+                       mask=((o_s % 8)[:, None] < E) & ((o_s // 8)[:, None] == (o_c % 2)[None, :])
+                       & (b[None, :] < b_end), other=0.0)
+
+    @gluon.jit
+    def _bias(bm_ptr, b, b_end, o_mo, ROWS, s_bb, HAS_BIAS: gl.constexpr):
+        """Example b's mixed bias bm[b, row] (float32) for the program's rows (zeros past ROWS
+        and b_end; zeros without a bias), loaded at its block's start: the load's round trip
+        is over by the epilogue."""
+        if HAS_BIAS:
+            bias = gl.load(bm_ptr + b.to(gl.int64) * s_bb + o_mo,
+                           mask=(o_mo < ROWS) & (b < b_end), other=0.0)
+        else:
+            bias = gl.full(o_mo.shape, 0.0, gl.float32, o_mo.type.layout)
+        return bias
+
+    @gluon.jit
+    def _store_example(acc, bias, b, b_end, out_ptr, stage, o_ro, o_po, ROWS, P, s_ob, s_op,
+                       HAS_BIAS: gl.constexpr, st_l: gl.constexpr):
         """Example b's tile (64 rows x BLOCK_N pixels, float32 in the accumulators' layout)
-        plus its mixed bias bm[b, row] (float32), rounded and stored through ``stage`` (shared
+        plus its mixed bias (:func:`_bias`), rounded and stored through ``stage`` (shared
         memory, rows contiguous) so that each thread writes 8 adjacent channels (16 bytes);
         nothing past b_end."""
         if b < b_end:
             if HAS_BIAS:
-                bias = gl.load(bm_ptr + b.to(gl.int64) * s_bb + o_mo, mask=o_mo < ROWS,
-                               other=0.0)
                 acc = acc + bias[:, None]
             stage.store(acc.to(stage.dtype))
             gl.thread_barrier()
@@ -267,15 +306,18 @@ if AVAILABLE:
         _fill_slab(slab, w_ptr, i_m, K, ROWS, s_we, s_wr, s_wk, E, W_T, NUM_C)
         zm = gl.zeros([64, 2 * NB], gl.float32, mix_l)
         t = 0  # chunks done: chunk t's tiles are in stage t % 3
+        rv = _routing_block(r_ptr, b_start, b_end, o_s, o_rc, s_rb, s_re, E)
         for blk in range(b_start, b_end, NB):
-            # Every product of the last block is done (waited below): the routing block in.
-            rv = gl.load(r_ptr + (blk + o_rc // 2)[None, :].to(gl.int64) * s_rb
-                         + (o_s % 8)[:, None] * s_re,
-                         mask=((o_s % 8)[:, None] < E) & ((o_s // 8)[:, None] == (o_rc % 2)[None, :])
-                         & ((blk + o_rc // 2)[None, :] < b_end), other=0.0)
+            # Every product of the last block is done (waited below): the routing block in,
+            # the next block's loaded (its round trip over by then).
             rs.store(rv.to(dtype))
             fence_async_shared()  # the slab (first block) and the routing block
             gl.thread_barrier()
+            rv = _routing_block(r_ptr, blk + NB, b_end, o_s, o_rc, s_rb, s_re, E)
+            bias0 = _bias(bm_ptr, blk, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
+            bias1 = _bias(bm_ptr, blk + 1, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
+            bias2 = _bias(bm_ptr, blk + 2, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
+            bias3 = _bias(bm_ptr, blk + 3, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
             a0 = gl.zeros([64, BLOCK_N], gl.float32, mma)
             a1 = gl.zeros([64, BLOCK_N], gl.float32, mma)
             a2 = gl.zeros([64, BLOCK_N], gl.float32, mma)
@@ -288,15 +330,15 @@ if AVAILABLE:
                                         b_end, K, P, s_xb, s_xp, o_k, o_n, NB, BLOCK_N)
                 t += 1
             a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=[a0, a1, a2, a3])
-            # (ms is free: its last products are done)
-            _store_example(a0, blk, b_end, out_ptr, bm_ptr, st, o_mo, o_ro, o_po, ROWS, P, s_ob,
-                           s_op, s_bb, HAS_BIAS, st_l)
-            _store_example(a1, blk + 1, b_end, out_ptr, bm_ptr, st, o_mo, o_ro, o_po, ROWS, P,
-                           s_ob, s_op, s_bb, HAS_BIAS, st_l)
-            _store_example(a2, blk + 2, b_end, out_ptr, bm_ptr, st, o_mo, o_ro, o_po, ROWS, P,
-                           s_ob, s_op, s_bb, HAS_BIAS, st_l)
-            _store_example(a3, blk + 3, b_end, out_ptr, bm_ptr, st, o_mo, o_ro, o_po, ROWS, P,
-                           s_ob, s_op, s_bb, HAS_BIAS, st_l)
+            gl.thread_barrier()  # (every warp's last products are done: ms is free)
+            _store_example(a0, bias0, blk, b_end, out_ptr, st, o_ro, o_po, ROWS, P, s_ob, s_op,
+                           HAS_BIAS, st_l)
+            _store_example(a1, bias1, blk + 1, b_end, out_ptr, st, o_ro, o_po, ROWS, P, s_ob,
+                           s_op, HAS_BIAS, st_l)
+            _store_example(a2, bias2, blk + 2, b_end, out_ptr, st, o_ro, o_po, ROWS, P, s_ob,
+                           s_op, HAS_BIAS, st_l)
+            _store_example(a3, bias3, blk + 3, b_end, out_ptr, st, o_ro, o_po, ROWS, P, s_ob,
+                           s_op, HAS_BIAS, st_l)
         cp.wait_group(0)  # (the copies issued past the slice's last chunk: none reads them)
 
 
