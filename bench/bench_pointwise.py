@@ -1,8 +1,8 @@
 """The 1x1 passes of tf_efficientnet_cc_b0_8e's CondConv layers: the dense Triton kernels
 against the static convolution and four experimental alternatives, the experts-stationary kernel
 (condconv_kernels/triton/stationary.py), batched cuBLAS products
-(condconv_kernels/triton/batched.py), for the forward and grad_x of planes of at most 64 pixels
-the experts-stationary kernel with the mix on the tensor cores
+(condconv_kernels/triton/batched.py), for the forward and grad_x of planes of at most 256
+pixels the experts-stationary kernel with the mix on the tensor cores
 (condconv_kernels/triton/stationary_mix.py) and, for the kernel gradients, the kernel with its
 tiles in the tensor cores' accumulator layout (condconv_kernels/triton/pointwise_grad.py), for
 the forward, grad_x (the kernel transposed) and the kernel gradients.
@@ -30,7 +30,7 @@ ratios between columns comparable.
   chunk one batched product (the unfused form through cuBLAS, what a fused forward has to beat
   on these layers); the kernel gradients from chunks of per-example G, folded by two more
   products;
-- ``mix`` (the forward and grad_x of planes of at most 64 pixels): the same call with the
+- ``mix`` (the forward and grad_x of planes of at most 256 pixels): the same call with the
   switch's ``mix`` pass alone, the experts stationary and their mix on the tensor cores;
 - ``acc layout`` (the kernel gradients only): the same call with the switch's
   ``kernel_grad`` pass alone, both halves from the kernel in the accumulator's layout;

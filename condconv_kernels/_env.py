@@ -13,7 +13,7 @@ switches lists them with the build's and the tests' own).
   7 of the 8 passes measured on an H200), and the dense 1x1 kernel gradient the experimental
   Hopper kernel with its tiles in the tensor cores' accumulator layout
   (:mod:`condconv_kernels.triton.pointwise_grad`; off until a GPU run has measured it), and
-  the dense 1x1 forward and grad_x of planes of at most 64 pixels the experimental Hopper
+  the dense 1x1 forward and grad_x of planes of at most 256 pixels the experimental Hopper
   kernel with the experts stationary and their mix on the tensor cores
   (:mod:`condconv_kernels.triton.stationary_mix`, pass ``mix``; ahead of the ``forward`` and
   ``grad_x`` passes where both are on; off until a GPU run has measured it). A

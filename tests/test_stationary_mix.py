@@ -19,22 +19,30 @@ CL = torch.channels_last
 
 @pytest.mark.parametrize("experts,k,pixels,fits", [
     (8, 192, 49, True), (8, 192, 64, True), (1, 16, 1, True), (4, 112, 16, True),
-    (8, 208, 49, False), (9, 192, 49, False), (8, 192, 65, False), (8, 24, 49, False),
-    (0, 16, 49, False)])
+    (8, 112, 196, True), (8, 80, 256, True), (8, 208, 49, False), (9, 192, 49, False),
+    (8, 112, 257, False), (8, 192, 65, False), (8, 24, 49, False), (0, 16, 49, False)])
 def test_plan_scope(experts, k, pixels, fits):
     """A plan for at most 8 experts, K a multiple of 16 whose slab fits (K <= 192 at 64-pixel
-    tiles) and planes of at most 64 pixels: K / 16 chunks, one pixel tile of a power of two (at
-    least 16), shared memory as the kernel allocates it (the slab, three stages of the NB
-    examples' x tiles, their mixed tiles, the routing block)."""
+    planes; K = 192 with 4 tiles does not) and planes of at most 256 pixels: K / 16 chunks;
+    up to 64 pixels one pixel tile of a power of two (at least 16), past that 4 tiles of 64;
+    shared memory as the kernel allocates it (the slab, three stages of x tiles, the mixed
+    tiles of a chunk, or of every chunk with 4 tiles, and then the output's staging buffer,
+    the routing block)."""
     plan = stationary_mix.plan(experts, k, pixels)
     assert (plan is not None) == fits
     if fits:
-        n = plan["BLOCK_N"]
+        n, tiles, nb = plan["BLOCK_N"], plan["TILES"], stationary_mix.NB
         assert plan["NUM_C"] * 16 == k
-        assert n >= max(16, pixels) and n & (n - 1) == 0 and n < 2 * max(16, pixels)
-        nb = stationary_mix.NB
+        assert tiles == (1 if pixels <= 64 else 4)
+        if tiles == 1:
+            assert n >= max(16, pixels) and n & (n - 1) == 0 and n < 2 * max(16, pixels)
+        else:
+            assert n == 64
+        mixed = nb * 64 * 16 * (1 if tiles == 1 else plan["NUM_C"])
         assert plan["shared_bytes"] == 2 * (plan["NUM_C"] * 8 * 64 * 16 + 3 * 16 * nb * n
-                                            + nb * 64 * 16 + 16 * 2 * nb)
+                                            + mixed + (tiles > 1) * 64 * n + 16 * 2 * nb)
+        assert plan["shared_bytes"] <= 226 * 1024
+    assert stationary_mix.plan(8, 192, 196) is None  # the slab and every chunk's mixed tiles
 
 
 def _gl_join(a, b):
@@ -46,16 +54,20 @@ def _emulate(grid, named, kwargs):
     """What the kernel writes, computed from the launch's own arguments step by step as the
     kernel does it: per program its 64 rows' slab (slot 8h + e of tile j holding column
     2j + h of expert e); the x tiles copied into three stages in the kernel's order (the
-    slice's first two chunks, then at each chunk the one two ahead, of this block or the
-    next, into the stage the last chunk used; zeros past the slice) and read from stage
-    t % 3 at the slice's t-th chunk; per block of NB examples the routing block (slot
-    8h + e, column 2b + h) in the layer's dtype, per chunk the 8 mix products (float32)
-    joined, reshaped and permuted into the NB mixed (64 x 16) tiles as _stack8 does,
-    rounded, and their products with the examples' (16 x pixels) tiles side by side; then
-    the mixed bias added and the tiles stored."""
+    slice's chunks in order, a unit of NB examples with one pixel tile each, or of one example
+    with TILES, each copied two chunks ahead into the stage the last chunk used; zeros past
+    the slice) and read from stage t % 3 at the slice's t-th chunk; per block of NB examples
+    the routing block (slot 8h + e, column 2b + h) in the layer's dtype, per chunk the 8 mix
+    products (float32) joined, reshaped and permuted into the NB mixed (64 x 16) tiles as
+    _stack8 does, rounded; the products of the mixed tiles with the x tiles (one pixel tile
+    an example: each example's tile its own; TILES: the block's mixed tiles made first, then
+    each example's TILES pixel tiles against its own); then the mixed bias added and the tiles
+    stored."""
     B, K, ROWS, P = named["B"], named["K"], named["ROWS"], named["P"]
     per, n_co = named["PER_PROG"], named["N_CO"]
     E, NUM_C, BN, NB = kwargs["E"], kwargs["NUM_C"], kwargs["BLOCK_N"], kwargs["NB"]
+    TILES, S = kwargs["TILES"], kwargs["STAGES"]  # (3 stages)
+    EPU, PX = NB // TILES, TILES * BN
     dtype = named["w_ptr"].dtype
     x = named["x_ptr"].as_strided((B, P, K), (named["s_xb"], named["s_xp"], 1))
     w = named["w_ptr"].as_strided((E, ROWS, K), (named["s_we"], named["s_wr"], named["s_wk"]))
@@ -70,45 +82,65 @@ def _emulate(grid, named, kwargs):
         slab = torch.zeros(NUM_C * 8, 64, 16, dtype=dtype)
         for j in range(NUM_C * 8):
             for h in range(2):
-                if 2 * j + h < K:
-                    slab[j, live, 8 * h:8 * h + E] = w[:, rows[live], 2 * j + h].T
+                slab[j, live, 8 * h:8 * h + E] = w[:, rows[live], 2 * j + h].T
         b_start = i_s * per
         b_end = min(B, b_start + per)
-        xs = torch.full((3, 16, NB * BN), float("nan"), dtype=dtype)
+        xs = torch.full((S, 16, NB * BN), float("nan"), dtype=dtype)
 
-        def copy(stage, blk, c):  # _copy_chunk: the examples' 16 channels side by side
+        def copy(stage, u):  # _copy_unit: the slice's u-th chunk
+            c, first = u % NUM_C, b_start + (u // NUM_C) * EPU
             xs[stage] = 0
-            for b in range(NB):
-                if blk + b < b_end:
-                    xs[stage, :, b * BN:b * BN + P] = x[blk + b, :, 16 * c:16 * c + 16].T
-        copy(0, b_start, 0)
-        copy(1, b_start + (1 // NUM_C) * NB, 1 % NUM_C)
+            for n0 in range(0, NB * BN, PX):
+                b = first + n0 // PX
+                if b < b_end:
+                    xs[stage, :, n0:n0 + min(P, PX)] = x[b, :min(P, PX), 16 * c:16 * c + 16].T
+        copy(0, 0)
+        copy(1, 1)
         t = 0
+
+        def products(mixed, t):  # the slice's t-th chunk: copy ahead, then its stage's tiles
+            copy((t + 2) % S, t + 2)
+            xc = xs[t % S]
+            return [mixed[i].double() @ xc[:, i * BN:(i + 1) * BN].double() for i in range(NB)]
+
+        def store(tile, b, p0):
+            n = min(BN, P - p0)
+            if b < b_end and n > 0:
+                tile = tile[live, :n].float()
+                if bm is not None:
+                    tile = tile + bm[b, rows[live]][:, None]
+                out[b, p0:p0 + n, rows[live]] = tile.T.to(out.dtype)
         for blk in range(b_start, b_end, NB):
             rs = torch.zeros(16, 2 * NB, dtype=dtype)
             for b in range(NB):
                 if blk + b < b_end:
                     for h in range(2):
                         rs[8 * h:8 * h + E, 2 * b + h] = r[blk + b].to(dtype)
-            acc = torch.zeros(NB, 64, BN, dtype=torch.float64)
+            mixed = []
             for c in range(NUM_C):
                 m = [slab[8 * c + q].double() @ rs.double() for q in range(8)]
                 tt = _gl_join(_gl_join(_gl_join(m[0], m[1]), _gl_join(m[2], m[3])),
                               _gl_join(_gl_join(m[4], m[5]), _gl_join(m[6], m[7])))
                 tt = tt.float().reshape(64, NB, 2, 2, 2, 2).permute(1, 0, 5, 4, 3, 2)
-                mixed = tt.reshape(NB, 64, 16).to(dtype)
-                ahead = c + 2
-                copy((t + 2) % 3, blk + (ahead // NUM_C) * NB, ahead % NUM_C)
-                xc = xs[t % 3]
+                mixed.append(tt.reshape(NB, 64, 16).to(dtype))
+            if TILES == 1:  # each chunk's products right after its mix
+                acc = [torch.zeros(64, BN, dtype=torch.float64) for _ in range(NB)]
+                for c in range(NUM_C):
+                    acc = [a + p for a, p in zip(acc, products(mixed[c], t))]
+                    t += 1
                 for b in range(NB):
-                    acc[b] += mixed[b].double() @ xc[:, b * BN:(b + 1) * BN].double()
-                t += 1
-            for b in range(NB):
-                if blk + b < b_end:
-                    tile = acc[b, live, :P].float()
-                    if bm is not None:
-                        tile = tile + bm[blk + b, rows[live]][:, None]
-                    out[blk + b, :, rows[live]] = tile.T.to(out.dtype)
+                    store(acc[b], blk + b, 0)
+            else:  # each example's pixel tiles against its mixed tiles
+                for i in range(NB):
+                    if blk + i >= b_end:
+                        continue
+                    acc = [torch.zeros(64, BN, dtype=torch.float64) for _ in range(TILES)]
+                    for c in range(NUM_C):
+                        acc = [a + p for a, p in zip(acc, products(
+                            [mixed[c][i]] * TILES, t))]
+                        t += 1
+                    for j in range(TILES):
+                        store(acc[j], blk + i, j * BN)
 
 
 def _run_emulated(inp, routing, weight, bias, transposed, sms=3):
@@ -134,7 +166,9 @@ def _run_emulated(inp, routing, weight, bias, transposed, sms=3):
     (9, 8, 32, 64, 4, False),  # 16-pixel tiles, 8 experts, two example blocks and a bit
     (4, 1, 16, 16, 1, True),  # one pixel, one expert, one chunk
     (13, 2, 16, 16, 3, True),  # one chunk (K = 16) an example block, two blocks a program
-    (3, 4, 112, 32, 8, False)])  # 64 pixels, 7 chunks
+    (3, 4, 112, 32, 8, False),  # 64 pixels, 7 chunks
+    (6, 8, 32, 48, 14, True),  # 196 pixels: four tiles of 64 an example, a bias
+    (5, 3, 48, 16, 10, False)])  # 100 pixels (two of the four tiles empty), 3 chunks
 def test_the_kernels_algorithm_against_the_convolution(B, E, cin, cout, side, bias,
                                                        transposed):
     """The launch's arguments and the kernel's algorithm, emulated (_emulate), against the
@@ -190,7 +224,7 @@ def test_fits_takes_only_what_the_kernel_reads():
                dict(groups=2), dict(pointwise=False), dict(wide=True), dict(experts=9),
                dict(transposed=True, rows=40),
                dict(inp=torch.randn(5, 24, 7, 7, dtype=bf).contiguous(memory_format=CL)),
-               dict(inp=torch.randn(5, 32, 9, 9, dtype=bf).contiguous(memory_format=CL)),
+               dict(inp=torch.randn(5, 32, 17, 17, dtype=bf).contiguous(memory_format=CL)),
                dict(inp=torch.randn(5, 256, 7, 7, dtype=bf).contiguous(memory_format=CL)),
                dict(scales=(torch.rand(5, 32), None, None)),
                dict(scales=(None, None, torch.rand(5, 1, 1)))]

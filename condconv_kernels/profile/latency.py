@@ -212,8 +212,9 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
     triton backend with an experimental path on (``fused:triton+batched``: every batched 1x1
     pass, ``CONDCONV_TRITON_BATCHED``; ``fused:triton+kgrad``: the dense 1x1 kernel gradient in
     the accumulator's layout, ``CONDCONV_TRITON_STATIONARY=kernel_grad``;
-    ``fused:triton+mix``: the 7x7 1x1 forward and grad_x with the experts stationary and their
-    mix on the tensor cores, ``CONDCONV_TRITON_STATIONARY=mix``), switched on around
+    ``fused:triton+mix``: the 7x7 and 14x14 1x1 forward and grad_x with the experts
+    stationary and their mix on the tensor cores, ``CONDCONV_TRITON_STATIONARY=mix``),
+    switched on around
     its own steps only, forward and backward (so also while a CUDA graph captures them)."""
     from ..models import create_model
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -491,16 +491,17 @@ def mix_model(itemsize: int, launch: Launch) -> dict:
     hbm_bytes (x, the output and the experts once), l2_bytes (each program's E expert rows
     once, each example's x once per row block, the output once), smem_bytes and tc_flops (per
     block of NB examples and chunk of 16 channels: the 8 mix products, each reading a (64 x 16)
-    slab tile and the routing block; the NB mixed tiles stored; the chunk's x tiles copied in;
-    the NB products reading both; per example the output staged through shared memory),
-    floor_flops, and serial_us: per chunk the mix, the stores and the products one after
-    another (each the longer of its tensor-core work and its shared-memory bytes; the copies'
-    writes with the stores), per example the staging, plus the slab's copy from L2. Latencies
-    (the waits, the barriers, the stores' round trips) are left out."""
+    slab tile and the routing block, and the NB mixed tiles stored; per chunk of a unit's x
+    (NB examples' tiles, or one example's TILES) its copy in and the 4 products reading the
+    x tiles and their mixed tiles; per example the output staged through shared memory),
+    floor_flops, and serial_us: the mix, the stores and the products one after another (each
+    the longer of its tensor-core work and its shared-memory bytes; the copies' writes with
+    the stores), the staging, plus the slab's copy from L2. Latencies (the waits, the barriers,
+    the loads' round trips) are left out."""
     from . import stationary_mix as sm
     a = launch.kwargs
     plan, E, K, P, R, B = a["plan"], a["E"], a["K"], a["P"], a["rows"], a["batch"]
-    M, bn, nb, chunks = sm.BLOCK_M, plan["BLOCK_N"], sm.NB, plan["NUM_C"]
+    M, bn, nb, chunks, tiles = sm.BLOCK_M, plan["BLOCK_N"], sm.NB, plan["NUM_C"], plan["TILES"]
     n_co, per, count = sm.programs(B, R, SMS)
     x_bytes, out_bytes = B * K * P * itemsize, B * R * P * itemsize
     hbm = x_bytes + out_bytes + E * R * K * itemsize
@@ -509,23 +510,24 @@ def mix_model(itemsize: int, launch: Launch) -> dict:
     tile = M * sm.CHUNK * itemsize  # a (64 x 16) tile: a slab tile, a mixed tile
     mix_tc = 8 * 2 * M * sm.CHUNK * 2 * nb
     mix_smem = 8 * (tile + sm.CHUNK * 2 * nb * itemsize)
-    x_chunk = nb * sm.CHUNK * bn * itemsize  # (its copy two chunks ahead: not waited for)
-    conv_tc = nb * 2 * M * sm.CHUNK * bn
+    mix = max(mix_tc / TC_SM, mix_smem / SMEM_SM) + nb * tile / SMEM_SM  # a block's chunk
+    x_chunk = nb * sm.CHUNK * bn * itemsize  # a unit's chunk (its copy two chunks ahead)
+    conv_tc = nb * 2 * M * sm.CHUNK * bn  # its 4 products
     conv_smem = nb * tile + x_chunk
-    stores = nb * tile + x_chunk
-    per_chunk = (max(mix_tc / TC_SM, mix_smem / SMEM_SM) + stores / SMEM_SM
-                 + max(conv_tc / TC_SM, conv_smem / SMEM_SM))
-    staging = 2 * M * bn * itemsize
+    conv = x_chunk / SMEM_SM + max(conv_tc / TC_SM, conv_smem / SMEM_SM)
+    units_a_block = 1 if tiles == 1 else nb  # (a block of one-tile examples, or nb examples)
+    staging = 2 * M * bn * itemsize * tiles  # an example's output, written and read
     blocks = cdiv(per, nb)
-    serial = (count * E * M * K * itemsize / L2 + blocks * chunks * per_chunk
-              + per * staging / SMEM_SM)
-    examples = n_co * cdiv(B, nb) * nb  # (row block, example) pairs, blocks padded
+    serial = (count * E * M * K * itemsize / L2
+              + blocks * chunks * (mix + units_a_block * conv) + per * staging / SMEM_SM)
+    n_blocks = n_co * cdiv(B, nb)  # (row block, block of examples) pairs
     return dict(hbm_bytes=hbm, l2_bytes=l2,
-                smem_bytes=n_co * cdiv(B, nb) * chunks * (mix_smem + stores + conv_smem)
+                smem_bytes=n_blocks * chunks * (mix_smem + nb * tile
+                                                + units_a_block * (x_chunk + conv_smem))
                 + n_co * B * staging,
-                tc_flops=n_co * cdiv(B, nb) * chunks * (mix_tc + conv_tc), cc_flops=0,
+                tc_flops=n_blocks * chunks * (mix_tc + units_a_block * conv_tc), cc_flops=0,
                 floor_flops=floor_flops, serial_us=1e6 * serial, programs=count,
-                examples_per_program=per, blocks=blocks, examples=examples)
+                examples_per_program=per, blocks=blocks)
 
 
 def _serial_record(layer, launch: Launch, config: str, m: dict, info: dict) -> dict:
@@ -553,14 +555,20 @@ def _mix_record(layer, dtype: torch.dtype, itemsize: int, launch: Launch, arch: 
     info = _compile_info(cache, key, lambda: sm.compile_for(
         a["E"], a["K"], a["P"], dtype, arch, a["transposed"], a["has_bias"]), arch)
     m = mix_model(itemsize, launch)
-    record = _serial_record(layer, launch, f"16x{plan['NUM_C']}x{plan['BLOCK_N']} nb{sm.NB} "
-                                           f"w{sm.WARPS}", m, info)
+    record = _serial_record(layer, launch, f"16x{plan['NUM_C']}x{plan['BLOCK_N']}"
+                                           f"{'' if plan['TILES'] == 1 else 'x' + str(plan['TILES'])}"
+                                           f" nb{sm.NB} w{sm.WARPS}", m, info)
     if "error" in info:
         record["modeled_us"] = float("inf")
         return record
     hot, inner = info.get("loop_instructions") or 0, info.get("loop_inner_instructions") or 0
-    # A loop over the blocks of examples around the loop over their chunks.
-    per_program = m["blocks"] * (hot + (plan["NUM_C"] - 1) * inner)
+    chunks = plan["NUM_C"]
+    if plan["TILES"] == 1:  # a loop over the blocks of examples around the loop over chunks
+        per_program = m["blocks"] * (hot + (chunks - 1) * inner)
+    else:  # around the mix's loop over chunks, then the examples' loop around theirs
+        mix, example, conv = (info.get("loop_nested") or [0, 0, 0])[:3]
+        per_program = m["blocks"] * (hot + (chunks - 1) * mix + (sm.NB - 1) * example
+                                     + sm.NB * (chunks - 1) * conv)
     record["issue_us"] = 1e6 * m["programs"] * per_program * sm.WARPS / (SMS * 4 * CLOCK)
     fill = min(1.0, m["programs"] / SMS)
     record["modeled_us"] = max(1e6 * m["hbm_bytes"] / HBM, 1e6 * m["l2_bytes"] / L2 / fill,

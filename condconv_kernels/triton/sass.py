@@ -124,20 +124,23 @@ def loops(sass: str) -> List[Dict[str, int]]:
 def hot_loop(sass: Optional[str], warps: int) -> Dict[str, Optional[int]]:
     """The largest loop's counts (``loop_`` before each name, ``loop_issue_cycles`` for
     ``warps`` warps), ``loop_inner_instructions``: those of the largest loop inside it (0
-    where none; its body is counted once in the hot loop's), and ``loop_skipped``: the most
-    instructions one forward branch inside it jumps over (a conditional part of the body, as
-    the kernel gradient's fold of an example after its last pixel tile); every key None where
-    there is no SASS or no loop."""
+    where none; its body is counted once in the hot loop's), ``loop_nested``: the instructions
+    of every loop inside it, in the order of their starts (a loop's count includes those of
+    the loops inside it), and ``loop_skipped``: the most instructions one forward branch
+    inside it jumps over (a conditional part of the body, as the kernel gradient's fold of an
+    example after its last pixel tile); every key None where there is no SASS or no loop."""
     keys = (["loop_" + name for name in COUNTERS]
-            + ["loop_issue_cycles", "loop_inner_instructions", "loop_skipped"])
+            + ["loop_issue_cycles", "loop_inner_instructions", "loop_nested", "loop_skipped"])
     found = [loop for loop in loops(sass) if loop["instructions"] > 1] if sass else []
     if not found:
         return dict.fromkeys(keys)
     loop = max(found, key=lambda l: l["instructions"])
     stats = {"loop_" + name: loop[name] for name in COUNTERS}
     stats["loop_issue_cycles"] = -(-loop["instructions"] * warps // 4)
-    inner = [l["instructions"] for l in found if l is not loop
-             and loop["start"] <= l["start"] and l["end"] <= loop["end"]]
-    stats["loop_inner_instructions"] = max(inner, default=0)
+    nested = sorted((l for l in found if l is not loop
+                     and loop["start"] <= l["start"] and l["end"] <= loop["end"]),
+                    key=lambda l: l["start"])
+    stats["loop_inner_instructions"] = max((l["instructions"] for l in nested), default=0)
+    stats["loop_nested"] = [l["instructions"] for l in nested]
     stats["loop_skipped"] = loop["skipped"]
     return stats

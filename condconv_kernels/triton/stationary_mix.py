@@ -31,6 +31,11 @@ float32) are stored with the mixed bias after the last chunk, through shared mem
 a thread). Shared memory: the slab, the three stages, the mixed tiles (the output's staging
 too) and the routing block: 224 KB at K = 192 and 64-pixel tiles.
 
+Planes of 65 to 256 pixels (the 14x14 layers; ``TILES`` = 4 tiles of 64 an example): per block
+the mix of every chunk first (the NB examples' mixed tiles for all of K, 56 KB at K = 112),
+then each example's 4 pixel tiles against its own mixed tiles, chunk by chunk (the unit of the
+copies is then one example's 16 x 256 tile), its output through a staging buffer of its own.
+
 Precision: the routing weights enter the tensor cores in the layer's dtype (bfloat16 or
 float16), the products accumulate in float32 and the mixed kernel is rounded to the dtype, as
 in the other kernels; the routing's rounding adds at most one unit in the last place of the
@@ -38,8 +43,9 @@ dtype to each mixed value's relative error.
 
 Scope: 1x1, stride 1, no padding, groups = 1, float16 / bfloat16, the reduced tensor (x;
 grad_out for grad_x) channels_last with its channels a multiple of 16 (and the rows too for
-grad_x), at most 8 experts, planes of at most 64 pixels, K such that the slab fits
-(:func:`plan`), no per-example scales, sm_90; every other call takes the other kernels.
+grad_x), at most 8 experts, planes of at most 256 pixels, K such that the slab fits
+(:func:`plan`: K <= 192 up to 64 pixels, K <= 128 past them), no per-example scales, sm_90;
+every other call takes the other kernels.
 """
 from __future__ import annotations
 
@@ -64,37 +70,53 @@ CHUNK = 16  # channels of K a step: one k16 product an example
 SLOTS = 8  # expert slots of the reduction (two columns x 8 = wgmma's k of 16)
 MAX_EXPERTS = SLOTS
 NB = 4  # examples a block (the mix's N = 2 NB = 8, wgmma's least)
-MAX_PIXELS = 64  # one pixel tile an example
+# Planes of at most 64 pixels: one pixel tile an example, a block of NB examples' products a
+# chunk; of at most TILES x 64: TILES tiles of one example's plane (its mixed tiles for every
+# chunk made first, for the block).
+BLOCK_N_MAX = 64
+TILES = NB
+MAX_PIXELS = TILES * BLOCK_N_MAX
 # Stages of the x tiles: a chunk's copy is issued two chunks ahead (its L2 round trip, ~1 us
-# for 8 KB, is longer than one chunk's products).
+# for 8 KB, is longer than one chunk's products) into the stage of the chunk before it (whose
+# products are waited for first). (Four stages, which would leave the last chunk's products
+# in flight past one tile an example, fit at K <= 112 but took 16 more registers: 254, and
+# spilled with a bias.)
 STAGES = 3
 
 
 def plan(experts: int, k: int, pixels: int, itemsize: int = 2) -> Optional[dict]:
     """The compile-time sizes for E experts, a reduction over K channels and P pixels, or None
-    outside the kernel's scope: the slab (K x 64 x 8 slots), three stages of the NB examples'
-    (16 x pixels) tiles, their mixed (64 x 16) tiles and the routing block must fit in 227 KB
-    (K <= 192 at 64 pixels)."""
+    outside the kernel's scope: the slab (K x 64 x 8 slots), three stages of the x tiles
+    (16 x 4 x 64 pixels), the mixed (64 x 16) tiles (a chunk's NB, or with 4 tiles an example
+    every chunk's), the output's staging buffer (4 tiles) and the routing block must fit in 227
+    KB (K <= 192 at 64 pixels, K <= 128 past them)."""
     if not (1 <= experts <= MAX_EXPERTS and 0 < pixels <= MAX_PIXELS and k % CHUNK == 0
             and k > 0):
         return None
-    block_n = max(16, stationary._pow2(pixels))
+    # One pixel tile an example (a power of two, at least 16), or TILES of 64.
+    tiles = 1 if pixels <= BLOCK_N_MAX else TILES
+    block_n = max(16, stationary._pow2(pixels)) if tiles == 1 else BLOCK_N_MAX
     num_c = k // CHUNK
-    shared = (num_c * SLOTS * BLOCK_M * CHUNK + STAGES * NB * CHUNK * block_n
-              + NB * BLOCK_M * CHUNK + CHUNK * 2 * NB) * itemsize
+    mixed = NB * BLOCK_M * CHUNK * (1 if tiles == 1 else num_c)
+    staging = 0 if tiles == 1 else BLOCK_M * block_n  # (one tile an example: in ms's bytes)
+    shared = (num_c * SLOTS * BLOCK_M * CHUNK + STAGES * NB * CHUNK * block_n + mixed
+              + staging + CHUNK * 2 * NB) * itemsize
     if shared > stationary.SHARED_LIMIT - 1024:  # the compiler's own scratch
         return None
-    return dict(NUM_C=num_c, BLOCK_N=block_n, shared_bytes=shared)
+    return dict(NUM_C=num_c, BLOCK_N=block_n, TILES=tiles, shared_bytes=shared)
 
 
 if AVAILABLE:
     @gluon.jit
-    def _copy_chunk(xs, x_ptr, blk, b_end, c, K, P, s_xb, s_xp, o_k, o_n,
-                    BLOCK_N: gl.constexpr):
-        """Starts the copy of channels [16c, 16c + 16) of the examples [blk, blk + NB) into xs
-        (16 x NB pixel tiles side by side; zeros past b_end, K and P): one commit group."""
-        b = blk + o_n // BLOCK_N
-        p = o_n % BLOCK_N
+    def _copy_unit(xs, x_ptr, b_start, b_end, u, K, P, s_xb, s_xp, o_k, o_n,
+                   NUM_C: gl.constexpr, EPU: gl.constexpr, PX: gl.constexpr):
+        """Starts the copy of the slice's u-th chunk of x: channels [16c, 16c + 16), c = u %
+        NUM_C, of the EPU examples from b_start + (u // NUM_C) EPU (the unit: a block of NB
+        examples, or one example), their first PX pixels each, side by side in xs (16 x EPU PX;
+        zeros past b_end, K and P): one commit group."""
+        c = u % NUM_C
+        b = b_start + (u // NUM_C) * EPU + o_n // PX
+        p = o_n % PX
         k = c * 16 + o_k
         ptrs = x_ptr + (b.to(gl.int64)[None, :] * s_xb + (k[:, None] + p[None, :] * s_xp))
         mask = (b[None, :] < b_end) & (k[:, None] < K) & (p[None, :] < P)
@@ -164,15 +186,9 @@ if AVAILABLE:
         return gl.reshape(t, [NB, 64, 16])
 
     @gluon.jit
-    def _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, stage, x_ptr, ahead_blk,
-               ahead_c, b_end, K, P, s_xb, s_xp, o_k, o_n, NB: gl.constexpr,
-               BLOCK_N: gl.constexpr):
-        """Chunk c (16 channels) of the block's NB examples, its tiles in xs[stage]: the 8 mix
-        products (issued while the last chunk's products finish), one wait (both), the mixed
-        tiles stored to ms, this chunk's copy waited for (the next one may still be in flight),
-        a barrier, the copy two chunks ahead (chunk ahead_c of the examples from ahead_blk;
-        none past b_end) started into the stage the last chunk used, the NB products issued
-        (left in flight: the loop carries their accumulators as tensors)."""
+    def _mix_issue(slab, rs, zm, c):
+        """The 8 mix products of chunk c (asynchronous): (64 rows x 2NB) for k = 16c + 2q + h,
+        q = 0..7."""
         m0 = warpgroup_mma(slab.index(8 * c), rs, zm, use_acc=False, is_async=True)
         m1 = warpgroup_mma(slab.index(8 * c + 1), rs, zm, use_acc=False, is_async=True)
         m2 = warpgroup_mma(slab.index(8 * c + 2), rs, zm, use_acc=False, is_async=True)
@@ -181,23 +197,47 @@ if AVAILABLE:
         m5 = warpgroup_mma(slab.index(8 * c + 5), rs, zm, use_acc=False, is_async=True)
         m6 = warpgroup_mma(slab.index(8 * c + 6), rs, zm, use_acc=False, is_async=True)
         m7 = warpgroup_mma(slab.index(8 * c + 7), rs, zm, use_acc=False, is_async=True)
+        return m0, m1, m2, m3, m4, m5, m6, m7
+
+    @gluon.jit
+    def _products(a0, a1, a2, a3, m0, m1, m2, m3, xs, t, x_ptr, b_start, b_end, K, P, s_xb,
+                  s_xp, o_k, o_n, NUM_C: gl.constexpr, EPU: gl.constexpr, PX: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """The slice's t-th chunk's products, its x tiles in xs[t % STAGES]: this chunk's copy
+        waited for (the next one may still be in flight), a barrier, the copy two chunks ahead
+        (the slice's (t + 2)-th chunk, none past b_end) started into the stage of chunk
+        t + 2 - STAGES (the caller has waited for its products), then a_i += m_i times the i-th
+        64-column slice of the stage (m_i: four A operands in shared memory), left in flight
+        (the loop carries the accumulators as tensors)."""
+        cp.wait_group(1)
+        fence_async_shared()  # the mixed tiles and the copies, to the tensor cores
+        gl.thread_barrier()
+        _copy_unit(xs.index((t + 2) % STAGES), x_ptr, b_start, b_end, t + 2, K, P, s_xb, s_xp,
+                   o_k, o_n, NUM_C, EPU, PX)
+        xc = xs.index(t % STAGES)
+        a0 = warpgroup_mma(m0, xc.slice(0, BLOCK_N, 1), a0, is_async=True)
+        a1 = warpgroup_mma(m1, xc.slice(BLOCK_N, BLOCK_N, 1), a1, is_async=True)
+        a2 = warpgroup_mma(m2, xc.slice(2 * BLOCK_N, BLOCK_N, 1), a2, is_async=True)
+        a3 = warpgroup_mma(m3, xc.slice(3 * BLOCK_N, BLOCK_N, 1), a3, is_async=True)
+        return warpgroup_mma_wait(4, deps=[a0, a1, a2, a3])
+
+    @gluon.jit
+    def _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, t, x_ptr, b_start, b_end, K, P,
+               s_xb, s_xp, o_k, o_n, NUM_C: gl.constexpr, NB: gl.constexpr,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Chunk c (16 channels) of a block of NB examples with one pixel tile each, the
+        slice's t-th: the 8 mix products (issued while the last chunk's products finish), one
+        wait (both), the mixed tiles stored to ms, then the NB products (:func:`_products`)."""
+        m0, m1, m2, m3, m4, m5, m6, m7 = _mix_issue(slab, rs, zm, c)
         # The mix and the last chunk's products done (every warp's: the barrier), ms and the
         # last chunk's stage free.
         m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3 = warpgroup_mma_wait(
             0, deps=[m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3])
         gl.thread_barrier()
         ms3.store(_stack8(m0, m1, m2, m3, m4, m5, m6, m7, NB).to(ms3.dtype))
-        cp.wait_group(1)  # this chunk's tiles (the next chunk's may be in flight)
-        fence_async_shared()  # the mixed tiles and the copies, to the tensor cores
-        gl.thread_barrier()
-        _copy_chunk(xs.index((stage + 2) % 3), x_ptr, ahead_blk, b_end, ahead_c, K, P, s_xb,
-                    s_xp, o_k, o_n, BLOCK_N)
-        xc = xs.index(stage)  # the examples' (16 x BLOCK_N) tiles side by side
-        a0 = warpgroup_mma(ms.index(0), xc.slice(0, BLOCK_N, 1), a0, is_async=True)
-        a1 = warpgroup_mma(ms.index(1), xc.slice(BLOCK_N, BLOCK_N, 1), a1, is_async=True)
-        a2 = warpgroup_mma(ms.index(2), xc.slice(2 * BLOCK_N, BLOCK_N, 1), a2, is_async=True)
-        a3 = warpgroup_mma(ms.index(3), xc.slice(3 * BLOCK_N, BLOCK_N, 1), a3, is_async=True)
-        return warpgroup_mma_wait(4, deps=[a0, a1, a2, a3])
+        return _products(a0, a1, a2, a3, ms.index(0), ms.index(1), ms.index(2), ms.index(3), xs,
+                         t, x_ptr, b_start, b_end, K, P, s_xb, s_xp, o_k, o_n, NUM_C, NB,
+                         BLOCK_N, BLOCK_N, STAGES)
 
     @gluon.jit
     def _routing_block(r_ptr, blk, b_end, o_s, o_c, s_rb, s_re, E: gl.constexpr):
@@ -221,20 +261,21 @@ if AVAILABLE:
         return bias
 
     @gluon.jit
-    def _store_example(acc, bias, b, b_end, out_ptr, stage, o_ro, o_po, ROWS, P, s_ob, s_op,
-                       HAS_BIAS: gl.constexpr, st_l: gl.constexpr):
-        """Example b's tile (64 rows x BLOCK_N pixels, float32 in the accumulators' layout)
-        plus its mixed bias (:func:`_bias`), rounded and stored through ``stage`` (shared
-        memory, rows contiguous) so that each thread writes 8 adjacent channels (16 bytes);
-        nothing past b_end."""
+    def _store_example(acc, bias, b, b_end, p0, out_ptr, stage, o_ro, o_po, ROWS, P, s_ob,
+                       s_op, HAS_BIAS: gl.constexpr, st_l: gl.constexpr):
+        """Example b's tile (64 rows x BLOCK_N pixels from p0, float32 in the accumulators'
+        layout) plus its mixed bias (:func:`_bias`), rounded and stored through ``stage``
+        (shared memory, rows contiguous) so that each thread writes 8 adjacent channels (16
+        bytes); nothing past b_end and P."""
         if b < b_end:
             if HAS_BIAS:
                 acc = acc + bias[:, None]
             stage.store(acc.to(stage.dtype))
             gl.thread_barrier()
             t = stage.load(st_l)
-            gl.store(out_ptr + b.to(gl.int64) * s_ob + (o_ro[:, None] + o_po[None, :] * s_op),
-                     t, mask=(o_ro[:, None] < ROWS) & (o_po[None, :] < P))
+            po = p0 + o_po
+            gl.store(out_ptr + b.to(gl.int64) * s_ob + (o_ro[:, None] + po[None, :] * s_op),
+                     t, mask=(o_ro[:, None] < ROWS) & (po[None, :] < P))
             gl.thread_barrier()  # every thread has read the stage
 
     @gluon.jit
@@ -242,7 +283,7 @@ if AVAILABLE:
         x_ptr, r_ptr, w_ptr, bm_ptr, out_ptr, B, K, ROWS, P, PER_PROG, N_CO,
         s_xb, s_xp, s_rb, s_re, s_we, s_wr, s_wk, s_ob, s_op, s_bb,
         E: gl.constexpr, HAS_BIAS: gl.constexpr, W_T: gl.constexpr, NUM_C: gl.constexpr,
-        BLOCK_N: gl.constexpr, NB: gl.constexpr,
+        BLOCK_N: gl.constexpr, NB: gl.constexpr, TILES: gl.constexpr, STAGES: gl.constexpr,
     ):
         """out[b, row, p] = sum_k (sum_e r[b, e] w[e, row, k]) x[b, k, p] (+ bm[b, row], the
         mixed bias, float32) for the 64 rows of program % N_CO and the examples [program //
@@ -271,15 +312,23 @@ if AVAILABLE:
                                                        element_bitwidth=16, rank=2)
         slab = gl.allocate_shared_memory(dtype, [NUM_C * 8, 64, 16], slab_l)
         rs = gl.allocate_shared_memory(dtype, [16, 2 * NB], k_major_b)
-        ms = gl.allocate_shared_memory(dtype, [NB, 64, 16], k_major_a)
-        ms3 = ms._reinterpret(dtype, [NB, 64, 16], gl.NVMMASharedLayout(  # (for the stores)
+        # The mixed tiles: the block's NB for one chunk (one pixel tile an example), or for
+        # every chunk (TILES pixel tiles: chunk c's at [c NB, c NB + NB)); stored through a
+        # rank-3 view of the same bytes, chunk by chunk.
+        MS_C: gl.constexpr = 1 if TILES == 1 else NUM_C
+        ms = gl.allocate_shared_memory(dtype, [MS_C * NB, 64, 16], k_major_a)
+        ms4 = ms._reinterpret(dtype, [MS_C, NB, 64, 16], gl.NVMMASharedLayout(
             swizzle_byte_width=32, element_bitwidth=16, rank=3))
-        xs = gl.allocate_shared_memory(dtype, [3, 16, NB * BLOCK_N], k_major_b)  # STAGES
+        xs = gl.allocate_shared_memory(dtype, [STAGES, 16, NB * BLOCK_N], k_major_b)
         mix_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, 2 * NB, 16])
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 16])
-        # The copies: 16 channels x (example, pixel), 8 channels (16 bytes) a thread.
+        # The copies: 16 channels x (example or pixel tile, pixel), 8 channels (16 bytes) a
+        # thread; a unit of the copies is a block of NB examples (one tile each) or one example
+        # (TILES tiles).
+        EPU: gl.constexpr = NB // TILES
+        PX: gl.constexpr = TILES * BLOCK_N
         x_l: gl.constexpr = gl.BlockedLayout([8, 1], [2, 16], [1, 4], [0, 1])
         o_k = gl.arange(0, 16, layout=gl.SliceLayout(1, x_l))
         o_n = gl.arange(0, NB * BLOCK_N, layout=gl.SliceLayout(0, x_l))
@@ -288,24 +337,29 @@ if AVAILABLE:
         o_s = gl.arange(0, 16, layout=gl.SliceLayout(1, r_l))
         o_rc = gl.arange(0, 2 * NB, layout=gl.SliceLayout(0, r_l))
         o_mo = i_m * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
-        # The output through shared memory (ms's bytes, free after an example block's last
-        # product): (64 rows x BLOCK_N pixels), rows contiguous, 8 rows (16 bytes) a thread.
+        # The output through shared memory (64 rows x BLOCK_N pixels), rows contiguous, 8 rows
+        # (16 bytes) a thread: ms's bytes, free after a block's last product (one tile an
+        # example), or a buffer of its own (the block's mixed tiles serve all its examples).
         st_l: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
-        st = ms._reinterpret(dtype, [64, BLOCK_N], gl.SwizzledSharedLayout(
-            vec=8, per_phase=1, max_phase=8, order=[0, 1]))
+        st_s: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8,
+                                                     order=[0, 1])
+        if TILES == 1:
+            st = ms._reinterpret(dtype, [64, BLOCK_N], st_s)
+        else:
+            st = gl.allocate_shared_memory(dtype, [64, BLOCK_N], st_s)
         o_ro = i_m * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_l))
         o_po = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, st_l))
 
         b_start = i_s * PER_PROG
         b_end = gl.minimum(B, b_start + PER_PROG)
-        # The first two chunks' copies (chunks 0 and 1 of the slice: of its first block, or
-        # of its first two where a block has one chunk).
-        _copy_chunk(xs.index(0), x_ptr, b_start, b_end, 0, K, P, s_xb, s_xp, o_k, o_n, BLOCK_N)
-        _copy_chunk(xs.index(1), x_ptr, b_start + (1 // NUM_C) * NB, b_end, 1 % NUM_C, K, P,
-                    s_xb, s_xp, o_k, o_n, BLOCK_N)
+        # The slice's first two chunks' copies.
+        _copy_unit(xs.index(0), x_ptr, b_start, b_end, 0, K, P, s_xb, s_xp, o_k, o_n, NUM_C,
+                   EPU, PX)
+        _copy_unit(xs.index(1), x_ptr, b_start, b_end, 1, K, P, s_xb, s_xp, o_k, o_n, NUM_C,
+                   EPU, PX)
         _fill_slab(slab, w_ptr, i_m, K, ROWS, s_we, s_wr, s_wk, E, W_T, NUM_C)
         zm = gl.zeros([64, 2 * NB], gl.float32, mix_l)
-        t = 0  # chunks done: chunk t's tiles are in stage t % 3
+        t = 0  # the slice's chunks done: chunk t's tiles are in stage t % STAGES
         rv = _routing_block(r_ptr, b_start, b_end, o_s, o_rc, s_rb, s_re, E)
         for blk in range(b_start, b_end, NB):
             # Every product of the last block is done (waited below): the routing block in,
@@ -314,33 +368,68 @@ if AVAILABLE:
             fence_async_shared()  # the slab (first block) and the routing block
             gl.thread_barrier()
             rv = _routing_block(r_ptr, blk + NB, b_end, o_s, o_rc, s_rb, s_re, E)
-            bias0 = _bias(bm_ptr, blk, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
-            bias1 = _bias(bm_ptr, blk + 1, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
-            bias2 = _bias(bm_ptr, blk + 2, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
-            bias3 = _bias(bm_ptr, blk + 3, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
-            a0 = gl.zeros([64, BLOCK_N], gl.float32, mma)
-            a1 = gl.zeros([64, BLOCK_N], gl.float32, mma)
-            a2 = gl.zeros([64, BLOCK_N], gl.float32, mma)
-            a3 = gl.zeros([64, BLOCK_N], gl.float32, mma)
-            for c in range(NUM_C):
-                # The copy two chunks ahead: chunk c + 2 of this block, or of a later one.
-                ahead = c + 2
-                a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, t % 3,
-                                        x_ptr, blk + (ahead // NUM_C) * NB, ahead % NUM_C,
-                                        b_end, K, P, s_xb, s_xp, o_k, o_n, NB, BLOCK_N)
-                t += 1
-            a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=[a0, a1, a2, a3])
-            gl.thread_barrier()  # (every warp's last products are done: ms is free)
-            _store_example(a0, bias0, blk, b_end, out_ptr, st, o_ro, o_po, ROWS, P, s_ob, s_op,
-                           HAS_BIAS, st_l)
-            _store_example(a1, bias1, blk + 1, b_end, out_ptr, st, o_ro, o_po, ROWS, P, s_ob,
-                           s_op, HAS_BIAS, st_l)
-            _store_example(a2, bias2, blk + 2, b_end, out_ptr, st, o_ro, o_po, ROWS, P, s_ob,
-                           s_op, HAS_BIAS, st_l)
-            _store_example(a3, bias3, blk + 3, b_end, out_ptr, st, o_ro, o_po, ROWS, P, s_ob,
-                           s_op, HAS_BIAS, st_l)
+            if TILES == 1:
+                bias0 = _bias(bm_ptr, blk, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
+                bias1 = _bias(bm_ptr, blk + 1, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
+                bias2 = _bias(bm_ptr, blk + 2, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
+                bias3 = _bias(bm_ptr, blk + 3, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
+                a0 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+                a1 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+                a2 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+                a3 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+                for c in range(NUM_C):
+                    a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms4.index(0), xs,
+                                            c, t, x_ptr, b_start, b_end, K, P, s_xb, s_xp, o_k,
+                                            o_n, NUM_C, NB, BLOCK_N, STAGES)
+                    t += 1
+                a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=[a0, a1, a2, a3])
+                gl.thread_barrier()  # (every warp's last products are done: ms is free)
+                _store_example(a0, bias0, blk, b_end, 0, out_ptr, st, o_ro, o_po, ROWS, P,
+                               s_ob, s_op, HAS_BIAS, st_l)
+                _store_example(a1, bias1, blk + 1, b_end, 0, out_ptr, st, o_ro, o_po, ROWS, P,
+                               s_ob, s_op, HAS_BIAS, st_l)
+                _store_example(a2, bias2, blk + 2, b_end, 0, out_ptr, st, o_ro, o_po, ROWS, P,
+                               s_ob, s_op, HAS_BIAS, st_l)
+                _store_example(a3, bias3, blk + 3, b_end, 0, out_ptr, st, o_ro, o_po, ROWS, P,
+                               s_ob, s_op, HAS_BIAS, st_l)
+            else:
+                # The block's mix, every chunk's mixed tiles at once (the last block's products
+                # are done: ms is free).
+                for c in range(NUM_C):
+                    m0, m1, m2, m3, m4, m5, m6, m7 = _mix_issue(slab, rs, zm, c)
+                    m0, m1, m2, m3, m4, m5, m6, m7 = warpgroup_mma_wait(
+                        0, deps=[m0, m1, m2, m3, m4, m5, m6, m7])
+                    ms4.index(c).store(_stack8(m0, m1, m2, m3, m4, m5, m6, m7, NB).to(dtype))
+                # Then each example's TILES pixel tiles against its mixed tiles, chunk by chunk
+                # (the fence and barrier in _products make the mixed tiles visible).
+                for i in range(NB):
+                    if blk + i < b_end:
+                        bias = _bias(bm_ptr, blk + i, b_end, o_mo, ROWS, s_bb, HAS_BIAS)
+                        a0 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+                        a1 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+                        a2 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+                        a3 = gl.zeros([64, BLOCK_N], gl.float32, mma)
+                        for c in range(NUM_C):
+                            # The last chunk's products done (every warp's): its stage is free.
+                            a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=[a0, a1, a2, a3])
+                            gl.thread_barrier()
+                            m = ms.index(c * NB + i)
+                            a0, a1, a2, a3 = _products(a0, a1, a2, a3, m, m, m, m, xs, t, x_ptr,
+                                                       b_start, b_end, K, P, s_xb, s_xp, o_k,
+                                                       o_n, NUM_C, EPU, PX, BLOCK_N, STAGES)
+                            t += 1
+                        a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=[a0, a1, a2, a3])
+                        gl.thread_barrier()
+                        _store_example(a0, bias, blk + i, b_end, 0, out_ptr, st, o_ro, o_po,
+                                       ROWS, P, s_ob, s_op, HAS_BIAS, st_l)
+                        _store_example(a1, bias, blk + i, b_end, BLOCK_N, out_ptr, st, o_ro,
+                                       o_po, ROWS, P, s_ob, s_op, HAS_BIAS, st_l)
+                        _store_example(a2, bias, blk + i, b_end, 2 * BLOCK_N, out_ptr, st,
+                                       o_ro, o_po, ROWS, P, s_ob, s_op, HAS_BIAS, st_l)
+                        _store_example(a3, bias, blk + i, b_end, 3 * BLOCK_N, out_ptr, st,
+                                       o_ro, o_po, ROWS, P, s_ob, s_op, HAS_BIAS, st_l)
+                gl.thread_barrier()  # every warp's products have read ms
         cp.wait_group(0)  # (the copies issued past the slice's last chunk: none reads them)
-
 
 def fits(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
          wide: bool, transposed: bool = False, out: Optional[torch.Tensor] = None,
@@ -415,15 +504,18 @@ def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         inp.stride(0), inp.stride(3), routing.stride(0), routing.stride(1), s_we, s_wr, s_wk,
         out.stride(0), out.stride(3), bm.stride(0) if bm is not None else 0,
         E=E, HAS_BIAS=bm is not None, W_T=transposed, NUM_C=config["NUM_C"],
-        BLOCK_N=config["BLOCK_N"], NB=NB, num_warps=WARPS)
+        BLOCK_N=config["BLOCK_N"], NB=NB, TILES=config["TILES"], STAGES=STAGES,
+        num_warps=WARPS)
     return out
 
 
 # Specializations compile_check builds: (experts, K, pixels, transposed): the 7x7 expand layers'
 # forward (K = 192, the largest slab), grad_x of the 7x7 project layers (W^T, K = Cout = 192),
-# 4 experts at an odd chunk count (K = 112), and a 4x4 plane (16-pixel tiles) at K = 48.
+# 4 experts at an odd chunk count (K = 112), a 4x4 plane (16-pixel tiles) at K = 48; the 14x14
+# layers (four pixel tiles an example): the forward at K = 112 and 80, grad_x at K = 112.
 COMPILE_CASES = [(8, 192, 49, False), (8, 192, 49, True), (4, 112, 49, False),
-                 (8, 48, 16, True)]
+                 (8, 48, 16, True), (8, 112, 196, False), (8, 80, 196, False),
+                 (8, 112, 196, True)]
 
 
 def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int = 90,
@@ -441,7 +533,7 @@ def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int
     if has_bias is None:
         has_bias = not transposed
     const = dict(E=experts, HAS_BIAS=bool(has_bias), W_T=transposed, NUM_C=config["NUM_C"],
-                 BLOCK_N=config["BLOCK_N"], NB=NB)
+                 BLOCK_N=config["BLOCK_N"], NB=NB, TILES=config["TILES"], STAGES=STAGES)
     # Strides of 1 a launch makes constants: the contiguous dimension of w, the routing's
     # experts.
     const.update({"s_wr" if transposed else "s_wk": 1, "s_re": 1})
