@@ -598,11 +598,13 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format,
     (8, 48, 64, 4, 5, torch.bfloat16, True, False),  # 16-pixel tiles, W^T
     (3, 32, 96, 5, 13, torch.bfloat16, False, False),  # 3 experts, 32-pixel tiles
     (8, 112, 672, 14, 22, torch.bfloat16, False, False),  # 14x14: 4 tiles an example, 7 chunks
+    (8, 112, 672, 14, 64, torch.bfloat16, False, False),  # 6 examples a program: two blocks
     (8, 672, 112, 14, 22, torch.bfloat16, True, False),  # its project layer's grad_x
     (8, 80, 480, 14, 9, torch.float16, False, True),  # 5 chunks, a bias, fp16
     (4, 32, 48, 10, 7, torch.bfloat16, False, False),  # 100 pixels: two of the 4 tiles empty
 ], ids=["7x7-192-1152", "7x7-1152-192-grad-x", "7x7-672-192-grad-x", "7x7-batch-256",
         "8x8-E4-K112-fp16-bias", "1x1-E1-bias", "4x4-grad-x", "5x5-E3", "14x14-112-672",
+        "14x14-two-blocks",
         "14x14-672-112-grad-x", "14x14-80-480-fp16-bias", "10x10-E4"])
 def test_gpu_stationary_mix(experts, cin, cout, side, batch, dtype, transposed, bias):
     """The experts-stationary kernel with the mix on the tensor cores (triton/stationary_mix.py),

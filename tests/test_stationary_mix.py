@@ -160,6 +160,7 @@ def _run_emulated(inp, routing, weight, bias, transposed, sms=3):
     return out, recorder.launches
 
 
+@pytest.mark.parametrize("sms", [3, 1])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("B,E,cin,cout,side,bias", [
     (5, 3, 48, 80, 7, True),  # 2 row blocks (the second partial), a partial example block
@@ -168,13 +169,16 @@ def _run_emulated(inp, routing, weight, bias, transposed, sms=3):
     (13, 2, 16, 16, 3, True),  # one chunk (K = 16) an example block, two blocks a program
     (3, 4, 112, 32, 8, False),  # 64 pixels, 7 chunks
     (6, 8, 32, 48, 14, True),  # 196 pixels: four tiles of 64 an example, a bias
+    (13, 2, 16, 16, 9, False),  # 81 pixels, one chunk: 4 blocks of the 14x14 form (1 SM)
     (5, 3, 48, 16, 10, False)])  # 100 pixels (two of the four tiles empty), 3 chunks
 def test_the_kernels_algorithm_against_the_convolution(B, E, cin, cout, side, bias,
-                                                       transposed):
+                                                       transposed, sms):
     """The launch's arguments and the kernel's algorithm, emulated (_emulate), against the
     forward (or grad_x, W^T) computed independently in float64 from the same bfloat16 tensors:
     within the rounding of the routing weights and of the mixed kernel to bfloat16; every
-    kernel parameter given once, the grid one program per (64 rows, batch slice)."""
+    kernel parameter given once, the grid one program per (64 rows, batch slice). On a device
+    of 3 SMs and of 1 (each program then walks every block of examples of its rows: the block
+    boundaries of both forms)."""
     g = torch.Generator().manual_seed(B * 100 + cin)
     bf = torch.bfloat16
     x = torch.randn(B, cout if transposed else cin, side, side, generator=g).to(bf)
@@ -182,7 +186,7 @@ def test_the_kernels_algorithm_against_the_convolution(B, E, cin, cout, side, bi
     routing = torch.rand(B, E, generator=g)
     weight = (torch.randn(E, cout, cin, 1, 1, generator=g) / cin ** 0.5).to(bf)
     b = torch.randn(E, cout, generator=g).to(bf) if bias and not transposed else None
-    out, launches = _run_emulated(x, routing, weight, b, transposed)
+    out, launches = _run_emulated(x, routing, weight, b, transposed, sms)
     (grid, named, kwargs), = launches
     fn = stationary_mix.pw_mix_kernel
     constexprs = {p.name for p in fn.params if p.is_constexpr}
@@ -190,7 +194,7 @@ def test_the_kernels_algorithm_against_the_convolution(B, E, cin, cout, side, bi
     assert set(kwargs) == constexprs | {"num_warps"}
     assert kwargs["num_warps"] == stationary_mix.WARPS and kwargs["W_T"] == transposed
     rows = cin if transposed else cout
-    assert grid == (stationary_mix.programs(B, rows, 3)[2],)
+    assert grid == (stationary_mix.programs(B, rows, sms)[2],)
     mixed = torch.einsum("be,eoc->boc", routing.double(), weight.double()[..., 0, 0])
     if transposed:
         mixed = mixed.transpose(1, 2)

@@ -202,24 +202,32 @@ if AVAILABLE:
     @gluon.jit
     def _products(a0, a1, a2, a3, m0, m1, m2, m3, xs, t, x_ptr, b_start, b_end, K, P, s_xb,
                   s_xp, o_k, o_n, NUM_C: gl.constexpr, EPU: gl.constexpr, PX: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr):
         """The slice's t-th chunk's products, its x tiles in xs[t % STAGES]: this chunk's copy
-        waited for (the next one may still be in flight), a barrier, the copy two chunks ahead
-        (the slice's (t + 2)-th chunk, none past b_end) started into the stage of chunk
-        t + 2 - STAGES (the caller has waited for its products), then a_i += m_i times the i-th
+        waited for (the next one may still be in flight), a barrier, a_i += m_i times the i-th
         64-column slice of the stage (m_i: four A operands in shared memory), left in flight
-        (the loop carries the accumulators as tensors)."""
+        (the loop carries the accumulators as tensors), and the copy two chunks ahead (the
+        slice's (t + 2)-th chunk, none past b_end) started into the stage of chunk t - 1: before
+        the products where the caller has waited for that chunk's, or, OVERLAP, after them,
+        once that chunk's products are done (every warp's: a barrier), so that the tensor
+        cores have this chunk's queued behind them."""
         cp.wait_group(1)
         fence_async_shared()  # the mixed tiles and the copies, to the tensor cores
         gl.thread_barrier()
-        _copy_unit(xs.index((t + 2) % STAGES), x_ptr, b_start, b_end, t + 2, K, P, s_xb, s_xp,
-                   o_k, o_n, NUM_C, EPU, PX)
+        if not OVERLAP:
+            _copy_unit(xs.index((t + 2) % STAGES), x_ptr, b_start, b_end, t + 2, K, P, s_xb,
+                       s_xp, o_k, o_n, NUM_C, EPU, PX)
         xc = xs.index(t % STAGES)
         a0 = warpgroup_mma(m0, xc.slice(0, BLOCK_N, 1), a0, is_async=True)
         a1 = warpgroup_mma(m1, xc.slice(BLOCK_N, BLOCK_N, 1), a1, is_async=True)
         a2 = warpgroup_mma(m2, xc.slice(2 * BLOCK_N, BLOCK_N, 1), a2, is_async=True)
         a3 = warpgroup_mma(m3, xc.slice(3 * BLOCK_N, BLOCK_N, 1), a3, is_async=True)
-        return warpgroup_mma_wait(4, deps=[a0, a1, a2, a3])
+        a0, a1, a2, a3 = warpgroup_mma_wait(4, deps=[a0, a1, a2, a3])
+        if OVERLAP:
+            gl.thread_barrier()  # every warp's products of chunk t - 1 are done
+            _copy_unit(xs.index((t + 2) % STAGES), x_ptr, b_start, b_end, t + 2, K, P, s_xb,
+                       s_xp, o_k, o_n, NUM_C, EPU, PX)
+        return a0, a1, a2, a3
 
     @gluon.jit
     def _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, t, x_ptr, b_start, b_end, K, P,
@@ -237,7 +245,7 @@ if AVAILABLE:
         ms3.store(_stack8(m0, m1, m2, m3, m4, m5, m6, m7, NB).to(ms3.dtype))
         return _products(a0, a1, a2, a3, ms.index(0), ms.index(1), ms.index(2), ms.index(3), xs,
                          t, x_ptr, b_start, b_end, K, P, s_xb, s_xp, o_k, o_n, NUM_C, NB,
-                         BLOCK_N, BLOCK_N, STAGES)
+                         BLOCK_N, BLOCK_N, STAGES, False)
 
     @gluon.jit
     def _routing_block(r_ptr, blk, b_end, o_s, o_c, s_rb, s_re, E: gl.constexpr):
@@ -410,13 +418,11 @@ if AVAILABLE:
                         a2 = gl.zeros([64, BLOCK_N], gl.float32, mma)
                         a3 = gl.zeros([64, BLOCK_N], gl.float32, mma)
                         for c in range(NUM_C):
-                            # The last chunk's products done (every warp's): its stage is free.
-                            a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=[a0, a1, a2, a3])
-                            gl.thread_barrier()
                             m = ms.index(c * NB + i)
                             a0, a1, a2, a3 = _products(a0, a1, a2, a3, m, m, m, m, xs, t, x_ptr,
                                                        b_start, b_end, K, P, s_xb, s_xp, o_k,
-                                                       o_n, NUM_C, EPU, PX, BLOCK_N, STAGES)
+                                                       o_n, NUM_C, EPU, PX, BLOCK_N, STAGES,
+                                                       True)
                             t += 1
                         a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=[a0, a1, a2, a3])
                         gl.thread_barrier()
