@@ -59,7 +59,11 @@ sum, HBM and L2. The records add ``smem_bytes`` (shared-memory reads and writes)
 ``serial_us`` (that sum). The ``kernel_grad`` pass's kernel
 (:mod:`condconv_kernels.triton.pointwise_grad`, records ``pointwise_grad``) is compiled at its
 plan and modeled as the Triton kernels are: its traffic, FLOPs and issue time (a loop over the
-examples around the loop over their pixel tiles).
+examples around the loop over their pixel tiles). The ``mix`` pass's kernel
+(:mod:`condconv_kernels.triton.stationary_mix`, records ``mix_fwd``, ``mix_bwd_x``: the mix on the
+tensor cores) is modeled as the longest of HBM, L2, its issue time (its nested loops' counts,
+``loop_nested``) and a serial sum of its phases (per chunk the mix, the mixed tiles' stores and
+the products, each the longer of its tensor-core work and its shared-memory bytes).
 
 ``--scales`` gives every layer ODConv's three per-example scales (in_scale, out_scale, tap_scale):
 the compiled code is then the scaled kernels' (the stationary kernel's too, with

@@ -88,8 +88,8 @@ def plan(experts: int, k: int, pixels: int, itemsize: int = 2) -> Optional[dict]
     """The compile-time sizes for E experts, a reduction over K channels and P pixels, or None
     outside the kernel's scope: the slab (K x 64 x 8 slots), three stages of the x tiles
     (16 x 4 x 64 pixels), the mixed (64 x 16) tiles (a chunk's NB, or with 4 tiles an example
-    every chunk's), the output's staging buffer (4 tiles) and the routing block must fit in 227
-    KB (K <= 192 at 64 pixels, K <= 128 past them)."""
+    every chunk's), past 64 pixels the output's staging buffer (64 x 64) and the routing block
+    must fit in 227 KB (K <= 192 at 64 pixels, K <= 128 past them)."""
     if not (1 <= experts <= MAX_EXPERTS and 0 < pixels <= MAX_PIXELS and k % CHUNK == 0
             and k > 0):
         return None
@@ -259,8 +259,8 @@ if AVAILABLE:
     @gluon.jit
     def _bias(bm_ptr, b, b_end, o_mo, ROWS, s_bb, HAS_BIAS: gl.constexpr):
         """Example b's mixed bias bm[b, row] (float32) for the program's rows (zeros past ROWS
-        and b_end; zeros without a bias), loaded at its block's start: the load's round trip
-        is over by the epilogue."""
+        and b_end; zeros without a bias), loaded at its block's start (past one tile an
+        example, at the example's): the load's round trip is over by the epilogue."""
         if HAS_BIAS:
             bias = gl.load(bm_ptr + b.to(gl.int64) * s_bb + o_mo,
                            mask=(o_mo < ROWS) & (b < b_end), other=0.0)
