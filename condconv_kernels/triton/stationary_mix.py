@@ -301,9 +301,12 @@ if AVAILABLE:
         pixels s_op apart); K, s_xp and s_xb multiples of 16 and x 16-byte aligned (the copies
         move 16 bytes); offsets within an example fit in int32.
 
-        Per block of NB examples and chunk of 16 channels (:func:`_chunk`): the 8 mix
-        products, one wait, the mixed tiles stored to ms, the next chunk's copies, the NB
-        products left in flight; after the block's last chunk its tiles stored through ms."""
+        TILES == 1 (one pixel tile an example), per block of NB examples and chunk of 16
+        channels (:func:`_chunk`): the 8 mix products, one wait, the mixed tiles stored to ms,
+        the NB products left in flight, the copy two chunks ahead; after the block's last chunk
+        its tiles stored through ms. TILES == 4: per block the mix of every chunk into ms
+        first, then per example its 4 pixel tiles chunk by chunk (:func:`_products`), stored
+        through st."""
         pid = gl.program_id(0)
         i_m = pid % N_CO
         i_s = pid // N_CO
@@ -436,6 +439,7 @@ if AVAILABLE:
                                        o_ro, o_po, ROWS, P, s_ob, s_op, HAS_BIAS, st_l)
                 gl.thread_barrier()  # every warp's products have read ms
         cp.wait_group(0)  # (the copies issued past the slice's last chunk: none reads them)
+
 
 def fits(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: bool,
          wide: bool, transposed: bool = False, out: Optional[torch.Tensor] = None,
