@@ -588,31 +588,38 @@ def test_gpu_stationary_grad_x(experts, cin, cout, side, batch, dtype, x_format,
 
 
 @pytest.mark.skipif(not _hopper(), reason="the kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,transposed,bias", [
-    (8, 192, 1152, 7, 37, torch.bfloat16, False, False),  # s6.b1.expand, 10 blocks, 1 in the last
-    (8, 1152, 192, 7, 37, torch.bfloat16, True, False),  # its project layer's grad_x (W^T)
-    (8, 672, 192, 7, 22, torch.bfloat16, True, False),  # 672 rows: a half row block
-    (8, 192, 1152, 7, 256, torch.bfloat16, False, False),  # the benchmarks' batch
-    (4, 112, 200, 8, 9, torch.float16, False, True),  # 64 pixels, 7 chunks, 200 rows, a bias
-    (1, 16, 16, 1, 3, torch.bfloat16, False, True),  # one pixel, expert and chunk
-    (8, 48, 64, 4, 5, torch.bfloat16, True, False),  # 16-pixel tiles, W^T
-    (3, 32, 96, 5, 13, torch.bfloat16, False, False),  # 3 experts, 32-pixel tiles
-    (8, 112, 672, 14, 22, torch.bfloat16, False, False),  # 14x14: 4 tiles an example, 7 chunks
-    (8, 112, 672, 14, 64, torch.bfloat16, False, False),  # 6 examples a program: two blocks
-    (8, 672, 112, 14, 22, torch.bfloat16, True, False),  # its project layer's grad_x
-    (8, 80, 480, 14, 9, torch.float16, False, True),  # 5 chunks, a bias, fp16
-    (4, 32, 48, 10, 7, torch.bfloat16, False, False),  # 100 pixels: two of the 4 tiles empty
+@pytest.mark.parametrize("experts,cin,cout,side,batch,dtype,transposed,bias,register_a", [
+    (8, 192, 1152, 7, 37, torch.bfloat16, False, False, True),  # s6.b1.expand, 10 blocks
+    (8, 1152, 192, 7, 37, torch.bfloat16, True, False, True),  # its project layer's grad_x (W^T)
+    (8, 672, 192, 7, 22, torch.bfloat16, True, False, True),  # 672 rows: a half row block
+    (8, 192, 1152, 7, 256, torch.bfloat16, False, False, True),  # the benchmarks' batch
+    (4, 112, 200, 8, 9, torch.float16, False, True, True),  # 64 pixels, 7 chunks, 200 rows, a bias
+    (1, 16, 16, 1, 3, torch.bfloat16, False, True, True),  # one pixel, expert and chunk
+    (8, 48, 64, 4, 5, torch.bfloat16, True, False, True),  # 16-pixel tiles, W^T
+    (3, 32, 96, 5, 13, torch.bfloat16, False, False, True),  # 3 experts, 32-pixel tiles
+    (8, 112, 672, 14, 22, torch.bfloat16, False, False, True),  # 14x14: 4 tiles, 7 chunks
+    (8, 112, 672, 14, 64, torch.bfloat16, False, False, True),  # 6 examples a program: two blocks
+    (8, 672, 112, 14, 22, torch.bfloat16, True, False, True),  # its project layer's grad_x
+    (8, 80, 480, 14, 9, torch.float16, False, True, True),  # 5 chunks, a bias, fp16
+    (4, 32, 48, 10, 7, torch.bfloat16, False, False, True),  # 100 pixels: two of the 4 tiles empty
+    # the mixed tiles through shared memory (the plan's fallback for one tile an example)
+    (8, 192, 1152, 7, 37, torch.bfloat16, False, False, False),
+    (8, 1152, 192, 7, 37, torch.bfloat16, True, False, False),
 ], ids=["7x7-192-1152", "7x7-1152-192-grad-x", "7x7-672-192-grad-x", "7x7-batch-256",
         "8x8-E4-K112-fp16-bias", "1x1-E1-bias", "4x4-grad-x", "5x5-E3", "14x14-112-672",
         "14x14-two-blocks",
-        "14x14-672-112-grad-x", "14x14-80-480-fp16-bias", "10x10-E4"])
-def test_gpu_stationary_mix(experts, cin, cout, side, batch, dtype, transposed, bias):
+        "14x14-672-112-grad-x", "14x14-80-480-fp16-bias", "10x10-E4", "7x7-192-1152-smem-A",
+        "7x7-1152-192-grad-x-smem-A"])
+def test_gpu_stationary_mix(experts, cin, cout, side, batch, dtype, transposed, bias,
+                            register_a):
     """The experts-stationary kernel with the mix on the tensor cores (triton/stationary_mix.py),
     called directly, its output poisoned with NaN (an unwritten element fails): the forward
     (or, ``transposed``, grad_x with W^T) against float64 on the CPU, within 4x the error of
     the same per-example product in ``dtype`` on the device with the routing rounded to
     ``dtype`` as the kernel's mix rounds it; and through the triton backend with the switch's
-    mix pass alone: the same result, bitwise."""
+    mix pass alone: the same result, bitwise. ``register_a`` False (two 7x7 cases): the plan's
+    other way to the products, the mixed tiles through shared memory, the one to fall back
+    to."""
     from unittest import mock
     from condconv_kernels import _env
     from condconv_kernels.triton import stationary_mix
@@ -640,9 +647,14 @@ def test_gpu_stationary_mix(experts, cin, cout, side, batch, dtype, transposed, 
     plan = stationary_mix.eligible(inp, experts, rows, 1, True, False, transposed=transposed,
                                    out=out)
     assert plan is not None, "the kernel should take this call"
+    if not register_a:
+        assert plan["REG_A"], "this case's plan takes the mixed tiles from registers"
+        plan = dict(plan, REG_A=False)
     stationary_mix.run(inp, rd, wd, bd, out, plan, transposed=transposed)
     assert_close(out.cpu(), truth, same, "mix grad_x" if transposed else "mix out",
                  factor=4.0)
+    if not register_a:
+        return
     with mock.patch.object(_env, "TRITON_STATIONARY", frozenset({"mix"})):
         if transposed:
             xd = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)

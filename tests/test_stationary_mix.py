@@ -34,6 +34,7 @@ def test_plan_scope(experts, k, pixels, fits):
         n, tiles, nb = plan["BLOCK_N"], plan["TILES"], stationary_mix.NB
         assert plan["NUM_C"] * 16 == k
         assert tiles == (1 if pixels <= 64 else 4)
+        assert plan["REG_A"] == (tiles == 1 and stationary_mix.REGISTER_A)
         if tiles == 1:
             assert n >= max(16, pixels) and n & (n - 1) == 0 and n < 2 * max(16, pixels)
         else:
@@ -272,3 +273,197 @@ def test_backend_takes_the_kernel_where_switched(passes, takes):
     else:
         assert calls == []
         assert not (out == 7).all()
+
+
+def _layouts(ttgir):
+    """The TTGIR's linear layouts by name: (register, lane, warp) bases."""
+    import ast
+    import re
+    found = {}
+    for m in re.finditer(r"^(#linear\d*) = #ttg\.linear<\{register = (\[.*?\]), lane = "
+                         r"(\[.*?\]), warp = (\[.*?\]), block", ttgir, re.M):
+        found[m.group(1)] = tuple(ast.literal_eval(g) for g in m.groups()[1:])
+    return found
+
+
+def _lanes_of(layout, shape):
+    """For each logical index of a tensor of ``shape`` in ``layout`` (a linear layout's bases),
+    its (register, lane, warp) numbers: the layout maps the bits of each to an index, XOR-ed."""
+    import itertools
+    reg, lane, warp = layout
+    where = {}
+    for bits in itertools.product(*[range(2)] * (len(reg) + len(lane) + len(warp))):
+        idx = [0] * len(shape)
+        for bit, base in zip(bits, reg + lane + warp):
+            if bit:
+                idx = [i ^ b for i, b in zip(idx, base)]
+        r = sum(b << i for i, b in enumerate(bits[:len(reg)]))
+        l = sum(b << i for i, b in enumerate(bits[len(reg):len(reg) + len(lane)]))
+        w = sum(b << i for i, b in enumerate(bits[len(reg) + len(lane):]))
+        where[tuple(idx)] = (r, l, w)
+    assert len(where) == 2 ** (len(reg) + len(lane) + len(warp)) == torch.Size(shape).numel()
+    return where
+
+
+def _run_ptx(asm, lanes):
+    """The inline assembly ``asm`` run on the 32 lanes of a warp at once: ``lanes`` maps each
+    operand ($2, $3, ...) to its 32 values; returns every register's 32 values. Knows the
+    instructions the butterfly uses (mov of %laneid, and, setp.ne, selp, shfl.sync.bfly)."""
+    import re
+    regs = {name: list(v) for name, v in lanes.items()}
+    for line in asm.replace("{", "\n").replace("}", "\n").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        a = [x.strip() for x in args.split(",")]
+
+        def val(x, lane):
+            return regs[x][lane] if x in regs else int(x)
+        if op == "mov.u32" and a[1] == "%laneid":
+            regs[a[0]] = list(range(32))
+        elif op == "and.b32":
+            regs[a[0]] = [val(a[1], i) & val(a[2], i) for i in range(32)]
+        elif op == "setp.ne.u32":
+            regs[a[0]] = [val(a[1], i) != val(a[2], i) for i in range(32)]
+        elif op == "selp.b32":
+            regs[a[0]] = [val(a[1], i) if regs[a[3]][i] else val(a[2], i) for i in range(32)]
+        elif op == "shfl.sync.bfly.b32":
+            assert a[3:] == ["31", "-1"], line  # the whole warp, no clamp
+            regs[a[0]] = [regs[a[1]][i ^ int(a[2])] for i in range(32)]
+        else:
+            raise AssertionError(f"an instruction the emulation does not know: {line}")
+        assert re.fullmatch(r"[\w$%.]+", a[0])
+    return regs
+
+
+def _exchange_emulated(t, layout, asm):
+    """The inline assembly ``asm`` with the pair split from t's last axis as its operands $2
+    and $3 ($0 and $1 the results, in their places), run warp by warp on the values as the
+    compiler's ``layout`` of t places them in lanes and registers."""
+    where = _lanes_of(layout, t.shape)
+    at = {v: k for k, v in where.items()}
+    reg = layout[0]
+    split = [i for i, base in enumerate(reg) if base == [0] * (t.dim() - 1) + [1]]
+    assert len(split) == 1, "the pair is not in one thread's registers"
+    out = t.clone()
+    for r in range(2 ** len(reg)):
+        if r >> split[0] & 1:
+            continue
+        for w in range(2 ** len(layout[2])):
+            pair = [[at[(r | bit << split[0], lane, w)] for lane in range(32)] for bit in (0, 1)]
+            regs = _run_ptx(asm, {"$2": [t[i] for i in pair[0]], "$3": [t[i] for i in pair[1]]})
+            for lane in range(32):
+                out[pair[0][lane]], out[pair[1][lane]] = regs["$0"][lane], regs["$1"][lane]
+    return out
+
+
+def _interpret_operands(ttgir, layouts, mix):
+    """Runs the TTGIR from the chunk's 8 mix products (the values the wait after them
+    returns: ``mix``, each (64 rows x 8 columns)) to the A operands of the products that
+    take them from registers, op by op: reshapes, transposes, joins, splits, the conversion
+    to the dot's layout and the float32 -> dtype rounding as their logical meaning, the
+    butterfly shuffles (inline assembly) lane by lane in their operands' layouts. Returns the
+    A operands of the chunk's register-A products, in the order they are issued."""
+    import re
+    lines = ttgir.splitlines()
+    wait = next(i for i, l in enumerate(lines) if "ttng.warp_group_dot_wait" in l
+                and "tensor<64x8xf32" in l)
+    name = re.match(r"\s*(%[\w]+):\d+ =", lines[wait]).group(1)
+    values = {f"{name}#{i}": m for i, m in enumerate(mix)}
+    operands = []
+
+    def arg(token):
+        assert token in values, f"an operand the emulation does not know: {token}"
+        return values[token]
+    for line in lines[wait + 1:]:
+        line = re.sub(r" loc\(.*$", "", line).strip()
+        m = re.match(r"(%[\w#]+(?:, %[\w#]+)*|%\w+:\d+) = ([\w.]+) (.*)$", line)
+        if not m:
+            continue
+        outs, op, rest = m.groups()
+        if op == "tt.elementwise_inline_asm":  # (the operands after the attributes)
+            ins = list(re.search(r"\} (%[\w#]+), (%[\w#]+) : tensor", rest).groups())
+        else:
+            ins = re.findall(r"%[\w]+(?:#\d+)?", rest.split(" : ")[0])
+        if op == "ttng.warp_group_dot" and ins[0] in values:
+            operands.append(values[ins[0]])
+            if len(operands) == 4:
+                return operands
+            continue
+        if not any(i in values for i in ins):
+            continue
+        if op == "tt.join":
+            values[outs] = torch.stack([arg(ins[0]), arg(ins[1])], -1)
+        elif op == "tt.split":
+            left, right = outs.split(", ")
+            values[left], values[right] = arg(ins[0])[..., 0], arg(ins[0])[..., 1]
+        elif op == "tt.reshape":
+            shape = re.search(r"-> tensor<([\dx]+)x[a-z]", rest).group(1)
+            values[outs] = arg(ins[0]).reshape([int(d) for d in shape.split("x")])
+        elif op == "tt.trans":
+            order = re.search(r"order = array<i32: ([\d, ]+)>", rest).group(1)
+            values[outs] = arg(ins[0]).permute([int(d) for d in order.split(", ")])
+        elif op in ("ttg.convert_layout", "arith.truncf"):
+            values[outs] = arg(ins[0])
+        elif op == "tt.elementwise_inline_asm":
+            asm = re.match(r'"(.*?)" \{', rest).group(1).replace("\\0A", "\n")
+            parent = re.search(r"#ttg\.slice<\{dim = (\d+), parent = (#linear\d*)\}>", rest)
+            assert int(parent.group(1)) == arg(ins[0]).dim()  # split from the last axis
+            done = _exchange_emulated(torch.stack([arg(ins[0]), arg(ins[1])], -1),
+                                      layouts[parent.group(2)], asm)
+            base = outs.split(":")[0]
+            values[f"{base}#0"], values[f"{base}#1"] = done[..., 0], done[..., 1]
+        else:
+            raise AssertionError(f"an op the emulation does not know: {op}")
+    raise AssertionError("fewer than 4 products with A from registers")
+
+
+def test_the_mixed_tiles_reach_the_products_registers_as_compiled():
+    """The 7x7 form's mix products into wgmma's A operands in registers (stationary_mix.
+    _stack8, _operands), as compiled for sm_90: the TTGIR from the 8 mix accumulators to the
+    4 products' A operands run op by op, the two butterfly shuffles lane by lane in the
+    layouts the compiler gave their operands (:func:`_interpret_operands`), must give each
+    product its example's (64 x 16) mixed tile (column 2q + h of example b is column 2b + h
+    of mix product q); and the compiled chunk loop moves them with those 16 shuffles alone
+    (no shared-memory stores, no other shuffles: the conversion to wgmma's layout stays
+    within each thread's registers)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    if not stationary_mix.plan(8, 192, 49)["REG_A"]:
+        pytest.skip("the kernel takes the mixed tiles from shared memory")
+    # compiled in a process of its own (the interpreter the other tests use patches the
+    # compiler)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_7X7], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    compiled = json.loads(result.stdout.splitlines()[-1])
+    ttgir = compiled["ttgir"]
+    mix = torch.randn(8, 64, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    a = _interpret_operands(ttgir, _layouts(ttgir), list(mix))
+    for b in range(4):
+        truth = mix[:, :, 2 * b:2 * b + 2].permute(1, 0, 2).reshape(64, 16)  # (row, 2q + h)
+        assert torch.equal(a[b], truth), f"example {b}'s mixed tile"
+    chunk = compiled["chunk"]
+    assert chunk["shuffles"] == 16 and chunk["mma"] == 12
+    assert chunk["stores"] == 0, "the mixed tiles went through shared memory"
+    assert chunk["register_a"] == 4  # the products' A from registers
+
+
+# The 7x7 forward compiled for sm_90: its TTGIR and its chunk loop's counts (sass.loops).
+_COMPILE_7X7 = r"""
+import json, re, torch
+from condconv_kernels.triton import sass, stationary_mix
+c = stationary_mix.compile_for(8, 192, 49, torch.bfloat16, transposed=False)
+code = sass.disassemble(c.asm["cubin"])
+loop = sass.hot_loop(code, stationary_mix.WARPS)
+chunk = [l for l in sass.loops(code) if l["instructions"] == loop["loop_inner_instructions"]][0]
+lines = [m.group(2) for m in map(sass._INSTRUCTION.match, code.splitlines()) if m
+         and chunk["start"] <= int(m.group(1), 16) <= chunk["end"]]
+chunk = dict(chunk, stores=sum(sass._opcode(t).startswith("STS") for t in lines),
+             register_a=sum(bool(re.match(r"HGMMA\.64x64x16\S* R\d+, R\d+,", t)) for t in lines))
+print(json.dumps(dict(ttgir=c.asm["ttgir"], chunk=chunk)))
+"""

@@ -497,7 +497,9 @@ def mix_model(itemsize: int, launch: Launch) -> dict:
     block of NB examples and chunk of 16 channels: the 8 mix products, each reading a (64 x 16)
     slab tile and the routing block, and the NB mixed tiles stored; per chunk of a unit's x
     (NB examples' tiles, or one example's TILES) its copy in and the 4 products reading the
-    x tiles and their mixed tiles; per example the output staged through shared memory),
+    x tiles and their mixed tiles, or with REG_A (one tile an example) the mixed tiles
+    shuffled into registers, neither stored nor read; per example the output staged through
+    shared memory),
     floor_flops, and serial_us: the mix, the stores and the products one after another (each
     the longer of its tensor-core work and its shared-memory bytes; the copies' writes with
     the stores), the staging, plus the slab's copy from L2. Latencies (the waits, the barriers,
@@ -514,10 +516,13 @@ def mix_model(itemsize: int, launch: Launch) -> dict:
     tile = M * sm.CHUNK * itemsize  # a (64 x 16) tile: a slab tile, a mixed tile
     mix_tc = 8 * 2 * M * sm.CHUNK * 2 * nb
     mix_smem = 8 * (tile + sm.CHUNK * 2 * nb * itemsize)
-    mix = max(mix_tc / TC_SM, mix_smem / SMEM_SM) + nb * tile / SMEM_SM  # a block's chunk
+    # the mixed tiles through shared memory (stored, then read by the products), or, REG_A,
+    # shuffled into the products' A operands in registers
+    stored = 0 if plan.get("REG_A") else nb * tile
+    mix = max(mix_tc / TC_SM, mix_smem / SMEM_SM) + stored / SMEM_SM  # a block's chunk
     x_chunk = nb * sm.CHUNK * bn * itemsize  # a unit's chunk (its copy two chunks ahead)
     conv_tc = nb * 2 * M * sm.CHUNK * bn  # its 4 products
-    conv_smem = nb * tile + x_chunk
+    conv_smem = stored + x_chunk
     conv = x_chunk / SMEM_SM + max(conv_tc / TC_SM, conv_smem / SMEM_SM)
     units_a_block = 1 if tiles == 1 else nb  # (a block of one-tile examples, or nb examples)
     staging = 2 * M * bn * itemsize * tiles  # an example's output, written and read
@@ -526,7 +531,7 @@ def mix_model(itemsize: int, launch: Launch) -> dict:
               + blocks * chunks * (mix + units_a_block * conv) + per * staging / SMEM_SM)
     n_blocks = n_co * cdiv(B, nb)  # (row block, block of examples) pairs
     return dict(hbm_bytes=hbm, l2_bytes=l2,
-                smem_bytes=n_blocks * chunks * (mix_smem + nb * tile
+                smem_bytes=n_blocks * chunks * (mix_smem + stored
                                                 + units_a_block * (x_chunk + conv_smem))
                 + n_co * B * staging,
                 tc_flops=n_blocks * chunks * (mix_tc + units_a_block * conv_tc), cc_flops=0,

@@ -23,13 +23,15 @@ Per program: 64 rows of W (the output channels; grad_x: the input channels, the 
 W's transpose), every expert, all of K, held in shared memory (E padded to 8: K x 64 x 8 x 2
 bytes, 192 KB at K = 192), and a slice of the batch in blocks of NB = 4 examples. Per block and
 chunk of 16 channels: 8 mix products (m64n8k16, asynchronous, one wait), the mixed (64 x 16)
-tiles stored to shared memory as the examples' A operands, then the NB products with the
+tiles moved by two rounds of shuffles within each quad of lanes into the layout of wgmma's A
+operand in registers (:func:`_operands`; ``REGISTER_A``, where the plan's ``REG_A`` says so;
+otherwise stored to shared memory as the A operands), then the NB products with the
 examples' (16 x pixels) tiles of x (m64nNk16, asynchronous: they run while the next chunk's
 mix is issued; each chunk's tiles are copied with cp.async two chunks ahead, into three
 stages, the NB examples' tiles side by side in one copy). The accumulators (NB x 64 x pixels,
 float32) are stored with the mixed bias after the last chunk, through shared memory (16 bytes
-a thread). Shared memory: the slab, the three stages, the mixed tiles (the output's staging
-too) and the routing block: 224 KB at K = 192 and 64-pixel tiles.
+a thread). Shared memory: the slab, the three stages, the mixed tiles' buffer (the output's
+staging) and the routing block: 224 KB at K = 192 and 64-pixel tiles.
 
 Planes of 65 to 256 pixels (the 14x14 layers; ``TILES`` = 4 tiles of 64 an example): per block
 the mix of every chunk first (the NB examples' mixed tiles for all of K, 56 KB at K = 112),
@@ -82,6 +84,12 @@ MAX_PIXELS = TILES * BLOCK_N_MAX
 # in flight past one tile an example, fit at K <= 112 but took 16 more registers: 254, and
 # spilled with a bias.)
 STAGES = 3
+# One pixel tile an example: the products take the mixed tiles from registers (wgmma's A),
+# moved there by shuffles within each quad of lanes (:func:`_operands`), not through shared
+# memory (16 KB a chunk and block less on its bandwidth, the 7x7 form's bound; 16 shuffles and
+# ~60 selects a thread more; 204 registers, 239 with a bias). False: through shared memory
+# (the plan's ``REG_A``; tests/test_gpu.py runs both).
+REGISTER_A = True
 
 
 def plan(experts: int, k: int, pixels: int, itemsize: int = 2) -> Optional[dict]:
@@ -89,7 +97,8 @@ def plan(experts: int, k: int, pixels: int, itemsize: int = 2) -> Optional[dict]
     outside the kernel's scope: the slab (K x 64 x 8 slots), three stages of the x tiles
     (16 x 4 x 64 pixels), the mixed (64 x 16) tiles (a chunk's NB, or with 4 tiles an example
     every chunk's), past 64 pixels the output's staging buffer (64 x 64) and the routing block
-    must fit in 227 KB (K <= 192 at 64 pixels, K <= 128 past them)."""
+    must fit in 227 KB (K <= 192 at 64 pixels, K <= 128 past them). ``REG_A``: the products
+    take the mixed tiles from registers (one pixel tile an example, :data:`REGISTER_A`)."""
     if not (1 <= experts <= MAX_EXPERTS and 0 < pixels <= MAX_PIXELS and k % CHUNK == 0
             and k > 0):
         return None
@@ -103,7 +112,8 @@ def plan(experts: int, k: int, pixels: int, itemsize: int = 2) -> Optional[dict]
               + staging + CHUNK * 2 * NB) * itemsize
     if shared > stationary.SHARED_LIMIT - 1024:  # the compiler's own scratch
         return None
-    return dict(NUM_C=num_c, BLOCK_N=block_n, TILES=tiles, shared_bytes=shared)
+    return dict(NUM_C=num_c, BLOCK_N=block_n, TILES=tiles, REG_A=REGISTER_A and tiles == 1,
+                shared_bytes=shared)
 
 
 if AVAILABLE:
@@ -185,6 +195,62 @@ if AVAILABLE:
         t = gl.permute(t, (1, 0, 5, 4, 3, 2))  # (b, row, q2, q1, q0, h)
         return gl.reshape(t, [NB, 64, 16])
 
+    # One step of a 4 x 4 transpose between the 4 lanes of a quad (lane bit s) and a register
+    # bit (the pair r0, r1: the elements whose index along the split axis is 0 and 1), for
+    # 16-bit pairs packed in 32-bit registers: the lane whose bit s is 1 sends r0, the other r1
+    # (the elements off the diagonal), and each puts what its partner sent in their place.
+    # (``%laneid`` and the predicate depend on the lane alone: ptxas computes them once.)
+    _BFLY_ASM = """{{
+        .reg .pred p;
+        .reg .b32 l, s, r;
+        mov.u32 l, %laneid;
+        and.b32 l, l, {mask};
+        setp.ne.u32 p, l, 0;
+        selp.b32 s, $2, $3, p;
+        shfl.sync.bfly.b32 r, s, {mask}, 31, -1;
+        selp.b32 $0, r, $2, p;
+        selp.b32 $1, $3, r, p;
+    }}"""
+    _BFLY_LANE1 = gl.constexpr(_BFLY_ASM.format(mask=1))
+    _BFLY_LANE2 = gl.constexpr(_BFLY_ASM.format(mask=2))
+
+    @gluon.jit
+    def _exchange(r0, r1, ASM: gl.constexpr):
+        """:data:`_BFLY_ASM` on the pairs (r0, r1), two 16-bit elements a register."""
+        return gl.inline_asm_elementwise(ASM, "=r,=r,r,r", [r0, r1], dtype=(r0.dtype, r1.dtype),
+                                         is_pure=True, pack=2)
+
+    @gluon.jit
+    def _operands(m0, m1, m2, m3, m4, m5, m6, m7, op_l: gl.constexpr, dtype: gl.constexpr):
+        """The 8 mix products of a chunk as the 4 examples' (64 x 16) A operands in registers
+        (``op_l``: wgmma's A layout), without shared memory. After :func:`_stack8` a quad's
+        lane c holds example c's 16 columns of its rows; wgmma's A wants each lane to hold
+        columns 2c, 2c + 1, 2c + 8, 2c + 9 of every example. Two butterfly steps
+        (:func:`_exchange`; lane bit s against column bit s + 1) move the values there, so that
+        the tensor then holds, at the logical place (example b, row, column k), the value of
+        example k[2:1] at column (k with bits 2:1 replaced by b): a permutation of its axes
+        names each value by its own indices again, with the columns' bits 2:1 now on the
+        lanes and the examples in registers (a relabeling: no data moves). 16 shuffles a
+        thread for 4 examples, where the tiles' trip through shared memory (16-byte stores,
+        then wgmma's reads) put 16 KB a chunk on its bandwidth."""
+        t = _stack8(m0, m1, m2, m3, m4, m5, m6, m7, 4).to(dtype)  # (b, row, k): lane bits 0, 1 = b
+        t = gl.reshape(t, [4, 64, 2, 2, 2, 2])  # (b, row, k3, k2, k1, k0)
+        t = gl.permute(t, (0, 1, 2, 3, 5, 4))  # (b, row, k3, k2, k0, k1)
+        r0, r1 = gl.split(t)
+        r0, r1 = _exchange(r0, r1, _BFLY_LANE1)  # lane bit 0 <-> k1
+        t = gl.permute(gl.join(r0, r1), (0, 1, 2, 4, 5, 3))  # (b, row, k3, k0, k1, k2)
+        r0, r1 = gl.split(t)
+        r0, r1 = _exchange(r0, r1, _BFLY_LANE2)  # lane bit 1 <-> k2
+        t = gl.reshape(gl.join(r0, r1), [2, 2, 64, 2, 2, 2, 2])  # (b1, b0, row, k3, k0, k1, k2)
+        # The value at (b1, b0, ., ., ., k1, k2) is example (k2, k1)'s at k2 = b1, k1 = b0.
+        t = gl.permute(t, (6, 5, 2, 3, 0, 1, 4))  # (B1, B0, row, K3, K2, K1, K0): its own
+        t = gl.permute(gl.reshape(t, [2, 2, 64, 16]), (2, 3, 1, 0))  # (row, k, b0, b1)
+        t0, t1 = gl.split(t)  # (the last axis) b1
+        a0, a1 = gl.split(t0)  # b0
+        a2, a3 = gl.split(t1)
+        return (gl.convert_layout(a0, op_l), gl.convert_layout(a1, op_l),
+                gl.convert_layout(a2, op_l), gl.convert_layout(a3, op_l))
+
     @gluon.jit
     def _mix_issue(slab, rs, zm, c):
         """The 8 mix products of chunk c (asynchronous): (64 rows x 2NB) for k = 16c + 2q + h,
@@ -205,8 +271,9 @@ if AVAILABLE:
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr):
         """The slice's t-th chunk's products, its x tiles in xs[t % STAGES]: this chunk's copy
         waited for (the next one may still be in flight), a barrier, a_i += m_i times the i-th
-        64-column slice of the stage (m_i: four A operands in shared memory), left in flight
-        (the loop carries the accumulators as tensors), and the copy two chunks ahead (the
+        64-column slice of the stage (m_i: four A operands, in shared memory or registers),
+        left in flight (the loop carries the accumulators as tensors), and the copy two chunks
+        ahead (the
         slice's (t + 2)-th chunk, none past b_end) started into the stage of chunk t - 1: before
         the products where the caller has waited for that chunk's, or, OVERLAP, after them,
         once that chunk's products are done (every warp's: a barrier), so that the tensor
@@ -232,11 +299,21 @@ if AVAILABLE:
     @gluon.jit
     def _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms3, xs, c, t, x_ptr, b_start, b_end, K, P,
                s_xb, s_xp, o_k, o_n, NUM_C: gl.constexpr, NB: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, REG_A: gl.constexpr,
+               op_l: gl.constexpr):
         """Chunk c (16 channels) of a block of NB examples with one pixel tile each, the
         slice's t-th: the 8 mix products (issued while the last chunk's products finish), one
-        wait (both), the mixed tiles stored to ms, then the NB products (:func:`_products`)."""
+        wait (both), the mixed tiles stored to ms (or, REG_A, moved into wgmma's A layout in
+        registers: :func:`_operands`), then the NB products (:func:`_products`)."""
         m0, m1, m2, m3, m4, m5, m6, m7 = _mix_issue(slab, rs, zm, c)
+        if REG_A:
+            # (no barrier here: the stage of the last chunk is waited for in _products)
+            m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3 = warpgroup_mma_wait(
+                0, deps=[m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3])
+            o0, o1, o2, o3 = _operands(m0, m1, m2, m3, m4, m5, m6, m7, op_l, ms3.dtype)
+            return _products(a0, a1, a2, a3, o0, o1, o2, o3, xs, t, x_ptr, b_start, b_end, K,
+                             P, s_xb, s_xp, o_k, o_n, NUM_C, NB, BLOCK_N, BLOCK_N, STAGES,
+                             False)
         # The mix and the last chunk's products done (every warp's: the barrier), ms and the
         # last chunk's stage free.
         m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3 = warpgroup_mma_wait(
@@ -292,6 +369,7 @@ if AVAILABLE:
         s_xb, s_xp, s_rb, s_re, s_we, s_wr, s_wk, s_ob, s_op, s_bb,
         E: gl.constexpr, HAS_BIAS: gl.constexpr, W_T: gl.constexpr, NUM_C: gl.constexpr,
         BLOCK_N: gl.constexpr, NB: gl.constexpr, TILES: gl.constexpr, STAGES: gl.constexpr,
+        REG_A: gl.constexpr,
     ):
         """out[b, row, p] = sum_k (sum_e r[b, e] w[e, row, k]) x[b, k, p] (+ bm[b, row], the
         mixed bias, float32) for the 64 rows of program % N_CO and the examples [program //
@@ -302,11 +380,11 @@ if AVAILABLE:
         move 16 bytes); offsets within an example fit in int32.
 
         TILES == 1 (one pixel tile an example), per block of NB examples and chunk of 16
-        channels (:func:`_chunk`): the 8 mix products, one wait, the mixed tiles stored to ms,
-        the NB products left in flight, the copy two chunks ahead; after the block's last chunk
-        its tiles stored through ms. TILES == 4: per block the mix of every chunk into ms
-        first, then per example its 4 pixel tiles chunk by chunk (:func:`_products`), stored
-        through st."""
+        channels (:func:`_chunk`): the 8 mix products, one wait, the mixed tiles shuffled
+        into registers (REG_A) or stored to ms, the NB products left in flight, the copy two
+        chunks ahead; after the block's last chunk its tiles stored through ms. TILES == 4:
+        per block the mix of every chunk into ms first, then per example its 4 pixel tiles
+        chunk by chunk (:func:`_products`), stored through st."""
         pid = gl.program_id(0)
         i_m = pid % N_CO
         i_s = pid // N_CO
@@ -335,6 +413,7 @@ if AVAILABLE:
                                                         instr_shape=[16, 2 * NB, 16])
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 16])
+        op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         # The copies: 16 channels x (example or pixel tile, pixel), 8 channels (16 bytes) a
         # thread; a unit of the copies is a block of NB examples (one tile each) or one example
         # (TILES tiles).
@@ -391,7 +470,7 @@ if AVAILABLE:
                 for c in range(NUM_C):
                     a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, slab, rs, zm, ms, ms4.index(0), xs,
                                             c, t, x_ptr, b_start, b_end, K, P, s_xb, s_xp, o_k,
-                                            o_n, NUM_C, NB, BLOCK_N, STAGES)
+                                            o_n, NUM_C, NB, BLOCK_N, STAGES, REG_A, op_l)
                     t += 1
                 a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=[a0, a1, a2, a3])
                 gl.thread_barrier()  # (every warp's last products are done: ms is free)
@@ -515,7 +594,7 @@ def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         out.stride(0), out.stride(3), bm.stride(0) if bm is not None else 0,
         E=E, HAS_BIAS=bm is not None, W_T=transposed, NUM_C=config["NUM_C"],
         BLOCK_N=config["BLOCK_N"], NB=NB, TILES=config["TILES"], STAGES=STAGES,
-        num_warps=WARPS)
+        REG_A=config["REG_A"], num_warps=WARPS)
     return out
 
 
@@ -543,7 +622,8 @@ def compile_for(experts: int, k: int, pixels: int, dtype: torch.dtype, arch: int
     if has_bias is None:
         has_bias = not transposed
     const = dict(E=experts, HAS_BIAS=bool(has_bias), W_T=transposed, NUM_C=config["NUM_C"],
-                 BLOCK_N=config["BLOCK_N"], NB=NB, TILES=config["TILES"], STAGES=STAGES)
+                 BLOCK_N=config["BLOCK_N"], NB=NB, TILES=config["TILES"], STAGES=STAGES,
+                 REG_A=config["REG_A"])
     # Strides of 1 a launch makes constants: the contiguous dimension of w, the routing's
     # experts.
     const.update({"s_wr" if transposed else "s_wk": 1, "s_re": 1})
