@@ -619,7 +619,7 @@ def test_gpu_stationary_mix(experts, cin, cout, side, batch, dtype, transposed, 
     ``dtype`` as the kernel's mix rounds it; and through the triton backend with the switch's
     mix pass alone: the same result, bitwise. ``register_a`` False (two 7x7 cases): the plan's
     other way to the products, the mixed tiles through shared memory, the one to fall back
-    to."""
+    to: as close to float64, and bitwise the result with them in registers."""
     from unittest import mock
     from condconv_kernels import _env
     from condconv_kernels.triton import stationary_mix
@@ -649,11 +649,15 @@ def test_gpu_stationary_mix(experts, cin, cout, side, batch, dtype, transposed, 
     assert plan is not None, "the kernel should take this call"
     if not register_a:
         assert plan["REG_A"], "this case's plan takes the mixed tiles from registers"
+        from_registers = stationary_mix.run(inp, rd, wd, bd, out.clone(), plan,
+                                            transposed=transposed)
         plan = dict(plan, REG_A=False)
     stationary_mix.run(inp, rd, wd, bd, out, plan, transposed=transposed)
     assert_close(out.cpu(), truth, same, "mix grad_x" if transposed else "mix out",
                  factor=4.0)
     if not register_a:
+        # the same products of the same values in the same order
+        assert torch.equal(out, from_registers), "the two ways to the products differ"
         return
     with mock.patch.object(_env, "TRITON_STATIONARY", frozenset({"mix"})):
         if transposed:

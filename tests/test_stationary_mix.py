@@ -308,7 +308,8 @@ def _lanes_of(layout, shape):
 def _run_ptx(asm, lanes):
     """The inline assembly ``asm`` run on the 32 lanes of a warp at once: ``lanes`` maps each
     operand ($2, $3, ...) to its 32 values; returns every register's 32 values. Knows the
-    instructions the butterfly uses (mov of %laneid, and, setp.ne, selp, shfl.sync.bfly)."""
+    instructions the butterfly uses (mov of %laneid or a register, and, setp.ne, selp,
+    shfl.sync.bfly)."""
     import re
     regs = {name: list(v) for name, v in lanes.items()}
     for line in asm.replace("{", "\n").replace("}", "\n").split(";"):
@@ -326,6 +327,8 @@ def _run_ptx(asm, lanes):
             regs[a[0]] = [val(a[1], i) & val(a[2], i) for i in range(32)]
         elif op == "setp.ne.u32":
             regs[a[0]] = [val(a[1], i) != val(a[2], i) for i in range(32)]
+        elif op == "mov.b32":
+            regs[a[0]] = list(regs[a[1]])
         elif op == "selp.b32":
             regs[a[0]] = [val(a[1], i) if regs[a[3]][i] else val(a[2], i) for i in range(32)]
         elif op == "shfl.sync.bfly.b32":

@@ -87,7 +87,7 @@ STAGES = 3
 # One pixel tile an example: the products take the mixed tiles from registers (wgmma's A),
 # moved there by shuffles within each quad of lanes (:func:`_operands`), not through shared
 # memory (16 KB a chunk and block less on its bandwidth, the 7x7 form's bound; 16 shuffles and
-# ~60 selects a thread more; 204 registers, 239 with a bias). False: through shared memory
+# ~60 selects a thread more; 205 registers, 239 with a bias). False: through shared memory
 # (the plan's ``REG_A``; tests/test_gpu.py runs both).
 REGISTER_A = True
 
@@ -199,26 +199,32 @@ if AVAILABLE:
     # bit (the pair r0, r1: the elements whose index along the split axis is 0 and 1), for
     # 16-bit pairs packed in 32-bit registers: the lane whose bit s is 1 sends r0, the other r1
     # (the elements off the diagonal), and each puts what its partner sent in their place.
-    # (``%laneid`` and the predicate depend on the lane alone: ptxas computes them once.)
+    # (``%laneid`` and the predicate depend on the lane alone: ptxas computes them once. The
+    # results are written last, from registers of the block's own, so that an output sharing
+    # a register with an input cannot clobber it.)
     _BFLY_ASM = """{{
         .reg .pred p;
-        .reg .b32 l, s, r;
+        .reg .b32 l, s, r, a, b;
         mov.u32 l, %laneid;
         and.b32 l, l, {mask};
         setp.ne.u32 p, l, 0;
         selp.b32 s, $2, $3, p;
         shfl.sync.bfly.b32 r, s, {mask}, 31, -1;
-        selp.b32 $0, r, $2, p;
-        selp.b32 $1, $3, r, p;
+        selp.b32 a, r, $2, p;
+        selp.b32 b, $3, r, p;
+        mov.b32 $0, a;
+        mov.b32 $1, b;
     }}"""
     _BFLY_LANE1 = gl.constexpr(_BFLY_ASM.format(mask=1))
     _BFLY_LANE2 = gl.constexpr(_BFLY_ASM.format(mask=2))
 
     @gluon.jit
     def _exchange(r0, r1, ASM: gl.constexpr):
-        """:data:`_BFLY_ASM` on the pairs (r0, r1), two 16-bit elements a register."""
+        """:data:`_BFLY_ASM` on the pairs (r0, r1), two 16-bit elements a register. Not pure:
+        a shuffle needs every lane of the warp, so the compiler must not move it into a branch
+        (as a pure call it could)."""
         return gl.inline_asm_elementwise(ASM, "=r,=r,r,r", [r0, r1], dtype=(r0.dtype, r1.dtype),
-                                         is_pure=True, pack=2)
+                                         is_pure=False, pack=2)
 
     @gluon.jit
     def _operands(m0, m1, m2, m3, m4, m5, m6, m7, op_l: gl.constexpr, dtype: gl.constexpr):
