@@ -113,8 +113,8 @@ def test_autotune_switch(monkeypatch):
     assert _config.autotune(["COUT_G"], shapes)(kernel) is kernel
     first = _config._GPU_DW_CONFIGS[0]
     assert _config.fixed_blocks(_config.DW_TILES) == {
-        "BLOCK_C": first[0], "BLOCK_Q": first[1], "COLS": first[2], "num_warps": first[3],
-        "num_stages": first[4]}
+        "BLOCK_C": first[0], "BLOCK_Q": first[1], "COLS": first[2], "EXAMPLES": first[3],
+        "num_warps": first[4], "num_stages": first[5]}
 
 
 def test_depthwise_configurations_fit(monkeypatch):
@@ -436,6 +436,19 @@ def test_depthwise_kernels_across_layouts(case, layout):
     2, a batch of one and 5x5 taps, in NCHW and channels_last: every gradient against the
     reference in float64."""
     test_op._check(case, "triton", torch.float64, layout)
+
+
+@pytest.mark.parametrize("examples", [1, 3])
+def test_depthwise_kernels_at_other_example_blocks(monkeypatch, examples):
+    """The depthwise forward and grad_x with one example a program (their code without the
+    examples' loop) and with the 3 examples of the batch in one program (the other tests: 2, a
+    block and a part-filled one), at a channel multiplier of 2 and dilation 2: every gradient
+    against the reference in float64."""
+    from condconv_kernels.triton import _config
+    monkeypatch.setattr(_config, "INTERPRET_EXAMPLES", examples)
+    assert _config.fixed_blocks(_config.DW_TILES)["EXAMPLES"] == examples
+    test_op._check(Case("dw3_d2_mult2", cin=4, cout=8, groups=4, dilation=(2, 2),
+                        padding=(0, 1, 3, 1), H=9, W=11), "triton", torch.float64, "contiguous")
 
 
 @pytest.mark.parametrize("stride,width,column", [(2, 10, 9), (1, 8, 7)])

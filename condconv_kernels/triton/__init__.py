@@ -135,9 +135,10 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     if cin_g == 1:
         blocks = fixed_blocks(DW_TILES, acc_bytes=_acc_dtype(x.dtype).itemsize)
         grid = lambda meta: flat_grid(  # noqa: E731
-            cdiv(ho * cdiv(wo, meta["COLS"]), meta["BLOCK_Q"]), cdiv(cout, meta["BLOCK_C"]), B)
+            cdiv(ho * cdiv(wo, meta["COLS"]), meta["BLOCK_Q"]), cdiv(cout, meta["BLOCK_C"]),
+            cdiv(B, meta["EXAMPLES"]))
         dw_fwd_kernel[grid](
-            x, routing, w, b, *s_ptrs, _taps(B, kh, kw, cout, x), out, cout, cout // cin, H, W,
+            x, routing, w, b, *s_ptrs, _taps(B, kh, kw, cout, x), out, B, cout, cout // cin, H, W,
             ho, wo, *x.stride(), *routing.stride(), *out.stride(), *s_strides, *geometry,
             bucket(B), bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None,
             WIDE=_wide(x, out), ACC=_acc(x.dtype), E_POW2=bucket(E), KK_POW2=bucket(kh * kw),
@@ -235,9 +236,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             blocks = fixed_blocks(DW_TILES, acc_bytes=acc.itemsize, stride=stride[1])
             grid = lambda meta: flat_grid(  # noqa: E731
                 cdiv(H * cdiv(W, meta["COLS"] * stride[1]), meta["BLOCK_Q"]),
-                cdiv(cin, meta["BLOCK_C"]), B)
+                cdiv(cin, meta["BLOCK_C"]), cdiv(B, meta["EXAMPLES"]))
             dw_bwd_x_kernel[grid](
-                grad_out, routing, w, *s_ptrs, _taps(B, kh, kw, cout, x), grad_x, cin,
+                grad_out, routing, w, *s_ptrs, _taps(B, kh, kw, cout, x), grad_x, B, cin,
                 cout // cin, H, W, ho, wo, *grad_out.stride(), *routing.stride(),
                 *grad_x.stride(), *s_strides, *geometry, bucket(B), bucket(H * W), E=E, KH=kh,
                 KW=kw, WIDE=_wide(grad_out, grad_x), ACC=_acc(x.dtype),

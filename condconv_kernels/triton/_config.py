@@ -89,12 +89,17 @@ DW_KGRAD_TILES = ("BLOCK_C", "BLOCK_L", "COLS")
 _GPU_DW_KGRAD_CONFIGS = [(16, 4, 7, 1, 2), (32, 4, 7, 1, 2), (32, 4, 4, 1, 2), (16, 2, 7, 1, 2),
                          (64, 8, 4, 4, 2)]
 # The depthwise forward and grad_x: a program's channels, its groups of output pixels side
-# by side in a row, and the pixels a group holds (COLS accumulators; grad_x: COLS x the
-# stride's input pixels).
-DW_TILES = ("BLOCK_C", "BLOCK_Q", "COLS")
-# (channels, groups, columns, warps, stages).
-_GPU_DW_CONFIGS = [(64, 8, 7, 4, 2), (32, 16, 14, 4, 2), (64, 8, 14, 4, 2), (32, 16, 7, 4, 2),
-                   (64, 16, 4, 4, 2)]
+# by side in a row, the pixels a group holds (COLS accumulators; grad_x: COLS x the stride's
+# input pixels) and its examples (one after another, their taps mixed together: each expert's
+# taps loaded once for all of them).
+DW_TILES = ("BLOCK_C", "BLOCK_Q", "COLS", "EXAMPLES")
+# (channels, groups, columns, examples, warps, stages). The first two cover a 7x7 and a 14x14
+# plane. On the 7x7 one 4 examples a program read the experts' taps a quarter as often (4608
+# programs of one example on the 7x7 layers at batch 256: their taps were 118 of the 224 MB
+# the forward moved from L2); the 14x14 layers are bound by their instructions, and two
+# examples there took 50 more registers: one. The last, one example, for small batches.
+_GPU_DW_CONFIGS = [(64, 8, 7, 4, 4, 2), (32, 16, 14, 1, 4, 2), (64, 8, 14, 1, 4, 2),
+                   (32, 16, 7, 1, 4, 2), (64, 16, 4, 1, 4, 2), (64, 8, 7, 1, 4, 2)]
 # The most configurations of any table (bench/warm_triton.py runs that many workers).
 MAX_CONFIGS = max(map(len, (_GPU_DENSE_CONFIGS, _GPU_CONFIGS, _GPU_DW_CONFIGS,
                             _GPU_DW_KGRAD_CONFIGS)))
@@ -370,7 +375,8 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
     forward / grad_x (``stride``: grad_x's column stride) the first whose accumulators of
     ``acc_bytes`` do."""
     if INTERPRET:
-        special = {"BLOCK_B": INTERPRET_EXAMPLES, "COLS": INTERPRET_COLS}
+        special = {"BLOCK_B": INTERPRET_EXAMPLES, "EXAMPLES": INTERPRET_EXAMPLES,
+                   "COLS": INTERPRET_COLS}
         return {name: special.get(name, INTERPRET_BLOCK) for name in shapes}
     if not AUTOTUNE:
         table = _table(shapes)

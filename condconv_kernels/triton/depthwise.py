@@ -33,7 +33,8 @@ from ._scales import scale_factor
 def _routing(r_ptr, b, s_rb, s_re, E: tl.constexpr, E_POW2: tl.constexpr, ACC: tl.constexpr):
     """Example b's routing weights as a vector of E_POW2 (zeros past E)."""
     o_e = tl.arange(0, E_POW2)
-    return tl.load(r_ptr + b.to(tl.int64) * s_rb + o_e * s_re, mask=o_e < E, other=0.0).to(ACC)
+    return tl.load(r_ptr + tl.cast(b, tl.int64) * s_rb + o_e * s_re, mask=o_e < E,
+                   other=0.0).to(ACC)
 
 
 @triton.jit
@@ -48,30 +49,40 @@ def _mixed_taps(r, w_ptr, o_w, m_w, N, E: tl.constexpr, E_POW2: tl.constexpr,
 
 
 @triton.jit
-def _stage_taps(r_ptr, w_ptr, tap_s_ptr, out_s_ptr, T_ptr, b, o_c, m_c, C, s_rb, s_re, s_tb,
-                s_tt, s_jb, s_jc, E: tl.constexpr, KK: tl.constexpr, KK_POW2: tl.constexpr,
-                TAP_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, ACC: tl.constexpr):
-    """Example b's mixed taps of the channels o_c, sum_e r[b, e] w[e, c, t] (times tap_scale[b,
-    t] and out_scale[b, c] where given), stored in T[b, t, c] (T: (B, KK, C) in ACC, channels
-    contiguous), then a barrier: the tap loop reads a tap's vector of channels back in the
-    layout its accumulator rows need (each thread its own channels, no conversion), where the
-    mix of one tap at a time cost a conversion through shared memory (two barriers) and a sum
-    across lanes per tap. Programs of the same (example, channels) store the same values."""
+def _stage_taps(r_ptr, w_ptr, tap_s_ptr, out_s_ptr, T_ptr, b0, B, o_c, m_c, C, s_rb, s_re,
+                s_tb, s_tt, s_jb, s_jc, E: tl.constexpr, KK: tl.constexpr,
+                KK_POW2: tl.constexpr, TAP_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr,
+                ACC: tl.constexpr, EXAMPLES: tl.constexpr):
+    """The mixed taps of the channels o_c for the examples [b0, b0 + EXAMPLES) below B,
+    sum_e r[b, e] w[e, c, t] (times tap_scale[b, t] and out_scale[b, c] where given), stored in
+    T[b, t, c] (T: (B, KK, C) in ACC, channels contiguous), then a barrier: the tap loop reads
+    a tap's vector of channels back in the layout its accumulator rows need (each thread its
+    own channels, no conversion), where the mix of one tap at a time cost a conversion through
+    shared memory (two barriers) and a sum across lanes per tap. Each expert's taps are loaded
+    once for the block's examples. Programs of the same (examples, channels) store the same
+    values."""
     o_t = tl.arange(0, KK_POW2)
     m_tc = (o_t < KK)[:, None] & m_c[None, :]
-    bb = b.to(tl.int64)
     o_w = o_c[None, :] * KK + o_t[:, None]
-    mix = tl.zeros((KK_POW2, o_c.shape[0]), dtype=ACC)
+    mixes = (tl.zeros((KK_POW2, o_c.shape[0]), dtype=ACC),) * EXAMPLES
     for e in tl.static_range(E):
-        r_e = tl.load(r_ptr + bb * s_rb + e * s_re).to(ACC)
-        mix += r_e * tl.load(w_ptr + e * C * KK + o_w, mask=m_tc, other=0.0).to(ACC)
-    if TAP_SCALE:
-        mix *= tl.load(tap_s_ptr + bb * s_tb + o_t * s_tt, mask=o_t < KK,
-                       other=0.0).to(ACC)[:, None]
-    if OUT_SCALE:
-        mix *= scale_factor(out_s_ptr, s_jb, o_c * s_jc, out_s_ptr, s_jb, 0, b, m_c, True,
-                            False, ACC)[None, :]
-    tl.store(T_ptr + bb * (KK * C) + o_t[:, None] * C + o_c[None, :], mix, mask=m_tc)
+        w_e = tl.load(w_ptr + e * C * KK + o_w, mask=m_tc, other=0.0).to(ACC)
+        for j in tl.static_range(EXAMPLES):
+            bb = tl.cast(b0 + j, tl.int64)
+            r_e = tl.load(r_ptr + bb * s_rb + e * s_re, mask=b0 + j < B, other=0.0).to(ACC)
+            mixes = _add_at(mixes, j, r_e * w_e)
+    for j in tl.static_range(EXAMPLES):
+        b = b0 + j
+        bb = tl.cast(b, tl.int64)
+        mix = mixes[j]
+        if TAP_SCALE:
+            mix *= tl.load(tap_s_ptr + bb * s_tb + o_t * s_tt, mask=(o_t < KK) & (b < B),
+                           other=0.0).to(ACC)[:, None]
+        if OUT_SCALE:
+            mix *= scale_factor(out_s_ptr, s_jb, o_c * s_jc, out_s_ptr, s_jb, 0, b,
+                                m_c & (b < B), True, False, ACC)[None, :]
+        tl.store(T_ptr + bb * (KK * C) + o_t[:, None] * C + o_c[None, :], mix,
+                 mask=m_tc & (b < B))
     tl.debug_barrier()
 
 
@@ -108,28 +119,76 @@ def _store_columns(p, acc, f, shift, o_c, m_c, s_c, o_h, s_h, o_w, s_w, width, m
                  mask=m_c[:, None] & (m_q & (o_w + u < width))[None, :])
 
 
+@triton.jit
+def _fwd_example(x_ptr, r_ptr, bias_ptr, in_s_ptr, out_s_ptr, T_ptr, out_ptr, i_b, C_OUT, MULT,
+                 H, W, WO, s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow, s_ib,
+                 s_ic, s_jb, s_jc, STRIDE_H, STRIDE_W: tl.constexpr, PAD_T, DIL_H,
+                 DIL_W: tl.constexpr, E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr,
+                 IDX: tl.constexpr, ACC: tl.constexpr, E_POW2: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, COLS: tl.constexpr,
+                 NCOLS: tl.constexpr, o_c, m_c, m_q, o_oh, o_ow, o_iw0, off_c):
+    """dw_fwd_kernel's work for example i_b: its row loop and epilogue."""
+    p_x = x_ptr + tl.cast(i_b, tl.int64) * s_xb
+    p_T = T_ptr + tl.cast(i_b, tl.int64) * (KH * KW * C_OUT) + o_c
+    acc = (tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC),) * COLS
+    for i in range(KH):  # rows of taps in a loop, a row's columns unrolled
+        o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
+        m_h = m_q & (o_ih >= 0) & (o_ih < H)
+        off_h = off_c[:, None] + (o_ih.to(IDX) * s_xh)[None, :]
+        taps = ()
+        for j in tl.static_range(KW):
+            taps = taps + (tl.load(p_T + (i * KW + j) * C_OUT, mask=m_c,
+                                   other=0.0)[:, None],)
+        for k in tl.static_range(NCOLS):  # input column o_iw0 + k
+            o_iw = o_iw0 + k
+            m_x = m_h & (o_iw >= 0) & (o_iw < W)
+            b_x = tl.load(p_x + off_h + (o_iw.to(IDX) * s_xw)[None, :],
+                          mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
+            for u in tl.static_range(COLS):  # output column o_ow + u reads it via a tap
+                if _tap_of(k, u, STRIDE_W, DIL_W, KW) >= 0:
+                    acc = _add_at(acc, u, taps[_tap_of(k, u, STRIDE_W, DIL_W, KW)] * b_x)
+    # the epilogue as one affine map: (acc in_scale + bias) out_scale
+    f = tl.full((BLOCK_C,), 1.0, ACC)
+    shift = tl.zeros((BLOCK_C,), ACC)
+    if IN_SCALE:
+        f *= scale_factor(in_s_ptr, s_ib, (o_c // MULT) * s_ic, in_s_ptr, s_ib, 0, i_b,
+                          m_c, True, False, ACC)
+    if HAS_BIAS:
+        shift = _mixed_taps(_routing(r_ptr, i_b, s_rb, s_re, E, E_POW2, ACC), bias_ptr,
+                            o_c, m_c, C_OUT, E, E_POW2, ACC)
+    if OUT_SCALE:
+        f_out = scale_factor(out_s_ptr, s_jb, o_c * s_jc, out_s_ptr, s_jb, 0, i_b, m_c,
+                             True, False, ACC)
+        f *= f_out
+        shift *= f_out
+    _store_columns(out_ptr + tl.cast(i_b, tl.int64) * s_ob, acc, f, shift, o_c, m_c, s_oc, o_oh,
+                   s_oh, o_ow, s_ow, WO, m_q, IDX)
+
+
 @autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW", "STRIDE_W", "DIL_W", *SCALE_FLAGS],
           shapes=DW_TILES)
 @triton.jit
 def dw_fwd_kernel(
     x_ptr, r_ptr, w_ptr, bias_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, T_ptr, out_ptr,
-    C_OUT, MULT, H, W, HO, WO,
+    B, C_OUT, MULT, H, W, HO, WO,
     s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow, s_ib, s_ic, s_jb, s_jc, s_tb,
     s_tt, STRIDE_H, STRIDE_W: tl.constexpr, PAD_T, PAD_L, DIL_H, DIL_W: tl.constexpr, B_KEY,
     KEY_L, E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
     WIDE: tl.constexpr, ACC: tl.constexpr, E_POW2: tl.constexpr, KK_POW2: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, COLS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, COLS: tl.constexpr, EXAMPLES: tl.constexpr,
 ):
     """out[b, c, oh, ow] for BLOCK_C channels x BLOCK_Q groups of COLS output pixels side by
-    side in a row (a group: COLS accumulators) of one example. Per row of taps the group's
-    input columns, (COLS - 1) STRIDE_W + (KW - 1) DIL_W + 1 of them, are loaded and converted
-    once each and every one serves each (output column, tap) pair that reads it: at 7 columns
-    and 5 taps, 11 loads for 35 products, where a tap-by-tap loop reloads the shifted tile for
-    each. The taps come from T (_stage_taps), mixed once per program. Offsets within an
-    example are 32-bit unless WIDE; the scales and the bias as in the module's docstring."""
+    side in a row (a group: COLS accumulators) of each of EXAMPLES examples in turn. Per row of
+    taps the group's input columns, (COLS - 1) STRIDE_W + (KW - 1) DIL_W + 1 of them, are
+    loaded and converted once each and every one serves each (output column, tap) pair that
+    reads it: at 7 columns and 5 taps, 11 loads for 35 products, where a tap-by-tap loop
+    reloads the shifted tile for each. The taps come from T (_stage_taps), mixed once per
+    program for its examples (each expert's taps loaded once for all of them). Offsets within
+    an example are 32-bit unless WIDE; the scales and the bias as in the module's docstring."""
     GW = tl.cdiv(WO, COLS)  # groups a row
-    i_q, i_c, i_b = program_ids(tl.cdiv(HO * GW, BLOCK_Q), tl.cdiv(C_OUT, BLOCK_C))
+    i_q, i_c, i_bb = program_ids(tl.cdiv(HO * GW, BLOCK_Q), tl.cdiv(C_OUT, BLOCK_C))
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     NCOLS: tl.constexpr = (COLS - 1) * STRIDE_W + (KW - 1) * DIL_W + 1
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -138,93 +197,40 @@ def dw_fwd_kernel(
     m_q = o_q < HO * GW
     o_oh, o_ow = o_q // GW, (o_q % GW) * COLS  # the group's row and first column
     o_iw0 = o_ow * STRIDE_W - PAD_L
-    p_x = x_ptr + i_b.to(tl.int64) * s_xb
     off_c = (o_c // MULT).to(IDX) * s_xc
-    _stage_taps(r_ptr, w_ptr, tap_s_ptr, out_s_ptr, T_ptr, i_b, o_c, m_c, C_OUT, s_rb, s_re,
-                s_tb, s_tt, s_jb, s_jc, E, KH * KW, KK_POW2, TAP_SCALE, False, ACC)
-    p_T = T_ptr + i_b.to(tl.int64) * (KH * KW * C_OUT) + o_c
-    acc = (tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC),) * COLS
-    for i in range(KH):  # rows of taps in a loop, a row's columns unrolled
-        o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
-        m_h = m_q & (o_ih >= 0) & (o_ih < H)
-        off_h = off_c[:, None] + (o_ih.to(IDX) * s_xh)[None, :]
-        taps = ()
-        for j in tl.static_range(KW):
-            taps = taps + (tl.load(p_T + (i * KW + j) * C_OUT, mask=m_c, other=0.0)[:, None],)
-        for k in tl.static_range(NCOLS):  # input column o_iw0 + k
-            o_iw = o_iw0 + k
-            m_x = m_h & (o_iw >= 0) & (o_iw < W)
-            b_x = tl.load(p_x + off_h + (o_iw.to(IDX) * s_xw)[None, :],
-                          mask=m_c[:, None] & m_x[None, :], other=0.0).to(ACC)
-            for u in tl.static_range(COLS):  # output column o_ow + u reads it through a tap
-                if _tap_of(k, u, STRIDE_W, DIL_W, KW) >= 0:
-                    acc = _add_at(acc, u, taps[_tap_of(k, u, STRIDE_W, DIL_W, KW)] * b_x)
-    # the epilogue as one affine map: (acc in_scale + bias) out_scale
-    f = tl.full((BLOCK_C,), 1.0, ACC)
-    shift = tl.zeros((BLOCK_C,), ACC)
-    if IN_SCALE:
-        f *= scale_factor(in_s_ptr, s_ib, (o_c // MULT) * s_ic, in_s_ptr, s_ib, 0, i_b, m_c,
-                          True, False, ACC)
-    if HAS_BIAS:
-        shift = _mixed_taps(_routing(r_ptr, i_b, s_rb, s_re, E, E_POW2, ACC), bias_ptr, o_c,
-                            m_c, C_OUT, E, E_POW2, ACC)
-    if OUT_SCALE:
-        f_out = scale_factor(out_s_ptr, s_jb, o_c * s_jc, out_s_ptr, s_jb, 0, i_b, m_c, True,
-                             False, ACC)
-        f *= f_out
-        shift *= f_out
-    _store_columns(out_ptr + i_b.to(tl.int64) * s_ob, acc, f, shift, o_c, m_c, s_oc, o_oh,
-                   s_oh, o_ow, s_ow, WO, m_q, IDX)
+    b0 = i_bb * EXAMPLES
+    _stage_taps(r_ptr, w_ptr, tap_s_ptr, out_s_ptr, T_ptr, b0, B, o_c, m_c, C_OUT, s_rb, s_re,
+                s_tb, s_tt, s_jb, s_jc, E, KH * KW, KK_POW2, TAP_SCALE, False, ACC, EXAMPLES)
+    if EXAMPLES == 1:  # no loop: a runtime loop around the example took ~50 more registers
+        _fwd_example(x_ptr, r_ptr, bias_ptr, in_s_ptr, out_s_ptr, T_ptr, out_ptr, b0, C_OUT,
+                     MULT, H, W, WO, s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow,
+                     s_ib, s_ic, s_jb, s_jc, STRIDE_H, STRIDE_W, PAD_T, DIL_H, DIL_W, E, KH, KW,
+                     HAS_BIAS, IN_SCALE, OUT_SCALE, IDX, ACC, E_POW2, BLOCK_C, BLOCK_Q, COLS,
+                     NCOLS, o_c, m_c, m_q, o_oh, o_ow, o_iw0, off_c)
+    else:
+        for i_b in range(b0, tl.minimum(b0 + EXAMPLES, B)):
+            _fwd_example(x_ptr, r_ptr, bias_ptr, in_s_ptr, out_s_ptr, T_ptr, out_ptr, i_b,
+                         C_OUT, MULT, H, W, WO, s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc,
+                         s_oh, s_ow, s_ib, s_ic, s_jb, s_jc, STRIDE_H, STRIDE_W, PAD_T, DIL_H,
+                         DIL_W, E, KH, KW, HAS_BIAS, IN_SCALE, OUT_SCALE, IDX, ACC, E_POW2,
+                         BLOCK_C, BLOCK_Q, COLS, NCOLS, o_c, m_c, m_q, o_oh, o_ow, o_iw0, off_c)
 
 
-@autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_L",
-               "DIL_W", *SCALE_FLAGS],
-          shapes=DW_TILES)
 @triton.jit
-def dw_bwd_x_kernel(
-    g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, T_ptr, dx_ptr,
-    C_IN, MULT, H, W, HO, WO,
-    s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw, s_ib, s_ic, s_jb, s_jc, s_tb,
-    s_tt, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_T, PAD_L: tl.constexpr, DIL_H,
-    DIL_W: tl.constexpr, B_KEY, KEY_L, E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
-    WIDE: tl.constexpr, ACC: tl.constexpr, KK_POW2: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, COLS: tl.constexpr,
-):
-    """grad_x[b, ci, ih, iw] = sum over the channel multiplier m and taps of the mixed tap
-    times grad_out at the output pixel the (input pixel, tap) fed, for BLOCK_C input channels x
-    BLOCK_Q groups of COLS x STRIDE_W input pixels side by side in a row (the first a multiple
-    of the stride) of one example; the scales as in the forward (out_scale and tap_scale
-    folded into the staged taps, in_scale on the accumulator).
-
-    As in the forward, per row of taps each grad_out column the group reaches is loaded once
-    and serves every (input column, tap) pair that reads it. The strides, the left padding and
-    the column dilation are compile-time constants, so which taps reach which input column is
-    known to the compiler: at stride 2 an input column takes only the taps of its parity (the
-    others are never issued), and no offset is divided at run time. Rows: a runtime loop, an
-    input row taking the rows of taps whose output row is whole."""
-    U: tl.constexpr = COLS * STRIDE_W  # input columns a group
-    # grad_out columns o_ow0 + k, k in [K0, K1], that a group's input columns reach
-    K0: tl.constexpr = (PAD_L - (KW - 1) * DIL_W) // STRIDE_W
-    K1: tl.constexpr = (U - 1 + PAD_L) // STRIDE_W
-    GW = tl.cdiv(W, U)
-    i_q, i_c, i_b = program_ids(tl.cdiv(H * GW, BLOCK_Q), tl.cdiv(C_IN, BLOCK_C))
-    IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
-    o_ci = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = o_ci < C_IN
-    o_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    m_q = o_q < H * GW
-    o_ih, o_iw = o_q // GW, (o_q % GW) * U
-    o_ow0 = o_iw // STRIDE_W
-    p_g = g_ptr + i_b.to(tl.int64) * s_gb
+def _bwd_x_example(g_ptr, in_s_ptr, T_ptr, dx_ptr, i_b, C_IN, MULT, W, HO, WO, s_gb, s_gc,
+                   s_gh, s_gw, s_db, s_dc, s_dh, s_dw, s_ib, s_ic, STRIDE_H: tl.constexpr,
+                   STRIDE_W: tl.constexpr, PAD_T, PAD_L: tl.constexpr, DIL_H,
+                   DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   IN_SCALE: tl.constexpr, IDX: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, U: tl.constexpr,
+                   K0: tl.constexpr, K1: tl.constexpr, o_ci, m_c, m_q, o_ih, o_iw, o_ow0):
+    """dw_bwd_x_kernel's work for example i_b: its loops and epilogue."""
+    p_g = g_ptr + tl.cast(i_b, tl.int64) * s_gb
     acc = (tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC),) * U
     for m in range(MULT):
         o_co = o_ci * MULT + m
         off_c = o_co.to(IDX) * s_gc
-        _stage_taps(r_ptr, w_ptr, tap_s_ptr, out_s_ptr, T_ptr, i_b, o_co, m_c, C_IN * MULT,
-                    s_rb, s_re, s_tb, s_tt, s_jb, s_jc, E, KH * KW, KK_POW2, TAP_SCALE,
-                    OUT_SCALE, ACC)
-        p_T = T_ptr + i_b.to(tl.int64) * (KH * KW * C_IN * MULT) + o_co
+        p_T = T_ptr + tl.cast(i_b, tl.int64) * (KH * KW * C_IN * MULT) + o_co
         for i in range(KH):  # as in the forward: rows in a loop, a row's columns unrolled
             o_nh = o_ih + PAD_T - i * DIL_H
             o_oh = o_nh // STRIDE_H
@@ -248,8 +254,66 @@ def dw_bwd_x_kernel(
     if IN_SCALE:
         f *= scale_factor(in_s_ptr, s_ib, o_ci * s_ic, in_s_ptr, s_ib, 0, i_b, m_c, True,
                           False, ACC)
-    _store_columns(dx_ptr + i_b.to(tl.int64) * s_db, acc, f, tl.zeros((BLOCK_C,), ACC), o_ci,
-                   m_c, s_dc, o_ih, s_dh, o_iw, s_dw, W, m_q, IDX)
+    _store_columns(dx_ptr + tl.cast(i_b, tl.int64) * s_db, acc, f, tl.zeros((BLOCK_C,), ACC),
+                   o_ci, m_c, s_dc, o_ih, s_dh, o_iw, s_dw, W, m_q, IDX)
+
+
+@autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_L",
+               "DIL_W", *SCALE_FLAGS],
+          shapes=DW_TILES)
+@triton.jit
+def dw_bwd_x_kernel(
+    g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, T_ptr, dx_ptr,
+    B, C_IN, MULT, H, W, HO, WO,
+    s_gb, s_gc, s_gh, s_gw, s_rb, s_re, s_db, s_dc, s_dh, s_dw, s_ib, s_ic, s_jb, s_jc, s_tb,
+    s_tt, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_T, PAD_L: tl.constexpr, DIL_H,
+    DIL_W: tl.constexpr, B_KEY, KEY_L, E: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
+    WIDE: tl.constexpr, ACC: tl.constexpr, KK_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, COLS: tl.constexpr, EXAMPLES: tl.constexpr,
+):
+    """grad_x[b, ci, ih, iw] = sum over the channel multiplier m and taps of the mixed tap
+    times grad_out at the output pixel the (input pixel, tap) fed, for BLOCK_C input channels x
+    BLOCK_Q groups of COLS x STRIDE_W input pixels side by side in a row (the first a multiple
+    of the stride) of each of EXAMPLES examples in turn (their taps mixed first, each expert's
+    loaded once for all of them); the scales as in the forward (out_scale and tap_scale
+    folded into the staged taps, in_scale on the accumulator).
+
+    As in the forward, per row of taps each grad_out column the group reaches is loaded once
+    and serves every (input column, tap) pair that reads it. The strides, the left padding and
+    the column dilation are compile-time constants, so which taps reach which input column is
+    known to the compiler: at stride 2 an input column takes only the taps of its parity (the
+    others are never issued), and no offset is divided at run time. Rows: a runtime loop, an
+    input row taking the rows of taps whose output row is whole."""
+    U: tl.constexpr = COLS * STRIDE_W  # input columns a group
+    # grad_out columns o_ow0 + k, k in [K0, K1], that a group's input columns reach
+    K0: tl.constexpr = (PAD_L - (KW - 1) * DIL_W) // STRIDE_W
+    K1: tl.constexpr = (U - 1 + PAD_L) // STRIDE_W
+    GW = tl.cdiv(W, U)
+    i_q, i_c, i_bb = program_ids(tl.cdiv(H * GW, BLOCK_Q), tl.cdiv(C_IN, BLOCK_C))
+    IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
+    o_ci = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_ci < C_IN
+    o_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    m_q = o_q < H * GW
+    o_ih, o_iw = o_q // GW, (o_q % GW) * U
+    o_ow0 = o_iw // STRIDE_W
+    b0 = i_bb * EXAMPLES
+    for m in range(MULT):
+        _stage_taps(r_ptr, w_ptr, tap_s_ptr, out_s_ptr, T_ptr, b0, B, o_ci * MULT + m, m_c,
+                    C_IN * MULT, s_rb, s_re, s_tb, s_tt, s_jb, s_jc, E, KH * KW, KK_POW2,
+                    TAP_SCALE, OUT_SCALE, ACC, EXAMPLES)
+    if EXAMPLES == 1:  # no loop: a runtime loop around the example took ~50 more registers
+        _bwd_x_example(g_ptr, in_s_ptr, T_ptr, dx_ptr, b0, C_IN, MULT, W, HO, WO, s_gb, s_gc,
+                       s_gh, s_gw, s_db, s_dc, s_dh, s_dw, s_ib, s_ic, STRIDE_H, STRIDE_W,
+                       PAD_T, PAD_L, DIL_H, DIL_W, KH, KW, IN_SCALE, IDX, ACC, BLOCK_C,
+                       BLOCK_Q, U, K0, K1, o_ci, m_c, m_q, o_ih, o_iw, o_ow0)
+    else:
+        for i_b in range(b0, tl.minimum(b0 + EXAMPLES, B)):
+            _bwd_x_example(g_ptr, in_s_ptr, T_ptr, dx_ptr, i_b, C_IN, MULT, W, HO, WO, s_gb,
+                           s_gc, s_gh, s_gw, s_db, s_dc, s_dh, s_dw, s_ib, s_ic, STRIDE_H,
+                           STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KH, KW, IN_SCALE, IDX, ACC,
+                           BLOCK_C, BLOCK_Q, U, K0, K1, o_ci, m_c, m_q, o_ih, o_iw, o_ow0)
 
 
 @autotune(key=["B_KEY", "C_OUT", "KEY_L", "KH", "KW", "STRIDE_W", "DIL_W"],
@@ -282,8 +346,8 @@ def dw_bwd_w_kernel(
     IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C_OUT
-    p_x = x_ptr + i_b.to(tl.int64) * s_xb
-    p_g = g_ptr + i_b.to(tl.int64) * s_gb
+    p_x = x_ptr + tl.cast(i_b, tl.int64) * s_xb
+    p_g = g_ptr + tl.cast(i_b, tl.int64) * s_gb
     off_xc = (o_c // MULT).to(IDX) * s_xc
     off_gc = o_c.to(IDX) * s_gc
     acc = (tl.zeros((BLOCK_C, BLOCK_L), dtype=ACC),) * (KH * KW)
@@ -316,6 +380,6 @@ def dw_bwd_w_kernel(
                         if _tap_of(k, u, STRIDE_W, DIL_W, KW) >= 0:
                             acc = _add_at(acc, i * KW + _tap_of(k, u, STRIDE_W, DIL_W, KW),
                                           gs[u] * b_x)
-    p_G = G_ptr + (i_b.to(tl.int64) * C_OUT + o_c) * (KH * KW)
+    p_G = G_ptr + (tl.cast(i_b, tl.int64) * C_OUT + o_c) * (KH * KW)
     for t in tl.static_range(KH * KW):
         tl.store(p_G + t, tl.sum(acc[t], axis=1), mask=m_c)

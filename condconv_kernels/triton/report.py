@@ -384,11 +384,12 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         hbm = x_bytes + out_bytes + experts_bytes + E * kernel_numel * 4
         return hbm, l2, tc, cc, conv_flops + 2 * mix_flops
     # Depthwise: direct arithmetic on CUDA cores. A program's input tile with its halo is
-    # counted once from L2 (a row of taps loads each column once; the next row's reloads are
-    # L1 hits). Forward and grad_x: each program mixes its taps (E expert values a tap and
-    # channel) and stores them in the buffer of mixed taps (float32), then reads them back
-    # once: L2 traffic (the buffer's write-back to HBM, 4 bytes a channel and tap of an
-    # example, is left out of the floor, which is the layer's).
+    # counted once from L2 for each of its EXAMPLES (a row of taps loads each column once; the
+    # next row's reloads are L1 hits). Forward and grad_x: each program loads its channels'
+    # taps of the E experts once, mixes them for its examples and stores them in the buffer of
+    # mixed taps (float32), then reads them back once an example: L2 traffic (the buffer's
+    # write-back to HBM, 4 bytes a channel and tap of an example, is left out of the floor,
+    # which is the layer's).
     taps, s = k * k, layer.stride
 
     def halo(pixels, out_w, in_w, in_h):  # input pixels under `pixels` output pixels
@@ -403,9 +404,10 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         bp = blocks["BLOCK_Q"] * width  # a program's pixels (with the last group's tail)
         tile = (halo(bp, groups_a_row * width, W, H) if fwd else
                 halo(bp, groups_a_row * width, wo, ho))
-        staged = taps * bc * (E * itemsize + 2 * 4)
-        l2 = programs * (mult * (bc * tile + staged) + bc * bp * itemsize)
-        cc = programs * mult * taps * (2 * bc * bp + 2 * E * bc)
+        ex = blocks.get("EXAMPLES", 1)
+        staged = taps * bc * (E * itemsize + ex * 2 * 4)
+        l2 = programs * (mult * (ex * bc * tile + staged) + ex * bc * bp * itemsize)
+        cc = programs * ex * mult * taps * (2 * bc * bp + 2 * E * bc)
         return x_bytes + out_bytes + experts_bytes, l2, 0, cc, conv_flops + mix_flops
     # dw_bwd_w_kernel: a program per (example, channel tile), over its pixels in blocks of
     # BLOCK_L groups of COLS: per block its grad_out tile and input tile with halo from L2 once
@@ -678,8 +680,13 @@ def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dic
             per_program = examples * (tiles * (hot - fold) + fold)
         else:  # a loop over examples around the loops over their tiles
             per_program = examples * (hot + (tiles - 1) * inner)
-    elif name in ("dw_fwd_kernel", "dw_bwd_x_kernel"):  # a row of taps an iteration
-        per_program = k * hot
+    elif name in ("dw_fwd_kernel", "dw_bwd_x_kernel"):
+        # the loop over the rows of taps (the innermost: inside the loop over the program's
+        # examples and, grad_x, the channel multiplier's), k a channel multiplier and example;
+        # an example's epilogue, in the examples' loop, left out as before that loop
+        mult = layer.cout // layer.cin if name == "dw_bwd_x_kernel" else 1
+        row = (info.get("loop_nested") or [hot])[-1]
+        per_program = blocks.get("EXAMPLES", 1) * mult * k * row
     elif name == "dw_bwd_w_kernel":  # blocks of groups of pixels, the rows of taps unrolled
         per_program = cdiv(ho * cdiv(wo, blocks["COLS"]), blocks["BLOCK_L"]) * hot
     else:
