@@ -112,7 +112,7 @@ def test_autotune_switch(monkeypatch):
     monkeypatch.setattr(_config, "AUTOTUNE", False)
     assert _config.autotune(["COUT_G"], shapes)(kernel) is kernel
     first = _config._GPU_DW_CONFIGS[0]
-    assert _config.fixed_blocks(_config.DW_TILES) == {
+    assert _config.fixed_blocks(_config.DW_TILES, itemsize=2, channels_last=True) == {
         "BLOCK_C": first[0], "BLOCK_Q": first[1], "COLS": first[2], "EXAMPLES": first[3],
         "num_warps": first[4], "num_stages": first[5]}
 
@@ -122,17 +122,26 @@ def test_depthwise_configurations_fit(monkeypatch):
     fit a thread's registers (DW_ACC_VALUES float32 values): every one for the forward in
     float32 (its stride does not add accumulators); at stride 2 grad_x's groups hold twice the
     columns, in float64 every value two, and the 14-column configurations go; where none fits,
-    the one with the fewest. Without autotuning the launcher gets the first that fits."""
+    the one with the fewest. Blocks of several examples only on 16-bit channels_last inputs
+    with float32 accumulators and within the batch's bucket. Without autotuning the launcher
+    gets the first that fits."""
     import triton
     import triton.language as tl
     from condconv_kernels.triton import _config
     table = _config._table(_config.DW_TILES)
     configs = [triton.Config(b, num_warps=w, num_stages=st) for b, w, st in table]
 
-    def kept(names, stride, acc):
-        return _config._prune_depthwise(configs, dict.fromkeys(names), STRIDE_W=stride,
-                                        ACC=acc)
+    def kept(names, stride, acc, dtype=torch.bfloat16, channel_stride=1, batch=256):
+        named = dict.fromkeys(names)
+        named[names[0]] = torch.empty(0, dtype=dtype)
+        named.update(s_xc=channel_stride, s_gc=channel_stride, B_KEY=batch)
+        return _config._prune_depthwise(configs, named, STRIDE_W=stride, ACC=acc)
     assert kept(("x_ptr", "out_ptr"), 2, tl.float32) == configs
+    assert any(c.kwargs["EXAMPLES"] > 1 for c in configs)
+    one = [c for c in configs if c.kwargs["EXAMPLES"] == 1]
+    assert kept(("x_ptr", "out_ptr"), 1, tl.float32, torch.float32) == one
+    assert kept(("x_ptr", "out_ptr"), 1, tl.float32, channel_stride=49) == one  # NCHW
+    assert kept(("g_ptr", "dx_ptr"), 1, tl.float32, batch=2) == one
     for names, stride, acc in ((("g_ptr", "dx_ptr"), 2, tl.float32),
                                (("x_ptr", "out_ptr"), 1, tl.float64)):
         fit = kept(names, stride, acc)
@@ -145,9 +154,14 @@ def test_depthwise_configurations_fit(monkeypatch):
                                                         8) > _config.DW_ACC_VALUES
     monkeypatch.setattr(_config, "INTERPRET", False)
     monkeypatch.setattr(_config, "AUTOTUNE", False)
-    monkeypatch.setattr(_config, "FORCED_CONFIG", 1)  # 14 columns: grad_x at stride 2 moves on
-    assert _config.fixed_blocks(_config.DW_TILES)["COLS"] == table[1][0]["COLS"] == 14
+    monkeypatch.setattr(_config, "FORCED_CONFIG", 2)  # 14 columns: grad_x at stride 2 moves on
+    assert _config.fixed_blocks(_config.DW_TILES)["COLS"] == table[2][0]["COLS"] == 14
     assert _config.fixed_blocks(_config.DW_TILES, acc_bytes=4, stride=2)["COLS"] == 7
+    monkeypatch.setattr(_config, "FORCED_CONFIG", None)  # the first: 4 examples where they fit
+    assert _config.fixed_blocks(_config.DW_TILES, itemsize=2, channels_last=True)[
+        "EXAMPLES"] == table[0][0]["EXAMPLES"] == 4
+    assert _config.fixed_blocks(_config.DW_TILES, itemsize=2) == {
+        **table[1][0], "num_warps": table[1][1], "num_stages": table[1][2]}
 
 
 def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):

@@ -294,6 +294,7 @@ def test_loops_read_from_machine_code():
     assert hot["loop_instructions"] == 13 and hot["loop_sync_loads"] == 1
     assert hot["loop_shared"] == 1 and hot["loop_issue_cycles"] == 26
     assert hot["loop_inner_instructions"] == 8 and hot["loop_skipped"] == 2
+    assert hot["loop_innermost"] == [8]  # (the one-instruction loop is not counted as one)
     assert sass.hot_loop(None, 4)["loop_instructions"] is None
 
 

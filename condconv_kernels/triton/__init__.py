@@ -100,7 +100,7 @@ def _within(rows: Tuple[int, int], tiles: Tuple[int, int],
 
 def _taps(B: int, kh: int, kw: int, cout: int, x: torch.Tensor) -> torch.Tensor:
     """The depthwise forward's and grad_x's buffer of mixed taps, (B, kh kw, Cout) in the
-    accumulation dtype: each program stores its example's taps of its channels there once and
+    accumulation dtype: each program stores its examples' taps of its channels there once and
     reads them back tap by tap (depthwise._stage_taps)."""
     return torch.empty((B, kh * kw, cout), dtype=_acc_dtype(x.dtype), device=x.device)
 
@@ -133,7 +133,9 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     geometry = _geometry(stride, padding, dilation)
     s_ptrs, s_strides, s_flags = launch_args((in_scale, out_scale, tap_scale), kh * kw, routing)
     if cin_g == 1:
-        blocks = fixed_blocks(DW_TILES, acc_bytes=_acc_dtype(x.dtype).itemsize)
+        blocks = fixed_blocks(DW_TILES, itemsize=x.element_size(),
+                              acc_bytes=_acc_dtype(x.dtype).itemsize,
+                              channels_last=x.stride(1) == 1)
         grid = lambda meta: flat_grid(  # noqa: E731
             cdiv(ho * cdiv(wo, meta["COLS"]), meta["BLOCK_Q"]), cdiv(cout, meta["BLOCK_C"]),
             cdiv(B, meta["EXAMPLES"]))
@@ -233,7 +235,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     if need_x:
         grad_x = torch.empty_like(x, memory_format=_args.suggest_memory_format(x))
         if depthwise:
-            blocks = fixed_blocks(DW_TILES, acc_bytes=acc.itemsize, stride=stride[1])
+            blocks = fixed_blocks(DW_TILES, itemsize=grad_out.element_size(),
+                                  acc_bytes=acc.itemsize, stride=stride[1],
+                                  channels_last=grad_out.stride(1) == 1)
             grid = lambda meta: flat_grid(  # noqa: E731
                 cdiv(H * cdiv(W, meta["COLS"] * stride[1]), meta["BLOCK_Q"]),
                 cdiv(cin, meta["BLOCK_C"]), cdiv(B, meta["EXAMPLES"]))

@@ -93,13 +93,15 @@ _GPU_DW_KGRAD_CONFIGS = [(16, 4, 7, 1, 2), (32, 4, 7, 1, 2), (32, 4, 4, 1, 2), (
 # input pixels) and its examples (one after another, their taps mixed together: each expert's
 # taps loaded once for all of them).
 DW_TILES = ("BLOCK_C", "BLOCK_Q", "COLS", "EXAMPLES")
-# (channels, groups, columns, examples, warps, stages). The first two cover a 7x7 and a 14x14
-# plane. On the 7x7 one 4 examples a program read the experts' taps a quarter as often (4608
-# programs of one example on the 7x7 layers at batch 256: their taps were 118 of the 224 MB
-# the forward moved from L2); the 14x14 layers are bound by their instructions, and two
-# examples there took 50 more registers: one. The last, one example, for small batches.
-_GPU_DW_CONFIGS = [(64, 8, 7, 4, 4, 2), (32, 16, 14, 1, 4, 2), (64, 8, 14, 1, 4, 2),
-                   (32, 16, 7, 1, 4, 2), (64, 16, 4, 1, 4, 2), (64, 8, 7, 1, 4, 2)]
+# (channels, groups, columns, examples, warps, stages). The first covers a 7x7 plane with 4
+# examples a program, which read the experts' taps a quarter as often (4608 programs of one
+# example on the 7x7 layers at batch 256: their taps were 118 of the 248 MB the forward moved
+# from L2), on 16-bit channels_last inputs (dw_examples_fit); the second the same tile with
+# one example (small batches, and the inputs the first does not take); the third a 14x14
+# plane, one example (those layers are bound by their instructions, and two examples there
+# took 50 more registers).
+_GPU_DW_CONFIGS = [(64, 8, 7, 4, 4, 2), (64, 8, 7, 1, 4, 2), (32, 16, 14, 1, 4, 2),
+                   (64, 8, 14, 1, 4, 2), (32, 16, 7, 1, 4, 2), (64, 16, 4, 1, 4, 2)]
 # The most configurations of any table (bench/warm_triton.py runs that many workers).
 MAX_CONFIGS = max(map(len, (_GPU_DENSE_CONFIGS, _GPU_CONFIGS, _GPU_DW_CONFIGS,
                             _GPU_DW_KGRAD_CONFIGS)))
@@ -213,12 +215,30 @@ def _dw_fit(configs, stride: int, acc_bytes: int):
     return kept or [min(configs, key=values)]
 
 
+def dw_examples_fit(examples: int, itemsize: int, channels_last: bool, acc_bytes: int,
+                    batch: int = 1 << 30) -> bool:
+    """Whether a depthwise forward / grad_x program may serve ``examples`` examples: one always;
+    more only on 16-bit channels_last inputs with float32 accumulators (elsewhere the 4-example
+    7x7 tile spilled 80-276 bytes: wider loads, NCHW's scalar addresses, float64) and at most
+    the batch's bucket."""
+    return examples == 1 or (itemsize <= 2 and channels_last and acc_bytes == 4
+                             and examples <= batch)
+
+
 def _prune_depthwise(configs, named_args, **kwargs):
     """Drops the depthwise forward / grad_x configurations whose accumulators would spill
-    (_dw_fit): 14 columns a group in float64, or at stride 2 in grad_x (28 input columns)."""
-    stride = kwargs.get("STRIDE_W", 1) if "dx_ptr" in named_args else 1
+    (_dw_fit: 14 columns a group in float64, or at stride 2 in grad_x, 28 input columns) or
+    whose examples do not fit (dw_examples_fit)."""
+    grad_x = "dx_ptr" in named_args
+    stride = kwargs.get("STRIDE_W", 1) if grad_x else 1
     acc_bytes = 8 if kwargs.get("ACC") == tl.float64 else 4
-    return [c for _, _, c in _dw_fit([(c.kwargs, c.num_warps, c) for c in configs], stride,
+    x = named_args.get("g_ptr" if grad_x else "x_ptr")
+    itemsize = x.element_size() if hasattr(x, "element_size") else 4
+    channels_last = named_args.get("s_gc" if grad_x else "s_xc") == 1
+    batch = named_args.get("B_KEY", 1 << 30)
+    fitting = [c for c in configs if dw_examples_fit(c.kwargs["EXAMPLES"], itemsize,
+                                                     channels_last, acc_bytes, batch)]
+    return [c for _, _, c in _dw_fit([(c.kwargs, c.num_warps, c) for c in fitting], stride,
                                      acc_bytes)]
 
 
@@ -365,7 +385,8 @@ def _table(shapes: Sequence[str]):
 
 
 def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
-                 acc_bytes: int = 4, scaled: bool = False, stride: int = 1) -> Dict[str, int]:
+                 acc_bytes: int = 4, scaled: bool = False, stride: int = 1,
+                 channels_last: bool = False) -> Dict[str, int]:
     """The launch options the launcher passes itself: the interpreter's tiles, the first (or
     the forced) GPU configuration when autotuning is off, none when autotuned. Without
     autotuning the dense forward / grad_x get their pipeline stages lowered until their tiles
@@ -373,7 +394,8 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
     kernel gradient the first configuration from there on whose expert tiles (and, ``scaled``:
     computing the scales' gradients, their two tiles) fit in registers, and the depthwise
     forward / grad_x (``stride``: grad_x's column stride) the first whose accumulators of
-    ``acc_bytes`` do."""
+    ``acc_bytes`` do and whose examples may serve ``itemsize``-byte inputs, ``channels_last``
+    or not (dw_examples_fit)."""
     if INTERPRET:
         special = {"BLOCK_B": INTERPRET_EXAMPLES, "EXAMPLES": INTERPRET_EXAMPLES,
                    "COLS": INTERPRET_COLS}
@@ -384,14 +406,16 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
         blocks, warps, stages = table[first]
         # from the first (or forced) configuration on, as (tile, warps, configuration)
         triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
-        if "BLOCK_B" in blocks:
+        if tuple(shapes) == DENSE_TILES:
             stages = fitting_stages(blocks, stages, experts, itemsize)
         elif tuple(shapes) == KGRAD_TILES:
             pow2 = 1 << max(0, experts - 1).bit_length()
             blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize,
                                                scaled)[0][2]
         elif tuple(shapes) == DW_TILES:
-            blocks, warps, stages = _dw_fit(triples, stride, acc_bytes)[0][2]
+            fitting = [t for t in triples if dw_examples_fit(t[0]["EXAMPLES"], itemsize,
+                                                             channels_last, acc_bytes)]
+            blocks, warps, stages = _dw_fit(fitting, stride, acc_bytes)[0][2]
         return {**blocks, "num_warps": warps, "num_stages": stages}
     return {}
 

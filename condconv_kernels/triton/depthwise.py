@@ -2,10 +2,11 @@
 on CUDA cores, each input element loaded and converted once per row of taps.
 
 Forward: a program owns BLOCK_C output channels x BLOCK_Q groups of COLS output pixels side by
-side in a row, of one example. It first mixes its channels' kh x kw taps over the E experts
-once (the example's routing times the experts' taps) and stores them in a buffer of mixed taps
-(float32, channels contiguous), from which each row of taps reads its taps back in the layout
-the accumulators need. Then per row of taps it loads each input column the group reaches once
+side in a row, of EXAMPLES examples (one after another). It first mixes its channels' kh x kw
+taps over the E experts once for its examples (each expert's taps loaded once, times each
+example's routing) and stores them in a buffer of mixed taps (float32, channels contiguous),
+from which each row of taps reads its taps back in the layout the accumulators need. Then,
+example by example, per row of taps it loads each input column the group reaches once
 and adds it, times the tap that joins them, into every output column that reads it (COLS
 accumulators). The per-example scales, where present: tap_scale multiplies each mixed tap,
 in_scale (per input channel) and out_scale (per output channel, after the bias) the

@@ -404,9 +404,10 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         bp = blocks["BLOCK_Q"] * width  # a program's pixels (with the last group's tail)
         tile = (halo(bp, groups_a_row * width, W, H) if fwd else
                 halo(bp, groups_a_row * width, wo, ho))
-        ex = blocks.get("EXAMPLES", 1)
+        # a program's examples (on average where the last block of the batch is short)
+        ex = B / cdiv(B, blocks.get("EXAMPLES", 1))
         staged = taps * bc * (E * itemsize + ex * 2 * 4)
-        l2 = programs * (mult * (ex * bc * tile + staged) + ex * bc * bp * itemsize)
+        l2 = programs * (mult * (ex * bc * tile * itemsize + staged) + ex * bc * bp * itemsize)
         cc = programs * ex * mult * taps * (2 * bc * bp + 2 * E * bc)
         return x_bytes + out_bytes + experts_bytes, l2, 0, cc, conv_flops + mix_flops
     # dw_bwd_w_kernel: a program per (example, channel tile), over its pixels in blocks of
@@ -657,7 +658,8 @@ def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool,
     return 1e6 * t * (2.0 if spills else 1.0)
 
 
-def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dict) -> float:
+def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dict,
+             batch: int = 1) -> float:
     """The launch's issue floor: the instructions its programs' main loops issue (a warp's
     count, times the ``warps``, over 4 schedulers an SM at ``CLOCK``), from the loop counts of
     :func:`sass.hot_loop` and the kernel's trip counts; 0 where either is unknown (the
@@ -685,8 +687,9 @@ def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dic
         # examples and, grad_x, the channel multiplier's), k a channel multiplier and example;
         # an example's epilogue, in the examples' loop, left out as before that loop
         mult = layer.cout // layer.cin if name == "dw_bwd_x_kernel" else 1
-        row = (info.get("loop_nested") or [hot])[-1]
-        per_program = blocks.get("EXAMPLES", 1) * mult * k * row
+        row = (info.get("loop_innermost") or [hot])[-1]
+        examples = batch / cdiv(batch, blocks.get("EXAMPLES", 1))
+        per_program = examples * mult * k * row
     elif name == "dw_bwd_w_kernel":  # blocks of groups of pixels, the rows of taps unrolled
         per_program = cdiv(ho * cdiv(wo, blocks["COLS"]), blocks["BLOCK_L"]) * hot
     else:
@@ -780,14 +783,15 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
                               kernel=launch.name.replace("_kernel", ""),
                               config="x".join(str(v) for v in blocks.values()) +
                               f" w{config[1]} s{config[2]}",
-                              examples_per_program=blocks.get("BLOCK_B", 1), grid=programs,
+                              examples_per_program=blocks.get(
+                                  "BLOCK_B", blocks.get("EXAMPLES", 1)), grid=programs,
                               hbm_bytes=hbm, l2_bytes=l2, tc_flops=tc, cc_flops=cc,
                               floor_us=1e6 * max(floor_flops / TC, hbm / HBM), **info)
                 if "error" in info:
                     record["modeled_us"] = float("inf")
                 else:
                     record["issue_us"] = issue_us(layer, launch, blocks, programs, config[1],
-                                                  info)
+                                                  info, batch)
                     record["modeled_us"] = modeled_us(
                         hbm, l2, tc, cc, programs, info["tensor_core"],
                         info["spill_bytes"] > 0 or

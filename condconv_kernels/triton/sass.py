@@ -128,9 +128,13 @@ def hot_loop(sass: Optional[str], warps: int) -> Dict[str, Optional[int]]:
     of every loop inside it, in the order of their starts (a loop's count includes those of
     the loops inside it), and ``loop_skipped``: the most instructions one forward branch
     inside it jumps over (a conditional part of the body, as the kernel gradient's fold of an
-    example after its last pixel tile); every key None where there is no SASS or no loop."""
+    example after its last pixel tile), and ``loop_innermost``: the instructions of every loop
+    of the kernel that holds no other, in the order of their starts (the depthwise kernels'
+    row loop is the last, whichever loop is the largest); every key None where there is no
+    SASS or no loop."""
     keys = (["loop_" + name for name in COUNTERS]
-            + ["loop_issue_cycles", "loop_inner_instructions", "loop_nested", "loop_skipped"])
+            + ["loop_issue_cycles", "loop_inner_instructions", "loop_nested", "loop_skipped",
+               "loop_innermost"])
     found = [loop for loop in loops(sass) if loop["instructions"] > 1] if sass else []
     if not found:
         return dict.fromkeys(keys)
@@ -143,4 +147,8 @@ def hot_loop(sass: Optional[str], warps: int) -> Dict[str, Optional[int]]:
     stats["loop_inner_instructions"] = max((l["instructions"] for l in nested), default=0)
     stats["loop_nested"] = [l["instructions"] for l in nested]
     stats["loop_skipped"] = loop["skipped"]
+    stats["loop_innermost"] = [
+        l["instructions"] for l in sorted(found, key=lambda l: l["start"])
+        if not any(o is not l and l["start"] <= o["start"] and o["end"] <= l["end"]
+                   for o in found)]
     return stats
