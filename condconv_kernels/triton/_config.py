@@ -95,7 +95,7 @@ _GPU_DW_KGRAD_CONFIGS = [(16, 4, 7, 1, 2), (32, 4, 7, 1, 2), (32, 4, 4, 1, 2), (
 DW_TILES = ("BLOCK_C", "BLOCK_Q", "COLS", "EXAMPLES")
 # (channels, groups, columns, examples, warps, stages). The first covers a 7x7 plane with 4
 # examples a program, which read the experts' taps a quarter as often (4608 programs of one
-# example on the 7x7 layers at batch 256: their taps were 118 of the 248 MB the forward moved
+# example on the 7x7 layers at batch 256: their taps were 118 of the 235 MB the forward moved
 # from L2), on 16-bit channels_last inputs (dw_examples_fit); the second the same tile with
 # one example (small batches, and the inputs the first does not take); the third a 14x14
 # plane, one example (those layers are bound by their instructions, and two examples there
