@@ -404,8 +404,7 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         bp = blocks["BLOCK_Q"] * width  # a program's pixels (with the last group's tail)
         tile = (halo(bp, groups_a_row * width, W, H) if fwd else
                 halo(bp, groups_a_row * width, wo, ho))
-        # a program's examples (on average where the last block of the batch is short)
-        ex = B / cdiv(B, blocks.get("EXAMPLES", 1))
+        ex = _dw_examples(B, blocks)
         staged = taps * bc * (E * itemsize + ex * 2 * 4)
         l2 = programs * (mult * (ex * bc * tile * itemsize + staged) + ex * bc * bp * itemsize)
         cc = programs * ex * mult * taps * (2 * bc * bp + 2 * E * bc)
@@ -650,6 +649,12 @@ def _pointwise_grad_record(layer, dtype: torch.dtype, itemsize: int, launch: Lau
     return record
 
 
+def _dw_examples(batch: int, blocks) -> float:
+    """A depthwise forward / grad_x program's examples (on average where the last block of the
+    batch is short)."""
+    return batch / cdiv(batch, blocks.get("EXAMPLES", 1))
+
+
 def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool,
                issue: float = 0.0) -> float:
     fill = min(1.0, programs / SMS)
@@ -659,7 +664,7 @@ def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool,
 
 
 def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dict,
-             batch: int = 1) -> float:
+             batch: int) -> float:
     """The launch's issue floor: the instructions its programs' main loops issue (a warp's
     count, times the ``warps``, over 4 schedulers an SM at ``CLOCK``), from the loop counts of
     :func:`sass.hot_loop` and the kernel's trip counts; 0 where either is unknown (the
@@ -688,8 +693,7 @@ def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dic
         # an example's epilogue, in the examples' loop, left out as before that loop
         mult = layer.cout // layer.cin if name == "dw_bwd_x_kernel" else 1
         row = (info.get("loop_innermost") or [hot])[-1]
-        examples = batch / cdiv(batch, blocks.get("EXAMPLES", 1))
-        per_program = examples * mult * k * row
+        per_program = _dw_examples(batch, blocks) * mult * k * row
     elif name == "dw_bwd_w_kernel":  # blocks of groups of pixels, the rows of taps unrolled
         per_program = cdiv(ho * cdiv(wo, blocks["COLS"]), blocks["BLOCK_L"]) * hot
     else:
