@@ -372,7 +372,7 @@ if [ "$MODE" = first ]; then
   # The autotuned launches (what every benchmark runs; the tests run with autotuning off)
   # against the reference on five of the model's layers: tuning, Triton's launch, the direct
   # launch. A FAIL here means the benchmarks below time wrong results.
-  step tuned-check 45 "$PY" bench/tuned_check.py "${TUNED[@]}" \
+  step tuned-check 70 "$PY" bench/tuned_check.py "${TUNED[@]}" \
     --out "$WORK/results/tuned-check.md"
   table "$WORK/results/tuned-check.md"
   # The experimental experts-stationary 1x1 kernel (Gluon; forward, grad_x, kernel gradients)

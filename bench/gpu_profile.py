@@ -53,7 +53,8 @@ def host_us(fn, device: str, calls: int = 50) -> float:
 
 def device_kernels(fn, device: str, calls: int = 10):
     """(total device microseconds per call, [(kernel name, launches per call, us per call)])
-    from torch.profiler; on the CPU (dry run) the operators' own CPU time stands in."""
+    from torch.profiler, the kernels alone (no annotated ranges); on the CPU (dry run) the
+    operators' own CPU time stands in."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.startswith("cuda")
@@ -64,9 +65,14 @@ def device_kernels(fn, device: str, calls: int = 10):
             fn()
         _sync(device)
     rows = []
-    for avg in prof.key_averages():
+    averages = prof.key_averages()
+    # record_function ranges (the op's "condconv::condconv2d") come back on the device too, as
+    # annotations spanning the kernels they launch: counting them counted those kernels twice.
+    ranges = {avg.key for avg in averages if getattr(avg, "is_user_annotation", False)}
+    for avg in averages:
         if cuda:
-            if avg.device_type != DeviceType.CUDA:
+            if (avg.device_type != DeviceType.CUDA or avg.key in ranges
+                    or getattr(avg, "is_user_annotation", False)):
                 continue
             us = getattr(avg, "self_device_time_total", None)
             if us is None:

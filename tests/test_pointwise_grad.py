@@ -152,6 +152,11 @@ def test_fits_takes_only_what_the_kernel_reads():
         return pointwise_grad.fits(x, grad_out, weight, *geometry, scales=scales)
     assert fits() == pointwise_grad.plan(4, 32, 64, 25)
     assert fits(x.half(), grad_out.half(), weight.half()) is not None
+    # One pixel an example, where PyTorch leaves channels_last strides as (C, 1, 1, 1).
+    one_x, one_g = (torch.randn(3, c, 1, 1, dtype=torch.bfloat16).contiguous(memory_format=CL)
+                    for c in (32, 64))
+    assert one_x.stride() == (32, 1, 1, 1)
+    assert fits(one_x, one_g) == pointwise_grad.plan(4, 32, 64, 1)
     refused = [
         dict(x=x.float(), grad_out=grad_out.float(), weight=weight.float()),  # float32
         dict(x=x.contiguous()),  # NCHW

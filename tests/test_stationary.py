@@ -348,3 +348,26 @@ def test_backend_passes_the_scales_to_each_pass():
     assert set(asked) == {"forward", "grad_x", "routing"}
     for name, got in asked.items():
         assert len(got) == 3 and all(a is b for a, b in zip(got, scales)), name
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 1, 1), (3, 32, 1, 5), (3, 32, 4, 1), (1, 16, 3, 3)])
+def test_packed_strides_of_size_one_dimensions(shape):
+    """A channels_last tensor with a dimension of size 1 may carry any stride there (PyTorch
+    gives (3, 16, 1, 1) the strides (16, 1, 1, 1)): packed_strides names the packed
+    channels_last ones, which address the same elements, so the one-pixel and one-row layers
+    pass _copyable as their packed form does; a slice that breaks the pixels' one stride
+    still does not."""
+    t = torch.randn(shape, dtype=torch.float64).to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    s = stationary.packed_strides(t)
+    packed = torch.empty_strided(shape, (shape[1] * shape[2] * shape[3], 1,
+                                         shape[1] * shape[3], shape[1]), dtype=t.dtype)
+    assert s == packed.stride()
+    assert stationary._copyable(t)
+    # The same elements through the packed strides.
+    assert torch.equal(t.as_strided(shape, s), t)
+    # A spatial slice whose rows are longer than its pixels: refused where rows of more than
+    # one pixel follow one another (one row, or one pixel a row, is one stride again).
+    wide = torch.randn(shape[0], shape[1], shape[2], shape[3] + 1, dtype=torch.bfloat16)
+    sliced = wide.contiguous(memory_format=torch.channels_last)[..., :shape[3]]
+    assert stationary._copyable(sliced) == (shape[2] == 1 or shape[3] == 1)

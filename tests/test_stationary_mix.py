@@ -225,6 +225,11 @@ def test_fits_takes_only_what_the_kernel_reads():
     assert fits(inp=x.half(), out=out.half()) is not None
     assert fits(out=None) is not None
     assert fits(transposed=True, rows=48) is not None
+    # One pixel an example, where PyTorch leaves channels_last strides as (C, 1, 1, 1).
+    one = torch.randn(3, 32, 1, 1, dtype=bf).contiguous(memory_format=CL)
+    assert one.stride() == (32, 1, 1, 1)
+    assert fits(inp=one, out=torch.randn(3, 64, 1, 1, dtype=bf).contiguous(
+        memory_format=CL)) is not None
     refused = [dict(inp=x.float()), dict(inp=x.contiguous()), dict(out=out.contiguous()),
                dict(groups=2), dict(pointwise=False), dict(wide=True), dict(experts=9),
                dict(transposed=True, rows=40),

@@ -80,9 +80,9 @@ def test_auto_does_not_pick_the_interpreter():
 
 
 def test_autotune_switch(monkeypatch):
-    """On the GPU the kernels autotune over the whole table but its withheld configurations
-    (which forcing still reaches); with CONDCONV_TRITON_AUTOTUNE=0 they launch its first
-    configuration, tiles and launch options both."""
+    """On the GPU the kernels autotune over the whole table; CONDCONV_TRITON_CONFIG forces
+    one of its entries; with CONDCONV_TRITON_AUTOTUNE=0 they launch its first configuration,
+    tiles and launch options both."""
     import triton
     from condconv_kernels.triton import _config
 
@@ -95,18 +95,15 @@ def test_autotune_switch(monkeypatch):
     monkeypatch.setattr(_config, "INTERPRET", False)
     monkeypatch.setattr(_config, "AUTOTUNE", True)
     tuned = _config.autotune(["COUT_G"], shapes)(kernel)
-    withheld = _config._WITHHELD[shapes]
-    assert withheld and all(row in _config._GPU_CONFIGS for row in withheld)
     assert [(c.kwargs, c.num_warps, c.num_stages) for c in tuned.configs] == [
-        (dict(zip(shapes, row[:3])), row[3], row[4]) for row in _config._GPU_CONFIGS
-        if row not in withheld]
+        (dict(zip(shapes, row[:3])), row[3], row[4]) for row in _config._GPU_CONFIGS]
     assert _config.fixed_blocks(shapes) == {}
-    at = _config._GPU_CONFIGS.index(withheld[0])  # forced, a withheld one launches
+    at = 2  # forced: that entry launches
+    row = _config._GPU_CONFIGS[at]
     monkeypatch.setattr(_config, "AUTOTUNE", False)
     monkeypatch.setattr(_config, "FORCED_CONFIG", at)
     assert _config.fixed_blocks(shapes, experts=4, itemsize=2) == {
-        **dict(zip(shapes, withheld[0][:3])), "num_warps": withheld[0][3],
-        "num_stages": withheld[0][4]}
+        **dict(zip(shapes, row[:3])), "num_warps": row[3], "num_stages": row[4]}
     monkeypatch.setattr(_config, "FORCED_CONFIG", None)
 
     monkeypatch.setattr(_config, "AUTOTUNE", False)

@@ -218,7 +218,8 @@ def _eligible_shapes(x: torch.Tensor, grad_out: torch.Tensor, experts: int) -> O
         return None
     # Offsets within an example in int32: each example's extent, and the stride between them.
     for t in (x, grad_out):
-        if max(t.stride(0), (H * W - 1) * t.stride(3) + t.shape[1]) >= 2 ** 31:
+        s0, _, _, s3 = stationary.packed_strides(t)
+        if max(s0, (H * W - 1) * s3 + t.shape[1]) >= 2 ** 31:
             return None
     return plan(experts, cin, cout, H * W)
 
@@ -267,9 +268,10 @@ def kernel_grads(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     gw = torch.empty((splits, E, cout * cin), **f32) if need_w else torch.empty(1, **f32)
     part = (torch.empty((n_ci * n_co, B, config["WARPS"], E), **f32) if need_r
             else torch.empty(1, **f32))
+    s_x, s_g = stationary.packed_strides(x), stationary.packed_strides(grad_out)
     pw_kgrad_kernel[(count,)](
         x, grad_out, routing, w, gw, part, B, cin, cout, H * W, per, n_ci, n_co,
-        x.stride(0), x.stride(3), grad_out.stride(0), grad_out.stride(3), routing.stride(0),
+        s_x[0], s_x[3], s_g[0], s_g[3], routing.stride(0),
         routing.stride(1), cout * cin, cin, E=E, NEED_W=need_w, NEED_R=need_r,
         BLOCK_CO=BLOCK_CO, BLOCK_CI=config["BLOCK_CI"], BLOCK_P=BLOCK_P,
         NBUF=config["NBUF"], WARPS=config["WARPS"], num_warps=config["WARPS"])

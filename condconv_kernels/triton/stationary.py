@@ -35,7 +35,7 @@ A operand) and loops over pixel tiles of up to 128.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -443,13 +443,31 @@ def eligible(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise:
     return fits(inp, experts, rows, groups, pointwise, wide, transposed, routing, dual, scales)
 
 
+def packed_strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    """The strides of ``t`` (B, C, H, W) as these kernels read it: those of its dimensions of
+    size 1 (which any stride reads alike) replaced by the ones a packed channels_last tensor
+    has there. PyTorch leaves such strides as it finds them: a channels_last (B, C, 1, 1)
+    tensor may say (C, 1, 1, 1), whose pixel stride of 1 is no stride between pixels."""
+    B, C, H, W = t.shape
+    s0, s1, s2, s3 = t.stride()
+    if C == 1:
+        s1 = 1
+    if W == 1:
+        s3 = s2 if H > 1 else C * s1
+    if H == 1:
+        s2 = W * s3
+    if B == 1:
+        s0 = H * s2
+    return s0, s1, s2, s3
+
+
 def _copyable(t: torch.Tensor) -> bool:
     """Whether the kernel's 16-byte copies can read ``t`` (B, C, H, W): channels_last with its
     channels, strides and address multiples of 16 (elements; bytes for the address), its pixels
-    at one stride."""
-    return (t.stride(1) == 1 and t.shape[1] % 16 == 0 and t.stride(0) % 16 == 0
-            and t.stride(3) % 16 == 0 and t.stride(2) == t.shape[3] * t.stride(3)
-            and t.data_ptr() % 16 == 0)
+    at one stride (:func:`packed_strides`)."""
+    s0, s1, s2, s3 = packed_strides(t)
+    return (s1 == 1 and t.shape[1] % 16 == 0 and s0 % 16 == 0 and s3 % 16 == 0
+            and s2 == t.shape[3] * s3 and t.data_ptr() % 16 == 0)
 
 
 def _readable_scale(t: Optional[torch.Tensor], batch: int, channels: int) -> bool:
@@ -515,11 +533,12 @@ def _launch(inp, routing, weight, bias, out, part, config, transposed, routing_g
     sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
     n_co, per, count = programs(B, rows, sms)
     grid = (count,)
+    s_in, s_out = packed_strides(inp), packed_strides(out)
     pw_stationary_kernel[grid](
         inp, routing, w, bias if bias is not None else w, out, part if part is not None else w,
         *(w if t is None else t for t in (cs, rs, ts)),
-        B, k, rows, H * W, per, n_co, inp.stride(0), inp.stride(3), routing.stride(0),
-        routing.stride(1), *w_strides, out.stride(0), out.stride(1), out.stride(3),
+        B, k, rows, H * W, per, n_co, s_in[0], s_in[3], routing.stride(0),
+        routing.stride(1), *w_strides, s_out[0], s_out[1], s_out[3],
         *(0 if t is None else t.stride(0) for t in (cs, rs, ts)),
         E=E, HAS_BIAS=bias is not None, A_SMEM=config["A_SMEM"], W_T=transposed,
         ROUTING_GRAD=routing_grad, NBUF=config["NBUF"], BLOCK_M=BLOCK_M,

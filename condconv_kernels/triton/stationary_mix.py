@@ -541,10 +541,11 @@ def fits(inp: torch.Tensor, experts: int, rows: int, groups: int, pointwise: boo
             and inp.dtype in (torch.float16, torch.bfloat16) and stationary._copyable(inp)
             and (rows % 16 == 0 or not transposed)):
         return None
-    if out is not None and not (out.stride(1) == 1 and out.stride(3) % 8 == 0
-                                and out.stride(2) == out.shape[3] * out.stride(3)
-                                and out.stride(0) % 8 == 0 and out.data_ptr() % 16 == 0):
-        return None
+    if out is not None:
+        s0, s1, s2, s3 = stationary.packed_strides(out)
+        if not (s1 == 1 and s3 % 8 == 0 and s2 == out.shape[3] * s3 and s0 % 8 == 0
+                and out.data_ptr() % 16 == 0):
+            return None
     B, k, H, W = inp.shape
     return plan(experts, k, H * W, inp.element_size())
 
@@ -594,10 +595,11 @@ def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     s_we, s_wr, s_wk = (cout * cin, 1, cin) if transposed else (cout * cin, cin, 1)
     sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
     n_co, per, count = programs(B, rows, sms)
+    s_in, s_out = stationary.packed_strides(inp), stationary.packed_strides(out)
     pw_mix_kernel[(count,)](
         inp, routing, w, bm if bm is not None else routing, out, B, k, rows, H * W, per, n_co,
-        inp.stride(0), inp.stride(3), routing.stride(0), routing.stride(1), s_we, s_wr, s_wk,
-        out.stride(0), out.stride(3), bm.stride(0) if bm is not None else 0,
+        s_in[0], s_in[3], routing.stride(0), routing.stride(1), s_we, s_wr, s_wk,
+        s_out[0], s_out[3], bm.stride(0) if bm is not None else 0,
         E=E, HAS_BIAS=bm is not None, W_T=transposed, NUM_C=config["NUM_C"],
         BLOCK_N=config["BLOCK_N"], NB=NB, TILES=config["TILES"], STAGES=STAGES,
         REG_A=config["REG_A"], num_warps=WARPS)
