@@ -11,14 +11,15 @@ Prints median milliseconds per batch, images per second, and the ratios to the u
 and to the static one, all measured in this run (variants interleaved). ``--timm`` adds timm's
 own models (e.g. tf_efficientnet_cc_b0_8e, tf_efficientnet_b0) as variants, where timm is
 installed (skipped with a note otherwise); ``--variants`` may add ``fused:triton+batched``, the
-triton backend with its experimental batched 1x1 passes on (``CONDCONV_TRITON_BATCHED``), and
-``fused:triton+kgrad``, with its experimental dense 1x1 kernel gradient in the accumulator's
-layout (``CONDCONV_TRITON_STATIONARY=kernel_grad``), and ``fused:triton+mix``, with its
-experimental 7x7 and 14x14 1x1 forward and grad_x mixing the experts on the tensor cores
-(``CONDCONV_TRITON_STATIONARY=mix``), each switched around that variant's calls only. ``--cuda-graph`` captures each variant's call in a
-CUDA graph and times its replays: no host work per kernel, so the numbers are the device's, as
-in a training loop under ``torch.cuda.graph`` (a variant whose capture fails is left out, with a
-note).
+triton backend with its experimental batched 1x1 passes on (``CONDCONV_TRITON_BATCHED``),
+``fused:triton+batched-grad_x``, with its batched grad_x alone
+(``CONDCONV_TRITON_BATCHED=grad_x``), ``fused:triton+kgrad``, with its experimental dense 1x1
+kernel gradient in the accumulator's layout (``CONDCONV_TRITON_STATIONARY=kernel_grad``), and
+``fused:triton+mix``, with its experimental 7x7 and 14x14 1x1 forward and grad_x mixing the
+experts on the tensor cores (``CONDCONV_TRITON_STATIONARY=mix``), each switched around that
+variant's calls only. ``--cuda-graph`` captures each variant's call in a CUDA graph and times
+its replays: no host work per kernel, so the numbers are the device's, as in a training loop
+under ``torch.cuda.graph`` (a variant whose capture fails is left out, with a note).
 """
 from __future__ import annotations
 

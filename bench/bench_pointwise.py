@@ -14,9 +14,10 @@ the forward, grad_x (the kernel transposed) and the kernel gradients.
                                     [--modeled bench/results/gpu-model-stationary.json,...]
 
 Device microseconds per call (torch.profiler: the kernels' own time, no host overhead), x and
-grad_out in channels_last, per layer and pass. Each call reuses the same inputs, which L2 may
-keep on the 7x7 layers: times a little below the layer table's (which rotates input sets), the
-ratios between columns comparable.
+grad_out in channels_last, per layer and pass; the forward without a bias, as the model's
+layers have none, and again with one (``forward+bias``: static, dense and mix). Each call
+reuses the same inputs, which L2 may keep on the 7x7 layers: times a little below the layer
+table's (which rotates input sets), the ratios between columns comparable.
 
 - ``static``: the static convolution with one expert's kernel (cuDNN / cuBLAS): F.conv2d, its
   input gradient, or (for the kernel gradients) its weight gradient; the cost to match;
@@ -192,14 +193,17 @@ def main(argv=None):
             return lambda: torch.ops.condconv.condconv2d_backward(
                 grad_out, x, routing, weight, None, [1, 1], [0] * 4, [1, 1], 1, args.backend,
                 mask, None, None, None)[index]
-        forward = lambda: cc.condconv2d(x, routing, weight, bias, backend=args.backend)  # noqa
+
+        def forward_of(b):  # EfficientNet's CondConv layers have no bias: the forward row
+            return lambda: cc.condconv2d(x, routing, weight, b, backend=args.backend)  # has none
+        forward = forward_of(None)
         kgrad = backward([False, True, True, False], 1)
         geometry = ((1, 1), (0,) * 4, (1, 1), 1)
 
         def batched(fn, name):  # the triton backend's own call with the pass batched (also on
             return switched(fn, "TRITON_BATCHED", frozenset({name}))  # the CPU: no Triton there)
         batched_forward = batched(
-            lambda: triton_backend.forward(x, routing, weight, bias, *geometry), "forward")
+            lambda: triton_backend.forward(x, routing, weight, None, *geometry), "forward")
         batched_grad_x = batched(lambda: triton_backend.backward(
             grad_out, x, routing, weight, None, *geometry, [True, False, False, False])[0],
             "grad_x")
@@ -210,13 +214,20 @@ def main(argv=None):
         # same alternatives (the table's columns)
         none = (None, None)
         passes = {
-            "forward": (lambda: F.conv2d(x, weight[0], bias[0]), forward, {
+            "forward": (lambda: F.conv2d(x, weight[0]), forward, {
                 "stationary": (stationary(forward),
                                kernel.eligible(x, layer.experts, layer.cout, 1, True, False)),
                 "batched": (batched_forward,
                             batched_path.eligible(x, weight, *geometry[:2], 1)),
                 "mix": (mix(forward), stationary_mix.eligible(x, layer.experts, layer.cout, 1,
                                                               True, False)),
+                "acc layout": none}),
+            # With a bias: the third GPU run's mix forward (with one) was 1.45x dense's where
+            # its grad_x (never one) was 0.79x; this row says whether the bias is the cause.
+            "forward+bias": (lambda: F.conv2d(x, weight[0], bias[0]), forward_of(bias), {
+                "stationary": none, "batched": none,
+                "mix": (mix(forward_of(bias)), stationary_mix.eligible(
+                    x, layer.experts, layer.cout, 1, True, False)),
                 "acc layout": none}),
             "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
                        backward([True, False, False, False], 0), {

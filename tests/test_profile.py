@@ -297,6 +297,7 @@ def test_the_switched_variants_switch_their_whole_step(monkeypatch):
                nn_module.register_module_full_backward_hook(record("backward"))]
     try:
         for name, on in ((latency.BATCHED_VARIANT, (_env.BATCHED_PASSES, frozenset())),
+                         (latency.BATCHED_GRAD_X_VARIANT, (frozenset({"grad_x"}), frozenset())),
                          (latency.KGRAD_VARIANT, (frozenset(), frozenset({"kernel_grad"}))),
                          (latency.MIX_VARIANT, (frozenset(), frozenset({"mix"}))),
                          ("fused:triton", (frozenset(), frozenset()))):

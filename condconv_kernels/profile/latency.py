@@ -27,7 +27,8 @@ from .layers import LayerShape
 from .timing import Measurement, time_callable
 
 __all__ = ["VariantResult", "model_layer_shapes", "layer_variants", "model_variants",
-           "BATCHED_VARIANT", "KGRAD_VARIANT", "MIX_VARIANT", "SWITCHED_VARIANTS", "measure", "fused_backends",
+           "BATCHED_VARIANT", "BATCHED_GRAD_X_VARIANT", "KGRAD_VARIANT", "MIX_VARIANT",
+           "SWITCHED_VARIANTS", "measure", "fused_backends",
            "cpu_peak_memory_mb"]
 
 
@@ -177,11 +178,13 @@ def _set_backend(model: nn.Module, name: str) -> nn.Module:
 
 
 BATCHED_VARIANT = "fused:triton+batched"
+BATCHED_GRAD_X_VARIANT = "fused:triton+batched-grad_x"
 KGRAD_VARIANT = "fused:triton+kgrad"
 MIX_VARIANT = "fused:triton+mix"
 # The triton backend with an experimental path switched on: variant -> (the switch of _env,
 # which the backend reads at every call; the passes it turns on).
 SWITCHED_VARIANTS = {BATCHED_VARIANT: ("TRITON_BATCHED", _env.BATCHED_PASSES),
+                     BATCHED_GRAD_X_VARIANT: ("TRITON_BATCHED", frozenset({"grad_x"})),
                      KGRAD_VARIANT: ("TRITON_STATIONARY", frozenset({"kernel_grad"})),
                      MIX_VARIANT: ("TRITON_STATIONARY", frozenset({"mix"}))}
 

@@ -492,10 +492,13 @@ def dense_bwd_w_kernel(
                     tl.store(qc_ptr + (i_k.to(tl.int64) * B + b) * (COUT_G * GROUPS) + o_co,
                              tl.sum(b_Qk, axis=1), mask=m_co)
             if NEED_R:
-                # One reduction over the flattened tile (an expert a row; the reshape keeps
-                # the order: with can_reorder the compiler may mix the experts' rows).
-                b_part = tl.sum(tl.reshape(b_w.to(ACC) * b_G[None, :, :],
-                                           (E_POW2, BLOCK_CO * BLOCK_K)), axis=1)
+                # Over the tile's columns, then its rows. Not one reduction over the tile
+                # reshaped to (E_POW2, BLOCK_CO * BLOCK_K): Triton 3.6 lowers that one to warp
+                # shuffles over the wrong lanes where the lanes it sums are not the lowest
+                # (16-bit W tiles of 16 columns at 8 experts, most tiles at 2 or 4), adding
+                # each expert's sum into its neighbour's (the third GPU run's grad_routing
+                # failure; read off the compiled code: tests/test_triton_compile.py).
+                b_part = tl.sum(tl.sum(b_w.to(ACC) * b_G[None, :, :], axis=2), axis=1)
                 tl.store(part_ptr + (tile.to(tl.int64) * B + b) * E + o_e, b_part, mask=m_e)
             if NEED_W:
                 b_gw += b_r[:, None, None] * b_G[None, :, :]
