@@ -65,9 +65,10 @@ MAX_WIDE_EXAMPLES = 4
 _GPU_CONFIGS = [(64, 32, 64, 8, 3), (32, 64, 64, 8, 3), (32, 32, 64, 4, 3),
                 (64, 32, 32, 8, 4), (16, 64, 64, 4, 3), (16, 32, 64, 4, 3), (64, 32, 128, 8, 3)]
 # (64, 16, 64, 4, 3) was in the table until the third GPU run forced it on a 7x7 1x1 layer
-# (test_gpu_forced_configuration[k1_7-3]): its grad_routing was off by 9x the test's bound
-# there (grad_x and the forward right); the second run's tuner had picked it for the 7x7
-# layers, where its grad_routing differed from the experts-stationary kernel's.
+# (test_gpu_forced_configuration[k1_7-3]): its grad_routing was off by 9x the test's bound, a
+# Triton reduction miscompiled (the kernel's comment at grad_routing's sums; fixed there
+# since, for every configuration). It stays out: the tuner had picked it on the 7x7 layers
+# only, and no GPU run has checked the fix on it.
 KGRAD_TILES = ("BLOCK_CO", "BLOCK_K", "BLOCK_P")
 # The dense kernel gradient's registers for its tile of every expert, per warp: the gradients
 # (float32, or float64) and W's tiles (input dtype), 96 registers a thread; past this, ptxas
