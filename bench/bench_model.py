@@ -17,9 +17,10 @@ triton backend with its experimental batched 1x1 passes on (``CONDCONV_TRITON_BA
 kernel gradient in the accumulator's layout (``CONDCONV_TRITON_STATIONARY=kernel_grad``), and
 ``fused:triton+mix``, with its experimental 7x7 and 14x14 1x1 forward and grad_x mixing the
 experts on the tensor cores (``CONDCONV_TRITON_STATIONARY=mix``), each switched around that
-variant's calls only. ``--cuda-graph`` captures each variant's call in a CUDA graph and times
-its replays: no host work per kernel, so the numbers are the device's, as in a training loop
-under ``torch.cuda.graph`` (a variant whose capture fails is left out, with a note).
+variant's calls only (``--also`` times them beside the default variants). ``--cuda-graph``
+captures each variant's call in a CUDA graph and times its replays: no host work per kernel,
+so the numbers are the device's, as in a training loop under ``torch.cuda.graph`` (a variant
+whose capture fails is left out, with a note).
 """
 from __future__ import annotations
 
@@ -50,12 +51,19 @@ def main(argv=None):
                         f"timm:<name>, {', '.join(SWITCHED_VARIANTS)}: the triton backend with "
                         "an experimental path on, only when named); static is always timed. "
                         f"Default: all but {', '.join(SWITCHED_VARIANTS)}.")
+    p.add_argument("--also", default="",
+                   help=f"Comma-separated variants of {', '.join(SWITCHED_VARIANTS)} to time "
+                        "beside the default ones (or beside --variants).")
     p.add_argument("--cuda-graph", action="store_true",
                    help="Time replays of each variant captured in a CUDA graph (CUDA only).")
     p.add_argument("--out", help="Write the table (markdown) and every number (JSON beside it).")
     args = p.parse_args(argv)
     if args.cuda_graph and not str(args.device).startswith("cuda"):
         p.error("argument --cuda-graph: needs --device cuda")
+    also = {v for v in args.also.split(",") if v}
+    if also - set(SWITCHED_VARIANTS):
+        p.error(f"argument --also: unknown {sorted(also - set(SWITCHED_VARIANTS))}; have "
+                f"{sorted(SWITCHED_VARIANTS)}")
     mode = "forward+backward" if args.backward else "forward"
     if args.cuda_graph:
         mode += ", CUDA graph replays"
@@ -77,12 +85,12 @@ def main(argv=None):
                              args.backward, amp=getattr(torch, args.amp) if args.amp else None,
                              channels_last=args.channels_last, input_size=args.input_size,
                              timm_models=timm_models,
-                             switched=[v for v in SWITCHED_VARIANTS if v in chosen])
+                             switched=[v for v in SWITCHED_VARIANTS if v in chosen | also])
         if args.variants:
             unknown = chosen - set(fns)
             if unknown:
                 p.error(f"argument --variants: unknown {sorted(unknown)}; have {sorted(fns)}")
-            fns = {name: fn for name, fn in fns.items() if name in chosen}
+            fns = {name: fn for name, fn in fns.items() if name in chosen | also}
         if args.cuda_graph:
             fns = graphed_variants(fns, notes)
         t = {name: m.median_ms for name, m in
