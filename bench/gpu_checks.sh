@@ -16,12 +16,12 @@
 #         products, the kernel gradient in the accumulator's layout), each routing gradient
 #         against a float64 sum (bench/bench_pointwise.py);
 #         whole-model inference at batch 256, static and fused triton captured in a CUDA graph
-#         (device time; also with the batched 1x1 forward); the headline benchmark (the 24
-#         CondConv layers of tf_efficientnet_cc_b0_8e, batch 256, bfloat16, channels_last,
-#         forward: triton, cuda, unfused, static, roofline columns, each variant as CUDA graph
-#         replays: the device's time); eager inference (ours fused, unfused and static, timm's
-#         tf_efficientnet_cc_b0_8e and tf_efficientnet_b0); then kit.tgz: the built extension,
-#         Triton's compiled kernels and autotune results.
+#         (device time; also with the batched 1x1 forward and with the mix pass); the headline
+#         benchmark (the 24 CondConv layers of tf_efficientnet_cc_b0_8e, batch 256, bfloat16,
+#         channels_last, forward: triton, cuda, unfused, static, roofline columns, each variant
+#         as CUDA graph replays: the device's time); eager inference (ours fused, also with the
+#         mix pass, unfused and static, timm's tf_efficientnet_cc_b0_8e and tf_efficientnet_b0);
+#         then kit.tgz: the built extension, Triton's compiled kernels and autotune results.
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
 #         rebuilds): the training step (static, fused triton, fused triton with the mix pass,

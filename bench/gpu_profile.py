@@ -71,8 +71,7 @@ def device_kernels(fn, device: str, calls: int = 10):
     ranges = {avg.key for avg in averages if getattr(avg, "is_user_annotation", False)}
     for avg in averages:
         if cuda:
-            if (avg.device_type != DeviceType.CUDA or avg.key in ranges
-                    or getattr(avg, "is_user_annotation", False)):
+            if avg.device_type != DeviceType.CUDA or avg.key in ranges:
                 continue
             us = getattr(avg, "self_device_time_total", None)
             if us is None:
