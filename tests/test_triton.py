@@ -325,12 +325,13 @@ def test_a_block_of_examples_past_the_batch(examples, monkeypatch):
 
 
 def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
-    """The dense kernel gradient writes only as many rows of its partial sums (part, and the
-    scales' qc and qk) as its tile size gives: the autotuner must zero them before each trial
-    and before the real launch, or the trials' sums leak into the first gradient of every new
-    shape. The other outputs are stored whole (the dense kernel gradient's gw: every program
-    its tile for its batch slice; the depthwise kernel gradient every element of its G), so
-    they need no reset."""
+    """The dense kernel gradient writes only as many rows of the scales' partial sums (qc and
+    qk) as its tile size gives, and they are summed whole: the autotuner must zero them before
+    each trial and before the real launch, or the trials' sums leak into the first gradient of
+    every new shape. grad_routing's partial sums (part) are summed over the rows the launched
+    configuration wrote only (test_kernel_gradient_sums), and the other outputs are stored
+    whole (gw: every program its tile for its batch slice; the depthwise kernel gradient every
+    element of its G): no reset."""
     import importlib
     from condconv_kernels.triton import _config, dense, depthwise
     monkeypatch.setattr(_config, "INTERPRET", False)
@@ -338,8 +339,7 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
     try:
         importlib.reload(dense)
         importlib.reload(depthwise)
-        assert sorted(dense.dense_bwd_w_kernel.reset_to_zero) == ["part_ptr", "qc_ptr",
-                                                                   "qk_ptr"]
+        assert sorted(dense.dense_bwd_w_kernel.reset_to_zero) == ["qc_ptr", "qk_ptr"]
         for kernel in (dense.dense_fwd_kernel, dense.dense_bwd_x_kernel, depthwise.dw_fwd_kernel,
                        depthwise.dw_bwd_x_kernel, depthwise.dw_bwd_w_kernel):
             assert kernel.reset_to_zero == []
@@ -564,6 +564,40 @@ def test_kernel_gradient_slices_keep_32_bit_loops(monkeypatch):
         assert 8 <= S <= B or S == B
         assert cdiv(B, S) * min(cdiv(pixels, smallest_p), chain) < 2 ** 31, (B, pixels, S)
     assert backend._splits(2 ** 30, 1024) > 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tap_major", [False, True])
+def test_kernel_gradient_sums(dtype, tap_major):
+    """The kernel gradient's sum kernel (one launch): grad_weight, the sum of S slices of gw,
+    in weight's dtype and order (gw's K in (tap, channel) order where tap_major), and
+    grad_routing, the sum of part's first `tiles` rows only (the rows past them hold NaN here,
+    as the unwritten rows of an unfilled buffer may); against torch's sums, each half alone
+    too."""
+    import condconv_kernels.triton as backend
+    E, cout, cin_g, kh, kw, B, S, tiles = 3, 5, 6, 2, 3, 7, 4, 9
+    weight = torch.randn(E, cout, cin_g, kh, kw).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gw = torch.randn(S, E, weight[0].numel(), dtype=acc)
+    part = torch.randn(tiles + 5, B, E, dtype=acc)
+    part[tiles:] = float("nan")
+    g = gw.sum(0)
+    if tap_major:
+        g = g.view(E, cout, kh, kw, cin_g).permute(0, 1, 4, 2, 3)
+    want_w = g.reshape(weight.shape).to(dtype)
+    want_r = part[:tiles].sum(0)
+    for need_w, need_r in ((True, True), (True, False), (False, True)):
+        grad_w, grad_r = backend._sum_kernel_grads(gw, part, tiles, weight, B, tap_major,
+                                                   need_w, need_r)
+        assert (grad_w is None) != need_w and (grad_r is None) != need_r
+        if need_w:
+            assert grad_w.dtype == dtype and grad_w.shape == weight.shape
+            assert grad_w.is_contiguous()
+            tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else {}
+            torch.testing.assert_close(grad_w, want_w, **tol)
+        if need_r:
+            assert grad_r.dtype == acc
+            torch.testing.assert_close(grad_r, want_r)
 
 
 def test_stand_in_is_an_ordinary_tensor(monkeypatch):

@@ -36,8 +36,16 @@ def test_static_report_of_a_pointwise_layer(tmp_path):
          str(path)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     records = {r["kernel"]: r for r in json.loads(path.read_text())}
-    assert set(records) == {"dense_fwd", "dense_bwd_x", "dense_bwd_w", "dw_fwd", "dw_bwd_x",
-                            "dw_bwd_w"}
+    assert set(records) == {"dense_fwd", "dense_bwd_x", "dense_bwd_w", "dense_kgrad_sum",
+                            "dw_fwd", "dw_bwd_x", "dw_bwd_w"}
+    # The kernel gradient's sum kernel: its 8 batch slices of float32 gradients (8 experts of
+    # 480 x 80) and the partial sums at the smallest tiles' rows (30 x 5 tiles of 16 x 16, of
+    # 256 x 8) read once, the bfloat16 gradient and grad_routing written once: bandwidth-bound
+    experts = 8 * 480 * 80
+    sums = records.pop("dense_kgrad_sum")
+    assert sums["hbm_bytes"] == 8 * experts * 4 + 150 * 256 * 8 * 4 + experts * 2 + 256 * 8 * 4
+    assert sums["modeled_us"] == pytest.approx(sums["floor_us"]) and sums["spill_bytes"] == 0
+    assert sums["tensor_core"] == "none" and sums["grid"] == experts // 1024 + 2048 // 128
     dw = {name: records.pop(name) for name in ("dw_fwd", "dw_bwd_x", "dw_bwd_w")}
     for r in dw.values():  # the issue time is one of the modeled time's terms
         assert r["spill_bytes"] == 0 and r["modeled_us"] >= r["issue_us"] > 0, r
@@ -82,7 +90,7 @@ def test_static_report_with_the_stationary_kernel(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     records = {r["kernel"]: r for r in json.loads(path.read_text())}
     assert set(records) == {"stationary_fwd", "dense_bwd_x", "stationary_routing",
-                            "dense_bwd_w"}
+                            "dense_bwd_w", "dense_kgrad_sum"}
     for name in ("stationary_fwd", "stationary_routing"):
         r = records[name]
         assert r["tensor_core"] == "wgmma" and r["async_copy"] == "cp.async", r
@@ -328,7 +336,9 @@ def test_direct_launch_matches_tritons(tmp_path):
                                 capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         lines = result.stdout.strip().split("\n")[-3:]
-        assert [line.split(" ")[:2] for line in lines] == [["1", "3"], ["3", "3"], ["5", "3"]]
+        # (the dense layers' backward: grad_x, the kernel gradient and its sum kernel, an
+        # untuned kernel of one configuration, launched directly too)
+        assert [line.split(" ")[:2] for line in lines] == [["1", "4"], ["3", "4"], ["5", "3"]]
 
 
 def test_static_report_of_a_dense_3x3_layer(tmp_path):
@@ -347,7 +357,10 @@ def test_static_report_of_a_dense_3x3_layer(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     records = {(r["layer"], r["kernel"]): r for r in json.loads(path.read_text())}
     assert set(records) == {(layer, kernel) for layer in ("r2.conv", "r3.down")
-                            for kernel in ("dense_fwd", "dense_bwd_x", "dense_bwd_w")}
+                            for kernel in ("dense_fwd", "dense_bwd_x", "dense_bwd_w",
+                                           "dense_kgrad_sum")}
+    for layer in ("r2.conv", "r3.down"):  # (a bandwidth-bound sum: no products, no copies)
+        assert records.pop((layer, "dense_kgrad_sum"))["spill_bytes"] == 0
     for r in records.values():
         assert r["async_copy"] == "cp.async" and r["tensor_core"] == "wgmma", r
         assert r["spill_bytes"] == 0 and r["modeled_us"] >= r["floor_us"] > 0, r

@@ -33,7 +33,8 @@ from .._epilogue import Scales, finish_grads, fold_scaled_kernel_grads
 from ._grid import cdiv, flat_grid
 from ._config import (DENSE_TILES, DW_KGRAD_TILES, DW_TILES, INTERPRET, KGRAD_TILES, bucket,
                       fixed_blocks, smallest_block)
-from .dense import CHAIN, dense_bwd_w_kernel, dense_bwd_x_kernel, dense_fwd_kernel
+from .dense import (CHAIN, SUM_BLOCK_C, SUM_BLOCK_W, dense_bwd_w_kernel, dense_bwd_x_kernel,
+                    dense_fwd_kernel, dense_kgrad_sum_kernel)
 from ._scales import launch_args
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
 from . import batched, pointwise_grad, stationary, stationary_mix
@@ -333,8 +334,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         # Partial sums by tile of W, as many rows as the smallest tiles of any configuration
         # make (each launch checks that it fits): grad_routing's (a row per tile), out_scale's
         # (a row per tile of K), in_scale's and tap_scale's (a row per tile of channels).
-        tiles = groups * rows_co * rows_k
-        part = zeros((tiles, B, E), need_r)
+        # (not filled: the sum kernel reads the rows the launched configuration wrote)
+        part = (torch.empty((groups * rows_co * rows_k, B, E), dtype=acc, device=x.device)
+                if need_r else _stand_in(acc, x.device))
         qc = zeros((rows_k, B, cout), any(need_s) and out_scale is not None)
         qk = zeros((rows_co, B, groups * K),
                    any(need_s) and (in_scale is not None or tap_scale is not None))
@@ -348,8 +350,14 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         w_k = (weight.permute(0, 1, 3, 4, 2).contiguous()
                if tap_major and (need_r or any(need_s)) else w)
 
+        # The rows of partial sums the launched configuration writes: its grid's tiles (Triton
+        # calls the grid with the configuration it launches, the tuner's last); all the rows
+        # where the launch is only recorded, never run (the static report).
+        written = {"tiles": groups * rows_co * rows_k}
+
         def grid(meta):
             n_k, n_co = cdiv(K, meta["BLOCK_K"]), cdiv(cout_g, meta["BLOCK_CO"])
+            written["tiles"] = groups * n_co * n_k
             return _within((rows_co, rows_k), (n_co, n_k), flat_grid(n_k, n_co, groups * S))
         dense_bwd_w_kernel[grid](
             x, grad_out, routing, w_k, *s_ptrs, gw, part, qc, qk, B, cin_g, cout_g, groups, H, W,
@@ -360,20 +368,39 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             and _pointwise(kh, kw, stride, padding, grad_out),
             TAP_MAJOR=tap_major, ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
             **s_flags, **blocks)
-        if need_w:
-            g = gw.sum(0)
-            if tap_major:  # (E, Cout, kh, kw, Cin_g) back to W's order, in the same copy
-                g = g.view(E, cout, kh, kw, cin_g).permute(0, 1, 4, 2, 3)
-            grad_weight = g.reshape(weight.shape).to(weight.dtype,
-                                                     memory_format=torch.contiguous_format)
-        if need_r:
-            grad_routing = part.sum(0)
+        if need_w or need_r:
+            grad_weight, grad_routing = _sum_kernel_grads(gw, part, written["tiles"], weight, B,
+                                                          tap_major, need_w, need_r)
         scale_grads = _scale_grads(scales, need_s, qc, qk, B, groups, cin_g, kh * kw, acc,
                                    tap_major)
 
     grad_routing, grad_bias, *scale_grads = finish_grads(grad_out, routing, bias, grad_routing,
                                                          need_b, acc, scales, scale_grads)
     return (grad_x, grad_routing, grad_weight, grad_bias, *scale_grads)
+
+
+def _sum_kernel_grads(gw: torch.Tensor, part: torch.Tensor, tiles: int, weight: torch.Tensor,
+                      B: int, tap_major: bool, need_w: bool, need_r: bool
+                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(grad_weight, grad_routing) from the dense kernel gradient's partial sums, in one launch
+    (``dense_kgrad_sum_kernel``): grad_weight (E, Cout, Cin/g, kh, kw) in weight's dtype, the
+    sum of gw's (S, E, N) slices (N in (Cout, kh, kw, Cin/g) order where ``tap_major``);
+    grad_routing (B, E) in the accumulation dtype, the sum of part's first ``tiles`` rows of
+    (B, E). None where not asked for."""
+    E, cout, cin_g, kh, kw = weight.shape
+    acc = gw.dtype  # (the stand-in's where not asked for: the same)
+    S, EN, BE = gw.shape[0], weight.numel(), B * E
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype,
+                              device=weight.device) if need_w else None
+    grad_routing = torch.empty((B, E), dtype=acc, device=weight.device) if need_r else None
+    programs = ((cdiv(EN, SUM_BLOCK_W.value) if need_w else 0)
+                + (cdiv(BE, SUM_BLOCK_C.value) if need_r else 0))
+    stand_in = _stand_in(acc, weight.device)
+    dense_kgrad_sum_kernel[flat_grid(programs)](
+        gw, part, stand_in if grad_weight is None else grad_weight,
+        stand_in if grad_routing is None else grad_routing, S, EN, tiles, BE, cin_g, kh * kw,
+        NEED_W=need_w, NEED_R=need_r, TAP_MAJOR=tap_major and need_w)
+    return grad_weight, grad_routing
 
 
 def _stationary_routing_grad(grad_out, x, weight, groups, stride, padding,

@@ -262,6 +262,18 @@ def autotune(key: Sequence[str], shapes: Sequence[str], reset_to_zero: Sequence[
     return wrap
 
 
+def untuned(num_warps: int = 4, num_stages: int = 3):
+    """Wraps a kernel without tile sizes to tune in a TunedKernel of one configuration, for the
+    direct launch (on the GPU, or launched dry); leaves it alone under the interpreter. Its
+    launches pass no ``num_warps`` / ``num_stages``: they are these."""
+    def wrap(kernel):
+        if INTERPRET:
+            return kernel
+        return TunedKernel(kernel, [triton.Config({}, num_warps=num_warps,
+                                                  num_stages=num_stages)], [])
+    return wrap
+
+
 # The argument types TunedKernel's launch key reads as tensors (by dtype and alignment).
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 # The most launch keys a tuned kernel keeps its compiled kernel under (TunedKernel): one per
@@ -331,7 +343,7 @@ class TunedKernel(Autotuner):
         return tuple(key)
 
     def run(self, *args, **kwargs):
-        if len(self.configs) > 1 and not kwargs.get("warmup"):
+        if not kwargs.get("warmup"):
             if not DIRECT_LAUNCH:
                 return self._tuned_run(args, kwargs, None)
             fast = self.launch_key(args, kwargs)
@@ -355,8 +367,8 @@ class TunedKernel(Autotuner):
         kept under it for the direct launch."""
         key = self.tuning_key(args, kwargs)
         hit = self._launch.get(key)
-        if hit is None:
-            config = self.cache.get(key)
+        if hit is None:  # (one configuration: never tuned, always that one)
+            config = self.cache.get(key) if len(self.configs) > 1 else self.configs[0]
             if config is None or config.pre_hook is not None:
                 return super().run(*args, **kwargs)
             hit = self._launch[key] = (config, config.all_kwargs())

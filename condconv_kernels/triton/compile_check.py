@@ -7,7 +7,8 @@ compiled in every dtype with the configuration ``CONDCONV_TRITON_AUTOTUNE=0`` la
 of its table), and in float32 and bfloat16 with each other configuration of its table (with
 ``--quick``, the largest only). Prints one line
 per variant (shared memory, tensor-core instructions) and exits 1 if any
-variant fails or does not fit. The experimental Gluon kernels (``stationary.py``,
+variant fails or does not fit; the dense kernel gradient's sum kernel (no tiles) in every dtype.
+The experimental Gluon kernels (``stationary.py``,
 ``stationary_mix.py``, ``pointwise_grad.py``) are compiled at their ``COMPILE_CASES`` in
 float16 and bfloat16.
 
@@ -105,6 +106,21 @@ def compile_variant(name: str, dtype: torch.dtype, config, arch: int = 90):
                           options=dict(num_warps=warps, num_stages=stages))
 
 
+def compile_sum(dtype: torch.dtype, tap_major: bool, arch: int = 90):
+    """Compiles the dense kernel gradient's sum kernel (``dense_kgrad_sum_kernel``: untuned, no
+    tiles) with both sums, grad_weight in ``dtype``, for ``sm_<arch>``."""
+    fn = _jit(dense.dense_kgrad_sum_kernel)
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    constexprs = {"NEED_W": True, "NEED_R": True, "TAP_MAJOR": tap_major}
+    signature = {arg: ("constexpr" if arg in constexprs else f"*{TYPES[dtype]}" if arg == "dw_ptr"
+                       else f"*{acc}" if arg.endswith("_ptr") else "i32")
+                 for arg in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=4, num_stages=3))
+
+
 def _size(config):
     blocks, _, stages = config
     product = 1
@@ -189,6 +205,16 @@ def main(argv=None) -> int:
         failures += not fits
         print(f"{label}: {meta.shared} B shared{'' if fits else ' (TOO MUCH)'}, "
               f"{ptx.count('mma.sync') + ptx.count('wgmma.mma_async')} mma instructions")
+    for dtype in TYPES:
+        for tap_major in (False, True):
+            label = f"dense_kgrad_sum     {TYPES[dtype]}{' tap-major' if tap_major else ''}"
+            try:
+                compiled = compile_sum(dtype, tap_major, args.arch)
+            except Exception as error:  # noqa: BLE001 -- as above
+                print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[-1]}")
+                failures += 1
+                continue
+            print(f"{label}: {compiled.metadata.shared} B shared")
     # The Gluon kernels (one program an SM: registers are free up to 255, but a spill is a
     # miss): each compiled at its cases in bfloat16 and float16, its shared memory the plan's
     # (which decides the layers it takes; the plan keeps 1 KB for the compiler's scratch).

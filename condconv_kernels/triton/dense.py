@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._config import DENSE_TILES, KGRAD_TILES, SCALE_FLAGS, autotune
+from ._config import DENSE_TILES, KGRAD_TILES, SCALE_FLAGS, autotune, untuned
 from ._grid import program_ids
 from ._scales import scale_factor
 
@@ -369,7 +369,7 @@ def _g_tile(p_x0, p_g0, p0, L, WO, H, W, o_co, m_co, o_ci, o_t, m_k, s_xc, s_xh,
 
 @autotune(key=["B_KEY", "COUT_G", "KEY_K", "KEY_L", "E", "KH", "KW", "NEED_W", "NEED_R",
                "SCALE_GRADS", "POINTWISE", "TAP_MAJOR", *SCALE_FLAGS], shapes=KGRAD_TILES,
-          reset_to_zero=("part_ptr", "qc_ptr", "qk_ptr"))
+          reset_to_zero=("qc_ptr", "qk_ptr"))
 @triton.jit
 def dense_bwd_w_kernel(
     x_ptr, g_ptr, r_ptr, w_ptr, in_s_ptr, out_s_ptr, tap_s_ptr, gw_ptr, part_ptr, qc_ptr, qk_ptr,
@@ -508,3 +508,50 @@ def dense_bwd_w_kernel(
             t = tl.where(t == TILES - 1, 0, t + 1)
     if NEED_W:
         tl.store(gw_ptr + (i_s * E).to(tl.int64) * N + o_tile, b_gw, mask=m_tile)
+
+
+# The sum kernel's tiles: elements of the expert gradients a program sums over the slices, and
+# (rows, columns) of grad_routing's partial sums a program adds per iteration.
+SUM_BLOCK_W = tl.constexpr(1024)
+SUM_BLOCK_R = tl.constexpr(32)
+SUM_BLOCK_C = tl.constexpr(128)
+
+
+@untuned(num_warps=4)
+@triton.jit
+def dense_kgrad_sum_kernel(
+    gw_ptr, part_ptr, dw_ptr, dr_ptr, S, EN, ROWS, BE, CIN_G, TAPS,
+    NEED_W: tl.constexpr, NEED_R: tl.constexpr, TAP_MAJOR: tl.constexpr,
+):
+    """The kernel gradient's last step, one launch for both sums (dense_bwd_w_kernel's outputs):
+    grad_weight[e, n] = sum over the S slices of gw[s, e, n], in grad_weight's dtype and W's
+    order (with TAP_MAJOR gw's K runs over (tap, channel): put back to (channel, tap)), and
+    grad_routing[b, e] = sum over the first ROWS rows of part[row, b, e] (the rows the launched
+    configuration's tiles wrote; those past them are never read, so part needs no fill).
+    EN = E x Cout x K elements of gw per slice, BE = B x E partials per row. The first
+    cdiv(EN, SUM_BLOCK_W) programs (where NEED_W) sum gw, the rest part; every sum in a fixed
+    order (deterministic)."""
+    pid = tl.program_id(0)
+    n_w = 0
+    if NEED_W:
+        n_w = tl.cdiv(EN, SUM_BLOCK_W)
+    if pid < n_w:
+        o = pid.to(tl.int64) * SUM_BLOCK_W + tl.arange(0, SUM_BLOCK_W)
+        m = o < EN
+        acc = tl.load(gw_ptr + o, mask=m, other=0.0)
+        for s in range(1, S):
+            acc += tl.load(gw_ptr + tl.cast(s, tl.int64) * EN + o, mask=m, other=0.0)
+        if TAP_MAJOR:  # n = (e, co, tap, ci) -> (e, co, ci, tap)
+            K = CIN_G * TAPS
+            k = o % K
+            o = o - k + (k % CIN_G) * TAPS + k // CIN_G
+        tl.store(dw_ptr + o, acc.to(dw_ptr.dtype.element_ty), mask=m)
+    elif NEED_R:
+        o_c = (pid - n_w) * SUM_BLOCK_C + tl.arange(0, SUM_BLOCK_C)
+        m_c = o_c < BE
+        rows = tl.zeros((SUM_BLOCK_R, SUM_BLOCK_C), dtype=dr_ptr.dtype.element_ty)
+        for r0 in range(0, ROWS, SUM_BLOCK_R):
+            o_r = r0 + tl.arange(0, SUM_BLOCK_R)
+            rows += tl.load(part_ptr + o_r.to(tl.int64)[:, None] * BE + o_c[None, :],
+                            mask=(o_r < ROWS)[:, None] & m_c[None, :], other=0.0)
+        tl.store(dr_ptr + o_c, tl.sum(rows, axis=0), mask=m_c)

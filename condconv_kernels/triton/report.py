@@ -35,6 +35,12 @@ bulk tensor copies of TMA) appear in the code, and the model:
   3x3 dense);
 - floor: the layer's own floor for that pass, max(FLOPs / 800 TFLOP/s, HBM bytes / 3.0 TB/s).
 
+The dense kernel gradient's sum kernel (record ``dense_kgrad_sum``: its batch slices'
+float32 gradients and grad_routing's partial sums, summed into the two gradients) moves only
+what the kernel gradient's design leaves it, so its floor is its own traffic; its partial
+sums are counted at the rows the smallest tiles allocate (a launch writes those of its tiles
+only, which the sum kernel reads: fewer where the tuner picks larger tiles).
+
 The main loop's counts per iteration come from the machine code
 (:mod:`condconv_kernels.triton.sass`): instructions, barriers and global loads into registers
 (``loop instr / bar / ldg``; the JSON has every ``loop_`` count, ``loop_issue_cycles`` and
@@ -104,7 +110,7 @@ STATIONARY_PASSES = ("stationary_fwd", "stationary_bwd_x", "stationary_routing")
 MIX_PASSES = ("mix_fwd", "mix_bwd_x")
 POINTWISE_GRAD = "pointwise_grad"
 KERNEL_NAMES = ("dense_fwd_kernel", "dense_bwd_x_kernel", "dense_bwd_w_kernel",
-                "dw_fwd_kernel", "dw_bwd_x_kernel", "dw_bwd_w_kernel")
+                "dense_kgrad_sum_kernel", "dw_fwd_kernel", "dw_bwd_x_kernel", "dw_bwd_w_kernel")
 
 
 @dataclasses.dataclass
@@ -383,6 +389,15 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
         cc = examples * 2 * halves * E * bco * bk  # routing x G into the gradients, <G, W[e]>
         hbm = x_bytes + out_bytes + experts_bytes + E * kernel_numel * 4
         return hbm, l2, tc, cc, conv_flops + 2 * mix_flops
+    if name == "dense_kgrad_sum_kernel":
+        # The batch slices' gradients and grad_routing's partial sums read once, the gradients
+        # written once: its own traffic, its floor too (a step of the design, not the layer's)
+        a = dict(zip(_base(launch.kernel).arg_names, launch.args))
+        kw = launch.kwargs
+        gw = a["S"] * a["EN"] * 4 * kw["NEED_W"]
+        part = a["ROWS"] * a["BE"] * 4 * kw["NEED_R"]
+        hbm = gw + part + kw["NEED_W"] * a["EN"] * itemsize + kw["NEED_R"] * a["BE"] * 4
+        return hbm, hbm, 0, gw // 4 + part // 4, 0
     # Depthwise: direct arithmetic on CUDA cores. A program's input tile with its halo is
     # counted once from L2 for each of its EXAMPLES (a row of taps loads each column once; the
     # next row's reloads are L1 hits). Forward and grad_x: each program loads its channels'
