@@ -62,7 +62,8 @@ def _tuned_kernels():
         return []
     kernels = [(name, getattr(module, name)) for module in (dense, depthwise)
                for name in sorted(dir(module)) if name.endswith("_kernel")]
-    return [(name, kernel) for name, kernel in kernels if hasattr(kernel, "configs")]
+    return [(name, kernel) for name, kernel in kernels
+            if len(getattr(kernel, "configs", ())) > 1]  # (not the untuned ones)
 
 
 def launched_configs(fn, kernels) -> str:

@@ -167,6 +167,16 @@ def check_tensors(x, routing, weight, bias, stride, padding, dilation, groups, i
                                         groups, in_scale, out_scale, tap_scale)
 
 
+def signature(*tensors) -> tuple:
+    """What the checks and the kernels' launches read of a call's tensors (each None or a
+    tensor of concrete sizes): shape, strides, dtype, device and whether its address is a
+    multiple of 16 (Triton specializes pointers on it). Calls of equal signatures (and equal
+    other arguments) pass or fail the same checks and launch the same kernels."""
+    return tuple(None if t is None else
+                 (t.shape, t.stride(), t.dtype, t.device, not t.data_ptr() & 15)
+                 for t in tensors)
+
+
 def backward_mask(output_mask, scales) -> Tuple[bool, ...]:
     """The backward's ``output_mask`` as one flag per gradient (grad_x, grad_routing,
     grad_weight, grad_bias, grad_in_scale, grad_out_scale, grad_tap_scale): given with 4 entries

@@ -32,7 +32,8 @@ switches lists them with the build's and the tests' own).
   ``TRITON_BATCHED`` (the set of passes), which the triton backend reads at every call.
 - ``CONDCONV_TRITON_DIRECT_LAUNCH=0``: every tuned Triton launch goes through Triton's own
   launch path, never the direct launch of a kernel Triton has compiled for those arguments
-  (:class:`condconv_kernels.triton._config.TunedKernel`). Read at import.
+  (:class:`condconv_kernels.triton._config.TunedKernel`), nor a replay of an earlier call's
+  launches (:mod:`condconv_kernels.triton._replay`). Read at import.
 - ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call
   (:func:`backend_override`), so a process may change it.
 - ``CONDCONV_MALLOC_AS_IS=1``: the benchmark scripts keep the C allocator's settings instead of

@@ -104,17 +104,44 @@ def _condconv2d(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tenso
                          in_scale, out_scale, tap_scale)
 
 
+# Plain eager calls' signatures that passed the checks, with what the forward derives from
+# them: (the useful stride, the output's memory format). At most _MAX_CHECKED, then anew.
+_CHECKED: dict = {}
+_MAX_CHECKED = 4096
+
+
 def _forward_impl(x, routing, weight, bias, stride, padding, dilation, groups, backend,
-                  *scales):
+                  *scales, memo=False):
     """The forward op's computation, checks included (here for the Python backends and the empty
-    batch, which never reach a kernel; in C++ for the C++ kernels)."""
+    batch, which never reach a kernel; in C++ for the C++ kernels). ``memo`` (plain eager calls
+    of plain tensors, concrete sizes): a signature (``_args.signature`` and the other arguments)
+    met before skips the checks and what follows from it alone."""
+    key = None
+    if memo and x.shape[0] > 0:
+        key = (backend, _args.signature(x, routing, weight, bias, *scales), tuple(stride),
+               tuple(padding), tuple(dilation), groups)
+        known = _CHECKED.get(key)
+        if known is not None:
+            useful, memory_format = known
+            out = _FORWARD[backend](x, routing, weight, bias, useful, padding, dilation, groups,
+                                    *scales)
+            return out.contiguous(memory_format=memory_format)
     if backend in _PYTHON_BACKENDS or x.shape[0] == 0:
         _args.check_tensors(x, routing, weight, bias, stride, padding, dilation, groups, *scales)
     if x.shape[0] == 0:
         return _empty_output(x, weight, stride, padding, dilation)
     stride = _args.useful_stride(x.shape, weight.shape, stride, padding, dilation)
+    memory_format = _args.suggest_memory_format(x)
     out = _FORWARD[backend](x, routing, weight, bias, stride, padding, dilation, groups, *scales)
-    return out.contiguous(memory_format=_args.suggest_memory_format(x))
+    if key is not None:
+        if len(_CHECKED) >= _MAX_CHECKED:
+            _CHECKED.clear()
+        _CHECKED[key] = (stride, memory_format)
+    return out.contiguous(memory_format=memory_format)
+
+
+def _eager_forward(*args):
+    return _forward_impl(*args, memo=True)
 
 
 @_condconv2d.register_fake
@@ -227,7 +254,7 @@ class _EagerCondConv2d(torch.autograd.Function):
         inputs = (x, routing, weight, bias, stride, padding, dilation, groups, backend, in_scale,
                   out_scale, tap_scale)
         _setup_context(ctx, inputs, None)
-        return _forward_impl(*inputs)
+        return _forward_impl(*inputs, memo=True)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -389,7 +416,7 @@ def _eager(x, routing, weight, bias, stride, padding, dilation, groups, backend,
         return torch.ops.condconv.native_forward(x, routing, weight, bias, stride, padding,
                                                  dilation, groups, *scales)
     else:
-        run = _forward_impl
+        run = _eager_forward
     args = (x, routing, weight, bias, stride, padding, dilation, groups, backend, *scales)
     if backend == "triton" and torch._C._autograd._profiler_enabled():
         with torch.autograd.profiler.record_function("condconv::condconv2d"):

@@ -539,6 +539,41 @@ def test_eager_path_parameters_and_no_double_backward():
         torch.autograd.grad((gw ** 2).sum(), [x, routing])
 
 
+def test_eager_path_checks_a_signature_once(monkeypatch):
+    """The eager path checks a call's tensors once per signature (shapes, strides, dtypes,
+    devices, alignment, and the other arguments): the same call again skips the check and
+    gives the same result; a call that differs in any of them is checked (a bad one raises as
+    before), and the memo holds no tensor."""
+    from condconv_kernels import _args, ops
+    case = CASES_BY_NAME["k3"]
+    x, routing, weight, bias = make_inputs(case, torch.float64, seed=3)
+    monkeypatch.setattr(ops, "_CHECKED", {})
+    checks = []
+    check = _args.check_tensors
+    monkeypatch.setattr(_args, "check_tensors", lambda *a: checks.append(1) or check(*a))
+
+    def call(x=x, routing=routing, weight=weight, bias=bias, stride=case.stride):
+        with torch.no_grad():
+            return cc.condconv2d(x, routing, weight, bias, stride, case.padding, case.dilation,
+                                 case.groups, backend="triton")
+    first = call()
+    second = call()
+    assert len(checks) == 1 and torch.equal(first, second)
+    leaf = weight.clone().requires_grad_(True)  # the differentiable route memoizes too
+    call(weight=leaf)
+    assert len(checks) == 1
+    call(x=x.contiguous(memory_format=torch.channels_last))  # strides
+    call(x=x.float(), routing=routing.float(), weight=weight.float(), bias=bias.float())
+    shifted = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
+    call(x=shifted)  # 8 bytes off 16-byte alignment
+    call(stride=(1, 2))
+    assert len(checks) == 5
+    with pytest.raises(TypeError, match="'weight'"):
+        call(weight=weight.float())
+    for key, value in ops._CHECKED.items():
+        assert not any(isinstance(v, torch.Tensor) for part in (key, value) for v in part)
+
+
 def test_grids_are_flat_and_bounded():
     """Every launch is a 1-D grid (CUDA's y and z axes hold at most 65535 programs, fewer than a
     large batch needs); past 2**31 - 1 programs a call raises naming x."""

@@ -204,10 +204,14 @@ import torch
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 from condconv_kernels import triton as backend
-from condconv_kernels.triton import dry_run
+from condconv_kernels.triton import _config, _replay, dry_run
 
 dry_run.install()
 launched = []
+tuned_runs = []
+base_tuned_run = _config.TunedKernel.run
+_config.TunedKernel.run = lambda self, *a, **k: tuned_runs.append(1) or base_tuned_run(
+    self, *a, **k)
 def launcher(src, metadata):
     def launch(*args):
         launched.append((metadata.name, args))
@@ -232,12 +236,14 @@ for k, groups, cin, cout in ((1, 1, 16, 32), (3, 1, 16, 16), (5, 16, 16, 16)):
     grad = torch.randn(5, cout, 7, 7, dtype=torch.bfloat16).contiguous(
         memory_format=torch.channels_last)
     seen = []
-    for _ in range(3):  # tunes; Triton's launch (the compiled kernel kept); the direct one
-        launched.clear(), jit_runs.clear()
+    for _ in range(3):  # tunes; Triton's launch (the compiled kernel kept, the plans made); the
+        # direct one, or the plans' replays
+        launched.clear(), jit_runs.clear(), tuned_runs.clear()
         backend.forward(x, routing, weight, None, *conv)
         backend.backward(grad, x, routing, weight, None, *conv, (True, True, True, False))
-        seen.append(([(name, described(args)) for name, args in launched], len(jit_runs)))
-    (through_triton, runs), (direct, direct_runs) = seen[1], seen[2]
+        seen.append(([(name, described(args)) for name, args in launched], len(jit_runs),
+                     len(tuned_runs)))
+    (through_triton, runs, _), (direct, direct_runs, direct_tuned) = seen[1], seen[2]
     switched_off = os.environ.get("CONDCONV_TRITON_DIRECT_LAUNCH") == "0"
     assert runs > 0 and (direct_runs > 0 if switched_off else direct_runs == 0), (runs, direct_runs)
     assert direct == through_triton, (direct, through_triton)
@@ -250,6 +256,11 @@ for k, groups, cin, cout in ((1, 1, 16, 32), (3, 1, 16, 16), (5, 16, 16, 16)):
     jit_runs.clear()
     backend.forward(shifted, routing, weight, None, *conv)
     assert jit_runs, "a launch key that ignores alignment"
+    if k == 1:  # a replay sets the configuration it launched, as the tuned kernel's launch
+        from condconv_kernels.triton import dense
+        dense.dense_fwd_kernel.best_config = None
+        backend.forward(x, routing, weight, None, *conv)
+        assert dense.dense_fwd_kernel.best_config is not None
     if k == 1:  # Triton's debug switch (part of its options): Triton's launch again
         from triton import knobs
         knobs.runtime.debug = True
@@ -257,7 +268,35 @@ for k, groups, cin, cout in ((1, 1, 16, 32), (3, 1, 16, 16), (5, 16, 16, 16)):
         backend.forward(x, routing, weight, None, *conv)
         knobs.runtime.debug = False
         assert jit_runs, "a launch key that ignores Triton's debug switch"
-    print(k, len(direct), [name for name, _ in direct])
+    # Replayed (no TunedKernel.run): the forwards, and the dense 1x1 layer's backward; the
+    # 3x3 kernel gradient reads the experts in tap-major order (a copy made in the call) and
+    # the depthwise kernel gradient ends in products on the host: their launchers run.
+    replayed = len(direct) - direct_tuned
+    print(k, len(direct), [name for name, _ in direct], replayed)
+for plan in _replay.PLANS.values():  # a plan holds no tensor but the stand-ins
+    for step in plan.steps:
+        held = [a for a in step[4] if isinstance(a, torch.Tensor)]
+        assert all(any(a is t for t in backend._STAND_INS.values()) for a in held), held
+# One tensor in two roles (in_scale and out_scale here) keeps no plan: a later call of the
+# same signature with two tensors would get the first one in both places
+x = torch.randn(5, 16, 7, 7, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+weight = torch.randn(8, 16, 16, 1, 1, dtype=torch.bfloat16)
+scale = torch.rand(5, 16)
+conv = ([1, 1], [0, 0, 0, 0], [1, 1], 1)
+for _ in range(3):
+    backend.forward(x, routing, weight, None, *conv, scale, scale)
+aliased = _replay.key("forward", (x, routing, weight, None, scale, scale, None), (1, 1),
+                      (0, 0, 0, 0), (1, 1), 1)
+assert aliased not in _replay.PLANS
+# The signature follows the switches a launch reads at run time
+args = ((x, routing, weight), (1, 1))
+before = _replay.key("forward", *args)
+torch.backends.cudnn.allow_tf32 = not torch.backends.cudnn.allow_tf32
+assert _replay.key("forward", *args) != before
+torch.backends.cudnn.allow_tf32 = not torch.backends.cudnn.allow_tf32
+from condconv_kernels import _env
+_env.TRITON_STATIONARY = frozenset({"mix"})
+assert _replay.key("forward", *args) != before
 """
 
 
@@ -337,8 +376,10 @@ def test_direct_launch_matches_tritons(tmp_path):
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         lines = result.stdout.strip().split("\n")[-3:]
         # (the dense layers' backward: grad_x, the kernel gradient and its sum kernel, an
-        # untuned kernel of one configuration, launched directly too)
-        assert [line.split(" ")[:2] for line in lines] == [["1", "4"], ["3", "4"], ["5", "3"]]
+        # untuned kernel of one configuration, launched directly too); launches replayed
+        replayed = "0 0 0" if switch == "0" else "4 1 1"
+        assert [line.split(" ")[:2] + line.split(" ")[-1:] for line in lines] == [
+            ["1", "4", replayed[0]], ["3", "4", replayed[2]], ["5", "3", replayed[4]]], lines
 
 
 def test_static_report_of_a_dense_3x3_layer(tmp_path):

@@ -37,7 +37,7 @@ from .dense import (CHAIN, SUM_BLOCK_C, SUM_BLOCK_W, dense_bwd_w_kernel, dense_b
                     dense_fwd_kernel, dense_kgrad_sum_kernel)
 from ._scales import launch_args
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
-from . import batched, pointwise_grad, stationary, stationary_mix
+from . import _replay, batched, pointwise_grad, stationary, stationary_mix
 
 __all__ = ["forward", "backward"]
 
@@ -123,7 +123,16 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             tap_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, Cin, H, W) x (B, E) x (E, Cout, Cin/g, kh, kw) [+ (E, Cout)] -> (B, Cout, Ho, Wo),
     with the optional per-example scales in_scale (B, Cin), out_scale (B, Cout) and tap_scale
-    (B, kh, kw) applied in the kernels."""
+    (B, kh, kw) applied in the kernels. A signature met before replays its launch
+    (:mod:`._replay`)."""
+    inputs = (x, routing, weight, bias, in_scale, out_scale, tap_scale)
+    signature = None
+    if _replay.enabled(x):
+        signature = _replay.key("forward", inputs, tuple(stride), tuple(padding),
+                                tuple(dilation), groups)
+        plan = _replay.PLANS.get(signature)
+        if plan is not None:
+            return plan.run(inputs)[0]
     B, cin, H, W = x.shape
     E, cout, cin_g, kh, kw = weight.shape
     _, _, ho, wo = _args.out_shape(x.shape, weight.shape, stride, padding, dilation)
@@ -140,12 +149,17 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         grid = lambda meta: flat_grid(  # noqa: E731
             cdiv(ho * cdiv(wo, meta["COLS"]), meta["BLOCK_Q"]), cdiv(cout, meta["BLOCK_C"]),
             cdiv(B, meta["EXAMPLES"]))
-        dw_fwd_kernel[grid](
-            x, routing, w, b, *s_ptrs, _taps(B, kh, kw, cout, x), out, B, cout, cout // cin, H, W,
-            ho, wo, *x.stride(), *routing.stride(), *out.stride(), *s_strides, *geometry,
-            bucket(B), bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None,
-            WIDE=_wide(x, out), ACC=_acc(x.dtype), E_POW2=bucket(E), KK_POW2=bucket(kh * kw),
-            **s_flags, **blocks)
+        taps = _taps(B, kh, kw, cout, x)
+        args = (x, routing, w, b, *s_ptrs, taps, out, B, cout, cout // cin, H, W,
+                ho, wo, *x.stride(), *routing.stride(), *out.stride(), *s_strides, *geometry,
+                bucket(B), bucket(ho * wo))
+        kwargs = dict(E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out),
+                      ACC=_acc(x.dtype), E_POW2=bucket(E), KK_POW2=bucket(kh * kw), **s_flags,
+                      **blocks)
+        dw_fwd_kernel[grid](*args, **kwargs)
+        if signature is not None:
+            _replay.keep(signature, [(dw_fwd_kernel, grid, args, kwargs)], inputs, (out, taps),
+                         (out,))
         return out
     given = (in_scale, out_scale, tap_scale)
     if "forward" in _env.TRITON_BATCHED and batched.eligible(x, weight, stride, padding, groups,
@@ -167,13 +181,17 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
                                   cdiv(cout_g, meta["BLOCK_M"]),
                                   cdiv(B, meta["BLOCK_B"]) * groups)
     tap_major = _tap_major(kh, kw, x)
-    dense_fwd_kernel[grid](
-        x, routing, weight.permute(0, 1, 3, 4, 2).contiguous() if tap_major else w, b,
-        *s_ptrs, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
-        *routing.stride(), 0, *out.stride(), *s_strides, *geometry, bucket(B),
-        bucket(cin_g * kh * kw), bucket(ho * wo), E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None,
-        POINTWISE=pointwise, TAP_MAJOR=tap_major, ACC=_acc(x.dtype),
-        PRECISION=_precision(x.dtype), **s_flags, **blocks)
+    args = (x, routing, weight.permute(0, 1, 3, 4, 2).contiguous() if tap_major else w, b,
+            *s_ptrs, out, B, cin_g, cout_g, groups, H, W, ho, wo, *x.stride(),
+            *routing.stride(), 0, *out.stride(), *s_strides, *geometry, bucket(B),
+            bucket(cin_g * kh * kw), bucket(ho * wo))
+    kwargs = dict(E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None, POINTWISE=pointwise,
+                  TAP_MAJOR=tap_major, ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
+                  **s_flags, **blocks)
+    dense_fwd_kernel[grid](*args, **kwargs)
+    if signature is not None:
+        _replay.keep(signature, [(dense_fwd_kernel, grid, args, kwargs)], inputs, (out,),
+                     (out,))
     return out
 
 
@@ -218,8 +236,23 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
              ) -> Tuple[Optional[torch.Tensor], ...]:
     """(grad_x, grad_routing, grad_weight, grad_bias, grad_in_scale, grad_out_scale,
     grad_tap_scale), None where output_mask (an entry per gradient, or 4: every given scale's;
-    _args.backward_mask) is False (the scales' gradients come in the scales' dtypes)."""
+    _args.backward_mask) is False (the scales' gradients come in the scales' dtypes). A
+    signature met before replays its launches where the call made nothing but them
+    (:mod:`._replay`: the dense kernels without a bias's or the scales' gradients, the
+    depthwise grad_x)."""
     output_mask = _args.backward_mask(output_mask, (in_scale, out_scale, tap_scale))
+    inputs = (grad_out, x, routing, weight, bias, in_scale, out_scale, tap_scale)
+    signature = None
+    if _replay.enabled(x):
+        signature = _replay.key("backward", inputs, tuple(stride), tuple(padding),
+                                tuple(dilation), groups, output_mask)
+        plan = _replay.PLANS.get(signature)
+        if plan is not None:
+            return tuple(plan.run(inputs)) + (None,) * 4
+    # What a replay would make again: the launches, the buffers they write, and whether each
+    # gradient came from them alone (set in those branches only).
+    launches, buffers = [], []
+    replay_x = replay_k = False
     need_x, need_r, need_w, need_b, *need_s = output_mask
     B, cin, H, W = x.shape
     E, cout, cin_g, kh, kw = weight.shape
@@ -242,12 +275,16 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             grid = lambda meta: flat_grid(  # noqa: E731
                 cdiv(H * cdiv(W, meta["COLS"] * stride[1]), meta["BLOCK_Q"]),
                 cdiv(cin, meta["BLOCK_C"]), cdiv(B, meta["EXAMPLES"]))
-            dw_bwd_x_kernel[grid](
-                grad_out, routing, w, *s_ptrs, _taps(B, kh, kw, cout, x), grad_x, B, cin,
-                cout // cin, H, W, ho, wo, *grad_out.stride(), *routing.stride(),
-                *grad_x.stride(), *s_strides, *geometry, bucket(B), bucket(H * W), E=E, KH=kh,
-                KW=kw, WIDE=_wide(grad_out, grad_x), ACC=_acc(x.dtype),
-                KK_POW2=bucket(kh * kw), **s_flags, **blocks)
+            taps = _taps(B, kh, kw, cout, x)
+            args = (grad_out, routing, w, *s_ptrs, taps, grad_x, B, cin, cout // cin, H, W, ho,
+                    wo, *grad_out.stride(), *routing.stride(), *grad_x.stride(), *s_strides,
+                    *geometry, bucket(B), bucket(H * W))
+            kwargs = dict(E=E, KH=kh, KW=kw, WIDE=_wide(grad_out, grad_x), ACC=_acc(x.dtype),
+                          KK_POW2=bucket(kh * kw), **s_flags, **blocks)
+            dw_bwd_x_kernel[grid](*args, **kwargs)
+            launches.append((dw_bwd_x_kernel, grid, args, kwargs))
+            buffers += [grad_x, taps]
+            replay_x = True
         else:
             pointwise = _pointwise(kh, kw, stride, padding, grad_out)
             given = (in_scale, out_scale, tap_scale)
@@ -280,19 +317,26 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                     if phases else cdiv(H * W, meta["BLOCK_N"]),
                     cdiv(cin_g, meta["BLOCK_M"]), cdiv(B, meta["BLOCK_B"]) * groups)
                 tap_major = _tap_major(kh, kw, grad_out)
-                dense_bwd_x_kernel[grid](
-                    grad_out, routing,
-                    weight.permute(0, 3, 4, 1, 2).contiguous() if tap_major else w,
-                    *s_ptrs, grad_x, B, cin_g, cout_g, groups, H, W, ho,
-                    wo, *grad_out.stride(), *routing.stride(), 0, *grad_x.stride(), *s_strides,
-                    *geometry, bucket(B), bucket(cout_g * kh * kw), bucket(H * W), E=E, KH=kh,
-                    KW=kw, POINTWISE=pointwise, TAP_MAJOR=tap_major, PHASES=bool(phases),
-                    ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **s_flags, **blocks)
+                args = (grad_out, routing,
+                        weight.permute(0, 3, 4, 1, 2).contiguous() if tap_major else w,
+                        *s_ptrs, grad_x, B, cin_g, cout_g, groups, H, W, ho,
+                        wo, *grad_out.stride(), *routing.stride(), 0, *grad_x.stride(),
+                        *s_strides, *geometry, bucket(B), bucket(cout_g * kh * kw),
+                        bucket(H * W))
+                kwargs = dict(E=E, KH=kh, KW=kw, POINTWISE=pointwise, TAP_MAJOR=tap_major,
+                              PHASES=bool(phases), ACC=_acc(x.dtype),
+                              PRECISION=_precision(x.dtype), **s_flags, **blocks)
+                dense_bwd_x_kernel[grid](*args, **kwargs)
+                launches.append((dense_bwd_x_kernel, grid, args, kwargs))
+                buffers.append(grad_x)
+                replay_x = True
 
+    routed = False  # grad_routing from the stationary kernel
     if need_r and not depthwise and "routing" in _env.TRITON_STATIONARY:
         grad_routing = _stationary_routing_grad(grad_out, x, weight, groups, stride, padding,
                                                 (in_scale, out_scale, tap_scale))
         need_r = grad_routing is None  # else the kernel gradient below leaves it out
+        routed = not need_r
 
     if (need_r or need_w or any(need_s)) and depthwise:
         # The examples' tap gradients, then grad_weight = routing^T G, grad_routing = G W^T.
@@ -359,34 +403,47 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
             n_k, n_co = cdiv(K, meta["BLOCK_K"]), cdiv(cout_g, meta["BLOCK_CO"])
             written["tiles"] = groups * n_co * n_k
             return _within((rows_co, rows_k), (n_co, n_k), flat_grid(n_k, n_co, groups * S))
-        dense_bwd_w_kernel[grid](
-            x, grad_out, routing, w_k, *s_ptrs, gw, part, qc, qk, B, cin_g, cout_g, groups, H, W,
-            ho, wo, per_split, *x.stride(), *grad_out.stride(), *routing.stride(), *s_strides,
-            *geometry, bucket(B), bucket(K), bucket(ho * wo), E=E,
-            E_POW2=bucket(E), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
-            SCALE_GRADS=any(need_s), POINTWISE=_pointwise(kh, kw, stride, padding, x)
-            and _pointwise(kh, kw, stride, padding, grad_out),
-            TAP_MAJOR=tap_major, ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
-            **s_flags, **blocks)
+        args = (x, grad_out, routing, w_k, *s_ptrs, gw, part, qc, qk, B, cin_g, cout_g, groups,
+                H, W, ho, wo, per_split, *x.stride(), *grad_out.stride(), *routing.stride(),
+                *s_strides, *geometry, bucket(B), bucket(K), bucket(ho * wo))
+        kwargs = dict(E=E, E_POW2=bucket(E), KH=kh, KW=kw, NEED_W=need_w, NEED_R=need_r,
+                      SCALE_GRADS=any(need_s), POINTWISE=_pointwise(kh, kw, stride, padding, x)
+                      and _pointwise(kh, kw, stride, padding, grad_out),
+                      TAP_MAJOR=tap_major, ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
+                      **s_flags, **blocks)
+        dense_bwd_w_kernel[grid](*args, **kwargs)
+        launches.append((dense_bwd_w_kernel, grid, args, kwargs))
+        buffers += [t for t, wanted in ((gw, need_w), (part, need_r)) if wanted]
         if need_w or need_r:
             grad_weight, grad_routing = _sum_kernel_grads(gw, part, written["tiles"], weight, B,
-                                                          tap_major, need_w, need_r)
+                                                          tap_major, need_w, need_r, launches)
+            buffers += [t for t in (grad_weight, grad_routing) if t is not None]
+        replay_k = not any(need_s) and not routed
         scale_grads = _scale_grads(scales, need_s, qc, qk, B, groups, cin_g, kh * kw, acc,
                                    tap_major)
 
     grad_routing, grad_bias, *scale_grads = finish_grads(grad_out, routing, bias, grad_routing,
                                                          need_b, acc, scales, scale_grads)
+    kernel_grads = need_r or need_w or any(need_s)
+    if (signature is not None and (replay_x or not need_x) and (replay_k or not kernel_grads)
+            and bias is None and not any(need_s)):
+        # (without a bias finish_grads only converts grad_routing's dtype: a new tensor where
+        # it changes, which keep refuses as no buffer)
+        _replay.keep(signature, launches, inputs, buffers, (grad_x, grad_routing, grad_weight),
+                     constants=tuple(_STAND_INS.values()))
     return (grad_x, grad_routing, grad_weight, grad_bias, *scale_grads)
 
 
 def _sum_kernel_grads(gw: torch.Tensor, part: torch.Tensor, tiles: int, weight: torch.Tensor,
-                      B: int, tap_major: bool, need_w: bool, need_r: bool
+                      B: int, tap_major: bool, need_w: bool, need_r: bool,
+                      launches: Optional[list] = None
                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_weight, grad_routing) from the dense kernel gradient's partial sums, in one launch
     (``dense_kgrad_sum_kernel``): grad_weight (E, Cout, Cin/g, kh, kw) in weight's dtype, the
     sum of gw's (S, E, N) slices (N in (Cout, kh, kw, Cin/g) order where ``tap_major``);
     grad_routing (B, E) in the accumulation dtype, the sum of part's first ``tiles`` rows of
-    (B, E). None where not asked for."""
+    (B, E). None where not asked for. ``launches``: a list the launch is added to, as
+    (kernel, grid, args, kwargs)."""
     E, cout, cin_g, kh, kw = weight.shape
     acc = gw.dtype  # (the stand-in's where not asked for: the same)
     S, EN, BE = gw.shape[0], weight.numel(), B * E
@@ -396,10 +453,13 @@ def _sum_kernel_grads(gw: torch.Tensor, part: torch.Tensor, tiles: int, weight: 
     programs = ((cdiv(EN, SUM_BLOCK_W.value) if need_w else 0)
                 + (cdiv(BE, SUM_BLOCK_C.value) if need_r else 0))
     stand_in = _stand_in(acc, weight.device)
-    dense_kgrad_sum_kernel[flat_grid(programs)](
-        gw, part, stand_in if grad_weight is None else grad_weight,
-        stand_in if grad_routing is None else grad_routing, S, EN, tiles, BE, cin_g, kh * kw,
-        NEED_W=need_w, NEED_R=need_r, TAP_MAJOR=tap_major and need_w)
+    grid = flat_grid(programs)
+    args = (gw, part, stand_in if grad_weight is None else grad_weight,
+            stand_in if grad_routing is None else grad_routing, S, EN, tiles, BE, cin_g, kh * kw)
+    kwargs = dict(NEED_W=need_w, NEED_R=need_r, TAP_MAJOR=tap_major and need_w)
+    dense_kgrad_sum_kernel[grid](*args, **kwargs)
+    if launches is not None:
+        launches.append((dense_kgrad_sum_kernel, grid, args, kwargs))
     return grad_weight, grad_routing
 
 

@@ -1,0 +1,144 @@
+"""Replayed launches: a pass's host work kept per call signature, for the eager GPU path.
+
+What a launcher (``forward`` in ``__init__.py``) decides before it launches (which kernel, its
+integer arguments, grid and options) and what Triton then picks (the compiled kernel for those
+arguments and the tuned configuration) depend on the call's tensors only through their shapes,
+strides, dtypes, devices and 16-byte alignment (which Triton specializes pointers on), and on a
+few switches. A :class:`Plan` keeps the outcome for one such signature (:func:`key`): the
+compiled kernel, its grid, and its positional arguments with the places of the call's tensors
+and of the buffers it allocates marked. A later call of the same signature allocates those
+buffers (``torch.empty_strided``, as the launcher's) and launches the compiled kernel directly:
+no launcher arithmetic, no launch key, no grid function. About half of a forward's host time
+(measured launched dry, ``bench/bench_host_overhead.py --dry-run``).
+
+A plan is kept only where the launch went through ``TunedKernel``'s direct launch (on the GPU,
+or launched dry; never under the interpreter or with ``CONDCONV_TRITON_DIRECT_LAUNCH=0``), where
+every tensor argument is one of the call's tensors or a buffer the launcher allocated (a copy it
+made of an input, e.g. the experts in tap-major order, is not kept: that call's launcher runs
+every time), and never while a CUDA graph is captured. A plan holds no tensor: only the compiled
+kernel, integers and the buffers' sizes.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from triton import knobs
+from triton.runtime import driver
+
+from .. import _args, _env
+from .._epilogue import fp16_accumulation
+from . import _config
+
+# The most signatures kept (one per layer shape, batch size and alignment met): past it the
+# plans start over.
+MAX_PLANS = 4096
+PLANS: Dict[tuple, "Plan"] = {}
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether a call on ``t``'s device may replay launches: the direct launch is on, and the
+    tensor is not a meta tensor (the static report records launches on them, with no driver)."""
+    return _config.DIRECT_LAUNCH and t.device.type != "meta"
+
+
+def key(pass_name: str, tensors: Sequence[Optional[torch.Tensor]], *params) -> tuple:
+    """A call's signature: the pass, its tensors' (``_args.signature``: shape, strides, dtype,
+    device, 16-byte alignment), the call's other arguments ``params`` (hashable), and the switches
+    a launch reads at run time: the experimental passes' (``_env``; with the batched
+    products on, float16's reduced-precision accumulation, which keeps the dense kernels),
+    float32's TF32, the current device (Triton launches there) and Triton's debug and
+    instrumentation switches (part of its launch options)."""
+    return (pass_name, _args.signature(*tensors), params, _env.TRITON_STATIONARY,
+            _env.TRITON_BATCHED, bool(_env.TRITON_BATCHED) and fp16_accumulation(),
+            torch.backends.cudnn.allow_tf32, driver.active.get_current_device(),
+            knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+
+
+class Plan:
+    """One signature's launches: for each step (kernel, config, compiled, grid, template, takes,
+    fills), ``compiled[grid](*arguments)`` (and ``kernel.best_config`` set to ``config``, as the
+    tuned kernel's own launch sets it) where ``arguments`` is ``template`` (the launch's other
+    arguments in place, its options at the end) with ``inputs[i]`` at each (place, i) of
+    ``takes`` and the buffer ``j`` at each (place, j) of ``fills``; the buffers (``buffers``:
+    sizes, strides, dtype) allocated first. :meth:`run` returns ``outputs``' buffers (None for
+    None)."""
+    __slots__ = ("buffers", "steps", "outputs")
+
+    def __init__(self, buffers, steps, outputs):
+        self.buffers, self.steps, self.outputs = buffers, steps, outputs
+
+    def run(self, inputs: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+        device = inputs[0].device
+        made = [torch.empty_strided(size, stride, dtype=dtype, device=device)
+                for size, stride, dtype in self.buffers]
+        for kernel, config, compiled, grid, template, takes, fills in self.steps:
+            kernel.best_config = config
+            arguments = list(template)
+            for place, i in takes:
+                arguments[place] = inputs[i]
+            for place, j in fills:
+                arguments[place] = made[j]
+            compiled[grid](*arguments)
+        return [None if j is None else made[j] for j in self.outputs]
+
+
+def keep(signature: tuple, launches: Sequence[tuple], inputs: Sequence[Optional[torch.Tensor]],
+         buffers: Sequence[torch.Tensor], outputs: Sequence[Optional[torch.Tensor]],
+         constants: Sequence[torch.Tensor] = ()) -> None:
+    """Keeps the plan of the launches just made, each (kernel, grid, args, kwargs) as
+    ``kernel[grid](*args, **kwargs)``, under ``signature``, if they can be replayed (see the
+    module): ``inputs`` are the call's tensors (as :meth:`Plan.run` will get them),
+    ``buffers`` what the launcher allocated with ``torch.empty`` for the launches (written by
+    them alone), ``outputs`` the call's results (each one of the buffers, or None),
+    ``constants`` tensors that outlive every call (the unused outputs' stand-ins), passed as
+    they are. The caller vouches that the launches are all the call did besides allocating the
+    buffers."""
+    if not enabled(inputs[0]) or (inputs[0].is_cuda
+                                  and torch.cuda.is_current_stream_capturing()):
+        return
+    given = [t for t in inputs if t is not None]
+    if len({id(t) for t in given}) < len(given):  # one tensor in two roles: the plan would
+        return  # read the first role's input for both in a later call of distinct ones
+
+    def find(t, among):
+        return next((i for i, u in enumerate(among) if u is t), None)
+    steps = []
+    for kernel, grid, args, kwargs in launches:
+        if not isinstance(kernel, _config.TunedKernel) or kernel.fn.pre_run_hooks:
+            return
+        kwargs = {"grid": grid, "warmup": False, **kwargs}  # as kernel[grid] passes them on
+        try:
+            known = kernel._compiled.get(kernel.launch_key(args, kwargs))
+        except TypeError:  # an argument that cannot be a key
+            return
+        if known is None:  # (tuned or compiled in this call: kept from the next one)
+            return
+        compiled, config, options, names = known
+        named = {**kwargs, **options}
+        grid = tuple(grid(named) if callable(grid) else grid) + (1, 1)
+        template: List[object] = []
+        takes: List[Tuple[int, int]] = []
+        fills: List[Tuple[int, int]] = []
+        for place, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and find(a, constants) is None:
+                i, j = find(a, inputs), find(a, buffers)
+                if i is not None:
+                    takes.append((place, i))
+                elif j is not None:
+                    fills.append((place, j))
+                else:  # a tensor the plan could not make again
+                    return
+                template.append(None)
+            else:
+                template.append(a)
+        template += [named[name] for name in names]
+        steps.append((kernel, config, compiled, grid[:3], tuple(template), tuple(takes),
+                      tuple(fills)))
+    ends = [None if t is None else find(t, buffers) for t in outputs]
+    if any(j is None and t is not None for j, t in zip(ends, outputs)):
+        return
+    if len(PLANS) >= MAX_PLANS:
+        PLANS.clear()
+    PLANS[signature] = Plan(tuple((tuple(b.shape), b.stride(), b.dtype) for b in buffers),
+                            tuple(steps), tuple(ends))
