@@ -259,7 +259,7 @@ def test_backend_takes_the_kernel_where_switched(passes, takes):
     plan = {"NUM_C": 2, "BLOCK_N": 16}
     calls, stationary_asked = [], []
 
-    def run(inp, r, w, bias, out, config, transposed=False):
+    def run(inp, r, w, bias, out, config, transposed=False, launches=None):
         calls.append((inp.shape[1], out.shape[1], config, transposed))
         return out.fill_(7.0)
     with mock.patch.object(stationary_mix, "eligible", lambda *a, **k: plan), \

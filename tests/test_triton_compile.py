@@ -204,7 +204,7 @@ import torch
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 from condconv_kernels import triton as backend
-from condconv_kernels.triton import _config, _replay, dry_run
+from condconv_kernels.triton import _config, _replay, dense, dry_run
 
 dry_run.install()
 launched = []
@@ -257,7 +257,6 @@ for k, groups, cin, cout in ((1, 1, 16, 32), (3, 1, 16, 16), (5, 16, 16, 16)):
     backend.forward(shifted, routing, weight, None, *conv)
     assert jit_runs, "a launch key that ignores alignment"
     if k == 1:  # a replay sets the configuration it launched, as the tuned kernel's launch
-        from condconv_kernels.triton import dense
         dense.dense_fwd_kernel.best_config = None
         backend.forward(x, routing, weight, None, *conv)
         assert dense.dense_fwd_kernel.best_config is not None
@@ -288,6 +287,24 @@ for _ in range(3):
 aliased = _replay.key("forward", (x, routing, weight, None, scale, scale, None), (1, 1),
                       (0, 0, 0, 0), (1, 1), 1)
 assert aliased not in _replay.PLANS
+# A plain kernel's launch (as the Gluon mix kernel's) kept from the compiled kernel it returned:
+# the replay hands the launcher what Triton's launch did
+raw = dense.dense_kgrad_sum_kernel.fn
+gw, part = torch.randn(2, 8, 64), torch.randn(4, 5, 8)
+dw, dr = torch.empty(8, 4, 16, 1, 1), torch.empty(5, 8)
+args = (gw, part, dw, dr, 2, 512, 4, 40, 16, 1)
+kwargs = dict(NEED_W=True, NEED_R=True, TAP_MAJOR=False)
+launched.clear()
+compiled = raw[(3,)](*args, **kwargs)
+first = [(name, described(a)) for name, a in launched]
+_replay.keep(("plain",), [(raw, (3,), args, kwargs, compiled)], (gw, part), (dw, dr), (dw, dr))
+if _config.DIRECT_LAUNCH:  # (else no plans)
+    launched.clear()
+    made = _replay.PLANS[("plain",)].run((gw, part))
+    assert [(name, described(a)) for name, a in launched] == first and len(first) == 1
+    assert [tuple(t.shape) for t in made] == [(8, 4, 16, 1, 1), (5, 8)]
+else:
+    assert ("plain",) not in _replay.PLANS
 # The signature follows the switches a launch reads at run time
 args = ((x, routing, weight), (1, 1))
 before = _replay.key("forward", *args)

@@ -170,7 +170,11 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         plan = stationary_mix.eligible(x, E, cout, groups, pointwise, _wide(x, out), out=out,
                                        scales=given)
         if plan is not None:
-            return stationary_mix.run(x, routing, weight, bias, out, plan)
+            launches = []
+            stationary_mix.run(x, routing, weight, bias, out, plan, launches=launches)
+            if signature is not None:
+                _replay.keep(signature, launches, inputs, (out,), (out,))
+            return out
     if "forward" in _env.TRITON_STATIONARY:
         plan = stationary.eligible(x, E, cout, groups, pointwise, _wide(x, out), scales=given)
         if plan is not None:
@@ -305,7 +309,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 batched.grad_x(grad_out, routing, weight, grad_x)
             elif mix_plan is not None:
                 stationary_mix.run(grad_out, routing, weight, None, grad_x, mix_plan,
-                                   transposed=True)
+                                   transposed=True, launches=launches)
+                buffers.append(grad_x)
+                replay_x = True
             elif plan is not None:
                 stationary.run(grad_out, routing, weight, None, grad_x, plan, transposed=True,
                                scales=given)

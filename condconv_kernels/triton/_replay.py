@@ -1,6 +1,7 @@
 """Replayed launches: a pass's host work kept per call signature, for the eager GPU path.
 
-What a launcher (``forward`` in ``__init__.py``) decides before it launches (which kernel, its
+What a launcher (``forward`` and ``backward`` in ``__init__.py``) decides before it launches
+(which kernel, its
 integer arguments, grid and options) and what Triton then picks (the compiled kernel for those
 arguments and the tuned configuration) depend on the call's tensors only through their shapes,
 strides, dtypes, devices and 16-byte alignment (which Triton specializes pointers on), and on a
@@ -8,11 +9,12 @@ few switches. A :class:`Plan` keeps the outcome for one such signature (:func:`k
 compiled kernel, its grid, and its positional arguments with the places of the call's tensors
 and of the buffers it allocates marked. A later call of the same signature allocates those
 buffers (``torch.empty_strided``, as the launcher's) and launches the compiled kernel directly:
-no launcher arithmetic, no launch key, no grid function. About half of a forward's host time
-(measured launched dry, ``bench/bench_host_overhead.py --dry-run``).
+no launcher arithmetic, no launch key, no grid function (launched dry, a 1x1 layer's forward
+31 -> 13 us of host time, its backward 91 -> 29: ``bench/bench_host_overhead.py --dry-run``).
 
-A plan is kept only where the launch went through ``TunedKernel``'s direct launch (on the GPU,
-or launched dry; never under the interpreter or with ``CONDCONV_TRITON_DIRECT_LAUNCH=0``), where
+A plan is kept only where a tuned launch went through ``TunedKernel``'s direct launch (on the
+GPU, or launched dry; never under the interpreter or with ``CONDCONV_TRITON_DIRECT_LAUNCH=0``)
+or a plain or Gluon kernel's launch returned its compiled kernel (the mix pass's), where
 every tensor argument is one of the call's tensors or a buffer the launcher allocated (a copy it
 made of an input, e.g. the experts in tap-major order, is not kept: that call's launcher runs
 every time), and never while a CUDA graph is captured. A plan holds no tensor: only the compiled
@@ -24,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from triton import knobs
+from triton.compiler import CompiledKernel
 from triton.runtime import driver
 
 from .. import _args, _env
@@ -73,7 +76,8 @@ class Plan:
         made = [torch.empty_strided(size, stride, dtype=dtype, device=device)
                 for size, stride, dtype in self.buffers]
         for kernel, config, compiled, grid, template, takes, fills in self.steps:
-            kernel.best_config = config
+            if kernel is not None:
+                kernel.best_config = config
             arguments = list(template)
             for place, i in takes:
                 arguments[place] = inputs[i]
@@ -87,8 +91,9 @@ def keep(signature: tuple, launches: Sequence[tuple], inputs: Sequence[Optional[
          buffers: Sequence[torch.Tensor], outputs: Sequence[Optional[torch.Tensor]],
          constants: Sequence[torch.Tensor] = ()) -> None:
     """Keeps the plan of the launches just made, each (kernel, grid, args, kwargs) as
-    ``kernel[grid](*args, **kwargs)``, under ``signature``, if they can be replayed (see the
-    module): ``inputs`` are the call's tensors (as :meth:`Plan.run` will get them),
+    ``kernel[grid](*args, **kwargs)`` (a tuned kernel), or (kernel, grid, args, kwargs, the
+    compiled kernel the launch returned) (a plain or Gluon one, its arguments all given),
+    under ``signature``, if they can be replayed (see the module): ``inputs`` are the call's tensors (as :meth:`Plan.run` will get them),
     ``buffers`` what the launcher allocated with ``torch.empty`` for the launches (written by
     them alone), ``outputs`` the call's results (each one of the buffers, or None),
     ``constants`` tensors that outlive every call (the unused outputs' stand-ins), passed as
@@ -104,17 +109,27 @@ def keep(signature: tuple, launches: Sequence[tuple], inputs: Sequence[Optional[
     def find(t, among):
         return next((i for i, u in enumerate(among) if u is t), None)
     steps = []
-    for kernel, grid, args, kwargs in launches:
-        if not isinstance(kernel, _config.TunedKernel) or kernel.fn.pre_run_hooks:
-            return
-        kwargs = {"grid": grid, "warmup": False, **kwargs}  # as kernel[grid] passes them on
-        try:
-            known = kernel._compiled.get(kernel.launch_key(args, kwargs))
-        except TypeError:  # an argument that cannot be a key
-            return
-        if known is None:  # (tuned or compiled in this call: kept from the next one)
-            return
-        compiled, config, options, names = known
+    for kernel, grid, args, kwargs, *returned in launches:
+        if isinstance(kernel, _config.TunedKernel):
+            if kernel.fn.pre_run_hooks:
+                return
+            kwargs = {"grid": grid, "warmup": False, **kwargs}  # as kernel[grid] passes them
+            try:
+                known = kernel._compiled.get(kernel.launch_key(args, kwargs))
+            except TypeError:  # an argument that cannot be a key
+                return
+            if known is None:  # (tuned or compiled in this call: kept from the next one)
+                return
+            compiled, config, options, names = known
+        else:  # a plain (or Gluon) kernel: the compiled kernel its launch returned
+            if not returned or not isinstance(returned[0], CompiledKernel) or getattr(
+                    kernel, "pre_run_hooks", None):
+                return
+            compiled, config, options = returned[0], None, {}
+            names = kernel.arg_names[len(args):]
+            if any(name not in kwargs for name in names):  # (a default left to Triton)
+                return
+            kernel = None  # (no configuration to set)
         named = {**kwargs, **options}
         grid = tuple(grid(named) if callable(grid) else grid) + (1, 1)
         template: List[object] = []

@@ -577,18 +577,19 @@ def mixed_bias(routing: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[
 
 def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         bias: Optional[torch.Tensor], out: torch.Tensor, config: dict,
-        transposed: bool = False) -> torch.Tensor:
+        transposed: bool = False, launches: Optional[list] = None) -> torch.Tensor:
     """Fills ``out`` for a call :func:`eligible` accepted: the forward of a 1x1 layer (``inp``
     x (B, Cin, H, W), ``out`` (B, Cout, H, W)) or, ``transposed``, its grad_x (``inp``
     grad_out, ``out`` grad_x (B, Cin, H, W); no bias). ``routing`` (B, E) float32, ``weight``
-    (E, Cout, Cin, 1, 1), ``bias`` (E, Cout) or None."""
+    (E, Cout, Cin, 1, 1), ``bias`` (E, Cout) or None. ``launches``: a list the launch is added
+    to, as (kernel, grid, args, kwargs, the compiled kernel) (``_replay.keep``)."""
     B, k, H, W = inp.shape
     E, cout, cin = weight.shape[:3]
     if B == 0:
         return out
-    w = weight.reshape(E, cout, cin)
-    if not w.is_contiguous():
-        w = w.contiguous()
+    # (weight itself where contiguous: the kernel reads it through the strides below, and a
+    # replay finds the call's own tensor in the launch)
+    w = weight if weight.is_contiguous() else weight.reshape(E, cout, cin).contiguous()
     rows = cin if transposed else cout
     bm = mixed_bias(routing, bias)
     # w[e, row, k]: W[e, co, ci] at e * cout * cin + co * cin + ci.
@@ -596,13 +597,15 @@ def run(inp: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
     n_co, per, count = programs(B, rows, sms)
     s_in, s_out = stationary.packed_strides(inp), stationary.packed_strides(out)
-    pw_mix_kernel[(count,)](
-        inp, routing, w, bm if bm is not None else routing, out, B, k, rows, H * W, per, n_co,
-        s_in[0], s_in[3], routing.stride(0), routing.stride(1), s_we, s_wr, s_wk,
-        s_out[0], s_out[3], bm.stride(0) if bm is not None else 0,
-        E=E, HAS_BIAS=bm is not None, W_T=transposed, NUM_C=config["NUM_C"],
-        BLOCK_N=config["BLOCK_N"], NB=NB, TILES=config["TILES"], STAGES=STAGES,
-        REG_A=config["REG_A"], num_warps=WARPS)
+    args = (inp, routing, w, bm if bm is not None else routing, out, B, k, rows, H * W, per,
+            n_co, s_in[0], s_in[3], routing.stride(0), routing.stride(1), s_we, s_wr, s_wk,
+            s_out[0], s_out[3], bm.stride(0) if bm is not None else 0)
+    kwargs = dict(E=E, HAS_BIAS=bm is not None, W_T=transposed, NUM_C=config["NUM_C"],
+                  BLOCK_N=config["BLOCK_N"], NB=NB, TILES=config["TILES"], STAGES=STAGES,
+                  REG_A=config["REG_A"], num_warps=WARPS)
+    compiled = pw_mix_kernel[(count,)](*args, **kwargs)
+    if launches is not None:
+        launches.append((pw_mix_kernel, (count,), args, kwargs, compiled))
     return out
 
 
