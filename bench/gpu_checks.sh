@@ -377,8 +377,9 @@ if [ "$MODE" = first ]; then
     $(pytest_cmd) tests/test_gpu.py -m "not huge" "${CUDA_TESTS[@]}"
   join warm-triton
   # The autotuned launches (what every benchmark runs; the tests run with autotuning off)
-  # against the reference on five of the model's layers: tuning, Triton's launch, the direct
-  # launch. A FAIL here means the benchmarks below time wrong results.
+  # against the reference on five of the model's (bias-free) layers: tuning, Triton's launch,
+  # the replayed launches, then a replay on new inputs. A FAIL here means the benchmarks below
+  # time wrong results.
   step tuned-check 70 "$PY" bench/tuned_check.py "${TUNED[@]}" \
     --out "$WORK/results/tuned-check.md"
   table "$WORK/results/tuned-check.md"
