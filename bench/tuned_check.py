@@ -11,7 +11,7 @@ channels_last) with the backend as it ships: on the triton backend the first cal
 reads the tuned configuration from Triton's cache), the second launches the tuned kernels
 through Triton (directly where Triton has compiled for those arguments:
 ``_config.TunedKernel``) and keeps the call's plan, the third replays it
-(``triton/_replay.py``: every forward, and the dense layers' backward without a bias).
+(``triton/_replay.py``).
 A fourth call on new inputs (replayed too). Per call, the largest
 difference of any result from the reference backend in float32 (PyTorch's grouped convolution
 on the same values), against that result's scale; then whether the third call is bitwise the

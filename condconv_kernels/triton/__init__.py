@@ -241,35 +241,37 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     """(grad_x, grad_routing, grad_weight, grad_bias, grad_in_scale, grad_out_scale,
     grad_tap_scale), None where output_mask (an entry per gradient, or 4: every given scale's;
     _args.backward_mask) is False (the scales' gradients come in the scales' dtypes). A
-    signature met before replays its launches where the call made nothing but them
-    (:mod:`._replay`: the dense kernels without a bias's or the scales' gradients, the
-    depthwise grad_x)."""
+    signature met before replays its launches where the call launched nothing but them
+    (:mod:`._replay`: the dense kernels without the scales' gradients, the depthwise ones);
+    what follows them on the host (the depthwise kernel gradient's products, the bias's
+    terms) runs after the replay as after the launches."""
     output_mask = _args.backward_mask(output_mask, (in_scale, out_scale, tap_scale))
+    need_x, need_r, need_w, need_b, *need_s = output_mask
+    B, cin, H, W = x.shape
+    E, cout, cin_g, kh, kw = weight.shape
+    acc = _acc_dtype(x.dtype)
+    w = weight.contiguous()
+    depthwise = cin_g == 1
+    scales = Scales(in_scale, out_scale, tap_scale)
     inputs = (grad_out, x, routing, weight, bias, in_scale, out_scale, tap_scale)
     signature = None
-    # (what is never replayed is not looked up: a bias's or a scale's gradient, and the
-    # depthwise kernel gradient, which ends in products on the host)
-    if (_replay.enabled(x) and bias is None and not any(output_mask[4:])
-            and not (weight.shape[2] == 1 and any(output_mask[1:3]))):
+    # (what is never replayed is not looked up: the dense kernel gradient with the scales'
+    # gradients, which it sums into zeroed buffers)
+    if _replay.enabled(x) and (depthwise or not any(need_s)):
         signature = _replay.key("backward", inputs, tuple(stride), tuple(padding),
                                 tuple(dilation), groups, output_mask)
         plan = _replay.PLANS.get(signature)
         if plan is not None:
-            return tuple(plan.run(inputs)) + (None,) * 4
+            grad_x, grad_routing, grad_weight, G = plan.run(inputs)
+            return _backward_tail(grad_out, routing, w, bias, scales, groups, output_mask, acc,
+                                  grad_x, grad_routing, grad_weight, G)
     # What a replay would make again: the launches, the buffers they write, and whether each
     # gradient came from them alone (set in those branches only).
     launches, buffers = [], []
     replay_x = replay_k = False
-    need_x, need_r, need_w, need_b, *need_s = output_mask
-    B, cin, H, W = x.shape
-    E, cout, cin_g, kh, kw = weight.shape
     ho, wo = grad_out.shape[-2:]
-    acc = _acc_dtype(x.dtype)
-    w = weight.contiguous()
     geometry = _geometry(stride, padding, dilation)
-    depthwise = cin_g == 1
-    grad_x = grad_routing = grad_weight = grad_bias = None
-    scales = Scales(in_scale, out_scale, tap_scale)
+    grad_x = grad_routing = grad_weight = G = None
     s_ptrs, s_strides, s_flags = launch_args(scales, kh * kw, routing)
     scale_grads = (None, None, None)
 
@@ -349,15 +351,17 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
 
     if (need_r or need_w or any(need_s)) and depthwise:
         # The examples' tap gradients, then grad_weight = routing^T G, grad_routing = G W^T.
+        # (the products in _backward_tail)
         G = torch.empty((B, cout, kh * kw), dtype=acc, device=x.device)
         blocks = fixed_blocks(DW_KGRAD_TILES)
         grid = lambda meta: flat_grid(B, cdiv(cout, meta["BLOCK_C"]))  # noqa: E731
-        dw_bwd_w_kernel[grid](
-            x, grad_out, G, B, cout, cout // cin, H, W, ho, wo, *x.stride(), *grad_out.stride(),
-            *geometry, bucket(B), bucket(ho * wo), KH=kh, KW=kw, WIDE=_wide(x, grad_out),
-            ACC=_acc(x.dtype), **blocks)
-        grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
-            G.view(B, -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
+        args = (x, grad_out, G, B, cout, cout // cin, H, W, ho, wo, *x.stride(),
+                *grad_out.stride(), *geometry, bucket(B), bucket(ho * wo))
+        kwargs = dict(KH=kh, KW=kw, WIDE=_wide(x, grad_out), ACC=_acc(x.dtype), **blocks)
+        dw_bwd_w_kernel[grid](*args, **kwargs)
+        launches.append((dw_bwd_w_kernel, grid, args, kwargs))
+        buffers.append(G)
+        replay_k = True
     elif (need_r or need_w) and "kernel_grad" in _env.TRITON_BATCHED and batched.eligible(
             x, weight, stride, padding, groups, scales, also=grad_out):
         r, grad_weight = batched.kernel_grads(grad_out, x, routing, weight, need_r, need_w, acc)
@@ -424,22 +428,35 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         launches.append((dense_bwd_w_kernel, grid, args, kwargs))
         buffers += [t for t, wanted in ((gw, need_w), (part, need_r)) if wanted]
         if need_w or need_r:
-            grad_weight, grad_routing = _sum_kernel_grads(gw, part, written["tiles"], weight, B,
-                                                          tap_major, need_w, need_r, launches)
-            buffers += [t for t in (grad_weight, grad_routing) if t is not None]
+            grad_weight, summed = _sum_kernel_grads(gw, part, written["tiles"], weight, B,
+                                                    tap_major, need_w, need_r, launches)
+            buffers += [t for t in (grad_weight, summed) if t is not None]
+            if need_r:  # (else the stationary kernel's, or None)
+                grad_routing = summed
         replay_k = not any(need_s) and not routed
         scale_grads = _scale_grads(scales, need_s, qc, qk, B, groups, cin_g, kh * kw, acc,
                                    tap_major)
 
+    kernel_grads = need_r or need_w or any(need_s)
+    if (signature is not None and (replay_x or not need_x) and (replay_k or not kernel_grads)):
+        _replay.keep(signature, launches, inputs, buffers, (grad_x, grad_routing, grad_weight, G),
+                     constants=tuple(_STAND_INS.values()))
+    return _backward_tail(grad_out, routing, w, bias, scales, groups, output_mask, acc, grad_x,
+                          grad_routing, grad_weight, G, scale_grads)
+
+
+def _backward_tail(grad_out, routing, w, bias, scales: Scales, groups: int, output_mask, acc,
+                   grad_x, grad_routing, grad_weight, G, scale_grads=(None, None, None)):
+    """What follows the backward's launches on the host, replayed or not: the depthwise kernel
+    gradient's products on the examples' tap gradients ``G`` (B, Cout, kh kw) (where not
+    None: grad_routing = G W^T, grad_weight = routing^T G and the scales' terms), then the
+    bias's terms and the gradients' dtypes (``finish_grads``). Returns the seven gradients."""
+    _, need_r, need_w, need_b, *need_s = output_mask
+    if G is not None:
+        grad_routing, grad_weight, scale_grads = fold_scaled_kernel_grads(
+            G.view(G.shape[0], -1), routing, w, scales, groups, need_r, need_w, acc, need_s)
     grad_routing, grad_bias, *scale_grads = finish_grads(grad_out, routing, bias, grad_routing,
                                                          need_b, acc, scales, scale_grads)
-    kernel_grads = need_r or need_w or any(need_s)
-    if (signature is not None and (replay_x or not need_x) and (replay_k or not kernel_grads)
-            and bias is None and not any(need_s)):
-        # (without a bias finish_grads only converts grad_routing's dtype: a new tensor where
-        # it changes, which keep refuses as no buffer)
-        _replay.keep(signature, launches, inputs, buffers, (grad_x, grad_routing, grad_weight),
-                     constants=tuple(_STAND_INS.values()))
     return (grad_x, grad_routing, grad_weight, grad_bias, *scale_grads)
 
 

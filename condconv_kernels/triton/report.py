@@ -184,9 +184,10 @@ def _stationary_recorders(launches: List[Launch]):
     return run, routing_grad
 
 
-def _mix_recorder(launches: List[Launch]):
+def _mix_recorder(recorded: List[Launch]):
     """A stand-in for :func:`stationary_mix.run` that records the launch (its sizes in
-    ``kwargs``, its program count as the grid) and returns the output."""
+    ``kwargs``, its program count as the grid) in ``recorded`` and returns the output (the
+    backend's own list of launches, ``launches``, is left alone: nothing ran)."""
     from . import stationary_mix
 
     def run(inp, routing, weight, bias, out, config, transposed=False, launches=None):
@@ -194,7 +195,7 @@ def _mix_recorder(launches: List[Launch]):
         B, k, H, W = inp.shape
         rows = cin if transposed else cout
         count = stationary_mix.programs(B, rows, SMS)[2]
-        launches.append(Launch(MIX_PASSES[transposed], stationary_mix.pw_mix_kernel, (), dict(
+        recorded.append(Launch(MIX_PASSES[transposed], stationary_mix.pw_mix_kernel, (), dict(
             E=E, K=k, P=H * W, rows=rows, batch=B, transposed=transposed,
             has_bias=bias is not None, plan=config), (count,)))
         return out
