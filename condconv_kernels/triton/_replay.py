@@ -93,12 +93,12 @@ def keep(signature: tuple, launches: Sequence[tuple], inputs: Sequence[Optional[
     """Keeps the plan of the launches just made, each (kernel, grid, args, kwargs) as
     ``kernel[grid](*args, **kwargs)`` (a tuned kernel), or (kernel, grid, args, kwargs, the
     compiled kernel the launch returned) (a plain or Gluon one, its arguments all given),
-    under ``signature``, if they can be replayed (see the module): ``inputs`` are the call's tensors (as :meth:`Plan.run` will get them),
-    ``buffers`` what the launcher allocated with ``torch.empty`` for the launches (written by
-    them alone), ``outputs`` the call's results (each one of the buffers, or None),
-    ``constants`` tensors that outlive every call (the unused outputs' stand-ins), passed as
-    they are. The caller vouches that the launches are all the call did besides allocating the
-    buffers."""
+    under ``signature``, if they can be replayed (see the module): ``inputs`` are the call's
+    tensors (as :meth:`Plan.run` will get them), ``buffers`` what the launcher allocated with
+    ``torch.empty`` for the launches (written by them alone), ``outputs`` the launches'
+    results (each one of the buffers, or None), ``constants`` tensors that outlive every call
+    (the unused outputs' stand-ins), passed as they are. The caller vouches that the launches
+    are all the call did before its host tail besides allocating the buffers."""
     if not enabled(inputs[0]) or (inputs[0].is_cuda
                                   and torch.cuda.is_current_stream_capturing()):
         return
