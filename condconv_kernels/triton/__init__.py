@@ -1,6 +1,8 @@
 """The ``triton`` backend: fused expert-mix + convolution kernels, forward and backward.
 
-Host launchers: allocate, pick the kernel (dense implicit GEMM or depthwise direct), launch.
+Host launchers: allocate, pick the kernel (dense implicit GEMM or depthwise direct), launch; a
+call whose tensors' shapes, strides, dtypes and alignment were met before replays those
+launches (:mod:`._replay`).
 Inputs are read through their strides (contiguous, channels_last or sliced: no copies of x or
 grad_out); outputs follow x's memory format. float32 ``tl.dot`` uses TF32 on the GPU when
 ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for convolutions), IEEE float32

@@ -304,7 +304,8 @@ class TunedKernel(Autotuner):
     a grid callable reads only the launch options and the arguments passed by name (Triton's
     hands it every argument); the module globals a kernel reads are never rebound (Triton
     checks them every launch); no pre-run hooks (a kernel with some is never kept); clearing
-    ``cache`` to tune again needs ``_launch`` and ``_compiled`` cleared too."""
+    ``cache`` to tune again needs ``_launch`` and ``_compiled`` cleared too, and the plans that
+    replay a whole call's launches (``_replay.PLANS``)."""
 
     def __init__(self, fn, configs, key, reset_to_zero=None, **kwargs):
         super().__init__(fn, fn.arg_names, configs, key, reset_to_zero, None, **kwargs)
