@@ -170,8 +170,9 @@ def check_tensors(x, routing, weight, bias, stride, padding, dilation, groups, i
 def signature(*tensors) -> tuple:
     """What the checks and the kernels' launches read of a call's tensors (each None or a
     tensor of concrete sizes): shape, strides, dtype, device and whether its address is a
-    multiple of 16 (Triton specializes pointers on it). Calls of equal signatures (and equal
-    other arguments) pass or fail the same checks and launch the same kernels."""
+    multiple of 16 (Triton specializes pointers on it). Calls of equal signatures and equal
+    other arguments pass or fail the same checks (and, under the same switches, launch the same
+    kernels)."""
     return tuple(None if t is None else
                  (t.shape, t.stride(), t.dtype, t.device, not t.data_ptr() & 15)
                  for t in tensors)

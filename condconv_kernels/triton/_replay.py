@@ -15,10 +15,11 @@ no launcher arithmetic, no launch key, no grid function (launched dry, a 1x1 lay
 A plan is kept only where a tuned launch went through ``TunedKernel``'s direct launch (on the
 GPU, or launched dry; never under the interpreter or with ``CONDCONV_TRITON_DIRECT_LAUNCH=0``)
 or a plain or Gluon kernel's launch returned its compiled kernel (the mix pass's), where
-every tensor argument is one of the call's tensors or a buffer the launcher allocated (a copy it
-made of an input, e.g. the experts in tap-major order, is not kept: that call's launcher runs
-every time), and never while a CUDA graph is captured. A plan holds no tensor: only the compiled
-kernel, integers and the buffers' sizes.
+every tensor argument is one of the call's tensors, a buffer the launcher allocated or a
+stand-in for an unused output (a copy it made of an input, e.g. the experts in tap-major order,
+is not kept: that call's launcher runs every time), and never while a CUDA graph is captured. A
+plan holds none of a call's tensors: the compiled kernels, integers, the buffers' sizes and the
+stand-ins (which outlive every call).
 """
 from __future__ import annotations
 
