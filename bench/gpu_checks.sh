@@ -41,8 +41,10 @@
 #
 # Output in $OUT (default gpu-results/), at most 8 files: summary.md (each step's status,
 # time and cap, the machine's state as it started, and the tables, appended as each step ends,
-# printed last), log.txt (all output), results.tgz (the benchmarks' tables and JSON) and, from the first call, kit.tgz. Commit each
-# call's summary as bench/results/gpu-<card>-first.md / -second.md (its first lines name the card).
+# printed last), log.txt (all output), results.tgz (the benchmarks' tables and JSON, and the
+# autotuner's time of every configuration: bench/tuner_timings.py) and, from the first call,
+# kit.tgz. Commit each call's summary as bench/results/gpu-<card>-first.md / -second.md (its
+# first lines name the card).
 #
 # Each step has a hard cap and each call a deadline (FIRST_DEADLINE=510, SECOND_DEADLINE=280,
 # PROFILE_DEADLINE=230 s):
@@ -182,18 +184,28 @@ join() {
   wait "$pid" 2>/dev/null
 }
 
+# pack_results: results.tgz made again, with the autotuner's time of every configuration it tried
+# so far (Triton's <hash>/<kernel>.autotune.json, a few KB each, under results/autotune:
+# bench/tuner_timings.py reads them).
+pack_results() {
+  mkdir -p "$WORK/results/autotune"
+  (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' -print0 |
+    xargs -0 -r cp --parents -t "$WORK/results/autotune" 2>/dev/null)
+  tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
+}
+
 # report FILE: a whole report (headings and tables) into the summary and results.tgz.
 report() {
   [ -s "$1" ] || return 0
   { cat "$1"; echo; } >>"$SUMMARY"
-  tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
+  pack_results
 }
 
 # table FILE: a benchmark's table into the summary and results.tgz.
 table() {
   [ -s "$1" ] || return 0
   { sed -n '/^|/,$p' "$1"; echo; } >>"$SUMMARY"
-  tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
+  pack_results
 }
 
 # pytest_cmd [N]: pytest with N (default WORKERS) processes where pytest-xdist is there (not in
@@ -464,7 +476,7 @@ else  # profile: where the time goes, and the >2^31-element tests' first failure
   # What the dense and depthwise kernels wait on: Nsight Compute's sections for each kernel of
   # the headline 1x1 layer and a 5x5 depthwise one (the whole report in log.txt).
   TAIL_LINES=40 step ncu 70 ncu_layers
-  tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
+  pack_results
   # DynamicConv2d and ODConv2d (the per-example scales) fused against their grouped-convolution
   # form; one configuration per kernel (no autotuning): the compiles fit the cap.
   step dynamic-fwd 50 env CONDCONV_TRITON_AUTOTUNE=0 "$PY" bench/bench_dynamic.py \

@@ -181,7 +181,7 @@ def test_gpu_batch_256(name, backend):
 
 def _other_tile_kinds():
     """The CONDCONV_TRITON_CONFIG indices whose dense forward / grad_x configuration holds more
-    than 4 examples a program, or whose dense kernel-gradient one 128-pixel tiles: kinds of
+    than 2 examples a program, or whose dense kernel-gradient one 128-pixel tiles: kinds of
     tile that the first configurations, which the rest of this file runs, never take."""
     try:
         from condconv_kernels.triton import _config
@@ -189,7 +189,7 @@ def _other_tile_kinds():
         return []
     dense, kgrad = _config._table(_config.DENSE_TILES), _config._table(_config.KGRAD_TILES)
     return [i for i in range(_config.MAX_CONFIGS)
-            if dense[i % len(dense)][0]["BLOCK_B"] > 4 or kgrad[i % len(kgrad)][0]["BLOCK_P"] > 64]
+            if dense[i % len(dense)][0]["BLOCK_B"] > 2 or kgrad[i % len(kgrad)][0]["BLOCK_P"] > 64]
 
 
 def _every_other_configuration():
@@ -237,9 +237,8 @@ _FORCED_CASES = (
 def test_gpu_forced_configuration(name, more, index, backend, monkeypatch):
     """Configurations the first ones (which the rest of this file runs) leave untested, forced
     as CONDCONV_TRITON_CONFIG does, in bfloat16: every configuration of the dense tables on a
-    7x7 1x1 layer of 8 experts, and those only the autotuner picks (blocks of 6 and 8
-    examples, whose further examples' routing weights are reloaded in every K block; 128-pixel
-    kernel-gradient tiles) on a 14x14 1x1 layer (3 K blocks each way, a batch that leaves the
+    7x7 1x1 layer of 8 experts, and those only the autotuner picks (blocks of 3 and 4
+    examples; 128-pixel kernel-gradient tiles) on a 14x14 1x1 layer (3 K blocks each way, a batch that leaves the
     last block of examples part-filled) and a 3x3 one: forward and every gradient against the
     ground truth, with a floor of 8 ulps of the output's scale (6%) instead of the file's 64
     (half of it in bfloat16): an example whose last K block is dropped would pass the looser

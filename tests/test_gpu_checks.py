@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def _files(out: Path):
 
 def test_both_calls_walk_every_step(tmp_path):
     out1 = tmp_path / "out1"
+    # An autotuner's timings in Triton's cache, as the GPU's tuning leaves them there.
+    tuned = tmp_path / "cache" / "KEYHASH" / "dense_fwd_kernel.autotune.json"
+    tuned.parent.mkdir(parents=True)
+    tuned.write_text('{"key": [256], "configs_timings": []}')
     run = _run(tmp_path, "first", out1)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = (out1 / "summary.md").read_text()
@@ -71,6 +76,9 @@ def test_both_calls_walk_every_step(tmp_path):
     log = (out1 / "log.txt").read_text()
     for name in FIRST:
         assert f"===== {name} (" in log, name
+    with tarfile.open(out1 / "results.tgz") as tar:  # the timings come back in results.tgz
+        member = tar.extractfile("results/autotune/KEYHASH/dense_fwd_kernel.autotune.json")
+        assert member.read() == tuned.read_bytes()
 
     # The second call with the first's kit put back where the script looks for it.
     (tmp_path / "kit").mkdir(exist_ok=True)

@@ -213,8 +213,8 @@ def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
 
 def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     """The dense forward / grad_x tables: blocks of examples larger than the batch's bucket are
-    pruned (batch 1 keeps single-example programs), as are blocks past MAX_WIDE_EXAMPLES for
-    32- and 64-bit elements, and pipeline stages are lowered until the tiles fit in shared
+    pruned (batch 1 keeps single-example programs), as are blocks of more than one example
+    every two warps for 32- and 64-bit elements, and pipeline stages are lowered until the tiles fit in shared
     memory, for the tuner and for the fixed launch alike (float64 tiles are four times
     bfloat16's); the kernel gradient keeps the tiles whose experts fit in registers, and its
     pixel tiles past 64 only where an example has more pixels."""
@@ -228,11 +228,12 @@ def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     two = _config._prune_examples(table, {"B_KEY": 2, "g_ptr": bf16}, E=8)
     assert {c.kwargs["BLOCK_B"] for c in two} == {1, 2}
     assert len(_config._prune_examples(table, {"B_KEY": 256, "x_ptr": bf16}, E=8)) == len(table)
-    # Blocks of more than MAX_WIDE_EXAMPLES examples only for 16-bit elements.
+    # More than one example every two warps only for 16-bit elements.
     f32 = torch.empty(1, dtype=torch.float32)
-    wide = {c.kwargs["BLOCK_B"] for c in _config._prune_examples(table, {"B_KEY": 256,
-                                                                          "x_ptr": f32}, E=8)}
-    assert max(c.kwargs["BLOCK_B"] for c in table) > _config.MAX_WIDE_EXAMPLES == max(wide)
+    wide = _config._prune_examples(table, {"B_KEY": 256, "x_ptr": f32}, E=8)
+    dense = [c for c in table if 2 * c.kwargs["BLOCK_B"] > c.num_warps]
+    assert dense and all(2 * c.kwargs["BLOCK_B"] <= c.num_warps for c in wide)
+    assert len(wide) == len(table) - len(dense)
     for c in _config._prune_examples(table, {"B_KEY": 256, "x_ptr": f64}, E=8):
         fits = _config.dense_shared_bytes(c.kwargs, c.num_stages, 8, 8) <= _config.SHARED_LIMIT
         assert fits or c.num_stages == 1

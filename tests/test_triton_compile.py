@@ -68,6 +68,16 @@ def test_static_report_of_a_pointwise_layer(tmp_path):
         assert r["loop_instructions"] > r["loop_barriers"] + r["loop_mma"], r
         assert r["loop_issue_cycles"] >= r["loop_instructions"], r  # (4 or 8 warps)
         assert r["modeled_us"] >= r["issue_us"] > 0, r  # the issue floor, one of its terms
+    # The dense kernels' latency term, another: each program's examples one after another
+    from condconv_kernels.triton import report
+    for r in records.values():
+        assert r["modeled_us"] >= r["latency_us"] > 0, r
+    fwd = records["dense_fwd"]
+    steps = -(-80 // int(fwd["config"].split()[0].split("x")[3]))  # K = 80 in BLOCK_K blocks
+    waves = -(-fwd["grid"] // (132 * report.resident(fwd["registers"], int(
+        fwd["config"].split()[1][1:]), fwd["shared_bytes"])))
+    assert fwd["latency_us"] == pytest.approx(
+        1e6 * waves * steps * fwd["examples_per_program"] * report.DOT_CYCLES / report.CLOCK)
     # The kernel gradient's fold of an example, after its last tile of 64 of the 196 pixels:
     # a conditional part of the loop, counted once an example
     assert 0 < records["dense_bwd_w"]["loop_skipped"] < records["dense_bwd_w"]["loop_instructions"]
@@ -468,3 +478,79 @@ def test_the_kernel_gradient_reduces_over_no_linear_layout():
     for row in rows:
         assert int(row[-2]) >= 2, row  # grad_routing's sums are there
         assert row[-1] == "0", row
+
+
+def test_programs_an_sm_holds():
+    """The latency term's programs resident on an SM: the least of what its registers (in
+    eights a thread), shared memory (1 KB reserved a program) and warp slots allow."""
+    from condconv_kernels.triton.report import resident
+    assert resident(255, 4, 61440) == 2  # 256 x 128 registers: two programs of 32K
+    assert resident(167, 4, 94208) == 2  # 168 x 128 x 3 fits, shared memory holds two
+    assert resident(255, 8, 117244) == 1
+    assert resident(78, 4, 40000) == 5  # shared memory: 228 KB / 40 KB
+    assert resident(32, 1, 0) == 64  # warp slots
+
+
+def test_tuner_timings_against_the_model(tmp_path):
+    """bench/tuner_timings.py on a Triton cache holding the autotuner's timings of two keys:
+    one of tf_efficientnet_cc_b0_8e's layers (its dense forward at batch 256, named by the
+    layers that launch it) and one of no layer (listed by its key); beside the first, the
+    static model's time for each configuration measured (that configuration's record from the
+    report's own code), the configuration the model ranks first and how far it is from the
+    fastest, and the summary row from them."""
+    import json
+    script = f"""
+import json, os, sys
+sys.path.insert(0, "bench")
+import torch
+from condconv_kernels.profile import efficientnet_cc_b0_layers
+from condconv_kernels.triton import report
+layer = efficientnet_cc_b0_layers(8)[0]
+fwd = [l for l in report.layer_launches(layer, 256, torch.bfloat16, True)
+       if l.name == "dense_fwd_kernel"][0]
+key = list(fwd.kernel.tuning_key(fwd.args, fwd.kwargs))
+configs = [({{"BLOCK_B": b, "BLOCK_M": m, "BLOCK_N": 64, "BLOCK_K": 32}}, w, 3)
+           for b, m, w in ((2, 64, 4), (1, 64, 4), (4, 64, 8))]
+times = (0.1, 0.2, 0.15)
+for name, k in (("A", key), ("B", [7] + key[1:])):
+    os.makedirs(os.path.join({str(tmp_path)!r}, "cache", name))
+    with open(os.path.join({str(tmp_path)!r}, "cache", name, "dense_fwd_kernel.autotune.json"),
+              "w") as f:
+        json.dump({{"key": k, "configs_timings": [
+            [{{"kwargs": c[0], "num_warps": c[1], "num_stages": c[2]}}, [t, t, t]]
+            for c, t in zip(configs, times)]}}, f)
+modeled = [report.config_record(layer, 256, 2, fwd, c)["modeled_us"] for c in configs]
+json.dump(modeled, open(os.path.join({str(tmp_path)!r}, "modeled.json"), "w"))
+import tuner_timings
+sys.exit(tuner_timings.main([os.path.join({str(tmp_path)!r}, "cache"), "--model", "--out",
+                             os.path.join({str(tmp_path)!r}, "t.md")]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    out = result.stdout
+    modeled = json.loads((tmp_path / "modeled.json").read_text())
+    names = ["2x64x64x32 w4 s3", "1x64x64x32 w4 s3", "4x64x64x32 w8 s3"]
+    measured = [100.0, 200.0, 150.0]
+    pick = min(range(3), key=modeled.__getitem__)
+    assert (f"### dense_fwd, batch 256, s5.b0.expand: the model picks {names[pick]}, "
+            f"{measured[pick] / 100:.2f}x the fastest") in out
+    for name, us, m in zip(names, measured, modeled):
+        assert f"| {name} | {us:.1f} | {us / 100:.2f} | {m:.1f} | {us / m:.2f} |" in out
+    ranks = tuner_timings_spearman(measured, modeled)
+    assert (f"| dense_fwd | 1 | {measured[pick] / 100:.2f} | {ranks:.2f} | "
+            f"{100 / modeled[0]:.2f} |") in out
+    assert "### dense_fwd, batch 7, key 7, " in out  # of no layer: no model beside it
+    assert "| 2x64x64x32 w4 s3 | 100.0 | 1.00 | - | - |" in out
+    records = json.loads((tmp_path / "t.json").read_text())
+    assert len(records) == 6
+    assert sorted(r["to_fastest"] for r in records) == pytest.approx([1, 1, 1.5, 1.5, 2, 2])
+
+
+def tuner_timings_spearman(a, b):
+    """Spearman's rank correlation, computed here independently of the tool's."""
+    ra = {v: i for i, v in enumerate(sorted(a))}
+    rb = {v: i for i, v in enumerate(sorted(b))}
+    n = len(a)
+    return 1 - 6 * sum((ra[x] - rb[y]) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))

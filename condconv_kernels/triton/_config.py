@@ -41,21 +41,19 @@ DENSE_TILES = ("BLOCK_B", "BLOCK_M", "BLOCK_N", "BLOCK_K")
 # BLOCK_K); BLOCK_M is 64 or 128 so that Hopper's wgmma takes the mixed tile from registers.
 # BLOCK_B (any count: the block is a tuple) = 1 serves small batches (configurations with more
 # examples than the batch's bucket are pruned); at batch 256 more examples per program divide
-# the reads of the expert tiles, more channels per program the reads of x
-# (condconv_kernels.triton.report). The last four hold 24K-32K float32 accumulators in 8 warps
-# (4 examples x 128 x 64, 4 x 64 x 128, 8 x 64 x 64, 6 x 64 x 64) with K blocks of 16 to keep
-# them from spilling (227-255 registers): the experts read once per 128 pixels or per 6-8
-# examples, or x once per 128 channels, where 16K accumulators read them once per 64 and per 4.
-# On the 7x7 layers the 8-example one reads the experts half as often as the 4-example ones;
-# the 6-example one makes 129 programs where a layer has 192 rows (8 examples: 96 on 132 SMs).
-# Past 4 examples they serve 16-bit inputs only (MAX_WIDE_EXAMPLES).
-_GPU_DENSE_CONFIGS = [(2, 64, 64, 32, 4, 3), (1, 64, 64, 32, 4, 3), (1, 128, 64, 32, 8, 3),
-                      (4, 64, 64, 32, 8, 3), (2, 128, 64, 32, 8, 3), (4, 64, 64, 16, 8, 4),
-                      (2, 64, 128, 32, 8, 3), (4, 128, 64, 16, 8, 4), (4, 64, 128, 16, 8, 3),
-                      (8, 64, 64, 16, 8, 4), (6, 64, 64, 16, 8, 4)]
-# The most examples a dense forward / grad_x program serves with 32- or 64-bit elements: their
-# mixed tiles take twice the registers, and 8 examples spill in float32.
-MAX_WIDE_EXAMPLES = 4
+# the reads of the expert tiles, more channels per program the reads of x, but a program walks
+# its examples one after another, each waiting for its dot (condconv_kernels.triton.report's
+# latency term). What the H200 measured for every configuration (the third GPU run's autotune
+# timings, bench/tuner_timings.py): the fastest on the 7x7 layers is 2 x 64 x 64 with 4 warps,
+# two programs an SM; on the 14x14 ones the 128-pixel tiles of 8 warps; blocks of 6 and 8
+# examples with K blocks of 16 (in the table until then for their L2 traffic) were 1.4-2.6x
+# the fastest on every key at batch 256, 4 x 64 x 64 with K blocks of 16 1.5-2.3x, one example
+# in 8 warps 1.5x or more at every batch: out. The 3-example one (255 registers, 2 stages:
+# 61 KB of shared memory, two programs an SM as the fastest) reads the experts a third less
+# often than it, for the next run to measure.
+_GPU_DENSE_CONFIGS = [(2, 64, 64, 32, 4, 3), (1, 64, 64, 32, 4, 3), (4, 64, 64, 32, 8, 3),
+                      (2, 128, 64, 32, 8, 3), (2, 64, 128, 32, 8, 3), (4, 128, 64, 16, 8, 4),
+                      (4, 64, 128, 16, 8, 3), (3, 64, 64, 32, 4, 2)]
 # (block a, block b, block c, warps, stages) for the dense kernel gradient, whose tile of W
 # (a output channels x b reduction elements, over c pixels at a time) holds every expert's
 # gradient in registers: E x a x b float32, at most 16K with 8 experts. The last takes 128
@@ -63,7 +61,9 @@ MAX_WIDE_EXAMPLES = 4
 # and larger layers (s5.b1.expand's issue time 77 -> 61 us, ResNet's r4.conv 736 -> 618, by
 # condconv_kernels.triton.report).
 _GPU_CONFIGS = [(64, 32, 64, 8, 3), (32, 64, 64, 8, 3), (32, 32, 64, 4, 3),
-                (64, 32, 32, 8, 4), (16, 64, 64, 4, 3), (16, 32, 64, 4, 3), (64, 32, 128, 8, 3)]
+                (16, 64, 64, 4, 3), (16, 32, 64, 4, 3), (64, 32, 128, 8, 3)]
+# (64, 32, 32, 8, 4) was in the table until the third GPU run's autotune timings: 1.34-1.6x the
+# fastest on every layer (half the pixels a dot: twice the loop's iterations, each as long).
 # (64, 16, 64, 4, 3) was in the table until the third GPU run forced it on a 7x7 1x1 layer
 # (test_gpu_forced_configuration[k1_7-3]): its grad_routing was off by 9x the test's bound, a
 # Triton reduction miscompiled (the kernel's comment at grad_routing's sums; fixed there
@@ -128,16 +128,18 @@ def fitting_stages(blocks: Dict[str, int], stages: int, experts: int, itemsize: 
     return stages
 
 
-def examples_fit(examples: int, itemsize: int) -> bool:
-    """Whether a dense forward / grad_x program may serve a block of ``examples`` on elements
-    of ``itemsize`` bytes (past MAX_WIDE_EXAMPLES, 16-bit ones only)."""
-    return examples <= MAX_WIDE_EXAMPLES or itemsize <= 2
+def examples_fit(examples: int, warps: int, itemsize: int) -> bool:
+    """Whether a dense forward / grad_x program of ``warps`` warps may serve a block of
+    ``examples`` on elements of ``itemsize`` bytes: past one example every two warps, 16-bit
+    ones only (32- and 64-bit mixed tiles take twice the registers: 3 examples in 4 warps
+    spill in float32, as 6 and 8 in 8 warps did)."""
+    return 2 * examples <= warps or itemsize <= 2
 
 
 def _prune_examples(configs, named_args, **kwargs):
     """Drops the configurations whose block of examples exceeds the batch's bucket (B_KEY), or
-    MAX_WIDE_EXAMPLES for elements wider than 16 bits, and lowers the pipeline stages of the
-    others until their tiles fit in shared memory."""
+    for elements wider than 16 bits one example every two warps (examples_fit), and lowers the
+    pipeline stages of the others until their tiles fit in shared memory."""
     limit = named_args.get("B_KEY", 1 << 30)
     experts = kwargs.get("E", 8)
     x = named_args.get("x_ptr", named_args.get("g_ptr"))
@@ -146,7 +148,7 @@ def _prune_examples(configs, named_args, **kwargs):
     kept = []
     for c in configs:
         examples = c.kwargs["BLOCK_B"]
-        if examples <= max(limit, fewest) and (examples_fit(examples, itemsize)
+        if examples <= max(limit, fewest) and (examples_fit(examples, c.num_warps, itemsize)
                                                or examples == fewest):
             stages = fitting_stages(c.kwargs, c.num_stages, experts, itemsize)
             kept.append(c if stages == c.num_stages else

@@ -169,7 +169,7 @@ def _launchable(config, dtype) -> bool:
     """Whether the tuner may launch ``config`` in ``dtype`` (_config.examples_fit)."""
     blocks = config[0]
     return "BLOCK_B" not in blocks or _config.examples_fit(
-        blocks["BLOCK_B"], torch.empty((), dtype=dtype).element_size())
+        blocks["BLOCK_B"], config[1], torch.empty((), dtype=dtype).element_size())
 
 
 def _staged(config, dtype):

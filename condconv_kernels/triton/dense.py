@@ -1,9 +1,9 @@
 """Dense CondConv (Cin/groups > 1) in Triton: the expert mix fused into an implicit GEMM.
 
 Forward: a program owns a (BLOCK_M output channels x BLOCK_N output pixels) tile of one group
-for a block of BLOCK_B examples (1 to 8). For each K = Cin/g*kh*kw block it loads each of
-the E expert tiles of W once (E is a compile-time constant: the K loop has no inner runtime
-loop and pipelines), mixes them for every example of the block in registers (float32,
+for a block of BLOCK_B examples (1 to 4 in the tables). For each K = Cin/g*kh*kw block it loads
+each of the E expert tiles of W once (E is a compile-time constant: the K loop has no inner
+runtime loop and pipelines), mixes them for every example of the block in registers (float32,
 float64 for float64), and runs one 2-D tl.dot per example: the mixed tile is the A operand,
 straight from registers (on Hopper, wgmma takes A from registers), the example's input patches
 the B operand (im2col on the fly, padding by masks, x read through its strides; 1x1 layers read

@@ -30,9 +30,9 @@ bulk tensor copies of TMA) appear in the code, and the model:
   gradient, which the traffic terms alone put 2-4x too low;
 - modeled time: the largest of HBM bytes / 3.0 TB/s, L2 bytes / 6 TB/s, tensor-core FLOPs /
   800 TFLOP/s (wgmma; half of it for mma.sync), CUDA-core FLOPs / 60 TFLOP/s, each divided by
-  the fraction of the 132 SMs the grid can fill, and the issue time, times 2 where registers
-  spill, plus the experts' copy into tap-major order where the launch needs it (channels_last
-  3x3 dense);
+  the fraction of the 132 SMs the grid can fill, the issue time and (dense kernels) the
+  latency term, times 2 where registers spill, plus the experts' copy into tap-major order
+  where the launch needs it (channels_last 3x3 dense);
 - floor: the layer's own floor for that pass, max(FLOPs / 800 TFLOP/s, HBM bytes / 3.0 TB/s).
 
 The dense kernel gradient's sum kernel (record ``dense_kgrad_sum``: its batch slices'
@@ -44,9 +44,11 @@ only, which the sum kernel reads: fewer where the tuner picks larger tiles).
 The main loop's counts per iteration come from the machine code
 (:mod:`condconv_kernels.triton.sass`): instructions, barriers and global loads into registers
 (``loop instr / bar / ldg``; the JSON has every ``loop_`` count, ``loop_issue_cycles`` and
-``issue_us``). The model still has no latency term: a kernel that walks examples one after
-another also waits, per example, at every barrier for the slowest warp and on every such load
-for a round trip to L2 that nothing overlaps unless the code issues it early.
+``issue_us``). The dense kernels also have a latency term (``latency_us``, the table's
+``issue / latency`` column; :data:`DOT_CYCLES`), fitted to the autotuner's timings of every
+configuration on an H200: their programs walk a block's examples one after another, each
+waiting for its dot, so their time grows with the examples a program serves where the traffic
+terms say it shrinks; the programs an SM holds at once overlap.
 
 ``--stationary`` models the backend as ``CONDCONV_TRITON_STATIONARY=1`` runs it (``--stationary
 PASSES``: as that variable set to PASSES, e.g. ``kernel_grad``). The 1x1 passes the
@@ -89,7 +91,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import triton
@@ -672,11 +674,58 @@ def _dw_examples(batch: int, blocks) -> float:
 
 
 def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool,
-               issue: float = 0.0) -> float:
+               issue: float = 0.0, latency: float = 0.0) -> float:
     fill = min(1.0, programs / SMS)
     tc_rate = TC if tensor_core == "wgmma" else TC / 2 if tensor_core == "mma" else CC
-    t = max(hbm / HBM, l2 / L2 / fill, tc / tc_rate / fill, cc / CC / fill, issue / 1e6)
+    t = max(hbm / HBM, l2 / L2 / fill, tc / tc_rate / fill, cc / CC / fill, issue / 1e6,
+            latency / 1e6)
     return 1e6 * t * (2.0 if spills else 1.0)
+
+
+# The latency term of the dense kernels, fitted to what the autotuner measured on an H200 (the
+# third GPU run: every configuration of the 1x1 layers' dense forward, grad_x and kernel
+# gradient at batch 256 in bfloat16, bench/tuner_timings.py; gpu-model.md, "Against the
+# tuner's timings"). A dense forward / grad_x program spends about DOT_CYCLES a K step on each
+# example of its block (the mix into that example's operand, its dot, and the wait for the
+# dot before the next: about the same for 64 x 64 and 128 x 64 tiles, K steps of 16 and 32,
+# 4 and 8 warps), so its examples add up where the traffic terms say they share the loads. A
+# kernel-gradient program spends KGRAD_TILE_CYCLES + KGRAD_PIXEL_CYCLES x BLOCK_P a pixel tile
+# and KGRAD_FOLD_CYCLES an example's fold. The programs an SM holds at once (as many as its
+# registers, shared memory and warp slots allow) overlap; the waves of them follow each other.
+DOT_CYCLES = 700
+KGRAD_TILE_CYCLES, KGRAD_PIXEL_CYCLES, KGRAD_FOLD_CYCLES = 300, 8, 1200
+SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
+
+
+def resident(registers: int, warps: int, shared: int) -> int:
+    """Programs of ``warps`` warps, ``registers`` a thread and ``shared`` bytes of shared
+    memory an SM holds at once (registers allocated in eights a thread, 1 KB of shared memory
+    reserved a program)."""
+    per_program = -(-max(registers, 1) // 8) * 8 * 32 * warps
+    return max(1, min(SM_REGISTERS // per_program, SM_SHARED // (shared + 1024),
+                      SM_WARPS // warps))
+
+
+def latency_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dict) -> float:
+    """The dense kernels' latency term (see DOT_CYCLES): each program's serial cycles, times
+    the waves of programs the SMs hold at once; 0 for the other kernels."""
+    name = launch.name
+    if name in ("dense_fwd_kernel", "dense_bwd_x_kernel"):
+        reduced = layer.cin if name == "dense_fwd_kernel" else layer.cout
+        red = reduced // layer.groups * layer.kernel ** 2
+        steps = _k_steps(layer, launch, programs, red, blocks["BLOCK_K"]) / programs
+        cycles = steps * blocks["BLOCK_B"] * DOT_CYCLES
+    elif name == "dense_bwd_w_kernel":
+        names = _base(launch.kernel).arg_names
+        examples = launch.args[names.index("B_PER_SPLIT")]
+        ho, wo = layer.out_hw
+        tiles = cdiv(ho * wo, blocks["BLOCK_P"])
+        cycles = examples * (tiles * (KGRAD_TILE_CYCLES + KGRAD_PIXEL_CYCLES * blocks["BLOCK_P"])
+                             + KGRAD_FOLD_CYCLES)
+    else:
+        return 0.0
+    waves = cdiv(programs, SMS * resident(info["registers"], warps, info["shared_bytes"]))
+    return 1e6 * waves * cycles / CLOCK
 
 
 def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dict,
@@ -765,6 +814,35 @@ def _stationary_record(layer, batch: int, dtype: torch.dtype, itemsize: int, lau
     return record
 
 
+def config_record(layer, batch: int, itemsize: int, launch: Launch, config, arch: int = 90,
+                  cache: Optional[dict] = None) -> dict:
+    """The record of one of the Triton kernels' launches at one configuration (tile sizes,
+    warps, stages): compiled (``cache``: compiled infos by launch and configuration, shared
+    between calls) and modeled."""
+    cache = {} if cache is None else cache
+    key = (launch.name, repr(launch.args), repr(sorted(launch.kwargs.items())), repr(config))
+    info = _compile_info(cache, key, lambda: compile_launch(launch, config, arch)[0], arch)
+    blocks = config[0]
+    programs = _grid(launch, blocks)
+    hbm, l2, tc, cc, floor_flops = model(layer, batch, itemsize, launch, blocks, programs)
+    record = dict(layer=layer.name, shape=layer.describe(),
+                  kernel=launch.name.replace("_kernel", ""),
+                  config="x".join(str(v) for v in blocks.values()) + f" w{config[1]} s{config[2]}",
+                  examples_per_program=blocks.get("BLOCK_B", blocks.get("EXAMPLES", 1)),
+                  grid=programs, hbm_bytes=hbm, l2_bytes=l2, tc_flops=tc, cc_flops=cc,
+                  floor_us=1e6 * max(floor_flops / TC, hbm / HBM), **info)
+    if "error" in info:
+        record["modeled_us"] = float("inf")
+        return record
+    record["issue_us"] = issue_us(layer, launch, blocks, programs, config[1], info, batch)
+    record["latency_us"] = latency_us(layer, launch, blocks, programs, config[1], info)
+    spills = info["spill_bytes"] > 0 or info["shared_bytes"] > _config.SHARED_LIMIT
+    record["modeled_us"] = modeled_us(hbm, l2, tc, cc, programs, info["tensor_core"], spills,
+                                      record["issue_us"], record["latency_us"]) + _copy_us(
+        layer, itemsize, launch)
+    return record
+
+
 def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
            arch: int = 90, every_config: bool = False, layers=None, progress=None,
            scales: bool = False, stationary=frozenset()):
@@ -789,35 +867,8 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
                 records.append(_pointwise_grad_record(layer, dtype, itemsize, launch, arch,
                                                       compiled_cache))
                 continue
-            options = []
-            for config in configurations(launch):
-                key = (launch.name, repr(launch.args), repr(sorted(launch.kwargs.items())),
-                       repr(config))
-                info = _compile_info(compiled_cache, key,
-                                     lambda: compile_launch(launch, config, arch)[0], arch)
-                blocks = config[0]
-                programs = _grid(launch, blocks)
-                hbm, l2, tc, cc, floor_flops = model(layer, batch, itemsize, launch, blocks,
-                                                     programs)
-                record = dict(layer=layer.name, shape=layer.describe(),
-                              kernel=launch.name.replace("_kernel", ""),
-                              config="x".join(str(v) for v in blocks.values()) +
-                              f" w{config[1]} s{config[2]}",
-                              examples_per_program=blocks.get(
-                                  "BLOCK_B", blocks.get("EXAMPLES", 1)), grid=programs,
-                              hbm_bytes=hbm, l2_bytes=l2, tc_flops=tc, cc_flops=cc,
-                              floor_us=1e6 * max(floor_flops / TC, hbm / HBM), **info)
-                if "error" in info:
-                    record["modeled_us"] = float("inf")
-                else:
-                    record["issue_us"] = issue_us(layer, launch, blocks, programs, config[1],
-                                                  info, batch)
-                    record["modeled_us"] = modeled_us(
-                        hbm, l2, tc, cc, programs, info["tensor_core"],
-                        info["spill_bytes"] > 0 or
-                        info["shared_bytes"] > _config.SHARED_LIMIT,
-                        record["issue_us"]) + _copy_us(layer, itemsize, launch)
-                options.append(record)
+            options = [config_record(layer, batch, itemsize, launch, config, arch,
+                                     compiled_cache) for config in configurations(launch)]
             if every_config:
                 records += options
             else:
@@ -830,7 +881,7 @@ def report(batch: int = 256, dtype: torch.dtype = torch.bfloat16, channels_last:
 def format_table(records) -> str:
     head = ("| layer | shape | kernel | config | B/prog | grid | regs | spill B | shared KiB | "
             "tensor core | async | loop instr / bar / ldg | HBM MB | L2 MB | L2/HBM | smem MB | "
-            "issue us | floor us | modeled us | /floor |")
+            "issue / latency us | floor us | modeled us | /floor |")
     lines = [head, "|" + "---|" * 20]
     for r in records:
         if "error" in r:
@@ -838,6 +889,8 @@ def format_table(records) -> str:
                          f"{r['error']} |" + " |" * 15)
             continue
         issue = f"{r['issue_us']:.1f}" if r.get("issue_us") else "-"
+        if r.get("latency_us"):
+            issue += f" / {r['latency_us']:.1f}"
         smem = f"{r['smem_bytes'] / 1e6:.1f}" if "smem_bytes" in r else "-"
         loop = ("-" if r.get("loop_instructions") is None else
                 f"{r['loop_instructions']} / {r['loop_barriers']} / {r['loop_sync_loads']}")
