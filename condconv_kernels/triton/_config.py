@@ -41,9 +41,9 @@ DENSE_TILES = ("BLOCK_B", "BLOCK_M", "BLOCK_N", "BLOCK_K")
 # BLOCK_K); BLOCK_M is 64 or 128 so that Hopper's wgmma takes the mixed tile from registers.
 # BLOCK_B (any count: the block is a tuple) = 1 serves small batches (configurations with more
 # examples than the batch's bucket are pruned); at batch 256 more examples per program divide
-# the reads of the expert tiles, more channels per program the reads of x, but a program walks
-# its examples one after another, each waiting for its dot (condconv_kernels.triton.report's
-# latency term). What the H200 measured for every configuration (the third GPU run's autotune
+# the reads of the expert tiles, more channels per program the reads of x, but each example
+# adds its own work to every K step of the program (condconv_kernels.triton.report's latency
+# term). What the H200 measured for every configuration (the third GPU run's autotune
 # timings, bench/tuner_timings.py): the fastest on the 7x7 layers is 2 x 64 x 64 with 4 warps,
 # two programs an SM; on the 14x14 ones the 128-pixel tiles of 8 warps; blocks of 6 and 8
 # examples with K blocks of 16 (in the table until then for their L2 traffic) were 1.4-2.6x

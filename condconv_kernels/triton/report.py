@@ -46,9 +46,9 @@ The main loop's counts per iteration come from the machine code
 (``loop instr / bar / ldg``; the JSON has every ``loop_`` count, ``loop_issue_cycles`` and
 ``issue_us``). The dense kernels also have a latency term (``latency_us``, the table's
 ``issue / latency`` column; :data:`DOT_CYCLES`), fitted to the autotuner's timings of every
-configuration on an H200: their programs walk a block's examples one after another, each
-waiting for its dot, so their time grows with the examples a program serves where the traffic
-terms say it shrinks; the programs an SM holds at once overlap.
+configuration on an H200: a program's examples' work in a K step adds up, so their time grows
+with the examples a program serves where the traffic terms say it shrinks; the programs an SM
+holds at once overlap.
 
 ``--stationary`` models the backend as ``CONDCONV_TRITON_STATIONARY=1`` runs it (``--stationary
 PASSES``: as that variable set to PASSES, e.g. ``kernel_grad``). The 1x1 passes the
@@ -686,9 +686,11 @@ def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool,
 # third GPU run: every configuration of the 1x1 layers' dense forward, grad_x and kernel
 # gradient at batch 256 in bfloat16, bench/tuner_timings.py; gpu-model.md, "Against the
 # tuner's timings"). A dense forward / grad_x program spends about DOT_CYCLES a K step on each
-# example of its block (the mix into that example's operand, its dot, and the wait for the
-# dot before the next: about the same for 64 x 64 and 128 x 64 tiles, K steps of 16 and 32,
-# 4 and 8 warps), so its examples add up where the traffic terms say they share the loads. A
+# example of its block, about the same for 64 x 64 and 128 x 64 tiles, K steps of 16 and 32,
+# 4 and 8 warps: its examples' work (the mix into each one's operand, its dot, the barriers
+# around its tiles, two a K step per example in the compiled code) adds up where the traffic
+# terms say the examples share the loads. (The fastest configuration, two programs an SM of
+# two examples, also sits at its L2 term there: 40 KB a K step a program at ~5.5 TB/s.) A
 # kernel-gradient program spends KGRAD_TILE_CYCLES + KGRAD_PIXEL_CYCLES x BLOCK_P a pixel tile
 # and KGRAD_FOLD_CYCLES an example's fold. The programs an SM holds at once (as many as its
 # registers, shared memory and warp slots allow) overlap; the waves of them follow each other.
