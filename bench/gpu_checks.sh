@@ -189,7 +189,8 @@ join() {
 # bench/tuner_timings.py reads them).
 pack_results() {
   mkdir -p "$WORK/results/autotune"
-  (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' -print0 |
+  (cd "$TRITON_CACHE_DIR" 2>/dev/null &&  # (not Triton's tmp.* files being written)
+    find . -name '*.autotune.json' -not -path '*/tmp.*' -print0 |
     xargs -0 -r cp --parents -t "$WORK/results/autotune" 2>/dev/null)
   tar czf "$OUT/results.tgz" -C "$WORK" results 2>/dev/null
 }

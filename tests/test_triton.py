@@ -298,8 +298,10 @@ def test_forced_configuration(monkeypatch):
         reload()
         monkeypatch.setattr(_config, "INTERPRET", False)
         dense = _config._table(_config.DENSE_TILES)
-        assert _config.fixed_blocks(_config.DENSE_TILES, 8, 2)["BLOCK_M"] == \
-            dense[9 % len(dense)][0]["BLOCK_M"]
+        forced = _config.fixed_blocks(_config.DENSE_TILES, 8, 2)
+        blocks, warps, _ = dense[9 % len(dense)]
+        assert dense[0][0] != blocks  # (a different entry from the first)
+        assert {k: forced[k] for k in blocks} == blocks and forced["num_warps"] == warps
         monkeypatch.setenv("CONDCONV_TRITON_CONFIG", "first")
         with pytest.raises(ValueError, match="CONDCONV_TRITON_CONFIG"):
             reload()

@@ -78,6 +78,20 @@ def test_static_report_of_a_pointwise_layer(tmp_path):
         fwd["config"].split()[1][1:]), fwd["shared_bytes"])))
     assert fwd["latency_us"] == pytest.approx(
         1e6 * waves * steps * fwd["examples_per_program"] * report.DOT_CYCLES / report.CLOCK)
+
+    def waves_of(r):
+        return -(-r["grid"] // (132 * report.resident(r["registers"], int(
+            r["config"].split()[1][1:]), r["shared_bytes"])))
+    bwd_x = records["dense_bwd_x"]  # grad_x reduces over the 480 output channels
+    blocks = [int(v) for v in bwd_x["config"].split()[0].split("x")]
+    assert bwd_x["latency_us"] == pytest.approx(1e6 * waves_of(bwd_x) * -(-480 // blocks[3])
+                                                * blocks[0] * report.DOT_CYCLES / report.CLOCK)
+    kgrad = records["dense_bwd_w"]  # 256 examples in 8 slices, 196 pixels in tiles of BLOCK_P
+    pixels = int(kgrad["config"].split()[0].split("x")[2])
+    per_example = (-(-196 // pixels) * (report.KGRAD_TILE_CYCLES + report.KGRAD_PIXEL_CYCLES
+                                        * pixels) + report.KGRAD_FOLD_CYCLES)
+    assert kgrad["latency_us"] == pytest.approx(
+        1e6 * waves_of(kgrad) * 32 * per_example / report.CLOCK)
     # The kernel gradient's fold of an example, after its last tile of 64 of the 196 pixels:
     # a conditional part of the loop, counted once an example
     assert 0 < records["dense_bwd_w"]["loop_skipped"] < records["dense_bwd_w"]["loop_instructions"]
@@ -489,6 +503,8 @@ def test_programs_an_sm_holds():
     assert resident(255, 8, 117244) == 1
     assert resident(78, 4, 40000) == 5  # shared memory: 228 KB / 40 KB
     assert resident(32, 1, 0) == 64  # warp slots
+    assert resident(169, 4, 0) == 2  # 176 registers a thread, not 169: three would not fit
+    assert resident(32, 4, 46694) == 4  # with the 1 KB reserved, not 5
 
 
 def test_tuner_timings_against_the_model(tmp_path):
@@ -522,8 +538,8 @@ for name, k in (("A", key), ("B", [7] + key[1:])):
 modeled = [report.config_record(layer, 256, 2, fwd, c)["modeled_us"] for c in configs]
 json.dump(modeled, open(os.path.join({str(tmp_path)!r}, "modeled.json"), "w"))
 import tuner_timings
-sys.exit(tuner_timings.main([os.path.join({str(tmp_path)!r}, "cache"), "--model", "--out",
-                             os.path.join({str(tmp_path)!r}, "t.md")]))
+sys.exit(tuner_timings.main([os.path.join({str(tmp_path)!r}, "cache"), "--model", "--fit",
+                             "--out", os.path.join({str(tmp_path)!r}, "t.md")]))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
@@ -534,18 +550,24 @@ sys.exit(tuner_timings.main([os.path.join({str(tmp_path)!r}, "cache"), "--model"
     names = ["2x64x64x32 w4 s3", "1x64x64x32 w4 s3", "4x64x64x32 w8 s3"]
     measured = [100.0, 200.0, 150.0]
     pick = min(range(3), key=modeled.__getitem__)
-    assert (f"### dense_fwd, batch 256, s5.b0.expand: the model picks {names[pick]}, "
+    assert (f"### dense_fwd, batch bucket 256, s5.b0.expand: the model picks {names[pick]}, "
             f"{measured[pick] / 100:.2f}x the fastest") in out
     for name, us, m in zip(names, measured, modeled):
         assert f"| {name} | {us:.1f} | {us / 100:.2f} | {m:.1f} | {us / m:.2f} |" in out
     ranks = tuner_timings_spearman(measured, modeled)
     assert (f"| dense_fwd | 1 | {measured[pick] / 100:.2f} | {ranks:.2f} | "
             f"{100 / modeled[0]:.2f} |") in out
-    assert "### dense_fwd, batch 7, key 7, " in out  # of no layer: no model beside it
+    assert "### dense_fwd, batch bucket 7, key 7, " in out  # of no layer: no model beside it
     assert "| 2x64x64x32 w4 s3 | 100.0 | 1.00 | - | - |" in out
     records = json.loads((tmp_path / "t.json").read_text())
     assert len(records) == 6
     assert sorted(r["to_fastest"] for r in records) == pytest.approx([1, 1, 1.5, 1.5, 2, 2])
+    for r in records:  # the terms --fit scales add up to the model's time
+        if r["modeled_us"]:
+            assert r["latency_us"] > 0 and r["rest_us"] > 0, r
+            assert r["scale"] * max(r["rest_us"], r["latency_us"]) + r["copy_us"] == \
+                pytest.approx(r["modeled_us"]), r
+    assert "| dense_fwd | 3 | " in out  # the fit's row: the three modeled points
 
 
 def tuner_timings_spearman(a, b):
@@ -554,3 +576,41 @@ def tuner_timings_spearman(a, b):
     rb = {v: i for i, v in enumerate(sorted(b))}
     n = len(a)
     return 1 - 6 * sum((ra[x] - rb[y]) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))
+
+
+def test_tuner_timings_fit_finds_the_factor():
+    """bench/tuner_timings.py's fit: on times made from the model's terms with the latency term
+    1.5x the report's (where it binds), it finds 1.50, with no error left, the configurations
+    ranked as measured and the model's pick the fastest."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import tuner_timings
+    records = []
+    for key, (rest, latencies) in enumerate([(50.0, [20.0, 60.0, 90.0]),
+                                             (80.0, [70.0, 120.0, 40.0])]):
+        for i, latency in enumerate(latencies):
+            modeled = max(rest, 1.5 * latency)
+            records.append(dict(kernel="dense_fwd", key=[key], config=str(i),
+                                measured_us=modeled, modeled_us=max(rest, latency),
+                                latency_us=latency, rest_us=rest, scale=1.0, copy_us=0.0))
+    table = tuner_timings.fit(records)
+    assert "| dense_fwd | 6 | 1.50 | " in table and " -> 0.00 | 1.00 | 1.00 |" in table, table
+
+
+def test_tuner_timings_ties_and_failures():
+    """bench/tuner_timings.py's tables: a configuration the GPU could not run (timed as
+    infinite) is shown as failed and left out of the comparisons; configurations the model ties
+    first count as the geomean of their measured times, and ties take their mean rank in the
+    rank correlation (here 0: the measured order is unrelated to the model's)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import tuner_timings
+    inf = float("inf")
+    timings = [("dense_fwd_kernel", [256, 1], {"a": 0.1, "b": 0.2, "c": 0.12, "d": inf}, {})]
+    model = [{"a": {"modeled_us": 50.0}, "b": {"modeled_us": 50.0}, "c": {"modeled_us": 80.0},
+              "d": {"modeled_us": 40.0}}]
+    text, records = tuner_timings.tables(timings, {}, model)
+    assert "the model ties 2 first (a, b), 1.00-2.00x the fastest" in text, text
+    assert "| d | failed | - | 40.0 | - |" in text, text
+    assert f"| dense_fwd | 1 | {2 ** 0.5:.2f} | 0.00 | {100 / 50:.2f} |" in text, text
+    assert tuner_timings.spearman([1, 2, 3, 4], [5, 5, 5, 5]) != \
+        tuner_timings.spearman([1, 2, 3, 4], [5, 5, 5, 6]) == pytest.approx(0.7746, abs=1e-4)
+    assert len(records) == 4

@@ -80,8 +80,9 @@ def _mix(r_ptr, r_moved, w_ptr, p_w, m_w, bs, s_rb, s_re, N, E: tl.constexpr,
     has no inner runtime loop.
 
     The routing weights are the same in every K block, so the compiler loads them once, before
-    the K loop, and holds them in registers. Past HELD_ROUTING of them (8 examples x 8 experts
-    beside 32K float32 accumulators: ptxas spills) the further examples' are read through
+    the K loop, and holds them in registers. Past HELD_ROUTING of them (found with blocks of 8
+    examples x 8 experts beside 32K float32 accumulators, where ptxas spilled; the tables now
+    reach it only past 8 experts) the further examples' are read through
     r_moved instead: r_ptr moved by a runtime zero in each K block (k0 times the launcher's
     s_rk = 0), which the compiler cannot fold, so their loads stay in the loop."""
     HELD: tl.constexpr = HELD_ROUTING // E

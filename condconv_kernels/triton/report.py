@@ -716,7 +716,7 @@ def latency_us(layer, launch: Launch, blocks, programs: int, warps: int, info: d
         reduced = layer.cin if name == "dense_fwd_kernel" else layer.cout
         red = reduced // layer.groups * layer.kernel ** 2
         steps = _k_steps(layer, launch, programs, red, blocks["BLOCK_K"]) / programs
-        cycles = steps * blocks["BLOCK_B"] * DOT_CYCLES
+        cycles = steps * blocks.get("BLOCK_B", 1) * DOT_CYCLES
     elif name == "dense_bwd_w_kernel":
         names = _base(launch.kernel).arg_names
         examples = launch.args[names.index("B_PER_SPLIT")]
