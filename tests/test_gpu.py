@@ -219,13 +219,16 @@ def _every_kernel_gradient_configuration():
 # GPU run's tuner picked a kernel-gradient configuration no test had run. At 2 and 3 experts,
 # every kernel-gradient configuration (the first too): Triton 3.6 summed the wrong lanes in
 # most of them where grad_routing was one reduction over the reshaped tile (16-byte vectors of
-# W need its channels a multiple of 8, which the file's small cases are not).
+# W need its channels a multiple of 8, which the file's small cases are not). At 16 experts,
+# the 3- and 4-example blocks hold more routing weights than HELD_ROUTING (dense.py) and
+# reload the rest in every K block, a path 8 experts no longer reach.
 _FORCED_CASES = (
     ("k1", dict(E=8, cin=48, cout=72, B=37, H=7, W=7), _every_other_configuration()),
     ("k1", dict(E=3, cin=48, cout=72, B=37, H=7, W=7), _every_kernel_gradient_configuration()),
     ("k1", dict(E=2, cin=48, cout=72, B=37, H=7, W=7), _every_kernel_gradient_configuration()),
     ("k1", dict(E=8, cin=40, cout=40, B=19, H=14, W=14), _other_tile_kinds()),
     ("k3_s2_asym", dict(E=8, B=13), _other_tile_kinds()),
+    ("k1", dict(E=16, cin=48, cout=72, B=37, H=7, W=7), _other_tile_kinds()),
 )
 
 
@@ -238,8 +241,9 @@ def test_gpu_forced_configuration(name, more, index, backend, monkeypatch):
     """Configurations the first ones (which the rest of this file runs) leave untested, forced
     as CONDCONV_TRITON_CONFIG does, in bfloat16: every configuration of the dense tables on a
     7x7 1x1 layer of 8 experts, and those only the autotuner picks (blocks of 3 and 4
-    examples; 128-pixel kernel-gradient tiles) on a 14x14 1x1 layer (3 K blocks each way, a batch that leaves the
-    last block of examples part-filled) and a 3x3 one: forward and every gradient against the
+    examples; 128-pixel kernel-gradient tiles) on a 14x14 1x1 layer (3 K blocks each way, a
+    batch that leaves the last block of examples part-filled), a 3x3 one and the 7x7 one at 16
+    experts (routing weights past HELD_ROUTING): forward and every gradient against the
     ground truth, with a floor of 8 ulps of the output's scale (6%) instead of the file's 64
     (half of it in bfloat16): an example whose last K block is dropped would pass the looser
     one."""
