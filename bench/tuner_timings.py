@@ -64,15 +64,15 @@ def read_timings(path: str) -> List[Tuple[str, list, Dict[str, float], Dict[str,
 
 
 def config_name(config: dict) -> str:
-    """A configuration as the static report names it: its tile sizes joined by x, warps and
-    stages (``2x64x64x32 w4 s3``)."""
-    blocks = "x".join(str(v) for v in config["kwargs"].values())
-    return f"{blocks} w{config['num_warps']} s{config['num_stages']}"
+    """A configuration (Triton's Config as the file gives it) as the static report names it
+    (``report.config_label``)."""
+    from condconv_kernels.triton.report import config_label
+    return config_label(config["kwargs"], config["num_warps"], config["num_stages"])
 
 
 def layer_keys(batches) -> Dict[Tuple[str, str], dict]:
-    """{(kernel name, key as JSON): dict(layers, kernel (the report's name), layer and launch
-    (the first layer's), batch)} for every tuned launch of one forward and backward of each
+    """{(kernel name, key as JSON): dict(layers, layer and launch (the first layer's),
+    batch)} for every tuned launch of one forward and backward of each
     CondConv layer of tf_efficientnet_cc_b0_8e at each batch size (bfloat16, channels_last, as
     the kit benchmarks them); layers of one shape share a key."""
     import torch
@@ -87,8 +87,7 @@ def layer_keys(batches) -> Dict[Tuple[str, str], dict]:
                     continue
                 key = launch.kernel.tuning_key(launch.args, launch.kwargs)
                 named = keys.setdefault((launch.name, json.dumps(list(key))), dict(
-                    layers=[], kernel=launch.name.replace("_kernel", ""), layer=layer,
-                    launch=launch, batch=batch))
+                    layers=[], layer=layer, launch=launch, batch=batch))
                 if layer.name not in named["layers"]:
                     named["layers"].append(layer.name)
     return keys
@@ -97,9 +96,8 @@ def layer_keys(batches) -> Dict[Tuple[str, str], dict]:
 def modeled(timings, names) -> List[Optional[Dict[str, dict]]]:
     """For each entry of ``timings`` (None where its key names no layer), {configuration: its
     terms} for every configuration measured, each compiled for sm_90 at that key's launch (at
-    the key's batch bucket, in bfloat16, as
-    :func:`layer_keys` records them): ``modeled_us`` (the static model's time),
-    and, for the kernels with a latency term, ``latency_us`` (that term), ``rest_us`` (the
+    the key's batch bucket, in bfloat16, as :func:`layer_keys` records them): ``modeled_us``
+    (the static model's time) and, for the kernels with a latency term, ``latency_us`` (that term), ``rest_us`` (the
     largest of the others), ``scale`` (2 where the configuration spills) and ``copy_us`` (the
     experts' copy the launch adds): modeled = scale x max(rest, latency) + copy."""
     from condconv_kernels.triton import report

@@ -816,6 +816,12 @@ def _stationary_record(layer, batch: int, dtype: torch.dtype, itemsize: int, lau
     return record
 
 
+def config_label(blocks: dict, warps: int, stages: int) -> str:
+    """A configuration as the records name it: its tile sizes joined by x, then its warps and
+    stages (``2x64x64x32 w4 s3``)."""
+    return "x".join(str(v) for v in blocks.values()) + f" w{warps} s{stages}"
+
+
 def config_record(layer, batch: int, itemsize: int, launch: Launch, config, arch: int = 90,
                   cache: Optional[dict] = None) -> dict:
     """The record of one of the Triton kernels' launches at one configuration (tile sizes,
@@ -829,7 +835,7 @@ def config_record(layer, batch: int, itemsize: int, launch: Launch, config, arch
     hbm, l2, tc, cc, floor_flops = model(layer, batch, itemsize, launch, blocks, programs)
     record = dict(layer=layer.name, shape=layer.describe(),
                   kernel=launch.name.replace("_kernel", ""),
-                  config="x".join(str(v) for v in blocks.values()) + f" w{config[1]} s{config[2]}",
+                  config=config_label(blocks, config[1], config[2]),
                   examples_per_program=blocks.get("BLOCK_B", blocks.get("EXAMPLES", 1)),
                   grid=programs, hbm_bytes=hbm, l2_bytes=l2, tc_flops=tc, cc_flops=cc,
                   floor_us=1e6 * max(floor_flops / TC, hbm / HBM), **info)
