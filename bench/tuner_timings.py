@@ -97,9 +97,10 @@ def modeled(timings, names) -> List[Optional[Dict[str, dict]]]:
     """For each entry of ``timings`` (None where its key names no layer), {configuration: its
     terms} for every configuration measured, each compiled for sm_90 at that key's launch (at
     the key's batch bucket, in bfloat16, as :func:`layer_keys` records them): ``modeled_us``
-    (the static model's time) and, for the kernels with a latency term, ``latency_us`` (that term), ``rest_us`` (the
-    largest of the others), ``scale`` (2 where the configuration spills) and ``copy_us`` (the
-    experts' copy the launch adds): modeled = scale x max(rest, latency) + copy."""
+    (the static model's time) and, for the kernels with a latency term, ``latency_us`` (that
+    term), ``rest_us`` (the largest of the others), ``scale`` (2 where the configuration
+    spills) and ``copy_us`` (the experts' copy the launch adds): modeled = scale x max(rest,
+    latency) + copy."""
     from condconv_kernels.triton import report
     cache, out = {}, []
     for kernel, key, _, configs in timings:
