@@ -12,7 +12,7 @@ time and its ratio to the fastest; with ``--model``, also the static model's tim
 configuration measured (compiled for sm_90 at the layer's launch:
 ``condconv_kernels.triton.report.config_record``; a few minutes), the configuration the model
 ranks first and how far it is from the fastest, and a summary per kernel; with ``--fit``, the
-factor on each dense kernel's latency constants that fits these timings best (how far the
+factor on each kernel's latency constants that fits these timings best (how far the
 report's constants are from what a new run measured).
 
     python bench/tuner_timings.py KIT.tgz|RESULTS.tgz|DIR [--model [--fit]] [--out FILE.md]
@@ -133,8 +133,8 @@ FIT_FACTORS = [f / 20 for f in range(6, 51)]
 
 
 def fit(records) -> str:
-    """Per kernel with a latency term, the factor on its constants (report.DOT_CYCLES, or the
-    kernel gradient's three) whose model fits the measured times best: the least mean squared
+    """Per kernel with a latency term, the factor on its constants (report.DOT_CYCLES, the
+    dense kernel gradient's three, the depthwise kernels' DW_ ones) whose model fits the measured times best: the least mean squared
     log of measured / modeled over every configuration with both, where the modeled time with
     factor f is the model's with f times its latency term (:func:`modeled`'s terms). With the
     rank correlation and the model's pick against the fastest at that factor (mean and

@@ -142,6 +142,19 @@ def fp16_accumulation() -> bool:
     return bool(getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False))
 
 
+def conv_tf32() -> bool:
+    """Whether PyTorch lets float32 convolutions use TF32: cuDNN's convolution precision
+    (``torch.backends.cudnn.conv.fp32_precision``, which reads as the setting in force, the
+    legacy ``torch.backends.cudnn.allow_tf32`` included), or that legacy flag itself where the
+    newer setting does not exist. (The legacy flag's getter raises once the two APIs are
+    mixed.)"""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", None)
+    if precision is None:
+        return bool(torch.backends.cudnn.allow_tf32)
+    return precision == "tf32"
+
+
 def float32_products(op, a: torch.Tensor, b: torch.Tensor,
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """op(a, b) (torch.mm or torch.bmm) with its sums returned in float32 at least (into ``out``

@@ -388,6 +388,53 @@ def test_gpu_graph_replay_matches_eager(name, backend):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="replays run on the GPU")
+@pytest.mark.parametrize("name,dtype,layout,mix", [
+    ("k1", torch.bfloat16, "channels_last", False),
+    ("k1", torch.bfloat16, "channels_last", True),
+    ("k3_s2_asym", torch.float32, "contiguous", False),
+    ("dw5_s2_same_e8", torch.float16, "channels_last", False),
+])
+def test_gpu_replayed_calls_match_tritons_launches(name, dtype, layout, mix, monkeypatch):
+    """A call whose signature was met before replays its launches (``triton/_replay.py``; with
+    autotuning off, as here, from the second call): on new inputs and on a side stream, its
+    forward and four gradients are bitwise those of the same call launched through the
+    launchers and Triton (the plans cleared); ``mix``: with the mix pass on (its Gluon
+    kernels' launches replayed, on an sm_90 GPU)."""
+    from condconv_kernels import _env
+    from condconv_kernels.triton import _replay
+    if mix:
+        if not _hopper():
+            pytest.skip("the mix pass needs an sm_90 GPU")
+        monkeypatch.setattr(_env, "TRITON_STATIONARY", frozenset({"mix"}))
+    case = CASES_BY_NAME[name]
+    case = type(case)(**{**case.__dict__, "B": 6})
+    if mix:  # channels the mix kernel takes (multiples of 16), no bias
+        case = type(case)(**{**case.__dict__, "cin": 32, "cout": 48, "bias": False})
+    first, fresh = (_to_device(make_inputs(case, dtype, layout, seed=seed,
+                                           routing_dtype=torch.float32)) for seed in (11, 12))
+    grad_out = run_op(case, first, "triton")[0].detach()
+    grad_out = torch.randn(grad_out.shape, device=DEVICE, dtype=dtype)
+    _replay.PLANS.clear()
+    for _ in range(2):  # launched, the plans kept (a kernel compiled in a call: from the next)
+        run_op(case, first, "triton", grad_out)
+    assert {"forward", "backward"} <= {signature[0] for signature in _replay.PLANS}, \
+        list(_replay.PLANS)
+    kernels = {step[2].name for plan in _replay.PLANS.values() for step in plan.steps}
+    assert ("pw_mix_kernel" in kernels) == mix, kernels
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        replayed = run_op(case, fresh, "triton", grad_out)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    _replay.PLANS.clear()
+    launched = run_op(case, fresh, "triton", grad_out)
+    assert torch.equal(replayed[0], launched[0])
+    for r, g in zip(replayed[1], launched[1]):
+        assert torch.equal(r, g)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the CUDA build")
 def test_cuda_backend_was_built():
     """Where torch has CUDA, the extension must carry the CUDA kernels, unless the build was

@@ -724,3 +724,25 @@ def test_dense_grad_x_by_phase(case, layout, monkeypatch):
     monkeypatch.setattr(backend, "dense_bwd_x_kernel", Spy())
     test_op._check(case, "triton", torch.float64, layout)
     assert seen == [True]
+
+
+def test_tf32_follows_either_of_pytorchs_precision_settings():
+    """Whether float32 products may use TF32 (the triton backend's tl.dot precision and its
+    replay key): PyTorch's convolution precision, set through the legacy flag or the newer
+    ``fp32_precision`` API, after which reading the legacy flag raises; neither raises here."""
+    from condconv_kernels._epilogue import conv_tf32
+    conv = torch.backends.cudnn.conv
+    was = conv.fp32_precision
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        assert conv_tf32() is False
+        torch.backends.cudnn.allow_tf32 = True
+        assert conv_tf32() is True
+        conv.fp32_precision = "ieee"
+        with pytest.raises(RuntimeError):
+            torch.backends.cudnn.allow_tf32  # (mixing the two APIs) noqa: B018
+        assert conv_tf32() is False
+        conv.fp32_precision = "tf32"
+        assert conv_tf32() is True
+    finally:
+        conv.fp32_precision = was

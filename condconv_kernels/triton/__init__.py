@@ -4,10 +4,11 @@ Host launchers: allocate, pick the kernel (dense implicit GEMM or depthwise dire
 call whose tensors' shapes, strides, dtypes and alignment were met before replays those
 launches (:mod:`._replay`).
 Inputs are read through their strides (contiguous, channels_last or sliced: no copies of x or
-grad_out); outputs follow x's memory format. float32 ``tl.dot`` uses TF32 on the GPU when
-``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for convolutions), IEEE float32
-otherwise and always under the interpreter; float16/bfloat16 multiply in their precision with
-float32 accumulation; float64 accumulates in float64. The expert mix is always float32 (float64).
+grad_out); outputs follow x's memory format. float32 ``tl.dot`` uses TF32 on the GPU where
+PyTorch lets float32 convolutions use it (``torch.backends.cudnn.conv.fp32_precision`` or the
+legacy ``torch.backends.cudnn.allow_tf32``; on by default), IEEE float32 otherwise and always
+under the interpreter; float16/bfloat16 multiply in their precision with float32 accumulation;
+float64 accumulates in float64. The expert mix is always float32 (float64).
 The depthwise kernel gradient's two small matrix products on the host (and the bias terms)
 follow PyTorch's float32 matmul precision (``torch.backends.cuda.matmul.allow_tf32``), as the
 other backends' do; under ``torch.use_deterministic_algorithms(True)`` they need
@@ -31,7 +32,7 @@ import torch
 import triton.language as tl
 
 from .. import _args, _env
-from .._epilogue import Scales, finish_grads, fold_scaled_kernel_grads
+from .._epilogue import Scales, conv_tf32, finish_grads, fold_scaled_kernel_grads
 from ._grid import cdiv, flat_grid
 from ._config import (DENSE_TILES, DW_KGRAD_TILES, DW_TILES, INTERPRET, KGRAD_TILES, bucket,
                       fixed_blocks, smallest_block)
@@ -55,8 +56,19 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    tf32 = dtype == torch.float32 and not INTERPRET and torch.backends.cudnn.allow_tf32
+    tf32 = dtype == torch.float32 and not INTERPRET and conv_tf32()
     return "tf32" if tf32 else "ieee"
+
+
+def _launch(kernel, grid, args, kwargs, launches: Optional[list] = None) -> list:
+    """``kernel[grid](*args, **kwargs)``, returned as the list of launches ``_replay.keep``
+    takes, and appended to ``launches`` where given: (kernel, grid, args, kwargs, what the launch
+    returned), the compiled kernel of a plain kernel's launch (autotuning off) among them, so
+    that those calls replay too."""
+    launch = (kernel, grid, args, kwargs, kernel[grid](*args, **kwargs))
+    if launches is not None:
+        launches.append(launch)
+    return [launch]
 
 
 def _pointwise(kh, kw, stride, padding, t: torch.Tensor) -> bool:
@@ -158,10 +170,9 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         kwargs = dict(E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None, WIDE=_wide(x, out),
                       ACC=_acc(x.dtype), E_POW2=bucket(E), KK_POW2=bucket(kh * kw), **s_flags,
                       **blocks)
-        dw_fwd_kernel[grid](*args, **kwargs)
+        launched = _launch(dw_fwd_kernel, grid, args, kwargs)
         if signature is not None:
-            _replay.keep(signature, [(dw_fwd_kernel, grid, args, kwargs)], inputs, (out, taps),
-                         (out,))
+            _replay.keep(signature, launched, inputs, (out, taps), (out,))
         return out
     given = (in_scale, out_scale, tap_scale)
     if "forward" in _env.TRITON_BATCHED and batched.eligible(x, weight, stride, padding, groups,
@@ -194,10 +205,9 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
     kwargs = dict(E=E, KH=kh, KW=kw, HAS_BIAS=bias is not None, POINTWISE=pointwise,
                   TAP_MAJOR=tap_major, ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
                   **s_flags, **blocks)
-    dense_fwd_kernel[grid](*args, **kwargs)
+    launched = _launch(dense_fwd_kernel, grid, args, kwargs)
     if signature is not None:
-        _replay.keep(signature, [(dense_fwd_kernel, grid, args, kwargs)], inputs, (out,),
-                     (out,))
+        _replay.keep(signature, launched, inputs, (out,), (out,))
     return out
 
 
@@ -292,8 +302,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                     *geometry, bucket(B), bucket(H * W))
             kwargs = dict(E=E, KH=kh, KW=kw, WIDE=_wide(grad_out, grad_x), ACC=_acc(x.dtype),
                           KK_POW2=bucket(kh * kw), **s_flags, **blocks)
-            dw_bwd_x_kernel[grid](*args, **kwargs)
-            launches.append((dw_bwd_x_kernel, grid, args, kwargs))
+            _launch(dw_bwd_x_kernel, grid, args, kwargs, launches)
             buffers += [grad_x, taps]
             replay_x = True
         else:
@@ -339,8 +348,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                 kwargs = dict(E=E, KH=kh, KW=kw, POINTWISE=pointwise, TAP_MAJOR=tap_major,
                               PHASES=bool(phases), ACC=_acc(x.dtype),
                               PRECISION=_precision(x.dtype), **s_flags, **blocks)
-                dense_bwd_x_kernel[grid](*args, **kwargs)
-                launches.append((dense_bwd_x_kernel, grid, args, kwargs))
+                _launch(dense_bwd_x_kernel, grid, args, kwargs, launches)
                 buffers.append(grad_x)
                 replay_x = True
 
@@ -360,8 +368,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         args = (x, grad_out, G, B, cout, cout // cin, H, W, ho, wo, *x.stride(),
                 *grad_out.stride(), *geometry, bucket(B), bucket(ho * wo))
         kwargs = dict(KH=kh, KW=kw, WIDE=_wide(x, grad_out), ACC=_acc(x.dtype), **blocks)
-        dw_bwd_w_kernel[grid](*args, **kwargs)
-        launches.append((dw_bwd_w_kernel, grid, args, kwargs))
+        _launch(dw_bwd_w_kernel, grid, args, kwargs, launches)
         buffers.append(G)
         replay_k = True
     elif (need_r or need_w) and "kernel_grad" in _env.TRITON_BATCHED and batched.eligible(
@@ -426,8 +433,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                       and _pointwise(kh, kw, stride, padding, grad_out),
                       TAP_MAJOR=tap_major, ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
                       **s_flags, **blocks)
-        dense_bwd_w_kernel[grid](*args, **kwargs)
-        launches.append((dense_bwd_w_kernel, grid, args, kwargs))
+        _launch(dense_bwd_w_kernel, grid, args, kwargs, launches)
         buffers += [t for t, wanted in ((gw, need_w), (part, need_r)) if wanted]
         if need_w or need_r:
             grad_weight, summed = _sum_kernel_grads(gw, part, written["tiles"], weight, B,
@@ -478,16 +484,15 @@ def _sum_kernel_grads(gw: torch.Tensor, part: torch.Tensor, tiles: int, weight: 
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype,
                               device=weight.device) if need_w else None
     grad_routing = torch.empty((B, E), dtype=acc, device=weight.device) if need_r else None
-    programs = ((cdiv(EN, SUM_BLOCK_W.value) if need_w else 0)
-                + (cdiv(BE, SUM_BLOCK_C.value) if need_r else 0))
+    n_w = cdiv(EN, SUM_BLOCK_W.value) if need_w else 0
+    programs = n_w + (cdiv(BE, SUM_BLOCK_C.value) if need_r else 0)
     stand_in = _stand_in(acc, weight.device)
     grid = flat_grid(programs)
     args = (gw, part, stand_in if grad_weight is None else grad_weight,
-            stand_in if grad_routing is None else grad_routing, S, EN, tiles, BE, cin_g, kh * kw)
+            stand_in if grad_routing is None else grad_routing, S, EN, n_w, tiles, BE, cin_g,
+            kh * kw)
     kwargs = dict(NEED_W=need_w, NEED_R=need_r, TAP_MAJOR=tap_major and need_w)
-    dense_kgrad_sum_kernel[grid](*args, **kwargs)
-    if launches is not None:
-        launches.append((dense_kgrad_sum_kernel, grid, args, kwargs))
+    _launch(dense_kgrad_sum_kernel, grid, args, kwargs, launches)
     return grad_weight, grad_routing
 
 

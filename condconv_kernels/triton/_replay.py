@@ -14,7 +14,8 @@ no launcher arithmetic, no launch key, no grid function (launched dry, a 1x1 lay
 
 A plan is kept only where a tuned launch went through ``TunedKernel``'s direct launch (on the
 GPU, or launched dry; never under the interpreter or with ``CONDCONV_TRITON_DIRECT_LAUNCH=0``)
-or a plain or Gluon kernel's launch returned its compiled kernel (the mix pass's), where
+or a plain or Gluon kernel's launch returned its compiled kernel (the mix pass's, and every
+kernel's with autotuning off, as the GPU tests run), where
 every tensor argument is one of the call's tensors, a buffer the launcher allocated or a
 stand-in for an unused output (a copy it made of an input, e.g. the experts in tap-major order,
 is not kept: that call's launcher runs every time), and never while a CUDA graph is captured. A
@@ -31,7 +32,7 @@ from triton.compiler import CompiledKernel
 from triton.runtime import driver
 
 from .. import _args, _env
-from .._epilogue import fp16_accumulation
+from .._epilogue import conv_tf32, fp16_accumulation
 from . import _config
 
 # The most signatures kept (one per layer shape, batch size and alignment met): past it the
@@ -55,7 +56,7 @@ def key(pass_name: str, tensors: Sequence[Optional[torch.Tensor]], *params) -> t
     instrumentation switches (part of its launch options)."""
     return (pass_name, _args.signature(*tensors), params, _env.TRITON_STATIONARY,
             _env.TRITON_BATCHED, bool(_env.TRITON_BATCHED) and fp16_accumulation(),
-            torch.backends.cudnn.allow_tf32, driver.active.get_current_device(),
+            conv_tf32(), driver.active.get_current_device(),
             knobs.runtime.debug, knobs.compilation.instrumentation_mode)
 
 

@@ -521,7 +521,7 @@ SUM_BLOCK_C = tl.constexpr(128)
 @untuned(num_warps=4)
 @triton.jit
 def dense_kgrad_sum_kernel(
-    gw_ptr, part_ptr, dw_ptr, dr_ptr, S, EN, ROWS, BE, CIN_G, TAPS,
+    gw_ptr, part_ptr, dw_ptr, dr_ptr, S, EN, N_W, ROWS, BE, CIN_G, TAPS,
     NEED_W: tl.constexpr, NEED_R: tl.constexpr, TAP_MAJOR: tl.constexpr,
 ):
     """The kernel gradient's last step, one launch for both sums (dense_bwd_w_kernel's outputs):
@@ -529,13 +529,11 @@ def dense_kgrad_sum_kernel(
     order (with TAP_MAJOR gw's K runs over (tap, channel): put back to (channel, tap)), and
     grad_routing[b, e] = sum over the first ROWS rows of part[row, b, e] (the rows the launched
     configuration's tiles wrote; those past them are never read, so part needs no fill).
-    EN = E x Cout x K elements of gw per slice, BE = B x E partials per row. The first
-    cdiv(EN, SUM_BLOCK_W) programs (where NEED_W) sum gw, the rest part; every sum in a fixed
-    order (deterministic)."""
+    EN = E x Cout x K elements of gw per slice, BE = B x E partials per row. The first N_W =
+    cdiv(EN, SUM_BLOCK_W) programs (where NEED_W, else 0; from the host, which counts past
+    2^31) sum gw, the rest part; every sum in a fixed order (deterministic)."""
     pid = tl.program_id(0)
-    n_w = 0
-    if NEED_W:
-        n_w = tl.cdiv(EN, SUM_BLOCK_W)
+    n_w = N_W
     if pid < n_w:
         o = pid.to(tl.int64) * SUM_BLOCK_W + tl.arange(0, SUM_BLOCK_W)
         m = o < EN
@@ -548,7 +546,7 @@ def dense_kgrad_sum_kernel(
             o = o - k + (k % CIN_G) * TAPS + k // CIN_G
         tl.store(dw_ptr + o, acc.to(dw_ptr.dtype.element_ty), mask=m)
     elif NEED_R:
-        o_c = (pid - n_w) * SUM_BLOCK_C + tl.arange(0, SUM_BLOCK_C)
+        o_c = (pid - n_w).to(tl.int64) * SUM_BLOCK_C + tl.arange(0, SUM_BLOCK_C)
         m_c = o_c < BE
         rows = tl.zeros((SUM_BLOCK_R, SUM_BLOCK_C), dtype=dr_ptr.dtype.element_ty)
         for r0 in range(0, ROWS, SUM_BLOCK_R):

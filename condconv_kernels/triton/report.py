@@ -26,8 +26,9 @@ bulk tensor copies of TMA) appear in the code, and the model:
 - issue time: the warp instructions the programs' main loops issue, read from the machine
   code (below) and multiplied by the kernel's trip counts, at 4 a clock an SM (1.78 GHz, the
   clock at which 128 FMA lanes an SM make the 60 TFLOP/s): a floor
-  (set-up and epilogues left out), and the bound of the depthwise kernels and the dense kernel
-  gradient, which the traffic terms alone put 2-4x too low;
+  (set-up and epilogues left out), which puts the depthwise kernels and the dense kernel
+  gradient above their traffic terms (those alone are 2-4x too low) and, with the latency
+  term below, the depthwise ones where they measured;
 - modeled time: the largest of HBM bytes / 3.0 TB/s, L2 bytes / 6 TB/s, tensor-core FLOPs /
   800 TFLOP/s (wgmma; half of it for mma.sync), CUDA-core FLOPs / 60 TFLOP/s, each divided by
   the fraction of the 132 SMs the grid can fill, the issue time and (dense kernels) the
@@ -44,11 +45,12 @@ only, which the sum kernel reads: fewer where the tuner picks larger tiles).
 The main loop's counts per iteration come from the machine code
 (:mod:`condconv_kernels.triton.sass`): instructions, barriers and global loads into registers
 (``loop instr / bar / ldg``; the JSON has every ``loop_`` count, ``loop_issue_cycles`` and
-``issue_us``). The dense kernels also have a latency term (``latency_us``, the table's
-``issue / latency`` column; :data:`DOT_CYCLES`), fitted to the autotuner's timings of every
-configuration on an H200: a program's examples' work in a K step adds up, so their time grows
-with the examples a program serves where the traffic terms say it shrinks; the programs an SM
-holds at once overlap.
+``issue_us``). The dense and depthwise kernels also have a latency term (``latency_us``, the
+table's ``issue / latency`` column; :data:`DOT_CYCLES`, :data:`DW_ROW_CYCLES`), fitted to the
+autotuner's timings of every configuration on an H200: a dense program's examples' work in a K
+step adds up, so their time grows with the examples a program serves where the traffic terms
+say it shrinks; a depthwise program waits for each row of taps' loads in turn; the programs an
+SM holds at once overlap.
 
 ``--stationary`` models the backend as ``CONDCONV_TRITON_STATIONARY=1`` runs it (``--stationary
 PASSES``: as that variable set to PASSES, e.g. ``kernel_grad``). The 1x1 passes the
@@ -696,6 +698,14 @@ def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool,
 # registers, shared memory and warp slots allow) overlap; the waves of them follow each other.
 DOT_CYCLES = 700
 KGRAD_TILE_CYCLES, KGRAD_PIXEL_CYCLES, KGRAD_FOLD_CYCLES = 300, 8, 1200
+# The depthwise kernels' latency term, fitted to the same run's timings of every configuration
+# of five depthwise forwards, a grad_x and a kernel gradient: whatever its tile (the row loop
+# 219-691 instructions, 12-36 loads into registers) and programs an SM (2-4), a forward or
+# grad_x program spends about DW_ROW_CYCLES on each row of taps of each of its examples (the
+# row's loads, then its FMAs, waited for in turn), and DW_PROGRAM_CYCLES once (its mixed taps
+# staged, its first loads); a kernel-gradient program DW_KGRAD_BLOCK_CYCLES on each block of
+# its pixels. Their issue floor alone was 1.4-2.9x under the measured times.
+DW_PROGRAM_CYCLES, DW_ROW_CYCLES, DW_KGRAD_BLOCK_CYCLES = 2750, 1950, 4850
 SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
 
 
@@ -708,9 +718,11 @@ def resident(registers: int, warps: int, shared: int) -> int:
                       SM_WARPS // warps))
 
 
-def latency_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dict) -> float:
-    """The dense kernels' latency term (see DOT_CYCLES): each program's serial cycles, times
-    the waves of programs the SMs hold at once; 0 for the other kernels."""
+def latency_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dict,
+               batch: int) -> float:
+    """The latency term of the dense and depthwise kernels (see DOT_CYCLES and DW_ROW_CYCLES):
+    each program's serial cycles, times the waves of programs the SMs hold at once; 0 for the
+    other kernels."""
     name = launch.name
     if name in ("dense_fwd_kernel", "dense_bwd_x_kernel"):
         reduced = layer.cin if name == "dense_fwd_kernel" else layer.cout
@@ -724,6 +736,13 @@ def latency_us(layer, launch: Launch, blocks, programs: int, warps: int, info: d
         tiles = cdiv(ho * wo, blocks["BLOCK_P"])
         cycles = examples * (tiles * (KGRAD_TILE_CYCLES + KGRAD_PIXEL_CYCLES * blocks["BLOCK_P"])
                              + KGRAD_FOLD_CYCLES)
+    elif name in ("dw_fwd_kernel", "dw_bwd_x_kernel"):  # as issue_us counts the rows of taps
+        mult = layer.cout // layer.cin if name == "dw_bwd_x_kernel" else 1
+        rows = _dw_examples(batch, blocks) * mult * layer.kernel
+        cycles = DW_PROGRAM_CYCLES + rows * DW_ROW_CYCLES
+    elif name == "dw_bwd_w_kernel":
+        ho, wo = layer.out_hw
+        cycles = cdiv(ho * cdiv(wo, blocks["COLS"]), blocks["BLOCK_L"]) * DW_KGRAD_BLOCK_CYCLES
     else:
         return 0.0
     waves = cdiv(programs, SMS * resident(info["registers"], warps, info["shared_bytes"]))
@@ -843,7 +862,8 @@ def config_record(layer, batch: int, itemsize: int, launch: Launch, config, arch
         record["modeled_us"] = float("inf")
         return record
     record["issue_us"] = issue_us(layer, launch, blocks, programs, config[1], info, batch)
-    record["latency_us"] = latency_us(layer, launch, blocks, programs, config[1], info)
+    record["latency_us"] = latency_us(layer, launch, blocks, programs, config[1], info,
+                                      batch)
     spills = info["spill_bytes"] > 0 or info["shared_bytes"] > _config.SHARED_LIMIT
     record["modeled_us"] = modeled_us(hbm, l2, tc, cc, programs, info["tensor_core"], spills,
                                       record["issue_us"], record["latency_us"]) + _copy_us(
