@@ -213,10 +213,10 @@ def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
 
 def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     """The dense forward / grad_x tables: blocks of examples larger than the batch's bucket are
-    pruned (batch 1 keeps single-example programs), as are blocks of more than one example
-    every two warps for 32- and 64-bit elements, and pipeline stages are lowered until the tiles fit in shared
-    memory, for the tuner and for the fixed launch alike (float64 tiles are four times
-    bfloat16's); the kernel gradient keeps the tiles whose experts fit in registers, and its
+    pruned (batch 1 keeps single-example programs), as are blocks whose mixed tiles and
+    routing weights would not fit in registers (by the element size and the experts), and
+    pipeline stages are lowered until the tiles fit in shared memory, for the tuner and for
+    the fixed launch alike (float64 tiles are four times bfloat16's); the kernel gradient keeps the tiles whose experts fit in registers, and its
     pixel tiles past 64 only where an example has more pixels."""
     import triton
     from condconv_kernels.triton import _config
@@ -228,12 +228,25 @@ def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
     two = _config._prune_examples(table, {"B_KEY": 2, "g_ptr": bf16}, E=8)
     assert {c.kwargs["BLOCK_B"] for c in two} == {1, 2}
     assert len(_config._prune_examples(table, {"B_KEY": 256, "x_ptr": bf16}, E=8)) == len(table)
-    # More than one example every two warps only for 16-bit elements.
+    # Blocks of examples whose mixed tiles and routing weights fit a thread's registers: a
+    # thread's float32 values, counted by hand, against 72 for 16-bit elements and 48 for
+    # wider ones, two thirds of that past 8 experts (the 3-example block in 4 warps holds 72
+    # at 8 experts: 16-bit only; two examples of 64 x 64 in 4 warps: not at 16 experts)
     f32 = torch.empty(1, dtype=torch.float32)
-    wide = _config._prune_examples(table, {"B_KEY": 256, "x_ptr": f32}, E=8)
-    dense = [c for c in table if 2 * c.kwargs["BLOCK_B"] > c.num_warps]
-    assert dense and all(2 * c.kwargs["BLOCK_B"] <= c.num_warps for c in wide)
-    assert len(wide) == len(table) - len(dense)
+
+    def values(c, experts):
+        b = c.kwargs["BLOCK_B"]
+        return b * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] / (32 * c.num_warps) + min(
+            b * experts, 32)
+    for x, experts, budget in ((bf16, 8, 72), (f32, 8, 48), (bf16, 16, 48), (f32, 16, 32)):
+        kept = _config._prune_examples(table, {"B_KEY": 256, "x_ptr": x}, E=experts)
+        assert [tuple(c.kwargs.values()) for c in kept] == [
+            tuple(c.kwargs.values()) for c in table
+            if c.kwargs["BLOCK_B"] == 1 or values(c, experts) <= budget], (x.dtype, experts)
+    named = {(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps): c
+             for c in table}
+    assert values(named[3, 64, 64, 4], 8) == 72 and values(named[2, 64, 64, 4], 16) == 64
+    assert len(_config._prune_examples(table, {"B_KEY": 256, "x_ptr": f32}, E=8)) < len(table)
     for c in _config._prune_examples(table, {"B_KEY": 256, "x_ptr": f64}, E=8):
         fits = _config.dense_shared_bytes(c.kwargs, c.num_stages, 8, 8) <= _config.SHARED_LIMIT
         assert fits or c.num_stages == 1

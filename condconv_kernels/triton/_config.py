@@ -109,15 +109,23 @@ INTERPRET_EXAMPLES = 2
 INTERPRET_COLS = 3  # not a divisor of most widths: the tests' rows end in part-filled groups
 
 
+# The routing weights (examples x experts) a dense forward / grad_x program holds in registers
+# across its K loop; those of the block's further examples are loaded again in every K block.
+HELD_ROUTING = tl.constexpr(32)
+
 SHARED_LIMIT = 227 * 1024  # the most shared memory a block may use on sm_90
 
 
 def dense_shared_bytes(blocks: Dict[str, int], stages: int, experts: int, itemsize: int) -> int:
-    """Upper estimate of a dense forward / grad_x configuration's shared memory when its K loop
-    is pipelined: per stage the E expert tiles and the BLOCK_B input tiles."""
-    per_stage = (experts * blocks["BLOCK_M"] * blocks["BLOCK_K"]
-                 + blocks["BLOCK_B"] * blocks["BLOCK_K"] * blocks["BLOCK_N"])
-    return stages * per_stage * itemsize
+    """A dense forward / grad_x configuration's shared memory at ``stages`` >= 2 pipeline
+    stages, as Triton 3.6 allocates it on sm_90: ``stages`` buffers of the BLOCK_B input tiles,
+    and of the E expert tiles (stages - 1) x E + 1; past HELD_ROUTING routing weights a program
+    (reloaded every K block) up to 512 bytes more. Read off every table configuration of both
+    kernels compiled at 4, 8 and 16 experts in bfloat16 and float32 (1x1 and 3x3 layers):
+    exact where the routing is held, at most 512 bytes over otherwise."""
+    b, m, n, k = (blocks[name] for name in ("BLOCK_B", "BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    routing = 512 if b * experts > HELD_ROUTING else 0
+    return itemsize * (stages * b * k * n + ((stages - 1) * experts + 1) * m * k) + routing
 
 
 def fitting_stages(blocks: Dict[str, int], stages: int, experts: int, itemsize: int) -> int:
@@ -128,18 +136,39 @@ def fitting_stages(blocks: Dict[str, int], stages: int, experts: int, itemsize: 
     return stages
 
 
-def examples_fit(examples: int, warps: int, itemsize: int) -> bool:
-    """Whether a dense forward / grad_x program of ``warps`` warps may serve a block of
-    ``examples`` on elements of ``itemsize`` bytes: past one example every two warps, 16-bit
-    ones only (32- and 64-bit mixed tiles take twice the registers: 3 examples in 4 warps
-    spill in float32, as 6 and 8 in 8 warps did)."""
-    return 2 * examples <= warps or itemsize <= 2
+# The most float32 values a thread of a dense forward / grad_x program may hold besides its
+# accumulators without ptxas spilling (examples_fit): for 16-bit and wider elements, and the
+# factor on it past 8 experts.
+EXAMPLE_VALUES = {2: 72, 4: 48, 8: 48}
+MANY_EXPERTS = 2 / 3
+
+
+def examples_fit(blocks: Dict[str, int], warps: int, itemsize: int, experts: int) -> bool:
+    """Whether a dense forward / grad_x program of ``warps`` warps may serve its block of
+    examples (``blocks``: the configuration's tiles) with ``experts`` experts on elements of
+    ``itemsize`` bytes: one example always; more where a thread's share of their mixed tiles
+    (float32: BLOCK_B x BLOCK_M x BLOCK_K over the threads) and of the routing weights it holds
+    (HELD_ROUTING at most) stays within EXAMPLE_VALUES (two thirds of it past 8 experts). From
+    every table configuration of both kernels compiled at 4, 8 and 16 experts in bfloat16 and
+    float32 on layers whose channels are multiples of 16, at the stages fitting_stages gives
+    them: those it keeps do not spill (3 x 64 x 64 x 32 in 4 warps, 72 values at 8 experts in
+    bfloat16, holds 255 registers; float32 spills from 60); the four fastest on an H200 (two
+    examples of 64 x 64 in 4 warps, of 128 x 64 or 64 x 128 in 8, four of 64 x 64 in 8) are
+    kept at 8 experts in bfloat16. Channels not a multiple of 16, per-example scales and
+    contiguous (NCHW) inputs take more registers than this counts."""
+    b = blocks["BLOCK_B"]
+    if b == 1:
+        return True
+    values = b * blocks["BLOCK_M"] * blocks["BLOCK_K"] // (32 * warps) + min(
+        b * experts, HELD_ROUTING.value)
+    budget = EXAMPLE_VALUES[min(itemsize, 8)] * (MANY_EXPERTS if experts > 8 else 1)
+    return values <= budget
 
 
 def _prune_examples(configs, named_args, **kwargs):
     """Drops the configurations whose block of examples exceeds the batch's bucket (B_KEY), or
-    for elements wider than 16 bits one example every two warps (examples_fit), and lowers the
-    pipeline stages of the others until their tiles fit in shared memory."""
+    would not fit in registers (examples_fit), and lowers the pipeline stages of the others
+    until their tiles fit in shared memory."""
     limit = named_args.get("B_KEY", 1 << 30)
     experts = kwargs.get("E", 8)
     x = named_args.get("x_ptr", named_args.get("g_ptr"))
@@ -148,8 +177,8 @@ def _prune_examples(configs, named_args, **kwargs):
     kept = []
     for c in configs:
         examples = c.kwargs["BLOCK_B"]
-        if examples <= max(limit, fewest) and (examples_fit(examples, c.num_warps, itemsize)
-                                               or examples == fewest):
+        if examples <= max(limit, fewest) and (
+                examples_fit(c.kwargs, c.num_warps, itemsize, experts) or examples == fewest):
             stages = fitting_stages(c.kwargs, c.num_stages, experts, itemsize)
             kept.append(c if stages == c.num_stages else
                         triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=stages))

@@ -166,10 +166,11 @@ def variants(quick: bool = False):
 
 
 def _launchable(config, dtype) -> bool:
-    """Whether the tuner may launch ``config`` in ``dtype`` (_config.examples_fit)."""
+    """Whether the tuner may launch ``config`` in ``dtype`` with 8 experts
+    (_config.examples_fit)."""
     blocks = config[0]
     return "BLOCK_B" not in blocks or _config.examples_fit(
-        blocks["BLOCK_B"], config[1], torch.empty((), dtype=dtype).element_size())
+        blocks, config[1], torch.empty((), dtype=dtype).element_size(), 8)
 
 
 def _staged(config, dtype):

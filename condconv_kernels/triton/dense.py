@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._config import DENSE_TILES, KGRAD_TILES, SCALE_FLAGS, autotune, untuned
+from ._config import DENSE_TILES, HELD_ROUTING, KGRAD_TILES, SCALE_FLAGS, autotune, untuned
 from ._grid import program_ids
 from ._scales import scale_factor
 
@@ -41,9 +41,6 @@ def _route(r_ptr, b, s_rb, s_re, e: tl.constexpr, ACC: tl.constexpr):
     return tl.load(r_ptr + b.to(tl.int64) * s_rb + e * s_re).to(ACC)
 
 
-# The routing weights (examples x experts) a dense forward / grad_x program holds in registers
-# across its K loop; those of the block's further examples are loaded again in every K block.
-HELD_ROUTING = tl.constexpr(32)
 
 
 @triton.jit
