@@ -264,20 +264,27 @@ def described(args):  # the launch metadata (index 6) is a fresh object a launch
     return [(a.dtype, tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor)
             else type(a) if i == 6 else a for i, a in enumerate(args)]
 
+def layers(parameter):  # (kernel size, Cin, x, routing, weight, conv arguments, grad_out) of
+    # a dense 1x1 and 3x3 and a depthwise 5x5 layer, bfloat16 channels_last; parameter: the
+    # weight a Parameter, as a layer holds it (a tensor subclass)
+    torch.manual_seed(0)
+    for k, groups, cin, cout in ((1, 1, 16, 32), (3, 1, 16, 16), (5, 16, 16, 16)):
+        x = torch.randn(5, cin, 7, 7, dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        routing = torch.rand(5, 8)
+        weight = torch.randn(8, cout, cin // groups, k, k, dtype=torch.bfloat16)
+        if parameter:
+            weight = torch.nn.Parameter(weight, requires_grad=False)
+        conv = ([1, 1], [k // 2] * 4, [1, 1], groups)
+        grad = torch.randn(5, cout, 7, 7, dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        yield k, cin, x, routing, weight, conv, grad
+
 """
 
 
 _DIRECT_LAUNCH = _DRY_LAUNCHES + """
-torch.manual_seed(0)
-for k, groups, cin, cout in ((1, 1, 16, 32), (3, 1, 16, 16), (5, 16, 16, 16)):
-    x = torch.randn(5, cin, 7, 7, dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
-    routing = torch.rand(5, 8)
-    weight = torch.nn.Parameter(  # as a layer holds it (a tensor subclass)
-        torch.randn(8, cout, cin // groups, k, k, dtype=torch.bfloat16), requires_grad=False)
-    conv = ([1, 1], [k // 2] * 4, [1, 1], groups)
-    grad = torch.randn(5, cout, 7, 7, dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
+for k, cin, x, routing, weight, conv, grad in layers(parameter=True):
     seen = []
     for _ in range(3):  # tunes; Triton's launch (the compiled kernel kept, the plans made); the
         # direct one, or the plans' replays
@@ -368,15 +375,7 @@ assert _replay.key("forward", *args) != before
 
 
 _PLAIN_REPLAY = _DRY_LAUNCHES + """
-torch.manual_seed(0)
-for k, groups, cin, cout in ((1, 1, 16, 32), (3, 1, 16, 16), (5, 16, 16, 16)):
-    x = torch.randn(5, cin, 7, 7, dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
-    routing = torch.rand(5, 8)
-    weight = torch.randn(8, cout, cin // groups, k, k, dtype=torch.bfloat16)
-    conv = ([1, 1], [k // 2] * 4, [1, 1], groups)
-    grad = torch.randn(5, cout, 7, 7, dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
+for k, cin, x, routing, weight, conv, grad in layers(parameter=False):
     seen = []
     for _ in range(2):  # Triton's launches (the plans kept); the plans' replays
         launched.clear(), jit_runs.clear()

@@ -49,18 +49,29 @@ constexpr bool kTensorCoresEverywhere = min_cuda_arch() >= 800;
 #endif
 constexpr int64_t kKernelGradBytes = CONDCONV_KERNEL_GRAD_BYTES;
 
+// Whether TF32 is allowed for convolutions (torch.backends.cudnn.allow_tf32). PyTorch's getter
+// raises once its newer per-operator setting (torch.backends.cudnn.conv.fp32_precision) has set
+// cuDNN's convolutions, RNNs and that flag apart, as setting "ieee" through it does: IEEE
+// float32 then.
+inline bool conv_tf32() {
+  try {
+    return at::globalContext().allowTF32CuDNN();
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
 // Whether the dense passes of scalar_t run on tensor cores: float16/bfloat16 always, float32
-// when TF32 is allowed for convolutions (torch.backends.cudnn.allow_tf32), on sm_80 and newer.
+// when TF32 is allowed for convolutions (conv_tf32), on sm_80 and newer.
 template <typename scalar_t>
 bool use_tensor_cores() {
   if (kTensorCoresEverywhere) return !std::is_same<scalar_t, double>::value &&
-                                     (!std::is_same<scalar_t, float>::value ||
-                                      at::globalContext().allowTF32CuDNN());
+                                     (!std::is_same<scalar_t, float>::value || conv_tf32());
   if (compute_capability_major() < 8) return false;
   if (std::is_same<scalar_t, at::Half>::value || std::is_same<scalar_t, at::BFloat16>::value) {
     return true;
   }
-  return std::is_same<scalar_t, float>::value && at::globalContext().allowTF32CuDNN();
+  return std::is_same<scalar_t, float>::value && conv_tf32();
 }
 
 template <typename scalar_t, typename acc_t, class View>
