@@ -213,6 +213,17 @@ def _every_kernel_gradient_configuration():
     return list(range(len(_config._table(_config.KGRAD_TILES))))
 
 
+def _pipelined_rows():
+    """The CONDCONV_TRITON_CONFIG indices whose depthwise forward / grad_x configuration
+    pipelines its rows of taps (ROW_STAGES > 1: Triton's asynchronous copies rows ahead)."""
+    try:
+        from condconv_kernels.triton import _config
+    except ImportError:
+        return []
+    return [i for i, (blocks, _, _) in enumerate(_config._table(_config.DW_TILES))
+            if blocks["ROW_STAGES"] > 1]
+
+
 # Cases of the forced configurations: (name, fields changed, indices). The 7x7 1x1 layer is
 # EfficientNet's last stage in small (49 pixels against 64-pixel tiles, 3 K tiles of 16 and a
 # part-filled second tile of 64 output channels, a batch slice part-filled), where the second
@@ -220,8 +231,10 @@ def _every_kernel_gradient_configuration():
 # every kernel-gradient configuration (the first too): Triton 3.6 summed the wrong lanes in
 # most of them where grad_routing was one reduction over the reshaped tile (16-byte vectors of
 # W need its channels a multiple of 8, which the file's small cases are not). At 16 experts,
-# the 3- and 4-example blocks hold more routing weights than HELD_ROUTING (dense.py) and
-# reload the rest in every K block, a path 8 experts no longer reach.
+# the 3- and 4-example blocks hold more routing weights than HELD_ROUTING (_config.py) and
+# reload the rest in every K block, a path 8 experts no longer reach. The depthwise ones whose
+# rows of taps are pipelined, on a 3x3 layer at 7x7 and a 5x5 one at stride 2 (grad_x by
+# parity), 72 channels (a part-filled channel tile).
 _FORCED_CASES = (
     ("k1", dict(E=8, cin=48, cout=72, B=37, H=7, W=7), _every_other_configuration()),
     ("k1", dict(E=3, cin=48, cout=72, B=37, H=7, W=7), _every_kernel_gradient_configuration()),
@@ -229,6 +242,8 @@ _FORCED_CASES = (
     ("k1", dict(E=8, cin=40, cout=40, B=19, H=14, W=14), _other_tile_kinds()),
     ("k3_s2_asym", dict(E=8, B=13), _other_tile_kinds()),
     ("k1", dict(E=16, cin=48, cout=72, B=37, H=7, W=7), _other_tile_kinds()),
+    ("dw3", dict(E=8, cin=72, cout=72, groups=72, B=13, H=7, W=7), _pipelined_rows()),
+    ("dw5_s2_same_e8", dict(E=8, cin=72, cout=72, groups=72, B=13), _pipelined_rows()),
 )
 
 
@@ -243,7 +258,8 @@ def test_gpu_forced_configuration(name, more, index, backend, monkeypatch):
     7x7 1x1 layer of 8 experts, and those only the autotuner picks (blocks of 3 and 4
     examples; 128-pixel kernel-gradient tiles) on a 14x14 1x1 layer (3 K blocks each way, a
     batch that leaves the last block of examples part-filled), a 3x3 one and the 7x7 one at 16
-    experts (routing weights past HELD_ROUTING): forward and every gradient against the
+    experts (routing weights past HELD_ROUTING), and the depthwise configurations that pipeline
+    their rows of taps on two depthwise layers: forward and every gradient against the
     ground truth, with a floor of 8 ulps of the output's scale (6%) instead of the file's 64
     (half of it in bfloat16): an example whose last K block is dropped would pass the looser
     one."""

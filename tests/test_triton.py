@@ -111,7 +111,7 @@ def test_autotune_switch(monkeypatch):
     first = _config._GPU_DW_CONFIGS[0]
     assert _config.fixed_blocks(_config.DW_TILES, itemsize=2, channels_last=True) == {
         "BLOCK_C": first[0], "BLOCK_Q": first[1], "COLS": first[2], "EXAMPLES": first[3],
-        "num_warps": first[4], "num_stages": first[5]}
+        "ROW_STAGES": first[4], "num_warps": first[5], "num_stages": first[6]}
 
 
 def test_depthwise_configurations_fit(monkeypatch):

@@ -62,9 +62,11 @@ def test_static_report_of_a_pointwise_layer(tmp_path):
         blocks = [int(v) for v in r["config"].split()[0].split("x")]
         if name == "dw_bwd_w":  # (BLOCK_C, BLOCK_L, COLS): blocks of the 14 x 14 pixels
             cycles = -(-14 * -(-14 // blocks[2]) // blocks[1]) * report.DW_KGRAD_BLOCK_CYCLES
-        else:  # (BLOCK_C, BLOCK_Q, COLS, EXAMPLES): 5 rows of taps an example
+        else:  # (BLOCK_C, BLOCK_Q, COLS, EXAMPLES, ROW_STAGES): 5 rows of taps an example,
+            # each waited for, or copied rows ahead
             examples = 256 / -(-256 // blocks[3])
-            cycles = report.DW_PROGRAM_CYCLES + examples * 5 * report.DW_ROW_CYCLES
+            row = report.DW_ROW_CYCLES if blocks[4] == 1 else report.DW_PIPELINED_ROW_CYCLES
+            cycles = report.DW_PROGRAM_CYCLES + examples * 5 * row
         waves = -(-r["grid"] // (132 * report.resident(r["registers"], int(
             r["config"].split()[1][1:]), r["shared_bytes"])))
         assert r["latency_us"] == pytest.approx(1e6 * waves * cycles / report.CLOCK), r

@@ -89,17 +89,25 @@ _GPU_DW_KGRAD_CONFIGS = [(16, 4, 7, 1, 2), (32, 4, 7, 1, 2), (32, 4, 4, 1, 2), (
 # The depthwise forward and grad_x: a program's channels, its groups of output pixels side
 # by side in a row, the pixels a group holds (COLS accumulators; grad_x: COLS x the stride's
 # input pixels) and its examples (one after another, their taps mixed together: each expert's
-# taps loaded once for all of them).
-DW_TILES = ("BLOCK_C", "BLOCK_Q", "COLS", "EXAMPLES")
-# (channels, groups, columns, examples, warps, stages). The first covers a 7x7 plane with 4
-# examples a program, which read the experts' taps a quarter as often (4608 programs of one
-# example on the 7x7 layers at batch 256: their taps were 118 of the 235 MB the forward moved
-# from L2), on 16-bit channels_last inputs (dw_examples_fit); the second the same tile with
-# one example (small batches, and the inputs the first does not take); the third a 14x14
-# plane, one example (those layers are bound by their instructions, and two examples there
-# took 50 more registers).
-_GPU_DW_CONFIGS = [(64, 8, 7, 4, 4, 2), (64, 8, 7, 1, 4, 2), (32, 16, 14, 1, 4, 2),
-                   (64, 8, 14, 1, 4, 2), (32, 16, 7, 1, 4, 2), (64, 16, 4, 1, 4, 2)]
+# taps loaded once for all of them), and the stages of its loop over the rows of taps (1: each
+# row's loads into registers, waited for; more: copied asynchronously that many rows ahead).
+DW_TILES = ("BLOCK_C", "BLOCK_Q", "COLS", "EXAMPLES", "ROW_STAGES")
+# (channels, groups, columns, examples, row stages, warps, stages). The first covers a 7x7
+# plane with 4 examples a program, which read the experts' taps a quarter as often (4608
+# programs of one example on the 7x7 layers at batch 256: their taps were 118 of the 235 MB
+# the forward moved from L2), on 16-bit channels_last inputs (dw_examples_fit); the second the
+# same tile with one example (small batches, and the inputs the first does not take); the
+# third a 14x14 plane, one example (two examples there took 50 more registers). The third GPU
+# run timed each at 2100-3300 cycles a row of taps per program, whatever its tile
+# (condconv_kernels.triton.report's latency term): each row waits for its loads. The last
+# three are the fastest of them on the 7x7, the strided and the 14x14 layers with their rows
+# pipelined (Triton copies a row's input columns and taps asynchronously two rows ahead: no
+# load into registers left in the loop, 24-25 KB of shared memory), for the next run's tuner
+# to time against them. (64, 8, 14, 1) was in the table until then: 1.14-1.82x the fastest on
+# every key it was timed on.
+_GPU_DW_CONFIGS = [(64, 8, 7, 4, 1, 4, 2), (64, 8, 7, 1, 1, 4, 2), (32, 16, 14, 1, 1, 4, 2),
+                   (32, 16, 7, 1, 1, 4, 2), (64, 16, 4, 1, 1, 4, 2),
+                   (64, 8, 7, 4, 3, 4, 2), (64, 8, 7, 1, 3, 4, 2), (32, 16, 7, 1, 3, 4, 2)]
 # The most configurations of any table (bench/warm_triton.py runs that many workers).
 MAX_CONFIGS = max(map(len, (_GPU_DENSE_CONFIGS, _GPU_CONFIGS, _GPU_DW_CONFIGS,
                             _GPU_DW_KGRAD_CONFIGS)))
@@ -137,10 +145,9 @@ def fitting_stages(blocks: Dict[str, int], stages: int, experts: int, itemsize: 
 
 
 # The most float32 values a thread of a dense forward / grad_x program may hold besides its
-# accumulators without ptxas spilling (examples_fit): for 16-bit and wider elements, and the
-# factor on it past 8 experts.
-EXAMPLE_VALUES = {2: 72, 4: 48, 8: 48}
-MANY_EXPERTS = 2 / 3
+# accumulators without ptxas spilling (examples_fit): for 16-bit elements, for wider ones, and
+# the factor on it past 8 experts.
+EXAMPLE_VALUES, WIDE_EXAMPLE_VALUES, MANY_EXPERTS = 72, 48, 2 / 3
 
 
 def examples_fit(blocks: Dict[str, int], warps: int, itemsize: int, experts: int) -> bool:
@@ -148,20 +155,22 @@ def examples_fit(blocks: Dict[str, int], warps: int, itemsize: int, experts: int
     examples (``blocks``: the configuration's tiles) with ``experts`` experts on elements of
     ``itemsize`` bytes: one example always; more where a thread's share of their mixed tiles
     (float32: BLOCK_B x BLOCK_M x BLOCK_K over the threads) and of the routing weights it holds
-    (HELD_ROUTING at most) stays within EXAMPLE_VALUES (two thirds of it past 8 experts). From
-    every table configuration of both kernels compiled at 4, 8 and 16 experts in bfloat16 and
-    float32 on layers whose channels are multiples of 16, at the stages fitting_stages gives
-    them: those it keeps do not spill (3 x 64 x 64 x 32 in 4 warps, 72 values at 8 experts in
-    bfloat16, holds 255 registers; float32 spills from 60); the four fastest on an H200 (two
-    examples of 64 x 64 in 4 warps, of 128 x 64 or 64 x 128 in 8, four of 64 x 64 in 8) are
-    kept at 8 experts in bfloat16. Channels not a multiple of 16, per-example scales and
-    contiguous (NCHW) inputs take more registers than this counts."""
+    (HELD_ROUTING at most) stays within EXAMPLE_VALUES, or WIDE_EXAMPLE_VALUES for wider
+    elements (two thirds of it past 8 experts). From every table configuration of both kernels
+    compiled at 4, 8 and 16 experts in bfloat16 and float32 on layers whose channels are
+    multiples of 16, at the stages fitting_stages gives them: those it keeps do not spill (3 x
+    64 x 64 x 32 in 4 warps, 72 values at 8 experts in bfloat16, holds 255 registers; float32
+    spills from 60); the four fastest on an H200 (two examples of 64 x 64 in 4 warps, of 128 x
+    64 or 64 x 128 in 8, four of 64 x 64 in 8) are kept at 8 experts in bfloat16. Channels not
+    a multiple of 16, per-example scales and contiguous (NCHW) inputs take more registers than
+    this counts."""
     b = blocks["BLOCK_B"]
     if b == 1:
         return True
     values = b * blocks["BLOCK_M"] * blocks["BLOCK_K"] // (32 * warps) + min(
         b * experts, HELD_ROUTING.value)
-    budget = EXAMPLE_VALUES[min(itemsize, 8)] * (MANY_EXPERTS if experts > 8 else 1)
+    budget = ((EXAMPLE_VALUES if itemsize <= 2 else WIDE_EXAMPLE_VALUES)
+              * (MANY_EXPERTS if experts > 8 else 1))
     return values <= budget
 
 
@@ -438,7 +447,7 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
     or not (dw_examples_fit)."""
     if INTERPRET:
         special = {"BLOCK_B": INTERPRET_EXAMPLES, "EXAMPLES": INTERPRET_EXAMPLES,
-                   "COLS": INTERPRET_COLS}
+                   "COLS": INTERPRET_COLS, "ROW_STAGES": 1}
         return {name: special.get(name, INTERPRET_BLOCK) for name in shapes}
     if not AUTOTUNE:
         table = _table(shapes)

@@ -8,7 +8,9 @@ example's routing) and stores them in a buffer of mixed taps (float32, channels 
 from which each row of taps reads its taps back in the layout the accumulators need. Then,
 example by example, per row of taps it loads each input column the group reaches once
 and adds it, times the tap that joins them, into every output column that reads it (COLS
-accumulators). The per-example scales, where present: tap_scale multiplies each mixed tap,
+accumulators); the loop over the rows of taps waits for each row's loads, or with ROW_STAGES >
+1 Triton copies them asynchronously that many rows ahead (shared memory; the tuner times both).
+The per-example scales, where present: tap_scale multiplies each mixed tap,
 in_scale (per input channel) and out_scale (per output channel, after the bias) the
 accumulator. Offsets within an example are 32-bit where the example's extent allows (WIDE
 otherwise).
@@ -128,12 +130,14 @@ def _fwd_example(x_ptr, r_ptr, bias_ptr, in_s_ptr, out_s_ptr, T_ptr, out_ptr, i_
                  HAS_BIAS: tl.constexpr, IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr,
                  IDX: tl.constexpr, ACC: tl.constexpr, E_POW2: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, COLS: tl.constexpr,
-                 NCOLS: tl.constexpr, o_c, m_c, m_q, o_oh, o_ow, o_iw0, off_c):
+                 NCOLS: tl.constexpr, ROW_STAGES: tl.constexpr, o_c, m_c, m_q, o_oh, o_ow,
+                 o_iw0, off_c):
     """dw_fwd_kernel's work for example i_b: its row loop and epilogue."""
     p_x = x_ptr + tl.cast(i_b, tl.int64) * s_xb
     p_T = T_ptr + tl.cast(i_b, tl.int64) * (KH * KW * C_OUT) + o_c
     acc = (tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC),) * COLS
-    for i in range(KH):  # rows of taps in a loop, a row's columns unrolled
+    # rows of taps in a loop (pipelined where ROW_STAGES > 1), a row's columns unrolled
+    for i in tl.range(0, KH, num_stages=ROW_STAGES):
         o_ih = o_oh * STRIDE_H - PAD_T + i * DIL_H
         m_h = m_q & (o_ih >= 0) & (o_ih < H)
         off_h = off_c[:, None] + (o_ih.to(IDX) * s_xh)[None, :]
@@ -179,6 +183,7 @@ def dw_fwd_kernel(
     IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
     WIDE: tl.constexpr, ACC: tl.constexpr, E_POW2: tl.constexpr, KK_POW2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, COLS: tl.constexpr, EXAMPLES: tl.constexpr,
+    ROW_STAGES: tl.constexpr = 1,
 ):
     """out[b, c, oh, ow] for BLOCK_C channels x BLOCK_Q groups of COLS output pixels side by
     side in a row (a group: COLS accumulators) of each of EXAMPLES examples in turn. Per row of
@@ -207,14 +212,15 @@ def dw_fwd_kernel(
                      MULT, H, W, WO, s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc, s_oh, s_ow,
                      s_ib, s_ic, s_jb, s_jc, STRIDE_H, STRIDE_W, PAD_T, DIL_H, DIL_W, E, KH, KW,
                      HAS_BIAS, IN_SCALE, OUT_SCALE, IDX, ACC, E_POW2, BLOCK_C, BLOCK_Q, COLS,
-                     NCOLS, o_c, m_c, m_q, o_oh, o_ow, o_iw0, off_c)
+                     NCOLS, ROW_STAGES, o_c, m_c, m_q, o_oh, o_ow, o_iw0, off_c)
     else:
         for i_b in range(b0, tl.minimum(b0 + EXAMPLES, B)):
             _fwd_example(x_ptr, r_ptr, bias_ptr, in_s_ptr, out_s_ptr, T_ptr, out_ptr, i_b,
                          C_OUT, MULT, H, W, WO, s_xb, s_xc, s_xh, s_xw, s_rb, s_re, s_ob, s_oc,
                          s_oh, s_ow, s_ib, s_ic, s_jb, s_jc, STRIDE_H, STRIDE_W, PAD_T, DIL_H,
                          DIL_W, E, KH, KW, HAS_BIAS, IN_SCALE, OUT_SCALE, IDX, ACC, E_POW2,
-                         BLOCK_C, BLOCK_Q, COLS, NCOLS, o_c, m_c, m_q, o_oh, o_ow, o_iw0, off_c)
+                         BLOCK_C, BLOCK_Q, COLS, NCOLS, ROW_STAGES, o_c, m_c, m_q, o_oh, o_ow,
+                         o_iw0, off_c)
 
 
 @triton.jit
@@ -224,7 +230,8 @@ def _bwd_x_example(g_ptr, in_s_ptr, T_ptr, dx_ptr, i_b, C_IN, MULT, W, HO, WO, s
                    DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                    IN_SCALE: tl.constexpr, IDX: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, U: tl.constexpr,
-                   K0: tl.constexpr, K1: tl.constexpr, o_ci, m_c, m_q, o_ih, o_iw, o_ow0):
+                   K0: tl.constexpr, K1: tl.constexpr, ROW_STAGES: tl.constexpr, o_ci, m_c,
+                   m_q, o_ih, o_iw, o_ow0):
     """dw_bwd_x_kernel's work for example i_b: its loops and epilogue."""
     p_g = g_ptr + tl.cast(i_b, tl.int64) * s_gb
     acc = (tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC),) * U
@@ -232,7 +239,9 @@ def _bwd_x_example(g_ptr, in_s_ptr, T_ptr, dx_ptr, i_b, C_IN, MULT, W, HO, WO, s
         o_co = o_ci * MULT + m
         off_c = o_co.to(IDX) * s_gc
         p_T = T_ptr + tl.cast(i_b, tl.int64) * (KH * KW * C_IN * MULT) + o_co
-        for i in range(KH):  # as in the forward: rows in a loop, a row's columns unrolled
+        # as in the forward: rows in a loop (pipelined where ROW_STAGES > 1), a row's
+        # columns unrolled
+        for i in tl.range(0, KH, num_stages=ROW_STAGES):
             o_nh = o_ih + PAD_T - i * DIL_H
             o_oh = o_nh // STRIDE_H
             m_h = m_q & (o_nh >= 0) & (o_nh % STRIDE_H == 0) & (o_oh < HO)
@@ -272,6 +281,7 @@ def dw_bwd_x_kernel(
     IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, TAP_SCALE: tl.constexpr,
     WIDE: tl.constexpr, ACC: tl.constexpr, KK_POW2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, COLS: tl.constexpr, EXAMPLES: tl.constexpr,
+    ROW_STAGES: tl.constexpr = 1,
 ):
     """grad_x[b, ci, ih, iw] = sum over the channel multiplier m and taps of the mixed tap
     times grad_out at the output pixel the (input pixel, tap) fed, for BLOCK_C input channels x
@@ -308,13 +318,14 @@ def dw_bwd_x_kernel(
         _bwd_x_example(g_ptr, in_s_ptr, T_ptr, dx_ptr, b0, C_IN, MULT, W, HO, WO, s_gb, s_gc,
                        s_gh, s_gw, s_db, s_dc, s_dh, s_dw, s_ib, s_ic, STRIDE_H, STRIDE_W,
                        PAD_T, PAD_L, DIL_H, DIL_W, KH, KW, IN_SCALE, IDX, ACC, BLOCK_C,
-                       BLOCK_Q, U, K0, K1, o_ci, m_c, m_q, o_ih, o_iw, o_ow0)
+                       BLOCK_Q, U, K0, K1, ROW_STAGES, o_ci, m_c, m_q, o_ih, o_iw, o_ow0)
     else:
         for i_b in range(b0, tl.minimum(b0 + EXAMPLES, B)):
             _bwd_x_example(g_ptr, in_s_ptr, T_ptr, dx_ptr, i_b, C_IN, MULT, W, HO, WO, s_gb,
                            s_gc, s_gh, s_gw, s_db, s_dc, s_dh, s_dw, s_ib, s_ic, STRIDE_H,
                            STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KH, KW, IN_SCALE, IDX, ACC,
-                           BLOCK_C, BLOCK_Q, U, K0, K1, o_ci, m_c, m_q, o_ih, o_iw, o_ow0)
+                           BLOCK_C, BLOCK_Q, U, K0, K1, ROW_STAGES, o_ci, m_c, m_q, o_ih,
+                           o_iw, o_ow0)
 
 
 @autotune(key=["B_KEY", "C_OUT", "KEY_L", "KH", "KW", "STRIDE_W", "DIL_W"],

@@ -706,6 +706,11 @@ KGRAD_TILE_CYCLES, KGRAD_PIXEL_CYCLES, KGRAD_FOLD_CYCLES = 300, 8, 1200
 # staged, its first loads); a kernel-gradient program DW_KGRAD_BLOCK_CYCLES on each block of
 # its pixels. Their issue floor alone was 1.4-2.9x under the measured times.
 DW_PROGRAM_CYCLES, DW_ROW_CYCLES, DW_KGRAD_BLOCK_CYCLES = 2750, 1950, 4850
+# A row of taps whose loads Triton copies asynchronously rows ahead (ROW_STAGES > 1): a
+# prediction, not a fit (no GPU has run one yet): about half DW_ROW_CYCLES, the row's loads no
+# longer waited for, what is left its shared-memory reads, FMAs and two barriers, near the
+# issue time of the SM's resident programs.
+DW_PIPELINED_ROW_CYCLES = 1000
 SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
 
 
@@ -739,7 +744,8 @@ def latency_us(layer, launch: Launch, blocks, programs: int, warps: int, info: d
     elif name in ("dw_fwd_kernel", "dw_bwd_x_kernel"):  # as issue_us counts the rows of taps
         mult = layer.cout // layer.cin if name == "dw_bwd_x_kernel" else 1
         rows = _dw_examples(batch, blocks) * mult * layer.kernel
-        cycles = DW_PROGRAM_CYCLES + rows * DW_ROW_CYCLES
+        row = DW_ROW_CYCLES if blocks.get("ROW_STAGES", 1) <= 1 else DW_PIPELINED_ROW_CYCLES
+        cycles = DW_PROGRAM_CYCLES + rows * row
     elif name == "dw_bwd_w_kernel":
         ho, wo = layer.out_hw
         cycles = cdiv(ho * cdiv(wo, blocks["COLS"]), blocks["BLOCK_L"]) * DW_KGRAD_BLOCK_CYCLES
