@@ -37,11 +37,16 @@ MASKS = {"x": (True, False, False), "w": (False, False, True), "r": (False, True
 
 def splits(n):
     """The triton backend's batch slices for the dense kernel gradient set to ``n`` (None:
-    unchanged)."""
+    unchanged), with replays' plans of their own."""
     if n is None:
         return contextlib.nullcontext()
     import condconv_kernels.triton as backend
-    return mock.patch.object(backend, "_splits", lambda B, pixels: max(1, min(B, n)))
+    from condconv_kernels.triton import _replay
+    stack = contextlib.ExitStack()  # (the replays' plans kept apart: the slices are not in the
+    # calls' signature)
+    stack.enter_context(mock.patch.object(backend, "_splits", lambda B, pixels: max(1, min(B, n))))
+    stack.enter_context(mock.patch.dict(_replay.PLANS, clear=True))
+    return stack
 
 
 def main(argv=None):

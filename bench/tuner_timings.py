@@ -134,11 +134,11 @@ FIT_FACTORS = [f / 20 for f in range(6, 51)]
 
 def fit(records) -> str:
     """Per kernel with a latency term, the factor on its constants (report.DOT_CYCLES, the
-    dense kernel gradient's three, the depthwise kernels' DW_ ones) whose model fits the measured times best: the least mean squared
-    log of measured / modeled over every configuration with both, where the modeled time with
-    factor f is the model's with f times its latency term (:func:`modeled`'s terms). With the
-    rank correlation and the model's pick against the fastest at that factor (mean and
-    geomean over the keys)."""
+    dense kernel gradient's three, the depthwise kernels' DW_ ones) whose model fits the
+    measured times best: the least mean squared log of measured / modeled over every
+    configuration with both, where the modeled time with factor f is the model's with f times
+    its latency term (:func:`modeled`'s terms). With the rank correlation and the model's pick
+    against the fastest at that factor (mean and geomean over the keys)."""
     lines = ["The latency term's constants fitted to these timings (`--fit`): per kernel, the "
              "factor on them that minimises the mean squared log of measured / modeled; 1.00 "
              "is the report's constants.", "",

@@ -413,10 +413,12 @@ def test_gpu_graph_replay_matches_eager(name, backend):
 ])
 def test_gpu_replayed_calls_match_tritons_launches(name, dtype, layout, mix, monkeypatch):
     """A call whose signature was met before replays its launches (``triton/_replay.py``; with
-    autotuning off, as here, from the second call): on new inputs and on a side stream, its
-    forward and four gradients are bitwise those of the same call launched through the
-    launchers and Triton (the plans cleared); ``mix``: with the mix pass on (its Gluon
-    kernels' launches replayed, on an sm_90 GPU)."""
+    autotuning off, as here, plans kept from a plain kernel's first launch, and a tuned one's,
+    the sum kernel's, from its second): on new inputs and on a side stream, its forward and
+    backward replayed, its output and four gradients are bitwise those of the same call
+    launched through the launchers and Triton (the plans cleared), on the same stream (cuBLAS,
+    in the host tails, is reproducible on one stream); ``mix``: with the mix pass on (its Gluon
+    kernels' forward and grad_x replayed, on an sm_90 GPU)."""
     from condconv_kernels import _env
     from condconv_kernels.triton import _replay
     if mix:
@@ -429,8 +431,8 @@ def test_gpu_replayed_calls_match_tritons_launches(name, dtype, layout, mix, mon
         case = type(case)(**{**case.__dict__, "cin": 32, "cout": 48, "bias": False})
     first, fresh = (_to_device(make_inputs(case, dtype, layout, seed=seed,
                                            routing_dtype=torch.float32)) for seed in (11, 12))
-    grad_out = run_op(case, first, "triton")[0].detach()
-    grad_out = torch.randn(grad_out.shape, device=DEVICE, dtype=dtype)
+    # (in the output's layout: a channels_last grad_out takes the mix pass's grad_x)
+    grad_out = torch.randn_like(run_op(case, first, "triton")[0].detach())
     _replay.PLANS.clear()
     for _ in range(2):  # launched, the plans kept (a kernel compiled in a call: from the next)
         run_op(case, first, "triton", grad_out)
@@ -438,14 +440,19 @@ def test_gpu_replayed_calls_match_tritons_launches(name, dtype, layout, mix, mon
         list(_replay.PLANS)
     kernels = {step[2].name for plan in _replay.PLANS.values() for step in plan.steps}
     assert ("pw_mix_kernel" in kernels) == mix, kernels
+    plan_runs = []
+    run = _replay.Plan.run
+    monkeypatch.setattr(_replay.Plan, "run",
+                        lambda self, inputs: plan_runs.append(1) or run(self, inputs))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         replayed = run_op(case, fresh, "triton", grad_out)
-    torch.cuda.current_stream().wait_stream(side)
+        assert len(plan_runs) == 2, "the forward and the backward should have replayed"
+        _replay.PLANS.clear()
+        launched = run_op(case, fresh, "triton", grad_out)
+        assert len(plan_runs) == 2  # (launched, not replayed)
     torch.cuda.synchronize()
-    _replay.PLANS.clear()
-    launched = run_op(case, fresh, "triton", grad_out)
     assert torch.equal(replayed[0], launched[0])
     for r, g in zip(replayed[1], launched[1]):
         assert torch.equal(r, g)

@@ -366,10 +366,14 @@ torch.backends.cudnn.allow_tf32 = not torch.backends.cudnn.allow_tf32
 assert _replay.key("forward", *args) == before
 # ... set through PyTorch's newer precision API too (after which reading the legacy flag
 # raises): the key reads the setting in force, as the launch does
-torch.backends.cudnn.conv.fp32_precision = "ieee"
+if hasattr(torch.backends.cudnn, "conv"):  # (PyTorch 2.9 and later)
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    assert _replay.key("forward", *args) != before
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    assert _replay.key("forward", *args) == before
+_config.FORCED_CONFIG, forced = 2, _config.FORCED_CONFIG  # (read by the launchers per call)
 assert _replay.key("forward", *args) != before
-torch.backends.cudnn.conv.fp32_precision = "tf32"
-assert _replay.key("forward", *args) == before
+_config.FORCED_CONFIG = forced
 from condconv_kernels import _env
 _env.TRITON_STATIONARY = frozenset({"mix"})
 assert _replay.key("forward", *args) != before

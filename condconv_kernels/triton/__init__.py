@@ -476,8 +476,8 @@ def _sum_kernel_grads(gw: torch.Tensor, part: torch.Tensor, tiles: int, weight: 
     (``dense_kgrad_sum_kernel``): grad_weight (E, Cout, Cin/g, kh, kw) in weight's dtype, the
     sum of gw's (S, E, N) slices (N in (Cout, kh, kw, Cin/g) order where ``tap_major``);
     grad_routing (B, E) in the accumulation dtype, the sum of part's first ``tiles`` rows of
-    (B, E). None where not asked for. ``launches``: a list the launch is added to, as
-    (kernel, grid, args, kwargs)."""
+    (B, E). None where not asked for. ``launches``: a list the launch is added to (as
+    :func:`_launch` adds it)."""
     E, cout, cin_g, kh, kw = weight.shape
     acc = gw.dtype  # (the stand-in's where not asked for: the same)
     S, EN, BE = gw.shape[0], weight.numel(), B * E

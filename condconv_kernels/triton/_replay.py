@@ -52,11 +52,12 @@ def key(pass_name: str, tensors: Sequence[Optional[torch.Tensor]], *params) -> t
     device, 16-byte alignment), the call's other arguments ``params`` (hashable), and the switches
     a launch reads at run time: the experimental passes' (``_env``; with the batched
     products on, float16's reduced-precision accumulation, which keeps the dense kernels),
-    float32's TF32, the current device (Triton launches there) and Triton's debug and
-    instrumentation switches (part of its launch options)."""
+    float32's TF32, the configuration forced with autotuning off (``_config.FORCED_CONFIG``,
+    which the launchers read at every call), the current device (Triton launches there) and
+    Triton's debug and instrumentation switches (part of its launch options)."""
     return (pass_name, _args.signature(*tensors), params, _env.TRITON_STATIONARY,
             _env.TRITON_BATCHED, bool(_env.TRITON_BATCHED) and fp16_accumulation(),
-            conv_tf32(), driver.active.get_current_device(),
+            conv_tf32(), _config.FORCED_CONFIG, driver.active.get_current_device(),
             knobs.runtime.debug, knobs.compilation.instrumentation_mode)
 
 

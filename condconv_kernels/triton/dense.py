@@ -41,8 +41,6 @@ def _route(r_ptr, b, s_rb, s_re, e: tl.constexpr, ACC: tl.constexpr):
     return tl.load(r_ptr + b.to(tl.int64) * s_rb + e * s_re).to(ACC)
 
 
-
-
 @triton.jit
 def _examples(i_bb, B, BLOCK_B: tl.constexpr):
     """The BLOCK_B examples of block i_bb as a tuple, clamped to the batch (a block past its

@@ -17,6 +17,7 @@
 #include "runtime.cuh"
 
 #include <ATen/Context.h>
+#include <torch/version.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -49,16 +50,22 @@ constexpr bool kTensorCoresEverywhere = min_cuda_arch() >= 800;
 #endif
 constexpr int64_t kKernelGradBytes = CONDCONV_KERNEL_GRAD_BYTES;
 
-// Whether TF32 is allowed for convolutions (torch.backends.cudnn.allow_tf32). PyTorch's getter
-// raises once its newer per-operator setting (torch.backends.cudnn.conv.fp32_precision) has set
-// cuDNN's convolutions, RNNs and that flag apart, as setting "ieee" through it does: IEEE
-// float32 then.
+// Whether TF32 is allowed for convolutions: cuDNN's convolution precision
+// (torch.backends.cudnn.conv.fp32_precision, or the legacy torch.backends.cudnn.allow_tf32). The
+// getter without an operator raises once the per-operator settings have set cuDNN's
+// convolutions, RNNs and the legacy flag apart. From PyTorch 2.13 (the earliest whose headers
+// were checked to have it) the getter for convolutions is asked; before, IEEE float32 where the
+// plain getter raises.
 inline bool conv_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#else
   try {
     return at::globalContext().allowTF32CuDNN();
   } catch (const c10::Error&) {
     return false;
   }
+#endif
 }
 
 // Whether the dense passes of scalar_t run on tensor cores: float16/bfloat16 always, float32
