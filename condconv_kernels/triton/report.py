@@ -32,8 +32,8 @@ bulk tensor copies of TMA) appear in the code, and the model:
 - modeled time: the largest of HBM bytes / 3.0 TB/s, L2 bytes / 6 TB/s, tensor-core FLOPs /
   800 TFLOP/s (wgmma; half of it for mma.sync), CUDA-core FLOPs / 60 TFLOP/s, each divided by
   the fraction of the 132 SMs the grid can fill, the issue time and (dense and depthwise
-  kernels) the latency term, times 2 where registers spill, plus the experts' copy into tap-major order
-  where the launch needs it (channels_last 3x3 dense);
+  kernels) the latency term, times 2 where registers spill, plus the experts' copy into
+  tap-major order where the launch needs it (channels_last 3x3 dense);
 - floor: the layer's own floor for that pass, max(FLOPs / 800 TFLOP/s, HBM bytes / 3.0 TB/s).
 
 The dense kernel gradient's sum kernel (record ``dense_kgrad_sum``: its batch slices'
