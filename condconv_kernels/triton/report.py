@@ -436,7 +436,7 @@ def model(layer, batch: int, itemsize: int, launch: Launch, blocks, programs: in
     bc, cols = blocks["BLOCK_C"], blocks["COLS"]
     bp = blocks["BLOCK_L"] * cols
     g_bytes = B * cout * taps * 4
-    nb = cdiv(ho * cdiv(wo, cols), blocks["BLOCK_L"])
+    nb = _dw_kgrad_blocks(layer, blocks)
     l2 = B * cdiv(cout, bc) * nb * bc * (bp + halo(bp, cdiv(wo, cols) * cols, W, H)) * itemsize
     l2 += g_bytes
     cc = B * cout * taps * 2 * P
@@ -675,6 +675,19 @@ def _dw_examples(batch: int, blocks) -> float:
     return batch / cdiv(batch, blocks.get("EXAMPLES", 1))
 
 
+def _dw_rows(layer, name: str, blocks, batch: int) -> float:
+    """A depthwise forward / grad_x program's rows of taps: kh for each of its examples (and,
+    grad_x, each channel multiplier's)."""
+    mult = layer.cout // layer.cin if name == "dw_bwd_x_kernel" else 1
+    return _dw_examples(batch, blocks) * mult * layer.kernel
+
+
+def _dw_kgrad_blocks(layer, blocks) -> int:
+    """A depthwise kernel-gradient program's blocks of BLOCK_L groups of COLS output pixels."""
+    ho, wo = layer.out_hw
+    return cdiv(ho * cdiv(wo, blocks["COLS"]), blocks["BLOCK_L"])
+
+
 def modeled_us(hbm, l2, tc, cc, programs, tensor_core: str, spills: bool,
                issue: float = 0.0, latency: float = 0.0) -> float:
     fill = min(1.0, programs / SMS)
@@ -742,13 +755,10 @@ def latency_us(layer, launch: Launch, blocks, programs: int, warps: int, info: d
         cycles = examples * (tiles * (KGRAD_TILE_CYCLES + KGRAD_PIXEL_CYCLES * blocks["BLOCK_P"])
                              + KGRAD_FOLD_CYCLES)
     elif name in ("dw_fwd_kernel", "dw_bwd_x_kernel"):  # as issue_us counts the rows of taps
-        mult = layer.cout // layer.cin if name == "dw_bwd_x_kernel" else 1
-        rows = _dw_examples(batch, blocks) * mult * layer.kernel
         row = DW_ROW_CYCLES if blocks.get("ROW_STAGES", 1) <= 1 else DW_PIPELINED_ROW_CYCLES
-        cycles = DW_PROGRAM_CYCLES + rows * row
+        cycles = DW_PROGRAM_CYCLES + _dw_rows(layer, name, blocks, batch) * row
     elif name == "dw_bwd_w_kernel":
-        ho, wo = layer.out_hw
-        cycles = cdiv(ho * cdiv(wo, blocks["COLS"]), blocks["BLOCK_L"]) * DW_KGRAD_BLOCK_CYCLES
+        cycles = _dw_kgrad_blocks(layer, blocks) * DW_KGRAD_BLOCK_CYCLES
     else:
         return 0.0
     waves = cdiv(programs, SMS * resident(info["registers"], warps, info["shared_bytes"]))
@@ -783,11 +793,10 @@ def issue_us(layer, launch: Launch, blocks, programs: int, warps: int, info: dic
         # the loop over the rows of taps (the innermost: inside the loop over the program's
         # examples and, grad_x, the channel multiplier's), k a channel multiplier and example;
         # an example's epilogue, in the examples' loop, left out as before that loop
-        mult = layer.cout // layer.cin if name == "dw_bwd_x_kernel" else 1
         row = (info.get("loop_innermost") or [hot])[-1]
-        per_program = _dw_examples(batch, blocks) * mult * k * row
+        per_program = _dw_rows(layer, name, blocks, batch) * row
     elif name == "dw_bwd_w_kernel":  # blocks of groups of pixels, the rows of taps unrolled
-        per_program = cdiv(ho * cdiv(wo, blocks["COLS"]), blocks["BLOCK_L"]) * hot
+        per_program = _dw_kgrad_blocks(layer, blocks) * hot
     else:
         return 0.0
     return 1e6 * programs * per_program * warps / (SMS * 4 * CLOCK)
