@@ -254,8 +254,82 @@ dim3 gemm_grid(const View& v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Depthwise. Loop counters over pixels are 64-bit (they step past the end); the index
-// arithmetic is index_t.
+// Depthwise. A block owns one example, a tile of `tile` channels (a power of two, at most 32)
+// and a chunk of the plane's pixels: thread i takes channel i % tile of the tile and every
+// (kThreads / tile)-th pixel of the chunk from i / tile. With tile 1 the threads stride over one
+// plane (consecutive threads read consecutive pixels: NCHW); with 32, a warp reads 32
+// consecutive channels of a pixel (channels_last: one or two 32-byte sectors a warp and tap,
+// where one channel a block reads a sector per element). Loop counters over pixels are 64-bit
+// (they step past the end); the index arithmetic is index_t.
+
+// The launch geometry of a depthwise kernel; see depthwise_grid.
+struct DepthwiseGrid {
+  dim3 grid;
+  int tile;             // channels a block
+  size_t shared_bytes;  // the tile's mixed taps (forward and grad_x)
+};
+
+constexpr size_t kMaxDynamicShared = 48 * 1024;  // without the opt-in attribute
+constexpr int64_t kDepthwiseLanePixels = 64;      // pixels of each channel a block, at least
+
+// The grid of a depthwise kernel over `batch` examples of `channels` channels (the output
+// channels of the forward and the kernel gradient, the input channels of grad_x), each with
+// `taps` mixed taps in shared memory (kh * kw, times the multiplier for grad_x; 0 for the kernel
+// gradient) of acc_bytes each, over planes of `pixels` pixels, in chunks (grid.y) of at least
+// kDepthwiseLanePixels pixels of each channel (the kernel gradient sets its own slices).
+// channels_inner: the tensors the kernel reads have the channel as their innermost dimension
+// (channels_last), so consecutive threads take consecutive channels.
+inline DepthwiseGrid depthwise_grid(int64_t batch, int64_t channels, int64_t pixels,
+                                    int64_t taps, size_t acc_bytes, bool channels_inner) {
+  int tile = 1;
+  if (channels_inner) {
+    while (tile < 32 && tile < channels) tile *= 2;
+  }
+  while (tile > 1 && size_t(tile) * size_t(taps) * acc_bytes > kMaxDynamicShared) tile /= 2;
+  TORCH_CHECK(size_t(taps) * acc_bytes <= kMaxDynamicShared,
+              "condconv2d (cuda): the depthwise kernel's ", taps,
+              " mixed taps a channel do not fit in shared memory");
+  const int64_t tiles = ceil_div(channels, tile);
+  TORCH_CHECK(batch * tiles <= std::numeric_limits<int32_t>::max(),
+              "condconv2d (cuda): batch x channels = ", batch * channels,
+              " is more planes than one launch can cover (2^31 - 1)");
+  const int64_t lanes = kThreads / tile;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min(ceil_div(pixels, lanes * ceil_div(kDepthwiseLanePixels, lanes)), kMaxGridYZ));
+  return {dim3(static_cast<unsigned>(batch * tiles), static_cast<unsigned>(chunks)), tile,
+          size_t(tile) * size_t(taps) * acc_bytes};
+}
+
+// Slices of the output plane for the kernel gradient over `blocks` (example, channel tile)
+// blocks, whose partial sums are added after: enough blocks to fill the device, slices of at
+// least 2048 pixels.
+inline int64_t kernel_grad_slices(int64_t blocks, int64_t pixels) {
+  return std::max<int64_t>(
+      1, std::min({ceil_div(4096, blocks), ceil_div(pixels, 2048), kMaxGridYZ}));
+}
+
+// The block's place: example b, first channel c0 and channel count of its tile, its thread's
+// channel lane and pixel lane, and its chunk [begin, end) of the plane's pixels.
+template <typename index_t>
+struct DepthwiseBlock {
+  index_t b, c0, count;
+  int lane, row, rows;
+  int64_t begin, end;
+
+  __device__ DepthwiseBlock(index_t channels, int tile, int64_t pixels) {
+    const index_t tiles = static_cast<index_t>((int64_t(channels) + tile - 1) / tile);
+    b = static_cast<index_t>(int64_t(blockIdx.x) / tiles);
+    c0 = static_cast<index_t>(int64_t(blockIdx.x) % tiles) * tile;
+    count = channels - c0 < tile ? channels - c0 : static_cast<index_t>(tile);
+    lane = threadIdx.x % tile;
+    row = threadIdx.x / tile;
+    rows = blockDim.x / tile;
+    const int64_t chunk = (pixels + gridDim.y - 1) / gridDim.y;
+    begin = int64_t(blockIdx.y) * chunk;
+    end = begin + chunk < pixels ? begin + chunk : pixels;
+  }
+  __device__ bool active() const { return lane < count; }
+};
 
 // Mixed taps of output channels co0 .. co0 + count - 1 of example b into shared memory.
 template <typename scalar_t, typename acc_t, typename index_t>
@@ -268,98 +342,83 @@ __device__ void mix_taps(const scalar_t* weight, const acc_t* routing, const Sha
   __syncthreads();
 }
 
-// blockIdx.x = b * Cout + co; threads stride over the output plane from blockIdx.y.
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void depthwise_forward_kernel(Shape<index_t> s, const scalar_t* x,
+__global__ void depthwise_forward_kernel(Shape<index_t> s, int tile, const scalar_t* x,
                                          const scalar_t* weight, const acc_t* routing,
                                          const acc_t* bias, scalar_t* out) {
   CONDCONV_DYNAMIC_SHARED(smem);
   acc_t* taps = reinterpret_cast<acc_t*>(smem);
-  const index_t bc = blockIdx.x, b = bc / s.out_channels, co = bc % s.out_channels;
-  mix_taps(weight, routing, s, b, co, index_t(1), taps);
-  const acc_t shift = bias ? bias[bc] : acc_t(0);
-  for (int64_t pp = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; pp < s.out_pixels();
-       pp += int64_t(gridDim.y) * blockDim.x) {
+  const DepthwiseBlock<index_t> k(s.out_channels, tile, s.out_pixels());
+  mix_taps(weight, routing, s, k.b, k.c0, k.count, taps);
+  if (!k.active()) return;
+  const index_t co = k.c0 + k.lane;
+  const acc_t shift = bias ? bias[k.b * s.out_channels + co] : acc_t(0);
+  for (int64_t pp = k.begin + k.row; pp < k.end; pp += k.rows) {
     const index_t p = static_cast<index_t>(pp), oh = p / s.out_w, ow = p % s.out_w;
-    out[b * s.out_stride[0] + co * s.out_stride[1] + oh * s.out_stride[2] +
-        ow * s.out_stride[3]] =
-        static_cast<scalar_t>(depthwise_output(x, s, taps, b, co, oh, ow) + shift);
+    out[k.b * s.out_stride[0] + co * s.out_stride[1] + oh * s.out_stride[2] +
+        ow * s.out_stride[3]] = static_cast<scalar_t>(
+        depthwise_output(x, s, taps + k.lane * s.taps(), k.b, co, oh, ow) + shift);
   }
 }
 
-// blockIdx.x = b * Cin + c; threads stride over the input plane from blockIdx.y.
+// Channels are the input channels; each has the multiplier's output channels' taps.
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void depthwise_grad_input_kernel(Shape<index_t> s, const scalar_t* grad_out,
+__global__ void depthwise_grad_input_kernel(Shape<index_t> s, int tile, const scalar_t* grad_out,
                                             const scalar_t* weight, const acc_t* routing,
                                             scalar_t* grad_x) {
   CONDCONV_DYNAMIC_SHARED(smem);
   acc_t* taps = reinterpret_cast<acc_t*>(smem);
-  const index_t bc = blockIdx.x, b = bc / s.in_channels, c = bc % s.in_channels;
+  const DepthwiseBlock<index_t> k(s.in_channels, tile, s.in_pixels());
   const index_t mult = s.out_per_group();
-  mix_taps(weight, routing, s, b, index_t(c * mult), mult, taps);
-  for (int64_t pp = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; pp < s.in_pixels();
-       pp += int64_t(gridDim.y) * blockDim.x) {
+  mix_taps(weight, routing, s, k.b, index_t(k.c0 * mult), index_t(k.count * mult), taps);
+  if (!k.active()) return;
+  const index_t c = k.c0 + k.lane;
+  for (int64_t pp = k.begin + k.row; pp < k.end; pp += k.rows) {
     const index_t p = static_cast<index_t>(pp), ih = p / s.width, iw = p % s.width;
-    grad_x[b * s.dx_stride[0] + c * s.dx_stride[1] + ih * s.dx_stride[2] + iw * s.dx_stride[3]] =
-        static_cast<scalar_t>(depthwise_grad_input(grad_out, s, taps, b, c, ih, iw));
+    grad_x[k.b * s.dx_stride[0] + c * s.dx_stride[1] + ih * s.dx_stride[2] +
+           iw * s.dx_stride[3]] = static_cast<scalar_t>(
+        depthwise_grad_input(grad_out, s, taps + k.lane * mult * s.taps(), k.b, c, ih, iw));
   }
 }
 
-// Sum over the block; the result is valid in thread 0. scratch holds 32 values.
+// The sum of v over the threads of the block that share a channel lane (threadIdx.x % tile;
+// tile a power of two <= 32), in a fixed order; valid in threads 0 .. tile - 1. scratch holds
+// kThreads values.
 template <typename acc_t>
-__device__ acc_t block_sum(acc_t v, acc_t* scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+__device__ acc_t lane_sum(acc_t v, int tile, acc_t* scratch) {
+  for (int offset = 16; offset >= tile; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) scratch[warp] = v;
+  if (lane < tile) scratch[warp * tile + lane] = v;
   __syncthreads();
-  if (warp == 0) {
-    v = lane < int(blockDim.x / 32) ? scratch[lane] : acc_t(0);
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  if (int(threadIdx.x) < tile) {
+    for (int w = 1; w < int(blockDim.x / 32); ++w) v += scratch[w * tile + threadIdx.x];
   }
   __syncthreads();  // scratch is free for the next call
   return v;
 }
 
 // G[slice, b, co, t] = sum over the slice's pixels p of grad_out[b, co, p] x[b, c, p read by t];
-// blockIdx.x = b * Cout + co, blockIdx.y = the slice of the output plane.
+// grid.y = the slices of the output plane.
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    depthwise_kernel_grad_kernel(Shape<index_t> s, const scalar_t* grad_out, const scalar_t* x,
-                                 int64_t slice_pixels, acc_t* G) {
-  __shared__ acc_t scratch[32];
-  const index_t bc = blockIdx.x, b = bc / s.out_channels, co = bc % s.out_channels;
-  const int64_t begin = int64_t(blockIdx.y) * slice_pixels;
-  const int64_t end =
-      begin + slice_pixels < s.out_pixels() ? begin + slice_pixels : s.out_pixels();
-  const index_t T = s.taps();
-  acc_t* dst = G + (int64_t(blockIdx.y) * gridDim.x + bc) * T;
+    depthwise_kernel_grad_kernel(Shape<index_t> s, int tile, const scalar_t* grad_out,
+                                 const scalar_t* x, acc_t* G) {
+  __shared__ acc_t scratch[kThreads];
+  const DepthwiseBlock<index_t> k(s.out_channels, tile, s.out_pixels());
+  const index_t T = s.taps(), co = k.c0 + k.lane;
   for (index_t t = 0; t < T; ++t) {
     acc_t sum = 0;
-    for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
-      sum += depthwise_kernel_grad_term<scalar_t, acc_t>(grad_out, x, s, b, co, t,
-                                                         static_cast<index_t>(p));
+    if (k.active()) {
+      for (int64_t p = k.begin + k.row; p < k.end; p += k.rows) {
+        sum += depthwise_kernel_grad_term<scalar_t, acc_t>(grad_out, x, s, k.b, co, t,
+                                                           static_cast<index_t>(p));
+      }
     }
-    sum = block_sum(sum, scratch);
-    if (threadIdx.x == 0) dst[t] = sum;
+    sum = lane_sum(sum, tile, scratch);
+    if (int(threadIdx.x) < tile && k.active()) {
+      G[((int64_t(blockIdx.y) * s.batch + k.b) * s.out_channels + co) * T + t] = sum;
+    }
   }
-}
-
-// Grid of the per-plane depthwise kernels: x = the (example, channel) planes (CUDA allows
-// 2^31 - 1), y = blocks of pixels.
-inline dim3 plane_grid(int64_t planes, int64_t pixels) {
-  TORCH_CHECK(planes <= std::numeric_limits<int32_t>::max(),
-              "condconv2d (cuda): batch x channels = ", planes,
-              " is more planes than one launch can cover (2^31 - 1)");
-  return dim3(static_cast<unsigned>(planes),
-              static_cast<unsigned>(std::max<int64_t>(
-                  1, std::min(ceil_div(pixels, kThreads), kMaxGridYZ))));
-}
-
-// Slices of the output plane for depthwise_kernel_grad_kernel: enough (plane, slice) blocks to
-// fill the device, slices of at least 2048 pixels.
-inline int64_t kernel_grad_slices(int64_t planes, int64_t pixels) {
-  return std::max<int64_t>(
-      1, std::min({ceil_div(4096, planes), ceil_div(pixels, 2048), kMaxGridYZ}));
 }
 
 }  // namespace cuda

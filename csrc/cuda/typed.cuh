@@ -102,23 +102,25 @@ void launch_gemm(const View& v, cudaStream_t stream) {
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// G (B, |W|) or a chunk of it, in the accumulation dtype, folded into grad_weight and
-// grad_routing by the caller.
+// Whether a depthwise kernel's threads should take consecutive channels: t (the tensor it
+// reads most) has the channel as its innermost dimension (channels_last).
+inline bool channels_inner(const at::Tensor& t) { return t.size(1) > 1 && t.stride(1) == 1; }
+
+// G (B, |W|), folded into grad_weight and grad_routing by the caller.
 template <typename scalar_t, typename index_t>
 at::Tensor depthwise_kernel_grad(const at::Tensor& grad_out, const at::Tensor& x,
                                  const Shape<index_t>& s, const at::TensorOptions& acc_opts,
                                  cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t planes = int64_t(s.batch) * s.out_channels;
-  const int64_t slices = kernel_grad_slices(planes, s.out_pixels());
-  const int64_t slice_pixels = std::max<int64_t>(1, ceil_div(s.out_pixels(), slices));
-  at::Tensor G = at::empty({slices, int64_t(s.batch), int64_t(s.out_channels) * s.taps()},
-                           acc_opts);
-  launch(depthwise_kernel_grad_kernel<scalar_t, acc_t, index_t>,
-         dim3(plane_grid(planes, 1).x, static_cast<unsigned>(slices)), 0, stream, s,
-         grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), slice_pixels,
+  DepthwiseGrid dw = depthwise_grid(s.batch, s.out_channels, s.out_pixels(), 0, sizeof(acc_t),
+                                    channels_inner(x));
+  dw.grid.y = static_cast<unsigned>(kernel_grad_slices(dw.grid.x, s.out_pixels()));
+  at::Tensor G = at::empty({int64_t(dw.grid.y), int64_t(s.batch),
+                            int64_t(s.out_channels) * s.taps()}, acc_opts);
+  launch(depthwise_kernel_grad_kernel<scalar_t, acc_t, index_t>, dw.grid, 0, stream, s, dw.tile,
+         grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
          G.mutable_data_ptr<acc_t>());
-  return slices == 1 ? G.select(0, 0) : G.sum(0);
+  return dw.grid.y == 1 ? G.select(0, 0) : G.sum(0);
 }
 
 template <typename scalar_t, typename index_t>
@@ -135,9 +137,10 @@ void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Ten
   const cudaStream_t stream = current_stream();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   if (g.depthwise()) {
-    launch(depthwise_forward_kernel<scalar_t, acc_t, index_t>,
-           plane_grid(g.batch * g.out_channels, g.out_pixels()), s.taps() * sizeof(acc_t), stream,
-           s, x_ptr, w_ptr, ops.routing_ptr(), bias_ptr,
+    const DepthwiseGrid dw = depthwise_grid(g.batch, g.out_channels, g.out_pixels(), s.taps(),
+                                            sizeof(acc_t), channels_inner(x));
+    launch(depthwise_forward_kernel<scalar_t, acc_t, index_t>, dw.grid, dw.shared_bytes, stream,
+           s, dw.tile, x_ptr, w_ptr, ops.routing_ptr(), bias_ptr,
            out.mutable_data_ptr<scalar_t>());
     return;
   }
@@ -163,10 +166,11 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   if (mask[0]) {
     scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
     if (g.depthwise()) {
-      launch(depthwise_grad_input_kernel<scalar_t, acc_t, index_t>,
-             plane_grid(g.batch * g.in_channels, g.height * g.width),
-             g.out_per_group() * s.taps() * sizeof(acc_t), stream, s, go_ptr, w_ptr,
-             ops.routing_ptr(), dx_ptr);
+      const DepthwiseGrid dw =
+          depthwise_grid(g.batch, g.in_channels, g.height * g.width,
+                         g.out_per_group() * s.taps(), sizeof(acc_t), channels_inner(grad_out));
+      launch(depthwise_grad_input_kernel<scalar_t, acc_t, index_t>, dw.grid, dw.shared_bytes,
+             stream, s, dw.tile, go_ptr, w_ptr, ops.routing_ptr(), dx_ptr);
     } else {
       const GradInputView<scalar_t, acc_t, index_t> view{s, go_ptr, w_ptr,
                                                          ops.routing_ptr(), dx_ptr};

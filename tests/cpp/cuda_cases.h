@@ -22,8 +22,9 @@ struct Config {
 };
 
 // Dense with stride, dilation, asymmetric padding and groups; channels_last; sliced inputs;
-// several tiles in every GEMM dimension; depthwise with multiplier 1 and 2, and planes of more
-// than one block of pixels; a reduction longer than one tensor-core accumulation chain.
+// several tiles in every GEMM dimension; depthwise with multiplier 1 and 2, channels_last with
+// several tiles of channels, and planes of more than one block of pixels; a reduction longer
+// than one tensor-core accumulation chain.
 inline std::vector<Config> configs() {
   return {
       {"dense", 3, 4, 6, 9, 11, 3, 4, 2, {2, 1}, {1, 0, 2, 1}, {1, 2}, true, "contiguous"},
@@ -36,6 +37,10 @@ inline std::vector<Config> configs() {
       {"dw-mult2", 2, 4, 8, 9, 9, 3, 2, 4, {1, 2}, {2, 2, 2, 2}, {2, 2}, false, "channels_last"},
       {"dw-sliced", 2, 3, 3, 6, 7, 3, 2, 3, {1, 1}, {1, 1, 0, 2}, {1, 1}, true, "sliced"},
       {"dw-large", 1, 2, 2, 20, 18, 3, 2, 2, {1, 1}, {1, 1, 1, 1}, {1, 1}, true, "contiguous"},
+      // channels_last with more channels than a block's tile of 32 (the last tile partial) and
+      // planes of several chunks; grad_x's 20 input channels a partial tile of their own.
+      {"dw-cl-tiles", 2, 20, 40, 12, 11, 3, 2, 20, {1, 1}, {1, 1, 1, 1}, {1, 1}, true,
+       "channels_last"},
       // A kernel gradient reduced over 5184 pixels: more K-slices than one MMA chain takes.
       {"long-reduction", 1, 4, 4, 72, 72, 1, 2, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, false,
        "contiguous"},

@@ -3,7 +3,7 @@
 // execution model (cuda_emulation.h), against the float64 results of cuda_cases.h. Every output
 // starts as NaN, so an element no block writes fails. Covered: every dense view on CUDA cores
 // (float64 with both index types, float32, float16) and on tensor cores (TF32, float16,
-// bfloat16), and the three depthwise kernels in every dtype.
+// bfloat16), and the three depthwise kernels in every dtype with both thread layouts.
 // What the emulation cannot show is speed, races between barriers, or the host launchers'
 // streams and allocations: tests/test_gpu.py and compute-sanitizer on a GPU check those.
 #include "cuda_emulation.h"  // first: the CUDA language for the host compiler
@@ -58,10 +58,6 @@ bool run(const Config& c, Path path, double tol) {
   constexpr at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const auto k = cuda_cases::make_case(c, dtype, 1);
   const auto& g = k.geometry;
-  auto out = poisoned(k.out, dtype, c.layout);
-  auto dx = poisoned(k.x, dtype, c.layout);
-  const auto s = cc::make_shape<I>(g, k.x, out, &dx);
-  const auto sg = cc::make_shape<I>(g, k.x, k.grad_out, &dx);  // grad_out's strides
   const auto routing = k.routing.contiguous();
   const auto weight = k.weight.contiguous();
   const auto mixed_bias = at::mm(routing, k.bias.to(acc));
@@ -70,47 +66,61 @@ bool run(const Config& c, Path path, double tol) {
   const acc_t* r = routing.const_data_ptr<acc_t>();
   const acc_t* bias = c.bias ? mixed_bias.const_data_ptr<acc_t>() : nullptr;
   const scalar_t* go = k.grad_out.const_data_ptr<scalar_t>();
-  at::Tensor G = torch::full(k.kernel_grads.sizes(), std::numeric_limits<double>::quiet_NaN(),
-                             k.x.options().dtype(acc));
-  const dim3 block(cc::kThreads);
-
-  if (!g.depthwise()) {
-    gemm<scalar_t>(cc::ForwardView<scalar_t, acc_t, I>{s, x, w, r, bias,
-                                                       out.mutable_data_ptr<scalar_t>()},
-                   path);
-    gemm<scalar_t>(cc::GradInputView<scalar_t, acc_t, I>{sg, go, w, r,
-                                                         dx.mutable_data_ptr<scalar_t>()},
-                   path);
-    // Two chunks, to cover the chunk offset.
-    const int64_t half = c.batch / 2;
-    gemm<scalar_t>(cc::KernelGradView<scalar_t, acc_t, I>{sg, I(0), I(half), go, x,
-                                                          G.mutable_data_ptr<acc_t>()},
-                   path);
-    gemm<scalar_t>(cc::KernelGradView<scalar_t, acc_t, I>{sg, I(half), I(c.batch - half), go, x,
-                                                          G[half].mutable_data_ptr<acc_t>()},
-                   path);
-  } else {
-    const int64_t taps = g.kernel_h * g.kernel_w, mult = g.out_per_group();
-    emu::launch(cc::depthwise_forward_kernel<scalar_t, acc_t, I>,
-                cc::plane_grid(g.batch * g.out_channels, g.out_pixels()), block,
-                taps * sizeof(acc_t), s, x, w, r, bias, out.mutable_data_ptr<scalar_t>());
-    emu::launch(cc::depthwise_grad_input_kernel<scalar_t, acc_t, I>,
-                cc::plane_grid(g.batch * g.in_channels, g.height * g.width), block,
-                mult * taps * sizeof(acc_t), sg, go, w, r, dx.mutable_data_ptr<scalar_t>());
-    // Two slices of the plane, summed after, as the launcher does for large planes.
-    const int64_t slices = 2, slice_pixels = condconv::ceil_div(g.out_pixels(), slices);
-    at::Tensor partial = torch::full({slices, g.batch, g.out_channels * taps},
-                                     std::numeric_limits<double>::quiet_NaN(), G.options());
-    emu::launch(cc::depthwise_kernel_grad_kernel<scalar_t, acc_t, I>,
-                dim3(unsigned(g.batch * g.out_channels), unsigned(slices)), block, 0, sg, go, x,
-                slice_pixels, partial.mutable_data_ptr<acc_t>());
-    G.copy_(partial.sum(0).view(G.sizes()));
-  }
   const std::string name = c.name + "/" + c10::toString(dtype) + (sizeof(I) == 4 ? "/i32" : "/i64") +
                            (path == Path::kTensorCores && !g.depthwise() ? "/tc" : "");
-  bool ok = close(out, k.out, name, "forward", tol);
-  ok = close(dx, k.grad_x, name, "grad_x", tol) && ok;
-  ok = close(G, k.kernel_grads, name, "kernel grads", tol) && ok;
+  // The depthwise kernels run with both thread layouts, whatever the tensors' layout: threads
+  // along the pixels of a plane, and along the channels (the channels_last one).
+  bool ok = true;
+  for (const bool inner : g.depthwise() ? std::vector<bool>{false, true} : std::vector<bool>{false}) {
+    auto out = poisoned(k.out, dtype, c.layout);
+    auto dx = poisoned(k.x, dtype, c.layout);
+    const auto s = cc::make_shape<I>(g, k.x, out, &dx);
+    const auto sg = cc::make_shape<I>(g, k.x, k.grad_out, &dx);  // grad_out's strides
+    at::Tensor G = torch::full(k.kernel_grads.sizes(), std::numeric_limits<double>::quiet_NaN(),
+                               k.x.options().dtype(acc));
+    const dim3 block(cc::kThreads);
+    int tile = 0;  // the depthwise forward's channels a block
+    if (!g.depthwise()) {
+      gemm<scalar_t>(cc::ForwardView<scalar_t, acc_t, I>{s, x, w, r, bias,
+                                                         out.mutable_data_ptr<scalar_t>()},
+                     path);
+      gemm<scalar_t>(cc::GradInputView<scalar_t, acc_t, I>{sg, go, w, r,
+                                                           dx.mutable_data_ptr<scalar_t>()},
+                     path);
+      // Two chunks, to cover the chunk offset.
+      const int64_t half = c.batch / 2;
+      gemm<scalar_t>(cc::KernelGradView<scalar_t, acc_t, I>{sg, I(0), I(half), go, x,
+                                                            G.mutable_data_ptr<acc_t>()},
+                     path);
+      gemm<scalar_t>(cc::KernelGradView<scalar_t, acc_t, I>{sg, I(half), I(c.batch - half), go,
+                                                            x, G[half].mutable_data_ptr<acc_t>()},
+                     path);
+    } else {
+      const int64_t taps = g.kernel_h * g.kernel_w, mult = g.out_per_group();
+      const auto fwd = cc::depthwise_grid(g.batch, g.out_channels, g.out_pixels(), taps,
+                                          sizeof(acc_t), inner);
+      tile = fwd.tile;
+      emu::launch(cc::depthwise_forward_kernel<scalar_t, acc_t, I>, fwd.grid, block,
+                  fwd.shared_bytes, s, fwd.tile, x, w, r, bias, out.mutable_data_ptr<scalar_t>());
+      const auto bwd = cc::depthwise_grid(g.batch, g.in_channels, g.height * g.width,
+                                          mult * taps, sizeof(acc_t), inner);
+      emu::launch(cc::depthwise_grad_input_kernel<scalar_t, acc_t, I>, bwd.grid, block,
+                  bwd.shared_bytes, sg, bwd.tile, go, w, r, dx.mutable_data_ptr<scalar_t>());
+      // Two slices of the plane, summed after, as the launcher does for large planes.
+      auto kg = cc::depthwise_grid(g.batch, g.out_channels, g.out_pixels(), 0, sizeof(acc_t),
+                                   inner);
+      kg.grid.y = 2;
+      at::Tensor partial = torch::full({2, g.batch, g.out_channels * taps},
+                                       std::numeric_limits<double>::quiet_NaN(), G.options());
+      emu::launch(cc::depthwise_kernel_grad_kernel<scalar_t, acc_t, I>, kg.grid, block, 0, sg,
+                  kg.tile, go, x, partial.mutable_data_ptr<acc_t>());
+      G.copy_(partial.sum(0).view(G.sizes()));
+    }
+    const std::string what = name + (tile > 0 ? "/tile" + std::to_string(tile) : "");
+    ok = close(out, k.out, what, "forward", tol) && ok;
+    ok = close(dx, k.grad_x, what, "grad_x", tol) && ok;
+    ok = close(G, k.kernel_grads, what, "kernel grads", tol) && ok;
+  }
   return ok;
 }
 
