@@ -56,16 +56,17 @@ __device__ __forceinline__ void stage_tiles(const View& v, typename View::index 
   using index_t = typename View::index;
   using acc_t = decltype(v.lhs(z, m0, k0));
   const index_t M = v.m(), N = v.n(), K = v.k();
+  const bool a_k = v.a_contiguous_in_k(), b_k = v.b_contiguous_in_k();
   // As is (TileK x kTileM) with row length LdA when A is stored k-major, Bs (TileK x kTileN).
   for (int i = threadIdx.x; i < TileK * kTileM; i += Threads) {
-    const int kk = View::kAContiguousInK ? i % TileK : i / kTileM;
-    const int mm = View::kAContiguousInK ? i / TileK : i % kTileM;
+    const int kk = a_k ? i % TileK : i / kTileM;
+    const int mm = a_k ? i / TileK : i % kTileM;
     const index_t m = m0 + mm, k = k0 + kk;
     As[mm * LdA + kk] = convert((m < M && k < K) ? v.lhs(z, m, k) : acc_t(0));
   }
   for (int i = threadIdx.x; i < TileK * kTileN; i += Threads) {
-    const int kk = View::kBContiguousInK ? i % TileK : i / kTileN;
-    const int nn = View::kBContiguousInK ? i / TileK : i % kTileN;
+    const int kk = b_k ? i % TileK : i / kTileN;
+    const int nn = b_k ? i / TileK : i % kTileN;
     const index_t n = n0 + nn, k = k0 + kk;
     Bs[kk * LdB + nn] = convert((n < N && k < K) ? v.rhs(z, k, n) : acc_t(0));
   }
@@ -232,8 +233,9 @@ __global__ void __launch_bounds__(kThreads) tensor_core_gemm_kernel(View v) {
       }
     }
     __syncthreads();
+    const bool m_inner = v.store_contiguous_in_m();
     for (int i = threadIdx.x; i < kTileM * kTileN; i += kThreads) {
-      const int mm = i / kTileN, nn = i % kTileN;
+      const int mm = m_inner ? i % kTileM : i / kTileN, nn = m_inner ? i / kTileM : i % kTileN;
       const index_t m = m0 + mm, n = n0 + nn;
       if (m < M && n < N) v.store(z, m, n, Cs[mm * kLdC + nn]);
     }

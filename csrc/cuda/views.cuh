@@ -156,11 +156,19 @@ CONDCONV_HD acc_t grad_through_tap(const scalar_t* grad_out, const Shape<index_t
                                      oh * s.out_stride[2] + ow * s.out_stride[3]]);
 }
 
+// Whether the reduction index k of a 1x1 layer runs along a tensor's channels in memory: its
+// channel stride is 1 (channels_last), so that staging k fastest reads consecutive addresses.
+// (Past 1x1, k steps over the taps first, a pixel apart.) Each view also says which index of
+// its operands and its output is the contiguous one, for the order in which a block's threads
+// stage and store them (kernels.cuh: consecutive threads, consecutive addresses).
+template <typename index_t>
+CONDCONV_HD bool k_along_channels(const index_t (&stride)[4], index_t taps) {
+  return taps == 1 && stride[1] == 1;
+}
+
 // out[b, co, oh, ow] = sum_k W_b[co, k] im2col(x_b)[k, p] + bias_b[co];  z = b * groups + gi.
 template <typename scalar_t, typename acc_t, typename index_t>
 struct ForwardView {
-  static constexpr bool kAContiguousInK = true;   // lhs(z, m, k) is contiguous in k (weight rows)
-  static constexpr bool kBContiguousInK = false;  // rhs(z, k, n) is contiguous in n (pixels)
   using index = index_t;
   Shape<index_t> s;
   const scalar_t* x;
@@ -173,6 +181,11 @@ struct ForwardView {
   CONDCONV_HD index_t m() const { return s.out_per_group(); }
   CONDCONV_HD index_t n() const { return s.out_pixels(); }
   CONDCONV_HD index_t k() const { return s.kernel_row(); }
+  // lhs(z, m, k) is contiguous in k (weight rows); rhs(z, k, n) in n (pixels), or in k for a
+  // 1x1 layer's channels_last x; out in m for a channels_last out.
+  CONDCONV_HD bool a_contiguous_in_k() const { return true; }
+  CONDCONV_HD bool b_contiguous_in_k() const { return k_along_channels(s.x_stride, s.taps()); }
+  CONDCONV_HD bool store_contiguous_in_m() const { return s.out_stride[1] == 1; }
   CONDCONV_HD acc_t lhs(index_t z, index_t m, index_t k) const {
     const index_t b = quot(z, s.groups), gi = z - b * s.groups;
     return mixed_weight(weight, routing, s, b, gi * s.out_per_group() + m, k);
@@ -194,8 +207,6 @@ struct ForwardView {
 // output pixels (oh, ow) that read (ih, iw) through tap (i, j);  z = b * groups + gi.
 template <typename scalar_t, typename acc_t, typename index_t>
 struct GradInputView {
-  static constexpr bool kAContiguousInK = false;  // lhs(z, m, k): k = (co, tap), m = ci
-  static constexpr bool kBContiguousInK = false;
   using index = index_t;
   Shape<index_t> s;
   const scalar_t* grad_out;
@@ -207,6 +218,12 @@ struct GradInputView {
   CONDCONV_HD index_t m() const { return s.in_per_group(); }
   CONDCONV_HD index_t n() const { return s.in_pixels(); }
   CONDCONV_HD index_t k() const { return s.out_per_group() * s.taps(); }
+  // lhs(z, m, k) (k = (co, tap), m = ci) is contiguous in m for a 1x1 layer; rhs(z, k, n) in n
+  // (input pixels), or in k for a 1x1 layer's channels_last grad_out; grad_x in m for a
+  // channels_last grad_x.
+  CONDCONV_HD bool a_contiguous_in_k() const { return false; }
+  CONDCONV_HD bool b_contiguous_in_k() const { return k_along_channels(s.out_stride, s.taps()); }
+  CONDCONV_HD bool store_contiguous_in_m() const { return s.dx_stride[1] == 1; }
   CONDCONV_HD acc_t lhs(index_t z, index_t m, index_t k) const {
     const index_t b = quot(z, s.groups), gi = z - b * s.groups;
     const index_t co = quot(k, s.taps()), t = k - co * s.taps();
@@ -232,8 +249,6 @@ struct GradInputView {
 // count - 1 of a chunk; z = (b - first) * groups + gi; G is (count, Cout, Cin/g*kh*kw).
 template <typename scalar_t, typename acc_t, typename index_t>
 struct KernelGradView {
-  static constexpr bool kAContiguousInK = true;  // lhs(z, m, p): grad_out rows, contiguous in p
-  static constexpr bool kBContiguousInK = true;  // rhs(z, p, n): im2col rows, contiguous in p
   using index = index_t;
   Shape<index_t> s;
   index_t first, count;
@@ -245,6 +260,11 @@ struct KernelGradView {
   CONDCONV_HD index_t m() const { return s.out_per_group(); }
   CONDCONV_HD index_t n() const { return s.kernel_row(); }
   CONDCONV_HD index_t k() const { return s.out_pixels(); }
+  // lhs(z, m, p) (grad_out rows) is contiguous in p, or in m (channels) for a channels_last
+  // grad_out; rhs(z, p, n) (im2col rows) in p, or in n for a 1x1 layer's channels_last x; G in n.
+  CONDCONV_HD bool a_contiguous_in_k() const { return s.out_stride[1] != 1; }
+  CONDCONV_HD bool b_contiguous_in_k() const { return !k_along_channels(s.x_stride, s.taps()); }
+  CONDCONV_HD bool store_contiguous_in_m() const { return false; }
   CONDCONV_HD acc_t lhs(index_t z, index_t m, index_t p) const {
     const index_t local = quot(z, s.groups), b = first + local, gi = z - local * s.groups;
     const index_t co = gi * s.out_per_group() + m;

@@ -21,16 +21,18 @@ struct Config {
   std::string layout;  // "contiguous", "channels_last" or "sliced"
 };
 
-// Dense with stride, dilation, asymmetric padding and groups; channels_last; sliced inputs;
-// several tiles in every GEMM dimension; depthwise with multiplier 1 and 2, channels_last with
-// several tiles of channels, and planes of more than one block of pixels; a reduction longer
-// than one tensor-core accumulation chain.
+// Dense with stride, dilation, asymmetric padding and groups; channels_last (3x3 and 1x1);
+// sliced inputs; several tiles in every GEMM dimension; depthwise with multiplier 1 and 2,
+// channels_last with several tiles of channels, and planes of more than one block of pixels; a
+// reduction longer than one tensor-core accumulation chain.
 inline std::vector<Config> configs() {
   return {
       {"dense", 3, 4, 6, 9, 11, 3, 4, 2, {2, 1}, {1, 0, 2, 1}, {1, 2}, true, "contiguous"},
       {"dense-cl", 2, 6, 9, 8, 7, 3, 3, 3, {1, 2}, {0, 2, 1, 1}, {2, 1}, false, "channels_last"},
       {"pointwise", 2, 8, 16, 7, 5, 1, 8, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true, "sliced"},
       {"wide-1x1", 2, 40, 72, 9, 9, 1, 4, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true, "contiguous"},
+      // 1x1 channels_last: the reduction index runs along the channels, staged channels first.
+      {"pw-cl", 2, 40, 72, 9, 7, 1, 4, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true, "channels_last"},
       {"wide-3x3", 2, 24, 80, 10, 9, 3, 2, 2, {1, 1}, {1, 1, 1, 1}, {1, 1}, false,
        "channels_last"},
       {"depthwise", 3, 6, 6, 13, 12, 5, 3, 6, {2, 2}, {2, 2, 1, 2}, {1, 1}, true, "contiguous"},
