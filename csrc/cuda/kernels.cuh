@@ -11,9 +11,11 @@
 //   - implicit_gemm_kernel: CUDA cores, acc_t operands (float32, or float64 for float64).
 //   - tensor_core_gemm_kernel: warp MMA (nvcuda::wmma) on float16/bfloat16 operands, or TF32
 //     for float32 where PyTorch allows TF32 in convolutions; float32 accumulation.
-// Depthwise (Cin/g == 1): a block owns one (example, channel) plane and mixes its taps into shared
-// memory once; threads stride over the pixels. The kernel gradient reduces each tap over the plane
-// (warp shuffles, then shared memory), in slices of the plane whose partials are summed after.
+// Depthwise (Cin/g == 1): a block owns an example, a tile of channels and a chunk of their planes,
+// and mixes the tile's taps into shared memory once; its threads take the channels first where
+// they are contiguous in memory (channels_last), else the pixels. The kernel gradient reduces
+// each tap over the block's pixels (warp shuffles, then shared memory), in slices of the plane
+// whose partials are summed after.
 // No atomics: every result is the same from run to run.
 #pragma once
 
@@ -46,8 +48,9 @@ constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.
 // Dense: C[z] = A[z] B[z] through a View (views.cuh). Blocks: x = the output tile, z = the
 // (example, group) batches, striding when there are more than gridDim.z.
 
-// Staging of one K-slice: consecutive threads take consecutive addresses of the operand in
-// global memory. T is the shared tile's element type, convert maps acc_t to it.
+// Staging of one K-slice: consecutive threads take consecutive indices along the one the view
+// says is contiguous in memory (a_contiguous_in_k, b_contiguous_in_k). T is the shared tile's
+// element type, convert maps acc_t to it.
 template <class View, int TileK, int Threads, typename T, int LdA, int LdB, class Convert>
 __device__ __forceinline__ void stage_tiles(const View& v, typename View::index z,
                                             typename View::index m0, typename View::index n0,
@@ -260,8 +263,8 @@ dim3 gemm_grid(const View& v) {
 // and a chunk of the plane's pixels: thread i takes channel i % tile of the tile and every
 // (kThreads / tile)-th pixel of the chunk from i / tile. With tile 1 the threads stride over one
 // plane (consecutive threads read consecutive pixels: NCHW); with 32, a warp reads 32
-// consecutive channels of a pixel (channels_last: one or two 32-byte sectors a warp and tap,
-// where one channel a block reads a sector per element). Loop counters over pixels are 64-bit
+// consecutive channels of a pixel (channels_last: 64-256 contiguous bytes a warp and tap, where
+// one channel a block read a 32-byte sector per element). Loop counters over pixels are 64-bit
 // (they step past the end); the index arithmetic is index_t.
 
 // The launch geometry of a depthwise kernel; see depthwise_grid.
@@ -272,7 +275,9 @@ struct DepthwiseGrid {
 };
 
 constexpr size_t kMaxDynamicShared = 48 * 1024;  // without the opt-in attribute
-constexpr int64_t kDepthwiseLanePixels = 64;      // pixels of each channel a block, at least
+// Pixels of each channel a block, at least (where the plane has them): the tile's taps are mixed
+// once a block, E x taps FMAs a channel against taps a pixel.
+constexpr int64_t kDepthwiseLanePixels = 256;
 
 // The grid of a depthwise kernel over `batch` examples of `channels` channels (the output
 // channels of the forward and the kernel gradient, the input channels of grad_x), each with

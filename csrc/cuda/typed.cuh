@@ -102,9 +102,16 @@ void launch_gemm(const View& v, cudaStream_t stream) {
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// Whether a depthwise kernel's threads should take consecutive channels: t (the tensor it
-// reads most) has the channel as its innermost dimension (channels_last).
-inline bool channels_inner(const at::Tensor& t) { return t.size(1) > 1 && t.stride(1) == 1; }
+// Whether a depthwise kernel's threads should take consecutive channels: in t (the tensor it
+// reads most, taps times per element) the channels lie closer together than the pixels
+// (channels_last, or channels_last sliced along the channels).
+inline bool channels_inner(const at::Tensor& t) {
+  if (t.size(1) == 1) return false;
+  for (int64_t d = 2; d < 4; ++d) {
+    if (t.size(d) > 1 && t.stride(d) <= t.stride(1)) return false;
+  }
+  return true;
+}
 
 // G (B, |W|), folded into grad_weight and grad_routing by the caller.
 template <typename scalar_t, typename index_t>

@@ -15,8 +15,8 @@
 // so the B x |W| mixed kernels never exist in memory. Offsets are index_t: 32-bit where every
 // offset of the call fits (Shape), 64-bit otherwise.
 //
-// Depthwise (Cin/g == 1) has direct per-pixel kernels with the (b, channel) taps mixed once per
-// block into shared memory; their per-pixel sums are also here.
+// Depthwise (Cin/g == 1) has direct per-pixel kernels with the taps of a block's (example, tile of
+// channels) mixed once into shared memory; their per-pixel sums are also here.
 #pragma once
 
 #include "../condconv.h"
@@ -158,9 +158,10 @@ CONDCONV_HD acc_t grad_through_tap(const scalar_t* grad_out, const Shape<index_t
 
 // Whether the reduction index k of a 1x1 layer runs along a tensor's channels in memory: its
 // channel stride is 1 (channels_last), so that staging k fastest reads consecutive addresses.
-// (Past 1x1, k steps over the taps first, a pixel apart.) Each view also says which index of
-// its operands and its output is the contiguous one, for the order in which a block's threads
-// stage and store them (kernels.cuh: consecutive threads, consecutive addresses).
+// (Past 1x1, k steps over the taps first, a pixel apart: neither order is contiguous there.)
+// Each view also says which index of its operands and its output is the contiguous one, for the
+// order in which a block's threads stage them and tensor_core_gemm_kernel stores the output
+// (implicit_gemm_kernel, float64 and IEEE float32, stores in its accumulators' order).
 template <typename index_t>
 CONDCONV_HD bool k_along_channels(const index_t (&stride)[4], index_t taps) {
   return taps == 1 && stride[1] == 1;

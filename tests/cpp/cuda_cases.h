@@ -41,7 +41,7 @@ inline std::vector<Config> configs() {
       {"dw-large", 1, 2, 2, 20, 18, 3, 2, 2, {1, 1}, {1, 1, 1, 1}, {1, 1}, true, "contiguous"},
       // channels_last with more channels than a block's tile of 32 (the last tile partial) and
       // planes of several chunks; grad_x's 20 input channels a partial tile of their own.
-      {"dw-cl-tiles", 2, 20, 40, 12, 11, 3, 2, 20, {1, 1}, {1, 1, 1, 1}, {1, 1}, true,
+      {"dw-cl-tiles", 2, 20, 40, 17, 16, 3, 2, 20, {1, 1}, {1, 1, 1, 1}, {1, 1}, true,
        "channels_last"},
       // A kernel gradient reduced over 5184 pixels: more K-slices than one MMA chain takes.
       {"long-reduction", 1, 4, 4, 72, 72, 1, 2, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, false,
