@@ -48,16 +48,20 @@ constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.
 // Dense: C[z] = A[z] B[z] through a View (views.cuh). Blocks: x = the output tile, z = the
 // (example, group) batches, striding when there are more than gridDim.z.
 
-// Staging of one K-slice: consecutive threads take consecutive indices along the one the view
-// says is contiguous in memory (a_contiguous_in_k, b_contiguous_in_k). T is the shared tile's
-// element type, convert maps acc_t to it.
-template <class View, int TileK, int Threads, typename T, int LdA, int LdB, class Convert>
-__device__ __forceinline__ void stage_tiles(const View& v, typename View::index z,
-                                            typename View::index m0, typename View::index n0,
-                                            typename View::index k0, T* As, T* Bs,
+// Staging of one K-slice for the first `count` of NB examples z[0 ..]: A's tile of example j at
+// As + j * stride_a, B's at Bs + j * stride_b. Consecutive threads take consecutive indices
+// along the one the view says is contiguous in memory (a_contiguous_in_k, b_contiguous_in_k);
+// A comes from lhs_block, which reads what the examples share (the experts) once for all of
+// them. T is the shared tile's element type, convert maps acc_t to it.
+template <class View, int TileK, int Threads, typename T, int LdA, int LdB, int NB = 1,
+          class Convert>
+__device__ __forceinline__ void stage_tiles(const View& v, const typename View::index (&z)[NB],
+                                            int count, typename View::index m0,
+                                            typename View::index n0, typename View::index k0,
+                                            T* As, T* Bs, int stride_a, int stride_b,
                                             Convert convert) {
   using index_t = typename View::index;
-  using acc_t = decltype(v.lhs(z, m0, k0));
+  using acc_t = decltype(v.lhs(z[0], m0, k0));
   const index_t M = v.m(), N = v.n(), K = v.k();
   const bool a_k = v.a_contiguous_in_k(), b_k = v.b_contiguous_in_k();
   // As is (TileK x kTileM) with row length LdA when A is stored k-major, Bs (TileK x kTileN).
@@ -65,13 +69,24 @@ __device__ __forceinline__ void stage_tiles(const View& v, typename View::index 
     const int kk = a_k ? i % TileK : i / kTileM;
     const int mm = a_k ? i / TileK : i % kTileM;
     const index_t m = m0 + mm, k = k0 + kk;
-    As[mm * LdA + kk] = convert((m < M && k < K) ? v.lhs(z, m, k) : acc_t(0));
+    acc_t values[NB];
+    if (m < M && k < K) {
+      v.template lhs_block<NB>(z, m, k, values);
+    } else {
+#pragma unroll
+      for (int j = 0; j < NB; ++j) values[j] = acc_t(0);
+    }
+#pragma unroll
+    for (int j = 0; j < NB; ++j) As[j * stride_a + mm * LdA + kk] = convert(values[j]);
   }
-  for (int i = threadIdx.x; i < TileK * kTileN; i += Threads) {
-    const int kk = b_k ? i % TileK : i / kTileN;
-    const int nn = b_k ? i / TileK : i % kTileN;
-    const index_t n = n0 + nn, k = k0 + kk;
-    Bs[kk * LdB + nn] = convert((n < N && k < K) ? v.rhs(z, k, n) : acc_t(0));
+  for (int j = 0; j < count; ++j) {
+    for (int i = threadIdx.x; i < TileK * kTileN; i += Threads) {
+      const int kk = b_k ? i % TileK : i / kTileN;
+      const int nn = b_k ? i / TileK : i % kTileN;
+      const index_t n = n0 + nn, k = k0 + kk;
+      Bs[j * stride_b + kk * LdB + nn] =
+          convert((n < N && k < K) ? v.rhs(z[j], k, n) : acc_t(0));
+    }
   }
 }
 
@@ -97,7 +112,9 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(View v) {
       for (int c = 0; c < 4; ++c) acc[r][c] = acc_t(0);
     }
     for (index_t k0 = 0; k0 < K; k0 += kTileK) {
-      stage_tiles<View, kTileK, kThreads, acc_t, kLdA, kLdB>(v, z, m0, n0, k0, As, Bs, keep);
+      const index_t zs[1] = {z};
+      stage_tiles<View, kTileK, kThreads, acc_t, kLdA, kLdB>(v, zs, 1, m0, n0, k0, As, Bs, 0, 0,
+                                                             keep);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < kTileK; ++kk) {
@@ -159,41 +176,66 @@ struct TensorCoreOperand<float> {
   __device__ static type from(float v) { return nvcuda::wmma::__float_to_tf32(v); }
 };
 
-// The same 64 x 64 tiles as implicit_gemm_kernel, with K-slices of two MMA steps. Warp w owns
-// rows 16 (w % 4) .. +15 and two 16-column fragments from 32 (w / 4); the accumulators go
-// through shared memory to the view's store (which scatters to NCHW / channels_last / G).
-// Shared rows are padded by 16 bytes (bank spread), which keeps every fragment pointer 32-byte
-// aligned and every leading dimension a multiple of 16 bytes, as wmma requires.
+// Examples a block of tensor_core_gemm_kernel serves: the views that mix the experts as they
+// stage A (forward, grad_x) stage it for a block of examples at once, each expert element read
+// once for all of them (views.cuh: lhs_block), so that the experts are read from memory a
+// quarter as often; the kernel gradient's A (grad_out) belongs to one example.
+template <class View>
+constexpr int kTensorCoreExamples = View::kMixes ? 4 : 1;
+
+// The same 64 x 64 tiles as implicit_gemm_kernel, with K-slices of two MMA steps, for NB
+// examples of one group at a time (z = b * groups + g for b = NB zb .. NB zb + NB - 1). Warp w
+// owns rows 16 (w % 4) .. +15 and two 16-column fragments from 32 (w / 4) of every example;
+// the accumulators go through shared memory (over the staged tiles, free by then) to the view's
+// store (which scatters to NCHW / channels_last / G), one example after another. Shared rows are
+// padded by 16 bytes (bank spread), which keeps every fragment pointer 32-byte aligned and
+// every leading dimension a multiple of 16 bytes, as wmma requires. Two blocks an SM: at most
+// 128 registers a thread, which the 32-bit-index kernels fit without spilling (the 64-bit-index
+// ones, for tensors past 2^31 elements, spill ~160 bytes; unbounded they took 162 registers, one
+// block an SM).
 template <class View, class Op>
-__global__ void __launch_bounds__(kThreads) tensor_core_gemm_kernel(View v) {
+__global__ void __launch_bounds__(kThreads, 2) tensor_core_gemm_kernel(View v) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using index_t = typename View::index;
   using T = typename Op::type;
+  constexpr int NB = kTensorCoreExamples<View>;
   constexpr int kMmaK = Op::kK, kSliceK = 2 * Op::kK;
   constexpr int kPad = 16 / int(sizeof(T));
   constexpr int kLdA = kSliceK + kPad, kLdB = kTileN + kPad, kLdC = kTileN + 4;
-  __shared__ __align__(32) T As[kTileM * kLdA];
-  __shared__ __align__(32) T Bs[kSliceK * kLdB];
-  __shared__ __align__(32) float Cs[kTileM * kLdC];
+  constexpr int kTileA = kTileM * kLdA, kTileB = kSliceK * kLdB;
+  constexpr size_t kStaged = NB * (kTileA + kTileB) * sizeof(T);
+  constexpr size_t kOut = kTileM * kLdC * sizeof(float);
+  __shared__ __align__(32) unsigned char smem[kStaged > kOut ? kStaged : kOut];
+  T* const As = reinterpret_cast<T*>(smem);  // NB tiles of A, then NB of B
+  T* const Bs = As + NB * kTileA;
+  float* const Cs = reinterpret_cast<float*>(smem);
   const int warp = threadIdx.x / 32, wm = 16 * (warp % 4), wn = 32 * (warp / 4);
   const index_t M = v.m(), N = v.n(), K = v.k();
   const index_t tiles_n = (N + kTileN - 1) / kTileN;
   const index_t m0 = index_t(blockIdx.x / tiles_n) * kTileM;
   const index_t n0 = index_t(blockIdx.x % tiles_n) * kTileN;
+  const index_t groups = v.groups(), examples = v.examples();
   const auto convert = [](float value) { return Op::from(value); };
-  for (int64_t zz = blockIdx.z; zz < v.batches(); zz += gridDim.z) {
-    const index_t z = static_cast<index_t>(zz);
+  for (int64_t zz = blockIdx.z; zz < (int64_t(examples) + NB - 1) / NB * groups;
+       zz += gridDim.z) {
+    const index_t gi = static_cast<index_t>(zz % groups);
+    const index_t b0 = static_cast<index_t>(zz / groups) * NB;
+    const int count = examples - b0 < NB ? int(examples - b0) : NB;
+    index_t z[NB];
+#pragma unroll
+    for (int j = 0; j < NB; ++j) z[j] = (b0 + (j < count ? j : 0)) * groups + gi;
     // Views whose K may be long (the kernel gradient's, over pixels) sum in two levels: the
     // MMAs accumulate kChainSlices K-slices into acc, which is then added into total on the
     // CUDA cores and cleared. Tensor cores do not round their float32 sums to nearest: over one
     // chain of millions of MMAs (a kernel gradient over 2.7e8 pixels) the sum drifts toward
     // zero by tens of percent. The other views' K (channels x taps) stays short.
     constexpr index_t kChainSlices = 128;
-    wmma::fragment<wmma::accumulator, 16, 16, kMmaK, float> acc[2], total[2];
+    wmma::fragment<wmma::accumulator, 16, 16, kMmaK, float> acc[NB][2], total[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      wmma::fill_fragment(acc[j], 0.0f);
+#pragma unroll
+      for (int i = 0; i < NB; ++i) wmma::fill_fragment(acc[i][j], 0.0f);
       if constexpr (kLongK<View>) wmma::fill_fragment(total[j], 0.0f);
     }
     index_t chained = 0;
@@ -204,57 +246,70 @@ __global__ void __launch_bounds__(kThreads) tensor_core_gemm_kernel(View v) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
 #pragma unroll
-            for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[j].x[e];
-            wmma::fill_fragment(acc[j], 0.0f);
+            for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[0][j].x[e];
+            wmma::fill_fragment(acc[0][j], 0.0f);
           }
         }
       }
-      stage_tiles<View, kSliceK, kThreads, T, kLdA, kLdB>(v, z, m0, n0, k0, As, Bs, convert);
+      stage_tiles<View, kSliceK, kThreads, T, kLdA, kLdB, NB>(v, z, count, m0, n0, k0, As, Bs,
+                                                              kTileA, kTileB, convert);
       __syncthreads();
 #pragma unroll
-      for (int kk = 0; kk < kSliceK; kk += kMmaK) {
-        wmma::fragment<wmma::matrix_a, 16, 16, kMmaK, typename Op::mma, wmma::row_major> a;
-        wmma::load_matrix_sync(a, As + wm * kLdA + kk, kLdA);
+      for (int i = 0; i < NB; ++i) {
+        if (i >= count) break;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          wmma::fragment<wmma::matrix_b, 16, 16, kMmaK, typename Op::mma, wmma::row_major> b;
-          wmma::load_matrix_sync(b, Bs + kk * kLdB + wn + 16 * j, kLdB);
-          wmma::mma_sync(acc[j], a, b, acc[j]);
+        for (int kk = 0; kk < kSliceK; kk += kMmaK) {
+          wmma::fragment<wmma::matrix_a, 16, 16, kMmaK, typename Op::mma, wmma::row_major> a;
+          wmma::load_matrix_sync(a, As + i * kTileA + wm * kLdA + kk, kLdA);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            wmma::fragment<wmma::matrix_b, 16, 16, kMmaK, typename Op::mma, wmma::row_major> b;
+            wmma::load_matrix_sync(b, Bs + i * kTileB + kk * kLdB + wn + 16 * j, kLdB);
+            wmma::mma_sync(acc[i][j], a, b, acc[i][j]);
+          }
         }
       }
       __syncthreads();
     }
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      if constexpr (kLongK<View>) {
-#pragma unroll
-        for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[j].x[e];
-        wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, total[j], kLdC,
-                                wmma::mem_row_major);
-      } else {
-        wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, acc[j], kLdC, wmma::mem_row_major);
-      }
-    }
-    __syncthreads();
     const bool m_inner = v.store_contiguous_in_m();
-    for (int i = threadIdx.x; i < kTileM * kTileN; i += kThreads) {
-      const int mm = m_inner ? i % kTileM : i / kTileN, nn = m_inner ? i / kTileM : i % kTileN;
-      const index_t m = m0 + mm, n = n0 + nn;
-      if (m < M && n < N) v.store(z, m, n, Cs[mm * kLdC + nn]);
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+      if (i >= count) break;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        if constexpr (kLongK<View>) {
+#pragma unroll
+          for (int e = 0; e < total[j].num_elements; ++e) total[j].x[e] += acc[i][j].x[e];
+          wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, total[j], kLdC,
+                                  wmma::mem_row_major);
+        } else {
+          wmma::store_matrix_sync(Cs + wm * kLdC + wn + 16 * j, acc[i][j], kLdC,
+                                  wmma::mem_row_major);
+        }
+      }
+      __syncthreads();
+      for (int t = threadIdx.x; t < kTileM * kTileN; t += kThreads) {
+        const int mm = m_inner ? t % kTileM : t / kTileN, nn = m_inner ? t / kTileM : t % kTileN;
+        const index_t m = m0 + mm, n = n0 + nn;
+        if (m < M && n < N) v.store(z[i], m, n, Cs[mm * kLdC + nn]);
+      }
+      __syncthreads();  // Cs (over the staged tiles) is free for the next example or batch
     }
-    __syncthreads();  // Cs is free for the next batch
   }
 #endif
 }
 
-// The grid of either dense kernel: one block per output tile, batches on z.
+// The grid of either dense kernel: one block per output tile, on z the (block of examples,
+// group) pairs: `examples` a block (kTensorCoreExamples for tensor_core_gemm_kernel, 1 for
+// implicit_gemm_kernel), striding when there are more than gridDim.z.
 template <class View>
-dim3 gemm_grid(const View& v) {
+dim3 gemm_grid(const View& v, int examples = 1) {
   const int64_t tiles = ceil_div(v.m(), kTileM) * ceil_div(v.n(), kTileN);
   TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(),
               "condconv2d (cuda): too many output tiles for one launch: ", tiles);
+  const int64_t batches = ceil_div(v.examples(), examples) * int64_t(v.groups());
   return dim3(static_cast<unsigned>(tiles), 1,
-              static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(v.batches(),
+              static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(batches,
                                                                           kMaxGridYZ))));
 }
 

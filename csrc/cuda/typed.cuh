@@ -84,13 +84,14 @@ bool use_tensor_cores() {
 template <typename scalar_t, typename acc_t, class View>
 void launch_gemm(const View& v, cudaStream_t stream) {
   if (v.m() == 0 || v.n() == 0 || v.batches() == 0) return;
-  const dim3 grid = gemm_grid(v);
   if constexpr (!std::is_same<scalar_t, double>::value) {
     if (use_tensor_cores<scalar_t>()) {
-      launch(tensor_core_gemm_kernel<View, TensorCoreOperand<scalar_t>>, grid, 0, stream, v);
+      launch(tensor_core_gemm_kernel<View, TensorCoreOperand<scalar_t>>,
+             gemm_grid(v, kTensorCoreExamples<View>), 0, stream, v);
       return;
     }
   }
+  const dim3 grid = gemm_grid(v);
   // Every GPU this build runs on has tensor cores: float16/bfloat16 never take the CUDA-core
   // kernel, which is then not compiled for them.
   if constexpr (!kTensorCoresEverywhere || std::is_same<scalar_t, float>::value ||

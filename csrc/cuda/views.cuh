@@ -105,17 +105,39 @@ inline bool fits_int32(std::initializer_list<const at::Tensor*> tensors) {
   return true;
 }
 
-// W_b[co, k] for example b: the experts weight[e, co, k] (contiguous, (E, Cout, row)) mixed by
-// routing[b, :] (contiguous (B, E), accumulation dtype).
+// W_b[co, k] for the NB examples b[j]: the experts weight[e, co, k] (contiguous, (E, Cout,
+// row)) mixed by routing[b[j], :] (contiguous (B, E), accumulation dtype), each expert element
+// read once for all of them.
+template <typename scalar_t, typename acc_t, typename index_t, int NB>
+CONDCONV_HD void mixed_weights(const scalar_t* weight, const acc_t* routing,
+                               const Shape<index_t>& s, const index_t (&b)[NB], index_t co,
+                               index_t k, acc_t (&out)[NB]) {
+  const index_t expert_numel = s.out_channels * s.kernel_row();
+  const scalar_t* w = weight + co * s.kernel_row() + k;
+#pragma unroll
+  for (int j = 0; j < NB; ++j) out[j] = 0;
+  for (index_t e = 0; e < s.experts; ++e) {
+    const acc_t we = static_cast<acc_t>(w[e * expert_numel]);
+#pragma unroll
+    for (int j = 0; j < NB; ++j) out[j] += routing[b[j] * s.experts + e] * we;
+  }
+}
+
+// W_b[co, k] for example b.
 template <typename scalar_t, typename acc_t, typename index_t>
 CONDCONV_HD acc_t mixed_weight(const scalar_t* weight, const acc_t* routing,
                                const Shape<index_t>& s, index_t b, index_t co, index_t k) {
-  const index_t expert_numel = s.out_channels * s.kernel_row();
-  const scalar_t* w = weight + co * s.kernel_row() + k;
-  const acc_t* r = routing + b * s.experts;
-  acc_t sum = 0;
-  for (index_t e = 0; e < s.experts; ++e) sum += r[e] * static_cast<acc_t>(w[e * expert_numel]);
-  return sum;
+  const index_t examples[1] = {b};
+  acc_t out[1];
+  mixed_weights(weight, routing, s, examples, co, k, out);
+  return out[0];
+}
+
+// The examples b of the batch indices z = b * groups + g of a block of views' batches.
+template <typename index_t, int NB>
+CONDCONV_HD void examples_of(const Shape<index_t>& s, const index_t (&z)[NB], index_t (&b)[NB]) {
+#pragma unroll
+  for (int j = 0; j < NB; ++j) b[j] = quot(z[j], s.groups);
 }
 
 // x[b, c, ih, iw] with zeros outside the image.
@@ -170,6 +192,7 @@ CONDCONV_HD bool k_along_channels(const index_t (&stride)[4], index_t taps) {
 // out[b, co, oh, ow] = sum_k W_b[co, k] im2col(x_b)[k, p] + bias_b[co];  z = b * groups + gi.
 template <typename scalar_t, typename acc_t, typename index_t>
 struct ForwardView {
+  static constexpr bool kMixes = true;  // lhs mixes the experts (lhs_block: for several examples)
   using index = index_t;
   Shape<index_t> s;
   const scalar_t* x;
@@ -178,6 +201,8 @@ struct ForwardView {
   const acc_t* bias;  // mixed bias (B, Cout), or null
   scalar_t* out;
 
+  CONDCONV_HD index_t examples() const { return s.batch; }
+  CONDCONV_HD index_t groups() const { return s.groups; }
   CONDCONV_HD index_t batches() const { return s.batch * s.groups; }
   CONDCONV_HD index_t m() const { return s.out_per_group(); }
   CONDCONV_HD index_t n() const { return s.out_pixels(); }
@@ -190,6 +215,15 @@ struct ForwardView {
   CONDCONV_HD acc_t lhs(index_t z, index_t m, index_t k) const {
     const index_t b = quot(z, s.groups), gi = z - b * s.groups;
     return mixed_weight(weight, routing, s, b, gi * s.out_per_group() + m, k);
+  }
+  // lhs(z[j], m, k) for NB batch indices of one group.
+  template <int NB>
+  CONDCONV_HD void lhs_block(const index_t (&z)[NB], index_t m, index_t k,
+                             acc_t (&out)[NB]) const {
+    index_t b[NB];
+    examples_of(s, z, b);
+    mixed_weights(weight, routing, s, b, (z[0] - b[0] * s.groups) * s.out_per_group() + m, k,
+                  out);
   }
   CONDCONV_HD acc_t rhs(index_t z, index_t k, index_t n) const {
     const index_t b = quot(z, s.groups);
@@ -208,6 +242,7 @@ struct ForwardView {
 // output pixels (oh, ow) that read (ih, iw) through tap (i, j);  z = b * groups + gi.
 template <typename scalar_t, typename acc_t, typename index_t>
 struct GradInputView {
+  static constexpr bool kMixes = true;
   using index = index_t;
   Shape<index_t> s;
   const scalar_t* grad_out;
@@ -215,6 +250,8 @@ struct GradInputView {
   const acc_t* routing;
   scalar_t* grad_x;
 
+  CONDCONV_HD index_t examples() const { return s.batch; }
+  CONDCONV_HD index_t groups() const { return s.groups; }
   CONDCONV_HD index_t batches() const { return s.batch * s.groups; }
   CONDCONV_HD index_t m() const { return s.in_per_group(); }
   CONDCONV_HD index_t n() const { return s.in_pixels(); }
@@ -229,6 +266,15 @@ struct GradInputView {
     const index_t b = quot(z, s.groups), gi = z - b * s.groups;
     const index_t co = quot(k, s.taps()), t = k - co * s.taps();
     return mixed_weight(weight, routing, s, b, gi * s.out_per_group() + co, m * s.taps() + t);
+  }
+  template <int NB>
+  CONDCONV_HD void lhs_block(const index_t (&z)[NB], index_t m, index_t k,
+                             acc_t (&out)[NB]) const {
+    index_t b[NB];
+    examples_of(s, z, b);
+    const index_t gi = z[0] - b[0] * s.groups;
+    const index_t co = quot(k, s.taps()), t = k - co * s.taps();
+    mixed_weights(weight, routing, s, b, gi * s.out_per_group() + co, m * s.taps() + t, out);
   }
   CONDCONV_HD acc_t rhs(index_t z, index_t k, index_t n) const {
     const index_t b = quot(z, s.groups), gi = z - b * s.groups;
@@ -250,6 +296,7 @@ struct GradInputView {
 // count - 1 of a chunk; z = (b - first) * groups + gi; G is (count, Cout, Cin/g*kh*kw).
 template <typename scalar_t, typename acc_t, typename index_t>
 struct KernelGradView {
+  static constexpr bool kMixes = false;
   using index = index_t;
   Shape<index_t> s;
   index_t first, count;
@@ -257,6 +304,8 @@ struct KernelGradView {
   const scalar_t* x;
   acc_t* G;
 
+  CONDCONV_HD index_t examples() const { return count; }
+  CONDCONV_HD index_t groups() const { return s.groups; }
   CONDCONV_HD index_t batches() const { return count * s.groups; }
   CONDCONV_HD index_t m() const { return s.out_per_group(); }
   CONDCONV_HD index_t n() const { return s.kernel_row(); }
@@ -272,6 +321,12 @@ struct KernelGradView {
     const index_t oh = p / s.out_w, ow = p - oh * s.out_w;
     return static_cast<acc_t>(grad_out[b * s.out_stride[0] + co * s.out_stride[1] +
                                        oh * s.out_stride[2] + ow * s.out_stride[3]]);
+  }
+  template <int NB>
+  CONDCONV_HD void lhs_block(const index_t (&z)[NB], index_t m, index_t p,
+                             acc_t (&out)[NB]) const {
+#pragma unroll
+    for (int j = 0; j < NB; ++j) out[j] = lhs(z[j], m, p);
   }
   CONDCONV_HD acc_t rhs(index_t z, index_t p, index_t n) const {
     const index_t local = quot(z, s.groups);

@@ -32,8 +32,8 @@ inline std::vector<Config> configs() {
       {"pointwise", 2, 8, 16, 7, 5, 1, 8, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true, "sliced"},
       {"wide-1x1", 2, 40, 72, 9, 9, 1, 4, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true, "contiguous"},
       // 1x1 channels_last: the reduction index runs along the channels, staged channels first.
-      {"pw-cl", 2, 40, 72, 9, 7, 1, 4, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true, "channels_last"},
-      {"wide-3x3", 2, 24, 80, 10, 9, 3, 2, 2, {1, 1}, {1, 1, 1, 1}, {1, 1}, false,
+      {"pw-cl", 6, 40, 72, 9, 7, 1, 4, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true, "channels_last"},
+      {"wide-3x3", 5, 24, 80, 10, 9, 3, 2, 2, {1, 1}, {1, 1, 1, 1}, {1, 1}, false,
        "channels_last"},
       {"depthwise", 3, 6, 6, 13, 12, 5, 3, 6, {2, 2}, {2, 2, 1, 2}, {1, 1}, true, "contiguous"},
       {"dw-mult2", 2, 4, 8, 9, 9, 3, 2, 4, {1, 2}, {2, 2, 2, 2}, {2, 2}, false, "channels_last"},

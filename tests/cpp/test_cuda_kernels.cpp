@@ -34,15 +34,15 @@ template <typename scalar_t, class View>
 void gemm(const View& v, Path path) {
   using acc_t = at::opmath_type<scalar_t>;
   if (v.m() == 0 || v.n() == 0 || v.batches() == 0) return;
-  const dim3 grid = cc::gemm_grid(v), block(cc::kThreads);
+  const dim3 block(cc::kThreads);
   if constexpr (!std::is_same<scalar_t, double>::value) {
     if (path == Path::kTensorCores) {
-      emu::launch(cc::tensor_core_gemm_kernel<View, cc::TensorCoreOperand<scalar_t>>, grid,
-                  block, 0, v);
+      emu::launch(cc::tensor_core_gemm_kernel<View, cc::TensorCoreOperand<scalar_t>>,
+                  cc::gemm_grid(v, cc::kTensorCoreExamples<View>), block, 0, v);
       return;
     }
   }
-  emu::launch(cc::implicit_gemm_kernel<View, acc_t>, grid, block, 0, v);
+  emu::launch(cc::implicit_gemm_kernel<View, acc_t>, cc::gemm_grid(v), block, 0, v);
 }
 
 // An empty tensor like t in the configuration's layout, filled with NaN.
@@ -71,7 +71,9 @@ bool run(const Config& c, Path path, double tol) {
   // The depthwise kernels run with both thread layouts, whatever the tensors' layout: threads
   // along the pixels of a plane, and along the channels (the channels_last one).
   bool ok = true;
-  for (const bool inner : g.depthwise() ? std::vector<bool>{false, true} : std::vector<bool>{false}) {
+  const std::vector<bool> layouts = g.depthwise() ? std::vector<bool>{false, true}
+                                                 : std::vector<bool>{false};
+  for (const bool inner : layouts) {
     auto out = poisoned(k.out, dtype, c.layout);
     auto dx = poisoned(k.x, dtype, c.layout);
     const auto s = cc::make_shape<I>(g, k.x, out, &dx);
