@@ -200,6 +200,8 @@ __global__ void __launch_bounds__(kThreads, 2) tensor_core_gemm_kernel(View v) {
   using index_t = typename View::index;
   using T = typename Op::type;
   constexpr int NB = kTensorCoreExamples<View>;
+  // The two-level sums below are one example's (acc[0] into total).
+  static_assert(!kLongK<View> || NB == 1, "a view with a long K serves one example a block");
   constexpr int kMmaK = Op::kK, kSliceK = 2 * Op::kK;
   constexpr int kPad = 16 / int(sizeof(T));
   constexpr int kLdA = kSliceK + kPad, kLdB = kTileN + kPad, kLdC = kTileN + 4;
@@ -254,18 +256,21 @@ __global__ void __launch_bounds__(kThreads, 2) tensor_core_gemm_kernel(View v) {
       stage_tiles<View, kSliceK, kThreads, T, kLdA, kLdB, NB>(v, z, count, m0, n0, k0, As, Bs,
                                                               kTileA, kTileB, convert);
       __syncthreads();
+      // (count is the same for the whole block: every warp takes the same examples)
 #pragma unroll
       for (int i = 0; i < NB; ++i) {
-        if (i >= count) break;
+        if (i < count) {
 #pragma unroll
-        for (int kk = 0; kk < kSliceK; kk += kMmaK) {
-          wmma::fragment<wmma::matrix_a, 16, 16, kMmaK, typename Op::mma, wmma::row_major> a;
-          wmma::load_matrix_sync(a, As + i * kTileA + wm * kLdA + kk, kLdA);
+          for (int kk = 0; kk < kSliceK; kk += kMmaK) {
+            wmma::fragment<wmma::matrix_a, 16, 16, kMmaK, typename Op::mma, wmma::row_major> a;
+            wmma::load_matrix_sync(a, As + i * kTileA + wm * kLdA + kk, kLdA);
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            wmma::fragment<wmma::matrix_b, 16, 16, kMmaK, typename Op::mma, wmma::row_major> b;
-            wmma::load_matrix_sync(b, Bs + i * kTileB + kk * kLdB + wn + 16 * j, kLdB);
-            wmma::mma_sync(acc[i][j], a, b, acc[i][j]);
+            for (int j = 0; j < 2; ++j) {
+              wmma::fragment<wmma::matrix_b, 16, 16, kMmaK, typename Op::mma, wmma::row_major>
+                  b;
+              wmma::load_matrix_sync(b, Bs + i * kTileB + kk * kLdB + wn + 16 * j, kLdB);
+              wmma::mma_sync(acc[i][j], a, b, acc[i][j]);
+            }
           }
         }
       }
@@ -274,7 +279,7 @@ __global__ void __launch_bounds__(kThreads, 2) tensor_core_gemm_kernel(View v) {
     const bool m_inner = v.store_contiguous_in_m();
 #pragma unroll
     for (int i = 0; i < NB; ++i) {
-      if (i >= count) break;
+      if (i >= count) continue;
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         if constexpr (kLongK<View>) {

@@ -216,7 +216,7 @@ struct ForwardView {
     const index_t b = quot(z, s.groups), gi = z - b * s.groups;
     return mixed_weight(weight, routing, s, b, gi * s.out_per_group() + m, k);
   }
-  // lhs(z[j], m, k) for NB batch indices of one group.
+  // lhs(z[j], m, k) for NB batch indices of one group (the group read off z[0]).
   template <int NB>
   CONDCONV_HD void lhs_block(const index_t (&z)[NB], index_t m, index_t k,
                              acc_t (&out)[NB]) const {

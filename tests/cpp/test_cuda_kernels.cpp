@@ -2,8 +2,9 @@
 // shuffles, tensor-core fragments, launch grids) run on the CPU under an emulation of the CUDA
 // execution model (cuda_emulation.h), against the float64 results of cuda_cases.h. Every output
 // starts as NaN, so an element no block writes fails. Covered: every dense view on CUDA cores
-// (float64 with both index types, float32, float16) and on tensor cores (TF32, float16,
-// bfloat16), and the three depthwise kernels in every dtype with both thread layouts.
+// (float64 with both index types, float32, float16) and on tensor cores (TF32 and float16 with
+// 32-bit offsets, bfloat16 with 64-bit ones), and the three depthwise kernels in every dtype
+// with both thread layouts.
 // What the emulation cannot show is speed, races between barriers, or the host launchers'
 // streams and allocations: tests/test_gpu.py and compute-sanitizer on a GPU check those.
 #include "cuda_emulation.h"  // first: the CUDA language for the host compiler
@@ -137,7 +138,7 @@ int main() {
     if (c.cin / c.groups > 1) ok = run<float, int32_t>(c, Path::kTensorCores, 5e-3) && ok;  // TF32
     ok = run<at::Half, int64_t>(c, Path::kCudaCores, 5e-3) && ok;
     ok = run<at::Half, int32_t>(c, Path::kTensorCores, 5e-3) && ok;
-    ok = run<at::BFloat16, int32_t>(c, Path::kTensorCores, 3e-2) && ok;
+    ok = run<at::BFloat16, int64_t>(c, Path::kTensorCores, 3e-2) && ok;  // 64-bit offsets
   }
   std::printf("%s\n", ok ? "PASSED" : "FAILED");
   return ok ? 0 : 1;
