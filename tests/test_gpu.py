@@ -272,6 +272,24 @@ def test_gpu_forced_configuration(name, more, index, backend, monkeypatch):
            factor=4.0, ulps=8)
 
 
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "cuda"])
+@pytest.mark.parametrize("name,more", [
+    ("k1", dict(E=8, cin=48, cout=72, B=37, H=7, W=7)),
+    ("g2_k1", dict(E=4, cin=48, cout=72, B=9, H=7, W=7)),
+    ("dw5_s2_same_e8", dict(E=8, cin=72, cout=72, groups=72, B=13)),
+    ("dw_mult2_d2_asym", dict(cin=40, cout=80, groups=40, B=5, H=11, W=9)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_gpu_cuda_backend_tiles_of_channels_and_examples(name, more, backend):
+    """The cuda backend's kernels past one block's channels and examples, channels_last,
+    bfloat16: the dense forward and grad_x in blocks of 4 examples of a group (37 and 9: the
+    last block part-filled; two groups), the depthwise kernels in tiles of 32 consecutive
+    channels (72: the last tile of 8; 40 input channels times a multiplier of 2 for grad_x's
+    tiles of taps) over planes of 169 and 99 pixels, against the ground truth."""
+    case = CASES_BY_NAME[name]
+    _check(type(case)(**{**case.__dict__, **more}), backend, torch.bfloat16, "channels_last",
+           factor=4.0)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="about 5 GB: GPU only")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_kernel_gradient_over_a_long_reduction(backend):
