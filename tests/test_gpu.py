@@ -278,7 +278,7 @@ def test_gpu_forced_configuration(name, more, index, backend, monkeypatch):
     ("g2_k1", dict(E=4, cin=48, cout=72, B=9, H=7, W=7)),
     ("dw5_s2_same_e8", dict(E=8, cin=72, cout=72, groups=72, B=13)),
     ("dw_mult2_d2_asym", dict(cin=40, cout=80, groups=40, B=5, H=11, W=9)),
-], ids=lambda v: v if isinstance(v, str) else "")
+], ids=["k1_b37", "g2_k1_b9", "dw5_s2_c72", "dw_mult2_c40"])
 def test_gpu_cuda_backend_tiles_of_channels_and_examples(name, more, backend):
     """The cuda backend's kernels past one block's channels and examples, channels_last,
     bfloat16: the dense forward and grad_x in blocks of 4 examples of a group (37 and 9: the
