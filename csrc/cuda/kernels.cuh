@@ -5,9 +5,10 @@
 // execution model (tests/cpp/cuda_emulation.h).
 //
 // Dense convolutions (Cin/g > 1): one tiled implicit-GEMM kernel, instantiated with the forward,
-// grad_x and kernel-gradient views. A block computes a 64 x 64 tile of C for one (example, group),
-// staging K-slices of A and B in shared memory; the forward and grad_x views mix the E expert
-// tiles of A as they stage them.
+// grad_x and kernel-gradient views. A block computes a 64 x 64 tile of C for one (example, group)
+// (the tensor-core forward and grad_x: for four examples of a group), staging K-slices of A and
+// B in shared memory; the forward and grad_x views mix the E expert tiles of A as they stage
+// them.
 //   - implicit_gemm_kernel: CUDA cores, acc_t operands (float32, or float64 for float64).
 //   - tensor_core_gemm_kernel: warp MMA (nvcuda::wmma) on float16/bfloat16 operands, or TF32
 //     for float32 where PyTorch allows TF32 in convolutions; float32 accumulation.
@@ -46,7 +47,8 @@ constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.
 
 // ---------------------------------------------------------------------------------------------
 // Dense: C[z] = A[z] B[z] through a View (views.cuh). Blocks: x = the output tile, z = the
-// (example, group) batches, striding when there are more than gridDim.z.
+// (example, group) batches, or (block of examples, group) pairs (gemm_grid), striding when there
+// are more than gridDim.z.
 
 // Staging of one K-slice for the first `count` of NB examples z[0 ..]: A's tile of example j at
 // As + j * stride_a, B's at Bs + j * stride_b. Consecutive threads take consecutive indices
@@ -191,8 +193,8 @@ constexpr int kTensorCoreExamples = View::kMixes ? 4 : 1;
 // padded by 16 bytes (bank spread), which keeps every fragment pointer 32-byte aligned and
 // every leading dimension a multiple of 16 bytes, as wmma requires. Two blocks an SM: at most
 // 128 registers a thread, which the 32-bit-index kernels fit without spilling (the 64-bit-index
-// ones, for tensors past 2^31 elements, spill ~160 bytes; unbounded they took 162 registers, one
-// block an SM).
+// ones, for tensors past 2^31 elements, spill 116-160 bytes; unbounded they took 162 registers,
+// one block an SM).
 template <class View, class Op>
 __global__ void __launch_bounds__(kThreads, 2) tensor_core_gemm_kernel(View v) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -344,8 +346,8 @@ constexpr int64_t kDepthwiseLanePixels = 256;
 // `taps` mixed taps in shared memory (kh * kw, times the multiplier for grad_x; 0 for the kernel
 // gradient) of acc_bytes each, over planes of `pixels` pixels, in chunks (grid.y) of at least
 // kDepthwiseLanePixels pixels of each channel (the kernel gradient sets its own slices).
-// channels_inner: the tensors the kernel reads have the channel as their innermost dimension
-// (channels_last), so consecutive threads take consecutive channels.
+// channels_inner: the tensor the kernel reads most has its channels closer together than its
+// pixels (channels_last; typed.cuh decides), so consecutive threads take consecutive channels.
 inline DepthwiseGrid depthwise_grid(int64_t batch, int64_t channels, int64_t pixels,
                                     int64_t taps, size_t acc_bytes, bool channels_inner) {
   int tile = 1;
