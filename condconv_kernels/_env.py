@@ -34,6 +34,11 @@ switches lists them with the build's and the tests' own).
   launch path, never the direct launch of a kernel Triton has compiled for those arguments
   (:class:`condconv_kernels.triton._config.TunedKernel`), nor a replay of an earlier call's
   launches (:mod:`condconv_kernels.triton._replay`). Read at import.
+- ``CONDCONV_CUDA_CLUSTER=0``: the cuda backend's dense 1x1 forward and grad_x of
+  float16 / bfloat16 channels_last calls never take the clustered Hopper kernel
+  (``csrc/cuda/pointwise_cluster.cuh``), always the tiled ones. Read at import into
+  ``CUDA_CLUSTER``, which :mod:`condconv_kernels.backends` passes to the extension when it
+  loads (``torch.ops.condconv.cuda_pointwise_cluster``, which a process may call to change it).
 - ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call
   (:func:`backend_override`), so a process may change it.
 - ``CONDCONV_MALLOC_AS_IS=1``: the benchmark scripts keep the C allocator's settings instead of
@@ -92,6 +97,7 @@ def batched_passes(value: str) -> frozenset:
     return passes("CONDCONV_TRITON_BATCHED", value, BATCHED_PASSES)
 
 
+CUDA_CLUSTER = os.environ.get("CONDCONV_CUDA_CLUSTER", "1") != "0"
 TRITON_STATIONARY = stationary_passes(os.environ.get("CONDCONV_TRITON_STATIONARY", "0"))
 TRITON_BATCHED = batched_passes(os.environ.get("CONDCONV_TRITON_BATCHED", "0"))
 

@@ -129,5 +129,10 @@ std::vector<std::string> all_path_names();
 namespace cuda {
 ForwardKernel forward;
 BackwardKernel backward;
+// Whether the dense 1x1 forward and grad_x of float16/bfloat16 channels_last calls take the
+// clustered Hopper kernel where it applies (csrc/cuda/pointwise_cluster.cuh); on unless turned
+// off. The op condconv::cuda_pointwise_cluster reads and sets it (defined in ops.cpp, so that a
+// build without CUDA has it too).
+bool pointwise_cluster();
 }  // namespace cuda
 }  // namespace condconv

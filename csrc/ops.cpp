@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <sstream>
 
 namespace condconv {
@@ -344,6 +345,18 @@ std::vector<std::string> cpu_paths(const at::Tensor& x, const at::Tensor& routin
                                          groups), scaled);
 }
 
+namespace {
+std::atomic<bool> cuda_pointwise_cluster_on{true};
+
+// The switch of cuda::pointwise_cluster: set where `enable` is given; the setting after.
+bool cuda_pointwise_cluster_op(c10::optional<bool> enable) {
+  if (enable.has_value()) cuda_pointwise_cluster_on.store(*enable);
+  return cuda_pointwise_cluster_on.load();
+}
+}  // namespace
+
+bool cuda::pointwise_cluster() { return cuda_pointwise_cluster_on.load(std::memory_order_relaxed); }
+
 #define CONDCONV_SCALES "Tensor? in_scale=None, Tensor? out_scale=None, Tensor? tap_scale=None"
 
 TORCH_LIBRARY(condconv, m) {
@@ -359,6 +372,7 @@ TORCH_LIBRARY(condconv, m) {
       "cpu_paths(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
       "int[4] padding, int[2] dilation, int groups, bool scaled=False) -> str[]");
   m.def("cpu_path_names() -> str[]", &cpu::all_path_names);
+  m.def("cuda_pointwise_cluster(bool? enable=None) -> bool", &cuda_pointwise_cluster_op);
   // Composite: they read sizes, dtypes and devices only, so they run on any device (meta and fake
   // tensors with concrete sizes included).
   m.def(

@@ -1,7 +1,15 @@
-"""The switches that choose among the triton backend's kernels (condconv_kernels/_env.py):
+"""The switches that choose among the backends' kernels (condconv_kernels/_env.py):
 CONDCONV_TRITON_STATIONARY and CONDCONV_TRITON_BATCHED each turn on a set of passes, off by
-default; a value that names no pass is an error naming the variable."""
+default; a value that names no pass is an error naming the variable. CONDCONV_CUDA_CLUSTER=0
+turns the cuda backend's clustered Hopper kernel off, in the extension, when the package loads."""
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
+
+import condconv_kernels  # noqa: F401  (loads the extension and its ops)
 
 from condconv_kernels import _env
 
@@ -31,3 +39,23 @@ def test_a_bad_value_names_the_variable_and_the_passes(name, parse, allowed, val
 def test_both_off_by_default():
     """Unless the environment set them (the test runs do not)."""
     assert _env.TRITON_STATIONARY == frozenset() and _env.TRITON_BATCHED == frozenset()
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.condconv, "cuda_pointwise_cluster"),
+                    reason="the C++ extension did not load")
+def test_cuda_cluster_switch():
+    """On by default; the op sets it and returns the setting; CONDCONV_CUDA_CLUSTER=0 in the
+    environment turns it off as the package loads, any other value leaves it on."""
+    op = torch.ops.condconv.cuda_pointwise_cluster
+    assert _env.CUDA_CLUSTER and op()
+    try:
+        assert op(False) is False and op() is False
+        assert op(True) is True and op() is True
+    finally:
+        op(True)
+    read = "import torch, condconv_kernels; print(torch.ops.condconv.cuda_pointwise_cluster())"
+    for value, want in (("0", "False"), ("1", "True"), ("", "True")):
+        env = {**os.environ, "CONDCONV_CUDA_CLUSTER": value}
+        got = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert got == want, (value, got)

@@ -19,6 +19,7 @@ The >2^31-element tests (about 20 GB of GPU memory each) are marked ``huge``: ru
 one at a time (``pytest -m huge -p no:xdist``); ``-m "not huge"`` leaves them out.
 """
 import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -288,6 +289,44 @@ def test_gpu_cuda_backend_tiles_of_channels_and_examples(name, more, backend):
     case = CASES_BY_NAME[name]
     _check(type(case)(**{**case.__dict__, **more}), backend, torch.bfloat16, "channels_last",
            factor=4.0)
+
+
+def _cluster_launches(prof):
+    return sum(e.count for e in prof.key_averages() if "pointwise_cluster_kernel" in e.key)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a Hopper GPU's kernel")
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "cuda"])
+@pytest.mark.parametrize("more,dtype", [
+    (dict(E=8, cin=192, cout=1152, B=37, H=7, W=7, bias=False), torch.bfloat16),
+    (dict(E=8, cin=1152, cout=320, B=9, H=7, W=7, bias=False), torch.bfloat16),
+    (dict(E=5, cin=80, cout=480, B=9, H=14, W=14), torch.float16),
+    (dict(E=3, cin=40, cout=72, B=6, H=9, W=7), torch.bfloat16),
+], ids=["expand_b37", "project_k1152_b9", "e5_14x14_f16_bias", "e3_b6"])
+def test_gpu_cuda_pointwise_cluster(more, dtype, backend):
+    """The cuda backend's clustered Hopper kernel (csrc/cuda/pointwise_cluster.cuh) on 1x1
+    channels_last layers: tf_efficientnet_cc_b0_8e's s6.b1.expand (6 steps of 32 channels, 18
+    tiles of output channels; 37 examples: 10 blocks of 4, the last of one, in 3 clusters of 4
+    blocks, two of them empty) and s7.b0.project (36 steps: its stages refilled many times;
+    grad_x 10), 14x14 with a bias in float16 (4 tiles of pixels, 5 experts shared unevenly
+    over a cluster), 3 experts (stages of 4): forward and every gradient against the ground
+    truth, with the kernel seen in the profiler (forward and grad_x), then the same with it
+    switched off (the tiled kernels)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the clustered kernel runs on compute capability 9.x only")
+    case = dataclasses.replace(CASES_BY_NAME["k1"], **more)
+    assert torch.ops.condconv.cuda_pointwise_cluster(), "switched off (CONDCONV_CUDA_CLUSTER=0?)"
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        _check(case, backend, dtype, "channels_last", factor=4.0)
+    assert _cluster_launches(prof) == 2, "the forward and grad_x did not take the kernel"
+    torch.ops.condconv.cuda_pointwise_cluster(False)
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            _check(case, backend, dtype, "channels_last", factor=4.0)
+    finally:
+        torch.ops.condconv.cuda_pointwise_cluster(True)
+    assert _cluster_launches(prof) == 0
 
 
 @pytest.mark.skipif(not ON_GPU, reason="about 5 GB: GPU only")

@@ -4,7 +4,9 @@
 // so that a parallel build compiles them side by side; condconv_cuda.cu dispatches to them.
 //
 // The dense passes are implicit GEMMs (tensor cores for float16/bfloat16, and for float32 where
-// PyTorch allows TF32 in convolutions; CUDA cores otherwise). grad_weight = routing^T G and
+// PyTorch allows TF32 in convolutions; CUDA cores otherwise); on Hopper, the 1x1 forward and
+// grad_x of float16/bfloat16 channels_last calls take the clustered kernel of
+// pointwise_cluster.cuh instead. grad_weight = routing^T G and
 // grad_routing = G W^T, G = the per-example kernel gradients, are two GEMMs per chunk of
 // examples, the chunk bounded so G stays within kKernelGradBytes. Index arithmetic is int32_t
 // where every offset of the call fits (views.cuh: fits_int32), else int64_t.
@@ -14,6 +16,7 @@
 #include "../epilogue.h"
 #include "../operands.h"
 #include "kernels.cuh"
+#include "pointwise_cluster.cuh"
 #include "runtime.cuh"
 
 #include <ATen/Context.h>
@@ -24,6 +27,7 @@
 #include <ATen/ops/sum.h>
 
 #include <algorithm>
+#include <string>
 #include <type_traits>
 
 namespace condconv {
@@ -100,6 +104,39 @@ void launch_gemm(const View& v, cudaStream_t stream) {
   }
 }
 
+// The dense 1x1 forward (grad_x false: in = x) or grad_x (in = grad_out) through
+// pointwise_cluster_kernel, where the switch is on, the call fits it (pointwise::fits) and the
+// device is a Hopper GPU this build has the kernel for; false where not (the caller launches the
+// tiled kernels). bias: the mixed bias (B, Cout), forward only, or null.
+template <typename scalar_t>
+bool launch_pointwise_cluster(bool grad_x, const Geometry& g, const at::Tensor& in,
+                              at::Tensor& out, const Operands<scalar_t>& ops,
+                              const at::opmath_type<scalar_t>* bias, cudaStream_t stream) {
+  if constexpr (!std::is_same<scalar_t, at::Half>::value &&
+                !std::is_same<scalar_t, at::BFloat16>::value) {
+    return false;
+  } else {
+    using T = typename TensorCoreOperand<scalar_t>::type;
+    if (!pointwise_cluster() || !pointwise::fits(g, in, out, ops.weight) ||
+        !runs_sm90(&pointwise::pointwise_cluster_kernel<T, 8, false>)) {
+      return false;
+    }
+    pointwise::Pass pass;
+    std::string error;
+    if (!pointwise::prepare(grad_x, std::is_same<scalar_t, at::BFloat16>::value,
+                            ops.weight.const_data_ptr(), in.const_data_ptr(),
+                            out.mutable_data_ptr(), ops.routing_ptr(), bias, g.batch,
+                            g.in_channels, g.out_channels, g.out_pixels(), g.experts, &pass,
+                            &error)) {
+      return false;  // a map the driver refused: the tiled kernels take the call
+    }
+    pointwise::dispatch<T>(pass, [&](auto kernel, dim3 grid, size_t bytes, const auto&... args) {
+      launch_cluster(kernel, grid, pointwise::kClusterSize, bytes, stream, args...);
+    });
+    return true;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -152,6 +189,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& routing, const at::Ten
            out.mutable_data_ptr<scalar_t>());
     return;
   }
+  if (launch_pointwise_cluster<scalar_t>(false, g, x, out, ops, bias_ptr, stream)) return;
   const ForwardView<scalar_t, acc_t, index_t> view{s, x_ptr, w_ptr, ops.routing_ptr(),
                                                    bias_ptr, out.mutable_data_ptr<scalar_t>()};
   launch_gemm<scalar_t, acc_t>(view, stream);
@@ -179,7 +217,8 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                          g.out_per_group() * s.taps(), sizeof(acc_t), channels_inner(grad_out));
       launch(depthwise_grad_input_kernel<scalar_t, acc_t, index_t>, dw.grid, dw.shared_bytes,
              stream, s, dw.tile, go_ptr, w_ptr, ops.routing_ptr(), dx_ptr);
-    } else {
+    } else if (!launch_pointwise_cluster<scalar_t>(true, g, grad_out, grad_x, ops, nullptr,
+                                                   stream)) {
       const GradInputView<scalar_t, acc_t, index_t> view{s, go_ptr, w_ptr,
                                                          ops.routing_ptr(), dx_ptr};
       launch_gemm<scalar_t, acc_t>(view, stream);

@@ -43,6 +43,13 @@ inline std::vector<Config> configs() {
       // planes of several chunks; grad_x's 20 input channels a partial tile of their own.
       {"dw-cl-tiles", 2, 20, 40, 17, 16, 3, 2, 20, {1, 1}, {1, 1, 1, 1}, {1, 1}, true,
        "channels_last"},
+      // 1x1 channels_last of the clustered kernel's (csrc/cuda/pointwise_cluster.cuh) shape:
+      // 9 examples (3 blocks of 4, the last of one, a cluster of 4 with a block of none), two
+      // tiles of 64 pixels and of 64 output channels, both partial, 5 steps of 32 input channels
+      // (the last of 8: more steps than stages, so stages are refilled), 5 experts shared out
+      // unevenly over the cluster's 4 blocks.
+      {"pw-cl-cluster", 9, 136, 72, 10, 7, 1, 5, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true,
+       "channels_last"},
       // A kernel gradient reduced over 5184 pixels: more K-slices than one MMA chain takes.
       {"long-reduction", 1, 4, 4, 72, 72, 1, 2, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, false,
        "contiguous"},

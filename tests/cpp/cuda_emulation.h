@@ -8,9 +8,19 @@
 //     y/z, dynamic shared memory), dynamic shared memory poisoned with NaN bytes per block;
 //   - __syncthreads (a barrier of the whole block; one thread missing it aborts with a message
 //     instead of hanging) and __shfl_down_sync over the full warp;
-//   - nvcuda::wmma 16x16xK fragments, row-major: every lane holds the whole tile, the warp-wide
-//     operations are computed per lane, and load/store check the pointer alignment (32 bytes)
-//     and leading dimension (a multiple of 16 bytes) that the hardware requires.
+//   - nvcuda::wmma 16x16xK fragments, row- or column-major: every lane holds the whole tile, the
+//     warp-wide operations are computed per lane, and load/store check the pointer alignment
+//     (32 bytes) and leading dimension (a multiple of 16 bytes) that the hardware requires;
+//   - Hopper clusters (launch_cluster; csrc/cuda/cluster.cuh's functions): the blocks of a
+//     cluster run together, their threads fibers of one scheduler, each block with its own
+//     shared memory; the cluster barrier; shared-memory barriers (mbarrier) with their phases,
+//     arrival counts and transaction bytes, arrivals on another block's barrier; tile copies
+//     (TMA), plain and multicast, which land, zero-filled past the tensor, at the end of the
+//     scheduler's round rather than when issued, checked for the alignments the hardware
+//     needs. One block of each cluster runs one round in four, so that the others run ahead
+//     of it as far as the kernel's barriers let them: a stage overwritten before every block
+//     is done with it shows in the results. A barrier used before its initialisation, or a round in which nothing can move,
+//     aborts with a message.
 // Races other than at barriers are not detected: compute-sanitizer on a GPU is for that.
 #pragma once
 
@@ -40,6 +50,7 @@
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define CONDCONV_DYNAMIC_SHARED(name) unsigned char* name = ::emu::dynamic_shared()
+#include <map>
 
 struct dim3 {
   unsigned x, y, z;
@@ -102,20 +113,29 @@ class Barrier {
 
 // The state of the running launch.
 struct Launch {
+  static constexpr size_t kAlign = 1024;  // as a block's shared memory window on the GPU
   explicit Launch(unsigned threads, size_t shared_bytes)
-      : block(threads), slots(threads), dynamic(shared_bytes) {
+      : block(threads), slots(threads), storage(shared_bytes + kAlign), size(shared_bytes) {
     for (unsigned w = 0; w * 32 < threads; ++w) {
       warps.emplace_back(new Barrier(std::min(32u, threads - 32 * w)));
     }
   }
+  unsigned char* dynamic() {
+    const uintptr_t at = reinterpret_cast<uintptr_t>(storage.data());
+    return storage.data() + (kAlign - at % kAlign) % kAlign;
+  }
+  void poison() {
+    if (size > 0) std::memset(dynamic(), 0xff, size);  // NaN in every float
+  }
   Barrier block;
   std::vector<std::unique_ptr<Barrier>> warps;
   std::vector<std::array<unsigned char, 16>> slots;  // shuffle exchange, one per thread
-  std::vector<unsigned char> dynamic;
+  std::vector<unsigned char> storage;
+  size_t size;
 };
 inline Launch* current = nullptr;
 
-inline unsigned char* dynamic_shared() { return current->dynamic.data(); }
+inline unsigned char* dynamic_shared() { return current->dynamic(); }
 
 inline void fiber_entry() {
   scheduler->body();
@@ -123,9 +143,15 @@ inline void fiber_entry() {
   ++scheduler->events;
 }  // returns to the scheduler through uc_link
 
-// Runs one block: every fiber to its end.
-inline void run_block(Scheduler& sched, unsigned threads) {
-  for (unsigned t = 0; t < threads; ++t) {
+// Runs `count` fibers to their ends, round-robin; enter(f, round) sets the globals fiber f sees
+// (threadIdx, blockIdx, the block's state) before it resumes, or returns false to leave it
+// waiting this round (every fourth round resumes them all), and end_round() runs after each
+// round (returning whether it made progress). A full round without progress is a deadlock.
+inline void run_fibers(Scheduler& sched, unsigned count,
+                       const std::function<bool(unsigned, uint64_t)>& enter,
+                       const std::function<bool()>& end_round,
+                       const std::function<std::string()>& stuck) {
+  for (unsigned t = 0; t < count; ++t) {
     getcontext(&sched.fibers[t]);
     sched.fibers[t].uc_stack.ss_sp = sched.stacks[t].get();
     sched.fibers[t].uc_stack.ss_size = Scheduler::kStackBytes;
@@ -133,21 +159,53 @@ inline void run_block(Scheduler& sched, unsigned threads) {
     makecontext(&sched.fibers[t], fiber_entry, 0);
     sched.finished[t] = false;
   }
-  for (unsigned live = threads; live > 0;) {
+  for (uint64_t round = 0, live = count; live > 0; ++round) {
     const uint64_t before = sched.events;
+    const bool full = round % 4 == 3;
     live = 0;
-    for (unsigned t = 0; t < threads; ++t) {
+    for (unsigned t = 0; t < count; ++t) {
       if (sched.finished[t]) continue;
+      ++live;
       sched.running = t;
-      threadIdx = dim3(t);
+      if (!enter(t, full ? ~uint64_t(0) : round)) continue;
       swapcontext(&sched.main, &sched.fibers[t]);
-      live += sched.finished[t] ? 0 : 1;
+      live -= sched.finished[t] ? 1 : 0;
     }
-    if (live > 0 && sched.events == before) {
-      fail(std::string(current->block.waiting_for()) + " in block (" + std::to_string(blockIdx.x) +
-           ", " + std::to_string(blockIdx.y) + ", " + std::to_string(blockIdx.z) +
-           ") was not reached by every thread (deadlock)");
-    }
+    const bool landed = end_round();
+    if (full && live > 0 && sched.events == before && !landed) fail(stuck() + " (deadlock)");
+  }
+}
+
+// Runs one block: every fiber to its end.
+inline void run_block(Scheduler& sched, unsigned threads) {
+  run_fibers(
+      sched, threads,
+      [](unsigned t, uint64_t) {
+        threadIdx = dim3(t);
+        return true;
+      },
+      [] { return false; },
+      [] {
+        return std::string(current->block.waiting_for()) + " in block (" +
+               std::to_string(blockIdx.x) + ", " + std::to_string(blockIdx.y) + ", " +
+               std::to_string(blockIdx.z) + ") was not reached by every thread";
+      });
+}
+
+// A fiber scheduler with `count` stacks.
+inline void make_fibers(Scheduler& sched, unsigned count) {
+  sched.fibers.resize(count);
+  sched.finished.resize(count);
+  for (unsigned t = 0; t < count; ++t) sched.stacks.emplace_back(new char[Scheduler::kStackBytes]);
+}
+
+inline void check_grid(dim3 grid, dim3 block) {
+  if (block.y != 1 || block.z != 1) fail("only 1-D blocks are emulated");
+  if (block.x == 0 || block.x > 1024) fail("block size " + std::to_string(block.x));
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
+      grid.z > 65535) {
+    fail("invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+         std::to_string(grid.z) + ")");
   }
 }
 
@@ -157,20 +215,12 @@ inline void run_block(Scheduler& sched, unsigned threads) {
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
             Args&&... args) {
-  if (block.y != 1 || block.z != 1) fail("only 1-D blocks are emulated");
-  if (block.x == 0 || block.x > 1024) fail("block size " + std::to_string(block.x));
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
-      grid.z > 65535) {
-    fail("invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
-         std::to_string(grid.z) + ")");
-  }
+  check_grid(grid, block);
   if (shared_bytes > 48 * 1024) fail("dynamic shared memory above 48 KiB needs an opt-in");
   const std::tuple<Params...> params(std::forward<Args>(args)...);
   Launch state(block.x, shared_bytes);
   Scheduler sched;
-  sched.fibers.resize(block.x);
-  sched.finished.resize(block.x);
-  for (unsigned t = 0; t < block.x; ++t) sched.stacks.emplace_back(new char[Scheduler::kStackBytes]);
+  make_fibers(sched, block.x);
   sched.body = [&] { std::apply(kernel, params); };
   current = &state;
   scheduler = &sched;
@@ -179,8 +229,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
-        if (!state.dynamic.empty())  // (memset of the null data() of an empty vector: UB)
-          std::memset(state.dynamic.data(), 0xff, state.dynamic.size());  // NaN in every float
+        state.poison();
         blockIdx = dim3(x, y, z);
         run_block(sched, block.x);
       }
@@ -188,6 +237,244 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   }
   current = nullptr;
   scheduler = nullptr;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Hopper clusters: csrc/cuda/cluster.cuh's functions on the CPU.
+
+// A 3-D tensor of 16-bit elements and the box one copy moves (cluster.cuh: TileMap).
+struct TileMap {
+  const unsigned char* base;
+  uint64_t dims[3];     // innermost first
+  uint64_t strides[3];  // bytes: 2, then dims 1 and 2
+  uint32_t box[3];
+};
+
+inline bool make_tile_map(TileMap* map, const void* base, const uint64_t dims[3],
+                          const uint64_t strides[2], const uint32_t box[3], std::string* error) {
+  std::string why;
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) why = "base not 16-byte aligned";
+  for (int d = 0; d < 2; ++d) {
+    if (strides[d] % 16 != 0) why = "stride of dim " + std::to_string(d + 1) + " not a multiple of 16";
+  }
+  for (int d = 0; d < 3; ++d) {
+    if (dims[d] == 0 || box[d] == 0 || box[d] > 256) why = "dim or box " + std::to_string(d);
+  }
+  if (box[0] * 2 % 16 != 0) why = "box's inner bytes not a multiple of 16";
+  if (!why.empty()) {
+    *error = why;
+    return false;
+  }
+  *map = TileMap{static_cast<const unsigned char*>(base),
+                 {dims[0], dims[1], dims[2]},
+                 {2, strides[0], strides[1]},
+                 {box[0], box[1], box[2]}};
+  return true;
+}
+
+// The state of one shared-memory barrier (the hardware keeps it in its 8 bytes).
+struct MBarrier {
+  uint32_t count = 0, pending = 0, phase = 0;  // phase: phases completed
+  int64_t bytes = 0;                            // announced and not yet landed
+};
+
+// A copy issued and not yet landed.
+struct PendingCopy {
+  const TileMap* map;
+  int c[3];
+  unsigned rank;    // the block it lands in
+  size_t dst, bar;  // offsets in that block's shared memory
+};
+
+// The cluster being run: its blocks' states, barriers and copies in flight.
+struct ClusterRun {
+  std::vector<Launch*> blocks;
+  std::vector<dim3> block_ids;
+  unsigned threads = 0, rank = 0;  // rank: the running fiber's block
+  std::map<const void*, MBarrier> barriers;
+  std::vector<PendingCopy> copies;
+  std::unique_ptr<Barrier> sync;
+};
+inline ClusterRun* cluster = nullptr;
+
+inline ClusterRun& running_cluster(const char* what) {
+  if (cluster == nullptr) fail(std::string(what) + " outside a cluster launch");
+  return *cluster;
+}
+
+// The offset of p in the running block's shared memory (checked to lie inside it).
+inline size_t shared_offset(const void* p, size_t bytes, const char* what) {
+  const unsigned char* base = current->dynamic();
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (q < base || q + bytes > base + current->size) {
+    fail(std::string(what) + ": address outside the block's shared memory");
+  }
+  return static_cast<size_t>(q - base);
+}
+
+inline MBarrier& barrier_at(const void* bar, const char* what) {
+  ClusterRun& run = running_cluster(what);
+  auto it = run.barriers.find(bar);
+  if (it == run.barriers.end()) fail(std::string(what) + " on an uninitialised barrier");
+  return it->second;
+}
+
+inline void complete_if_done(MBarrier& b) {
+  if (b.pending == 0 && b.bytes == 0) {
+    ++b.phase;
+    b.pending = b.count;
+  }
+}
+
+inline uint32_t cluster_rank() { return running_cluster("cluster_rank").rank; }
+
+inline void cluster_sync() { running_cluster("cluster_sync").sync->wait("cluster_sync"); }
+
+inline void barrier_init(uint64_t* bar, uint32_t count) {
+  ClusterRun& run = running_cluster("barrier_init");
+  if (reinterpret_cast<uintptr_t>(bar) % 8 != 0) fail("barrier_init: barrier not 8-byte aligned");
+  shared_offset(bar, 8, "barrier_init");
+  if (count == 0) fail("barrier_init: a count of 0");
+  run.barriers[bar] = MBarrier{count, count, 0, 0};
+  ++scheduler->events;
+}
+
+inline void arrive(MBarrier& b, const char* what) {
+  if (b.pending == 0) fail(std::string(what) + ": more arrivals than the barrier's count");
+  --b.pending;
+  complete_if_done(b);
+  ++scheduler->events;
+}
+
+inline void barrier_arrive_expect(uint64_t* bar, uint32_t bytes) {
+  MBarrier& b = barrier_at(bar, "barrier_arrive_expect");
+  b.bytes += bytes;
+  arrive(b, "barrier_arrive_expect");
+}
+
+inline void barrier_arrive_remote(uint64_t* bar, uint32_t rank) {
+  ClusterRun& run = running_cluster("barrier_arrive_remote");
+  if (rank >= run.blocks.size()) fail("barrier_arrive_remote: rank outside the cluster");
+  const size_t at = shared_offset(bar, 8, "barrier_arrive_remote");
+  MBarrier& b = barrier_at(run.blocks[rank]->dynamic() + at, "barrier_arrive_remote");
+  arrive(b, "barrier_arrive_remote");
+}
+
+inline void barrier_wait(uint64_t* bar, uint32_t parity) {
+  while ((barrier_at(bar, "barrier_wait").phase & 1u) == parity) scheduler->yield();
+}
+
+// Queues the copy of map's box at (c0, c1, c2) to dst in this block (mask 0) or in every block
+// of the cluster whose rank is set in mask.
+inline void tile_load(void* dst, const TileMap* map, int c0, int c1, int c2, uint64_t* bar,
+                      uint16_t mask) {
+  ClusterRun& run = running_cluster("tile_load");
+  if (reinterpret_cast<uintptr_t>(dst) % 128 != 0) fail("tile_load: destination not 128-byte aligned");
+  const size_t bytes = size_t(map->box[0]) * map->box[1] * map->box[2] * 2;
+  const size_t at = shared_offset(dst, bytes, "tile_load");
+  const size_t bar_at = shared_offset(bar, 8, "tile_load");
+  barrier_at(bar, "tile_load");
+  if (mask >> run.blocks.size() != 0) fail("tile_load: multicast mask past the cluster");
+  for (unsigned r = 0; r < run.blocks.size(); ++r) {
+    if (mask == 0 ? r == run.rank : ((mask >> r) & 1u) != 0) {
+      run.copies.push_back(PendingCopy{map, {c0, c1, c2}, r, at, bar_at});
+    }
+  }
+  ++scheduler->events;
+}
+
+// Lands every queued copy: the box, zeros past the tensor, then its bytes on the barrier.
+inline bool land_copies() {
+  ClusterRun& run = *cluster;
+  if (run.copies.empty()) return false;
+  for (const PendingCopy& c : run.copies) {
+    const TileMap& m = *c.map;
+    unsigned char* dst = run.blocks[c.rank]->dynamic() + c.dst;
+    for (uint32_t z = 0; z < m.box[2]; ++z) {
+      for (uint32_t y = 0; y < m.box[1]; ++y) {
+        for (uint32_t x = 0; x < m.box[0]; ++x, dst += 2) {
+          const int64_t i[3] = {int64_t(c.c[0]) + x, int64_t(c.c[1]) + y, int64_t(c.c[2]) + z};
+          bool inside = true;
+          for (int d = 0; d < 3; ++d) inside = inside && i[d] >= 0 && uint64_t(i[d]) < m.dims[d];
+          if (inside) {
+            std::memcpy(dst, m.base + i[0] * m.strides[0] + i[1] * m.strides[1] + i[2] * m.strides[2], 2);
+          } else {
+            std::memset(dst, 0, 2);
+          }
+        }
+      }
+    }
+    MBarrier& b = barrier_at(run.blocks[c.rank]->dynamic() + c.bar, "a copy landing");
+    b.bytes -= int64_t(m.box[0]) * m.box[1] * m.box[2] * 2;
+    complete_if_done(b);
+  }
+  run.copies.clear();
+  return true;
+}
+
+// Runs kernel<<<grid, block, shared_bytes>>>(args...) in clusters of (1, cluster_y, 1) blocks,
+// cluster after cluster; shared memory up to 227 KiB (the launcher's opt-in).
+template <typename... Params, typename... Args>
+void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+                    unsigned cluster_y, Args&&... args) {
+  check_grid(grid, block);
+  if (cluster_y == 0 || cluster_y > 8 || grid.y % cluster_y != 0) {
+    fail("cluster of " + std::to_string(cluster_y) + " blocks along a grid of " +
+         std::to_string(grid.y));
+  }
+  if (shared_bytes > 227 * 1024) fail("dynamic shared memory above 227 KiB");
+  const std::tuple<Params...> params(std::forward<Args>(args)...);
+  std::vector<std::unique_ptr<Launch>> states;
+  ClusterRun run;
+  for (unsigned r = 0; r < cluster_y; ++r) {
+    states.emplace_back(new Launch(block.x, shared_bytes));
+    run.blocks.push_back(states.back().get());
+  }
+  run.threads = block.x;
+  Scheduler sched;
+  make_fibers(sched, cluster_y * block.x);
+  sched.body = [&] { std::apply(kernel, params); };
+  scheduler = &sched;
+  cluster = &run;
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y0 = 0; y0 < grid.y; y0 += cluster_y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        run.block_ids.clear();
+        run.barriers.clear();
+        run.copies.clear();
+        run.sync.reset(new Barrier(cluster_y * block.x));
+        for (unsigned r = 0; r < cluster_y; ++r) {
+          run.blocks[r]->poison();
+          run.block_ids.push_back(dim3(x, y0 + r, z));
+        }
+        const unsigned slow = (x + y0 / cluster_y + z) % cluster_y;
+        run_fibers(
+            sched, cluster_y * block.x,
+            [&](unsigned f, uint64_t round) {
+              // One block of each cluster (a different one from cluster to cluster) runs one
+              // round in four, so that the others run ahead of it as far as the kernel lets them.
+              run.rank = f / block.x;
+              if (run.rank == slow && round != ~uint64_t(0)) return false;
+              current = run.blocks[run.rank];
+              blockIdx = run.block_ids[run.rank];
+              threadIdx = dim3(f % block.x);
+              return true;
+            },
+            land_copies,
+            [&] {
+              return "cluster at block (" + std::to_string(x) + ", " + std::to_string(y0) + ", " +
+                     std::to_string(z) + "): no thread can move";
+            });
+        if (!run.copies.empty()) fail("copies still in flight when the cluster ended");
+      }
+    }
+  }
+  current = nullptr;
+  scheduler = nullptr;
+  cluster = nullptr;
 }
 
 }  // namespace emu
@@ -215,6 +502,8 @@ using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
 inline __half __float2half_rn(float v) { return __half(v); }
 inline __nv_bfloat16 __float2bfloat16_rn(float v) { return __nv_bfloat16(v); }
+inline float __half2float(__half v) { return static_cast<float>(v); }
+inline float __bfloat162float(__nv_bfloat16 v) { return static_cast<float>(v); }
 
 namespace nvcuda {
 namespace wmma {
@@ -223,6 +512,7 @@ struct matrix_a {};
 struct matrix_b {};
 struct accumulator {};
 struct row_major {};
+struct col_major {};
 namespace precision {
 struct tf32 {};
 }
@@ -261,20 +551,25 @@ void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float value) {
   for (auto& e : f.x) e = value;
 }
 
-template <class Use, int M, int N, int K, class T, class S>
-void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const S* p, unsigned ldm) {
-  using F = fragment<Use, M, N, K, T, row_major>;
+// Row-major: element (r, c) at p[r * ldm + c]; column-major: at p[c * ldm + r]. The fragment
+// holds the tile row-major either way.
+template <class Use, int M, int N, int K, class T, class Layout, class S>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const S* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
   static_assert(std::is_same<S, typename F::element>::value, "operand type mismatch");
+  static_assert(std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value,
+                "an operand fragment needs a layout");
+  constexpr bool rows = std::is_same<Layout, row_major>::value;
   check_operand(p, ldm, sizeof(S), "load_matrix_sync");
   for (int r = 0; r < F::rows; ++r) {
-    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = p[r * ldm + c];
+    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = rows ? p[r * ldm + c] : p[c * ldm + r];
   }
 }
 
-template <int M, int N, int K, class T>
+template <int M, int N, int K, class T, class LayoutA, class LayoutB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d,
-              const fragment<matrix_a, M, N, K, T, row_major>& a,
-              const fragment<matrix_b, M, N, K, T, row_major>& b,
+              const fragment<matrix_a, M, N, K, T, LayoutA>& a,
+              const fragment<matrix_b, M, N, K, T, LayoutB>& b,
               const fragment<accumulator, M, N, K, float>& c) {
   float out[M * N];
   for (int i = 0; i < M; ++i) {
@@ -293,10 +588,11 @@ template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
                        layout_t layout) {
   check_operand(p, ldm, sizeof(float), "store_matrix_sync");
-  if (layout != mem_row_major) emu::fail("store_matrix_sync: only mem_row_major is emulated");
   if (threadIdx.x % 32 != 0) return;  // one lane writes the warp's tile
   for (int r = 0; r < M; ++r) {
-    for (int c = 0; c < N; ++c) p[r * ldm + c] = f.x[r * N + c];
+    for (int c = 0; c < N; ++c) {
+      (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
+    }
   }
 }
 

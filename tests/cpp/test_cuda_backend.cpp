@@ -13,6 +13,7 @@
 namespace condconv {
 namespace cuda {
 namespace {
+int cluster_launches = 0;  // the clustered kernel's launches (pointwise_cluster.cuh)
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
@@ -22,6 +23,16 @@ template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, size_t shared_bytes, cudaStream_t,
             const Args&... args) {
   emu::launch(kernel, grid, dim3(kThreads), shared_bytes, args...);
+}
+template <typename Kernel>
+bool runs_sm90(Kernel) {
+  return true;
+}
+template <typename... Params, typename... Args>
+void launch_cluster(void (*kernel)(Params...), dim3 grid, unsigned cluster_y, size_t shared_bytes,
+                    cudaStream_t, const Args&... args) {
+  ++cluster_launches;
+  emu::launch_cluster(kernel, grid, dim3(kThreads), shared_bytes, cluster_y, args...);
 }
 }  // namespace
 }  // namespace cuda
@@ -109,6 +120,27 @@ int main() {
     ok = run<float>(c, false, 1e-5, {true, false, true, false}) && ok;
     ok = run<at::Half>(c, true, 5e-3, all) && ok;
     ok = run<at::BFloat16>(c, true, 3e-2, all) && ok;
+  }
+  // The 16-bit 1x1 channels_last cases (pw-cl, pw-cl-cluster) took the clustered kernel,
+  // forward and grad_x in both dtypes; with the switch off, the tiled kernels instead.
+  const int clustered = condconv::cuda::cluster_launches;
+  if (clustered != 8) {
+    std::printf("clustered kernel launches: %d, expected 8: FAIL\n", clustered);
+    ok = false;
+  }
+  torch::Dispatcher::singleton()
+      .findSchemaOrThrow("condconv::cuda_pointwise_cluster", "")
+      .typed<bool(c10::optional<bool>)>()
+      .call(false);
+  for (const auto& c : cuda_cases::configs()) {
+    if (c.kernel != 1 || c.layout != "channels_last") continue;
+    const std::array<bool, 4> all{true, true, true, c.bias};
+    ok = run<at::Half>(c, true, 5e-3, all) && ok;
+    ok = run<at::BFloat16>(c, true, 3e-2, all) && ok;
+  }
+  if (condconv::cuda::cluster_launches != clustered) {
+    std::printf("the clustered kernel ran with its switch off: FAIL\n");
+    ok = false;
   }
   std::printf("%s\n", ok ? "PASSED" : "FAILED");
   return ok ? 0 : 1;

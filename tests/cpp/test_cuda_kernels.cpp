@@ -5,6 +5,9 @@
 // (float64 with both index types, float32, float16) and on tensor cores (TF32 and float16 with
 // 32-bit offsets, bfloat16 with 64-bit ones), and the three depthwise kernels in every dtype
 // with both thread layouts.
+// The clustered 1x1 kernel (pointwise_cluster.cuh: clusters of 4 blocks, multicast copies,
+// shared-memory barriers) runs, forward and grad_x in float16 and bfloat16, on every case it
+// takes, its blocks of a cluster together (cuda_emulation.h: launch_cluster).
 // What the emulation cannot show is speed, races between barriers, or the host launchers'
 // streams and allocations: tests/test_gpu.py and compute-sanitizer on a GPU check those.
 #include "cuda_emulation.h"  // first: the CUDA language for the host compiler
@@ -16,6 +19,7 @@
 #include "checks.h"
 #include "cuda_cases.h"
 #include <cuda/kernels.cuh>
+#include <cuda/pointwise_cluster.cuh>
 
 #include <cstdio>
 #include <limits>
@@ -127,6 +131,51 @@ bool run(const Config& c, Path path, double tol) {
   return ok;
 }
 
+int cluster_runs = 0;  // the cases (and dtypes) the clustered kernel took
+
+// The clustered kernel's forward and grad_x on a case it takes (pointwise_cluster::fits).
+template <typename scalar_t>
+bool run_cluster(const Config& c, double tol) {
+  namespace pc = cc::pointwise;
+  constexpr at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const auto k = cuda_cases::make_case(c, dtype, 1);
+  const auto& g = k.geometry;
+  auto out = poisoned(k.out, dtype, c.layout);
+  auto dx = poisoned(k.x, dtype, c.layout);
+  const auto weight = k.weight.contiguous();
+  if (!pc::fits(g, k.x, out, weight) || !pc::fits(g, k.grad_out, dx, weight)) return true;
+  ++cluster_runs;
+  const auto routing = k.routing.contiguous();
+  const auto mixed_bias = at::mm(routing, k.bias.to(torch::kFloat32));
+  const std::string name = c.name + "/" + c10::toString(dtype) + "/cluster";
+  bool ok = true;
+  for (const bool grad_x : {false, true}) {
+    pc::Pass pass;
+    std::string error;
+    const bool ready = pc::prepare(
+        grad_x, dtype == torch::kBFloat16, weight.const_data_ptr(),
+        grad_x ? k.grad_out.const_data_ptr() : k.x.const_data_ptr(),
+        grad_x ? dx.mutable_data_ptr() : out.mutable_data_ptr(), routing.const_data_ptr<float>(),
+        c.bias ? mixed_bias.const_data_ptr<float>() : nullptr, g.batch, g.in_channels,
+        g.out_channels, g.out_pixels(), g.experts, &pass, &error);
+    if (!ready) {
+      std::printf("%-22s cluster maps refused: %s: FAIL\n", name.c_str(), error.c_str());
+      return false;
+    }
+    if (pass.plan.example_blocks % pc::kClusterSize != 0 || pass.plan.stages < 2) {
+      std::printf("%-22s cluster plan: FAIL\n", name.c_str());
+      return false;
+    }
+    pc::dispatch<scalar_t>(pass, [](auto kernel, dim3 grid, size_t bytes, const auto&... args) {
+      emu::launch_cluster(kernel, grid, dim3(pc::kBlockThreads), bytes, pc::kClusterSize,
+                          args...);
+    });
+  }
+  ok = close(out, k.out, name, "forward", tol) && ok;
+  ok = close(dx, k.grad_x, name, "grad_x", tol) && ok;
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -139,6 +188,12 @@ int main() {
     ok = run<at::Half, int64_t>(c, Path::kCudaCores, 5e-3) && ok;
     ok = run<at::Half, int32_t>(c, Path::kTensorCores, 5e-3) && ok;
     ok = run<at::BFloat16, int64_t>(c, Path::kTensorCores, 3e-2) && ok;  // 64-bit offsets
+    ok = run_cluster<at::Half>(c, 5e-3) && ok;
+    ok = run_cluster<at::BFloat16>(c, 3e-2) && ok;
+  }
+  if (cluster_runs < 4) {  // pw-cl and pw-cl-cluster, in both dtypes
+    std::printf("the clustered kernel took %d cases of 4: FAIL\n", cluster_runs);
+    ok = false;
   }
   std::printf("%s\n", ok ? "PASSED" : "FAILED");
   return ok ? 0 : 1;
