@@ -1,6 +1,7 @@
 """Forward and backward of one backend on a dense, a pointwise, a grouped and a depthwise layer
-(float32, float16, bfloat16; an odd-sized image, stride 2, "same" padding), small enough to run
-under compute-sanitizer.
+(float32, float16, bfloat16; an odd-sized image, stride 2, "same" padding), and a pointwise one
+in channels_last bfloat16 (on a Hopper GPU, the cuda backend's clustered kernel), small enough
+to run under compute-sanitizer.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
         python bench/memcheck_cases.py [--backend cuda]
@@ -17,9 +18,10 @@ import torch
 import condconv_kernels as cc
 from condconv_kernels.cli import parser
 
-LAYERS = [  # (cin, cout, kernel, stride, groups, dtype)
-    (8, 16, 3, 2, 1, torch.float32), (16, 24, 1, 1, 1, torch.float16),
-    (8, 8, 3, 1, 2, torch.bfloat16), (16, 16, 5, 2, 16, torch.float32),
+LAYERS = [  # (cin, cout, kernel, stride, groups, dtype, channels_last)
+    (8, 16, 3, 2, 1, torch.float32, False), (16, 24, 1, 1, 1, torch.float16, False),
+    (8, 8, 3, 1, 2, torch.bfloat16, False), (16, 16, 5, 2, 16, torch.float32, False),
+    (16, 24, 1, 1, 1, torch.bfloat16, True),
 ]
 
 
@@ -29,8 +31,11 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda", help="Where the tensors live.")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    for cin, cout, k, s, groups, dtype in LAYERS:
-        x = torch.randn(3, cin, 11, 13, device=args.device, dtype=dtype, requires_grad=True)
+    for cin, cout, k, s, groups, dtype, channels_last in LAYERS:
+        x = torch.randn(3, cin, 11, 13, device=args.device, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
         r = torch.rand(3, 4, device=args.device, requires_grad=True)
         w = torch.randn(4, cout, cin // groups, k, k, device=args.device, dtype=dtype,
                         requires_grad=True)

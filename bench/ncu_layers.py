@@ -8,8 +8,11 @@ Each layer first runs twice outside the range (compiles and autotunes its kernel
 between ``torch.cuda.profiler.start()`` and ``stop()``: ncu sees each kernel of the layer
 (forward, grad_x, kernel gradient) exactly once, at the configuration the benchmarks use. The
 question it answers is the one timings cannot: what the dense and depthwise kernels wait on
-(occupancy, warp stall reasons, memory and tensor-pipe throughput). Without CUDA (the kit's dry
-run) the layers run once on the CPU and nothing is profiled.
+(occupancy, warp stall reasons, memory and tensor-pipe throughput). Then the forward alone of
+the ``--cuda-forward`` layers through the cuda backend, the same way: on a Hopper GPU, the
+clustered 1x1 kernel (``csrc/cuda/pointwise_cluster.cuh``), whose model
+(``bench/cluster_model.py``) says it waits on shared memory and its CUDA-core mix. Without CUDA
+(the kit's dry run) the layers run once on the CPU and nothing is profiled.
 """
 from __future__ import annotations
 
@@ -28,13 +31,19 @@ def main(argv=None) -> int:
                    help="Comma-separated layer names.")
     p.add_argument("--batch", type=int, default=256, help="The batch size.")
     p.add_argument("--backend", default="triton", help="The backend on CUDA.")
+    p.add_argument("--cuda-forward", default="s6.b1.expand",
+                   help="Comma-separated layers whose forward alone is profiled through the "
+                        "cuda backend after the others (empty: none).")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device, backend = ("cuda", args.backend) if cuda else ("cpu", "auto")
     dtype = torch.bfloat16 if cuda else torch.float32
     layers = {layer.name: layer for layer in efficientnet_cc_b0_layers(8)}
     g = torch.Generator().manual_seed(0)
-    for name in args.layers.split(","):
+    runs = [(name, backend, True) for name in args.layers.split(",")]
+    if cuda and "cuda" in cc.available_backends("cuda"):
+        runs += [(name, "cuda", False) for name in args.cuda_forward.split(",") if name]
+    for name, backend, backward in runs:
         if name not in layers:
             p.error(f"unknown layer {name!r}; choose from {sorted(layers)}")
         layer = layers[name]
@@ -49,7 +58,8 @@ def main(argv=None) -> int:
         def step():
             out = cc.condconv2d(x, routing, weight, None, layer.stride, layer.padding,
                                 groups=layer.groups, backend=backend)
-            torch.autograd.grad(out, [x, routing, weight], torch.ones_like(out))
+            if backward:
+                torch.autograd.grad(out, [x, routing, weight], torch.ones_like(out))
         for _ in range(2 if cuda else 1):
             step()
         if cuda:
@@ -58,8 +68,9 @@ def main(argv=None) -> int:
             step()
             torch.cuda.synchronize()
             torch.cuda.profiler.stop()
-        print(f"{name} ({layer.describe()}): {'profiled' if cuda else 'ran on the CPU'}",
-              file=sys.stderr)
+        what = "forward and backward" if backward else "forward"
+        print(f"{name} ({layer.describe()}), {backend}, {what}: "
+              f"{'profiled' if cuda else 'ran on the CPU'}", file=sys.stderr)
     return 0
 
 

@@ -186,3 +186,28 @@ def test_layer_table_names_the_configurations_launched():
                                                 ("dense_bwd_w_kernel", kgrad)])
     assert text == "dense_fwd 8x64x64x16 w8 s4", text
     assert bench_layers.launched_configs(lambda: None, [("dense_fwd_kernel", fwd)]) == ""
+
+
+def test_cluster_model_counts_a_layer_by_hand():
+    """bench/cluster_model.py against an independent count on s6.b1.expand's forward (192 ->
+    1152 at 7x7, batch 256, 8 experts): 18 tiles of output channels x 1 of pixels x 64 blocks
+    of examples; 6 steps; L2 traffic the experts once a cluster of 16 examples, x once a tile of
+    output channels, the outputs once; and a report of the committed H200 table has a row for
+    each of its 16 dense 1x1 layers."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import cluster_model
+    finally:
+        sys.path.pop(0)
+    m = cluster_model.model(batch=256, rows=1152, depth=192, pixels=49, experts=8)
+    assert (m["blocks"], m["waves"], m["steps"]) == (18 * 64, 9, 6)
+    experts = 18 * 16 * 6 * 8 * (64 * 32 * 2)
+    x = 18 * 256 * 49 * 192 * 2
+    out = 256 * 49 * 1152 * 2
+    assert m["L2"] == pytest.approx((experts + x + out) / 5.5e12 * 1e6)
+    hbm = (256 * 49 * (192 + 1152) + 8 * 1152 * 192) * 2
+    assert m["HBM"] == pytest.approx(hbm / 4.2e12 * 1e6)
+    assert m["us"] == max(m["compute"], m["L2"], m["HBM"])
+    text = cluster_model.report(__import__("json").loads(cluster_model.DEFAULT.read_text()))
+    rows = [line for line in text.splitlines() if line.startswith("| s")]
+    assert len(rows) == 16 and rows[8].startswith("| s6.b1.expand | 192 -> 1152 @ 49 |")

@@ -1,0 +1,138 @@
+"""The cuda backend's clustered Hopper kernel (csrc/cuda/pointwise_cluster.cuh) by a static
+model, per dense 1x1 layer of a layer table, against what the table measured.
+
+    python bench/cluster_model.py [LAYERS.json] [--out FILE.md]
+
+LAYERS.json is a forward table of ``bench_layers.py`` (default: the third H200 run's, batch 256,
+bfloat16, channels_last); its 1x1 layers are modeled at its batch, forward (rows = Cout, depth
+= Cin) and grad_x (rows = Cin, depth = Cout). Its ``fused:triton`` and ``fused:cuda`` columns go
+beside the model: run on a table made after this kernel landed, ``fused:cuda`` is this kernel's
+forward, measured, and the last column says how far the model was off.
+
+The model, per block (4 examples x 64 rows x 64 pixels, 256 threads, one block an SM at ~190 KB
+of shared memory), per step of 32 along the reduction, in SM cycles at 1.78 GHz:
+
+- the mix (between the step's barrier wait and its __syncthreads): the larger of its FMAs
+  (8 elements x E experts x 4 examples a thread: 64 E cycles at 128 a cycle) and its shared
+  memory (E expert tiles read, 4 mixed tiles written: 4 KB each, 128 bytes a cycle);
+- the products: the larger of the tensor cores (4 x 64 x 64 x 32 multiply-adds at 1024 a cycle,
+  mma.sync's rate, half of wgmma's) and the fragment loads (each warp its example's A tile, 4
+  KB, and its half of the input tile, 2 KB, read 4 ways bank-conflicted: column-major 16-bit
+  fragments of 64-byte rows);
+- the copies (TMA) overlap both; the two phases do not overlap each other (one block an SM, a
+  barrier between them).
+
+A block adds ``BLOCK_CYCLES`` (its first copies' latency and its epilogue); blocks run in waves
+of 132. Traffic bounds beside it: L2 -> SM (each expert tile once a cluster of 4 blocks, every
+input tile once a row tile, the outputs) at 5.5 TB/s, HBM (inputs, outputs and experts once)
+at 4.2 TB/s (both the H200's, measured). The modeled time is the largest of the three.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT = HERE / "results" / "gpu-h200" / "4c707b7" / "layers-b256-bf16-cl-fwd.json"
+
+CLOCK = 1.78e9
+SMS = 132
+L2_BYTES_PER_S = 5.5e12
+HBM_BYTES_PER_S = 4.2e12
+SMEM_BYTES_PER_CYCLE = 128
+FMA_PER_CYCLE = 128
+MMA_PER_CYCLE = 1024          # mma.sync, 16-bit operands, multiply-adds an SM a cycle
+B_CONFLICT = 4                # the input tile's column-major fragment loads
+BLOCK_CYCLES = 2500           # first copies' latency and the epilogue, a block
+ROWS, PIXELS, DEPTH, EXAMPLES, CLUSTER, TILE = 64, 64, 32, 4, 4, 4096
+
+
+def model(batch: int, rows: int, depth: int, pixels: int, experts: int) -> dict:
+    """The modeled time (us) of one pass and its terms."""
+    row_tiles = math.ceil(rows / ROWS)
+    pixel_tiles = math.ceil(pixels / PIXELS)
+    example_blocks = math.ceil(math.ceil(batch / EXAMPLES) / CLUSTER) * CLUSTER
+    steps = math.ceil(depth / DEPTH)
+    blocks = row_tiles * pixel_tiles * example_blocks
+    mix = max(64 * experts, (experts + EXAMPLES) * TILE / SMEM_BYTES_PER_CYCLE)
+    fragments = 8 * (TILE + TILE // 2 * B_CONFLICT) / SMEM_BYTES_PER_CYCLE
+    products = max(EXAMPLES * ROWS * PIXELS * DEPTH / MMA_PER_CYCLE, fragments)
+    step = mix + products
+    waves = math.ceil(blocks / SMS)
+    compute_us = waves * (steps * step + BLOCK_CYCLES) / CLOCK * 1e6
+    padded_depth = steps * DEPTH
+    clusters = example_blocks // CLUSTER
+    l2 = (row_tiles * pixel_tiles * clusters * steps * experts * TILE       # experts, multicast
+          + row_tiles * batch * pixels * padded_depth * 2                  # inputs, each row tile
+          + batch * pixels * rows * 2)                                     # outputs
+    hbm = (batch * pixels * (depth + rows) + experts * rows * depth) * 2
+    terms = {"compute": compute_us, "L2": l2 / L2_BYTES_PER_S * 1e6,
+             "HBM": hbm / HBM_BYTES_PER_S * 1e6}
+    bound = max(terms, key=terms.get)
+    return {"us": terms[bound], "bound": bound, "blocks": blocks, "waves": waves,
+            "steps": steps, "step_cycles": step, "l2_over_hbm": l2 / hbm, **terms}
+
+
+SHAPE = re.compile(r"pw 1x1/s1 (\d+)->(\d+) @(\d+)x(\d+)")
+
+
+def rows_of(table: dict, experts: int):
+    """(layer, cin, cout, pixels, measured ms by column) of every 1x1 layer of the table."""
+    for layer in table["layers"]:
+        m = SHAPE.match(layer["shape"])
+        if m:
+            cin, cout, h, w = map(int, m.groups())
+            yield layer["name"], cin, cout, h * w, layer["ms"]
+
+
+def report(table: dict, experts: int = 8) -> str:
+    batch = table["batch"]
+    lines = [
+        f"Clustered 1x1 kernel by model (`bench/cluster_model.py`), batch {batch}, "
+        f"{experts} experts, us; measured: {table['machine'].get('gpu', '?')}, commit "
+        f"{table['machine'].get('commit', '?')}",
+        "",
+        "| layer | cin -> cout @ pixels | forward, modeled | bound | blocks (waves) | L2 / HBM "
+        "| grad_x, modeled | bound | fused:triton, measured | fused:cuda, measured "
+        "| fused:cuda / modeled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ratios, fwd_all, tri_all = [], [], []
+    for name, cin, cout, pixels, ms in rows_of(table, experts):
+        f = model(batch, cout, cin, pixels, experts)
+        g = model(batch, cin, cout, pixels, experts)
+        tri = ms.get("fused:triton", float("nan")) * 1e3
+        cud = ms.get("fused:cuda", float("nan")) * 1e3
+        ratios.append(cud / f["us"])
+        fwd_all.append(f["us"])
+        tri_all.append(tri)
+        lines.append(f"| {name} | {cin} -> {cout} @ {pixels} | {f['us']:.1f} | {f['bound']} | "
+                     f"{f['blocks']} ({f['waves']}) | {f['l2_over_hbm']:.1f} | {g['us']:.1f} | "
+                     f"{g['bound']} | {tri:.1f} | {cud:.1f} | {cud / f['us']:.2f} |")
+
+    def geomean(v):
+        return math.exp(sum(math.log(x) for x in v) / len(v))
+    lines += ["", f"Forward over the {len(fwd_all)} layers: modeled {sum(fwd_all):.0f} us "
+              f"against the Triton kernels' measured {sum(tri_all):.0f} us (geomean modeled / "
+              f"Triton {geomean([a / b for a, b in zip(fwd_all, tri_all)]):.2f}); "
+              f"fused:cuda measured / modeled, geomean {geomean(ratios):.2f}."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("table", nargs="?", default=str(DEFAULT),
+                        help="a forward layer table's JSON (bench_layers.py)")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--out", help="also write the table here (Markdown)")
+    args = parser.parse_args(argv)
+    text = report(json.loads(Path(args.table).read_text()), args.experts)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
