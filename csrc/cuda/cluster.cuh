@@ -109,33 +109,67 @@ __device__ __forceinline__ void barrier_arrive_expect(uint64_t* bar, uint32_t by
 #endif
 }
 
+// Orders this thread's earlier memory accesses before its later ones for the whole cluster:
+// once before a round of barrier_arrive_remote (one fence instead of a release at each).
+__device__ __forceinline__ void fence_cluster() {
+#ifdef __CUDACC__
+  asm volatile("fence.acq_rel.cluster;" ::: "memory");
+#endif
+}
+
 // One arrival on the barrier at the same place in block `rank` of the cluster (this block's
-// own included), ordered after this thread's earlier memory accesses.
+// own included); after fence_cluster, ordered after this thread's earlier memory accesses.
 __device__ __forceinline__ void barrier_arrive_remote(uint64_t* bar, uint32_t rank) {
 #ifdef __CUDACC__
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
                : "=r"(remote)
                : "r"(shared_address(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote)
-               : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 #else
   emu::barrier_arrive_remote(bar, rank);
 #endif
 }
 
-// Waits until the barrier's phase of parity `parity` has completed.
+// A wait for a barrier's phase that is still open after this many tries traps (an unspecified
+// launch failure) instead of hanging: in these kernels a phase completes within microseconds,
+// so only a broken protocol gets there.
+constexpr uint32_t kMaxWaitTries = 1u << 28;
+
+// Waits until the barrier's phase of parity `parity` has completed: with kCluster, acquiring
+// what the cluster's threads did before their arrivals (a barrier that other blocks arrive on;
+// it invalidates the L1 cache), else what this block's threads did and the copies that
+// completed on it (the copies' bytes need no more than that).
+template <bool kCluster = false>
 __device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
 #ifdef __CUDACC__
-  asm volatile(
-      "{\n\t"
-      ".reg .pred done;\n\t"
-      "WAIT_%=:\n\t"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n\t"
-      "@!done bra WAIT_%=;\n\t"
-      "}" ::"r"(shared_address(bar)),
-      "r"(parity)
-      : "memory");
+  const uint32_t at = shared_address(bar);
+  for (uint32_t tries = 0;; ++tries) {
+    uint32_t done;
+    if (kCluster) {
+      asm volatile(
+          "{\n\t"
+          ".reg .pred p;\n\t"
+          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
+          "selp.u32 %0, 1, 0, p;\n\t"
+          "}"
+          : "=r"(done)
+          : "r"(at), "r"(parity)
+          : "memory");
+    } else {
+      asm volatile(
+          "{\n\t"
+          ".reg .pred p;\n\t"
+          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+          "selp.u32 %0, 1, 0, p;\n\t"
+          "}"
+          : "=r"(done)
+          : "r"(at), "r"(parity)
+          : "memory");
+    }
+    if (done) return;
+    if (tries == kMaxWaitTries) __trap();
+  }
 #else
   emu::barrier_wait(bar, parity);
 #endif

@@ -16,8 +16,8 @@
 //
 // The copies run `stages` steps ahead. A stage is released to the cluster once every thread of
 // the block is past the step that read it (the barrier after the next step's mix), by one
-// arrival on each block's `empty` barrier of that stage; a block's thread 0 refills a stage once
-// all four blocks have released it. Outputs go through shared memory to 16-byte stores along
+// arrival on each block's `empty` barrier of that stage (after the next step's products); a
+// block's thread 0 refills a stage once all four blocks have released it. Outputs go through shared memory to 16-byte stores along
 // the channels.
 #pragma once
 
@@ -235,15 +235,6 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       }
     }
     __syncthreads();  // the mixed tiles written; every thread past step kt - 1's products
-    if (tid == 0 && kt >= 1) {
-      const int done = (kt - 1) % S;
-      for (uint32_t c = 0; c < kClusterSize; ++c) barrier_arrive_remote(&empty[done], c);
-      const int next = kt - 1 + S;
-      if (next < steps) {
-        barrier_wait(&empty[done], uint32_t(next / S - 1) & 1u);
-        issue(next);
-      }
-    }
     if (j_mma < count) {
       const T* mixed_j = mixed + j_mma * kMixedElements;
       const T* in_j = stage + (EP + j_mma) * kTileElements;
@@ -265,6 +256,19 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 #pragma unroll
           for (int pj = 0; pj < 2; ++pj) wmma::mma_sync(acc[mi][pj], am, b[pj], acc[mi][pj]);
         }
+      }
+    }
+    // Step kt - 1's stage back to the cluster (every thread of the block was past it at the
+    // barrier above), and refilled once all the cluster's blocks have given it back: after this
+    // warp's products, so that the wait for the slowest block does not hold them up.
+    if (tid == 0 && kt >= 1) {
+      const int done = (kt - 1) % S;
+      fence_cluster();
+      for (uint32_t c = 0; c < kClusterSize; ++c) barrier_arrive_remote(&empty[done], c);
+      const int next = kt - 1 + S;
+      if (next < steps) {
+        barrier_wait<true>(&empty[done], uint32_t(next / S - 1) & 1u);
+        issue(next);
       }
     }
   }
@@ -301,6 +305,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     *reinterpret_cast<Pack8<T>*>(out + (int64_t(first + j) * a.pixels + pixel) * a.rows + row) = o;
   }
   cluster_sync();  // no block leaves while another may still arrive on its barriers
+#else
+  __trap();  // compiled for a GPU before sm_90: never launched there (runs_sm90)
 #endif
 }
 

@@ -38,8 +38,11 @@ bool runs_sm90(Kernel kernel) {
   int state = known[device].load(std::memory_order_relaxed);
   if (state == 0) {
     cudaFuncAttributes attr{};
+    // ptxVersion too: a build with PTX for an older GPU only (TORCH_CUDA_ARCH_LIST="8.0+PTX")
+    // has the kernel's body compiled out, and the driver would JIT that for sm_90.
     const bool ok = compute_capability_major() == 9 &&
-                    cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90;
+                    cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
+                    attr.binaryVersion >= 90 && attr.ptxVersion >= 90;
     (void)cudaGetLastError();
     state = ok ? 2 : 1;
     known[device].store(state, std::memory_order_relaxed);
