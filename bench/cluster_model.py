@@ -29,11 +29,12 @@ at 4.2 TB/s (both the H200's, measured). The modeled time is the largest of the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
 from pathlib import Path
+
+from condconv_kernels.cli import parser as cli_parser
 
 HERE = Path(__file__).resolve().parent
 DEFAULT = HERE / "results" / "gpu-h200" / "4c707b7" / "layers-b256-bf16-cl-fwd.json"
@@ -122,11 +123,12 @@ def report(table: dict, experts: int = 8) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_parser(__doc__)
     parser.add_argument("table", nargs="?", default=str(DEFAULT),
-                        help="a forward layer table's JSON (bench_layers.py)")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--out", help="also write the table here (Markdown)")
+                        help="A forward layer table's JSON (bench_layers.py).")
+    parser.add_argument("--experts", type=int, default=8,
+                        help="The layers' experts (the model's tables have 8).")
+    parser.add_argument("--out", help="Also write the table to this Markdown file.")
     args = parser.parse_args(argv)
     text = report(json.loads(Path(args.table).read_text()), args.experts)
     print(text)
