@@ -5,7 +5,8 @@ against the static convolution and four experimental alternatives, the experts-s
 pixels the experts-stationary kernel with the mix on the tensor cores
 (condconv_kernels/triton/stationary_mix.py) and, for the kernel gradients, the kernel with its
 tiles in the tensor cores' accumulator layout (condconv_kernels/triton/pointwise_grad.py), for
-the forward, grad_x (the kernel transposed) and the kernel gradients.
+the forward, grad_x (the kernel transposed) and the kernel gradients; and the cuda backend's
+clustered Hopper kernel (csrc/cuda/pointwise_cluster.cuh) for the forward and grad_x.
 
     python bench/bench_pointwise.py [--device cuda] [--batch 256] [--dtype bfloat16]
                                     [--layers s5.b0.expand,...] [--chunk-mb 8,128]
@@ -35,13 +36,16 @@ table's (which rotates input sets), the ratios between columns comparable.
   switch's ``mix`` pass alone, the experts stationary and their mix on the tensor cores;
 - ``acc layout`` (the kernel gradients only): the same call with the switch's
   ``kernel_grad`` pass alone, both halves from the kernel in the accumulator's layout;
+- ``cluster`` (the forward and grad_x): the same call through the cuda backend, on a Hopper
+  GPU its clustered kernel (blocks of 4 examples, clusters of 4 blocks sharing the experts'
+  tiles by multicast copies), ``-`` where the profile does not show that kernel;
 - ``acc layout, N warps`` (``--acc-warps``): that kernel at its plan for N warps a program
   instead of ``pointwise_grad.WARPS``'s 8 (4: tiles of 64 x 16, three programs an SM);
 - ``batched, N MB chunks`` (``--chunk-mb``): the batched pass with chunks of N MB instead of
   ``CHUNK_BYTES``'s 32 (whether its mixed kernels and G are read back from L2);
 - ``/ dense``: each alternative's time over dense's;
 - ``max diff``: each alternative's largest difference from dense over the result, against its
-  scale (stationary, batched, mix, acc layout; mix rounds the routing weights to the dtype
+  scale (stationary, batched, mix, acc layout, cluster; mix rounds the routing weights to the dtype
   before its tensor-core mix: a little above the others' rounding);
 - ``vs float64`` (the kernel gradients only): dense's and each alternative's largest
   difference from grad_routing summed in float64 on the device, against its scale: which one a
@@ -158,12 +162,13 @@ def main(argv=None):
     from condconv_kernels.triton import stationary_mix
     rows, record = [], []
     columns = (["layer", "shape", "pass", "static", "dense", "stationary", "batched", "mix",
-                "acc layout"]
+                "acc layout", "cluster"]
                + [f"batched, {mb} MB chunks" for mb in chunk_mb]
                + [f"acc layout, {w} warps" for w in acc_warps]
                + ["stationary / dense", "batched / dense", "mix / dense", "acc layout / dense",
-                  "max diff: stationary", "batched", "mix", "acc layout", "vs float64: dense",
-                  "stationary", "batched", "mix", "acc layout"]
+                  "cluster / dense", "max diff: stationary", "batched", "mix", "acc layout",
+                  "cluster", "vs float64: dense", "stationary", "batched", "mix", "acc layout",
+                  "cluster"]
                + (["modeled: stationary", "mix", "measured / modeled: stationary", "mix"]
                   if args.modeled else []))
 
@@ -171,6 +176,7 @@ def main(argv=None):
         print_table(f"1x1 passes, batch {args.batch}, {args.dtype}, channels_last, "
                     f"{args.device}: device us per call", columns, rows, record, args.out,
                     "bench_pointwise.py", argv, echo=echo)
+    cluster_runs = args.device.startswith("cuda") and "cuda" in cc.available_backends(args.device)
     g = torch.Generator().manual_seed(0)
     for layer in chosen:
         x, routing, weight, bias = layer_inputs(layer, args.batch, args.device, dtype, g)
@@ -197,6 +203,12 @@ def main(argv=None):
         def forward_of(b):  # EfficientNet's CondConv layers have no bias: the forward row
             return lambda: cc.condconv2d(x, routing, weight, b, backend=args.backend)  # has none
         forward = forward_of(None)
+
+        def on_cuda(b):  # the cuda backend's forward (its clustered kernel on a Hopper GPU)
+            return lambda: cc.condconv2d(x, routing, weight, b, backend="cuda")
+        cuda_grad_x = lambda: torch.ops.condconv.condconv2d_backward(  # noqa: E731
+            grad_out, x, routing, weight, None, [1, 1], [0] * 4, [1, 1], 1, "cuda",
+            [True, False, False, False], None, None, None)[0]
         kgrad = backward([False, True, True, False], 1)
         geometry = ((1, 1), (0,) * 4, (1, 1), 1)
 
@@ -221,14 +233,14 @@ def main(argv=None):
                             batched_path.eligible(x, weight, *geometry[:2], 1)),
                 "mix": (mix(forward), stationary_mix.eligible(x, layer.experts, layer.cout, 1,
                                                               True, False)),
-                "acc layout": none}),
+                "acc layout": none, "cluster": (on_cuda(None), cluster_runs)}),
             # With a bias: the third GPU run's mix forward (with one) was 1.45x dense's where
             # its grad_x (never one) was 0.79x; this row says whether the bias is the cause.
             "forward+bias": (lambda: F.conv2d(x, weight[0], bias[0]), forward_of(bias), {
                 "stationary": none, "batched": none,
                 "mix": (mix(forward_of(bias)), stationary_mix.eligible(
                     x, layer.experts, layer.cout, 1, True, False)),
-                "acc layout": none}),
+                "acc layout": none, "cluster": (on_cuda(bias), cluster_runs)}),
             "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
                        backward([True, False, False, False], 0), {
                 "stationary": (stationary(backward([True, False, False, False], 0)),
@@ -239,7 +251,7 @@ def main(argv=None):
                 "mix": (mix(backward([True, False, False, False], 0)),
                         stationary_mix.eligible(grad_out, layer.experts, layer.cin, 1, True,
                                                 False, transposed=True)),
-                "acc layout": none}),
+                "acc layout": none, "cluster": (cuda_grad_x, cluster_runs)}),
             # The kernel gradients as training asks for them (routing and weight): the dense
             # kernel for both, against each switch on (the stationary routing-gradient form,
             # then the dense kernel for the weight alone; the batched products for both; the
@@ -258,7 +270,8 @@ def main(argv=None):
                     "mix": none,
                     "acc layout": (switched(kgrad, "TRITON_STATIONARY",
                                             frozenset({"kernel_grad"})),
-                                   pointwise_grad.eligible(x, grad_out, weight, *geometry))}),
+                                   pointwise_grad.eligible(x, grad_out, weight, *geometry)),
+                    "cluster": none}),
         }
         truth = _routing_truth(x, grad_out, weight)
         for name, (static, dense_fn, alternatives) in passes.items():
@@ -269,12 +282,17 @@ def main(argv=None):
                      f"{times['dense']:.1f}"]
             results, diffs = {}, {}
             for alt, (fn, applies) in alternatives.items():
-                on_device = alt == "batched" or args.backend == "triton"
+                on_device = alt in ("batched", "cluster") or args.backend == "triton"
                 if applies and on_device:
                     try:  # an experimental path's failure is a cell, not the end of the table
                         results[alt] = fn()
                         diffs[alt] = _diff(results[alt], dense)
-                        times[alt] = device_kernels(fn, args.device)[0]
+                        times[alt], kernels = device_kernels(fn, args.device)
+                        if alt == "cluster" and not any("pointwise_cluster_kernel" in k[0]
+                                                        for k in kernels):
+                            del times[alt]  # the tiled kernels took it: not this column's
+                            print(f"{layer.name} {name}: the clustered kernel did not take it",
+                                  file=sys.stderr)
                     except Exception as exc:  # noqa: BLE001
                         results.pop(alt, None)
                         diffs[alt] = float("nan")
