@@ -17,10 +17,13 @@ of shared memory), per step of 32 along the reduction, in SM cycles at 1.78 GHz:
   memory (E expert tiles read, 4 mixed tiles written: 4 KB each, 128 bytes a cycle);
 - the products: the larger of the tensor cores (4 x 64 x 64 x 32 multiply-adds at 1024 a cycle,
   mma.sync's rate, half of wgmma's) and the fragment loads (each warp its example's A tile, 4
-  KB, and its half of the input tile, 2 KB, read 4 ways bank-conflicted: column-major 16-bit
-  fragments of 64-byte rows);
+  KB, and its half of the input tile, 2 KB: conflict-free through ldmatrix on the swizzled
+  tiles, the kernel's default form; ``--wmma``: the wmma form's loads of the input tile, 4 ways
+  bank-conflicted on its 64-byte rows);
 - the copies (TMA) overlap both; the two phases do not overlap each other (one block an SM, a
-  barrier between them).
+  barrier between them);
+- and the step is at least its shared-memory traffic, all of it (the copies' writes, the mix's,
+  the fragment loads) at 128 bytes a cycle.
 
 A block adds ``BLOCK_CYCLES`` (its first copies' latency and its epilogue); blocks run in waves
 of 132. Traffic bounds beside it: L2 -> SM (each expert tile once a cluster of 4 blocks, every
@@ -46,22 +49,24 @@ HBM_BYTES_PER_S = 4.2e12
 SMEM_BYTES_PER_CYCLE = 128
 FMA_PER_CYCLE = 128
 MMA_PER_CYCLE = 1024          # mma.sync, 16-bit operands, multiply-adds an SM a cycle
-B_CONFLICT = 4                # the input tile's column-major fragment loads
+WMMA_CONFLICT = 4             # the wmma form's loads of the input tile (64-byte rows)
 BLOCK_CYCLES = 2500           # first copies' latency and the epilogue, a block
 ROWS, PIXELS, DEPTH, EXAMPLES, CLUSTER, TILE = 64, 64, 32, 4, 4, 4096
 
 
-def model(batch: int, rows: int, depth: int, pixels: int, experts: int) -> dict:
-    """The modeled time (us) of one pass and its terms."""
+def model(batch: int, rows: int, depth: int, pixels: int, experts: int,
+          wmma: bool = False) -> dict:
+    """The modeled time (us) of one pass and its terms (``wmma``: that form's products)."""
     row_tiles = math.ceil(rows / ROWS)
     pixel_tiles = math.ceil(pixels / PIXELS)
     example_blocks = math.ceil(math.ceil(batch / EXAMPLES) / CLUSTER) * CLUSTER
     steps = math.ceil(depth / DEPTH)
     blocks = row_tiles * pixel_tiles * example_blocks
     mix = max(64 * experts, (experts + EXAMPLES) * TILE / SMEM_BYTES_PER_CYCLE)
-    fragments = 8 * (TILE + TILE // 2 * B_CONFLICT) / SMEM_BYTES_PER_CYCLE
+    fragments = 8 * (TILE + TILE // 2 * (WMMA_CONFLICT if wmma else 1)) / SMEM_BYTES_PER_CYCLE
     products = max(EXAMPLES * ROWS * PIXELS * DEPTH / MMA_PER_CYCLE, fragments)
-    step = mix + products
+    shared = (2 * (experts + EXAMPLES) * TILE / SMEM_BYTES_PER_CYCLE + fragments)
+    step = max(mix + products, shared)
     waves = math.ceil(blocks / SMS)
     compute_us = waves * (steps * step + BLOCK_CYCLES) / CLOCK * 1e6
     padded_depth = steps * DEPTH
@@ -89,10 +94,11 @@ def rows_of(table: dict, experts: int):
             yield layer["name"], cin, cout, h * w, layer["ms"]
 
 
-def report(table: dict, experts: int = 8) -> str:
+def report(table: dict, experts: int = 8, wmma: bool = False) -> str:
     batch = table["batch"]
+    form = "wmma" if wmma else "ldmatrix and mma.sync"
     lines = [
-        f"Clustered 1x1 kernel by model (`bench/cluster_model.py`), batch {batch}, "
+        f"Clustered 1x1 kernel ({form}) by model (`bench/cluster_model.py`), batch {batch}, "
         f"{experts} experts, us; measured: {table['machine'].get('gpu', '?')}, commit "
         f"{table['machine'].get('commit', '?')}",
         "",
@@ -102,8 +108,8 @@ def report(table: dict, experts: int = 8) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios, fwd_all, tri_all = [], [], []
     for name, cin, cout, pixels, ms in rows_of(table, experts):
-        f = model(batch, cout, cin, pixels, experts)
-        g = model(batch, cin, cout, pixels, experts)
+        f = model(batch, cout, cin, pixels, experts, wmma)
+        g = model(batch, cin, cout, pixels, experts, wmma)
         tri = ms.get("fused:triton", float("nan")) * 1e3
         cud = ms.get("fused:cuda", float("nan")) * 1e3
         ratios.append(cud / f["us"])
@@ -128,9 +134,11 @@ def main(argv=None) -> None:
                         help="A forward layer table's JSON (bench_layers.py).")
     parser.add_argument("--experts", type=int, default=8,
                         help="The layers' experts (the model's tables have 8).")
+    parser.add_argument("--wmma", action="store_true",
+                        help="Model the kernel's wmma form (CONDCONV_CUDA_CLUSTER=wmma).")
     parser.add_argument("--out", help="Also write the table to this Markdown file.")
     args = parser.parse_args(argv)
-    text = report(json.loads(Path(args.table).read_text()), args.experts)
+    text = report(json.loads(Path(args.table).read_text()), args.experts, args.wmma)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

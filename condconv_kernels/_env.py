@@ -34,11 +34,13 @@ switches lists them with the build's and the tests' own).
   launch path, never the direct launch of a kernel Triton has compiled for those arguments
   (:class:`condconv_kernels.triton._config.TunedKernel`), nor a replay of an earlier call's
   launches (:mod:`condconv_kernels.triton._replay`). Read at import.
-- ``CONDCONV_CUDA_CLUSTER=0``: the cuda backend's dense 1x1 forward and grad_x of
-  float16 / bfloat16 channels_last calls never take the clustered Hopper kernel
-  (``csrc/cuda/pointwise_cluster.cuh``), always the tiled ones. Read at import into
-  ``CUDA_CLUSTER``, which :mod:`condconv_kernels.backends` passes to the extension when it
-  loads (``torch.ops.condconv.cuda_pointwise_cluster``, which a process may call to change it).
+- ``CONDCONV_CUDA_CLUSTER``: whether the cuda backend's dense 1x1 forward and grad_x of
+  float16 / bfloat16 channels_last calls take the clustered Hopper kernel
+  (``csrc/cuda/pointwise_cluster.cuh``) and in which form: ``1`` (the default) its products
+  through ldmatrix and mma.sync, ``wmma`` through wmma, ``0`` never (the tiled kernels). Read at
+  import into ``CUDA_CLUSTER`` (0, 1 or 2), which :mod:`condconv_kernels.backends` passes to the
+  extension when it loads (``torch.ops.condconv.cuda_pointwise_cluster``, which a process may
+  call to change it).
 - ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call
   (:func:`backend_override`), so a process may change it.
 - ``CONDCONV_MALLOC_AS_IS=1``: the benchmark scripts keep the C allocator's settings instead of
@@ -97,7 +99,19 @@ def batched_passes(value: str) -> frozenset:
     return passes("CONDCONV_TRITON_BATCHED", value, BATCHED_PASSES)
 
 
-CUDA_CLUSTER = os.environ.get("CONDCONV_CUDA_CLUSTER", "1") != "0"
+CLUSTER_MODES = {"0": 0, "1": 1, "wmma": 2}
+
+
+def cluster_mode(value: str) -> int:
+    """The mode a CONDCONV_CUDA_CLUSTER value names (``CLUSTER_MODES``; empty: the default)."""
+    value = value.strip().lower() or "1"
+    if value not in CLUSTER_MODES:
+        raise ValueError(f"CONDCONV_CUDA_CLUSTER must be one of {', '.join(CLUSTER_MODES)}; "
+                         f"got {value!r}")
+    return CLUSTER_MODES[value]
+
+
+CUDA_CLUSTER = cluster_mode(os.environ.get("CONDCONV_CUDA_CLUSTER", "1"))
 TRITON_STATIONARY = stationary_passes(os.environ.get("CONDCONV_TRITON_STATIONARY", "0"))
 TRITON_BATCHED = batched_passes(os.environ.get("CONDCONV_TRITON_BATCHED", "0"))
 

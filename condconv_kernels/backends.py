@@ -38,8 +38,8 @@ try:
     from . import _C  # noqa: F401  (loads the library that registers torch.ops.condconv.native_*)
 except ImportError as exc:  # the package still works with the reference backend
     _native_error = f"the C++ extension condconv_kernels._C did not load ({exc})"
-if _native_error is None and not _env.CUDA_CLUSTER:
-    torch.ops.condconv.cuda_pointwise_cluster(False)
+if _native_error is None and _env.CUDA_CLUSTER != 1:
+    torch.ops.condconv.cuda_pointwise_cluster(_env.CUDA_CLUSTER)
 
 
 # Which devices the loaded extension has kernels for, read once (the registrations happen when

@@ -130,9 +130,11 @@ namespace cuda {
 ForwardKernel forward;
 BackwardKernel backward;
 // Whether the dense 1x1 forward and grad_x of float16/bfloat16 channels_last calls take the
-// clustered Hopper kernel where it applies (csrc/cuda/pointwise_cluster.cuh); on unless turned
-// off. The op condconv::cuda_pointwise_cluster reads and sets it (defined in ops.cpp, so that a
-// build without CUDA has it too).
-bool pointwise_cluster();
+// clustered Hopper kernel where it applies (csrc/cuda/pointwise_cluster.cuh), and which form:
+// kClusterOff, kClusterFragments (its products through ldmatrix and mma.sync: the default) or
+// kClusterWmma (through wmma). The op condconv::cuda_pointwise_cluster reads and sets it
+// (defined in ops.cpp, so that a build without CUDA has it too).
+enum ClusterMode : int64_t { kClusterOff = 0, kClusterFragments = 1, kClusterWmma = 2 };
+ClusterMode pointwise_cluster();
 }  // namespace cuda
 }  // namespace condconv

@@ -346,16 +346,24 @@ std::vector<std::string> cpu_paths(const at::Tensor& x, const at::Tensor& routin
 }
 
 namespace {
-std::atomic<bool> cuda_pointwise_cluster_on{true};
+std::atomic<int64_t> cuda_pointwise_cluster_mode{cuda::kClusterFragments};
 
-// The switch of cuda::pointwise_cluster: set where `enable` is given; the setting after.
-bool cuda_pointwise_cluster_op(c10::optional<bool> enable) {
-  if (enable.has_value()) cuda_pointwise_cluster_on.store(*enable);
-  return cuda_pointwise_cluster_on.load();
+// The switch of cuda::pointwise_cluster: set where `mode` is given (0 off, 1 the kernel's
+// products through ldmatrix and mma.sync, 2 through wmma); the setting after.
+int64_t cuda_pointwise_cluster_op(c10::optional<int64_t> mode) {
+  if (mode.has_value()) {
+    TORCH_CHECK(*mode >= cuda::kClusterOff && *mode <= cuda::kClusterWmma,
+                "cuda_pointwise_cluster: mode must be 0 (off), 1 (ldmatrix and mma.sync) or 2 "
+                "(wmma), got ", *mode);
+    cuda_pointwise_cluster_mode.store(*mode);
+  }
+  return cuda_pointwise_cluster_mode.load();
 }
 }  // namespace
 
-bool cuda::pointwise_cluster() { return cuda_pointwise_cluster_on.load(std::memory_order_relaxed); }
+cuda::ClusterMode cuda::pointwise_cluster() {
+  return static_cast<ClusterMode>(cuda_pointwise_cluster_mode.load(std::memory_order_relaxed));
+}
 
 #define CONDCONV_SCALES "Tensor? in_scale=None, Tensor? out_scale=None, Tensor? tap_scale=None"
 
@@ -372,7 +380,7 @@ TORCH_LIBRARY(condconv, m) {
       "cpu_paths(Tensor x, Tensor routing, Tensor weight, Tensor? bias, int[2] stride, "
       "int[4] padding, int[2] dilation, int groups, bool scaled=False) -> str[]");
   m.def("cpu_path_names() -> str[]", &cpu::all_path_names);
-  m.def("cuda_pointwise_cluster(bool? enable=None) -> bool", &cuda_pointwise_cluster_op);
+  m.def("cuda_pointwise_cluster(int? mode=None) -> int", &cuda_pointwise_cluster_op);
   // Composite: they read sizes, dtypes and devices only, so they run on any device (meta and fake
   // tensors with concrete sizes included).
   m.def(

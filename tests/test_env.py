@@ -44,17 +44,26 @@ def test_both_off_by_default():
 @pytest.mark.skipif(not hasattr(torch.ops.condconv, "cuda_pointwise_cluster"),
                     reason="the C++ extension did not load")
 def test_cuda_cluster_switch():
-    """On by default; the op sets it and returns the setting; CONDCONV_CUDA_CLUSTER=0 in the
-    environment turns it off as the package loads, any other value leaves it on."""
+    """1 (ldmatrix and mma.sync) by default; the op sets 0, 1 or 2 and returns the setting, and
+    refuses another value naming the modes; CONDCONV_CUDA_CLUSTER=0 or wmma in the environment
+    sets 0 or 2 as the package loads; a value it does not know is an error naming the
+    variable."""
     op = torch.ops.condconv.cuda_pointwise_cluster
-    assert _env.CUDA_CLUSTER and op()
+    assert _env.CUDA_CLUSTER == 1 and op() == 1
     try:
-        assert op(False) is False and op() is False
-        assert op(True) is True and op() is True
+        for mode in (0, 2, 1):
+            assert op(mode) == mode and op() == mode
+        with pytest.raises(RuntimeError, match="mode must be 0 .off., 1 .ldmatrix and mma.sync. "
+                                               "or 2 .wmma., got 3"):
+            op(3)
+        assert op() == 1
     finally:
-        op(True)
+        op(1)
+    assert [_env.cluster_mode(v) for v in ("0", "1", " WMMA ", "")] == [0, 1, 2, 1]
+    with pytest.raises(ValueError, match="CONDCONV_CUDA_CLUSTER must be one of 0, 1, wmma"):
+        _env.cluster_mode("yes")
     read = "import torch, condconv_kernels; print(torch.ops.condconv.cuda_pointwise_cluster())"
-    for value, want in (("0", "False"), ("1", "True"), ("", "True")):
+    for value, want in (("0", "0"), ("wmma", "2"), ("1", "1"), ("", "1")):
         env = {**os.environ, "CONDCONV_CUDA_CLUSTER": value}
         got = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True,
                              text=True, check=True).stdout.strip()

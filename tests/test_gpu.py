@@ -310,23 +310,23 @@ def test_gpu_cuda_pointwise_cluster(more, dtype, backend):
     blocks, two of them empty) and s7.b0.project (36 steps: its stages refilled many times;
     grad_x 10), 14x14 with a bias in float16 (4 tiles of pixels, 5 experts shared unevenly
     over a cluster), 3 experts (stages of 4): forward and every gradient against the ground
-    truth, with the kernel seen in the profiler (forward and grad_x), then the same with it
-    switched off (the tiled kernels)."""
+    truth, with the kernel seen in the profiler (forward and grad_x), in each form of its
+    products (ldmatrix and mma.sync on swizzled tiles, mode 1; wmma, mode 2), then with the
+    switch off (mode 0: the tiled kernels, not seen)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the clustered kernel runs on compute capability 9.x only")
     case = dataclasses.replace(CASES_BY_NAME["k1"], **more)
-    assert torch.ops.condconv.cuda_pointwise_cluster(), "switched off (CONDCONV_CUDA_CLUSTER=0?)"
+    switch = torch.ops.condconv.cuda_pointwise_cluster
+    assert switch() == 1, "not the default (CONDCONV_CUDA_CLUSTER set?)"
     activities = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        _check(case, backend, dtype, "channels_last", factor=4.0)
-    assert _cluster_launches(prof) == 2, "the forward and grad_x did not take the kernel"
-    torch.ops.condconv.cuda_pointwise_cluster(False)
     try:
-        with torch.profiler.profile(activities=activities) as prof:
-            _check(case, backend, dtype, "channels_last", factor=4.0)
+        for mode, launches in ((1, 2), (2, 2), (0, 0)):
+            switch(mode)
+            with torch.profiler.profile(activities=activities) as prof:
+                _check(case, backend, dtype, "channels_last", factor=4.0)
+            assert _cluster_launches(prof) == launches, f"mode {mode}"
     finally:
-        torch.ops.condconv.cuda_pointwise_cluster(True)
-    assert _cluster_launches(prof) == 0
+        switch(1)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="about 5 GB: GPU only")

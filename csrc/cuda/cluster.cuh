@@ -209,11 +209,15 @@ __device__ __forceinline__ void tile_load_multicast(void* dst, const TileMap* ma
 
 // Host: the map of a 3-D tensor of 16-bit elements at `base` (16-byte aligned) with sizes
 // dims[0..2] (innermost first), byte strides strides[0..1] of dims 1 and 2 (multiples of 16),
-// and copies of box[0..2] elements (box[0] x 2 bytes a multiple of 16). Returns false, with
-// the reason in *error, where the driver refuses it.
+// and copies of box[0..2] elements (box[0] x 2 bytes a multiple of 16). With swizzle64 (rows of
+// at most 64 bytes, destinations 1024-byte aligned) a copy lands with the 16-byte chunks of each
+// row permuted: address bits 4-5 XOR bits 7-8, so that 8 rows of 64 bytes read at the same
+// column fall in 8 different bank groups. Returns false, with the reason in *error, where the
+// driver refuses it.
 #ifdef __CUDACC__
 inline bool make_tile_map(TileMap* map, const void* base, bool bfloat16, const uint64_t dims[3],
-                          const uint64_t strides[2], const uint32_t box[3], std::string* error) {
+                          const uint64_t strides[2], const uint32_t box[3], bool swizzle64,
+                          std::string* error) {
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                               const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
                               const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
@@ -242,7 +246,8 @@ inline bool make_tile_map(TileMap* map, const void* base, bool bfloat16, const u
   const CUresult r = encode(
       map, bfloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
       const_cast<void*>(base), dims, strides, box, element_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+      CU_TENSOR_MAP_INTERLEAVE_NONE,
+      swizzle64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_NONE,
       CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     *error = "cuTensorMapEncodeTiled failed with error " + std::to_string(int(r));
@@ -253,8 +258,8 @@ inline bool make_tile_map(TileMap* map, const void* base, bool bfloat16, const u
 #else
 inline bool make_tile_map(TileMap* map, const void* base, bool /*bfloat16*/,
                           const uint64_t dims[3], const uint64_t strides[2], const uint32_t box[3],
-                          std::string* error) {
-  return emu::make_tile_map(map, base, dims, strides, box, error);
+                          bool swizzle64, std::string* error) {
+  return emu::make_tile_map(map, base, dims, strides, box, swizzle64, error);
 }
 #endif
 

@@ -12,7 +12,9 @@
 // Every thread then mixes 8 elements of the experts' tiles for the four examples at once (the
 // experts read from shared memory once a step, in registers for the four mixes) into the
 // examples' mixed tiles, and each warp multiplies one example's mixed tile by half its input
-// tile on the tensor cores (wmma, 64 rows x 32 pixels).
+// tile on the tensor cores (64 rows x 32 pixels): through ldmatrix and mma.sync on input tiles
+// copied with the 64-byte swizzle (FragmentProducts: conflict-free fragment loads, the
+// default), or through wmma on plain ones (WmmaProducts).
 //
 // The copies run `stages` steps ahead. A stage is released to the cluster once every thread of
 // the block is past the step that read it (the barrier after the next step's mix), by one
@@ -22,6 +24,7 @@
 #pragma once
 
 #include "cluster.cuh"
+#include "fragments.cuh"
 #include "kernels.cuh"
 
 #include <ATen/core/Tensor.h>
@@ -48,8 +51,9 @@ constexpr int kLdForward = kDepth + 8;  // mixed tile, forward: [row][depth], pa
 constexpr int kLdGradX = kRows + 8;     // mixed tile, grad_x: [depth][row]
 constexpr int kMixedElements = kRows * kLdForward;  // >= kDepth * kLdGradX
 constexpr int kLdOut = kRows + 4;       // the accumulators in shared memory: [pixel][row], float
-constexpr int kBarrierBytes = 128;      // the barriers, ahead of the tiles (128-byte aligned)
-constexpr int kAlignSlack = 128;        // the dynamic shared memory aligned up to 128 bytes
+constexpr int kBarrierBytes = 1024;     // the barriers, ahead of the tiles (1024-byte aligned:
+                                        // whole atoms of the 64-byte swizzle)
+constexpr int kAlignSlack = 1024;       // the dynamic shared memory aligned up to 1024 bytes
 constexpr int kSharedLimit = 227 * 1024;
 static_assert(kTileElements == kBlockThreads * 8, "a thread mixes 8 elements of a tile");
 static_assert(kDepth * kLdGradX <= kMixedElements, "mixed tile size");
@@ -106,6 +110,121 @@ __device__ __forceinline__ __nv_bfloat16 from_float(float v, const __nv_bfloat16
 #endif
 
 #if CONDCONV_SM90_DEVICE
+// A warp's products of a step: one example's mixed tile (kRows x kDepth, forward [row][depth]
+// with rows of kLdForward, grad_x [depth][row] with rows of kLdGradX) by half its input tile
+// (kPixels x kDepth, [pixel][depth], 64-byte rows), into the accumulators of its 64 rows x 32
+// pixels; store() puts them in shared memory, [pixel][row] with rows of kLdOut floats.
+//
+// Through wmma: the input tiles as copied (the fragment loads of 64-byte rows 4-way
+// bank-conflicted; the compiler makes them generic 32-bit loads).
+template <typename T, bool kGradX>
+struct WmmaProducts {
+  static constexpr bool kSwizzledInput = false;
+  using ALayout = typename std::conditional<kGradX, nvcuda::wmma::col_major,
+                                            nvcuda::wmma::row_major>::type;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[4][2];
+
+  __device__ __forceinline__ WmmaProducts() {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int pj = 0; pj < 2; ++pj) nvcuda::wmma::fill_fragment(acc[mi][pj], 0.0f);
+    }
+  }
+  __device__ __forceinline__ void step(const T* mixed, const T* in, int half) {
+    namespace wmma = nvcuda::wmma;
+#pragma unroll
+    for (int kk = 0; kk < kDepth; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+      for (int pj = 0; pj < 2; ++pj) {
+        wmma::load_matrix_sync(b[pj], in + (32 * half + 16 * pj) * kDepth + kk, kDepth);
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> am;
+        if (kGradX) {
+          wmma::load_matrix_sync(am, mixed + kk * kLdGradX + 16 * mi, kLdGradX);
+        } else {
+          wmma::load_matrix_sync(am, mixed + 16 * mi * kLdForward + kk, kLdForward);
+        }
+#pragma unroll
+        for (int pj = 0; pj < 2; ++pj) wmma::mma_sync(acc[mi][pj], am, b[pj], acc[mi][pj]);
+      }
+    }
+  }
+  __device__ __forceinline__ void store(float* tile, int half) const {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int pj = 0; pj < 2; ++pj) {
+        nvcuda::wmma::store_matrix_sync(tile + (32 * half + 16 * pj) * kLdOut + 16 * mi,
+                                        acc[mi][pj], kLdOut, nvcuda::wmma::mem_col_major);
+      }
+    }
+  }
+};
+
+// Through ldmatrix and mma.sync (fragments.cuh): the input tiles copied with the 64-byte
+// swizzle (16-byte chunk q of pixel p's row at chunk q ^ ((p >> 1) & 3)), so that the 8 rows
+// one ldmatrix reads fall in 8 different bank groups; the mixed tiles' padded rows are
+// conflict-free as they are (grad_x's read transposed).
+template <typename T, bool kGradX>
+struct FragmentProducts {
+  static constexpr bool kSwizzledInput = true;
+  float acc[4][4][4] = {};  // [row tile of 16][pixel tile of 8][fragment element]
+
+  __device__ __forceinline__ void step(const T* mixed, const T* in, int half) {
+    using namespace fragments;
+    const int lane = threadIdx.x % 32;
+    const auto* in_bytes = reinterpret_cast<const unsigned char*>(in);
+#pragma unroll
+    for (int kk = 0; kk < kDepth; kk += 16) {
+      uint32_t b[4][2];  // the warp's 4 tiles of 8 pixels
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int px = 32 * half + 16 * q + lane % 8 + lane / 16 * 8;
+        const int chunk = (kk + lane / 8 % 2 * 8) / 8;
+        uint32_t r[4];
+        ldmatrix_x4(r, in_bytes + px * 2 * kDepth + 16 * (chunk ^ ((px >> 1) & 3)));
+        b[2 * q][0] = r[0];
+        b[2 * q][1] = r[1];
+        b[2 * q + 1][0] = r[2];
+        b[2 * q + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        uint32_t am[4];
+        if (kGradX) {
+          ldmatrix_x4_trans(am, mixed + (kk + lane % 8 + lane / 16 * 8) * kLdGradX + 16 * mi +
+                                    lane / 8 % 2 * 8);
+        } else {
+          ldmatrix_x4(am, mixed + (16 * mi + lane % 8 + lane / 8 % 2 * 8) * kLdForward + kk +
+                              lane / 16 * 8);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          mma_16816<std::is_same<T, __nv_bfloat16>::value>(acc[mi][nt], am, b[nt]);
+        }
+      }
+    }
+  }
+  __device__ __forceinline__ void store(float* tile, int half) const {
+    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = 16 * mi + g + 8 * (i / 2), px = 32 * half + 8 * nt + 2 * c + i % 2;
+          tile[px * kLdOut + row] = acc[mi][nt][i];
+        }
+      }
+    }
+  }
+};
+
 // Thread 0 of a block: the copies of step kt into stage kt % stages (tiles of kStageElements),
 // announced on its `full` barrier: the experts e = rank, rank + kClusterSize, ... multicast to
 // the cluster, and this block's `count` examples' input tiles.
@@ -131,14 +250,15 @@ __device__ __forceinline__ void issue_step(const sm90::TileMap* experts_map,
 #endif
 
 // T: __half or __nv_bfloat16; EP: experts a stage holds (4 or 8); kGradX: grad_x (the experts'
-// tiles read transposed) instead of the forward. Grid: x = row tile + row_tiles x pixel tile,
-// y = block of examples (clusters of kClusterSize along y); kBlockThreads threads.
-template <typename T, int EP, bool kGradX>
+// tiles read transposed) instead of the forward; kFragments: the products through ldmatrix and
+// mma.sync on swizzled input tiles (FragmentProducts), else wmma (WmmaProducts). Grid: x = row
+// tile + row_tiles x pixel tile, y = block of examples (clusters of kClusterSize along y);
+// kBlockThreads threads.
+template <typename T, int EP, bool kGradX, bool kFragments>
 __global__ void __launch_bounds__(kBlockThreads, 1)
     pointwise_cluster_kernel(const CONDCONV_GRID_CONSTANT sm90::TileMap experts_map,
                              const CONDCONV_GRID_CONSTANT sm90::TileMap in_map, const Args a) {
 #if CONDCONV_SM90_DEVICE
-  namespace wmma = nvcuda::wmma;
   using namespace sm90;
   CONDCONV_DYNAMIC_SHARED(raw);
   unsigned char* base = raw + shared_padding(raw, kAlignSlack);
@@ -188,13 +308,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 
   // Warp w multiplies example w / 2's mixed tile by pixels 32 (w % 2) .. + 31 of its input.
   const int warp = tid / 32, j_mma = warp / 2, half = warp % 2;
-  using ALayout = typename std::conditional<kGradX, wmma::col_major, wmma::row_major>::type;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
-#pragma unroll
-  for (int mi = 0; mi < 4; ++mi) {
-#pragma unroll
-    for (int pj = 0; pj < 2; ++pj) wmma::fill_fragment(acc[mi][pj], 0.0f);
-  }
+  typename std::conditional<kFragments, FragmentProducts<T, kGradX>,
+                            WmmaProducts<T, kGradX>>::type products;
   // The thread's 8 elements of every tile (linear 8 tid ..), and their place in a mixed tile.
   const int lin = 8 * tid;
   const int mixed_at = kGradX ? (lin / kRows) * kLdGradX + lin % kRows
@@ -236,27 +351,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     __syncthreads();  // the mixed tiles written; every thread past step kt - 1's products
     if (j_mma < count) {
-      const T* mixed_j = mixed + j_mma * kMixedElements;
-      const T* in_j = stage + (EP + j_mma) * kTileElements;
-#pragma unroll
-      for (int kk = 0; kk < kDepth; kk += 16) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
-#pragma unroll
-        for (int pj = 0; pj < 2; ++pj) {
-          wmma::load_matrix_sync(b[pj], in_j + (32 * half + 16 * pj) * kDepth + kk, kDepth);
-        }
-#pragma unroll
-        for (int mi = 0; mi < 4; ++mi) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> am;
-          if (kGradX) {
-            wmma::load_matrix_sync(am, mixed_j + kk * kLdGradX + 16 * mi, kLdGradX);
-          } else {
-            wmma::load_matrix_sync(am, mixed_j + 16 * mi * kLdForward + kk, kLdForward);
-          }
-#pragma unroll
-          for (int pj = 0; pj < 2; ++pj) wmma::mma_sync(acc[mi][pj], am, b[pj], acc[mi][pj]);
-        }
-      }
+      products.step(mixed + j_mma * kMixedElements, stage + (EP + j_mma) * kTileElements, half);
     }
     // Step kt - 1's stage back to the cluster (every thread of the block was past it at the
     // barrier above), and refilled once all the cluster's blocks have given it back: after this
@@ -277,17 +372,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // are free for the accumulators, [example][pixel][row].
   __syncthreads();
   float* acc_tile = reinterpret_cast<float*>(tiles);
-  if (j_mma < count) {
-#pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
-#pragma unroll
-      for (int pj = 0; pj < 2; ++pj) {
-        wmma::store_matrix_sync(
-            acc_tile + (j_mma * kPixels + 32 * half + 16 * pj) * kLdOut + 16 * mi, acc[mi][pj],
-            kLdOut, wmma::mem_col_major);
-      }
-    }
-  }
+  if (j_mma < count) products.store(acc_tile + j_mma * kPixels * kLdOut, half);
   __syncthreads();
   T* out = static_cast<T*>(a.out);
   constexpr int kVectors = kRows / 8;  // 16-byte stores along a pixel's channels
@@ -339,7 +424,7 @@ struct Pass {
   sm90::TileMap experts, in;
   Args args;
   Plan plan;
-  bool grad_x, bfloat16;
+  bool grad_x, bfloat16, fragments;
   dim3 grid() const { return dim3(plan.row_tiles * plan.pixel_tiles, plan.example_blocks); }
 };
 
@@ -347,10 +432,10 @@ struct Pass {
 // fits: experts (E, Cout, Cin), in (B, P, D) and out (B, P, rows), both channels_last;
 // routing (B, E) and bias (B, rows, or null) float32. False, with the reason, where the driver
 // refuses a map.
-inline bool prepare(bool grad_x, bool bfloat16, const void* experts, const void* in, void* out,
-                    const float* routing, const float* bias, int64_t batch, int64_t cin,
-                    int64_t cout, int64_t pixels, int64_t num_experts, Pass* p,
-                    std::string* error) {
+inline bool prepare(bool grad_x, bool bfloat16, bool fragments, const void* experts,
+                    const void* in, void* out, const float* routing, const float* bias,
+                    int64_t batch, int64_t cin, int64_t cout, int64_t pixels,
+                    int64_t num_experts, Pass* p, std::string* error) {
   const int64_t rows = grad_x ? cin : cout, depth = grad_x ? cout : cin;
   const uint64_t expert_dims[3] = {uint64_t(cin), uint64_t(cout), uint64_t(num_experts)};
   const uint64_t expert_strides[2] = {uint64_t(cin) * 2, uint64_t(cin * cout) * 2};
@@ -360,8 +445,9 @@ inline bool prepare(bool grad_x, bool bfloat16, const void* experts, const void*
   const uint64_t in_strides[2] = {uint64_t(depth) * 2, uint64_t(pixels * depth) * 2};
   const uint32_t in_box[3] = {kDepth, kPixels, 1};
   if (!sm90::make_tile_map(&p->experts, experts, bfloat16, expert_dims, expert_strides,
-                           expert_box, error) ||
-      !sm90::make_tile_map(&p->in, in, bfloat16, in_dims, in_strides, in_box, error)) {
+                           expert_box, false, error) ||
+      !sm90::make_tile_map(&p->in, in, bfloat16, in_dims, in_strides, in_box, fragments,
+                           error)) {
     return false;
   }
   p->plan = plan(batch, rows, pixels, num_experts);
@@ -369,6 +455,7 @@ inline bool prepare(bool grad_x, bool bfloat16, const void* experts, const void*
                  p->plan.stages, routing, grad_x ? nullptr : bias, out};
   p->grad_x = grad_x;
   p->bfloat16 = bfloat16;
+  p->fragments = fragments;
   return true;
 }
 
@@ -378,11 +465,17 @@ void dispatch(const Pass& p, LaunchFn&& launch) {
   const auto go = [&](auto kernel) {
     launch(kernel, p.grid(), size_t(p.plan.shared_bytes), p.experts, p.in, p.args);
   };
-  if (padded_experts(p.args.experts) == 4) {
-    p.grad_x ? go(&pointwise_cluster_kernel<T, 4, true>) : go(&pointwise_cluster_kernel<T, 4, false>);
-  } else {
-    p.grad_x ? go(&pointwise_cluster_kernel<T, 8, true>) : go(&pointwise_cluster_kernel<T, 8, false>);
-  }
+  const auto by_pass = [&](auto fragments) {
+    constexpr bool kF = decltype(fragments)::value;
+    if (padded_experts(p.args.experts) == 4) {
+      p.grad_x ? go(&pointwise_cluster_kernel<T, 4, true, kF>)
+               : go(&pointwise_cluster_kernel<T, 4, false, kF>);
+    } else {
+      p.grad_x ? go(&pointwise_cluster_kernel<T, 8, true, kF>)
+               : go(&pointwise_cluster_kernel<T, 8, false, kF>);
+    }
+  };
+  p.fragments ? by_pass(std::true_type{}) : by_pass(std::false_type{});
 }
 
 }  // namespace pointwise

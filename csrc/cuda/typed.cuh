@@ -117,14 +117,15 @@ bool launch_pointwise_cluster(bool grad_x, const Geometry& g, const at::Tensor& 
     return false;
   } else {
     using T = typename TensorCoreOperand<scalar_t>::type;
-    if (!pointwise_cluster() || !pointwise::fits(g, in, out, ops.weight) ||
-        !runs_sm90(&pointwise::pointwise_cluster_kernel<T, 8, false>)) {
+    const ClusterMode mode = pointwise_cluster();
+    if (mode == kClusterOff || !pointwise::fits(g, in, out, ops.weight) ||
+        !runs_sm90(&pointwise::pointwise_cluster_kernel<T, 8, false, true>)) {
       return false;
     }
     pointwise::Pass pass;
     std::string error;
     if (!pointwise::prepare(grad_x, std::is_same<scalar_t, at::BFloat16>::value,
-                            ops.weight.const_data_ptr(), in.const_data_ptr(),
+                            mode == kClusterFragments, ops.weight.const_data_ptr(), in.const_data_ptr(),
                             out.mutable_data_ptr(), ops.routing_ptr(), bias, g.batch,
                             g.in_channels, g.out_channels, g.out_pixels(), g.experts, &pass,
                             &error)) {

@@ -8,6 +8,8 @@
 //     y/z, dynamic shared memory), dynamic shared memory poisoned with NaN bytes per block;
 //   - __syncthreads (a barrier of the whole block; one thread missing it aborts with a message
 //     instead of hanging) and __shfl_down_sync over the full warp;
+//   - ldmatrix and mma.sync m16n8k16 (csrc/cuda/fragments.cuh), the values moved between a
+//     warp's lanes as the hardware's fragment layouts say;
 //   - nvcuda::wmma 16x16xK fragments, row- or column-major: every lane holds the whole tile, the
 //     warp-wide operations are computed per lane, and load/store check the pointer alignment
 //     (32 bytes) and leading dimension (a multiple of 16 bytes) that the hardware requires;
@@ -129,7 +131,7 @@ struct Launch {
   }
   Barrier block;
   std::vector<std::unique_ptr<Barrier>> warps;
-  std::vector<std::array<unsigned char, 16>> slots;  // shuffle exchange, one per thread
+  std::vector<std::array<unsigned char, 64>> slots;  // exchanges within a warp, one per thread
   std::vector<unsigned char> storage;
   size_t size;
 };
@@ -249,10 +251,12 @@ struct TileMap {
   uint64_t dims[3];     // innermost first
   uint64_t strides[3];  // bytes: 2, then dims 1 and 2
   uint32_t box[3];
+  bool swizzle64;       // 64-byte swizzle: address bits 4-5 XOR bits 7-8
 };
 
 inline bool make_tile_map(TileMap* map, const void* base, const uint64_t dims[3],
-                          const uint64_t strides[2], const uint32_t box[3], std::string* error) {
+                          const uint64_t strides[2], const uint32_t box[3], bool swizzle64,
+                          std::string* error) {
   std::string why;
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) why = "base not 16-byte aligned";
   for (int d = 0; d < 2; ++d) {
@@ -262,6 +266,7 @@ inline bool make_tile_map(TileMap* map, const void* base, const uint64_t dims[3]
     if (dims[d] == 0 || box[d] == 0 || box[d] > 256) why = "dim or box " + std::to_string(d);
   }
   if (box[0] * 2 % 16 != 0) why = "box's inner bytes not a multiple of 16";
+  if (swizzle64 && box[0] * 2 > 64) why = "a 64-byte swizzle with rows of more than 64 bytes";
   if (!why.empty()) {
     *error = why;
     return false;
@@ -269,7 +274,8 @@ inline bool make_tile_map(TileMap* map, const void* base, const uint64_t dims[3]
   *map = TileMap{static_cast<const unsigned char*>(base),
                  {dims[0], dims[1], dims[2]},
                  {2, strides[0], strides[1]},
-                 {box[0], box[1], box[2]}};
+                 {box[0], box[1], box[2]},
+                 swizzle64};
   return true;
 }
 
@@ -370,7 +376,10 @@ inline void barrier_wait(uint64_t* bar, uint32_t parity) {
 inline void tile_load(void* dst, const TileMap* map, int c0, int c1, int c2, uint64_t* bar,
                       uint16_t mask) {
   ClusterRun& run = running_cluster("tile_load");
-  if (reinterpret_cast<uintptr_t>(dst) % 128 != 0) fail("tile_load: destination not 128-byte aligned");
+  const uintptr_t align = map->swizzle64 ? 1024 : 128;  // a swizzled box: whole swizzle atoms
+  if (reinterpret_cast<uintptr_t>(dst) % align != 0) {
+    fail("tile_load: destination not " + std::to_string(align) + "-byte aligned");
+  }
   const size_t bytes = size_t(map->box[0]) * map->box[1] * map->box[2] * 2;
   const size_t at = shared_offset(dst, bytes, "tile_load");
   const size_t bar_at = shared_offset(bar, 8, "tile_load");
@@ -390,10 +399,12 @@ inline bool land_copies() {
   if (run.copies.empty()) return false;
   for (const PendingCopy& c : run.copies) {
     const TileMap& m = *c.map;
-    unsigned char* dst = run.blocks[c.rank]->dynamic() + c.dst;
+    unsigned char* block = run.blocks[c.rank]->dynamic();
+    size_t at = c.dst;  // the element's offset in the block's shared memory (1024-aligned)
     for (uint32_t z = 0; z < m.box[2]; ++z) {
       for (uint32_t y = 0; y < m.box[1]; ++y) {
-        for (uint32_t x = 0; x < m.box[0]; ++x, dst += 2) {
+        for (uint32_t x = 0; x < m.box[0]; ++x, at += 2) {
+          unsigned char* dst = block + (m.swizzle64 ? at ^ (((at >> 7) & 3) << 4) : at);
           const int64_t i[3] = {int64_t(c.c[0]) + x, int64_t(c.c[1]) + y, int64_t(c.c[2]) + z};
           bool inside = true;
           for (int d = 0; d < 3; ++d) inside = inside && i[d] >= 0 && uint64_t(i[d]) < m.dims[d];
@@ -496,6 +507,84 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
   state.warps[t / 32]->wait("__shfl_down_sync");
   return result;
 }
+
+namespace emu {
+
+// Every lane of the running thread's warp deposits `bytes` of `mine`; all[lane] gets each one's.
+// The whole warp must take part.
+template <size_t kBytes>
+void warp_exchange(const void* mine, std::array<std::array<unsigned char, kBytes>, 32>& all,
+                   const char* what) {
+  static_assert(kBytes <= 64, "a lane's deposit is at most 64 bytes");
+  Launch& state = *current;
+  const unsigned t = threadIdx.x, first = t - t % 32;
+  if (first + 32 > blockDim.x) fail(std::string(what) + " in a partial warp");
+  std::memcpy(state.slots[t].data(), mine, kBytes);
+  state.warps[t / 32]->wait(what);
+  for (unsigned l = 0; l < 32; ++l) std::memcpy(all[l].data(), state.slots[first + l].data(), kBytes);
+  state.warps[t / 32]->wait(what);
+}
+
+inline uint16_t read16(const unsigned char* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// ldmatrix.x4 (fragments.cuh): lane 8 i + r points at row r of matrix i (16 bytes, 16-byte
+// aligned, in shared memory); register i of lane 4 g + c gets row g's columns 2c, 2c + 1 of
+// matrix i, or with trans rows 2c, 2c + 1 of its column g.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: row address not 16-byte aligned");
+  shared_offset(row, 16, "ldmatrix");
+  std::array<std::array<unsigned char, sizeof(void*)>, 32> rows;
+  warp_exchange(&row, rows, "ldmatrix");
+  const unsigned lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const auto at = [&](unsigned i, unsigned rr, unsigned col) {
+    const unsigned char* p;
+    std::memcpy(&p, rows[8 * i + rr].data(), sizeof(p));
+    return uint32_t(read16(p + 2 * col));
+  };
+  for (unsigned i = 0; i < 4; ++i) {
+    r[i] = trans ? at(i, 2 * c, g) | at(i, 2 * c + 1, g) << 16
+                 : at(i, g, 2 * c) | at(i, g, 2 * c + 1) << 16;
+  }
+}
+
+inline float from16(uint32_t bits, bool bfloat16) {
+  const uint16_t b = static_cast<uint16_t>(bits);
+  if (bfloat16) return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits()));
+  return static_cast<float>(c10::Half(b, c10::Half::from_bits()));
+}
+
+// mma.sync m16n8k16, float accumulators (fragments.cuh has the lanes' layout).
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                      bool bfloat16) {
+  struct Lane {
+    uint32_t a[4], b[2];
+  } mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  std::array<std::array<unsigned char, sizeof(Lane)>, 32> raw;
+  warp_exchange(&mine, raw, "mma_16816");
+  Lane lanes[32];
+  for (unsigned l = 0; l < 32; ++l) std::memcpy(&lanes[l], raw[l].data(), sizeof(Lane));
+  const auto A = [&](unsigned row, unsigned k) {
+    const uint32_t reg = lanes[(row % 8) * 4 + (k % 8) / 2].a[row / 8 + 2 * (k / 8)];
+    return from16(k % 2 ? reg >> 16 : reg, bfloat16);
+  };
+  const auto B = [&](unsigned k, unsigned n) {
+    const uint32_t reg = lanes[n * 4 + (k % 8) / 2].b[k / 8];
+    return from16(k % 2 ? reg >> 16 : reg, bfloat16);
+  };
+  const unsigned lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  for (unsigned i = 0; i < 4; ++i) {
+    const unsigned row = g + 8 * (i / 2), col = 2 * c + i % 2;
+    float sum = d[i];
+    for (unsigned k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
+    d[i] = sum;
+  }
+}
+
+}  // namespace emu
 
 // CUDA's 16-bit types and their conversions, as c10's (the same bits and rounding).
 using __half = c10::Half;

@@ -122,26 +122,33 @@ int main() {
     ok = run<at::BFloat16>(c, true, 3e-2, all) && ok;
   }
   // The 16-bit 1x1 channels_last cases (pw-cl, pw-cl-cluster) took the clustered kernel,
-  // forward and grad_x in both dtypes; with the switch off, the tiled kernels instead.
-  const int clustered = condconv::cuda::cluster_launches;
-  if (clustered != 8) {
-    std::printf("clustered kernel launches: %d, expected 8: FAIL\n", clustered);
-    ok = false;
+  // forward and grad_x in both dtypes; then the same in its wmma form, and with the switch off
+  // the tiled kernels instead.
+  const auto set_mode = [](int64_t mode) {
+    torch::Dispatcher::singleton()
+        .findSchemaOrThrow("condconv::cuda_pointwise_cluster", "")
+        .typed<int64_t(c10::optional<int64_t>)>()
+        .call(mode);
+  };
+  for (const int64_t mode : {2, 0}) {
+    const int before = condconv::cuda::cluster_launches;
+    if (before != (mode == 2 ? 8 : 16)) {
+      std::printf("clustered kernel launches: %d: FAIL\n", before);
+      ok = false;
+    }
+    set_mode(mode);
+    for (const auto& c : cuda_cases::configs()) {
+      if (c.kernel != 1 || c.layout != "channels_last") continue;
+      const std::array<bool, 4> all{true, true, true, c.bias};
+      ok = run<at::Half>(c, true, 5e-3, all) && ok;
+      ok = run<at::BFloat16>(c, true, 3e-2, all) && ok;
+    }
   }
-  torch::Dispatcher::singleton()
-      .findSchemaOrThrow("condconv::cuda_pointwise_cluster", "")
-      .typed<bool(c10::optional<bool>)>()
-      .call(false);
-  for (const auto& c : cuda_cases::configs()) {
-    if (c.kernel != 1 || c.layout != "channels_last") continue;
-    const std::array<bool, 4> all{true, true, true, c.bias};
-    ok = run<at::Half>(c, true, 5e-3, all) && ok;
-    ok = run<at::BFloat16>(c, true, 3e-2, all) && ok;
-  }
-  if (condconv::cuda::cluster_launches != clustered) {
+  if (condconv::cuda::cluster_launches != 16) {
     std::printf("the clustered kernel ran with its switch off: FAIL\n");
     ok = false;
   }
+  set_mode(1);
   std::printf("%s\n", ok ? "PASSED" : "FAILED");
   return ok ? 0 : 1;
 }

@@ -6,8 +6,9 @@
 // 32-bit offsets, bfloat16 with 64-bit ones), and the three depthwise kernels in every dtype
 // with both thread layouts.
 // The clustered 1x1 kernel (pointwise_cluster.cuh: clusters of 4 blocks, multicast copies,
-// shared-memory barriers) runs, forward and grad_x in float16 and bfloat16, on every case it
-// takes, its blocks of a cluster together (cuda_emulation.h: launch_cluster).
+// shared-memory barriers) runs, forward and grad_x in float16 and bfloat16, its products through
+// ldmatrix and mma.sync on swizzled tiles and through wmma, on every case it takes, its blocks of
+// a cluster together (cuda_emulation.h: launch_cluster).
 // What the emulation cannot show is speed, races between barriers, or the host launchers'
 // streams and allocations: tests/test_gpu.py and compute-sanitizer on a GPU check those.
 #include "cuda_emulation.h"  // first: the CUDA language for the host compiler
@@ -147,33 +148,39 @@ bool run_cluster(const Config& c, double tol) {
   ++cluster_runs;
   const auto routing = k.routing.contiguous();
   const auto mixed_bias = at::mm(routing, k.bias.to(torch::kFloat32));
-  const std::string name = c.name + "/" + c10::toString(dtype) + "/cluster";
-  bool ok = true;
-  for (const bool grad_x : {false, true}) {
-    pc::Pass pass;
-    std::string error;
-    const bool ready = pc::prepare(
-        grad_x, dtype == torch::kBFloat16, weight.const_data_ptr(),
-        grad_x ? k.grad_out.const_data_ptr() : k.x.const_data_ptr(),
-        grad_x ? dx.mutable_data_ptr() : out.mutable_data_ptr(), routing.const_data_ptr<float>(),
-        c.bias ? mixed_bias.const_data_ptr<float>() : nullptr, g.batch, g.in_channels,
-        g.out_channels, g.out_pixels(), g.experts, &pass, &error);
-    if (!ready) {
-      std::printf("%-22s cluster maps refused: %s: FAIL\n", name.c_str(), error.c_str());
-      return false;
+  // Both forms of the products, each through the forward and grad_x into fresh NaN outputs.
+  const auto form = [&](bool fragments) {
+    const std::string name =
+        c.name + "/" + c10::toString(dtype) + (fragments ? "/cluster" : "/cluster-wmma");
+    out.fill_(std::numeric_limits<double>::quiet_NaN());
+    dx.fill_(std::numeric_limits<double>::quiet_NaN());
+    for (const bool grad_x : {false, true}) {
+      pc::Pass pass;
+      std::string error;
+      const bool ready = pc::prepare(
+          grad_x, dtype == torch::kBFloat16, fragments, weight.const_data_ptr(),
+          grad_x ? k.grad_out.const_data_ptr() : k.x.const_data_ptr(),
+          grad_x ? dx.mutable_data_ptr() : out.mutable_data_ptr(),
+          routing.const_data_ptr<float>(), c.bias ? mixed_bias.const_data_ptr<float>() : nullptr,
+          g.batch, g.in_channels, g.out_channels, g.out_pixels(), g.experts, &pass, &error);
+      if (!ready) {
+        std::printf("%-22s cluster maps refused: %s: FAIL\n", name.c_str(), error.c_str());
+        return false;
+      }
+      if (pass.plan.example_blocks % pc::kClusterSize != 0 || pass.plan.stages < 2) {
+        std::printf("%-22s cluster plan: FAIL\n", name.c_str());
+        return false;
+      }
+      pc::dispatch<scalar_t>(pass, [](auto kernel, dim3 grid, size_t bytes, const auto&... args) {
+        emu::launch_cluster(kernel, grid, dim3(pc::kBlockThreads), bytes, pc::kClusterSize,
+                            args...);
+      });
     }
-    if (pass.plan.example_blocks % pc::kClusterSize != 0 || pass.plan.stages < 2) {
-      std::printf("%-22s cluster plan: FAIL\n", name.c_str());
-      return false;
-    }
-    pc::dispatch<scalar_t>(pass, [](auto kernel, dim3 grid, size_t bytes, const auto&... args) {
-      emu::launch_cluster(kernel, grid, dim3(pc::kBlockThreads), bytes, pc::kClusterSize,
-                          args...);
-    });
-  }
-  ok = close(out, k.out, name, "forward", tol) && ok;
-  ok = close(dx, k.grad_x, name, "grad_x", tol) && ok;
-  return ok;
+    const bool fwd = close(out, k.out, name, "forward", tol);
+    return close(dx, k.grad_x, name, "grad_x", tol) && fwd;
+  };
+  const bool fragments = form(true);
+  return form(false) && fragments;
 }
 
 }  // namespace
