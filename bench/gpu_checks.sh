@@ -386,7 +386,7 @@ if [ "$MODE" = first ]; then
     $(pytest_cmd 10) --durations=5 tests/test_gpu.py -m "not huge" "${TRITON_TESTS[@]}"
   join build
   step install 30 install_extension
-  step cuda-tests 100 "${TEST_ENV[@]}" CONDCONV_GPU_BACKENDS=cuda,cpu \
+  step cuda-tests 120 "${TEST_ENV[@]}" CONDCONV_GPU_BACKENDS=cuda,cpu \
     $(pytest_cmd) tests/test_gpu.py -m "not huge" "${CUDA_TESTS[@]}"
   join warm-triton
   # The autotuned launches (what every benchmark runs; the tests run with autotuning off)
