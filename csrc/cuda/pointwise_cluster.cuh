@@ -196,8 +196,8 @@ struct FragmentProducts {
       for (int mi = 0; mi < 4; ++mi) {
         uint32_t am[4];
         if (kGradX) {
-          ldmatrix_x4_trans(am, mixed + (kk + lane % 8 + lane / 16 * 8) * kLdGradX + 16 * mi +
-                                    lane / 8 % 2 * 8);
+          ldmatrix_x4<true>(am, mixed + (kk + lane % 8 + lane / 16 * 8) * kLdGradX + 16 * mi +
+                                  lane / 8 % 2 * 8);
         } else {
           ldmatrix_x4(am, mixed + (16 * mi + lane % 8 + lane / 8 % 2 * 8) * kLdForward + kk +
                               lane / 16 * 8);
