@@ -210,9 +210,10 @@ __device__ __forceinline__ void tile_load_multicast(void* dst, const TileMap* ma
 // Host: the map of a 3-D tensor of 16-bit elements at `base` (16-byte aligned) with sizes
 // dims[0..2] (innermost first), byte strides strides[0..1] of dims 1 and 2 (multiples of 16),
 // and copies of box[0..2] elements (box[0] x 2 bytes a multiple of 16). With swizzle64 (rows of
-// at most 64 bytes, destinations 1024-byte aligned) a copy lands with the 16-byte chunks of each
-// row permuted: address bits 4-5 XOR bits 7-8, so that 8 rows of 64 bytes read at the same
-// column fall in 8 different bank groups. Returns false, with the reason in *error, where the
+// at most 64 bytes) a copy lands with the 16-byte chunks of each row permuted by the absolute
+// shared-memory address: bits 4-5 XOR bits 7-8 (a pattern that repeats every 512 bytes; the
+// kernels align their tiles to 1024, so that the XOR is the same taken from the tile's start),
+// so that 8 rows of 64 bytes read at the same column fall in 8 different bank groups. Returns false, with the reason in *error, where the
 // driver refuses it.
 #ifdef __CUDACC__
 inline bool make_tile_map(TileMap* map, const void* base, bool bfloat16, const uint64_t dims[3],

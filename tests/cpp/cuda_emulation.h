@@ -115,16 +115,22 @@ class Barrier {
 
 // The state of the running launch.
 struct Launch {
-  static constexpr size_t kAlign = 1024;  // as a block's shared memory window on the GPU
+  // Dynamic shared memory starts 256 bytes past a 1024-byte boundary: aligned for every access
+  // the hardware checks (32 bytes for wmma), not for the 1024-byte tiles a kernel aligns itself
+  // (its padding is exercised), and the addresses' low bits stand for shared-memory addresses.
+  static constexpr size_t kAlign = 1024, kOffset = 256;
   explicit Launch(unsigned threads, size_t shared_bytes)
-      : block(threads), slots(threads), storage(shared_bytes + kAlign), size(shared_bytes) {
+      : block(threads),
+        slots(threads),
+        storage(shared_bytes + kAlign + kOffset),
+        size(shared_bytes) {
     for (unsigned w = 0; w * 32 < threads; ++w) {
       warps.emplace_back(new Barrier(std::min(32u, threads - 32 * w)));
     }
   }
   unsigned char* dynamic() {
     const uintptr_t at = reinterpret_cast<uintptr_t>(storage.data());
-    return storage.data() + (kAlign - at % kAlign) % kAlign;
+    return storage.data() + (kAlign - at % kAlign) % kAlign + kOffset;
   }
   void poison() {
     if (size > 0) std::memset(dynamic(), 0xff, size);  // NaN in every float
@@ -376,7 +382,9 @@ inline void barrier_wait(uint64_t* bar, uint32_t parity) {
 inline void tile_load(void* dst, const TileMap* map, int c0, int c1, int c2, uint64_t* bar,
                       uint16_t mask) {
   ClusterRun& run = running_cluster("tile_load");
-  const uintptr_t align = map->swizzle64 ? 1024 : 128;  // a swizzled box: whole swizzle atoms
+  // A swizzled box: the kernels' tiles whole 1024-byte atoms (stricter than the hardware, which
+  // takes the pattern from the absolute address: what the kernels' tile-relative XOR needs).
+  const uintptr_t align = map->swizzle64 ? 1024 : 128;
   if (reinterpret_cast<uintptr_t>(dst) % align != 0) {
     fail("tile_load: destination not " + std::to_string(align) + "-byte aligned");
   }
@@ -399,12 +407,13 @@ inline bool land_copies() {
   if (run.copies.empty()) return false;
   for (const PendingCopy& c : run.copies) {
     const TileMap& m = *c.map;
-    unsigned char* block = run.blocks[c.rank]->dynamic();
-    size_t at = c.dst;  // the element's offset in the block's shared memory (1024-aligned)
+    // The element's address: the swizzle permutes by its absolute bits, as the hardware's.
+    uintptr_t at = reinterpret_cast<uintptr_t>(run.blocks[c.rank]->dynamic() + c.dst);
     for (uint32_t z = 0; z < m.box[2]; ++z) {
       for (uint32_t y = 0; y < m.box[1]; ++y) {
         for (uint32_t x = 0; x < m.box[0]; ++x, at += 2) {
-          unsigned char* dst = block + (m.swizzle64 ? at ^ (((at >> 7) & 3) << 4) : at);
+          auto* dst = reinterpret_cast<unsigned char*>(m.swizzle64 ? at ^ (((at >> 7) & 3) << 4)
+                                                                   : at);
           const int64_t i[3] = {int64_t(c.c[0]) + x, int64_t(c.c[1]) + y, int64_t(c.c[2]) + z};
           bool inside = true;
           for (int d = 0; d < 3; ++d) inside = inside && i[d] >= 0 && uint64_t(i[d]) < m.dims[d];
