@@ -213,8 +213,8 @@ __device__ __forceinline__ void tile_load_multicast(void* dst, const TileMap* ma
 // at most 64 bytes) a copy lands with the 16-byte chunks of each row permuted by the absolute
 // shared-memory address: bits 4-5 XOR bits 7-8 (a pattern that repeats every 512 bytes; the
 // kernels align their tiles to 1024, so that the XOR is the same taken from the tile's start),
-// so that 8 rows of 64 bytes read at the same column fall in 8 different bank groups. Returns false, with the reason in *error, where the
-// driver refuses it.
+// so that 8 rows of 64 bytes read at the same column fall in 8 different bank groups. Returns
+// false, with the reason in *error, where the driver refuses it.
 #ifdef __CUDACC__
 inline bool make_tile_map(TileMap* map, const void* base, bool bfloat16, const uint64_t dims[3],
                           const uint64_t strides[2], const uint32_t box[3], bool swizzle64,

@@ -8,7 +8,7 @@
 // (64 pixels x 32) input tile; the four blocks of a cluster (consecutive blocks of examples, the
 // same output tile) need the same expert tiles, so block `rank` copies the experts e = rank,
 // rank + 4, ... once from L2 into the shared memory of all four (TMA multicast), and each its
-// own input tiles: the experts come from L2 once for 16 examples instead of once for each.
+// own input tiles: the experts come from L2 once for 16 examples instead of once a block of 4.
 // Every thread then mixes 8 elements of the experts' tiles for the four examples at once (the
 // experts read from shared memory once a step, in registers for the four mixes) into the
 // examples' mixed tiles, and each warp multiplies one example's mixed tile by half its input
@@ -19,8 +19,8 @@
 // The copies run `stages` steps ahead. A stage is released to the cluster once every thread of
 // the block is past the step that read it (the barrier after the next step's mix), by one
 // arrival on each block's `empty` barrier of that stage (after the next step's products); a
-// block's thread 0 refills a stage once all four blocks have released it. Outputs go through shared memory to 16-byte stores along
-// the channels.
+// block's thread 0 refills a stage once all four blocks have released it. Outputs go through
+// shared memory to 16-byte stores along the channels.
 #pragma once
 
 #include "cluster.cuh"
@@ -344,7 +344,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         if (j < count) {
           Pack8<T> out;
 #pragma unroll
-          for (int i = 0; i < 8; ++i) out.v[i] = from_float(m[j][i], static_cast<const T*>(nullptr));
+          for (int i = 0; i < 8; ++i) {
+            out.v[i] = from_float(m[j][i], static_cast<const T*>(nullptr));
+          }
           *reinterpret_cast<Pack8<T>*>(mixed + j * kMixedElements + mixed_at) = out;
         }
       }
@@ -385,7 +387,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     Pack8<T> o;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      o.v[i] = from_float(src[i] + (bias != nullptr ? bias[i] : 0.f), static_cast<const T*>(nullptr));
+      o.v[i] = from_float(src[i] + (bias != nullptr ? bias[i] : 0.f),
+                          static_cast<const T*>(nullptr));
     }
     *reinterpret_cast<Pack8<T>*>(out + (int64_t(first + j) * a.pixels + pixel) * a.rows + row) = o;
   }
@@ -409,7 +412,8 @@ inline bool fits(const Geometry& g, const at::Tensor& in, const at::Tensor& out,
     return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   };
   const bool half = in.scalar_type() == at::kHalf || in.scalar_type() == at::kBFloat16;
-  return half && experts.scalar_type() == in.scalar_type() && out.scalar_type() == in.scalar_type() &&
+  return half && experts.scalar_type() == in.scalar_type() &&
+         out.scalar_type() == in.scalar_type() &&
          g.pointwise() && g.groups == 1 && g.experts <= kMaxExperts &&
          g.in_channels % 8 == 0 && g.out_channels % 8 == 0 &&
          in.is_contiguous(at::MemoryFormat::ChannelsLast) &&

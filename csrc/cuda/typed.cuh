@@ -125,10 +125,10 @@ bool launch_pointwise_cluster(bool grad_x, const Geometry& g, const at::Tensor& 
     pointwise::Pass pass;
     std::string error;
     if (!pointwise::prepare(grad_x, std::is_same<scalar_t, at::BFloat16>::value,
-                            mode == kClusterFragments, ops.weight.const_data_ptr(), in.const_data_ptr(),
-                            out.mutable_data_ptr(), ops.routing_ptr(), bias, g.batch,
-                            g.in_channels, g.out_channels, g.out_pixels(), g.experts, &pass,
-                            &error)) {
+                            mode == kClusterFragments, ops.weight.const_data_ptr(),
+                            in.const_data_ptr(), out.mutable_data_ptr(), ops.routing_ptr(), bias,
+                            g.batch, g.in_channels, g.out_channels, g.out_pixels(), g.experts,
+                            &pass, &error)) {
       return false;  // a map the driver refused: the tiled kernels take the call
     }
     pointwise::dispatch<T>(pass, [&](auto kernel, dim3 grid, size_t bytes, const auto&... args) {

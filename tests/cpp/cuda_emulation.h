@@ -21,8 +21,9 @@
 //     scheduler's round rather than when issued, checked for the alignments the hardware
 //     needs. One block of each cluster runs one round in four, so that the others run ahead
 //     of it as far as the kernel's barriers let them: a stage overwritten before every block
-//     is done with it shows in the results. A barrier used before its initialisation, or a round in which nothing can move,
-//     aborts with a message.
+//     is done with it shows in the results. A barrier used before its initialisation, or a
+//     round in which nothing can move, aborts with a message. Dynamic shared memory starts
+//     256 bytes past a 1024-byte boundary, and swizzled copies permute by the address.
 // Races other than at barriers are not detected: compute-sanitizer on a GPU is for that.
 #pragma once
 
@@ -266,7 +267,9 @@ inline bool make_tile_map(TileMap* map, const void* base, const uint64_t dims[3]
   std::string why;
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) why = "base not 16-byte aligned";
   for (int d = 0; d < 2; ++d) {
-    if (strides[d] % 16 != 0) why = "stride of dim " + std::to_string(d + 1) + " not a multiple of 16";
+    if (strides[d] % 16 != 0) {
+      why = "stride of dim " + std::to_string(d + 1) + " not a multiple of 16";
+    }
   }
   for (int d = 0; d < 3; ++d) {
     if (dims[d] == 0 || box[d] == 0 || box[d] > 256) why = "dim or box " + std::to_string(d);
@@ -418,7 +421,9 @@ inline bool land_copies() {
           bool inside = true;
           for (int d = 0; d < 3; ++d) inside = inside && i[d] >= 0 && uint64_t(i[d]) < m.dims[d];
           if (inside) {
-            std::memcpy(dst, m.base + i[0] * m.strides[0] + i[1] * m.strides[1] + i[2] * m.strides[2], 2);
+            std::memcpy(dst,
+                        m.base + i[0] * m.strides[0] + i[1] * m.strides[1] + i[2] * m.strides[2],
+                        2);
           } else {
             std::memset(dst, 0, 2);
           }
@@ -530,7 +535,9 @@ void warp_exchange(const void* mine, std::array<std::array<unsigned char, kBytes
   if (first + 32 > blockDim.x) fail(std::string(what) + " in a partial warp");
   std::memcpy(state.slots[t].data(), mine, kBytes);
   state.warps[t / 32]->wait(what);
-  for (unsigned l = 0; l < 32; ++l) std::memcpy(all[l].data(), state.slots[first + l].data(), kBytes);
+  for (unsigned l = 0; l < 32; ++l) {
+    std::memcpy(all[l].data(), state.slots[first + l].data(), kBytes);
+  }
   state.warps[t / 32]->wait(what);
 }
 
