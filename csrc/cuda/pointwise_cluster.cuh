@@ -70,6 +70,11 @@ struct Plan {
   int64_t shared_bytes;
 };
 
+static_assert(kAlignSlack + kBarrierBytes + 2 * kExamples * kMixedElements * 2 +
+                      2 * (kMaxExperts + kExamples) * kTileBytes <=
+                  kSharedLimit,
+              "two stages fit at the most experts");
+
 // The launch of a call: stages as many as fit in 227 KB (at most 4, at least 2).
 inline Plan plan(int64_t batch, int64_t rows, int64_t pixels, int64_t experts) {
   Plan p{};

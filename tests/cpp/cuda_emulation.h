@@ -3,7 +3,9 @@
 // by the host compiler (no __CUDACC__).
 //
 // The threads of a block are fibers (ucontext) of one OS thread, switched at barriers; blocks run
-// one after another, so __shared__ arrays can be function statics. What is emulated, and checked where CUDA would fail or misbehave:
+// one after another (a cluster's blocks together: launch_cluster), so __shared__ arrays can be
+// function statics (clustered kernels keep theirs in dynamic shared memory, one per block). What
+// is emulated, and checked where CUDA would fail or misbehave:
 //   - threadIdx / blockIdx / blockDim / gridDim (1-D blocks), launch limits (block size, grid
 //     y/z, dynamic shared memory), dynamic shared memory poisoned with NaN bytes per block;
 //   - __syncthreads (a barrier of the whole block; one thread missing it aborts with a message
