@@ -2,7 +2,9 @@
 
 Environment:
   CONDCONV_SKIP_CUDA=1   build the CPU extension only, even when torch has CUDA.
-  TORCH_CUDA_ARCH_LIST   CUDA architectures to compile for (e.g. "9.0" for H100/H200).
+  TORCH_CUDA_ARCH_LIST   CUDA architectures to compile for (e.g. "9.0" for H100/H200; "9.0a" adds
+                         the wgmma form of the clustered 1x1 kernel, CONDCONV_CUDA_CLUSTER=wgmma,
+                         whose code runs on H100/H200 only).
   MAX_JOBS               parallel compile jobs (honoured by torch.utils.cpp_extension).
   CONDCONV_SANITIZE      sanitizers to build with, e.g. "address,undefined": the CPU extension only
                          (no CUDA; OpenMP kept), compiled with -fsanitize=<list> -O1 -g
@@ -31,6 +33,14 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def sm90a_only():
+    """Whether TORCH_CUDA_ARCH_LIST builds Hopper's code for sm_90a only (no plain 9.0 beside it):
+    the kernels that use wgmma are then compiled in (CONDCONV_SM90A)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";")
+    archs = {a.split("+")[0] for a in archs if a}
+    return "9.0a" in archs and "9.0" not in archs
+
+
 def extension():
     cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     sanitize = os.environ.get("CONDCONV_SANITIZE", "").strip()
@@ -57,12 +67,13 @@ def extension():
         and not sanitize
     )
     if with_cuda:
+        defines = ["-DCONDCONV_WITH_CUDA"] + (["-DCONDCONV_SM90A"] if sm90a_only() else [])
         return CUDAExtension(
             "condconv_kernels._C",
             cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DCONDCONV_WITH_CUDA"],
+            extra_compile_args={"cxx": cxx_flags + defines,
                                 "nvcc": ["-O3", "-std=c++17", "-lineinfo",
-                                         "--expt-relaxed-constexpr"]},
+                                         "--expt-relaxed-constexpr"] + defines[1:]},
             extra_link_args=link_flags,
         )
     return CppExtension("condconv_kernels._C", cpp_sources,

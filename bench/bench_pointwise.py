@@ -6,7 +6,8 @@ pixels the experts-stationary kernel with the mix on the tensor cores
 (condconv_kernels/triton/stationary_mix.py) and, for the kernel gradients, the kernel with its
 tiles in the tensor cores' accumulator layout (condconv_kernels/triton/pointwise_grad.py), for
 the forward, grad_x (the kernel transposed) and the kernel gradients; and the cuda backend's
-clustered Hopper kernel (csrc/cuda/pointwise_cluster.cuh) for the forward and grad_x.
+clustered Hopper kernels (csrc/cuda/pointwise_cluster.cuh, pointwise_wgmma.cuh) for the forward
+and grad_x.
 
     python bench/bench_pointwise.py [--device cuda] [--batch 256] [--dtype bfloat16]
                                     [--layers s5.b0.expand,...] [--chunk-mb 8,128]
@@ -39,13 +40,17 @@ table's (which rotates input sets), the ratios between columns comparable.
 - ``cluster`` (the forward and grad_x): the same call through the cuda backend, on a Hopper
   GPU its clustered kernel (blocks of 4 examples, clusters of 4 blocks sharing the experts'
   tiles by multicast copies), ``-`` where the profile does not show that kernel;
+- ``wgmma`` (the forward and grad_x): the same in the switch's mode 3
+  (``torch.ops.condconv.cuda_pointwise_cluster(3)``): the kernel whose mix is made in
+  registers for wgmma, blocks of 128 rows; ``-`` where the build has no sm_90a code or the
+  profile does not show that kernel;
 - ``acc layout, N warps`` (``--acc-warps``): that kernel at its plan for N warps a program
   instead of ``pointwise_grad.WARPS``'s 8 (4: tiles of 64 x 16, three programs an SM);
 - ``batched, N MB chunks`` (``--chunk-mb``): the batched pass with chunks of N MB instead of
   ``CHUNK_BYTES``'s 32 (whether its mixed kernels and G are read back from L2);
 - ``/ dense``: each alternative's time over dense's;
 - ``max diff``: each alternative's largest difference from dense over the result, against its
-  scale (stationary, batched, mix, acc layout, cluster; mix rounds the routing weights to the dtype
+  scale (stationary, batched, mix, acc layout, cluster, wgmma; mix rounds the routing weights to the dtype
   before its tensor-core mix: a little above the others' rounding);
 - ``vs float64`` (the kernel gradients only): dense's and each alternative's largest
   difference from grad_routing summed in float64 on the device, against its scale: which one a
@@ -120,6 +125,38 @@ def _off(result: torch.Tensor, truth: torch.Tensor) -> str:
     return f"{((result.double() - truth).abs().max() / truth.abs().max()).item():.1e}"
 
 
+# The kernel each cuda-backend column stands for: a cell only where the profile shows it.
+CLUSTER_KERNELS = {"cluster": "pointwise_cluster_kernel", "wgmma": "pointwise_wgmma_kernel"}
+
+
+def _has_wgmma() -> bool:
+    """Whether the loaded extension takes the clustered switch's mode 3 (a build for sm_90a)."""
+    switch = torch.ops.condconv.cuda_pointwise_cluster
+    before = switch()
+    try:
+        switch(3)
+    except RuntimeError as exc:
+        print(f"no wgmma column: {exc}", file=sys.stderr)
+        return False
+    switch(before)
+    return True
+
+
+def _in_cluster_mode(mode: int):
+    """A wrapper of calls that runs each with the clustered switch in ``mode``, then restores it."""
+    def wrap(fn):
+        def run():
+            switch = torch.ops.condconv.cuda_pointwise_cluster
+            before = switch()
+            switch(mode)
+            try:
+                return fn()
+            finally:
+                switch(before)
+        return run
+    return wrap
+
+
 def _diff(ours: torch.Tensor, dense: torch.Tensor) -> float:
     return ((ours.float() - dense.float()).abs().max() / dense.float().abs().max()).item()
 
@@ -162,13 +199,13 @@ def main(argv=None):
     from condconv_kernels.triton import stationary_mix
     rows, record = [], []
     columns = (["layer", "shape", "pass", "static", "dense", "stationary", "batched", "mix",
-                "acc layout", "cluster"]
+                "acc layout", "cluster", "wgmma"]
                + [f"batched, {mb} MB chunks" for mb in chunk_mb]
                + [f"acc layout, {w} warps" for w in acc_warps]
                + ["stationary / dense", "batched / dense", "mix / dense", "acc layout / dense",
-                  "cluster / dense", "max diff: stationary", "batched", "mix", "acc layout",
-                  "cluster", "vs float64: dense", "stationary", "batched", "mix", "acc layout",
-                  "cluster"]
+                  "cluster / dense", "wgmma / dense", "max diff: stationary", "batched", "mix",
+                  "acc layout", "cluster", "wgmma", "vs float64: dense", "stationary", "batched",
+                  "mix", "acc layout", "cluster", "wgmma"]
                + (["modeled: stationary", "mix", "measured / modeled: stationary", "mix"]
                   if args.modeled else []))
 
@@ -177,6 +214,7 @@ def main(argv=None):
                     f"{args.device}: device us per call", columns, rows, record, args.out,
                     "bench_pointwise.py", argv, echo=echo)
     cluster_runs = args.device.startswith("cuda") and "cuda" in cc.available_backends(args.device)
+    wgmma_runs = cluster_runs and _has_wgmma()
     g = torch.Generator().manual_seed(0)
     for layer in chosen:
         x, routing, weight, bias = layer_inputs(layer, args.batch, args.device, dtype, g)
@@ -209,6 +247,7 @@ def main(argv=None):
         cuda_grad_x = lambda: torch.ops.condconv.condconv2d_backward(  # noqa: E731
             grad_out, x, routing, weight, None, [1, 1], [0] * 4, [1, 1], 1, "cuda",
             [True, False, False, False], None, None, None)[0]
+        in_wgmma = _in_cluster_mode(3)
         kgrad = backward([False, True, True, False], 1)
         geometry = ((1, 1), (0,) * 4, (1, 1), 1)
 
@@ -233,14 +272,16 @@ def main(argv=None):
                             batched_path.eligible(x, weight, *geometry[:2], 1)),
                 "mix": (mix(forward), stationary_mix.eligible(x, layer.experts, layer.cout, 1,
                                                               True, False)),
-                "acc layout": none, "cluster": (on_cuda(None), cluster_runs)}),
+                "acc layout": none, "cluster": (on_cuda(None), cluster_runs),
+                "wgmma": (in_wgmma(on_cuda(None)), wgmma_runs)}),
             # With a bias: the third GPU run's mix forward (with one) was 1.45x dense's where
             # its grad_x (never one) was 0.79x; this row says whether the bias is the cause.
             "forward+bias": (lambda: F.conv2d(x, weight[0], bias[0]), forward_of(bias), {
                 "stationary": none, "batched": none,
                 "mix": (mix(forward_of(bias)), stationary_mix.eligible(
                     x, layer.experts, layer.cout, 1, True, False)),
-                "acc layout": none, "cluster": (on_cuda(bias), cluster_runs)}),
+                "acc layout": none, "cluster": (on_cuda(bias), cluster_runs),
+                "wgmma": (in_wgmma(on_cuda(bias)), wgmma_runs)}),
             "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
                        backward([True, False, False, False], 0), {
                 "stationary": (stationary(backward([True, False, False, False], 0)),
@@ -251,7 +292,8 @@ def main(argv=None):
                 "mix": (mix(backward([True, False, False, False], 0)),
                         stationary_mix.eligible(grad_out, layer.experts, layer.cin, 1, True,
                                                 False, transposed=True)),
-                "acc layout": none, "cluster": (cuda_grad_x, cluster_runs)}),
+                "acc layout": none, "cluster": (cuda_grad_x, cluster_runs),
+                "wgmma": (in_wgmma(cuda_grad_x), wgmma_runs)}),
             # The kernel gradients as training asks for them (routing and weight): the dense
             # kernel for both, against each switch on (the stationary routing-gradient form,
             # then the dense kernel for the weight alone; the batched products for both; the
@@ -271,7 +313,7 @@ def main(argv=None):
                     "acc layout": (switched(kgrad, "TRITON_STATIONARY",
                                             frozenset({"kernel_grad"})),
                                    pointwise_grad.eligible(x, grad_out, weight, *geometry)),
-                    "cluster": none}),
+                    "cluster": none, "wgmma": none}),
         }
         truth = _routing_truth(x, grad_out, weight)
         for name, (static, dense_fn, alternatives) in passes.items():
@@ -282,16 +324,16 @@ def main(argv=None):
                      f"{times['dense']:.1f}"]
             results, diffs = {}, {}
             for alt, (fn, applies) in alternatives.items():
-                on_device = alt in ("batched", "cluster") or args.backend == "triton"
+                on_device = alt in ("batched", "cluster", "wgmma") or args.backend == "triton"
                 if applies and on_device:
                     try:  # an experimental path's failure is a cell, not the end of the table
                         results[alt] = fn()
                         diffs[alt] = _diff(results[alt], dense)
                         times[alt], kernels = device_kernels(fn, args.device)
-                        if alt == "cluster" and not any("pointwise_cluster_kernel" in k[0]
-                                                        for k in kernels):
+                        want = CLUSTER_KERNELS.get(alt)
+                        if want and not any(want in k[0] for k in kernels):
                             del times[alt]  # the tiled kernels took it: not this column's
-                            print(f"{layer.name} {name}: the clustered kernel did not take it",
+                            print(f"{layer.name} {name}: {want} did not take it",
                                   file=sys.stderr)
                     except Exception as exc:  # noqa: BLE001
                         results.pop(alt, None)

@@ -1,7 +1,8 @@
-"""The cuda backend's clustered Hopper kernel (csrc/cuda/pointwise_cluster.cuh) by a static
-model, per dense 1x1 layer of a layer table, against what the table measured.
+"""The cuda backend's clustered Hopper kernels (csrc/cuda/pointwise_cluster.cuh, and with
+``--form wgmma`` pointwise_wgmma.cuh) by a static model, per dense 1x1 layer of a layer table,
+against what the table measured.
 
-    python bench/cluster_model.py [LAYERS.json] [--out FILE.md]
+    python bench/cluster_model.py [LAYERS.json] [--form fragments|wmma|wgmma] [--out FILE.md]
 
 LAYERS.json is a forward table of ``bench_layers.py`` (default: the third H200 run's, batch 256,
 bfloat16, channels_last); its 1x1 layers are modeled at its batch, forward (rows = Cout, depth
@@ -18,8 +19,8 @@ of shared memory), per step of 32 along the reduction, in SM cycles at 1.78 GHz:
 - the products: the larger of the tensor cores (4 x 64 x 64 x 32 multiply-adds at 1024 a cycle,
   mma.sync's rate, half of wgmma's) and the fragment loads (each warp its example's A tile, 4
   KB, and its half of the input tile, 2 KB: conflict-free through ldmatrix on the swizzled
-  tiles, the kernel's default form; ``--wmma``: the wmma form's loads of the input tile, 4 ways
-  bank-conflicted on its 64-byte rows);
+  tiles, the kernel's default form; ``--form wmma``: the wmma form's loads of the input tile, 4
+  ways bank-conflicted on its 64-byte rows);
 - the copies (TMA) overlap both; the two phases do not overlap each other (one block an SM, a
   barrier between them);
 - and the step is at least its shared-memory traffic, all of it (the copies' writes, the mix's,
@@ -29,6 +30,15 @@ A block adds ``BLOCK_CYCLES`` (its first copies' latency and its epilogue); bloc
 of 132. Traffic bounds beside it: L2 -> SM (each expert tile once a cluster of 4 blocks, every
 input tile once a row tile, the outputs) at 5.5 TB/s, HBM (inputs, outputs and experts once)
 at 4.2 TB/s (both the H200's, measured). The modeled time is the largest of the three.
+
+``--form wgmma``, the wgmma kernel (4 examples x 128 rows x 64 pixels a block, two warpgroups of
+64 rows, stages of E expert tiles of 8 KB and 4 input tiles of 4 KB): a step is the largest of
+its mix's FMAs (16 elements x E experts x 4 examples a thread: 128 E cycles), its tensor cores
+(4 x 128 x 64 x 32 multiply-adds at wgmma's 2048 a cycle) and its shared memory, all of it at
+128 bytes a cycle (the copies' writes; the mix's ldmatrix reads of the E tiles; wgmma's reads of
+each input tile by both warpgroups): the mix of one half-step runs while the other's products
+do, and no mixed tile goes through shared memory. L2: the experts once a cluster, every input
+tile once a tile of 128 rows.
 """
 from __future__ import annotations
 
@@ -49,31 +59,46 @@ HBM_BYTES_PER_S = 4.2e12
 SMEM_BYTES_PER_CYCLE = 128
 FMA_PER_CYCLE = 128
 MMA_PER_CYCLE = 1024          # mma.sync, 16-bit operands, multiply-adds an SM a cycle
+WGMMA_PER_CYCLE = 2048        # wgmma, the same
+FORMS = ("fragments", "wmma", "wgmma")
 WMMA_CONFLICT = 4             # the wmma form's loads of the input tile (64-byte rows)
 BLOCK_CYCLES = 2500           # first copies' latency and the epilogue, a block
 ROWS, PIXELS, DEPTH, EXAMPLES, CLUSTER, TILE = 64, 64, 32, 4, 4, 4096
 
 
 def model(batch: int, rows: int, depth: int, pixels: int, experts: int,
-          wmma: bool = False) -> dict:
-    """The modeled time (us) of one pass and its terms (``wmma``: that form's products)."""
-    row_tiles = math.ceil(rows / ROWS)
+          form: str = "fragments") -> dict:
+    """The modeled time (us) of one pass and its terms, for the kernel ``form`` names (FORMS)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}; got {form!r}")
+    block_rows = 2 * ROWS if form == "wgmma" else ROWS
+    row_tiles = math.ceil(rows / block_rows)
     pixel_tiles = math.ceil(pixels / PIXELS)
     example_blocks = math.ceil(math.ceil(batch / EXAMPLES) / CLUSTER) * CLUSTER
     steps = math.ceil(depth / DEPTH)
     blocks = row_tiles * pixel_tiles * example_blocks
-    mix = max(64 * experts, (experts + EXAMPLES) * TILE / SMEM_BYTES_PER_CYCLE)
-    fragments = 8 * (TILE + TILE // 2 * (WMMA_CONFLICT if wmma else 1)) / SMEM_BYTES_PER_CYCLE
-    products = max(EXAMPLES * ROWS * PIXELS * DEPTH / MMA_PER_CYCLE, fragments)
-    shared = (2 * (experts + EXAMPLES) * TILE / SMEM_BYTES_PER_CYCLE + fragments)
-    step = max(mix + products, shared)
+    expert_tile = block_rows * DEPTH * 2
+    if form == "wgmma":
+        fma = 128 * experts
+        tensor = EXAMPLES * block_rows * PIXELS * DEPTH / WGMMA_PER_CYCLE
+        shared = ((experts * expert_tile + EXAMPLES * TILE)      # the copies' writes
+                  + experts * expert_tile                        # the mix's ldmatrix reads
+                  + 2 * EXAMPLES * TILE) / SMEM_BYTES_PER_CYCLE  # wgmma's reads of the inputs
+        step = max(fma, tensor, shared)
+    else:
+        mix = max(64 * experts, (experts + EXAMPLES) * TILE / SMEM_BYTES_PER_CYCLE)
+        conflict = WMMA_CONFLICT if form == "wmma" else 1
+        fragments = 8 * (TILE + TILE // 2 * conflict) / SMEM_BYTES_PER_CYCLE
+        products = max(EXAMPLES * ROWS * PIXELS * DEPTH / MMA_PER_CYCLE, fragments)
+        shared = (2 * (experts + EXAMPLES) * TILE / SMEM_BYTES_PER_CYCLE + fragments)
+        step = max(mix + products, shared)
     waves = math.ceil(blocks / SMS)
     compute_us = waves * (steps * step + BLOCK_CYCLES) / CLOCK * 1e6
     padded_depth = steps * DEPTH
     clusters = example_blocks // CLUSTER
-    l2 = (row_tiles * pixel_tiles * clusters * steps * experts * TILE       # experts, multicast
-          + row_tiles * batch * pixels * padded_depth * 2                  # inputs, each row tile
-          + batch * pixels * rows * 2)                                     # outputs
+    l2 = (row_tiles * pixel_tiles * clusters * steps * experts * expert_tile  # experts, multicast
+          + row_tiles * batch * pixels * padded_depth * 2                    # inputs, a row tile
+          + batch * pixels * rows * 2)                                       # outputs
     hbm = (batch * pixels * (depth + rows) + experts * rows * depth) * 2
     terms = {"compute": compute_us, "L2": l2 / L2_BYTES_PER_S * 1e6,
              "HBM": hbm / HBM_BYTES_PER_S * 1e6}
@@ -94,11 +119,12 @@ def rows_of(table: dict, experts: int):
             yield layer["name"], cin, cout, h * w, layer["ms"]
 
 
-def report(table: dict, experts: int = 8, wmma: bool = False) -> str:
+def report(table: dict, experts: int = 8, form: str = "fragments") -> str:
     batch = table["batch"]
-    form = "wmma" if wmma else "ldmatrix and mma.sync"
+    title = {"fragments": "ldmatrix and mma.sync", "wmma": "wmma",
+             "wgmma": "the wgmma kernel, 128-row blocks"}[form]
     lines = [
-        f"Clustered 1x1 kernel ({form}) by model (`bench/cluster_model.py`), batch {batch}, "
+        f"Clustered 1x1 kernel ({title}) by model (`bench/cluster_model.py`), batch {batch}, "
         f"{experts} experts, us; measured: {table['machine'].get('gpu', '?')}, commit "
         f"{table['machine'].get('commit', '?')}",
         "",
@@ -108,8 +134,8 @@ def report(table: dict, experts: int = 8, wmma: bool = False) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios, fwd_all, tri_all = [], [], []
     for name, cin, cout, pixels, ms in rows_of(table, experts):
-        f = model(batch, cout, cin, pixels, experts, wmma)
-        g = model(batch, cin, cout, pixels, experts, wmma)
+        f = model(batch, cout, cin, pixels, experts, form)
+        g = model(batch, cin, cout, pixels, experts, form)
         tri = ms.get("fused:triton", float("nan")) * 1e3
         cud = ms.get("fused:cuda", float("nan")) * 1e3
         ratios.append(cud / f["us"])
@@ -134,11 +160,13 @@ def main(argv=None) -> None:
                         help="A forward layer table's JSON (bench_layers.py).")
     parser.add_argument("--experts", type=int, default=8,
                         help="The layers' experts (the model's tables have 8).")
-    parser.add_argument("--wmma", action="store_true",
-                        help="Model the kernel's wmma form (CONDCONV_CUDA_CLUSTER=wmma).")
+    parser.add_argument("--form", choices=FORMS, default="fragments",
+                        help="The kernel to model: the clustered kernel through ldmatrix and "
+                             "mma.sync (the default), its wmma form (CONDCONV_CUDA_CLUSTER=wmma), "
+                             "or the wgmma kernel (CONDCONV_CUDA_CLUSTER=wgmma).")
     parser.add_argument("--out", help="Also write the table to this Markdown file.")
     args = parser.parse_args(argv)
-    text = report(json.loads(Path(args.table).read_text()), args.experts, args.wmma)
+    text = report(json.loads(Path(args.table).read_text()), args.experts, args.form)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

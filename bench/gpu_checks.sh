@@ -53,7 +53,8 @@
 # GPU_CHECKS_DRY_RUN=1 walks every step on the CPU with small stand-ins (make test runs it).
 # Environment: PYTHON (python3), OUT, GPU_KIT_DIR (.gpu-kit), WORKERS (pytest processes, 6),
 # TRITON_CACHE_DIR (/tmp/condconv-triton-cache: fixed, since Triton's cache records absolute
-# paths), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16).
+# paths), TORCH_CUDA_ARCH_LIST (9.0a: Hopper with its arch-specific instructions, wgmma; the
+# build then has the cuda backend's wgmma kernel, CONDCONV_CUDA_CLUSTER=wgmma), MAX_JOBS (16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -74,7 +75,7 @@ rm -rf "$WORK"
 mkdir -p "$WORK/results" "$WORK/build"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/condconv-triton-cache}
 export TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 mkdir -p "$TRITON_CACHE_DIR"
 START=$(date +%s)
 case $MODE in

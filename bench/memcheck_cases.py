@@ -1,7 +1,8 @@
 """Forward and backward of one backend on a dense, a pointwise, a grouped and a depthwise layer
 (float32, float16, bfloat16; an odd-sized image, stride 2, "same" padding), and a pointwise one
-in channels_last bfloat16 (on a Hopper GPU, the cuda backend's clustered kernel), small enough
-to run under compute-sanitizer.
+in channels_last bfloat16 (on a Hopper GPU, the cuda backend's clustered kernel: that layer again
+in each form the build has, the switch's modes 2 and 3), small enough to run under
+compute-sanitizer.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
         python bench/memcheck_cases.py [--backend cuda]
@@ -31,7 +32,15 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda", help="Where the tensors live.")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    for cin, cout, k, s, groups, dtype, channels_last in LAYERS:
+    switch = torch.ops.condconv.cuda_pointwise_cluster
+    runs = [(layer, 1) for layer in LAYERS] + [(LAYERS[-1], 2)]
+    try:
+        switch(3)
+        runs.append((LAYERS[-1], 3))
+    except RuntimeError as exc:  # a build without sm_90a code
+        print(f"no wgmma run: {exc}")
+    for (cin, cout, k, s, groups, dtype, channels_last), mode in runs:
+        switch(mode)
         x = torch.randn(3, cin, 11, 13, device=args.device, dtype=dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -43,10 +52,12 @@ def main(argv=None) -> None:
         y = cc.condconv2d(x, r, w, b, s, "same", 1, groups, backend=args.backend)
         grads = torch.autograd.grad(y, [x, r, w, b], torch.randn_like(y))
         assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
+    switch(1)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     print(f"memcheck cases finished: {len(LAYERS)} layers, forward and backward, "
-          f"backend {args.backend}")
+          f"backend {args.backend}, the channels_last one in clustered modes "
+          f"{[m for _, m in runs[len(LAYERS) - 1:]]}")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ switches lists them with the build's and the tests' own).
 - ``CONDCONV_CUDA_CLUSTER``: whether the cuda backend's dense 1x1 forward and grad_x of
   float16 / bfloat16 channels_last calls take the clustered Hopper kernel
   (``csrc/cuda/pointwise_cluster.cuh``) and in which form: ``1`` (the default) its products
-  through ldmatrix and mma.sync, ``wmma`` through wmma, ``0`` never (the tiled kernels). Read at
-  import into ``CUDA_CLUSTER`` (0, 1 or 2), which :mod:`condconv_kernels.backends` passes to the
+  through ldmatrix and mma.sync, ``wmma`` through wmma, ``wgmma`` the kernel whose mix is made in
+  registers for wgmma (``csrc/cuda/pointwise_wgmma.cuh``; an extension built with
+  ``TORCH_CUDA_ARCH_LIST=9.0a``, else loading the package fails naming it), ``0`` never (the
+  tiled kernels). Read at import into ``CUDA_CLUSTER`` (0, 1, 2 or 3), which :mod:`condconv_kernels.backends` passes to the
   extension when it loads (``torch.ops.condconv.cuda_pointwise_cluster``, which a process may
   call to change it).
 - ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call
@@ -99,7 +101,7 @@ def batched_passes(value: str) -> frozenset:
     return passes("CONDCONV_TRITON_BATCHED", value, BATCHED_PASSES)
 
 
-CLUSTER_MODES = {"0": 0, "1": 1, "wmma": 2}
+CLUSTER_MODES = {"0": 0, "1": 1, "wmma": 2, "wgmma": 3}
 
 
 def cluster_mode(value: str) -> int:

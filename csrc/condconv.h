@@ -132,9 +132,16 @@ BackwardKernel backward;
 // Whether the dense 1x1 forward and grad_x of float16/bfloat16 channels_last calls take the
 // clustered Hopper kernel where it applies (csrc/cuda/pointwise_cluster.cuh), and which form:
 // kClusterOff, kClusterFragments (its products through ldmatrix and mma.sync: the default) or
-// kClusterWmma (through wmma). The op condconv::cuda_pointwise_cluster reads and sets it
-// (defined in ops.cpp, so that a build without CUDA has it too).
-enum ClusterMode : int64_t { kClusterOff = 0, kClusterFragments = 1, kClusterWmma = 2 };
+// kClusterWmma (through wmma) or kClusterWgmma (pointwise_wgmma.cuh: the mix in registers, the
+// products through wgmma; a build for sm_90a only, CONDCONV_SM90A). The op
+// condconv::cuda_pointwise_cluster reads and sets it (defined in ops.cpp, so that a build
+// without CUDA has it too).
+enum ClusterMode : int64_t {
+  kClusterOff = 0,
+  kClusterFragments = 1,
+  kClusterWmma = 2,
+  kClusterWgmma = 3
+};
 ClusterMode pointwise_cluster();
 }  // namespace cuda
 }  // namespace condconv

@@ -349,12 +349,17 @@ namespace {
 std::atomic<int64_t> cuda_pointwise_cluster_mode{cuda::kClusterFragments};
 
 // The switch of cuda::pointwise_cluster: set where `mode` is given (0 off, 1 the kernel's
-// products through ldmatrix and mma.sync, 2 through wmma); the setting after.
+// products through ldmatrix and mma.sync, 2 through wmma, 3 the wgmma kernel); the setting after.
 int64_t cuda_pointwise_cluster_op(c10::optional<int64_t> mode) {
   if (mode.has_value()) {
-    TORCH_CHECK(*mode >= cuda::kClusterOff && *mode <= cuda::kClusterWmma,
-                "cuda_pointwise_cluster: mode must be 0 (off), 1 (ldmatrix and mma.sync) or 2 "
-                "(wmma), got ", *mode);
+    TORCH_CHECK(*mode >= cuda::kClusterOff && *mode <= cuda::kClusterWgmma,
+                "cuda_pointwise_cluster: mode must be 0 (off), 1 (ldmatrix and mma.sync), 2 "
+                "(wmma) or 3 (wgmma), got ", *mode);
+#if defined(CONDCONV_WITH_CUDA) && !defined(CONDCONV_SM90A)
+    TORCH_CHECK(*mode != cuda::kClusterWgmma,
+                "cuda_pointwise_cluster: mode 3 (wgmma) needs the extension built for sm_90a "
+                "only (TORCH_CUDA_ARCH_LIST=9.0a)");
+#endif
     cuda_pointwise_cluster_mode.store(*mode);
   }
   return cuda_pointwise_cluster_mode.load();

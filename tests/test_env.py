@@ -44,26 +44,39 @@ def test_both_off_by_default():
 @pytest.mark.skipif(not hasattr(torch.ops.condconv, "cuda_pointwise_cluster"),
                     reason="the C++ extension did not load")
 def test_cuda_cluster_switch():
-    """1 (ldmatrix and mma.sync) by default; the op sets 0, 1 or 2 and returns the setting, and
-    refuses another value naming the modes; CONDCONV_CUDA_CLUSTER=0 or wmma in the environment
-    sets 0 or 2 as the package loads; a value it does not know is an error naming the
-    variable."""
+    """1 (ldmatrix and mma.sync) by default; the op sets 0, 1, 2 or 3 and returns the setting
+    (3, wgmma, only where the extension has it: a build without CUDA, or one for sm_90a; else an
+    error naming the build it needs), and refuses another value naming the modes;
+    CONDCONV_CUDA_CLUSTER=0, wmma or wgmma in the environment sets 0, 2 or 3 as the package
+    loads; a value it does not know is an error naming the variable."""
     op = torch.ops.condconv.cuda_pointwise_cluster
     assert _env.CUDA_CLUSTER == 1 and op() == 1
     try:
         for mode in (0, 2, 1):
             assert op(mode) == mode and op() == mode
-        with pytest.raises(RuntimeError, match="mode must be 0 .off., 1 .ldmatrix and mma.sync. "
-                                               "or 2 .wmma., got 3"):
-            op(3)
+        with pytest.raises(RuntimeError, match="mode must be 0 .off., 1 .ldmatrix and mma.sync., "
+                                               "2 .wmma. or 3 .wgmma., got 4"):
+            op(4)
         assert op() == 1
+        # Without CUDA kernels the switch has nothing to refuse; with them, mode 3 is there only
+        # in a build for sm_90a, and the refusal names it.
+        has_wgmma = True
+        try:
+            assert op(3) == 3 and op() == 3
+        except RuntimeError as exc:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key("condconv::native_forward",
+                                                                  "CUDA")
+            assert "mode 3 (wgmma) needs the extension built for sm_90a" in str(exc)
+            assert op() == 1
+            has_wgmma = False
     finally:
         op(1)
-    assert [_env.cluster_mode(v) for v in ("0", "1", " WMMA ", "")] == [0, 1, 2, 1]
-    with pytest.raises(ValueError, match="CONDCONV_CUDA_CLUSTER must be one of 0, 1, wmma"):
+    assert [_env.cluster_mode(v) for v in ("0", "1", " WMMA ", "wgmma", "")] == [0, 1, 2, 3, 1]
+    with pytest.raises(ValueError, match="CONDCONV_CUDA_CLUSTER must be one of 0, 1, wmma, wgmma"):
         _env.cluster_mode("yes")
     read = "import torch, condconv_kernels; print(torch.ops.condconv.cuda_pointwise_cluster())"
-    for value, want in (("0", "0"), ("wmma", "2"), ("1", "1"), ("", "1")):
+    values = (("0", "0"), ("wmma", "2"), ("1", "1"), ("", "1")) + ((("wgmma", "3"),) if has_wgmma else ())
+    for value, want in values:
         env = {**os.environ, "CONDCONV_CUDA_CLUSTER": value}
         got = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True,
                              text=True, check=True).stdout.strip()

@@ -291,8 +291,21 @@ def test_gpu_cuda_backend_tiles_of_channels_and_examples(name, more, backend):
            factor=4.0)
 
 
-def _cluster_launches(prof):
-    return sum(e.count for e in prof.key_averages() if "pointwise_cluster_kernel" in e.key)
+def _cluster_launches(prof, kernel="pointwise_cluster_kernel"):
+    return sum(e.count for e in prof.key_averages() if kernel in e.key)
+
+
+def _wgmma_built():
+    """Whether the extension takes the clustered switch's mode 3 (built for sm_90a); an
+    extension built where TORCH_CUDA_ARCH_LIST names 9.0a (as the GPU kit's) must."""
+    switch = torch.ops.condconv.cuda_pointwise_cluster
+    try:
+        switch(3)
+    except RuntimeError as exc:
+        assert "9.0a" not in os.environ.get("TORCH_CUDA_ARCH_LIST", ""), exc
+        return False
+    switch(1)
+    return True
 
 
 @pytest.mark.skipif(not ON_GPU, reason="a Hopper GPU's kernel")
@@ -311,7 +324,8 @@ def test_gpu_cuda_pointwise_cluster(more, dtype, backend):
     grad_x 10), 14x14 with a bias in float16 (4 tiles of pixels, 5 experts shared unevenly
     over a cluster), 3 experts (stages of 4): forward and every gradient against the ground
     truth, with the kernel seen in the profiler (forward and grad_x), in each form of its
-    products (ldmatrix and mma.sync on swizzled tiles, mode 1; wmma, mode 2), then with the
+    products (ldmatrix and mma.sync on swizzled tiles, mode 1; wmma, mode 2), then the wgmma
+    kernel (csrc/cuda/pointwise_wgmma.cuh, mode 3, where the build has it), then with the
     switch off (mode 0: the tiled kernels, not seen)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the clustered kernel runs on compute capability 9.x only")
@@ -319,12 +333,14 @@ def test_gpu_cuda_pointwise_cluster(more, dtype, backend):
     switch = torch.ops.condconv.cuda_pointwise_cluster
     assert switch() == 1, "not the default (CONDCONV_CUDA_CLUSTER set?)"
     activities = [torch.profiler.ProfilerActivity.CUDA]
+    modes = [(1, 2, 0), (2, 2, 0)] + ([(3, 0, 2)] if _wgmma_built() else []) + [(0, 0, 0)]
     try:
-        for mode, launches in ((1, 2), (2, 2), (0, 0)):
+        for mode, launches, wgmma_launches in modes:
             switch(mode)
             with torch.profiler.profile(activities=activities) as prof:
                 _check(case, backend, dtype, "channels_last", factor=4.0)
             assert _cluster_launches(prof) == launches, f"mode {mode}"
+            assert _cluster_launches(prof, "pointwise_wgmma_kernel") == wgmma_launches, mode
     finally:
         switch(1)
 

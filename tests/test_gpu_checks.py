@@ -192,8 +192,9 @@ def test_cluster_model_counts_a_layer_by_hand():
     """bench/cluster_model.py against an independent count on s6.b1.expand's forward (192 ->
     1152 at 7x7, batch 256, 8 experts): 18 tiles of output channels x 1 of pixels x 64 blocks
     of examples; 6 steps; L2 traffic the experts once a cluster of 16 examples, x once a tile of
-    output channels, the outputs once; and a report of the committed H200 table has a row for
-    each of its 16 dense 1x1 layers."""
+    output channels, the outputs once; the same for the wgmma kernel's 128-row blocks; and a
+    report of the committed H200 table, in each form, has a row for each of its 16 dense 1x1
+    layers."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import cluster_model
@@ -208,6 +209,18 @@ def test_cluster_model_counts_a_layer_by_hand():
     hbm = (256 * 49 * (192 + 1152) + 8 * 1152 * 192) * 2
     assert m["HBM"] == pytest.approx(hbm / 4.2e12 * 1e6)
     assert m["us"] == max(m["compute"], m["L2"], m["HBM"])
-    text = cluster_model.report(__import__("json").loads(cluster_model.DEFAULT.read_text()))
-    rows = [line for line in text.splitlines() if line.startswith("| s")]
-    assert len(rows) == 16 and rows[8].startswith("| s6.b1.expand | 192 -> 1152 @ 49 |")
+    # The wgmma kernel: 9 tiles of 128 output channels; a step of 4 examples x 128 rows is at
+    # least its shared memory: 8 expert tiles of 8 KB copied and read by the mix, 4 input tiles
+    # of 4 KB copied and read by both warpgroups.
+    w = cluster_model.model(batch=256, rows=1152, depth=192, pixels=49, experts=8, form="wgmma")
+    assert (w["blocks"], w["waves"], w["steps"]) == (9 * 64, 5, 6)
+    assert w["step_cycles"] == (2 * 8 * 8192 + 3 * 4 * 4096) / 128
+    experts = 9 * 16 * 6 * 8 * (128 * 32 * 2)
+    assert w["L2"] == pytest.approx((experts + x / 2 + out) / 5.5e12 * 1e6)
+    with pytest.raises(ValueError, match="form must be one of fragments, wmma, wgmma"):
+        cluster_model.model(256, 1152, 192, 49, 8, form="tma")
+    table = __import__("json").loads(cluster_model.DEFAULT.read_text())
+    for form in cluster_model.FORMS:
+        rows = [line for line in cluster_model.report(table, form=form).splitlines()
+                if line.startswith("| s")]
+        assert len(rows) == 16 and rows[8].startswith("| s6.b1.expand | 192 -> 1152 @ 49 |")

@@ -62,7 +62,7 @@ static_assert(kExamples * kPixels * kLdOut * 4 <=
               "the accumulators fit over two stages and the mixed tiles");
 
 // The experts' tiles a stage holds: E padded to 4 or 8 (the mix loop's length).
-inline int padded_experts(int64_t experts) { return experts <= 4 ? 4 : 8; }
+constexpr int padded_experts(int64_t experts) { return experts <= 4 ? 4 : 8; }
 
 struct Plan {
   unsigned row_tiles, pixel_tiles, example_blocks;  // example_blocks: a multiple of the cluster
@@ -454,8 +454,8 @@ inline bool prepare(bool grad_x, bool bfloat16, bool fragments, const void* expe
   const uint64_t in_strides[2] = {uint64_t(depth) * 2, uint64_t(pixels * depth) * 2};
   const uint32_t in_box[3] = {kDepth, kPixels, 1};
   if (!sm90::make_tile_map(&p->experts, experts, bfloat16, expert_dims, expert_strides,
-                           expert_box, false, error) ||
-      !sm90::make_tile_map(&p->in, in, bfloat16, in_dims, in_strides, in_box, fragments,
+                           expert_box, 0, error) ||
+      !sm90::make_tile_map(&p->in, in, bfloat16, in_dims, in_strides, in_box, fragments ? 64 : 0,
                            error)) {
     return false;
   }

@@ -16,7 +16,7 @@
 #include "../epilogue.h"
 #include "../operands.h"
 #include "kernels.cuh"
-#include "pointwise_cluster.cuh"
+#include "pointwise_wgmma.cuh"
 #include "runtime.cuh"
 
 #include <ATen/Context.h>
@@ -105,7 +105,8 @@ void launch_gemm(const View& v, cudaStream_t stream) {
 }
 
 // The dense 1x1 forward (grad_x false: in = x) or grad_x (in = grad_out) through
-// pointwise_cluster_kernel, where the switch is on, the call fits it (pointwise::fits) and the
+// pointwise_cluster_kernel (or, in mode kClusterWgmma, pointwise_wgmma_kernel), where the switch
+// is on, the call fits it (pointwise::fits) and the
 // device is a Hopper GPU this build has the kernel for; false where not (the caller launches the
 // tiled kernels). bias: the mixed bias (B, Cout), forward only, or null.
 template <typename scalar_t>
@@ -124,16 +125,30 @@ bool launch_pointwise_cluster(bool grad_x, const Geometry& g, const at::Tensor& 
     }
     pointwise::Pass pass;
     std::string error;
-    if (!pointwise::prepare(grad_x, std::is_same<scalar_t, at::BFloat16>::value,
-                            mode == kClusterFragments, ops.weight.const_data_ptr(),
-                            in.const_data_ptr(), out.mutable_data_ptr(), ops.routing_ptr(), bias,
-                            g.batch, g.in_channels, g.out_channels, g.out_pixels(), g.experts,
-                            &pass, &error)) {
+    const bool bfloat16 = std::is_same<scalar_t, at::BFloat16>::value;
+    const auto launch_pass = [&](auto kernel, dim3 grid, size_t bytes, const auto&... args) {
+      launch_cluster(kernel, grid, pointwise::kClusterSize, bytes, stream, args...);
+    };
+#if defined(CONDCONV_SM90A) || !defined(__CUDACC__)
+    if (mode == kClusterWgmma) {
+      if (!pointwise::wgmma::prepare(grad_x, bfloat16, ops.weight.const_data_ptr(),
+                                     in.const_data_ptr(), out.mutable_data_ptr(),
+                                     ops.routing_ptr(), bias, g.batch, g.in_channels,
+                                     g.out_channels, g.out_pixels(), g.experts, &pass, &error)) {
+        return false;  // a map the driver refused: the tiled kernels take the call
+      }
+      pointwise::wgmma::dispatch<T>(pass, launch_pass);
+      return true;
+    }
+#endif
+    if (!pointwise::prepare(grad_x, bfloat16, mode == kClusterFragments,
+                            ops.weight.const_data_ptr(), in.const_data_ptr(),
+                            out.mutable_data_ptr(), ops.routing_ptr(), bias, g.batch,
+                            g.in_channels, g.out_channels, g.out_pixels(), g.experts, &pass,
+                            &error)) {
       return false;  // a map the driver refused: the tiled kernels take the call
     }
-    pointwise::dispatch<T>(pass, [&](auto kernel, dim3 grid, size_t bytes, const auto&... args) {
-      launch_cluster(kernel, grid, pointwise::kClusterSize, bytes, stream, args...);
-    });
+    pointwise::dispatch<T>(pass, launch_pass);
     return true;
   }
 }

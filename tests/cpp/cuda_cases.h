@@ -50,6 +50,12 @@ inline std::vector<Config> configs() {
       // unevenly over the cluster's 4 blocks.
       {"pw-cl-cluster", 9, 136, 72, 10, 7, 1, 5, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true,
        "channels_last"},
+      // The same for the wgmma kernel's (pointwise_wgmma.cuh) last steps: both halves of 16 of
+      // the forward's last step real (64 input channels), and of grad_x's (184 output channels:
+      // 6 steps, the last of 24, more than its 4 stages at 3 experts); two tiles of 128 output
+      // channels (the second of 56), 72 pixels, 5 examples (a cluster with two empty blocks).
+      {"pw-cl-wgmma", 5, 64, 184, 8, 9, 1, 3, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, true,
+       "channels_last"},
       // A kernel gradient reduced over 5184 pixels: more K-slices than one MMA chain takes.
       {"long-reduction", 1, 4, 4, 72, 72, 1, 2, 1, {1, 1}, {0, 0, 0, 0}, {1, 1}, false,
        "contiguous"},

@@ -15,6 +15,10 @@
 //   - nvcuda::wmma 16x16xK fragments, row- or column-major: every lane holds the whole tile, the
 //     warp-wide operations are computed per lane, and load/store check the pointer alignment
 //     (32 bytes) and leading dimension (a multiple of 16 bytes) that the hardware requires;
+//   - wgmma m64n64k16 with A in registers (csrc/cuda/warpgroup.cuh): A taken when issued, the
+//     products computed when their group is waited for, B read from shared memory then through
+//     its descriptor and swizzle (a stage overwritten before the wait shows in the results, and
+//     so do accumulators read before it); a thread ending with wgmma in flight aborts;
 //   - Hopper clusters (launch_cluster; csrc/cuda/cluster.cuh's functions): the blocks of a
 //     cluster run together, their threads fibers of one scheduler, each block with its own
 //     shared memory; the cluster barrier; shared-memory barriers (mbarrier) with their phases,
@@ -116,6 +120,19 @@ class Barrier {
   const char* waiting_for_ = "";
 };
 
+// A thread's wgmma (csrc/cuda/warpgroup.cuh) issued and not yet waited for: its accumulators,
+// the two rows of A it needs (taken when issued), B's descriptor.
+struct WgmmaOp {
+  float* d;
+  float a[2][16];
+  uint64_t b;
+  bool bfloat16;
+};
+struct WgmmaState {
+  std::vector<WgmmaOp> open;                 // since the last commit
+  std::vector<std::vector<WgmmaOp>> groups;  // committed, oldest first
+};
+
 // The state of the running launch.
 struct Launch {
   // Dynamic shared memory starts 256 bytes past a 1024-byte boundary: aligned for every access
@@ -125,15 +142,18 @@ struct Launch {
   explicit Launch(unsigned threads, size_t shared_bytes)
       : block(threads),
         slots(threads),
+        wgmma(threads),
         storage(shared_bytes + kAlign + kOffset),
         size(shared_bytes) {
     for (unsigned w = 0; w * 32 < threads; ++w) {
       warps.emplace_back(new Barrier(std::min(32u, threads - 32 * w)));
     }
   }
-  unsigned char* dynamic() {
+  unsigned char* dynamic() { return aligned() + kOffset; }
+  // The 1024-byte boundary below the dynamic shared memory: where shared addresses count from.
+  unsigned char* aligned() {
     const uintptr_t at = reinterpret_cast<uintptr_t>(storage.data());
-    return storage.data() + (kAlign - at % kAlign) % kAlign + kOffset;
+    return storage.data() + (kAlign - at % kAlign) % kAlign;
   }
   void poison() {
     if (size > 0) std::memset(dynamic(), 0xff, size);  // NaN in every float
@@ -141,6 +161,7 @@ struct Launch {
   Barrier block;
   std::vector<std::unique_ptr<Barrier>> warps;
   std::vector<std::array<unsigned char, 64>> slots;  // exchanges within a warp, one per thread
+  std::vector<WgmmaState> wgmma;                      // one per thread
   std::vector<unsigned char> storage;
   size_t size;
 };
@@ -150,6 +171,8 @@ inline unsigned char* dynamic_shared() { return current->dynamic(); }
 
 inline void fiber_entry() {
   scheduler->body();
+  const WgmmaState& w = current->wgmma[threadIdx.x];
+  if (!w.open.empty() || !w.groups.empty()) fail("wgmma still in flight when the thread ended");
   scheduler->finished[scheduler->running] = true;
   ++scheduler->events;
 }  // returns to the scheduler through uc_link
@@ -260,11 +283,11 @@ struct TileMap {
   uint64_t dims[3];     // innermost first
   uint64_t strides[3];  // bytes: 2, then dims 1 and 2
   uint32_t box[3];
-  bool swizzle64;       // 64-byte swizzle: address bits 4-5 XOR bits 7-8
+  int swizzle;          // 64: address bits 4-5 XOR bits 7-8; 128: bits 4-6 XOR bits 7-9; 0
 };
 
 inline bool make_tile_map(TileMap* map, const void* base, const uint64_t dims[3],
-                          const uint64_t strides[2], const uint32_t box[3], bool swizzle64,
+                          const uint64_t strides[2], const uint32_t box[3], int swizzle,
                           std::string* error) {
   std::string why;
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) why = "base not 16-byte aligned";
@@ -277,7 +300,10 @@ inline bool make_tile_map(TileMap* map, const void* base, const uint64_t dims[3]
     if (dims[d] == 0 || box[d] == 0 || box[d] > 256) why = "dim or box " + std::to_string(d);
   }
   if (box[0] * 2 % 16 != 0) why = "box's inner bytes not a multiple of 16";
-  if (swizzle64 && box[0] * 2 > 64) why = "a 64-byte swizzle with rows of more than 64 bytes";
+  if (swizzle != 0 && swizzle != 64 && swizzle != 128) why = "swizzle " + std::to_string(swizzle);
+  if (swizzle != 0 && box[0] * 2 > uint32_t(swizzle)) {
+    why = "a " + std::to_string(swizzle) + "-byte swizzle with longer rows";
+  }
   if (!why.empty()) {
     *error = why;
     return false;
@@ -286,7 +312,7 @@ inline bool make_tile_map(TileMap* map, const void* base, const uint64_t dims[3]
                  {dims[0], dims[1], dims[2]},
                  {2, strides[0], strides[1]},
                  {box[0], box[1], box[2]},
-                 swizzle64};
+                 swizzle};
   return true;
 }
 
@@ -389,7 +415,7 @@ inline void tile_load(void* dst, const TileMap* map, int c0, int c1, int c2, uin
   ClusterRun& run = running_cluster("tile_load");
   // A swizzled box: the kernels' tiles whole 1024-byte atoms (stricter than the hardware, which
   // takes the pattern from the absolute address: what the kernels' tile-relative XOR needs).
-  const uintptr_t align = map->swizzle64 ? 1024 : 128;
+  const uintptr_t align = map->swizzle != 0 ? 1024 : 128;
   if (reinterpret_cast<uintptr_t>(dst) % align != 0) {
     fail("tile_load: destination not " + std::to_string(align) + "-byte aligned");
   }
@@ -406,6 +432,14 @@ inline void tile_load(void* dst, const TileMap* map, int c0, int c1, int c2, uin
   ++scheduler->events;
 }
 
+// The address a swizzle of `bytes` (0, 64 or 128; cluster.cuh: make_tile_map) puts the byte at
+// address `at` of a tile at.
+inline uintptr_t swizzled(uintptr_t at, int bytes) {
+  if (bytes == 64) return at ^ (((at >> 7) & 3) << 4);
+  if (bytes == 128) return at ^ (((at >> 7) & 7) << 4);
+  return at;
+}
+
 // Lands every queued copy: the box, zeros past the tensor, then its bytes on the barrier.
 inline bool land_copies() {
   ClusterRun& run = *cluster;
@@ -417,8 +451,7 @@ inline bool land_copies() {
     for (uint32_t z = 0; z < m.box[2]; ++z) {
       for (uint32_t y = 0; y < m.box[1]; ++y) {
         for (uint32_t x = 0; x < m.box[0]; ++x, at += 2) {
-          auto* dst = reinterpret_cast<unsigned char*>(m.swizzle64 ? at ^ (((at >> 7) & 3) << 4)
-                                                                   : at);
+          auto* dst = reinterpret_cast<unsigned char*>(swizzled(at, m.swizzle));
           const int64_t i[3] = {int64_t(c.c[0]) + x, int64_t(c.c[1]) + y, int64_t(c.c[2]) + z};
           bool inside = true;
           for (int d = 0; d < 3; ++d) inside = inside && i[d] >= 0 && uint64_t(i[d]) < m.dims[d];
@@ -507,6 +540,12 @@ void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sha
 }  // namespace emu
 
 inline void __syncthreads() { emu::current->block.wait("__syncthreads"); }
+
+// Every lane of the warp arrives (the whole warp: partial masks are not emulated).
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) emu::fail("__syncwarp with a partial mask is not emulated");
+  emu::current->warps[threadIdx.x / 32]->wait("__syncwarp");
+}
 
 template <typename T>
 T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
@@ -599,6 +638,72 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
     float sum = d[i];
     for (unsigned k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
     d[i] = sum;
+  }
+}
+
+// A shared-memory address as the hardware's (32 bits, counted from the block's 1024-byte
+// boundary below its dynamic shared memory, so that the low 10 bits are the pointer's), and back.
+inline uint32_t shared_address(const void* p) {
+  shared_offset(p, 1, "shared_address");
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - current->aligned());
+}
+inline const unsigned char* shared_pointer(uint32_t at) { return current->aligned() + at; }
+
+// wgmma m64n64k16 (warpgroup.cuh): issued by every lane of a warp (its 16 rows of A exchanged
+// now), computed when waited for.
+inline void wgmma_64x64x16(float (&d)[32], const uint32_t (&a)[4], uint64_t b, bool bfloat16) {
+  if (blockDim.x % 128 != 0) fail("wgmma in a block that is not whole warpgroups");
+  std::array<std::array<unsigned char, 16>, 32> raw;
+  warp_exchange(a, raw, "wgmma");
+  uint32_t lanes[32][4];
+  for (unsigned l = 0; l < 32; ++l) std::memcpy(lanes[l], raw[l].data(), 16);
+  const unsigned g = threadIdx.x % 32 / 4;
+  WgmmaOp op{d, {}, b, bfloat16};
+  for (unsigned h = 0; h < 2; ++h) {  // rows g and g + 8 of the warp's 16
+    for (unsigned k = 0; k < 16; ++k) {
+      const uint32_t reg = lanes[g * 4 + (k % 8) / 2][h + 2 * (k / 8)];
+      op.a[h][k] = from16(k % 2 ? reg >> 16 : reg, bfloat16);
+    }
+  }
+  current->wgmma[threadIdx.x].open.push_back(op);
+}
+
+inline void wgmma_commit() {
+  WgmmaState& w = current->wgmma[threadIdx.x];
+  w.groups.push_back(std::move(w.open));
+  w.open.clear();
+}
+
+// B (k, n) of a descriptor (warpgroup.cuh: K-major, 64- or 128-byte swizzle), read now.
+inline float wgmma_b(uint64_t desc, unsigned k, unsigned n, bool bfloat16) {
+  const uint32_t start = uint32_t(desc & 0x3fff) << 4, stride = uint32_t((desc >> 32) & 0x3fff) << 4;
+  const unsigned layout = unsigned(desc >> 62);
+  if (layout != 1 && layout != 2) fail("wgmma: only the 64- and 128-byte swizzles are emulated");
+  if ((desc >> 49 & 7) != 0) fail("wgmma: a descriptor with a base offset");
+  const int width = layout == 1 ? 128 : 64;
+  const unsigned char* at = shared_pointer(start + (n / 8) * stride + (n % 8) * width + 2 * k);
+  const auto* p = reinterpret_cast<const unsigned char*>(
+      swizzled(reinterpret_cast<uintptr_t>(at), width));
+  shared_offset(p, 2, "wgmma's B operand");
+  return from16(read16(p), bfloat16);
+}
+
+// Completes the oldest groups until at most `pending` are left.
+inline void wgmma_wait(int pending) {
+  WgmmaState& w = current->wgmma[threadIdx.x];
+  const unsigned lane = threadIdx.x % 32, c = lane % 4;
+  while (w.groups.size() > size_t(pending)) {
+    for (const WgmmaOp& op : w.groups.front()) {
+      for (unsigned t = 0; t < 8; ++t) {
+        for (unsigned i = 0; i < 4; ++i) {
+          const unsigned col = 8 * t + 2 * c + i % 2;
+          float sum = 0.f;
+          for (unsigned k = 0; k < 16; ++k) sum += op.a[i / 2][k] * wgmma_b(op.b, k, col, op.bfloat16);
+          op.d[4 * t + i] += sum;
+        }
+      }
+    }
+    w.groups.erase(w.groups.begin());
   }
 }
 

@@ -13,7 +13,8 @@
 namespace condconv {
 namespace cuda {
 namespace {
-int cluster_launches = 0;  // the clustered kernel's launches (pointwise_cluster.cuh)
+int cluster_launches = 0;  // the clustered kernels' launches (pointwise_cluster.cuh, _wgmma.cuh)
+int wgmma_launches = 0;    // of which pointwise_wgmma_kernel's
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
@@ -28,10 +29,12 @@ template <typename Kernel>
 bool runs_sm90(Kernel) {
   return true;
 }
+bool is_wgmma(const void* kernel);
 template <typename... Params, typename... Args>
 void launch_cluster(void (*kernel)(Params...), dim3 grid, unsigned cluster_y, size_t shared_bytes,
                     cudaStream_t, const Args&... args) {
   ++cluster_launches;
+  wgmma_launches += is_wgmma(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
   emu::launch_cluster(kernel, grid, dim3(kThreads), shared_bytes, cluster_y, args...);
 }
 }  // namespace
@@ -51,6 +54,30 @@ void launch_cluster(void (*kernel)(Params...), dim3 grid, unsigned cluster_y, si
 #include <array>
 #include <cstdio>
 #include <string>
+
+namespace condconv {
+namespace cuda {
+namespace {
+// Whether `kernel` is an instance of pointwise_wgmma_kernel.
+bool is_wgmma(const void* kernel) {
+  using pointwise::wgmma::pointwise_wgmma_kernel;
+  const void* instances[] = {
+      reinterpret_cast<const void*>(&pointwise_wgmma_kernel<__half, 4, false>),
+      reinterpret_cast<const void*>(&pointwise_wgmma_kernel<__half, 4, true>),
+      reinterpret_cast<const void*>(&pointwise_wgmma_kernel<__half, 8, false>),
+      reinterpret_cast<const void*>(&pointwise_wgmma_kernel<__half, 8, true>),
+      reinterpret_cast<const void*>(&pointwise_wgmma_kernel<__nv_bfloat16, 4, false>),
+      reinterpret_cast<const void*>(&pointwise_wgmma_kernel<__nv_bfloat16, 4, true>),
+      reinterpret_cast<const void*>(&pointwise_wgmma_kernel<__nv_bfloat16, 8, false>),
+      reinterpret_cast<const void*>(&pointwise_wgmma_kernel<__nv_bfloat16, 8, true>)};
+  for (const void* k : instances) {
+    if (k == kernel) return true;
+  }
+  return false;
+}
+}  // namespace
+}  // namespace cuda
+}  // namespace condconv
 
 namespace {
 
@@ -121,22 +148,25 @@ int main() {
     ok = run<at::Half>(c, true, 5e-3, all) && ok;
     ok = run<at::BFloat16>(c, true, 3e-2, all) && ok;
   }
-  // The 16-bit 1x1 channels_last cases (pw-cl, pw-cl-cluster) took the clustered kernel,
-  // forward and grad_x in both dtypes; then the same in its wmma form, and with the switch off
-  // the tiled kernels instead.
+  // The 16-bit 1x1 channels_last cases (pw-cl, pw-cl-cluster, pw-cl-wgmma) took the clustered
+  // kernel, forward and grad_x in both dtypes (12 launches); then the same in its wmma form, in
+  // the wgmma kernel, and with the switch off the tiled kernels instead.
   const auto set_mode = [](int64_t mode) {
     torch::Dispatcher::singleton()
         .findSchemaOrThrow("condconv::cuda_pointwise_cluster", "")
         .typed<int64_t(c10::optional<int64_t>)>()
         .call(mode);
   };
-  for (const int64_t mode : {2, 0}) {
-    const int before = condconv::cuda::cluster_launches;
-    if (before != (mode == 2 ? 8 : 16)) {
-      std::printf("clustered kernel launches: %d: FAIL\n", before);
+  const std::array<int64_t, 3> modes{2, 3, 0};
+  for (size_t i = 0; i < modes.size(); ++i) {
+    const int launches = condconv::cuda::cluster_launches;
+    const int wgmma = condconv::cuda::wgmma_launches;
+    if (launches != 12 * int(i + 1) || wgmma != (i == 2 ? 12 : 0)) {
+      std::printf("clustered kernel launches before mode %d: %d (wgmma %d): FAIL\n",
+                  int(modes[i]), launches, wgmma);
       ok = false;
     }
-    set_mode(mode);
+    set_mode(modes[i]);
     for (const auto& c : cuda_cases::configs()) {
       if (c.kernel != 1 || c.layout != "channels_last") continue;
       const std::array<bool, 4> all{true, true, true, c.bias};
@@ -144,8 +174,8 @@ int main() {
       ok = run<at::BFloat16>(c, true, 3e-2, all) && ok;
     }
   }
-  if (condconv::cuda::cluster_launches != 16) {
-    std::printf("the clustered kernel ran with its switch off: FAIL\n");
+  if (condconv::cuda::cluster_launches != 36 || condconv::cuda::wgmma_launches != 12) {
+    std::printf("the clustered kernels ran with the switch off: FAIL\n");
     ok = false;
   }
   set_mode(1);

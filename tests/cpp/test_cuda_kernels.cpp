@@ -7,8 +7,9 @@
 // with both thread layouts.
 // The clustered 1x1 kernel (pointwise_cluster.cuh: clusters of 4 blocks, multicast copies,
 // shared-memory barriers) runs, forward and grad_x in float16 and bfloat16, its products through
-// ldmatrix and mma.sync on swizzled tiles and through wmma, on every case it takes, its blocks of
-// a cluster together (cuda_emulation.h: launch_cluster).
+// ldmatrix and mma.sync on swizzled tiles and through wmma, and the wgmma kernel
+// (pointwise_wgmma.cuh: the mix in registers, 128-row blocks), on every case they take, the
+// blocks of a cluster together (cuda_emulation.h: launch_cluster).
 // What the emulation cannot show is speed, races between barriers, or the host launchers'
 // streams and allocations: tests/test_gpu.py and compute-sanitizer on a GPU check those.
 #include "cuda_emulation.h"  // first: the CUDA language for the host compiler
@@ -20,7 +21,7 @@
 #include "checks.h"
 #include "cuda_cases.h"
 #include <cuda/kernels.cuh>
-#include <cuda/pointwise_cluster.cuh>
+#include <cuda/pointwise_wgmma.cuh>
 
 #include <cstdio>
 #include <limits>
@@ -148,21 +149,29 @@ bool run_cluster(const Config& c, double tol) {
   ++cluster_runs;
   const auto routing = k.routing.contiguous();
   const auto mixed_bias = at::mm(routing, k.bias.to(torch::kFloat32));
-  // Both forms of the products, each through the forward and grad_x into fresh NaN outputs.
-  const auto form = [&](bool fragments) {
-    const std::string name =
-        c.name + "/" + c10::toString(dtype) + (fragments ? "/cluster" : "/cluster-wmma");
+  // The three kernels (1: pointwise_cluster_kernel through ldmatrix and mma.sync, 2: the same
+  // through wmma, 3: pointwise_wgmma_kernel), each through the forward and grad_x into fresh NaN
+  // outputs.
+  const auto form = [&](int mode) {
+    const char* names[] = {"", "/cluster", "/cluster-wmma", "/cluster-wgmma"};
+    const std::string name = c.name + "/" + c10::toString(dtype) + names[mode];
     out.fill_(std::numeric_limits<double>::quiet_NaN());
     dx.fill_(std::numeric_limits<double>::quiet_NaN());
     for (const bool grad_x : {false, true}) {
       pc::Pass pass;
       std::string error;
-      const bool ready = pc::prepare(
-          grad_x, dtype == torch::kBFloat16, fragments, weight.const_data_ptr(),
-          grad_x ? k.grad_out.const_data_ptr() : k.x.const_data_ptr(),
-          grad_x ? dx.mutable_data_ptr() : out.mutable_data_ptr(),
-          routing.const_data_ptr<float>(), c.bias ? mixed_bias.const_data_ptr<float>() : nullptr,
-          g.batch, g.in_channels, g.out_channels, g.out_pixels(), g.experts, &pass, &error);
+      const void* in = grad_x ? k.grad_out.const_data_ptr() : k.x.const_data_ptr();
+      void* dst = grad_x ? dx.mutable_data_ptr() : out.mutable_data_ptr();
+      const float* bias = c.bias ? mixed_bias.const_data_ptr<float>() : nullptr;
+      const bool bf16 = dtype == torch::kBFloat16;
+      const bool ready =
+          mode == 3 ? pc::wgmma::prepare(grad_x, bf16, weight.const_data_ptr(), in, dst,
+                                         routing.const_data_ptr<float>(), bias, g.batch,
+                                         g.in_channels, g.out_channels, g.out_pixels(), g.experts,
+                                         &pass, &error)
+                    : pc::prepare(grad_x, bf16, mode == 1, weight.const_data_ptr(), in, dst,
+                                  routing.const_data_ptr<float>(), bias, g.batch, g.in_channels,
+                                  g.out_channels, g.out_pixels(), g.experts, &pass, &error);
       if (!ready) {
         std::printf("%-22s cluster maps refused: %s: FAIL\n", name.c_str(), error.c_str());
         return false;
@@ -171,16 +180,19 @@ bool run_cluster(const Config& c, double tol) {
         std::printf("%-22s cluster plan: FAIL\n", name.c_str());
         return false;
       }
-      pc::dispatch<scalar_t>(pass, [](auto kernel, dim3 grid, size_t bytes, const auto&... args) {
+      const auto launch = [](auto kernel, dim3 grid, size_t bytes, const auto&... args) {
         emu::launch_cluster(kernel, grid, dim3(pc::kBlockThreads), bytes, pc::kClusterSize,
                             args...);
-      });
+      };
+      mode == 3 ? pc::wgmma::dispatch<scalar_t>(pass, launch)
+                : pc::dispatch<scalar_t>(pass, launch);
     }
     const bool fwd = close(out, k.out, name, "forward", tol);
     return close(dx, k.grad_x, name, "grad_x", tol) && fwd;
   };
-  const bool fragments = form(true);
-  return form(false) && fragments;
+  bool ok = true;
+  for (const int mode : {1, 2, 3}) ok = form(mode) && ok;
+  return ok;
 }
 
 }  // namespace
@@ -198,8 +210,8 @@ int main() {
     ok = run_cluster<at::Half>(c, 5e-3) && ok;
     ok = run_cluster<at::BFloat16>(c, 3e-2) && ok;
   }
-  if (cluster_runs < 4) {  // pw-cl and pw-cl-cluster, in both dtypes
-    std::printf("the clustered kernel took %d cases of 4: FAIL\n", cluster_runs);
+  if (cluster_runs < 6) {  // pw-cl, pw-cl-cluster and pw-cl-wgmma, in both dtypes
+    std::printf("the clustered kernels took %d cases of 6: FAIL\n", cluster_runs);
     ok = false;
   }
   std::printf("%s\n", ok ? "PASSED" : "FAILED");

@@ -1,0 +1,355 @@
+// The dense 1x1 forward and grad_x of 16-bit channels_last tensors on Hopper through wgmma
+// (sm_90a): pointwise_cluster.cuh's clusters and copies, with each example's mixed weights made
+// in registers as wgmma's A operand instead of through shared memory, and blocks of 128 rows.
+//
+// The passes are pointwise_cluster.cuh's: out_b (P x R) = in_b (P x D) . W_b^T, W_b = sum_e
+// r[b,e] W_e (grad_x: R = Cin, D = Cout, W_b read transposed). A block computes the (128 rows) x
+// (64 pixels) outputs of four examples in two warpgroups, warpgroup h the rows 64 h .. 64 h + 63.
+// Per step of 32 along D a stage holds the E experts' (128 x 32) tiles, copied by the four
+// blocks of the cluster a quarter each and multicast to all four, and the block's four (64 x 32)
+// input tiles. Per half-step of 16, every thread loads its A fragment (8 values) of each
+// expert's tile (ldmatrix on the swizzled tiles, conflict-free), mixes it for the four examples
+// in float32 and rounds it into the four examples' A fragments; the warpgroup then issues one
+// wgmma a example (64 rows x 64 pixels x 16), B the example's input tile in shared memory. The
+// next half-step's mix runs while they do. Against pointwise_cluster_kernel: no mixed tiles
+// written and read back, the input tiles read once a warpgroup by the tensor cores instead of
+// through registers, and half the blocks (the input read from L2 once for 128 rows).
+//
+// The copies run `stages` steps ahead; a block gives a stage back to the cluster (one arrival on
+// each block's `empty` barrier) once its wgmma of that step have completed and all its threads
+// are past it, and thread 0 refills it once all four blocks have. Outputs go through shared
+// memory to 16-byte stores along the channels.
+#pragma once
+
+#include "pointwise_cluster.cuh"
+#include "warpgroup.cuh"
+
+#include <cstring>
+
+namespace condconv {
+namespace cuda {
+namespace pointwise {
+namespace wgmma {
+
+constexpr int kRows = 128;                      // outputs (channels) of a block's tile
+constexpr int kExpertTileBytes = kRows * kDepth * 2;
+constexpr int kInputTileBytes = kPixels * kDepth * 2;
+constexpr int kLdOut = kRows + 4;               // the accumulators in shared memory: [pixel][row]
+static_assert(kBlockThreads == 256, "two warpgroups");
+
+constexpr int64_t stage_bytes(int64_t experts) {
+  return padded_experts(experts) * kExpertTileBytes + kExamples * kInputTileBytes;
+}
+
+// Stages as many as fit in 227 KB, at most 4: 4 at up to 4 experts, 2 at 8.
+constexpr int64_t stages_for(int64_t experts) {
+  return (kSharedLimit - kAlignSlack - kBarrierBytes) / stage_bytes(experts) > kMaxStages
+             ? kMaxStages
+             : (kSharedLimit - kAlignSlack - kBarrierBytes) / stage_bytes(experts);
+}
+static_assert(stages_for(8) >= 2 && stages_for(4) >= 2, "at least 2 stages");
+static_assert(kExamples * kPixels * kLdOut * 4 <= stages_for(8) * stage_bytes(8) &&
+                  kExamples * kPixels * kLdOut * 4 <= stages_for(4) * stage_bytes(4),
+              "the accumulators fit over the stages");
+
+// The launch of a call.
+inline Plan plan(int64_t batch, int64_t rows, int64_t pixels, int64_t experts) {
+  Plan p = pointwise::plan(batch, rows, pixels, experts);
+  p.row_tiles = static_cast<unsigned>((rows + kRows - 1) / kRows);
+  p.stages = static_cast<int>(stages_for(experts));
+  p.shared_bytes = kAlignSlack + kBarrierBytes + p.stages * stage_bytes(experts);
+  return p;
+}
+
+#if CONDCONV_SM90_DEVICE && CONDCONV_WGMMA_DEVICE
+// Two 16-bit values of a register (the lower-indexed in the low half) as floats, and back.
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t v, float& lo, float& hi) {
+  T h[2];
+  memcpy(h, &v, 4);
+  lo = to_float(h[0]);
+  hi = to_float(h[1]);
+}
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T h[2] = {from_float(lo, static_cast<const T*>(nullptr)),
+                  from_float(hi, static_cast<const T*>(nullptr))};
+  uint32_t v;
+  memcpy(&v, h, 4);
+  return v;
+}
+
+// The A fragment (warpgroup.cuh) of an expert's tile at `tile` for this thread, rows `row0` ..
+// row0 + 15 of the block's 128 (its warp's), k = kk .. kk + 15 of the step: forward, the tile
+// is [row][32 k] with the 64-byte swizzle; grad_x, two boxes of [32 k][64 rows] (rows 0-63,
+// 64-127) with the 128-byte swizzle, read transposed.
+template <bool kGradX>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const unsigned char* tile, int row0,
+                                       int kk, int lane) {
+  using fragments::ldmatrix_x4;
+  if (kGradX) {
+    const unsigned char* box = tile + (row0 / 64) * (kExpertTileBytes / 2);
+    const int k = kk + lane % 8 + lane / 16 * 8;
+    const int chunk = (row0 % 64) / 8 + lane / 8 % 2;
+    ldmatrix_x4<true>(a, box + k * 128 + 16 * (chunk ^ (k & 7)));
+  } else {
+    const int row = row0 + lane % 8 + lane / 8 % 2 * 8;
+    const int chunk = kk / 8 + lane / 16;
+    ldmatrix_x4(a, tile + row * 64 + 16 * (chunk ^ ((row >> 1) & 3)));
+  }
+}
+
+// Thread 0 of a block: the copies of step kt into stage kt % stages, announced on its `full`
+// barrier: the experts e = rank, rank + kClusterSize, ... multicast to the cluster (grad_x: two
+// boxes of 64 rows each), and this block's `count` examples' input tiles.
+template <int EP, bool kGradX>
+__device__ __forceinline__ void issue_step(const sm90::TileMap* experts_map,
+                                           const sm90::TileMap* in_map, unsigned char* tiles,
+                                           uint64_t* full, int kt, int stages, int experts,
+                                           int count, int first, int r0, int p0, uint32_t rank) {
+  using namespace sm90;
+  const int s = kt % stages;
+  unsigned char* stage = tiles + s * (EP * kExpertTileBytes + kExamples * kInputTileBytes);
+  barrier_arrive_expect(&full[s],
+                        uint32_t(experts * kExpertTileBytes + count * kInputTileBytes));
+  const int d0 = kt * kDepth;
+  const uint16_t all = uint16_t((1u << kClusterSize) - 1);
+  for (int e = int(rank); e < experts; e += kClusterSize) {
+    unsigned char* dst = stage + e * kExpertTileBytes;
+    if (kGradX) {
+      tile_load_multicast(dst, experts_map, r0, d0, e, &full[s], all);
+      tile_load_multicast(dst + kExpertTileBytes / 2, experts_map, r0 + 64, d0, e, &full[s], all);
+    } else {
+      tile_load_multicast(dst, experts_map, d0, r0, e, &full[s], all);
+    }
+  }
+  unsigned char* inputs = stage + EP * kExpertTileBytes;
+  for (int j = 0; j < count; ++j) {
+    tile_load(inputs + j * kInputTileBytes, in_map, d0, p0, first + j, &full[s]);
+  }
+}
+#endif
+
+// T: __half or __nv_bfloat16; EP: experts a stage holds (4 or 8); kGradX: grad_x instead of the
+// forward. Grid: x = row tile + row_tiles x pixel tile, y = block of examples (clusters of
+// kClusterSize along y); kBlockThreads threads.
+template <typename T, int EP, bool kGradX>
+__global__ void __launch_bounds__(kBlockThreads, 1)
+    pointwise_wgmma_kernel(const CONDCONV_GRID_CONSTANT sm90::TileMap experts_map,
+                           const CONDCONV_GRID_CONSTANT sm90::TileMap in_map, const Args a) {
+#if CONDCONV_SM90_DEVICE && CONDCONV_WGMMA_DEVICE
+  using namespace sm90;
+  using namespace warpgroup;
+  constexpr bool kBFloat16 = std::is_same<T, __nv_bfloat16>::value;
+  constexpr int kStageBytes = EP * kExpertTileBytes + kExamples * kInputTileBytes;
+  CONDCONV_DYNAMIC_SHARED(raw);
+  unsigned char* base = raw + shared_padding(raw, kAlignSlack);
+  const int S = a.stages;
+  uint64_t* full = reinterpret_cast<uint64_t*>(base);
+  uint64_t* empty = full + kMaxStages;
+  unsigned char* tiles = base + kBarrierBytes;
+
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int row_tiles = (a.rows + kRows - 1) / kRows;
+  const int r0 = (blockIdx.x % row_tiles) * kRows;
+  const int p0 = (blockIdx.x / row_tiles) * kPixels;
+  const int first = blockIdx.y * kExamples;
+  const int left = a.batch - first;
+  const int count = left < 0 ? 0 : (left < kExamples ? left : kExamples);
+  const uint32_t rank = cluster_rank();
+  const int steps = (a.depth + kDepth - 1) / kDepth;
+  // This warp's 16 rows of the block's 128: warpgroup tid / 128 the rows 64 (tid / 128) ..
+  const int row0 = tid / 32 * 16;
+
+  float r[kExamples][EP];
+#pragma unroll
+  for (int j = 0; j < kExamples; ++j) {
+#pragma unroll
+    for (int e = 0; e < EP; ++e) {
+      r[j][e] = (j < count && e < a.experts) ? a.routing[int64_t(first + j) * a.experts + e] : 0.f;
+    }
+  }
+
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      barrier_init(&full[s], 1);
+      barrier_init(&empty[s], kClusterSize);
+    }
+    fence_barrier_init();
+  }
+  cluster_sync();  // every block's barriers ready before any copy or arrival reaches them
+
+  const auto issue = [&](int kt) {
+    issue_step<EP, kGradX>(&experts_map, &in_map, tiles, full, kt, S, a.experts, count, first,
+                           r0, p0, rank);
+  };
+  if (tid == 0) {
+    for (int kt = 0; kt < S && kt < steps; ++kt) issue(kt);
+  }
+
+  float acc[kExamples][32] = {};
+  float m[kExamples][8];
+  // The mix of half-step kk of a stage into m: every expert's A fragment, times each example's
+  // routing weight.
+  const auto mix = [&](const unsigned char* stage, int kk) {
+#pragma unroll
+    for (int j = 0; j < kExamples; ++j) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) m[j][i] = 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < EP; ++e) {
+      if (e < a.experts) {
+        uint32_t w[4];
+        load_a<kGradX>(w, stage + e * kExpertTileBytes, row0, kk, lane);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float lo, hi;
+          unpack2<T>(w[q], lo, hi);
+#pragma unroll
+          for (int j = 0; j < kExamples; ++j) {
+            m[j][2 * q] += r[j][e] * lo;
+            m[j][2 * q + 1] += r[j][e] * hi;
+          }
+        }
+      }
+    }
+  };
+  // The wgmma of half-step kk: the mixes rounded into A fragments, one product an example.
+  const auto multiply = [&](const unsigned char* stage, int kk) {
+    uint32_t am[kExamples][4];
+#pragma unroll
+    for (int j = 0; j < kExamples; ++j) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) am[j][q] = pack2<T>(m[j][2 * q], m[j][2 * q + 1]);
+    }
+    // All four, whatever the block's count (uniform, so no branch between them): an example
+    // past the batch multiplies zeros by a stale tile into accumulators never stored.
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < kExamples; ++j) {
+      const unsigned char* in = stage + EP * kExpertTileBytes + j * kInputTileBytes;
+      wgmma_64x64x16<kBFloat16>(acc[j], am[j], descriptor(in + 2 * kk, 64, 8 * 2 * kDepth));
+    }
+    wgmma_commit();
+  };
+
+  for (int kt = 0; kt < steps; ++kt) {
+    const int s = kt % S;
+    barrier_wait(&full[s], uint32_t(kt / S) & 1u);
+    const unsigned char* stage = tiles + s * kStageBytes;
+    if (count > 0) mix(stage, 0);
+    wgmma_wait<0>();  // step kt - 1's products done: its stage and the A registers free
+    __syncthreads();  // every thread of the block past step kt - 1
+    if (count > 0) multiply(stage, 0);
+    // Step kt - 1's stage back to the cluster, and refilled once all its blocks have given it
+    // back: while the products above run.
+    if (tid == 0 && kt >= 1) {
+      const int done = (kt - 1) % S;
+      fence_cluster();
+      for (uint32_t c = 0; c < kClusterSize; ++c) barrier_arrive_remote(&empty[done], c);
+      const int next = kt - 1 + S;
+      if (next < steps) {
+        barrier_wait<true>(&empty[done], uint32_t(next / S - 1) & 1u);
+        issue(next);
+      }
+    }
+    __syncwarp();
+    if (count > 0) {
+      mix(stage, 16);
+      wgmma_wait<0>();
+      multiply(stage, 16);
+    }
+  }
+  wgmma_wait<0>();
+
+  // Every copy this block was sent has landed (each step's barrier was waited for) and every
+  // product is done: the stages are free for the accumulators, [example][pixel][row].
+  __syncthreads();
+  float* acc_tile = reinterpret_cast<float*>(tiles);
+  {
+    const int g = lane / 4, c = lane % 4;
+#pragma unroll
+    for (int j = 0; j < kExamples; ++j) {
+      if (j < count) {
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int row = row0 + g + 8 * (i / 2), px = 8 * t + 2 * c + i % 2;
+            acc_tile[(j * kPixels + px) * kLdOut + row] = acc[j][4 * t + i];
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(a.out);
+  constexpr int kVectors = kRows / 8;  // 16-byte stores along a pixel's channels
+  for (int idx = tid; idx < count * kPixels * kVectors; idx += kBlockThreads) {
+    const int j = idx / (kPixels * kVectors), p = idx / kVectors % kPixels, v = idx % kVectors;
+    const int pixel = p0 + p, row = r0 + 8 * v;
+    if (pixel >= a.pixels || row >= a.rows) continue;
+    const float* src = acc_tile + (j * kPixels + p) * kLdOut + 8 * v;
+    const float* bias = a.bias != nullptr ? a.bias + int64_t(first + j) * a.rows + row : nullptr;
+    Pack8<T> o;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      o.v[i] = from_float(src[i] + (bias != nullptr ? bias[i] : 0.f),
+                          static_cast<const T*>(nullptr));
+    }
+    *reinterpret_cast<Pack8<T>*>(out + (int64_t(first + j) * a.pixels + pixel) * a.rows + row) = o;
+  }
+  cluster_sync();  // no block leaves while another may still arrive on its barriers
+#else
+  __trap();  // compiled without sm_90a: never launched there (the host checks CONDCONV_SM90A)
+#endif
+}
+
+// The maps, arguments and grid of a call that fits (pointwise::fits), as pointwise::prepare's:
+// the experts' boxes of (32 along Cin) x 128 rows with the 64-byte swizzle (forward) or of
+// 64 rows (Cin) x (32 along Cout) with the 128-byte swizzle (grad_x, two a tile), the input's of
+// 32 x 64 pixels with the 64-byte swizzle.
+inline bool prepare(bool grad_x, bool bfloat16, const void* experts, const void* in, void* out,
+                    const float* routing, const float* bias, int64_t batch, int64_t cin,
+                    int64_t cout, int64_t pixels, int64_t num_experts, Pass* p,
+                    std::string* error) {
+  const int64_t rows = grad_x ? cin : cout, depth = grad_x ? cout : cin;
+  const uint64_t expert_dims[3] = {uint64_t(cin), uint64_t(cout), uint64_t(num_experts)};
+  const uint64_t expert_strides[2] = {uint64_t(cin) * 2, uint64_t(cin * cout) * 2};
+  const uint32_t expert_box[3] = {uint32_t(grad_x ? 64 : kDepth), uint32_t(grad_x ? kDepth : kRows),
+                                  1};
+  const uint64_t in_dims[3] = {uint64_t(depth), uint64_t(pixels), uint64_t(batch)};
+  const uint64_t in_strides[2] = {uint64_t(depth) * 2, uint64_t(pixels * depth) * 2};
+  const uint32_t in_box[3] = {kDepth, kPixels, 1};
+  if (!sm90::make_tile_map(&p->experts, experts, bfloat16, expert_dims, expert_strides,
+                           expert_box, grad_x ? 128 : 64, error) ||
+      !sm90::make_tile_map(&p->in, in, bfloat16, in_dims, in_strides, in_box, 64, error)) {
+    return false;
+  }
+  p->plan = plan(batch, rows, pixels, num_experts);
+  p->args = Args{int(batch), int(rows), int(depth), int(pixels), int(num_experts),
+                 p->plan.stages, routing, grad_x ? nullptr : bias, out};
+  p->grad_x = grad_x;
+  p->bfloat16 = bfloat16;
+  p->fragments = true;
+  return true;
+}
+
+// launch(kernel, grid, shared_bytes, experts_map, in_map, args) with the kernel instance of p.
+template <typename T, class LaunchFn>
+void dispatch(const Pass& p, LaunchFn&& launch) {
+  const auto go = [&](auto kernel) {
+    launch(kernel, p.grid(), size_t(p.plan.shared_bytes), p.experts, p.in, p.args);
+  };
+  if (padded_experts(p.args.experts) == 4) {
+    p.grad_x ? go(&pointwise_wgmma_kernel<T, 4, true>) : go(&pointwise_wgmma_kernel<T, 4, false>);
+  } else {
+    p.grad_x ? go(&pointwise_wgmma_kernel<T, 8, true>) : go(&pointwise_wgmma_kernel<T, 8, false>);
+  }
+}
+
+}  // namespace wgmma
+}  // namespace pointwise
+}  // namespace cuda
+}  // namespace condconv
