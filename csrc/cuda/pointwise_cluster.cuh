@@ -112,6 +112,77 @@ __device__ __forceinline__ __half from_float(float v, const __half*) { return __
 __device__ __forceinline__ __nv_bfloat16 from_float(float v, const __nv_bfloat16*) {
   return __float2bfloat16_rn(v);
 }
+
+// The routing weights of the block's `count` examples from `first`, zero past them and past
+// the experts.
+template <int EP>
+__device__ __forceinline__ void load_routing(float (&r)[kExamples][EP], const Args& a, int first,
+                                             int count) {
+#pragma unroll
+  for (int j = 0; j < kExamples; ++j) {
+#pragma unroll
+    for (int e = 0; e < EP; ++e) {
+      r[j][e] = (j < count && e < a.experts) ? a.routing[int64_t(first + j) * a.experts + e] : 0.f;
+    }
+  }
+}
+
+// Thread 0: the stages' barriers (`full`: thread 0's arrival and the copies' bytes; `empty`: one
+// arrival from each block of the cluster), then, every thread, the cluster barrier: every
+// block's barriers ready before any copy or arrival reaches them.
+__device__ __forceinline__ void init_barriers(uint64_t* full, uint64_t* empty, int stages) {
+  using namespace sm90;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) {
+      barrier_init(&full[s], 1);
+      barrier_init(&empty[s], kClusterSize);
+    }
+    fence_barrier_init();
+  }
+  cluster_sync();
+}
+
+// The epilogue: the block's outputs (kTileRows rows from r0 x kPixels pixels from p0, of `count`
+// examples from `first`) from the accumulators in shared memory, [example][pixel][row] with rows
+// of `ld` floats, plus the mixed bias, rounded to T, in 16-byte stores along the channels.
+template <typename T, int kTileRows>
+__device__ __forceinline__ void store_outputs(const float* acc_tile, int ld, const Args& a,
+                                              int first, int count, int r0, int p0) {
+  T* out = static_cast<T*>(a.out);
+  constexpr int kVectors = kTileRows / 8;
+  for (int idx = threadIdx.x; idx < count * kPixels * kVectors; idx += kBlockThreads) {
+    const int j = idx / (kPixels * kVectors), p = idx / kVectors % kPixels, v = idx % kVectors;
+    const int pixel = p0 + p, row = r0 + 8 * v;
+    if (pixel >= a.pixels || row >= a.rows) continue;
+    const float* src = acc_tile + (j * kPixels + p) * ld + 8 * v;
+    const float* bias = a.bias != nullptr ? a.bias + int64_t(first + j) * a.rows + row : nullptr;
+    Pack8<T> o;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      o.v[i] = from_float(src[i] + (bias != nullptr ? bias[i] : 0.f),
+                          static_cast<const T*>(nullptr));
+    }
+    *reinterpret_cast<Pack8<T>*>(out + (int64_t(first + j) * a.pixels + pixel) * a.rows + row) = o;
+  }
+}
+
+// Thread 0, once every thread of the block is past step `done`: that step's stage back to the
+// cluster (one arrival on its `empty` barrier in each block, after a fence that orders the
+// block's reads of it before them), and, once all the cluster's blocks have given it back,
+// refilled with step done + stages (issue), if there is one.
+template <class Issue>
+__device__ __forceinline__ void release_stage(uint64_t* empty, int done, int stages, int steps,
+                                              const Issue& issue) {
+  using namespace sm90;
+  const int s = done % stages;
+  fence_cluster();
+  for (uint32_t c = 0; c < kClusterSize; ++c) barrier_arrive_remote(&empty[s], c);
+  const int next = done + stages;
+  if (next < steps) {
+    barrier_wait<true>(&empty[s], uint32_t(next / stages - 1) & 1u);
+    issue(next);
+  }
+}
 #endif
 
 #if CONDCONV_SM90_DEVICE
@@ -285,22 +356,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int steps = (a.depth + kDepth - 1) / kDepth;
 
   float r[kExamples][EP];
-#pragma unroll
-  for (int j = 0; j < kExamples; ++j) {
-#pragma unroll
-    for (int e = 0; e < EP; ++e) {
-      r[j][e] = (j < count && e < a.experts) ? a.routing[int64_t(first + j) * a.experts + e] : 0.f;
-    }
-  }
-
-  if (tid == 0) {
-    for (int s = 0; s < S; ++s) {
-      barrier_init(&full[s], 1);
-      barrier_init(&empty[s], kClusterSize);
-    }
-    fence_barrier_init();
-  }
-  cluster_sync();  // every block's barriers ready before any copy or arrival reaches them
+  load_routing(r, a, first, count);
+  init_barriers(full, empty, S);
 
   // Thread 0: the copies of step kt into its stage.
   const auto issue = [&](int kt) {
@@ -363,16 +420,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     // Step kt - 1's stage back to the cluster (every thread of the block was past it at the
     // barrier above), and refilled once all the cluster's blocks have given it back: after this
     // warp's products, so that the wait for the slowest block does not hold them up.
-    if (tid == 0 && kt >= 1) {
-      const int done = (kt - 1) % S;
-      fence_cluster();
-      for (uint32_t c = 0; c < kClusterSize; ++c) barrier_arrive_remote(&empty[done], c);
-      const int next = kt - 1 + S;
-      if (next < steps) {
-        barrier_wait<true>(&empty[done], uint32_t(next / S - 1) & 1u);
-        issue(next);
-      }
-    }
+    if (tid == 0 && kt >= 1) release_stage(empty, kt - 1, S, steps, issue);
   }
 
   // Every copy this block was sent has landed (each step's barrier was waited for): the stages
@@ -381,22 +429,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   float* acc_tile = reinterpret_cast<float*>(tiles);
   if (j_mma < count) products.store(acc_tile + j_mma * kPixels * kLdOut, half);
   __syncthreads();
-  T* out = static_cast<T*>(a.out);
-  constexpr int kVectors = kRows / 8;  // 16-byte stores along a pixel's channels
-  for (int idx = tid; idx < count * kPixels * kVectors; idx += kBlockThreads) {
-    const int j = idx / (kPixels * kVectors), p = idx / kVectors % kPixels, v = idx % kVectors;
-    const int pixel = p0 + p, row = r0 + 8 * v;
-    if (pixel >= a.pixels || row >= a.rows) continue;
-    const float* src = acc_tile + (j * kPixels + p) * kLdOut + 8 * v;
-    const float* bias = a.bias != nullptr ? a.bias + int64_t(first + j) * a.rows + row : nullptr;
-    Pack8<T> o;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      o.v[i] = from_float(src[i] + (bias != nullptr ? bias[i] : 0.f),
-                          static_cast<const T*>(nullptr));
-    }
-    *reinterpret_cast<Pack8<T>*>(out + (int64_t(first + j) * a.pixels + pixel) * a.rows + row) = o;
-  }
+  store_outputs<T, kRows>(acc_tile, kLdOut, a, first, count, r0, p0);
   cluster_sync();  // no block leaves while another may still arrive on its barriers
 #else
   __trap();  // compiled for a GPU before sm_90: never launched there (runs_sm90)

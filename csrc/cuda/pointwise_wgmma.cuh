@@ -162,22 +162,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int row0 = tid / 32 * 16;
 
   float r[kExamples][EP];
-#pragma unroll
-  for (int j = 0; j < kExamples; ++j) {
-#pragma unroll
-    for (int e = 0; e < EP; ++e) {
-      r[j][e] = (j < count && e < a.experts) ? a.routing[int64_t(first + j) * a.experts + e] : 0.f;
-    }
-  }
-
-  if (tid == 0) {
-    for (int s = 0; s < S; ++s) {
-      barrier_init(&full[s], 1);
-      barrier_init(&empty[s], kClusterSize);
-    }
-    fence_barrier_init();
-  }
-  cluster_sync();  // every block's barriers ready before any copy or arrival reaches them
+  load_routing(r, a, first, count);
+  init_barriers(full, empty, S);
 
   const auto issue = [&](int kt) {
     issue_step<EP, kGradX>(&experts_map, &in_map, tiles, full, kt, S, a.experts, count, first,
@@ -244,16 +230,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     if (count > 0) multiply(stage, 0);
     // Step kt - 1's stage back to the cluster, and refilled once all its blocks have given it
     // back: while the products above run.
-    if (tid == 0 && kt >= 1) {
-      const int done = (kt - 1) % S;
-      fence_cluster();
-      for (uint32_t c = 0; c < kClusterSize; ++c) barrier_arrive_remote(&empty[done], c);
-      const int next = kt - 1 + S;
-      if (next < steps) {
-        barrier_wait<true>(&empty[done], uint32_t(next / S - 1) & 1u);
-        issue(next);
-      }
-    }
+    if (tid == 0 && kt >= 1) release_stage(empty, kt - 1, S, steps, issue);
     __syncwarp();
     if (count > 0) {
       mix(stage, 16);
@@ -284,22 +261,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
   }
   __syncthreads();
-  T* out = static_cast<T*>(a.out);
-  constexpr int kVectors = kRows / 8;  // 16-byte stores along a pixel's channels
-  for (int idx = tid; idx < count * kPixels * kVectors; idx += kBlockThreads) {
-    const int j = idx / (kPixels * kVectors), p = idx / kVectors % kPixels, v = idx % kVectors;
-    const int pixel = p0 + p, row = r0 + 8 * v;
-    if (pixel >= a.pixels || row >= a.rows) continue;
-    const float* src = acc_tile + (j * kPixels + p) * kLdOut + 8 * v;
-    const float* bias = a.bias != nullptr ? a.bias + int64_t(first + j) * a.rows + row : nullptr;
-    Pack8<T> o;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      o.v[i] = from_float(src[i] + (bias != nullptr ? bias[i] : 0.f),
-                          static_cast<const T*>(nullptr));
-    }
-    *reinterpret_cast<Pack8<T>*>(out + (int64_t(first + j) * a.pixels + pixel) * a.rows + row) = o;
-  }
+  store_outputs<T, kRows>(acc_tile, kLdOut, a, first, count, r0, p0);
   cluster_sync();  // no block leaves while another may still arrive on its barriers
 #else
   __trap();  // compiled without sm_90a: never launched there (the host checks CONDCONV_SM90A)
