@@ -209,12 +209,13 @@ __device__ __forceinline__ void tile_load_multicast(void* dst, const TileMap* ma
 
 // Host: the map of a 3-D tensor of 16-bit elements at `base` (16-byte aligned) with sizes
 // dims[0..2] (innermost first), byte strides strides[0..1] of dims 1 and 2 (multiples of 16),
-// and copies of box[0..2] elements (box[0] x 2 bytes a multiple of 16). With `swizzle` 64 or 128
-// (rows of at most that many bytes) a copy lands with the 16-byte chunks of each row permuted by
-// the absolute shared-memory address: bits 4-5 XOR bits 7-8 (64; a pattern that repeats every
-// 512 bytes), bits 4-6 XOR bits 7-9 (128; every 1024 bytes). The kernels align their tiles to
-// 1024, so that the XOR is the same taken from the tile's start: 8 rows of 64 bytes (64), or of
-// 128 bytes (128), read at the same column then fall in 8 different bank groups. 0: no swizzle.
+// and copies of box[0..2] elements (box[0] x 2 bytes a multiple of 16). With `swizzle` 32, 64 or
+// 128 (rows of at most that many bytes) a copy lands with the 16-byte chunks of each row permuted
+// by the absolute shared-memory address: bit 4 XOR bit 7 (32; a pattern that repeats every 256
+// bytes), bits 4-5 XOR bits 7-8 (64; every 512), bits 4-6 XOR bits 7-9 (128; every 1024). The
+// kernels align their tiles to 1024, so that the XOR is the same taken from the tile's start: 8
+// rows of that many bytes read at the same column then fall in 8 different bank groups. 0: no
+// swizzle.
 // Returns false, with the reason in *error, where the driver refuses it.
 #ifdef __CUDACC__
 inline bool make_tile_map(TileMap* map, const void* base, bool bfloat16, const uint64_t dims[3],
@@ -251,6 +252,7 @@ inline bool make_tile_map(TileMap* map, const void* base, bool bfloat16, const u
       CU_TENSOR_MAP_INTERLEAVE_NONE,
       swizzle == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
       : swizzle == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+      : swizzle == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
                       : CU_TENSOR_MAP_SWIZZLE_NONE,
       CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {

@@ -142,9 +142,17 @@ __device__ __forceinline__ void init_barriers(uint64_t* full, uint64_t* empty, i
   cluster_sync();
 }
 
+// Four floats, one 16-byte access.
+struct alignas(16) Float4 {
+  float v[4];
+};
+
 // The epilogue: the block's outputs (kTileRows rows from r0 x kPixels pixels from p0, of `count`
 // examples from `first`) from the accumulators in shared memory, [example][pixel][row] with rows
-// of `ld` floats, plus the mixed bias, rounded to T, in 16-byte stores along the channels.
+// of `ld` floats (a multiple of 4, and 4 mod 32 in banks: 68 or 132), plus the mixed bias,
+// rounded to T, in 16-byte stores along the channels. A thread reads its 8 floats as two 16-byte
+// halves, vectors 4-7 of each 8 the upper half first: the first (and the second) reads of 8
+// consecutive lanes then cover the 32 banks once.
 template <typename T, int kTileRows>
 __device__ __forceinline__ void store_outputs(const float* acc_tile, int ld, const Args& a,
                                               int first, int count, int r0, int p0) {
@@ -155,12 +163,15 @@ __device__ __forceinline__ void store_outputs(const float* acc_tile, int ld, con
     const int pixel = p0 + p, row = r0 + 8 * v;
     if (pixel >= a.pixels || row >= a.rows) continue;
     const float* src = acc_tile + (j * kPixels + p) * ld + 8 * v;
+    const bool upper = (v >> 2) & 1;
+    const Float4 x = *reinterpret_cast<const Float4*>(src + (upper ? 4 : 0));
+    const Float4 y = *reinterpret_cast<const Float4*>(src + (upper ? 0 : 4));
     const float* bias = a.bias != nullptr ? a.bias + int64_t(first + j) * a.rows + row : nullptr;
     Pack8<T> o;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      o.v[i] = from_float(src[i] + (bias != nullptr ? bias[i] : 0.f),
-                          static_cast<const T*>(nullptr));
+      const float acc = (i < 4) != upper ? x.v[i % 4] : y.v[i % 4];
+      o.v[i] = from_float(acc + (bias != nullptr ? bias[i] : 0.f), static_cast<const T*>(nullptr));
     }
     *reinterpret_cast<Pack8<T>*>(out + (int64_t(first + j) * a.pixels + pixel) * a.rows + row) = o;
   }

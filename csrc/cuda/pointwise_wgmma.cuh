@@ -5,15 +5,16 @@
 // The passes are pointwise_cluster.cuh's: out_b (P x R) = in_b (P x D) . W_b^T, W_b = sum_e
 // r[b,e] W_e (grad_x: R = Cin, D = Cout, W_b read transposed). A block computes the (128 rows) x
 // (64 pixels) outputs of four examples in two warpgroups, warpgroup h the rows 64 h .. 64 h + 63.
-// Per step of 32 along D a stage holds the E experts' (128 x 32) tiles, copied by the four
-// blocks of the cluster a quarter each and multicast to all four, and the block's four (64 x 32)
-// input tiles. Per half-step of 16, every thread loads its A fragment (8 values) of each
-// expert's tile (ldmatrix on the swizzled tiles, conflict-free), mixes it for the four examples
-// in float32 and rounds it into the four examples' A fragments; the warpgroup then issues one
-// wgmma a example (64 rows x 64 pixels x 16), B the example's input tile in shared memory. The
-// next half-step's mix runs while they do. Against pointwise_cluster_kernel: no mixed tiles
-// written and read back, the input tiles read once a warpgroup by the tensor cores instead of
-// through registers, and half the blocks (the input read from L2 once for 128 rows).
+// Per step along D (step_depth: 16 at 8 experts, 32 at up to 4) a stage holds the E experts'
+// (128 x step) tiles, copied by the four blocks of the cluster a quarter each and multicast to
+// all four, and the block's four (64 x step) input tiles. Per 16 along D, every thread loads its
+// A fragment (8 values) of each expert's tile (ldmatrix on the swizzled tiles, conflict-free),
+// mixes it for the four examples in float32 and rounds it into the four examples' A fragments;
+// the warpgroup then issues one wgmma an example (64 rows x 64 pixels x 16), B the example's
+// input tile in shared memory, and the next 16's mix runs while they do. Against
+// pointwise_cluster_kernel: no mixed tiles written and read back, the input tiles read once a
+// warpgroup by the tensor cores instead of through registers, and half the blocks (the input
+// read from L2 once for 128 rows).
 //
 // The copies run `stages` steps ahead; a block gives a stage back to the cluster (one arrival on
 // each block's `empty` barrier) once its wgmma of that step have completed and all its threads
@@ -32,22 +33,30 @@ namespace pointwise {
 namespace wgmma {
 
 constexpr int kRows = 128;                      // outputs (channels) of a block's tile
-constexpr int kExpertTileBytes = kRows * kDepth * 2;
-constexpr int kInputTileBytes = kPixels * kDepth * 2;
 constexpr int kLdOut = kRows + 4;               // the accumulators in shared memory: [pixel][row]
+constexpr int kMaxStagesW = 6;                  // the barrier area holds full[6] and empty[6]
 static_assert(kBlockThreads == 256, "two warpgroups");
+static_assert(2 * kMaxStagesW * 8 <= kBarrierBytes, "the barriers fit");
 
-constexpr int64_t stage_bytes(int64_t experts) {
-  return padded_experts(experts) * kExpertTileBytes + kExamples * kInputTileBytes;
+// The reduction a step takes with EP experts a stage: 16 at 8 (stages of 40 KB, 5 of them: the
+// copies for a step issued 3-4 steps before it), 32 at 4 (48 KB, 4 stages). At 32 with 8
+// experts a stage would be 80 KB, 2 of them: a refill issued half a step before it is read.
+constexpr int step_depth(int ep) { return ep == 8 ? 16 : 32; }
+// Bytes of an expert's tile (kRows x depth) and of an input tile (kPixels x depth).
+constexpr int expert_tile_bytes(int ep) { return kRows * step_depth(ep) * 2; }
+constexpr int input_tile_bytes(int ep) { return kPixels * step_depth(ep) * 2; }
+
+constexpr int64_t stage_bytes(int ep) {
+  return ep * expert_tile_bytes(ep) + kExamples * input_tile_bytes(ep);
 }
 
-// Stages as many as fit in 227 KB, at most 4: 4 at up to 4 experts, 2 at 8.
-constexpr int64_t stages_for(int64_t experts) {
-  return (kSharedLimit - kAlignSlack - kBarrierBytes) / stage_bytes(experts) > kMaxStages
-             ? kMaxStages
-             : (kSharedLimit - kAlignSlack - kBarrierBytes) / stage_bytes(experts);
+// Stages as many as fit in 227 KB, at most kMaxStagesW: 5 at 8 experts, 4 at up to 4.
+constexpr int stages_for(int ep) {
+  return (kSharedLimit - kAlignSlack - kBarrierBytes) / stage_bytes(ep) > kMaxStagesW
+             ? kMaxStagesW
+             : int((kSharedLimit - kAlignSlack - kBarrierBytes) / stage_bytes(ep));
 }
-static_assert(stages_for(8) >= 2 && stages_for(4) >= 2, "at least 2 stages");
+static_assert(stages_for(8) >= 4 && stages_for(4) >= 4, "copies issued steps ahead");
 static_assert(kExamples * kPixels * kLdOut * 4 <= stages_for(8) * stage_bytes(8) &&
                   kExamples * kPixels * kLdOut * 4 <= stages_for(4) * stage_bytes(4),
               "the accumulators fit over the stages");
@@ -55,9 +64,10 @@ static_assert(kExamples * kPixels * kLdOut * 4 <= stages_for(8) * stage_bytes(8)
 // The launch of a call.
 inline Plan plan(int64_t batch, int64_t rows, int64_t pixels, int64_t experts) {
   Plan p = pointwise::plan(batch, rows, pixels, experts);
+  const int ep = padded_experts(experts);
   p.row_tiles = static_cast<unsigned>((rows + kRows - 1) / kRows);
-  p.stages = static_cast<int>(stages_for(experts));
-  p.shared_bytes = kAlignSlack + kBarrierBytes + p.stages * stage_bytes(experts);
+  p.stages = stages_for(ep);
+  p.shared_bytes = kAlignSlack + kBarrierBytes + p.stages * stage_bytes(ep);
   return p;
 }
 
@@ -79,23 +89,31 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return v;
 }
 
+// Where a swizzle of `width` bytes (cluster.cuh: make_tile_map; rows of `width` bytes, the tile
+// 1024-byte aligned) put 16-byte chunk `chunk` of row `row`: the chunk's bits XOR the row's
+// address bits from 7 on.
+__device__ __forceinline__ int swizzled_chunk(int row, int chunk, int width) {
+  return chunk ^ ((row * width >> 7) & (width / 16 - 1));
+}
+
 // The A fragment (warpgroup.cuh) of an expert's tile at `tile` for this thread, rows `row0` ..
-// row0 + 15 of the block's 128 (its warp's), k = kk .. kk + 15 of the step: forward, the tile
-// is [row][32 k] with the 64-byte swizzle; grad_x, two boxes of [32 k][64 rows] (rows 0-63,
-// 64-127) with the 128-byte swizzle, read transposed.
-template <bool kGradX>
+// row0 + 15 of the block's 128 (its warp's), k = kk .. kk + 15 of the step (kDepthW along the
+// reduction): forward, the tile is [row][kDepthW] with the swizzle of its rows (2 kDepthW
+// bytes); grad_x, two boxes of [kDepthW][64 rows] (rows 0-63, 64-127) with the 128-byte
+// swizzle, read transposed.
+template <bool kGradX, int kDepthW>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const unsigned char* tile, int row0,
                                        int kk, int lane) {
   using fragments::ldmatrix_x4;
   if (kGradX) {
-    const unsigned char* box = tile + (row0 / 64) * (kExpertTileBytes / 2);
+    const unsigned char* box = tile + (row0 / 64) * (kRows / 2 * kDepthW * 2);
     const int k = kk + lane % 8 + lane / 16 * 8;
     const int chunk = (row0 % 64) / 8 + lane / 8 % 2;
-    ldmatrix_x4<true>(a, box + k * 128 + 16 * (chunk ^ (k & 7)));
+    ldmatrix_x4<true>(a, box + k * 128 + 16 * swizzled_chunk(k, chunk, 128));
   } else {
     const int row = row0 + lane % 8 + lane / 8 % 2 * 8;
     const int chunk = kk / 8 + lane / 16;
-    ldmatrix_x4(a, tile + row * 64 + 16 * (chunk ^ ((row >> 1) & 3)));
+    ldmatrix_x4(a, tile + row * 2 * kDepthW + 16 * swizzled_chunk(row, chunk, 2 * kDepthW));
   }
 }
 
@@ -108,24 +126,24 @@ __device__ __forceinline__ void issue_step(const sm90::TileMap* experts_map,
                                            uint64_t* full, int kt, int stages, int experts,
                                            int count, int first, int r0, int p0, uint32_t rank) {
   using namespace sm90;
+  constexpr int kExpertBytes = expert_tile_bytes(EP), kInputBytes = input_tile_bytes(EP);
   const int s = kt % stages;
-  unsigned char* stage = tiles + s * (EP * kExpertTileBytes + kExamples * kInputTileBytes);
-  barrier_arrive_expect(&full[s],
-                        uint32_t(experts * kExpertTileBytes + count * kInputTileBytes));
-  const int d0 = kt * kDepth;
+  unsigned char* stage = tiles + s * stage_bytes(EP);
+  barrier_arrive_expect(&full[s], uint32_t(experts * kExpertBytes + count * kInputBytes));
+  const int d0 = kt * step_depth(EP);
   const uint16_t all = uint16_t((1u << kClusterSize) - 1);
   for (int e = int(rank); e < experts; e += kClusterSize) {
-    unsigned char* dst = stage + e * kExpertTileBytes;
+    unsigned char* dst = stage + e * kExpertBytes;
     if (kGradX) {
       tile_load_multicast(dst, experts_map, r0, d0, e, &full[s], all);
-      tile_load_multicast(dst + kExpertTileBytes / 2, experts_map, r0 + 64, d0, e, &full[s], all);
+      tile_load_multicast(dst + kExpertBytes / 2, experts_map, r0 + 64, d0, e, &full[s], all);
     } else {
       tile_load_multicast(dst, experts_map, d0, r0, e, &full[s], all);
     }
   }
-  unsigned char* inputs = stage + EP * kExpertTileBytes;
+  unsigned char* inputs = stage + EP * kExpertBytes;
   for (int j = 0; j < count; ++j) {
-    tile_load(inputs + j * kInputTileBytes, in_map, d0, p0, first + j, &full[s]);
+    tile_load(inputs + j * kInputBytes, in_map, d0, p0, first + j, &full[s]);
   }
 }
 #endif
@@ -141,12 +159,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   using namespace sm90;
   using namespace warpgroup;
   constexpr bool kBFloat16 = std::is_same<T, __nv_bfloat16>::value;
-  constexpr int kStageBytes = EP * kExpertTileBytes + kExamples * kInputTileBytes;
+  constexpr int kDepthW = step_depth(EP), kStageBytes = int(stage_bytes(EP));
+  constexpr int kExpertBytes = expert_tile_bytes(EP), kInputBytes = input_tile_bytes(EP);
   CONDCONV_DYNAMIC_SHARED(raw);
   unsigned char* base = raw + shared_padding(raw, kAlignSlack);
   const int S = a.stages;
   uint64_t* full = reinterpret_cast<uint64_t*>(base);
-  uint64_t* empty = full + kMaxStages;
+  uint64_t* empty = full + kMaxStagesW;
   unsigned char* tiles = base + kBarrierBytes;
 
   const int tid = threadIdx.x, lane = tid % 32;
@@ -157,7 +176,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int left = a.batch - first;
   const int count = left < 0 ? 0 : (left < kExamples ? left : kExamples);
   const uint32_t rank = cluster_rank();
-  const int steps = (a.depth + kDepth - 1) / kDepth;
+  const int steps = (a.depth + kDepthW - 1) / kDepthW;
   // This warp's 16 rows of the block's 128: warpgroup tid / 128 the rows 64 (tid / 128) ..
   const int row0 = tid / 32 * 16;
 
@@ -187,7 +206,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     for (int e = 0; e < EP; ++e) {
       if (e < a.experts) {
         uint32_t w[4];
-        load_a<kGradX>(w, stage + e * kExpertTileBytes, row0, kk, lane);
+        load_a<kGradX, kDepthW>(w, stage + e * kExpertBytes, row0, kk, lane);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           float lo, hi;
@@ -214,8 +233,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int j = 0; j < kExamples; ++j) {
-      const unsigned char* in = stage + EP * kExpertTileBytes + j * kInputTileBytes;
-      wgmma_64x64x16<kBFloat16>(acc[j], am[j], descriptor(in + 2 * kk, 64, 8 * 2 * kDepth));
+      const unsigned char* in = stage + EP * kExpertBytes + j * kInputBytes;
+      wgmma_64x64x16<kBFloat16>(acc[j], am[j], descriptor(in + 2 * kk, 2 * kDepthW, 16 * kDepthW));
     }
     wgmma_commit();
   };
@@ -227,15 +246,19 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     if (count > 0) mix(stage, 0);
     wgmma_wait<0>();  // step kt - 1's products done: its stage and the A registers free
     __syncthreads();  // every thread of the block past step kt - 1
-    if (count > 0) multiply(stage, 0);
     // Step kt - 1's stage back to the cluster, and refilled once all its blocks have given it
-    // back: while the products above run.
+    // back. With no wgmma in flight: where some are, ptxas puts a wait of its own on the
+    // divergent path and then serializes every wgmma of the kernel (its advice C7518).
     if (tid == 0 && kt >= 1) release_stage(empty, kt - 1, S, steps, issue);
     __syncwarp();
-    if (count > 0) {
-      mix(stage, 16);
-      wgmma_wait<0>();
-      multiply(stage, 16);
+    if (count > 0) multiply(stage, 0);
+#pragma unroll
+    for (int kk = 16; kk < kDepthW; kk += 16) {
+      if (count > 0) {
+        mix(stage, kk);
+        wgmma_wait<0>();
+        multiply(stage, kk);
+      }
     }
   }
   wgmma_wait<0>();
@@ -269,24 +292,25 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 }
 
 // The maps, arguments and grid of a call that fits (pointwise::fits), as pointwise::prepare's:
-// the experts' boxes of (32 along Cin) x 128 rows with the 64-byte swizzle (forward) or of
-// 64 rows (Cin) x (32 along Cout) with the 128-byte swizzle (grad_x, two a tile), the input's of
-// 32 x 64 pixels with the 64-byte swizzle.
+// with D the step's depth (step_depth), the experts' boxes of D (along Cin) x 128 rows with the
+// swizzle of their 2D-byte rows (forward) or of 64 rows (Cin) x D (along Cout) with the 128-byte
+// swizzle (grad_x, two a tile), the input's of D x 64 pixels with the swizzle of their rows.
 inline bool prepare(bool grad_x, bool bfloat16, const void* experts, const void* in, void* out,
                     const float* routing, const float* bias, int64_t batch, int64_t cin,
                     int64_t cout, int64_t pixels, int64_t num_experts, Pass* p,
                     std::string* error) {
   const int64_t rows = grad_x ? cin : cout, depth = grad_x ? cout : cin;
+  const uint32_t d = uint32_t(step_depth(padded_experts(num_experts)));
   const uint64_t expert_dims[3] = {uint64_t(cin), uint64_t(cout), uint64_t(num_experts)};
   const uint64_t expert_strides[2] = {uint64_t(cin) * 2, uint64_t(cin * cout) * 2};
-  const uint32_t expert_box[3] = {uint32_t(grad_x ? 64 : kDepth), uint32_t(grad_x ? kDepth : kRows),
-                                  1};
+  const uint32_t expert_box[3] = {grad_x ? 64u : d, grad_x ? d : uint32_t(kRows), 1};
   const uint64_t in_dims[3] = {uint64_t(depth), uint64_t(pixels), uint64_t(batch)};
   const uint64_t in_strides[2] = {uint64_t(depth) * 2, uint64_t(pixels * depth) * 2};
-  const uint32_t in_box[3] = {kDepth, kPixels, 1};
+  const uint32_t in_box[3] = {d, kPixels, 1};
   if (!sm90::make_tile_map(&p->experts, experts, bfloat16, expert_dims, expert_strides,
-                           expert_box, grad_x ? 128 : 64, error) ||
-      !sm90::make_tile_map(&p->in, in, bfloat16, in_dims, in_strides, in_box, 64, error)) {
+                           expert_box, grad_x ? 128 : int(2 * d), error) ||
+      !sm90::make_tile_map(&p->in, in, bfloat16, in_dims, in_strides, in_box, int(2 * d),
+                           error)) {
     return false;
   }
   p->plan = plan(batch, rows, pixels, num_experts);

@@ -11,8 +11,8 @@
 //     2c + 8..), pairs of 16-bit values, the lower-indexed first;
 //   D (64 x 64): d[4 t + i] at row 16 w + g + 8 (i / 2), column 8 t + 2 c + i % 2;
 //   B (16 x 64, k x n) "K-major": each column n's 16 values of k contiguous, the columns rows of
-//     a swizzled tile (make_tile_map's 64- or 128-byte swizzle: rows of that many bytes, 8 rows an
-//     atom of 512 or 1024 bytes, the atoms `stride` bytes apart); the descriptor's start is
+//     a swizzled tile (make_tile_map's 32-, 64- or 128-byte swizzle: rows of that many bytes, 8
+//     rows an atom of 256, 512 or 1024 bytes, the atoms `stride` bytes apart); the descriptor's start is
 //     column 0's k = 0, and k = 16 .. of the same rows starts 32 bytes further (the swizzle is
 //     applied to the address after the offset, as the copies applied it).
 // Compiled by the host compiler, each calls the emulation of tests/cpp/cuda_emulation.h, which
@@ -36,7 +36,7 @@ namespace warpgroup {
 
 #if CONDCONV_WGMMA_DEVICE
 
-// The descriptor of a K-major B operand whose rows (columns n) of `swizzle` (64 or 128) bytes
+// The descriptor of a K-major B operand whose rows (columns n) of `swizzle` (32, 64 or 128) bytes
 // start at `start` in shared memory, the atoms of 8 rows `stride` bytes apart.
 __device__ __forceinline__ uint64_t descriptor(const void* start, int swizzle, uint32_t stride) {
 #ifdef __CUDACC__
@@ -44,7 +44,7 @@ __device__ __forceinline__ uint64_t descriptor(const void* start, int swizzle, u
 #else
   const uint32_t at = emu::shared_address(start);
 #endif
-  const uint64_t layout = swizzle == 128 ? 1 : 2;  // 1: 128-byte swizzle, 2: 64-byte
+  const uint64_t layout = swizzle == 128 ? 1 : swizzle == 64 ? 2 : 3;  // 3: 32-byte
   return uint64_t((at >> 4) & 0x3fff) | uint64_t(1) << 16 |
          uint64_t((stride >> 4) & 0x3fff) << 32 | layout << 62;
 }

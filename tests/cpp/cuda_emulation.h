@@ -283,7 +283,7 @@ struct TileMap {
   uint64_t dims[3];     // innermost first
   uint64_t strides[3];  // bytes: 2, then dims 1 and 2
   uint32_t box[3];
-  int swizzle;          // 64: address bits 4-5 XOR bits 7-8; 128: bits 4-6 XOR bits 7-9; 0
+  int swizzle;          // 32: address bit 4 XOR bit 7; 64: bits 4-5 XOR 7-8; 128: 4-6 XOR 7-9
 };
 
 inline bool make_tile_map(TileMap* map, const void* base, const uint64_t dims[3],
@@ -300,7 +300,9 @@ inline bool make_tile_map(TileMap* map, const void* base, const uint64_t dims[3]
     if (dims[d] == 0 || box[d] == 0 || box[d] > 256) why = "dim or box " + std::to_string(d);
   }
   if (box[0] * 2 % 16 != 0) why = "box's inner bytes not a multiple of 16";
-  if (swizzle != 0 && swizzle != 64 && swizzle != 128) why = "swizzle " + std::to_string(swizzle);
+  if (swizzle != 0 && swizzle != 32 && swizzle != 64 && swizzle != 128) {
+    why = "swizzle " + std::to_string(swizzle);
+  }
   if (swizzle != 0 && box[0] * 2 > uint32_t(swizzle)) {
     why = "a " + std::to_string(swizzle) + "-byte swizzle with longer rows";
   }
@@ -432,9 +434,10 @@ inline void tile_load(void* dst, const TileMap* map, int c0, int c1, int c2, uin
   ++scheduler->events;
 }
 
-// The address a swizzle of `bytes` (0, 64 or 128; cluster.cuh: make_tile_map) puts the byte at
-// address `at` of a tile at.
+// The address a swizzle of `bytes` (0, 32, 64 or 128; cluster.cuh: make_tile_map) puts the byte
+// at address `at` of a tile at.
 inline uintptr_t swizzled(uintptr_t at, int bytes) {
+  if (bytes == 32) return at ^ (((at >> 7) & 1) << 4);
   if (bytes == 64) return at ^ (((at >> 7) & 3) << 4);
   if (bytes == 128) return at ^ (((at >> 7) & 7) << 4);
   return at;
@@ -674,13 +677,13 @@ inline void wgmma_commit() {
   w.open.clear();
 }
 
-// B (k, n) of a descriptor (warpgroup.cuh: K-major, 64- or 128-byte swizzle), read now.
+// B (k, n) of a descriptor (warpgroup.cuh: K-major, 32-, 64- or 128-byte swizzle), read now.
 inline float wgmma_b(uint64_t desc, unsigned k, unsigned n, bool bfloat16) {
   const uint32_t start = uint32_t(desc & 0x3fff) << 4, stride = uint32_t((desc >> 32) & 0x3fff) << 4;
   const unsigned layout = unsigned(desc >> 62);
-  if (layout != 1 && layout != 2) fail("wgmma: only the 64- and 128-byte swizzles are emulated");
+  if (layout == 0) fail("wgmma: only the swizzled layouts are emulated");
   if ((desc >> 49 & 7) != 0) fail("wgmma: a descriptor with a base offset");
-  const int width = layout == 1 ? 128 : 64;
+  const int width = layout == 1 ? 128 : layout == 2 ? 64 : 32;
   const unsigned char* at = shared_pointer(start + (n / 8) * stride + (n % 8) * width + 2 * k);
   const auto* p = reinterpret_cast<const unsigned char*>(
       swizzled(reinterpret_cast<uintptr_t>(at), width));
