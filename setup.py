@@ -34,11 +34,12 @@ def sources(pattern):
 
 
 def sm90a_only():
-    """Whether TORCH_CUDA_ARCH_LIST builds Hopper's code for sm_90a only (no plain 9.0 beside it):
-    the kernels that use wgmma are then compiled in (CONDCONV_SM90A)."""
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";")
-    archs = {a.split("+")[0] for a in archs if a}
-    return "9.0a" in archs and "9.0" not in archs
+    """Whether the build's Hopper code is for sm_90a only (TORCH_CUDA_ARCH_LIST with 9.0a and
+    no plain 9.0, as torch's extension builder turns it into -gencode flags): the kernels that
+    use wgmma are then compiled in (CONDCONV_SM90A)."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+    hopper = [f for f in _get_cuda_arch_flags() if "_90" in f]
+    return bool(hopper) and all("_90a" in f for f in hopper)
 
 
 def extension():

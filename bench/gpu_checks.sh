@@ -387,7 +387,10 @@ if [ "$MODE" = first ]; then
     $(pytest_cmd 10) --durations=5 tests/test_gpu.py -m "not huge" "${TRITON_TESTS[@]}"
   join build
   step install 30 install_extension
+  # (the triton backend's cluster pass is tested here, where the extension is built: its
+  # Triton kernels untuned, in the tests' cache)
   step cuda-tests 120 "${TEST_ENV[@]}" CONDCONV_GPU_BACKENDS=cuda,cpu \
+    TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" CONDCONV_TRITON_AUTOTUNE=0 \
     $(pytest_cmd) tests/test_gpu.py -m "not huge" "${CUDA_TESTS[@]}"
   join warm-triton
   # The autotuned launches (what every benchmark runs; the tests run with autotuning off)

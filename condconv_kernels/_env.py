@@ -30,6 +30,13 @@ switches lists them with the build's and the tests' own).
   the dense Triton kernels; off until a GPU run has measured it. A comma-separated subset of
   ``forward``, ``grad_x``, ``kernel_grad`` turns on those passes only. Read at import into
   ``TRITON_BATCHED`` (the set of passes), which the triton backend reads at every call.
+- ``CONDCONV_TRITON_CLUSTER=1`` (or ``all``): the triton backend's dense 1x1 forward and grad_x
+  of float16 / bfloat16 channels_last layers on a Hopper GPU through the cuda backend's
+  clustered kernels (:mod:`condconv_kernels.triton.cluster`; the kernel the cluster switch,
+  ``CONDCONV_CUDA_CLUSTER``, names) instead of the dense Triton kernels; off until a GPU run
+  has timed them. A comma-separated subset of ``forward``, ``grad_x`` turns on those passes
+  only. Read at import into ``TRITON_CLUSTER`` (the set of passes), which the triton backend
+  reads at every call.
 - ``CONDCONV_TRITON_DIRECT_LAUNCH=0``: every tuned Triton launch goes through Triton's own
   launch path, never the direct launch of a kernel Triton has compiled for those arguments
   (:class:`condconv_kernels.triton._config.TunedKernel`), nor a replay of an earlier call's
@@ -73,6 +80,7 @@ TRITON_DIRECT_LAUNCH = os.environ.get("CONDCONV_TRITON_DIRECT_LAUNCH", "1") != "
 # products (CONDCONV_TRITON_BATCHED) may take.
 STATIONARY_PASSES = frozenset({"forward", "grad_x", "routing", "kernel_grad", "mix"})
 BATCHED_PASSES = frozenset({"forward", "grad_x", "kernel_grad"})
+CLUSTER_PASSES = frozenset({"forward", "grad_x"})
 
 
 def passes(name: str, value: str, allowed: frozenset) -> frozenset:
@@ -101,6 +109,11 @@ def batched_passes(value: str) -> frozenset:
     return passes("CONDCONV_TRITON_BATCHED", value, BATCHED_PASSES)
 
 
+def cluster_passes(value: str) -> frozenset:
+    """The passes a CONDCONV_TRITON_CLUSTER value turns on (:func:`passes`)."""
+    return passes("CONDCONV_TRITON_CLUSTER", value, CLUSTER_PASSES)
+
+
 CLUSTER_MODES = {"0": 0, "1": 1, "wmma": 2, "wgmma": 3}
 
 
@@ -116,6 +129,7 @@ def cluster_mode(value: str) -> int:
 CUDA_CLUSTER = cluster_mode(os.environ.get("CONDCONV_CUDA_CLUSTER", "1"))
 TRITON_STATIONARY = stationary_passes(os.environ.get("CONDCONV_TRITON_STATIONARY", "0"))
 TRITON_BATCHED = batched_passes(os.environ.get("CONDCONV_TRITON_BATCHED", "0"))
+TRITON_CLUSTER = cluster_passes(os.environ.get("CONDCONV_TRITON_CLUSTER", "0"))
 
 
 def malloc_as_is() -> bool:

@@ -16,7 +16,8 @@ from condconv_kernels import _env
 SWITCHES = [("CONDCONV_TRITON_STATIONARY", _env.stationary_passes,
              {"forward", "grad_x", "routing", "kernel_grad", "mix"}),
             ("CONDCONV_TRITON_BATCHED", _env.batched_passes,
-             {"forward", "grad_x", "kernel_grad"})]
+             {"forward", "grad_x", "kernel_grad"}),
+            ("CONDCONV_TRITON_CLUSTER", _env.cluster_passes, {"forward", "grad_x"})]
 
 
 @pytest.mark.parametrize("name,parse,allowed", SWITCHES, ids=[s[0] for s in SWITCHES])
@@ -36,9 +37,9 @@ def test_a_bad_value_names_the_variable_and_the_passes(name, parse, allowed, val
         parse(value)
 
 
-def test_both_off_by_default():
+def test_all_off_by_default():
     """Unless the environment set them (the test runs do not)."""
-    assert _env.TRITON_STATIONARY == frozenset() and _env.TRITON_BATCHED == frozenset()
+    assert _env.TRITON_STATIONARY == _env.TRITON_BATCHED == _env.TRITON_CLUSTER == frozenset()
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.condconv, "cuda_pointwise_cluster"),

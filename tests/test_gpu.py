@@ -345,6 +345,37 @@ def test_gpu_cuda_pointwise_cluster(more, dtype, backend):
         switch(1)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="a Hopper GPU's kernel")
+@pytest.mark.parametrize("built", [b for b in GPU_BACKENDS if b == "cuda"])
+def test_gpu_triton_cluster_pass(built, monkeypatch):
+    """The triton backend's cluster pass (triton/cluster.py, CONDCONV_TRITON_CLUSTER=1) on
+    s6.b1.expand at batch 37 in bfloat16 channels_last: the forward and every gradient against
+    the ground truth, the forward and grad_x from the cuda backend's clustered kernel (seen in
+    the profiler, once each), the kernel gradient from the Triton kernels; then the same with
+    the wgmma kernel (mode 3) where the build has it. Run with the cuda backend's tests
+    (``built``): it needs the extension's CUDA kernels and the triton backend both."""
+    backend = "triton"
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the clustered kernels run on compute capability 9.x only")
+    from condconv_kernels import _env
+    monkeypatch.setattr(_env, "TRITON_CLUSTER", _env.CLUSTER_PASSES)
+    case = dataclasses.replace(CASES_BY_NAME["k1"], E=8, cin=192, cout=1152, B=37, H=7, W=7,
+                               bias=False)
+    switch = torch.ops.condconv.cuda_pointwise_cluster
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    modes = [(1, "pointwise_cluster_kernel")] + (
+        [(3, "pointwise_wgmma_kernel")] if _wgmma_built() else [])
+    try:
+        for mode, kernel in modes:
+            switch(mode)
+            with torch.profiler.profile(activities=activities) as prof:
+                _check(case, backend, torch.bfloat16, "channels_last", factor=4.0)
+            assert _cluster_launches(prof, kernel) == 2, mode
+            assert _cluster_launches(prof, "dense_bwd_w_kernel") >= 1, mode
+    finally:
+        switch(1)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="about 5 GB: GPU only")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_kernel_gradient_over_a_long_reduction(backend):

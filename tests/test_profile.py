@@ -264,9 +264,10 @@ def test_result_files_name_paths_relative_to_the_working_directory(tmp_path, mon
 
 
 def test_the_switched_variants_switch_their_whole_step(monkeypatch):
-    """bench_model's ``fused:triton+batched``, ``fused:triton+kgrad`` and ``fused:triton+mix``:
-    the batched 1x1 passes, the kernel gradient in the accumulator's layout, or the mix on the
-    tensor cores, switched on around that
+    """bench_model's ``fused:triton+batched``, ``fused:triton+kgrad``, ``fused:triton+mix`` and
+    ``fused:triton+cluster``: the batched 1x1 passes, the kernel gradient in the accumulator's
+    layout, the mix on the tensor cores, or the cuda backend's clustered kernels, switched on
+    around that
     variant's forward and backward (the backward runs outside the model call), for it alone,
     and off again after. Stood in on the CPU: triton counted as a fused backend, every layer
     left on its default backend; the switches as each CondConv layer's forward and backward
@@ -291,16 +292,19 @@ def test_the_switched_variants_switch_their_whole_step(monkeypatch):
     def record(phase):
         def hook(module, *_):
             if isinstance(module, FusedConv2d):
-                seen.append((phase, _env.TRITON_BATCHED, _env.TRITON_STATIONARY))
+                seen.append((phase, _env.TRITON_BATCHED, _env.TRITON_STATIONARY,
+                             _env.TRITON_CLUSTER))
         return hook
     handles = [nn_module.register_module_forward_pre_hook(record("forward")),
                nn_module.register_module_full_backward_hook(record("backward"))]
     try:
-        for name, on in ((latency.BATCHED_VARIANT, (_env.BATCHED_PASSES, frozenset())),
-                         (latency.BATCHED_GRAD_X_VARIANT, (frozenset({"grad_x"}), frozenset())),
-                         (latency.KGRAD_VARIANT, (frozenset(), frozenset({"kernel_grad"}))),
-                         (latency.MIX_VARIANT, (frozenset(), frozenset({"mix"}))),
-                         ("fused:triton", (frozenset(), frozenset()))):
+        none = frozenset()
+        for name, on in ((latency.BATCHED_VARIANT, (_env.BATCHED_PASSES, none, none)),
+                         (latency.BATCHED_GRAD_X_VARIANT, (frozenset({"grad_x"}), none, none)),
+                         (latency.KGRAD_VARIANT, (none, frozenset({"kernel_grad"}), none)),
+                         (latency.MIX_VARIANT, (none, frozenset({"mix"}), none)),
+                         (latency.CLUSTER_VARIANT, (none, none, _env.CLUSTER_PASSES)),
+                         ("fused:triton", (none, none, none))):
             seen.clear()
             fns[name]()
             assert {phase for phase, *_ in seen} == {"forward", "backward"}, name
@@ -308,4 +312,4 @@ def test_the_switched_variants_switch_their_whole_step(monkeypatch):
     finally:
         for h in handles:
             h.remove()
-    assert _env.TRITON_BATCHED == frozenset() and _env.TRITON_STATIONARY == frozenset()
+    assert _env.TRITON_BATCHED == _env.TRITON_STATIONARY == _env.TRITON_CLUSTER == frozenset()

@@ -181,12 +181,14 @@ BATCHED_VARIANT = "fused:triton+batched"
 BATCHED_GRAD_X_VARIANT = "fused:triton+batched-grad_x"
 KGRAD_VARIANT = "fused:triton+kgrad"
 MIX_VARIANT = "fused:triton+mix"
+CLUSTER_VARIANT = "fused:triton+cluster"
 # The triton backend with an experimental path switched on: variant -> (the switch of _env,
 # which the backend reads at every call; the passes it turns on).
 SWITCHED_VARIANTS = {BATCHED_VARIANT: ("TRITON_BATCHED", _env.BATCHED_PASSES),
                      BATCHED_GRAD_X_VARIANT: ("TRITON_BATCHED", frozenset({"grad_x"})),
                      KGRAD_VARIANT: ("TRITON_STATIONARY", frozenset({"kernel_grad"})),
-                     MIX_VARIANT: ("TRITON_STATIONARY", frozenset({"mix"}))}
+                     MIX_VARIANT: ("TRITON_STATIONARY", frozenset({"mix"})),
+                     CLUSTER_VARIANT: ("TRITON_CLUSTER", _env.CLUSTER_PASSES)}
 
 
 @contextlib.contextmanager
@@ -216,8 +218,9 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
     pass, ``CONDCONV_TRITON_BATCHED``; ``fused:triton+kgrad``: the dense 1x1 kernel gradient in
     the accumulator's layout, ``CONDCONV_TRITON_STATIONARY=kernel_grad``;
     ``fused:triton+mix``: the 7x7 and 14x14 1x1 forward and grad_x with the experts
-    stationary and their mix on the tensor cores, ``CONDCONV_TRITON_STATIONARY=mix``),
-    switched on around
+    stationary and their mix on the tensor cores, ``CONDCONV_TRITON_STATIONARY=mix``;
+    ``fused:triton+cluster``: the 1x1 forward and grad_x through the cuda backend's clustered
+    Hopper kernels, ``CONDCONV_TRITON_CLUSTER``), switched on around
     its own steps only, forward and backward (so also while a CUDA graph captures them)."""
     from ..models import create_model
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

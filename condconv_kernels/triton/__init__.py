@@ -22,7 +22,8 @@ shared memory, :mod:`.stationary`, with their mix on the tensor cores, :mod:`.st
 and the kernel gradient in the tensor cores' accumulator layout, :mod:`.pointwise_grad`) and
 batched cuBLAS products over chunks of examples
 (:mod:`.batched`, ``CONDCONV_TRITON_BATCHED``); batched takes a pass before stationary where
-both are on.
+both are on. A third, ``CONDCONV_TRITON_CLUSTER``, gives the dense 1x1 forward and grad_x on a
+Hopper GPU to the cuda backend's clustered kernels (:mod:`.cluster`), before the other two.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from .dense import (CHAIN, SUM_BLOCK_C, SUM_BLOCK_W, dense_bwd_w_kernel, dense_b
                     dense_fwd_kernel, dense_kgrad_sum_kernel)
 from ._scales import launch_args
 from .depthwise import dw_bwd_w_kernel, dw_bwd_x_kernel, dw_fwd_kernel
-from . import _replay, batched, pointwise_grad, stationary, stationary_mix
+from . import _replay, batched, cluster, pointwise_grad, stationary, stationary_mix
 
 __all__ = ["forward", "backward"]
 
@@ -175,6 +176,9 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
             _replay.keep(signature, launched, inputs, (out, taps), (out,))
         return out
     given = (in_scale, out_scale, tap_scale)
+    if "forward" in _env.TRITON_CLUSTER and cluster.eligible(x, weight, stride, padding, groups,
+                                                            given):
+        return cluster.forward(x, routing, weight, bias)
     if "forward" in _env.TRITON_BATCHED and batched.eligible(x, weight, stride, padding, groups,
                                                             given):
         return batched.forward(x, routing, weight, bias, out)
@@ -287,7 +291,10 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
     s_ptrs, s_strides, s_flags = launch_args(scales, kh * kw, routing)
     scale_grads = (None, None, None)
 
-    if need_x:
+    if need_x and not depthwise and "grad_x" in _env.TRITON_CLUSTER and cluster.eligible(
+            grad_out, weight, stride, padding, groups, (in_scale, out_scale, tap_scale)):
+        grad_x = cluster.grad_x(grad_out, x, routing, weight)  # (not replayed: a cuda launch)
+    elif need_x:
         grad_x = torch.empty_like(x, memory_format=_args.suggest_memory_format(x))
         if depthwise:
             blocks = fixed_blocks(DW_TILES, itemsize=grad_out.element_size(),
