@@ -40,6 +40,10 @@ table's (which rotates input sets), the ratios between columns comparable.
 - ``cluster`` (the forward and grad_x): the same call through the cuda backend, on a Hopper
   GPU its clustered kernel (blocks of 4 examples, clusters of 4 blocks sharing the experts'
   tiles by multicast copies), ``-`` where the profile does not show that kernel;
+- ``cuda kgrad`` (the kernel gradients): the cuda backend's, its 1x1 kernel gradient kernel
+  switched on (``torch.ops.condconv.cuda_pointwise_kgrad(1)``; csrc/cuda/pointwise_kgrad.cuh:
+  each example's G on the tensor cores, folded in registers), ``-`` where the profile does not
+  show that kernel;
 - ``wgmma`` (the forward and grad_x): the same in the switch's mode 3
   (``torch.ops.condconv.cuda_pointwise_cluster(3)``): the kernel whose mix is made in
   registers for wgmma, blocks of 128 rows; ``-`` where the build has no sm_90a code or the
@@ -50,7 +54,7 @@ table's (which rotates input sets), the ratios between columns comparable.
   ``CHUNK_BYTES``'s 32 (whether its mixed kernels and G are read back from L2);
 - ``/ dense``: each alternative's time over dense's;
 - ``max diff``: each alternative's largest difference from dense over the result, against its
-  scale (stationary, batched, mix, acc layout, cluster, wgmma; mix rounds the routing weights to the dtype
+  scale (stationary, batched, mix, acc layout, cluster, wgmma, cuda kgrad; mix rounds the routing weights to the dtype
   before its tensor-core mix: a little above the others' rounding);
 - ``vs float64`` (the kernel gradients only): dense's and each alternative's largest
   difference from grad_routing summed in float64 on the device, against its scale: which one a
@@ -126,7 +130,8 @@ def _off(result: torch.Tensor, truth: torch.Tensor) -> str:
 
 
 # The kernel each cuda-backend column stands for: a cell only where the profile shows it.
-CLUSTER_KERNELS = {"cluster": "pointwise_cluster_kernel", "wgmma": "pointwise_wgmma_kernel"}
+CLUSTER_KERNELS = {"cluster": "pointwise_cluster_kernel", "wgmma": "pointwise_wgmma_kernel",
+                   "cuda kgrad": "pointwise_kgrad_kernel"}
 
 
 def _has_wgmma() -> bool:
@@ -140,6 +145,18 @@ def _has_wgmma() -> bool:
         return False
     switch(before)
     return True
+
+
+def _in_kgrad(fn):
+    """fn with the cuda backend's 1x1 kernel gradient kernel switched on for its call."""
+    def run():
+        switch = torch.ops.condconv.cuda_pointwise_kgrad
+        switch(1)
+        try:
+            return fn()
+        finally:
+            switch(0)
+    return run
 
 
 def _in_cluster_mode(mode: int):
@@ -199,13 +216,14 @@ def main(argv=None):
     from condconv_kernels.triton import stationary_mix
     rows, record = [], []
     columns = (["layer", "shape", "pass", "static", "dense", "stationary", "batched", "mix",
-                "acc layout", "cluster", "wgmma"]
+                "acc layout", "cluster", "wgmma", "cuda kgrad"]
                + [f"batched, {mb} MB chunks" for mb in chunk_mb]
                + [f"acc layout, {w} warps" for w in acc_warps]
                + ["stationary / dense", "batched / dense", "mix / dense", "acc layout / dense",
-                  "cluster / dense", "wgmma / dense", "max diff: stationary", "batched", "mix",
-                  "acc layout", "cluster", "wgmma", "vs float64: dense", "stationary", "batched",
-                  "mix", "acc layout", "cluster", "wgmma"]
+                  "cluster / dense", "wgmma / dense", "cuda kgrad / dense",
+                  "max diff: stationary", "batched", "mix", "acc layout", "cluster", "wgmma",
+                  "cuda kgrad", "vs float64: dense", "stationary", "batched", "mix",
+                  "acc layout", "cluster", "wgmma", "cuda kgrad"]
                + (["modeled: stationary", "mix", "measured / modeled: stationary", "mix"]
                   if args.modeled else []))
 
@@ -248,6 +266,9 @@ def main(argv=None):
             grad_out, x, routing, weight, None, [1, 1], [0] * 4, [1, 1], 1, "cuda",
             [True, False, False, False], None, None, None)[0]
         in_wgmma = _in_cluster_mode(3)
+        cuda_kgrad = lambda: torch.ops.condconv.condconv2d_backward(  # noqa: E731
+            grad_out, x, routing, weight, None, [1, 1], [0] * 4, [1, 1], 1, "cuda",
+            [False, True, True, False], None, None, None)[1]
         kgrad = backward([False, True, True, False], 1)
         geometry = ((1, 1), (0,) * 4, (1, 1), 1)
 
@@ -273,7 +294,7 @@ def main(argv=None):
                 "mix": (mix(forward), stationary_mix.eligible(x, layer.experts, layer.cout, 1,
                                                               True, False)),
                 "acc layout": none, "cluster": (on_cuda(None), cluster_runs),
-                "wgmma": (in_wgmma(on_cuda(None)), wgmma_runs)}),
+                "wgmma": (in_wgmma(on_cuda(None)), wgmma_runs), "cuda kgrad": none}),
             # With a bias: the third GPU run's mix forward (with one) was 1.45x dense's where
             # its grad_x (never one) was 0.79x; this row says whether the bias is the cause.
             "forward+bias": (lambda: F.conv2d(x, weight[0], bias[0]), forward_of(bias), {
@@ -281,7 +302,7 @@ def main(argv=None):
                 "mix": (mix(forward_of(bias)), stationary_mix.eligible(
                     x, layer.experts, layer.cout, 1, True, False)),
                 "acc layout": none, "cluster": (on_cuda(bias), cluster_runs),
-                "wgmma": (in_wgmma(on_cuda(bias)), wgmma_runs)}),
+                "wgmma": (in_wgmma(on_cuda(bias)), wgmma_runs), "cuda kgrad": none}),
             "grad_x": (lambda: torch.nn.grad.conv2d_input(x.shape, weight[0], grad_out),
                        backward([True, False, False, False], 0), {
                 "stationary": (stationary(backward([True, False, False, False], 0)),
@@ -293,7 +314,7 @@ def main(argv=None):
                         stationary_mix.eligible(grad_out, layer.experts, layer.cin, 1, True,
                                                 False, transposed=True)),
                 "acc layout": none, "cluster": (cuda_grad_x, cluster_runs),
-                "wgmma": (in_wgmma(cuda_grad_x), wgmma_runs)}),
+                "wgmma": (in_wgmma(cuda_grad_x), wgmma_runs), "cuda kgrad": none}),
             # The kernel gradients as training asks for them (routing and weight): the dense
             # kernel for both, against each switch on (the stationary routing-gradient form,
             # then the dense kernel for the weight alone; the batched products for both; the
@@ -313,7 +334,8 @@ def main(argv=None):
                     "acc layout": (switched(kgrad, "TRITON_STATIONARY",
                                             frozenset({"kernel_grad"})),
                                    pointwise_grad.eligible(x, grad_out, weight, *geometry)),
-                    "cluster": none, "wgmma": none}),
+                    "cluster": none, "wgmma": none,
+                    "cuda kgrad": (_in_kgrad(cuda_kgrad), cluster_runs)}),
         }
         truth = _routing_truth(x, grad_out, weight)
         for name, (static, dense_fn, alternatives) in passes.items():
@@ -324,7 +346,8 @@ def main(argv=None):
                      f"{times['dense']:.1f}"]
             results, diffs = {}, {}
             for alt, (fn, applies) in alternatives.items():
-                on_device = alt in ("batched", "cluster", "wgmma") or args.backend == "triton"
+                on_device = (alt in ("batched", "cluster", "wgmma", "cuda kgrad")
+                             or args.backend == "triton")
                 if applies and on_device:
                     try:  # an experimental path's failure is a cell, not the end of the table
                         results[alt] = fn()

@@ -50,6 +50,13 @@ switches lists them with the build's and the tests' own).
   tiled kernels). Read at import into ``CUDA_CLUSTER`` (0, 1, 2 or 3), which :mod:`condconv_kernels.backends` passes to the
   extension when it loads (``torch.ops.condconv.cuda_pointwise_cluster``, which a process may
   call to change it).
+- ``CONDCONV_CUDA_KGRAD=1``: the cuda backend's dense 1x1 kernel gradient of float16 / bfloat16
+  channels_last calls on a Hopper GPU takes ``csrc/cuda/pointwise_kgrad.cuh``'s kernel (each
+  example's G on the tensor cores, folded into the experts' and the routing's gradients in
+  registers) instead of the chunked G; off (``0``) until a GPU run has timed it. Read at import
+  into ``CUDA_KGRAD`` (0 or 1), which :mod:`condconv_kernels.backends` passes to the extension
+  when it loads (``torch.ops.condconv.cuda_pointwise_kgrad``, which a process may call to
+  change it).
 - ``CONDCONV_BACKEND``: what ``backend="auto"`` means; read at every call
   (:func:`backend_override`), so a process may change it.
 - ``CONDCONV_MALLOC_AS_IS=1``: the benchmark scripts keep the C allocator's settings instead of
@@ -127,6 +134,17 @@ def cluster_mode(value: str) -> int:
 
 
 CUDA_CLUSTER = cluster_mode(os.environ.get("CONDCONV_CUDA_CLUSTER", "1"))
+
+
+def kgrad_mode(value: str) -> int:
+    """The mode a CONDCONV_CUDA_KGRAD value names: 0 (off; also empty) or 1 (on)."""
+    value = value.strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"CONDCONV_CUDA_KGRAD must be 0 or 1; got {value!r}")
+    return int(value)
+
+
+CUDA_KGRAD = kgrad_mode(os.environ.get("CONDCONV_CUDA_KGRAD", "0"))
 TRITON_STATIONARY = stationary_passes(os.environ.get("CONDCONV_TRITON_STATIONARY", "0"))
 TRITON_BATCHED = batched_passes(os.environ.get("CONDCONV_TRITON_BATCHED", "0"))
 TRITON_CLUSTER = cluster_passes(os.environ.get("CONDCONV_TRITON_CLUSTER", "0"))

@@ -40,6 +40,8 @@ except ImportError as exc:  # the package still works with the reference backend
     _native_error = f"the C++ extension condconv_kernels._C did not load ({exc})"
 if _native_error is None and _env.CUDA_CLUSTER != 1:
     torch.ops.condconv.cuda_pointwise_cluster(_env.CUDA_CLUSTER)
+if _native_error is None and _env.CUDA_KGRAD != 0:
+    torch.ops.condconv.cuda_pointwise_kgrad(_env.CUDA_KGRAD)
 
 
 # Which devices the loaded extension has kernels for, read once (the registrations happen when

@@ -143,5 +143,9 @@ enum ClusterMode : int64_t {
   kClusterWgmma = 3
 };
 ClusterMode pointwise_cluster();
+// Whether the dense 1x1 kernel gradient of those calls takes pointwise_kgrad.cuh's kernel on a
+// Hopper GPU (G_b on the tensor cores, folded in registers): off by default until a GPU run
+// has timed it. The op condconv::cuda_pointwise_kgrad reads and sets it (ops.cpp).
+bool pointwise_kgrad_on();
 }  // namespace cuda
 }  // namespace condconv

@@ -364,7 +364,24 @@ int64_t cuda_pointwise_cluster_op(c10::optional<int64_t> mode) {
   }
   return cuda_pointwise_cluster_mode.load();
 }
+
+std::atomic<bool> cuda_pointwise_kgrad_on{false};
+
+// The switch of cuda::pointwise_kgrad_on: set where `mode` is given (0 off, 1 on); the setting
+// after.
+int64_t cuda_pointwise_kgrad_op(c10::optional<int64_t> mode) {
+  if (mode.has_value()) {
+    TORCH_CHECK(*mode == 0 || *mode == 1,
+                "cuda_pointwise_kgrad: mode must be 0 (off) or 1 (on), got ", *mode);
+    cuda_pointwise_kgrad_on.store(*mode == 1);
+  }
+  return cuda_pointwise_kgrad_on.load() ? 1 : 0;
+}
 }  // namespace
+
+bool cuda::pointwise_kgrad_on() {
+  return cuda_pointwise_kgrad_on.load(std::memory_order_relaxed);
+}
 
 cuda::ClusterMode cuda::pointwise_cluster() {
   return static_cast<ClusterMode>(cuda_pointwise_cluster_mode.load(std::memory_order_relaxed));
@@ -386,6 +403,7 @@ TORCH_LIBRARY(condconv, m) {
       "int[4] padding, int[2] dilation, int groups, bool scaled=False) -> str[]");
   m.def("cpu_path_names() -> str[]", &cpu::all_path_names);
   m.def("cuda_pointwise_cluster(int? mode=None) -> int", &cuda_pointwise_cluster_op);
+  m.def("cuda_pointwise_kgrad(int? mode=None) -> int", &cuda_pointwise_kgrad_op);
   // Composite: they read sizes, dtypes and devices only, so they run on any device (meta and fake
   // tensors with concrete sizes included).
   m.def(

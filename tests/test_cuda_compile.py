@@ -4,11 +4,13 @@ builds them (TORCH_CUDA_ARCH_LIST=9.0a: CONDCONV_SM90A), and ptxas's report and 
 code read for what the kernels' designs rely on:
 
 - no spills and at most 255 registers in the clustered kernels (pointwise_cluster.cuh,
-  pointwise_wgmma.cuh: one block of 256 threads an SM);
+  pointwise_wgmma.cuh) and the 1x1 kernel gradient's (pointwise_kgrad.cuh): one block of 256
+  threads an SM;
 - no wgmma serialized by ptxas (its advice C7518: a wgmma the compiler could not keep in flight
   waits for each one before the next, which would halve the kernel's tensor-core overlap);
 - the wgmma kernel's products as HGMMA 64x64x16 and its copies as multicast tensor copies
-  (UTMALDG.3D.MULTICAST), the other kernel's as HMMA and the same copies.
+  (UTMALDG.3D.MULTICAST), the other clustered kernel's as HMMA and the same copies, the kernel
+  gradient's as HMMA and tensor copies (UTMALDG.3D).
 """
 from __future__ import annotations
 
@@ -80,12 +82,12 @@ def _entries(report: str, name: str):
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-def test_clustered_kernels_compile_for_sm90a_without_spills_or_serialized_wgmma(compiled):
+def test_hopper_kernels_compile_for_sm90a_without_spills_or_serialized_wgmma(compiled):
     report, sass = compiled
-    for name in ("pointwise_wgmma_kernel", "pointwise_cluster_kernel"):
+    for name, instances in (("pointwise_wgmma_kernel", 4), ("pointwise_cluster_kernel", 8),
+                            ("pointwise_kgrad_kernel", 2)):
         entries = _entries(report, name)
-        assert len(entries) == 8 if name == "pointwise_cluster_kernel" else len(entries) == 4, \
-            (name, sorted(entries))
+        assert len(entries) == instances, (name, sorted(entries))
         for entry, (registers, spills) in entries.items():
             assert 0 < registers <= 255 and spills == 0, (entry, registers, spills)
     serialized = [line for line in report.splitlines() if "C7518" in line]
@@ -95,8 +97,11 @@ def test_clustered_kernels_compile_for_sm90a_without_spills_or_serialized_wgmma(
     functions = re.split(r"\n\s*Function : ", sass)
     wgmma = [f for f in functions if f.startswith("_ZN8condconv4cuda9pointwise5wgmma22")]
     cluster = [f for f in functions if "pointwise_cluster_kernel" in f.split("\n", 1)[0]]
-    assert len(wgmma) == 4 and len(cluster) == 8
+    kgrad = [f for f in functions if "pointwise_kgrad_kernel" in f.split("\n", 1)[0]]
+    assert len(wgmma) == 4 and len(cluster) == 8 and len(kgrad) == 2
     for f in wgmma:
         assert "HGMMA.64x64x16.F32.BF16" in f and "UTMALDG.3D.MULTICAST" in f, f[:200]
     for f in cluster:
         assert "HMMA.16816.F32.BF16" in f and "UTMALDG.3D.MULTICAST" in f, f[:200]
+    for f in kgrad:
+        assert "HMMA.16816.F32.BF16" in f and "UTMALDG.3D" in f, f[:200]

@@ -82,3 +82,29 @@ def test_cuda_cluster_switch():
         got = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True,
                              text=True, check=True).stdout.strip()
         assert got == want, (value, got)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.condconv, "cuda_pointwise_kgrad"),
+                    reason="the C++ extension did not load")
+def test_cuda_kgrad_switch():
+    """Off by default; the op sets 0 or 1 and returns the setting, and refuses another value;
+    CONDCONV_CUDA_KGRAD=1 in the environment turns it on as the package loads; a value it does
+    not know is an error naming the variable."""
+    op = torch.ops.condconv.cuda_pointwise_kgrad
+    assert _env.CUDA_KGRAD == 0 and op() == 0
+    try:
+        assert op(1) == 1 and op() == 1
+        with pytest.raises(RuntimeError, match="mode must be 0 .off. or 1 .on., got 2"):
+            op(2)
+        assert op() == 1
+    finally:
+        op(0)
+    assert [_env.kgrad_mode(v) for v in ("0", " 1 ", "")] == [0, 1, 0]
+    with pytest.raises(ValueError, match="CONDCONV_CUDA_KGRAD must be 0 or 1"):
+        _env.kgrad_mode("on")
+    read = "import torch, condconv_kernels; print(torch.ops.condconv.cuda_pointwise_kgrad())"
+    for value, want in (("1", "1"), ("0", "0")):
+        env = {**os.environ, "CONDCONV_CUDA_KGRAD": value}
+        got = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert got == want, (value, got)

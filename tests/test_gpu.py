@@ -308,14 +308,20 @@ def _wgmma_built():
     return True
 
 
-@pytest.mark.skipif(not ON_GPU, reason="a Hopper GPU's kernel")
-@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "cuda"])
-@pytest.mark.parametrize("more,dtype", [
+# 1x1 channels_last layers for the cuda backend's Hopper kernels: s6.b1.expand and
+# s7.b0.project at small batches, 14x14 with a bias in float16 at 5 experts, 3 experts.
+HOPPER_1X1 = [
     (dict(E=8, cin=192, cout=1152, B=37, H=7, W=7, bias=False), torch.bfloat16),
     (dict(E=8, cin=1152, cout=320, B=9, H=7, W=7, bias=False), torch.bfloat16),
     (dict(E=5, cin=80, cout=480, B=9, H=14, W=14), torch.float16),
     (dict(E=3, cin=40, cout=72, B=6, H=9, W=7), torch.bfloat16),
-], ids=["expand_b37", "project_k1152_b9", "e5_14x14_f16_bias", "e3_b6"])
+]
+HOPPER_1X1_IDS = ["expand_b37", "project_k1152_b9", "e5_14x14_f16_bias", "e3_b6"]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a Hopper GPU's kernel")
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "cuda"])
+@pytest.mark.parametrize("more,dtype", HOPPER_1X1, ids=HOPPER_1X1_IDS)
 def test_gpu_cuda_pointwise_cluster(more, dtype, backend):
     """The cuda backend's clustered Hopper kernel (csrc/cuda/pointwise_cluster.cuh) on 1x1
     channels_last layers: tf_efficientnet_cc_b0_8e's s6.b1.expand (6 steps of 32 channels, 18
@@ -343,6 +349,29 @@ def test_gpu_cuda_pointwise_cluster(more, dtype, backend):
             assert _cluster_launches(prof, "pointwise_wgmma_kernel") == wgmma_launches, mode
     finally:
         switch(1)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a Hopper GPU's kernel")
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "cuda"])
+@pytest.mark.parametrize("more,dtype", HOPPER_1X1, ids=HOPPER_1X1_IDS)
+def test_gpu_cuda_pointwise_kgrad(more, dtype, backend):
+    """The cuda backend's 1x1 kernel gradient kernel (csrc/cuda/pointwise_kgrad.cuh, switched on:
+    torch.ops.condconv.cuda_pointwise_kgrad(1)) on the clustered kernels' layers: the forward
+    and every gradient against the ground truth, the kernel seen once in the backward's
+    profile (37 examples: slices of unequal length; 1152 input channels: 36 tiles of them)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the kernel runs on compute capability 9.x only")
+    case = dataclasses.replace(CASES_BY_NAME["k1"], **more)
+    switch = torch.ops.condconv.cuda_pointwise_kgrad
+    assert switch() == 0, "not the default (CONDCONV_CUDA_KGRAD set?)"
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    try:
+        switch(1)
+        with torch.profiler.profile(activities=activities) as prof:
+            _check(case, backend, dtype, "channels_last", factor=4.0)
+        assert _cluster_launches(prof, "pointwise_kgrad_kernel") == 1
+    finally:
+        switch(0)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="a Hopper GPU's kernel")

@@ -16,6 +16,7 @@
 #include "../epilogue.h"
 #include "../operands.h"
 #include "kernels.cuh"
+#include "pointwise_kgrad.cuh"
 #include "pointwise_wgmma.cuh"
 #include "runtime.cuh"
 
@@ -153,6 +154,47 @@ bool launch_pointwise_cluster(bool grad_x, const Geometry& g, const at::Tensor& 
   }
 }
 
+// The dense 1x1 kernel gradient through pointwise_kgrad_kernel, where its switch is on, the call
+// fits it (pointwise_kgrad::fits) and the device is a Hopper GPU this build has the kernel for:
+// gw (E, |W|) and gr (B, E), float32, from the kernel's partial sums (each of the two where
+// asked for); false where not (the caller takes the chunked path).
+template <typename scalar_t>
+bool launch_pointwise_kgrad(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
+                            const Operands<scalar_t>& ops, at::Tensor* gw, at::Tensor* gr,
+                            cudaStream_t stream) {
+  if constexpr (!std::is_same<scalar_t, at::Half>::value &&
+                !std::is_same<scalar_t, at::BFloat16>::value) {
+    return false;
+  } else {
+    using T = typename TensorCoreOperand<scalar_t>::type;
+    namespace kg = pointwise_kgrad;
+    if (!pointwise_kgrad_on() || !kg::fits(g, grad_out, x, ops.weight) ||
+        !runs_sm90(&kg::pointwise_kgrad_kernel<T, 8>)) {
+      return false;
+    }
+    const kg::Plan plan = kg::plan(g.batch, g.in_channels, g.out_channels, g.experts);
+    const at::TensorOptions f32 = ops.acc_opts.dtype(at::kFloat);
+    at::Tensor w_part = at::empty(
+        {int64_t(plan.slices), g.experts, g.out_channels, g.in_channels}, f32);
+    at::Tensor r_part = at::empty({int64_t(plan.tiles), g.batch, g.experts}, f32);
+    kg::Pass pass;
+    std::string error;
+    if (!kg::prepare(std::is_same<scalar_t, at::BFloat16>::value, ops.weight.const_data_ptr(),
+                     grad_out.const_data_ptr(), x.const_data_ptr(), ops.routing_ptr(),
+                     w_part.mutable_data_ptr<float>(), r_part.mutable_data_ptr<float>(),
+                     g.batch, g.in_channels, g.out_channels, g.out_pixels(), g.experts, plan,
+                     &pass, &error)) {
+      return false;  // a map the driver refused: the chunked path takes the call
+    }
+    kg::dispatch<T>(pass, [&](auto kernel, dim3 grid, size_t bytes, const auto&... args) {
+      launch_cluster(kernel, grid, 1, bytes, stream, args...);
+    });
+    if (gw != nullptr) *gw = w_part.sum(0).view({g.experts, -1});
+    if (gr != nullptr) *gr = r_part.sum(0);
+    return true;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -254,6 +296,9 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     if (g.depthwise()) {
       fold(depthwise_kernel_grad<scalar_t, index_t>(grad_out, x, s, ops.acc_opts, stream), 0,
            g.batch);
+    } else if (launch_pointwise_kgrad<scalar_t>(g, grad_out, x, ops, mask[2] ? &gw : nullptr,
+                                                mask[1] ? &gr : nullptr, stream)) {
+      // gw and gr from the kernel's partial sums
     } else {
       const int64_t chunk = std::max<int64_t>(
           1, std::min<int64_t>(g.batch, kKernelGradBytes / (N * int64_t(sizeof(acc_t)))));

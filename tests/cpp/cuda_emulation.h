@@ -9,7 +9,7 @@
 //   - threadIdx / blockIdx / blockDim / gridDim (1-D blocks), launch limits (block size, grid
 //     y/z, dynamic shared memory), dynamic shared memory poisoned with NaN bytes per block;
 //   - __syncthreads (a barrier of the whole block; one thread missing it aborts with a message
-//     instead of hanging) and __shfl_down_sync over the full warp;
+//     instead of hanging), __shfl_down_sync and __shfl_xor_sync over the full warp, __syncwarp;
 //   - ldmatrix and mma.sync m16n8k16 (csrc/cuda/fragments.cuh), the values moved between a
 //     warp's lanes as the hardware's fragment layouts say;
 //   - nvcuda::wmma 16x16xK fragments, row- or column-major: every lane holds the whole tile, the
@@ -24,13 +24,15 @@
 //     shared memory; the cluster barrier; shared-memory barriers (mbarrier) with their phases,
 //     arrival counts and transaction bytes, arrivals on another block's barrier; tile copies
 //     (TMA), plain and multicast, which land, zero-filled past the tensor, at the end of the
-//     scheduler's round rather than when issued, checked for the alignments the hardware
-//     needs. One block of each cluster runs one round in four, so that the others run ahead
-//     of it as far as the kernel's barriers let them: a stage overwritten before every block
-//     is done with it shows in the results. A barrier used before its initialisation, or a
+//     scheduler's round rather than when issued (or, with land_at_issue, when issued: a stage
+//     refilled while a thread still reads it shows), checked for the alignments the hardware
+//     needs. One block of each cluster of several runs one round in four, so that the others
+//     run ahead of it as far as the kernel's barriers let them: a stage overwritten before every
+//     block is done with it shows in the results. A barrier used before its initialisation, or a
 //     round in which nothing can move, aborts with a message. Dynamic shared memory starts
 //     256 bytes past a 1024-byte boundary, and swizzled copies permute by the address.
-// Races other than at barriers are not detected: compute-sanitizer on a GPU is for that.
+// Races other than at barriers are not detected (but for the stage refilled early that
+// land_at_issue shows): compute-sanitizer on a GPU is for that.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -342,6 +344,12 @@ struct ClusterRun {
   std::unique_ptr<Barrier> sync;
 };
 inline ClusterRun* cluster = nullptr;
+// Whether a tile copy lands as soon as it is issued (the earliest the hardware may complete it)
+// instead of at the end of the scheduler's round, and one warp of each block (not the first)
+// runs one round in four: a stage refilled while some thread still reads it then shows in the
+// results, where the late landing shows reads before the barrier's wait.
+inline bool land_at_issue = false;
+bool land_copies();
 
 inline ClusterRun& running_cluster(const char* what) {
   if (cluster == nullptr) fail(std::string(what) + " outside a cluster launch");
@@ -432,6 +440,7 @@ inline void tile_load(void* dst, const TileMap* map, int c0, int c1, int c2, uin
     }
   }
   ++scheduler->events;
+  if (land_at_issue) land_copies();
 }
 
 // The address a swizzle of `bytes` (0, 32, 64 or 128; cluster.cuh: make_tile_map) puts the byte
@@ -517,10 +526,17 @@ void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sha
         run_fibers(
             sched, cluster_y * block.x,
             [&](unsigned f, uint64_t round) {
-              // One block of each cluster (a different one from cluster to cluster) runs one
-              // round in four, so that the others run ahead of it as far as the kernel lets them.
+              // One block of each cluster of several (a different one from cluster to cluster)
+              // runs one round in four, so that the others run ahead of it as far as the kernel
+              // lets them.
               run.rank = f / block.x;
-              if (run.rank == slow && round != ~uint64_t(0)) return false;
+              if (cluster_y > 1 && run.rank == slow && round != ~uint64_t(0)) return false;
+              // With copies landing at issue, one warp of each block but the first (thread 0's,
+              // which issues them) lags as well.
+              if (land_at_issue && block.x > 32 && round != ~uint64_t(0) &&
+                  (f % block.x) / 32 == 1 + (x + y0) % (block.x / 32 - 1)) {
+                return false;
+              }
               current = run.blocks[run.rank];
               blockIdx = run.block_ids[run.rank];
               threadIdx = dim3(f % block.x);
@@ -563,6 +579,23 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
     std::memcpy(&result, state.slots[t + delta].data(), sizeof(T));
   }
   state.warps[t / 32]->wait("__shfl_down_sync");
+  return result;
+}
+
+// The value of lane (lane ^ mask_bits) of the warp (the whole warp takes part).
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  static_assert(sizeof(T) <= 16, "shuffle of a type larger than 16 bytes");
+  if (mask != 0xffffffffu) emu::fail("__shfl_xor_sync with a partial mask is not emulated");
+  emu::Launch& state = *emu::current;
+  const unsigned t = threadIdx.x, first = t - t % 32;
+  if (first + 32 > blockDim.x) emu::fail("__shfl_xor_sync in a partial warp");
+  std::memcpy(state.slots[t].data(), &value, sizeof(T));
+  state.warps[t / 32]->wait("__shfl_xor_sync");
+  T result;
+  std::memcpy(&result, state.slots[first + ((t % 32) ^ unsigned(lane_mask & 31))].data(),
+              sizeof(T));
+  state.warps[t / 32]->wait("__shfl_xor_sync");
   return result;
 }
 

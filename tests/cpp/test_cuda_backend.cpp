@@ -15,6 +15,7 @@ namespace cuda {
 namespace {
 int cluster_launches = 0;  // the clustered kernels' launches (pointwise_cluster.cuh, _wgmma.cuh)
 int wgmma_launches = 0;    // of which pointwise_wgmma_kernel's
+int kgrad_launches = 0;    // pointwise_kgrad_kernel's (counted apart from the others)
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
@@ -30,11 +31,16 @@ bool runs_sm90(Kernel) {
   return true;
 }
 bool is_wgmma(const void* kernel);
+bool is_kgrad(const void* kernel);
 template <typename... Params, typename... Args>
 void launch_cluster(void (*kernel)(Params...), dim3 grid, unsigned cluster_y, size_t shared_bytes,
                     cudaStream_t, const Args&... args) {
-  ++cluster_launches;
-  wgmma_launches += is_wgmma(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
+  if (is_kgrad(reinterpret_cast<const void*>(kernel))) {
+    ++kgrad_launches;
+  } else {
+    ++cluster_launches;
+    wgmma_launches += is_wgmma(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
+  }
   emu::launch_cluster(kernel, grid, dim3(kThreads), shared_bytes, cluster_y, args...);
 }
 }  // namespace
@@ -74,6 +80,14 @@ bool is_wgmma(const void* kernel) {
     if (k == kernel) return true;
   }
   return false;
+}
+// Whether `kernel` is an instance of pointwise_kgrad_kernel.
+bool is_kgrad(const void* kernel) {
+  using pointwise_kgrad::pointwise_kgrad_kernel;
+  return kernel == reinterpret_cast<const void*>(&pointwise_kgrad_kernel<__half, 4>) ||
+         kernel == reinterpret_cast<const void*>(&pointwise_kgrad_kernel<__half, 8>) ||
+         kernel == reinterpret_cast<const void*>(&pointwise_kgrad_kernel<__nv_bfloat16, 4>) ||
+         kernel == reinterpret_cast<const void*>(&pointwise_kgrad_kernel<__nv_bfloat16, 8>);
 }
 }  // namespace
 }  // namespace cuda
@@ -176,6 +190,33 @@ int main() {
   }
   if (condconv::cuda::cluster_launches != 36 || condconv::cuda::wgmma_launches != 12) {
     std::printf("the clustered kernels ran with the switch off: FAIL\n");
+    ok = false;
+  }
+  // The kernel gradient's switch on (the clustered kernels off still): the same cases'
+  // gradients, each backward's kernel gradient one launch of pointwise_kgrad_kernel.
+  const auto set_kgrad = [](int64_t mode) {
+    torch::Dispatcher::singleton()
+        .findSchemaOrThrow("condconv::cuda_pointwise_kgrad", "")
+        .typed<int64_t(c10::optional<int64_t>)>()
+        .call(mode);
+  };
+  if (condconv::cuda::kgrad_launches != 0) {
+    std::printf("the kernel gradient's kernel ran with its switch off: FAIL\n");
+    ok = false;
+  }
+  set_kgrad(1);
+  int cases = 0;
+  for (const auto& c : cuda_cases::configs()) {
+    if (c.kernel != 1 || c.layout != "channels_last") continue;
+    const std::array<bool, 4> all{true, true, true, c.bias};
+    ok = run<at::Half>(c, true, 5e-3, all) && ok;
+    ok = run<at::BFloat16>(c, true, 3e-2, all) && ok;
+    cases += 2;
+  }
+  set_kgrad(0);
+  if (cases != 6 || condconv::cuda::kgrad_launches != cases) {
+    std::printf("kernel gradient launches: %d for %d runs: FAIL\n",
+                condconv::cuda::kgrad_launches, cases);
     ok = false;
   }
   set_mode(1);

@@ -9,7 +9,9 @@
 // shared-memory barriers) runs, forward and grad_x in float16 and bfloat16, its products through
 // ldmatrix and mma.sync on swizzled tiles and through wmma, and the wgmma kernel
 // (pointwise_wgmma.cuh: the mix in registers, 128-row blocks), on every case they take, the
-// blocks of a cluster together (cuda_emulation.h: launch_cluster).
+// blocks of a cluster together (cuda_emulation.h: launch_cluster); and the 1x1 kernel gradient
+// (pointwise_kgrad.cuh: G_b on the tensor cores, folded into the experts' gradients and the
+// routing's in registers), at two plans (one slice, and slices of 2 examples with 2 stages).
 // What the emulation cannot show is speed, races between barriers, or the host launchers'
 // streams and allocations: tests/test_gpu.py and compute-sanitizer on a GPU check those.
 #include "cuda_emulation.h"  // first: the CUDA language for the host compiler
@@ -21,6 +23,7 @@
 #include "checks.h"
 #include "cuda_cases.h"
 #include <cuda/kernels.cuh>
+#include <cuda/pointwise_kgrad.cuh>
 #include <cuda/pointwise_wgmma.cuh>
 
 #include <cstdio>
@@ -195,6 +198,62 @@ bool run_cluster(const Config& c, double tol) {
   return ok;
 }
 
+int kgrad_runs = 0;  // the cases (and dtypes) the kernel gradient took
+
+// The 1x1 kernel gradient (pointwise_kgrad.cuh) on a case it takes: grad_weight (the slices'
+// sums) and grad_routing (the tiles' sums) against r^T G and G W^T from the case's float64
+// per-example kernel gradients G, at the host's plan, and at slices of 2 examples with 2 stages
+// (every slice's examples pipelined, stages refilled) whose copies land as soon as issued (a
+// stage refilled before every warp has read it shows).
+template <typename scalar_t>
+bool run_kgrad(const Config& c, double tol) {
+  namespace kg = cc::pointwise_kgrad;
+  constexpr at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const auto k = cuda_cases::make_case(c, dtype, 2);
+  const auto& g = k.geometry;
+  const auto weight = k.weight.contiguous();
+  if (!kg::fits(g, k.grad_out, k.x, weight)) return true;
+  ++kgrad_runs;
+  const auto routing = k.routing.contiguous();
+  const auto G = k.kernel_grads.reshape({g.batch, -1});                   // (B, Cout Cin)
+  const auto want_w = at::mm(routing.to(torch::kFloat64).t(), G);        // (E, Cout Cin)
+  const auto want_r = at::mm(G, weight.to(torch::kFloat64).reshape({g.experts, -1}).t());
+  bool ok = true;
+  for (const bool small : {false, true}) {
+    const std::string name = c.name + "/" + c10::toString(dtype) + (small ? "/kgrad-2x2" : "/kgrad");
+    kg::Plan plan = kg::plan(g.batch, g.in_channels, g.out_channels, g.experts);
+    if (small) {
+      plan.per_slice = 2;
+      plan.slices = unsigned((g.batch + 1) / 2);
+      plan.shared_bytes -= (plan.stages - 2) * kg::kStepBytes;
+      plan.stages = 2;
+    }
+    const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+    auto gw = torch::full({int64_t(plan.slices), g.experts, g.out_channels, g.in_channels},
+                          std::numeric_limits<float>::quiet_NaN(), f32);
+    auto gr = torch::full({int64_t(plan.tiles), g.batch, g.experts},
+                          std::numeric_limits<float>::quiet_NaN(), f32);
+    kg::Pass pass;
+    std::string error;
+    if (!kg::prepare(dtype == torch::kBFloat16, weight.const_data_ptr(),
+                     k.grad_out.const_data_ptr(), k.x.const_data_ptr(),
+                     routing.const_data_ptr<float>(), gw.mutable_data_ptr<float>(),
+                     gr.mutable_data_ptr<float>(), g.batch, g.in_channels, g.out_channels,
+                     g.out_pixels(), g.experts, plan, &pass, &error)) {
+      std::printf("%-22s kgrad maps refused: %s: FAIL\n", name.c_str(), error.c_str());
+      return false;
+    }
+    emu::land_at_issue = small;  // the small plan's copies land as soon as they are issued
+    kg::dispatch<scalar_t>(pass, [](auto kernel, dim3 grid, size_t bytes, const auto&... args) {
+      emu::launch_cluster(kernel, grid, dim3(kg::kBlockThreads), bytes, 1, args...);
+    });
+    emu::land_at_issue = false;
+    ok = close(gw.sum(0).reshape({g.experts, -1}), want_w, name, "grad_weight", tol) && ok;
+    ok = close(gr.sum(0), want_r, name, "grad_routing", tol) && ok;
+  }
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -209,6 +268,12 @@ int main() {
     ok = run<at::BFloat16, int64_t>(c, Path::kTensorCores, 3e-2) && ok;  // 64-bit offsets
     ok = run_cluster<at::Half>(c, 5e-3) && ok;
     ok = run_cluster<at::BFloat16>(c, 3e-2) && ok;
+    ok = run_kgrad<at::Half>(c, 1e-4) && ok;
+    ok = run_kgrad<at::BFloat16>(c, 1e-4) && ok;
+  }
+  if (kgrad_runs < 6) {  // pw-cl, pw-cl-cluster and pw-cl-wgmma, in both dtypes
+    std::printf("the kernel gradient took %d cases of 6: FAIL\n", kgrad_runs);
+    ok = false;
   }
   if (cluster_runs < 6) {  // pw-cl, pw-cl-cluster and pw-cl-wgmma, in both dtypes
     std::printf("the clustered kernels took %d cases of 6: FAIL\n", cluster_runs);
