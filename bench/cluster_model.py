@@ -1,8 +1,10 @@
 """The cuda backend's clustered Hopper kernels (csrc/cuda/pointwise_cluster.cuh, and with
 ``--form wgmma`` pointwise_wgmma.cuh) by a static model, per dense 1x1 layer of a layer table,
-against what the table measured.
+against what the table measured; with ``--kgrad POINTWISE.json``, its 1x1 kernel gradient
+(pointwise_kgrad.cuh) against a pointwise table's kernel-gradient rows.
 
     python bench/cluster_model.py [LAYERS.json] [--form fragments|wmma|wgmma] [--out FILE.md]
+    python bench/cluster_model.py --kgrad [POINTWISE.json] [--out FILE.md]
 
 LAYERS.json is a forward table of ``bench_layers.py`` (default: the third H200 run's, batch 256,
 bfloat16, channels_last); its 1x1 layers are modeled at its batch, forward (rows = Cout, depth
@@ -39,6 +41,15 @@ its mix's FMAs (16 elements x E experts x 4 examples a thread: 128 E cycles), it
 each input tile by both warpgroups): the mix of one half-step runs while the other's products
 do, and no mixed tile goes through shared memory. L2: the experts once a cluster, every input
 tile once a tile of 128 rows.
+
+The kernel gradient (``kgrad_model``; a block: 64 output x 32 input channels of every expert's
+gradient, a slice of the batch, 256 threads, one block an SM): per step of 64 pixels of an
+example, the larger of its tensor cores (64 x 32 x 64 multiply-adds at mma.sync's 1024 a cycle)
+and its shared memory (the copies' 12 KB, the fragment loads: grad_out's tile by 2 warps a row,
+x's by 4 a column, 32 KB); per example, its fold on the CUDA cores after the steps (8 elements x
+E experts x 2 multiply-adds a thread: 32 E cycles). Blocks: tiles x slices (the host's plan),
+in waves of 132; plus the slices' and tiles' partial sums through HBM (float32, written and
+read once).
 """
 from __future__ import annotations
 
@@ -107,6 +118,66 @@ def model(batch: int, rows: int, depth: int, pixels: int, experts: int,
             "steps": steps, "step_cycles": step, "l2_over_hbm": l2 / hbm, **terms}
 
 
+KGRAD_DEFAULT = HERE / "results" / "gpu-h200" / "4c707b7" / "pointwise.json"
+KGRAD_TILE_O, KGRAD_TILE_I, KGRAD_PIXELS = 64, 32, 64
+
+
+def kgrad_plan(batch: int, tiles: int, sms: int = SMS):
+    """(slices, examples a slice, waves): pointwise_kgrad.cuh's plan()."""
+    best = None
+    for slices in range(1, batch + 1):
+        per = math.ceil(batch / slices)
+        used = math.ceil(batch / per)
+        if used > 1 and tiles * used > 2 * sms:
+            break
+        waves = math.ceil(tiles * used / sms)
+        if best is None or waves * per < best[0]:
+            best = (waves * per, used, per, waves)
+    return best[1:]
+
+
+def kgrad_model(batch: int, cin: int, cout: int, pixels: int, experts: int) -> dict:
+    """The modeled time (us) of the 1x1 kernel gradient kernel and its terms."""
+    tiles = math.ceil(cout / KGRAD_TILE_O) * math.ceil(cin / KGRAD_TILE_I)
+    slices, per, waves = kgrad_plan(batch, tiles)
+    steps = math.ceil(pixels / KGRAD_PIXELS)
+    tensor = KGRAD_TILE_O * KGRAD_TILE_I * KGRAD_PIXELS / MMA_PER_CYCLE
+    go_tile, x_tile = KGRAD_TILE_O * KGRAD_PIXELS * 2, KGRAD_TILE_I * KGRAD_PIXELS * 2
+    shared = (go_tile + x_tile + 2 * go_tile + 4 * x_tile) / SMEM_BYTES_PER_CYCLE
+    fold = 32 * experts
+    example = steps * max(tensor, shared) + fold
+    compute_us = waves * (per * example + BLOCK_CYCLES) / CLOCK * 1e6
+    partials = 2 * 4 * (slices * experts * cout * cin + tiles * batch * experts)
+    inputs = batch * pixels * (cin + cout) * 2
+    hbm_us = (partials + inputs) / HBM_BYTES_PER_S * 1e6
+    return {"us": compute_us + partials / HBM_BYTES_PER_S * 1e6, "compute": compute_us,
+            "hbm": hbm_us, "tiles": tiles, "slices": slices, "waves": waves,
+            "example_cycles": example}
+
+
+def kgrad_report(table: dict, experts: int = 8) -> str:
+    """The kernel gradient's model beside a pointwise table's kernel-gradient rows."""
+    batch = table.get("batch", 256)
+    lines = [f"1x1 kernel gradient kernel (pointwise_kgrad.cuh) by model (`bench/cluster_model.py "
+             f"--kgrad`), batch {batch}, {experts} experts, us; measured: "
+             f"{table['machine'].get('gpu', '?')}, commit {table['machine'].get('commit', '?')}",
+             "", "| layer | cin -> cout @ pixels | tiles x slices (waves) | cycles an example "
+             "a tile | modeled | static, measured | Triton dense, measured | modeled / Triton "
+             "| modeled / static |", "|---|---|---|---|---|---|---|---|---|"]
+    for layer in table["layers"]:
+        if layer["pass"] != "grad_routing+weight":
+            continue
+        m = SHAPE.match(layer["shape"])
+        cin, cout, h, w = map(int, m.groups())
+        k = kgrad_model(batch, cin, cout, h * w, experts)
+        static, dense = layer["device_us"]["static"], layer["device_us"]["dense"]
+        lines.append(f"| {layer['layer']} | {cin} -> {cout} @ {h * w} | {k['tiles']} x "
+                     f"{k['slices']} ({k['waves']}) | {k['example_cycles']:.0f} | "
+                     f"{k['us']:.1f} | {static:.1f} | {dense:.1f} | {k['us'] / dense:.2f} | "
+                     f"{k['us'] / static:.2f} |")
+    return "\n".join(lines)
+
+
 SHAPE = re.compile(r"pw 1x1/s1 (\d+)->(\d+) @(\d+)x(\d+)")
 
 
@@ -156,17 +227,26 @@ def report(table: dict, experts: int = 8, form: str = "fragments") -> str:
 
 def main(argv=None) -> None:
     parser = cli_parser(__doc__)
-    parser.add_argument("table", nargs="?", default=str(DEFAULT),
-                        help="A forward layer table's JSON (bench_layers.py).")
+    parser.add_argument("table", nargs="?", default=None,
+                        help="A forward layer table's JSON (bench_layers.py), or with --kgrad a "
+                             "pointwise table's (bench_pointwise.py).")
     parser.add_argument("--experts", type=int, default=8,
                         help="The layers' experts (the model's tables have 8).")
     parser.add_argument("--form", choices=FORMS, default="fragments",
                         help="The kernel to model: the clustered kernel through ldmatrix and "
                              "mma.sync (the default), its wmma form (CONDCONV_CUDA_CLUSTER=wmma), "
                              "or the wgmma kernel (CONDCONV_CUDA_CLUSTER=wgmma).")
+    parser.add_argument("--kgrad", action="store_true",
+                        help="Model the 1x1 kernel gradient kernel (CONDCONV_CUDA_KGRAD=1) "
+                             "against a pointwise table instead.")
     parser.add_argument("--out", help="Also write the table to this Markdown file.")
     args = parser.parse_args(argv)
-    text = report(json.loads(Path(args.table).read_text()), args.experts, args.form)
+    if args.kgrad:
+        table = json.loads(Path(args.table or KGRAD_DEFAULT).read_text())
+        text = kgrad_report(table, args.experts)
+    else:
+        table = json.loads(Path(args.table or DEFAULT).read_text())
+        text = report(table, args.experts, args.form)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

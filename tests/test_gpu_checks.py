@@ -192,9 +192,9 @@ def test_cluster_model_counts_a_layer_by_hand():
     """bench/cluster_model.py against an independent count on s6.b1.expand's forward (192 ->
     1152 at 7x7, batch 256, 8 experts): 18 tiles of output channels x 1 of pixels x 64 blocks
     of examples; 6 steps; L2 traffic the experts once a cluster of 16 examples, x once a tile of
-    output channels, the outputs once; the same for the wgmma kernel's 128-row blocks; and a
-    report of the committed H200 table, in each form, has a row for each of its 16 dense 1x1
-    layers."""
+    output channels, the outputs once; the same for the wgmma kernel's 128-row blocks, and the
+    1x1 kernel gradient kernel's plan and time; and a report of the committed H200 tables, in
+    each form, has a row for each of their dense 1x1 layers."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import cluster_model
@@ -219,6 +219,19 @@ def test_cluster_model_counts_a_layer_by_hand():
     assert w["L2"] == pytest.approx((experts + x / 2 + out) / 5.5e12 * 1e6)
     with pytest.raises(ValueError, match="form must be one of fragments, wmma, wgmma"):
         cluster_model.model(256, 1152, 192, 49, 8, form="tma")
+    # The kernel gradient: 18 x 6 tiles of 64 x 32, one slice (two would need 2 waves for the
+    # same examples a block times waves); an example a tile: one step of 64 pixels, bound by
+    # shared memory (the copies' 12 KB and the fragment loads' 32 KB at 128 bytes a cycle), then
+    # the fold's 8 x 8 x 2 multiply-adds a thread (256 threads, 128 a cycle).
+    k = cluster_model.kgrad_model(batch=256, cin=192, cout=1152, pixels=49, experts=8)
+    assert (k["tiles"], k["slices"], k["waves"]) == (108, 1, 1)
+    assert k["example_cycles"] == (12 + 32) * 1024 / 128 + 8 * 8 * 2 * 256 / 128
+    partials = 2 * 4 * (8 * 1152 * 192 + 108 * 256 * 8)
+    assert k["us"] == pytest.approx((256 * 608 + 2500) / 1.78e9 * 1e6 + partials / 4.2e12 * 1e6)
+    assert cluster_model.kgrad_plan(256, 24)[:2] == (11, 24)  # 264 blocks: 2 waves of 24
+    rows = [line for line in cluster_model.kgrad_report(__import__("json").loads(
+        cluster_model.KGRAD_DEFAULT.read_text())).splitlines() if line.startswith("| s")]
+    assert len(rows) == 4 and rows[1].startswith("| s6.b1.expand | 192 -> 1152 @ 49 | 108 x 1 (1)")
     table = __import__("json").loads(cluster_model.DEFAULT.read_text())
     for form in cluster_model.FORMS:
         rows = [line for line in cluster_model.report(table, form=form).splitlines()

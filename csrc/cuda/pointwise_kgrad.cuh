@@ -15,10 +15,11 @@
 // host sums the slices and the tiles (deterministic: no atomics).
 //
 // Against the Triton kernel gradient: G_b stays in registers, the experts' tiles are read from
-// memory once a block instead of once an example, and the fold is 2 E multiply-adds an element of
-// G_b an example on the CUDA cores, which bounds it: 8 elements x 8 experts x 2 a thread, ~256
-// cycles an example a tile at 8 experts (G_b's products ~128 on the tensor cores), ~30 us for
-// s6.b1.expand at batch 256 where the Triton kernel measured 227 (gpu-h200-analysis.md, item 51).
+// memory once a block instead of once an example. What bounds it: the fragment loads and copies
+// of a step (~350 cycles of shared memory, against ~130 of tensor cores) and the fold, 2 E
+// multiply-adds an element of G_b an example on the CUDA cores (~256 cycles an example at 8
+// experts): ~93 us for s6.b1.expand at batch 256 by bench/cluster_model.py --kgrad, where the
+// Triton kernel measured 282 (gpu-h200-analysis.md, item 51).
 #pragma once
 
 #include "cluster.cuh"
@@ -67,15 +68,25 @@ struct Plan {
   int64_t shared_bytes;
 };
 
-// The launch of a call: slices of the batch so that tiles x slices fill the 132 SMs about twice
-// (one block an SM), stages as many as fit (at most kMaxStages).
+// The launch of a call: of the slices of the batch that keep the blocks within two waves (one
+// block an SM; each slice's partial sums are float32 copies of every expert's gradient), those
+// that take the fewest examples a block times waves, the fewest of them; stages as many as fit
+// (at most kMaxStages).
 inline Plan plan(int64_t batch, int64_t cin, int64_t cout, int64_t experts, int sms = 132) {
   Plan p{};
   p.tiles = static_cast<unsigned>(((cout + kTileO - 1) / kTileO) * ((cin + kTileI - 1) / kTileI));
-  int64_t slices = (2 * sms + p.tiles - 1) / p.tiles;
-  slices = slices < 1 ? 1 : (slices > batch ? batch : slices);
-  p.per_slice = static_cast<int>((batch + slices - 1) / slices);
-  p.slices = static_cast<unsigned>((batch + p.per_slice - 1) / p.per_slice);
+  int64_t best = -1;
+  for (int64_t slices = 1; slices <= batch; ++slices) {
+    const int64_t per = (batch + slices - 1) / slices;
+    const int64_t used = (batch + per - 1) / per;  // slices that have examples
+    if (used > 1 && int64_t(p.tiles) * used > 2 * sms) break;
+    const int64_t waves = (int64_t(p.tiles) * used + sms - 1) / sms;
+    if (best < 0 || waves * per < best) {
+      best = waves * per;
+      p.per_slice = static_cast<int>(per);
+      p.slices = static_cast<unsigned>(used);
+    }
+  }
   const int64_t fixed = kAlignSlack + kBarrierBytes + padded_experts(experts) * kExpertTileBytes +
                         2 * kWarps * kMaxExperts * 4;
   int64_t stages = (kSharedLimit - fixed) / kStepBytes;
