@@ -88,7 +88,7 @@ inline Plan plan(int64_t batch, int64_t cin, int64_t cout, int64_t experts, int 
     }
   }
   const int64_t fixed = kAlignSlack + kBarrierBytes + padded_experts(experts) * kExpertTileBytes +
-                        2 * kWarps * kMaxExperts * 4;
+                        (2 * kWarps + p.per_slice) * padded_experts(experts) * 4;
   int64_t stages = (kSharedLimit - fixed) / kStepBytes;
   p.stages = static_cast<int>(stages > kMaxStages ? kMaxStages : stages);
   p.shared_bytes = fixed + p.stages * kStepBytes;
@@ -101,24 +101,37 @@ inline Plan plan(int64_t batch, int64_t cin, int64_t cout, int64_t experts, int 
 __device__ __forceinline__ int swizzle128(int row, int chunk) { return chunk ^ (row & 7); }
 __device__ __forceinline__ int swizzle64(int row, int chunk) { return chunk ^ ((row >> 1) & 3); }
 
-// Thread 0: the copies of step s (example first + s / pixel_tiles, its pixel tile s %
-// pixel_tiles): grad_out's (64 pixels x 64 output channels) tile and x's (64 x 32 input
-// channels), announced on the stage's barrier.
+// The issuing thread: the copies of a step into stage `st`: example b's (64 pixels from p0 x 64
+// output channels) tile of grad_out and its (64 x 32 input channels) tile of x, announced on the
+// stage's barrier.
 __device__ __forceinline__ void issue_step(const sm90::TileMap* go_map, const sm90::TileMap* x_map,
-                                           unsigned char* stages, uint64_t* full, int s,
-                                           int n_stages, int pixel_tiles, int first, int o0,
-                                           int i0) {
+                                           unsigned char* stages, uint64_t* full, int st, int b,
+                                           int p0, int o0, int i0) {
   using namespace sm90;
-  const int st = s % n_stages;
   unsigned char* go = stages + st * kStepBytes;
-  const int b = first + s / pixel_tiles, p0 = (s % pixel_tiles) * kPixelTile;
   barrier_arrive_expect(&full[st], kStepBytes);
   tile_load(go, go_map, o0, p0, b, &full[st]);
   tile_load(go + kGoBytes, x_map, i0, p0, b, &full[st]);
 }
 
+// The steps of a block in order (example after example, pixel tile after pixel tile, stage after
+// stage), stepped forward by counters rather than divisions.
+struct StepCounter {
+  int st = 0, parity = 0, pixel_tile = 0, example = 0;
+  __device__ __forceinline__ void next(int n_stages, int pixel_tiles) {
+    if (++st == n_stages) {
+      st = 0;
+      parity ^= 1;
+    }
+    if (++pixel_tile == pixel_tiles) {
+      pixel_tile = 0;
+      ++example;
+    }
+  }
+};
+
 // The sums of v[0..EP) over the warp, one expert a lane group: afterwards lane l holds the sum
-// of v[e] with e = the bits of l / 4 that the reduction kept (expert(l)); 2 EP - 1 + 2 shuffles.
+// of v[scatter_expert(l)]; EP - 1 + log2(32 / EP) shuffles (9 at 8 experts, 7 at 4).
 template <int EP>
 __device__ __forceinline__ float warp_scatter_sum(float (&v)[EP], int lane) {
   // Halve the values per lane at each step: lanes with the step's bit set keep the upper half.
@@ -156,7 +169,7 @@ __device__ __forceinline__ int scatter_expert(int lane) {
 // tiles of input channels + input-channel tile), y = slice of the batch; kBlockThreads threads,
 // launched as clusters of one (the TMA copies complete on shared-memory barriers).
 template <typename T, int EP>
-__global__ void __launch_bounds__(kBlockThreads, 1)
+__global__ void __launch_bounds__(kBlockThreads, EP == 4 ? 2 : 1)
     pointwise_kgrad_kernel(const CONDCONV_GRID_CONSTANT sm90::TileMap w_map,
                            const CONDCONV_GRID_CONSTANT sm90::TileMap go_map,
                            const CONDCONV_GRID_CONSTANT sm90::TileMap x_map, const Args a,
@@ -182,6 +195,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int pixel_tiles = (a.pixels + kPixelTile - 1) / kPixelTile;
   const int steps = count * pixel_tiles;
   const int wr = (warp % 4) * 16, wc = (warp / 4) * 16;  // the warp's rows and columns of G
+  // The copies are issued by the last warp's first lane, so that warp 0's threads, which sum
+  // grad_routing's partials after each step's barrier, do not hold them up.
+  const bool issuer = tid == kBlockThreads - 32;
+  float* routing = red + 2 * kWarps * EP;  // [count][EP]: the slice's routing weights
 
   if (tid == 0) {
     for (int s = 0; s < n_stages; ++s) barrier_init(&full[s], 1);
@@ -189,14 +206,21 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     fence_barrier_init();
   }
   __syncthreads();
-  if (tid == 0) {
+  StepCounter issued;  // the issuer's next step
+  if (issuer) {
     barrier_arrive_expect(w_full, uint32_t(a.experts * kExpertTileBytes));
     for (int e = 0; e < a.experts; ++e) {
       tile_load(experts + e * kExpertTileBytes, &w_map, i0, o0, e, w_full);
     }
     for (int s = 0; s < n_stages && s < steps; ++s) {
-      issue_step(&go_map, &x_map, stages, full, s, n_stages, pixel_tiles, first, o0, i0);
+      issue_step(&go_map, &x_map, stages, full, issued.st, first + issued.example,
+                 issued.pixel_tile * kPixelTile, o0, i0);
+      issued.next(n_stages, pixel_tiles);
     }
+  }
+  for (int k = tid; k < count * EP; k += kBlockThreads) {  // read after the first step's barrier
+    const int j = k / EP, e = k % EP;
+    routing[k] = e < a.experts ? a.routing[int64_t(first + j) * a.experts + e] : 0.f;
   }
 
   // The experts' values at this thread's 8 elements of G (pairs along the input channels):
@@ -221,15 +245,15 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 
   float gw[EP][8] = {};
   float acc[8];
-  int pending = -1;  // the example whose grad_routing partials wait in red[pending & 1]
+  int pending = -1;  // the example (of the slice) whose grad_routing partials wait in red
+  StepCounter at;
   for (int s = 0; s < steps; ++s) {
-    const int st = s % n_stages;
-    barrier_wait(&full[st], uint32_t(s / n_stages) & 1u);
-    if (s % pixel_tiles == 0) {
+    barrier_wait(&full[at.st], uint32_t(at.parity));
+    if (at.pixel_tile == 0) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = 0.f;
     }
-    const unsigned char* go = stages + st * kStepBytes;
+    const unsigned char* go = stages + at.st * kStepBytes;
     const unsigned char* x = go + kGoBytes;
 #pragma unroll
     for (int kk = 0; kk < kPixelTile; kk += 16) {
@@ -258,44 +282,47 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     if (pending >= 0 && tid < a.experts) {
       float sum = 0.f;
       for (int wp = 0; wp < kWarps; ++wp) sum += red[((pending & 1) * kWarps + wp) * EP + tid];
-      a.grad_routing[(int64_t(blockIdx.x) * a.batch + pending) * a.experts + tid] = sum;
+      a.grad_routing[(int64_t(blockIdx.x) * a.batch + first + pending) * a.experts + tid] = sum;
     }
     pending = -1;
-    if (tid == 0 && s + n_stages < steps) {
-      issue_step(&go_map, &x_map, stages, full, s + n_stages, n_stages, pixel_tiles, first, o0,
-                 i0);
+    if (issuer && s + n_stages < steps) {
+      issue_step(&go_map, &x_map, stages, full, issued.st, first + issued.example,
+                 issued.pixel_tile * kPixelTile, o0, i0);
+      issued.next(n_stages, pixel_tiles);
     }
-    if (s % pixel_tiles == pixel_tiles - 1) {
+    if (at.pixel_tile == pixel_tiles - 1) {
       // The example's G tile is complete: fold it.
-      const int b = first + s / pixel_tiles;
+      const int j = at.example;
       float dots[EP];
 #pragma unroll
       for (int e = 0; e < EP; ++e) {
-        const float r = e < a.experts ? a.routing[int64_t(b) * a.experts + e] : 0.f;
+        const float r = routing[j * EP + e];
         float dot = 0.f;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           T pair[2];
           memcpy(pair, &w[e][q], 4);
-          const int at = 4 * (q / 2) + 2 * (q % 2);
-          dot += acc[at] * pointwise::to_float(pair[0]) + acc[at + 1] * pointwise::to_float(pair[1]);
-          gw[e][at] += r * acc[at];
-          gw[e][at + 1] += r * acc[at + 1];
+          const int idx = 4 * (q / 2) + 2 * (q % 2);
+          dot = fmaf(acc[idx], pointwise::to_float(pair[0]), dot);
+          dot = fmaf(acc[idx + 1], pointwise::to_float(pair[1]), dot);
+          gw[e][idx] = fmaf(r, acc[idx], gw[e][idx]);
+          gw[e][idx + 1] = fmaf(r, acc[idx + 1], gw[e][idx + 1]);
         }
         dots[e] = dot;
       }
       const float sum = warp_scatter_sum<EP>(dots, lane);
       if ((lane & (32 / EP - 1)) == 0) {  // one lane of each group holding an expert's sum
-        red[((b & 1) * kWarps + warp) * EP + scatter_expert<EP>(lane)] = sum;
+        red[((j & 1) * kWarps + warp) * EP + scatter_expert<EP>(lane)] = sum;
       }
-      pending = b;
+      pending = j;
     }
+    at.next(n_stages, pixel_tiles);
   }
   __syncthreads();
   if (pending >= 0 && tid < a.experts) {
     float sum = 0.f;
     for (int wp = 0; wp < kWarps; ++wp) sum += red[((pending & 1) * kWarps + wp) * EP + tid];
-    a.grad_routing[(int64_t(blockIdx.x) * a.batch + pending) * a.experts + tid] = sum;
+    a.grad_routing[(int64_t(blockIdx.x) * a.batch + first + pending) * a.experts + tid] = sum;
   }
 
   // This slice's partial grad_weight: the thread's 8 elements of each expert's tile.
@@ -306,9 +333,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int o = o0 + wr + g + 8 * (i / 2), col = i0 + wc + 8 * nt + 2 * c + i % 2;
-        if (o < a.cout && col < a.cin) dst[int64_t(o) * a.cin + col] = gw[e][4 * nt + i];
+      for (int h = 0; h < 2; ++h) {  // columns col and col + 1 (Cin even: both or neither)
+        const int o = o0 + wr + g + 8 * h, col = i0 + wc + 8 * nt + 2 * c;
+        if (o < a.cout && col < a.cin) {
+          *reinterpret_cast<float2*>(dst + int64_t(o) * a.cin + col) =
+              make_float2(gw[e][4 * nt + 2 * h], gw[e][4 * nt + 2 * h + 1]);
+        }
       }
     }
   }

@@ -285,10 +285,13 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
 
   at::Tensor gw, gr;
   if (mask[1] || mask[2]) {
-    const at::Tensor experts = ops.weight.to(ops.acc_type);
-    if (mask[1]) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
-    if (mask[2]) gw = at::empty({g.experts, N}, ops.acc_opts);
+    at::Tensor experts;  // the experts in the accumulation dtype, for the folds of G
     const auto fold = [&](const at::Tensor& G, int64_t first, int64_t count) {
+      if (!experts.defined()) experts = ops.weight.to(ops.acc_type);
+      if (first == 0) {
+        if (mask[1]) gr = at::empty({g.batch, g.experts}, ops.acc_opts);
+        if (mask[2]) gw = at::empty({g.experts, N}, ops.acc_opts);
+      }
       at::Tensor gr_chunk = mask[1] ? gr.narrow(0, first, count) : at::Tensor();
       fold_kernel_grads(G, ops.routing.narrow(0, first, count), experts,
                         mask[2] ? &gw : nullptr, first > 0, mask[1] ? &gr_chunk : nullptr);

@@ -745,6 +745,12 @@ inline void wgmma_wait(int pending) {
 
 }  // namespace emu
 
+// CUDA's vector type of two floats.
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+
 // CUDA's 16-bit types and their conversions, as c10's (the same bits and rounding).
 using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
