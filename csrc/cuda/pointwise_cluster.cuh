@@ -481,6 +481,35 @@ struct Pass {
   dim3 grid() const { return dim3(plan.row_tiles * plan.pixel_tiles, plan.example_blocks); }
 };
 
+// The maps and arguments of a pass, either kernel's: the experts (E, Cout, Cin) in boxes of
+// `expert_box` copied with `expert_swizzle`, the input (B, P, D) in boxes of `in_box` with
+// `in_swizzle` (cluster.cuh: make_tile_map), the launch `plan`. False, with the reason, where
+// the driver refuses a map.
+inline bool prepare_pass(bool grad_x, bool bfloat16, const void* experts, const void* in,
+                         void* out, const float* routing, const float* bias, int64_t batch,
+                         int64_t cin, int64_t cout, int64_t pixels, int64_t num_experts,
+                         const uint32_t (&expert_box)[3], int expert_swizzle,
+                         const uint32_t (&in_box)[3], int in_swizzle, const Plan& plan, Pass* p,
+                         std::string* error) {
+  const int64_t rows = grad_x ? cin : cout, depth = grad_x ? cout : cin;
+  const uint64_t expert_dims[3] = {uint64_t(cin), uint64_t(cout), uint64_t(num_experts)};
+  const uint64_t expert_strides[2] = {uint64_t(cin) * 2, uint64_t(cin * cout) * 2};
+  const uint64_t in_dims[3] = {uint64_t(depth), uint64_t(pixels), uint64_t(batch)};
+  const uint64_t in_strides[2] = {uint64_t(depth) * 2, uint64_t(pixels * depth) * 2};
+  if (!sm90::make_tile_map(&p->experts, experts, bfloat16, expert_dims, expert_strides,
+                           expert_box, expert_swizzle, error) ||
+      !sm90::make_tile_map(&p->in, in, bfloat16, in_dims, in_strides, in_box, in_swizzle,
+                           error)) {
+    return false;
+  }
+  p->plan = plan;
+  p->args = Args{int(batch), int(rows), int(depth), int(pixels), int(num_experts),
+                 plan.stages, routing, grad_x ? nullptr : bias, out};
+  p->grad_x = grad_x;
+  p->bfloat16 = bfloat16;
+  return true;
+}
+
 // The forward (out = x . W_b^T, rows Cout) or grad_x (rows Cin, `in` = grad_out) of a call that
 // fits: experts (E, Cout, Cin), in (B, P, D) and out (B, P, rows), both channels_last;
 // routing (B, E) and bias (B, rows, or null) float32. False, with the reason, where the driver
@@ -489,27 +518,13 @@ inline bool prepare(bool grad_x, bool bfloat16, bool fragments, const void* expe
                     const void* in, void* out, const float* routing, const float* bias,
                     int64_t batch, int64_t cin, int64_t cout, int64_t pixels,
                     int64_t num_experts, Pass* p, std::string* error) {
-  const int64_t rows = grad_x ? cin : cout, depth = grad_x ? cout : cin;
-  const uint64_t expert_dims[3] = {uint64_t(cin), uint64_t(cout), uint64_t(num_experts)};
-  const uint64_t expert_strides[2] = {uint64_t(cin) * 2, uint64_t(cin * cout) * 2};
   const uint32_t expert_box[3] = {uint32_t(grad_x ? kRows : kDepth),
                                   uint32_t(grad_x ? kDepth : kRows), 1};
-  const uint64_t in_dims[3] = {uint64_t(depth), uint64_t(pixels), uint64_t(batch)};
-  const uint64_t in_strides[2] = {uint64_t(depth) * 2, uint64_t(pixels * depth) * 2};
   const uint32_t in_box[3] = {kDepth, kPixels, 1};
-  if (!sm90::make_tile_map(&p->experts, experts, bfloat16, expert_dims, expert_strides,
-                           expert_box, 0, error) ||
-      !sm90::make_tile_map(&p->in, in, bfloat16, in_dims, in_strides, in_box, fragments ? 64 : 0,
-                           error)) {
-    return false;
-  }
-  p->plan = plan(batch, rows, pixels, num_experts);
-  p->args = Args{int(batch), int(rows), int(depth), int(pixels), int(num_experts),
-                 p->plan.stages, routing, grad_x ? nullptr : bias, out};
-  p->grad_x = grad_x;
-  p->bfloat16 = bfloat16;
   p->fragments = fragments;
-  return true;
+  return prepare_pass(grad_x, bfloat16, experts, in, out, routing, bias, batch, cin, cout, pixels,
+                      num_experts, expert_box, 0, in_box, fragments ? 64 : 0,
+                      plan(batch, grad_x ? cin : cout, pixels, num_experts), p, error);
 }
 
 // launch(kernel, grid, shared_bytes, experts_map, in_map, args) with the kernel instance of p.

@@ -299,27 +299,13 @@ inline bool prepare(bool grad_x, bool bfloat16, const void* experts, const void*
                     const float* routing, const float* bias, int64_t batch, int64_t cin,
                     int64_t cout, int64_t pixels, int64_t num_experts, Pass* p,
                     std::string* error) {
-  const int64_t rows = grad_x ? cin : cout, depth = grad_x ? cout : cin;
   const uint32_t d = uint32_t(step_depth(padded_experts(num_experts)));
-  const uint64_t expert_dims[3] = {uint64_t(cin), uint64_t(cout), uint64_t(num_experts)};
-  const uint64_t expert_strides[2] = {uint64_t(cin) * 2, uint64_t(cin * cout) * 2};
   const uint32_t expert_box[3] = {grad_x ? 64u : d, grad_x ? d : uint32_t(kRows), 1};
-  const uint64_t in_dims[3] = {uint64_t(depth), uint64_t(pixels), uint64_t(batch)};
-  const uint64_t in_strides[2] = {uint64_t(depth) * 2, uint64_t(pixels * depth) * 2};
   const uint32_t in_box[3] = {d, kPixels, 1};
-  if (!sm90::make_tile_map(&p->experts, experts, bfloat16, expert_dims, expert_strides,
-                           expert_box, grad_x ? 128 : int(2 * d), error) ||
-      !sm90::make_tile_map(&p->in, in, bfloat16, in_dims, in_strides, in_box, int(2 * d),
-                           error)) {
-    return false;
-  }
-  p->plan = plan(batch, rows, pixels, num_experts);
-  p->args = Args{int(batch), int(rows), int(depth), int(pixels), int(num_experts),
-                 p->plan.stages, routing, grad_x ? nullptr : bias, out};
-  p->grad_x = grad_x;
-  p->bfloat16 = bfloat16;
   p->fragments = true;
-  return true;
+  return prepare_pass(grad_x, bfloat16, experts, in, out, routing, bias, batch, cin, cout, pixels,
+                      num_experts, expert_box, grad_x ? 128 : int(2 * d), in_box, int(2 * d),
+                      plan(batch, grad_x ? cin : cout, pixels, num_experts), p, error);
 }
 
 // launch(kernel, grid, shared_bytes, experts_map, in_map, args) with the kernel instance of p.
