@@ -107,9 +107,9 @@ void launch_gemm(const View& v, cudaStream_t stream) {
 
 // The dense 1x1 forward (grad_x false: in = x) or grad_x (in = grad_out) through
 // pointwise_cluster_kernel (or, in mode kClusterWgmma, pointwise_wgmma_kernel), where the switch
-// is on, the call fits it (pointwise::fits) and the
-// device is a Hopper GPU this build has the kernel for; false where not (the caller launches the
-// tiled kernels). bias: the mixed bias (B, Cout), forward only, or null.
+// is on, the call fits it (pointwise::fits) and the device is a Hopper GPU this build has the
+// kernel for; false where not (the caller launches the tiled kernels). bias: the mixed bias
+// (B, Cout), forward only, or null.
 template <typename scalar_t>
 bool launch_pointwise_cluster(bool grad_x, const Geometry& g, const at::Tensor& in,
                               at::Tensor& out, const Operands<scalar_t>& ops,

@@ -12,9 +12,9 @@
 //   D (64 x 64): d[4 t + i] at row 16 w + g + 8 (i / 2), column 8 t + 2 c + i % 2;
 //   B (16 x 64, k x n) "K-major": each column n's 16 values of k contiguous, the columns rows of
 //     a swizzled tile (make_tile_map's 32-, 64- or 128-byte swizzle: rows of that many bytes, 8
-//     rows an atom of 256, 512 or 1024 bytes, the atoms `stride` bytes apart); the descriptor's start is
-//     column 0's k = 0, and k = 16 .. of the same rows starts 32 bytes further (the swizzle is
-//     applied to the address after the offset, as the copies applied it).
+//     rows an atom of 256, 512 or 1024 bytes, the atoms `stride` bytes apart); the descriptor's
+//     start is column 0's k = 0, and k = 16 .. of the same rows starts 32 bytes further (the
+//     swizzle is applied to the address after the offset, as the copies applied it).
 // Compiled by the host compiler, each calls the emulation of tests/cpp/cuda_emulation.h, which
 // computes a group's products when it is waited for (reading B's shared memory then).
 #pragma once

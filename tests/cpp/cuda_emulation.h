@@ -712,7 +712,8 @@ inline void wgmma_commit() {
 
 // B (k, n) of a descriptor (warpgroup.cuh: K-major, 32-, 64- or 128-byte swizzle), read now.
 inline float wgmma_b(uint64_t desc, unsigned k, unsigned n, bool bfloat16) {
-  const uint32_t start = uint32_t(desc & 0x3fff) << 4, stride = uint32_t((desc >> 32) & 0x3fff) << 4;
+  const uint32_t start = uint32_t(desc & 0x3fff) << 4;
+  const uint32_t stride = uint32_t((desc >> 32) & 0x3fff) << 4;
   const unsigned layout = unsigned(desc >> 62);
   if (layout == 0) fail("wgmma: only the swizzled layouts are emulated");
   if ((desc >> 49 & 7) != 0) fail("wgmma: a descriptor with a base offset");
@@ -734,7 +735,9 @@ inline void wgmma_wait(int pending) {
         for (unsigned i = 0; i < 4; ++i) {
           const unsigned col = 8 * t + 2 * c + i % 2;
           float sum = 0.f;
-          for (unsigned k = 0; k < 16; ++k) sum += op.a[i / 2][k] * wgmma_b(op.b, k, col, op.bfloat16);
+          for (unsigned k = 0; k < 16; ++k) {
+            sum += op.a[i / 2][k] * wgmma_b(op.b, k, col, op.bfloat16);
+          }
           op.d[4 * t + i] += sum;
         }
       }

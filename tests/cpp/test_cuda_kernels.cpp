@@ -220,7 +220,8 @@ bool run_kgrad(const Config& c, double tol) {
   const auto want_r = at::mm(G, weight.to(torch::kFloat64).reshape({g.experts, -1}).t());
   bool ok = true;
   for (const bool small : {false, true}) {
-    const std::string name = c.name + "/" + c10::toString(dtype) + (small ? "/kgrad-2x2" : "/kgrad");
+    const std::string name =
+        c.name + "/" + c10::toString(dtype) + (small ? "/kgrad-2x2" : "/kgrad");
     kg::Plan plan = kg::plan(g.batch, g.in_channels, g.out_channels, g.experts);
     if (small) {
       plan.per_slice = 2;
