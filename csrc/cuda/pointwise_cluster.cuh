@@ -113,6 +113,13 @@ __device__ __forceinline__ __nv_bfloat16 from_float(float v, const __nv_bfloat16
   return __float2bfloat16_rn(v);
 }
 
+// The examples of the block whose first is `first` (none for the empty blocks that fill a
+// cluster, at most kExamples).
+__device__ __forceinline__ int block_examples(const Args& a, int first) {
+  const int left = a.batch - first;
+  return left < 0 ? 0 : (left < kExamples ? left : kExamples);
+}
+
 // The routing weights of the block's `count` examples from `first`, zero past them and past
 // the experts.
 template <int EP>
@@ -361,8 +368,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int r0 = (blockIdx.x % row_tiles) * kRows;
   const int p0 = (blockIdx.x / row_tiles) * kPixels;
   const int first = blockIdx.y * kExamples;
-  const int left = a.batch - first;
-  const int count = left < 0 ? 0 : (left < kExamples ? left : kExamples);
+  const int count = block_examples(a, first);
   const uint32_t rank = cluster_rank();
   const int steps = (a.depth + kDepth - 1) / kDepth;
 

@@ -41,19 +41,17 @@ constexpr int kTileI = 32;         // input channels (at 64, 8 experts' tiles sp
 constexpr int kPixelTile = 64;     // pixels a step
 constexpr int kBlockThreads = kThreads;
 constexpr int kWarps = kBlockThreads / 32;
-constexpr int kMaxExperts = 8;
 constexpr int kMaxStages = 6;
 constexpr int kGoBytes = kTileO * kPixelTile * 2;      // grad_out's tile of a step, 8 KB
 constexpr int kXBytes = kTileI * kPixelTile * 2;       // x's, 4 KB
 constexpr int kStepBytes = kGoBytes + kXBytes;
 constexpr int kExpertTileBytes = kTileO * kTileI * 2;  // an expert's tile, 4 KB
-constexpr int kBarrierBytes = 1024;
-constexpr int kAlignSlack = 1024;
-constexpr int kSharedLimit = 227 * 1024;
+using pointwise::kAlignSlack;    // the clustered kernels' shared-memory layout and limit
+using pointwise::kBarrierBytes;
+using pointwise::kSharedLimit;
+using pointwise::padded_experts;
 static_assert(kBlockThreads == 256, "8 warps of 16 x 16");
 static_assert(2 * (kMaxStages + 1) * 8 <= kBarrierBytes, "the barriers fit");
-
-constexpr int padded_experts(int64_t experts) { return experts <= 4 ? 4 : 8; }
 
 struct Args {
   int batch, cin, cout, pixels, experts, per_slice;

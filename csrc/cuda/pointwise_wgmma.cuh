@@ -173,8 +173,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int r0 = (blockIdx.x % row_tiles) * kRows;
   const int p0 = (blockIdx.x / row_tiles) * kPixels;
   const int first = blockIdx.y * kExamples;
-  const int left = a.batch - first;
-  const int count = left < 0 ? 0 : (left < kExamples ? left : kExamples);
+  const int count = block_examples(a, first);
   const uint32_t rank = cluster_rank();
   const int steps = (a.depth + kDepthW - 1) / kDepthW;
   // This warp's 16 rows of the block's 128: warpgroup tid / 128 the rows 64 (tid / 128) ..
