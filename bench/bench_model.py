@@ -17,8 +17,9 @@ triton backend with its experimental batched 1x1 passes on (``CONDCONV_TRITON_BA
 kernel gradient in the accumulator's layout (``CONDCONV_TRITON_STATIONARY=kernel_grad``), and
 ``fused:triton+mix``, with its experimental 7x7 and 14x14 1x1 forward and grad_x mixing the
 experts on the tensor cores (``CONDCONV_TRITON_STATIONARY=mix``), and ``fused:triton+cluster``,
-with its 1x1 forward and grad_x through the cuda backend's clustered Hopper kernels
-(``CONDCONV_TRITON_CLUSTER``; the kernel ``CONDCONV_CUDA_CLUSTER`` names), each switched around
+with its 1x1 forward, grad_x and kernel gradient through the cuda backend's Hopper kernels
+(``CONDCONV_TRITON_CLUSTER``; the clustered kernel ``CONDCONV_CUDA_CLUSTER`` names, the
+kernel-gradient kernel switched on with the variant), each switched around
 that variant's calls only (``--also`` times them beside the default variants). ``--cuda-graph``
 captures each variant's call in a CUDA graph and times its replays: no host work per kernel,
 so the numbers are the device's, as in a training loop under ``torch.cuda.graph`` (a variant

@@ -30,13 +30,15 @@ switches lists them with the build's and the tests' own).
   the dense Triton kernels; off until a GPU run has measured it. A comma-separated subset of
   ``forward``, ``grad_x``, ``kernel_grad`` turns on those passes only. Read at import into
   ``TRITON_BATCHED`` (the set of passes), which the triton backend reads at every call.
-- ``CONDCONV_TRITON_CLUSTER=1`` (or ``all``): the triton backend's dense 1x1 forward and grad_x
-  of float16 / bfloat16 channels_last layers on a Hopper GPU through the cuda backend's
-  clustered kernels (:mod:`condconv_kernels.triton.cluster`; the kernel the cluster switch,
-  ``CONDCONV_CUDA_CLUSTER``, names) instead of the dense Triton kernels; off until a GPU run
-  has timed them. A comma-separated subset of ``forward``, ``grad_x`` turns on those passes
-  only. Read at import into ``TRITON_CLUSTER`` (the set of passes), which the triton backend
-  reads at every call.
+- ``CONDCONV_TRITON_CLUSTER=1`` (or ``all``): the triton backend's dense 1x1 forward, grad_x
+  and kernel gradient of float16 / bfloat16 channels_last layers on a Hopper GPU through the
+  cuda backend's Hopper kernels (:mod:`condconv_kernels.triton.cluster`): the forward and
+  grad_x through the clustered kernel the cluster switch, ``CONDCONV_CUDA_CLUSTER``, names, the
+  kernel gradient through the kernel-gradient kernel where its switch, ``CONDCONV_CUDA_KGRAD``,
+  is on (else Triton's), instead of the dense Triton kernels; off until a GPU run has timed
+  them. A comma-separated subset of ``forward``, ``grad_x``, ``kernel_grad`` turns on those
+  passes only. Read at import into ``TRITON_CLUSTER`` (the set of passes), which the triton
+  backend reads at every call.
 - ``CONDCONV_TRITON_DIRECT_LAUNCH=0``: every tuned Triton launch goes through Triton's own
   launch path, never the direct launch of a kernel Triton has compiled for those arguments
   (:class:`condconv_kernels.triton._config.TunedKernel`), nor a replay of an earlier call's
@@ -87,7 +89,7 @@ TRITON_DIRECT_LAUNCH = os.environ.get("CONDCONV_TRITON_DIRECT_LAUNCH", "1") != "
 # products (CONDCONV_TRITON_BATCHED) may take.
 STATIONARY_PASSES = frozenset({"forward", "grad_x", "routing", "kernel_grad", "mix"})
 BATCHED_PASSES = frozenset({"forward", "grad_x", "kernel_grad"})
-CLUSTER_PASSES = frozenset({"forward", "grad_x"})
+CLUSTER_PASSES = frozenset({"forward", "grad_x", "kernel_grad"})
 
 
 def passes(name: str, value: str, allowed: frozenset) -> frozenset:

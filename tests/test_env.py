@@ -17,7 +17,8 @@ SWITCHES = [("CONDCONV_TRITON_STATIONARY", _env.stationary_passes,
              {"forward", "grad_x", "routing", "kernel_grad", "mix"}),
             ("CONDCONV_TRITON_BATCHED", _env.batched_passes,
              {"forward", "grad_x", "kernel_grad"}),
-            ("CONDCONV_TRITON_CLUSTER", _env.cluster_passes, {"forward", "grad_x"})]
+            ("CONDCONV_TRITON_CLUSTER", _env.cluster_passes,
+             {"forward", "grad_x", "kernel_grad"})]
 
 
 @pytest.mark.parametrize("name,parse,allowed", SWITCHES, ids=[s[0] for s in SWITCHES])

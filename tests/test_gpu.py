@@ -380,9 +380,11 @@ def test_gpu_triton_cluster_pass(built, monkeypatch):
     """The triton backend's cluster pass (triton/cluster.py, CONDCONV_TRITON_CLUSTER=1) on
     s6.b1.expand at batch 37 in bfloat16 channels_last: the forward and every gradient against
     the ground truth, the forward and grad_x from the cuda backend's clustered kernel (seen in
-    the profiler, once each), the kernel gradient from the Triton kernels; then the same with
-    the wgmma kernel (mode 3) where the build has it. Run with the cuda backend's tests
-    (``built``): it needs the extension's CUDA kernels and the triton backend both."""
+    the profiler, once each), the kernel gradient from the Triton kernels (the kernel-gradient
+    switch off); then the same with the wgmma kernel (mode 3) where the build has it; then with
+    the kernel-gradient switch on, the kernel gradient from pointwise_kgrad_kernel, once, and
+    no Triton kernel gradient. Run with the cuda backend's tests (``built``): it needs the
+    extension's CUDA kernels and the triton backend both."""
     backend = "triton"
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the clustered kernels run on compute capability 9.x only")
@@ -394,6 +396,7 @@ def test_gpu_triton_cluster_pass(built, monkeypatch):
     activities = [torch.profiler.ProfilerActivity.CUDA]
     modes = [(1, "pointwise_cluster_kernel")] + (
         [(3, "pointwise_wgmma_kernel")] if _wgmma_built() else [])
+    kgrad = torch.ops.condconv.cuda_pointwise_kgrad
     try:
         for mode, kernel in modes:
             switch(mode)
@@ -401,8 +404,16 @@ def test_gpu_triton_cluster_pass(built, monkeypatch):
                 _check(case, backend, torch.bfloat16, "channels_last", factor=4.0)
             assert _cluster_launches(prof, kernel) == 2, mode
             assert _cluster_launches(prof, "dense_bwd_w_kernel") >= 1, mode
+        switch(1)
+        kgrad(1)
+        with torch.profiler.profile(activities=activities) as prof:
+            _check(case, backend, torch.bfloat16, "channels_last", factor=4.0)
+        assert _cluster_launches(prof, "pointwise_cluster_kernel") == 2
+        assert _cluster_launches(prof, "pointwise_kgrad_kernel") == 1
+        assert _cluster_launches(prof, "dense_bwd_w_kernel") == 0
     finally:
         switch(1)
+        kgrad(0)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="about 5 GB: GPU only")

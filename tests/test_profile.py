@@ -266,8 +266,8 @@ def test_result_files_name_paths_relative_to_the_working_directory(tmp_path, mon
 def test_the_switched_variants_switch_their_whole_step(monkeypatch):
     """bench_model's ``fused:triton+batched``, ``fused:triton+kgrad``, ``fused:triton+mix`` and
     ``fused:triton+cluster``: the batched 1x1 passes, the kernel gradient in the accumulator's
-    layout, the mix on the tensor cores, or the cuda backend's clustered kernels, switched on
-    around that
+    layout, the mix on the tensor cores, or the cuda backend's Hopper kernels (with the
+    extension's kernel-gradient switch), switched on around that
     variant's forward and backward (the backward runs outside the model call), for it alone,
     and off again after. Stood in on the CPU: triton counted as a fused backend, every layer
     left on its default backend; the switches as each CondConv layer's forward and backward
@@ -288,23 +288,28 @@ def test_the_switched_variants_switch_their_whole_step(monkeypatch):
         latency.model_variants("tf_efficientnet_cc_b0_4e", 2, "cpu", torch.float32, False,
                                input_size=32, switched=["fused:triton+fast"])
     seen = []
+    # the extension's kernel-gradient switch, which the cluster variant turns on with its passes
+    kgrad_switch = getattr(torch.ops.condconv, "cuda_pointwise_kgrad", lambda: None)
+    off = kgrad_switch()
 
     def record(phase):
         def hook(module, *_):
             if isinstance(module, FusedConv2d):
                 seen.append((phase, _env.TRITON_BATCHED, _env.TRITON_STATIONARY,
-                             _env.TRITON_CLUSTER))
+                             _env.TRITON_CLUSTER, kgrad_switch()))
         return hook
     handles = [nn_module.register_module_forward_pre_hook(record("forward")),
                nn_module.register_module_full_backward_hook(record("backward"))]
     try:
         none = frozenset()
-        for name, on in ((latency.BATCHED_VARIANT, (_env.BATCHED_PASSES, none, none)),
-                         (latency.BATCHED_GRAD_X_VARIANT, (frozenset({"grad_x"}), none, none)),
-                         (latency.KGRAD_VARIANT, (none, frozenset({"kernel_grad"}), none)),
-                         (latency.MIX_VARIANT, (none, frozenset({"mix"}), none)),
-                         (latency.CLUSTER_VARIANT, (none, none, _env.CLUSTER_PASSES)),
-                         ("fused:triton", (none, none, none))):
+        on_ = 1 if off is not None else None
+        for name, on in ((latency.BATCHED_VARIANT, (_env.BATCHED_PASSES, none, none, off)),
+                         (latency.BATCHED_GRAD_X_VARIANT,
+                          (frozenset({"grad_x"}), none, none, off)),
+                         (latency.KGRAD_VARIANT, (none, frozenset({"kernel_grad"}), none, off)),
+                         (latency.MIX_VARIANT, (none, frozenset({"mix"}), none, off)),
+                         (latency.CLUSTER_VARIANT, (none, none, _env.CLUSTER_PASSES, on_)),
+                         ("fused:triton", (none, none, none, off))):
             seen.clear()
             fns[name]()
             assert {phase for phase, *_ in seen} == {"forward", "backward"}, name
@@ -313,3 +318,4 @@ def test_the_switched_variants_switch_their_whole_step(monkeypatch):
         for h in handles:
             h.remove()
     assert _env.TRITON_BATCHED == _env.TRITON_STATIONARY == _env.TRITON_CLUSTER == frozenset()
+    assert kgrad_switch() == off

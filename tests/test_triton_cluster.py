@@ -1,9 +1,9 @@
 """The triton backend's cluster pass (condconv_kernels/triton/cluster.py,
-CONDCONV_TRITON_CLUSTER): which calls would go to the cuda backend's clustered Hopper kernels,
-and, with the conditions met by hand on the CPU (where the cuda backend's ops run the CPU
-kernels), that the forward and grad_x come from those ops, the kernel gradient from the Triton
-kernels, all against the float64 reference. On a Hopper GPU tests/test_gpu.py runs the real
-thing."""
+CONDCONV_TRITON_CLUSTER): which calls would go to the cuda backend's Hopper kernels (the
+clustered forward and grad_x, the kernel gradient's kernel), and, with the conditions met by
+hand on the CPU (where the cuda backend's ops run the CPU kernels), that each pass switched on
+comes from those ops and the others from the Triton kernels, all against the float64
+reference. On a Hopper GPU tests/test_gpu.py runs the real thing."""
 from unittest import mock
 
 import pytest
@@ -54,27 +54,62 @@ def test_only_16_bit_channels_last_1x1_layers_of_at_most_8_experts_on_a_gpu():
         assert not cluster.eligible(x, weight, *geometry)  # not compute capability 9
 
 
-def test_the_passes_come_from_the_cuda_backends_ops(monkeypatch):
-    """With the switch on and the conditions met, the forward (with a bias) and grad_x are the
-    native ops' (the CPU kernels here), the kernel gradient the Triton kernels' (interpreted):
-    all within 3x the error of the reference in the same dtype. float16: Triton's interpreter
-    gets bfloat16 dots wrong (tests/test_gpu.py has the GPU's bfloat16)."""
+def test_the_kernel_gradient_needs_both_tensors_laid_out_and_its_switch_on():
+    """The kernel gradient reads x and grad_out: either not channels_last, or misaligned, keeps
+    it Triton's; so does the kernel-gradient switch off, whatever the cluster switch says."""
+    grad_out, x, _, weight = _layer(torch.bfloat16)
+    geometry = ((1, 1), (0, 0, 0, 0), 1)
+    kgrad = [1]
+    with mock.patch.object(torch.Tensor, "is_cuda", property(lambda t: True)), \
+            mock.patch.object(cluster, "_has_cuda_kernels", lambda: True), \
+            mock.patch.object(cluster, "_hopper", lambda device: True), \
+            mock.patch.object(torch.ops.condconv, "cuda_pointwise_kgrad", lambda: kgrad[0],
+                              create=True), \
+            mock.patch.object(torch.ops.condconv, "cuda_pointwise_cluster", lambda: 0,
+                              create=True):
+        assert cluster.kgrad_eligible(x, grad_out, weight, *geometry)
+        assert not cluster.eligible(x, weight, *geometry)  # the cluster switch is off
+        assert not cluster.kgrad_eligible(x, grad_out.contiguous(), weight, *geometry)
+        assert not cluster.kgrad_eligible(x.contiguous(), grad_out, weight, *geometry)
+        shifted = torch.empty(grad_out.numel() + 1, dtype=grad_out.dtype)[1:]
+        shifted = shifted.as_strided(grad_out.shape, grad_out.stride()).copy_(grad_out)
+        assert shifted.is_contiguous(memory_format=torch.channels_last)
+        assert not cluster.kgrad_eligible(x, shifted, weight, *geometry)  # 2 bytes off
+        assert not cluster.kgrad_eligible(x, grad_out, weight, *geometry,
+                                          scales=(torch.ones(5, 16), None))
+        kgrad[0] = 0
+        assert not cluster.kgrad_eligible(x, grad_out, weight, *geometry)
+
+
+@pytest.mark.parametrize("passes", [frozenset({"forward", "grad_x"}), frozenset({"kernel_grad"}),
+                                    frozenset({"forward", "grad_x", "kernel_grad"})])
+def test_the_passes_come_from_the_cuda_backends_ops(monkeypatch, passes):
+    """With the passes switched on and the conditions met, the forward (with a bias), grad_x and
+    the kernel gradient are the native ops' (the CPU kernels here) where their pass is on, the
+    Triton kernels' (interpreted) where not: all within 3x the error of the reference in the
+    same dtype. float16: Triton's interpreter gets bfloat16 dots wrong (tests/test_gpu.py has
+    the GPU's bfloat16)."""
     dtype = torch.float16
     if not hasattr(torch.ops.condconv, "native_forward"):
         pytest.skip("the C++ extension did not load")
-    monkeypatch.setattr(_env, "TRITON_CLUSTER", _env.CLUSTER_PASSES)
+    monkeypatch.setattr(_env, "TRITON_CLUSTER", passes)
     monkeypatch.setattr(cluster, "eligible", lambda *a, **k: True)
+    monkeypatch.setattr(cluster, "kgrad_eligible", lambda *a, **k: True)
     grad_out, x, routing, weight = _layer(dtype)
     bias = torch.randn(weight.shape[0], weight.shape[1]).to(dtype)
     calls = []
-    forward, grad_x = cluster.forward, cluster.grad_x
-    monkeypatch.setattr(cluster, "forward", lambda *a: calls.append("forward") or forward(*a))
-    monkeypatch.setattr(cluster, "grad_x", lambda *a: calls.append("grad_x") or grad_x(*a))
+    for name in ("forward", "grad_x", "kernel_grads"):
+        def counted(*a, _name=name, _fn=getattr(cluster, name)):
+            calls.append(_name)
+            return _fn(*a)
+        monkeypatch.setattr(cluster, name, counted)
     geometry = ((1, 1), (0, 0, 0, 0), (1, 1), 1)
     out = triton_backend.forward(x, routing, weight, bias, *geometry)
     grads = triton_backend.backward(grad_out, x, routing, weight, bias, *geometry,
                                     [True, True, True, True])
-    assert calls == ["forward", "grad_x"]
+    expected = [n for p, n in (("forward", "forward"), ("grad_x", "grad_x"),
+                               ("kernel_grad", "kernel_grads")) if p in passes]
+    assert calls == expected
     args = (x, routing, weight, bias)
     truth = reference.forward(*(t.double() for t in args), *geometry)
     assert_close(out, truth.to(dtype), reference.forward(*args, *geometry), "forward", ulps=2)
@@ -82,4 +117,28 @@ def test_the_passes_come_from_the_cuda_backends_ops(monkeypatch):
                               [True, True, True, True])
     same = reference.backward(grad_out, *args, *geometry, [True, True, True, True])
     for i, name in enumerate(("grad_x", "grad_routing", "grad_weight", "grad_bias")):
+        assert grads[i].dtype == same[i].dtype, name
         assert_close(grads[i], want[i].to(grads[i].dtype), same[i], name, ulps=2)
+
+
+def test_the_kernel_gradient_alone_and_in_part(monkeypatch):
+    """grad_weight alone and grad_routing alone through the pass, each against the reference;
+    the gradient not asked for is None."""
+    dtype = torch.float16
+    if not hasattr(torch.ops.condconv, "native_forward"):
+        pytest.skip("the C++ extension did not load")
+    monkeypatch.setattr(_env, "TRITON_CLUSTER", frozenset({"kernel_grad"}))
+    monkeypatch.setattr(cluster, "kgrad_eligible", lambda *a, **k: True)
+    grad_out, x, routing, weight = _layer(dtype, batch=3, experts=2)
+    geometry = ((1, 1), (0, 0, 0, 0), (1, 1), 1)
+    args = (x, routing, weight, None)
+    for mask in ([False, True, False, False], [False, False, True, False]):
+        grads = triton_backend.backward(grad_out, *args, *geometry, mask)
+        want = reference.backward(grad_out.double(), *(t.double() if t is not None else None
+                                                        for t in args), *geometry, mask)
+        same = reference.backward(grad_out, *args, *geometry, mask)
+        for i, name in enumerate(("grad_x", "grad_routing", "grad_weight", "grad_bias")):
+            if mask[i]:
+                assert_close(grads[i], want[i].to(grads[i].dtype), same[i], name, ulps=2)
+            else:
+                assert grads[i] is None, name

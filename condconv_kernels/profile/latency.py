@@ -189,19 +189,29 @@ SWITCHED_VARIANTS = {BATCHED_VARIANT: ("TRITON_BATCHED", _env.BATCHED_PASSES),
                      KGRAD_VARIANT: ("TRITON_STATIONARY", frozenset({"kernel_grad"})),
                      MIX_VARIANT: ("TRITON_STATIONARY", frozenset({"mix"})),
                      CLUSTER_VARIANT: ("TRITON_CLUSTER", _env.CLUSTER_PASSES)}
+# The extension's switches a variant also turns on (to 1) around its steps, where the extension
+# has them: the cluster variant's kernel gradient takes the cuda backend's kernel only with it.
+NATIVE_SWITCHES = {CLUSTER_VARIANT: ("cuda_pointwise_kgrad",)}
 
 
 @contextlib.contextmanager
 def _switched(variant: str):
-    """The passes of ``variant`` (:data:`SWITCHED_VARIANTS`) on for the block, then the switch
-    as it was."""
+    """The passes of ``variant`` (:data:`SWITCHED_VARIANTS`) and its switches of the extension
+    (:data:`NATIVE_SWITCHES`) on for the block, then every switch as it was."""
     name, passes = SWITCHED_VARIANTS[variant]
     saved = getattr(_env, name)
     setattr(_env, name, passes)
+    natives = [getattr(torch.ops.condconv, op) for op in NATIVE_SWITCHES.get(variant, ())
+               if hasattr(torch.ops.condconv, op)]
+    before = [switch() for switch in natives]
     try:
+        for switch in natives:
+            switch(1)
         yield
     finally:
         setattr(_env, name, saved)
+        for switch, mode in zip(natives, before):
+            switch(mode)
 
 
 def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backward: bool,
@@ -219,8 +229,9 @@ def model_variants(name: str, batch: int, device: str, dtype: torch.dtype, backw
     the accumulator's layout, ``CONDCONV_TRITON_STATIONARY=kernel_grad``;
     ``fused:triton+mix``: the 7x7 and 14x14 1x1 forward and grad_x with the experts
     stationary and their mix on the tensor cores, ``CONDCONV_TRITON_STATIONARY=mix``;
-    ``fused:triton+cluster``: the 1x1 forward and grad_x through the cuda backend's clustered
-    Hopper kernels, ``CONDCONV_TRITON_CLUSTER``), switched on around
+    ``fused:triton+cluster``: the 1x1 forward, grad_x and kernel gradient through the cuda
+    backend's Hopper kernels, ``CONDCONV_TRITON_CLUSTER`` with ``CONDCONV_CUDA_KGRAD=1``),
+    switched on around
     its own steps only, forward and backward (so also while a CUDA graph captures them)."""
     from ..models import create_model
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -22,8 +22,9 @@ shared memory, :mod:`.stationary`, with their mix on the tensor cores, :mod:`.st
 and the kernel gradient in the tensor cores' accumulator layout, :mod:`.pointwise_grad`) and
 batched cuBLAS products over chunks of examples
 (:mod:`.batched`, ``CONDCONV_TRITON_BATCHED``); batched takes a pass before stationary where
-both are on. A third, ``CONDCONV_TRITON_CLUSTER``, gives the dense 1x1 forward and grad_x on a
-Hopper GPU to the cuda backend's clustered kernels (:mod:`.cluster`), before the other two.
+both are on. A third, ``CONDCONV_TRITON_CLUSTER``, gives the dense 1x1 forward, grad_x and
+kernel gradient on a Hopper GPU to the cuda backend's Hopper kernels (:mod:`.cluster`), before
+the other two.
 """
 from __future__ import annotations
 
@@ -378,6 +379,10 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
         _launch(dw_bwd_w_kernel, grid, args, kwargs, launches)
         buffers.append(G)
         replay_k = True
+    elif ((need_r or need_w) and not any(need_s) and "kernel_grad" in _env.TRITON_CLUSTER
+          and cluster.kgrad_eligible(x, grad_out, weight, stride, padding, groups, scales)):
+        r, grad_weight = cluster.kernel_grads(grad_out, x, routing, weight, need_r, need_w)
+        grad_routing = r if need_r else grad_routing  # (not replayed: a cuda launch)
     elif (need_r or need_w) and "kernel_grad" in _env.TRITON_BATCHED and batched.eligible(
             x, weight, stride, padding, groups, scales, also=grad_out):
         r, grad_weight = batched.kernel_grads(grad_out, x, routing, weight, need_r, need_w, acc)
