@@ -130,6 +130,8 @@ def _off(result: torch.Tensor, truth: torch.Tensor) -> str:
 
 
 # The kernel each cuda-backend column stands for: a cell only where the profile shows it.
+# The alternatives to the dense kernels, in the table's order.
+ALTERNATIVES = ("stationary", "batched", "mix", "acc layout", "cluster", "wgmma", "cuda kgrad")
 CLUSTER_KERNELS = {"cluster": "pointwise_cluster_kernel", "wgmma": "pointwise_wgmma_kernel",
                    "cuda kgrad": "pointwise_kgrad_kernel"}
 
@@ -190,6 +192,10 @@ def main(argv=None):
     p.add_argument("--acc-warps", default="",
                    help="Comma-separated further warps a program (4 or 8) for the kernel "
                         "gradient in the accumulator's layout: a column of times each.")
+    p.add_argument("--skip", default="",
+                   help="Comma-separated alternatives left out, their cells '-' (the GPU kit "
+                        "leaves out the cuda columns whose kernel crashed or hung in "
+                        "bench/hopper_probe.py).")
     p.add_argument("--out", help="Write the table (markdown) and the numbers (JSON beside it).")
     p.add_argument("--modeled", help="Comma-separated JSONs of `condconv_kernels.triton.report "
                                      "--stationary forward,grad_x,routing` (and `--stationary "
@@ -208,6 +214,10 @@ def main(argv=None):
         p.error(f"argument --acc-warps: comma-separated values of "
                 f"{pointwise_grad.WARP_CHOICES}, got {args.acc_warps!r}")
     acc_warps = [int(v) for v in acc_warps]
+    skip = {v.strip() for v in args.skip.split(",") if v.strip()}
+    if skip - set(ALTERNATIVES):
+        p.error(f"argument --skip: comma-separated names of {', '.join(ALTERNATIVES)}, got "
+                f"{args.skip!r}")
     dtype = getattr(torch, args.dtype)
     chosen = pick_layers(p, args.layers, kernel=1)
     import condconv_kernels.triton as triton_backend
@@ -215,8 +225,7 @@ def main(argv=None):
     from condconv_kernels.triton import stationary as kernel
     from condconv_kernels.triton import stationary_mix
     rows, record = [], []
-    columns = (["layer", "shape", "pass", "static", "dense", "stationary", "batched", "mix",
-                "acc layout", "cluster", "wgmma", "cuda kgrad"]
+    columns = (["layer", "shape", "pass", "static", "dense", *ALTERNATIVES]
                + [f"batched, {mb} MB chunks" for mb in chunk_mb]
                + [f"acc layout, {w} warps" for w in acc_warps]
                + ["stationary / dense", "batched / dense", "mix / dense", "acc layout / dense",
@@ -232,7 +241,7 @@ def main(argv=None):
                     f"{args.device}: device us per call", columns, rows, record, args.out,
                     "bench_pointwise.py", argv, echo=echo)
     cluster_runs = args.device.startswith("cuda") and "cuda" in cc.available_backends(args.device)
-    wgmma_runs = cluster_runs and _has_wgmma()
+    wgmma_runs = cluster_runs and "wgmma" not in skip and _has_wgmma()
     g = torch.Generator().manual_seed(0)
     for layer in chosen:
         x, routing, weight, bias = layer_inputs(layer, args.batch, args.device, dtype, g)
@@ -348,7 +357,7 @@ def main(argv=None):
             for alt, (fn, applies) in alternatives.items():
                 on_device = (alt in ("batched", "cluster", "wgmma", "cuda kgrad")
                              or args.backend == "triton")
-                if applies and on_device:
+                if applies and on_device and alt not in skip:
                     try:  # an experimental path's failure is a cell, not the end of the table
                         results[alt] = fn()
                         diffs[alt] = _diff(results[alt], dense)
@@ -369,6 +378,7 @@ def main(argv=None):
                     sized[mb] = times[f"batched {mb} MB"] = device_kernels(
                         alternatives["batched"][0], args.device)[0]
             alts = list(alternatives)
+            assert alts == list(ALTERNATIVES), alts  # the columns
             cells += [f"{times[a]:.1f}" if a in times else "-" for a in alts]
             warped = {}  # the accumulator-layout kernel gradient at further warps
             for w in acc_warps if "acc layout" in times else ():

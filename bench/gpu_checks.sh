@@ -9,7 +9,10 @@
 #         (one translation unit per dtype, MAX_JOBS=16) and Triton's cache is filled with every
 #         configuration the benchmarks will tune (bench/warm_triton.py), while the triton
 #         backend's correctness subset runs (tests/test_gpu.py, autotuning off); the cuda
-#         backend's subset; the autotuned launches against the reference on five layers
+#         backend's subset; each of the cuda backend's unmeasured Hopper kernels once, in a
+#         process of its own with a time limit (bench/hopper_probe.py: the later steps leave
+#         out a kernel that crashed or hung there, hopper.env, kept in the kit for the second
+#         call); the autotuned launches against the reference on five layers
 #         (bench/tuned_check.py: tuning, Triton's launch, the direct launch); the 1x1 passes
 #         (forward, grad_x, kernel gradients) of the dense kernels against the static layer and
 #         the experimental alternatives (the experts-stationary kernel, batched cuBLAS
@@ -24,7 +27,7 @@
 #         then kit.tgz: the built extension, Triton's compiled kernels and autotune results.
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
-#         rebuilds): the training step (static, fused triton, fused triton with the mix pass,
+#         rebuilds; the first call's probe, hopper.env, is reused, else it probes): the training step (static, fused triton, fused triton with the mix pass,
 #         fused triton with grad_x batched) captured in a CUDA graph; the forward+backward layer
 #         benchmark at batch 256 as CUDA graph replays (device time); host against device time
 #         of one layer and the whole model's kernels (bench/gpu_profile.py, one layer); Nsight
@@ -283,8 +286,33 @@ ncu_layers() {  # Nsight Compute on one forward+backward of two layers (bench/nc
     "$PY" bench/ncu_layers.py | tee "$WORK/results/ncu-layers.txt"
 }
 
+# probe: the cuda backend's Hopper kernels, each once in a process of its own, then what the
+# later steps take from it (probe_env).
+probe() {
+  "$PY" bench/hopper_probe.py --timeout 30 --env "$WORK/hopper.env" --out "$WORK/results/probe.md"
+}
+
+# probe_env: the probe's settings for the later steps (hopper.env: the cluster switch off where
+# the clustered kernel crashed or hung; HOPPER_SKIP, the pointwise columns to leave out).
+probe_env() {
+  if [ -s "$WORK/hopper.env" ]; then
+    . "$WORK/hopper.env"
+    echo "hopper.env: CONDCONV_CUDA_CLUSTER=${CONDCONV_CUDA_CLUSTER:-default} HOPPER_SKIP=${HOPPER_SKIP:-}" >>"$LOG"
+  fi
+}
+
+# probe_step: the probe where no verdict is at hand (the first call's, from its kit), then its
+# settings.
+probe_step() {
+  if [ ! -s "$WORK/hopper.env" ]; then
+    step probe 60 probe
+    table "$WORK/results/probe.md"
+  fi
+  probe_env
+}
+
 export ROOT PY DRY WORK KIT OUT
-export -f stamp versions build_extension install_extension ncu_layers
+export -f stamp versions build_extension install_extension ncu_layers probe
 
 restore() {  # the first call's kit: Triton's cache always, the extension if its sources match
   local staged=$WORK/kit
@@ -295,6 +323,8 @@ restore() {  # the first call's kit: Triton's cache always, the extension if its
   fi
   mkdir -p "$staged" && tar xzf "$KIT/kit.tgz" -C "$staged" || return 1
   cp -a "$staged/triton-cache/." "$TRITON_CACHE_DIR/"
+  [ -s "$staged/hopper.env" ] && cp "$staged/hopper.env" "$WORK/hopper.env" &&
+    echo "the first call's probe: $(head -n 1 "$WORK/hopper.env")"
   echo "Triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files"
   if [ "$(cat "$staged/stamp" 2>/dev/null)" != "$(stamp)" ] ||
     ! ls "$staged"/_C*.so >/dev/null 2>&1; then
@@ -392,6 +422,8 @@ if [ "$MODE" = first ]; then
   step cuda-tests 120 "${TEST_ENV[@]}" CONDCONV_GPU_BACKENDS=cuda,cpu \
     TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" CONDCONV_TRITON_AUTOTUNE=0 \
     $(pytest_cmd) tests/test_gpu.py -m "not huge" "${CUDA_TESTS[@]}"
+  # After the tests (which switch the kernels themselves), before any benchmark times them.
+  probe_step
   join warm-triton
   # The autotuned launches (what every benchmark runs; the tests run with autotuning off)
   # against the reference on five of the model's (bias-free) layers: tuning, Triton's launch,
@@ -406,7 +438,7 @@ if [ "$MODE" = first ]; then
   # off on the 7x7 layers in the second run), the batched products, the mix on the tensor
   # cores and the kernel gradient in the accumulator's layout: early, so that the deadline
   # cannot cut it (and written layer by layer, so that its cap keeps the rows done).
-  step pointwise 125 "$PY" bench/bench_pointwise.py "${POINTWISE[@]}" \
+  step pointwise 125 "$PY" bench/bench_pointwise.py "${POINTWISE[@]}" --skip "${HOPPER_SKIP:-}" \
     --out "$WORK/results/pointwise.md"
   table "$WORK/results/pointwise.md"
   # Inference captured in a CUDA graph (the device's time): static, fused triton, and fused
@@ -428,6 +460,7 @@ if [ "$MODE" = first ]; then
     rm -rf "$staged" && mkdir -p "$staged/triton-cache"
     cp "$WORK"/build/lib/condconv_kernels/_C*.so "$WORK/build/stamp" "$staged/" 2>/dev/null &&
       strip --strip-debug "$staged"/_C*.so
+    cp "$WORK/hopper.env" "$staged/" 2>/dev/null  # the probe's verdict, for the second call
     # The compiled kernels, their launchers and the autotune results; not the IR.
     (cd "$TRITON_CACHE_DIR" && find . -type f \( -name '*.json' -o -name '*.cubin' \
       -o -name '*.so' \) -print0 | tar cf - --null -T - | tar xf - -C "$staged/triton-cache")
@@ -446,6 +479,7 @@ elif [ "$MODE" = second ]; then
   step restore 30 restore || touch "$WORK/need-build"
   [ -e "$WORK/need-build" ] && step build 150 build_extension
   step install 30 install_extension
+  probe_step
   # The benchmarks first: they need the kit's cache while it is fresh, and the deadline cuts
   # the last steps first. The training step captured in a CUDA graph (the device's time,
   # without the host's): static, fused triton, fused triton with the mix pass and with grad_x
@@ -475,6 +509,7 @@ else  # profile: where the time goes, and the >2^31-element tests' first failure
   step restore 30 restore || touch "$WORK/need-build"
   [ -e "$WORK/need-build" ] && step build 150 build_extension
   step install 30 install_extension
+  probe_step
   step profile 110 "$PY" bench/gpu_profile.py "${PROFILE[@]}" \
     --out "$WORK/results/profile-b256-bf16-cl.md"
   report "$WORK/results/profile-b256-bf16-cl.md"

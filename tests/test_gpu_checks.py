@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_checks.sh"
-FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests",
+FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-tests", "probe",
          "tuned-check", "pointwise", "model-fwd-graph", "layers-fwd", "model-fwd", "pack"]
 BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
 SECOND = ["versions", "restore", "install", "model-train-graph", "layers-fwdbwd",
@@ -69,6 +69,8 @@ def test_both_calls_walk_every_step(tmp_path):
     # the stationary and mix kernels' models
     assert "| modeled: stationary | mix | measured / modeled: stationary | mix |" in summary
     assert "| call 3 bitwise call 2 | verdict |" in summary  # the tuned launches' check
+    assert "| probe | kernel | status | seconds | detail |" in summary  # the Hopper kernels'
+    assert "| cluster | pointwise_cluster_kernel | not taken |" in summary  # (on the CPU)
     assert "| vs float64: dense | stationary | batched | mix | acc layout |" in summary
     assert run.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
     assert len(_files(out1)) <= MAX_FILES
@@ -91,6 +93,7 @@ def test_both_calls_walk_every_step(tmp_path):
     assert list(steps) == SECOND, summary
     assert all(status == "ok" for status, _, _ in steps.values()), summary
     assert "extension reused from the kit" in summary
+    assert "the first call's probe: # bench/hopper_probe.py: nothing crashed" in summary
     assert "## Whole model" in summary  # the one-layer profile's model section
     assert summary.count("before it: load ") == len(SECOND)  # each step's machine state
     assert run.stdout.rstrip().endswith(summary.rstrip())
@@ -111,8 +114,9 @@ def test_second_call_without_a_kit_builds(tmp_path):
 
 
 def test_profile_call_walks_every_step(tmp_path):
-    """The profile call (here without a kit: it builds): host against device time per layer
-    and for the whole model in the summary, Nsight Compute's run (here the layers alone), the
+    """The profile call (here without a kit: it builds and probes the Hopper kernels): host
+    against device time per layer and for the whole model in the summary, Nsight Compute's run
+    (here the layers alone), the
     DynamicConv2d / ODConv2d tables (forward, forward+backward), the kernel-gradient
     ablation, then the >2^31-element tests."""
     out = tmp_path / "out"
@@ -120,7 +124,7 @@ def test_profile_call_walks_every_step(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = (out / "summary.md").read_text()
     steps = _steps(summary)
-    assert list(steps) == ["versions", "restore", "build", "install", "profile", "ncu",
+    assert list(steps) == ["versions", "restore", "build", "install", "probe", "profile", "ncu",
                            "dynamic-fwd", "dynamic-fwdbwd", "kgrad", "huge-tests"]
     assert all(status == "ok" for status, _, _ in steps.values()), summary
     assert "| layer | variant | host us | device us | kernels per call |" in summary

@@ -1,0 +1,65 @@
+"""bench/hopper_probe.py, the GPU kit's guard before its benchmarks time the cuda backend's
+Hopper kernels: a probe's process that hangs, dies or raises counts against its kernel, and
+only those turn the kernel off for the later steps (the cluster switch, bench_pointwise's
+columns); one probe run for real, on the CPU stand-in."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("hopper_probe", ROOT / "bench" / "hopper_probe.py")
+hopper_probe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hopper_probe)
+
+CHILDREN = {  # what each fake probe's process does
+    "cluster": "import time; time.sleep(30)",
+    "wgmma": "import os; os.abort()",
+    "kgrad": "print('a line'); print('{\"status\": \"wrong\", \"detail\": \"off\"}')",
+}
+
+
+def test_a_hang_a_crash_and_a_wrong_result(monkeypatch, tmp_path):
+    monkeypatch.setattr(hopper_probe, "command",
+                        lambda name: [sys.executable, "-c", CHILDREN[name]])
+    results = {name: hopper_probe.run(name, timeout=3) for name in hopper_probe.PROBES}
+    assert results["cluster"]["status"] == "hung"
+    assert 3 <= results["cluster"]["seconds"] < 20
+    assert results["wgmma"]["status"] == "crashed"
+    assert "exit status -6" in results["wgmma"]["detail"]  # SIGABRT
+    assert results["kgrad"]["status"] == "wrong" and results["kgrad"]["detail"] == "off"
+    lines = hopper_probe.env_lines(results)
+    assert "export CONDCONV_CUDA_CLUSTER=0" in lines
+    assert "export HOPPER_SKIP='cluster,wgmma'" in lines  # the wrong one is still timed
+    table = hopper_probe.table(results)
+    assert "| kgrad | pointwise_kgrad_kernel | wrong |" in table
+
+
+def test_a_raise_counts_as_a_crash_and_nothing_else_turns_anything_off(monkeypatch):
+    monkeypatch.setattr(hopper_probe, "command",
+                        lambda name: [sys.executable, "-c", "raise RuntimeError('trap')"])
+    r = hopper_probe.run("kgrad", timeout=20)
+    assert r["status"] == "crashed" and "RuntimeError: trap" in r["detail"]
+    lines = hopper_probe.env_lines({"cluster": {"status": "ok"}, "kgrad": r,
+                                    "wgmma": {"status": "not taken"}})
+    assert "export CONDCONV_CUDA_CLUSTER=0" not in lines
+    assert "export HOPPER_SKIP='cuda kgrad'" in lines
+
+
+@pytest.mark.skipif(not list((ROOT / "condconv_kernels").glob("_C*.so")),
+                    reason="the probe runs the extension's ops")
+def test_one_probe_for_real_on_the_cpu(tmp_path):
+    """On the CPU the cpu backend stands in for the kernel: the results match the float64
+    reference, and the kernel, never launched, did not take the call."""
+    r = hopper_probe.run("kgrad", timeout=120)
+    assert r["status"] == "not taken", r
+    assert "pointwise_kgrad_kernel launched 0 times" in r["detail"]
+    offs = [float(v.split()[0]) for v in r["detail"].split("off by ")[1:]]
+    assert len(offs) == 2 and all(v < hopper_probe.TOLERANCE for v in offs), r
+    hopper_probe.main(["--probes", "cluster", "--env", str(tmp_path / "h.env"),
+                       "--out", str(tmp_path / "p.md")])
+    assert (tmp_path / "h.env").read_text().splitlines()[1:] == ["export HOPPER_SKIP=''"]
+    assert "| cluster | pointwise_cluster_kernel | not taken |" in (tmp_path / "p.md").read_text()
+    with pytest.raises(SystemExit):
+        hopper_probe.main(["--probes", "cluster,tma"])
