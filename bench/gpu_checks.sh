@@ -289,7 +289,7 @@ ncu_layers() {  # Nsight Compute on one forward+backward of two layers (bench/nc
 # probe: the cuda backend's Hopper kernels, each once in a process of its own, then what the
 # later steps take from it (probe_env).
 probe() {
-  "$PY" bench/hopper_probe.py --timeout 30 --env "$WORK/hopper.env" --out "$WORK/results/probe.md"
+  "$PY" bench/hopper_probe.py --timeout 20 --env "$WORK/hopper.env" --out "$WORK/results/probe.md"
 }
 
 # probe_env: the probe's settings for the later steps (hopper.env: the cluster switch off where
@@ -305,7 +305,7 @@ probe_env() {
 # settings.
 probe_step() {
   if [ ! -s "$WORK/hopper.env" ]; then
-    step probe 60 probe
+    step probe 75 probe  # (three probes of at most 20 s)
     table "$WORK/results/probe.md"
   fi
   probe_env

@@ -2,7 +2,8 @@
 with a time limit, before the GPU kit's benchmarks time them: a kernel that traps (which leaves
 its process's CUDA context unusable) or hangs would otherwise end every benchmark row after it.
 
-    python bench/hopper_probe.py [--device cuda] [--timeout 30] [--env FILE] [--out FILE.md]
+    python bench/hopper_probe.py [--probes cluster,wgmma,kgrad] [--timeout 20] [--env FILE]
+                                  [--out FILE.md]
 
 The probes, on s6.b1.expand's shape (192 -> 1152 channels at 7x7, 8 experts) at a batch of 12,
 bfloat16, channels_last, against the float64 reference:
@@ -19,7 +20,9 @@ kernel did not take the call: not a Hopper GPU, not built, or not eligible), ``c
 process died or raised: a trap, an illegal address, a launch error) or ``hung`` (past the time
 limit). ``--env FILE`` writes what the kit's later steps source: where ``cluster`` crashed or
 hung, ``CONDCONV_CUDA_CLUSTER=0`` (the cuda backend's tiled kernels instead), and in
-``HOPPER_SKIP`` the columns of ``bench/bench_pointwise.py --skip`` whose kernel crashed or hung.
+``HOPPER_SKIP`` the columns of ``bench/bench_pointwise.py --skip`` whose kernel crashed or hung;
+it is written before each probe too, with the kernels not yet probed off, so that a run killed
+half-way leaves those off.
 Without CUDA (the kit's dry run) each probe runs its calls on the CPU backend, which stands in
 for the kernel, and ends ``not taken``.
 """
@@ -39,7 +42,9 @@ KERNELS = {"cluster": "pointwise_cluster_kernel", "wgmma": "pointwise_wgmma_kern
            "kgrad": "pointwise_kgrad_kernel"}
 # The bench_pointwise column of each probe's kernel.
 COLUMNS = {"cluster": "cluster", "wgmma": "wgmma", "kgrad": "cuda kgrad"}
-FAILED = ("crashed", "hung")  # the statuses that turn a kernel off for the later steps
+# The statuses that turn a kernel off for the later steps ("unprobed": not yet run, so that a
+# probe killed half-way leaves the kernels it did not reach off).
+FAILED = ("crashed", "hung", "unprobed")
 TOLERANCE = 2e-2  # of the result's scale: bfloat16 products over 192-1152 terms
 
 
@@ -149,7 +154,8 @@ def env_lines(results: Dict[str, Dict[str, object]]) -> List[str]:
     """The shell lines the kit's later steps source: the cluster switch off where the clustered
     kernel crashed or hung, and the pointwise table's columns to skip."""
     failed = [name for name in PROBES if results.get(name, {}).get("status") in FAILED]
-    lines = [f"# bench/hopper_probe.py: {', '.join(failed) or 'nothing'} crashed or hung"]
+    lines = [f"# bench/hopper_probe.py: {', '.join(failed) or 'nothing'} crashed, hung or "
+             "not yet probed"]
     if "cluster" in failed:
         lines.append("export CONDCONV_CUDA_CLUSTER=0")
     lines.append(f"export HOPPER_SKIP='{','.join(COLUMNS[n] for n in failed)}'")
@@ -169,7 +175,7 @@ def main(argv: Sequence[str] = None) -> None:
     p = parser(__doc__)
     p.add_argument("--probes", default=",".join(PROBES),
                    help="Comma-separated probes to run, of " + ", ".join(PROBES) + ".")
-    p.add_argument("--timeout", type=float, default=30.0,
+    p.add_argument("--timeout", type=float, default=20.0,
                    help="Seconds each probe's process may take before it counts as hung.")
     p.add_argument("--env", help="A file to write the shell lines the kit's later steps source.")
     p.add_argument("--out", help="A Markdown file to write the table to.")
@@ -184,8 +190,10 @@ def main(argv: Sequence[str] = None) -> None:
     unknown = sorted(set(names) - set(PROBES))
     if unknown:
         p.error(f"--probes: unknown {', '.join(unknown)}; have {', '.join(PROBES)}")
-    results = {}
+    results = {name: {"status": "unprobed", "detail": "", "seconds": 0.0} for name in names}
     for name in names:
+        if args.env:  # the verdicts so far, the rest off, before each probe
+            Path(args.env).write_text("\n".join(env_lines(results)) + "\n")
         results[name] = run(name, args.timeout)
         print(f"{name}: {results[name]['status']} ({results[name]['seconds']:.1f} s)",
               file=sys.stderr, flush=True)

@@ -63,3 +63,19 @@ def test_one_probe_for_real_on_the_cpu(tmp_path):
     assert "| cluster | pointwise_cluster_kernel | not taken |" in (tmp_path / "p.md").read_text()
     with pytest.raises(SystemExit):
         hopper_probe.main(["--probes", "cluster,tma"])
+
+
+def test_a_probe_step_killed_half_way_leaves_the_rest_off(monkeypatch, tmp_path):
+    """The verdicts go to the env file before each probe, the kernels not yet probed off: a
+    kill during the second probe leaves the first's verdict and the other two off."""
+    def run(name, timeout):
+        if name == "wgmma":
+            raise KeyboardInterrupt  # stands in for the step's cap killing the process
+        return {"status": "ok", "detail": "", "seconds": 1.0}
+    monkeypatch.setattr(hopper_probe, "run", run)
+    env = tmp_path / "h.env"
+    with pytest.raises(KeyboardInterrupt):
+        hopper_probe.main(["--env", str(env)])
+    lines = env.read_text().splitlines()
+    assert "export CONDCONV_CUDA_CLUSTER=0" not in lines
+    assert "export HOPPER_SKIP='wgmma,cuda kgrad'" in lines
