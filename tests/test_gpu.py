@@ -398,6 +398,7 @@ def test_gpu_triton_cluster_pass(built, monkeypatch):
         [(3, "pointwise_wgmma_kernel")] if _wgmma_built() else [])
     kgrad = torch.ops.condconv.cuda_pointwise_kgrad
     try:
+        kgrad(0)
         for mode, kernel in modes:
             switch(mode)
             with torch.profiler.profile(activities=activities) as prof:

@@ -113,6 +113,29 @@ def test_second_call_without_a_kit_builds(tmp_path):
     assert "no kit at" in (out / "log.txt").read_text()
 
 
+def test_second_call_with_a_stale_kit_builds_and_probes_again(tmp_path):
+    """A kit whose extension was built from other sources: rebuilt, and its Hopper kernels
+    probed again rather than the kit's verdict (hopper.env) taken for them."""
+    staged = tmp_path / "staged"
+    (staged / "triton-cache").mkdir(parents=True)
+    (staged / "stamp").write_text("stale\n")
+    (staged / "_C.so").write_bytes(b"")
+    (staged / "hopper.env").write_text("# stale verdict\nexport HOPPER_SKIP='cluster'\n")
+    (tmp_path / "kit").mkdir()
+    with tarfile.open(tmp_path / "kit" / "kit.tgz", "w:gz") as tar:
+        tar.add(staged, arcname=".")
+    out = tmp_path / "out"
+    env = dict(_env(tmp_path, out), SECOND_DEADLINE="60")
+    run = subprocess.run(["bash", str(SCRIPT), "second"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0
+    steps = _steps((out / "summary.md").read_text())
+    assert list(steps)[:5] == ["versions", "restore", "build", "install", "probe"], steps
+    log = (out / "log.txt").read_text()
+    assert "built from other sources" in log and "stale verdict" not in log
+    assert "hopper.env: CONDCONV_CUDA_CLUSTER=default HOPPER_SKIP=" in log
+
+
 def test_profile_call_walks_every_step(tmp_path):
     """The profile call (here without a kit: it builds and probes the Hopper kernels): host
     against device time per layer and for the whole model in the summary, Nsight Compute's run

@@ -54,7 +54,7 @@ def test_one_probe_for_real_on_the_cpu(tmp_path):
     reference, and the kernel, never launched, did not take the call."""
     r = hopper_probe.run("kgrad", timeout=120)
     assert r["status"] == "not taken", r
-    assert "pointwise_kgrad_kernel launched 0 times" in r["detail"]
+    assert "pointwise_kgrad_kernel launched 0 times, 1 expected" in r["detail"]
     offs = [float(v.split()[0]) for v in r["detail"].split("off by ")[1:]]
     assert len(offs) == 2 and all(v < hopper_probe.TOLERANCE for v in offs), r
     hopper_probe.main(["--probes", "cluster", "--env", str(tmp_path / "h.env"),
@@ -79,3 +79,33 @@ def test_a_probe_step_killed_half_way_leaves_the_rest_off(monkeypatch, tmp_path)
     lines = env.read_text().splitlines()
     assert "export CONDCONV_CUDA_CLUSTER=0" not in lines
     assert "export HOPPER_SKIP='wgmma,cuda kgrad'" in lines
+
+
+@pytest.mark.skipif(not list((ROOT / "condconv_kernels").glob("_C*.so")),
+                    reason="the probe runs the extension's ops")
+@pytest.mark.parametrize("name", hopper_probe.PROBES)
+def test_each_probe_counts_its_kernels_launches(monkeypatch, name):
+    """A probe is ``ok`` where the profile shows its kernel launched as often as its calls
+    launch it (forward and grad_x: 2; both kernel gradients: 1) and its results match, ``not
+    taken`` at any other count (the CPU backend standing in for the kernel, as the counts are
+    stood in for)."""
+    seen = {"count": hopper_probe.LAUNCHES[name]}
+    monkeypatch.setattr(hopper_probe, "_launches", lambda prof, kernel: seen["count"])
+    if name == "wgmma":  # (the switch's mode 3 stood in: a CPU build may refuse it)
+        import torch
+        monkeypatch.setattr(torch.ops.condconv, "cuda_pointwise_cluster",
+                            lambda mode=None: 3, raising=False)
+    assert hopper_probe.probe(name)["status"] == "ok"
+    seen["count"] += 1
+    r = hopper_probe.probe(name)
+    assert r["status"] == "not taken" and f"{hopper_probe.LAUNCHES[name]} expected" in r["detail"]
+
+
+def test_unprobed_turns_every_kernel_off(tmp_path):
+    env = tmp_path / "h.env"
+    hopper_probe.main(["--unprobed", "--env", str(env)])
+    lines = env.read_text().splitlines()
+    assert "export CONDCONV_CUDA_CLUSTER=0" in lines
+    assert "export HOPPER_SKIP='cluster,wgmma,cuda kgrad'" in lines
+    with pytest.raises(SystemExit):
+        hopper_probe.main(["--unprobed"])

@@ -142,3 +142,54 @@ def test_the_kernel_gradient_alone_and_in_part(monkeypatch):
                 assert_close(grads[i], want[i].to(grads[i].dtype), same[i], name, ulps=2)
             else:
                 assert grads[i] is None, name
+
+
+def test_a_replayed_call_is_one_made_with_the_same_cluster_settings(monkeypatch):
+    """The replays' signature (triton/_replay.py: key) holds the cluster pass's passes and, with
+    the pass on, the cuda backend's two switches: a call whose launches were Triton's with the
+    pass off (or a kernel's switch off) is not replayed once the pass would send it to the
+    cuda backend."""
+    from types import SimpleNamespace
+
+    from condconv_kernels.triton import _replay
+    _, x, routing, weight = _layer(torch.bfloat16)
+    # (no Triton driver on the CPU: the current device stood in)
+    monkeypatch.setattr(_replay, "driver",
+                        SimpleNamespace(active=SimpleNamespace(get_current_device=lambda: 0)))
+    modes = {"cluster": 1, "kgrad": 0}
+    monkeypatch.setattr(torch.ops.condconv, "cuda_pointwise_cluster",
+                        lambda: modes["cluster"], raising=False)
+    monkeypatch.setattr(torch.ops.condconv, "cuda_pointwise_kgrad", lambda: modes["kgrad"],
+                        raising=False)
+
+    def key():
+        return _replay.key("backward", (x, routing, weight), (1, 1))
+    monkeypatch.setattr(_env, "TRITON_CLUSTER", frozenset())
+    off = key()
+    monkeypatch.setattr(_env, "TRITON_CLUSTER", _env.CLUSTER_PASSES)
+    on = key()
+    modes["kgrad"] = 1
+    kgrad_on = key()
+    modes["cluster"] = 3
+    wgmma = key()
+    assert len({off, on, kgrad_on, wgmma}) == 4
+    assert key() == wgmma  # (the same settings, the same signature)
+
+
+def test_the_kernel_gradient_asks_for_a_float32_grad_routing(monkeypatch):
+    """kernel_grads hands the cuda backend's op the routing in float32 (so that grad_routing
+    comes back unrounded, for the bias's share to be added to it) and the mask of the
+    gradients asked for; a float16 routing stands in for one of lower precision."""
+    if not hasattr(torch.ops.condconv, "native_forward"):
+        pytest.skip("the C++ extension did not load")
+    grad_out, x, routing, weight = _layer(torch.float16)
+    seen = []
+    native = torch.ops.condconv.native_backward
+
+    def recorded(*args):
+        seen.append((args[2].dtype, list(args[9])))
+        return native(*args)
+    monkeypatch.setattr(torch.ops.condconv, "native_backward", recorded)
+    r, w = cluster.kernel_grads(grad_out, x, routing.half(), weight, True, False)
+    assert seen == [(torch.float32, [False, True, False, False])]
+    assert r.dtype == torch.float32 and r.shape == routing.shape and w is None

@@ -47,6 +47,19 @@ def enabled(t: torch.Tensor) -> bool:
     return _config.DIRECT_LAUNCH and t.device.type != "meta"
 
 
+def _cluster_state() -> Optional[tuple]:
+    """The cluster pass's passes and the cuda backend's switches they read (the clustered
+    kernels' mode, the kernel-gradient kernel's), None with the pass off (no op called)."""
+    if not _env.TRITON_CLUSTER:
+        return None
+    ops = torch.ops.condconv
+    try:
+        switches = (ops.cuda_pointwise_cluster(), ops.cuda_pointwise_kgrad())
+    except (AttributeError, RuntimeError):  # no extension: the pass never takes a call
+        switches = None
+    return _env.TRITON_CLUSTER, switches
+
+
 def key(pass_name: str, tensors: Sequence[Optional[torch.Tensor]], *params) -> tuple:
     """A call's signature: the pass, its tensors' (``_args.signature``: shape, strides, dtype,
     device, 16-byte alignment), the call's other arguments ``params`` (hashable), and the switches
@@ -54,9 +67,12 @@ def key(pass_name: str, tensors: Sequence[Optional[torch.Tensor]], *params) -> t
     products on, float16's reduced-precision accumulation, which keeps the dense kernels),
     float32's TF32, the configuration forced with autotuning off (``_config.FORCED_CONFIG``,
     which the launchers read at every call), the current device (Triton launches there) and
-    Triton's debug and instrumentation switches (part of its launch options)."""
+    Triton's debug and instrumentation switches (part of its launch options). With the cluster
+    pass on, also the cuda backend's two switches its eligibility reads (:func:`_cluster_state`):
+    a call that launched Triton's kernels under one setting is not replayed under another."""
     return (pass_name, _args.signature(*tensors), params, _env.TRITON_STATIONARY,
-            _env.TRITON_BATCHED, bool(_env.TRITON_BATCHED) and fp16_accumulation(),
+            _env.TRITON_BATCHED, _cluster_state(),
+            bool(_env.TRITON_BATCHED) and fp16_accumulation(),
             conv_tf32(), _config.FORCED_CONFIG, driver.active.get_current_device(),
             knobs.runtime.debug, knobs.compilation.instrumentation_mode)
 

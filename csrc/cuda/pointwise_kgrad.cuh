@@ -69,15 +69,22 @@ struct Plan {
 // The launch of a call: of the slices of the batch that keep the blocks within two waves (one
 // block an SM; each slice's partial sums are float32 copies of every expert's gradient), those
 // that take the fewest examples a block times waves, the fewest of them; stages as many as fit
-// (at most kMaxStages).
+// (at most kMaxStages). A slice's routing weights sit in shared memory: where a slice of half
+// the batch leaves no room for 2 stages (batches of ~5400 and more at 8 experts), the fewest
+// slices that do, however many waves.
 inline Plan plan(int64_t batch, int64_t cin, int64_t cout, int64_t experts, int sms = 132) {
   Plan p{};
   p.tiles = static_cast<unsigned>(((cout + kTileO - 1) / kTileO) * ((cin + kTileI - 1) / kTileI));
+  const int64_t routing_bytes = padded_experts(experts) * 4;  // an example's, in shared memory
+  const int64_t base = kAlignSlack + kBarrierBytes + padded_experts(experts) * kExpertTileBytes +
+                       2 * kWarps * routing_bytes;
+  const int64_t max_per = (kSharedLimit - base - 2 * kStepBytes) / routing_bytes;
   int64_t best = -1;
   for (int64_t slices = 1; slices <= batch; ++slices) {
     const int64_t per = (batch + slices - 1) / slices;
     const int64_t used = (batch + per - 1) / per;  // slices that have examples
-    if (used > 1 && int64_t(p.tiles) * used > 2 * sms) break;
+    if (best >= 0 && used > 1 && int64_t(p.tiles) * used > 2 * sms) break;
+    if (per > max_per) continue;
     const int64_t waves = (int64_t(p.tiles) * used + sms - 1) / sms;
     if (best < 0 || waves * per < best) {
       best = waves * per;
@@ -85,8 +92,7 @@ inline Plan plan(int64_t batch, int64_t cin, int64_t cout, int64_t experts, int 
       p.slices = static_cast<unsigned>(used);
     }
   }
-  const int64_t fixed = kAlignSlack + kBarrierBytes + padded_experts(experts) * kExpertTileBytes +
-                        (2 * kWarps + p.per_slice) * padded_experts(experts) * 4;
+  const int64_t fixed = base + p.per_slice * routing_bytes;
   int64_t stages = (kSharedLimit - fixed) / kStepBytes;
   p.stages = static_cast<int>(stages > kMaxStages ? kMaxStages : stages);
   p.shared_bytes = fixed + p.stages * kStepBytes;

@@ -173,6 +173,7 @@ bool launch_pointwise_kgrad(const Geometry& g, const at::Tensor& grad_out, const
       return false;
     }
     const kg::Plan plan = kg::plan(g.batch, g.in_channels, g.out_channels, g.experts);
+    if (plan.stages < 2) return false;  // (plan keeps 2 stages: a guard, the chunked path)
     const at::TensorOptions f32 = ops.acc_opts.dtype(at::kFloat);
     at::Tensor w_part = at::empty(
         {int64_t(plan.slices), g.experts, g.out_channels, g.in_channels}, f32);

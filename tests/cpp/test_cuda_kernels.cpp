@@ -255,10 +255,43 @@ bool run_kgrad(const Config& c, double tol) {
   return ok;
 }
 
+// The kernel gradient's plan (no kernel run): the model's layers at batch 256 in one slice of
+// 108 tiles (s6.b1.expand) or 11 of 24 (s5.b0.expand); at any batch up to the largest the
+// grid takes, every example in a slice, at least 2 stages, within the shared-memory limit.
+bool kgrad_plans() {
+  namespace kg = cc::pointwise_kgrad;
+  bool ok = true;
+  const auto check = [&](bool cond, const char* what, int64_t batch, int64_t experts) {
+    if (!cond) {
+      std::printf("kgrad plan, batch %lld, %lld experts: %s: FAIL\n",
+                  static_cast<long long>(batch), static_cast<long long>(experts), what);
+      ok = false;
+    }
+  };
+  const kg::Plan expand = kg::plan(256, 192, 1152, 8);
+  check(expand.tiles == 108 && expand.slices == 1 && expand.per_slice == 256, "s6.b1.expand",
+        256, 8);
+  const kg::Plan s5 = kg::plan(256, 80, 480, 8);
+  check(s5.tiles == 24 && s5.slices == 11 && s5.per_slice == 24, "s5.b0.expand", 256, 8);
+  for (const int64_t batch : {1, 37, 256, 5000, 5500, 6000, 20000, 4 * (65535 - 4)}) {
+    for (const int64_t experts : {1, 3, 4, 8}) {
+      for (const auto& [cin, cout] : {std::pair<int64_t, int64_t>{192, 1152}, {1152, 320},
+                                      {80, 480}}) {
+        const kg::Plan p = kg::plan(batch, cin, cout, experts);
+        check(p.per_slice >= 1 && int64_t(p.slices) * p.per_slice >= batch &&
+                  int64_t(p.slices - 1) * p.per_slice < batch, "slices", batch, experts);
+        check(p.stages >= 2 && p.stages <= kg::kMaxStages, "stages", batch, experts);
+        check(p.shared_bytes <= kg::kSharedLimit, "shared memory", batch, experts);
+      }
+    }
+  }
+  return ok;
+}
+
 }  // namespace
 
 int main() {
-  bool ok = true;
+  bool ok = kgrad_plans();
   for (const auto& c : cuda_cases::configs()) {
     ok = run<double, int32_t>(c, Path::kCudaCores, 1e-10) && ok;
     ok = run<double, int64_t>(c, Path::kCudaCores, 1e-10) && ok;
