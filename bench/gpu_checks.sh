@@ -275,7 +275,7 @@ install_extension() {  # the built _C into the package, atomically; then what it
 }
 
 ncu_layers() {  # Nsight Compute on one forward+backward of two layers (bench/ncu_layers.py)
-  if [ "$DRY" = 1 ]; then "$PY" bench/ncu_layers.py; return; fi
+  if [ "$DRY" = 1 ]; then "$PY" bench/ncu_layers.py --skip "${HOPPER_SKIP:-}"; return; fi
   local ncu
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null |
     head -n 1)
@@ -283,7 +283,7 @@ ncu_layers() {  # Nsight Compute on one forward+backward of two layers (bench/nc
   "$ncu" --profile-from-start off --clock-control none --target-processes all \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-    "$PY" bench/ncu_layers.py | tee "$WORK/results/ncu-layers.txt"
+    "$PY" bench/ncu_layers.py --skip "${HOPPER_SKIP:-}" | tee "$WORK/results/ncu-layers.txt"
 }
 
 # probe: the cuda backend's Hopper kernels, each once in a process of its own, then what the

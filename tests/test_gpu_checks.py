@@ -264,3 +264,28 @@ def test_cluster_model_counts_a_layer_by_hand():
         rows = [line for line in cluster_model.report(table, form=form).splitlines()
                 if line.startswith("| s")]
         assert len(rows) == 16 and rows[8].startswith("| s6.b1.expand | 192 -> 1152 @ 49 |")
+
+
+def test_ncu_layers_kernel_gradient_call_matches_the_reference():
+    """bench/ncu_layers.py's kernel-gradient call (what it profiles of the 1x1 kernel gradient's
+    kernel on a GPU), run here through the cpu backend on s6.b1.expand's shape at a batch of 2:
+    grad_routing and grad_weight against the float64 reference for its grad_out of ones."""
+    import importlib.util
+    import torch
+    from condconv_kernels import reference
+    from condconv_kernels.profile import efficientnet_cc_b0_layers
+    spec = importlib.util.spec_from_file_location("ncu_layers", ROOT / "bench" / "ncu_layers.py")
+    ncu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ncu)
+    layer = next(l for l in efficientnet_cc_b0_layers(8) if l.name == "s6.b1.expand")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, layer.cin, layer.height, layer.width, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    routing = torch.rand(2, layer.experts, generator=g)
+    weight = torch.randn(layer.experts, layer.cout, layer.cin, 1, 1, generator=g) * 0.05
+    gr, gw = ncu.kernel_grads(layer, x, routing, weight, "cpu")
+    ones = torch.ones(2, layer.cout, *layer.out_hw, dtype=torch.float64)
+    want = reference.backward(ones, x.double(), routing.double(), weight.double(), None,
+                              [1, 1], [0] * 4, [1, 1], 1, [False, True, True, False])
+    torch.testing.assert_close(gr.double(), want[1], rtol=1e-4, atol=1e-4 * want[1].abs().max())
+    torch.testing.assert_close(gw.double(), want[2], rtol=1e-4, atol=1e-4 * want[2].abs().max())
