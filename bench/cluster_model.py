@@ -137,15 +137,35 @@ def kgrad_plan(batch: int, tiles: int, sms: int = SMS):
     return best[1:]
 
 
-def kgrad_model(batch: int, cin: int, cout: int, pixels: int, experts: int) -> dict:
-    """The modeled time (us) of the 1x1 kernel gradient kernel and its terms."""
+KGRAD_FORMS = ("cuda-fold", "tc-fold")
+FOLD_GROUP = 16  # the tensor-core fold's examples a group (tc-fold)
+
+
+def kgrad_model(batch: int, cin: int, cout: int, pixels: int, experts: int,
+                form: str = "cuda-fold") -> dict:
+    """The modeled time (us) of the 1x1 kernel gradient kernel and its terms: ``cuda-fold``
+    the kernel as built, ``tc-fold`` the design of analysis item 57 (G_b by wgmma from the
+    staged tiles, rounded to 16 bits into shared memory; both folds as tensor-core products
+    over groups of 16 examples)."""
+    if form not in KGRAD_FORMS:
+        raise ValueError(f"form must be one of {', '.join(KGRAD_FORMS)}; got {form!r}")
     tiles = math.ceil(cout / KGRAD_TILE_O) * math.ceil(cin / KGRAD_TILE_I)
     slices, per, waves = kgrad_plan(batch, tiles)
     steps = math.ceil(pixels / KGRAD_PIXELS)
-    tensor = KGRAD_TILE_O * KGRAD_TILE_I * KGRAD_PIXELS / MMA_PER_CYCLE
     go_tile, x_tile = KGRAD_TILE_O * KGRAD_PIXELS * 2, KGRAD_TILE_I * KGRAD_PIXELS * 2
-    shared = (go_tile + x_tile + 2 * go_tile + 4 * x_tile) / SMEM_BYTES_PER_CYCLE
-    fold = 32 * experts
+    elements = KGRAD_TILE_O * KGRAD_TILE_I
+    if form == "tc-fold":
+        # a step: the copies written, then read once by wgmma; an example: G_b (2 bytes an
+        # element) written, then read by both folds (mma.sync, A from shared memory), whose
+        # products (elements x E x 16 examples, twice, a group) run at mma.sync's rate
+        tensor = KGRAD_TILE_O * KGRAD_TILE_I * KGRAD_PIXELS / WGMMA_PER_CYCLE
+        shared = 2 * (go_tile + x_tile) / SMEM_BYTES_PER_CYCLE
+        fold = max(2 * elements * max(experts, 8) / MMA_PER_CYCLE,
+                   3 * elements * 2 / SMEM_BYTES_PER_CYCLE)
+    else:
+        tensor = KGRAD_TILE_O * KGRAD_TILE_I * KGRAD_PIXELS / MMA_PER_CYCLE
+        shared = (go_tile + x_tile + 2 * go_tile + 4 * x_tile) / SMEM_BYTES_PER_CYCLE
+        fold = 32 * experts
     example = steps * max(tensor, shared) + fold
     compute_us = waves * (per * example + BLOCK_CYCLES) / CLOCK * 1e6
     partials = 2 * 4 * (slices * experts * cout * cin + tiles * batch * experts)
@@ -156,26 +176,41 @@ def kgrad_model(batch: int, cin: int, cout: int, pixels: int, experts: int) -> d
             "example_cycles": example}
 
 
+def kgrad_floors(batch: int, cin: int, cout: int, pixels: int, experts: int) -> dict:
+    """Lower bounds (us) of any fused 1x1 kernel gradient: ``hbm`` (x and grad_out read once),
+    ``tensor`` (every example's G_b at wgmma's rate), ``cuda_fold`` (the two folds,
+    gw[e] += r[b, e] G_b and <G_b, W_e>, as float32 multiply-adds on the CUDA cores)."""
+    sms_per_s = SMS * CLOCK
+    return {"hbm": batch * pixels * (cin + cout) * 2 / HBM_BYTES_PER_S * 1e6,
+            "tensor": batch * pixels * cin * cout / (WGMMA_PER_CYCLE * sms_per_s) * 1e6,
+            "cuda_fold": 2 * experts * cin * cout * batch / (FMA_PER_CYCLE * sms_per_s) * 1e6}
+
+
 def kgrad_report(table: dict, experts: int = 8) -> str:
-    """The kernel gradient's model beside a pointwise table's kernel-gradient rows."""
+    """The kernel gradient's model beside a pointwise table's kernel-gradient rows, with the
+    floor of a fold on the CUDA cores and the tensor-core fold's model (``tc-fold``)."""
     batch = table.get("batch", 256)
     lines = [f"1x1 kernel gradient kernel (pointwise_kgrad.cuh) by model (`bench/cluster_model.py "
              f"--kgrad`), batch {batch}, {experts} experts, us; measured: "
              f"{table['machine'].get('gpu', '?')}, commit {table['machine'].get('commit', '?')}",
              "", "| layer | cin -> cout @ pixels | tiles x slices (waves) | cycles an example "
              "a tile | modeled | static, measured | Triton dense, measured | modeled / Triton "
-             "| modeled / static |", "|---|---|---|---|---|---|---|---|---|"]
+             "| modeled / static | CUDA-core fold, floor | tensor-core fold: cycles an example a "
+             "tile | modeled | / static |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for layer in table["layers"]:
         if layer["pass"] != "grad_routing+weight":
             continue
         m = SHAPE.match(layer["shape"])
         cin, cout, h, w = map(int, m.groups())
         k = kgrad_model(batch, cin, cout, h * w, experts)
+        t = kgrad_model(batch, cin, cout, h * w, experts, form="tc-fold")
+        fold = kgrad_floors(batch, cin, cout, h * w, experts)["cuda_fold"]
         static, dense = layer["device_us"]["static"], layer["device_us"]["dense"]
         lines.append(f"| {layer['layer']} | {cin} -> {cout} @ {h * w} | {k['tiles']} x "
                      f"{k['slices']} ({k['waves']}) | {k['example_cycles']:.0f} | "
                      f"{k['us']:.1f} | {static:.1f} | {dense:.1f} | {k['us'] / dense:.2f} | "
-                     f"{k['us'] / static:.2f} |")
+                     f"{k['us'] / static:.2f} | {fold:.1f} | {t['example_cycles']:.0f} | "
+                     f"{t['us']:.1f} | {t['us'] / static:.2f} |")
     return "\n".join(lines)
 
 

@@ -256,6 +256,17 @@ def test_cluster_model_counts_a_layer_by_hand():
     partials = 2 * 4 * (8 * 1152 * 192 + 108 * 256 * 8)
     assert k["us"] == pytest.approx((256 * 608 + 2500) / 1.78e9 * 1e6 + partials / 4.2e12 * 1e6)
     assert cluster_model.kgrad_plan(256, 24)[:2] == (11, 24)  # 264 blocks: 2 waves of 24
+    # The fold on the CUDA cores, at best: 2 x 8 x 192 x 1152 multiply-adds an example, 256
+    # examples, 128 a cycle on each of 132 SMs at 1.78 GHz (~30 us, above the static layer's
+    # weight gradient); the tensor-core fold's design: a step's 12 KB of copies written and
+    # read once by wgmma, then G_b's 4 KB written and read twice (96 cycles; its products 32).
+    floors = cluster_model.kgrad_floors(256, 192, 1152, 49, 8)
+    assert floors["cuda_fold"] == pytest.approx(
+        2 * 8 * 192 * 1152 * 256 / (128 * 132 * 1.78e9) * 1e6)
+    t = cluster_model.kgrad_model(256, 192, 1152, 49, 8, form="tc-fold")
+    assert t["example_cycles"] == 2 * 12288 / 128 + 3 * 4096 / 128
+    with pytest.raises(ValueError, match="form must be one of cuda-fold, tc-fold"):
+        cluster_model.kgrad_model(256, 192, 1152, 49, 8, form="wgmma")
     rows = [line for line in cluster_model.kgrad_report(__import__("json").loads(
         cluster_model.KGRAD_DEFAULT.read_text())).splitlines() if line.startswith("| s")]
     assert len(rows) == 4 and rows[1].startswith("| s6.b1.expand | 192 -> 1152 @ 49 | 108 x 1 (1)")
