@@ -100,14 +100,20 @@ def test_both_calls_walk_every_step(tmp_path):
     assert len(_files(out2)) <= MAX_FILES
 
 
-def test_second_call_without_a_kit_builds(tmp_path):
-    """No kit: the restore step says so and the build step runs instead."""
-    out = tmp_path / "out"
-    env = dict(_env(tmp_path, out), SECOND_DEADLINE="40")
+def _short_second_call(tmp_path, out, deadline):
+    """The second call under a short deadline (its first steps only): its steps, after
+    checking it exited 0."""
+    env = dict(_env(tmp_path, out), SECOND_DEADLINE=str(deadline))
     run = subprocess.run(["bash", str(SCRIPT), "second"], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0
-    steps = _steps((out / "summary.md").read_text())
+    return _steps((out / "summary.md").read_text())
+
+
+def test_second_call_without_a_kit_builds(tmp_path):
+    """No kit: the restore step says so and the build step runs instead."""
+    out = tmp_path / "out"
+    steps = _short_second_call(tmp_path, out, deadline=40)
     assert steps["restore"][0] == "ok" and steps["build"][0] == "ok", steps
     assert list(steps)[:3] == ["versions", "restore", "build"]
     assert "no kit at" in (out / "log.txt").read_text()
@@ -125,11 +131,7 @@ def test_second_call_with_a_stale_kit_builds_and_probes_again(tmp_path):
     with tarfile.open(tmp_path / "kit" / "kit.tgz", "w:gz") as tar:
         tar.add(staged, arcname=".")
     out = tmp_path / "out"
-    env = dict(_env(tmp_path, out), SECOND_DEADLINE="60")
-    run = subprocess.run(["bash", str(SCRIPT), "second"], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0
-    steps = _steps((out / "summary.md").read_text())
+    steps = _short_second_call(tmp_path, out, deadline=60)
     assert list(steps)[:5] == ["versions", "restore", "build", "install", "probe"], steps
     log = (out / "log.txt").read_text()
     assert "built from other sources" in log and "stale verdict" not in log
