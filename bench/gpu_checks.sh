@@ -307,7 +307,7 @@ probe_step() {
   if [ ! -s "$WORK/hopper.env" ]; then
     # every kernel off until the probe writes its verdicts (a probe skipped or killed early)
     "$PY" bench/hopper_probe.py --unprobed --env "$WORK/hopper.env" >>"$LOG" 2>&1
-    step probe 75 probe  # (three probes of at most 20 s)
+    step probe 45 probe  # (three probes at once, each of at most 20 s)
     table "$WORK/results/probe.md"
   fi
   probe_env

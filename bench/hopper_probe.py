@@ -18,11 +18,11 @@ Each ends as ``ok``, ``wrong`` (it ran, its result is off; its timings still say
 is: the benchmarks keep it, and the pointwise table's max diff shows it), ``not taken`` (the
 kernel did not take the call: not a Hopper GPU, not built, or not eligible), ``crashed`` (the
 process died or raised: a trap, an illegal address, a launch error) or ``hung`` (past the time
-limit). ``--env FILE`` writes what the kit's later steps source: where ``cluster`` crashed or
-hung, ``CONDCONV_CUDA_CLUSTER=0`` (the cuda backend's tiled kernels instead), and in
-``HOPPER_SKIP`` the columns of ``bench/bench_pointwise.py --skip`` whose kernel crashed or hung;
-it is written before each probe too, with the kernels not yet probed off, so that a run killed
-half-way leaves those off.
+limit). The probes' processes run at once (a trap or a hang stays in its own process).
+``--env FILE`` writes what the kit's later steps source: where ``cluster`` crashed or hung,
+``CONDCONV_CUDA_CLUSTER=0`` (the cuda backend's tiled kernels instead), and in ``HOPPER_SKIP``
+the columns of ``bench/bench_pointwise.py --skip`` whose kernel crashed or hung; it is written
+before the probes start too, every kernel off, so that a run killed half-way leaves them off.
 Without CUDA (the kit's dry run) each probe runs its calls on the CPU backend, which stands in
 for the kernel, and ends ``not taken``.
 """
@@ -139,23 +139,38 @@ def command(name: str) -> List[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--one", name]
 
 
-def run(name: str, timeout: float) -> Dict[str, object]:
-    """One probe in a process of its own, within ``timeout`` seconds: its result with the
-    seconds it took; ``crashed`` where the process died, raised or printed no result, ``hung``
-    where it ran past the limit (then killed)."""
-    t0 = time.monotonic()
+def _finish(name: str, proc: subprocess.Popen, t0: float, timeout: float) -> Dict[str, object]:
+    """A started probe's result, waited for until ``timeout`` seconds after its start."""
     try:
-        done = subprocess.run(command(name), capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=max(0.0, t0 + timeout - time.monotonic()))
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return {"status": "hung", "detail": f"killed after {timeout:.0f} s",
                 "seconds": time.monotonic() - t0}
     seconds = time.monotonic() - t0
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-2:])
-        return {"status": "crashed", "detail": f"exit status {done.returncode}: {tail}",
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = " | ".join((stderr or stdout).strip().splitlines()[-2:])
+        return {"status": "crashed", "detail": f"exit status {proc.returncode}: {tail}",
                 "seconds": seconds}
     return {**json.loads(lines[-1]), "seconds": seconds}
+
+
+def run_all(names: Sequence[str], timeout: float) -> Dict[str, Dict[str, object]]:
+    """The probes ``names``, each in a process of its own, all at once (a kernel's trap or hang
+    stays in its process), each within ``timeout`` seconds of its start: their results with the
+    seconds each took; ``crashed`` where a process died, raised or printed no result, ``hung``
+    where it ran past the limit (then killed)."""
+    started = {name: (subprocess.Popen(command(name), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True), time.monotonic())
+               for name in names}
+    return {name: _finish(name, proc, t0, timeout) for name, (proc, t0) in started.items()}
+
+
+def run(name: str, timeout: float) -> Dict[str, object]:
+    """One probe (:func:`run_all`)."""
+    return run_all([name], timeout)[name]
 
 
 def env_lines(results: Dict[str, Dict[str, object]]) -> List[str]:
@@ -208,12 +223,11 @@ def main(argv: Sequence[str] = None) -> None:
             p.error("--unprobed writes --env's file: give --env")
         Path(args.env).write_text("\n".join(env_lines(results)) + "\n")
         return
-    for name in names:
-        if args.env:  # the verdicts so far, the rest off, before each probe
-            Path(args.env).write_text("\n".join(env_lines(results)) + "\n")
-        results[name] = run(name, args.timeout)
-        print(f"{name}: {results[name]['status']} ({results[name]['seconds']:.1f} s)",
-              file=sys.stderr, flush=True)
+    if args.env:  # every kernel off until the verdicts are in
+        Path(args.env).write_text("\n".join(env_lines(results)) + "\n")
+    results = run_all(names, args.timeout)
+    for name, r in results.items():
+        print(f"{name}: {r['status']} ({r['seconds']:.1f} s)", file=sys.stderr, flush=True)
     text = ("The cuda backend's Hopper kernels, each run once in a process of its own "
             f"(bench/hopper_probe.py, limit {args.timeout:.0f} s)\n\n" + table(results) + "\n")
     print(text)

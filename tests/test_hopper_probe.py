@@ -23,7 +23,7 @@ CHILDREN = {  # what each fake probe's process does
 def test_a_hang_a_crash_and_a_wrong_result(monkeypatch, tmp_path):
     monkeypatch.setattr(hopper_probe, "command",
                         lambda name: [sys.executable, "-c", CHILDREN[name]])
-    results = {name: hopper_probe.run(name, timeout=3) for name in hopper_probe.PROBES}
+    results = hopper_probe.run_all(hopper_probe.PROBES, timeout=3)
     assert results["cluster"]["status"] == "hung"
     assert 3 <= results["cluster"]["seconds"] < 20
     assert results["wgmma"]["status"] == "crashed"
@@ -65,20 +65,32 @@ def test_one_probe_for_real_on_the_cpu(tmp_path):
         hopper_probe.main(["--probes", "cluster,tma"])
 
 
-def test_a_probe_step_killed_half_way_leaves_the_rest_off(monkeypatch, tmp_path):
-    """The verdicts go to the env file before each probe, the kernels not yet probed off: a
-    kill during the second probe leaves the first's verdict and the other two off."""
-    def run(name, timeout):
-        if name == "wgmma":
-            raise KeyboardInterrupt  # stands in for the step's cap killing the process
-        return {"status": "ok", "detail": "", "seconds": 1.0}
-    monkeypatch.setattr(hopper_probe, "run", run)
+def test_a_probe_step_killed_half_way_leaves_every_kernel_off(monkeypatch, tmp_path):
+    """The env file is written before the probes start, every kernel off: a kill while they run
+    leaves it so."""
+    def run_all(names, timeout):
+        raise KeyboardInterrupt  # stands in for the step's cap killing the process
+    monkeypatch.setattr(hopper_probe, "run_all", run_all)
     env = tmp_path / "h.env"
     with pytest.raises(KeyboardInterrupt):
         hopper_probe.main(["--env", str(env)])
     lines = env.read_text().splitlines()
-    assert "export CONDCONV_CUDA_CLUSTER=0" not in lines
-    assert "export HOPPER_SKIP='wgmma,cuda kgrad'" in lines
+    assert "export CONDCONV_CUDA_CLUSTER=0" in lines
+    assert "export HOPPER_SKIP='cluster,wgmma,cuda kgrad'" in lines
+
+
+def test_the_probes_run_at_once(monkeypatch):
+    """The probes' processes overlap: each started before any of the others ended (each
+    prints its start and end), and each result is its own."""
+    monkeypatch.setattr(hopper_probe, "command", lambda name: [
+        sys.executable, "-c",
+        "import json, time; t0 = time.time(); time.sleep(1); "
+        f"print(json.dumps({{'status': 'ok', 'detail': '{name}', 'span': [t0, time.time()]}}))"])
+    results = hopper_probe.run_all(hopper_probe.PROBES, timeout=20)
+    assert all(r["status"] == "ok" for r in results.values())
+    assert {n: r["detail"] for n, r in results.items()} == {n: n for n in hopper_probe.PROBES}
+    starts, ends = zip(*(r["span"] for r in results.values()))
+    assert max(starts) < min(ends)
 
 
 @pytest.mark.skipif(not list((ROOT / "condconv_kernels").glob("_C*.so")),
