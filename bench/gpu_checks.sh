@@ -19,7 +19,8 @@
 #         products, the kernel gradient in the accumulator's layout), each routing gradient
 #         against a float64 sum (bench/bench_pointwise.py);
 #         whole-model inference at batch 256, static and fused triton captured in a CUDA graph
-#         (device time; also with the batched 1x1 forward and with the mix pass); the headline
+#         (device time; also with the batched 1x1 forward, with the mix pass and, where the
+#         probe passed them, with the three Hopper kernels: fused:triton+cluster); the headline
 #         benchmark (the 24 CondConv layers of tf_efficientnet_cc_b0_8e, batch 256, bfloat16,
 #         channels_last, forward: triton, cuda, unfused, static, roofline columns, each variant
 #         as CUDA graph replays: the device's time); eager inference (ours fused, also with the
@@ -27,12 +28,14 @@
 #         then kit.tgz: the built extension, Triton's compiled kernels and autotune results.
 # second: put the first call's kit.tgz back at .gpu-kit/kit.tgz (an ignored path: carry .gpu-kit)
 #         and the build and compiled kernels are reused (without it, or with other sources, it
-#         rebuilds; the first call's probe, hopper.env, is reused, else it probes): the training step (static, fused triton, fused triton with the mix pass,
-#         fused triton with grad_x batched) captured in a CUDA graph; the forward+backward layer
-#         benchmark at batch 256 as CUDA graph replays (device time); host against device time
-#         of one layer and the whole model's kernels (bench/gpu_profile.py, one layer); Nsight
-#         Compute on each kernel of two layers (bench/ncu_layers.py); eager training-step
-#         throughput; compute-sanitizer memcheck of the cuda backend.
+#         rebuilds; the first call's probe, hopper.env, is reused, else it probes): the
+#         training step (static, fused triton, fused triton with the mix pass, fused triton with
+#         grad_x batched, and fused:triton+cluster where the probe passed the Hopper kernels)
+#         captured in a CUDA graph; the forward+backward layer benchmark at batch 256 as CUDA
+#         graph replays (device time); host against device time of one layer and the whole
+#         model's kernels (bench/gpu_profile.py, one layer); Nsight Compute on each kernel of
+#         two layers and on the Hopper kernels (bench/ncu_layers.py); compute-sanitizer memcheck
+#         of the cuda backend; eager training-step throughput.
 # profile: with the kit as for second: host against device time per call and the kernels each
 #         call launches, for five layers and the whole model (bench/gpu_profile.py); Nsight
 #         Compute on each kernel of two layers (bench/ncu_layers.py: occupancy, stall reasons,
@@ -301,6 +304,13 @@ probe_env() {
   fi
 }
 
+# hopper_also: bench_model's cluster variant (the triton backend with the three Hopper kernels:
+# forward and grad_x clustered, the kernel gradient's kernel) beside the graphed variants,
+# where the probe passed every kernel (none crashed, hung or went unprobed).
+hopper_also() {
+  [ -s "$WORK/hopper.env" ] && [ -z "${HOPPER_SKIP:-}" ] && echo "--also fused:triton+cluster"
+}
+
 # probe_step: the probe where no verdict is at hand (the first call's, from its kit), then its
 # settings.
 probe_step() {
@@ -450,7 +460,7 @@ if [ "$MODE" = first ]; then
   # triton with its batched 1x1 forward (off by default until measured), before the layer
   # table (the decision the batched variant settles comes first); eager inference last
   # (host-bound; the deadline cuts it first).
-  step model-fwd-graph 60 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" \
+  step model-fwd-graph 60 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" $(hopper_also) \
     --amp bfloat16 --channels-last --out "$WORK/results/model-b256-amp-cl-fwd-graph.md"
   table "$WORK/results/model-b256-amp-cl-fwd-graph.md"
   step layers-fwd 110 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
@@ -491,7 +501,8 @@ elif [ "$MODE" = second ]; then
   # batched (both off by default until measured); it tunes the backward kernels the layer
   # table then finds cached.
   step model-train-graph 100 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED_TRAIN[@]}" \
-    --amp bfloat16 --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train-graph.md"
+    $(hopper_also) --amp bfloat16 --channels-last --backward \
+    --out "$WORK/results/model-b256-amp-cl-train-graph.md"
   table "$WORK/results/model-b256-amp-cl-train-graph.md"
   step layers-fwdbwd 80 "$PY" bench/bench_layers.py "${DEV[@]}" "${LAYERS[@]}" "${BENCH[@]}" \
     "${GRAPH[@]}" --backward --out "$WORK/results/layers-b256-bf16-cl-fwdbwd.md"
@@ -504,11 +515,12 @@ elif [ "$MODE" = second ]; then
     --out "$WORK/results/profile-model.md"
   report "$WORK/results/profile-model.md"
   TAIL_LINES=40 step ncu 70 ncu_layers
-  # The eager training step last (host-bound; measured twice before), memcheck after it.
+  # The memcheck of the cuda backend's kernels, then the eager training step last (host-bound;
+  # measured three times before): the deadline cuts it first.
+  step memcheck 60 "${SANITIZE[@]}" "$PY" bench/memcheck_cases.py "${MEMCHECK[@]}"
   step model-train 70 "$PY" bench/bench_model.py "${DEV[@]}" "${MODEL[@]}" --amp bfloat16 \
     --channels-last --backward --out "$WORK/results/model-b256-amp-cl-train.md"
   table "$WORK/results/model-b256-amp-cl-train.md"
-  step memcheck 60 "${SANITIZE[@]}" "$PY" bench/memcheck_cases.py "${MEMCHECK[@]}"
 else  # profile: where the time goes, and the >2^31-element tests' first failure in full
   step versions 15 versions
   step restore 30 restore || touch "$WORK/need-build"

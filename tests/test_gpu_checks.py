@@ -19,7 +19,7 @@ FIRST = ["versions", "build", "warm-triton", "triton-tests", "install", "cuda-te
          "tuned-check", "pointwise", "model-fwd-graph", "layers-fwd", "model-fwd", "pack"]
 BACKGROUND = {"build", "warm-triton"}  # recorded when they end, among the others
 SECOND = ["versions", "restore", "install", "model-train-graph", "layers-fwdbwd",
-          "profile-model", "ncu", "model-train", "memcheck"]
+          "profile-model", "ncu", "memcheck", "model-train"]
 STEP_LINE = re.compile(r"^### ([\w-]+): (.+?), (\d+) s \(cap (\d+) s\)$", re.M)
 MAX_FILES = 8  # what comes back from a GPU machine's output folder
 
