@@ -7,7 +7,8 @@ tables, with the verdict and what the plan said to do on each side of its decisi
                                       [--out FILE.md]
 
 RESULTS are the kit's ``results.tgz`` files (or folders holding its tables): every table a
-prediction reads is looked for by name in all of them (the first call's and the second's).
+prediction reads is looked for by name in all of them (the first call's and the second's); a
+table in several (the probe's, where the second call probed again) is the last one's.
 
 A prediction names its table (``table``: ``pointwise``, ``layers-fwd``, ``layers-fwdbwd``,
 ``model-fwd-graph``, ``model-fwd``, ``model-train-graph``, ``model-train``, ``probe``), the rows
@@ -52,12 +53,12 @@ class Tables:
             if path.is_dir():
                 for f in sorted(path.rglob("*")):
                     if f.is_file() and f.name in FILES.values():
-                        self.files.setdefault(f.name, f.read_text())
+                        self.files[f.name] = f.read_text()
             elif tarfile.is_tarfile(path):
                 with tarfile.open(path) as tar:
                     for m in tar.getmembers():
                         name = Path(m.name).name
-                        if m.isfile() and name in FILES.values() and name not in self.files:
+                        if m.isfile() and name in FILES.values():
                             self.files[name] = tar.extractfile(m).read().decode()
             else:
                 raise FileNotFoundError(f"RESULTS: {source} is neither a folder nor a tarball")
@@ -126,6 +127,8 @@ def measure(p: dict, tables: Tables):
             return None
         agg = p.get("aggregate", "geomean") if len(values) > 1 or "shape" in p else None
         if agg == "geomean":
+            if any(v <= 0 for v in values):
+                return None
             return math.exp(sum(math.log(v) for v in values) / len(values))
         return max(values) if agg == "max" else min(values) if agg == "min" else values[0]
     rows = markdown_rows(text, "batch")  # the model tables: variant -> ms
@@ -146,6 +149,8 @@ def verdict(p: dict, measured) -> str:
 
 def decision(p: dict, measured) -> str:
     if "decide_at" not in p or not isinstance(measured, (int, float)):
+        if measured is not None and measured == p["predicted"]:
+            return ""  # (a status as predicted: nothing to do)
         return p.get("then", "")
     side = "below" if measured <= p["decide_at"] else "above"
     return f"{side} {p['decide_at']:.3g}: {p.get(side, '')}"
@@ -189,6 +194,9 @@ def validate(predictions: dict) -> None:
             raise ValueError(f"{where}: a layer-table prediction names a layer or a shape")
         if p.get("aggregate", "geomean") not in AGGREGATES:
             raise ValueError(f"{where}: aggregate must be one of {', '.join(AGGREGATES)}")
+        if ("shape" in p and p.get("op") == "difference"
+                and p.get("aggregate", "geomean") == "geomean"):
+            raise ValueError(f"{where}: a geomean of differences: give aggregate max or min")
         pred = p.get("predicted")
         if not (isinstance(pred, (int, float)) or (isinstance(pred, list) and len(pred) == 2
                                                     and pred[0] <= pred[1])):

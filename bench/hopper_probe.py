@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -139,16 +140,11 @@ def command(name: str) -> List[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--one", name]
 
 
-def _finish(name: str, proc: subprocess.Popen, t0: float, timeout: float) -> Dict[str, object]:
-    """A started probe's result, waited for until ``timeout`` seconds after its start."""
-    try:
-        stdout, stderr = proc.communicate(timeout=max(0.0, t0 + timeout - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return {"status": "hung", "detail": f"killed after {timeout:.0f} s",
-                "seconds": time.monotonic() - t0}
-    seconds = time.monotonic() - t0
+def _result(proc: subprocess.Popen, out, err, seconds: float) -> Dict[str, object]:
+    """An ended probe's result from its exit status and output files."""
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = " | ".join((stderr or stdout).strip().splitlines()[-2:])
@@ -157,15 +153,41 @@ def _finish(name: str, proc: subprocess.Popen, t0: float, timeout: float) -> Dic
     return {**json.loads(lines[-1]), "seconds": seconds}
 
 
-def run_all(names: Sequence[str], timeout: float) -> Dict[str, Dict[str, object]]:
+def run_all(names: Sequence[str], timeout: float, poll: float = 0.05
+            ) -> Dict[str, Dict[str, object]]:
     """The probes ``names``, each in a process of its own, all at once (a kernel's trap or hang
     stays in its process), each within ``timeout`` seconds of its start: their results with the
     seconds each took; ``crashed`` where a process died, raised or printed no result, ``hung``
-    where it ran past the limit (then killed)."""
-    started = {name: (subprocess.Popen(command(name), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True), time.monotonic())
-               for name in names}
-    return {name: _finish(name, proc, t0, timeout) for name, (proc, t0) in started.items()}
+    where it ran past the limit (then killed). Their output goes to files (no pipe to fill),
+    and each is watched against its own deadline."""
+    procs = {}
+    for name in names:
+        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        procs[name] = (subprocess.Popen(command(name), stdout=out, stderr=err), out, err,
+                       time.monotonic())
+    results: Dict[str, Dict[str, object]] = {}
+    try:
+        while len(results) < len(procs):
+            for name, (proc, out, err, t0) in procs.items():
+                if name in results:
+                    continue
+                now = time.monotonic()
+                if proc.poll() is not None:
+                    results[name] = _result(proc, out, err, now - t0)
+                elif now - t0 > timeout:
+                    proc.kill()
+                    proc.wait()
+                    results[name] = {"status": "hung", "detail": f"killed after {timeout:.0f} s",
+                                     "seconds": now - t0}
+            time.sleep(poll)
+    finally:
+        for proc, out, err, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close()
+            err.close()
+    return {name: results[name] for name in names}
 
 
 def run(name: str, timeout: float) -> Dict[str, object]:

@@ -37,6 +37,7 @@ HOPPER = ("cluster", "wgmma", "cuda kgrad")
 def _wgmma_built() -> bool:
     """Whether the extension takes the cluster switch's mode 3 (a build with sm_90a code)."""
     switch = torch.ops.condconv.cuda_pointwise_cluster
+    before = switch()
     try:
         switch(3)
         return True
@@ -44,7 +45,7 @@ def _wgmma_built() -> bool:
         print(f"no wgmma kernel: {exc}", file=sys.stderr)
         return False
     finally:
-        switch(1)
+        switch(before)
 
 
 @contextlib.contextmanager

@@ -97,14 +97,19 @@ def test_the_probe_table_is_read(tmp_path):
                                                   ROOT / "bench" / "hopper_probe.py")
     hp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hp)
-    (tmp_path / "probe.md").write_text("title\n\n" + hp.table({
-        "cluster": {"status": "ok", "detail": "x", "seconds": 1.0},
-        "kgrad": {"status": "hung", "detail": "killed", "seconds": 20.0}}) + "\n")
+    for call, status in (("first", "ok"), ("second", "hung")):  # the later call's wins
+        (tmp_path / call).mkdir()
+        (tmp_path / call / "probe.md").write_text("title\n\n" + hp.table({
+            "cluster": {"status": "ok", "detail": "x", "seconds": 1.0},
+            "kgrad": {"status": status, "detail": "x", "seconds": 1.0}}) + "\n")
     preds = _preds(*({"what": n, "table": "probe", "probe": n, "predicted": "ok"}
                      for n in ("cluster", "kgrad", "wgmma")))
+    preds["predictions"][1]["then"] = "read the detail"
     cp.validate(preds)
-    got = [r["verdict"] for r in cp.check(preds, cp.Tables([str(tmp_path)]))]
-    assert got == ["as predicted", "not as predicted (hung)", "missing"]
+    results = cp.check(preds, cp.Tables([str(tmp_path / "first"), str(tmp_path / "second")]))
+    assert [r["verdict"] for r in results] == ["as predicted", "not as predicted (hung)",
+                                               "missing"]
+    assert results[0]["decision"] == "" and results[1]["decision"] == "read the detail"
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -117,6 +122,8 @@ def test_the_probe_table_is_read(tmp_path):
      "predicted must be"),
     ({"table": "model-fwd", "value": ["a", "b"], "op": "sum", "predicted": 1}, "op must be"),
     ({"table": "probe", "probe": "cluster", "predicted": 1}, "names its probe and a status"),
+    ({"table": "layers-fwd", "shape": "pw", "value": ["a", "b"], "op": "difference",
+      "predicted": 1}, "a geomean of differences"),
 ])
 def test_malformed_predictions_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -16,11 +16,14 @@ spec.loader.exec_module(hopper_probe)
 CHILDREN = {  # what each fake probe's process does
     "cluster": "import time; time.sleep(30)",
     "wgmma": "import os; os.abort()",
-    "kgrad": "print('a line'); print('{\"status\": \"wrong\", \"detail\": \"off\"}')",
+    "kgrad": "import sys; sys.stderr.write('x' * 200000); print('a line'); "
+             "print('{\"status\": \"wrong\", \"detail\": \"off\"}')",
 }
 
 
 def test_a_hang_a_crash_and_a_wrong_result(monkeypatch, tmp_path):
+    """Each process judged on its own: the hang does not make the others hang, nor does a
+    child's large output."""
     monkeypatch.setattr(hopper_probe, "command",
                         lambda name: [sys.executable, "-c", CHILDREN[name]])
     results = hopper_probe.run_all(hopper_probe.PROBES, timeout=3)
@@ -28,7 +31,9 @@ def test_a_hang_a_crash_and_a_wrong_result(monkeypatch, tmp_path):
     assert 3 <= results["cluster"]["seconds"] < 20
     assert results["wgmma"]["status"] == "crashed"
     assert "exit status -6" in results["wgmma"]["detail"]  # SIGABRT
+    # (200 KB on stderr: more than a pipe holds; its result still read, and its own time)
     assert results["kgrad"]["status"] == "wrong" and results["kgrad"]["detail"] == "off"
+    assert results["kgrad"]["seconds"] < results["cluster"]["seconds"]
     lines = hopper_probe.env_lines(results)
     assert "export CONDCONV_CUDA_CLUSTER=0" in lines
     assert "export HOPPER_SKIP='cluster,wgmma'" in lines  # the wrong one is still timed
