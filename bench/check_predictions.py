@@ -148,6 +148,8 @@ def verdict(p: dict, measured) -> str:
 
 
 def decision(p: dict, measured) -> str:
+    if measured is None:  # (nothing measured: nothing decided)
+        return ""
     if "decide_at" not in p or not isinstance(measured, (int, float)):
         if measured is not None and measured == p["predicted"]:
             return ""  # (a status as predicted: nothing to do)

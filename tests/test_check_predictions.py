@@ -110,6 +110,8 @@ def test_the_probe_table_is_read(tmp_path):
     assert [r["verdict"] for r in results] == ["as predicted", "not as predicted (hung)",
                                                "missing"]
     assert results[0]["decision"] == "" and results[1]["decision"] == "read the detail"
+    preds["predictions"][2]["then"] = "read the detail"
+    assert cp.check(preds, cp.Tables([str(tmp_path / "first")]))[2]["decision"] == ""
 
 
 @pytest.mark.parametrize("bad,message", [
