@@ -457,8 +457,9 @@ if [ "$MODE" = first ]; then
     --out "$WORK/results/pointwise.md"
   table "$WORK/results/pointwise.md"
   # Inference captured in a CUDA graph (the device's time): static, fused triton, and fused
-  # triton with its batched 1x1 forward (off by default until measured), before the layer
-  # table (the decision the batched variant settles comes first); eager inference last
+  # triton with its batched 1x1 forward, with the mix pass and, where the probe passed the
+  # Hopper kernels, with the cluster pass (each off by default until measured), before the
+  # layer table (the decisions these variants settle come first); eager inference last
   # (host-bound; the deadline cuts it first).
   step model-fwd-graph 60 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED[@]}" $(hopper_also) \
     --amp bfloat16 --channels-last --out "$WORK/results/model-b256-amp-cl-fwd-graph.md"
@@ -497,9 +498,9 @@ elif [ "$MODE" = second ]; then
   probe_step
   # The benchmarks first: they need the kit's cache while it is fresh, and the deadline cuts
   # the last steps first. The training step captured in a CUDA graph (the device's time,
-  # without the host's): static, fused triton, fused triton with the mix pass and with grad_x
-  # batched (both off by default until measured); it tunes the backward kernels the layer
-  # table then finds cached.
+  # without the host's): static, fused triton, fused triton with the mix pass, with grad_x
+  # batched and, where the probe passed the Hopper kernels, with the cluster pass (each off by
+  # default until measured); it tunes the backward kernels the layer table then finds cached.
   step model-train-graph 100 "$PY" bench/bench_model.py "${DEV[@]}" "${GRAPHED_TRAIN[@]}" \
     $(hopper_also) --amp bfloat16 --channels-last --backward \
     --out "$WORK/results/model-b256-amp-cl-train-graph.md"
