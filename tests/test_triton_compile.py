@@ -491,6 +491,76 @@ def test_replay_with_autotuning_off_matches_tritons():
     assert rows == [["1", "4", "4", "0"], ["3", "4", "4", "2"], ["5", "3", "3", "0"]], rows
 
 
+_SHORT_SHARED_MEMORY = """
+import sys
+import torch
+from triton.runtime import driver
+from condconv_kernels import triton as backend
+from condconv_kernels.triton import _config, dry_run
+
+dry_run.install()
+driver.active.utils.shared_bytes = int(sys.argv[1])  # a GPU with this much a block
+launched = []
+base = backend._launch
+def spy(kernel, grid, args, kwargs, launches=None):
+    kept = base(kernel, grid, args, kwargs, launches)
+    if "num_stages" in kwargs:  # (not the sum kernel: one configuration, no tiles)
+        launched.append((kernel.__name__, kwargs["num_stages"], kept[0][3]["num_stages"],
+                         kept[0][4].metadata.shared))
+    return kept
+backend._launch = spy
+x, grad = (torch.randn(5, c, 7, 7, dtype=torch.bfloat16).contiguous(
+    memory_format=torch.channels_last) for c in (16, 32))
+routing, weight = torch.rand(5, 8), torch.randn(8, 32, 16, 1, 1, dtype=torch.bfloat16)
+conv = ([1, 1], [0] * 4, [1, 1], 1)
+try:
+    backend.forward(x, routing, weight, None, *conv)
+    backend.backward(grad, x, routing, weight, None, *conv, (True, True, True, False))
+except RuntimeError as error:
+    print(error)
+for row in launched:
+    print(*row)
+"""
+
+
+def test_launch_on_a_gpu_with_less_shared_memory():
+    """The tables are H100's; on a GPU whose blocks have less shared memory (launched dry, its
+    size given), autotuning off: the dense forward and grad_x take the stages that fit
+    (_config.fitting_stages at the device's shared_limit), the dense kernel gradient, which
+    has no such count, is launched again with a stage fewer (the backend's _launch); where one
+    stage does not fit either, the error names the kernel and both sizes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CONDCONV_TRITON_AUTOTUNE="0", CONDCONV_TRITON_STATIONARY="0")
+    rows = {}
+    for limit in (232448, 36000, 4000):
+        result = subprocess.run([sys.executable, "-c", _SHORT_SHARED_MEMORY, str(limit)],
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        rows[limit] = result.stdout.strip().split("\n")
+    # kernel, stages asked for, stages launched, shared bytes: an H100's 227 KB as the table
+    # says (the dense forward's and grad_x's 94208 bytes are dense_shared_bytes at 3 stages)
+    full = [r.split() for r in rows[232448]]
+    assert [r[:3] for r in full] == [["dense_fwd_kernel", "3", "3"],
+                                     ["dense_bwd_x_kernel", "3", "3"],
+                                     ["dense_bwd_w_kernel", "3", "3"]], full
+    assert int(full[0][3]) == _dense_bytes(3) and int(full[1][3]) == _dense_bytes(3), full
+    short = [r.split() for r in rows[36000]]
+    assert [r[:3] for r in short] == [["dense_fwd_kernel", "1", "1"],
+                                      ["dense_bwd_x_kernel", "1", "1"],
+                                      ["dense_bwd_w_kernel", "3", "2"]], short
+    assert all(int(r[3]) <= 36000 for r in short) and int(full[2][3]) > 36000, (full, short)
+    assert rows[4000] == [
+        f"condconv triton backend: dense_fwd_kernel needs {short[0][3]} bytes of shared memory "
+        "with one pipeline stage, more than this GPU's 4000; CONDCONV_TRITON_CONFIG=i launches "
+        "another configuration of its table"], rows[4000]
+
+
+def _dense_bytes(stages: int) -> int:
+    from condconv_kernels.triton import _config
+    blocks = dict(zip(_config.DENSE_TILES, _config._GPU_DENSE_CONFIGS[0][:4]))
+    return _config.dense_shared_bytes(blocks, stages, 8, 2)
+
+
 def test_static_report_of_a_dense_3x3_layer(tmp_path):
     """report --model resnet on a ResNet's first two 3x3 layers (64 -> 64 at 56x56, and 64 ->
     128 at stride 2; batch 256, bfloat16, channels_last): their forward and grad_x reduce over

@@ -32,6 +32,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .. import _args, _env
 from .._epilogue import Scales, conv_tf32, finish_grads, fold_scaled_kernel_grads
@@ -66,8 +67,27 @@ def _launch(kernel, grid, args, kwargs, launches: Optional[list] = None) -> list
     """``kernel[grid](*args, **kwargs)``, returned as the list of launches ``_replay.keep``
     takes, and appended to ``launches`` where given: (kernel, grid, args, kwargs, what the launch
     returned), the compiled kernel of a plain kernel's launch (autotuning off) among them, so
-    that those calls replay too."""
-    launch = (kernel, grid, args, kwargs, kernel[grid](*args, **kwargs))
+    that those calls replay too. A fixed configuration (autotuning off: ``num_stages`` among
+    ``kwargs``) that needs more shared memory than the GPU has (the tables are H100's) is
+    launched with one pipeline stage fewer at a time, down to one; the autotuner skips such
+    configurations itself."""
+    while True:
+        try:
+            compiled = kernel[grid](*args, **kwargs)
+            break
+        except OutOfResources as error:
+            stages = kwargs.get("num_stages")
+            if error.name != "shared memory" or stages is None or stages <= 1:
+                if error.name == "shared memory" and stages is not None:
+                    name = getattr(kernel, "__name__", "a kernel")
+                    raise RuntimeError(
+                        f"condconv triton backend: {name} needs {error.required} bytes of "
+                        f"shared memory with one pipeline stage, more than this GPU's "
+                        f"{error.limit}; CONDCONV_TRITON_CONFIG=i launches another "
+                        f"configuration of its table") from error
+                raise
+            kwargs = {**kwargs, "num_stages": stages - 1}
+    launch = (kernel, grid, args, kwargs, compiled)
     if launches is not None:
         launches.append(launch)
     return [launch]
@@ -198,7 +218,7 @@ def forward(x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor,
         if plan is not None:
             return stationary.run(x, routing, weight, bias, out, plan, scales=given)
     cout_g = cout // groups
-    blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
+    blocks = fixed_blocks(DENSE_TILES, E, x.element_size(), like=x)
     grid = lambda meta: flat_grid(cdiv(ho * wo, meta["BLOCK_N"]),  # noqa: E731
                                   cdiv(cout_g, meta["BLOCK_M"]),
                                   cdiv(B, meta["BLOCK_B"]) * groups)
@@ -338,7 +358,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, routing: torch.Tensor,
                                scales=given)
             else:
                 cout_g = cout // groups
-                blocks = fixed_blocks(DENSE_TILES, E, x.element_size())
+                blocks = fixed_blocks(DENSE_TILES, E, x.element_size(), like=x)
                 # (the phases that hold pixels: a stride past the plane leaves the rest empty)
                 phases = (min(stride[0], H) * min(stride[1], W) if _phases(stride, pointwise)
                           else 0)

@@ -12,6 +12,7 @@ autotuned run, which then only times the configurations (``bench/warm_triton.py`
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -121,7 +122,32 @@ INTERPRET_COLS = 3  # not a divisor of most widths: the tests' rows end in part-
 # across its K loop; those of the block's further examples are loaded again in every K block.
 HELD_ROUTING = tl.constexpr(32)
 
-SHARED_LIMIT = 227 * 1024  # the most shared memory a block may use on sm_90
+# The most shared memory a block may use (opted in), by compute capability x 10: T4 and the RTX
+# 20 series (7.5), A100 (8.0), the GPUs of 8.6 and 8.9 (RTX 30 and 40 series, A10, L4, L40)
+# and H100 / H200 (9.0). The
+# tables are H100's; on a GPU with less, the dense forward / grad_x take fewer pipeline stages
+# (fitting_stages at shared_limit), and a launch of a fixed configuration (autotuning off) that
+# still does not fit is retried with fewer (the triton backend's _launch).
+SHARED_BYTES = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024,
+                90: 227 * 1024}
+SHARED_LIMIT = SHARED_BYTES[90]  # what the tables and the static report assume
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared(index: int) -> int:
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def shared_limit(t: Optional[torch.Tensor] = None) -> int:
+    """The most shared memory a block may use on the GPU that holds ``t`` (Triton's own figure,
+    the one its launch checks); for a tensor off the GPU, the driver's that a dry run installed
+    (dry_run), else SHARED_LIMIT (the interpreter, the static report)."""
+    if t is not None and t.device.type == "cuda":
+        return _device_shared(t.device.index)
+    installed = None if INTERPRET else getattr(driver, "_active", None)
+    if installed is None:
+        return SHARED_LIMIT
+    return installed.utils.get_device_properties(installed.get_current_device())["max_shared_mem"]
 
 
 def dense_shared_bytes(blocks: Dict[str, int], stages: int, experts: int, itemsize: int) -> int:
@@ -136,10 +162,11 @@ def dense_shared_bytes(blocks: Dict[str, int], stages: int, experts: int, itemsi
     return itemsize * (stages * b * k * n + ((stages - 1) * experts + 1) * m * k) + routing
 
 
-def fitting_stages(blocks: Dict[str, int], stages: int, experts: int, itemsize: int) -> int:
-    """The most pipeline stages, at most ``stages``, whose tiles fit in shared memory (1 if
-    none does: the tiles are then loaded without pipelining)."""
-    while stages > 1 and dense_shared_bytes(blocks, stages, experts, itemsize) > SHARED_LIMIT:
+def fitting_stages(blocks: Dict[str, int], stages: int, experts: int, itemsize: int,
+                   limit: int = SHARED_LIMIT) -> int:
+    """The most pipeline stages, at most ``stages``, whose tiles fit in ``limit`` bytes of
+    shared memory (1 if none does: the tiles are then loaded without pipelining)."""
+    while stages > 1 and dense_shared_bytes(blocks, stages, experts, itemsize) > limit:
         stages -= 1
     return stages
 
@@ -177,18 +204,20 @@ def examples_fit(blocks: Dict[str, int], warps: int, itemsize: int, experts: int
 def _prune_examples(configs, named_args, **kwargs):
     """Drops the configurations whose block of examples exceeds the batch's bucket (B_KEY), or
     would not fit in registers (examples_fit), and lowers the pipeline stages of the others
-    until their tiles fit in shared memory."""
+    until their tiles fit in the GPU's shared memory."""
     limit = named_args.get("B_KEY", 1 << 30)
     experts = kwargs.get("E", 8)
     x = named_args.get("x_ptr", named_args.get("g_ptr"))
-    itemsize = x.element_size() if hasattr(x, "element_size") else 4
+    tensor = hasattr(x, "element_size")
+    itemsize = x.element_size() if tensor else 4
+    shared = shared_limit(x) if tensor else SHARED_LIMIT
     fewest = min(c.kwargs["BLOCK_B"] for c in configs)
     kept = []
     for c in configs:
         examples = c.kwargs["BLOCK_B"]
         if examples <= max(limit, fewest) and (
                 examples_fit(c.kwargs, c.num_warps, itemsize, experts) or examples == fewest):
-            stages = fitting_stages(c.kwargs, c.num_stages, experts, itemsize)
+            stages = fitting_stages(c.kwargs, c.num_stages, experts, itemsize, shared)
             kept.append(c if stages == c.num_stages else
                         triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=stages))
     return kept
@@ -435,13 +464,15 @@ def _table(shapes: Sequence[str]):
 
 def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
                  acc_bytes: int = 4, scaled: bool = False, stride: int = 1,
-                 channels_last: bool = False) -> Dict[str, int]:
+                 channels_last: bool = False, like: Optional[torch.Tensor] = None
+                 ) -> Dict[str, int]:
     """The launch options the launcher passes itself: the interpreter's tiles, the first (or
     the forced) GPU configuration when autotuning is off, none when autotuned. Without
     autotuning the dense forward / grad_x get their pipeline stages lowered until their tiles
-    of ``experts`` experts in ``itemsize``-byte elements fit in shared memory, the dense
-    kernel gradient the first configuration from there on whose expert tiles (and, ``scaled``:
-    computing the scales' gradients, their two tiles) fit in registers, and the depthwise
+    of ``experts`` experts in ``itemsize``-byte elements fit in the shared memory of the GPU
+    that holds ``like`` (shared_limit), the dense kernel gradient the first configuration
+    from there on whose expert tiles (and, ``scaled``: computing the scales' gradients, their
+    two tiles) fit in registers, and the depthwise
     forward / grad_x (``stride``: grad_x's column stride) the first whose accumulators of
     ``acc_bytes`` do and whose examples may serve ``itemsize``-byte inputs, ``channels_last``
     or not (dw_examples_fit)."""
@@ -456,7 +487,7 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
         # from the first (or forced) configuration on, as (tile, warps, configuration)
         triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
         if tuple(shapes) == DENSE_TILES:
-            stages = fitting_stages(blocks, stages, experts, itemsize)
+            stages = fitting_stages(blocks, stages, experts, itemsize, shared_limit(like))
         elif tuple(shapes) == KGRAD_TILES:
             pow2 = 1 << max(0, experts - 1).bit_length()
             blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize,

@@ -12,6 +12,15 @@ The experimental Gluon kernels (``stationary.py``,
 ``stationary_mix.py``, ``pointwise_grad.py``) are compiled at their ``COMPILE_CASES`` in
 float16 and bfloat16.
 
+The tables are H100's: at ``--arch 90`` every configuration must fit. For another GPU
+(``--arch 80``: A100; 86 and 89: the RTX 30 and 40 series, A10, L4, L40, with 99 KB a block;
+75: T4, 64 KB)
+the dense forward / grad_x get the stages their launch gets there (``_config.fitting_stages``
+at that GPU's shared memory), a fixed configuration that still does not fit is compiled again
+with fewer stages, as its launch is retried (the triton backend's ``_launch``), and an
+autotuned one that does not fit is reported and not counted (the tuner skips it); the Gluon
+kernels, sm_90 only, are not compiled.
+
 Run it in a process without ``TRITON_INTERPRET=1``: the interpreter patches the compiler's
 builder once a kernel has been interpreted.
 """
@@ -57,7 +66,6 @@ STRIDE_VARIANTS = {"dw_fwd": ("+s2",), "dw_bwd_x": ("+s2",), "dw_bwd_w": ("+s2",
 _SCALE_POINTERS = ("in_s_ptr", "out_s_ptr", "tap_s_ptr")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}
-SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024}  # the most a block may use, by architecture
 
 
 def _jit(kernel) -> triton.JITFunction:
@@ -140,14 +148,14 @@ def _quick(configs):
     return chosen
 
 
-def variants(quick: bool = False):
+def variants(quick: bool = False, arch: int = 90):
     """(kernel, dtype, config, whether it is the configuration launched without autotuning);
     ``quick``: of the other configurations only the largest tiles (most stages on a tie) and,
-    where the tiles hold a block of examples, the one with the most examples. The
-    dense forward / grad_x configurations get the pipeline stages their launch would get for
-    that dtype with 8 experts (_config.fitting_stages). The other variants (scales, pixels an
-    example, reduction order) likewise, or with ``quick`` only float32 and bfloat16 at the
-    untuned configuration."""
+    where the tiles hold a block of examples, the one with the most examples. The dense
+    forward / grad_x configurations get the pipeline stages their launch would get for that
+    dtype with 8 experts on ``sm_<arch>`` (_config.fitting_stages). The other variants
+    (scales, pixels an example, reduction order) likewise, or with ``quick`` only float32 and
+    bfloat16 at the untuned configuration."""
     for name, (_, shapes, _) in KERNELS.items():
         table = _config._table(shapes)
         rest = table[1:]
@@ -157,12 +165,12 @@ def variants(quick: bool = False):
                         + tuple(name + v for v in STRIDE_VARIANTS.get(name, ()))):
             extra = variant != name
             for dtype in ((torch.float32, torch.bfloat16) if quick and extra else TYPES):
-                yield variant, dtype, _staged(table[0], dtype), True
+                yield variant, dtype, _staged(table[0], dtype, arch), True
             for dtype in (torch.float32, torch.bfloat16):
                 launchable = [c for c in rest if _launchable(c, dtype)]
                 for config in [] if quick and extra else (
                         _quick(launchable) if quick else launchable):
-                    yield variant, dtype, _staged(config, dtype), False
+                    yield variant, dtype, _staged(config, dtype, arch), False
 
 
 def _launchable(config, dtype) -> bool:
@@ -173,38 +181,54 @@ def _launchable(config, dtype) -> bool:
         blocks, config[1], torch.empty((), dtype=dtype).element_size(), 8)
 
 
-def _staged(config, dtype):
+def _staged(config, dtype, arch: int = 90):
     blocks, warps, stages = config
     if "BLOCK_B" in blocks:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        stages = _config.fitting_stages(blocks, stages, 8, itemsize)
+        stages = _config.fitting_stages(blocks, stages, 8, itemsize,
+                                        _config.SHARED_BYTES[arch])
     return blocks, warps, stages
 
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_BYTES),
-                   help="The compute capability x 10 (90: H100 and H200).")
+    p.add_argument("--arch", type=int, default=90, choices=sorted(_config.SHARED_BYTES),
+                   help="The compute capability x 10 (90: H100 and H200; 80: A100; 86 and 89: "
+                        "the RTX 30 and 40 series; 75: T4).")
     p.add_argument("--quick", action="store_true",
                    help="Of the autotuned configurations, compile only the largest.")
     args = p.parse_args(argv)
     if _config.INTERPRET:
         p.error("run without TRITON_INTERPRET=1 (see the module's docstring)")
     from .report import ptxas_usage
+    limit = _config.SHARED_BYTES[args.arch]
+    tables_arch = args.arch == 90  # the tables' GPU: every configuration must fit there
     failures = 0
-    for name, dtype, (blocks, warps, stages), first in variants(args.quick):
+    for name, dtype, (blocks, warps, stages), first in variants(args.quick, args.arch):
         label = (f"{name:19s} {TYPES[dtype]} {'x'.join(map(str, blocks.values())):10s} "
                  f"w{warps} s{stages}{' (untuned)' if first else ''}")
-        try:
-            compiled = compile_variant(name, dtype, (blocks, warps, stages), args.arch)
-        except Exception as error:  # noqa: BLE001 -- every failure is reported, then counted
-            print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[-1]}")
-            failures += 1
+        staged = stages
+        while True:
+            try:
+                compiled = compile_variant(name, dtype, (blocks, warps, stages), args.arch)
+            except Exception as error:  # noqa: BLE001 -- every failure is reported, then counted
+                print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[-1]}")
+                failures += 1
+                compiled = None
+                break
+            # a fixed configuration's launch is retried with fewer stages (the backend's _launch)
+            if compiled.metadata.shared <= limit or tables_arch or not first or stages == 1:
+                break
+            stages -= 1
+        if compiled is None:
             continue
         meta, ptx = compiled.metadata, compiled.asm["ptx"]
-        fits = meta.shared <= SHARED_BYTES[args.arch]
-        failures += not fits
-        print(f"{label}: {meta.shared} B shared{'' if fits else ' (TOO MUCH)'}, "
+        fits = meta.shared <= limit
+        note = ("" if fits else " (TOO MUCH)" if tables_arch or first
+                else " (more than this GPU has: the tuner skips it)")
+        failures += not fits and (tables_arch or first)
+        retried = f" (launched at s{stages})" if stages != staged else ""
+        print(f"{label}: {meta.shared} B shared{note}{retried}, "
               f"{ptx.count('mma.sync') + ptx.count('wgmma.mma_async')} mma instructions")
     for dtype in TYPES:
         for tap_major in (False, True):
@@ -220,7 +244,9 @@ def main(argv=None) -> int:
     # miss): each compiled at its cases in bfloat16 and float16, its shared memory the plan's
     # (which decides the layers it takes; the plan keeps 1 KB for the compiler's scratch).
     gluon = []
-    if stationary.AVAILABLE:
+    if not tables_arch:
+        print(f"(the Gluon kernels are sm_90 only: not compiled for sm_{args.arch})")
+    elif stationary.AVAILABLE:
         gluon += [(f"stationary (gluon) {{}} E{e} K{k} P{p}{' transposed' if t else ''}"
                    f"{' routing' if r else ''}{' +scales' if sc else ''}",
                    lambda dtype, e=e, k=k, p=p, t=t, r=r, sc=sc: stationary.compile_for(
@@ -249,7 +275,7 @@ def main(argv=None) -> int:
                 continue
             shared = compiled.metadata.shared
             usage = ptxas_usage(compiled.asm["ptx"], args.arch)
-            fits = (shared <= SHARED_BYTES[args.arch] and planned <= shared <= planned + 1024
+            fits = (shared <= limit and planned <= shared <= planned + 1024
                     and usage["spill_bytes"] == 0)
             failures += not fits
             print(f"{label}: {shared} B shared (planned {planned}), {usage['registers']} "

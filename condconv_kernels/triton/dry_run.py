@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from .. import _env
+from . import _config
 
 # Launches by kernel name since install().
 LAUNCHES: Counter[str] = collections.Counter()
@@ -31,13 +32,16 @@ LAUNCHES: Counter[str] = collections.Counter()
 
 class _Utils:
     """What Triton asks of a driver's utilities: loading a binary (nothing is loaded) and the
-    device's properties (an H100's shared memory and SM count)."""
+    device's properties (the architecture's shared memory a block, an H100's SM count)."""
+
+    def __init__(self, shared_bytes: int):
+        self.shared_bytes = shared_bytes
 
     def load_binary(self, name, kernel, shared, device):
         return name, name, 0, 0, 1024  # module, function, registers, spills, max threads
 
     def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132,
+        return {"max_shared_mem": self.shared_bytes, "multiprocessor_count": 132,
                 "max_num_regs": 65536, "warpSize": 32}
 
 
@@ -46,7 +50,7 @@ class _NoDevice:
     :data:`LAUNCHES` and do nothing, benchmarks take no time."""
 
     def __init__(self, arch: int):
-        self.utils = _Utils()
+        self.utils = _Utils(_config.SHARED_BYTES.get(arch, _config.SHARED_LIMIT))
         self.target = GPUTarget("cuda", arch, 32)
 
         def launcher(src, metadata):
@@ -86,7 +90,9 @@ class _NoDevice:
 
 
 def install(arch: int = 90) -> None:
-    """Makes this process's Triton launches dry runs for ``sm_<arch>`` (see the module)."""
+    """Makes this process's Triton launches dry runs for ``sm_<arch>`` (see the module), whose
+    blocks may use ``_config.SHARED_BYTES[arch]`` bytes of shared memory (a launch needing more
+    raises Triton's OutOfResources, as on that GPU)."""
     if _env.TRITON_INTERPRET:
         raise RuntimeError("condconv_kernels.triton.dry_run: needs a process without "
                            "TRITON_INTERPRET=1 (the interpreter runs the kernels instead)")
