@@ -217,10 +217,14 @@ table() {
 }
 
 # pytest_cmd [N]: pytest with N (default WORKERS) processes where pytest-xdist is there (not in
-# the dry run).
+# the dry run), each with one CPU thread for torch, so that N processes do not each start 16
+# OpenMP threads for the ground truths they compute on the CPU, beside the build's and the
+# Triton compiles' processes. (The third run's triton-tests took 176 s, one batch-256 test 128 s
+# of it, for a reason its log does not show: on a quiet 2-core CPU that test's ground truths take
+# 0.3 s and its three Triton compiles 5 s; the step's --durations now lists 12 tests.)
 pytest_cmd() {
   if [ "$DRY" != 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
-    echo "$PY -m pytest -q -rfE -p no:cacheprovider -n ${1:-$WORKERS}"
+    echo "OMP_NUM_THREADS=1 $PY -m pytest -q -rfE -p no:cacheprovider -n ${1:-$WORKERS}"
   else
     echo "$PY -m pytest -q -rfE -p no:cacheprovider"
   fi
@@ -429,7 +433,7 @@ if [ "$MODE" = first ]; then
   # The tests compile into a cache of their own: the kit carries the benchmarks' kernels only.
   step triton-tests 230 "${TEST_ENV[@]}" TRITON_CACHE_DIR="$TRITON_CACHE_DIR-tests" \
     CONDCONV_GPU_BACKENDS=triton,cpu CONDCONV_TRITON_AUTOTUNE=0 \
-    $(pytest_cmd 10) --durations=5 tests/test_gpu.py -m "not huge" "${TRITON_TESTS[@]}"
+    $(pytest_cmd 10) --durations=12 tests/test_gpu.py -m "not huge" "${TRITON_TESTS[@]}"
   join build
   step install 30 install_extension
   # (the triton backend's cluster pass is tested here, where the extension is built: its

@@ -494,6 +494,7 @@ def test_replay_with_autotuning_off_matches_tritons():
 _SHORT_SHARED_MEMORY = """
 import sys
 import torch
+import triton
 from triton.runtime import driver
 from condconv_kernels import triton as backend
 from condconv_kernels.triton import _config, dry_run
@@ -520,23 +521,45 @@ except RuntimeError as error:
     print(error)
 for row in launched:
     print(*row)
+# the autotuner's pruning of the dense table at batch 256 on this GPU and on one with 60000
+# bytes a block: each configuration's stages
+configs = [triton.Config(b, num_warps=w, num_stages=st)
+           for b, w, st in _config._table(_config.DENSE_TILES)]
+for limit in (int(sys.argv[1]), 60000):
+    driver.active.utils.shared_bytes = limit
+    kept = _config._prune_examples(configs, {"x_ptr": x, "B_KEY": 256}, E=8)
+    print("pruned", limit,
+          *[f"{'x'.join(map(str, c.kwargs.values()))}:{c.num_stages}" for c in kept])
 """
 
 
 def test_launch_on_a_gpu_with_less_shared_memory():
     """The tables are H100's; on a GPU whose blocks have less shared memory (launched dry, its
     size given), autotuning off: the dense forward and grad_x take the stages that fit
-    (_config.fitting_stages at the device's shared_limit), the dense kernel gradient, which
+    (_config.fitting_stages at the device's device_shared), the dense kernel gradient, which
     has no such count, is launched again with a stage fewer (the backend's _launch); where one
     stage does not fit either, the error names the kernel and both sizes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CONDCONV_TRITON_AUTOTUNE="0", CONDCONV_TRITON_STATIONARY="0")
-    rows = {}
+    rows, pruned = {}, {}
     for limit in (232448, 36000, 4000):
         result = subprocess.run([sys.executable, "-c", _SHORT_SHARED_MEMORY, str(limit)],
                                 env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-        rows[limit] = result.stdout.strip().split("\n")
+        *rows[limit], first, second = result.stdout.strip().split("\n")
+        for line in (first, second):
+            pruned[int(line.split()[1])] = line.split()[2:]
+    # the autotuner's pruning: every configuration of the table (at batch 256, bfloat16) with
+    # the most stages, at most its table's, that fit the device's shared memory
+    from condconv_kernels.triton import _config
+    table = _config._table(_config.DENSE_TILES)
+    for limit in pruned:
+        expected = [f"{'x'.join(map(str, b.values()))}:"
+                    f"{_config.fitting_stages(b, st, 8, 2, limit)}" for b, w, st in table
+                    if _config.examples_fit(b, w, 2, 8)]
+        assert pruned[limit] == expected, (limit, pruned[limit], expected)
+    stages = {limit: {c.split(":")[1] for c in pruned[limit]} for limit in pruned}
+    assert stages[232448] == {"2", "3", "4"} and stages[60000] == {"1", "2"}, stages
     # kernel, stages asked for, stages launched, shared bytes: an H100's 227 KB as the table
     # says (the dense forward's and grad_x's 94208 bytes are dense_shared_bytes at 3 stages)
     full = [r.split() for r in rows[232448]]

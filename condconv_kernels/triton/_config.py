@@ -13,7 +13,7 @@ autotuned run, which then only times the configurations (``bench/warm_triton.py`
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -124,49 +124,61 @@ HELD_ROUTING = tl.constexpr(32)
 
 # The most shared memory a block may use (opted in), by compute capability x 10: T4 and the RTX
 # 20 series (7.5), A100 (8.0), the GPUs of 8.6 and 8.9 (RTX 30 and 40 series, A10, L4, L40)
-# and H100 / H200 (9.0). The
-# tables are H100's; on a GPU with less, the dense forward / grad_x take fewer pipeline stages
-# (fitting_stages at shared_limit), and a launch of a fixed configuration (autotuning off) that
-# still does not fit is retried with fewer (the triton backend's _launch).
+# and H100 / H200 (9.0). The tables are H100's; on a GPU with less, the dense forward / grad_x
+# take fewer pipeline stages (fitting_stages at device_shared), and a launch of a fixed
+# configuration (autotuning off) that still does not fit is retried with fewer (the triton
+# backend's _launch).
 SHARED_BYTES = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024,
                 90: 227 * 1024}
 SHARED_LIMIT = SHARED_BYTES[90]  # what the tables and the static report assume
 
 
 @functools.lru_cache(maxsize=None)
-def _device_shared(index: int) -> int:
-    return driver.active.utils.get_device_properties(index)["max_shared_mem"]
+def _cuda_device_shared(index: int) -> Tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(index)
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"], 10 * major + minor
 
 
-def shared_limit(t: Optional[torch.Tensor] = None) -> int:
-    """The most shared memory a block may use on the GPU that holds ``t`` (Triton's own figure,
-    the one its launch checks); for a tensor off the GPU, the driver's that a dry run installed
-    (dry_run), else SHARED_LIMIT (the interpreter, the static report)."""
+def device_shared(t: Optional[torch.Tensor] = None) -> Tuple[int, int]:
+    """(the most shared memory a block may use, compute capability x 10) of the GPU that holds
+    ``t`` (the bytes Triton's launch checks against); for a tensor off the GPU, those of the
+    architecture a dry run compiles for (dry_run), else (SHARED_LIMIT, 90): the interpreter and
+    the static report."""
     if t is not None and t.device.type == "cuda":
-        return _device_shared(t.device.index)
+        return _cuda_device_shared(t.device.index)
     installed = None if INTERPRET else getattr(driver, "_active", None)
-    if installed is None:
-        return SHARED_LIMIT
-    return installed.utils.get_device_properties(installed.get_current_device())["max_shared_mem"]
+    if not getattr(installed, "dry_run", False):
+        return SHARED_LIMIT, 90
+    device = installed.get_current_device()
+    return (installed.utils.get_device_properties(device)["max_shared_mem"],
+            installed.get_current_target().arch)
 
 
-def dense_shared_bytes(blocks: Dict[str, int], stages: int, experts: int, itemsize: int) -> int:
+def dense_shared_bytes(blocks: Dict[str, int], stages: int, experts: int, itemsize: int,
+                       arch: int = 90) -> int:
     """A dense forward / grad_x configuration's shared memory at ``stages`` >= 2 pipeline
-    stages, as Triton 3.6 allocates it on sm_90: ``stages`` buffers of the BLOCK_B input tiles,
-    and of the E expert tiles (stages - 1) x E + 1; past HELD_ROUTING routing weights a program
-    (reloaded every K block) up to 512 bytes more. Read off every table configuration of both
-    kernels compiled at 4, 8 and 16 experts in bfloat16 and float32 (1x1 and 3x3 layers):
-    exact where the routing is held, at most 512 bytes over otherwise."""
+    stages, as Triton 3.6 allocates it for ``sm_<arch>``: ``stages`` buffers of the BLOCK_B
+    input tiles, and of the E expert tiles (stages - 1) x E, plus one on sm_90; past
+    HELD_ROUTING routing weights a program (reloaded every K block) up to 512 bytes more. Read
+    off every table configuration of both kernels compiled for sm_90 at 4, 8 and 16 experts in
+    bfloat16 and float32 (1x1 and 3x3 layers): exact where the routing is held, at most 512
+    bytes over otherwise. Before sm_90 an estimate (float32 compiled for sm_86): exact for the
+    64-row tiles of 64 pixels, over by 8-16 KB for those of 128 pixels, under by one or two
+    expert tiles for the 128-row tiles (a stage count that does not fit there: the tuner
+    skips that configuration); 16-bit configurations take 8-16 KB at any stage count (their
+    loads are not pipelined through shared memory)."""
     b, m, n, k = (blocks[name] for name in ("BLOCK_B", "BLOCK_M", "BLOCK_N", "BLOCK_K"))
     routing = 512 if b * experts > HELD_ROUTING else 0
-    return itemsize * (stages * b * k * n + ((stages - 1) * experts + 1) * m * k) + routing
+    tiles = (stages - 1) * experts + (1 if arch >= 90 else 0)
+    return itemsize * (stages * b * k * n + tiles * m * k) + routing
 
 
 def fitting_stages(blocks: Dict[str, int], stages: int, experts: int, itemsize: int,
-                   limit: int = SHARED_LIMIT) -> int:
+                   limit: int = SHARED_LIMIT, arch: int = 90) -> int:
     """The most pipeline stages, at most ``stages``, whose tiles fit in ``limit`` bytes of
-    shared memory (1 if none does: the tiles are then loaded without pipelining)."""
-    while stages > 1 and dense_shared_bytes(blocks, stages, experts, itemsize) > limit:
+    shared memory on ``sm_<arch>`` (1 if none does: the tiles are then loaded without
+    pipelining)."""
+    while stages > 1 and dense_shared_bytes(blocks, stages, experts, itemsize, arch) > limit:
         stages -= 1
     return stages
 
@@ -210,14 +222,14 @@ def _prune_examples(configs, named_args, **kwargs):
     x = named_args.get("x_ptr", named_args.get("g_ptr"))
     tensor = hasattr(x, "element_size")
     itemsize = x.element_size() if tensor else 4
-    shared = shared_limit(x) if tensor else SHARED_LIMIT
+    shared, arch = device_shared(x) if tensor else (SHARED_LIMIT, 90)
     fewest = min(c.kwargs["BLOCK_B"] for c in configs)
     kept = []
     for c in configs:
         examples = c.kwargs["BLOCK_B"]
         if examples <= max(limit, fewest) and (
                 examples_fit(c.kwargs, c.num_warps, itemsize, experts) or examples == fewest):
-            stages = fitting_stages(c.kwargs, c.num_stages, experts, itemsize, shared)
+            stages = fitting_stages(c.kwargs, c.num_stages, experts, itemsize, shared, arch)
             kept.append(c if stages == c.num_stages else
                         triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=stages))
     return kept
@@ -470,7 +482,7 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
     the forced) GPU configuration when autotuning is off, none when autotuned. Without
     autotuning the dense forward / grad_x get their pipeline stages lowered until their tiles
     of ``experts`` experts in ``itemsize``-byte elements fit in the shared memory of the GPU
-    that holds ``like`` (shared_limit), the dense kernel gradient the first configuration
+    that holds ``like`` (device_shared), the dense kernel gradient the first configuration
     from there on whose expert tiles (and, ``scaled``: computing the scales' gradients, their
     two tiles) fit in registers, and the depthwise
     forward / grad_x (``stride``: grad_x's column stride) the first whose accumulators of
@@ -487,7 +499,7 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
         # from the first (or forced) configuration on, as (tile, warps, configuration)
         triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
         if tuple(shapes) == DENSE_TILES:
-            stages = fitting_stages(blocks, stages, experts, itemsize, shared_limit(like))
+            stages = fitting_stages(blocks, stages, experts, itemsize, *device_shared(like))
         elif tuple(shapes) == KGRAD_TILES:
             pow2 = 1 << max(0, experts - 1).bit_length()
             blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize,

@@ -186,7 +186,7 @@ def _staged(config, dtype, arch: int = 90):
     if "BLOCK_B" in blocks:
         itemsize = torch.empty((), dtype=dtype).element_size()
         stages = _config.fitting_stages(blocks, stages, 8, itemsize,
-                                        _config.SHARED_BYTES[arch])
+                                        _config.SHARED_BYTES[arch], arch)
     return blocks, warps, stages
 
 
@@ -212,7 +212,9 @@ def main(argv=None) -> int:
             try:
                 compiled = compile_variant(name, dtype, (blocks, warps, stages), args.arch)
             except Exception as error:  # noqa: BLE001 -- every failure is reported, then counted
-                print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[-1]}")
+                retried = f" (at s{stages})" if stages != staged else ""
+                print(f"{label}{retried}: FAILED {type(error).__name__}: "
+                      f"{str(error).splitlines()[-1]}")
                 failures += 1
                 compiled = None
                 break

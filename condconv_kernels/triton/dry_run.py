@@ -49,6 +49,8 @@ class _NoDevice:
     """A Triton driver for ``sm_<arch>`` with no device behind it: launches are counted in
     :data:`LAUNCHES` and do nothing, benchmarks take no time."""
 
+    dry_run = True  # (what _config.device_shared asks of the active driver)
+
     def __init__(self, arch: int):
         self.utils = _Utils(_config.SHARED_BYTES.get(arch, _config.SHARED_LIMIT))
         self.target = GPUTarget("cuda", arch, 32)
