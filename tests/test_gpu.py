@@ -273,6 +273,53 @@ def test_gpu_forced_configuration(name, more, index, backend, monkeypatch):
            factor=4.0, ulps=8)
 
 
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name,more", [
+    ("k1", dict(E=5, cin=40, cout=56, B=11, H=9, W=9)),
+    ("k3_s2_asym", dict(E=5, cin=24, cout=40, B=7)),
+], ids=["k1", "k3_s2_asym"])
+def test_gpu_with_less_shared_memory(name, more, dtype, backend, monkeypatch):
+    """What a GPU with less shared memory a block than an H100 runs (an A100 163 KB, the RTX 30
+    and 40 series 99 KB), autotuning off, on this GPU with Triton told it has 25000 bytes a
+    block: the dense forward and grad_x at the stages that fit (one), the dense kernel
+    gradient's configuration launched again with a stage fewer where Triton refuses it (float32:
+    3 stages, 26624 bytes, compiled launched dry for sm_90), forward and every gradient against
+    the ground truth (float32 with TF32 off)."""
+    from triton.runtime import driver
+    from condconv_kernels import triton as triton_backend
+    from condconv_kernels.triton import _config
+    if _config.AUTOTUNE:
+        pytest.skip("the fixed configurations need CONDCONV_TRITON_AUTOTUNE=0, as the kit runs it")
+    limit = 25000
+    utils = driver.active.utils
+    real = utils.get_device_properties
+    monkeypatch.setattr(utils, "get_device_properties",
+                        lambda device: {**real(device), "max_shared_mem": limit})
+    launched, launch = [], triton_backend._launch
+
+    def spy(kernel, grid, args, kwargs, launches=None):
+        kept = launch(kernel, grid, args, kwargs, launches)
+        if "num_stages" in kwargs:  # (not the sum kernel: one configuration, no tiles)
+            launched.append((kernel.__name__, kwargs["num_stages"], kept[0][3]["num_stages"],
+                             kept[0][4].metadata.shared))
+        return kept
+    monkeypatch.setattr(triton_backend, "_launch", spy)
+    _config._cuda_device_shared.cache_clear()
+    case = CASES_BY_NAME[name]
+    try:
+        with tf32(False):
+            _check(type(case)(**{**case.__dict__, **more}), backend, dtype, "channels_last",
+                   factor=3.0 if dtype == torch.float32 else 4.0)
+    finally:
+        _config._cuda_device_shared.cache_clear()
+    stages = {kernel: (asked, got) for kernel, asked, got, _ in launched}
+    assert all(shared <= limit for *_, shared in launched), launched
+    assert stages["dense_fwd_kernel"] == stages["dense_bwd_x_kernel"] == (1, 1), launched
+    if dtype == torch.float32:
+        assert stages["dense_bwd_w_kernel"][1] < stages["dense_bwd_w_kernel"][0], launched
+
+
 @pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "cuda"])
 @pytest.mark.parametrize("name,more", [
     ("k1", dict(E=8, cin=48, cout=72, B=37, H=7, W=7)),
