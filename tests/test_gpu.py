@@ -30,6 +30,7 @@ import condconv_kernels as cc
 from condconv_kernels import reference
 from conftest import (CASES, CASES_BY_NAME, LAYOUTS, Case, assert_close, assert_repeatable, conv_args,
                       ground_truth, make_inputs, poisoned_outputs, run_op)
+from launch_log import record_stages
 
 DEVICE = os.environ.get("CONDCONV_GPU_TEST_DEVICE", "cuda")
 ON_GPU = DEVICE == "cuda"
@@ -287,7 +288,6 @@ def test_gpu_with_less_shared_memory(name, more, dtype, backend, monkeypatch):
     3 stages, 26624 bytes, compiled launched dry for sm_90), forward and every gradient against
     the ground truth (float32 with TF32 off)."""
     from triton.runtime import driver
-    from condconv_kernels import triton as triton_backend
     from condconv_kernels.triton import _config
     if _config.AUTOTUNE:
         pytest.skip("the fixed configurations need CONDCONV_TRITON_AUTOTUNE=0, as the kit runs it")
@@ -296,15 +296,7 @@ def test_gpu_with_less_shared_memory(name, more, dtype, backend, monkeypatch):
     real = utils.get_device_properties
     monkeypatch.setattr(utils, "get_device_properties",
                         lambda device: {**real(device), "max_shared_mem": limit})
-    launched, launch = [], triton_backend._launch
-
-    def spy(kernel, grid, args, kwargs, launches=None):
-        kept = launch(kernel, grid, args, kwargs, launches)
-        if "num_stages" in kwargs:  # (not the sum kernel: one configuration, no tiles)
-            launched.append((kernel.__name__, kwargs["num_stages"], kept[0][3]["num_stages"],
-                             kept[0][4].metadata.shared))
-        return kept
-    monkeypatch.setattr(triton_backend, "_launch", spy)
+    launched = record_stages(monkeypatch.setattr)
     _config._cuda_device_shared.cache_clear()
     case = CASES_BY_NAME[name]
     try:

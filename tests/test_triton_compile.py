@@ -498,18 +498,11 @@ import triton
 from triton.runtime import driver
 from condconv_kernels import triton as backend
 from condconv_kernels.triton import _config, dry_run
+from launch_log import record_stages
 
 dry_run.install()
 driver.active.utils.shared_bytes = int(sys.argv[1])  # a GPU with this much a block
-launched = []
-base = backend._launch
-def spy(kernel, grid, args, kwargs, launches=None):
-    kept = base(kernel, grid, args, kwargs, launches)
-    if "num_stages" in kwargs:  # (not the sum kernel: one configuration, no tiles)
-        launched.append((kernel.__name__, kwargs["num_stages"], kept[0][3]["num_stages"],
-                         kept[0][4].metadata.shared))
-    return kept
-backend._launch = spy
+launched = record_stages()
 x, grad = (torch.randn(5, c, 7, 7, dtype=torch.bfloat16).contiguous(
     memory_format=torch.channels_last) for c in (16, 32))
 routing, weight = torch.rand(5, 8), torch.randn(8, 32, 16, 1, 1, dtype=torch.bfloat16)
@@ -540,7 +533,9 @@ def test_launch_on_a_gpu_with_less_shared_memory():
     has no such count, is launched again with a stage fewer (the backend's _launch); where one
     stage does not fit either, the error names the kernel and both sizes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(CONDCONV_TRITON_AUTOTUNE="0", CONDCONV_TRITON_STATIONARY="0")
+    env.update(CONDCONV_TRITON_AUTOTUNE="0", CONDCONV_TRITON_STATIONARY="0",
+               PYTHONPATH=os.pathsep.join(filter(None, (os.path.dirname(os.path.abspath(
+                   __file__)), env.get("PYTHONPATH")))))  # (launch_log)
     rows, pruned = {}, {}
     for limit in (232448, 36000, 4000):
         result = subprocess.run([sys.executable, "-c", _SHORT_SHARED_MEMORY, str(limit)],
