@@ -221,7 +221,8 @@ table() {
 # OpenMP threads for the ground truths they compute on the CPU, beside the build's and the
 # Triton compiles' processes. (The third run's triton-tests took 176 s, one batch-256 test 128 s
 # of it, for a reason its log does not show: on a quiet 2-core CPU that test's ground truths take
-# 0.3 s and its three Triton compiles 5 s; the step's --durations now lists 12 tests.)
+# 0.3 s and its three Triton compiles 5 s; the step's --durations now lists 12 tests.) Its
+# output starts with an assignment: put it after `env` and the step's other assignments.
 pytest_cmd() {
   if [ "$DRY" != 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
     echo "OMP_NUM_THREADS=1 $PY -m pytest -q -rfE -p no:cacheprovider -n ${1:-$WORKERS}"

@@ -288,9 +288,12 @@ def test_gpu_with_less_shared_memory(name, more, dtype, backend, monkeypatch):
     3 stages, 26624 bytes, compiled launched dry for sm_90), forward and every gradient against
     the ground truth (float32 with TF32 off)."""
     from triton.runtime import driver
+    from condconv_kernels import _env
     from condconv_kernels.triton import _config
     if _config.AUTOTUNE:
         pytest.skip("the fixed configurations need CONDCONV_TRITON_AUTOTUNE=0, as the kit runs it")
+    for switch in ("TRITON_STATIONARY", "TRITON_BATCHED", "TRITON_CLUSTER"):  # the Triton kernels
+        monkeypatch.setattr(_env, switch, frozenset())
     limit = 25000
     utils = driver.active.utils
     real = utils.get_device_properties
