@@ -495,6 +495,7 @@ _SHORT_SHARED_MEMORY = """
 import sys
 import torch
 import triton
+from triton.runtime.jit import JITFunction
 from triton.runtime import driver
 from condconv_kernels import triton as backend
 from condconv_kernels.triton import _config, dry_run
@@ -507,13 +508,22 @@ x, grad = (torch.randn(5, c, 7, 7, dtype=torch.bfloat16).contiguous(
     memory_format=torch.channels_last) for c in (16, 32))
 routing, weight = torch.rand(5, 8), torch.randn(8, 32, 16, 1, 1, dtype=torch.bfloat16)
 conv = ([1, 1], [0] * 4, [1, 1], 1)
+asked = []  # the kernel gradient's launches through Triton, by their stages
+run = JITFunction.run
+def counted(self, *args, **kwargs):
+    if self.__name__ == "dense_bwd_w_kernel":
+        asked.append(kwargs["num_stages"])
+    return run(self, *args, **kwargs)
+JITFunction.run = counted
 try:
     backend.forward(x, routing, weight, None, *conv)
-    backend.backward(grad, x, routing, weight, None, *conv, (True, True, True, False))
+    for _ in range(2):  # (not replayed: CONDCONV_TRITON_DIRECT_LAUNCH=0)
+        backend.backward(grad, x, routing, weight, None, *conv, (True, True, True, False))
 except RuntimeError as error:
     print(error)
 for row in launched:
     print(*row)
+print("asked", *asked)
 # the autotuner's pruning of the dense table at batch 256 on this GPU and on one with 60000
 # bytes a block: each configuration's stages
 configs = [triton.Config(b, num_warps=w, num_stages=st)
@@ -534,14 +544,16 @@ def test_launch_on_a_gpu_with_less_shared_memory():
     stage does not fit either, the error names the kernel and both sizes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CONDCONV_TRITON_AUTOTUNE="0", CONDCONV_TRITON_STATIONARY="0",
+               CONDCONV_TRITON_DIRECT_LAUNCH="0",
                PYTHONPATH=os.pathsep.join(filter(None, (os.path.dirname(os.path.abspath(
                    __file__)), env.get("PYTHONPATH")))))  # (launch_log)
-    rows, pruned = {}, {}
+    rows, pruned, asked_stages = {}, {}, {}
     for limit in (232448, 36000, 4000):
         result = subprocess.run([sys.executable, "-c", _SHORT_SHARED_MEMORY, str(limit)],
                                 env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-        *rows[limit], first, second = result.stdout.strip().split("\n")
+        *rows[limit], asked, first, second = result.stdout.strip().split("\n")
+        asked_stages[limit] = asked.split()[1:]
         for line in (first, second):
             pruned[int(line.split()[1])] = line.split()[2:]
     # the autotuner's pruning: every configuration of the table (at batch 256, bfloat16) with
@@ -557,16 +569,18 @@ def test_launch_on_a_gpu_with_less_shared_memory():
     assert stages[232448] == {"2", "3", "4"} and stages[60000] == {"1", "2"}, stages
     # kernel, stages asked for, stages launched, shared bytes: an H100's 227 KB as the table
     # says (the dense forward's and grad_x's 94208 bytes are dense_shared_bytes at 3 stages)
+    # (the forward, then the backward twice, not replayed)
     full = [r.split() for r in rows[232448]]
-    assert [r[:3] for r in full] == [["dense_fwd_kernel", "3", "3"],
-                                     ["dense_bwd_x_kernel", "3", "3"],
-                                     ["dense_bwd_w_kernel", "3", "3"]], full
+    assert [r[:3] for r in full] == [["dense_fwd_kernel", "3", "3"]] + 2 * [
+        ["dense_bwd_x_kernel", "3", "3"], ["dense_bwd_w_kernel", "3", "3"]], full
     assert int(full[0][3]) == _dense_bytes(3) and int(full[1][3]) == _dense_bytes(3), full
     short = [r.split() for r in rows[36000]]
-    assert [r[:3] for r in short] == [["dense_fwd_kernel", "1", "1"],
-                                      ["dense_bwd_x_kernel", "1", "1"],
-                                      ["dense_bwd_w_kernel", "3", "2"]], short
+    assert [r[:3] for r in short] == [["dense_fwd_kernel", "1", "1"]] + 2 * [
+        ["dense_bwd_x_kernel", "1", "1"], ["dense_bwd_w_kernel", "3", "2"]], short
     assert all(int(r[3]) <= 36000 for r in short) and int(full[2][3]) > 36000, (full, short)
+    # Triton asked for 3 stages once: the second backward launches 2 straight away
+    assert asked_stages[232448] == ["3", "3"] and asked_stages[36000] == ["3", "2", "2"], \
+        asked_stages
     assert rows[4000] == [
         f"condconv triton backend: dense_fwd_kernel needs {short[0][3]} bytes of shared memory "
         "with one pipeline stage, more than this GPU's 4000; CONDCONV_TRITON_CONFIG=i launches "

@@ -63,14 +63,30 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if tf32 else "ieee"
 
 
+# Fixed configurations a GPU refused for their shared memory (one with less than the tables'
+# H100), as (kernel, launch options, the tensors' dtypes and device) -> the stages launched
+# instead, so that a call that is not replayed does not ask for them again.
+_FEWER_STAGES: dict = {}
+
+
+def _stages_key(kernel, args, kwargs) -> tuple:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return (kernel, tuple(kwargs.items()), tuple(t.dtype for t in tensors), tensors[0].device)
+
+
 def _launch(kernel, grid, args, kwargs, launches: Optional[list] = None) -> list:
     """``kernel[grid](*args, **kwargs)``, returned as the list of launches ``_replay.keep``
     takes, and appended to ``launches`` where given: (kernel, grid, args, kwargs, what the launch
     returned), the compiled kernel of a plain kernel's launch (autotuning off) among them, so
     that those calls replay too. A fixed configuration (autotuning off: ``num_stages`` among
     ``kwargs``) that needs more shared memory than the GPU has (the tables are H100's) is
-    launched with one pipeline stage fewer at a time, down to one; the autotuner skips such
-    configurations itself."""
+    launched with one pipeline stage fewer at a time, down to one (and with those stages from
+    then on: _FEWER_STAGES); the autotuner skips such configurations itself."""
+    asked, key = kwargs, None
+    if _FEWER_STAGES and "num_stages" in kwargs:
+        key = _stages_key(kernel, args, kwargs)
+        stages = _FEWER_STAGES.get(key)
+        kwargs = kwargs if stages is None else {**kwargs, "num_stages": stages}
     while True:
         try:
             compiled = kernel[grid](*args, **kwargs)
@@ -87,6 +103,8 @@ def _launch(kernel, grid, args, kwargs, launches: Optional[list] = None) -> list
                         f"configuration of its table") from error
                 raise
             kwargs = {**kwargs, "num_stages": stages - 1}
+    if kwargs.get("num_stages") != asked.get("num_stages"):
+        _FEWER_STAGES[key or _stages_key(kernel, args, asked)] = kwargs["num_stages"]
     launch = (kernel, grid, args, kwargs, compiled)
     if launches is not None:
         launches.append(launch)
