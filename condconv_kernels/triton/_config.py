@@ -163,7 +163,7 @@ def dense_shared_bytes(blocks: Dict[str, int], stages: int, experts: int, itemsi
     off every table configuration of both kernels compiled for sm_90 at 4, 8 and 16 experts in
     bfloat16 and float32 (1x1 and 3x3 layers): exact where the routing is held, at most 512
     bytes over otherwise. Before sm_90 an estimate (float32 compiled for sm_86): exact for the
-    64-row tiles of 64 pixels, over by 8-16 KB for those of 128 pixels, under by one or two
+    64-row tiles of 64 pixels, over by 16 KB for those of 128 pixels, under by one or two
     expert tiles for the 128-row tiles (a stage count that does not fit there: the tuner
     skips that configuration); 16-bit configurations take 8-16 KB at any stage count (their
     loads are not pipelined through shared memory)."""
@@ -484,10 +484,9 @@ def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
     of ``experts`` experts in ``itemsize``-byte elements fit in the shared memory of the GPU
     that holds ``like`` (device_shared), the dense kernel gradient the first configuration
     from there on whose expert tiles (and, ``scaled``: computing the scales' gradients, their
-    two tiles) fit in registers, and the depthwise
-    forward / grad_x (``stride``: grad_x's column stride) the first whose accumulators of
-    ``acc_bytes`` do and whose examples may serve ``itemsize``-byte inputs, ``channels_last``
-    or not (dw_examples_fit)."""
+    two tiles) fit in registers, and the depthwise forward / grad_x (``stride``: grad_x's
+    column stride) the first whose accumulators of ``acc_bytes`` do and whose examples may
+    serve ``itemsize``-byte inputs, ``channels_last`` or not (dw_examples_fit)."""
     if INTERPRET:
         special = {"BLOCK_B": INTERPRET_EXAMPLES, "EXAMPLES": INTERPRET_EXAMPLES,
                    "COLS": INTERPRET_COLS, "ROW_STAGES": 1}

@@ -14,12 +14,11 @@ float16 and bfloat16.
 
 The tables are H100's: at ``--arch 90`` every configuration must fit. For another GPU
 (``--arch 80``: A100; 86 and 89: the RTX 30 and 40 series, A10, L4, L40, with 99 KB a block;
-75: T4, 64 KB)
-the dense forward / grad_x get the stages their launch gets there (``_config.fitting_stages``
-at that GPU's shared memory), a fixed configuration that still does not fit is compiled again
-with fewer stages, as its launch is retried (the triton backend's ``_launch``), and an
-autotuned one that does not fit is reported and not counted (the tuner skips it); the Gluon
-kernels, sm_90 only, are not compiled.
+75: T4, 64 KB) the dense forward / grad_x get the stages their launch gets there
+(``_config.fitting_stages`` at that GPU's shared memory), a fixed configuration that still
+does not fit is compiled again with fewer stages, as its launch is retried (the triton
+backend's ``_launch``), and an autotuned one that does not fit is reported and not counted
+(the tuner skips it); the Gluon kernels, sm_90 only, are not compiled.
 
 Run it in a process without ``TRITON_INTERPRET=1``: the interpreter patches the compiler's
 builder once a kernel has been interpreted.
