@@ -474,39 +474,51 @@ def _table(shapes: Sequence[str]):
     return [(dict(zip(shapes, c[:n])), c[n], c[n + 1]) for c in table]
 
 
+def fixed_config(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
+                 acc_bytes: int = 4, scaled: bool = False, stride: int = 1,
+                 channels_last: bool = False, shared: Tuple[int, int] = (SHARED_LIMIT, 90),
+                 forced: Optional[int] = None) -> Tuple[Dict[str, int], int, int]:
+    """The configuration (tiles, warps, stages) a launch without autotuning takes: from the
+    ``forced``-th entry of the table of ``shapes`` (the first by default) on, for the dense
+    forward / grad_x that entry with its pipeline stages lowered until its tiles of
+    ``experts`` experts in ``itemsize``-byte elements fit in ``shared`` = (bytes, compute
+    capability x 10: device_shared), for the dense kernel gradient the first whose expert tiles
+    (and, ``scaled``: computing the scales' gradients, their two tiles) fit in registers, for
+    the depthwise forward / grad_x (``stride``: grad_x's column stride) the first whose
+    accumulators of ``acc_bytes`` do and whose examples may serve ``itemsize``-byte inputs,
+    ``channels_last`` or not (dw_examples_fit); for the other tables that entry."""
+    table = _table(shapes)
+    first = (forced or 0) % len(table)
+    blocks, warps, stages = table[first]
+    # from the first (or forced) configuration on, as (tile, warps, configuration)
+    triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
+    if tuple(shapes) == DENSE_TILES:
+        stages = fitting_stages(blocks, stages, experts, itemsize, *shared)
+    elif tuple(shapes) == KGRAD_TILES:
+        pow2 = 1 << max(0, experts - 1).bit_length()
+        blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize, scaled)[0][2]
+    elif tuple(shapes) == DW_TILES:
+        fitting = [t for t in triples if dw_examples_fit(t[0]["EXAMPLES"], itemsize,
+                                                         channels_last, acc_bytes)]
+        blocks, warps, stages = _dw_fit(fitting, stride, acc_bytes)[0][2]
+    return blocks, warps, stages
+
+
 def fixed_blocks(shapes: Sequence[str], experts: int = 8, itemsize: int = 4,
                  acc_bytes: int = 4, scaled: bool = False, stride: int = 1,
                  channels_last: bool = False, like: Optional[torch.Tensor] = None
                  ) -> Dict[str, int]:
     """The launch options the launcher passes itself: the interpreter's tiles, the first (or
-    the forced) GPU configuration when autotuning is off, none when autotuned. Without
-    autotuning the dense forward / grad_x get their pipeline stages lowered until their tiles
-    of ``experts`` experts in ``itemsize``-byte elements fit in the shared memory of the GPU
-    that holds ``like`` (device_shared), the dense kernel gradient the first configuration
-    from there on whose expert tiles (and, ``scaled``: computing the scales' gradients, their
-    two tiles) fit in registers, and the depthwise forward / grad_x (``stride``: grad_x's
-    column stride) the first whose accumulators of ``acc_bytes`` do and whose examples may
-    serve ``itemsize``-byte inputs, ``channels_last`` or not (dw_examples_fit)."""
+    the forced, ``CONDCONV_TRITON_CONFIG``) GPU configuration when autotuning is off as
+    :func:`fixed_config` makes it for the GPU that holds ``like``, none when autotuned."""
     if INTERPRET:
         special = {"BLOCK_B": INTERPRET_EXAMPLES, "EXAMPLES": INTERPRET_EXAMPLES,
                    "COLS": INTERPRET_COLS, "ROW_STAGES": 1}
         return {name: special.get(name, INTERPRET_BLOCK) for name in shapes}
     if not AUTOTUNE:
-        table = _table(shapes)
-        first = (FORCED_CONFIG or 0) % len(table)
-        blocks, warps, stages = table[first]
-        # from the first (or forced) configuration on, as (tile, warps, configuration)
-        triples = [(b, w, (b, w, st)) for b, w, st in table[first:] + table[:first]]
-        if tuple(shapes) == DENSE_TILES:
-            stages = fitting_stages(blocks, stages, experts, itemsize, *device_shared(like))
-        elif tuple(shapes) == KGRAD_TILES:
-            pow2 = 1 << max(0, experts - 1).bit_length()
-            blocks, warps, stages = _kgrad_fit(triples, pow2, acc_bytes, itemsize,
-                                               scaled)[0][2]
-        elif tuple(shapes) == DW_TILES:
-            fitting = [t for t in triples if dw_examples_fit(t[0]["EXAMPLES"], itemsize,
-                                                             channels_last, acc_bytes)]
-            blocks, warps, stages = _dw_fit(fitting, stride, acc_bytes)[0][2]
+        shared = device_shared(like) if tuple(shapes) == DENSE_TILES else (SHARED_LIMIT, 90)
+        blocks, warps, stages = fixed_config(shapes, experts, itemsize, acc_bytes, scaled,
+                                             stride, channels_last, shared, FORCED_CONFIG)
         return {**blocks, "num_warps": warps, "num_stages": stages}
     return {}
 

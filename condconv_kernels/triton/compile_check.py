@@ -3,14 +3,13 @@ compiler and its ptxas need no GPU): ``python -m condconv_kernels.triton.compile
 
 Catches what the interpreter cannot: code that does not lower to the GPU (types, layouts,
 tensor-core dots) and tiles whose shared memory exceeds what a block may use. Every kernel is
-compiled in every dtype with the configuration ``CONDCONV_TRITON_AUTOTUNE=0`` launches (the first
-of its table), and in float32 and bfloat16 with each other configuration of its table (with
-``--quick``, the largest only). Prints one line
-per variant (shared memory, tensor-core instructions) and exits 1 if any
-variant fails or does not fit; the dense kernel gradient's sum kernel (no tiles) in every dtype.
-The experimental Gluon kernels (``stationary.py``,
-``stationary_mix.py``, ``pointwise_grad.py``) are compiled at their ``COMPILE_CASES`` in
-float16 and bfloat16.
+compiled in every dtype with the configuration ``CONDCONV_TRITON_AUTOTUNE=0`` launches
+(``_config.fixed_config``: from the first of its table on), and in float32 and bfloat16 with
+each other configuration of its table (with ``--quick``, the largest only). Prints one line
+per variant (shared memory, tensor-core instructions) and exits 1 if any variant fails or
+does not fit; the dense kernel gradient's sum kernel (no tiles) in every dtype. The
+experimental Gluon kernels (``stationary.py``, ``stationary_mix.py``, ``pointwise_grad.py``)
+are compiled at their ``COMPILE_CASES`` in float16 and bfloat16.
 
 The tables are H100's: at ``--arch 90`` every configuration must fit. For another GPU
 (``--arch 80``: A100; 86 and 89: the RTX 30 and 40 series, A10, L4, L40, with 99 KB a block;
@@ -164,7 +163,7 @@ def variants(quick: bool = False, arch: int = 90):
                         + tuple(name + v for v in STRIDE_VARIANTS.get(name, ()))):
             extra = variant != name
             for dtype in ((torch.float32, torch.bfloat16) if quick and extra else TYPES):
-                yield variant, dtype, _staged(table[0], dtype, arch), True
+                yield variant, dtype, _untuned(variant, shapes, dtype, arch), True
             for dtype in (torch.float32, torch.bfloat16):
                 launchable = [c for c in rest if _launchable(c, dtype)]
                 for config in [] if quick and extra else (
@@ -178,6 +177,16 @@ def _launchable(config, dtype) -> bool:
     blocks = config[0]
     return "BLOCK_B" not in blocks or _config.examples_fit(
         blocks, config[1], torch.empty((), dtype=dtype).element_size(), 8)
+
+
+def _untuned(variant: str, shapes, dtype, arch: int = 90):
+    """The configuration a launch of ``variant`` in ``dtype`` with 8 experts takes on
+    ``sm_<arch>`` with autotuning off (_config.fixed_config; channels_last but for "+nchw")."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return _config.fixed_config(
+        shapes, 8, itemsize, 8 if dtype == torch.float64 else 4, scaled="+scales" in variant,
+        stride=2 if "+s2" in variant else 1, channels_last="+nchw" not in variant,
+        shared=(_config.SHARED_BYTES[arch], arch))
 
 
 def _staged(config, dtype, arch: int = 90):
