@@ -539,9 +539,10 @@ for limit in (int(sys.argv[1]), 60000):
 def test_launch_on_a_gpu_with_less_shared_memory():
     """The tables are H100's; on a GPU whose blocks have less shared memory (launched dry, its
     size given), autotuning off: the dense forward and grad_x take the stages that fit
-    (_config.fitting_stages at the device's device_shared), the dense kernel gradient, which
-    has no such count, is launched again with a stage fewer (the backend's _launch); where one
-    stage does not fit either, the error names the kernel and both sizes."""
+    (_config.fitting_stages at the device's shared memory: device_shared), the dense kernel
+    gradient, which has no such count, is launched again with a stage fewer (the backend's
+    _launch); where one stage does not fit either, the error names the kernel and both
+    sizes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CONDCONV_TRITON_AUTOTUNE="0", CONDCONV_TRITON_STATIONARY="0",
                CONDCONV_TRITON_DIRECT_LAUNCH="0",
