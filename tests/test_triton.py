@@ -165,7 +165,9 @@ def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
     """TunedKernel's launch key is Triton's (the tuned configuration is found in the cache
     Triton's run filled, and no other key is stored); a key seen before launches the best
     configuration without going through Triton's run or timing anything again; a new dtype or
-    key argument is tuned anew."""
+    key argument is tuned anew, and so is a key on another device (a process may hold two kinds
+    of GPU), whose configuration then stays that device's."""
+    from types import SimpleNamespace
     import triton
     from triton.runtime.autotuner import Autotuner
     from condconv_kernels.triton import _config
@@ -178,6 +180,9 @@ def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
     configs = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=2) for b in (16, 32, 64)]
     tuned = _config.TunedKernel(kernel, configs, ["B_KEY", "KEY_L", "E", "KH"])
     launched, timed, through_triton = [], [], []
+    device = [0]
+    monkeypatch.setattr(_config, "driver", SimpleNamespace(
+        active=SimpleNamespace(get_current_device=lambda: device[0])))
     monkeypatch.setattr(tuned.fn, "run", lambda *a, **kw: launched.append(kw["BLOCK"]))
     speed = {16: 3.0, 32: 1.0, 64: 2.0}  # the middle configuration is the fastest
 
@@ -209,6 +214,16 @@ def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
     launch(x, 8, key_l=16)
     assert len(tuned.cache) == 4 and len(timed) == 12 and len(through_triton) == 4
     assert launched[-3:] == [64, 64, 64]
+    device[0] = 1  # another GPU, where 16 is the fastest: tuned there, kept there
+    speed[16] = 0.1
+    for _ in range(2):
+        assert launch(x, 256) == key
+    assert list(tuned.cache) == [key] and tuned.cache[key].kwargs["BLOCK"] == 16
+    assert (len(timed), len(through_triton), launched[-2:]) == (15, 5, [16, 16])
+    device[0] = 0  # back: the first device's configurations, nothing timed
+    launch(x, 256)
+    assert len(tuned.cache) == 4 and tuned.cache[key].kwargs["BLOCK"] == 32
+    assert (len(timed), len(through_triton), launched[-1]) == (15, 5, 32)
 
 
 def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):

@@ -386,14 +386,20 @@ class TunedKernel(Autotuner):
     hands it every argument); the module globals a kernel reads are never rebound (Triton
     checks them every launch); no pre-run hooks (a kernel with some is never kept); clearing
     ``cache`` to tune again needs ``_launch`` and ``_compiled`` cleared too, and the plans that
-    replay a whole call's launches (``_replay.PLANS``)."""
+    replay a whole call's launches (``_replay.PLANS``).
+
+    The tuned configurations are kept per device (Triton's Autotuner keeps one ``cache`` for
+    all): ``cache`` is the current device's, so that a process with two kinds of GPU (an H100
+    and an A100, say) tunes on each; Triton's disk cache of results is per architecture."""
 
     def __init__(self, fn, configs, key, reset_to_zero=None, **kwargs):
         super().__init__(fn, fn.arg_names, configs, key, reset_to_zero, None, **kwargs)
         self._arg_set = frozenset(self.arg_names)
         self._key_at = tuple((name, self.arg_names.index(name)) for name in self.keys
                              if name in self._arg_set)  # Triton ignores the other names
-        self._launch: Dict[tuple, tuple] = {}  # key -> (config, its launch options)
+        self._launch: Dict[tuple, tuple] = {}  # (device, key) -> (config, launch options)
+        self._caches: Dict[int, dict] = {}  # device -> its tuned configurations (``cache``)
+        self._cache_device: Optional[int] = None
         # launch key -> (compiled kernel, config, launch options, the names after the
         # positional arguments in the kernel's order)
         self._compiled: Dict[tuple, tuple] = {}
@@ -408,6 +414,16 @@ class TunedKernel(Autotuner):
         key += [str(v.dtype) for k, v in kwargs.items() if k in self._arg_set
                 and hasattr(v, "dtype")]
         return tuple(key)
+
+    def _on_device(self) -> int:
+        """Makes ``cache`` the current device's tuned configurations; returns the device."""
+        device = driver.active.get_current_device()
+        if device != self._cache_device:
+            if self._cache_device is None:  # the configurations tuned so far: this device's
+                self._caches[device] = self.cache
+            self.cache = self._caches.setdefault(device, {})
+            self._cache_device = device
+        return device
 
     @staticmethod
     def launch_key(args: tuple, kwargs: dict) -> tuple:
@@ -432,6 +448,7 @@ class TunedKernel(Autotuner):
             try:
                 known = self._compiled.get(fast)
             except TypeError:  # an argument that cannot be a key: Triton's launch
+                self._on_device()
                 return super().run(*args, **kwargs)
             if known is not None:
                 kernel, self.best_config, options, names = known
@@ -441,16 +458,17 @@ class TunedKernel(Autotuner):
                 kernel[grid[:3]](*args, *[named[name] for name in names])
                 return kernel
             return self._tuned_run(args, kwargs, fast)
+        self._on_device()
         return super().run(*args, **kwargs)
 
     def _tuned_run(self, args: tuple, kwargs: dict, fast: Optional[tuple]):
         """A launch through Triton: the tuned configuration straight away where the tuning key
         is known, else Triton's Autotuner.run; with a launch key ``fast``, the compiled kernel
         kept under it for the direct launch."""
-        key = self.tuning_key(args, kwargs)
+        key = (self._on_device(), *self.tuning_key(args, kwargs))
         hit = self._launch.get(key)
         if hit is None:  # (one configuration: never tuned, always that one)
-            config = self.cache.get(key) if len(self.configs) > 1 else self.configs[0]
+            config = self.cache.get(key[1:]) if len(self.configs) > 1 else self.configs[0]
             if config is None or config.pre_hook is not None:
                 return super().run(*args, **kwargs)
             hit = self._launch[key] = (config, config.all_kwargs())
