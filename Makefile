@@ -110,7 +110,7 @@ test-cpp: $(STAMP)
 	@if ! command -v cmake >/dev/null; then echo "cmake not found: C++ test not run"; exit 1; fi
 	cmake -S . -B $(BUILD)/cmake -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 	cmake --build $(BUILD)/cmake -j 2
-	ctest --test-dir $(BUILD)/cmake --output-on-failure
+	ctest --test-dir $(BUILD)/cmake --output-on-failure -j 2
 
 # Only the CPU extension (CONDCONV_SANITIZE leaves CUDA out), into build/asan/lib: the normal
 # in-place condconv_kernels/_C*.so stays as it is.
