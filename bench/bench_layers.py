@@ -40,7 +40,7 @@ except ImportError:  # progress is a nicety
         return iterable
 
 
-def _modeled_ms(path: str, backward: bool):
+def modeled_ms(path: str, backward: bool):
     """layer -> the triton backend's modeled milliseconds for the pass (forward kernels, or all
     of them with the backward), from a report's JSON."""
     with open(path) as f:
@@ -147,7 +147,7 @@ def main(argv=None):
         return [f"{flops / ms * 1e-9:.2f}", f"{nbytes / ms * 1e-6:.1f}",
                 f"{100 * ceilings.floor_ms(flops, nbytes) / ms:.0f}%"]
 
-    modeled = _modeled_ms(args.modeled, args.backward) if args.modeled else None
+    modeled = modeled_ms(args.modeled, args.backward) if args.modeled else None
     mode = "forward+backward" if args.backward else "forward"
     if args.cuda_graph:
         mode += ", CUDA graph replays"

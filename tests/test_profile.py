@@ -319,3 +319,59 @@ def test_the_switched_variants_switch_their_whole_step(monkeypatch):
             h.remove()
     assert _env.TRITON_BATCHED == _env.TRITON_STATIONARY == _env.TRITON_CLUSTER == frozenset()
     assert kgrad_switch() == off
+
+
+def test_layer_chart_of_a_bench_layers_result(tmp_path):
+    """bench/plot_layers.py on a bench_layers.py result of random times: each series over the
+    static time per layer (the fused backends, the unfused baseline, the roofline floor from
+    the measured ceilings, the report's modeled time: the forward kernels for a forward, every
+    kernel of the layer with the backward), their geomeans, and the chart written as a PNG."""
+    import importlib.util
+    import math
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "plot_layers", os.path.join(os.path.dirname(__file__), "..", "bench", "plot_layers.py"))
+    plot_layers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_layers)
+    g = torch.Generator().manual_seed(7)
+
+    def times(n):
+        return (torch.rand(n, generator=g, dtype=torch.float64) * 3 + 0.1).tolist()
+    names = ["s5.b0.expand", "s5.b0.dw", "s5.b0.project"]
+    static, unfused, triton, flops, nbytes = (times(3) for _ in range(5))
+    layers = [{"name": n, "shape": "", "flops": f * 1e9, "bytes": b * 1e7,
+               "ms": {"static": s, "unfused": u, "fused:triton": t}}
+              for n, s, u, t, f, b in zip(names, static, unfused, triton, flops, nbytes)]
+    ceilings = {"flops_per_s": 5e14, "bytes_per_s": 3e12}
+    record = {"machine": {"gpu": "a GPU", "commit": "abc"}, "batch": 256, "dtype": "bfloat16",
+              "layout": "channels_last", "mode": "forward, CUDA graph replays",
+              "ceilings": ceilings, "layers": layers}
+    kernels = {"s5.b0.expand": ["dense_fwd", "dense_bwd_x", "dense_bwd_w", "dense_kgrad_sum"],
+               "s5.b0.dw": ["dw_fwd", "dw_bwd_x", "dw_bwd_w"]}  # (no records for the third)
+    report = [{"layer": layer, "kernel": k, "modeled_us": us * 1e3}
+              for layer, ks in kernels.items() for k, us in zip(ks, times(len(ks)))]
+    result, model = tmp_path / "layers.json", tmp_path / "report.json"
+    result.write_text(json.dumps(record))
+    model.write_text(json.dumps(report))
+
+    def modeled(layer, backward):
+        return sum(r["modeled_us"] / 1e3 for r in report if r["layer"] == layer
+                   and (backward or r["kernel"] in ("dense_fwd", "dw_fwd")))
+    for backward in (False, True):
+        record["mode"] = "forward+backward" if backward else "forward"
+        result.write_text(json.dumps(record))
+        series = plot_layers.ratios(record, plot_layers.modeled_ms(str(model), backward))
+        assert series["fused:triton"] == pytest.approx([t / s for t, s in zip(triton, static)])
+        assert series["unfused"] == pytest.approx([u / s for u, s in zip(unfused, static)])
+        assert series["floor"] == pytest.approx(
+            [max(f * 1e9 / 5e14, b * 1e7 / 3e12) * 1e3 / s
+             for f, b, s in zip(flops, nbytes, static)])
+        want = [modeled(n, backward) / s for n, s in zip(names[:2], static[:2])]
+        assert series["modeled"][:2] == pytest.approx(want) and math.isnan(series["modeled"][2])
+        png = tmp_path / f"chart{int(backward)}.png"
+        assert plot_layers.main([str(result), "--modeled", str(model), "--out", str(png)]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        means = plot_layers.plot(record, str(png), plot_layers.modeled_ms(str(model), backward))
+        assert means["fused:triton"] == pytest.approx(
+            math.exp(sum(math.log(t / s) for t, s in zip(triton, static)) / 3))
+        assert means["modeled"] == pytest.approx(math.sqrt(want[0] * want[1]))
