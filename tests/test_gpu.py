@@ -591,6 +591,65 @@ def test_gpu_graph_replay_matches_eager(name, backend):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+class _SmallCondConvNet(torch.nn.Module):
+    """A dense 3x3, a depthwise 5x5 at stride 2 and a 1x1 CondConv layer sharing one routing."""
+
+    def __init__(self, backend: str):
+        super().__init__()
+        self.route = torch.nn.Linear(16, 4)
+        self.dense = cc.nn.CondConv2d(16, 32, 3, padding="same", bias=True, num_experts=4,
+                                   backend=backend)
+        self.dw = cc.nn.CondConv2d(32, 32, 5, stride=2, padding="same", groups=32, num_experts=4,
+                                backend=backend)
+        self.pw = cc.nn.CondConv2d(32, 24, 1, num_experts=4, backend=backend)
+
+    def forward(self, x):
+        r = torch.sigmoid(self.route(x.mean((2, 3))))
+        y = F.relu(self.dense(x, r))
+        return self.pw(F.relu(self.dw(y, r)), r)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_compile_reduce_overhead(backend):
+    """torch.compile(mode="reduce-overhead") of a training step (inductor, which captures the
+    forward and the backward in CUDA graphs) on a small CondConv network, channels_last float32:
+    no graph is skipped for the op (it makes no host synchronisation and mutates no input), and
+    each step, warm-up, recording, replays, then a new batch size, gives the loss and the
+    gradients of the same step run eagerly, on fresh inputs."""
+    import copy
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(11)
+    net = _SmallCondConvNet(backend).cuda().to(memory_format=torch.channels_last)
+    eager = copy.deepcopy(net)
+
+    def loss_of(model, x):
+        return (model(x) ** 2).mean()
+
+    compiled = torch.compile(lambda x: loss_of(net, x), mode="reduce-overhead", fullgraph=True)
+    # (inductor's kernels compiled in this process: the tests run in several at once)
+    with tf32(False), torch._inductor.config.patch(compile_threads=1):
+        for batch in (8, 8, 8, 8, 5):
+            x = torch.randn(batch, 16, 12, 12, device="cuda").contiguous(
+                memory_format=torch.channels_last)
+            torch.compiler.cudagraph_mark_step_begin()
+            net.zero_grad(set_to_none=True)
+            loss = compiled(x)
+            loss.backward()
+            eager.zero_grad(set_to_none=True)
+            want = loss_of(eager, x)
+            want.backward()
+            torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-4, atol=0)
+            for (name, p), q in zip(net.named_parameters(), eager.parameters()):
+                scale = q.grad.abs().max()
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale,
+                                           msg=lambda m, n=name, b=batch: f"{n} at {b}: {m}")
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
 @pytest.mark.skipif(not ON_GPU, reason="replays run on the GPU")
 @pytest.mark.parametrize("name,dtype,layout,mix", [
     ("k1", torch.bfloat16, "channels_last", False),
