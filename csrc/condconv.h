@@ -147,5 +147,10 @@ ClusterMode pointwise_cluster();
 // Hopper GPU (G_b on the tensor cores, folded in registers): off by default until a GPU run
 // has timed it. The op condconv::cuda_pointwise_kgrad reads and sets it (ops.cpp).
 bool pointwise_kgrad_on();
+// Whether `device` runs the Hopper kernels above (pointwise_cluster.cuh, pointwise_wgmma.cuh,
+// pointwise_kgrad.cuh): a GPU of compute capability 9.x and sm_90 code for them in this build
+// (runtime.cuh: runs_sm90). The op condconv::cuda_hopper_kernels asks it (ops.cpp; 0 in a build
+// without CUDA).
+bool hopper_kernels_run(int device);
 }  // namespace cuda
 }  // namespace condconv

@@ -377,6 +377,19 @@ int64_t cuda_pointwise_kgrad_op(c10::optional<int64_t> mode) {
   }
   return cuda_pointwise_kgrad_on.load() ? 1 : 0;
 }
+
+// Whether CUDA device `device` runs the Hopper kernels' sm_90 code (cuda::hopper_kernels_run): 1
+// or 0; 0 in a build without CUDA.
+int64_t cuda_hopper_kernels_op(int64_t device) {
+#ifdef CONDCONV_WITH_CUDA
+  TORCH_CHECK(device >= 0, "cuda_hopper_kernels: device must be a CUDA device index, got ",
+              device);
+  return cuda::hopper_kernels_run(static_cast<int>(device)) ? 1 : 0;
+#else
+  (void)device;
+  return 0;
+#endif
+}
 }  // namespace
 
 bool cuda::pointwise_kgrad_on() {
@@ -404,6 +417,7 @@ TORCH_LIBRARY(condconv, m) {
   m.def("cpu_path_names() -> str[]", &cpu::all_path_names);
   m.def("cuda_pointwise_cluster(int? mode=None) -> int", &cuda_pointwise_cluster_op);
   m.def("cuda_pointwise_kgrad(int? mode=None) -> int", &cuda_pointwise_kgrad_op);
+  m.def("cuda_hopper_kernels(int device) -> int", &cuda_hopper_kernels_op);
   // Composite: they read sizes, dtypes and devices only, so they run on any device (meta and fake
   // tensors with concrete sizes included).
   m.def(

@@ -54,6 +54,29 @@ def test_only_16_bit_channels_last_1x1_layers_of_at_most_8_experts_on_a_gpu():
         assert not cluster.eligible(x, weight, *geometry)  # not compute capability 9
 
 
+def test_a_hopper_gpu_needs_the_builds_sm90_code():
+    """The pass's device check (faked here): compute capability 9.x and a build with the
+    kernels' sm_90 code (the op ``cuda_hopper_kernels``, asked for the tensor's device, or the
+    current one); an older GPU is never asked about; each device asked once."""
+    assert torch.ops.condconv.cuda_hopper_kernels.default  # registered in every build
+    capability, built, asked = {0: (9, 0), 1: (9, 0), 2: (8, 0)}, {0: 1, 1: 0, 2: 1}, []
+
+    def hopper_kernels(index):
+        asked.append(index)
+        return built[index]
+    cluster._hopper.cache_clear()
+    try:
+        with mock.patch.object(torch.cuda, "get_device_capability", capability.__getitem__), \
+                mock.patch.object(torch.cuda, "current_device", lambda: 1), \
+                mock.patch.object(torch.ops.condconv, "cuda_hopper_kernels", hopper_kernels,
+                                  create=True):
+            got = [cluster._hopper(torch.device(d)) for d in
+                   ("cuda:0", "cuda:1", "cuda:2", "cuda", "cuda:0")]
+    finally:
+        cluster._hopper.cache_clear()
+    assert got == [True, False, False, False, True] and asked == [0, 1, 1]
+
+
 def test_the_kernel_gradient_needs_both_tensors_laid_out_and_its_switch_on():
     """The kernel gradient reads x and grad_out: either not channels_last, or misaligned, keeps
     it Triton's; so does the kernel-gradient switch off, whatever the cluster switch says."""

@@ -7,10 +7,11 @@ mode 3), the kernel gradient (grad_weight and grad_routing) through
 
 A pass takes them where the cuda backend would run them rather than its tiled kernels or its
 chunked kernel gradient (the conditions of ``pointwise::fits`` and ``runs_sm90``, checked here
-before the call): a CUDA device of compute capability 9.x, an extension with CUDA kernels and
-that kernel's switch on (``torch.ops.condconv.cuda_pointwise_cluster() != 0`` for the forward
-and grad_x, ``torch.ops.condconv.cuda_pointwise_kgrad() == 1``, ``CONDCONV_CUDA_KGRAD``, for the
-kernel gradient), float16 or bfloat16 tensors, a 1x1 ungrouped layer of stride 1 without
+before the call): a CUDA device of compute capability 9.x that the extension has the kernels'
+sm_90 code for (``torch.ops.condconv.cuda_hopper_kernels``), that kernel's switch on
+(``torch.ops.condconv.cuda_pointwise_cluster() != 0`` for the forward and grad_x,
+``torch.ops.condconv.cuda_pointwise_kgrad() == 1``, ``CONDCONV_CUDA_KGRAD``, for the kernel
+gradient), float16 or bfloat16 tensors, a 1x1 ungrouped layer of stride 1 without
 padding or per-example scales, at most 8 experts, channel counts multiples of 8, the tensors it
 reads channels_last and contiguous and 16-byte aligned.
 """
@@ -34,7 +35,12 @@ def _has_cuda_kernels() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _hopper(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] == 9
+    """Whether ``device`` runs the Hopper kernels' sm_90 code: compute capability 9.x and a
+    build with sm_90 code for them (the cuda backend's ``runs_sm90``; a build for an older GPU
+    with PTX, "8.0+PTX", has their bodies compiled out), as the cuda backend decides it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return (torch.cuda.get_device_capability(index)[0] == 9
+            and torch.ops.condconv.cuda_hopper_kernels(index) == 1)
 
 
 def _fits(reads: Sequence[torch.Tensor], weight: torch.Tensor, stride: Sequence[int],
