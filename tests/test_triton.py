@@ -191,8 +191,12 @@ def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
         return [speed[config.kwargs["BLOCK"]]] * 3
     monkeypatch.setattr(tuned, "_bench", bench)
     base_run = Autotuner.run
-    monkeypatch.setattr(Autotuner, "run",
-                        lambda self, *a, **kw: through_triton.append(1) or base_run(self, *a, **kw))
+
+    def triton_run(self, *a, **kw):  # (a thread tuning holds the kernel's lock)
+        assert self._lock._is_owned()
+        through_triton.append(1)
+        return base_run(self, *a, **kw)
+    monkeypatch.setattr(Autotuner, "run", triton_run)
     x, w = torch.randn(4), torch.randn(4, dtype=torch.float16)
 
     def launch(x, b_key, key_l=64):
@@ -224,6 +228,32 @@ def test_tuned_kernel_launches_a_tuned_key_without_triton_run(monkeypatch):
     launch(x, 256)
     assert len(tuned.cache) == 4 and tuned.cache[key].kwargs["BLOCK"] == 32
     assert (len(timed), len(through_triton), launched[-1]) == (15, 5, 32)
+
+
+def test_launch_key_holds_no_tensor(monkeypatch):
+    """TunedKernel's launch key holds every tensor, of any type, positional or by name, as its
+    dtype and 16-byte alignment (as Triton specializes it), never the tensor itself (a key would
+    keep it alive); ints by value, other values with their type."""
+    from types import SimpleNamespace
+    from condconv_kernels.triton import _config
+    monkeypatch.setattr(_config, "driver", SimpleNamespace(
+        active=SimpleNamespace(get_current_device=lambda: 0)))
+
+    class Sub(torch.Tensor):
+        pass
+    base = torch.randn(8)
+    sub, param = base.as_subclass(Sub), torch.nn.Parameter(torch.randn(8))
+    odd = torch.randn(9)[1:]  # 4 bytes past an aligned address
+    keys = [_config.TunedKernel.launch_key((t, 3, True, 2.5), dict(grid=None, G=t, E=8))
+            for t in (base, sub, param, odd)]
+    assert keys[0] == keys[1] == keys[2] != keys[3]
+    assert keys[0][:4] == ((torch.float32, True), 3, (bool, True), (float, 2.5))
+    assert keys[3][0] == (torch.float32, False) and ("G", (torch.float32, False)) in keys[3]
+
+    def tensors(part):
+        return isinstance(part, torch.Tensor) or (
+            isinstance(part, tuple) and any(tensors(p) for p in part))
+    assert not any(tensors(part) for key in keys for part in key)
 
 
 def test_dense_configurations_follow_the_batch_and_fit(monkeypatch):
@@ -387,6 +417,9 @@ def test_autotuned_kernel_gradients_start_from_zero(monkeypatch):
             assert "TAP_MAJOR" in kernel.keys  # the reduction order ranks the tiles anew
         # depthwise grad_x's strides are compile-time constants: a stride-2 layer's code differs
         assert {"STRIDE_H", "STRIDE_W"} <= set(depthwise.dw_bwd_x_kernel.keys)
+        # the depthwise tables are pruned by layout (blocks of examples where channels_last):
+        # the channel stride it reads is in the key
+        assert "s_xc" in depthwise.dw_fwd_kernel.keys and "s_gc" in depthwise.dw_bwd_x_kernel.keys
     finally:
         monkeypatch.undo()
         importlib.reload(dense)

@@ -28,6 +28,7 @@ the other two.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -265,14 +266,31 @@ def _stand_in(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     unwritten: allocated once per dtype and device (not in every call), never read or written
     but by the autotuner, which zeroes it. Kept as an ordinary tensor (not an inference-mode
     one, which the tuner could not zero outside that mode) and never from a CUDA graph's
-    capture (whose pool it would outlive: a fresh one then)."""
+    capture (whose pool it would outlive: a fresh one then). On a GPU it is allocated by a
+    thread of its own: the warm-up of torch.compile's CUDA graphs sends the calling thread's
+    allocations to the graphs' pool, whose memory is handed out again when the graphs move to
+    an earlier state, and the tuner's zeroing would then write into another tensor."""
     t = _STAND_INS.get((dtype, device))
     if t is None:
         fresh = lambda: torch.zeros(1, dtype=dtype, device=device)  # noqa: E731
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if device.type != "cuda":
+            with torch.inference_mode(False):
+                t = _STAND_INS[dtype, device] = fresh()
+            return t
+        if torch.cuda.is_current_stream_capturing():
             return fresh()
-        with torch.inference_mode(False):
-            t = _STAND_INS[dtype, device] = fresh()
+        made = []
+
+        def allocate():  # (a new thread: no inference mode; finished before the thread ends)
+            made.append(fresh())
+            torch.cuda.current_stream(device).synchronize()
+        thread = threading.Thread(target=allocate, name="condconv-stand-in")
+        thread.start()
+        thread.join()
+        if not made:
+            raise RuntimeError(f"condconv triton backend: could not allocate one {dtype} "
+                               f"element on {device} (for an output left unwritten)")
+        t = _STAND_INS[dtype, device] = made[0]
     return t
 
 

@@ -13,6 +13,7 @@ autotuned run, which then only times the configurations (``bench/warm_triton.py`
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -355,8 +356,6 @@ def untuned(num_warps: int = 4, num_stages: int = 3):
     return wrap
 
 
-# The argument types TunedKernel's launch key reads as tensors (by dtype and alignment).
-_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 # The most launch keys a tuned kernel keeps its compiled kernel under (TunedKernel): one per
 # layer geometry, batch size and alignment met; past it the keys start over.
 LAUNCH_KEYS = 4096
@@ -390,7 +389,11 @@ class TunedKernel(Autotuner):
 
     The tuned configurations are kept per device (Triton's Autotuner keeps one ``cache`` for
     all): ``cache`` is the current device's, so that a process with two kinds of GPU (an H100
-    and an A100, say) tunes on each; Triton's disk cache of results is per architecture."""
+    and an A100, say) tunes on each; Triton's disk cache of results is per architecture.
+    Everything but the direct launch of a known launch key holds the kernel's lock: Triton's
+    Autotuner keeps a launch's arguments on the object while it tunes (``nargs``), and threads
+    calling at once (one per GPU under DataParallel, autograd's device threads) would tune
+    with each other's tensors, or zero them."""
 
     def __init__(self, fn, configs, key, reset_to_zero=None, **kwargs):
         super().__init__(fn, fn.arg_names, configs, key, reset_to_zero, None, **kwargs)
@@ -400,6 +403,7 @@ class TunedKernel(Autotuner):
         self._launch: Dict[tuple, tuple] = {}  # (device, key) -> (config, launch options)
         self._caches: Dict[int, dict] = {}  # device -> its tuned configurations (``cache``)
         self._cache_device: Optional[int] = None
+        self._lock = threading.RLock()
         # launch key -> (compiled kernel, config, launch options, the names after the
         # positional arguments in the kernel's order)
         self._compiled: Dict[tuple, tuple] = {}
@@ -428,14 +432,16 @@ class TunedKernel(Autotuner):
     @staticmethod
     def launch_key(args: tuple, kwargs: dict) -> tuple:
         """What a compiled kernel is kept under (see the class): every argument but the grid,
-        tensors and parameters by (dtype, 16-byte alignment), ints by value, the rest by type
-        and value (True, 1 and 1.0 compile differently; other tensor types go by identity:
-        such a key is never kept), then the current device, whose kernel cache Triton's launch
-        uses, and the two runtime switches Triton adds to its options (debug, and the
-        instrumentation mode that Proton and the sanitizer set)."""
-        key = [(a.dtype, not a.data_ptr() & 15) if type(a) in _TENSOR_TYPES
-               else a if type(a) is int else (type(a), a) for a in args]
-        key += [item for item in kwargs.items() if item[0] != "grid"]
+        tensors by (dtype, 16-byte alignment) whatever their type (as Triton specializes them),
+        ints by value, the rest by type and value (True, 1 and 1.0 compile differently), then
+        the current device, whose kernel cache Triton's launch uses, and the two runtime
+        switches Triton adds to its options (debug, and the instrumentation mode that Proton
+        and the sanitizer set). No tensor is kept in a key: it would live as long as the key."""
+        tensor = torch.Tensor
+        key = [a if type(a) is int else (a.dtype, not a.data_ptr() & 15)
+               if isinstance(a, tensor) else (type(a), a) for a in args]
+        key += [(k, (v.dtype, not v.data_ptr() & 15)) if isinstance(v, tensor) else (k, v)
+                for k, v in kwargs.items() if k != "grid"]
         key += (driver.active.get_current_device(), knobs.runtime.debug,
                 knobs.compilation.instrumentation_mode)
         return tuple(key)
@@ -448,8 +454,7 @@ class TunedKernel(Autotuner):
             try:
                 known = self._compiled.get(fast)
             except TypeError:  # an argument that cannot be a key: Triton's launch
-                self._on_device()
-                return super().run(*args, **kwargs)
+                return self._triton_run(args, kwargs)
             if known is not None:
                 kernel, self.best_config, options, names = known
                 named = {**kwargs, **options}
@@ -458,30 +463,37 @@ class TunedKernel(Autotuner):
                 kernel[grid[:3]](*args, *[named[name] for name in names])
                 return kernel
             return self._tuned_run(args, kwargs, fast)
-        self._on_device()
-        return super().run(*args, **kwargs)
+        return self._triton_run(args, kwargs)
+
+    def _triton_run(self, args: tuple, kwargs: dict):
+        """Triton's Autotuner.run (tuning where the key is new) with the current device's
+        tuned configurations, under the kernel's lock."""
+        with self._lock:
+            self._on_device()
+            return super().run(*args, **kwargs)
 
     def _tuned_run(self, args: tuple, kwargs: dict, fast: Optional[tuple]):
         """A launch through Triton: the tuned configuration straight away where the tuning key
         is known, else Triton's Autotuner.run; with a launch key ``fast``, the compiled kernel
-        kept under it for the direct launch."""
-        key = (self._on_device(), *self.tuning_key(args, kwargs))
-        hit = self._launch.get(key)
-        if hit is None:  # (one configuration: never tuned, always that one)
-            config = self.cache.get(key[1:]) if len(self.configs) > 1 else self.configs[0]
-            if config is None or config.pre_hook is not None:
-                return super().run(*args, **kwargs)
-            hit = self._launch[key] = (config, config.all_kwargs())
-        self.best_config, options = hit
-        kernel = self.fn.run(*args, **kwargs, **options)
-        names = self.fn.arg_names[len(args):]
-        if fast is not None and isinstance(kernel, CompiledKernel) and all(
-                name in kwargs or name in options for name in names) and not any(
-                isinstance(part, torch.Tensor) for part in fast) and not self.fn.pre_run_hooks:
-            if len(self._compiled) >= LAUNCH_KEYS:  # many shapes: start over
-                self._compiled.clear()
-            self._compiled[fast] = (kernel, self.best_config, options, names)
-        return kernel
+        kept under it for the direct launch; under the kernel's lock."""
+        with self._lock:
+            key = (self._on_device(), *self.tuning_key(args, kwargs))
+            hit = self._launch.get(key)
+            if hit is None:  # (one configuration: never tuned, always that one)
+                config = self.cache.get(key[1:]) if len(self.configs) > 1 else self.configs[0]
+                if config is None or config.pre_hook is not None:
+                    return super().run(*args, **kwargs)
+                hit = self._launch[key] = (config, config.all_kwargs())
+            self.best_config, options = hit
+            kernel = self.fn.run(*args, **kwargs, **options)
+            names = self.fn.arg_names[len(args):]
+            if fast is not None and isinstance(kernel, CompiledKernel) and all(
+                    name in kwargs or name in options for name in names) and (
+                    not self.fn.pre_run_hooks):
+                if len(self._compiled) >= LAUNCH_KEYS:  # many shapes: start over
+                    self._compiled.clear()
+                self._compiled[fast] = (kernel, self.best_config, options, names)
+            return kernel
 
 
 def _table(shapes: Sequence[str]):

@@ -171,7 +171,9 @@ def _fwd_example(x_ptr, r_ptr, bias_ptr, in_s_ptr, out_s_ptr, T_ptr, out_ptr, i_
                    s_oh, o_ow, s_ow, WO, m_q, IDX)
 
 
-@autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW", "STRIDE_W", "DIL_W", *SCALE_FLAGS],
+# (s_xc, s_gc: the layout, 1 where channels_last, which the pruning reads: _prune_depthwise)
+@autotune(key=["B_KEY", "C_OUT", "KEY_L", "E", "KH", "KW", "STRIDE_W", "DIL_W", "s_xc",
+               *SCALE_FLAGS],
           shapes=DW_TILES)
 @triton.jit
 def dw_fwd_kernel(
@@ -269,7 +271,7 @@ def _bwd_x_example(g_ptr, in_s_ptr, T_ptr, dx_ptr, i_b, C_IN, MULT, W, HO, WO, s
 
 
 @autotune(key=["B_KEY", "C_IN", "KEY_L", "E", "KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_L",
-               "DIL_W", *SCALE_FLAGS],
+               "DIL_W", "s_gc", *SCALE_FLAGS],
           shapes=DW_TILES)
 @triton.jit
 def dw_bwd_x_kernel(
