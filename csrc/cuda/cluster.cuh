@@ -70,6 +70,7 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 // Every thread of every block of the cluster arrives; memory written before is visible after.
 __device__ __forceinline__ void cluster_sync() {
 #ifdef __CUDACC__
+  __syncwarp();  // (the .aligned barrier wants each warp converged; callers follow divergent code)
   asm volatile(
       "barrier.cluster.arrive.release.aligned;\n\t"
       "barrier.cluster.wait.acquire.aligned;" ::: "memory");
@@ -131,10 +132,20 @@ __device__ __forceinline__ void barrier_arrive_remote(uint64_t* bar, uint32_t ra
 #endif
 }
 
-// A wait for a barrier's phase that is still open after this many tries traps (an unspecified
-// launch failure) instead of hanging: in these kernels a phase completes within microseconds,
-// so only a broken protocol gets there.
-constexpr uint32_t kMaxWaitTries = 1u << 28;
+// A wait for a barrier's phase that is still open after this long traps (an unspecified launch
+// failure) instead of hanging: in these kernels a phase completes within microseconds (within
+// milliseconds under compute-sanitizer), so only a broken protocol gets there. Counted on the
+// GPU's global timer, read every 1024 tries: a count of tries alone is no bound on the time
+// (each try may suspend the thread for a time the hardware chooses).
+constexpr uint64_t kMaxWaitNanoseconds = 5000000000ull;
+
+#ifdef __CUDACC__
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#endif
 
 // Waits until the barrier's phase of parity `parity` has completed: with kCluster, acquiring
 // what the cluster's threads did before their arrivals (a barrier that other blocks arrive on;
@@ -144,6 +155,7 @@ template <bool kCluster = false>
 __device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
 #ifdef __CUDACC__
   const uint32_t at = shared_address(bar);
+  uint64_t since = 0;
   for (uint32_t tries = 0;; ++tries) {
     uint32_t done;
     if (kCluster) {
@@ -168,7 +180,14 @@ __device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
           : "memory");
     }
     if (done) return;
-    if (tries == kMaxWaitTries) __trap();
+    if ((tries & 1023u) == 0) {
+      const uint64_t now = global_timer_ns();
+      if (tries == 0) {
+        since = now;
+      } else if (now - since > kMaxWaitNanoseconds) {
+        __trap();
+      }
+    }
   }
 #else
   emu::barrier_wait(bar, parity);

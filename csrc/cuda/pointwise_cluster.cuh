@@ -436,7 +436,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     // Step kt - 1's stage back to the cluster (every thread of the block was past it at the
     // barrier above), and refilled once all the cluster's blocks have given it back: after this
-    // warp's products, so that the wait for the slowest block does not hold them up.
+    // warp's products. Thread 0 waits there for the slowest block, and the next step's
+    // __syncthreads waits for thread 0: the blocks of a cluster keep within about a step of
+    // each other (harmless at 3-4 stages; a producer warp would take the wait off them).
     if (tid == 0 && kt >= 1) release_stage(empty, kt - 1, S, steps, issue);
   }
 
